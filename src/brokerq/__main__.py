@@ -1,0 +1,5 @@
+"""``python -m brokerq`` works like the ``brokerq`` command."""
+
+from .cli import main
+
+main()

@@ -1,0 +1,242 @@
+"""The ``brokerq`` command: the queue from the shell.
+
+Exit status: 0 ok; 1 an error (one line on stderr); 2 a usage error;
+3 timed out or empty (``get``, ``peek``). Library errors become exit codes
+here, at the edge, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Iterator
+from typing import Any, BinaryIO
+
+import click
+
+from . import __version__
+from .client import Client, Queue
+from .daemon import broker_options
+from .daemon import run as run_broker
+from .errors import BrokerqError, Empty
+
+EXIT_ERROR = 1
+EXIT_EMPTY = 3
+
+
+class _Group(click.Group):
+    """Turns brokerq's errors into one line on stderr and an exit status."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except Empty as exc:
+            click.echo(f"brokerq: {exc}", err=True)
+            ctx.exit(EXIT_EMPTY)
+        except BrokerqError as exc:
+            click.echo(f"brokerq: {exc}", err=True)
+            ctx.exit(EXIT_ERROR)
+
+
+class _State:
+    """What every command shares: the socket path and a lazily made client."""
+
+    def __init__(self, socket: str | None, connect_timeout: float) -> None:
+        self.socket = socket
+        self.connect_timeout = connect_timeout
+        self._client: Client | None = None
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = Client(self.socket, self.connect_timeout)
+        return self._client
+
+    def queue(self, name: str) -> Queue:
+        return self.client.queue(name)
+
+    def close(self) -> None:
+        if self._client is not None:
+            self._client.close()
+
+
+pass_state = click.make_pass_decorator(_State)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--socket",
+    envvar="BROKERQ_SOCKET",
+    metavar="PATH",
+    help="The broker's socket [env: BROKERQ_SOCKET; default: the per-user path].",
+)
+@click.option(
+    "--connect-timeout",
+    type=click.FloatRange(min=0),
+    default=10.0,
+    show_default=True,
+    envvar="BROKERQ_CONNECT_TIMEOUT",
+    metavar="SECONDS",
+    help="How long to wait for a broker to answer (or start).",
+)
+@click.version_option(__version__, prog_name="brokerq")
+@click.pass_context
+def cli(ctx: click.Context, socket: str | None, connect_timeout: float) -> None:
+    """A local message queue: name a socket, enqueue, dequeue.
+
+    Every command but `stop` starts a broker for the socket if none runs.
+
+    Exit status: 0 ok, 1 error, 2 usage error, 3 timed out or empty.
+    """
+    state = ctx.obj = _State(socket, connect_timeout)
+    ctx.call_on_close(state.close)
+
+
+def _stdout() -> BinaryIO:
+    return click.get_binary_stream("stdout")
+
+
+def _stdin_lines() -> Iterator[bytes]:
+    for line in click.get_binary_stream("stdin"):
+        yield line[:-1] if line.endswith(b"\n") else line
+
+
+@cli.command()
+@click.argument("queue")
+@click.argument("messages", nargs=-1)
+@pass_state
+def put(state: _State, queue: str, messages: tuple[str, ...]) -> None:
+    """Put each MESSAGE on QUEUE; with none, one message per stdin line.
+
+    Prints each message id on its own line.
+    """
+    q = state.queue(queue)
+    bodies = (m.encode("utf-8", "surrogateescape") for m in messages) if messages else None
+    for body in bodies if bodies is not None else _stdin_lines():
+        click.echo(q.put(body))
+
+
+@cli.command()
+@click.argument("queue")
+@click.option("-n", "count", type=click.IntRange(min=1), default=1, show_default=True,
+              help="How many messages to get, one after another.")
+@click.option("--timeout", type=click.FloatRange(min=0), metavar="SECONDS",
+              help="One deadline for all of them (default: wait for ever).")
+@pass_state
+def get(state: _State, queue: str, count: int, timeout: float | None) -> None:
+    """Get messages from QUEUE and print each body on its own line.
+
+    Exits 3 if --timeout passes before the first message; 0 if at least one
+    message came.
+    """
+    q = state.queue(queue)
+    out = _stdout()
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for got in range(count):
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            body = q.get(timeout=remaining)
+        except Empty:
+            if got:
+                return
+            raise Empty(f"no message on {queue!r} within {timeout:g} s") from None
+        out.write(body + b"\n")
+        out.flush()
+
+
+@cli.command()
+@click.argument("queue")
+@pass_state
+def peek(state: _State, queue: str) -> None:
+    """Print the body at the head of QUEUE without removing it (exit 3 if empty)."""
+    _stdout().write(state.queue(queue).peek() + b"\n")
+
+
+@cli.command()
+@click.argument("queue")
+@pass_state
+def purge(state: _State, queue: str) -> None:
+    """Remove every ready message from QUEUE; print how many."""
+    click.echo(state.queue(queue).purge())
+
+
+@cli.command()
+@pass_state
+def queues(state: _State) -> None:
+    """List the broker's queues, one name per line."""
+    for name in state.client.queues():
+        click.echo(name)
+
+
+QUEUE_COLUMNS = ("name", "ready", "waiters", "bytes", "put_total", "delivered_total")
+
+
+@cli.command()
+@click.argument("queue", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@pass_state
+def stats(state: _State, queue: str | None, as_json: bool) -> None:
+    """Print the stats of QUEUE, or of the broker and all its queues."""
+    data: dict[str, Any]
+    if queue is not None:
+        data = state.queue(queue).stats()
+    else:
+        data = state.client.stats()
+        data["queue_stats"] = [state.queue(n).stats() for n in state.client.queues()]
+    if as_json:
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+        return
+    rows = data.pop("queue_stats", None)
+    width = max(len(k) for k in data)
+    for key, value in data.items():
+        click.echo(f"{key:<{width}}  {_fmt(value)}")
+    if rows:
+        click.echo()
+        click.echo(_table(rows, QUEUE_COLUMNS))
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return "-" if value is None else str(value)
+
+
+def _table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
+    cells = [list(columns)] + [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = []
+    for row in cells:
+        first = row[0].ljust(widths[0])
+        rest = (cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=True))
+        lines.append("  ".join([first, *rest]))
+    return "\n".join(lines)
+
+
+@cli.command()
+@pass_state
+def ping(state: _State) -> None:
+    """Check that a broker answers (starting one if none runs)."""
+    rtt = state.client.ping()
+    conn = state.client.connection()
+    click.echo(f"pong from {conn.server} (pid {conn.broker_pid}) in {rtt * 1000:.2f} ms")
+
+
+@cli.command()
+@pass_state
+def stop(state: _State) -> None:
+    """Ask the broker to exit. Never starts one."""
+    if not state.client.stop():
+        click.echo(f"brokerq: no broker is running at {state.client.socket_path}", err=True)
+
+
+@cli.command()
+@broker_options
+@pass_state
+def serve(state: _State, **options: Any) -> None:
+    """Run a broker for --socket in the foreground (as local-queue-broker)."""
+    sys.exit(run_broker(state.socket, **options))
+
+
+def main() -> None:
+    cli(prog_name="brokerq")

@@ -1,0 +1,384 @@
+"""The blocking client: plain sockets, no trio, safe across threads and fork.
+
+A :class:`Client` names a broker by its socket path and opens connections
+lazily, one per thread, so a ``get`` blocked in one thread never holds up a
+``put`` in another (as with :class:`queue.Queue`). After ``os.fork()`` the
+child opens fresh connections instead of sharing its parent's sockets.
+
+Timeouts follow the stdlib :mod:`queue` contract: ``timeout=None`` waits
+for ever, ``0`` is the ``_nowait`` form, and running out raises
+:class:`~brokerq.Empty`. The socket's own deadline is derived from the
+request's: the broker has the request's timeout to answer, plus the
+client's ``timeout`` (the connect/spawn deadline) as a grace for the reply.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any, TypeVar
+
+from . import protocol
+from .errors import (
+    BrokerqError,
+    BrokerUnavailable,
+    InvalidRequest,
+    MessageTooLarge,
+    RemoteProtocolError,
+    from_code,
+)
+from .protocol import (
+    PROTOCOL_VERSION,
+    Error,
+    FrameReader,
+    Get,
+    GetMany,
+    GetManyReply,
+    GetReply,
+    Hello,
+    HelloReply,
+    Peek,
+    PeekReply,
+    Ping,
+    PingReply,
+    Purge,
+    PurgeReply,
+    Put,
+    PutMany,
+    PutManyReply,
+    PutReply,
+    Queues,
+    QueuesReply,
+    Stats,
+    StatsReply,
+    Stop,
+)
+from .spawn import connect_or_spawn, resolve_socket_path
+
+Body = bytes | bytearray | memoryview | str
+R = TypeVar("R", bound=protocol.Reply)
+
+DEFAULT_TIMEOUT = 10.0
+_RECEIVE_SIZE = 256 * 1024
+
+
+def _as_bytes(body: Body) -> bytes:
+    if isinstance(body, str):
+        return body.encode("utf-8")
+    if isinstance(body, bytes | bytearray | memoryview):
+        return bytes(body)
+    raise TypeError(f"a message body is bytes or str, not {type(body).__name__}")
+
+
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is not None and not timeout >= 0:
+        raise InvalidRequest(f"timeout must be a non-negative number or None, not {timeout!r}")
+
+
+class Connection:
+    """One socket to the broker, greeted, used by one thread at a time."""
+
+    def __init__(self, socket_path: str, timeout: float, *, spawn: bool = True) -> None:
+        deadline = time.monotonic() + timeout
+        try:
+            self.sock = connect_or_spawn(socket_path, deadline, spawn=spawn)
+        except OSError as exc:
+            raise BrokerUnavailable(f"cannot reach the broker at {socket_path}: {exc}") from exc
+        self.socket_path = socket_path
+        self.reader = FrameReader(protocol.HANDSHAKE_FRAME_LIMIT)
+        self.out = bytearray()
+        self.next_id = 1
+        self.pid = os.getpid()
+        try:
+            hello = self.request(
+                HelloReply, Hello, deadline - time.monotonic(), version=PROTOCOL_VERSION
+            )
+        except BaseException:
+            self.close()
+            raise
+        self.broker_pid = hello.pid
+        self.server = hello.server
+        self.max_message_size = hello.max_message_size
+        self.reader.max_frame_size = hello.max_frame_size
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def request(
+        self, expect: type[R], kind: type[protocol.Request], wait: float | None, **fields: Any
+    ) -> R:
+        """Send one request and return its reply (of type ``expect``).
+
+        ``wait`` bounds the whole exchange (None: no bound). A broken or
+        timed-out connection is closed and raises BrokerUnavailable; an
+        error reply raises the matching :class:`~brokerq.BrokerqError`.
+        """
+        request_id = self.next_id
+        self.next_id += 1
+        self.out.clear()
+        protocol.append_frame(self.out, kind(id=request_id, **fields))  # type: ignore[arg-type]
+        try:
+            self.sock.settimeout(wait)
+            self.sock.sendall(self.out)
+            reply = self._read_reply()
+        except TimeoutError as exc:
+            self.close()
+            raise BrokerUnavailable(
+                f"the broker at {self.socket_path} did not answer within {wait:.3g} s"
+            ) from exc
+        except OSError as exc:
+            self.close()
+            raise BrokerUnavailable(
+                f"lost the connection to the broker at {self.socket_path}: {exc}"
+            ) from exc
+        except RemoteProtocolError:
+            self.close()
+            raise
+        if reply.id != request_id and not (isinstance(reply, Error) and reply.id == 0):
+            self.close()
+            raise RemoteProtocolError(f"reply id {reply.id} does not match request {request_id}")
+        if isinstance(reply, Error):
+            if reply.code in ("bad_frame", "version", "permission"):
+                self.close()  # the broker closes these connections
+            raise from_code(reply.code, reply.message)
+        if not isinstance(reply, expect):
+            self.close()
+            raise RemoteProtocolError(f"expected a {expect.__name__}, got {reply!r}")
+        return reply
+
+    def _read_reply(self) -> protocol.AnyReply:
+        while True:
+            payload = self.reader.next_frame()
+            if payload is not None:
+                return protocol.decode_reply(payload)
+            data = self.sock.recv(_RECEIVE_SIZE)
+            if not data:
+                raise ConnectionResetError("the broker closed the connection")
+            self.reader.feed(data)
+
+
+class Client:
+    """A broker, named by its socket path; spawned on first use if needed.
+
+    ``timeout`` is the deadline for connecting (and spawning a broker), and
+    the grace a reply gets beyond its request's own timeout.
+    """
+
+    def __init__(
+        self, socket: str | os.PathLike[str] | None = None, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
+        self.socket_path = resolve_socket_path(socket)
+        self.timeout = timeout
+        self._closed = False
+        self._lock = threading.Lock()
+        self._reset()
+
+    def _reset(self) -> None:
+        self._pid = os.getpid()
+        self._local = threading.local()
+        self._connections: list[Connection] = []
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<brokerq.Client {self.socket_path!r}{' closed' if self._closed else ''}>"
+
+    def close(self) -> None:
+        """Close every connection of this client; using it afterwards raises."""
+        with self._lock:
+            self._closed = True
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
+
+    def connection(self, *, spawn: bool = True) -> Connection:
+        """This thread's connection, opened (and the broker spawned) on demand."""
+        if self._closed:
+            raise BrokerqError("the client is closed")
+        if os.getpid() != self._pid:
+            # A forked child must not talk over its parent's sockets. Closing
+            # our copies sends nothing, so the parent's connections live on.
+            with self._lock:
+                for conn in self._connections:
+                    conn.sock.close()
+                self._reset()
+        conn: Connection | None = getattr(self._local, "conn", None)
+        if conn is None or conn.sock.fileno() < 0:
+            conn = Connection(self.socket_path, self.timeout, spawn=spawn)
+            with self._lock:
+                self._connections = [c for c in self._connections if c.sock.fileno() >= 0]
+                self._connections.append(conn)
+            self._local.conn = conn
+        return conn
+
+    def call(
+        self, expect: type[R], kind: type[protocol.Request], wait: float | None, **fields: Any
+    ) -> R:
+        """One request on this thread's connection; ``wait`` as in Connection.request."""
+        limit = None if wait is None else wait + self.timeout
+        return self.connection().request(expect, kind, limit, **fields)
+
+    def queue(self, name: str) -> Queue:
+        return Queue(name, client=self)
+
+    def ping(self) -> float:
+        """Round-trip time to the broker, in seconds."""
+        start = time.perf_counter()
+        self.call(PingReply, Ping, 0)
+        return time.perf_counter() - start
+
+    @property
+    def broker_pid(self) -> int:
+        return self.connection().broker_pid
+
+    def stats(self) -> dict[str, Any]:
+        """The broker's stats: pid, version, uptime, connections, totals."""
+        return self.call(StatsReply, Stats, 0).stats
+
+    def queues(self) -> list[str]:
+        """The names of every queue the broker holds."""
+        return self.call(QueuesReply, Queues, 0).names
+
+    def stop(self) -> bool:
+        """Ask the broker to exit; never spawns one. False if none was running."""
+        try:
+            conn = self.connection(spawn=False)
+        except BrokerUnavailable:
+            return False
+        try:
+            conn.request(protocol.StopReply, Stop, self.timeout)
+        finally:
+            conn.close()
+        return True
+
+
+class Queue:
+    """A named queue of a broker; like :class:`queue.Queue`, across processes.
+
+    ``Queue("jobs")`` uses the default broker (``$BROKERQ_SOCKET`` or the
+    per-user path), spawning it on first use; ``client.queue("jobs")`` uses
+    an explicit one.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        client: Client | None = None,
+        socket: str | os.PathLike[str] | None = None,
+    ) -> None:
+        protocol.validate_queue_name(name)
+        self.name = name
+        self.client = client if client is not None else _shared_client(socket)
+
+    def __repr__(self) -> str:
+        return f"<brokerq.Queue {self.name!r} at {self.client.socket_path!r}>"
+
+    def put(self, body: Body) -> int:
+        """Enqueue ``body`` (str is sent as UTF-8); return its message id."""
+        data = _as_bytes(body)
+        conn = self.client.connection()
+        if len(data) > conn.max_message_size:
+            raise MessageTooLarge(
+                f"body of {len(data)} bytes is over the broker's limit of "
+                f"{conn.max_message_size}"
+            )
+        return conn.request(PutReply, Put, self.client.timeout, queue=self.name, body=data).msg_id
+
+    def put_many(self, bodies: Iterable[Body]) -> list[int]:
+        """Enqueue several bodies in order, in as few frames as fit; return their ids."""
+        ids: list[int] = []
+        for chunk in self._chunks([_as_bytes(b) for b in bodies]):
+            ids += self.client.call(PutManyReply, PutMany, 0, queue=self.name, bodies=chunk).msg_ids
+        return ids
+
+    def _chunks(self, bodies: list[bytes]) -> Iterable[list[bytes]]:
+        limit = self.client.connection().max_message_size
+        chunk: list[bytes] = []
+        size = 0
+        for body in bodies:
+            if len(body) > limit:
+                raise MessageTooLarge(f"a body of {len(body)} bytes is over the limit of {limit}")
+            if chunk and size + len(body) + 8 > limit:
+                yield chunk
+                chunk, size = [], 0
+            chunk.append(body)
+            size += len(body) + 8
+        if chunk:
+            yield chunk
+
+    def get(self, timeout: float | None = None) -> bytes:
+        """Remove and return the next body, waiting up to ``timeout`` seconds.
+
+        ``None`` waits for ever; ``0`` does not wait. Raises Empty on timeout.
+        """
+        _check_timeout(timeout)
+        return self.client.call(GetReply, Get, timeout, queue=self.name, timeout=timeout).body
+
+    def get_nowait(self) -> bytes:
+        return self.get(timeout=0)
+
+    def get_many(self, n: int, timeout: float | None = None) -> list[bytes]:
+        """Up to ``n`` bodies: waits (up to ``timeout``) for the first only,
+        then returns every ready one up to ``n``. Raises Empty on timeout."""
+        _check_timeout(timeout)
+        if n < 1:
+            raise InvalidRequest(f"get_many needs n >= 1, not {n}")
+        reply = self.client.call(
+            GetManyReply, GetMany, timeout, queue=self.name, n=n, timeout=timeout
+        )
+        return reply.bodies
+
+    def peek(self) -> bytes:
+        """The body at the head, not removed. Raises Empty if none is ready."""
+        return self.client.call(PeekReply, Peek, 0, queue=self.name).body
+
+    def purge(self) -> int:
+        """Remove every ready message; return how many."""
+        return self.client.call(PurgeReply, Purge, 0, queue=self.name).count
+
+    def stats(self) -> dict[str, Any]:
+        """Depth, bytes, waiters and totals of this queue (see docs/usage.md)."""
+        return self.client.call(StatsReply, Stats, 0, queue=self.name).stats
+
+    def qsize(self) -> int:
+        """Messages ready now (as :meth:`queue.Queue.qsize`: a snapshot)."""
+        return int(self.stats()["ready"])
+
+    def empty(self) -> bool:
+        return self.qsize() == 0
+
+
+_shared: dict[str, Client] = {}
+_shared_lock = threading.Lock()
+
+
+def _shared_client(socket_path: str | os.PathLike[str] | None) -> Client:
+    """One Client per socket path for ``Queue(name)`` without a client."""
+    path = resolve_socket_path(socket_path)
+    with _shared_lock:
+        client = _shared.get(path)
+        if client is None or client._closed:
+            client = _shared[path] = Client(path)
+        return client
+
+
+def connect(socket: str | os.PathLike[str] | None = None, timeout: float = DEFAULT_TIMEOUT) -> Client:
+    """A client of the broker at ``socket`` (default: ``$BROKERQ_SOCKET`` or the
+    per-user path). Connects (spawning the broker if none runs) right away, so
+    a broker that cannot be reached fails here rather than at the first put."""
+    client = Client(socket, timeout)
+    try:
+        client.connection()
+    except BaseException:
+        client.close()
+        raise
+    return client
+

@@ -1,0 +1,228 @@
+"""``local-queue-broker``: the broker process, from its options to READY.
+
+Start-up order is what makes spawning race-free and fast (design.md §3):
+
+1. check the socket directory (0700, ours, not a symlink);
+2. daemonize if a client spawned us (fork; the launcher exits at once so
+   the client reaps it, and the broker is nobody's zombie);
+3. hold the lock: a spawned broker inherits it already taken, one started by
+   hand takes it without blocking or exits 1 naming the holder's pid;
+4. bind a temporary name, listen, rename it over the socket path;
+5. say ``READY <pid>`` on the pipe the spawner gave us;
+6. only now import trio and serve. Clients that connect meanwhile wait in
+   the listen backlog, not in a retry loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from . import protocol
+from .errors import BrokerqError
+from .spawn import (
+    check_socket_path,
+    lock_holder_pid,
+    log_path,
+    open_lock,
+    publish_socket,
+    resolve_socket_path,
+    try_lock,
+)
+
+EXIT_OK = 0
+EXIT_ERROR = 1  # includes "another broker already holds the lock"
+LOG_ROTATE_BYTES = 1024 * 1024
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def broker_options(f: F) -> F:
+    """The options every broker command shares, each also read from BROKERQ_*."""
+    options = [
+        click.option(
+            "--data-dir",
+            type=click.Path(file_okay=False),
+            envvar="BROKERQ_DATA_DIR",
+            help="Directory for the journal, to survive reboots "
+            "(default: beside the socket). Reserved: the journal is not written yet.",
+        ),
+        click.option(
+            "--fsync",
+            type=click.Choice(["never", "batch", "always"]),
+            default="batch",
+            show_default=True,
+            envvar="BROKERQ_FSYNC",
+            help="When the journal is fsynced. Reserved: the journal is not written yet.",
+        ),
+        click.option(
+            "--idle-exit",
+            type=click.FloatRange(min=0),
+            default=300.0,
+            show_default=True,
+            envvar="BROKERQ_IDLE_EXIT",
+            metavar="SECONDS",
+            help="Exit after this long with no connections and no messages held (0: never).",
+        ),
+        click.option(
+            "--max-message-size",
+            type=click.IntRange(min=1),
+            default=protocol.DEFAULT_MAX_MESSAGE_SIZE,
+            show_default=True,
+            envvar="BROKERQ_MAX_MESSAGE_SIZE",
+            metavar="BYTES",
+            help="Largest message body accepted.",
+        ),
+        click.option(
+            "--log-level",
+            type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+            default="info",
+            show_default=True,
+            envvar="BROKERQ_LOG_LEVEL",
+            help="Least severe log level written.",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@click.command(context_settings={"help_option_names": ["-h", "--help"]})
+@click.argument("socket", required=False, envvar="BROKERQ_SOCKET")
+@broker_options
+@click.option("--daemon", is_flag=True, hidden=True, help="Fork into the background.")
+@click.option("--lock-fd", type=int, hidden=True, help="An inherited, already locked lock fd.")
+@click.option("--ready-fd", type=int, hidden=True, help="Write 'READY <pid>' here when serving.")
+def main(
+    socket: str | None,
+    daemon: bool,
+    lock_fd: int | None,
+    ready_fd: int | None,
+    **options: Any,
+) -> None:
+    """Run the brokerq broker for SOCKET in the foreground.
+
+    SOCKET defaults to $BROKERQ_SOCKET, else the per-user path
+    ($XDG_RUNTIME_DIR/brokerq/broker.sock or /tmp/brokerq-UID/broker.sock).
+    Clients start this program on their own when no broker answers; run it
+    by hand (or under a supervisor) to choose its options yourself.
+
+    Exit status: 0 after a stop, SIGTERM or idle exit; 1 on an error,
+    including when another broker already serves SOCKET (the message names
+    its pid); 2 on a usage error.
+    """
+    sys.exit(run(socket, daemon=daemon, lock_fd=lock_fd, ready_fd=ready_fd, **options))
+
+
+def run(
+    socket: str | None,
+    *,
+    daemon: bool = False,
+    lock_fd: int | None = None,
+    ready_fd: int | None = None,
+    data_dir: str | None = None,
+    fsync: str = "batch",
+    idle_exit: float = 300.0,
+    max_message_size: int = protocol.DEFAULT_MAX_MESSAGE_SIZE,
+    log_level: str = "info",
+) -> int:
+    """Start a broker for ``socket``; returns the exit status."""
+    path = resolve_socket_path(socket)
+    try:
+        check_socket_path(path)
+    except BrokerqError as exc:
+        return _fail(str(exc))
+    if daemon:
+        _daemonize()
+    fd = _hold_lock(path, lock_fd)
+    if fd is None:
+        holder = lock_holder_pid(path)
+        who = f"pid {holder}" if holder else "another process"
+        return _fail(f"another broker ({who}) already serves {path}")
+    _setup_logging(path, daemon, log_level)
+    log = logging.getLogger("brokerq.broker")
+    try:
+        listener = publish_socket(path)
+    except OSError as exc:
+        log.error("cannot listen on %s: %s", path, exc)
+        return _fail(f"cannot listen on {path}: {exc}")
+    log.info("serving %s (pid %d)", path, os.getpid())
+    if ready_fd is not None:
+        with contextlib.suppress(OSError):
+            os.write(ready_fd, f"READY {os.getpid()}\n".encode())
+        os.close(ready_fd)
+
+    # Import trio only now: clients are already queueing in the backlog.
+    import trio
+
+    from .server import Broker, BrokerConfig
+
+    config = BrokerConfig(
+        socket_path=path,
+        idle_exit=idle_exit if idle_exit > 0 else float("inf"),
+        max_message_size=max_message_size,
+        data_dir=data_dir,
+        fsync=fsync,
+    )
+    trio.run(Broker(config).serve, listener)
+    log.info("exited")
+    return EXIT_OK
+
+
+def _fail(message: str) -> int:
+    click.echo(f"local-queue-broker: {message}", err=True)
+    return EXIT_ERROR
+
+
+def _daemonize() -> None:
+    """Fork once; the parent exits so its spawner can reap it at once."""
+    if os.getsid(0) != os.getpid():
+        with contextlib.suppress(PermissionError):
+            os.setsid()
+    if os.fork():
+        os._exit(0)
+    devnull = os.open(os.devnull, os.O_RDWR)
+    os.dup2(devnull, 0)
+    os.dup2(devnull, 1)
+    os.close(devnull)
+
+
+def _hold_lock(path: str, inherited: int | None) -> int | None:
+    """The locked lock fd, kept (close-on-exec) for the broker's whole life."""
+    fd = open_lock(path) if inherited is None else inherited
+    if not try_lock(fd):  # an inherited fd shares its holder's lock: this succeeds
+        os.close(fd)
+        return None
+    os.set_inheritable(fd, False)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    # A child forked without exec must not keep a dead broker "alive".
+    os.register_at_fork(after_in_child=lambda: os.close(fd))
+    return fd
+
+
+def _setup_logging(path: str, daemon: bool, level: str) -> None:
+    if daemon:
+        log_file = log_path(path)
+        with contextlib.suppress(OSError):
+            if os.path.getsize(log_file) > LOG_ROTATE_BYTES:
+                os.replace(log_file, log_file + ".old")
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+        fd = os.open(log_file, flags, 0o600)
+        os.dup2(fd, 2)
+        os.close(fd)
+    logging.basicConfig(
+        stream=sys.stderr,
+        level=level.upper(),
+        format="%(asctime)s brokerq[%(process)d] %(levelname)s %(message)s",
+    )
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

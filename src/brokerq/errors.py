@@ -1,0 +1,125 @@
+"""The exceptions of brokerq's public API.
+
+Every error that leaves the public API is a :class:`BrokerqError`; no bare
+``OSError`` or msgspec error escapes. Errors that the broker reports on the
+wire carry a stable string code (see ``docs/protocol.md``); :data:`BY_CODE`
+maps each code to the exception a client raises for it.
+"""
+
+from __future__ import annotations
+
+import queue as _stdlib_queue
+
+
+class BrokerqError(Exception):
+    """Base class of every error brokerq raises."""
+
+    code = "error"
+
+
+class Empty(BrokerqError, _stdlib_queue.Empty):
+    """No message arrived within the timeout (or the queue is empty).
+
+    Also a :class:`queue.Empty`, so ``except queue.Empty:`` code works.
+    """
+
+    code = "empty"
+
+
+class Full(BrokerqError, _stdlib_queue.Full):
+    """The queue stayed full until the timeout. Also a :class:`queue.Full`."""
+
+    code = "full"
+
+
+class MessageTooLarge(BrokerqError):
+    """A body is larger than the broker's ``max_message_size``."""
+
+    code = "too_large"
+
+
+class InvalidRequest(BrokerqError, ValueError):
+    """An argument was refused: a bad queue name, a negative timeout, ...
+
+    Also a :class:`ValueError`, since that is what it is.
+    """
+
+    code = "invalid"
+
+
+class BrokerUnavailable(BrokerqError):
+    """No broker could be reached or started within the deadline."""
+
+    code = "unavailable"
+
+
+class PermissionDenied(BrokerqError):
+    """The socket directory is unsafe, or the peer runs as another user."""
+
+    code = "permission"
+
+
+class ProtocolError(BrokerqError):
+    """The protocol was broken; see the two sides below."""
+
+    code = "protocol"
+
+
+class LocalProtocolError(ProtocolError):
+    """This side misused the protocol (as judged by itself or by the peer)."""
+
+    code = "bad_request"
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent bytes that are not a valid frame or reply."""
+
+    code = "bad_frame"
+
+
+class VersionMismatch(ProtocolError):
+    """The broker speaks another protocol version than this client."""
+
+    code = "version"
+
+
+class LeaseLost(BrokerqError):
+    """A lease verb came after the lease ran out (the message was redelivered)."""
+
+    code = "lease_lost"
+
+
+class ShuttingDown(BrokerUnavailable):
+    """The broker is stopping and takes no new work."""
+
+    code = "shutting_down"
+
+
+class InternalError(BrokerqError):
+    """The broker hit a bug; its log has the details."""
+
+    code = "internal"
+
+
+BY_CODE: dict[str, type[BrokerqError]] = {
+    cls.code: cls
+    for cls in (
+        Empty,
+        Full,
+        MessageTooLarge,
+        InvalidRequest,
+        PermissionDenied,
+        LocalProtocolError,
+        RemoteProtocolError,
+        VersionMismatch,
+        LeaseLost,
+        ShuttingDown,
+        InternalError,
+    )
+}
+
+
+def from_code(code: str, message: str) -> BrokerqError:
+    """The exception for an error reply; unknown codes become a BrokerqError."""
+    cls = BY_CODE.get(code, BrokerqError)
+    return cls(message)

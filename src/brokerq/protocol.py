@@ -1,0 +1,333 @@
+"""The brokerq wire protocol, sans-IO: bytes in, frames out, and back.
+
+Theory of operation
+-------------------
+Every frame, in both directions, is a 4-byte unsigned big-endian length
+followed by that many bytes of one MessagePack map. Each map has an ``op``
+key naming its kind and an ``id`` key: a client picks the id of each request
+(positive, any order it likes) and the broker echoes it in the reply. The
+broker answers the requests of one connection strictly in the order they
+arrived, so a client may pipeline: send many requests, then read the replies.
+
+The first request on a connection must be ``hello`` with
+:data:`PROTOCOL_VERSION`; the reply reports the broker's limits. A failed
+request gets an :class:`Error` reply (``op = "error"``) with a stable
+``code`` and a human ``message``; its ``id`` is the request's, or 0 when the
+request's id could not be read.
+
+This module does no I/O. :class:`FrameReader` turns received bytes into
+frame payloads (raising :class:`~brokerq.errors.RemoteProtocolError` on a
+length over its limit); :func:`decode_request` / :func:`decode_reply` turn
+payloads into the frozen Structs below; :func:`append_frame` encodes a
+Struct into a reusable output buffer. Every transport (the trio broker, the
+blocking client, the tests) drives these same pieces. ``docs/protocol.md``
+is the normative description; change it first.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Final, TypeAlias
+
+import msgspec
+
+from .errors import InvalidRequest, LocalProtocolError, RemoteProtocolError
+
+PROTOCOL_VERSION: Final = 1
+HEADER: Final = struct.Struct(">I")
+HEADER_SIZE: Final = HEADER.size
+
+DEFAULT_MAX_MESSAGE_SIZE: Final = 16 * 1024 * 1024
+#: Room in a frame beyond the largest body: the map, the keys, the queue name.
+FRAME_OVERHEAD: Final = 64 * 1024
+#: The limit a client applies before the broker's ``hello`` reply tells it more.
+HANDSHAKE_FRAME_LIMIT: Final = 64 * 1024
+MAX_QUEUE_NAME_BYTES: Final = 255
+
+
+def max_frame_size(max_message_size: int) -> int:
+    """The largest frame a broker with this body limit accepts or sends."""
+    return max_message_size + FRAME_OVERHEAD
+
+
+# --------------------------------------------------------------------------
+# Requests (client -> broker)
+
+
+class Request(msgspec.Struct, frozen=True, kw_only=True, tag_field="op"):
+    """Base of every request: ``id`` is echoed by the reply."""
+
+    id: int
+
+
+class Hello(Request, tag="hello"):
+    version: int
+    client: str = ""
+
+
+class Put(Request, tag="put"):
+    queue: str
+    body: bytes
+
+
+class PutMany(Request, tag="put_many"):
+    queue: str
+    bodies: list[bytes]
+
+
+class Get(Request, tag="get"):
+    """``timeout``: seconds to wait; absent or nil waits for ever; 0 does not wait."""
+
+    queue: str
+    timeout: float | None = None
+
+
+class GetMany(Request, tag="get_many"):
+    queue: str
+    n: int
+    timeout: float | None = None
+
+
+class Peek(Request, tag="peek"):
+    queue: str
+
+
+class Purge(Request, tag="purge"):
+    queue: str
+
+
+class Stats(Request, tag="stats"):
+    """Stats of one queue, or of the broker when ``queue`` is absent."""
+
+    queue: str | None = None
+
+
+class Queues(Request, tag="queues"):
+    pass
+
+
+class Ping(Request, tag="ping"):
+    pass
+
+
+class Stop(Request, tag="stop"):
+    pass
+
+
+AnyRequest: TypeAlias = (
+    Hello | Put | PutMany | Get | GetMany | Peek | Purge | Stats | Queues | Ping | Stop
+)
+
+
+# --------------------------------------------------------------------------
+# Replies (broker -> client). A reply's ``op`` is its request's, or "error".
+
+
+class Reply(msgspec.Struct, frozen=True, kw_only=True, tag_field="op"):
+    id: int
+
+
+class HelloReply(Reply, tag="hello"):
+    version: int
+    server: str
+    pid: int
+    max_message_size: int
+    max_frame_size: int
+
+
+class PutReply(Reply, tag="put"):
+    msg_id: int
+
+
+class PutManyReply(Reply, tag="put_many"):
+    msg_ids: list[int]
+
+
+class GetReply(Reply, tag="get"):
+    msg_id: int
+    body: bytes
+
+
+class GetManyReply(Reply, tag="get_many"):
+    msg_ids: list[int]
+    bodies: list[bytes]
+
+
+class PeekReply(Reply, tag="peek"):
+    msg_id: int
+    body: bytes
+
+
+class PurgeReply(Reply, tag="purge"):
+    count: int
+
+
+class StatsReply(Reply, tag="stats"):
+    stats: dict[str, Any]
+
+
+class QueuesReply(Reply, tag="queues"):
+    names: list[str]
+
+
+class PingReply(Reply, tag="ping"):
+    pid: int
+
+
+class StopReply(Reply, tag="stop"):
+    pass
+
+
+class Error(Reply, tag="error"):
+    code: str
+    message: str
+
+
+AnyReply: TypeAlias = (
+    HelloReply
+    | PutReply
+    | PutManyReply
+    | GetReply
+    | GetManyReply
+    | PeekReply
+    | PurgeReply
+    | StatsReply
+    | QueuesReply
+    | PingReply
+    | StopReply
+    | Error
+)
+AnyFrame: TypeAlias = AnyRequest | AnyReply
+
+# Built once: msgspec compiles the schema on construction.
+_encoder: Final = msgspec.msgpack.Encoder()
+_request_decoder: Final = msgspec.msgpack.Decoder(AnyRequest)
+_reply_decoder: Final = msgspec.msgpack.Decoder(AnyReply)
+_loose_decoder: Final = msgspec.msgpack.Decoder()
+
+
+class InvalidRequestFrame(LocalProtocolError):
+    """A well-framed MessagePack map that is not a valid request.
+
+    The frame boundary is intact, so the broker answers with a ``bad_request``
+    error (echoing ``request_id`` when it could be read) and keeps the
+    connection open.
+    """
+
+    def __init__(self, message: str, request_id: int) -> None:
+        super().__init__(message)
+        self.request_id = request_id
+
+
+def _peek_id(payload: bytes) -> int:
+    """The ``id`` of a payload that failed validation, or 0 if unreadable."""
+    try:
+        obj = _loose_decoder.decode(payload)
+    except msgspec.DecodeError:
+        return 0
+    if isinstance(obj, dict):
+        value = obj.get("id")
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    return 0
+
+
+def decode_request(payload: bytes) -> AnyRequest:
+    """Decode one frame payload sent by a client.
+
+    Raises :class:`InvalidRequestFrame` for valid MessagePack of the wrong
+    shape (unknown op, missing or wrong-typed field) and
+    :class:`~brokerq.errors.RemoteProtocolError` for bytes that are not
+    MessagePack at all.
+    """
+    try:
+        return _request_decoder.decode(payload)
+    except msgspec.ValidationError as exc:
+        raise InvalidRequestFrame(str(exc), _peek_id(payload)) from exc
+    except msgspec.DecodeError as exc:
+        raise RemoteProtocolError(f"frame is not valid MessagePack: {exc}") from exc
+
+
+def decode_reply(payload: bytes) -> AnyReply:
+    """Decode one frame payload sent by a broker."""
+    try:
+        return _reply_decoder.decode(payload)
+    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+        raise RemoteProtocolError(f"broker sent an invalid reply: {exc}") from exc
+
+
+def append_frame(out: bytearray, frame: AnyFrame) -> None:
+    """Append ``frame``, length prefix and all, to ``out`` (a reused buffer)."""
+    start = len(out)
+    out += b"\0\0\0\0"
+    _encoder.encode_into(frame, out, -1)
+    HEADER.pack_into(out, start, len(out) - start - HEADER_SIZE)
+
+
+def encode_frame(frame: AnyFrame) -> bytes:
+    """One frame as bytes; for the cold paths (handshake, errors, tests)."""
+    out = bytearray()
+    append_frame(out, frame)
+    return bytes(out)
+
+
+class FrameReader:
+    """Splits a byte stream into frame payloads; the inverse of append_frame.
+
+    Feed it whatever arrived (one byte or many frames at once) and call
+    :meth:`next_frame` until it returns ``None``, meaning it needs more bytes.
+    A length over ``max_frame_size`` raises RemoteProtocolError: the stream
+    can no longer be trusted, so the caller closes the connection.
+    """
+
+    __slots__ = ("_buffer", "_start", "max_frame_size")
+
+    def __init__(self, max_frame_size: int) -> None:
+        self.max_frame_size = max_frame_size
+        self._buffer = bytearray()
+        self._start = 0
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        if self._start and self._start >= len(self._buffer) // 2:
+            # Drop consumed bytes now and then, not on every frame.
+            del self._buffer[: self._start]
+            self._start = 0
+        self._buffer += data
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as frames."""
+        return len(self._buffer) - self._start
+
+    def next_frame(self) -> bytes | None:
+        start = self._start
+        buffer = self._buffer
+        if len(buffer) - start < HEADER_SIZE:
+            return None
+        (length,) = HEADER.unpack_from(buffer, start)
+        if length > self.max_frame_size:
+            raise RemoteProtocolError(
+                f"frame of {length} bytes is over the limit of {self.max_frame_size}"
+            )
+        end = start + HEADER_SIZE + length
+        if len(buffer) < end:
+            return None
+        self._start = end
+        return bytes(buffer[start + HEADER_SIZE : end])
+
+
+def validate_queue_name(name: str, *, for_put: bool = False) -> None:
+    """Raise InvalidRequest unless ``name`` is a usable queue name.
+
+    Names are 1-255 bytes of UTF-8 without control characters. A ``:`` is
+    reserved to the broker (``jobs:dead``): such queues can be read from,
+    never put to.
+    """
+    if not name:
+        raise InvalidRequest("queue name is empty")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_QUEUE_NAME_BYTES:
+        raise InvalidRequest(f"queue name is over {MAX_QUEUE_NAME_BYTES} bytes")
+    if not name.isprintable():
+        raise InvalidRequest(f"queue name {name!r} has a control character")
+    if for_put and ":" in name:
+        raise InvalidRequest(f"queue name {name!r}: ':' is reserved to the broker")

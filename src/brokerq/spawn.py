@@ -1,0 +1,403 @@
+"""Finding a broker, and starting one when none runs, without races.
+
+The rules (``docs/usage.md`` and design.md section 3 tell the story):
+
+* **One liveness token.** The broker holds an exclusive ``flock`` on
+  ``<socket>.lock`` for its whole life. A broker exists if and only if that
+  lock is held; the kernel drops it when the broker dies, even by SIGKILL.
+* **Only the lock holder creates, replaces or unlinks the socket.** Clients
+  never delete it, so a slow client can never remove a live broker's socket.
+* **Client** (:func:`connect_or_spawn`): connect. If nothing listens, try
+  the lock without blocking. Busy means a broker is starting, serving or
+  exiting: back off (1-50 ms, jittered) and try again until the deadline.
+  Acquired means no broker exists: start ``local-queue-broker``, handing it
+  the locked descriptor (the lock is never free during the handover), and
+  wait for it to say ``READY`` over a pipe.
+
+This module is plain blocking code with no trio import: it runs in every
+client, and a client must start fast. The broker side of the handshake
+lives in :mod:`brokerq.daemon`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import random
+import select
+import shutil
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .errors import BrokerUnavailable, InvalidRequest, PermissionDenied
+
+#: Python accepts at most 107 bytes for an AF_UNIX path on Linux (sun_path is
+#: 108 with the NUL); BSD and macOS allow 103.
+MAX_SOCKET_PATH = 107 if sys.platform.startswith("linux") else 103
+#: connect() errors that mean "no broker is listening here (yet)".
+_NOT_LISTENING = frozenset({errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN})
+_READY_PREFIX = b"READY "
+
+
+# -- paths ---------------------------------------------------------------
+
+
+def _is_private_dir(path: str) -> bool:
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
+
+
+def default_socket_path() -> str:
+    """``$XDG_RUNTIME_DIR/brokerq/broker.sock`` if that directory is the
+    user's own (mode 0700) and the path fits, else ``/tmp/brokerq-<uid>/broker.sock``."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if runtime and _is_private_dir(runtime):
+        path = os.path.join(runtime, "brokerq", "broker.sock")
+        if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
+            return path
+    return f"/tmp/brokerq-{os.geteuid()}/broker.sock"
+
+
+def resolve_socket_path(socket_path: str | os.PathLike[str] | None) -> str:
+    """The path given, else ``$BROKERQ_SOCKET``, else :func:`default_socket_path`."""
+    if socket_path is None:
+        socket_path = os.environ.get("BROKERQ_SOCKET") or default_socket_path()
+    return os.path.abspath(os.fspath(socket_path))
+
+
+def lock_path(socket_path: str) -> str:
+    return socket_path + ".lock"
+
+
+def log_path(socket_path: str) -> str:
+    return socket_path + ".log"
+
+
+def check_path_length(socket_path: str) -> None:
+    size = len(os.fsencode(socket_path))
+    if size > MAX_SOCKET_PATH:
+        raise InvalidRequest(
+            f"socket path is {size} bytes, over the limit of {MAX_SOCKET_PATH} "
+            f"for a Unix socket: choose a shorter --socket / BROKERQ_SOCKET: {socket_path}"
+        )
+
+
+def ensure_socket_dir(socket_path: str) -> None:
+    """Create the socket's directory (mode 0700) or check that it is safe.
+
+    Safe means: a real directory (not a symlink), owned by this user, with
+    no permissions for group or others. Anything else is refused; nothing is
+    chmod-ed or chown-ed, since a directory someone else prepared is exactly
+    the attack (squatting in /tmp) this guards against.
+    """
+    directory = os.path.dirname(socket_path)
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(directory, 0o700)
+    try:
+        st = os.lstat(directory)
+    except OSError as exc:
+        raise PermissionDenied(f"socket directory {directory}: {exc.strerror}") from exc
+    problem = None
+    if stat.S_ISLNK(st.st_mode):
+        problem = "is a symlink"
+    elif not stat.S_ISDIR(st.st_mode):
+        problem = "is not a directory"
+    elif st.st_uid != os.geteuid():
+        problem = f"is owned by uid {st.st_uid}, not by you (uid {os.geteuid()})"
+    elif st.st_mode & 0o077:
+        problem = f"has mode {stat.S_IMODE(st.st_mode):04o}; it must be 0700 (no group/other)"
+    if problem:
+        raise PermissionDenied(f"unsafe socket directory {directory}: it {problem}")
+
+
+def check_socket_path(socket_path: str) -> None:
+    """Everything a client or a broker checks before touching a socket path."""
+    check_path_length(socket_path)
+    ensure_socket_dir(socket_path)
+
+
+# -- peers ---------------------------------------------------------------
+
+
+def peer_uid(sock: socket.socket) -> int:
+    """The uid of the process at the other end of a connected Unix socket."""
+    if hasattr(socket, "SO_PEERCRED"):
+        creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+        if sys.platform.startswith("openbsd"):  # pragma: no cover - uid, gid, pid there
+            return int(struct.unpack("3i", creds)[0])
+        return int(struct.unpack("3i", creds)[1])
+    return _getpeereid(sock.fileno())  # pragma: no cover - BSD and macOS
+
+
+def _getpeereid(fd: int) -> int:  # pragma: no cover - BSD and macOS
+    import ctypes
+    import ctypes.util
+
+    libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
+    uid, gid = ctypes.c_uint32(), ctypes.c_uint32()
+    if libc.getpeereid(fd, ctypes.byref(uid), ctypes.byref(gid)) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))
+    return uid.value
+
+
+def check_peer(sock: socket.socket, what: str) -> None:
+    """Refuse a peer that runs as another user (both ends call this)."""
+    uid = peer_uid(sock)
+    if uid != os.geteuid():
+        raise PermissionDenied(f"{what} runs as uid {uid}, not as you (uid {os.geteuid()})")
+
+
+# -- the lock ------------------------------------------------------------
+
+
+def open_lock(socket_path: str) -> int:
+    """Open (creating) ``<socket>.lock``; never follows a symlink."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+    return os.open(lock_path(socket_path), flags, 0o600)
+
+
+def try_lock(fd: int) -> bool:
+    """Take the exclusive flock without blocking; False if someone holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def lock_holder_pid(socket_path: str) -> int | None:
+    """The pid the lock holder wrote into the lock file (information only)."""
+    try:
+        text = Path(lock_path(socket_path)).read_text().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def broker_running(socket_path: str) -> bool:
+    """True if some process holds the broker lock of ``socket_path``."""
+    try:
+        fd = os.open(lock_path(socket_path), os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return False
+    try:
+        if try_lock(fd):
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return False
+        return True
+    finally:
+        os.close(fd)
+
+
+# -- connecting and spawning -----------------------------------------------
+
+
+def _try_connect(socket_path: str, timeout: float) -> socket.socket | None:
+    """A connected socket, or None if nothing listens at the path (yet)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(max(timeout, 0.001))
+        sock.connect(socket_path)
+    except OSError as exc:
+        sock.close()
+        if exc.errno in _NOT_LISTENING or isinstance(exc, TimeoutError):
+            return None
+        if exc.errno in (errno.EACCES, errno.EPERM):
+            raise PermissionDenied(f"cannot connect to {socket_path}: {exc.strerror}") from exc
+        raise BrokerUnavailable(f"cannot connect to {socket_path}: {exc}") from exc
+    try:
+        check_peer(sock, f"the broker at {socket_path}")
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def connect_or_spawn(socket_path: str, deadline: float, *, spawn: bool = True) -> socket.socket:
+    """Connect to the broker of ``socket_path``, starting one if none runs.
+
+    ``deadline`` is a ``time.monotonic()`` value. Raises BrokerUnavailable
+    when it passes (a broker that is stopped or wedged holds the lock, so
+    clients time out rather than start a second one).
+    """
+    check_socket_path(socket_path)
+    delay = 0.001
+    while True:
+        remaining = deadline - time.monotonic()
+        sock = _try_connect(socket_path, remaining)
+        if sock is not None:
+            return sock
+        if not spawn and not broker_running(socket_path):
+            raise BrokerUnavailable(f"no broker is running at {socket_path}")
+        if spawn:
+            fd = open_lock(socket_path)
+            try:
+                if try_lock(fd):
+                    # No broker exists, so whatever is at the path is stale.
+                    # Only now, holding the lock, may it be replaced.
+                    spawn_broker(socket_path, fd, deadline)
+                    delay = 0.001
+                    continue
+            finally:
+                os.close(fd)
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            what = "did not answer" if broker_running(socket_path) else "is not running"
+            raise BrokerUnavailable(f"the broker at {socket_path} {what} within the deadline")
+        time.sleep(min(delay * (0.5 + random.random()), remaining))
+        delay = min(delay * 2, 0.05)
+
+
+def broker_command() -> list[str]:
+    """``$BROKERQ_BROKER``, else ``local-queue-broker`` beside this Python, else on PATH."""
+    configured = os.environ.get("BROKERQ_BROKER")
+    if configured:
+        return [configured]
+    beside = Path(sys.executable).parent / "local-queue-broker"
+    if os.access(beside, os.X_OK):
+        return [str(beside)]
+    found = shutil.which("local-queue-broker")
+    if found:
+        return [found]
+    raise BrokerUnavailable(
+        "cannot start a broker: no local-queue-broker program beside "
+        f"{sys.executable} or on PATH (set BROKERQ_BROKER to its path)"
+    )
+
+
+def broker_environment() -> dict[str, str]:
+    """What a spawned broker inherits: ``BROKERQ_*`` and a default PATH, no more."""
+    env = {k: v for k, v in os.environ.items() if k.startswith("BROKERQ_")}
+    env["PATH"] = os.defpath
+    return env
+
+
+def spawn_broker(socket_path: str, lock_fd: int, deadline: float) -> int:
+    """Start a broker that inherits ``lock_fd`` (locked); return its pid once READY."""
+    command = [
+        *broker_command(),
+        socket_path,
+        "--daemon",
+        "--lock-fd",
+        str(lock_fd),
+    ]
+    log_flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+    log_fd = os.open(log_path(socket_path), log_flags, 0o600)
+    ready_r, ready_w = os.pipe()
+    try:
+        command += ["--ready-fd", str(ready_w)]
+        try:
+            launcher = subprocess.Popen(
+                command,
+                pass_fds=(lock_fd, ready_w),
+                start_new_session=True,
+                cwd="/",
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log_fd,
+                env=broker_environment(),
+            )
+        except OSError as exc:
+            raise BrokerUnavailable(f"cannot start {command[0]}: {exc}") from exc
+        os.close(ready_w)
+        ready_w = -1
+        try:
+            pid = _wait_ready(ready_r, deadline, socket_path)
+        finally:
+            # The launcher forks the broker and exits at once: reap it so no
+            # zombie is left, whatever happened to the broker.
+            with contextlib.suppress(subprocess.TimeoutExpired, ChildProcessError):
+                launcher.wait(timeout=max(0.0, deadline - time.monotonic()))
+        return pid
+    finally:
+        os.close(ready_r)
+        if ready_w >= 0:
+            os.close(ready_w)
+        os.close(log_fd)
+
+
+def _wait_ready(fd: int, deadline: float, socket_path: str) -> int:
+    data = b""
+    while not data.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise BrokerUnavailable(
+                f"the broker spawned for {socket_path} did not become ready in time"
+                + _log_tail(socket_path)
+            )
+        readable, _, _ = select.select([fd], [], [], remaining)
+        if not readable:
+            continue
+        chunk = os.read(fd, 64)
+        if not chunk:
+            raise BrokerUnavailable(
+                f"the broker spawned for {socket_path} exited before it was ready"
+                + _log_tail(socket_path)
+            )
+        data += chunk
+    if not data.startswith(_READY_PREFIX):
+        raise BrokerUnavailable(f"the spawned broker said {data!r} instead of READY")
+    return int(data[len(_READY_PREFIX) :])
+
+
+def _log_tail(socket_path: str, lines: int = 5) -> str:
+    try:
+        text = Path(log_path(socket_path)).read_text(errors="replace")
+    except OSError:
+        return ""
+    tail = [line for line in text.splitlines() if line.strip()][-lines:]
+    return (f"; its log ({log_path(socket_path)}) ends:\n  " + "\n  ".join(tail)) if tail else ""
+
+
+# -- the broker's side: publishing the socket ------------------------------
+
+
+def publish_socket(socket_path: str, backlog: int = 128) -> socket.socket:
+    """Bind a temporary name, listen, then rename it over ``socket_path``.
+
+    The path therefore only ever names a socket that already listens: a
+    client never sees a bound-but-not-listening socket there. Only the lock
+    holder may call this (the rename replaces whatever was at the path).
+    The socket file is created with mode 0600 (umask around ``bind``;
+    ``fchmod`` does not reach a socket file on Linux).
+    """
+    directory = os.path.dirname(socket_path)
+    temp = os.path.join(directory, f".bq-{os.getpid()}")
+    check_path_length(temp)
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(temp)
+        old_umask = os.umask(0o177)
+        try:
+            sock.bind(temp)
+        finally:
+            os.umask(old_umask)
+        sock.listen(backlog)
+        os.rename(temp, socket_path)
+    except BaseException:
+        sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(temp)
+        raise
+    return sock
+
+
+def file_identity(path: str) -> tuple[int, int] | None:
+    """``(st_dev, st_ino)`` of ``path`` itself (not a symlink's target), or None."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
