@@ -94,11 +94,11 @@ def cli(ctx: click.Context, socket: str | None, connect_timeout: float) -> None:
 
 
 def _stdout() -> BinaryIO:
-    return click.get_binary_stream("stdout")
+    return sys.stdout.buffer
 
 
 def _stdin_lines() -> Iterator[bytes]:
-    for line in click.get_binary_stream("stdin"):
+    for line in sys.stdin.buffer:
         yield line[:-1] if line.endswith(b"\n") else line
 
 
@@ -119,10 +119,20 @@ def put(state: _State, queue: str, messages: tuple[str, ...]) -> None:
 
 @cli.command()
 @click.argument("queue")
-@click.option("-n", "count", type=click.IntRange(min=1), default=1, show_default=True,
-              help="How many messages to get, one after another.")
-@click.option("--timeout", type=click.FloatRange(min=0), metavar="SECONDS",
-              help="One deadline for all of them (default: wait for ever).")
+@click.option(
+    "-n",
+    "count",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    help="How many messages to get, one after another.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="One deadline for all of them (default: wait for ever).",
+)
 @pass_state
 def get(state: _State, queue: str, count: int, timeout: float | None) -> None:
     """Get messages from QUEUE and print each body on its own line.
@@ -233,7 +243,7 @@ def stop(state: _State) -> None:
 @cli.command()
 @broker_options
 @pass_state
-def serve(state: _State, **options: Any) -> None:
+def serve(state: _State, /, **options: Any) -> None:
     """Run a broker for --socket in the foreground (as local-queue-broker)."""
     sys.exit(run_broker(state.socket, **options))
 

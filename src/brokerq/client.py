@@ -15,7 +15,6 @@ client's ``timeout`` (the connect/spawn deadline) as a grace for the reply.
 from __future__ import annotations
 
 import os
-import socket
 import threading
 import time
 from collections.abc import Iterable
@@ -119,7 +118,7 @@ class Connection:
         request_id = self.next_id
         self.next_id += 1
         self.out.clear()
-        protocol.append_frame(self.out, kind(id=request_id, **fields))  # type: ignore[arg-type]
+        protocol.append_frame(self.out, kind(id=request_id, **fields))
         try:
             self.sock.settimeout(wait)
             self.sock.sendall(self.out)
@@ -209,14 +208,14 @@ class Client:
                 for conn in self._connections:
                     conn.sock.close()
                 self._reset()
-        conn: Connection | None = getattr(self._local, "conn", None)
-        if conn is None or conn.sock.fileno() < 0:
-            conn = Connection(self.socket_path, self.timeout, spawn=spawn)
+        current: Connection | None = getattr(self._local, "conn", None)
+        if current is None or current.sock.fileno() < 0:
+            current = Connection(self.socket_path, self.timeout, spawn=spawn)
             with self._lock:
                 self._connections = [c for c in self._connections if c.sock.fileno() >= 0]
-                self._connections.append(conn)
-            self._local.conn = conn
-        return conn
+                self._connections.append(current)
+            self._local.conn = current
+        return current
 
     def call(
         self, expect: type[R], kind: type[protocol.Request], wait: float | None, **fields: Any
@@ -287,8 +286,7 @@ class Queue:
         conn = self.client.connection()
         if len(data) > conn.max_message_size:
             raise MessageTooLarge(
-                f"body of {len(data)} bytes is over the broker's limit of "
-                f"{conn.max_message_size}"
+                f"body of {len(data)} bytes is over the broker's limit of {conn.max_message_size}"
             )
         return conn.request(PutReply, Put, self.client.timeout, queue=self.name, body=data).msg_id
 
@@ -370,7 +368,9 @@ def _shared_client(socket_path: str | os.PathLike[str] | None) -> Client:
         return client
 
 
-def connect(socket: str | os.PathLike[str] | None = None, timeout: float = DEFAULT_TIMEOUT) -> Client:
+def connect(
+    socket: str | os.PathLike[str] | None = None, timeout: float = DEFAULT_TIMEOUT
+) -> Client:
     """A client of the broker at ``socket`` (default: ``$BROKERQ_SOCKET`` or the
     per-user path). Connects (spawning the broker if none runs) right away, so
     a broker that cannot be reached fails here rather than at the first put."""
@@ -381,4 +381,3 @@ def connect(socket: str | os.PathLike[str] | None = None, timeout: float = DEFAU
         client.close()
         raise
     return client
-

@@ -126,8 +126,7 @@ class BrokerCore:
         for body in bodies:
             if len(body) > self.max_message_size:
                 raise MessageTooLarge(
-                    f"a body of {len(body)} bytes is over max_message_size "
-                    f"{self.max_message_size}"
+                    f"a body of {len(body)} bytes is over max_message_size {self.max_message_size}"
                 )
         ids: list[int] = []
         woken: list[Waiter] = []

@@ -60,57 +60,57 @@ class Request(msgspec.Struct, frozen=True, kw_only=True, tag_field="op"):
     id: int
 
 
-class Hello(Request, tag="hello"):
+class Hello(Request, frozen=True, tag="hello"):
     version: int
     client: str = ""
 
 
-class Put(Request, tag="put"):
+class Put(Request, frozen=True, tag="put"):
     queue: str
     body: bytes
 
 
-class PutMany(Request, tag="put_many"):
+class PutMany(Request, frozen=True, tag="put_many"):
     queue: str
     bodies: list[bytes]
 
 
-class Get(Request, tag="get"):
+class Get(Request, frozen=True, tag="get"):
     """``timeout``: seconds to wait; absent or nil waits for ever; 0 does not wait."""
 
     queue: str
     timeout: float | None = None
 
 
-class GetMany(Request, tag="get_many"):
+class GetMany(Request, frozen=True, tag="get_many"):
     queue: str
     n: int
     timeout: float | None = None
 
 
-class Peek(Request, tag="peek"):
+class Peek(Request, frozen=True, tag="peek"):
     queue: str
 
 
-class Purge(Request, tag="purge"):
+class Purge(Request, frozen=True, tag="purge"):
     queue: str
 
 
-class Stats(Request, tag="stats"):
+class Stats(Request, frozen=True, tag="stats"):
     """Stats of one queue, or of the broker when ``queue`` is absent."""
 
     queue: str | None = None
 
 
-class Queues(Request, tag="queues"):
+class Queues(Request, frozen=True, tag="queues"):
     pass
 
 
-class Ping(Request, tag="ping"):
+class Ping(Request, frozen=True, tag="ping"):
     pass
 
 
-class Stop(Request, tag="stop"):
+class Stop(Request, frozen=True, tag="stop"):
     pass
 
 
@@ -127,7 +127,7 @@ class Reply(msgspec.Struct, frozen=True, kw_only=True, tag_field="op"):
     id: int
 
 
-class HelloReply(Reply, tag="hello"):
+class HelloReply(Reply, frozen=True, tag="hello"):
     version: int
     server: str
     pid: int
@@ -135,50 +135,50 @@ class HelloReply(Reply, tag="hello"):
     max_frame_size: int
 
 
-class PutReply(Reply, tag="put"):
+class PutReply(Reply, frozen=True, tag="put"):
     msg_id: int
 
 
-class PutManyReply(Reply, tag="put_many"):
+class PutManyReply(Reply, frozen=True, tag="put_many"):
     msg_ids: list[int]
 
 
-class GetReply(Reply, tag="get"):
+class GetReply(Reply, frozen=True, tag="get"):
     msg_id: int
     body: bytes
 
 
-class GetManyReply(Reply, tag="get_many"):
+class GetManyReply(Reply, frozen=True, tag="get_many"):
     msg_ids: list[int]
     bodies: list[bytes]
 
 
-class PeekReply(Reply, tag="peek"):
+class PeekReply(Reply, frozen=True, tag="peek"):
     msg_id: int
     body: bytes
 
 
-class PurgeReply(Reply, tag="purge"):
+class PurgeReply(Reply, frozen=True, tag="purge"):
     count: int
 
 
-class StatsReply(Reply, tag="stats"):
+class StatsReply(Reply, frozen=True, tag="stats"):
     stats: dict[str, Any]
 
 
-class QueuesReply(Reply, tag="queues"):
+class QueuesReply(Reply, frozen=True, tag="queues"):
     names: list[str]
 
 
-class PingReply(Reply, tag="ping"):
+class PingReply(Reply, frozen=True, tag="ping"):
     pid: int
 
 
-class StopReply(Reply, tag="stop"):
+class StopReply(Reply, frozen=True, tag="stop"):
     pass
 
 
-class Error(Reply, tag="error"):
+class Error(Reply, frozen=True, tag="error"):
     code: str
     message: str
 
@@ -201,8 +201,8 @@ AnyFrame: TypeAlias = AnyRequest | AnyReply
 
 # Built once: msgspec compiles the schema on construction.
 _encoder: Final = msgspec.msgpack.Encoder()
-_request_decoder: Final = msgspec.msgpack.Decoder(AnyRequest)
-_reply_decoder: Final = msgspec.msgpack.Decoder(AnyReply)
+_request_decoder: Final[msgspec.msgpack.Decoder[AnyRequest]] = msgspec.msgpack.Decoder(AnyRequest)
+_reply_decoder: Final[msgspec.msgpack.Decoder[AnyReply]] = msgspec.msgpack.Decoder(AnyReply)
 _loose_decoder: Final = msgspec.msgpack.Decoder()
 
 
@@ -256,7 +256,7 @@ def decode_reply(payload: bytes) -> AnyReply:
         raise RemoteProtocolError(f"broker sent an invalid reply: {exc}") from exc
 
 
-def append_frame(out: bytearray, frame: AnyFrame) -> None:
+def append_frame(out: bytearray, frame: Request | Reply) -> None:
     """Append ``frame``, length prefix and all, to ``out`` (a reused buffer)."""
     start = len(out)
     out += b"\0\0\0\0"
@@ -264,7 +264,7 @@ def append_frame(out: bytearray, frame: AnyFrame) -> None:
     HEADER.pack_into(out, start, len(out) - start - HEADER_SIZE)
 
 
-def encode_frame(frame: AnyFrame) -> bytes:
+def encode_frame(frame: Request | Reply) -> bytes:
     """One frame as bytes; for the cold paths (handshake, errors, tests)."""
     out = bytearray()
     append_frame(out, frame)

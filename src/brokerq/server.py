@@ -103,6 +103,7 @@ class Broker:
         self.last_activity = 0.0
         self.closing = False
         self._stop_requested = trio.Event()
+        self._live: set[_Connection] = set()
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -133,15 +134,21 @@ class Broker:
             await self._shut_down(nursery)
 
     async def _shut_down(self, nursery: trio.Nursery) -> None:
+        """Stop taking work, answer the waiters, give busy connections a grace."""
         self.closing = True
         self._unpublish()
         if hasattr(self, "_listener_scope"):
             self._listener_scope.cancel()
         for waiter in self.core.all_waiters():
             _wake(waiter)  # each replies "shutting_down" and closes
+        for conn in self._live:
+            if conn.idle:
+                conn.scope.cancel()
         with trio.move_on_after(STOP_GRACE_SECONDS):
             while self.connections:
                 await trio.sleep(0.01)
+        for conn in self._live:
+            conn.scope.cancel()
         nursery.cancel_scope.cancel()
 
     async def _watch_signals(self) -> None:
@@ -169,6 +176,10 @@ class Broker:
                     continue
                 self.accepted_total += 1
                 self._nursery.start_soon(self._handle_socket, conn)
+
+    def start_connection(self, stream: trio.abc.Stream) -> None:
+        """Serve ``stream`` as a client connection, in the broker's nursery."""
+        self._nursery.start_soon(self.handle_stream, stream)
 
     def _unpublish(self) -> None:
         """Unlink the socket path, if it is still ours (we hold the lock)."""
@@ -231,14 +242,18 @@ class Broker:
 
     async def handle_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one client connection until it closes."""
+        conn = _Connection(self, stream)
         self.connections += 1
+        self._live.add(conn)
         try:
-            await _Connection(self, stream).run()
+            with conn.scope:
+                await conn.run()
         except _PeerGone:
             pass
         except Exception:  # a bug must cost one connection, never the broker
             log.exception("connection failed")
         finally:
+            self._live.discard(conn)
             self.connections -= 1
             self.last_activity = trio.current_time()
             with contextlib.suppress(Exception):
@@ -282,6 +297,8 @@ class _Connection:
         self.reader = FrameReader(protocol.HANDSHAKE_FRAME_LIMIT)
         self.out = bytearray()
         self.greeted = False
+        self.scope = trio.CancelScope()
+        self.idle = False  # waiting for a request: a stopping broker cuts it at once
 
     async def run(self) -> None:
         while True:
@@ -289,12 +306,14 @@ class _Connection:
             await self._flush()
             if self.broker.closing:
                 return
+            self.idle = True
             data = await self._receive()
+            self.idle = False
             if not data:
                 return
             self.reader.feed(data)
 
-    async def _receive(self) -> bytes:
+    async def _receive(self) -> bytes | bytearray:
         try:
             return await self.stream.receive_some(RECEIVE_SIZE)
         except (trio.BrokenResourceError, trio.ClosedResourceError):
@@ -326,6 +345,9 @@ class _Connection:
         protocol.append_frame(self.out, Error(id=request_id, code=code, message=message))
 
     async def _handle(self, request: protocol.AnyRequest) -> None:
+        if self.broker.closing:
+            self._reply_error(request.id, "shutting_down", "the broker is stopping")
+            return
         if not self.greeted:
             if not self._greet(request):
                 await self._close_with_error()

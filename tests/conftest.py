@@ -1,0 +1,115 @@
+"""Shared fixtures: a short private socket directory per test, and cleanup.
+
+Brokers daemonize, so without help they would be reparented to init and
+outlive the test run. The test process makes itself a *child subreaper*
+(Linux), so every broker a test starts stays its descendant; after each
+test the brokers of that test's directory are found by their argv (the
+socket path is unique to the test) and ended by pid, and every exited
+child is reaped.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+PR_SET_CHILD_SUBREAPER = 36
+BIN = Path(sys.executable).parent
+
+
+def _become_subreaper() -> None:
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0)
+
+
+_become_subreaper()
+
+
+def broker_pids(marker: str) -> list[int]:
+    """Live broker processes whose command line mentions ``marker``."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        text = [a.decode(errors="replace") for a in argv]
+        if any("local-queue-broker" in a for a in text) and any(marker in a for a in text):
+            pids.append(int(entry.name))
+    return pids
+
+
+def reap_children() -> None:
+    """Collect every exited child (brokers land here through the subreaper)."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def kill_brokers(marker: str) -> list[int]:
+    pids = broker_pids(marker)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while broker_pids(marker) and time.monotonic() < deadline:
+        reap_children()
+        time.sleep(0.01)
+    reap_children()
+    return pids
+
+
+@pytest.fixture(autouse=True)
+def _clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """No BROKERQ_* setting of the caller's leaks into a test."""
+    for name in list(os.environ):
+        if name.startswith("BROKERQ_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.fixture
+def sock_dir() -> Iterator[str]:
+    """A fresh, short, private directory (pytest's tmp_path is often too long)."""
+    path = tempfile.mkdtemp(prefix="bq", dir="/tmp")
+    try:
+        yield path
+    finally:
+        kill_brokers(path)
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def socket_path(sock_dir: str) -> str:
+    return os.path.join(sock_dir, "b.sock")
+
+
+def run_cli(
+    *args: str, input: bytes | None = None, env: dict[str, str] | None = None, timeout: float = 20
+) -> subprocess.CompletedProcess[bytes]:
+    """Run the installed ``brokerq`` command for real, bounded in time."""
+    return subprocess.run(
+        [str(BIN / "brokerq"), *args],
+        input=input,
+        capture_output=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        check=False,
+    )

@@ -1,0 +1,374 @@
+"""The trio broker over in-memory streams, with virtual time (autojump_clock).
+
+No sockets here: ``Broker.handle_stream`` serves any trio Stream, so each
+test connects clients through ``trio.testing.memory_stream_pair``.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from brokerq import protocol
+from brokerq.protocol import (
+    Error,
+    FrameReader,
+    Get,
+    GetMany,
+    GetManyReply,
+    GetReply,
+    Hello,
+    HelloReply,
+    Peek,
+    PeekReply,
+    Ping,
+    PingReply,
+    Put,
+    PutMany,
+    PutManyReply,
+    PutReply,
+    Stats,
+    StatsReply,
+    Stop,
+    StopReply,
+)
+from brokerq.server import Broker, BrokerConfig
+
+
+class Peer:
+    """A scripted client on one in-memory connection."""
+
+    def __init__(self, stream: trio.testing.StapledStream[Any, Any]) -> None:
+        self.stream = stream
+        self.reader = FrameReader(1 << 30)
+        self.next_id = 1
+
+    async def send(self, *frames: protocol.AnyRequest) -> None:
+        out = bytearray()
+        for frame in frames:
+            protocol.append_frame(out, frame)
+        await self.stream.send_all(out)
+
+    async def send_raw(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def receive(self) -> protocol.AnyReply:
+        while (payload := self.reader.next_frame()) is None:
+            data = await self.stream.receive_some()
+            if not data:
+                raise EOFError
+            self.reader.feed(data)
+        return protocol.decode_reply(payload)
+
+    async def at_eof(self) -> bool:
+        return await self.stream.receive_some() == b""
+
+    def rid(self) -> int:
+        self.next_id += 1
+        return self.next_id
+
+    async def call(self, kind: type[protocol.Request], **fields: Any) -> protocol.AnyReply:
+        await self.send(kind(id=self.rid(), **fields))  # type: ignore[arg-type]
+        return await self.receive()
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[Broker]:
+    b = Broker(BrokerConfig(socket_path="/nonexistent/b.sock", max_message_size=1000))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(b.serve, None)
+        yield b
+        b.request_stop("test over")
+
+
+async def connect(broker: Broker, greet: bool = True) -> Peer:
+    client_end, server_end = trio.testing.memory_stream_pair()
+    broker.start_connection(server_end)
+    peer = Peer(client_end)
+    if greet:
+        reply = await peer.call(Hello, version=protocol.PROTOCOL_VERSION)
+        assert isinstance(reply, HelloReply)
+    return peer
+
+
+async def test_hello_reports_limits(broker: Broker) -> None:
+    peer = await connect(broker, greet=False)
+    reply = await peer.call(Hello, version=1, client="t")
+    assert isinstance(reply, HelloReply)
+    assert reply.version == 1
+    assert reply.max_message_size == 1000
+    assert reply.max_frame_size == 1000 + protocol.FRAME_OVERHEAD
+    assert reply.server.startswith("brokerq ")
+
+
+async def test_put_then_get(broker: Broker) -> None:
+    peer = await connect(broker)
+    put = await peer.call(Put, queue="q", body=b"hello")
+    assert isinstance(put, PutReply)
+    got = await peer.call(Get, queue="q", timeout=0)
+    assert got == GetReply(id=peer.next_id, msg_id=put.msg_id, body=b"hello")
+
+
+async def test_pipelined_requests_are_answered_in_order(broker: Broker) -> None:
+    peer = await connect(broker)
+    await peer.send(*(Put(id=100 + i, queue="q", body=b"%d" % i) for i in range(200)))
+    await peer.send(*(Get(id=1000 + i, queue="q", timeout=0) for i in range(200)))
+    puts = [await peer.receive() for _ in range(200)]
+    gets = [await peer.receive() for _ in range(200)]
+    assert [r.id for r in puts] == [100 + i for i in range(200)]
+    assert [r.id for r in gets] == [1000 + i for i in range(200)]
+    assert [r.body for r in gets if isinstance(r, GetReply)] == [b"%d" % i for i in range(200)]
+
+
+async def test_get_times_out_with_empty(broker: Broker, autojump_clock: trio.abc.Clock) -> None:
+    peer = await connect(broker)
+    start = trio.current_time()
+    reply = await peer.call(Get, queue="q", timeout=5)
+    assert isinstance(reply, Error)
+    assert reply.code == "empty"
+    assert trio.current_time() - start == pytest.approx(5)
+    assert broker.core.queue_stats("q", 0)["waiters"] == 0
+
+
+async def test_get_timeout_zero_does_not_wait(broker: Broker) -> None:
+    peer = await connect(broker)
+    reply = await peer.call(Get, queue="q", timeout=0)
+    assert isinstance(reply, Error)
+    assert reply.code == "empty"
+
+
+async def test_blocking_get_is_woken_by_a_put(
+    broker: Broker, autojump_clock: trio.abc.Clock
+) -> None:
+    consumer = await connect(broker)
+    producer = await connect(broker)
+    await consumer.send(Get(id=7, queue="q", timeout=None))
+    await trio.testing.wait_all_tasks_blocked()
+    await trio.sleep(3600)
+    await producer.call(Put, queue="q", body=b"late")
+    reply = await consumer.receive()
+    assert isinstance(reply, GetReply)
+    assert (reply.id, reply.body) == (7, b"late")
+
+
+async def test_fair_handoff_longest_waiter_first(broker: Broker) -> None:
+    waiters = [await connect(broker) for _ in range(5)]
+    for i, peer in enumerate(waiters):
+        await peer.send(Get(id=i + 1, queue="q"))
+        await trio.testing.wait_all_tasks_blocked()
+    producer = await connect(broker)
+    for i in range(5):
+        await producer.call(Put, queue="q", body=b"m%d" % i)
+    for i, peer in enumerate(waiters):
+        reply = await peer.receive()
+        assert isinstance(reply, GetReply)
+        assert reply.body == b"m%d" % i
+
+
+async def test_waiter_that_disconnects_is_removed_and_loses_nothing(broker: Broker) -> None:
+    gone = await connect(broker)
+    await gone.send(Get(id=1, queue="q"))
+    await trio.testing.wait_all_tasks_blocked()
+    assert broker.core.queue_stats("q", 0)["waiters"] == 1
+    await gone.stream.aclose()
+    await trio.testing.wait_all_tasks_blocked()
+    assert broker.core.queue_stats("q", 0)["waiters"] == 0
+    other = await connect(broker)
+    await other.call(Put, queue="q", body=b"kept")
+    reply = await other.call(Get, queue="q", timeout=0)
+    assert isinstance(reply, GetReply)
+    assert reply.body == b"kept"
+
+
+async def test_reply_that_cannot_be_written_puts_the_message_back(broker: Broker) -> None:
+    deaf = await connect(broker)
+    await deaf.send(Get(id=1, queue="q"))
+    await trio.testing.wait_all_tasks_blocked()
+    # The client stops reading but its half of the connection still sends,
+    # so the broker only notices when it writes the reply.
+    await deaf.stream.receive_stream.aclose()
+    other = await connect(broker)
+    await other.call(Put, queue="q", body=b"first")
+    await other.call(Put, queue="q", body=b"second")
+    await trio.testing.wait_all_tasks_blocked()
+    got = [await other.call(Get, queue="q", timeout=0) for _ in range(2)]
+    assert [r.body for r in got if isinstance(r, GetReply)] == [b"first", b"second"]
+    assert broker.core.queue_stats("q", 0)["delivered_total"] == 2
+
+
+async def test_immediate_reply_that_cannot_be_written_puts_the_message_back(
+    broker: Broker,
+) -> None:
+    other = await connect(broker)
+    await other.call(Put, queue="q", body=b"m")
+    deaf = await connect(broker)
+    await deaf.stream.receive_stream.aclose()
+    await deaf.send(Get(id=1, queue="q", timeout=0))
+    await trio.testing.wait_all_tasks_blocked()
+    reply = await other.call(Peek, queue="q")
+    assert isinstance(reply, PeekReply)
+    assert reply.body == b"m"
+
+
+async def test_a_message_for_a_gone_waiter_goes_to_the_next(broker: Broker) -> None:
+    deaf = await connect(broker)
+    await deaf.send(Get(id=1, queue="q"))
+    await trio.testing.wait_all_tasks_blocked()
+    patient = await connect(broker)
+    await patient.send(Get(id=1, queue="q"))
+    await trio.testing.wait_all_tasks_blocked()
+    await deaf.stream.receive_stream.aclose()
+    producer = await connect(broker)
+    await producer.call(Put, queue="q", body=b"only")
+    reply = await patient.receive()
+    assert isinstance(reply, GetReply)
+    assert reply.body == b"only"
+
+
+async def test_get_many(broker: Broker, autojump_clock: trio.abc.Clock) -> None:
+    peer = await connect(broker)
+    reply = await peer.call(PutMany, queue="q", bodies=[b"a", b"b", b"c"])
+    assert isinstance(reply, PutManyReply)
+    assert len(reply.msg_ids) == 3
+    got = await peer.call(GetMany, queue="q", n=2, timeout=0)
+    assert isinstance(got, GetManyReply)
+    assert got.bodies == [b"a", b"b"]
+    got = await peer.call(GetMany, queue="q", n=5, timeout=0)
+    assert isinstance(got, GetManyReply)
+    assert got.bodies == [b"c"]
+    # Blocking: waits for the first, then takes what is ready.
+    consumer = await connect(broker)
+    await consumer.send(GetMany(id=9, queue="q", n=10, timeout=60))
+    await trio.testing.wait_all_tasks_blocked()
+    await peer.send(PutMany(id=50, queue="q", bodies=[b"x", b"y"]))
+    got = await consumer.receive()
+    assert isinstance(got, GetManyReply)
+    assert got.bodies == [b"x", b"y"]
+
+
+async def test_get_many_reply_fits_in_a_frame(broker: Broker) -> None:
+    peer = await connect(broker)
+    await peer.call(PutMany, queue="q", bodies=[b"x" * 400] * 5)
+    got = await peer.call(GetMany, queue="q", n=5, timeout=0)
+    assert isinstance(got, GetManyReply)
+    assert len(got.bodies) == 2  # 3 x 400 bytes would pass max_message_size 1000
+
+
+@pytest.mark.parametrize(
+    ("request_frame", "code"),
+    [
+        (Put(id=5, queue="q", body=b"x" * 1001), "too_large"),
+        (Put(id=5, queue="q:dead", body=b"x"), "invalid"),
+        (Put(id=5, queue="", body=b"x"), "invalid"),
+        (Get(id=5, queue="q", timeout=-1), "invalid"),
+        (Get(id=5, queue="q", timeout=math.nan), "invalid"),
+        (GetMany(id=5, queue="q", n=0), "invalid"),
+        (Peek(id=5, queue="q"), "empty"),
+        (Hello(id=5, version=1), "bad_request"),
+    ],
+)
+async def test_request_errors_keep_the_connection(
+    broker: Broker, request_frame: protocol.AnyRequest, code: str
+) -> None:
+    peer = await connect(broker)
+    await peer.send(request_frame)
+    reply = await peer.receive()
+    assert isinstance(reply, Error)
+    assert (reply.id, reply.code) == (5, code)
+    assert isinstance(await peer.call(Ping), PingReply)
+
+
+async def test_unknown_op_and_wrong_types_get_bad_request(broker: Broker) -> None:
+    import msgspec
+
+    peer = await connect(broker)
+    for obj in ({"op": "frobnicate", "id": 41}, {"op": "put", "id": 42, "queue": 1, "body": b""}):
+        payload = msgspec.msgpack.encode(obj)
+        await peer.send_raw(struct.pack(">I", len(payload)) + payload)
+        reply = await peer.receive()
+        assert isinstance(reply, Error)
+        assert (reply.id, reply.code) == (obj["id"], "bad_request")
+    assert isinstance(await peer.call(Ping), PingReply)
+
+
+async def test_garbage_closes_only_that_connection(broker: Broker) -> None:
+    bystander = await connect(broker)
+    await bystander.call(Put, queue="q", body=b"safe")
+    attacker = await connect(broker)
+    await attacker.send_raw(b"\x00\x00\x00\x03\xc1\xc1\xc1")
+    reply = await attacker.receive()
+    assert isinstance(reply, Error)
+    assert (reply.id, reply.code) == (0, "bad_frame")
+    assert await attacker.at_eof()
+    got = await bystander.call(Get, queue="q", timeout=0)
+    assert isinstance(got, GetReply)
+    assert got.body == b"safe"
+
+
+async def test_oversized_length_closes_the_connection(broker: Broker) -> None:
+    attacker = await connect(broker)
+    await attacker.send_raw(b"\xff\xff\xff\xff")
+    reply = await attacker.receive()
+    assert isinstance(reply, Error)
+    assert reply.code == "bad_frame"
+    assert await attacker.at_eof()
+
+
+async def test_handshake_frame_limit_before_hello(broker: Broker) -> None:
+    attacker = await connect(broker, greet=False)
+    await attacker.send_raw(struct.pack(">I", protocol.HANDSHAKE_FRAME_LIMIT + 1))
+    reply = await attacker.receive()
+    assert isinstance(reply, Error)
+    assert reply.code == "bad_frame"
+
+
+async def test_first_request_must_be_hello(broker: Broker) -> None:
+    peer = await connect(broker, greet=False)
+    reply = await peer.call(Put, queue="q", body=b"x")
+    assert isinstance(reply, Error)
+    assert reply.code == "bad_request"
+    assert await peer.at_eof()
+    assert broker.core.queue_names() == []
+
+
+async def test_version_mismatch_is_refused(broker: Broker) -> None:
+    peer = await connect(broker, greet=False)
+    reply = await peer.call(Hello, version=99)
+    assert isinstance(reply, Error)
+    assert reply.code == "version"
+    assert "99" in reply.message
+    assert await peer.at_eof()
+
+
+async def test_stats(broker: Broker) -> None:
+    peer = await connect(broker)
+    await peer.call(Put, queue="q", body=b"abc")
+    reply = await peer.call(Stats, queue="q")
+    assert isinstance(reply, StatsReply)
+    assert reply.stats["ready"] == 1
+    assert reply.stats["bytes"] == 3
+    reply = await peer.call(Stats)
+    assert isinstance(reply, StatsReply)
+    assert reply.stats["connections"] == 1
+    assert reply.stats["queues"] == 1
+
+
+async def test_stop_answers_then_wakes_waiters_with_shutting_down() -> None:
+    b = Broker(BrokerConfig(socket_path="/nonexistent/b.sock"))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(b.serve, None)
+        waiter = await connect(b)
+        await waiter.send(Get(id=3, queue="q"))
+        await trio.testing.wait_all_tasks_blocked()
+        stopper = await connect(b)
+        assert isinstance(await stopper.call(Stop), StopReply)
+        reply = await waiter.receive()
+        assert isinstance(reply, Error)
+        assert (reply.id, reply.code) == (3, "shutting_down")
+    # serve() returned: the broker is done.
