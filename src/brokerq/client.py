@@ -55,7 +55,7 @@ from .protocol import (
     StatsReply,
     Stop,
 )
-from .spawn import connect_or_spawn, resolve_socket_path
+from .spawn import broker_running, connect_or_spawn, resolve_socket_path
 
 Body = bytes | bytearray | memoryview | str
 R = TypeVar("R", bound=protocol.Reply)
@@ -246,15 +246,26 @@ class Client:
         return self.call(QueuesReply, Queues, 0).names
 
     def stop(self) -> bool:
-        """Ask the broker to exit; never spawns one. False if none was running."""
+        """Ask the broker to exit and wait until it has; never spawns one.
+
+        Returns False if no broker was running. Raises BrokerUnavailable if
+        the broker still holds its lock after the client's ``timeout``.
+        """
         try:
             conn = self.connection(spawn=False)
         except BrokerUnavailable:
             return False
+        deadline = time.monotonic() + self.timeout
         try:
             conn.request(protocol.StopReply, Stop, self.timeout)
         finally:
             conn.close()
+        while broker_running(self.socket_path):
+            if time.monotonic() > deadline:
+                raise BrokerUnavailable(
+                    f"the broker at {self.socket_path} did not exit within {self.timeout:g} s"
+                )
+            time.sleep(0.005)
         return True
 
 
