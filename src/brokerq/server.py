@@ -475,8 +475,11 @@ class _Connection:
                             peer_gone = True
                             nursery.cancel_scope.cancel()
                             return
-                        # Pipelined requests wait their turn in the reader.
+                        # Pipelined requests wait their turn in the reader;
+                        # past a frame's worth, stop reading (backpressure).
                         self.reader.feed(data)
+                        if self.reader.buffered > self.reader.max_frame_size:
+                            await trio.sleep_forever()
 
                 nursery.start_soon(watch_peer)
                 with trio.move_on_after(timeout):
