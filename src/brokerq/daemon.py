@@ -143,13 +143,13 @@ def run(
     fd = _hold_lock(path, lock_fd)
     if fd is None:
         holder = lock_holder_pid(path)
-        who = f"pid {holder}" if holder else "another process"
+        who = f"pid {holder}" if holder else "starting up"
         return _fail(f"another broker ({who}) already serves {path}")
     _setup_logging(path, daemon, log_level)
     log = logging.getLogger("brokerq.broker")
     try:
         listener = publish_socket(path)
-    except OSError as exc:
+    except (OSError, BrokerqError) as exc:
         log.error("cannot listen on %s: %s", path, exc)
         return _fail(f"cannot listen on {path}: {exc}")
     log.info("serving %s (pid %d)", path, os.getpid())

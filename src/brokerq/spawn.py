@@ -176,6 +176,20 @@ def try_lock(fd: int) -> bool:
     return True
 
 
+def take_spawn_lock(socket_path: str) -> int | None:
+    """The locked lock fd if no broker exists (the caller must spawn one), else None.
+
+    The pid in the file belongs to a broker that is gone: it is cleared, so
+    nobody reads it as the owner of the broker about to start.
+    """
+    fd = open_lock(socket_path)
+    if not try_lock(fd):
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    return fd
+
+
 def lock_holder_pid(socket_path: str) -> int | None:
     """The pid the lock holder wrote into the lock file (information only)."""
     try:
@@ -241,16 +255,16 @@ def connect_or_spawn(socket_path: str, deadline: float, *, spawn: bool = True) -
         if not spawn and not broker_running(socket_path):
             raise BrokerUnavailable(f"no broker is running at {socket_path}")
         if spawn:
-            fd = open_lock(socket_path)
-            try:
-                if try_lock(fd):
-                    # No broker exists, so whatever is at the path is stale.
-                    # Only now, holding the lock, may it be replaced.
+            fd = take_spawn_lock(socket_path)
+            if fd is not None:
+                # No broker exists, so whatever is at the path is stale.
+                # Only now, holding the lock, may it be replaced.
+                try:
                     spawn_broker(socket_path, fd, deadline)
-                    delay = 0.001
-                    continue
-            finally:
-                os.close(fd)
+                finally:
+                    os.close(fd)
+                delay = 0.001
+                continue
         remaining = deadline - time.monotonic()
         if remaining <= 0:
             what = "did not answer" if broker_running(socket_path) else "is not running"
@@ -351,13 +365,15 @@ def _wait_ready(fd: int, deadline: float, socket_path: str) -> int:
     return int(data[len(_READY_PREFIX) :])
 
 
-def _log_tail(socket_path: str, lines: int = 5) -> str:
+def _log_tail(socket_path: str) -> str:
+    """The last line of the broker's log, to end a one-line error message."""
+    path = log_path(socket_path)
     try:
-        text = Path(log_path(socket_path)).read_text(errors="replace")
+        text = Path(path).read_text(errors="replace")
     except OSError:
         return ""
-    tail = [line for line in text.splitlines() if line.strip()][-lines:]
-    return (f"; its log ({log_path(socket_path)}) ends:\n  " + "\n  ".join(tail)) if tail else ""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return f": {lines[-1]} (see {path})" if lines else f" (see {path})"
 
 
 # -- the broker's side: publishing the socket ------------------------------
@@ -372,26 +388,45 @@ def publish_socket(socket_path: str, backlog: int = 128) -> socket.socket:
     The socket file is created with mode 0600 (umask around ``bind``;
     ``fchmod`` does not reach a socket file on Linux).
     """
-    directory = os.path.dirname(socket_path)
-    temp = os.path.join(directory, f".bq-{os.getpid()}")
-    check_path_length(temp)
+    directory, name = os.path.split(socket_path)
+    temp_name = f".bq-{os.getpid()}"
+    dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         with contextlib.suppress(FileNotFoundError):
-            os.unlink(temp)
+            os.unlink(temp_name, dir_fd=dir_fd)
         old_umask = os.umask(0o177)
         try:
-            sock.bind(temp)
+            sock.bind(_bindable(directory, temp_name, dir_fd))
         finally:
             os.umask(old_umask)
         sock.listen(backlog)
-        os.rename(temp, socket_path)
+        os.rename(temp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         sock.close()
         with contextlib.suppress(OSError):
-            os.unlink(temp)
+            os.unlink(temp_name, dir_fd=dir_fd)
         raise
+    finally:
+        os.close(dir_fd)
     return sock
+
+
+def _bindable(directory: str, name: str, dir_fd: int) -> str:
+    """A path ``bind()`` accepts for ``directory/name``.
+
+    The temporary name can be longer than the socket's own (``.bq-<pid>``
+    beside ``s``); on Linux ``/proc/self/fd/<dir_fd>/name`` reaches the same
+    directory through a short path.
+    """
+    full = os.path.join(directory, name)
+    if len(os.fsencode(full)) <= MAX_SOCKET_PATH:
+        return full
+    via_proc = f"/proc/self/fd/{dir_fd}/{name}"
+    if os.path.isdir(f"/proc/self/fd/{dir_fd}"):
+        return via_proc
+    check_path_length(full)  # raises: no short way to name the directory here
+    return full
 
 
 def file_identity(path: str) -> tuple[int, int] | None:
