@@ -66,7 +66,7 @@ def test_message_too_large_is_refused_before_sending(
         with pytest.raises(brokerq.MessageTooLarge):
             q.put(b"x" * 101)
         with pytest.raises(brokerq.MessageTooLarge):
-            q.put_many([b"ok", b"x" * 101])
+            q.put_many([b"ok"] * 50 + [b"x" * 101])  # no chunk of it is sent
         q.put(b"x" * 100)
         assert q.stats()["ready"] == 1
 
@@ -220,6 +220,13 @@ def test_connect_timeout_when_the_broker_is_stopped(socket_path: str) -> None:
         with pytest.raises(brokerq.BrokerUnavailable):
             brokerq.connect(socket_path, timeout=0.5)
         assert time.monotonic() - start < 3
+    except BaseException:
+        os.kill(pid, signal.SIGCONT)
+        raise
+    client = brokerq.Client(socket_path, timeout=0.5)
+    try:
+        with pytest.raises(brokerq.BrokerUnavailable):
+            client.stop()  # a broker that holds its lock is not "not running"
     finally:
         os.kill(pid, signal.SIGCONT)
     # No second broker was started.

@@ -125,6 +125,16 @@ def test_wrong_shape_is_an_invalid_request_echoing_the_id(obj: object, expected_
     assert info.value.request_id == expected_id
 
 
+def test_invalid_utf8_is_a_remote_protocol_error() -> None:
+    # {"op": "put", "id": 1, "queue": <str 0xff>, "body": b""}: not UTF-8.
+    payload = msgspec.msgpack.encode({"op": "put", "id": 1, "queue": "Q", "body": b""})
+    payload = payload.replace(b"\xa1Q", b"\xa1\xff")
+    with pytest.raises(RemoteProtocolError):
+        protocol.decode_request(payload)
+    with pytest.raises(RemoteProtocolError):
+        protocol.decode_reply(payload)
+
+
 def test_absent_timeout_means_wait_for_ever() -> None:
     payload = msgspec.msgpack.encode({"op": "get", "id": 1, "queue": "q"})
     assert protocol.decode_request(payload) == Get(id=1, queue="q", timeout=None)

@@ -252,12 +252,36 @@ async def test_get_many(broker: Broker, autojump_clock: trio.abc.Clock) -> None:
     assert got.bodies == [b"x", b"y"]
 
 
-async def test_get_many_reply_fits_in_a_frame(broker: Broker) -> None:
+@pytest.mark.parametrize("size", [0, 1, 1000])
+async def test_get_many_reply_fits_in_a_frame(broker: Broker, size: int) -> None:
     peer = await connect(broker)
-    await peer.call(PutMany, queue="q", bodies=[b"x" * 400] * 5)
-    got = await peer.call(GetMany, queue="q", n=5, timeout=0)
+    count = 20_000 if size < 1000 else 200
+    batch = 1000 if size < 1000 else 50  # each put_many must fit in a frame too
+    for start in range(0, count, batch):
+        reply = await peer.call(
+            PutMany, queue="q", bodies=[b"x" * size] * min(batch, count - start)
+        )
+        assert isinstance(reply, PutManyReply)
+    got_total = 0
+    while got_total < count:
+        got = await peer.call(GetMany, queue="q", n=count, timeout=0)
+        assert isinstance(got, GetManyReply)
+        assert len(protocol.encode_frame(got)) - 4 <= broker.max_frame_size
+        got_total += len(got.bodies)
+    assert got_total == count
+
+
+async def test_get_many_refill_after_waiting_fits_in_a_frame(broker: Broker) -> None:
+    consumer = await connect(broker)
+    await consumer.send(GetMany(id=9, queue="q", n=1000, timeout=None))
+    await trio.testing.wait_all_tasks_blocked()
+    producer = await connect(broker)
+    for _ in range(4):
+        await producer.send(PutMany(id=1, queue="q", bodies=[b"y" * 1000] * 50))
+    got = await consumer.receive()
     assert isinstance(got, GetManyReply)
-    assert len(got.bodies) == 2  # 3 x 400 bytes would pass max_message_size 1000
+    assert len(protocol.encode_frame(got)) - 4 <= broker.max_frame_size
+    assert 1 < len(got.bodies) < 200
 
 
 @pytest.mark.parametrize(
@@ -357,6 +381,15 @@ async def test_stats(broker: Broker) -> None:
     assert isinstance(reply, StatsReply)
     assert reply.stats["connections"] == 1
     assert reply.stats["queues"] == 1
+    assert reply.stats["idle_exit_s"] == 300
+
+
+async def test_stats_of_a_broker_that_never_idles_out_is_plain_json() -> None:
+    import json
+
+    b = Broker(BrokerConfig(socket_path="/nonexistent/b.sock", idle_exit=math.inf))
+    assert b.stats()["idle_exit_s"] is None
+    json.dumps(b.stats(), allow_nan=False)
 
 
 async def test_stop_answers_then_wakes_waiters_with_shutting_down() -> None:

@@ -140,7 +140,7 @@ class Connection:
             self.close()
             raise RemoteProtocolError(f"reply id {reply.id} does not match request {request_id}")
         if isinstance(reply, Error):
-            if reply.code in ("bad_frame", "version", "permission"):
+            if reply.code in ("bad_frame", "version", "permission", "shutting_down"):
                 self.close()  # the broker closes these connections
             raise from_code(reply.code, reply.message)
         if not isinstance(reply, expect):
@@ -229,8 +229,9 @@ class Client:
 
     def ping(self) -> float:
         """Round-trip time to the broker, in seconds."""
+        conn = self.connection()  # connecting (or spawning) is not part of the trip
         start = time.perf_counter()
-        self.call(PingReply, Ping, 0)
+        conn.request(PingReply, Ping, self.timeout)
         return time.perf_counter() - start
 
     @property
@@ -254,6 +255,8 @@ class Client:
         try:
             conn = self.connection(spawn=False)
         except BrokerUnavailable:
+            if broker_running(self.socket_path):
+                raise  # it holds its lock but does not answer: say so
             return False
         deadline = time.monotonic() + self.timeout
         try:
@@ -308,20 +311,24 @@ class Queue:
             ids += self.client.call(PutManyReply, PutMany, 0, queue=self.name, bodies=chunk).msg_ids
         return ids
 
-    def _chunks(self, bodies: list[bytes]) -> Iterable[list[bytes]]:
+    def _chunks(self, bodies: list[bytes]) -> list[list[bytes]]:
+        """Split into frames that fit; every size is checked before any is sent."""
         limit = self.client.connection().max_message_size
-        chunk: list[bytes] = []
-        size = 0
         for body in bodies:
             if len(body) > limit:
                 raise MessageTooLarge(f"a body of {len(body)} bytes is over the limit of {limit}")
+        chunks: list[list[bytes]] = []
+        chunk: list[bytes] = []
+        size = 0
+        for body in bodies:
             if chunk and size + len(body) + 8 > limit:
-                yield chunk
+                chunks.append(chunk)
                 chunk, size = [], 0
             chunk.append(body)
             size += len(body) + 8
         if chunk:
-            yield chunk
+            chunks.append(chunk)
+        return chunks
 
     def get(self, timeout: float | None = None) -> bytes:
         """Remove and return the next body, waiting up to ``timeout`` seconds.

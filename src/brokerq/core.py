@@ -33,7 +33,7 @@ from collections.abc import Iterable
 from typing import Any
 
 from .errors import MessageTooLarge
-from .protocol import validate_queue_name
+from .protocol import MESSAGE_OVERHEAD, validate_queue_name
 
 
 class Message:
@@ -123,6 +123,7 @@ class BrokerCore:
     ) -> tuple[list[int], list[Waiter]]:
         """Enqueue several bodies in order; all or none (sizes checked first)."""
         bodies = list(bodies)
+        validate_queue_name(name, for_put=True)
         for body in bodies:
             if len(body) > self.max_message_size:
                 raise MessageTooLarge(
@@ -142,7 +143,8 @@ class BrokerCore:
     def get_nowait(self, name: str, n: int = 1, max_bytes: int | None = None) -> list[Message]:
         """Remove and return up to ``n`` ready messages (maybe none).
 
-        ``max_bytes`` bounds the bodies' total so a batch fits in one reply
+        ``max_bytes`` bounds the batch's encoded size (each body plus
+        :data:`~brokerq.protocol.MESSAGE_OVERHEAD`) so it fits in one reply
         frame; the first message is always taken.
         """
         validate_queue_name(name)
@@ -153,12 +155,12 @@ class BrokerCore:
         size = 0
         ready = q.ready
         while ready and len(taken) < n:
-            body_len = len(ready[0].body)
-            if taken and max_bytes is not None and size + body_len > max_bytes:
+            cost = len(ready[0].body) + MESSAGE_OVERHEAD
+            if taken and max_bytes is not None and size + cost > max_bytes:
                 break
             taken.append(ready.popleft())
-            size += body_len
-        q.bytes -= size
+            size += cost
+        q.bytes -= size - MESSAGE_OVERHEAD * len(taken)
         q.delivered_total += len(taken)
         return taken
 

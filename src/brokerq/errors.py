@@ -102,20 +102,18 @@ class InternalError(BrokerqError):
 
 
 BY_CODE: dict[str, type[BrokerqError]] = {
-    cls.code: cls
-    for cls in (
-        Empty,
-        Full,
-        MessageTooLarge,
-        InvalidRequest,
-        PermissionDenied,
-        LocalProtocolError,
-        RemoteProtocolError,
-        VersionMismatch,
-        LeaseLost,
-        ShuttingDown,
-        InternalError,
-    )
+    "empty": Empty,
+    "full": Full,
+    "too_large": MessageTooLarge,
+    "invalid": InvalidRequest,
+    "permission": PermissionDenied,
+    # Both mean the broker judged *our* bytes bad: a local protocol error.
+    "bad_request": LocalProtocolError,
+    "bad_frame": LocalProtocolError,
+    "version": VersionMismatch,
+    "lease_lost": LeaseLost,
+    "shutting_down": ShuttingDown,
+    "internal": InternalError,
 }
 
 

@@ -5,7 +5,8 @@ Theory of operation
 Every frame, in both directions, is a 4-byte unsigned big-endian length
 followed by that many bytes of one MessagePack map. Each map has an ``op``
 key naming its kind and an ``id`` key: a client picks the id of each request
-(positive, any order it likes) and the broker echoes it in the reply. The
+(any integer; positive by convention, since 0 marks errors that name no
+request) and the broker echoes it in the reply. The
 broker answers the requests of one connection strictly in the order they
 arrived, so a client may pipeline: send many requests, then read the replies.
 
@@ -40,6 +41,9 @@ HEADER_SIZE: Final = HEADER.size
 DEFAULT_MAX_MESSAGE_SIZE: Final = 16 * 1024 * 1024
 #: Room in a frame beyond the largest body: the map, the keys, the queue name.
 FRAME_OVERHEAD: Final = 64 * 1024
+#: What one message adds to a batch reply beyond its body: a bin header (up
+#: to 5 bytes) and its id (an int, up to 9), rounded up.
+MESSAGE_OVERHEAD: Final = 16
 #: The limit a client applies before the broker's ``hello`` reply tells it more.
 HANDSHAKE_FRAME_LIMIT: Final = 64 * 1024
 MAX_QUEUE_NAME_BYTES: Final = 255
@@ -223,7 +227,7 @@ def _peek_id(payload: bytes) -> int:
     """The ``id`` of a payload that failed validation, or 0 if unreadable."""
     try:
         obj = _loose_decoder.decode(payload)
-    except msgspec.DecodeError:
+    except (msgspec.DecodeError, UnicodeDecodeError):
         return 0
     if isinstance(obj, dict):
         value = obj.get("id")
@@ -244,7 +248,7 @@ def decode_request(payload: bytes) -> AnyRequest:
         return _request_decoder.decode(payload)
     except msgspec.ValidationError as exc:
         raise InvalidRequestFrame(str(exc), _peek_id(payload)) from exc
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise RemoteProtocolError(f"frame is not valid MessagePack: {exc}") from exc
 
 
@@ -252,7 +256,7 @@ def decode_reply(payload: bytes) -> AnyReply:
     """Decode one frame payload sent by a broker."""
     try:
         return _reply_decoder.decode(payload)
-    except (msgspec.ValidationError, msgspec.DecodeError) as exc:
+    except (msgspec.ValidationError, msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise RemoteProtocolError(f"broker sent an invalid reply: {exc}") from exc
 
 
@@ -328,6 +332,6 @@ def validate_queue_name(name: str, *, for_put: bool = False) -> None:
     if len(name.encode("utf-8", "surrogatepass")) > MAX_QUEUE_NAME_BYTES:
         raise InvalidRequest(f"queue name is over {MAX_QUEUE_NAME_BYTES} bytes")
     if not name.isprintable():
-        raise InvalidRequest(f"queue name {name!r} has a control character")
+        raise InvalidRequest(f"queue name {name!r} has a non-printable character")
     if for_put and ":" in name:
         raise InvalidRequest(f"queue name {name!r}: ':' is reserved to the broker")

@@ -268,7 +268,7 @@ class Broker:
             "uptime_s": now - self.started_at,
             "connections": self.connections,
             "max_message_size": self.config.max_message_size,
-            "idle_exit_s": self.config.idle_exit,
+            "idle_exit_s": None if math.isinf(self.config.idle_exit) else self.config.idle_exit,
             **self.core.totals(),
         }
 
@@ -454,8 +454,8 @@ class _Connection:
         raise AssertionError(f"unhandled request {request!r}")  # pragma: no cover
 
     def _batch_bytes(self) -> int:
-        """Bodies that fit in one reply frame (``get_many``)."""
-        return self.broker.config.max_message_size
+        """What a ``get_many`` batch may take of one reply frame (see core.get_nowait)."""
+        return self.broker.max_frame_size - 1024
 
     async def _wait_for_message(self, request: Get | GetMany) -> _Delivery | Error:
         """Park until a message is handed over, the deadline, or the peer leaves."""
@@ -498,7 +498,9 @@ class _Connection:
             return _empty(request.id, request.queue)
         messages = waiter.messages
         if isinstance(request, GetMany) and request.n > len(messages):
-            room = self._batch_bytes() - sum(len(m.body) for m in messages)
+            room = self._batch_bytes() - sum(
+                len(m.body) + protocol.MESSAGE_OVERHEAD for m in messages
+            )
             messages += self.core.get_nowait(request.queue, request.n - len(messages), room)
         return _Delivery(request.queue, messages, isinstance(request, GetMany), request.id)
 
