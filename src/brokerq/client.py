@@ -72,11 +72,6 @@ def _as_bytes(body: Body) -> bytes:
     raise TypeError(f"a message body is bytes or str, not {type(body).__name__}")
 
 
-def _check_timeout(timeout: float | None) -> None:
-    if timeout is not None and not timeout >= 0:
-        raise InvalidRequest(f"timeout must be a non-negative number or None, not {timeout!r}")
-
-
 class Connection:
     """One socket to the broker, greeted, used by one thread at a time."""
 
@@ -335,7 +330,7 @@ class Queue:
 
         ``None`` waits for ever; ``0`` does not wait. Raises Empty on timeout.
         """
-        _check_timeout(timeout)
+        protocol.validate_timeout(timeout)
         return self.client.call(GetReply, Get, timeout, queue=self.name, timeout=timeout).body
 
     def get_nowait(self) -> bytes:
@@ -344,7 +339,7 @@ class Queue:
     def get_many(self, n: int, timeout: float | None = None) -> list[bytes]:
         """Up to ``n`` bodies: waits (up to ``timeout``) for the first only,
         then returns every ready one up to ``n``. Raises Empty on timeout."""
-        _check_timeout(timeout)
+        protocol.validate_timeout(timeout)
         if n < 1:
             raise InvalidRequest(f"get_many needs n >= 1, not {n}")
         reply = self.client.call(

@@ -320,6 +320,12 @@ class FrameReader:
         return bytes(buffer[start + HEADER_SIZE : end])
 
 
+def validate_timeout(timeout: float | None) -> None:
+    """Raise InvalidRequest unless ``timeout`` is None or a number >= 0 (not NaN)."""
+    if timeout is not None and not timeout >= 0:
+        raise InvalidRequest(f"timeout must be a non-negative number or nil, not {timeout!r}")
+
+
 def validate_queue_name(name: str, *, for_put: bool = False) -> None:
     """Raise InvalidRequest unless ``name`` is a usable queue name.
 

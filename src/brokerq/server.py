@@ -415,13 +415,13 @@ class _Connection:
                     _wake(waiter)
                 return PutReply(id=rid, msg_id=msg_id)
             case Get(id=rid, queue=queue, timeout=timeout):
-                _check_timeout(timeout)
+                protocol.validate_timeout(timeout)
                 messages = core.get_nowait(queue)
                 if messages:
                     return _Delivery(queue, messages, many=False, request_id=rid)
                 return _BLOCK if timeout != 0 else _empty(rid, queue)
             case GetMany(id=rid, queue=queue, n=n, timeout=timeout):
-                _check_timeout(timeout)
+                protocol.validate_timeout(timeout)
                 if n < 1:
                     raise InvalidRequest(f"get_many needs n >= 1, not {n}")
                 messages = core.get_nowait(queue, n, self._batch_bytes())
@@ -551,8 +551,3 @@ class _Delivery:
 
 def _empty(request_id: int, queue: str) -> Error:
     return Error(id=request_id, code="empty", message=f"queue {queue!r} is empty")
-
-
-def _check_timeout(timeout: float | None) -> None:
-    if timeout is not None and not timeout >= 0:
-        raise InvalidRequest(f"timeout must be >= 0 or nil, not {timeout}")
