@@ -56,7 +56,7 @@ def test_put_hands_to_the_longest_waiter(core: BrokerCore) -> None:
 def test_waiter_that_gives_up_is_skipped(core: BrokerCore) -> None:
     first = core.wait("q")
     second = core.wait("q")
-    assert core.cancel_wait(first) == []
+    assert core.cancel_wait(first, now=0) == []
     _, woken = core.put("q", b"m", now=0)
     assert woken is second
     assert first.messages == []
@@ -66,7 +66,7 @@ def test_waiter_that_leaves_after_handoff_gives_the_message_to_the_next(core: Br
     first = core.wait("q")
     second = core.wait("q")
     core.put("q", b"m1", now=0)  # to first
-    assert core.cancel_wait(first) == [second]
+    assert core.cancel_wait(first, now=0) == [second]
     assert bodies(second.messages) == [b"m1"]
     assert core.queue_stats("q", now=0)["delivered_total"] == 1
 
@@ -77,7 +77,7 @@ def test_waiter_that_leaves_after_handoff_with_no_one_waiting_puts_back_at_head(
     waiter = core.wait("q")
     core.put("q", b"m1", now=0)
     core.put("q", b"m2", now=0)
-    assert core.cancel_wait(waiter) == []
+    assert core.cancel_wait(waiter, now=0) == []
     assert bodies(core.get_nowait("q", 5)) == [b"m1", b"m2"]
 
 
@@ -85,7 +85,7 @@ def test_undeliver_puts_back_at_head_in_order(core: BrokerCore) -> None:
     for body in (b"1", b"2", b"3", b"4"):
         core.put("q", body, now=0)
     taken = core.get_nowait("q", 2)
-    assert core.undeliver("q", taken) == []
+    assert core.undeliver(taken, now=0, leased=False) == []
     assert bodies(core.get_nowait("q", 10)) == [b"1", b"2", b"3", b"4"]
     stats = core.queue_stats("q", now=0)
     assert stats["delivered_total"] == 4
@@ -97,7 +97,7 @@ def test_undelivered_messages_go_to_waiters_first(core: BrokerCore) -> None:
     core.put("q", b"2", now=0)
     taken = core.get_nowait("q", 2)
     w1, w2, w3 = core.wait("q"), core.wait("q"), core.wait("q")
-    assert core.undeliver("q", taken) == [w1, w2]
+    assert core.undeliver(taken, now=0, leased=False) == [w1, w2]
     assert bodies(w1.messages) == [b"1"]
     assert bodies(w2.messages) == [b"2"]
     assert list(core._queues["q"].waiters) == [w3]
@@ -186,6 +186,8 @@ def test_stats(core: BrokerCore) -> None:
         "expired_total": 0,
         "dead_lettered_total": 0,
         "oldest_ready_age_s": 4.0,
+        "max_deliveries": 20,
+        "lease": 30.0,
     }
     core.get_nowait("q")
     assert core.queue_stats("q", now=15.0)["oldest_ready_age_s"] is None
@@ -205,6 +207,7 @@ def test_totals_and_holds_messages(core: BrokerCore) -> None:
     assert core.totals() == {
         "queues": 3,
         "ready": 2,
+        "reserved": 0,
         "waiters": 1,
         "bytes": 5,
         "put_total": 2,

@@ -724,10 +724,25 @@ def test_idle_broker_exits_and_respawns(
         assert broker_pids(sock_dir) == [client.broker_pid]
 
 
-def test_broker_holding_a_message_does_not_idle_exit(
+def test_broker_with_a_journal_idles_out_holding_messages(
     socket_path: str, sock_dir: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("BROKERQ_IDLE_EXIT", "1")
+    with brokerq.connect(socket_path) as client:
+        pid = client.broker_pid
+        client.queue("q").put(b"kept")
+    assert wait_exit(pid, timeout=10) == 0
+    assert not os.path.lexists(socket_path)
+    with brokerq.connect(socket_path) as client:
+        assert client.broker_pid != pid
+        assert client.queue("q").get(timeout=5) == b"kept"
+
+
+def test_broker_without_a_journal_holding_a_message_does_not_idle_exit(
+    socket_path: str, sock_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BROKERQ_IDLE_EXIT", "1")
+    monkeypatch.setenv("BROKERQ_JOURNAL", "0")
     with brokerq.connect(socket_path) as client:
         pid = client.broker_pid
         client.queue("q").put(b"kept")

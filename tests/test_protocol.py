@@ -49,6 +49,7 @@ def test_frame_is_big_endian_length_then_one_msgpack_map() -> None:
     data = protocol.encode_frame(Put(id=2, queue="q", body=b"hi"))
     (length,) = struct.unpack(">I", data[:4])
     assert length == len(data) - 4
+    # Fields left at their defaults (here "key") are not sent.
     assert msgspec.msgpack.decode(data[4:]) == {"op": "put", "id": 2, "queue": "q", "body": b"hi"}
 
 

@@ -1,68 +1,113 @@
-"""The broker's state as a plain object: queues, waiters, fair handoff.
+"""The broker's state as a plain object: queues, waiters, leases, timers.
 
 Theory of operation
 -------------------
-:class:`BrokerCore` knows nothing of trio, sockets or clocks. The I/O layer
-calls its methods and passes the current time in; every method changes the
-state completely before it returns, so there is never an ``await`` in the
-middle of a state change (the trio way: a synchronous ``_nowait`` core, and
-parking happens outside).
+:class:`BrokerCore` knows nothing of trio, sockets, files or clocks. The I/O
+layer calls its methods and passes the current wall-clock time in; every
+method changes the state completely before it returns, so there is never an
+``await`` in the middle of a state change.
 
-Each queue holds its ready messages in arrival order and its waiting
-dequeuers (:class:`Waiter`) in the order they began to wait. A queue never
-has both: a message that arrives while someone waits is handed straight to
-the longest waiter (``put`` returns that waiter so the I/O layer can wake
-it), and a dequeuer only waits when nothing is ready. That invariant is what
-makes the handoff fair: there is no window in which a newcomer's
-``get_nowait`` could overtake a waiter.
+**Write-ahead.** Every change is first described as a journal record
+(:mod:`brokerq.records`) and handed to the ``write`` callable the I/O layer
+gave the core; only if that returns does the state change. A write that
+fails (a full disk) therefore fails the request and changes nothing.
+:meth:`BrokerCore.apply` replays records at start.
 
-A waiter that gives up (timeout, disconnect, cancellation) is removed with
-:meth:`BrokerCore.cancel_wait`; if a message was already handed to it, the
-message goes back to the head of its queue, where the next waiter gets it.
-The same happens through :meth:`BrokerCore.undeliver` when a reply
-carrying messages could not be written: a ``get`` is at-most-once, but a
-message is never dropped because its reply failed to leave.
+**Order and fairness.** Each queue holds its ready messages in id order,
+which is their arrival order; a message that comes back (released, its
+lease expired, its reply not written) returns to its place by id, so order
+is kept. Dequeuers that wait (:class:`Waiter`) are kept in the order they
+began to wait. A queue never has both: a message that arrives while someone
+waits is handed straight to the longest waiter, and a dequeuer only waits
+when nothing is ready, so no newcomer can overtake a waiter.
 
-Every operation is O(1) per message (deque ends, an OrderedDict of waiters).
+**Leases.** ``reserve`` hands a message out under a lease: it stays the
+broker's until acked. A lease that runs out, a release, or the close of the
+connection that holds it (its ``owner``) puts the message back; after
+``max_deliveries`` deliveries without an ack it moves to ``<queue>:dead``.
+Every lease verb names the delivery attempt, so a late ack for an attempt
+whose lease already ran out is refused (:class:`~brokerq.errors.LeaseLost`).
+
+**Timers** (lease expiries, delayed messages) are data: one heap, entries
+checked lazily when they come due (:meth:`tick`); no task per message.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections import OrderedDict, deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
-from .errors import MessageTooLarge
+from .errors import InvalidRequest, LeaseLost, MessageTooLarge
 from .protocol import MESSAGE_OVERHEAD, validate_queue_name
+from .records import (
+    AnyRecord,
+    AttemptsRecord,
+    ConfigRecord,
+    DeleteRecord,
+    KeysRecord,
+    MoveRecord,
+    NextIdRecord,
+    PutRecord,
+    StateRecord,
+)
+
+DEAD_SUFFIX = ":dead"
+#: How many recent put keys are remembered to drop retried puts.
+KEY_WINDOW = 100_000
+#: Bytes counted per live message beyond its body, to size the journal.
+LIVE_OVERHEAD = 64
 
 
 class Message:
-    """One message: the id ``put`` returned, its body, and when it arrived."""
+    """One message: the id ``put`` returned, its queue, body, arrival, deliveries."""
 
-    __slots__ = ("body", "enqueued_at", "id")
+    __slots__ = ("attempts", "body", "enqueued_at", "id", "queue")
 
-    def __init__(self, msg_id: int, body: bytes, enqueued_at: float) -> None:
+    def __init__(
+        self, msg_id: int, queue: str, body: bytes, enqueued_at: float, attempts: int = 0
+    ) -> None:
         self.id = msg_id
+        self.queue = queue
         self.body = body
         self.enqueued_at = enqueued_at
+        self.attempts = attempts
 
     def __repr__(self) -> str:
-        return f"Message(id={self.id}, body={self.body[:32]!r})"
+        return f"Message(id={self.id}, queue={self.queue!r}, body={self.body[:32]!r})"
+
+
+class Lease:
+    """A reserved message: whose it is, which attempt, until when."""
+
+    __slots__ = ("attempt", "expires_at", "message", "owner")
+
+    def __init__(self, message: Message, owner: object, expires_at: float) -> None:
+        self.message = message
+        self.attempt = message.attempts
+        self.owner = owner
+        self.expires_at = expires_at
 
 
 class Waiter:
     """A dequeuer parked on a queue until a message is handed to it.
 
-    ``messages`` is filled by the core; ``token`` belongs to the I/O layer
-    (the trio broker keeps the event it waits on there).
+    ``lease`` is None for ``get`` and the lease length for ``reserve``.
+    ``messages`` is filled by the core; ``token`` belongs to the I/O layer.
     """
 
-    __slots__ = ("messages", "queue", "token")
+    __slots__ = ("lease", "messages", "owner", "queue", "token")
 
-    def __init__(self, queue: str, token: object = None) -> None:
+    def __init__(
+        self, queue: str, token: object = None, lease: float | None = None, owner: object = None
+    ) -> None:
         self.queue = queue
         self.messages: list[Message] = []
         self.token = token
+        self.lease = lease
+        self.owner = owner
 
     @property
     def served(self) -> bool:
@@ -70,73 +115,142 @@ class Waiter:
 
 
 class QueueState:
-    """One named queue: ready messages, waiters, counters."""
+    """One named queue: ready messages, waiters, buried ones, settings, counters."""
 
-    __slots__ = ("bytes", "delivered_total", "name", "put_total", "ready", "waiters")
+    __slots__ = (
+        "buried",
+        "bytes",
+        "dead_lettered_total",
+        "delayed",
+        "delivered_total",
+        "expired_total",
+        "lease",
+        "max_deliveries",
+        "name",
+        "put_total",
+        "ready",
+        "reserved",
+        "waiters",
+    )
 
     def __init__(self, name: str) -> None:
         self.name = name
         self.ready: deque[Message] = deque()
         # Insertion-ordered, O(1) removal from anywhere: the fairness structure.
         self.waiters: OrderedDict[Waiter, None] = OrderedDict()
-        self.bytes = 0
+        self.buried: dict[int, Message] = {}
+        self.reserved = 0
+        self.delayed = 0
+        self.bytes = 0  # body bytes held, in every state
+        self.max_deliveries: int | None = None
+        self.lease: float | None = None
         self.put_total = 0
         self.delivered_total = 0
+        self.expired_total = 0
+        self.dead_lettered_total = 0
 
 
 class BrokerCore:
     """All queues of one broker, driven by method calls (see module doc)."""
 
-    def __init__(self, *, max_message_size: int) -> None:
+    def __init__(
+        self,
+        *,
+        max_message_size: int,
+        max_deliveries: int = 20,
+        default_lease: float = 30.0,
+        write: Callable[[AnyRecord], None] | None = None,
+    ) -> None:
         self.max_message_size = max_message_size
+        self.max_deliveries = max_deliveries
+        self.default_lease = default_lease
+        self.write = write
+        self.live_bytes = 0
         self._queues: dict[str, QueueState] = {}
         self._next_id = 1
+        self._keys: OrderedDict[bytes, int] = OrderedDict()
+        self._leases: dict[int, Lease] = {}
+        self._owned: dict[object, set[int]] = {}
+        self._delayed: dict[int, tuple[Message, float]] = {}
+        self._timers: list[tuple[float, int, Lease | Message]] = []
+        self._timer_seq = itertools.count()
+        self._replayed: dict[int, tuple[Message, str, float]] | None = None
+
+    def _write(self, record: AnyRecord) -> None:
+        if self.write is not None:
+            self.write(record)
 
     # -- enqueue ---------------------------------------------------------
 
-    def put(self, name: str, body: bytes, now: float) -> tuple[int, Waiter | None]:
-        """Enqueue ``body``; return its id and the waiter it went to, if any."""
-        if len(body) > self.max_message_size:
-            raise MessageTooLarge(
-                f"body of {len(body)} bytes is over max_message_size {self.max_message_size}"
-            )
-        q = self._queues.get(name)
-        if q is None:
-            validate_queue_name(name, for_put=True)
-            q = self._queues[name] = QueueState(name)
-        elif ":" in name:
-            validate_queue_name(name, for_put=True)
-        msg = Message(self._next_id, body, now)
-        self._next_id += 1
-        q.put_total += 1
-        if q.waiters:
-            waiter, _ = q.waiters.popitem(last=False)
-            waiter.messages.append(msg)
-            q.delivered_total += 1
-            return msg.id, waiter
-        q.ready.append(msg)
-        q.bytes += len(body)
-        return msg.id, None
+    def put(
+        self, name: str, body: bytes, now: float, key: bytes | None = None
+    ) -> tuple[int, Waiter | None]:
+        """Enqueue ``body``; return its id and the waiter it went to, if any.
+
+        A ``key`` seen recently (a retried put) returns the first put's id
+        and enqueues nothing.
+        """
+        ids, woken = self.put_many(name, [body], now, None if key is None else [key])
+        return ids[0], woken[0] if woken else None
 
     def put_many(
-        self, name: str, bodies: Iterable[bytes], now: float
+        self, name: str, bodies: Iterable[bytes], now: float, keys: list[bytes] | None = None
     ) -> tuple[list[int], list[Waiter]]:
-        """Enqueue several bodies in order; all or none (sizes checked first)."""
+        """Enqueue several bodies in order, all or none; return ids and woken waiters."""
         bodies = list(bodies)
         validate_queue_name(name, for_put=True)
+        if keys is not None and len(keys) != len(bodies):
+            raise InvalidRequest(f"{len(keys)} keys for {len(bodies)} bodies")
         for body in bodies:
             if len(body) > self.max_message_size:
                 raise MessageTooLarge(
                     f"a body of {len(body)} bytes is over max_message_size {self.max_message_size}"
                 )
         ids: list[int] = []
+        new: list[tuple[int, bytes, bytes | None]] = []
+        next_id = self._next_id
+        for i, body in enumerate(bodies):
+            key = None if keys is None else keys[i]
+            seen = None if key is None else self._keys.get(key)
+            if seen is not None:
+                ids.append(seen)
+                continue
+            ids.append(next_id)
+            new.append((next_id, body, key))
+            next_id += 1
+        if not new:
+            return ids, []
+        self._write(
+            PutRecord(
+                queue=name,
+                ids=[n[0] for n in new],
+                bodies=[n[1] for n in new],
+                at=now,
+                keys=None if keys is None else [n[2] or b"" for n in new],
+            )
+        )
+        self._next_id = next_id
+        q = self._queue(name)
         woken: list[Waiter] = []
-        for body in bodies:
-            msg_id, waiter = self.put(name, body, now)
-            ids.append(msg_id)
-            if waiter is not None:
+        for msg_id, body, key in new:
+            if key is not None:
+                self._remember_key(key, msg_id)
+            msg = Message(msg_id, name, body, now)
+            q.put_total += 1
+            q.bytes += len(body)
+            self.live_bytes += len(body) + LIVE_OVERHEAD
+            if q.waiters:
+                waiter, _ = q.waiters.popitem(last=False)
+                self._deliver(q, msg, waiter, now)
                 woken.append(waiter)
+            else:
+                q.ready.append(msg)
         return ids, woken
+
+    def _remember_key(self, key: bytes, msg_id: int) -> None:
+        self._keys[key] = msg_id
+        if len(self._keys) > KEY_WINDOW:
+            self._keys.popitem(last=False)
 
     # -- dequeue ---------------------------------------------------------
 
@@ -151,29 +265,53 @@ class BrokerCore:
         q = self._queues.get(name)
         if q is None or not q.ready:
             return []
-        taken: list[Message] = []
+        count = 0
         size = 0
         ready = q.ready
-        while ready and len(taken) < n:
-            cost = len(ready[0].body) + MESSAGE_OVERHEAD
-            if taken and max_bytes is not None and size + cost > max_bytes:
+        for msg in itertools.islice(ready, n):
+            cost = len(msg.body) + MESSAGE_OVERHEAD
+            if count and max_bytes is not None and size + cost > max_bytes:
                 break
-            taken.append(ready.popleft())
+            count += 1
             size += cost
-        q.bytes -= size - MESSAGE_OVERHEAD * len(taken)
-        q.delivered_total += len(taken)
+        taken = list(itertools.islice(ready, count))
+        self._write(DeleteRecord(ids=[m.id for m in taken]))
+        for _ in range(count):
+            ready.popleft()
+        for msg in taken:
+            self._forget(q, msg)
+        q.delivered_total += count
         return taken
 
-    def wait(self, name: str, token: object = None) -> Waiter:
-        """Park a dequeuer at the back of the line. Call only when nothing is ready."""
+    def reserve_nowait(
+        self, name: str, now: float, lease: float | None = None, owner: object = None
+    ) -> Message | None:
+        """Lease the head message of ``name`` to ``owner``, or None if none is ready."""
+        validate_queue_name(name)
+        q = self._queues.get(name)
+        if q is None or not q.ready:
+            return None
+        msg = q.ready[0]
+        self._lease(q, msg, now, lease, owner)
+        q.ready.popleft()
+        q.delivered_total += 1
+        return msg
+
+    def wait(
+        self, name: str, token: object = None, lease: float | None = None, owner: object = None
+    ) -> Waiter:
+        """Park a dequeuer at the back of the line. Call only when nothing is ready.
+
+        ``lease`` not None makes it a reserve: what it is handed comes leased.
+        """
         validate_queue_name(name)
         q = self._queue(name)
         assert not q.ready, "wait() while messages are ready would break fair handoff"
-        waiter = Waiter(name, token)
+        waiter = Waiter(name, token, lease, owner)
         q.waiters[waiter] = None
         return waiter
 
-    def cancel_wait(self, waiter: Waiter) -> list[Waiter]:
+    def cancel_wait(self, waiter: Waiter, now: float) -> list[Waiter]:
         """Withdraw a waiter; messages already handed to it go back to the head.
 
         Returns the waiters those messages went to instead (to be woken).
@@ -183,32 +321,246 @@ class BrokerCore:
             return []
         q.waiters.pop(waiter, None)
         messages, waiter.messages = waiter.messages, []
-        return self.undeliver(waiter.queue, messages) if messages else []
+        return self.undeliver(messages, now, leased=waiter.lease is not None)
 
-    def undeliver(self, name: str, messages: list[Message]) -> list[Waiter]:
-        """Put delivered-but-unsent messages back at the head of ``name``.
+    def undeliver(self, messages: list[Message], now: float, *, leased: bool) -> list[Waiter]:
+        """Take back messages whose reply was never written; they return to
+        their place at the head of their queue (a reserve's lease is dropped
+        and the attempt not counted). Returns the waiters they went to."""
+        woken: list[Waiter] = []
+        for msg in messages:
+            q = self._queue(msg.queue)
+            q.delivered_total -= 1
+            if leased:
+                lease = self._leases.get(msg.id)
+                if lease is None:
+                    continue  # already expired or released: already back
+                self._write(AttemptsRecord(id=msg.id, attempts=msg.attempts - 1))
+                msg.attempts -= 1
+                self._drop_lease(q, lease)
+            else:
+                self._write(
+                    PutRecord(queue=msg.queue, ids=[msg.id], bodies=[msg.body], at=msg.enqueued_at)
+                )
+                q.bytes += len(msg.body)
+                self.live_bytes += len(msg.body) + LIVE_OVERHEAD
+            woken += self._make_ready(q, msg, now)
+        return woken
 
-        Used when a reply carrying them could not be written, or a waiter
-        left after they were handed to it. Order is kept, and waiters get
-        them first (longest waiter first); returns the waiters served.
-        """
-        q = self._queue(name)
-        q.delivered_total -= len(messages)
-        for msg in reversed(messages):
-            q.ready.appendleft(msg)
-            q.bytes += len(msg.body)
-        return self._hand_to_waiters(q)
+    def _deliver(self, q: QueueState, msg: Message, waiter: Waiter, now: float) -> None:
+        """Hand ``msg`` (already off the ready list) to ``waiter``."""
+        if waiter.lease is not None:
+            self._lease(q, msg, now, waiter.lease, waiter.owner)
+        else:
+            self._write(DeleteRecord(ids=[msg.id]))
+            self._forget(q, msg)
+        q.delivered_total += 1
+        waiter.messages.append(msg)
 
-    def _hand_to_waiters(self, q: QueueState) -> list[Waiter]:
+    def _hand_to_waiters(self, q: QueueState, now: float) -> list[Waiter]:
         served: list[Waiter] = []
         while q.ready and q.waiters:
-            waiter, _ = q.waiters.popitem(last=False)
-            msg = q.ready.popleft()
-            q.bytes -= len(msg.body)
-            q.delivered_total += 1
-            waiter.messages.append(msg)
+            waiter = next(iter(q.waiters))
+            self._deliver(q, q.ready[0], waiter, now)  # may raise: nothing moved yet
+            q.ready.popleft()
+            del q.waiters[waiter]
             served.append(waiter)
         return served
+
+    def _make_ready(self, q: QueueState, msg: Message, now: float) -> list[Waiter]:
+        """Put ``msg`` back among the ready ones, at its place by id."""
+        ready = q.ready
+        if not ready or msg.id > ready[-1].id:
+            ready.append(msg)
+        else:
+            i = 0
+            while ready[i].id < msg.id:
+                i += 1
+            ready.insert(i, msg)
+        return self._hand_to_waiters(q, now)
+
+    def _forget(self, q: QueueState, msg: Message) -> None:
+        q.bytes -= len(msg.body)
+        self.live_bytes -= len(msg.body) + LIVE_OVERHEAD
+
+    # -- leases ----------------------------------------------------------------
+
+    def _lease(
+        self, q: QueueState, msg: Message, now: float, lease: float | None, owner: object
+    ) -> None:
+        length = lease if lease is not None else (q.lease or self.default_lease)
+        self._write(AttemptsRecord(id=msg.id, attempts=msg.attempts + 1))
+        msg.attempts += 1
+        held = Lease(msg, owner, now + length)
+        self._leases[msg.id] = held
+        self._owned.setdefault(owner, set()).add(msg.id)
+        q.reserved += 1
+        self._add_timer(held.expires_at, held)
+
+    def lease_of(self, msg_id: int) -> Lease | None:
+        return self._leases.get(msg_id)
+
+    def _lease_for(self, msg_id: int, attempt: int) -> Lease:
+        lease = self._leases.get(msg_id)
+        if lease is None or lease.attempt != attempt:
+            raise LeaseLost(
+                f"message {msg_id} attempt {attempt} is not leased (its lease ran out, "
+                "or it was acked, released or buried)"
+            )
+        return lease
+
+    def _drop_lease(self, q: QueueState, lease: Lease) -> None:
+        del self._leases[lease.message.id]
+        owned = self._owned.get(lease.owner)
+        if owned is not None:
+            owned.discard(lease.message.id)
+            if not owned:
+                del self._owned[lease.owner]
+        q.reserved -= 1
+
+    def ack(self, msg_id: int, attempt: int) -> None:
+        """The message was handled: it is gone for good."""
+        lease = self._lease_for(msg_id, attempt)
+        q = self._queue(lease.message.queue)
+        self._write(DeleteRecord(ids=[msg_id]))
+        self._drop_lease(q, lease)
+        self._forget(q, lease.message)
+
+    def release(self, msg_id: int, attempt: int, now: float, delay: float = 0) -> list[Waiter]:
+        """Give the message back: to its place at the head, or after ``delay`` seconds."""
+        if not delay >= 0:
+            raise InvalidRequest(f"delay must be >= 0, not {delay}")
+        lease = self._lease_for(msg_id, attempt)
+        return self._end_lease(lease, now, delay)
+
+    def bury(self, msg_id: int, attempt: int) -> None:
+        """Set the message aside (kept, not delivered) until kicked."""
+        lease = self._lease_for(msg_id, attempt)
+        msg = lease.message
+        q = self._queue(msg.queue)
+        self._write(StateRecord(id=msg_id, state="buried"))
+        self._drop_lease(q, lease)
+        q.buried[msg_id] = msg
+
+    def touch(self, msg_id: int, attempt: int, now: float, lease: float | None = None) -> float:
+        """Extend a lease (by its own length, or ``lease`` seconds); returns the new expiry."""
+        held = self._lease_for(msg_id, attempt)
+        q = self._queue(held.message.queue)
+        held.expires_at = now + (lease if lease is not None else (q.lease or self.default_lease))
+        self._add_timer(held.expires_at, held)
+        return held.expires_at
+
+    def release_owned(self, owner: object, now: float) -> list[Waiter]:
+        """Everything ``owner`` (a closed connection) held goes back."""
+        woken: list[Waiter] = []
+        for msg_id in sorted(self._owned.get(owner, ())):
+            woken += self._end_lease(self._leases[msg_id], now, 0)
+        return woken
+
+    def _end_lease(self, lease: Lease, now: float, delay: float) -> list[Waiter]:
+        """A delivery that ended without an ack: retry, delay, or dead-letter."""
+        msg = lease.message
+        q = self._queue(msg.queue)
+        limit = q.max_deliveries or self.max_deliveries
+        if not q.name.endswith(DEAD_SUFFIX) and msg.attempts >= limit:
+            dead = self._queue(q.name + DEAD_SUFFIX)
+            self._write(MoveRecord(id=msg.id, queue=dead.name, attempts=msg.attempts))
+            self._drop_lease(q, lease)
+            q.bytes -= len(msg.body)
+            q.dead_lettered_total += 1
+            msg.queue = dead.name
+            dead.bytes += len(msg.body)
+            return self._make_ready(dead, msg, now)
+        if delay > 0:
+            self._write(StateRecord(id=msg.id, state="delayed", until=now + delay))
+            self._drop_lease(q, lease)
+            self._delay(q, msg, now + delay)
+            return []
+        self._write(StateRecord(id=msg.id, state="ready"))
+        self._drop_lease(q, lease)
+        return self._make_ready(q, msg, now)
+
+    def _delay(self, q: QueueState, msg: Message, until: float) -> None:
+        self._delayed[msg.id] = (msg, until)
+        q.delayed += 1
+        self._add_timer(until, msg)
+
+    def kick(self, name: str, n: int, now: float) -> tuple[int, list[Waiter]]:
+        """Return up to ``n`` buried messages to ready; on ``<q>:dead``, move
+        messages back to ``<q>`` with their delivery count reset."""
+        validate_queue_name(name)
+        if n < 1:
+            raise InvalidRequest(f"kick needs n >= 1, not {n}")
+        q = self._queues.get(name)
+        if q is None:
+            return 0, []
+        woken: list[Waiter] = []
+        kicked = 0
+        if name.endswith(DEAD_SUFFIX):
+            target = self._queue(name[: -len(DEAD_SUFFIX)])
+            while kicked < n and (q.buried or q.ready):
+                msg = q.buried.pop(next(iter(q.buried))) if q.buried else q.ready.popleft()
+                self._write(MoveRecord(id=msg.id, queue=target.name, attempts=0))
+                q.bytes -= len(msg.body)
+                msg.queue, msg.attempts = target.name, 0
+                target.bytes += len(msg.body)
+                woken += self._make_ready(target, msg, now)
+                kicked += 1
+            return kicked, woken
+        while kicked < n and q.buried:
+            msg_id = next(iter(q.buried))
+            self._write(StateRecord(id=msg_id, state="ready"))
+            woken += self._make_ready(q, q.buried.pop(msg_id), now)
+            kicked += 1
+        return kicked, woken
+
+    def configure(
+        self, name: str, *, max_deliveries: int | None = None, lease: float | None = None
+    ) -> dict[str, Any]:
+        """Set a queue's own settings (None keeps the broker's default)."""
+        validate_queue_name(name)
+        if max_deliveries is not None and max_deliveries < 1:
+            raise InvalidRequest(f"max_deliveries must be >= 1, not {max_deliveries}")
+        if lease is not None and not lease > 0:
+            raise InvalidRequest(f"lease must be > 0, not {lease}")
+        self._write(ConfigRecord(queue=name, max_deliveries=max_deliveries, lease=lease))
+        q = self._queue(name)
+        q.max_deliveries, q.lease = max_deliveries, lease
+        return self.queue_config(name)
+
+    def queue_config(self, name: str) -> dict[str, Any]:
+        q = self._queues.get(name) or QueueState(name)
+        return {
+            "max_deliveries": q.max_deliveries or self.max_deliveries,
+            "lease": q.lease or self.default_lease,
+        }
+
+    # -- timers ----------------------------------------------------------------
+
+    def _add_timer(self, when: float, item: Lease | Message) -> None:
+        heapq.heappush(self._timers, (when, next(self._timer_seq), item))
+
+    def next_deadline(self) -> float | None:
+        """When :meth:`tick` next has work (maybe a stale entry: then it just pops it)."""
+        return self._timers[0][0] if self._timers else None
+
+    def tick(self, now: float) -> list[Waiter]:
+        """Expire leases and release delayed messages that are due."""
+        woken: list[Waiter] = []
+        timers = self._timers
+        while timers and timers[0][0] <= now:
+            when, _, item = heapq.heappop(timers)
+            if isinstance(item, Lease):
+                if self._leases.get(item.message.id) is item and item.expires_at == when:
+                    woken += self._end_lease(item, now, 0)
+            else:
+                entry = self._delayed.get(item.id)
+                if entry is not None and entry[1] == when:
+                    del self._delayed[item.id]
+                    q = self._queue(item.queue)
+                    q.delayed -= 1
+                    woken += self._make_ready(q, item, now)
+        return woken
 
     # -- inspection ------------------------------------------------------
 
@@ -223,11 +575,13 @@ class BrokerCore:
         """Drop every ready message of ``name``; return how many."""
         validate_queue_name(name)
         q = self._queues.get(name)
-        if q is None:
+        if q is None or not q.ready:
             return 0
+        self._write(DeleteRecord(ids=[m.id for m in q.ready]))
+        for msg in q.ready:
+            self._forget(q, msg)
         count = len(q.ready)
         q.ready.clear()
-        q.bytes = 0
         return count
 
     def queue_names(self) -> list[str]:
@@ -237,21 +591,22 @@ class BrokerCore:
         """The stats of one queue (all zero for a queue never used)."""
         validate_queue_name(name)
         q = self._queues.get(name) or QueueState(name)
-        oldest = q.ready[0].enqueued_at if q.ready else None
+        oldest = min((m.enqueued_at for m in itertools.islice(q.ready, 64)), default=None)
         return {
             "name": name,
             "ready": len(q.ready),
-            "delayed": 0,
-            "reserved": 0,
-            "buried": 0,
+            "delayed": q.delayed,
+            "reserved": q.reserved,
+            "buried": len(q.buried),
             "waiters": len(q.waiters),
             "putters": 0,
             "bytes": q.bytes,
             "put_total": q.put_total,
             "delivered_total": q.delivered_total,
-            "expired_total": 0,
-            "dead_lettered_total": 0,
+            "expired_total": q.expired_total,
+            "dead_lettered_total": q.dead_lettered_total,
             "oldest_ready_age_s": None if oldest is None else max(0.0, now - oldest),
+            **self.queue_config(name),
         }
 
     def totals(self) -> dict[str, int]:
@@ -260,6 +615,7 @@ class BrokerCore:
         return {
             "queues": len(self._queues),
             "ready": sum(len(q.ready) for q in queues),
+            "reserved": len(self._leases),
             "waiters": sum(len(q.waiters) for q in queues),
             "bytes": sum(q.bytes for q in queues),
             "put_total": sum(q.put_total for q in queues),
@@ -271,11 +627,99 @@ class BrokerCore:
         return [w for q in self._queues.values() for w in q.waiters]
 
     def holds_messages(self) -> bool:
-        """True while any message lives only in this process's memory."""
-        return any(q.ready for q in self._queues.values())
+        """True while any message is held, in any state."""
+        return self.live_bytes > 0
 
     def _queue(self, name: str) -> QueueState:
         q = self._queues.get(name)
         if q is None:
             q = self._queues[name] = QueueState(name)
         return q
+
+    # -- recovery ----------------------------------------------------------------
+
+    def apply(self, record: AnyRecord) -> None:
+        """Replay one journal record (before serving; see :meth:`finish_replay`)."""
+        if self._replayed is None:
+            self._replayed = {}
+        live = self._replayed
+        match record:
+            case PutRecord(queue=queue, ids=ids, bodies=bodies, at=at, keys=keys):
+                for i, (msg_id, body) in enumerate(zip(ids, bodies, strict=True)):
+                    live[msg_id] = (Message(msg_id, queue, body, at, record.attempts), "ready", 0)
+                    if keys and keys[i]:
+                        self._remember_key(keys[i], msg_id)
+                    self._next_id = max(self._next_id, msg_id + 1)
+            case DeleteRecord(ids=ids):
+                for msg_id in ids:
+                    live.pop(msg_id, None)
+            case AttemptsRecord(id=msg_id, attempts=attempts) if msg_id in live:
+                live[msg_id][0].attempts = attempts
+            case StateRecord(id=msg_id, state=state, until=until) if msg_id in live:
+                live[msg_id] = (live[msg_id][0], state, until)
+            case MoveRecord(id=msg_id, queue=queue, attempts=attempts) if msg_id in live:
+                msg = live[msg_id][0]
+                msg.queue, msg.attempts = queue, attempts
+                live[msg_id] = (msg, "ready", 0)
+            case ConfigRecord(queue=queue, max_deliveries=max_deliveries, lease=lease):
+                q = self._queue(queue)
+                q.max_deliveries, q.lease = max_deliveries, lease
+            case KeysRecord(keys=keys, ids=ids):
+                for key, msg_id in zip(keys, ids, strict=True):
+                    self._remember_key(key, msg_id)
+            case NextIdRecord(next_id=next_id):
+                self._next_id = max(self._next_id, next_id)
+
+    def finish_replay(self, now: float) -> int:
+        """Build the queues from the replayed records; returns how many messages came back.
+
+        Messages that were reserved when the broker stopped are ready again
+        (their leases died with it), with their delivery counts.
+        """
+        live, self._replayed = self._replayed or {}, None
+        for msg_id in sorted(live):
+            msg, state, until = live[msg_id]
+            q = self._queue(msg.queue)
+            q.bytes += len(msg.body)
+            self.live_bytes += len(msg.body) + LIVE_OVERHEAD
+            if state == "buried":
+                q.buried[msg_id] = msg
+            elif state == "delayed" and until > now:
+                self._delay(q, msg, until)
+            else:
+                q.ready.append(msg)
+        return len(live)
+
+    def snapshot(self) -> list[AnyRecord]:
+        """Records that rebuild the current state (for compaction)."""
+        records: list[AnyRecord] = [NextIdRecord(next_id=self._next_id)]
+        leased: dict[str, list[Message]] = {}
+        for lease in self._leases.values():
+            leased.setdefault(lease.message.queue, []).append(lease.message)
+        delayed: dict[str, list[Message]] = {}
+        for msg, _ in self._delayed.values():
+            delayed.setdefault(msg.queue, []).append(msg)
+        for q in self._queues.values():
+            if q.max_deliveries is not None or q.lease is not None:
+                records.append(
+                    ConfigRecord(queue=q.name, max_deliveries=q.max_deliveries, lease=q.lease)
+                )
+            held = [*q.ready, *q.buried.values(), *leased.get(q.name, ()), *delayed.get(q.name, ())]
+            for msg in held:
+                records.append(
+                    PutRecord(
+                        queue=q.name,
+                        ids=[msg.id],
+                        bodies=[msg.body],
+                        at=msg.enqueued_at,
+                        attempts=msg.attempts,
+                    )
+                )
+            records += [StateRecord(id=msg_id, state="buried") for msg_id in q.buried]
+        records += [
+            StateRecord(id=msg.id, state="delayed", until=until)
+            for msg, until in self._delayed.values()
+        ]
+        if self._keys:
+            records.append(KeysRecord(keys=list(self._keys), ids=list(self._keys.values())))
+        return records

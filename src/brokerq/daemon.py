@@ -19,13 +19,16 @@ import contextlib
 import logging
 import os
 import sys
+import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 import click
 
 from . import protocol
+from .core import BrokerCore
 from .errors import BrokerqError
+from .journal import Journal, journal_path
 from .spawn import (
     check_socket_path,
     lock_holder_pid,
@@ -50,8 +53,8 @@ def broker_options(f: F) -> F:
             "--data-dir",
             type=click.Path(file_okay=False),
             envvar="BROKERQ_DATA_DIR",
-            help="Directory for the journal, to survive reboots "
-            "(default: beside the socket). Reserved: the journal is not written yet.",
+            help="Directory for the journal, on a disk to survive reboots "
+            "(default: beside the socket, which survives broker crashes and idle exits).",
         ),
         click.option(
             "--fsync",
@@ -59,7 +62,43 @@ def broker_options(f: F) -> F:
             default="batch",
             show_default=True,
             envvar="BROKERQ_FSYNC",
-            help="When the journal is fsynced. Reserved: the journal is not written yet.",
+            help="When the journal is fsynced before a put is acknowledged: never (survives "
+            "a broker crash, not a power loss), batch (one fsync covers every put that "
+            "arrived meanwhile) or always (one per write).",
+        ),
+        click.option(
+            "--journal/--no-journal",
+            default=True,
+            show_default=True,
+            envvar="BROKERQ_JOURNAL",
+            help="Keep messages in a journal (--no-journal: in memory only, lost when the "
+            "broker stops; it then never idles out while it holds any).",
+        ),
+        click.option(
+            "--repair",
+            is_flag=True,
+            envvar="BROKERQ_REPAIR",
+            help="Truncate a journal corrupt in the middle at the bad record, losing what "
+            "follows, instead of refusing to start.",
+        ),
+        click.option(
+            "--max-deliveries",
+            type=click.IntRange(min=1),
+            default=20,
+            show_default=True,
+            envvar="BROKERQ_MAX_DELIVERIES",
+            metavar="N",
+            help="Deliveries of a reserved message without an ack before it moves to "
+            "<queue>:dead (queues may set their own).",
+        ),
+        click.option(
+            "--lease",
+            type=click.FloatRange(min=0, min_open=True),
+            default=30.0,
+            show_default=True,
+            envvar="BROKERQ_LEASE",
+            metavar="SECONDS",
+            help="Default lease of a reserved message before it is delivered again.",
         ),
         click.option(
             "--idle-exit",
@@ -131,6 +170,10 @@ def run(
     idle_exit: float = 300.0,
     max_message_size: int = protocol.DEFAULT_MAX_MESSAGE_SIZE,
     log_level: str = "info",
+    journal: bool = True,
+    repair: bool = False,
+    max_deliveries: int = 20,
+    lease: float = 30.0,
 ) -> int:
     """Start a broker for ``socket``; returns the exit status."""
     path = resolve_socket_path(socket)
@@ -147,6 +190,16 @@ def run(
         return _fail(f"another broker ({who}) already serves {path}")
     _setup_logging(path, daemon, log_level)
     log = logging.getLogger("brokerq.broker")
+    core = BrokerCore(
+        max_message_size=max_message_size, max_deliveries=max_deliveries, default_lease=lease
+    )
+    opened = None
+    if journal:
+        try:
+            opened = _open_journal(core, journal_path(path, data_dir), fsync, repair, data_dir)
+        except (OSError, BrokerqError) as exc:
+            log.error("cannot open the journal: %s", exc)
+            return _fail(f"cannot open the journal: {exc}")
     try:
         listener = publish_socket(path)
     except (OSError, BrokerqError) as exc:
@@ -169,10 +222,34 @@ def run(
         max_message_size=max_message_size,
         data_dir=data_dir,
         fsync=fsync,
+        max_deliveries=max_deliveries,
+        lease=lease,
     )
-    trio.run(Broker(config).serve, listener)
+    broker = Broker(config, core, opened)
+    trio.run(broker.serve, listener)
+    if opened is not None:
+        opened.close()
+    if broker.failure:
+        log.critical("exited after a journal failure: %s", broker.failure)
+        return EXIT_ERROR
     log.info("exited")
     return EXIT_OK
+
+
+def _open_journal(
+    core: BrokerCore, path: str, fsync: str, repair: bool, data_dir: str | None
+) -> Journal:
+    """Open the journal and replay it into ``core``."""
+    if data_dir is not None:
+        os.makedirs(data_dir, mode=0o700, exist_ok=True)
+    journal, result = Journal.open(path, fsync, repair=repair)
+    for record in result.records:
+        core.apply(record)
+    restored = core.finish_replay(time.time())
+    logging.getLogger("brokerq.broker").info(
+        "journal %s: %d records, %d messages restored", path, len(result.records), restored
+    )
+    return journal
 
 
 def _fail(message: str) -> int:

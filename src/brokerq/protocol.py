@@ -58,7 +58,7 @@ def max_frame_size(max_message_size: int) -> int:
 # Requests (client -> broker)
 
 
-class Request(msgspec.Struct, frozen=True, kw_only=True, tag_field="op"):
+class Request(msgspec.Struct, frozen=True, kw_only=True, tag_field="op", omit_defaults=True):
     """Base of every request: ``id`` is echoed by the reply."""
 
     id: int
@@ -70,13 +70,18 @@ class Hello(Request, frozen=True, tag="hello"):
 
 
 class Put(Request, frozen=True, tag="put"):
+    """``key``: the client's id for this put; a retry with the same key is
+    answered with the first put's id and enqueues nothing."""
+
     queue: str
     body: bytes
+    key: bytes | None = None
 
 
 class PutMany(Request, frozen=True, tag="put_many"):
     queue: str
     bodies: list[bytes]
+    keys: list[bytes] | None = None
 
 
 class Get(Request, frozen=True, tag="get"):
@@ -90,6 +95,48 @@ class GetMany(Request, frozen=True, tag="get_many"):
     queue: str
     n: int
     timeout: float | None = None
+
+
+class Reserve(Request, frozen=True, tag="reserve"):
+    """Like get, but the message stays the broker's until acked: ``lease``
+    seconds (absent: the queue's default), then it is delivered again."""
+
+    queue: str
+    timeout: float | None = None
+    lease: float | None = None
+
+
+class Ack(Request, frozen=True, tag="ack"):
+    msg_id: int
+    attempt: int
+
+
+class Release(Request, frozen=True, tag="release"):
+    msg_id: int
+    attempt: int
+    delay: float = 0.0
+
+
+class Bury(Request, frozen=True, tag="bury"):
+    msg_id: int
+    attempt: int
+
+
+class Touch(Request, frozen=True, tag="touch"):
+    msg_id: int
+    attempt: int
+    lease: float | None = None
+
+
+class Kick(Request, frozen=True, tag="kick"):
+    queue: str
+    n: int = 1
+
+
+class Configure(Request, frozen=True, tag="configure"):
+    queue: str
+    max_deliveries: int | None = None
+    lease: float | None = None
 
 
 class Peek(Request, frozen=True, tag="peek"):
@@ -119,7 +166,24 @@ class Stop(Request, frozen=True, tag="stop"):
 
 
 AnyRequest: TypeAlias = (
-    Hello | Put | PutMany | Get | GetMany | Peek | Purge | Stats | Queues | Ping | Stop
+    Hello
+    | Put
+    | PutMany
+    | Get
+    | GetMany
+    | Reserve
+    | Ack
+    | Release
+    | Bury
+    | Touch
+    | Kick
+    | Configure
+    | Peek
+    | Purge
+    | Stats
+    | Queues
+    | Ping
+    | Stop
 )
 
 
@@ -127,7 +191,7 @@ AnyRequest: TypeAlias = (
 # Replies (broker -> client). A reply's ``op`` is its request's, or "error".
 
 
-class Reply(msgspec.Struct, frozen=True, kw_only=True, tag_field="op"):
+class Reply(msgspec.Struct, frozen=True, kw_only=True, tag_field="op", omit_defaults=True):
     id: int
 
 
@@ -155,6 +219,37 @@ class GetReply(Reply, frozen=True, tag="get"):
 class GetManyReply(Reply, frozen=True, tag="get_many"):
     msg_ids: list[int]
     bodies: list[bytes]
+
+
+class ReserveReply(Reply, frozen=True, tag="reserve"):
+    msg_id: int
+    body: bytes
+    attempt: int
+    lease: float  # seconds until the lease runs out
+
+
+class AckReply(Reply, frozen=True, tag="ack"):
+    pass
+
+
+class ReleaseReply(Reply, frozen=True, tag="release"):
+    pass
+
+
+class BuryReply(Reply, frozen=True, tag="bury"):
+    pass
+
+
+class TouchReply(Reply, frozen=True, tag="touch"):
+    lease: float
+
+
+class KickReply(Reply, frozen=True, tag="kick"):
+    count: int
+
+
+class ConfigureReply(Reply, frozen=True, tag="configure"):
+    config: dict[str, Any]
 
 
 class PeekReply(Reply, frozen=True, tag="peek"):
@@ -193,6 +288,13 @@ AnyReply: TypeAlias = (
     | PutManyReply
     | GetReply
     | GetManyReply
+    | ReserveReply
+    | AckReply
+    | ReleaseReply
+    | BuryReply
+    | TouchReply
+    | KickReply
+    | ConfigureReply
     | PeekReply
     | PurgeReply
     | StatsReply

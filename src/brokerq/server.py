@@ -1,22 +1,18 @@
 """The trio broker: the thin I/O layer around :class:`~brokerq.core.BrokerCore`.
 
-One task per connection reads frames, asks the core, and writes replies.
-Requests of a connection are answered in order; everything that is already
-buffered is handled before the replies go out in one write, so a client that
-pipelines pays one syscall per batch, not per request. A reply that carries
-messages is written on its own and at once: if that write fails, the client
-cannot have read the reply, and the messages go back to the head of their
-queue (a ``get`` is at-most-once, but never lost in transit).
+:class:`Broker` owns the listener (a task per connection, see
+:mod:`brokerq.connection`), the journal's committer (group commit), the
+timer task (lease expiries and delays, from the core's heap) and
+housekeeping, which runs once a second:
 
-A blocking ``get`` parks a :class:`~brokerq.core.Waiter` in the core and
-waits on a :class:`trio.Event`, its deadline, and the connection's end, all
-at once: a client that disconnects stops waiting at once and is removed
-from the line.
+* compaction, when the journal has grown past twice the live data;
+* idle exit: unlink the socket while still holding the lock, serve the
+  backlog briefly, then exit (or publish again if work arrived);
+* the self-check: the socket or lock file removed or replaced under the
+  broker means another broker may own the path now: exit.
 
-Housekeeping runs once a second: idle exit (unlink the socket while still
-holding the lock, serve the backlog briefly, then exit, or publish again if
-work arrived) and the self-check (the socket or lock file removed or
-replaced under the broker: exit, since another broker may now own the path).
+A failed journal write or fsync is fatal: :meth:`Broker.fail` stops the
+broker, which exits non-zero, and no further request is acknowledged.
 """
 
 from __future__ import annotations
@@ -27,52 +23,30 @@ import math
 import os
 import signal
 import socket as stdlib_socket
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
 import trio
 
 from . import __version__, protocol
-from .core import BrokerCore, Message, Waiter
-from .errors import BrokerqError, InvalidRequest, PermissionDenied, RemoteProtocolError
-from .protocol import (
-    PROTOCOL_VERSION,
-    Error,
-    FrameReader,
-    Get,
-    GetMany,
-    GetManyReply,
-    GetReply,
-    Hello,
-    HelloReply,
-    InvalidRequestFrame,
-    Peek,
-    PeekReply,
-    Ping,
-    PingReply,
-    Purge,
-    PurgeReply,
-    Put,
-    PutMany,
-    PutManyReply,
-    PutReply,
-    Queues,
-    QueuesReply,
-    Stats,
-    StatsReply,
-    Stop,
-    StopReply,
-)
+from .connection import Connection, PeerGone, wake, wake_all
+from .core import BrokerCore
+from .errors import PermissionDenied
+from .journal import Journal, JournalFailed
+from .protocol import PROTOCOL_VERSION, Error
 from .spawn import check_peer, file_identity, lock_path, publish_socket
 
 log = logging.getLogger("brokerq.broker")
 
-RECEIVE_SIZE: Final = 256 * 1024
 #: How long an idle-exiting broker keeps serving its backlog after the unlink.
 DRAIN_SECONDS: Final = 0.1
 #: How long connections get to finish after a stop before they are cut.
 STOP_GRACE_SECONDS: Final = 1.0
 HOUSEKEEPING_SECONDS: Final = 1.0
+#: The journal is compacted once it is over twice the live data and this.
+COMPACT_MIN_BYTES: Final = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -84,26 +58,52 @@ class BrokerConfig:
     max_message_size: int = protocol.DEFAULT_MAX_MESSAGE_SIZE
     data_dir: str | None = None
     fsync: str = "batch"
-
-
-class _PeerGone(Exception):
-    """The connection ended; its task winds up quietly."""
+    max_deliveries: int = 20
+    lease: float = 30.0
 
 
 class Broker:
-    """One broker process's serving state (the core plus connection bookkeeping)."""
+    """One broker process's serving state: core, journal, connections, timers.
 
-    def __init__(self, config: BrokerConfig) -> None:
+    ``core`` and ``journal`` come already replayed (the daemon does that
+    before it says READY); without a journal the broker keeps messages in
+    memory only and never idles out while it holds any. ``clock`` is the
+    wall clock the core's timers run on (tests pass trio's virtual one).
+    """
+
+    log = log
+
+    def __init__(
+        self,
+        config: BrokerConfig,
+        core: BrokerCore | None = None,
+        journal: Journal | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
         self.config = config
-        self.core = BrokerCore(max_message_size=config.max_message_size)
+        self.core = core or BrokerCore(
+            max_message_size=config.max_message_size,
+            max_deliveries=config.max_deliveries,
+            default_lease=config.lease,
+        )
+        self.journal = journal
+        if journal is not None:
+            self.core.write = journal.append
+        self.clock = clock
         self.max_frame_size = protocol.max_frame_size(config.max_message_size)
         self.connections = 0
         self.accepted_total = 0
         self.started_at = 0.0
         self.last_activity = 0.0
         self.closing = False
+        self.failure: str | None = None
         self._stop_requested = trio.Event()
-        self._live: set[_Connection] = set()
+        self._live: set[Connection] = set()
+        self._synced = trio.Event()
+        self._committing = False
+        self._journal_lock = trio.Lock()
+        self._timers_changed = trio.Event()
+        self._timer_at = math.inf
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -111,6 +111,14 @@ class Broker:
         if not self._stop_requested.is_set():
             log.info("stopping: %s", why)
             self._stop_requested.set()
+
+    def fail(self, reason: str) -> None:
+        """The journal failed: acknowledge nothing more, stop, exit non-zero."""
+        if self.failure is None:
+            self.failure = reason
+            log.critical("fatal: %s", reason)
+        self._synced.set()  # waiting puts wake up and see the failure
+        self.request_stop("the journal failed")
 
     async def serve(
         self,
@@ -129,6 +137,7 @@ class Broker:
                 self._listener_scope = await nursery.start(self._accept_loop, listener)
                 nursery.start_soon(self._housekeeping)
             nursery.start_soon(self._watch_signals)
+            nursery.start_soon(self._run_timers)
             task_status.started()
             await self._stop_requested.wait()
             await self._shut_down(nursery)
@@ -140,7 +149,7 @@ class Broker:
         if hasattr(self, "_listener_scope"):
             self._listener_scope.cancel()
         for waiter in self.core.all_waiters():
-            _wake(waiter)  # each replies "shutting_down" and closes
+            wake(waiter)  # each replies "shutting_down" and closes
         for conn in self._live:
             if conn.idle:
                 conn.scope.cancel()
@@ -197,6 +206,8 @@ class Broker:
                 return
             if self._idle_for() >= self.config.idle_exit:
                 await self._try_idle_exit()
+            elif self._should_compact():
+                self._nursery.start_soon(self._compact)
 
     def _files_replaced(self) -> bool:
         path = self.config.socket_path
@@ -205,7 +216,8 @@ class Broker:
         return file_identity(lock_path(path)) != self._lock_identity
 
     def _idle_for(self) -> float:
-        if self.connections or self.core.holds_messages():
+        """Seconds with no connection (and, without a journal, no message held)."""
+        if self.connections or (self.journal is None and self.core.holds_messages()):
             return 0.0
         return trio.current_time() - self.last_activity
 
@@ -242,13 +254,13 @@ class Broker:
 
     async def handle_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one client connection until it closes."""
-        conn = _Connection(self, stream)
+        conn = Connection(self, stream)
         self.connections += 1
         self._live.add(conn)
         try:
             with conn.scope:
                 await conn.run()
-        except _PeerGone:
+        except PeerGone:
             pass
         except Exception:  # a bug must cost one connection, never the broker
             log.exception("connection failed")
@@ -261,6 +273,7 @@ class Broker:
 
     def stats(self) -> dict[str, Any]:
         now = trio.current_time()
+        journal = self.journal
         return {
             "pid": os.getpid(),
             "version": __version__,
@@ -269,285 +282,87 @@ class Broker:
             "connections": self.connections,
             "max_message_size": self.config.max_message_size,
             "idle_exit_s": None if math.isinf(self.config.idle_exit) else self.config.idle_exit,
+            "max_deliveries": self.core.max_deliveries,
+            "lease_s": self.core.default_lease,
+            "journal": None if journal is None else journal.path,
+            "journal_bytes": 0 if journal is None else journal.size,
+            "fsync": None if journal is None else journal.fsync,
             **self.core.totals(),
         }
 
+    # -- the journal: group commit and compaction --------------------------------
 
-def _wake(waiter: Waiter) -> None:
-    event = waiter.token
-    assert isinstance(event, trio.Event)
-    event.set()
+    async def wait_synced(self, lsn: int) -> None:
+        """Return once the journal is fsynced up to ``lsn`` (group commit).
 
-
-def _wake_all(waiters: list[Waiter]) -> None:
-    for waiter in waiters:
-        _wake(waiter)
-
-
-_BLOCK: Final = object()
-
-
-class _Connection:
-    """The request loop of one connection (see the module doc)."""
-
-    def __init__(self, broker: Broker, stream: trio.abc.Stream) -> None:
-        self.broker = broker
-        self.core = broker.core
-        self.stream = stream
-        self.reader = FrameReader(protocol.HANDSHAKE_FRAME_LIMIT)
-        self.out = bytearray()
-        self.greeted = False
-        self.scope = trio.CancelScope()
-        self.idle = False  # waiting for a request: a stopping broker cuts it at once
-
-    async def run(self) -> None:
-        while True:
-            await self._handle_buffered()
-            await self._flush()
-            if self.broker.closing:
-                return
-            self.idle = True
-            data = await self._receive()
-            self.idle = False
-            if not data:
-                return
-            self.reader.feed(data)
-
-    async def _receive(self) -> bytes | bytearray:
-        try:
-            return await self.stream.receive_some(RECEIVE_SIZE)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            return b""
-
-    async def _handle_buffered(self) -> None:
-        """Answer every complete request already received."""
-        while True:
-            try:
-                payload = self.reader.next_frame()
-                if payload is None:
-                    return
-                request = protocol.decode_request(payload)
-            except InvalidRequestFrame as exc:
-                self._reply_error(exc.request_id, "bad_request", str(exc))
-                if not self.greeted:
-                    await self._close_with_error()
-                continue
-            except RemoteProtocolError as exc:
-                self._reply_error(0, "bad_frame", str(exc))
-                await self._close_with_error()
-            await self._handle(request)
-
-    async def _close_with_error(self) -> None:
-        await self._flush()
-        raise _PeerGone
-
-    def _reply_error(self, request_id: int, code: str, message: str) -> None:
-        protocol.append_frame(self.out, Error(id=request_id, code=code, message=message))
-
-    async def _handle(self, request: protocol.AnyRequest) -> None:
-        if self.broker.closing:
-            self._reply_error(request.id, "shutting_down", "the broker is stopping")
-            return
-        if not self.greeted:
-            if not self._greet(request):
-                await self._close_with_error()
-            return
-        try:
-            reply = self._dispatch(request)
-            if reply is _BLOCK:
-                await self._flush()
-                assert isinstance(request, Get | GetMany)
-                reply = await self._wait_for_message(request)
-        except BrokerqError as exc:
-            self._reply_error(request.id, exc.code, str(exc))
-            return
-        except (_PeerGone, trio.Cancelled):
-            raise
-        except Exception as exc:
-            log.exception("request %r failed", type(request).__name__)
-            self._reply_error(request.id, "internal", f"internal error: {exc!r}")
-            return
-        if isinstance(reply, _Delivery):
-            await self._send_delivery(reply)
-        else:
-            assert isinstance(reply, protocol.Reply)
-            protocol.append_frame(self.out, reply)
-        if isinstance(request, Stop):
-            await self._flush()
-            self.broker.request_stop("stop requested by a client")
-
-    def _greet(self, request: protocol.AnyRequest) -> bool:
-        """Answer the handshake; False if the connection must be closed."""
-        if not isinstance(request, Hello):
-            self._reply_error(request.id, "bad_request", "the first request must be hello")
-            return False
-        if request.version != PROTOCOL_VERSION:
-            self._reply_error(
-                request.id,
-                "version",
-                f"client speaks protocol {request.version}, "
-                f"this broker speaks {PROTOCOL_VERSION} (brokerq {__version__})",
-            )
-            return False
-        self.greeted = True
-        self.reader.max_frame_size = self.broker.max_frame_size
-        protocol.append_frame(
-            self.out,
-            HelloReply(
-                id=request.id,
-                version=PROTOCOL_VERSION,
-                server=f"brokerq {__version__}",
-                pid=os.getpid(),
-                max_message_size=self.broker.config.max_message_size,
-                max_frame_size=self.broker.max_frame_size,
-            ),
-        )
-        return True
-
-    def _dispatch(self, request: protocol.AnyRequest) -> protocol.AnyReply | object:
-        """Answer ``request`` without waiting, or return _BLOCK to park it."""
-        core = self.core
-        now = trio.current_time()
-        match request:
-            case Put(id=rid, queue=queue, body=body):
-                msg_id, waiter = core.put(queue, body, now)
-                if waiter is not None:
-                    _wake(waiter)
-                return PutReply(id=rid, msg_id=msg_id)
-            case Get(id=rid, queue=queue, timeout=timeout):
-                protocol.validate_timeout(timeout)
-                messages = core.get_nowait(queue)
-                if messages:
-                    return _Delivery(queue, messages, many=False, request_id=rid)
-                return _BLOCK if timeout != 0 else _empty(rid, queue)
-            case GetMany(id=rid, queue=queue, n=n, timeout=timeout):
-                protocol.validate_timeout(timeout)
-                if n < 1:
-                    raise InvalidRequest(f"get_many needs n >= 1, not {n}")
-                messages = core.get_nowait(queue, n, self._batch_bytes())
-                if messages:
-                    return _Delivery(queue, messages, many=True, request_id=rid)
-                return _BLOCK if timeout != 0 else _empty(rid, queue)
-            case PutMany(id=rid, queue=queue, bodies=bodies):
-                ids, woken = core.put_many(queue, bodies, now)
-                _wake_all(woken)
-                return PutManyReply(id=rid, msg_ids=ids)
-            case Peek(id=rid, queue=queue):
-                msg = core.peek(queue)
-                if msg is None:
-                    return _empty(rid, queue)
-                return PeekReply(id=rid, msg_id=msg.id, body=msg.body)
-            case Purge(id=rid, queue=queue):
-                return PurgeReply(id=rid, count=core.purge(queue))
-            case Stats(id=rid, queue=None):
-                return StatsReply(id=rid, stats=self.broker.stats())
-            case Stats(id=rid, queue=str(queue)):
-                return StatsReply(id=rid, stats=core.queue_stats(queue, now))
-            case Queues(id=rid):
-                return QueuesReply(id=rid, names=core.queue_names())
-            case Ping(id=rid):
-                return PingReply(id=rid, pid=os.getpid())
-            case Stop(id=rid):
-                return StopReply(id=rid)
-            case Hello(id=rid):
-                return Error(id=rid, code="bad_request", message="hello was already sent")
-        raise AssertionError(f"unhandled request {request!r}")  # pragma: no cover
-
-    def _batch_bytes(self) -> int:
-        """What a ``get_many`` batch may take of one reply frame (see core.get_nowait)."""
-        return self.broker.max_frame_size - 1024
-
-    async def _wait_for_message(self, request: Get | GetMany) -> _Delivery | Error:
-        """Park until a message is handed over, the deadline, or the peer leaves."""
-        waiter = self.core.wait(request.queue, trio.Event())
-        event = waiter.token
-        assert isinstance(event, trio.Event)
-        peer_gone = False
-        timeout = math.inf if request.timeout is None else request.timeout
-        try:
-            async with trio.open_nursery() as nursery:
-
-                async def watch_peer() -> None:
-                    nonlocal peer_gone
-                    while True:
-                        data = await self._receive()
-                        if not data:
-                            peer_gone = True
-                            nursery.cancel_scope.cancel()
-                            return
-                        # Pipelined requests wait their turn in the reader;
-                        # past a frame's worth, stop reading (backpressure).
-                        self.reader.feed(data)
-                        if self.reader.buffered > self.reader.max_frame_size:
-                            await trio.sleep_forever()
-
-                nursery.start_soon(watch_peer)
-                with trio.move_on_after(timeout):
-                    await event.wait()
-                nursery.cancel_scope.cancel()
-        except BaseException:
-            _wake_all(self.core.cancel_wait(waiter))
-            raise
-        if peer_gone:
-            _wake_all(self.core.cancel_wait(waiter))
-            raise _PeerGone
-        if not waiter.served:
-            self.core.cancel_wait(waiter)
-            if self.broker.closing:
-                return Error(id=request.id, code="shutting_down", message="the broker is stopping")
-            return _empty(request.id, request.queue)
-        messages = waiter.messages
-        if isinstance(request, GetMany) and request.n > len(messages):
-            room = self._batch_bytes() - sum(
-                len(m.body) + protocol.MESSAGE_OVERHEAD for m in messages
-            )
-            messages += self.core.get_nowait(request.queue, request.n - len(messages), room)
-        return _Delivery(request.queue, messages, isinstance(request, GetMany), request.id)
-
-    async def _send_delivery(self, delivery: _Delivery) -> None:
-        """Write a reply carrying messages now; if that fails they go back.
-
-        Written alone and at once, so a failed write means the client cannot
-        have read this reply: putting its messages back at the head keeps
-        ``get`` at-most-once without ever losing a message in transit.
+        The first waiter starts the committer; every put that arrives while
+        an fsync runs is covered by the next one.
         """
-        protocol.append_frame(self.out, delivery.reply())
-        try:
-            await self._flush()
-        except _PeerGone:
-            _wake_all(self.core.undeliver(delivery.queue, delivery.messages))
-            raise
+        journal = self.journal
+        assert journal is not None
+        while journal.synced < lsn:
+            if self.failure is not None:
+                raise JournalFailed(self.failure)
+            if not self._committing:
+                self._committing = True
+                self._nursery.start_soon(self._commit)
+            await self._synced.wait()
 
-    async def _flush(self) -> None:
-        if not self.out:
-            return
+    async def _commit(self) -> None:
+        journal = self.journal
+        assert journal is not None
         try:
-            await self.stream.send_all(self.out)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise _PeerGone from exc
+            while journal.synced < journal.written and self.failure is None:
+                async with self._journal_lock:
+                    await trio.to_thread.run_sync(journal.sync)
+                done, self._synced = self._synced, trio.Event()
+                done.set()
+        except JournalFailed as exc:
+            self.fail(str(exc))
         finally:
-            self.out.clear()
+            self._committing = False
 
+    def _should_compact(self) -> bool:
+        journal = self.journal
+        return (
+            journal is not None
+            and not journal.compacting
+            and journal.size > COMPACT_MIN_BYTES
+            and journal.size > 2 * self.core.live_bytes
+        )
 
-@dataclass(slots=True)
-class _Delivery:
-    """Messages taken off a queue for one reply, until that reply is written."""
+    async def _compact(self) -> None:
+        """Rewrite the journal to the live state, in a thread, appends going on."""
+        journal = self.journal
+        assert journal is not None
+        before = journal.size
+        compaction = journal.begin_compaction(self.core.snapshot())
+        try:
+            await trio.to_thread.run_sync(compaction.write_snapshot)
+            async with self._journal_lock:
+                compaction.finish()
+        except OSError as exc:
+            compaction.abandon()
+            log.warning("journal compaction failed (the old journal stays): %s", exc)
+            return
+        log.info("compacted the journal from %d to %d bytes", before, journal.size)
 
-    queue: str
-    messages: list[Message]
-    many: bool
-    request_id: int
+    # -- timers -------------------------------------------------------------------
 
-    def reply(self) -> GetReply | GetManyReply:
-        if self.many:
-            return GetManyReply(
-                id=self.request_id,
-                msg_ids=[m.id for m in self.messages],
-                bodies=[m.body for m in self.messages],
-            )
-        (msg,) = self.messages
-        return GetReply(id=self.request_id, msg_id=msg.id, body=msg.body)
+    def timers_may_have_changed(self) -> None:
+        """A request may have added a timer earlier than the one being waited for."""
+        deadline = self.core.next_deadline()
+        if deadline is not None and deadline < self._timer_at:
+            self._timers_changed.set()
 
-
-def _empty(request_id: int, queue: str) -> Error:
-    return Error(id=request_id, code="empty", message=f"queue {queue!r} is empty")
+    async def _run_timers(self) -> None:
+        while True:
+            deadline = self.core.next_deadline()
+            self._timer_at = math.inf if deadline is None else deadline
+            with trio.move_on_after(max(0.0, self._timer_at - self.clock())):
+                await self._timers_changed.wait()
+            self._timers_changed = trio.Event()
+            try:
+                wake_all(self.core.tick(self.clock()))
+            except JournalFailed as exc:
+                self.fail(str(exc))

@@ -1,0 +1,429 @@
+"""One client connection of the trio broker: read frames, ask the core, reply.
+
+Requests of a connection are answered in order; everything already
+buffered is handled before the replies go out in one write, so a client
+that pipelines pays one syscall per batch, not per request.
+
+* A reply to a ``put`` waits for the journal's fsync under ``--fsync batch``
+  (group commit: one fsync covers every put that arrived meanwhile).
+* A reply that carries messages (``get``, ``get_many``, ``reserve``) is
+  written on its own and at once: if that write fails the client cannot
+  have read it, and the messages go back to their place at the head of
+  their queue (a ``get`` is at-most-once, but never lost in transit).
+* A blocking ``get``/``reserve`` parks a :class:`~brokerq.core.Waiter` and
+  waits on its event, its deadline and the connection's end at once: a
+  client that disconnects leaves the line at once.
+* When the connection ends, every lease it holds is released.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+import trio
+
+from . import __version__, protocol
+from .core import Message, Waiter
+from .errors import BrokerqError, InvalidRequest, RemoteProtocolError
+from .journal import JournalFailed
+from .protocol import (
+    PROTOCOL_VERSION,
+    Ack,
+    AckReply,
+    Bury,
+    BuryReply,
+    Configure,
+    ConfigureReply,
+    Error,
+    FrameReader,
+    Get,
+    GetMany,
+    GetManyReply,
+    GetReply,
+    Hello,
+    HelloReply,
+    InvalidRequestFrame,
+    Kick,
+    KickReply,
+    Peek,
+    PeekReply,
+    Ping,
+    PingReply,
+    Purge,
+    PurgeReply,
+    Put,
+    PutMany,
+    PutManyReply,
+    PutReply,
+    Queues,
+    QueuesReply,
+    Release,
+    ReleaseReply,
+    Reserve,
+    ReserveReply,
+    Stats,
+    StatsReply,
+    Stop,
+    StopReply,
+    Touch,
+    TouchReply,
+)
+
+if TYPE_CHECKING:
+    from .server import Broker
+
+RECEIVE_SIZE: Final = 256 * 1024
+_BLOCK: Final = object()
+
+
+class PeerGone(Exception):
+    """The connection ended; its task winds up quietly."""
+
+
+def wake(waiter: Waiter) -> None:
+    event = waiter.token
+    assert isinstance(event, trio.Event)
+    event.set()
+
+
+def wake_all(waiters: list[Waiter]) -> None:
+    for waiter in waiters:
+        wake(waiter)
+
+
+@dataclass(slots=True)
+class Delivery:
+    """Messages taken off a queue for one reply, until that reply is written."""
+
+    kind: type[Get | GetMany | Reserve]
+    messages: list[Message]
+    request_id: int
+    lease_s: float = 0.0
+
+    def reply(self) -> GetReply | GetManyReply | ReserveReply:
+        if self.kind is GetMany:
+            return GetManyReply(
+                id=self.request_id,
+                msg_ids=[m.id for m in self.messages],
+                bodies=[m.body for m in self.messages],
+            )
+        (msg,) = self.messages
+        if self.kind is Reserve:
+            return ReserveReply(
+                id=self.request_id,
+                msg_id=msg.id,
+                body=msg.body,
+                attempt=msg.attempts,
+                lease=self.lease_s,
+            )
+        return GetReply(id=self.request_id, msg_id=msg.id, body=msg.body)
+
+
+class Connection:
+    """The request loop of one connection (see the module doc)."""
+
+    def __init__(self, broker: Broker, stream: trio.abc.Stream) -> None:
+        self.broker = broker
+        self.core = broker.core
+        self.stream = stream
+        self.reader = FrameReader(protocol.HANDSHAKE_FRAME_LIMIT)
+        self.out = bytearray()
+        self.greeted = False
+        self.scope = trio.CancelScope()
+        self.idle = False  # waiting for a request: a stopping broker cuts it at once
+        self.sync_to = 0  # journal bytes that must be synced before replies go out
+
+    async def run(self) -> None:
+        try:
+            while True:
+                await self._handle_buffered()
+                await self._flush()
+                if self.broker.closing:
+                    return
+                self.idle = True
+                data = await self._receive()
+                self.idle = False
+                if not data:
+                    return
+                self.reader.feed(data)
+        finally:
+            wake_all(self.core.release_owned(self, self.broker.clock()))
+
+    async def _receive(self) -> bytes | bytearray:
+        try:
+            return await self.stream.receive_some(RECEIVE_SIZE)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            return b""
+
+    async def _handle_buffered(self) -> None:
+        """Answer every complete request already received."""
+        while True:
+            try:
+                payload = self.reader.next_frame()
+                if payload is None:
+                    return
+                request = protocol.decode_request(payload)
+            except InvalidRequestFrame as exc:
+                self._reply_error(exc.request_id, "bad_request", str(exc))
+                if not self.greeted:
+                    await self._close_with_error()
+                continue
+            except RemoteProtocolError as exc:
+                self._reply_error(0, "bad_frame", str(exc))
+                await self._close_with_error()
+            await self._handle(request)
+
+    async def _close_with_error(self) -> None:
+        await self._flush()
+        raise PeerGone
+
+    def _reply_error(self, request_id: int, code: str, message: str) -> None:
+        protocol.append_frame(self.out, Error(id=request_id, code=code, message=message))
+
+    async def _handle(self, request: protocol.AnyRequest) -> None:
+        if self.broker.closing:
+            self._reply_error(request.id, "shutting_down", "the broker is stopping")
+            return
+        if not self.greeted:
+            if not self._greet(request):
+                await self._close_with_error()
+            return
+        try:
+            reply = self._dispatch(request)
+            if reply is _BLOCK:
+                await self._flush()
+                assert isinstance(request, Get | GetMany | Reserve)
+                reply = await self._wait_for_message(request)
+        except JournalFailed as exc:
+            self._reply_error(request.id, "internal", str(exc))
+            self.broker.fail(str(exc))
+            return
+        except BrokerqError as exc:
+            self._reply_error(request.id, exc.code, str(exc))
+            return
+        except (PeerGone, trio.Cancelled):
+            raise
+        except Exception as exc:
+            self.broker.log.exception("request %r failed", type(request).__name__)
+            self._reply_error(request.id, "internal", f"internal error: {exc!r}")
+            return
+        finally:
+            self.broker.timers_may_have_changed()
+        if isinstance(reply, Delivery):
+            await self._send_delivery(reply)
+        else:
+            assert isinstance(reply, protocol.Reply)
+            protocol.append_frame(self.out, reply)
+        if isinstance(request, Stop):
+            await self._flush()
+            self.broker.request_stop("stop requested by a client")
+
+    def _greet(self, request: protocol.AnyRequest) -> bool:
+        """Answer the handshake; False if the connection must be closed."""
+        if not isinstance(request, Hello):
+            self._reply_error(request.id, "bad_request", "the first request must be hello")
+            return False
+        if request.version != PROTOCOL_VERSION:
+            self._reply_error(
+                request.id,
+                "version",
+                f"client speaks protocol {request.version}, "
+                f"this broker speaks {PROTOCOL_VERSION} (brokerq {__version__})",
+            )
+            return False
+        self.greeted = True
+        self.reader.max_frame_size = self.broker.max_frame_size
+        protocol.append_frame(
+            self.out,
+            HelloReply(
+                id=request.id,
+                version=PROTOCOL_VERSION,
+                server=f"brokerq {__version__}",
+                pid=os.getpid(),
+                max_message_size=self.broker.config.max_message_size,
+                max_frame_size=self.broker.max_frame_size,
+            ),
+        )
+        return True
+
+    def _dispatch(self, request: protocol.AnyRequest) -> protocol.AnyReply | Delivery | object:
+        """Answer ``request`` without waiting, or return _BLOCK to park it."""
+        core = self.core
+        now = self.broker.clock()
+        match request:
+            case Put(id=rid, queue=queue, body=body, key=key):
+                msg_id, waiter = core.put(queue, body, now, key)
+                if waiter is not None:
+                    wake(waiter)
+                self._needs_sync()
+                return PutReply(id=rid, msg_id=msg_id)
+            case Get(id=rid, queue=queue, timeout=timeout):
+                protocol.validate_timeout(timeout)
+                messages = core.get_nowait(queue)
+                if messages:
+                    return Delivery(Get, messages, rid)
+                return _BLOCK if timeout != 0 else _empty(rid, queue)
+            case Reserve(id=rid, queue=queue, timeout=timeout, lease=lease):
+                protocol.validate_timeout(timeout)
+                _check_lease(lease)
+                msg = core.reserve_nowait(queue, now, lease, owner=self)
+                if msg is not None:
+                    return Delivery(Reserve, [msg], rid, self._lease_left(msg, now))
+                return _BLOCK if timeout != 0 else _empty(rid, queue)
+            case GetMany(id=rid, queue=queue, n=n, timeout=timeout):
+                protocol.validate_timeout(timeout)
+                if n < 1:
+                    raise InvalidRequest(f"get_many needs n >= 1, not {n}")
+                messages = core.get_nowait(queue, n, self._batch_bytes())
+                if messages:
+                    return Delivery(GetMany, messages, rid)
+                return _BLOCK if timeout != 0 else _empty(rid, queue)
+            case PutMany(id=rid, queue=queue, bodies=bodies, keys=keys):
+                ids, woken = core.put_many(queue, bodies, now, keys)
+                wake_all(woken)
+                self._needs_sync()
+                return PutManyReply(id=rid, msg_ids=ids)
+            case Ack(id=rid, msg_id=msg_id, attempt=attempt):
+                core.ack(msg_id, attempt)
+                return AckReply(id=rid)
+            case Release(id=rid, msg_id=msg_id, attempt=attempt, delay=delay):
+                wake_all(core.release(msg_id, attempt, now, delay))
+                return ReleaseReply(id=rid)
+            case Bury(id=rid, msg_id=msg_id, attempt=attempt):
+                core.bury(msg_id, attempt)
+                return BuryReply(id=rid)
+            case Touch(id=rid, msg_id=msg_id, attempt=attempt, lease=lease):
+                _check_lease(lease)
+                return TouchReply(id=rid, lease=core.touch(msg_id, attempt, now, lease) - now)
+            case Kick(id=rid, queue=queue, n=n):
+                count, woken = core.kick(queue, n, now)
+                wake_all(woken)
+                return KickReply(id=rid, count=count)
+            case Configure(id=rid, queue=queue, max_deliveries=max_deliveries, lease=lease):
+                config = core.configure(queue, max_deliveries=max_deliveries, lease=lease)
+                return ConfigureReply(id=rid, config=config)
+            case Peek(id=rid, queue=queue):
+                msg = core.peek(queue)
+                if msg is None:
+                    return _empty(rid, queue)
+                return PeekReply(id=rid, msg_id=msg.id, body=msg.body)
+            case Purge(id=rid, queue=queue):
+                return PurgeReply(id=rid, count=core.purge(queue))
+            case Stats(id=rid, queue=None):
+                return StatsReply(id=rid, stats=self.broker.stats())
+            case Stats(id=rid, queue=str(queue)):
+                return StatsReply(id=rid, stats=core.queue_stats(queue, now))
+            case Queues(id=rid):
+                return QueuesReply(id=rid, names=core.queue_names())
+            case Ping(id=rid):
+                return PingReply(id=rid, pid=os.getpid())
+            case Stop(id=rid):
+                return StopReply(id=rid)
+            case Hello(id=rid):
+                return Error(id=rid, code="bad_request", message="hello was already sent")
+        raise AssertionError(f"unhandled request {request!r}")  # pragma: no cover
+
+    def _needs_sync(self) -> None:
+        journal = self.broker.journal
+        if journal is not None and journal.fsync == "batch":
+            self.sync_to = journal.written
+
+    def _lease_left(self, msg: Message, now: float) -> float:
+        lease = self.core.lease_of(msg.id)
+        return 0.0 if lease is None else lease.expires_at - now
+
+    def _batch_bytes(self) -> int:
+        """What a ``get_many`` batch may take of one reply frame (see core.get_nowait)."""
+        return self.broker.max_frame_size - 1024
+
+    async def _wait_for_message(self, request: Get | GetMany | Reserve) -> Delivery | Error:
+        """Park until a message is handed over, the deadline, or the peer leaves."""
+        lease = None
+        if isinstance(request, Reserve):
+            lease = request.lease or self.core.queue_config(request.queue)["lease"]
+        waiter = self.core.wait(request.queue, trio.Event(), lease, owner=self)
+        event = waiter.token
+        assert isinstance(event, trio.Event)
+        peer_gone = False
+        timeout = math.inf if request.timeout is None else request.timeout
+        try:
+            async with trio.open_nursery() as nursery:
+
+                async def watch_peer() -> None:
+                    nonlocal peer_gone
+                    while True:
+                        data = await self._receive()
+                        if not data:
+                            peer_gone = True
+                            nursery.cancel_scope.cancel()
+                            return
+                        # Pipelined requests wait their turn in the reader;
+                        # past a frame's worth, stop reading (backpressure).
+                        self.reader.feed(data)
+                        if self.reader.buffered > self.reader.max_frame_size:
+                            await trio.sleep_forever()
+
+                nursery.start_soon(watch_peer)
+                with trio.move_on_after(timeout):
+                    await event.wait()
+                nursery.cancel_scope.cancel()
+        except BaseException:
+            wake_all(self.core.cancel_wait(waiter, self.broker.clock()))
+            raise
+        if peer_gone:
+            wake_all(self.core.cancel_wait(waiter, self.broker.clock()))
+            raise PeerGone
+        if not waiter.served:
+            self.core.cancel_wait(waiter, self.broker.clock())
+            if self.broker.closing:
+                return Error(id=request.id, code="shutting_down", message="the broker is stopping")
+            return _empty(request.id, request.queue)
+        messages = waiter.messages
+        if isinstance(request, GetMany) and request.n > len(messages):
+            room = self._batch_bytes() - sum(
+                len(m.body) + protocol.MESSAGE_OVERHEAD for m in messages
+            )
+            messages += self.core.get_nowait(request.queue, request.n - len(messages), room)
+        lease_s = self._lease_left(messages[0], self.broker.clock()) if lease else 0.0
+        return Delivery(type(request), messages, request.id, lease_s)
+
+    async def _send_delivery(self, delivery: Delivery) -> None:
+        """Write a reply carrying messages now; if that fails they go back.
+
+        Written alone and at once, so a failed write means the client cannot
+        have read this reply: putting its messages back keeps ``get``
+        at-most-once without ever losing a message in transit.
+        """
+        protocol.append_frame(self.out, delivery.reply())
+        try:
+            await self._flush()
+        except PeerGone:
+            leased = delivery.kind is Reserve
+            wake_all(self.core.undeliver(delivery.messages, self.broker.clock(), leased=leased))
+            raise
+
+    async def _flush(self) -> None:
+        if not self.out:
+            return
+        if self.sync_to:
+            # Group commit: replies to puts wait for the fsync that covers them.
+            await self.broker.wait_synced(self.sync_to)
+            self.sync_to = 0
+        try:
+            await self.stream.send_all(self.out)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise PeerGone from exc
+        finally:
+            self.out.clear()
+
+
+def _empty(request_id: int, queue: str) -> Error:
+    return Error(id=request_id, code="empty", message=f"queue {queue!r} is empty")
+
+
+def _check_lease(lease: float | None) -> None:
+    if lease is not None and not lease > 0:
+        raise InvalidRequest(f"lease must be > 0 seconds or nil, not {lease}")

@@ -1,0 +1,340 @@
+"""The journal: an append-only file of records, replayed at start.
+
+File format (version 1)::
+
+    header   8 bytes  b"BRKQJNL\\0"
+             4 bytes  format version, u32 big-endian
+    record   4 bytes  payload length, u32 big-endian
+             4 bytes  CRC-32 of the payload, u32 big-endian
+             n bytes  payload: one MessagePack record (brokerq.records)
+    record   ...
+
+Reading it back (:func:`read_journal`):
+
+* a **torn tail** (the last record cut anywhere, or its checksum wrong with
+  nothing valid after it: a crash in the middle of a write) is logged and
+  cut off; every whole record before it is kept;
+* **corruption in the middle** (a bad checksum followed by a valid record)
+  refuses to start with an error naming the offset, unless ``repair`` says
+  to truncate the file there (losing what follows).
+
+Writing (:class:`Journal`): each record is written with one ``write()``
+before the broker acknowledges anything. ``fsync`` is ``never`` (the page
+cache only: survives a broker crash, not a power loss), ``always`` (an
+fsync inside every append) or ``batch`` (the broker's committer calls
+:meth:`Journal.sync` from a thread; every put that arrived meanwhile waits
+for that one fsync: group commit). A full disk (ENOSPC) cuts the partial
+record back off and raises :class:`JournalFull`: that request fails, and
+nothing changed. Any other write or fsync error raises
+:class:`JournalFailed`: the broker must stop acknowledging and exit, since
+the kernel may have dropped the unwritten pages (fsync errors are not
+retryable).
+
+Compaction rewrites the live state into a new file while appends go on:
+the snapshot is written and fsynced to ``<journal>.compact`` (in a thread),
+then the records appended meanwhile are added, the file is fsynced, renamed
+over the journal, and the directory is fsynced. A crash at any step leaves
+either the old file or the new one, each complete.
+
+Plain blocking file I/O, no trio.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import struct
+import zlib
+from dataclasses import dataclass, field
+from typing import Final
+
+import msgspec
+
+from .errors import BrokerqError, Full
+from .records import AnyRecord
+
+log = logging.getLogger("brokerq.journal")
+
+MAGIC: Final = b"BRKQJNL\x00"
+FORMAT_VERSION: Final = 1
+FILE_HEADER: Final = struct.Struct(">8sI")
+RECORD_HEADER: Final = struct.Struct(">II")
+FSYNC_MODES: Final = ("never", "batch", "always")
+
+_encoder: Final = msgspec.msgpack.Encoder()
+_decoder: Final[msgspec.msgpack.Decoder[AnyRecord]] = msgspec.msgpack.Decoder(AnyRecord)
+
+
+class JournalFull(Full):
+    """The disk is full: the record was not written and the request fails."""
+
+    code = "full"
+
+
+class JournalFailed(BrokerqError):
+    """A write or fsync failed: the journal can no longer be trusted."""
+
+    code = "internal"
+
+
+class JournalCorrupt(BrokerqError):
+    """A bad record with valid records after it: refuse to start."""
+
+    def __init__(self, path: str, offset: int, reason: str) -> None:
+        super().__init__(
+            f"journal {path} is corrupt at byte {offset} ({reason}) and valid records follow; "
+            "start with --repair to truncate it there, losing what follows"
+        )
+        self.offset = offset
+
+
+def journal_path(socket_path: str, data_dir: str | None) -> str:
+    """``<socket>.journal``, or ``<data_dir>/<socket name>.journal``."""
+    if data_dir is None:
+        return socket_path + ".journal"
+    return os.path.join(data_dir, os.path.basename(socket_path) + ".journal")
+
+
+def encode_record(record: AnyRecord) -> bytes:
+    payload = _encoder.encode(record)
+    return RECORD_HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+
+
+def _file_header() -> bytes:
+    return FILE_HEADER.pack(MAGIC, FORMAT_VERSION)
+
+
+@dataclass
+class ReadResult:
+    records: list[AnyRecord] = field(default_factory=list)
+    end: int = 0  # offset after the last whole record (0: no valid header)
+    torn: str | None = None  # what was cut off at the end, if anything
+
+
+def _record_at(data: bytes, offset: int) -> tuple[bytes, int] | str:
+    """The payload at ``offset`` and the offset after it, or why there is none."""
+    if len(data) - offset < RECORD_HEADER.size:
+        return "a record header cut short"
+    length, crc = RECORD_HEADER.unpack_from(data, offset)
+    start = offset + RECORD_HEADER.size
+    if start + length > len(data):
+        return f"a record of {length} bytes cut short"
+    payload = data[start : start + length]
+    if zlib.crc32(payload) != crc:
+        return "a checksum mismatch"
+    return payload, start + length
+
+
+def read_journal(path: str, *, repair: bool = False) -> ReadResult:
+    """Parse the journal at ``path`` (missing: empty). See the module doc."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return ReadResult()
+    result = ReadResult()
+    if len(data) < FILE_HEADER.size:
+        result.torn = "a file header cut short" if data else None
+        return result
+    magic, version = FILE_HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise JournalCorrupt(path, 0, "not a brokerq journal")
+    if version != FORMAT_VERSION:
+        raise BrokerqError(
+            f"journal {path} has format version {version}; this brokerq reads {FORMAT_VERSION}"
+        )
+    offset = FILE_HEADER.size
+    while offset < len(data):
+        found = _record_at(data, offset)
+        if isinstance(found, str):
+            if found == "a checksum mismatch" and _valid_record_follows(data, offset):
+                if not repair:
+                    raise JournalCorrupt(path, offset, found)
+                log.warning("journal %s: --repair truncates at byte %d (%s)", path, offset, found)
+            result.torn = f"{found} at byte {offset}"
+            break
+        payload, after = found
+        try:
+            result.records.append(_decoder.decode(payload))
+        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
+            raise JournalCorrupt(path, offset, f"undecodable record: {exc}") from exc
+        offset = after
+    result.end = offset
+    return result
+
+
+def _valid_record_follows(data: bytes, offset: int) -> bool:
+    """After a bad record at ``offset``, is the next one (by its length) whole?"""
+    (length, _) = RECORD_HEADER.unpack_from(data, offset)
+    after = offset + RECORD_HEADER.size + length
+    return after < len(data) and not isinstance(_record_at(data, after), str)
+
+
+def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        view = view[written:]
+
+
+def _fsync_directory(path: str) -> None:
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class Journal:
+    """The open journal file (see the module doc)."""
+
+    def __init__(self, path: str, fsync: str = "batch") -> None:
+        if fsync not in FSYNC_MODES:
+            raise ValueError(f"fsync must be one of {FSYNC_MODES}, not {fsync!r}")
+        self.path = path
+        self.fsync = fsync
+        self.fd = -1
+        #: Bytes appended since open ("log sequence numbers"), and how many are synced.
+        self.written = 0
+        self.synced = 0
+        self.size = 0
+        self.failed: str | None = None
+        self._compaction: Compaction | None = None
+
+    @classmethod
+    def open(
+        cls, path: str, fsync: str = "batch", *, repair: bool = False
+    ) -> tuple[Journal, ReadResult]:
+        """Read the journal at ``path``, cut a torn tail off, and open it for appends."""
+        result = read_journal(path, repair=repair)
+        journal = cls(path, fsync)
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+        journal.fd = os.open(path, flags, 0o600)
+        if result.torn:
+            log.warning("journal %s: cut off a torn tail (%s)", path, result.torn)
+        if result.end == 0:
+            os.ftruncate(journal.fd, 0)
+            _write_all(journal.fd, _file_header())
+            result.end = FILE_HEADER.size
+        else:
+            os.ftruncate(journal.fd, result.end)
+        os.lseek(journal.fd, 0, os.SEEK_END)
+        journal.size = result.end
+        os.fsync(journal.fd)
+        return journal, result
+
+    def append(self, record: AnyRecord) -> None:
+        """Write one record (and fsync it, with ``always``). See the module doc."""
+        if self.failed:
+            raise JournalFailed(f"the journal failed earlier: {self.failed}")
+        frame = encode_record(record)
+        try:
+            _write_all(self.fd, frame)
+        except OSError as exc:
+            self._undo_partial_write(exc)
+        self.size += len(frame)
+        self.written += len(frame)
+        if self._compaction is not None:
+            self._compaction.tail += frame
+        if self.fsync == "always":
+            self.sync()
+
+    def _undo_partial_write(self, exc: OSError) -> None:
+        try:
+            os.ftruncate(self.fd, self.size)
+            os.lseek(self.fd, self.size, os.SEEK_SET)
+        except OSError as undo:
+            self._fail(f"write failed ({exc}) and could not be undone ({undo})")
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise JournalFull(
+                f"the journal's disk is full ({self.path}): nothing was written"
+            ) from exc
+        self._fail(f"write failed: {exc}")
+
+    def sync(self) -> int:
+        """fsync what was written so far; returns how many bytes are now synced.
+
+        Safe to call from a worker thread while the owner appends.
+        """
+        target = self.written
+        try:
+            os.fsync(self.fd)
+        except OSError as exc:
+            self._fail(f"fsync failed: {exc}")
+        self.synced = max(self.synced, target)
+        return self.synced
+
+    def _fail(self, reason: str) -> None:
+        self.failed = reason
+        log.critical("journal %s: %s", self.path, reason)
+        raise JournalFailed(f"journal {self.path}: {reason}")
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            if self.fsync != "never" and not self.failed:
+                with contextlib.suppress(OSError):
+                    os.fsync(self.fd)
+            os.close(self.fd)
+            self.fd = -1
+
+    # -- compaction ------------------------------------------------------------
+
+    @property
+    def compacting(self) -> bool:
+        return self._compaction is not None
+
+    def begin_compaction(self, snapshot: list[AnyRecord]) -> Compaction:
+        """Start rewriting the live state; appends are copied until :meth:`Compaction.finish`."""
+        assert self._compaction is None, "one compaction at a time"
+        self._compaction = Compaction(self, snapshot)
+        return self._compaction
+
+
+class Compaction:
+    """One rewrite of the journal (see the module doc for the steps)."""
+
+    def __init__(self, journal: Journal, snapshot: list[AnyRecord]) -> None:
+        self.journal = journal
+        self.snapshot = snapshot
+        self.tmp_path = journal.path + ".compact"
+        self.tail = bytearray()
+        self.fd = -1
+        self.size = 0
+
+    def write_snapshot(self) -> None:
+        """Write and fsync the snapshot to the temporary file (may run in a thread)."""
+        flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
+        self.fd = os.open(self.tmp_path, flags, 0o600)
+        out = bytearray(_file_header())
+        for record in self.snapshot:
+            out += encode_record(record)
+        self.snapshot = []
+        _write_all(self.fd, out)
+        os.fsync(self.fd)
+        self.size = len(out)
+
+    def finish(self) -> None:
+        """Add the records appended meanwhile, fsync, rename over the journal, fsync the dir."""
+        journal = self.journal
+        _write_all(self.fd, self.tail)
+        os.fsync(self.fd)
+        self.size += len(self.tail)
+        os.rename(self.tmp_path, journal.path)
+        _fsync_directory(journal.path)
+        old_fd, journal.fd = journal.fd, self.fd
+        journal.size = self.size
+        journal.synced = journal.written
+        journal._compaction = None
+        self.fd = -1
+        os.close(old_fd)
+
+    def abandon(self) -> None:
+        """Give up (an error in a step): the old journal stays as it was."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        with contextlib.suppress(OSError):
+            os.unlink(self.tmp_path)
+        self.journal._compaction = None

@@ -1,0 +1,97 @@
+"""The journal's records: every change to the broker's durable state.
+
+The core writes one record *before* it changes anything (write-ahead), so a
+record that failed to reach the file leaves the state untouched. Replaying
+the records in order (:meth:`brokerq.core.BrokerCore.apply`) rebuilds every
+queue: messages not deleted come back, ready ones in id order (which is
+their order in the queue: put-backs return to their place by id), with
+their delivery counts, buried and delayed states, queue settings and the
+window of recently seen put keys.
+
+Records are MessagePack arrays whose first element names the kind
+(``array_like``: compact, and new kinds can be added; fields are only ever
+appended, with defaults).
+"""
+
+from __future__ import annotations
+
+from typing import TypeAlias
+
+import msgspec
+
+
+class Record(msgspec.Struct, frozen=True, array_like=True, tag_field="k"):
+    pass
+
+
+class PutRecord(Record, frozen=True, tag="p"):
+    """Messages enqueued (one put, or a put_many in order)."""
+
+    queue: str
+    ids: list[int]
+    bodies: list[bytes]
+    at: float  # wall-clock time of the put
+    keys: list[bytes] | None = None  # client keys, for dropping retried puts
+    attempts: int = 0  # deliveries so far (snapshots of reserved messages)
+
+
+class DeleteRecord(Record, frozen=True, tag="d"):
+    """Messages gone for good: taken by get, acked, purged."""
+
+    ids: list[int]
+
+
+class AttemptsRecord(Record, frozen=True, tag="a"):
+    """A message's delivery count (set when it is reserved)."""
+
+    id: int
+    attempts: int
+
+
+class StateRecord(Record, frozen=True, tag="s"):
+    """A message becomes ready, buried, or delayed until ``until`` (wall clock)."""
+
+    id: int
+    state: str  # "ready" | "buried" | "delayed"
+    until: float = 0.0
+
+
+class MoveRecord(Record, frozen=True, tag="m"):
+    """A message moves to another queue (dead-lettered, or kicked back), ready."""
+
+    id: int
+    queue: str
+    attempts: int = 0
+
+
+class ConfigRecord(Record, frozen=True, tag="c"):
+    """A queue's own settings (None: the broker's default)."""
+
+    queue: str
+    max_deliveries: int | None = None
+    lease: float | None = None
+
+
+class KeysRecord(Record, frozen=True, tag="k"):
+    """The window of recent put keys and the ids they were given (snapshots)."""
+
+    keys: list[bytes]
+    ids: list[int]
+
+
+class NextIdRecord(Record, frozen=True, tag="n"):
+    """The next message id to hand out (snapshots: ids never repeat)."""
+
+    next_id: int
+
+
+AnyRecord: TypeAlias = (
+    PutRecord
+    | DeleteRecord
+    | AttemptsRecord
+    | StateRecord
+    | MoveRecord
+    | ConfigRecord
+    | KeysRecord
+    | NextIdRecord
+)
