@@ -15,7 +15,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .client import Client, Queue, connect
+from .client import Client, Message, Queue, connect
 from .errors import (
     BrokerqError,
     BrokerUnavailable,
@@ -44,6 +44,7 @@ __all__ = [
     "InvalidRequest",
     "LeaseLost",
     "LocalProtocolError",
+    "Message",
     "MessageTooLarge",
     "PermissionDenied",
     "ProtocolError",

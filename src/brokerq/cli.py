@@ -172,6 +172,19 @@ def purge(state: _State, queue: str) -> None:
 
 
 @cli.command()
+@click.argument("queue")
+@click.option("-n", "count", type=click.IntRange(min=1), default=1, show_default=True)
+@pass_state
+def kick(state: _State, queue: str, count: int) -> None:
+    """Return up to N buried messages of QUEUE to ready; print how many.
+
+    On QUEUE:dead (dead letters) it moves them back to QUEUE instead, with
+    their delivery count reset.
+    """
+    click.echo(state.queue(queue).kick(count))
+
+
+@cli.command()
 @pass_state
 def queues(state: _State) -> None:
     """List the broker's queues, one name per line."""

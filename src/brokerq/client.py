@@ -14,6 +14,7 @@ client's ``timeout`` (the connect/spawn deadline) as a grace for the reply.
 
 from __future__ import annotations
 
+import itertools
 import os
 import threading
 import time
@@ -31,6 +32,12 @@ from .errors import (
 )
 from .protocol import (
     PROTOCOL_VERSION,
+    Ack,
+    AckReply,
+    Bury,
+    BuryReply,
+    Configure,
+    ConfigureReply,
     Error,
     FrameReader,
     Get,
@@ -39,6 +46,8 @@ from .protocol import (
     GetReply,
     Hello,
     HelloReply,
+    Kick,
+    KickReply,
     Peek,
     PeekReply,
     Ping,
@@ -51,9 +60,15 @@ from .protocol import (
     PutReply,
     Queues,
     QueuesReply,
+    Release,
+    ReleaseReply,
+    Reserve,
+    ReserveReply,
     Stats,
     StatsReply,
     Stop,
+    Touch,
+    TouchReply,
 )
 from .spawn import broker_running, connect_or_spawn, resolve_socket_path
 
@@ -70,6 +85,14 @@ def _as_bytes(body: Body) -> bytes:
     if isinstance(body, bytes | bytearray | memoryview):
         return bytes(body)
     raise TypeError(f"a message body is bytes or str, not {type(body).__name__}")
+
+
+class ConnectionLost(BrokerUnavailable):
+    """The broker closed the connection or died (EOF, ECONNRESET, EPIPE).
+
+    The request may or may not have taken effect; :meth:`Client.call`
+    retries it on a new connection (see docs/guarantees.md).
+    """
 
 
 class Connection:
@@ -125,7 +148,7 @@ class Connection:
             ) from exc
         except OSError as exc:
             self.close()
-            raise BrokerUnavailable(
+            raise ConnectionLost(
                 f"lost the connection to the broker at {self.socket_path}: {exc}"
             ) from exc
         except RemoteProtocolError:
@@ -174,6 +197,8 @@ class Client:
         self._pid = os.getpid()
         self._local = threading.local()
         self._connections: list[Connection] = []
+        self._key_prefix = os.urandom(8)
+        self._key_counter = itertools.count()
 
     def __enter__(self) -> Client:
         return self
@@ -213,14 +238,52 @@ class Client:
         return current
 
     def call(
-        self, expect: type[R], kind: type[protocol.Request], wait: float | None, **fields: Any
+        self,
+        expect: type[R],
+        kind: type[protocol.Request],
+        wait: float | None,
+        *,
+        retry: bool = True,
+        **fields: Any,
     ) -> R:
-        """One request on this thread's connection; ``wait`` as in Connection.request."""
-        limit = None if wait is None else wait + self.timeout
-        return self.connection().request(expect, kind, limit, **fields)
+        """One request on this thread's connection, retried if the broker dies.
 
-    def queue(self, name: str) -> Queue:
-        return Queue(name, client=self)
+        ``wait`` is how long the broker may take by the request's own terms
+        (a get's timeout; 0 for requests that never wait); the reply gets
+        the client's ``timeout`` on top. If the connection is lost before
+        the reply, the request is sent again on a new connection (which
+        starts a new broker if needed) until that deadline passes: puts
+        carry a key, so a retried put is never enqueued twice; a retried
+        get or reserve asks again with what is left of its timeout.
+        """
+        start = time.monotonic()
+        deadline = None if wait is None else start + wait + self.timeout
+        request_deadline = None if fields.get("timeout") is None else start + fields["timeout"]
+        while True:
+            conn = self.connection()
+            limit = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+            try:
+                return conn.request(expect, kind, limit, **fields)
+            except ConnectionLost:
+                if not retry or (deadline is not None and time.monotonic() >= deadline):
+                    raise
+            if request_deadline is not None:
+                fields["timeout"] = max(0.0, request_deadline - time.monotonic())
+
+    def next_key(self) -> bytes:
+        """A fresh put key: unique to this client (and process), 16 bytes."""
+        if os.getpid() != self._pid:
+            self.connection()  # resets the key prefix in a forked child
+        return self._key_prefix + next(self._key_counter).to_bytes(8, "big")
+
+    def queue(
+        self, name: str, *, max_deliveries: int | None = None, lease: float | None = None
+    ) -> Queue:
+        """The queue ``name``; settings given here are applied to it (see Queue.configure)."""
+        q = Queue(name, client=self)
+        if max_deliveries is not None or lease is not None:
+            q.configure(max_deliveries=max_deliveries, lease=lease)
+        return q
 
     def ping(self) -> float:
         """Round-trip time to the broker, in seconds."""
@@ -256,6 +319,8 @@ class Client:
         deadline = time.monotonic() + self.timeout
         try:
             conn.request(protocol.StopReply, Stop, self.timeout)
+        except ConnectionLost:
+            pass  # it went before it could answer: that is what we asked for
         finally:
             conn.close()
         while broker_running(self.socket_path):
@@ -290,20 +355,30 @@ class Queue:
         return f"<brokerq.Queue {self.name!r} at {self.client.socket_path!r}>"
 
     def put(self, body: Body) -> int:
-        """Enqueue ``body`` (str is sent as UTF-8); return its message id."""
+        """Enqueue ``body`` (str is sent as UTF-8); return its message id.
+
+        Exactly once: if the broker dies before it answers, the put is sent
+        again with the same key, and the broker drops the copy if the first
+        one got through.
+        """
         data = _as_bytes(body)
-        conn = self.client.connection()
-        if len(data) > conn.max_message_size:
+        limit = self.client.connection().max_message_size
+        if len(data) > limit:
             raise MessageTooLarge(
-                f"body of {len(data)} bytes is over the broker's limit of {conn.max_message_size}"
+                f"body of {len(data)} bytes is over the broker's limit of {limit}"
             )
-        return conn.request(PutReply, Put, self.client.timeout, queue=self.name, body=data).msg_id
+        key = self.client.next_key()
+        return self.client.call(PutReply, Put, 0, queue=self.name, body=data, key=key).msg_id
 
     def put_many(self, bodies: Iterable[Body]) -> list[int]:
         """Enqueue several bodies in order, in as few frames as fit; return their ids."""
         ids: list[int] = []
         for chunk in self._chunks([_as_bytes(b) for b in bodies]):
-            ids += self.client.call(PutManyReply, PutMany, 0, queue=self.name, bodies=chunk).msg_ids
+            keys = [self.client.next_key() for _ in chunk]
+            reply = self.client.call(
+                PutManyReply, PutMany, 0, queue=self.name, bodies=chunk, keys=keys
+            )
+            ids += reply.msg_ids
         return ids
 
     def _chunks(self, bodies: list[bytes]) -> list[list[bytes]]:
@@ -347,6 +422,40 @@ class Queue:
         )
         return reply.bodies
 
+    def reserve(self, timeout: float | None = None, lease: float | None = None) -> Message:
+        """Lease the next message: it stays the broker's until acked.
+
+        Waits up to ``timeout`` (as :meth:`get`). If the lease (``lease``
+        seconds, else the queue's default) runs out, or this client's
+        connection closes, before :meth:`Message.ack`, the message is
+        delivered again (at-least-once). Use it as a context manager to ack
+        on success and release on an exception.
+        """
+        protocol.validate_timeout(timeout)
+        reply = self.client.call(
+            ReserveReply, Reserve, timeout, queue=self.name, timeout=timeout, lease=lease
+        )
+        return Message(self, reply.msg_id, reply.body, reply.attempt, reply.lease)
+
+    def kick(self, n: int = 1) -> int:
+        """Return up to ``n`` buried messages to ready; on ``<q>:dead``, move
+        them back to ``<q>``. Returns how many moved."""
+        return self.client.call(KickReply, Kick, 0, queue=self.name, n=n).count
+
+    def configure(
+        self, *, max_deliveries: int | None = None, lease: float | None = None
+    ) -> dict[str, Any]:
+        """Set this queue's own delivery limit and default lease (None: the
+        broker's defaults); kept in the journal. Returns the settings now in force."""
+        return self.client.call(
+            ConfigureReply,
+            Configure,
+            0,
+            queue=self.name,
+            max_deliveries=max_deliveries,
+            lease=lease,
+        ).config
+
     def peek(self) -> bytes:
         """The body at the head, not removed. Raises Empty if none is ready."""
         return self.client.call(PeekReply, Peek, 0, queue=self.name).body
@@ -365,6 +474,63 @@ class Queue:
 
     def empty(self) -> bool:
         return self.qsize() == 0
+
+
+class Message:
+    """A reserved message: ``body``, ``id`` (what put returned), ``attempt``
+    (1 on the first delivery), and the verbs that end or extend its lease.
+
+    As a context manager it acks when the block exits cleanly and releases
+    the message (for redelivery) when it exits with an exception, unless
+    the block already settled it.
+    """
+
+    def __init__(self, queue: Queue, msg_id: int, body: bytes, attempt: int, lease: float) -> None:
+        self.queue = queue
+        self.id = msg_id
+        self.body = body
+        self.attempt = attempt
+        self.lease_expires = time.monotonic() + lease
+        self.settled = False
+
+    def __repr__(self) -> str:
+        return f"<brokerq.Message {self.id} attempt {self.attempt} of {self.queue.name!r}>"
+
+    def __enter__(self) -> Message:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if self.settled:
+            return
+        if exc_type is None:
+            self.ack()
+        else:
+            self.release()
+
+    def _verb(self, expect: type[R], kind: type[protocol.Request], **fields: Any) -> R:
+        return self.queue.client.call(
+            expect, kind, 0, retry=False, msg_id=self.id, attempt=self.attempt, **fields
+        )
+
+    def ack(self) -> None:
+        """Done with it: the message is gone for good. LeaseLost if the lease ran out."""
+        self._verb(AckReply, Ack)
+        self.settled = True
+
+    def release(self, delay: float = 0) -> None:
+        """Give it back for redelivery: now (to its place at the head) or after ``delay`` s."""
+        self._verb(ReleaseReply, Release, delay=float(delay))
+        self.settled = True
+
+    def bury(self) -> None:
+        """Set it aside: kept, not delivered, until kicked (``Queue.kick``)."""
+        self._verb(BuryReply, Bury)
+        self.settled = True
+
+    def touch(self, lease: float | None = None) -> None:
+        """Extend the lease (by its length, or ``lease`` seconds from now)."""
+        reply = self._verb(TouchReply, Touch, lease=lease)
+        self.lease_expires = time.monotonic() + reply.lease
 
 
 _shared: dict[str, Client] = {}
