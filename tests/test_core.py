@@ -214,3 +214,181 @@ def test_totals_and_holds_messages(core: BrokerCore) -> None:
         "delivered_total": 0,
     }
     assert len(core.all_waiters()) == 1
+
+
+# -- leases, dead letters, kick ---------------------------------------------------
+
+
+def test_reserve_leases_the_head_and_ack_removes_it(core: BrokerCore) -> None:
+    core.put("q", b"a", now=0)
+    core.put("q", b"b", now=0)
+    msg = core.reserve_nowait("q", now=0, owner="c1")
+    assert msg is not None
+    assert (msg.body, msg.attempts) == (b"a", 1)
+    stats = core.queue_stats("q", now=0)
+    assert (stats["ready"], stats["reserved"], stats["bytes"]) == (1, 1, 2)
+    core.ack(msg.id, 1)
+    stats = core.queue_stats("q", now=0)
+    assert (stats["ready"], stats["reserved"], stats["bytes"]) == (1, 0, 1)
+    assert not core.lease_of(msg.id)
+
+
+def test_release_puts_back_at_its_place_in_order(core: BrokerCore) -> None:
+    for body in (b"1", b"2", b"3"):
+        core.put("q", body, now=0)
+    first = core.reserve_nowait("q", now=0)
+    second = core.reserve_nowait("q", now=0)
+    assert first is not None
+    assert second is not None
+    core.release(second.id, 1, now=0)
+    core.release(first.id, 1, now=0)
+    assert bodies(core.get_nowait("q", 5)) == [b"1", b"2", b"3"]
+
+
+def test_a_late_verb_for_an_expired_attempt_is_refused(core: BrokerCore) -> None:
+    from brokerq.errors import LeaseLost
+
+    core.put("q", b"x", now=0)
+    msg = core.reserve_nowait("q", now=0, lease=10)
+    assert msg is not None
+    assert core.next_deadline() == 10
+    assert core.tick(now=9) == []
+    assert core.tick(now=10) == []  # back to ready, nobody waiting
+    again = core.reserve_nowait("q", now=11)
+    assert again is not None
+    assert again.attempts == 2
+    with pytest.raises(LeaseLost):
+        core.ack(msg.id, 1)
+    core.ack(again.id, 2)
+    assert core.queue_stats("q", now=11)["ready"] == 0
+
+
+def test_expired_lease_goes_to_the_longest_waiter(core: BrokerCore) -> None:
+    core.put("q", b"x", now=0)
+    core.reserve_nowait("q", now=0, lease=5)
+    waiter = core.wait("q", lease=5, owner="w")
+    assert core.tick(now=5) == [waiter]
+    assert waiter.messages[0].attempts == 2
+    assert core.lease_of(waiter.messages[0].id) is not None
+
+
+def test_touch_extends_the_lease(core: BrokerCore) -> None:
+    core.put("q", b"x", now=0)
+    msg = core.reserve_nowait("q", now=0, lease=5)
+    assert msg is not None
+    assert core.touch(msg.id, 1, now=4) == 9
+    core.tick(now=6)
+    assert core.queue_stats("q", now=6)["reserved"] == 1
+    core.tick(now=9)
+    assert core.queue_stats("q", now=9)["ready"] == 1
+
+
+def test_owner_closing_releases_everything_it_held(core: BrokerCore) -> None:
+    for body in (b"1", b"2", b"3"):
+        core.put("q", body, now=0)
+    core.reserve_nowait("q", now=0, owner="gone")
+    core.reserve_nowait("q", now=0, owner="gone")
+    core.reserve_nowait("q", now=0, owner="alive")
+    core.release_owned("gone", now=1)
+    stats = core.queue_stats("q", now=1)
+    assert (stats["ready"], stats["reserved"]) == (2, 1)
+    assert bodies(core.get_nowait("q", 5)) == [b"1", b"2"]
+
+
+def test_release_with_delay(core: BrokerCore) -> None:
+    core.put("q", b"x", now=0)
+    msg = core.reserve_nowait("q", now=0)
+    assert msg is not None
+    core.release(msg.id, 1, now=0, delay=3)
+    assert core.queue_stats("q", now=1)["delayed"] == 1
+    assert core.get_nowait("q") == []
+    core.tick(now=3)
+    assert bodies(core.get_nowait("q")) == [b"x"]
+
+
+def test_dead_letter_after_max_deliveries_and_kick_back(core: BrokerCore) -> None:
+    core.configure("q", max_deliveries=2)
+    core.put("q", b"x", now=0)
+    for attempt in (1, 2):
+        msg = core.reserve_nowait("q", now=0)
+        assert msg is not None
+        assert msg.attempts == attempt
+        core.release(msg.id, attempt, now=0)
+    assert core.queue_stats("q", now=0)["dead_lettered_total"] == 1
+    assert core.queue_stats("q", now=0)["ready"] == 0
+    assert core.queue_stats("q:dead", now=0)["ready"] == 1
+    count, _ = core.kick("q:dead", 10, now=0)
+    assert count == 1
+    msg = core.reserve_nowait("q", now=0)
+    assert msg is not None
+    assert msg.attempts == 1
+
+
+def test_bury_and_kick(core: BrokerCore) -> None:
+    core.put("q", b"x", now=0)
+    msg = core.reserve_nowait("q", now=0)
+    assert msg is not None
+    core.bury(msg.id, 1)
+    assert core.queue_stats("q", now=0)["buried"] == 1
+    assert core.get_nowait("q") == []
+    waiter = core.wait("q")
+    count, woken = core.kick("q", 1, now=0)
+    assert (count, woken) == (1, [waiter])
+
+
+def test_configure_validates(core: BrokerCore) -> None:
+    with pytest.raises(InvalidRequest):
+        core.configure("q", max_deliveries=0)
+    with pytest.raises(InvalidRequest):
+        core.configure("q", lease=0)
+    assert core.configure("q", lease=5)["lease"] == 5
+
+
+def test_a_retried_put_key_is_dropped(core: BrokerCore) -> None:
+    first, _ = core.put("q", b"x", now=0, key=b"k1")
+    again, _ = core.put("q", b"x", now=0, key=b"k1")
+    assert again == first
+    ids, _ = core.put_many("q", [b"x", b"y"], now=0, keys=[b"k1", b"k2"])
+    assert ids[0] == first
+    assert core.queue_stats("q", now=0)["ready"] == 2
+
+
+def test_write_ahead_failure_changes_nothing() -> None:
+    from brokerq.errors import Full
+
+    def refuse(record: object) -> None:
+        raise Full("disk full")
+
+    core = BrokerCore(max_message_size=100)
+    core.put("q", b"kept", now=0)
+    core.write = refuse
+    with pytest.raises(Full):
+        core.put("q", b"x", now=0)
+    with pytest.raises(Full):
+        core.get_nowait("q")
+    core.write = None
+    assert bodies(core.get_nowait("q", 5)) == [b"kept"]
+
+
+def test_replay_rebuilds_the_state() -> None:
+    records: list = []  # type: ignore[type-arg]
+    a = BrokerCore(max_message_size=100, write=records.append)
+    for body in (b"1", b"2", b"3", b"4"):
+        a.put("q", body, now=0, key=body)
+    a.get_nowait("q")  # 1 gone
+    held = a.reserve_nowait("q", now=0)  # 2 reserved: ready again after a restart
+    buried = a.reserve_nowait("q", now=0)
+    assert held is not None
+    assert buried is not None
+    a.bury(buried.id, 1)  # 3 buried
+    a.configure("q", lease=7)
+    b = BrokerCore(max_message_size=100)
+    for record in records:
+        b.apply(record)
+    assert b.finish_replay(now=0) == 3
+    assert bodies(b.get_nowait("q", 5)) == [b"2", b"4"]
+    assert b.queue_stats("q", now=0)["buried"] == 1
+    assert b.queue_config("q")["lease"] == 7
+    new_id, _ = b.put("q", b"5", now=0)
+    assert new_id > 4
+    assert b.put("q", b"4", now=0, key=b"4")[0] == 4  # the key window came back

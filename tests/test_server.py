@@ -17,6 +17,8 @@ import trio.testing
 
 from brokerq import protocol
 from brokerq.protocol import (
+    Ack,
+    AckReply,
     Error,
     FrameReader,
     Get,
@@ -31,6 +33,10 @@ from brokerq.protocol import (
     PingReply,
     Put,
     PutMany,
+    Release,
+    ReleaseReply,
+    Reserve,
+    ReserveReply,
     PutManyReply,
     PutReply,
     Stats,
@@ -80,7 +86,10 @@ class Peer:
 
 @pytest.fixture
 async def broker() -> AsyncIterator[Broker]:
-    b = Broker(BrokerConfig(socket_path="/nonexistent/b.sock", max_message_size=1000))
+    b = Broker(
+        BrokerConfig(socket_path="/nonexistent/b.sock", max_message_size=1000),
+        clock=trio.current_time,
+    )
     async with trio.open_nursery() as nursery:
         await nursery.start(b.serve, None)
         yield b
@@ -405,3 +414,98 @@ async def test_stop_answers_then_wakes_waiters_with_shutting_down() -> None:
         assert isinstance(reply, Error)
         assert (reply.id, reply.code) == (3, "shutting_down")
     # serve() returned: the broker is done.
+
+
+# -- leases ---------------------------------------------------------------------
+
+
+async def test_reserve_and_ack(broker: Broker) -> None:
+    peer = await connect(broker)
+    await peer.call(Put, queue="q", body=b"job")
+    got = await peer.call(Reserve, queue="q", timeout=0, lease=10)
+    assert isinstance(got, ReserveReply)
+    assert (got.body, got.attempt, got.lease) == (b"job", 1, 10)
+    assert isinstance(await peer.call(Ack, msg_id=got.msg_id, attempt=1), AckReply)
+    late = await peer.call(Ack, msg_id=got.msg_id, attempt=1)
+    assert isinstance(late, Error)
+    assert late.code == "lease_lost"
+
+
+async def test_blocked_reserve_is_woken_by_a_put(broker: Broker) -> None:
+    consumer = await connect(broker)
+    await consumer.send(Reserve(id=4, queue="q"))
+    await trio.testing.wait_all_tasks_blocked()
+    producer = await connect(broker)
+    await producer.call(Put, queue="q", body=b"m")
+    got = await consumer.receive()
+    assert isinstance(got, ReserveReply)
+    assert (got.id, got.body, got.attempt) == (4, b"m", 1)
+    assert got.lease == pytest.approx(30, abs=1)
+    assert broker.core.queue_stats("q", 0)["reserved"] == 1
+
+
+async def test_closing_the_connection_releases_its_leases(broker: Broker) -> None:
+    holder = await connect(broker)
+    await holder.call(Put, queue="q", body=b"m")
+    first = await holder.call(Reserve, queue="q", timeout=0)
+    assert isinstance(first, ReserveReply)
+    other = await connect(broker)
+    await other.send(Reserve(id=9, queue="q"))
+    await trio.testing.wait_all_tasks_blocked()
+    await holder.stream.aclose()
+    again = await other.receive()
+    assert isinstance(again, ReserveReply)
+    assert (again.msg_id, again.attempt) == (first.msg_id, 2)
+
+
+async def test_an_expired_lease_is_delivered_again(
+    broker: Broker, autojump_clock: trio.abc.Clock
+) -> None:
+    slow = await connect(broker)
+    await slow.call(Put, queue="q", body=b"m")
+    first = await slow.call(Reserve, queue="q", timeout=0, lease=5)
+    assert isinstance(first, ReserveReply)
+    other = await connect(broker)
+    start = trio.current_time()
+    again = await other.call(Reserve, queue="q", timeout=60)
+    assert isinstance(again, ReserveReply)
+    assert trio.current_time() - start == pytest.approx(5)
+    assert again.attempt == 2
+    late = await slow.call(Release, msg_id=first.msg_id, attempt=1)
+    assert isinstance(late, Error)
+    assert late.code == "lease_lost"
+    assert isinstance(await other.call(Release, msg_id=again.msg_id, attempt=2), ReleaseReply)
+
+
+async def test_puts_wait_for_one_shared_fsync(monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+    import tempfile
+
+    from brokerq.journal import Journal
+
+    directory = tempfile.mkdtemp(dir="/tmp")
+    syncs: list[int] = []
+    real_sync = Journal.sync
+
+    def counting_sync(self: Journal) -> int:
+        syncs.append(self.written)
+        return real_sync(self)
+
+    monkeypatch.setattr(Journal, "sync", counting_sync)
+    journal, _ = Journal.open(f"{directory}/j", "batch")
+    b = Broker(BrokerConfig(socket_path="/nonexistent/b.sock"), journal=journal)
+    try:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(b.serve, None)
+            peers = [await connect(b) for _ in range(10)]
+            for i, peer in enumerate(peers):
+                await peer.send(*(Put(id=j, queue="q", body=b"%d" % i) for j in range(1, 21)))
+            for peer in peers:
+                replies = [await peer.receive() for _ in range(20)]
+                assert all(isinstance(r, PutReply) for r in replies)
+            assert journal.synced == journal.written
+            assert 1 <= len(syncs) < 200  # far fewer fsyncs than puts
+            b.request_stop("test over")
+    finally:
+        journal.close()
+        shutil.rmtree(directory)

@@ -82,13 +82,14 @@ class Message:
 class Lease:
     """A reserved message: whose it is, which attempt, until when."""
 
-    __slots__ = ("attempt", "expires_at", "message", "owner")
+    __slots__ = ("attempt", "expires_at", "length", "message", "owner")
 
-    def __init__(self, message: Message, owner: object, expires_at: float) -> None:
+    def __init__(self, message: Message, owner: object, now: float, length: float) -> None:
         self.message = message
         self.attempt = message.attempts
         self.owner = owner
-        self.expires_at = expires_at
+        self.length = length
+        self.expires_at = now + length
 
 
 class Waiter:
@@ -391,7 +392,7 @@ class BrokerCore:
         length = lease if lease is not None else (q.lease or self.default_lease)
         self._write(AttemptsRecord(id=msg.id, attempts=msg.attempts + 1))
         msg.attempts += 1
-        held = Lease(msg, owner, now + length)
+        held = Lease(msg, owner, now, length)
         self._leases[msg.id] = held
         self._owned.setdefault(owner, set()).add(msg.id)
         q.reserved += 1
@@ -445,8 +446,9 @@ class BrokerCore:
     def touch(self, msg_id: int, attempt: int, now: float, lease: float | None = None) -> float:
         """Extend a lease (by its own length, or ``lease`` seconds); returns the new expiry."""
         held = self._lease_for(msg_id, attempt)
-        q = self._queue(held.message.queue)
-        held.expires_at = now + (lease if lease is not None else (q.lease or self.default_lease))
+        if lease is not None:
+            held.length = lease
+        held.expires_at = now + held.length
         self._add_timer(held.expires_at, held)
         return held.expires_at
 
