@@ -100,22 +100,29 @@ class Connection:
 
     def __init__(self, socket_path: str, timeout: float, *, spawn: bool = True) -> None:
         deadline = time.monotonic() + timeout
-        try:
-            self.sock = connect_or_spawn(socket_path, deadline, spawn=spawn)
-        except OSError as exc:
-            raise BrokerUnavailable(f"cannot reach the broker at {socket_path}: {exc}") from exc
         self.socket_path = socket_path
-        self.reader = FrameReader(protocol.HANDSHAKE_FRAME_LIMIT)
         self.out = bytearray()
-        self.next_id = 1
         self.pid = os.getpid()
-        try:
-            hello = self.request(
-                HelloReply, Hello, deadline - time.monotonic(), version=PROTOCOL_VERSION
-            )
-        except BaseException:
-            self.close()
-            raise
+        while True:
+            try:
+                self.sock = connect_or_spawn(socket_path, deadline, spawn=spawn)
+            except OSError as exc:
+                raise BrokerUnavailable(f"cannot reach the broker at {socket_path}: {exc}") from exc
+            self.reader = FrameReader(protocol.HANDSHAKE_FRAME_LIMIT)
+            self.next_id = 1
+            try:
+                hello = self.request(
+                    HelloReply, Hello, deadline - time.monotonic(), version=PROTOCOL_VERSION
+                )
+                break
+            except ConnectionLost:
+                # A broker that died (or idled out) just after accepting us:
+                # connect again, which finds or starts the next one.
+                if time.monotonic() >= deadline:
+                    raise
+            except BaseException:
+                self.close()
+                raise
         self.broker_pid = hello.pid
         self.server = hello.server
         self.max_message_size = hello.max_message_size
