@@ -628,6 +628,10 @@ class BrokerCore:
         """Every parked dequeuer (a stopping broker wakes them all)."""
         return [w for q in self._queues.values() for w in q.waiters]
 
+    def snapshot_size(self) -> int:
+        """Roughly the bytes a snapshot takes: live messages and the key window."""
+        return self.live_bytes + 24 * len(self._keys)
+
     def holds_messages(self) -> bool:
         """True while any message is held, in any state."""
         return self.live_bytes > 0

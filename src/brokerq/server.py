@@ -328,7 +328,7 @@ class Broker:
             journal is not None
             and not journal.compacting
             and journal.size > COMPACT_MIN_BYTES
-            and journal.size > 2 * self.core.live_bytes
+            and journal.size > 2 * self.core.snapshot_size()
         )
 
     async def _compact(self) -> None:
