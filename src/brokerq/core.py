@@ -211,7 +211,7 @@ class BrokerCore:
         new: list[tuple[int, bytes, bytes | None]] = []
         next_id = self._next_id
         for i, body in enumerate(bodies):
-            key = None if keys is None else keys[i]
+            key = None if keys is None else keys[i] or None  # b"": no key
             seen = None if key is None else self._keys.get(key)
             if seen is not None:
                 ids.append(seen)

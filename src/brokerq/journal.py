@@ -4,19 +4,24 @@ File format (version 1)::
 
     header   8 bytes  b"BRKQJNL\\0"
              4 bytes  format version, u32 big-endian
-    record   4 bytes  payload length, u32 big-endian
-             4 bytes  CRC-32 of the payload, u32 big-endian
+    record   2 bytes  marker b"\\xb0\\x51"
+             4 bytes  payload length n, u32 big-endian
+             4 bytes  CRC-32 of the length bytes and the payload, u32 big-endian
              n bytes  payload: one MessagePack record (brokerq.records)
     record   ...
 
+The checksum covers the length, so a flipped length is caught too; the
+marker lets a reader find the records after a damaged one.
+
 Reading it back (:func:`read_journal`):
 
-* a **torn tail** (the last record cut anywhere, or its checksum wrong with
-  nothing valid after it: a crash in the middle of a write) is logged and
-  cut off; every whole record before it is kept;
-* **corruption in the middle** (a bad checksum followed by a valid record)
-  refuses to start with an error naming the offset, unless ``repair`` says
-  to truncate the file there (losing what follows).
+* a **torn tail** (the last record cut anywhere, or damaged with no valid
+  records after it: a crash in the middle of a write) is logged and cut
+  off; every whole record before it is kept;
+* **corruption in the middle** (a damaged record followed by valid records
+  that run to the end of the file) refuses to start with an error naming
+  the offset, unless ``repair`` says to truncate the file there (losing
+  what follows).
 
 Writing (:class:`Journal`): each record is written with one ``write()``
 before the broker acknowledges anything. ``fsync`` is ``never`` (the page
@@ -60,7 +65,9 @@ log = logging.getLogger("brokerq.journal")
 MAGIC: Final = b"BRKQJNL\x00"
 FORMAT_VERSION: Final = 1
 FILE_HEADER: Final = struct.Struct(">8sI")
-RECORD_HEADER: Final = struct.Struct(">II")
+RECORD_MARKER: Final = b"\xb0\x51"
+RECORD_HEADER: Final = struct.Struct(">2sII")
+_LENGTH: Final = struct.Struct(">I")
 FSYNC_MODES: Final = ("never", "batch", "always")
 
 _encoder: Final = msgspec.msgpack.Encoder()
@@ -97,9 +104,14 @@ def journal_path(socket_path: str, data_dir: str | None) -> str:
     return os.path.join(data_dir, os.path.basename(socket_path) + ".journal")
 
 
+def _checksum(length: int, payload: bytes | memoryview) -> int:
+    return zlib.crc32(payload, zlib.crc32(_LENGTH.pack(length)))
+
+
 def encode_record(record: AnyRecord) -> bytes:
     payload = _encoder.encode(record)
-    return RECORD_HEADER.pack(len(payload), zlib.crc32(payload)) + payload
+    length = len(payload)
+    return RECORD_HEADER.pack(RECORD_MARKER, length, _checksum(length, payload)) + payload
 
 
 def _file_header() -> bytes:
@@ -117,12 +129,14 @@ def _record_at(data: bytes, offset: int) -> tuple[bytes, int] | str:
     """The payload at ``offset`` and the offset after it, or why there is none."""
     if len(data) - offset < RECORD_HEADER.size:
         return "a record header cut short"
-    length, crc = RECORD_HEADER.unpack_from(data, offset)
+    marker, length, crc = RECORD_HEADER.unpack_from(data, offset)
+    if marker != RECORD_MARKER:
+        return "no record marker"
     start = offset + RECORD_HEADER.size
     if start + length > len(data):
         return f"a record of {length} bytes cut short"
     payload = data[start : start + length]
-    if zlib.crc32(payload) != crc:
+    if _checksum(length, payload) != crc:
         return "a checksum mismatch"
     return payload, start + length
 
@@ -136,6 +150,8 @@ def read_journal(path: str, *, repair: bool = False) -> ReadResult:
         return ReadResult()
     result = ReadResult()
     if len(data) < FILE_HEADER.size:
+        if not _file_header().startswith(data):
+            raise JournalCorrupt(path, 0, "not a brokerq journal")
         result.torn = "a file header cut short" if data else None
         return result
     magic, version = FILE_HEADER.unpack_from(data)
@@ -149,7 +165,7 @@ def read_journal(path: str, *, repair: bool = False) -> ReadResult:
     while offset < len(data):
         found = _record_at(data, offset)
         if isinstance(found, str):
-            if found == "a checksum mismatch" and _valid_record_follows(data, offset):
+            if _valid_records_follow(data, offset):
                 if not repair:
                     raise JournalCorrupt(path, offset, found)
                 log.warning("journal %s: --repair truncates at byte %d (%s)", path, offset, found)
@@ -165,11 +181,21 @@ def read_journal(path: str, *, repair: bool = False) -> ReadResult:
     return result
 
 
-def _valid_record_follows(data: bytes, offset: int) -> bool:
-    """After a bad record at ``offset``, is the next one (by its length) whole?"""
-    (length, _) = RECORD_HEADER.unpack_from(data, offset)
-    after = offset + RECORD_HEADER.size + length
-    return after < len(data) and not isinstance(_record_at(data, after), str)
+def _valid_records_follow(data: bytes, offset: int) -> bool:
+    """After a bad record at ``offset``, do valid records run to the end of the file?
+
+    The damaged record's length cannot be trusted, so every later marker is
+    tried as a start. A torn tail (a crash mid-write) has no such run.
+    """
+    start = data.find(RECORD_MARKER, offset + 1)
+    while start != -1:
+        position, whole = start, 0
+        while isinstance(found := _record_at(data, position), tuple):
+            position, whole = found[1], whole + 1
+        if whole and position == len(data):
+            return True
+        start = data.find(RECORD_MARKER, start + 1)
+    return False
 
 
 def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
@@ -227,8 +253,7 @@ class Journal:
 
     def append(self, record: AnyRecord) -> None:
         """Write one record (and fsync it, with ``always``). See the module doc."""
-        if self.failed:
-            raise JournalFailed(f"the journal failed earlier: {self.failed}")
+        self._check_failed()
         frame = encode_record(record)
         try:
             _write_all(self.fd, frame)
@@ -258,6 +283,7 @@ class Journal:
 
         Safe to call from a worker thread while the owner appends.
         """
+        self._check_failed()
         target = self.written
         try:
             os.fsync(self.fd)
@@ -265,6 +291,10 @@ class Journal:
             self._fail(f"fsync failed: {exc}")
         self.synced = max(self.synced, target)
         return self.synced
+
+    def _check_failed(self) -> None:
+        if self.failed:
+            raise JournalFailed(f"the journal failed earlier: {self.failed}")
 
     def _fail(self, reason: str) -> None:
         self.failed = reason
@@ -322,16 +352,23 @@ class Compaction:
         os.fsync(self.fd)
         self.size += len(self.tail)
         os.rename(self.tmp_path, journal.path)
-        _fsync_directory(journal.path)
+        # From here on the new file is the journal: append to it, whatever
+        # the directory fsync says.
         old_fd, journal.fd = journal.fd, self.fd
         journal.size = self.size
         journal.synced = journal.written
         journal._compaction = None
         self.fd = -1
         os.close(old_fd)
+        _fsync_directory(journal.path)
 
     def abandon(self) -> None:
-        """Give up (an error in a step): the old journal stays as it was."""
+        """Give up (an error in a step): the old journal stays as it was.
+
+        After the rename there is nothing to undo: the new file is in use.
+        """
+        if self.journal._compaction is not self:
+            return
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
