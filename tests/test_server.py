@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
 import pytest
@@ -509,3 +509,76 @@ async def test_puts_wait_for_one_shared_fsync(monkeypatch: pytest.MonkeyPatch) -
     finally:
         journal.close()
         shutil.rmtree(directory)
+
+
+# -- journal failures ------------------------------------------------------------
+
+
+@pytest.fixture
+def journal_dir() -> Iterator[str]:
+    import shutil
+    import tempfile
+
+    directory = tempfile.mkdtemp(dir="/tmp")
+    yield directory
+    shutil.rmtree(directory)
+
+
+async def test_a_full_disk_fails_the_put_and_acknowledges_nothing(
+    journal_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import errno
+    import os
+
+    import brokerq.journal
+    from brokerq.journal import Journal
+
+    journal, _ = Journal.open(f"{journal_dir}/j", "batch")
+    b = Broker(BrokerConfig(socket_path="/nonexistent/b.sock"), journal=journal)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(b.serve, None)
+        peer = await connect(b)
+        assert isinstance(await peer.call(Put, queue="q", body=b"kept"), PutReply)
+
+        def no_space(fd: int, data: object) -> int:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(brokerq.journal.os, "write", no_space)
+        refused = await peer.call(Put, queue="q", body=b"lost")
+        assert isinstance(refused, Error)
+        assert refused.code == "full"
+        assert "full" in refused.message
+        monkeypatch.undo()
+        assert b.failure is None  # a full disk is not fatal
+        got = await peer.call(GetMany, queue="q", n=10, timeout=0)
+        assert isinstance(got, GetManyReply)
+        assert got.bodies == [b"kept"]
+        b.request_stop("test over")
+    journal.close()
+
+
+async def test_a_failed_fsync_is_fatal(journal_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+    import os
+
+    import brokerq.journal
+    from brokerq.journal import Journal
+
+    journal, _ = Journal.open(f"{journal_dir}/j", "batch")
+    b = Broker(BrokerConfig(socket_path="/nonexistent/b.sock"), journal=journal)
+
+    def eio(fd: int) -> None:
+        raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+    async with trio.open_nursery() as nursery:
+        await nursery.start(b.serve, None)
+        peer = await connect(b)
+        monkeypatch.setattr(brokerq.journal.os, "fsync", eio)
+        reply = await peer.call(Put, queue="q", body=b"x")
+        assert isinstance(reply, Error)  # never acknowledged
+        assert reply.code == "internal"
+        # serve() returns: the broker stops, and the daemon exits non-zero.
+    assert b.failure is not None
+    assert "fsync failed" in b.failure
+    monkeypatch.undo()
+    journal.close()

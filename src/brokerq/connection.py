@@ -410,8 +410,18 @@ class Connection:
             return
         if self.sync_to:
             # Group commit: replies to puts wait for the fsync that covers them.
-            await self.broker.wait_synced(self.sync_to)
-            self.sync_to = 0
+            sync_to, self.sync_to = self.sync_to, 0
+            try:
+                await self.broker.wait_synced(sync_to)
+            except JournalFailed as exc:
+                # Nothing in this batch may be acknowledged: drop its replies.
+                self.out.clear()
+                self._reply_error(0, "internal", f"{exc}; nothing in this batch was acknowledged")
+                await self._send_out()
+                raise PeerGone from exc
+        await self._send_out()
+
+    async def _send_out(self) -> None:
         try:
             await self.stream.send_all(self.out)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
