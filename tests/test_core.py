@@ -85,7 +85,7 @@ def test_undeliver_puts_back_at_head_in_order(core: BrokerCore) -> None:
     for body in (b"1", b"2", b"3", b"4"):
         core.put("q", body, now=0)
     taken = core.get_nowait("q", 2)
-    assert core.undeliver(taken, now=0, leased=False) == []
+    assert core.undeliver(taken, now=0) == []
     assert bodies(core.get_nowait("q", 10)) == [b"1", b"2", b"3", b"4"]
     stats = core.queue_stats("q", now=0)
     assert stats["delivered_total"] == 4
@@ -97,7 +97,7 @@ def test_undelivered_messages_go_to_waiters_first(core: BrokerCore) -> None:
     core.put("q", b"2", now=0)
     taken = core.get_nowait("q", 2)
     w1, w2, w3 = core.wait("q"), core.wait("q"), core.wait("q")
-    assert core.undeliver(taken, now=0, leased=False) == [w1, w2]
+    assert core.undeliver(taken, now=0) == [w1, w2]
     assert bodies(w1.messages) == [b"1"]
     assert bodies(w2.messages) == [b"2"]
     assert list(core._queues["q"].waiters) == [w3]
@@ -392,3 +392,66 @@ def test_replay_rebuilds_the_state() -> None:
     new_id, _ = b.put("q", b"5", now=0)
     assert new_id > 4
     assert b.put("q", b"4", now=0, key=b"4")[0] == 4  # the key window came back
+
+
+def test_undelivering_a_reserve_whose_lease_already_ended_touches_nothing(
+    core: BrokerCore,
+) -> None:
+    core.put("q", b"x", now=0)
+    first = core.reserve_nowait("q", now=0, lease=1)
+    assert first is not None
+    leases = core.leases_of([first])
+    core.tick(now=1)  # its lease ran out...
+    second = core.reserve_nowait("q", now=2, lease=10)  # ...and it went to another
+    assert second is not None
+    assert second.attempts == 2
+    core.undeliver([first], now=2, leases=leases)  # the first reply failed late
+    lease = core.lease_of(second.id)
+    assert lease is not None
+    assert lease.attempt == 2
+    core.ack(second.id, 2)
+
+
+def test_a_put_handed_to_waiters_is_one_record() -> None:
+    records: list = []  # type: ignore[type-arg]
+    core = BrokerCore(max_message_size=100, write=records.append)
+    getter = core.wait("q")
+    reserver = core.wait("q", lease=5)
+    core.put_many("q", [b"a", b"b", b"c"], now=0)
+    assert len(records) == 1
+    assert (records[0].taken, records[0].leased) == ([1], [2])
+    assert bodies(getter.messages) == [b"a"]
+    assert [m.attempts for m in reserver.messages] == [1]
+    replayed = BrokerCore(max_message_size=100)
+    replayed.apply(records[0])
+    assert replayed.finish_replay(now=0) == 2  # b (reserved: ready again) and c
+    assert [m.attempts for m in replayed.get_nowait("q", 5)] == [1, 0]
+
+
+def test_a_full_disk_postpones_a_lease_expiry() -> None:
+    from brokerq.errors import Full
+
+    core = BrokerCore(max_message_size=100)
+    core.put("q", b"x", now=0)
+    core.reserve_nowait("q", now=0, lease=1)
+
+    def full(record: object) -> None:
+        raise Full("disk full")
+
+    core.write = full
+    assert core.tick(now=1) == []
+    assert core.next_deadline() == 2
+    core.write = None
+    core.tick(now=2)
+    assert core.queue_stats("q", now=2)["ready"] == 1
+
+
+@pytest.mark.parametrize("value", [float("inf"), float("nan"), -1.0])
+def test_leases_and_delays_are_finite(core: BrokerCore, value: float) -> None:
+    core.put("q", b"x", now=0)
+    msg = core.reserve_nowait("q", now=0)
+    assert msg is not None
+    with pytest.raises(InvalidRequest):
+        core.release(msg.id, 1, now=0, delay=value)
+    with pytest.raises(InvalidRequest):
+        core.configure("q", lease=value)

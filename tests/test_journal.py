@@ -13,6 +13,7 @@ import errno
 import os
 import random
 import shutil
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -649,6 +650,7 @@ def test_crash_at_each_step_of_a_compaction_loses_nothing(
         monkeypatch.setattr(jmod, "_fsync_directory", no_directory_fsync)
         with pytest.raises(OSError, match="simulated crash"):
             compaction.finish()
+        monkeypatch.undo()  # the next broker's directory fsync works again
         assert not os.path.exists(compaction.tmp_path)
         assert os.path.getsize(path) < old_size
     elif step == "finished":
@@ -920,7 +922,8 @@ def test_power_loss_never_loses_an_acknowledged_put(
     def fsync(fd: int) -> None:
         nonlocal synced_size
         os.fsync(fd)
-        if journal is None or fd == journal.fd:
+        is_file = stat.S_ISREG(os.fstat(fd).st_mode)  # not the directory's fsync
+        if is_file and (journal is None or fd == journal.fd):
             synced_size = os.fstat(fd).st_size
 
     fake_os.on_fsync = fsync
@@ -968,8 +971,10 @@ def test_journal_path() -> None:
     assert journal_path("/run/user/1000/brokerq/b.sock", None) == (
         "/run/user/1000/brokerq/b.sock.journal"
     )
-    assert journal_path("/run/user/1000/brokerq/b.sock", "/var/lib/bq") == (
-        "/var/lib/bq/b.sock.journal"
-    )
     assert journal_path("b.sock", None) == "b.sock.journal"
-    assert journal_path("rel/dir/b.sock", "data") == "data/b.sock.journal"
+    in_data_dir = journal_path("/run/user/1000/brokerq/b.sock", "/var/lib/bq")
+    assert in_data_dir.startswith("/var/lib/bq/b.sock-")
+    assert in_data_dir.endswith(".journal")
+    # Two sockets with the same name never share a journal in one data dir.
+    assert journal_path("/a/b.sock", "/var/lib/bq") != journal_path("/c/b.sock", "/var/lib/bq")
+    assert journal_path("/a/b.sock", "/d") == journal_path("/a/b.sock", "/d")

@@ -14,6 +14,7 @@ client's ``timeout`` (the connect/spawn deadline) as a grace for the reply.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import threading
@@ -26,6 +27,7 @@ from .errors import (
     BrokerqError,
     BrokerUnavailable,
     InvalidRequest,
+    LocalProtocolError,
     MessageTooLarge,
     RemoteProtocolError,
     from_code,
@@ -76,6 +78,9 @@ Body = bytes | bytearray | memoryview | str
 R = TypeVar("R", bound=protocol.Reply)
 
 DEFAULT_TIMEOUT = 10.0
+#: What one body adds to a put_many frame beyond its bytes: its bin header
+#: and its 16-byte key with its own header, rounded up.
+_PER_BODY = 32
 _RECEIVE_SIZE = 256 * 1024
 
 
@@ -144,6 +149,11 @@ class Connection:
         self.next_id += 1
         self.out.clear()
         protocol.append_frame(self.out, kind(id=request_id, **fields))
+        if len(self.out) - protocol.HEADER_SIZE > self.reader.max_frame_size:
+            raise LocalProtocolError(
+                f"a {kind.__name__} request of {len(self.out)} bytes is over the broker's "
+                f"frame limit of {self.reader.max_frame_size}"
+            )
         try:
             self.sock.settimeout(wait)
             self.sock.sendall(self.out)
@@ -398,11 +408,11 @@ class Queue:
         chunk: list[bytes] = []
         size = 0
         for body in bodies:
-            if chunk and size + len(body) + 8 > limit:
+            if chunk and size + len(body) + _PER_BODY > limit:
                 chunks.append(chunk)
                 chunk, size = [], 0
             chunk.append(body)
-            size += len(body) + 8
+            size += len(body) + _PER_BODY
         if chunk:
             chunks.append(chunk)
         return chunks
@@ -511,7 +521,10 @@ class Message:
             return
         if exc_type is None:
             self.ack()
-        else:
+            return
+        # Do not let a failed release hide the block's own exception: an
+        # unreleased message comes back anyway when its lease runs out.
+        with contextlib.suppress(BrokerqError):
             self.release()
 
     def _verb(self, expect: type[R], kind: type[protocol.Request], **fields: Any) -> R:

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Final
 import trio
 
 from . import __version__, protocol
-from .core import Message, Waiter
+from .core import Lease, Message, Waiter
 from .errors import BrokerqError, InvalidRequest, RemoteProtocolError
 from .journal import JournalFailed
 from .protocol import (
@@ -102,6 +102,7 @@ class Delivery:
     messages: list[Message]
     request_id: int
     lease_s: float = 0.0
+    leases: list[Lease | None] | None = None  # a reserve's: what to undo if unsent
 
     def reply(self) -> GetReply | GetManyReply | ReserveReply:
         if self.kind is GetMany:
@@ -191,6 +192,10 @@ class Connection:
             if not self._greet(request):
                 await self._close_with_error()
             return
+        if self.sync_to and isinstance(request, Get | GetMany | Reserve):
+            # Settle the puts' replies first: a journal failure there must
+            # not strand messages this request would take.
+            await self._flush()
         try:
             reply = self._dispatch(request)
             if reply is _BLOCK:
@@ -271,7 +276,8 @@ class Connection:
                 _check_lease(lease)
                 msg = core.reserve_nowait(queue, now, lease, owner=self)
                 if msg is not None:
-                    return Delivery(Reserve, [msg], rid, self._lease_left(msg, now))
+                    leases = core.leases_of([msg])
+                    return Delivery(Reserve, [msg], rid, self._lease_left(msg, now), leases)
                 return _BLOCK if timeout != 0 else _empty(rid, queue)
             case GetMany(id=rid, queue=queue, n=n, timeout=timeout):
                 protocol.validate_timeout(timeout)
@@ -387,8 +393,10 @@ class Connection:
                 len(m.body) + protocol.MESSAGE_OVERHEAD for m in messages
             )
             messages += self.core.get_nowait(request.queue, request.n - len(messages), room)
-        lease_s = self._lease_left(messages[0], self.broker.clock()) if lease else 0.0
-        return Delivery(type(request), messages, request.id, lease_s)
+        if lease is None:
+            return Delivery(type(request), messages, request.id)
+        lease_s = self._lease_left(messages[0], self.broker.clock())
+        return Delivery(Reserve, messages, request.id, lease_s, self.core.leases_of(messages))
 
     async def _send_delivery(self, delivery: Delivery) -> None:
         """Write a reply carrying messages now; if that fails they go back.
@@ -401,8 +409,8 @@ class Connection:
         try:
             await self._flush()
         except PeerGone:
-            leased = delivery.kind is Reserve
-            wake_all(self.core.undeliver(delivery.messages, self.broker.clock(), leased=leased))
+            now = self.broker.clock()
+            wake_all(self.core.undeliver(delivery.messages, now, delivery.leases))
             raise
 
     async def _flush(self) -> None:
@@ -435,5 +443,5 @@ def _empty(request_id: int, queue: str) -> Error:
 
 
 def _check_lease(lease: float | None) -> None:
-    if lease is not None and not lease > 0:
-        raise InvalidRequest(f"lease must be > 0 seconds or nil, not {lease}")
+    if lease is not None and not 0 < lease < math.inf:
+        raise InvalidRequest(f"lease must be a finite number of seconds > 0, or nil, not {lease}")

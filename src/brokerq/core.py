@@ -36,11 +36,12 @@ from __future__ import annotations
 
 import heapq
 import itertools
+import math
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .errors import InvalidRequest, LeaseLost, MessageTooLarge
+from .errors import Full, InvalidRequest, LeaseLost, MessageTooLarge
 from .protocol import MESSAGE_OVERHEAD, validate_queue_name
 from .records import (
     AnyRecord,
@@ -57,6 +58,8 @@ from .records import (
 DEAD_SUFFIX = ":dead"
 #: How many recent put keys are remembered to drop retried puts.
 KEY_WINDOW = 100_000
+#: When a timer's journal write fails for a full disk, it is tried again this much later.
+TIMER_RETRY_SECONDS = 1.0
 #: Bytes counted per live message beyond its body, to size the journal.
 LIVE_OVERHEAD = 64
 
@@ -221,6 +224,10 @@ class BrokerCore:
             next_id += 1
         if not new:
             return ids, []
+        q = self._queue(name)
+        # The longest waiters get the first messages, in the same write.
+        waiters = list(itertools.islice(q.waiters, len(new)))
+        handoffs = list(zip([n[0] for n in new], waiters, strict=False))
         self._write(
             PutRecord(
                 queue=name,
@@ -228,10 +235,11 @@ class BrokerCore:
                 bodies=[n[1] for n in new],
                 at=now,
                 keys=None if keys is None else [n[2] or b"" for n in new],
+                taken=[i for i, w in handoffs if w.lease is None] or None,
+                leased=[i for i, w in handoffs if w.lease is not None] or None,
             )
         )
         self._next_id = next_id
-        q = self._queue(name)
         woken: list[Waiter] = []
         for msg_id, body, key in new:
             if key is not None:
@@ -242,7 +250,7 @@ class BrokerCore:
             self.live_bytes += len(body) + LIVE_OVERHEAD
             if q.waiters:
                 waiter, _ = q.waiters.popitem(last=False)
-                self._deliver(q, msg, waiter, now)
+                self._deliver(q, msg, waiter, now, journaled=True)
                 woken.append(waiter)
             else:
                 q.ready.append(msg)
@@ -322,38 +330,54 @@ class BrokerCore:
             return []
         q.waiters.pop(waiter, None)
         messages, waiter.messages = waiter.messages, []
-        return self.undeliver(messages, now, leased=waiter.lease is not None)
+        leases = None if waiter.lease is None else self.leases_of(messages)
+        return self.undeliver(messages, now, leases)
 
-    def undeliver(self, messages: list[Message], now: float, *, leased: bool) -> list[Waiter]:
+    def leases_of(self, messages: list[Message]) -> list[Lease | None]:
+        """The leases these messages hold now (to undo exactly these deliveries later)."""
+        return [self._leases.get(m.id) for m in messages]
+
+    def undeliver(
+        self, messages: list[Message], now: float, leases: list[Lease | None] | None = None
+    ) -> list[Waiter]:
         """Take back messages whose reply was never written; they return to
-        their place at the head of their queue (a reserve's lease is dropped
-        and the attempt not counted). Returns the waiters they went to."""
+        their place at the head of their queue. For a reserve, ``leases`` are
+        the leases that reply handed out: each is dropped and its attempt not
+        counted, unless it already ended (expired, and maybe delivered to
+        someone else since). Returns the waiters they went to."""
         woken: list[Waiter] = []
-        for msg in messages:
+        for i, msg in enumerate(messages):
             q = self._queue(msg.queue)
-            q.delivered_total -= 1
-            if leased:
+            if leases is not None:
                 lease = self._leases.get(msg.id)
-                if lease is None:
-                    continue  # already expired or released: already back
+                if lease is None or lease is not leases[i]:
+                    continue  # that delivery already ended: nothing to undo
                 self._write(AttemptsRecord(id=msg.id, attempts=msg.attempts - 1))
+                q.delivered_total -= 1
                 msg.attempts -= 1
                 self._drop_lease(q, lease)
             else:
                 self._write(
                     PutRecord(queue=msg.queue, ids=[msg.id], bodies=[msg.body], at=msg.enqueued_at)
                 )
+                q.delivered_total -= 1
                 q.bytes += len(msg.body)
                 self.live_bytes += len(msg.body) + LIVE_OVERHEAD
             woken += self._make_ready(q, msg, now)
         return woken
 
-    def _deliver(self, q: QueueState, msg: Message, waiter: Waiter, now: float) -> None:
-        """Hand ``msg`` (already off the ready list) to ``waiter``."""
+    def _deliver(
+        self, q: QueueState, msg: Message, waiter: Waiter, now: float, journaled: bool = False
+    ) -> None:
+        """Hand ``msg`` (already off the ready list) to ``waiter``.
+
+        ``journaled``: the record that says so was already written (a put's).
+        """
         if waiter.lease is not None:
-            self._lease(q, msg, now, waiter.lease, waiter.owner)
+            self._lease(q, msg, now, waiter.lease, waiter.owner, journaled=journaled)
         else:
-            self._write(DeleteRecord(ids=[msg.id]))
+            if not journaled:
+                self._write(DeleteRecord(ids=[msg.id]))
             self._forget(q, msg)
         q.delivered_total += 1
         waiter.messages.append(msg)
@@ -387,10 +411,18 @@ class BrokerCore:
     # -- leases ----------------------------------------------------------------
 
     def _lease(
-        self, q: QueueState, msg: Message, now: float, lease: float | None, owner: object
+        self,
+        q: QueueState,
+        msg: Message,
+        now: float,
+        lease: float | None,
+        owner: object,
+        *,
+        journaled: bool = False,
     ) -> None:
         length = lease if lease is not None else (q.lease or self.default_lease)
-        self._write(AttemptsRecord(id=msg.id, attempts=msg.attempts + 1))
+        if not journaled:
+            self._write(AttemptsRecord(id=msg.id, attempts=msg.attempts + 1))
         msg.attempts += 1
         held = Lease(msg, owner, now, length)
         self._leases[msg.id] = held
@@ -429,8 +461,8 @@ class BrokerCore:
 
     def release(self, msg_id: int, attempt: int, now: float, delay: float = 0) -> list[Waiter]:
         """Give the message back: to its place at the head, or after ``delay`` seconds."""
-        if not delay >= 0:
-            raise InvalidRequest(f"delay must be >= 0, not {delay}")
+        if not 0 <= delay < math.inf:
+            raise InvalidRequest(f"delay must be a finite number >= 0, not {delay}")
         lease = self._lease_for(msg_id, attempt)
         return self._end_lease(lease, now, delay)
 
@@ -523,8 +555,8 @@ class BrokerCore:
         validate_queue_name(name)
         if max_deliveries is not None and max_deliveries < 1:
             raise InvalidRequest(f"max_deliveries must be >= 1, not {max_deliveries}")
-        if lease is not None and not lease > 0:
-            raise InvalidRequest(f"lease must be > 0, not {lease}")
+        if lease is not None and not 0 < lease < math.inf:
+            raise InvalidRequest(f"lease must be a finite number > 0, not {lease}")
         self._write(ConfigRecord(queue=name, max_deliveries=max_deliveries, lease=lease))
         q = self._queue(name)
         q.max_deliveries, q.lease = max_deliveries, lease
@@ -554,7 +586,12 @@ class BrokerCore:
             when, _, item = heapq.heappop(timers)
             if isinstance(item, Lease):
                 if self._leases.get(item.message.id) is item and item.expires_at == when:
-                    woken += self._end_lease(item, now, 0)
+                    try:
+                        woken += self._end_lease(item, now, 0)
+                    except Full:  # the journal's disk is full: try again in a second
+                        item.expires_at = now + TIMER_RETRY_SECONDS
+                        self._add_timer(item.expires_at, item)
+                        break
             else:
                 entry = self._delayed.get(item.id)
                 if entry is not None and entry[1] == when:
@@ -651,11 +688,15 @@ class BrokerCore:
         live = self._replayed
         match record:
             case PutRecord(queue=queue, ids=ids, bodies=bodies, at=at, keys=keys):
+                taken = set(record.taken or ())
+                leased = set(record.leased or ())
                 for i, (msg_id, body) in enumerate(zip(ids, bodies, strict=True)):
-                    live[msg_id] = (Message(msg_id, queue, body, at, record.attempts), "ready", 0)
                     if keys and keys[i]:
                         self._remember_key(keys[i], msg_id)
                     self._next_id = max(self._next_id, msg_id + 1)
+                    if msg_id not in taken:
+                        attempts = record.attempts + (msg_id in leased)
+                        live[msg_id] = (Message(msg_id, queue, body, at, attempts), "ready", 0)
             case DeleteRecord(ids=ids):
                 for msg_id in ids:
                     live.pop(msg_id, None)

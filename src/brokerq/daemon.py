@@ -107,7 +107,8 @@ def broker_options(f: F) -> F:
             show_default=True,
             envvar="BROKERQ_IDLE_EXIT",
             metavar="SECONDS",
-            help="Exit after this long with no connections and no messages held (0: never).",
+            help="Exit after this long with no connections (0: never). Messages wait in "
+            "the journal for the next broker; with --no-journal it never exits holding any.",
         ),
         click.option(
             "--max-message-size",

@@ -26,9 +26,9 @@ Reading it back (:func:`read_journal`):
 Writing (:class:`Journal`): each record is written with one ``write()``
 before the broker acknowledges anything. ``fsync`` is ``never`` (the page
 cache only: survives a broker crash, not a power loss), ``always`` (an
-fsync inside every append) or ``batch`` (the broker's committer calls
-:meth:`Journal.sync` from a thread; every put that arrived meanwhile waits
-for that one fsync: group commit). A full disk (ENOSPC) cuts the partial
+fsync inside every append) or ``batch`` (the broker calls :meth:`Journal.sync`
+once for every put that arrived in one scheduling round, and their replies
+wait for it: group commit). A full disk (ENOSPC) cuts the partial
 record back off and raises :class:`JournalFull`: that request fails, and
 nothing changed. Any other write or fsync error raises
 :class:`JournalFailed`: the broker must stop acknowledging and exit, since
@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import logging
 import os
 import struct
@@ -98,10 +99,15 @@ class JournalCorrupt(BrokerqError):
 
 
 def journal_path(socket_path: str, data_dir: str | None) -> str:
-    """``<socket>.journal``, or ``<data_dir>/<socket name>.journal``."""
+    """``<socket>.journal``, or ``<data_dir>/<socket name>-<hash>.journal``.
+
+    In a data directory the name carries a hash of the whole socket path,
+    so brokers of two sockets named alike never share a journal.
+    """
     if data_dir is None:
         return socket_path + ".journal"
-    return os.path.join(data_dir, os.path.basename(socket_path) + ".journal")
+    digest = hashlib.sha256(os.fsencode(socket_path)).hexdigest()[:12]
+    return os.path.join(data_dir, f"{os.path.basename(socket_path)}-{digest}.journal")
 
 
 def _checksum(length: int, payload: bytes | memoryview) -> int:
@@ -249,6 +255,7 @@ class Journal:
         os.lseek(journal.fd, 0, os.SEEK_END)
         journal.size = result.end
         os.fsync(journal.fd)
+        _fsync_directory(path)  # a new file's name must survive a power loss too
         return journal, result
 
     def append(self, record: AnyRecord) -> None:

@@ -25,7 +25,12 @@ class Record(msgspec.Struct, frozen=True, array_like=True, tag_field="k"):
 
 
 class PutRecord(Record, frozen=True, tag="p"):
-    """Messages enqueued (one put, or a put_many in order)."""
+    """Messages enqueued (one put, or a put_many in order).
+
+    A put that went straight to waiting dequeuers says so in the same
+    record, so the put and its handoff are one write: ``taken`` were
+    removed by a get, ``leased`` were reserved (their first attempt).
+    """
 
     queue: str
     ids: list[int]
@@ -33,6 +38,8 @@ class PutRecord(Record, frozen=True, tag="p"):
     at: float  # wall-clock time of the put
     keys: list[bytes] | None = None  # client keys, for dropping retried puts
     attempts: int = 0  # deliveries so far (snapshots of reserved messages)
+    taken: list[int] | None = None
+    leased: list[int] | None = None
 
 
 class DeleteRecord(Record, frozen=True, tag="d"):
