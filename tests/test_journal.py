@@ -92,6 +92,13 @@ class FaultyOs:
             os.fsync(fd)
 
 
+@pytest.fixture(autouse=True)
+def _fsync_as_on_a_disk(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> None:
+    """These tests count fsyncs: run them as on a disk even where /tmp is a tmpfs."""
+    if request.node.name != "test_fsync_is_skipped_on_a_tmpfs_only":
+        monkeypatch.setattr(jmod, "in_memory_filesystem", lambda path: False)
+
+
 @pytest.fixture
 def fake_os(monkeypatch: pytest.MonkeyPatch) -> FaultyOs:
     fake = FaultyOs()
@@ -978,3 +985,18 @@ def test_journal_path() -> None:
     # Two sockets with the same name never share a journal in one data dir.
     assert journal_path("/a/b.sock", "/var/lib/bq") != journal_path("/c/b.sock", "/var/lib/bq")
     assert journal_path("/a/b.sock", "/d") == journal_path("/a/b.sock", "/d")
+
+
+def test_fsync_is_skipped_on_a_tmpfs_only() -> None:
+    from brokerq.journal import in_memory_filesystem
+
+    assert jmod.in_memory_filesystem is in_memory_filesystem
+    assert not in_memory_filesystem("/nonexistent/path")
+    if os.path.isdir("/dev/shm") and in_memory_filesystem("/dev/shm"):
+        directory = tempfile.mkdtemp(dir="/dev/shm")
+        try:
+            journal, _ = Journal.open(os.path.join(directory, "j"), "always")
+            assert (journal.fsync, journal.syncs, journal.in_memory) == ("always", "never", True)
+            journal.close()
+        finally:
+            shutil.rmtree(directory)

@@ -334,7 +334,7 @@ class Connection:
 
     def _needs_sync(self) -> None:
         journal = self.broker.journal
-        if journal is not None and journal.fsync == "batch":
+        if journal is not None and journal.syncs == "batch":
             self.sync_to = journal.written
 
     def _lease_left(self, msg: Message, now: float) -> float:

@@ -52,6 +52,7 @@ import hashlib
 import logging
 import os
 import struct
+import sys
 import zlib
 from dataclasses import dataclass, field
 from typing import Final
@@ -204,6 +205,24 @@ def _valid_records_follow(data: bytes, offset: int) -> bool:
     return False
 
 
+_MEMORY_FILESYSTEMS: Final = {0x01021994, 0x858458F6}  # Linux TMPFS_MAGIC, RAMFS_MAGIC
+
+
+def in_memory_filesystem(path: str) -> bool:
+    """True if ``path`` is on a tmpfs or ramfs (Linux), where fsync cannot add
+    durability: the data is in memory either way and goes with a reboot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    buffer = ctypes.create_string_buffer(256)  # struct statfs; f_type comes first
+    if libc.statfs(os.fsencode(path), buffer) != 0:
+        return False
+    f_type = ctypes.c_long.from_buffer(buffer).value & 0xFFFFFFFF
+    return f_type in _MEMORY_FILESYSTEMS
+
+
 def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data)
     while view:
@@ -233,6 +252,8 @@ class Journal:
         self.synced = 0
         self.size = 0
         self.failed: str | None = None
+        #: On a tmpfs or ramfs, where an fsync cannot make anything more durable.
+        self.in_memory = False
         self._compaction: Compaction | None = None
 
     @classmethod
@@ -256,7 +277,15 @@ class Journal:
         journal.size = result.end
         os.fsync(journal.fd)
         _fsync_directory(path)  # a new file's name must survive a power loss too
+        if fsync != "never" and in_memory_filesystem(path):
+            log.info("journal %s is on a tmpfs: fsync adds nothing there, so it is skipped", path)
+            journal.in_memory = True
         return journal, result
+
+    @property
+    def syncs(self) -> str:
+        """The fsync mode in effect: ``never`` on a tmpfs, whatever was asked."""
+        return "never" if self.in_memory else self.fsync
 
     def append(self, record: AnyRecord) -> None:
         """Write one record (and fsync it, with ``always``). See the module doc."""
@@ -270,7 +299,7 @@ class Journal:
         self.written += len(frame)
         if self._compaction is not None:
             self._compaction.tail += frame
-        if self.fsync == "always":
+        if self.syncs == "always":
             self.sync()
 
     def _undo_partial_write(self, exc: OSError) -> None:

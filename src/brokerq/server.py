@@ -286,6 +286,7 @@ class Broker:
             "journal": None if journal is None else journal.path,
             "journal_bytes": 0 if journal is None else journal.size,
             "fsync": None if journal is None else journal.fsync,
+            "fsync_skipped_on_tmpfs": journal is not None and journal.in_memory,
             **self.core.totals(),
         }
 
