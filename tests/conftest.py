@@ -19,8 +19,9 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -99,6 +100,37 @@ def sock_dir() -> Iterator[str]:
 @pytest.fixture
 def socket_path(sock_dir: str) -> str:
     return os.path.join(sock_dir, "b.sock")
+
+
+Procs = Callable[..., subprocess.Popen[bytes]]
+
+
+@pytest.fixture
+def procs(sock_dir: str) -> Iterator[Procs]:
+    """Start subprocesses that are killed (if need be) and waited for afterwards.
+
+    Depends on ``sock_dir`` so that it is torn down first: the subprocesses
+    are gone before the brokers are killed and every child is reaped.
+    """
+    started: list[subprocess.Popen[bytes]] = []
+
+    def start(args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        kwargs.setdefault("stdin", subprocess.DEVNULL)
+        kwargs.setdefault("stdout", subprocess.PIPE)
+        kwargs.setdefault("stderr", subprocess.PIPE)
+        proc = subprocess.Popen(args, **kwargs)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=10)
+        for stream in (proc.stdin, proc.stdout, proc.stderr):
+            if stream is not None:
+                stream.close()
 
 
 def run_cli(

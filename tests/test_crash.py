@@ -21,7 +21,6 @@ child subreaper, so a daemonized broker is its child); nothing here calls
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import select
@@ -29,7 +28,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -142,34 +141,6 @@ def read_line(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> bytes:
 
 def python(code: str, *args: str) -> list[str]:
     return [sys.executable, "-c", code, *args]
-
-
-@pytest.fixture
-def procs(sock_dir: str) -> Iterator[Procs]:
-    """Start subprocesses that are killed (if need be) and waited for afterwards.
-
-    Depends on ``sock_dir`` so that it is torn down first: the subprocesses
-    are gone before conftest kills the brokers and reaps every child.
-    """
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-        kwargs.setdefault("stdin", subprocess.DEVNULL)
-        kwargs.setdefault("stdout", subprocess.PIPE)
-        kwargs.setdefault("stderr", subprocess.PIPE)
-        proc = subprocess.Popen(args, **kwargs)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
-        for stream in (proc.stdin, proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
 
 
 def finish(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> Any:

@@ -13,7 +13,6 @@ own subprocesses (a ``waitpid(-1)`` would steal it).
 
 from __future__ import annotations
 
-import contextlib
 import os
 import select
 import signal
@@ -108,30 +107,6 @@ def read_exactly(fd: int, size: int, deadline: float) -> bytes:
                 break
             data += chunk
     return data
-
-
-@pytest.fixture
-def procs() -> Iterator[Callable[..., subprocess.Popen[bytes]]]:
-    """Start subprocesses that are killed (if need be) and waited for afterwards."""
-    started: list[subprocess.Popen[bytes]] = []
-
-    def start(args: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
-        kwargs.setdefault("stdin", subprocess.DEVNULL)
-        kwargs.setdefault("stdout", subprocess.PIPE)
-        kwargs.setdefault("stderr", subprocess.PIPE)
-        proc = subprocess.Popen(args, **kwargs)
-        started.append(proc)
-        return proc
-
-    yield start
-    for proc in started:
-        if proc.poll() is None:
-            proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(timeout=10)
-        for stream in (proc.stdin, proc.stdout, proc.stderr):
-            if stream is not None:
-                stream.close()
 
 
 def python(code: str, *args: str) -> list[str]:
