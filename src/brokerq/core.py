@@ -34,6 +34,7 @@ checked lazily when they come due (:meth:`tick`); no task per message.
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import math
@@ -179,10 +180,27 @@ class BrokerCore:
         self._timers: list[tuple[float, int, Lease | Message]] = []
         self._timer_seq = itertools.count()
         self._replayed: dict[int, tuple[Message, str, float]] | None = None
+        self._owed: deque[AnyRecord] = deque()
 
     def _write(self, record: AnyRecord) -> None:
         if self.write is not None:
+            while self._owed:  # records a full disk refused must go first, in order
+                self.write(self._owed[0])
+                self._owed.popleft()
             self.write(record)
+
+    def _write_or_owe(self, record: AnyRecord) -> None:
+        """Write ``record``; on a full disk, keep it to write before the next one.
+
+        For changes that must happen whatever the disk says (a message whose
+        reply could not be sent goes back, a lease that ended lets go): the
+        memory state changes now, and the journal catches up as soon as there
+        is room (every later write first writes what is owed, in order).
+        """
+        try:
+            self._write(record)
+        except Full:
+            self._owed.append(record)
 
     # -- enqueue ---------------------------------------------------------
 
@@ -352,12 +370,12 @@ class BrokerCore:
                 lease = self._leases.get(msg.id)
                 if lease is None or lease is not leases[i]:
                     continue  # that delivery already ended: nothing to undo
-                self._write(AttemptsRecord(id=msg.id, attempts=msg.attempts - 1))
+                self._write_or_owe(AttemptsRecord(id=msg.id, attempts=msg.attempts - 1))
                 q.delivered_total -= 1
                 msg.attempts -= 1
                 self._drop_lease(q, lease)
             else:
-                self._write(
+                self._write_or_owe(
                     PutRecord(queue=msg.queue, ids=[msg.id], bodies=[msg.body], at=msg.enqueued_at)
                 )
                 q.delivered_total -= 1
@@ -485,10 +503,15 @@ class BrokerCore:
         return held.expires_at
 
     def release_owned(self, owner: object, now: float) -> list[Waiter]:
-        """Everything ``owner`` (a closed connection) held goes back."""
+        """Everything ``owner`` (a closed connection) held goes back.
+
+        On a full disk a lease that cannot be ended now stays until it runs
+        out (its timer tries again); the others still go back.
+        """
         woken: list[Waiter] = []
         for msg_id in sorted(self._owned.get(owner, ())):
-            woken += self._end_lease(self._leases[msg_id], now, 0)
+            with contextlib.suppress(Full):
+                woken += self._end_lease(self._leases[msg_id], now, 0)
         return woken
 
     def _end_lease(self, lease: Lease, now: float, delay: float) -> list[Waiter]:
@@ -533,8 +556,12 @@ class BrokerCore:
         if name.endswith(DEAD_SUFFIX):
             target = self._queue(name[: -len(DEAD_SUFFIX)])
             while kicked < n and (q.buried or q.ready):
-                msg = q.buried.pop(next(iter(q.buried))) if q.buried else q.ready.popleft()
+                msg = next(iter(q.buried.values())) if q.buried else q.ready[0]
                 self._write(MoveRecord(id=msg.id, queue=target.name, attempts=0))
+                if q.buried:
+                    del q.buried[msg.id]
+                else:
+                    q.ready.popleft()
                 q.bytes -= len(msg.body)
                 msg.queue, msg.attempts = target.name, 0
                 target.bytes += len(msg.body)
