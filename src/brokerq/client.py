@@ -287,11 +287,12 @@ class Client:
             if request_deadline is not None:
                 fields["timeout"] = max(0.0, request_deadline - time.monotonic())
 
-    def next_key(self) -> bytes:
-        """A fresh put key: unique to this client (and process), 16 bytes."""
-        if os.getpid() != self._pid:
+    def next_keys(self, n: int) -> list[bytes]:
+        """``n`` fresh put keys: unique to this client (and process), 16 bytes each."""
+        if os.getpid() != self._pid:  # a syscall: once per request, not per key
             self.connection()  # resets the key prefix in a forked child
-        return self._key_prefix + next(self._key_counter).to_bytes(8, "big")
+        prefix, counter = self._key_prefix, self._key_counter
+        return [prefix + next(counter).to_bytes(8, "big") for _ in range(n)]
 
     def queue(
         self, name: str, *, max_deliveries: int | None = None, lease: float | None = None
@@ -384,14 +385,14 @@ class Queue:
             raise MessageTooLarge(
                 f"body of {len(data)} bytes is over the broker's limit of {limit}"
             )
-        key = self.client.next_key()
+        (key,) = self.client.next_keys(1)
         return self.client.call(PutReply, Put, 0, queue=self.name, body=data, key=key).msg_id
 
     def put_many(self, bodies: Iterable[Body]) -> list[int]:
         """Enqueue several bodies in order, in as few frames as fit; return their ids."""
         ids: list[int] = []
         for chunk in self._chunks([_as_bytes(b) for b in bodies]):
-            keys = [self.client.next_key() for _ in chunk]
+            keys = self.client.next_keys(len(chunk))
             reply = self.client.call(
                 PutManyReply, PutMany, 0, queue=self.name, bodies=chunk, keys=keys
             )

@@ -173,7 +173,10 @@ class BrokerCore:
         self.live_bytes = 0
         self._queues: dict[str, QueueState] = {}
         self._next_id = 1
-        self._keys: OrderedDict[bytes, int] = OrderedDict()
+        # Recent put keys: a dict to look up, a deque for their age (both O(1);
+        # an OrderedDict's popitem is several times slower on this hot path).
+        self._keys: dict[bytes, int] = {}
+        self._key_order: deque[bytes] = deque()
         self._leases: dict[int, Lease] = {}
         self._owned: dict[object, set[int]] = {}
         self._delayed: dict[int, tuple[Message, float]] = {}
@@ -275,9 +278,11 @@ class BrokerCore:
         return ids, woken
 
     def _remember_key(self, key: bytes, msg_id: int) -> None:
+        if key not in self._keys:
+            self._key_order.append(key)
         self._keys[key] = msg_id
-        if len(self._keys) > KEY_WINDOW:
-            self._keys.popitem(last=False)
+        if len(self._key_order) > KEY_WINDOW:
+            del self._keys[self._key_order.popleft()]
 
     # -- dequeue ---------------------------------------------------------
 
@@ -795,5 +800,6 @@ class BrokerCore:
             for msg, until in self._delayed.values()
         ]
         if self._keys:
-            records.append(KeysRecord(keys=list(self._keys), ids=list(self._keys.values())))
+            order = list(self._key_order)
+            records.append(KeysRecord(keys=order, ids=[self._keys[k] for k in order]))
         return records
