@@ -191,3 +191,19 @@ def test_version_with_python_m() -> None:
     )
     assert (done.returncode, done.stderr) == (0, b"")
     assert done.stdout == f"brokerq, version {brokerq.__version__}\n".encode()
+
+
+def test_put_with_priority_delay_and_ttl(socket_path: str) -> None:
+    runner = CliRunner()
+
+    def run(*args: str) -> Result:
+        return runner.invoke(cli, ["--socket", socket_path, *args], catch_exceptions=False)
+
+    assert run("put", "q", "low").exit_code == 0
+    assert run("put", "q", "--priority", "5", "high").exit_code == 0
+    assert run("put", "q", "--delay", "60", "later").exit_code == 0
+    assert run("put", "q", "--ttl", "0", "x").exit_code == 2  # ttl must be > 0
+    got = run("get", "q", "-n", "3", "--timeout", "0.3")
+    assert (got.exit_code, got.output) == (0, "high\nlow\n")
+    stats = json.loads(run("stats", "q", "--json").output)
+    assert stats["delayed"] == 1

@@ -234,3 +234,18 @@ def test_connect_timeout_when_the_broker_is_stopped(socket_path: str) -> None:
     assert first.ping() > 0
     assert first.broker_pid == pid
     first.close()
+
+
+def test_priority_delay_and_ttl(client: brokerq.Client) -> None:
+    q = client.queue("q")
+    q.put(b"low", priority=-1)
+    q.put_many([b"a", b"b"])
+    q.put(b"urgent", priority=10)
+    q.put(b"later", delay=0.3)
+    q.put(b"brief", ttl=0.05)
+    time.sleep(0.1)  # let the ttl run out (the broker's own timer drops it)
+    assert q.get_many(10, timeout=0) == [b"urgent", b"a", b"b", b"low"]
+    assert q.get(timeout=5) == b"later"
+    assert q.stats()["expired_total"] == 1
+    with pytest.raises(brokerq.InvalidRequest):
+        q.put(b"x", delay=-1)

@@ -455,3 +455,98 @@ def test_leases_and_delays_are_finite(core: BrokerCore, value: float) -> None:
         core.release(msg.id, 1, now=0, delay=value)
     with pytest.raises(InvalidRequest):
         core.configure("q", lease=value)
+
+
+# -- priority, delay, ttl ---------------------------------------------------------
+
+
+def test_higher_priority_first_fifo_within(core: BrokerCore) -> None:
+    core.put("q", b"low1", now=0, priority=-1)
+    core.put("q", b"mid1", now=0)
+    core.put("q", b"high1", now=0, priority=5)
+    core.put("q", b"mid2", now=0)
+    core.put("q", b"high2", now=0, priority=5)
+    assert bodies(core.get_nowait("q", 10)) == [b"high1", b"high2", b"mid1", b"mid2", b"low1"]
+
+
+def test_a_released_message_returns_to_its_place_within_its_priority(core: BrokerCore) -> None:
+    core.put("q", b"h1", now=0, priority=1)
+    core.put("q", b"h2", now=0, priority=1)
+    core.put("q", b"l", now=0)
+    first = core.reserve_nowait("q", now=0)
+    assert first is not None
+    assert first.body == b"h1"
+    core.release(first.id, 1, now=0)
+    assert bodies(core.get_nowait("q", 10)) == [b"h1", b"h2", b"l"]
+
+
+def test_a_waiter_gets_a_put_of_any_priority(core: BrokerCore) -> None:
+    waiter = core.wait("q")
+    _, woken = core.put("q", b"x", now=0, priority=3)
+    assert woken is waiter
+
+
+def test_delayed_put_is_invisible_until_due(core: BrokerCore) -> None:
+    waiter = core.wait("q")
+    _, woken = core.put("q", b"later", now=0, delay=5)
+    assert woken is None
+    assert core.queue_stats("q", now=0)["delayed"] == 1
+    assert core.next_deadline() == 5
+    assert core.tick(now=4.9) == []
+    assert core.tick(now=5) == [waiter]
+    assert bodies(waiter.messages) == [b"later"]
+
+
+def test_ttl_drops_a_waiting_message_and_counts_it(core: BrokerCore) -> None:
+    core.put("q", b"short", now=0, ttl=2)
+    core.put("q", b"long", now=0, ttl=20)
+    core.put("q", b"delayed", now=0, delay=5, ttl=3)
+    core.tick(now=3)
+    stats = core.queue_stats("q", now=3)
+    assert (stats["ready"], stats["delayed"], stats["expired_total"]) == (1, 0, 2)
+    assert bodies(core.get_nowait("q", 10)) == [b"long"]
+    assert core.live_bytes == 0
+
+
+def test_ttl_of_a_leased_message_applies_when_the_lease_ends(core: BrokerCore) -> None:
+    core.put("q", b"x", now=0, ttl=2)
+    msg = core.reserve_nowait("q", now=0, lease=10)
+    assert msg is not None
+    core.tick(now=3)  # expired while leased: still the consumer's
+    core.release(msg.id, 1, now=3)  # comes back past its ttl: dropped
+    stats = core.queue_stats("q", now=3)
+    assert (stats["ready"], stats["reserved"], stats["expired_total"]) == (0, 0, 1)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"priority": 2**31},
+        {"delay": -1.0},
+        {"delay": float("inf")},
+        {"ttl": 0.0},
+        {"ttl": float("nan")},
+    ],
+)
+def test_put_options_are_checked(core: BrokerCore, options: dict[str, float]) -> None:
+    with pytest.raises(InvalidRequest):
+        core.put("q", b"x", now=0, **options)
+    assert core.queue_stats("q", now=0)["put_total"] == 0
+
+
+def test_priority_delay_and_ttl_survive_a_replay() -> None:
+    records: list = []  # type: ignore[type-arg]
+    a = BrokerCore(max_message_size=100, write=records.append)
+    a.put("q", b"low", now=0)
+    a.put("q", b"high", now=0, priority=9)
+    a.put("q", b"later", now=0, delay=50)
+    a.put("q", b"brief", now=0, ttl=5)
+    a.put("q", b"gone", now=0, ttl=1)
+    b = BrokerCore(max_message_size=100)
+    for record in records:
+        b.apply(record)
+    assert b.finish_replay(now=2) == 4  # "gone" expired while no broker ran
+    assert bodies(b.get_nowait("q", 10)) == [b"high", b"low", b"brief"]
+    assert b.queue_stats("q", now=2)["delayed"] == 1
+    b.tick(now=50)
+    assert bodies(b.get_nowait("q", 10)) == [b"later"]

@@ -582,3 +582,40 @@ async def test_a_failed_fsync_is_fatal(journal_dir: str, monkeypatch: pytest.Mon
     assert "fsync failed" in b.failure
     monkeypatch.undo()
     journal.close()
+
+
+# -- priority, delay, ttl ---------------------------------------------------------
+
+
+async def test_a_delayed_put_wakes_a_waiter_when_due(
+    broker: Broker, autojump_clock: trio.abc.Clock
+) -> None:
+    consumer = await connect(broker)
+    await consumer.send(Get(id=3, queue="q", timeout=None))
+    await trio.testing.wait_all_tasks_blocked()
+    producer = await connect(broker)
+    start = trio.current_time()
+    await producer.call(Put, queue="q", body=b"later", delay=30)
+    got = await consumer.receive()
+    assert isinstance(got, GetReply)
+    assert got.body == b"later"
+    assert trio.current_time() - start == pytest.approx(30)
+
+
+async def test_ttl_and_priority_over_the_wire(
+    broker: Broker, autojump_clock: trio.abc.Clock
+) -> None:
+    peer = await connect(broker)
+    await peer.call(Put, queue="q", body=b"low")
+    await peer.call(Put, queue="q", body=b"brief", priority=5, ttl=10)
+    await peer.call(Put, queue="q", body=b"high", priority=5)
+    await trio.sleep(11)
+    got = await peer.call(GetMany, queue="q", n=10, timeout=0)
+    assert isinstance(got, GetManyReply)
+    assert got.bodies == [b"high", b"low"]
+    stats = await peer.call(Stats, queue="q")
+    assert isinstance(stats, StatsReply)
+    assert stats.stats["expired_total"] == 1
+    bad = await peer.call(Put, queue="q", body=b"x", ttl=-1.0)
+    assert isinstance(bad, Error)
+    assert bad.code == "invalid"

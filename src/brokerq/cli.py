@@ -20,6 +20,7 @@ from .client import Client, Queue
 from .daemon import broker_options
 from .daemon import run as run_broker
 from .errors import BrokerqError, Empty
+from .prometheus import format_prometheus
 
 EXIT_ERROR = 1
 EXIT_EMPTY = 3
@@ -105,8 +106,31 @@ def _stdin_lines() -> Iterator[bytes]:
 @cli.command()
 @click.argument("queue")
 @click.argument("messages", nargs=-1)
+@click.option("--priority", type=int, default=0, show_default=True, help="Higher first.")
+@click.option(
+    "--delay",
+    type=click.FloatRange(min=0),
+    default=0.0,
+    metavar="SECONDS",
+    help="Invisible until this many seconds have passed.",
+)
+@click.option(
+    "--ttl",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Dropped if still waiting after this many seconds.",
+)
 @pass_state
-def put(state: _State, queue: str, messages: tuple[str, ...]) -> None:
+def put(
+    state: _State,
+    /,
+    *,
+    queue: str,
+    messages: tuple[str, ...],
+    priority: int,
+    delay: float,
+    ttl: float | None,
+) -> None:
     """Put each MESSAGE on QUEUE; with none, one message per stdin line.
 
     Prints each message id on its own line.
@@ -114,7 +138,7 @@ def put(state: _State, queue: str, messages: tuple[str, ...]) -> None:
     q = state.queue(queue)
     bodies = (m.encode("utf-8", "surrogateescape") for m in messages) if messages else None
     for body in bodies if bodies is not None else _stdin_lines():
-        click.echo(q.put(body))
+        click.echo(q.put(body, priority=priority, delay=delay, ttl=ttl))
 
 
 @cli.command()
@@ -198,15 +222,32 @@ QUEUE_COLUMNS = ("name", "ready", "waiters", "bytes", "put_total", "delivered_to
 @cli.command()
 @click.argument("queue", required=False)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option(
+    "--prom",
+    "as_prom",
+    is_flag=True,
+    help="Print the Prometheus text format (0.0.4) instead of a table.",
+)
 @pass_state
-def stats(state: _State, queue: str | None, as_json: bool) -> None:
+def stats(state: _State, queue: str | None, as_json: bool, as_prom: bool) -> None:
     """Print the stats of QUEUE, or of the broker and all its queues."""
+    if as_json and as_prom:
+        raise click.UsageError(
+            "--json and --prom are mutually exclusive.", click.get_current_context()
+        )
     data: dict[str, Any]
     if queue is not None:
         data = state.queue(queue).stats()
     else:
         data = state.client.stats()
         data["queue_stats"] = [state.queue(n).stats() for n in state.client.queues()]
+    if as_prom:
+        if queue is not None:
+            text = format_prometheus(None, [data])
+        else:
+            text = format_prometheus(data, data.pop("queue_stats"))
+        click.echo(text, nl=False)
+        return
     if as_json:
         click.echo(json.dumps(data, indent=2, sort_keys=True))
         return

@@ -372,8 +372,14 @@ class Queue:
     def __repr__(self) -> str:
         return f"<brokerq.Queue {self.name!r} at {self.client.socket_path!r}>"
 
-    def put(self, body: Body) -> int:
+    def put(
+        self, body: Body, *, priority: int = 0, delay: float = 0, ttl: float | None = None
+    ) -> int:
         """Enqueue ``body`` (str is sent as UTF-8); return its message id.
+
+        ``priority``: higher is delivered first, FIFO within a priority.
+        ``delay``: seconds before it can be delivered. ``ttl``: seconds after
+        which it is dropped if still waiting (ready or delayed).
 
         Exactly once: if the broker dies before it answers, the put is sent
         again with the same key, and the broker drops the copy if the first
@@ -386,15 +392,28 @@ class Queue:
                 f"body of {len(data)} bytes is over the broker's limit of {limit}"
             )
         (key,) = self.client.next_keys(1)
-        return self.client.call(PutReply, Put, 0, queue=self.name, body=data, key=key).msg_id
+        options = _put_options(priority, delay, ttl)
+        reply = self.client.call(PutReply, Put, 0, queue=self.name, body=data, key=key, **options)
+        return reply.msg_id
 
-    def put_many(self, bodies: Iterable[Body]) -> list[int]:
-        """Enqueue several bodies in order, in as few frames as fit; return their ids."""
+    def put_many(
+        self,
+        bodies: Iterable[Body],
+        *,
+        priority: int = 0,
+        delay: float = 0,
+        ttl: float | None = None,
+    ) -> list[int]:
+        """Enqueue several bodies in order, in as few frames as fit; return their ids.
+
+        ``priority``, ``delay`` and ``ttl`` as for :meth:`put`, for every body.
+        """
         ids: list[int] = []
+        options = _put_options(priority, delay, ttl)
         for chunk in self._chunks([_as_bytes(b) for b in bodies]):
             keys = self.client.next_keys(len(chunk))
             reply = self.client.call(
-                PutManyReply, PutMany, 0, queue=self.name, bodies=chunk, keys=keys
+                PutManyReply, PutMany, 0, queue=self.name, bodies=chunk, keys=keys, **options
             )
             ids += reply.msg_ids
         return ids
@@ -492,6 +511,15 @@ class Queue:
 
     def empty(self) -> bool:
         return self.qsize() == 0
+
+
+def _put_options(priority: int, delay: float, ttl: float | None) -> dict[str, Any]:
+    """The put fields that differ from their defaults (the wire omits defaults)."""
+    return {
+        "priority": int(priority),
+        "delay": float(delay),
+        "ttl": None if ttl is None else float(ttl),
+    }
 
 
 class Message:

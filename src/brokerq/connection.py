@@ -21,7 +21,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
@@ -260,7 +260,7 @@ class Connection:
         now = self.broker.clock()
         match request:
             case Put(id=rid, queue=queue, body=body, key=key):
-                msg_id, waiter = core.put(queue, body, now, key)
+                msg_id, waiter = core.put(queue, body, now, key, **_put_options(request))
                 if waiter is not None:
                     wake(waiter)
                 self._needs_sync()
@@ -288,7 +288,7 @@ class Connection:
                     return Delivery(GetMany, messages, rid)
                 return _BLOCK if timeout != 0 else _empty(rid, queue)
             case PutMany(id=rid, queue=queue, bodies=bodies, keys=keys):
-                ids, woken = core.put_many(queue, bodies, now, keys)
+                ids, woken = core.put_many(queue, bodies, now, keys, **_put_options(request))
                 wake_all(woken)
                 self._needs_sync()
                 return PutManyReply(id=rid, msg_ids=ids)
@@ -436,6 +436,10 @@ class Connection:
             raise PeerGone from exc
         finally:
             self.out.clear()
+
+
+def _put_options(request: Put | PutMany) -> dict[str, Any]:
+    return {"priority": request.priority, "delay": request.delay, "ttl": request.ttl}
 
 
 def _empty(request_id: int, queue: str) -> Error:

@@ -44,6 +44,7 @@ from typing import Any
 
 from .errors import Full, InvalidRequest, LeaseLost, MessageTooLarge
 from .protocol import MESSAGE_OVERHEAD, validate_queue_name
+from .ready import ReadyList
 from .records import (
     AnyRecord,
     AttemptsRecord,
@@ -59,6 +60,8 @@ from .records import (
 DEAD_SUFFIX = ":dead"
 #: How many recent put keys are remembered to drop retried puts.
 KEY_WINDOW = 100_000
+MIN_PRIORITY = -(2**31)
+MAX_PRIORITY = 2**31 - 1
 #: When a timer's journal write fails for a full disk, it is tried again this much later.
 TIMER_RETRY_SECONDS = 1.0
 #: Bytes counted per live message beyond its body, to size the journal.
@@ -68,16 +71,36 @@ LIVE_OVERHEAD = 64
 class Message:
     """One message: the id ``put`` returned, its queue, body, arrival, deliveries."""
 
-    __slots__ = ("attempts", "body", "enqueued_at", "id", "queue")
+    __slots__ = (
+        "alive",
+        "attempts",
+        "body",
+        "enqueued_at",
+        "expires_at",
+        "id",
+        "priority",
+        "queue",
+    )
 
     def __init__(
-        self, msg_id: int, queue: str, body: bytes, enqueued_at: float, attempts: int = 0
+        self,
+        msg_id: int,
+        queue: str,
+        body: bytes,
+        enqueued_at: float,
+        attempts: int = 0,
+        *,
+        priority: int = 0,
+        expires_at: float = math.inf,
     ) -> None:
         self.id = msg_id
         self.queue = queue
         self.body = body
         self.enqueued_at = enqueued_at
         self.attempts = attempts
+        self.priority = priority
+        self.expires_at = expires_at  # its ttl runs out then (wall clock)
+        self.alive = True  # False once gone for good (got, acked, purged, expired)
 
     def __repr__(self) -> str:
         return f"Message(id={self.id}, queue={self.queue!r}, body={self.body[:32]!r})"
@@ -94,6 +117,15 @@ class Lease:
         self.owner = owner
         self.length = length
         self.expires_at = now + length
+
+
+class _Expiry:
+    """A timer entry: ``message``'s ttl runs out (if it still waits by then)."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: Message) -> None:
+        self.message = message
 
 
 class Waiter:
@@ -140,7 +172,7 @@ class QueueState:
 
     def __init__(self, name: str) -> None:
         self.name = name
-        self.ready: deque[Message] = deque()
+        self.ready: ReadyList[Message] = ReadyList()
         # Insertion-ordered, O(1) removal from anywhere: the fairness structure.
         self.waiters: OrderedDict[Waiter, None] = OrderedDict()
         self.buried: dict[int, Message] = {}
@@ -180,7 +212,7 @@ class BrokerCore:
         self._leases: dict[int, Lease] = {}
         self._owned: dict[object, set[int]] = {}
         self._delayed: dict[int, tuple[Message, float]] = {}
-        self._timers: list[tuple[float, int, Lease | Message]] = []
+        self._timers: list[tuple[float, int, Lease | Message | _Expiry]] = []
         self._timer_seq = itertools.count()
         self._replayed: dict[int, tuple[Message, str, float]] | None = None
         self._owed: deque[AnyRecord] = deque()
@@ -208,24 +240,48 @@ class BrokerCore:
     # -- enqueue ---------------------------------------------------------
 
     def put(
-        self, name: str, body: bytes, now: float, key: bytes | None = None
+        self,
+        name: str,
+        body: bytes,
+        now: float,
+        key: bytes | None = None,
+        **options: Any,
     ) -> tuple[int, Waiter | None]:
         """Enqueue ``body``; return its id and the waiter it went to, if any.
 
         A ``key`` seen recently (a retried put) returns the first put's id
-        and enqueues nothing.
+        and enqueues nothing. ``options`` as for :meth:`put_many`.
         """
-        ids, woken = self.put_many(name, [body], now, None if key is None else [key])
+        ids, woken = self.put_many(name, [body], now, None if key is None else [key], **options)
         return ids[0], woken[0] if woken else None
 
     def put_many(
-        self, name: str, bodies: Iterable[bytes], now: float, keys: list[bytes] | None = None
+        self,
+        name: str,
+        bodies: Iterable[bytes],
+        now: float,
+        keys: list[bytes] | None = None,
+        *,
+        priority: int = 0,
+        delay: float = 0.0,
+        ttl: float | None = None,
     ) -> tuple[list[int], list[Waiter]]:
-        """Enqueue several bodies in order, all or none; return ids and woken waiters."""
+        """Enqueue several bodies in order, all or none; return ids and woken waiters.
+
+        ``priority``: higher is delivered first (FIFO within a priority).
+        ``delay``: seconds before the messages become ready. ``ttl``: seconds
+        after which a message still waiting (ready or delayed) is dropped.
+        """
         bodies = list(bodies)
         validate_queue_name(name, for_put=True)
         if keys is not None and len(keys) != len(bodies):
             raise InvalidRequest(f"{len(keys)} keys for {len(bodies)} bodies")
+        if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+            raise InvalidRequest(f"priority must be within ±2**31, not {priority}")
+        if not 0 <= delay < math.inf:
+            raise InvalidRequest(f"delay must be a finite number >= 0, not {delay}")
+        if ttl is not None and not 0 < ttl < math.inf:
+            raise InvalidRequest(f"ttl must be a finite number > 0, or None, not {ttl}")
         for body in bodies:
             if len(body) > self.max_message_size:
                 raise MessageTooLarge(
@@ -246,9 +302,13 @@ class BrokerCore:
         if not new:
             return ids, []
         q = self._queue(name)
-        # The longest waiters get the first messages, in the same write.
-        waiters = list(itertools.islice(q.waiters, len(new)))
+        # The longest waiters get the first messages, in the same write
+        # (unless the messages are delayed, or others of a higher priority wait).
+        ready_now = delay == 0 and not q.ready
+        waiters = list(itertools.islice(q.waiters, len(new))) if ready_now else []
         handoffs = list(zip([n[0] for n in new], waiters, strict=False))
+        until = now + delay
+        expires_at = math.inf if ttl is None else now + ttl
         self._write(
             PutRecord(
                 queue=name,
@@ -258,6 +318,9 @@ class BrokerCore:
                 keys=None if keys is None else [n[2] or b"" for n in new],
                 taken=[i for i, w in handoffs if w.lease is None] or None,
                 leased=[i for i, w in handoffs if w.lease is not None] or None,
+                priority=priority,
+                not_before=until if delay else 0.0,
+                expires_at=0.0 if ttl is None else expires_at,
             )
         )
         self._next_id = next_id
@@ -265,12 +328,17 @@ class BrokerCore:
         for msg_id, body, key in new:
             if key is not None:
                 self._remember_key(key, msg_id)
-            msg = Message(msg_id, name, body, now)
+            msg = Message(msg_id, name, body, now, priority=priority, expires_at=expires_at)
             q.put_total += 1
             q.bytes += len(body)
             self.live_bytes += len(body) + LIVE_OVERHEAD
-            if q.waiters:
+            if ttl is not None:
+                self._add_timer(expires_at, _Expiry(msg))
+            if delay:
+                self._delay(q, msg, until)
+            elif waiters:
                 waiter, _ = q.waiters.popitem(last=False)
+                waiters.pop(0)
                 self._deliver(q, msg, waiter, now, journaled=True)
                 woken.append(waiter)
             else:
@@ -323,7 +391,7 @@ class BrokerCore:
         q = self._queues.get(name)
         if q is None or not q.ready:
             return None
-        msg = q.ready[0]
+        msg = q.ready.head()
         self._lease(q, msg, now, lease, owner)
         q.ready.popleft()
         q.delivered_total += 1
@@ -384,6 +452,7 @@ class BrokerCore:
                     PutRecord(queue=msg.queue, ids=[msg.id], bodies=[msg.body], at=msg.enqueued_at)
                 )
                 q.delivered_total -= 1
+                msg.alive = True
                 q.bytes += len(msg.body)
                 self.live_bytes += len(msg.body) + LIVE_OVERHEAD
             woken += self._make_ready(q, msg, now)
@@ -409,7 +478,7 @@ class BrokerCore:
         served: list[Waiter] = []
         while q.ready and q.waiters:
             waiter = next(iter(q.waiters))
-            self._deliver(q, q.ready[0], waiter, now)  # may raise: nothing moved yet
+            self._deliver(q, q.ready.head(), waiter, now)  # may raise: nothing moved yet
             q.ready.popleft()
             del q.waiters[waiter]
             served.append(waiter)
@@ -417,17 +486,11 @@ class BrokerCore:
 
     def _make_ready(self, q: QueueState, msg: Message, now: float) -> list[Waiter]:
         """Put ``msg`` back among the ready ones, at its place by id."""
-        ready = q.ready
-        if not ready or msg.id > ready[-1].id:
-            ready.append(msg)
-        else:
-            i = 0
-            while ready[i].id < msg.id:
-                i += 1
-            ready.insert(i, msg)
+        q.ready.insert(msg)
         return self._hand_to_waiters(q, now)
 
     def _forget(self, q: QueueState, msg: Message) -> None:
+        msg.alive = False
         q.bytes -= len(msg.body)
         self.live_bytes -= len(msg.body) + LIVE_OVERHEAD
 
@@ -523,6 +586,12 @@ class BrokerCore:
         """A delivery that ended without an ack: retry, delay, or dead-letter."""
         msg = lease.message
         q = self._queue(msg.queue)
+        if msg.expires_at <= now:  # its ttl ran out while it was leased
+            self._write(DeleteRecord(ids=[msg.id]))
+            self._drop_lease(q, lease)
+            self._forget(q, msg)
+            q.expired_total += 1
+            return []
         limit = q.max_deliveries or self.max_deliveries
         if not q.name.endswith(DEAD_SUFFIX) and msg.attempts >= limit:
             dead = self._queue(q.name + DEAD_SUFFIX)
@@ -561,7 +630,7 @@ class BrokerCore:
         if name.endswith(DEAD_SUFFIX):
             target = self._queue(name[: -len(DEAD_SUFFIX)])
             while kicked < n and (q.buried or q.ready):
-                msg = next(iter(q.buried.values())) if q.buried else q.ready[0]
+                msg = next(iter(q.buried.values())) if q.buried else q.ready.head()
                 self._write(MoveRecord(id=msg.id, queue=target.name, attempts=0))
                 if q.buried:
                     del q.buried[msg.id]
@@ -603,7 +672,7 @@ class BrokerCore:
 
     # -- timers ----------------------------------------------------------------
 
-    def _add_timer(self, when: float, item: Lease | Message) -> None:
+    def _add_timer(self, when: float, item: Lease | Message | _Expiry) -> None:
         heapq.heappush(self._timers, (when, next(self._timer_seq), item))
 
     def next_deadline(self) -> float | None:
@@ -611,27 +680,57 @@ class BrokerCore:
         return self._timers[0][0] if self._timers else None
 
     def tick(self, now: float) -> list[Waiter]:
-        """Expire leases and release delayed messages that are due."""
+        """Expire leases and ttls, and release delayed messages, that are due.
+
+        On a full disk the timer that could not write is tried again a
+        second later, and the rest wait for it.
+        """
         woken: list[Waiter] = []
         timers = self._timers
         while timers and timers[0][0] <= now:
             when, _, item = heapq.heappop(timers)
-            if isinstance(item, Lease):
-                if self._leases.get(item.message.id) is item and item.expires_at == when:
-                    try:
-                        woken += self._end_lease(item, now, 0)
-                    except Full:  # the journal's disk is full: try again in a second
-                        item.expires_at = now + TIMER_RETRY_SECONDS
-                        self._add_timer(item.expires_at, item)
-                        break
-            else:
-                entry = self._delayed.get(item.id)
-                if entry is not None and entry[1] == when:
-                    del self._delayed[item.id]
-                    q = self._queue(item.queue)
-                    q.delayed -= 1
-                    woken += self._make_ready(q, item, now)
+            try:
+                woken += self._fire(item, when, now)
+            except Full:
+                if isinstance(item, Lease):
+                    item.expires_at = now + TIMER_RETRY_SECONDS
+                self._add_timer(now + TIMER_RETRY_SECONDS, item)
+                break
         return woken
+
+    def _fire(self, item: Lease | Message | _Expiry, when: float, now: float) -> list[Waiter]:
+        if isinstance(item, Lease):
+            if self._leases.get(item.message.id) is item and item.expires_at == when:
+                return self._end_lease(item, now, 0)
+        elif isinstance(item, _Expiry):
+            self._expire(item.message)
+        else:
+            entry = self._delayed.get(item.id)
+            if entry is not None and entry[1] <= when:
+                del self._delayed[item.id]
+                q = self._queue(item.queue)
+                q.delayed -= 1
+                return self._make_ready(q, item, now)
+        return []
+
+    def _expire(self, msg: Message) -> None:
+        """Drop ``msg`` if its ttl ran out while it waited (ready or delayed).
+
+        A leased message is dropped when its lease ends; a buried one is kept.
+        """
+        if not msg.alive or msg.id in self._leases:
+            return
+        q = self._queue(msg.queue)
+        if msg.id in q.buried:
+            return
+        self._write(DeleteRecord(ids=[msg.id]))
+        if msg.id in self._delayed:
+            del self._delayed[msg.id]
+            q.delayed -= 1
+        else:
+            q.ready.remove(msg)
+        self._forget(q, msg)
+        q.expired_total += 1
 
     # -- inspection ------------------------------------------------------
 
@@ -640,7 +739,7 @@ class BrokerCore:
         q = self._queues.get(name)
         if q is None or not q.ready:
             return None
-        return q.ready[0]
+        return q.ready.head()
 
     def purge(self, name: str) -> int:
         """Drop every ready message of ``name``; return how many."""
@@ -728,7 +827,20 @@ class BrokerCore:
                     self._next_id = max(self._next_id, msg_id + 1)
                     if msg_id not in taken:
                         attempts = record.attempts + (msg_id in leased)
-                        live[msg_id] = (Message(msg_id, queue, body, at, attempts), "ready", 0)
+                        expires_at = record.expires_at or math.inf
+                        msg = Message(
+                            msg_id,
+                            queue,
+                            body,
+                            at,
+                            attempts,
+                            priority=record.priority,
+                            expires_at=expires_at,
+                        )
+                        if record.not_before:
+                            live[msg_id] = (msg, "delayed", record.not_before)
+                        else:
+                            live[msg_id] = (msg, "ready", 0)
             case DeleteRecord(ids=ids):
                 for msg_id in ids:
                     live.pop(msg_id, None)
@@ -756,9 +868,15 @@ class BrokerCore:
         (their leases died with it), with their delivery counts.
         """
         live, self._replayed = self._replayed or {}, None
+        restored = 0
         for msg_id in sorted(live):
             msg, state, until = live[msg_id]
             q = self._queue(msg.queue)
+            if msg.expires_at <= now and state != "buried":
+                continue  # its ttl ran out while no broker ran
+            restored += 1
+            if msg.expires_at < math.inf:
+                self._add_timer(msg.expires_at, _Expiry(msg))
             q.bytes += len(msg.body)
             self.live_bytes += len(msg.body) + LIVE_OVERHEAD
             if state == "buried":
@@ -767,7 +885,7 @@ class BrokerCore:
                 self._delay(q, msg, until)
             else:
                 q.ready.append(msg)
-        return len(live)
+        return restored
 
     def snapshot(self) -> list[AnyRecord]:
         """Records that rebuild the current state (for compaction)."""
@@ -792,6 +910,8 @@ class BrokerCore:
                         bodies=[msg.body],
                         at=msg.enqueued_at,
                         attempts=msg.attempts,
+                        priority=msg.priority,
+                        expires_at=0.0 if msg.expires_at == math.inf else msg.expires_at,
                     )
                 )
             records += [StateRecord(id=msg_id, state="buried") for msg_id in q.buried]

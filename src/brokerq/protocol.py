@@ -76,12 +76,20 @@ class Put(Request, frozen=True, tag="put"):
     queue: str
     body: bytes
     key: bytes | None = None
+    priority: int = 0  # higher first; FIFO within a priority
+    delay: float = 0.0  # seconds before it becomes ready
+    ttl: float | None = None  # seconds after which, still waiting, it is dropped
 
 
 class PutMany(Request, frozen=True, tag="put_many"):
+    """Every body gets the same ``priority``, ``delay`` and ``ttl``."""
+
     queue: str
     bodies: list[bytes]
     keys: list[bytes] | None = None
+    priority: int = 0
+    delay: float = 0.0
+    ttl: float | None = None
 
 
 class Get(Request, frozen=True, tag="get"):

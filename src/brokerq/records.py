@@ -40,6 +40,9 @@ class PutRecord(Record, frozen=True, tag="p"):
     attempts: int = 0  # deliveries so far (snapshots of reserved messages)
     taken: list[int] | None = None
     leased: list[int] | None = None
+    priority: int = 0
+    not_before: float = 0.0  # wall clock; delayed until then (0: ready at once)
+    expires_at: float = 0.0  # wall clock; dropped if still waiting then (0: never)
 
 
 class DeleteRecord(Record, frozen=True, tag="d"):
