@@ -207,3 +207,14 @@ def test_put_with_priority_delay_and_ttl(socket_path: str) -> None:
     assert (got.exit_code, got.output) == (0, "high\nlow\n")
     stats = json.loads(run("stats", "q", "--json").output)
     assert stats["delayed"] == 1
+
+
+def test_put_on_a_full_queue_exits_3(socket_path: str) -> None:
+    with brokerq.connect(socket_path) as client:
+        client.queue("small", maxsize=1)
+    runner = CliRunner()
+    args = ["--socket", socket_path, "put", "small", "--timeout", "0"]
+    assert runner.invoke(cli, [*args, "one"]).output == "1\n"
+    full = runner.invoke(cli, [*args, "two"])
+    assert full.exit_code == 3
+    assert full.output == "brokerq: queue 'small' is full\n"

@@ -249,3 +249,21 @@ def test_priority_delay_and_ttl(client: brokerq.Client) -> None:
     assert q.stats()["expired_total"] == 1
     with pytest.raises(brokerq.InvalidRequest):
         q.put(b"x", delay=-1)
+
+
+def test_a_bounded_queue(client: brokerq.Client) -> None:
+    import queue as stdlib_queue
+
+    q = client.queue("bounded", maxsize=2)
+    assert q.stats()["maxsize"] == 2
+    q.put(b"1")
+    q.put_nowait(b"2")
+    with pytest.raises(stdlib_queue.Full):
+        q.put_nowait(b"3")
+    start = time.monotonic()
+    with pytest.raises(brokerq.Full):
+        q.put(b"3", timeout=0.2)
+    assert time.monotonic() - start >= 0.19
+    threading.Timer(0.2, lambda: client.queue("bounded").get(timeout=5)).start()
+    q.put(b"3", timeout=5)  # blocks until the timer's get makes room
+    assert q.get_many(5, timeout=1) == [b"2", b"3"]

@@ -188,6 +188,8 @@ def test_stats(core: BrokerCore) -> None:
         "oldest_ready_age_s": 4.0,
         "max_deliveries": 20,
         "lease": 30.0,
+        "maxsize": 0,
+        "max_bytes": 0,
     }
     core.get_nowait("q")
     assert core.queue_stats("q", now=15.0)["oldest_ready_age_s"] is None
@@ -550,3 +552,76 @@ def test_priority_delay_and_ttl_survive_a_replay() -> None:
     assert b.queue_stats("q", now=2)["delayed"] == 1
     b.tick(now=50)
     assert bodies(b.get_nowait("q", 10)) == [b"later"]
+
+
+# -- bounded queues and blocked putters --------------------------------------------
+
+
+def test_a_full_queue_refuses_and_admits_putters_in_order(core: BrokerCore) -> None:
+    from brokerq.errors import QueueFull
+
+    core.configure("q", maxsize=2)
+    core.put("q", b"1", now=0)
+    core.put("q", b"2", now=0)
+    with pytest.raises(QueueFull):
+        core.put("q", b"3", now=0)
+    first = core.wait_put("q", [b"3"], None, {})
+    second = core.wait_put("q", [b"4", b"5"], None, {})
+    # Nobody may overtake the putters, even when there is room for a small put.
+    assert bodies(core.get_nowait("q")) == [b"1"]
+    assert core.admit_freed(now=0) == [first]
+    assert first.ids is not None
+    with pytest.raises(QueueFull):
+        core.put("q", b"late", now=0)
+    core.get_nowait("q", 2)  # frees two: the second putter fits
+    assert core.admit_freed(now=0) == [second]
+    assert bodies(core.get_nowait("q", 5)) == [b"4", b"5"]
+    assert core.queue_stats("q", now=0)["putters"] == 0
+
+
+def test_a_putter_that_gives_up_lets_the_next_one_in(core: BrokerCore) -> None:
+    core.configure("q", maxsize=1)
+    core.put("q", b"held", now=0)
+    big = core.wait_put("q", [b"a", b"b"], None, {})  # can never fit while held
+    small = core.wait_put("q", [b"c"], None, {})
+    core.get_nowait("q")
+    assert core.admit_freed(now=0) == []  # the first in line does not fit: all wait
+    assert core.cancel_put(big, now=0) == [small]
+    assert bodies(core.get_nowait("q")) == [b"c"]
+
+
+def test_limits_count_every_state_and_bytes(core: BrokerCore) -> None:
+    from brokerq.errors import Full, QueueFull
+
+    core.configure("q", max_bytes=10)
+    core.put("q", b"12345", now=0)
+    msg = core.reserve_nowait("q", now=0)  # reserved still counts
+    assert msg is not None
+    core.put("q", b"12345", now=0, delay=5)  # delayed too
+    with pytest.raises(QueueFull):
+        core.put("q", b"x", now=0)
+    with pytest.raises(Full, match="never fit"):
+        core.put("q", b"x" * 11, now=0)
+    core.ack(msg.id, 1)
+    core.put("q", b"x", now=0)
+
+
+def test_messages_for_waiting_consumers_need_no_room(core: BrokerCore) -> None:
+    core.configure("q", maxsize=1)
+    core.put("q", b"held", now=0)
+    core.reserve_nowait("q", now=0)
+    waiter = core.wait("q")
+    _, woken = core.put("q", b"straight through", now=0)
+    assert woken is waiter
+
+
+def test_limits_survive_a_replay() -> None:
+    records: list = []  # type: ignore[type-arg]
+    a = BrokerCore(max_message_size=100, write=records.append)
+    a.configure("q", maxsize=3, max_bytes=100, lease=5)
+    a.configure("q", max_deliveries=4)  # None leaves the others as they are
+    b = BrokerCore(max_message_size=100)
+    for record in records:
+        b.apply(record)
+    b.finish_replay(now=0)
+    assert b.queue_config("q") == {"max_deliveries": 4, "lease": 5, "maxsize": 3, "max_bytes": 100}

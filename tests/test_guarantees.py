@@ -778,7 +778,12 @@ def test_g05_a_restart_restores_every_state_and_starts_the_counters_at_zero(
     assert [(m.id, m.attempts) for m in after._queues["q"].ready] == [(m1, 1), (m4, 1), (m5, 0)]
     assert list(after._queues["q"].buried) == [m2]
     assert after._delayed[m3][1] == NOW + 100
-    assert after.queue_config("q") == {"max_deliveries": 5, "lease": 7.0}
+    assert after.queue_config("q") == {
+        "max_deliveries": 5,
+        "lease": 7.0,
+        "maxsize": 0,
+        "max_bytes": 0,
+    }
     after.tick(NOW + 99.9)
     assert ready_ids(after) == [m1, m4, m5]
     after.tick(NOW + 100)

@@ -355,7 +355,12 @@ def test_round_trip_rebuilds_the_state(path: str) -> None:
     assert rebuilt.totals()["reserved"] == 0
     assert rebuilt.queue_stats("a", NOW)["ready"] == 4
     assert rebuilt.queue_stats("a", NOW)["delayed"] == 1
-    assert rebuilt.queue_config("c") == {"max_deliveries": 2, "lease": 5.0}
+    assert rebuilt.queue_config("c") == {
+        "max_deliveries": 2,
+        "lease": 5.0,
+        "maxsize": 0,
+        "max_bytes": 0,
+    }
     # The dedup window: an acked message's key still returns its id.
     before = rebuilt.totals()
     assert rebuilt.put("a", b"a2 again", NOW, key=b"k-a2") == (ids["a2"], None)

@@ -619,3 +619,55 @@ async def test_ttl_and_priority_over_the_wire(
     bad = await peer.call(Put, queue="q", body=b"x", ttl=-1.0)
     assert isinstance(bad, Error)
     assert bad.code == "invalid"
+
+
+# -- bounded queues --------------------------------------------------------------
+
+
+async def test_a_blocked_put_waits_for_room_then_times_out_with_full(
+    broker: Broker, autojump_clock: trio.abc.Clock
+) -> None:
+    from brokerq.protocol import Configure, ConfigureReply
+
+    peer = await connect(broker)
+    assert isinstance(await peer.call(Configure, queue="q", maxsize=1), ConfigureReply)
+    await peer.call(Put, queue="q", body=b"1")
+    refused = await peer.call(Put, queue="q", body=b"2", timeout=0)
+    assert isinstance(refused, Error)
+    assert refused.code == "full"
+    start = trio.current_time()
+    late = await peer.call(Put, queue="q", body=b"2", timeout=5)
+    assert isinstance(late, Error)
+    assert late.code == "full"
+    assert trio.current_time() - start == pytest.approx(5)
+    assert broker.core.queue_stats("q", 0)["putters"] == 0
+    # Room frees while a put waits: it goes in, in order.
+    producer = await connect(broker)
+    await producer.send(Put(id=7, queue="q", body=b"2"))
+    await trio.testing.wait_all_tasks_blocked()
+    assert broker.core.queue_stats("q", 0)["putters"] == 1
+    got = await peer.call(Get, queue="q", timeout=0)
+    assert isinstance(got, GetReply)
+    assert got.body == b"1"
+    admitted = await producer.receive()
+    assert isinstance(admitted, PutReply)
+    assert admitted.id == 7
+    got = await peer.call(Get, queue="q", timeout=0)
+    assert isinstance(got, GetReply)
+    assert got.body == b"2"
+
+
+async def test_a_putter_that_disconnects_puts_nothing(broker: Broker) -> None:
+    from brokerq.protocol import Configure
+
+    peer = await connect(broker)
+    await peer.call(Configure, queue="q", maxsize=1)
+    await peer.call(Put, queue="q", body=b"1")
+    gone = await connect(broker)
+    await gone.send(Put(id=3, queue="q", body=b"never"))
+    await trio.testing.wait_all_tasks_blocked()
+    await gone.stream.aclose()
+    await trio.testing.wait_all_tasks_blocked()
+    assert broker.core.queue_stats("q", 0)["putters"] == 0
+    await peer.call(Get, queue="q", timeout=0)
+    assert isinstance(await peer.call(Get, queue="q", timeout=0), Error)

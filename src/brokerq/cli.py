@@ -19,7 +19,7 @@ from . import __version__
 from .client import Client, Queue
 from .daemon import broker_options
 from .daemon import run as run_broker
-from .errors import BrokerqError, Empty
+from .errors import BrokerqError, Empty, Full
 from .prometheus import format_prometheus
 
 EXIT_ERROR = 1
@@ -32,7 +32,7 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except Empty as exc:
+        except (Empty, Full) as exc:
             click.echo(f"brokerq: {exc}", err=True)
             ctx.exit(EXIT_EMPTY)
         except BrokerqError as exc:
@@ -88,7 +88,7 @@ def cli(ctx: click.Context, socket: str | None, connect_timeout: float) -> None:
 
     Every command but `stop` starts a broker for the socket if none runs.
 
-    Exit status: 0 ok, 1 error, 2 usage error, 3 timed out or empty.
+    Exit status: 0 ok, 1 error, 2 usage error, 3 timed out, empty or full.
     """
     state = ctx.obj = _State(socket, connect_timeout)
     ctx.call_on_close(state.close)
@@ -120,6 +120,12 @@ def _stdin_lines() -> Iterator[bytes]:
     metavar="SECONDS",
     help="Dropped if still waiting after this many seconds.",
 )
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="On a full queue, wait this long for room, then exit 3 (default: for ever).",
+)
 @pass_state
 def put(
     state: _State,
@@ -130,15 +136,17 @@ def put(
     priority: int,
     delay: float,
     ttl: float | None,
+    timeout: float | None,
 ) -> None:
     """Put each MESSAGE on QUEUE; with none, one message per stdin line.
 
-    Prints each message id on its own line.
+    Prints each message id on its own line. Exits 3 if a full queue had no
+    room within --timeout.
     """
     q = state.queue(queue)
     bodies = (m.encode("utf-8", "surrogateescape") for m in messages) if messages else None
     for body in bodies if bodies is not None else _stdin_lines():
-        click.echo(q.put(body, priority=priority, delay=delay, ttl=ttl))
+        click.echo(q.put(body, priority=priority, delay=delay, ttl=ttl, timeout=timeout))
 
 
 @cli.command()

@@ -276,13 +276,21 @@ class Client:
         start = time.monotonic()
         deadline = None if wait is None else start + wait + self.timeout
         request_deadline = None if fields.get("timeout") is None else start + fields["timeout"]
+        retry_until = deadline
         while True:
             conn = self.connection()
-            limit = None if deadline is None else max(deadline - time.monotonic(), 0.001)
+            attempt = time.monotonic()
+            limit = None if deadline is None else max(deadline - attempt, 0.001)
             try:
                 return conn.request(expect, kind, limit, **fields)
             except ConnectionLost:
-                if not retry or (deadline is not None and time.monotonic() >= deadline):
+                now = time.monotonic()
+                if deadline is None and (retry_until is None or now - attempt > self.timeout):
+                    # No deadline of its own (it may wait for ever): reconnecting
+                    # may take the client's timeout, counted from this loss.
+                    retry_until = now + self.timeout
+                assert retry_until is not None
+                if not retry or now >= retry_until:
                     raise
             if request_deadline is not None:
                 fields["timeout"] = max(0.0, request_deadline - time.monotonic())
@@ -294,13 +302,13 @@ class Client:
         prefix, counter = self._key_prefix, self._key_counter
         return [prefix + next(counter).to_bytes(8, "big") for _ in range(n)]
 
-    def queue(
-        self, name: str, *, max_deliveries: int | None = None, lease: float | None = None
-    ) -> Queue:
-        """The queue ``name``; settings given here are applied to it (see Queue.configure)."""
+    def queue(self, name: str, **settings: Any) -> Queue:
+        """The queue ``name``; settings given here (``maxsize``, ``max_bytes``,
+        ``max_deliveries``, ``lease``) are applied to it, new or not (see
+        Queue.configure)."""
         q = Queue(name, client=self)
-        if max_deliveries is not None or lease is not None:
-            q.configure(max_deliveries=max_deliveries, lease=lease)
+        if any(value is not None for value in settings.values()):
+            q.configure(**settings)
         return q
 
     def ping(self) -> float:
@@ -373,13 +381,21 @@ class Queue:
         return f"<brokerq.Queue {self.name!r} at {self.client.socket_path!r}>"
 
     def put(
-        self, body: Body, *, priority: int = 0, delay: float = 0, ttl: float | None = None
+        self,
+        body: Body,
+        *,
+        priority: int = 0,
+        delay: float = 0,
+        ttl: float | None = None,
+        timeout: float | None = None,
     ) -> int:
         """Enqueue ``body`` (str is sent as UTF-8); return its message id.
 
         ``priority``: higher is delivered first, FIFO within a priority.
         ``delay``: seconds before it can be delivered. ``ttl``: seconds after
         which it is dropped if still waiting (ready or delayed).
+        ``timeout``: on a queue at its ``maxsize``/``max_bytes``, how long to
+        wait for room (None: for ever, 0: not at all); then raises Full.
 
         Exactly once: if the broker dies before it answers, the put is sent
         again with the same key, and the broker drops the copy if the first
@@ -391,10 +407,17 @@ class Queue:
             raise MessageTooLarge(
                 f"body of {len(data)} bytes is over the broker's limit of {limit}"
             )
+        protocol.validate_timeout(timeout)
         (key,) = self.client.next_keys(1)
         options = _put_options(priority, delay, ttl)
-        reply = self.client.call(PutReply, Put, 0, queue=self.name, body=data, key=key, **options)
+        reply = self.client.call(
+            PutReply, Put, timeout, queue=self.name, body=data, key=key, timeout=timeout, **options
+        )
         return reply.msg_id
+
+    def put_nowait(self, body: Body, **options: Any) -> int:
+        """``put(body, timeout=0)``: raises Full at once if the queue is full."""
+        return self.put(body, timeout=0, **options)
 
     def put_many(
         self,
@@ -403,17 +426,26 @@ class Queue:
         priority: int = 0,
         delay: float = 0,
         ttl: float | None = None,
+        timeout: float | None = None,
     ) -> list[int]:
         """Enqueue several bodies in order, in as few frames as fit; return their ids.
 
-        ``priority``, ``delay`` and ``ttl`` as for :meth:`put`, for every body.
+        ``priority``, ``delay``, ``ttl`` and ``timeout`` as for :meth:`put`.
         """
+        protocol.validate_timeout(timeout)
         ids: list[int] = []
         options = _put_options(priority, delay, ttl)
         for chunk in self._chunks([_as_bytes(b) for b in bodies]):
             keys = self.client.next_keys(len(chunk))
             reply = self.client.call(
-                PutManyReply, PutMany, 0, queue=self.name, bodies=chunk, keys=keys, **options
+                PutManyReply,
+                PutMany,
+                timeout,
+                queue=self.name,
+                bodies=chunk,
+                keys=keys,
+                timeout=timeout,
+                **options,
             )
             ids += reply.msg_ids
         return ids
@@ -480,10 +512,19 @@ class Queue:
         return self.client.call(KickReply, Kick, 0, queue=self.name, n=n).count
 
     def configure(
-        self, *, max_deliveries: int | None = None, lease: float | None = None
+        self,
+        *,
+        max_deliveries: int | None = None,
+        lease: float | None = None,
+        maxsize: int | None = None,
+        max_bytes: int | None = None,
     ) -> dict[str, Any]:
-        """Set this queue's own delivery limit and default lease (None: the
-        broker's defaults); kept in the journal. Returns the settings now in force."""
+        """Change this queue's settings; None leaves a setting as it is.
+
+        ``maxsize`` / ``max_bytes``: the most messages / body bytes it holds
+        in every state (0: unlimited); a put on a full queue waits for room.
+        Kept in the journal. Returns the settings now in force.
+        """
         return self.client.call(
             ConfigureReply,
             Configure,
@@ -491,6 +532,8 @@ class Queue:
             queue=self.name,
             max_deliveries=max_deliveries,
             lease=lease,
+            maxsize=maxsize,
+            max_bytes=max_bytes,
         ).config
 
     def peek(self) -> bytes:

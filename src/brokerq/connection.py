@@ -20,14 +20,15 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
 from . import __version__, protocol
-from .core import Lease, Message, Waiter
-from .errors import BrokerqError, InvalidRequest, RemoteProtocolError
+from .core import Lease, Message, Putter, Waiter
+from .errors import BrokerqError, InvalidRequest, QueueFull, RemoteProtocolError
 from .journal import JournalFailed
 from .protocol import (
     PROTOCOL_VERSION,
@@ -83,13 +84,13 @@ class PeerGone(Exception):
     """The connection ended; its task winds up quietly."""
 
 
-def wake(waiter: Waiter) -> None:
+def wake(waiter: Waiter | Putter) -> None:
     event = waiter.token
     assert isinstance(event, trio.Event)
     event.set()
 
 
-def wake_all(waiters: list[Waiter]) -> None:
+def wake_all(waiters: Sequence[Waiter | Putter]) -> None:
     for waiter in waiters:
         wake(waiter)
 
@@ -200,8 +201,11 @@ class Connection:
             reply = self._dispatch(request)
             if reply is _BLOCK:
                 await self._flush()
-                assert isinstance(request, Get | GetMany | Reserve)
-                reply = await self._wait_for_message(request)
+                if isinstance(request, Put | PutMany):
+                    reply = await self._wait_for_room(request)
+                else:
+                    assert isinstance(request, Get | GetMany | Reserve)
+                    reply = await self._wait_for_message(request)
         except JournalFailed as exc:
             self._reply_error(request.id, "internal", str(exc))
             self.broker.fail(str(exc))
@@ -216,7 +220,7 @@ class Connection:
             self._reply_error(request.id, "internal", f"internal error: {exc!r}")
             return
         finally:
-            self.broker.timers_may_have_changed()
+            self.broker.after_request()
         if isinstance(reply, Delivery):
             await self._send_delivery(reply)
         else:
@@ -259,8 +263,14 @@ class Connection:
         core = self.core
         now = self.broker.clock()
         match request:
-            case Put(id=rid, queue=queue, body=body, key=key):
-                msg_id, waiter = core.put(queue, body, now, key, **_put_options(request))
+            case Put(id=rid, queue=queue, body=body, key=key, timeout=timeout):
+                protocol.validate_timeout(timeout)
+                try:
+                    msg_id, waiter = core.put(queue, body, now, key, **_put_options(request))
+                except QueueFull:
+                    if timeout == 0:
+                        raise
+                    return _BLOCK
                 if waiter is not None:
                     wake(waiter)
                 self._needs_sync()
@@ -287,8 +297,14 @@ class Connection:
                 if messages:
                     return Delivery(GetMany, messages, rid)
                 return _BLOCK if timeout != 0 else _empty(rid, queue)
-            case PutMany(id=rid, queue=queue, bodies=bodies, keys=keys):
-                ids, woken = core.put_many(queue, bodies, now, keys, **_put_options(request))
+            case PutMany(id=rid, queue=queue, bodies=bodies, keys=keys, timeout=timeout):
+                protocol.validate_timeout(timeout)
+                try:
+                    ids, woken = core.put_many(queue, bodies, now, keys, **_put_options(request))
+                except QueueFull:
+                    if timeout == 0:
+                        raise
+                    return _BLOCK
                 wake_all(woken)
                 self._needs_sync()
                 return PutManyReply(id=rid, msg_ids=ids)
@@ -308,8 +324,14 @@ class Connection:
                 count, woken = core.kick(queue, n, now)
                 wake_all(woken)
                 return KickReply(id=rid, count=count)
-            case Configure(id=rid, queue=queue, max_deliveries=max_deliveries, lease=lease):
-                config = core.configure(queue, max_deliveries=max_deliveries, lease=lease)
+            case Configure(id=rid, queue=queue):
+                config = core.configure(
+                    queue,
+                    max_deliveries=request.max_deliveries,
+                    lease=request.lease,
+                    maxsize=request.maxsize,
+                    max_bytes=request.max_bytes,
+                )
                 return ConfigureReply(id=rid, config=config)
             case Peek(id=rid, queue=queue):
                 msg = core.peek(queue)
@@ -345,37 +367,68 @@ class Connection:
         """What a ``get_many`` batch may take of one reply frame (see core.get_nowait)."""
         return self.broker.max_frame_size - 1024
 
+    async def _wait_for_room(self, request: Put | PutMany) -> protocol.AnyReply:
+        """Park a put on a full queue until it is admitted, the deadline, or the peer leaves."""
+        if isinstance(request, Put):
+            bodies, keys = [request.body], None if request.key is None else [request.key]
+        else:
+            bodies, keys = request.bodies, request.keys
+        putter = self.core.wait_put(
+            request.queue, bodies, keys, _put_options(request), trio.Event()
+        )
+        try:
+            peer_gone = await self._park(putter.token, request.timeout)
+        except BaseException:
+            wake_all(self.core.cancel_put(putter, self.broker.clock()))
+            raise
+        if putter.ids is None:
+            wake_all(self.core.cancel_put(putter, self.broker.clock()))
+            if peer_gone:
+                raise PeerGone
+            if self.broker.closing:
+                return Error(id=request.id, code="shutting_down", message="the broker is stopping")
+            return Error(id=request.id, code="full", message=f"queue {request.queue!r} is full")
+        self._needs_sync()
+        if isinstance(request, Put):
+            return PutReply(id=request.id, msg_id=putter.ids[0])
+        return PutManyReply(id=request.id, msg_ids=putter.ids)
+
+    async def _park(self, token: object, timeout: float | None) -> bool:
+        """Wait for ``token`` (an Event), the timeout, or the peer's end: True if it left.
+
+        Meanwhile pipelined requests are read into the buffer (they wait
+        their turn), up to a frame's worth.
+        """
+        assert isinstance(token, trio.Event)
+        peer_gone = False
+        async with trio.open_nursery() as nursery:
+
+            async def watch_peer() -> None:
+                nonlocal peer_gone
+                while True:
+                    data = await self._receive()
+                    if not data:
+                        peer_gone = True
+                        nursery.cancel_scope.cancel()
+                        return
+                    self.reader.feed(data)
+                    if self.reader.buffered > self.reader.max_frame_size:
+                        await trio.sleep_forever()  # backpressure
+
+            nursery.start_soon(watch_peer)
+            with trio.move_on_after(math.inf if timeout is None else timeout):
+                await token.wait()
+            nursery.cancel_scope.cancel()
+        return peer_gone
+
     async def _wait_for_message(self, request: Get | GetMany | Reserve) -> Delivery | Error:
         """Park until a message is handed over, the deadline, or the peer leaves."""
         lease = None
         if isinstance(request, Reserve):
             lease = request.lease or self.core.queue_config(request.queue)["lease"]
         waiter = self.core.wait(request.queue, trio.Event(), lease, owner=self)
-        event = waiter.token
-        assert isinstance(event, trio.Event)
-        peer_gone = False
-        timeout = math.inf if request.timeout is None else request.timeout
         try:
-            async with trio.open_nursery() as nursery:
-
-                async def watch_peer() -> None:
-                    nonlocal peer_gone
-                    while True:
-                        data = await self._receive()
-                        if not data:
-                            peer_gone = True
-                            nursery.cancel_scope.cancel()
-                            return
-                        # Pipelined requests wait their turn in the reader;
-                        # past a frame's worth, stop reading (backpressure).
-                        self.reader.feed(data)
-                        if self.reader.buffered > self.reader.max_frame_size:
-                            await trio.sleep_forever()
-
-                nursery.start_soon(watch_peer)
-                with trio.move_on_after(timeout):
-                    await event.wait()
-                nursery.cancel_scope.cancel()
+            peer_gone = await self._park(waiter.token, request.timeout)
         except BaseException:
             wake_all(self.core.cancel_wait(waiter, self.broker.clock()))
             raise

@@ -42,7 +42,7 @@ from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from .errors import Full, InvalidRequest, LeaseLost, MessageTooLarge
+from .errors import Full, InvalidRequest, LeaseLost, MessageTooLarge, QueueFull
 from .protocol import MESSAGE_OVERHEAD, validate_queue_name
 from .ready import ReadyList
 from .records import (
@@ -128,6 +128,30 @@ class _Expiry:
         self.message = message
 
 
+class Putter:
+    """A put parked until its queue has room for all of it (FIFO among putters).
+
+    When the core admits it, it enqueues the bodies and sets ``ids``.
+    """
+
+    __slots__ = ("bodies", "ids", "keys", "options", "queue", "token")
+
+    def __init__(
+        self,
+        queue: str,
+        bodies: list[bytes],
+        keys: list[bytes] | None,
+        options: dict[str, Any],
+        token: object = None,
+    ) -> None:
+        self.queue = queue
+        self.bodies = bodies
+        self.keys = keys
+        self.options = options
+        self.token = token
+        self.ids: list[int] | None = None
+
+
 class Waiter:
     """A dequeuer parked on a queue until a message is handed to it.
 
@@ -162,9 +186,12 @@ class QueueState:
         "delivered_total",
         "expired_total",
         "lease",
+        "max_bytes",
         "max_deliveries",
+        "maxsize",
         "name",
         "put_total",
+        "putters",
         "ready",
         "reserved",
         "waiters",
@@ -181,6 +208,9 @@ class QueueState:
         self.bytes = 0  # body bytes held, in every state
         self.max_deliveries: int | None = None
         self.lease: float | None = None
+        self.maxsize = 0
+        self.max_bytes = 0
+        self.putters: OrderedDict[Putter, None] = OrderedDict()
         self.put_total = 0
         self.delivered_total = 0
         self.expired_total = 0
@@ -216,6 +246,8 @@ class BrokerCore:
         self._timer_seq = itertools.count()
         self._replayed: dict[int, tuple[Message, str, float]] | None = None
         self._owed: deque[AnyRecord] = deque()
+        #: Queues where room was freed while puts wait (see admit_freed).
+        self.freed: set[str] = set()
 
     def _write(self, record: AnyRecord) -> None:
         if self.write is not None:
@@ -265,6 +297,7 @@ class BrokerCore:
         priority: int = 0,
         delay: float = 0.0,
         ttl: float | None = None,
+        admitting: bool = False,
     ) -> tuple[list[int], list[Waiter]]:
         """Enqueue several bodies in order, all or none; return ids and woken waiters.
 
@@ -307,6 +340,9 @@ class BrokerCore:
         ready_now = delay == 0 and not q.ready
         waiters = list(itertools.islice(q.waiters, len(new))) if ready_now else []
         handoffs = list(zip([n[0] for n in new], waiters, strict=False))
+        if q.maxsize or q.max_bytes:
+            taken = sum(1 for _, w in handoffs if w.lease is None)  # they need no room
+            self._check_room(q, new[taken:], admitting)
         until = now + delay
         expires_at = math.inf if ttl is None else now + ttl
         self._write(
@@ -344,6 +380,62 @@ class BrokerCore:
             else:
                 q.ready.append(msg)
         return ids, woken
+
+    def _check_room(
+        self, q: QueueState, new: list[tuple[int, bytes, bytes | None]], admitting: bool
+    ) -> None:
+        """Raise QueueFull unless ``new`` fits in ``q`` now (and no putter is ahead)."""
+        count, size = len(new), sum(len(n[1]) for n in new)
+        if (q.maxsize and count > q.maxsize) or (q.max_bytes and size > q.max_bytes):
+            raise Full(
+                f"{count} message(s) of {size} bytes can never fit in {q.name!r} "
+                f"(maxsize {q.maxsize or 'unlimited'}, max_bytes {q.max_bytes or 'unlimited'})"
+            )
+        held = len(q.ready) + q.delayed + q.reserved + len(q.buried)
+        fits = (not q.maxsize or held + count <= q.maxsize) and (
+            not q.max_bytes or q.bytes + size <= q.max_bytes
+        )
+        if not fits or (q.putters and not admitting):
+            raise QueueFull(f"queue {q.name!r} is full")
+
+    def wait_put(
+        self,
+        name: str,
+        bodies: list[bytes],
+        keys: list[bytes] | None,
+        options: dict[str, Any],
+        token: object = None,
+    ) -> Putter:
+        """Park a put that did not fit (QueueFull) at the back of the putters' line."""
+        putter = Putter(name, bodies, keys, options, token)
+        self._queue(name).putters[putter] = None
+        return putter
+
+    def cancel_put(self, putter: Putter, now: float) -> list[Putter | Waiter]:
+        """Withdraw a parked put (timeout, disconnect); the next may fit now."""
+        q = self._queue(putter.queue)
+        q.putters.pop(putter, None)
+        return self.admit_putters(q.name, now)
+
+    def admit_putters(self, name: str, now: float) -> list[Putter | Waiter]:
+        """Enqueue parked puts, in order, while the first one fits.
+
+        Returns the putters admitted and the waiters their messages went to.
+        """
+        q = self._queues.get(name)
+        woken: list[Putter | Waiter] = []
+        while q is not None and q.putters:
+            putter = next(iter(q.putters))
+            try:
+                ids, served = self.put_many(
+                    name, putter.bodies, now, putter.keys, admitting=True, **putter.options
+                )
+            except Full:  # no room yet (or a full disk): it stays first in line
+                break
+            del q.putters[putter]
+            putter.ids = ids
+            woken += [putter, *served]
+        return woken
 
     def _remember_key(self, key: bytes, msg_id: int) -> None:
         if key not in self._keys:
@@ -489,7 +581,16 @@ class BrokerCore:
         q.ready.insert(msg)
         return self._hand_to_waiters(q, now)
 
+    def admit_freed(self, now: float) -> list[Putter | Waiter]:
+        """Admit parked puts of every queue that had room freed since the last call."""
+        woken: list[Putter | Waiter] = []
+        while self.freed:
+            woken += self.admit_putters(self.freed.pop(), now)
+        return woken
+
     def _forget(self, q: QueueState, msg: Message) -> None:
+        if q.putters:
+            self.freed.add(q.name)
         msg.alive = False
         q.bytes -= len(msg.body)
         self.live_bytes -= len(msg.body) + LIVE_OVERHEAD
@@ -599,6 +700,8 @@ class BrokerCore:
             self._drop_lease(q, lease)
             q.bytes -= len(msg.body)
             q.dead_lettered_total += 1
+            if q.putters:
+                self.freed.add(q.name)
             msg.queue = dead.name
             dead.bytes += len(msg.body)
             return self._make_ready(dead, msg, now)
@@ -650,24 +753,52 @@ class BrokerCore:
         return kicked, woken
 
     def configure(
-        self, name: str, *, max_deliveries: int | None = None, lease: float | None = None
+        self,
+        name: str,
+        *,
+        max_deliveries: int | None = None,
+        lease: float | None = None,
+        maxsize: int | None = None,
+        max_bytes: int | None = None,
     ) -> dict[str, Any]:
-        """Set a queue's own settings (None keeps the broker's default)."""
+        """Change a queue's own settings; None leaves a setting as it is.
+
+        ``maxsize`` and ``max_bytes`` count every message the queue holds
+        (ready, delayed, reserved, buried); 0 means unlimited. Lowering them
+        below what the queue holds keeps every message; puts wait for room.
+        """
         validate_queue_name(name)
         if max_deliveries is not None and max_deliveries < 1:
             raise InvalidRequest(f"max_deliveries must be >= 1, not {max_deliveries}")
         if lease is not None and not 0 < lease < math.inf:
             raise InvalidRequest(f"lease must be a finite number > 0, not {lease}")
-        self._write(ConfigRecord(queue=name, max_deliveries=max_deliveries, lease=lease))
-        q = self._queue(name)
-        q.max_deliveries, q.lease = max_deliveries, lease
+        for limit, value in (("maxsize", maxsize), ("max_bytes", max_bytes)):
+            if value is not None and value < 0:
+                raise InvalidRequest(f"{limit} must be >= 0 (0: unlimited), not {value}")
+        q = self._queues.get(name) or QueueState(name)
+        record = ConfigRecord(
+            queue=name,
+            max_deliveries=q.max_deliveries if max_deliveries is None else max_deliveries,
+            lease=q.lease if lease is None else lease,
+            maxsize=q.maxsize if maxsize is None else maxsize,
+            max_bytes=q.max_bytes if max_bytes is None else max_bytes,
+        )
+        self._write(record)
+        self._configure(record)
         return self.queue_config(name)
+
+    def _configure(self, record: ConfigRecord) -> None:
+        q = self._queue(record.queue)
+        q.max_deliveries, q.lease = record.max_deliveries, record.lease
+        q.maxsize, q.max_bytes = record.maxsize, record.max_bytes
 
     def queue_config(self, name: str) -> dict[str, Any]:
         q = self._queues.get(name) or QueueState(name)
         return {
             "max_deliveries": q.max_deliveries or self.max_deliveries,
             "lease": q.lease or self.default_lease,
+            "maxsize": q.maxsize,
+            "max_bytes": q.max_bytes,
         }
 
     # -- timers ----------------------------------------------------------------
@@ -769,7 +900,7 @@ class BrokerCore:
             "reserved": q.reserved,
             "buried": len(q.buried),
             "waiters": len(q.waiters),
-            "putters": 0,
+            "putters": len(q.putters),
             "bytes": q.bytes,
             "put_total": q.put_total,
             "delivered_total": q.delivered_total,
@@ -792,9 +923,13 @@ class BrokerCore:
             "delivered_total": sum(q.delivered_total for q in queues),
         }
 
-    def all_waiters(self) -> list[Waiter]:
-        """Every parked dequeuer (a stopping broker wakes them all)."""
-        return [w for q in self._queues.values() for w in q.waiters]
+    def all_waiters(self) -> list[Waiter | Putter]:
+        """Every parked dequeuer and put (a stopping broker wakes them all)."""
+        parked: list[Waiter | Putter] = []
+        for q in self._queues.values():
+            parked += q.waiters
+            parked += q.putters
+        return parked
 
     def snapshot_size(self) -> int:
         """Roughly the bytes a snapshot takes: live messages and the key window."""
@@ -852,9 +987,8 @@ class BrokerCore:
                 msg = live[msg_id][0]
                 msg.queue, msg.attempts = queue, attempts
                 live[msg_id] = (msg, "ready", 0)
-            case ConfigRecord(queue=queue, max_deliveries=max_deliveries, lease=lease):
-                q = self._queue(queue)
-                q.max_deliveries, q.lease = max_deliveries, lease
+            case ConfigRecord():
+                self._configure(record)
             case KeysRecord(keys=keys, ids=ids):
                 for key, msg_id in zip(keys, ids, strict=True):
                     self._remember_key(key, msg_id)
@@ -897,9 +1031,15 @@ class BrokerCore:
         for msg, _ in self._delayed.values():
             delayed.setdefault(msg.queue, []).append(msg)
         for q in self._queues.values():
-            if q.max_deliveries is not None or q.lease is not None:
+            if q.max_deliveries is not None or q.lease is not None or q.maxsize or q.max_bytes:
                 records.append(
-                    ConfigRecord(queue=q.name, max_deliveries=q.max_deliveries, lease=q.lease)
+                    ConfigRecord(
+                        queue=q.name,
+                        max_deliveries=q.max_deliveries,
+                        lease=q.lease,
+                        maxsize=q.maxsize,
+                        max_bytes=q.max_bytes,
+                    )
                 )
             held = [*q.ready, *q.buried.values(), *leased.get(q.name, ()), *delayed.get(q.name, ())]
             for msg in held:

@@ -32,6 +32,10 @@ class Full(BrokerqError, _stdlib_queue.Full):
     code = "full"
 
 
+class QueueFull(Full):
+    """The queue is at its maxsize or max_bytes: the put may wait for room."""
+
+
 class MessageTooLarge(BrokerqError):
     """A body is larger than the broker's ``max_message_size``."""
 

@@ -79,6 +79,7 @@ class Put(Request, frozen=True, tag="put"):
     priority: int = 0  # higher first; FIFO within a priority
     delay: float = 0.0  # seconds before it becomes ready
     ttl: float | None = None  # seconds after which, still waiting, it is dropped
+    timeout: float | None = None  # how long to wait for room in a full queue (nil: for ever)
 
 
 class PutMany(Request, frozen=True, tag="put_many"):
@@ -90,6 +91,7 @@ class PutMany(Request, frozen=True, tag="put_many"):
     priority: int = 0
     delay: float = 0.0
     ttl: float | None = None
+    timeout: float | None = None
 
 
 class Get(Request, frozen=True, tag="get"):
@@ -142,9 +144,13 @@ class Kick(Request, frozen=True, tag="kick"):
 
 
 class Configure(Request, frozen=True, tag="configure"):
+    """Change a queue's settings; an absent (nil) field leaves its setting as it is."""
+
     queue: str
     max_deliveries: int | None = None
     lease: float | None = None
+    maxsize: int | None = None
+    max_bytes: int | None = None
 
 
 class Peek(Request, frozen=True, tag="peek"):

@@ -80,6 +80,8 @@ class ConfigRecord(Record, frozen=True, tag="c"):
     queue: str
     max_deliveries: int | None = None
     lease: float | None = None
+    maxsize: int = 0  # messages held, in every state (0: unlimited)
+    max_bytes: int = 0  # body bytes held, in every state (0: unlimited)
 
 
 class KeysRecord(Record, frozen=True, tag="k"):

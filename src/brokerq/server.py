@@ -359,8 +359,11 @@ class Broker:
 
     # -- timers -------------------------------------------------------------------
 
-    def timers_may_have_changed(self) -> None:
-        """A request may have added a timer earlier than the one being waited for."""
+    def after_request(self) -> None:
+        """After every request: admit parked puts where room was freed, and
+        wake the timer task if the request added an earlier timer."""
+        if self.core.freed:
+            wake_all(self.core.admit_freed(self.clock()))
         deadline = self.core.next_deadline()
         if deadline is not None and deadline < self._timer_at:
             self._timers_changed.set()
@@ -374,5 +377,6 @@ class Broker:
             self._timers_changed = trio.Event()
             try:
                 wake_all(self.core.tick(self.clock()))
+                wake_all(self.core.admit_freed(self.clock()))
             except JournalFailed as exc:
                 self.fail(str(exc))
