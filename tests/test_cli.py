@@ -218,3 +218,16 @@ def test_put_on_a_full_queue_exits_3(socket_path: str) -> None:
     full = runner.invoke(cli, [*args, "two"])
     assert full.exit_code == 3
     assert full.output == "brokerq: queue 'small' is full\n"
+
+
+def test_delete_prints_how_many_went(socket_path: str) -> None:
+    runner = CliRunner()
+
+    def run(*args: str) -> Result:
+        return runner.invoke(cli, ["--socket", socket_path, *args], catch_exceptions=False)
+
+    run("put", "gone", "a", "b")
+    run("put", "kept", "c")
+    assert run("delete", "gone").output == "2\n"
+    assert run("queues").output == "kept\n"
+    assert run("delete", "never-was").output == "0\n"

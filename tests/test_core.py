@@ -625,3 +625,39 @@ def test_limits_survive_a_replay() -> None:
         b.apply(record)
     b.finish_replay(now=0)
     assert b.queue_config("q") == {"max_deliveries": 4, "lease": 5, "maxsize": 3, "max_bytes": 100}
+
+
+def test_delete_a_queue_with_messages_in_every_state() -> None:
+    from brokerq.errors import LeaseLost
+
+    records: list = []  # type: ignore[type-arg]
+    core = BrokerCore(max_message_size=100, write=records.append)
+    core.configure("q", maxsize=10)
+    core.put_many("q", [b"a", b"b", b"c", b"d"], now=0)
+    core.put("q", b"later", now=0, delay=5)
+    held = core.reserve_nowait("q", now=0)
+    buried = core.reserve_nowait("q", now=0)
+    assert held is not None
+    assert buried is not None
+    core.bury(buried.id, 1)
+    core.put("other", b"kept", now=0)
+    count, _ = core.delete_queue("q", now=0)
+    assert count == 5
+    assert core.queue_names() == ["other"]
+    with pytest.raises(LeaseLost):
+        core.ack(held.id, 1)
+    assert core.queue_config("q")["maxsize"] == 0
+    assert core.delete_queue("q", now=0) == (0, [])
+    replayed = BrokerCore(max_message_size=100)
+    for record in records:
+        replayed.apply(record)
+    assert replayed.finish_replay(now=10) == 1
+    assert replayed.queue_names() == ["other"]
+
+
+def test_deleting_a_queue_waited_on_keeps_its_waiters() -> None:
+    core = BrokerCore(max_message_size=100)
+    waiter = core.wait("q")
+    core.delete_queue("q", now=0)
+    _, woken = core.put("q", b"x", now=0)
+    assert woken is waiter

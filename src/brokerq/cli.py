@@ -217,6 +217,15 @@ def kick(state: _State, queue: str, count: int) -> None:
 
 
 @cli.command()
+@click.argument("queue")
+@pass_state
+def delete(state: _State, queue: str) -> None:
+    """Delete QUEUE with every message it holds (in every state) and its
+    settings; print how many messages went."""
+    click.echo(state.queue(queue).delete())
+
+
+@cli.command()
 @pass_state
 def queues(state: _State) -> None:
     """List the broker's queues, one name per line."""

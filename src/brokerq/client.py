@@ -40,6 +40,8 @@ from .protocol import (
     BuryReply,
     Configure,
     ConfigureReply,
+    Delete,
+    DeleteReply,
     Error,
     FrameReader,
     Get,
@@ -535,6 +537,12 @@ class Queue:
             maxsize=maxsize,
             max_bytes=max_bytes,
         ).config
+
+    def delete(self) -> int:
+        """Delete this queue: every message it holds, in every state, and its
+        settings; returns how many messages went. (Using the name again
+        makes a new, empty queue.)"""
+        return self.client.call(DeleteReply, Delete, 0, queue=self.name).count
 
     def peek(self) -> bytes:
         """The body at the head, not removed. Raises Empty if none is ready."""

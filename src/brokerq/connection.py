@@ -38,6 +38,8 @@ from .protocol import (
     BuryReply,
     Configure,
     ConfigureReply,
+    Delete,
+    DeleteReply,
     Error,
     FrameReader,
     Get,
@@ -333,6 +335,10 @@ class Connection:
                     max_bytes=request.max_bytes,
                 )
                 return ConfigureReply(id=rid, config=config)
+            case Delete(id=rid, queue=queue):
+                count, admitted = core.delete_queue(queue, now)
+                wake_all(admitted)
+                return DeleteReply(id=rid, count=count)
             case Peek(id=rid, queue=queue):
                 msg = core.peek(queue)
                 if msg is None:

@@ -50,6 +50,7 @@ from .records import (
     AttemptsRecord,
     ConfigRecord,
     DeleteRecord,
+    DropQueueRecord,
     KeysRecord,
     MoveRecord,
     NextIdRecord,
@@ -885,6 +886,42 @@ class BrokerCore:
         q.ready.clear()
         return count
 
+    def delete_queue(self, name: str, now: float) -> tuple[int, list[Putter | Waiter]]:
+        """Delete a queue: every message it holds (ready, delayed, reserved,
+        buried) and its settings. Returns how many messages went.
+
+        Dequeuers and puts waiting on it go on waiting on the queue of that
+        name, now empty; a lease on one of its messages is gone (a late ack
+        gets ``lease_lost``).
+        """
+        validate_queue_name(name)
+        q = self._queues.get(name)
+        if q is None:
+            return 0, []
+        held = [*q.ready, *q.buried.values()]
+        held += [lease.message for lease in self._leases.values() if lease.message.queue == name]
+        held += [msg for msg, _ in self._delayed.values() if msg.queue == name]
+        if held:
+            self._write(DeleteRecord(ids=[m.id for m in held]))
+        self._write(DropQueueRecord(queue=name))
+        for msg in held:
+            lease = self._leases.get(msg.id)
+            if lease is not None:
+                self._drop_lease(q, lease)
+            if self._delayed.pop(msg.id, None) is not None:
+                q.delayed -= 1
+            self._forget(q, msg)
+        q.ready.clear()
+        q.buried.clear()
+        q.maxsize = q.max_bytes = 0
+        q.max_deliveries = q.lease = None
+        woken: list[Putter | Waiter] = []
+        if q.waiters or q.putters:
+            woken = self.admit_putters(name, now)
+        else:
+            del self._queues[name]
+        return len(held), woken
+
     def queue_names(self) -> list[str]:
         return sorted(self._queues)
 
@@ -989,6 +1026,8 @@ class BrokerCore:
                 live[msg_id] = (msg, "ready", 0)
             case ConfigRecord():
                 self._configure(record)
+            case DropQueueRecord(queue=queue):
+                self._queues.pop(queue, None)
             case KeysRecord(keys=keys, ids=ids):
                 for key, msg_id in zip(keys, ids, strict=True):
                     self._remember_key(key, msg_id)

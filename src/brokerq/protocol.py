@@ -153,6 +153,12 @@ class Configure(Request, frozen=True, tag="configure"):
     max_bytes: int | None = None
 
 
+class Delete(Request, frozen=True, tag="delete"):
+    """Delete a queue with every message it holds, in every state, and its settings."""
+
+    queue: str
+
+
 class Peek(Request, frozen=True, tag="peek"):
     queue: str
 
@@ -192,6 +198,7 @@ AnyRequest: TypeAlias = (
     | Touch
     | Kick
     | Configure
+    | Delete
     | Peek
     | Purge
     | Stats
@@ -266,6 +273,10 @@ class ConfigureReply(Reply, frozen=True, tag="configure"):
     config: dict[str, Any]
 
 
+class DeleteReply(Reply, frozen=True, tag="delete"):
+    count: int
+
+
 class PeekReply(Reply, frozen=True, tag="peek"):
     msg_id: int
     body: bytes
@@ -309,6 +320,7 @@ AnyReply: TypeAlias = (
     | TouchReply
     | KickReply
     | ConfigureReply
+    | DeleteReply
     | PeekReply
     | PurgeReply
     | StatsReply

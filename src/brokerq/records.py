@@ -84,6 +84,12 @@ class ConfigRecord(Record, frozen=True, tag="c"):
     max_bytes: int = 0  # body bytes held, in every state (0: unlimited)
 
 
+class DropQueueRecord(Record, frozen=True, tag="x"):
+    """A queue deleted: its messages (each named in a DeleteRecord before) and settings."""
+
+    queue: str
+
+
 class KeysRecord(Record, frozen=True, tag="k"):
     """The window of recent put keys and the ids they were given (snapshots)."""
 
@@ -104,6 +110,7 @@ AnyRecord: TypeAlias = (
     | StateRecord
     | MoveRecord
     | ConfigRecord
+    | DropQueueRecord
     | KeysRecord
     | NextIdRecord
 )
