@@ -41,6 +41,7 @@ import pytest
 import trio
 import trio.testing
 from conftest import BIN
+from test_server import Peer as ServerPeer
 
 import brokerq
 import brokerq.journal as jmod
@@ -255,27 +256,8 @@ def read_bytes(path: str) -> bytes:
 # -- server: the trio broker over memory streams -----------------------------------------
 
 
-class Peer:
-    """A scripted client on one in-memory connection (as in tests/test_server.py)."""
-
-    def __init__(self, stream: trio.testing.StapledStream[Any, Any]) -> None:
-        self.stream = stream
-        self.reader = FrameReader(1 << 30)
-        self.next_id = 1
-
-    async def send(self, *frames: protocol.AnyRequest) -> None:
-        out = bytearray()
-        for frame in frames:
-            protocol.append_frame(out, frame)
-        await self.stream.send_all(out)
-
-    async def receive(self) -> protocol.AnyReply:
-        while (payload := self.reader.next_frame()) is None:
-            data = await self.stream.receive_some()
-            if not data:
-                raise EOFError
-            self.reader.feed(data)
-        return protocol.decode_reply(payload)
+class Peer(ServerPeer):
+    """tests/test_server.py's scripted client, which can also read to the end."""
 
     async def until_eof(self) -> list[protocol.AnyReply]:
         replies = []
@@ -284,11 +266,6 @@ class Peer:
                 replies.append(await self.receive())
             except EOFError:
                 return replies
-
-    async def call(self, kind: type[protocol.Request], **fields: Any) -> Any:
-        self.next_id += 1
-        await self.send(kind(id=self.next_id, **fields))  # type: ignore[arg-type]
-        return await self.receive()
 
 
 class Watched(trio.abc.Stream):
