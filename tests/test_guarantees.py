@@ -46,7 +46,7 @@ from test_server import Peer as ServerPeer
 import brokerq
 import brokerq.journal as jmod
 from brokerq import protocol
-from brokerq.core import KEY_WINDOW, BrokerCore, Message
+from brokerq.core import KEY_WINDOW, BrokerCore
 from brokerq.errors import Full, LeaseLost
 from brokerq.journal import Journal, JournalFull, journal_path, read_journal
 from brokerq.protocol import (
@@ -83,6 +83,7 @@ from brokerq.protocol import (
 from brokerq.records import AnyRecord, PutRecord
 from brokerq.server import Broker, BrokerConfig
 from brokerq.spawn import broker_running
+from brokerq.state import Message
 
 T = TypeVar("T")
 

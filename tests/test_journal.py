@@ -22,7 +22,7 @@ import pytest
 
 import brokerq
 import brokerq.journal as jmod
-from brokerq.core import BrokerCore, Message
+from brokerq.core import BrokerCore
 from brokerq.errors import BrokerqError
 from brokerq.journal import (
     FILE_HEADER,
@@ -47,6 +47,7 @@ from brokerq.records import (
     PutRecord,
     StateRecord,
 )
+from brokerq.state import Message
 
 #: The wall-clock time the scenarios end at and replays happen at.
 NOW = 60.0

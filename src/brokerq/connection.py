@@ -27,7 +27,6 @@ from typing import TYPE_CHECKING, Any, Final
 import trio
 
 from . import __version__, protocol
-from .core import Lease, Message, Putter, Waiter
 from .errors import BrokerqError, InvalidRequest, QueueFull, RemoteProtocolError
 from .journal import JournalFailed
 from .protocol import (
@@ -74,6 +73,7 @@ from .protocol import (
     Touch,
     TouchReply,
 )
+from .state import Lease, Message, Putter, Waiter
 
 if TYPE_CHECKING:
     from .server import Broker

@@ -38,13 +38,12 @@ import contextlib
 import heapq
 import itertools
 import math
-from collections import OrderedDict, deque
+from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
 from .errors import Full, InvalidRequest, LeaseLost, MessageTooLarge, QueueFull
 from .protocol import MESSAGE_OVERHEAD, validate_queue_name
-from .ready import ReadyList
 from .records import (
     AnyRecord,
     AttemptsRecord,
@@ -57,6 +56,7 @@ from .records import (
     PutRecord,
     StateRecord,
 )
+from .state import Expiry, Lease, Message, Putter, QueueState, Waiter
 
 DEAD_SUFFIX = ":dead"
 #: How many recent put keys are remembered to drop retried puts.
@@ -67,155 +67,6 @@ MAX_PRIORITY = 2**31 - 1
 TIMER_RETRY_SECONDS = 1.0
 #: Bytes counted per live message beyond its body, to size the journal.
 LIVE_OVERHEAD = 64
-
-
-class Message:
-    """One message: the id ``put`` returned, its queue, body, arrival, deliveries."""
-
-    __slots__ = (
-        "alive",
-        "attempts",
-        "body",
-        "enqueued_at",
-        "expires_at",
-        "id",
-        "priority",
-        "queue",
-    )
-
-    def __init__(
-        self,
-        msg_id: int,
-        queue: str,
-        body: bytes,
-        enqueued_at: float,
-        attempts: int = 0,
-        *,
-        priority: int = 0,
-        expires_at: float = math.inf,
-    ) -> None:
-        self.id = msg_id
-        self.queue = queue
-        self.body = body
-        self.enqueued_at = enqueued_at
-        self.attempts = attempts
-        self.priority = priority
-        self.expires_at = expires_at  # its ttl runs out then (wall clock)
-        self.alive = True  # False once gone for good (got, acked, purged, expired)
-
-    def __repr__(self) -> str:
-        return f"Message(id={self.id}, queue={self.queue!r}, body={self.body[:32]!r})"
-
-
-class Lease:
-    """A reserved message: whose it is, which attempt, until when."""
-
-    __slots__ = ("attempt", "expires_at", "length", "message", "owner")
-
-    def __init__(self, message: Message, owner: object, now: float, length: float) -> None:
-        self.message = message
-        self.attempt = message.attempts
-        self.owner = owner
-        self.length = length
-        self.expires_at = now + length
-
-
-class _Expiry:
-    """A timer entry: ``message``'s ttl runs out (if it still waits by then)."""
-
-    __slots__ = ("message",)
-
-    def __init__(self, message: Message) -> None:
-        self.message = message
-
-
-class Putter:
-    """A put parked until its queue has room for all of it (FIFO among putters).
-
-    When the core admits it, it enqueues the bodies and sets ``ids``.
-    """
-
-    __slots__ = ("bodies", "ids", "keys", "options", "queue", "token")
-
-    def __init__(
-        self,
-        queue: str,
-        bodies: list[bytes],
-        keys: list[bytes] | None,
-        options: dict[str, Any],
-        token: object = None,
-    ) -> None:
-        self.queue = queue
-        self.bodies = bodies
-        self.keys = keys
-        self.options = options
-        self.token = token
-        self.ids: list[int] | None = None
-
-
-class Waiter:
-    """A dequeuer parked on a queue until a message is handed to it.
-
-    ``lease`` is None for ``get`` and the lease length for ``reserve``.
-    ``messages`` is filled by the core; ``token`` belongs to the I/O layer.
-    """
-
-    __slots__ = ("lease", "messages", "owner", "queue", "token")
-
-    def __init__(
-        self, queue: str, token: object = None, lease: float | None = None, owner: object = None
-    ) -> None:
-        self.queue = queue
-        self.messages: list[Message] = []
-        self.token = token
-        self.lease = lease
-        self.owner = owner
-
-    @property
-    def served(self) -> bool:
-        return bool(self.messages)
-
-
-class QueueState:
-    """One named queue: ready messages, waiters, buried ones, settings, counters."""
-
-    __slots__ = (
-        "buried",
-        "bytes",
-        "dead_lettered_total",
-        "delayed",
-        "delivered_total",
-        "expired_total",
-        "lease",
-        "max_bytes",
-        "max_deliveries",
-        "maxsize",
-        "name",
-        "put_total",
-        "putters",
-        "ready",
-        "reserved",
-        "waiters",
-    )
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.ready: ReadyList[Message] = ReadyList()
-        # Insertion-ordered, O(1) removal from anywhere: the fairness structure.
-        self.waiters: OrderedDict[Waiter, None] = OrderedDict()
-        self.buried: dict[int, Message] = {}
-        self.reserved = 0
-        self.delayed = 0
-        self.bytes = 0  # body bytes held, in every state
-        self.max_deliveries: int | None = None
-        self.lease: float | None = None
-        self.maxsize = 0
-        self.max_bytes = 0
-        self.putters: OrderedDict[Putter, None] = OrderedDict()
-        self.put_total = 0
-        self.delivered_total = 0
-        self.expired_total = 0
-        self.dead_lettered_total = 0
 
 
 class BrokerCore:
@@ -243,7 +94,7 @@ class BrokerCore:
         self._leases: dict[int, Lease] = {}
         self._owned: dict[object, set[int]] = {}
         self._delayed: dict[int, tuple[Message, float]] = {}
-        self._timers: list[tuple[float, int, Lease | Message | _Expiry]] = []
+        self._timers: list[tuple[float, int, Lease | Message | Expiry]] = []
         self._timer_seq = itertools.count()
         self._replayed: dict[int, tuple[Message, str, float]] | None = None
         self._owed: deque[AnyRecord] = deque()
@@ -370,7 +221,7 @@ class BrokerCore:
             q.bytes += len(body)
             self.live_bytes += len(body) + LIVE_OVERHEAD
             if ttl is not None:
-                self._add_timer(expires_at, _Expiry(msg))
+                self._add_timer(expires_at, Expiry(msg))
             if delay:
                 self._delay(q, msg, until)
             elif waiters:
@@ -804,7 +655,7 @@ class BrokerCore:
 
     # -- timers ----------------------------------------------------------------
 
-    def _add_timer(self, when: float, item: Lease | Message | _Expiry) -> None:
+    def _add_timer(self, when: float, item: Lease | Message | Expiry) -> None:
         heapq.heappush(self._timers, (when, next(self._timer_seq), item))
 
     def next_deadline(self) -> float | None:
@@ -830,11 +681,11 @@ class BrokerCore:
                 break
         return woken
 
-    def _fire(self, item: Lease | Message | _Expiry, when: float, now: float) -> list[Waiter]:
+    def _fire(self, item: Lease | Message | Expiry, when: float, now: float) -> list[Waiter]:
         if isinstance(item, Lease):
             if self._leases.get(item.message.id) is item and item.expires_at == when:
                 return self._end_lease(item, now, 0)
-        elif isinstance(item, _Expiry):
+        elif isinstance(item, Expiry):
             self._expire(item.message)
         else:
             entry = self._delayed.get(item.id)
@@ -1049,7 +900,7 @@ class BrokerCore:
                 continue  # its ttl ran out while no broker ran
             restored += 1
             if msg.expires_at < math.inf:
-                self._add_timer(msg.expires_at, _Expiry(msg))
+                self._add_timer(msg.expires_at, Expiry(msg))
             q.bytes += len(msg.body)
             self.live_bytes += len(msg.body) + LIVE_OVERHEAD
             if state == "buried":

@@ -1,0 +1,162 @@
+"""The broker's state, as data: messages, leases, parked requests, queues.
+
+Plain objects with ``__slots__`` (one of each per message or request, so
+they stay small); :class:`~brokerq.core.BrokerCore` holds and changes them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from typing import Any
+
+from .ready import ReadyList
+
+
+class Message:
+    """One message: the id ``put`` returned, its queue, body, arrival, deliveries."""
+
+    __slots__ = (
+        "alive",
+        "attempts",
+        "body",
+        "enqueued_at",
+        "expires_at",
+        "id",
+        "priority",
+        "queue",
+    )
+
+    def __init__(
+        self,
+        msg_id: int,
+        queue: str,
+        body: bytes,
+        enqueued_at: float,
+        attempts: int = 0,
+        *,
+        priority: int = 0,
+        expires_at: float = math.inf,
+    ) -> None:
+        self.id = msg_id
+        self.queue = queue
+        self.body = body
+        self.enqueued_at = enqueued_at
+        self.attempts = attempts
+        self.priority = priority
+        self.expires_at = expires_at  # its ttl runs out then (wall clock)
+        self.alive = True  # False once gone for good (got, acked, purged, expired)
+
+    def __repr__(self) -> str:
+        return f"Message(id={self.id}, queue={self.queue!r}, body={self.body[:32]!r})"
+
+
+class Lease:
+    """A reserved message: whose it is, which attempt, until when."""
+
+    __slots__ = ("attempt", "expires_at", "length", "message", "owner")
+
+    def __init__(self, message: Message, owner: object, now: float, length: float) -> None:
+        self.message = message
+        self.attempt = message.attempts
+        self.owner = owner
+        self.length = length
+        self.expires_at = now + length
+
+
+class Expiry:
+    """A timer entry: ``message``'s ttl runs out (if it still waits by then)."""
+
+    __slots__ = ("message",)
+
+    def __init__(self, message: Message) -> None:
+        self.message = message
+
+
+class Putter:
+    """A put parked until its queue has room for all of it (FIFO among putters).
+
+    When the core admits it, it enqueues the bodies and sets ``ids``.
+    """
+
+    __slots__ = ("bodies", "ids", "keys", "options", "queue", "token")
+
+    def __init__(
+        self,
+        queue: str,
+        bodies: list[bytes],
+        keys: list[bytes] | None,
+        options: dict[str, Any],
+        token: object = None,
+    ) -> None:
+        self.queue = queue
+        self.bodies = bodies
+        self.keys = keys
+        self.options = options
+        self.token = token
+        self.ids: list[int] | None = None
+
+
+class Waiter:
+    """A dequeuer parked on a queue until a message is handed to it.
+
+    ``lease`` is None for ``get`` and the lease length for ``reserve``.
+    ``messages`` is filled by the core; ``token`` belongs to the I/O layer.
+    """
+
+    __slots__ = ("lease", "messages", "owner", "queue", "token")
+
+    def __init__(
+        self, queue: str, token: object = None, lease: float | None = None, owner: object = None
+    ) -> None:
+        self.queue = queue
+        self.messages: list[Message] = []
+        self.token = token
+        self.lease = lease
+        self.owner = owner
+
+    @property
+    def served(self) -> bool:
+        return bool(self.messages)
+
+
+class QueueState:
+    """One named queue: ready messages, waiters, buried ones, settings, counters."""
+
+    __slots__ = (
+        "buried",
+        "bytes",
+        "dead_lettered_total",
+        "delayed",
+        "delivered_total",
+        "expired_total",
+        "lease",
+        "max_bytes",
+        "max_deliveries",
+        "maxsize",
+        "name",
+        "put_total",
+        "putters",
+        "ready",
+        "reserved",
+        "waiters",
+    )
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.ready: ReadyList[Message] = ReadyList()
+        # Insertion-ordered, O(1) removal from anywhere: the fairness structure.
+        self.waiters: OrderedDict[Waiter, None] = OrderedDict()
+        self.buried: dict[int, Message] = {}
+        self.reserved = 0
+        self.delayed = 0
+        self.bytes = 0  # body bytes held, in every state
+        self.max_deliveries: int | None = None
+        self.lease: float | None = None
+        self.maxsize = 0
+        self.max_bytes = 0
+        self.putters: OrderedDict[Putter, None] = OrderedDict()
+        self.put_total = 0
+        self.delivered_total = 0
+        self.expired_total = 0
+        self.dead_lettered_total = 0
