@@ -124,7 +124,7 @@ brokerq_buried{{queue="mail"}} 2
 # TYPE brokerq_waiters gauge
 brokerq_waiters{{queue="jobs"}} 0
 brokerq_waiters{{queue="mail"}} 0
-# HELP brokerq_putters Puts waiting for room (always 0 until queues can be bounded).
+# HELP brokerq_putters Puts waiting for room in a full (bounded) queue.
 # TYPE brokerq_putters gauge
 brokerq_putters{{queue="jobs"}} 0
 brokerq_putters{{queue="mail"}} 0

@@ -101,7 +101,7 @@ _FAMILIES = (
     _Family(
         "putters",
         "gauge",
-        "Puts waiting for room (always 0 until queues can be bounded).",
+        "Puts waiting for room in a full (bounded) queue.",
         None,
         "putters",
     ),
