@@ -661,3 +661,19 @@ def test_deleting_a_queue_waited_on_keeps_its_waiters() -> None:
     core.delete_queue("q", now=0)
     _, woken = core.put("q", b"x", now=0)
     assert woken is waiter
+
+
+def test_an_undelivered_get_keeps_its_priority_and_ttl_across_a_replay() -> None:
+    records: list = []  # type: ignore[type-arg]
+    a = BrokerCore(max_message_size=100, write=records.append)
+    a.put("q", b"low", now=0)
+    a.put("q", b"high", now=0, priority=7, ttl=100)
+    taken = a.get_nowait("q")
+    a.undeliver(taken, now=0)  # its reply could not be written
+    b = BrokerCore(max_message_size=100)
+    for record in records:
+        b.apply(record)
+    b.finish_replay(now=1)
+    (high, low) = b.get_nowait("q", 2)
+    assert (high.body, high.priority, high.expires_at) == (b"high", 7, 100)
+    assert low.body == b"low"

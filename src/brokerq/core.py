@@ -42,6 +42,8 @@ from collections import deque
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import msgspec
+
 from .errors import Full, InvalidRequest, LeaseLost, MessageTooLarge, QueueFull
 from .protocol import MESSAGE_OVERHEAD, validate_queue_name
 from .records import (
@@ -212,8 +214,7 @@ class BrokerCore:
             )
         )
         self._next_id = next_id
-        woken: list[Waiter] = []
-        for msg_id, body, key in new:
+        for i, (msg_id, body, key) in enumerate(new):
             if key is not None:
                 self._remember_key(key, msg_id)
             msg = Message(msg_id, name, body, now, priority=priority, expires_at=expires_at)
@@ -224,14 +225,12 @@ class BrokerCore:
                 self._add_timer(expires_at, Expiry(msg))
             if delay:
                 self._delay(q, msg, until)
-            elif waiters:
-                waiter, _ = q.waiters.popitem(last=False)
-                waiters.pop(0)
-                self._deliver(q, msg, waiter, now, journaled=True)
-                woken.append(waiter)
+            elif i < len(waiters):  # the handoffs the record above names
+                del q.waiters[waiters[i]]
+                self._deliver(q, msg, waiters[i], now, journaled=True)
             else:
                 q.ready.append(msg)
-        return ids, woken
+        return ids, waiters
 
     def _check_room(
         self, q: QueueState, new: list[tuple[int, bytes, bytes | None]], admitting: bool
@@ -392,9 +391,7 @@ class BrokerCore:
                 msg.attempts -= 1
                 self._drop_lease(q, lease)
             else:
-                self._write_or_owe(
-                    PutRecord(queue=msg.queue, ids=[msg.id], bodies=[msg.body], at=msg.enqueued_at)
-                )
+                self._write_or_owe(_put_record_of(msg, msg.attempts))
                 q.delivered_total -= 1
                 msg.alive = True
                 q.bytes += len(msg.body)
@@ -550,13 +547,8 @@ class BrokerCore:
             dead = self._queue(q.name + DEAD_SUFFIX)
             self._write(MoveRecord(id=msg.id, queue=dead.name, attempts=msg.attempts))
             self._drop_lease(q, lease)
-            q.bytes -= len(msg.body)
             q.dead_lettered_total += 1
-            if q.putters:
-                self.freed.add(q.name)
-            msg.queue = dead.name
-            dead.bytes += len(msg.body)
-            return self._make_ready(dead, msg, now)
+            return self._move(msg, q, dead, msg.attempts, now)
         if delay > 0:
             self._write(StateRecord(id=msg.id, state="delayed", until=now + delay))
             self._drop_lease(q, lease)
@@ -565,6 +557,17 @@ class BrokerCore:
         self._write(StateRecord(id=msg.id, state="ready"))
         self._drop_lease(q, lease)
         return self._make_ready(q, msg, now)
+
+    def _move(
+        self, msg: Message, src: QueueState, dst: QueueState, attempts: int, now: float
+    ) -> list[Waiter]:
+        """``msg`` (already out of ``src``'s lists) joins ``dst`` as ready."""
+        src.bytes -= len(msg.body)
+        if src.putters:
+            self.freed.add(src.name)
+        msg.queue, msg.attempts = dst.name, attempts
+        dst.bytes += len(msg.body)
+        return self._make_ready(dst, msg, now)
 
     def _delay(self, q: QueueState, msg: Message, until: float) -> None:
         self._delayed[msg.id] = (msg, until)
@@ -591,10 +594,7 @@ class BrokerCore:
                     del q.buried[msg.id]
                 else:
                     q.ready.popleft()
-                q.bytes -= len(msg.body)
-                msg.queue, msg.attempts = target.name, 0
-                target.bytes += len(msg.body)
-                woken += self._make_ready(target, msg, now)
+                woken += self._move(msg, q, target, 0, now)
                 kicked += 1
             return kicked, woken
         while kicked < n and q.buried:
@@ -628,12 +628,14 @@ class BrokerCore:
             if value is not None and value < 0:
                 raise InvalidRequest(f"{limit} must be >= 0 (0: unlimited), not {value}")
         q = self._queues.get(name) or QueueState(name)
-        record = ConfigRecord(
-            queue=name,
-            max_deliveries=q.max_deliveries if max_deliveries is None else max_deliveries,
-            lease=q.lease if lease is None else lease,
-            maxsize=q.maxsize if maxsize is None else maxsize,
-            max_bytes=q.max_bytes if max_bytes is None else max_bytes,
+        changes = {
+            "max_deliveries": max_deliveries,
+            "lease": lease,
+            "maxsize": maxsize,
+            "max_bytes": max_bytes,
+        }
+        record = msgspec.structs.replace(
+            _config_record_of(q), **{k: v for k, v in changes.items() if v is not None}
         )
         self._write(record)
         self._configure(record)
@@ -922,28 +924,9 @@ class BrokerCore:
             delayed.setdefault(msg.queue, []).append(msg)
         for q in self._queues.values():
             if q.max_deliveries is not None or q.lease is not None or q.maxsize or q.max_bytes:
-                records.append(
-                    ConfigRecord(
-                        queue=q.name,
-                        max_deliveries=q.max_deliveries,
-                        lease=q.lease,
-                        maxsize=q.maxsize,
-                        max_bytes=q.max_bytes,
-                    )
-                )
+                records.append(_config_record_of(q))
             held = [*q.ready, *q.buried.values(), *leased.get(q.name, ()), *delayed.get(q.name, ())]
-            for msg in held:
-                records.append(
-                    PutRecord(
-                        queue=q.name,
-                        ids=[msg.id],
-                        bodies=[msg.body],
-                        at=msg.enqueued_at,
-                        attempts=msg.attempts,
-                        priority=msg.priority,
-                        expires_at=0.0 if msg.expires_at == math.inf else msg.expires_at,
-                    )
-                )
+            records += [_put_record_of(msg, msg.attempts) for msg in held]
             records += [StateRecord(id=msg_id, state="buried") for msg_id in q.buried]
         records += [
             StateRecord(id=msg.id, state="delayed", until=until)
@@ -953,3 +936,26 @@ class BrokerCore:
             order = list(self._key_order)
             records.append(KeysRecord(keys=order, ids=[self._keys[k] for k in order]))
         return records
+
+
+def _put_record_of(msg: Message, attempts: int = 0) -> PutRecord:
+    """The record that brings ``msg`` back as it is (ready, by default)."""
+    return PutRecord(
+        queue=msg.queue,
+        ids=[msg.id],
+        bodies=[msg.body],
+        at=msg.enqueued_at,
+        attempts=attempts,
+        priority=msg.priority,
+        expires_at=0.0 if msg.expires_at == math.inf else msg.expires_at,
+    )
+
+
+def _config_record_of(q: QueueState) -> ConfigRecord:
+    return ConfigRecord(
+        queue=q.name,
+        max_deliveries=q.max_deliveries,
+        lease=q.lease,
+        maxsize=q.maxsize,
+        max_bytes=q.max_bytes,
+    )

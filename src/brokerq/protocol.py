@@ -329,7 +329,6 @@ AnyReply: TypeAlias = (
     | StopReply
     | Error
 )
-AnyFrame: TypeAlias = AnyRequest | AnyReply
 
 # Built once: msgspec compiles the schema on construction.
 _encoder: Final = msgspec.msgpack.Encoder()
