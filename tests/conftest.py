@@ -21,11 +21,12 @@ import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 
 PR_SET_CHILD_SUBREAPER = 36
+T = TypeVar("T")
 BIN = Path(sys.executable).parent
 
 
@@ -131,6 +132,34 @@ def procs(sock_dir: str) -> Iterator[Procs]:
         for stream in (proc.stdin, proc.stdout, proc.stderr):
             if stream is not None:
                 stream.close()
+
+
+def wait_until(predicate: Callable[[], T], timeout: float = 10.0, what: str = "a condition") -> T:
+    """Poll ``predicate`` until it returns something true, or fail at the deadline."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
+
+
+def gone(pid: int) -> bool:
+    """True once ``pid`` has exited: reaped here if it is our child, else a
+    zombie or no longer in /proc (an exited process no longer holds its lock)."""
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return True
+    except ChildProcessError:
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
 def run_cli(

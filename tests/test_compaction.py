@@ -4,19 +4,11 @@ from __future__ import annotations
 
 import os
 import threading
-import time
+
+from conftest import wait_until
 
 import brokerq
 from brokerq.server import COMPACT_MIN_BYTES
-
-
-def wait_for(condition: object, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():  # type: ignore[operator]
-            return True
-        time.sleep(0.05)
-    return False
 
 
 def test_compaction_under_load_loses_nothing_and_shrinks_the_file(socket_path: str) -> None:
@@ -50,7 +42,9 @@ def test_compaction_under_load_loses_nothing_and_shrinks_the_file(socket_path: s
         grown = os.path.getsize(journal)
         assert grown > COMPACT_MIN_BYTES
         # Housekeeping runs once a second: the drained journal is rewritten small.
-        assert wait_for(lambda: os.path.getsize(journal) < COMPACT_MIN_BYTES // 10, timeout=10)
+        assert wait_until(
+            lambda: os.path.getsize(journal) < COMPACT_MIN_BYTES // 10, what="compaction"
+        )
         # The compacted journal still has what is live.
         q.put(b"after")
         pid = client.broker_pid
@@ -74,7 +68,9 @@ def test_compaction_keeps_live_messages(socket_path: str) -> None:
                     q.get_many(50, timeout=0)
                 except brokerq.Empty:
                     break
-        assert wait_for(lambda: os.path.getsize(journal) < COMPACT_MIN_BYTES // 2, timeout=10)
+        assert wait_until(
+            lambda: os.path.getsize(journal) < COMPACT_MIN_BYTES // 2, what="compaction"
+        )
         os.kill(client.broker_pid, 9)
     with brokerq.connect(socket_path) as client:
         assert client.queue("keep").get_many(1000, timeout=5) == [b"k%d" % i for i in range(100)]

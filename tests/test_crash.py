@@ -30,48 +30,19 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
-from conftest import broker_pids, run_cli
+from conftest import broker_pids, gone, run_cli, wait_until
 
 import brokerq
 from brokerq.spawn import broker_running, lock_holder_pid
 
-T = TypeVar("T")
 
 Procs = Callable[..., subprocess.Popen[bytes]]
 
 
 # -- helpers ---------------------------------------------------------------
-
-
-def wait_until(predicate: Callable[[], T], timeout: float = 10.0, what: str = "a condition") -> T:
-    """Poll ``predicate`` until it returns something true, or fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
-
-
-def gone(pid: int) -> bool:
-    """True once ``pid`` has exited: reaped here if it is our child, else a
-    zombie or no longer in /proc (an exited process no longer holds its lock)."""
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return True
-    except ChildProcessError:
-        pass
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
 
 
 def sigkill(pid: int, timeout: float = 10.0) -> None:

@@ -35,12 +35,12 @@ import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 import trio
 import trio.testing
-from conftest import BIN
+from conftest import BIN, gone, wait_until
 from test_server import Peer as ServerPeer
 
 import brokerq
@@ -85,7 +85,6 @@ from brokerq.server import Broker, BrokerConfig
 from brokerq.spawn import broker_running
 from brokerq.state import Message
 
-T = TypeVar("T")
 
 #: The wall-clock time of the sans-IO scenarios.
 NOW = 1000.0
@@ -462,26 +461,6 @@ def lose_first(n: int, pause: float = 0.0) -> Answer:
 
 
 # -- processes -------------------------------------------------------------------------------
-
-
-def wait_until(predicate: Callable[[], T], timeout: float = 10.0, what: str = "a condition") -> T:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
-
-
-def gone(pid: int) -> bool:
-    """True once ``pid`` (our child, through conftest's subreaper) has exited."""
-    try:
-        done, _ = os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        return True
-    return bool(done)
 
 
 def serving_at(socket_path: str) -> bool:

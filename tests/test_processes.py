@@ -24,11 +24,11 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import msgspec
 import pytest
-from conftest import BIN, broker_pids, run_cli
+from conftest import BIN, broker_pids, run_cli, wait_until
 
 import brokerq
 from brokerq import protocol
@@ -39,22 +39,9 @@ from brokerq.spawn import take_spawn_lock
 BROKERQ = str(BIN / "brokerq")
 BROKER = str(BIN / "local-queue-broker")
 
-T = TypeVar("T")
 
 
 # -- helpers ---------------------------------------------------------------
-
-
-def wait_until(predicate: Callable[[], T], timeout: float = 10.0, what: str = "a condition") -> T:
-    """Poll ``predicate`` until it returns something true, or fail at the deadline."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        time.sleep(0.01)
 
 
 def wait_exit(pid: int, timeout: float = 10.0) -> int:
