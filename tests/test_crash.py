@@ -38,7 +38,6 @@ from conftest import broker_pids, gone, run_cli, wait_until
 import brokerq
 from brokerq.spawn import broker_running, lock_holder_pid
 
-
 Procs = Callable[..., subprocess.Popen[bytes]]
 
 

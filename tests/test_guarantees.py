@@ -85,7 +85,6 @@ from brokerq.server import Broker, BrokerConfig
 from brokerq.spawn import broker_running
 from brokerq.state import Message
 
-
 #: The wall-clock time of the sans-IO scenarios.
 NOW = 1000.0
 SIZE = 1000

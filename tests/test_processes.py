@@ -40,7 +40,6 @@ BROKERQ = str(BIN / "brokerq")
 BROKER = str(BIN / "local-queue-broker")
 
 
-
 # -- helpers ---------------------------------------------------------------
 
 
