@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 
 import pytest
+from conftest import wait_until
 
 import brokerq
 
@@ -241,9 +242,9 @@ def test_priority_delay_and_ttl(client: brokerq.Client) -> None:
     q.put(b"low", priority=-1)
     q.put_many([b"a", b"b"])
     q.put(b"urgent", priority=10)
-    q.put(b"later", delay=0.3)
+    q.put(b"later", delay=1.0)
     q.put(b"brief", ttl=0.05)
-    time.sleep(0.1)  # let the ttl run out (the broker's own timer drops it)
+    wait_until(lambda: q.stats()["expired_total"] == 1, what="the broker to drop the ttl'd one")
     assert q.get_many(10, timeout=0) == [b"urgent", b"a", b"b", b"low"]
     assert q.get(timeout=5) == b"later"
     assert q.stats()["expired_total"] == 1
