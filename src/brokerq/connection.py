@@ -14,10 +14,16 @@ that pipelines pays one syscall per batch, not per request.
   waits on its event, its deadline and the connection's end at once: a
   client that disconnects leaves the line at once.
 * When the connection ends, every lease it holds is released.
+* A connection that subscribes to a topic live gets a :class:`LiveFeed`: the
+  publishers' tasks append ``event`` frames to it and a writer task of its
+  own sends them, sharing the stream with the replies under a lock. A feed
+  over its bound (a subscriber that reads too slowly) is dropped: one
+  ``overflow`` error, then the connection is closed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Sequence
@@ -40,6 +46,7 @@ from .protocol import (
     Delete,
     DeleteReply,
     Error,
+    Event,
     FrameReader,
     Get,
     GetMany,
@@ -54,6 +61,8 @@ from .protocol import (
     PeekReply,
     Ping,
     PingReply,
+    Publish,
+    PublishReply,
     Purge,
     PurgeReply,
     Put,
@@ -70,8 +79,12 @@ from .protocol import (
     StatsReply,
     Stop,
     StopReply,
+    Subscribe,
+    SubscribeReply,
     Touch,
     TouchReply,
+    Unsubscribe,
+    UnsubscribeReply,
 )
 from .state import Lease, Message, Putter, Waiter
 
@@ -80,6 +93,8 @@ if TYPE_CHECKING:
 
 RECEIVE_SIZE: Final = 256 * 1024
 _BLOCK: Final = object()
+#: How long a dropped subscriber gets to take its ``overflow`` error.
+OVERFLOW_GRACE_SECONDS: Final = 5.0
 
 
 class PeerGone(Exception):
@@ -126,6 +141,33 @@ class Delivery:
         return GetReply(id=self.request_id, msg_id=msg.id, body=msg.body)
 
 
+class LiveFeed:
+    """Publishes waiting to be sent to one live subscriber, bounded in bytes.
+
+    ``push`` is called by the publishers' tasks and never blocks: a feed
+    that would go over ``limit`` (while it already holds something: one
+    publish always fits) is marked overflowed and emptied instead.
+    """
+
+    __slots__ = ("limit", "overflowed", "pending", "wakeup")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.pending = bytearray()
+        self.overflowed = False
+        self.wakeup = trio.Event()
+
+    def push(self, event: Event) -> None:
+        if self.overflowed:
+            return
+        start = len(self.pending)
+        protocol.append_frame(self.pending, event)
+        if start and len(self.pending) > self.limit:
+            self.pending.clear()
+            self.overflowed = True
+        self.wakeup.set()
+
+
 class Connection:
     """The request loop of one connection (see the module doc)."""
 
@@ -139,6 +181,10 @@ class Connection:
         self.scope = trio.CancelScope()
         self.idle = False  # waiting for a request: a stopping broker cuts it at once
         self.sync_to = 0  # journal bytes that must be synced before replies go out
+        self.feed: LiveFeed | None = None  # set by the first live subscribe
+        self.live_topics: dict[str, int] = {}  # topic -> id of its subscribe request
+        self.send_lock = trio.Lock()  # replies and the feed's writer share the stream
+        self.feed_scope = trio.CancelScope()
 
     async def run(self) -> None:
         try:
@@ -154,6 +200,9 @@ class Connection:
                     return
                 self.reader.feed(data)
         finally:
+            self.feed_scope.cancel()
+            if self.live_topics:
+                self.core.unwatch_all(self)
             wake_all(self.core.release_owned(self, self.broker.clock()))
 
     async def _receive(self) -> bytes | bytearray:
@@ -352,6 +401,33 @@ class Connection:
                 return StatsReply(id=rid, stats=core.queue_stats(queue, now))
             case Queues(id=rid):
                 return QueuesReply(id=rid, names=core.queue_names())
+            case Publish(id=rid, topic=topic, body=body, key=key, priority=priority, ttl=ttl):
+                copies, live, woken = core.publish(
+                    topic, body, now, key, priority=priority, ttl=ttl
+                )
+                wake_all(woken)
+                for subscriber in live:
+                    assert isinstance(subscriber, Connection)
+                    subscriber.send_event(topic, body)
+                if copies:
+                    self._needs_sync()
+                return PublishReply(id=rid, copies=copies, live=len(live))
+            case Subscribe(id=rid, topic=topic, queue=str(queue)):
+                core.subscribe(topic, queue)
+                self._needs_sync()
+                return SubscribeReply(id=rid)
+            case Subscribe(id=rid, topic=topic, queue=None):
+                core.watch(topic, self)
+                self.live_topics[topic] = rid
+                self._start_feed()
+                return SubscribeReply(id=rid)
+            case Unsubscribe(id=rid, topic=topic, queue=str(queue)):
+                found = core.unsubscribe(topic, queue)
+                self._needs_sync()
+                return UnsubscribeReply(id=rid, found=found)
+            case Unsubscribe(id=rid, topic=topic, queue=None):
+                self.live_topics.pop(topic, None)
+                return UnsubscribeReply(id=rid, found=core.unwatch(topic, self))
             case Ping(id=rid):
                 return PingReply(id=rid, pid=os.getpid())
             case Stop(id=rid):
@@ -359,6 +435,51 @@ class Connection:
             case Hello(id=rid):
                 return Error(id=rid, code="bad_request", message="hello was already sent")
         raise AssertionError(f"unhandled request {request!r}")  # pragma: no cover
+
+    # -- live subscriptions --------------------------------------------------
+
+    def send_event(self, topic: str, body: bytes) -> None:
+        """Queue a publish for this live subscriber (called by the publisher's task)."""
+        assert self.feed is not None
+        self.feed.push(Event(id=self.live_topics[topic], topic=topic, body=body))
+
+    def _start_feed(self) -> None:
+        if self.feed is None:
+            self.feed = LiveFeed(self.broker.config.subscriber_buffer)
+            self.broker.start_task(self._write_feed)
+
+    async def _write_feed(self) -> None:
+        """Send the feed's events as they come; drop the subscriber if it overflows."""
+        feed = self.feed
+        assert feed is not None
+        with self.feed_scope:
+            while True:
+                await feed.wakeup.wait()
+                feed.wakeup = trio.Event()
+                if feed.overflowed:
+                    break
+                data, feed.pending = feed.pending, bytearray()
+                try:
+                    async with self.send_lock:
+                        await self.stream.send_all(data)
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    return  # the request loop sees the end and cleans up
+            self.broker.log.warning("dropped a live subscriber that fell behind")
+            self.core.unwatch_all(self)
+            self.live_topics.clear()
+            error = Error(
+                id=0,
+                code="overflow",
+                message="this subscriber fell more than "
+                f"{feed.limit} bytes of publishes behind and was dropped",
+            )
+            with (
+                trio.move_on_after(OVERFLOW_GRACE_SECONDS),
+                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+            ):
+                async with self.send_lock:
+                    await self.stream.send_all(protocol.encode_frame(error))
+            self.scope.cancel()
 
     def _needs_sync(self) -> None:
         journal = self.broker.journal
@@ -490,7 +611,11 @@ class Connection:
 
     async def _send_out(self) -> None:
         try:
-            await self.stream.send_all(self.out)
+            if self.feed is None:
+                await self.stream.send_all(self.out)
+            else:
+                async with self.send_lock:
+                    await self.stream.send_all(self.out)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise PeerGone from exc
         finally:

@@ -57,8 +57,10 @@ from .records import (
     NextIdRecord,
     PutRecord,
     StateRecord,
+    SubscribeRecord,
 )
 from .state import Expiry, Lease, Message, Putter, QueueState, Waiter
+from .topics import Topics
 
 DEAD_SUFFIX = ":dead"
 #: How many recent put keys are remembered to drop retried puts.
@@ -102,6 +104,7 @@ class BrokerCore:
         self._owed: deque[AnyRecord] = deque()
         #: Queues where room was freed while puts wait (see admit_freed).
         self.freed: set[str] = set()
+        self.topics = Topics()
 
     def _write(self, record: AnyRecord) -> None:
         if self.write is not None:
@@ -248,6 +251,15 @@ class BrokerCore:
         )
         if not fits or (q.putters and not admitting):
             raise QueueFull(f"queue {q.name!r} is full")
+
+    def _has_room(self, q: QueueState, size: int) -> bool:
+        """Whether one more message of ``size`` bytes fits in ``q`` now."""
+        if q.putters:
+            return False
+        held = len(q.ready) + q.delayed + q.reserved + len(q.buried)
+        return (not q.maxsize or held < q.maxsize) and (
+            not q.max_bytes or q.bytes + size <= q.max_bytes
+        )
 
     def wait_put(
         self,
@@ -750,6 +762,9 @@ class BrokerCore:
         validate_queue_name(name)
         q = self._queues.get(name)
         if q is None:
+            if self.topics.has_queue(name):  # subscribed, never used: drop that
+                self._write(DropQueueRecord(queue=name))
+                self.topics.drop_queue(name)
             return 0, []
         held = [*q.ready, *q.buried.values()]
         held += [lease.message for lease in self._leases.values() if lease.message.queue == name]
@@ -757,6 +772,7 @@ class BrokerCore:
         if held:
             self._write(DeleteRecord(ids=[m.id for m in held]))
         self._write(DropQueueRecord(queue=name))
+        self.topics.drop_queue(name)
         for msg in held:
             lease = self._leases.get(msg.id)
             if lease is not None:
@@ -774,6 +790,87 @@ class BrokerCore:
         else:
             del self._queues[name]
         return len(held), woken
+
+    # -- topics ----------------------------------------------------------
+
+    def subscribe(self, topic: str, queue: str) -> bool:
+        """Give ``queue`` a copy of every later publish to ``topic`` (journaled).
+
+        Returns False if it was subscribed already (nothing is written).
+        """
+        validate_queue_name(topic, what="topic", for_put=True)
+        validate_queue_name(queue, for_put=True)
+        topics = self.topics.get(topic)
+        if topics is not None and queue in topics.queues:
+            return False
+        self._write(SubscribeRecord(topic=topic, queue=queue))
+        return self.topics.add_queue(topic, queue)
+
+    def unsubscribe(self, topic: str, queue: str) -> bool:
+        """End ``queue``'s subscription to ``topic``; False if it had none."""
+        validate_queue_name(topic, what="topic", for_put=True)
+        validate_queue_name(queue, for_put=True)
+        found = self.topics.get(topic)
+        if found is None or queue not in found.queues:
+            return False
+        self._write(SubscribeRecord(topic=topic, queue=queue, on=False))
+        return self.topics.remove_queue(topic, queue)
+
+    def watch(self, topic: str, token: object) -> None:
+        """Make ``token`` (a connection) a live subscriber of ``topic``."""
+        validate_queue_name(topic, what="topic", for_put=True)
+        self.topics.add_live(topic, token)
+
+    def unwatch(self, topic: str, token: object) -> bool:
+        validate_queue_name(topic, what="topic", for_put=True)
+        return self.topics.remove_live(topic, token)
+
+    def unwatch_all(self, token: object) -> None:
+        self.topics.remove_live_everywhere(token)
+
+    def publish(
+        self,
+        topic: str,
+        body: bytes,
+        now: float,
+        key: bytes | None = None,
+        *,
+        priority: int = 0,
+        ttl: float | None = None,
+    ) -> tuple[int, list[object], list[Waiter]]:
+        """Copy ``body`` to every subscriber of ``topic``.
+
+        Each subscriber queue gets an ordinary put (its waiters are served
+        as for any put); a queue that is full (``maxsize``/``max_bytes``)
+        does not get this copy, and the topic's ``dropped_total`` counts it:
+        a publish never waits. Returns the number of copies enqueued, the
+        live subscribers' tokens (the I/O layer sends them the body), and
+        the waiters woken.
+
+        With a ``key``, each copy is put with a key derived from it and the
+        queue's name, so a retried publish makes only the copies that are
+        still missing.
+        """
+        validate_queue_name(topic, what="topic", for_put=True)
+        if len(body) > self.max_message_size:
+            raise MessageTooLarge(
+                f"a body of {len(body)} bytes is over max_message_size {self.max_message_size}"
+            )
+        found = self.topics.get(topic)
+        if found is None:
+            return 0, [], []
+        found.published_total += 1
+        copies, woken = 0, []
+        for name in list(found.queues):
+            q = self._queues.get(name)
+            if q is not None and not self._has_room(q, len(body)):
+                found.dropped_total += 1
+                continue
+            copy_key = None if key is None else [key + b"@" + name.encode()]
+            _, served = self.put_many(name, [body], now, copy_key, priority=priority, ttl=ttl)
+            woken += served
+            copies += 1
+        return copies, list(found.live), woken
 
     def queue_names(self) -> list[str]:
         return sorted(self._queues)
@@ -881,6 +978,12 @@ class BrokerCore:
                 self._configure(record)
             case DropQueueRecord(queue=queue):
                 self._queues.pop(queue, None)
+                self.topics.drop_queue(queue)
+            case SubscribeRecord(topic=topic, queue=queue, on=on):
+                if on:
+                    self.topics.add_queue(topic, queue)
+                else:
+                    self.topics.remove_queue(topic, queue)
             case KeysRecord(keys=keys, ids=ids):
                 for key, msg_id in zip(keys, ids, strict=True):
                     self._remember_key(key, msg_id)
@@ -932,6 +1035,7 @@ class BrokerCore:
             StateRecord(id=msg.id, state="delayed", until=until)
             for msg, until in self._delayed.values()
         ]
+        records += [SubscribeRecord(topic=t, queue=q) for t, q in self.topics.subscriptions()]
         if self._keys:
             order = list(self._key_order)
             records.append(KeysRecord(keys=order, ids=[self._keys[k] for k in order]))

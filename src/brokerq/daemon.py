@@ -120,6 +120,16 @@ def broker_options(f: F) -> F:
             help="Largest message body accepted.",
         ),
         click.option(
+            "--subscriber-buffer",
+            type=click.IntRange(min=1),
+            default=protocol.DEFAULT_SUBSCRIBER_BUFFER,
+            show_default=True,
+            envvar="BROKERQ_SUBSCRIBER_BUFFER",
+            metavar="BYTES",
+            help="Publishes held for one live subscriber that reads too slowly; past "
+            "this it is dropped with an 'overflow' error (one publish always fits).",
+        ),
+        click.option(
             "--log-level",
             type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
             default="info",
@@ -175,6 +185,7 @@ def run(
     repair: bool = False,
     max_deliveries: int = 20,
     lease: float = 30.0,
+    subscriber_buffer: int = protocol.DEFAULT_SUBSCRIBER_BUFFER,
 ) -> int:
     """Start a broker for ``socket``; returns the exit status."""
     path = resolve_socket_path(socket)
@@ -225,6 +236,7 @@ def run(
         fsync=fsync,
         max_deliveries=max_deliveries,
         lease=lease,
+        subscriber_buffer=subscriber_buffer,
     )
     broker = Broker(config, core, opened)
     trio.run(broker.serve, listener)

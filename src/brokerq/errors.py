@@ -99,6 +99,18 @@ class ShuttingDown(BrokerUnavailable):
     code = "shutting_down"
 
 
+class SubscriberOverflow(BrokerqError):
+    """A live subscriber fell too far behind the publishers and was dropped.
+
+    The broker keeps a bounded buffer of publishes per live subscriber; when
+    a subscriber reads too slowly to keep it under the bound, the broker
+    discards it, sends this error and closes the connection. Publishes made
+    meanwhile are not replayed: use a durable (queue) subscription for that.
+    """
+
+    code = "overflow"
+
+
 class InternalError(BrokerqError):
     """The broker hit a bug; its log has the details."""
 
@@ -117,6 +129,7 @@ BY_CODE: dict[str, type[BrokerqError]] = {
     "version": VersionMismatch,
     "lease_lost": LeaseLost,
     "shutting_down": ShuttingDown,
+    "overflow": SubscriberOverflow,
     "internal": InternalError,
 }
 

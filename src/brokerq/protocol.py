@@ -47,6 +47,8 @@ MESSAGE_OVERHEAD: Final = 16
 #: The limit a client applies before the broker's ``hello`` reply tells it more.
 HANDSHAKE_FRAME_LIMIT: Final = 64 * 1024
 MAX_QUEUE_NAME_BYTES: Final = 255
+#: Bytes of publishes a broker holds for one live subscriber before dropping it.
+DEFAULT_SUBSCRIBER_BUFFER: Final = 8 * 1024 * 1024
 
 
 def max_frame_size(max_message_size: int) -> int:
@@ -177,6 +179,35 @@ class Queues(Request, frozen=True, tag="queues"):
     pass
 
 
+class Publish(Request, frozen=True, tag="publish"):
+    """A copy of ``body`` to every subscriber of ``topic`` (see topics.py).
+
+    ``key`` makes a retry safe: each subscriber queue gets at most one copy.
+    """
+
+    topic: str
+    body: bytes
+    key: bytes | None = None
+    priority: int = 0
+    ttl: float | None = None
+
+
+class Subscribe(Request, frozen=True, tag="subscribe"):
+    """With ``queue``: that queue gets a copy of every later publish (durable).
+
+    Without: this connection is sent an ``event`` frame for every later
+    publish, until it unsubscribes or closes (live).
+    """
+
+    topic: str
+    queue: str | None = None
+
+
+class Unsubscribe(Request, frozen=True, tag="unsubscribe"):
+    topic: str
+    queue: str | None = None
+
+
 class Ping(Request, frozen=True, tag="ping"):
     pass
 
@@ -203,6 +234,9 @@ AnyRequest: TypeAlias = (
     | Purge
     | Stats
     | Queues
+    | Publish
+    | Subscribe
+    | Unsubscribe
     | Ping
     | Stop
 )
@@ -294,6 +328,30 @@ class QueuesReply(Reply, frozen=True, tag="queues"):
     names: list[str]
 
 
+class PublishReply(Reply, frozen=True, tag="publish"):
+    copies: int  # copies enqueued to subscriber queues
+    live: int  # live subscribers it was sent to
+
+
+class SubscribeReply(Reply, frozen=True, tag="subscribe"):
+    pass
+
+
+class UnsubscribeReply(Reply, frozen=True, tag="unsubscribe"):
+    found: bool  # False: there was no such subscription
+
+
+class Event(Reply, frozen=True, tag="event"):
+    """A publish, sent to a live subscriber; ``id`` is its subscribe request's.
+
+    Not a reply: it may come at any point after the subscribe request was
+    sent, even before that request's reply.
+    """
+
+    topic: str
+    body: bytes
+
+
 class PingReply(Reply, frozen=True, tag="ping"):
     pid: int
 
@@ -325,6 +383,10 @@ AnyReply: TypeAlias = (
     | PurgeReply
     | StatsReply
     | QueuesReply
+    | PublishReply
+    | SubscribeReply
+    | UnsubscribeReply
+    | Event
     | PingReply
     | StopReply
     | Error
@@ -453,18 +515,18 @@ def validate_timeout(timeout: float | None) -> None:
         raise InvalidRequest(f"timeout must be a non-negative number or nil, not {timeout!r}")
 
 
-def validate_queue_name(name: str, *, for_put: bool = False) -> None:
-    """Raise InvalidRequest unless ``name`` is a usable queue name.
+def validate_queue_name(name: str, *, for_put: bool = False, what: str = "queue") -> None:
+    """Raise InvalidRequest unless ``name`` is a usable queue (or topic) name.
 
     Names are 1-255 bytes of UTF-8 without control characters. A ``:`` is
     reserved to the broker (``jobs:dead``): such queues can be read from,
-    never put to.
+    never put to. Topic names follow the same rules as queue names to put to.
     """
     if not name:
-        raise InvalidRequest("queue name is empty")
+        raise InvalidRequest(f"{what} name is empty")
     if len(name.encode("utf-8", "surrogatepass")) > MAX_QUEUE_NAME_BYTES:
-        raise InvalidRequest(f"queue name is over {MAX_QUEUE_NAME_BYTES} bytes")
+        raise InvalidRequest(f"{what} name is over {MAX_QUEUE_NAME_BYTES} bytes")
     if not name.isprintable():
-        raise InvalidRequest(f"queue name {name!r} has a non-printable character")
+        raise InvalidRequest(f"{what} name {name!r} has a non-printable character")
     if for_put and ":" in name:
-        raise InvalidRequest(f"queue name {name!r}: ':' is reserved to the broker")
+        raise InvalidRequest(f"{what} name {name!r}: ':' is reserved to the broker")

@@ -103,6 +103,14 @@ class NextIdRecord(Record, frozen=True, tag="n"):
     next_id: int
 
 
+class SubscribeRecord(Record, frozen=True, tag="t"):
+    """A queue's durable subscription to a topic begins (or ends: ``on`` false)."""
+
+    topic: str
+    queue: str
+    on: bool = True
+
+
 AnyRecord: TypeAlias = (
     PutRecord
     | DeleteRecord
@@ -113,4 +121,5 @@ AnyRecord: TypeAlias = (
     | DropQueueRecord
     | KeysRecord
     | NextIdRecord
+    | SubscribeRecord
 )

@@ -24,7 +24,7 @@ import os
 import signal
 import socket as stdlib_socket
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -62,6 +62,7 @@ class BrokerConfig:
     fsync: str = "batch"
     max_deliveries: int = 20
     lease: float = 30.0
+    subscriber_buffer: int = protocol.DEFAULT_SUBSCRIBER_BUFFER
 
 
 class Broker:
@@ -187,6 +188,10 @@ class Broker:
                 self.accepted_total += 1
                 self._nursery.start_soon(self._handle_socket, conn)
 
+    def start_task(self, fn: Callable[[], Awaitable[object]]) -> None:
+        """Run ``fn`` in the broker's nursery (a connection's helper task)."""
+        self._nursery.start_soon(fn)
+
     def start_connection(self, stream: trio.abc.Stream) -> None:
         """Serve ``stream`` as a client connection, in the broker's nursery."""
         self._nursery.start_soon(self.handle_stream, stream)
@@ -289,7 +294,9 @@ class Broker:
             "journal_bytes": 0 if journal is None else journal.size,
             "fsync": None if journal is None else journal.fsync,
             "fsync_skipped_on_tmpfs": journal is not None and journal.in_memory,
+            "subscriber_buffer": self.config.subscriber_buffer,
             **self.core.totals(),
+            "topics": self.core.topics.stats(),
         }
 
     # -- the journal: group commit and compaction --------------------------------
