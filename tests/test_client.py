@@ -12,6 +12,7 @@ import pytest
 from conftest import wait_until
 
 import brokerq
+from brokerq.testing import private_broker
 
 
 @pytest.fixture
@@ -58,11 +59,8 @@ def test_bad_arguments_raise_typed_errors(client: brokerq.Client) -> None:
     assert q.put(b"still fine")
 
 
-def test_message_too_large_is_refused_before_sending(
-    socket_path: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("BROKERQ_MAX_MESSAGE_SIZE", "100")  # reaches the spawned broker
-    with brokerq.connect(socket_path) as client:
+def test_message_too_large_is_refused_before_sending() -> None:
+    with private_broker(max_message_size=100) as client:
         q = client.queue("q")
         with pytest.raises(brokerq.MessageTooLarge):
             q.put(b"x" * 101)
@@ -72,11 +70,8 @@ def test_message_too_large_is_refused_before_sending(
         assert q.stats()["ready"] == 1
 
 
-def test_put_many_splits_into_frames_that_fit(
-    socket_path: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setenv("BROKERQ_MAX_MESSAGE_SIZE", "1000")
-    with brokerq.connect(socket_path) as client:
+def test_put_many_splits_into_frames_that_fit() -> None:
+    with private_broker(max_message_size=1000) as client:
         q = client.queue("q")
         bodies = [b"%04d" % i + b"x" * 296 for i in range(50)]  # 15 kB in all
         ids = q.put_many(bodies)

@@ -1,0 +1,298 @@
+"""Private brokers for your own tests: a context manager and a pytest plugin.
+
+:func:`private_broker` starts a broker of its own in a fresh, short
+directory under ``/tmp`` (pytest's ``tmp_path`` is often longer than a
+Unix socket path may be), yields a connected :class:`~brokerq.Client`, and
+afterwards stops the broker, makes sure its process is gone and removes the
+directory::
+
+    from brokerq.testing import private_broker
+
+    with private_broker(max_deliveries=2) as client:
+        client.queue("jobs").put(b"x")
+
+The pytest plugin is opt-in: add ``pytest_plugins = ["brokerq.testing"]``
+to your top-level ``conftest.py`` for the fixtures ``brokerq_client``,
+``brokerq_socket``, ``brokerq_queue`` and ``brokerq_options``. Importing
+this module never needs pytest: the fixtures are only defined when pytest
+can be imported.
+
+PYTEST_DONT_REWRITE: this module has no asserts for pytest to rewrite, and a
+conftest.py may import it before pytest loads it as a plugin (pytest would
+warn that it cannot rewrite it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from . import client as _client_module
+from .client import DEFAULT_TIMEOUT, Client, Queue
+from .errors import BrokerqError, BrokerUnavailable
+from .spawn import (
+    _wait_ready,
+    broker_command,
+    broker_running,
+    lock_holder_pid,
+    log_path,
+)
+
+__all__ = ["private_broker"]
+
+#: The temporary directories' prefix, under ``/tmp``.
+DIR_PREFIX = "brokerq-test-"
+#: The socket's name in its directory.
+SOCKET_NAME = "broker.sock"
+
+
+@contextlib.contextmanager
+def private_broker(
+    *,
+    journal: bool = False,
+    fsync: str = "never",
+    idle_exit: float = 0,
+    max_deliveries: int | None = None,
+    lease: float | None = None,
+    max_message_size: int | None = None,
+    log_level: str | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Iterator[Client]:
+    """Run a broker of its own for the ``with`` block; yield a client of it.
+
+    The broker serves ``<dir>/broker.sock`` in a new directory made by
+    ``tempfile.mkdtemp(dir="/tmp")`` (mode 0700), runs as a child of this
+    process, and takes its options from the arguments only, never from the
+    ``BROKERQ_*`` variables of the environment (which it does not get):
+
+    * ``journal``: False (the default) keeps messages in memory only, fast
+      and without files; True writes ``<dir>/broker.sock.journal``, fsynced
+      per ``fsync`` (``"never"`` by default: it still survives a broker
+      crash or restart, which is what a test can check).
+    * ``idle_exit``: seconds without connections before the broker exits; 0
+      (the default) never, so it lasts as long as the block.
+    * ``max_deliveries``, ``lease``, ``max_message_size``, ``log_level``: as
+      the broker's options of those names; None leaves the broker's default.
+    * ``timeout``: the client's timeout, and how long starting or stopping
+      the broker may take.
+
+    The yielded client's ``socket_path`` names the socket; its log is
+    ``socket_path + ".log"``. When the block ends, however it ends (an
+    exception, or the broker already stopped or killed by the test), the
+    client is closed, whatever broker serves the socket is stopped (killed
+    with SIGKILL, by its pid, if it does not exit within ``timeout``), its
+    process is waited for, and the directory is removed.
+
+    If the test stops the broker and then uses the socket again, a client
+    spawns a new broker there as usual, with the default options (and the
+    ``BROKERQ_*`` environment of this process); it is stopped at the end too.
+    """
+    options = _broker_arguments(
+        journal=journal,
+        fsync=fsync,
+        idle_exit=idle_exit,
+        max_deliveries=max_deliveries,
+        lease=lease,
+        max_message_size=max_message_size,
+        log_level=log_level,
+    )
+    directory = tempfile.mkdtemp(prefix=DIR_PREFIX, dir="/tmp")
+    socket_path = os.path.join(directory, SOCKET_NAME)
+    proc: subprocess.Popen[bytes] | None = None
+    client: Client | None = None
+    try:
+        proc = _start_broker(socket_path, options, timeout)
+        client = Client(socket_path, timeout)
+        client.connection()
+        yield client
+    finally:
+        _tear_down(directory, socket_path, proc, client, timeout)
+
+
+def _broker_arguments(
+    *,
+    journal: bool,
+    fsync: str,
+    idle_exit: float,
+    max_deliveries: int | None,
+    lease: float | None,
+    max_message_size: int | None,
+    log_level: str | None,
+) -> list[str]:
+    """The command-line options of ``local-queue-broker`` for these settings."""
+    args = ["--journal" if journal else "--no-journal", "--fsync", fsync]
+    args += ["--idle-exit", repr(float(idle_exit))]
+    if max_deliveries is not None:
+        args += ["--max-deliveries", str(int(max_deliveries))]
+    if lease is not None:
+        args += ["--lease", repr(float(lease))]
+    if max_message_size is not None:
+        args += ["--max-message-size", str(int(max_message_size))]
+    if log_level is not None:
+        args += ["--log-level", log_level]
+    return args
+
+
+def _start_broker(socket_path: str, options: list[str], timeout: float) -> subprocess.Popen[bytes]:
+    """Start ``local-queue-broker`` in the foreground, as a child; return once READY.
+
+    It takes the lock itself (the directory is new, so nobody holds it),
+    logs to ``<socket>.log`` and says ``READY <pid>`` on a pipe, as a
+    spawned broker does. Its environment is this process's without the
+    ``BROKERQ_*`` variables, so only ``options`` configure it.
+    """
+    deadline = time.monotonic() + timeout
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKERQ_")}
+    log_flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
+    log_fd = os.open(log_path(socket_path), log_flags, 0o600)
+    ready_r, ready_w = os.pipe()
+    try:
+        command = [*broker_command(), socket_path, *options, "--ready-fd", str(ready_w)]
+        try:
+            proc = subprocess.Popen(
+                command,
+                pass_fds=(ready_w,),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log_fd,
+                env=env,
+            )
+        except OSError as exc:
+            raise BrokerUnavailable(f"cannot start {command[0]}: {exc}") from exc
+        os.close(ready_w)
+        ready_w = -1
+        try:
+            _wait_ready(ready_r, deadline, socket_path)
+        except BaseException:
+            _kill_and_wait(proc)
+            raise
+        return proc
+    finally:
+        os.close(ready_r)
+        if ready_w >= 0:
+            os.close(ready_w)
+        os.close(log_fd)
+
+
+def _kill_and_wait(proc: subprocess.Popen[bytes]) -> None:
+    """SIGKILL our own child, by its pid (Popen's), and reap it."""
+    if proc.poll() is None:
+        with contextlib.suppress(ProcessLookupError):
+            proc.kill()
+    proc.wait()
+
+
+def _tear_down(
+    directory: str,
+    socket_path: str,
+    proc: subprocess.Popen[bytes] | None,
+    client: Client | None,
+    timeout: float,
+) -> None:
+    """Stop the broker, make sure no process of it is left, remove the directory."""
+    deadline = time.monotonic() + timeout
+    try:
+        if client is not None:
+            client.close()
+        _close_shared_client(socket_path)
+        if proc is not None or broker_running(socket_path):
+            # A fresh client: the test may have closed its own. Whichever
+            # broker serves the socket now (ours, or one a client spawned
+            # after the test stopped ours) is asked to exit and waited for.
+            stopper = Client(socket_path, timeout)
+            try:
+                stopper.stop()
+            except BrokerqError:
+                pass  # it does not answer (stopped with SIGSTOP, say): killed below
+            finally:
+                stopper.close()
+        if proc is not None:
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                _kill_and_wait(proc)
+        _kill_lock_holder(socket_path)
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def _kill_lock_holder(socket_path: str) -> None:
+    """The last resort for a broker that is not our child and did not stop:
+    SIGKILL the pid it wrote into its lock file, while it holds the lock."""
+    deadline = time.monotonic() + 5
+    while broker_running(socket_path):
+        pid = lock_holder_pid(socket_path)
+        if pid is not None and pid > 0:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, signal.SIGKILL)
+        if time.monotonic() > deadline:
+            raise BrokerUnavailable(f"the broker at {socket_path} (pid {pid}) does not exit")
+        time.sleep(0.01)
+
+
+def _close_shared_client(socket_path: str) -> None:
+    """Close the client ``brokerq.Queue(name)`` made for this socket, if any,
+    so a test suite that uses it does not leak one socket per test."""
+    shared: dict[str, Client] = _client_module._shared
+    lock: threading.Lock = _client_module._shared_lock
+    with lock:
+        client = shared.pop(socket_path, None)
+    if client is not None:
+        client.close()
+
+
+def queue_name_for(test_name: str) -> str:
+    """A queue name made from a test's name: ``test_x[a:b]`` -> ``test_x[a_b]``."""
+    name = re.sub(r"[^\w.\-\[\]]", "_", test_name)[:200]
+    return name or "queue"
+
+
+# -- the pytest plugin ---------------------------------------------------------
+
+try:
+    import pytest
+except ImportError:  # pragma: no cover - pytest is only in the test extra
+    pass
+else:
+
+    @pytest.fixture
+    def brokerq_options() -> dict[str, Any]:
+        """Keyword arguments of :func:`private_broker` for ``brokerq_client``.
+
+        Empty by default; override this fixture (in a conftest.py or a test
+        module) to set broker options, e.g. ``{"journal": True}``.
+        """
+        return {}
+
+    @pytest.fixture
+    def brokerq_client(
+        brokerq_options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+    ) -> Iterator[Client]:
+        """A client of a fresh private broker, stopped and removed after the test.
+
+        ``BROKERQ_SOCKET`` names its socket during the test, so code that uses
+        the default broker (``brokerq.Queue("jobs")``, the ``brokerq``
+        command in a subprocess) reaches this broker and not your own.
+        """
+        with private_broker(**brokerq_options) as client:
+            monkeypatch.setenv("BROKERQ_SOCKET", client.socket_path)
+            yield client
+
+    @pytest.fixture
+    def brokerq_socket(brokerq_client: Client) -> str:
+        """The socket path of the test's private broker (also in ``BROKERQ_SOCKET``)."""
+        return brokerq_client.socket_path
+
+    @pytest.fixture
+    def brokerq_queue(brokerq_client: Client, request: pytest.FixtureRequest) -> Queue:
+        """A queue of the test's private broker, named after the test."""
+        return brokerq_client.queue(queue_name_for(request.node.name))
