@@ -319,5 +319,119 @@ def serve(state: _State, /, **options: Any) -> None:
     sys.exit(run_broker(state.socket, **options))
 
 
+@cli.command()
+@click.argument("queue")
+@click.argument("command", nargs=-1, required=True, metavar="-- CMD [ARG]...")
+@click.option(
+    "-j",
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    metavar="N",
+    help="Run up to N commands at once.",
+)
+@click.option(
+    "--retry-delay",
+    type=click.FloatRange(min=0),
+    default=1.0,
+    show_default=True,
+    metavar="SECONDS",
+    help="After a failure, the message is delivered again this much later.",
+)
+@click.option(
+    "--max-attempts",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Bury a message when its N-th delivery fails (default, and at most: the "
+    "queue's max_deliveries).",
+)
+@click.option(
+    "--lease",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="The lease of each message, renewed while its command runs (default: the queue's).",
+)
+@click.option(
+    "--grace",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="On SIGINT/SIGTERM, kill the commands still running after this long "
+    "(default: at a second signal).",
+)
+@click.option(
+    "--idle-exit",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="Exit once no message has come for this long and no command runs "
+    "(0: once nothing is ready; default: never).",
+)
+@click.option(
+    "--max-messages",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Exit after N messages (once their commands have ended).",
+)
+@pass_state
+def consume(
+    state: _State,
+    /,
+    *,
+    queue: str,
+    command: tuple[str, ...],
+    jobs: int,
+    retry_delay: float,
+    max_attempts: int | None,
+    lease: float | None,
+    grace: float | None,
+    idle_exit: float | None,
+    max_messages: int | None,
+) -> None:
+    """Run CMD once for each message of QUEUE, up to N at a time.
+
+    CMD gets the body on its stdin, and BROKERQ_MESSAGE_ID, BROKERQ_QUEUE,
+    BROKERQ_ATTEMPT (1 on the first delivery) and BROKERQ_SOCKET in its
+    environment; its output is consume's. consume itself prints nothing but
+    one line on stderr per failure.
+
+    CMD exiting 0 acks the message. A failure (another exit status, a
+    signal, a command that cannot start) releases it for a retry after
+    --retry-delay, or buries it if that was its last attempt (`brokerq kick
+    QUEUE` puts it back). Messages are reserved, and their leases renewed while CMD runs,
+    so if consume dies they are delivered again, not lost.
+
+    SIGINT or SIGTERM stops taking messages, lets running commands finish
+    and settles each by its result, then exits 0. A second signal (or the
+    end of --grace) kills them (SIGTERM to each command's process group,
+    SIGKILL 3 s later) and releases their messages.
+
+    Put `--` before CMD, so that its options are not taken for consume's:
+
+    \b
+        brokerq consume outbox -j 4 -- sendmail -t
+        brokerq consume thumbs --idle-exit 0 -- sh -c 'convert - "$BROKERQ_MESSAGE_ID.png"'
+    """
+    # Imported here, so that this command's lines stay together in this file.
+    import shutil
+
+    from .consume import Consumer, stop_on_signals
+
+    if shutil.which(command[0]) is None:
+        raise click.UsageError(f"{command[0]}: command not found")
+    consumer = Consumer(
+        state.queue(queue),
+        command,
+        jobs=jobs,
+        retry_delay=retry_delay,
+        max_attempts=max_attempts,
+        lease=lease,
+        grace=grace,
+        idle_exit=idle_exit,
+        max_messages=max_messages,
+    )
+    with stop_on_signals(consumer):
+        consumer.run()
+
+
 def main() -> None:
     cli(prog_name="brokerq")
