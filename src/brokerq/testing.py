@@ -60,7 +60,7 @@ def private_broker(
     *,
     journal: bool = False,
     fsync: str = "never",
-    idle_exit: float = 0,
+    idle_exit: float = 600,
     max_deliveries: int | None = None,
     lease: float | None = None,
     max_message_size: int | None = None,
@@ -78,8 +78,9 @@ def private_broker(
       and without files; True writes ``<dir>/broker.sock.journal``, fsynced
       per ``fsync`` (``"never"`` by default: it still survives a broker
       crash or restart, which is what a test can check).
-    * ``idle_exit``: seconds without connections before the broker exits; 0
-      (the default) never, so it lasts as long as the block.
+    * ``idle_exit``: seconds without connections before the broker exits
+      (0: never). The default, 10 minutes, outlasts any test that keeps its
+      client, and lets a broker orphaned by a killed test run go by itself.
     * ``max_deliveries``, ``lease``, ``max_message_size``, ``log_level``: as
       the broker's options of those names; None leaves the broker's default.
     * ``timeout``: the client's timeout, and how long starting or stopping
