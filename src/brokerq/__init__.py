@@ -2,7 +2,8 @@
 
 Name a socket path, enqueue, dequeue; the first client to find no broker
 there starts one. Importing this package loads the blocking client only
-(no trio), so a client starts fast::
+(no trio, no anyio), so a client starts fast; the async client
+(:func:`open_async_client`) is loaded on first use of its names::
 
     import brokerq
 
@@ -12,6 +13,8 @@ there starts one. Importing this package loads the blocking client only
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -34,7 +37,25 @@ from .errors import (
 )
 from .spawn import default_socket_path
 
+if TYPE_CHECKING:
+    from .async_client import AsyncClient, AsyncMessage, AsyncQueue, open_async_client
+
+#: Names of brokerq.async_client, imported (with anyio) on first use.
+_ASYNC_NAMES = frozenset({"AsyncClient", "AsyncMessage", "AsyncQueue", "open_async_client"})
+
+
+def __getattr__(name: str) -> Any:
+    if name in _ASYNC_NAMES:
+        from . import async_client
+
+        return getattr(async_client, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    "AsyncClient",
+    "AsyncMessage",
+    "AsyncQueue",
     "BrokerUnavailable",
     "BrokerqError",
     "Client",
@@ -55,4 +76,5 @@ __all__ = [
     "__version__",
     "connect",
     "default_socket_path",
+    "open_async_client",
 ]

@@ -15,91 +15,22 @@ client's ``timeout`` (the connect/spawn deadline) as a grace for the reply.
 from __future__ import annotations
 
 import contextlib
-import itertools
 import os
 import threading
 import time
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
-from . import protocol
-from .errors import (
-    BrokerqError,
-    BrokerUnavailable,
-    InvalidRequest,
-    LocalProtocolError,
-    MessageTooLarge,
-    RemoteProtocolError,
-    from_code,
-)
-from .protocol import (
-    PROTOCOL_VERSION,
-    Ack,
-    AckReply,
-    Bury,
-    BuryReply,
-    Configure,
-    ConfigureReply,
-    Delete,
-    DeleteReply,
-    Error,
-    FrameReader,
-    Get,
-    GetMany,
-    GetManyReply,
-    GetReply,
-    Hello,
-    HelloReply,
-    Kick,
-    KickReply,
-    Peek,
-    PeekReply,
-    Ping,
-    PingReply,
-    Purge,
-    PurgeReply,
-    Put,
-    PutMany,
-    PutManyReply,
-    PutReply,
-    Queues,
-    QueuesReply,
-    Release,
-    ReleaseReply,
-    Reserve,
-    ReserveReply,
-    Stats,
-    StatsReply,
-    Stop,
-    Touch,
-    TouchReply,
-)
+from . import calls, protocol
+from .calls import Body, Call, ConnectionLost
+from .errors import BrokerqError, BrokerUnavailable, RemoteProtocolError
 from .spawn import broker_running, connect_or_spawn, resolve_socket_path
 
-Body = bytes | bytearray | memoryview | str
+__all__ = ["Body", "Client", "Connection", "ConnectionLost", "Message", "Queue", "connect"]
+
 R = TypeVar("R", bound=protocol.Reply)
 
 DEFAULT_TIMEOUT = 10.0
-#: What one body adds to a put_many frame beyond its bytes: its bin header
-#: and its 16-byte key with its own header, rounded up.
-_PER_BODY = 32
-_RECEIVE_SIZE = 256 * 1024
-
-
-def _as_bytes(body: Body) -> bytes:
-    if isinstance(body, str):
-        return body.encode("utf-8")
-    if isinstance(body, bytes | bytearray | memoryview):
-        return bytes(body)
-    raise TypeError(f"a message body is bytes or str, not {type(body).__name__}")
-
-
-class ConnectionLost(BrokerUnavailable):
-    """The broker closed the connection or died (EOF, ECONNRESET, EPIPE).
-
-    The request may or may not have taken effect; :meth:`Client.call`
-    retries it on a new connection (see docs/guarantees.md).
-    """
 
 
 class Connection:
@@ -108,18 +39,17 @@ class Connection:
     def __init__(self, socket_path: str, timeout: float, *, spawn: bool = True) -> None:
         deadline = time.monotonic() + timeout
         self.socket_path = socket_path
-        self.out = bytearray()
         self.pid = os.getpid()
         while True:
             try:
                 self.sock = connect_or_spawn(socket_path, deadline, spawn=spawn)
             except OSError as exc:
-                raise BrokerUnavailable(f"cannot reach the broker at {socket_path}: {exc}") from exc
-            self.reader = FrameReader(protocol.HANDSHAKE_FRAME_LIMIT)
-            self.next_id = 1
+                raise calls.unreachable(socket_path, exc) from exc
+            self.wire = calls.Wire(socket_path)
+            hello = calls.hello()
             try:
-                hello = self.request(
-                    HelloReply, Hello, deadline - time.monotonic(), version=PROTOCOL_VERSION
+                reply = self.request(
+                    hello.expect, hello.kind, deadline - time.monotonic(), **hello.fields
                 )
                 break
             except ConnectionLost:
@@ -130,10 +60,10 @@ class Connection:
             except BaseException:
                 self.close()
                 raise
-        self.broker_pid = hello.pid
-        self.server = hello.server
-        self.max_message_size = hello.max_message_size
-        self.reader.max_frame_size = hello.max_frame_size
+        self.wire.greeted(reply)
+        self.broker_pid = reply.pid
+        self.server = reply.server
+        self.max_message_size = reply.max_message_size
 
     def close(self) -> None:
         self.sock.close()
@@ -147,53 +77,28 @@ class Connection:
         timed-out connection is closed and raises BrokerUnavailable; an
         error reply raises the matching :class:`~brokerq.BrokerqError`.
         """
-        request_id = self.next_id
-        self.next_id += 1
-        self.out.clear()
-        protocol.append_frame(self.out, kind(id=request_id, **fields))
-        if len(self.out) - protocol.HEADER_SIZE > self.reader.max_frame_size:
-            raise LocalProtocolError(
-                f"a {kind.__name__} request of {len(self.out)} bytes is over the broker's "
-                f"frame limit of {self.reader.max_frame_size}"
-            )
+        request_id = self.wire.encode(kind, fields)
         try:
             self.sock.settimeout(wait)
-            self.sock.sendall(self.out)
+            self.sock.sendall(self.wire.out)
             reply = self._read_reply()
         except TimeoutError as exc:
             self.close()
-            raise BrokerUnavailable(
-                f"the broker at {self.socket_path} did not answer within {wait:.3g} s"
-            ) from exc
+            raise self.wire.timed_out(wait) from exc
         except OSError as exc:
             self.close()
-            raise ConnectionLost(
-                f"lost the connection to the broker at {self.socket_path}: {exc}"
-            ) from exc
+            raise self.wire.lost(exc) from exc
         except RemoteProtocolError:
             self.close()
             raise
-        if reply.id != request_id and not (isinstance(reply, Error) and reply.id == 0):
-            self.close()
-            raise RemoteProtocolError(f"reply id {reply.id} does not match request {request_id}")
-        if isinstance(reply, Error):
-            if reply.code in ("bad_frame", "version", "permission", "shutting_down"):
-                self.close()  # the broker closes these connections
-            raise from_code(reply.code, reply.message)
-        if not isinstance(reply, expect):
-            self.close()
-            raise RemoteProtocolError(f"expected a {expect.__name__}, got {reply!r}")
-        return reply
+        return self.wire.check(expect, request_id, reply, self.close)
 
     def _read_reply(self) -> protocol.AnyReply:
         while True:
-            payload = self.reader.next_frame()
-            if payload is not None:
-                return protocol.decode_reply(payload)
-            data = self.sock.recv(_RECEIVE_SIZE)
-            if not data:
-                raise ConnectionResetError("the broker closed the connection")
-            self.reader.feed(data)
+            reply = self.wire.next_reply()
+            if reply is not None:
+                return reply
+            self.wire.feed(self.sock.recv(calls.RECEIVE_SIZE))
 
 
 class Client:
@@ -216,8 +121,7 @@ class Client:
         self._pid = os.getpid()
         self._local = threading.local()
         self._connections: list[Connection] = []
-        self._key_prefix = os.urandom(8)
-        self._key_counter = itertools.count()
+        self._keys = calls.PutKeys()
 
     def __enter__(self) -> Client:
         return self
@@ -239,7 +143,7 @@ class Client:
     def connection(self, *, spawn: bool = True) -> Connection:
         """This thread's connection, opened (and the broker spawned) on demand."""
         if self._closed:
-            raise BrokerqError("the client is closed")
+            raise calls.closed_client()
         if os.getpid() != self._pid:
             # A forked child must not talk over its parent's sockets. Closing
             # our copies sends nothing, so the parent's connections live on.
@@ -275,34 +179,25 @@ class Client:
         carry a key, so a retried put is never enqueued twice; a retried
         get or reserve asks again with what is left of its timeout.
         """
-        start = time.monotonic()
-        deadline = None if wait is None else start + wait + self.timeout
-        request_deadline = None if fields.get("timeout") is None else start + fields["timeout"]
-        retry_until = deadline
+        return self.run(Call(expect, kind, wait, fields, retry))
+
+    def run(self, call: Call[R]) -> R:
+        """:meth:`call`, for a request built by :mod:`brokerq.calls`."""
+        attempts = calls.Attempts(call, self.timeout, time.monotonic())
         while True:
             conn = self.connection()
-            attempt = time.monotonic()
-            limit = None if deadline is None else max(deadline - attempt, 0.001)
+            limit = attempts.start(time.monotonic())
             try:
-                return conn.request(expect, kind, limit, **fields)
+                return conn.request(call.expect, call.kind, limit, **attempts.fields)
             except ConnectionLost:
-                now = time.monotonic()
-                if deadline is None and (retry_until is None or now - attempt > self.timeout):
-                    # No deadline of its own (it may wait for ever): reconnecting
-                    # may take the client's timeout, counted from this loss.
-                    retry_until = now + self.timeout
-                assert retry_until is not None
-                if not retry or now >= retry_until:
+                if not attempts.again(time.monotonic()):
                     raise
-            if request_deadline is not None:
-                fields["timeout"] = max(0.0, request_deadline - time.monotonic())
 
     def next_keys(self, n: int) -> list[bytes]:
         """``n`` fresh put keys: unique to this client (and process), 16 bytes each."""
         if os.getpid() != self._pid:  # a syscall: once per request, not per key
             self.connection()  # resets the key prefix in a forked child
-        prefix, counter = self._key_prefix, self._key_counter
-        return [prefix + next(counter).to_bytes(8, "big") for _ in range(n)]
+        return self._keys.take(n)
 
     def queue(self, name: str, **settings: Any) -> Queue:
         """The queue ``name``; settings given here (``maxsize``, ``max_bytes``,
@@ -317,7 +212,8 @@ class Client:
         """Round-trip time to the broker, in seconds."""
         conn = self.connection()  # connecting (or spawning) is not part of the trip
         start = time.perf_counter()
-        conn.request(PingReply, Ping, self.timeout)
+        ping = calls.ping()
+        conn.request(ping.expect, ping.kind, self.timeout)
         return time.perf_counter() - start
 
     @property
@@ -326,11 +222,11 @@ class Client:
 
     def stats(self) -> dict[str, Any]:
         """The broker's stats: pid, version, uptime, connections, totals."""
-        return self.call(StatsReply, Stats, 0).stats
+        return self.run(calls.stats()).stats
 
     def queues(self) -> list[str]:
         """The names of every queue the broker holds."""
-        return self.call(QueuesReply, Queues, 0).names
+        return self.run(calls.queues()).names
 
     def stop(self) -> bool:
         """Ask the broker to exit and wait until it has; never spawns one.
@@ -346,16 +242,15 @@ class Client:
             return False
         deadline = time.monotonic() + self.timeout
         try:
-            conn.request(protocol.StopReply, Stop, self.timeout)
+            stop = calls.stop()
+            conn.request(stop.expect, stop.kind, self.timeout)
         except ConnectionLost:
             pass  # it went before it could answer: that is what we asked for
         finally:
             conn.close()
         while broker_running(self.socket_path):
             if time.monotonic() > deadline:
-                raise BrokerUnavailable(
-                    f"the broker at {self.socket_path} did not exit within {self.timeout:g} s"
-                )
+                raise calls.not_stopped(self.socket_path, self.timeout)
             time.sleep(0.005)
         return True
 
@@ -403,19 +298,10 @@ class Queue:
         again with the same key, and the broker drops the copy if the first
         one got through.
         """
-        data = _as_bytes(body)
+        options = calls.PutOptions(priority, delay, ttl, timeout)
         limit = self.client.connection().max_message_size
-        if len(data) > limit:
-            raise MessageTooLarge(
-                f"body of {len(data)} bytes is over the broker's limit of {limit}"
-            )
-        protocol.validate_timeout(timeout)
-        (key,) = self.client.next_keys(1)
-        options = _put_options(priority, delay, ttl)
-        reply = self.client.call(
-            PutReply, Put, timeout, queue=self.name, body=data, key=key, timeout=timeout, **options
-        )
-        return reply.msg_id
+        call = calls.put(self.name, body, limit, self.client.next_keys, options)
+        return self.client.run(call).msg_id
 
     def put_nowait(self, body: Body, **options: Any) -> int:
         """``put(body, timeout=0)``: raises Full at once if the queue is full."""
@@ -433,51 +319,19 @@ class Queue:
         """Enqueue several bodies in order, in as few frames as fit; return their ids.
 
         ``priority``, ``delay``, ``ttl`` and ``timeout`` as for :meth:`put`.
+        Every size is checked before anything is sent.
         """
-        protocol.validate_timeout(timeout)
-        ids: list[int] = []
-        options = _put_options(priority, delay, ttl)
-        for chunk in self._chunks([_as_bytes(b) for b in bodies]):
-            keys = self.client.next_keys(len(chunk))
-            reply = self.client.call(
-                PutManyReply,
-                PutMany,
-                timeout,
-                queue=self.name,
-                bodies=chunk,
-                keys=keys,
-                timeout=timeout,
-                **options,
-            )
-            ids += reply.msg_ids
-        return ids
-
-    def _chunks(self, bodies: list[bytes]) -> list[list[bytes]]:
-        """Split into frames that fit; every size is checked before any is sent."""
+        options = calls.PutOptions(priority, delay, ttl, timeout)
         limit = self.client.connection().max_message_size
-        for body in bodies:
-            if len(body) > limit:
-                raise MessageTooLarge(f"a body of {len(body)} bytes is over the limit of {limit}")
-        chunks: list[list[bytes]] = []
-        chunk: list[bytes] = []
-        size = 0
-        for body in bodies:
-            if chunk and size + len(body) + _PER_BODY > limit:
-                chunks.append(chunk)
-                chunk, size = [], 0
-            chunk.append(body)
-            size += len(body) + _PER_BODY
-        if chunk:
-            chunks.append(chunk)
-        return chunks
+        requests = calls.put_many(self.name, bodies, limit, self.client.next_keys, options)
+        return [msg_id for call in requests for msg_id in self.client.run(call).msg_ids]
 
     def get(self, timeout: float | None = None) -> bytes:
         """Remove and return the next body, waiting up to ``timeout`` seconds.
 
         ``None`` waits for ever; ``0`` does not wait. Raises Empty on timeout.
         """
-        protocol.validate_timeout(timeout)
-        return self.client.call(GetReply, Get, timeout, queue=self.name, timeout=timeout).body
+        return self.client.run(calls.get(self.name, timeout)).body
 
     def get_nowait(self) -> bytes:
         return self.get(timeout=0)
@@ -485,13 +339,7 @@ class Queue:
     def get_many(self, n: int, timeout: float | None = None) -> list[bytes]:
         """Up to ``n`` bodies: waits (up to ``timeout``) for the first only,
         then returns every ready one up to ``n``. Raises Empty on timeout."""
-        protocol.validate_timeout(timeout)
-        if n < 1:
-            raise InvalidRequest(f"get_many needs n >= 1, not {n}")
-        reply = self.client.call(
-            GetManyReply, GetMany, timeout, queue=self.name, n=n, timeout=timeout
-        )
-        return reply.bodies
+        return self.client.run(calls.get_many(self.name, n, timeout)).bodies
 
     def reserve(self, timeout: float | None = None, lease: float | None = None) -> Message:
         """Lease the next message: it stays the broker's until acked.
@@ -502,16 +350,13 @@ class Queue:
         delivered again (at-least-once). Use it as a context manager to ack
         on success and release on an exception.
         """
-        protocol.validate_timeout(timeout)
-        reply = self.client.call(
-            ReserveReply, Reserve, timeout, queue=self.name, timeout=timeout, lease=lease
-        )
+        reply = self.client.run(calls.reserve(self.name, timeout, lease))
         return Message(self, reply.msg_id, reply.body, reply.attempt, reply.lease)
 
     def kick(self, n: int = 1) -> int:
         """Return up to ``n`` buried messages to ready; on ``<q>:dead``, move
         them back to ``<q>``. Returns how many moved."""
-        return self.client.call(KickReply, Kick, 0, queue=self.name, n=n).count
+        return self.client.run(calls.kick(self.name, n)).count
 
     def configure(
         self,
@@ -527,34 +372,32 @@ class Queue:
         in every state (0: unlimited); a put on a full queue waits for room.
         Kept in the journal. Returns the settings now in force.
         """
-        return self.client.call(
-            ConfigureReply,
-            Configure,
-            0,
-            queue=self.name,
+        call = calls.configure(
+            self.name,
             max_deliveries=max_deliveries,
             lease=lease,
             maxsize=maxsize,
             max_bytes=max_bytes,
-        ).config
+        )
+        return self.client.run(call).config
 
     def delete(self) -> int:
         """Delete this queue: every message it holds, in every state, and its
         settings; returns how many messages went. (Using the name again
         makes a new, empty queue.)"""
-        return self.client.call(DeleteReply, Delete, 0, queue=self.name).count
+        return self.client.run(calls.delete(self.name)).count
 
     def peek(self) -> bytes:
         """The body at the head, not removed. Raises Empty if none is ready."""
-        return self.client.call(PeekReply, Peek, 0, queue=self.name).body
+        return self.client.run(calls.peek(self.name)).body
 
     def purge(self) -> int:
         """Remove every ready message; return how many."""
-        return self.client.call(PurgeReply, Purge, 0, queue=self.name).count
+        return self.client.run(calls.purge(self.name)).count
 
     def stats(self) -> dict[str, Any]:
         """Depth, bytes, waiters and totals of this queue (see docs/usage.md)."""
-        return self.client.call(StatsReply, Stats, 0, queue=self.name).stats
+        return self.client.run(calls.stats(self.name)).stats
 
     def qsize(self) -> int:
         """Messages ready now (as :meth:`queue.Queue.qsize`: a snapshot)."""
@@ -562,15 +405,6 @@ class Queue:
 
     def empty(self) -> bool:
         return self.qsize() == 0
-
-
-def _put_options(priority: int, delay: float, ttl: float | None) -> dict[str, Any]:
-    """The put fields that differ from their defaults (the wire omits defaults)."""
-    return {
-        "priority": int(priority),
-        "delay": float(delay),
-        "ttl": None if ttl is None else float(ttl),
-    }
 
 
 class Message:
@@ -607,29 +441,24 @@ class Message:
         with contextlib.suppress(BrokerqError):
             self.release()
 
-    def _verb(self, expect: type[R], kind: type[protocol.Request], **fields: Any) -> R:
-        return self.queue.client.call(
-            expect, kind, 0, retry=False, msg_id=self.id, attempt=self.attempt, **fields
-        )
-
     def ack(self) -> None:
         """Done with it: the message is gone for good. LeaseLost if the lease ran out."""
-        self._verb(AckReply, Ack)
+        self.queue.client.run(calls.ack(self.id, self.attempt))
         self.settled = True
 
     def release(self, delay: float = 0) -> None:
         """Give it back for redelivery: now (to its place at the head) or after ``delay`` s."""
-        self._verb(ReleaseReply, Release, delay=float(delay))
+        self.queue.client.run(calls.release(self.id, self.attempt, delay))
         self.settled = True
 
     def bury(self) -> None:
         """Set it aside: kept, not delivered, until kicked (``Queue.kick``)."""
-        self._verb(BuryReply, Bury)
+        self.queue.client.run(calls.bury(self.id, self.attempt))
         self.settled = True
 
     def touch(self, lease: float | None = None) -> None:
         """Extend the lease (by its length, or ``lease`` seconds from now)."""
-        reply = self._verb(TouchReply, Touch, lease=lease)
+        reply = self.queue.client.run(calls.touch(self.id, self.attempt, lease))
         self.lease_expires = time.monotonic() + reply.lease
 
 

@@ -1,0 +1,727 @@
+"""The async client: anyio, so it runs under trio and asyncio alike.
+
+::
+
+    async with brokerq.open_async_client() as client:
+        jobs = client.queue("jobs")
+        await jobs.put(b"resize 1.png")
+        body = await jobs.get(timeout=5)
+        async with jobs.reserve(timeout=5) as msg:
+            await handle(msg.body)
+
+Requests are built and replies judged by :mod:`brokerq.calls`, as in the
+blocking client; a broker is found or spawned by the blocking
+:func:`~brokerq.spawn.connect_or_spawn`, run in a worker thread.
+
+Connections
+-----------
+A client keeps a small pool of connections. Each request takes an idle one
+(or opens a new one) and gives it back when its exchange is done, so a get
+waiting in one task never holds up a put in another. A reserved message
+keeps the connection it came on until it is acked, released or buried, since
+the broker ends the leases of a connection that closes. A connection whose
+exchange did not finish (cancelled, timed out, broken) is closed, never
+reused: its replies would be out of step with its requests.
+
+Cancellation
+------------
+No message is lost to a cancelled call, and none is taken twice:
+
+* Requests that never wait in the broker (``get_nowait``, ``peek``,
+  ``stats``, the lease verbs, a put with room, ...) run shielded from
+  cancellation, bounded by the client's ``timeout``: they finish at once
+  anyway. A cancellation takes effect at the caller's next checkpoint, after
+  the result was returned, so a body that was taken is in the caller's hands.
+* A ``get`` that waits (``timeout`` not 0) first asks without waiting
+  (shielded, as above). If nothing is ready, it waits on the wire as
+  ``reserve`` then ``ack``: a cancellation while it waits, or after the
+  broker sent the message but before the reply was read, closes the
+  connection, and the broker puts the message back in its place (its
+  attempt count goes up by one: a message whose waiting gets are cancelled
+  ``max_deliveries`` times after hand-over moves to the dead letters, as an
+  unacked reserve would). Once the reserve's reply is read, the ``ack``
+  runs shielded, bounded by the client's ``timeout``, and the body is
+  returned. A plain ``get`` on the wire could not do this: the broker
+  removes the message when it sends it, so a cancelled get would lose it.
+* ``get_many(n)`` that waits takes its first message as ``get`` does, then
+  the rest with a shielded ``get_many(n - 1, timeout=0)``.
+* A ``reserve`` that waits is cancellable: a cancelled one closes its
+  connection, which gives back any message it was sent.
+* A ``put`` with a ``timeout`` other than 0 is first sent without waiting
+  (shielded). Only if the queue is full is it sent again with the same key,
+  to wait for room, cancellably: a cancellation then closes the connection
+  and the broker drops the waiting put, unless room came at that very
+  moment, in which case the message was enqueued (once).
+
+Shielding covers anyio's (and trio's) cancel scopes. Under asyncio, a bare
+``task.cancel()`` (``asyncio.timeout``, ``wait_for``) is not held off by a
+shield; use anyio's ``move_on_after`` / ``fail_after`` around brokerq calls.
+
+A client belongs to one event loop; share it between the tasks of that loop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+import weakref
+from collections.abc import Awaitable, Callable, Generator, Iterable
+from typing import Any, TypeVar
+
+import anyio
+from anyio.abc import UNIXSocketStream
+
+from . import calls, protocol
+from .calls import Body, Call, ConnectionLost
+from .errors import BrokerqError, BrokerUnavailable, Empty, Full, LeaseLost
+from .protocol import GetManyReply, HelloReply, ReserveReply
+from .spawn import broker_running, connect_or_spawn, resolve_socket_path
+
+__all__ = ["AsyncClient", "AsyncMessage", "AsyncQueue", "open_async_client"]
+
+R = TypeVar("R", bound=protocol.Reply)
+Then = Callable[["AsyncConnection", R], Awaitable[None]]
+
+DEFAULT_TIMEOUT = 10.0
+#: Idle connections a client keeps for reuse; more are closed when given back.
+MAX_IDLE = 4
+_STREAM_ERRORS = (
+    OSError,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    anyio.EndOfStream,
+)
+
+
+class _Dialer:
+    """``connect_or_spawn`` in a worker thread, which the caller may abandon.
+
+    The blocking connect (and spawn) runs on to its own deadline when the
+    caller is cancelled; the socket it then returns is closed, not leaked.
+    """
+
+    def __init__(self, socket_path: str, deadline: float, spawn: bool) -> None:
+        self.socket_path = socket_path
+        self.deadline = deadline
+        self.spawn = spawn
+        self.lock = threading.Lock()
+        self.abandoned = False
+        self.sock: socket.socket | None = None
+
+    def _connect(self) -> socket.socket:
+        sock = connect_or_spawn(self.socket_path, self.deadline, spawn=self.spawn)
+        with self.lock:
+            if self.abandoned:
+                sock.close()
+            self.sock = sock
+        return sock
+
+    async def dial(self) -> socket.socket:
+        try:
+            return await anyio.to_thread.run_sync(self._connect, abandon_on_cancel=True)
+        except OSError as exc:
+            raise calls.unreachable(self.socket_path, exc) from exc
+        except BaseException:
+            with self.lock:
+                self.abandoned = True
+                if self.sock is not None:
+                    self.sock.close()
+            raise
+
+
+class AsyncConnection:
+    """One greeted stream to the broker, used by one task at a time."""
+
+    def __init__(self, stream: UNIXSocketStream, wire: calls.Wire) -> None:
+        self.stream = stream
+        self.wire = wire
+        #: The exchange did not finish, or the broker closes it: close, never reuse.
+        self.broken = False
+        #: A reserved message holds it (its lease ends when it closes).
+        self.pinned = False
+
+    @classmethod
+    async def open(cls, socket_path: str, timeout: float, *, spawn: bool = True) -> AsyncConnection:
+        """Connect to the broker (spawning one if need be) and greet it."""
+        deadline = time.monotonic() + timeout
+        hello = calls.hello()
+        while True:
+            sock = await _Dialer(socket_path, deadline, spawn).dial()
+            try:
+                sock.setblocking(False)
+                stream = await UNIXSocketStream.from_socket(sock)
+            except BaseException:
+                sock.close()
+                raise
+            conn = cls(stream, calls.Wire(socket_path))
+            try:
+                reply = await conn.request(hello, max(deadline - time.monotonic(), 0.001))
+                break
+            except ConnectionLost:
+                # A broker that died (or idled out) just after accepting us:
+                # connect again, which finds or starts the next one.
+                await conn.aclose()
+                if time.monotonic() >= deadline:
+                    raise
+            except BaseException:
+                await conn.aclose()
+                raise
+        conn.wire.greeted(reply)
+        return conn
+
+    @property
+    def hello(self) -> HelloReply:
+        assert self.wire.hello is not None
+        return self.wire.hello
+
+    async def aclose(self) -> None:
+        self.broken = True
+        await anyio.aclose_forcefully(self.stream)
+
+    def _break(self) -> None:
+        self.broken = True
+
+    async def request(
+        self, call: Call[R], limit: float | None, fields: dict[str, Any] | None = None
+    ) -> R:
+        """Send ``call`` (with ``fields`` instead of its own, if given); return its reply.
+
+        ``limit`` bounds the exchange (None: no bound); past it the
+        connection breaks and BrokerUnavailable is raised. An exchange that
+        does not finish, for whatever reason, leaves the connection broken.
+        """
+        request_id = self.wire.encode(call.kind, call.fields if fields is None else fields)
+        try:
+            with anyio.fail_after(limit):
+                await self.stream.send(bytes(self.wire.out))
+                while (reply := self.wire.next_reply()) is None:
+                    self.wire.feed(await self.stream.receive(calls.RECEIVE_SIZE))
+        except TimeoutError as exc:
+            self.broken = True
+            raise self.wire.timed_out(limit) from exc
+        except _STREAM_ERRORS as exc:
+            self.broken = True
+            raise self.wire.lost(exc) from exc
+        except BaseException:  # cancelled, or a reply that cannot be read
+            self.broken = True
+            raise
+        return self.wire.check(call.expect, request_id, reply, self._break)
+
+
+class AsyncClient:
+    """A broker, named by its socket path; spawned on first use if needed.
+
+    ``timeout`` is the deadline for connecting (and spawning a broker), the
+    grace a reply gets beyond its request's own timeout, and the bound of a
+    shielded request. ``async with`` connects at once and closes at the end.
+    """
+
+    def __init__(
+        self, socket: str | os.PathLike[str] | None = None, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
+        self.socket_path = resolve_socket_path(socket)
+        self.timeout = timeout
+        #: The broker's body limit, from the latest connection's hello.
+        self.max_message_size: int | None = None
+        self._closed = False
+        self._idle: list[AsyncConnection] = []
+        self._open: set[AsyncConnection] = set()
+        self._keys = calls.PutKeys()
+
+    def __repr__(self) -> str:
+        state = " closed" if self._closed else ""
+        return f"<brokerq.AsyncClient {self.socket_path!r}{state}>"
+
+    async def __aenter__(self) -> AsyncClient:
+        try:
+            await self._release(await self._acquire())
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close every connection; requests still running end with BrokerqError,
+        and using the client afterwards raises it."""
+        self._closed = True
+        connections = list(self._open)
+        self._open.clear()
+        self._idle.clear()
+        for conn in connections:
+            await conn.aclose()
+
+    # -- the pool ----------------------------------------------------------
+
+    async def _acquire(self, *, spawn: bool = True) -> AsyncConnection:
+        """An idle connection, else a new one (connecting, or spawning, now)."""
+        while True:
+            if self._closed:
+                raise calls.closed_client()
+            if not self._idle:
+                break
+            conn = self._idle.pop()
+            if not conn.broken:
+                return conn
+            await self._discard(conn)
+        conn = await AsyncConnection.open(self.socket_path, self.timeout, spawn=spawn)
+        if self._closed:
+            await conn.aclose()
+            raise calls.closed_client()
+        self._open.add(conn)
+        self.max_message_size = conn.hello.max_message_size
+        return conn
+
+    async def _release(self, conn: AsyncConnection) -> None:
+        """A request is done with ``conn``: keep it for the next, or close it."""
+        if conn.pinned:
+            return  # a reserved message holds it now
+        if conn.broken or self._closed or len(self._idle) >= MAX_IDLE:
+            await self._discard(conn)
+        else:
+            self._idle.append(conn)
+
+    def _recycle(self, conn: AsyncConnection) -> None:
+        """A reserved message lets go of its connection (not awaited: it may
+        run from a finalizer; a broken one is closed by :meth:`_acquire`)."""
+        conn.pinned = False
+        if not self._closed and conn in self._open:
+            self._idle.append(conn)
+
+    async def _discard(self, conn: AsyncConnection) -> None:
+        self._open.discard(conn)
+        await conn.aclose()
+
+    async def _forget(self, broker_pid: int) -> None:
+        """That broker is gone: its idle connections are useless."""
+        stale = [c for c in self._idle if c.hello.pid == broker_pid]
+        self._idle = [c for c in self._idle if c.hello.pid != broker_pid]
+        for conn in stale:
+            await self._discard(conn)
+
+    # -- running calls -----------------------------------------------------
+
+    async def _run(self, call: Call[R], then: Then[R] | None = None) -> R:
+        """Run ``call`` (shielded if it never waits), retrying on a lost connection.
+
+        ``then`` runs on the same connection after the reply, before it is
+        given back (the ack of a get done as reserve + ack).
+        """
+        with anyio.CancelScope(shield=call.wait == 0):
+            reply = await self._attempts(call, then)
+        return reply  # noqa: RET504 (mypy: a cancel scope may swallow the return)
+
+    async def _attempts(self, call: Call[R], then: Then[R] | None) -> R:
+        attempts = calls.Attempts(call, self.timeout, anyio.current_time())
+        while True:
+            conn = await self._acquire()
+            try:
+                limit = attempts.start(anyio.current_time())
+                reply = await conn.request(call, limit, attempts.fields)
+                if then is not None:
+                    await then(conn, reply)
+                return reply
+            except ConnectionLost:
+                if conn.broken:
+                    await self._forget(conn.hello.pid)
+                if not attempts.again(anyio.current_time()):
+                    raise
+            finally:
+                await self._release(conn)
+
+    async def _take(self, reserve: Call[ReserveReply]) -> ReserveReply:
+        """A get that waits, done as reserve then ack (see the module docstring)."""
+
+        async def ack(conn: AsyncConnection, reply: ReserveReply) -> None:
+            with anyio.CancelScope(shield=True):
+                try:
+                    await conn.request(calls.ack(reply.msg_id, reply.attempt), self.timeout)
+                except LeaseLost as exc:  # it went back to the queue: ask again
+                    raise ConnectionLost(
+                        f"the lease of a get ran out before its ack: {exc}"
+                    ) from exc
+
+        return await self._run(reserve, ack)
+
+    async def _reserve(self, call: Call[ReserveReply]) -> tuple[ReserveReply, AsyncConnection]:
+        """A reserve, and the connection that now holds its lease."""
+        holder: list[AsyncConnection] = []
+
+        async def pin(conn: AsyncConnection, reply: ReserveReply) -> None:
+            conn.pinned = True
+            holder.append(conn)
+
+        reply = await self._run(call, pin)
+        return reply, holder[0]
+
+    async def _put(self, call: Call[R]) -> R:
+        """A put that may wait for room: first sent without waiting (shielded);
+        only if the queue is full, sent again with the same key to wait."""
+        if call.wait == 0:
+            return await self._run(call)
+        start = anyio.current_time()
+        try:
+            return await self._run(call.with_timeout(0))
+        except Full:
+            pass
+        return await self._run(call.with_timeout(_left(call.wait, start)))
+
+    async def _limit(self) -> int:
+        """The broker's body limit (connecting first if no connection told it yet)."""
+        if self.max_message_size is None:
+            await self._release(await self._acquire())
+        assert self.max_message_size is not None
+        return self.max_message_size
+
+    # -- the API -----------------------------------------------------------
+
+    def queue(
+        self,
+        name: str,
+        *,
+        maxsize: int | None = None,
+        max_bytes: int | None = None,
+        max_deliveries: int | None = None,
+        lease: float | None = None,
+    ) -> AsyncQueue:
+        """The queue ``name`` (no I/O). Settings given here are applied, as by
+        :meth:`AsyncQueue.configure`, before this queue object's first request."""
+        settings = {
+            "maxsize": maxsize,
+            "max_bytes": max_bytes,
+            "max_deliveries": max_deliveries,
+            "lease": lease,
+        }
+        return AsyncQueue(name, self, {k: v for k, v in settings.items() if v is not None})
+
+    async def ping(self) -> float:
+        """Round-trip time to the broker, in seconds (connecting is not counted)."""
+        conn = await self._acquire()
+        try:
+            with anyio.CancelScope(shield=True):
+                start = time.perf_counter()
+                await conn.request(calls.ping(), self.timeout)
+                elapsed = time.perf_counter() - start
+        finally:
+            await self._release(conn)
+        return elapsed
+
+    async def stats(self) -> dict[str, Any]:
+        """The broker's stats: pid, version, uptime, connections, totals."""
+        return (await self._run(calls.stats())).stats
+
+    async def queues(self) -> list[str]:
+        """The names of every queue the broker holds."""
+        return (await self._run(calls.queues())).names
+
+    async def stop(self) -> bool:
+        """Ask the broker to exit and wait until it has; never spawns one.
+
+        Returns False if no broker was running. Raises BrokerUnavailable if
+        the broker still holds its lock after the client's ``timeout``.
+        """
+        if self._closed:
+            raise calls.closed_client()
+        try:
+            conn = await AsyncConnection.open(self.socket_path, self.timeout, spawn=False)
+        except BrokerUnavailable:
+            if broker_running(self.socket_path):
+                raise  # it holds its lock but does not answer: say so
+            return False
+        deadline = anyio.current_time() + self.timeout
+        try:
+            await conn.request(calls.stop(), self.timeout)
+        except ConnectionLost:
+            pass  # it went before it could answer: that is what we asked for
+        finally:
+            await conn.aclose()
+        await self._forget(conn.hello.pid)
+        while broker_running(self.socket_path):
+            if anyio.current_time() > deadline:
+                raise calls.not_stopped(self.socket_path, self.timeout)
+            await anyio.sleep(0.005)
+        return True
+
+
+def _left(timeout: float | None, start: float) -> float | None:
+    """What is left of ``timeout`` seconds counted from ``start``."""
+    return None if timeout is None else max(0.0, timeout - (anyio.current_time() - start))
+
+
+class AsyncQueue:
+    """A named queue of a broker, for async code: the methods of
+    :class:`brokerq.Queue`, awaited."""
+
+    def __init__(self, name: str, client: AsyncClient, settings: dict[str, Any]) -> None:
+        protocol.validate_queue_name(name)
+        self.name = name
+        self.client = client
+        self._settings = settings or None
+        self._settings_lock = anyio.Lock()
+
+    def __repr__(self) -> str:
+        return f"<brokerq.AsyncQueue {self.name!r} at {self.client.socket_path!r}>"
+
+    async def _configured(self) -> None:
+        """Apply the settings given to ``client.queue()``, once, before anything else."""
+        if self._settings is None:
+            return
+        async with self._settings_lock:
+            if self._settings is not None:
+                await self.client._run(calls.configure(self.name, **self._settings))
+                self._settings = None
+
+    async def _run(self, call: Call[R]) -> R:
+        await self._configured()
+        return await self.client._run(call)
+
+    async def put(
+        self,
+        body: Body,
+        *,
+        priority: int = 0,
+        delay: float = 0,
+        ttl: float | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        """Enqueue ``body``; return its message id. As :meth:`brokerq.Queue.put`:
+        exactly once, even when sent again after a lost connection."""
+        await self._configured()
+        options = calls.PutOptions(priority, delay, ttl, timeout)
+        limit = await self.client._limit()
+        call = calls.put(self.name, body, limit, self.client._keys.take, options)
+        return (await self.client._put(call)).msg_id
+
+    async def put_nowait(self, body: Body, **options: Any) -> int:
+        """``put(body, timeout=0)``: raises Full at once if the queue is full."""
+        return await self.put(body, timeout=0, **options)
+
+    async def put_many(
+        self,
+        bodies: Iterable[Body],
+        *,
+        priority: int = 0,
+        delay: float = 0,
+        ttl: float | None = None,
+        timeout: float | None = None,
+    ) -> list[int]:
+        """Enqueue several bodies in order, in as few frames as fit; return their ids."""
+        await self._configured()
+        options = calls.PutOptions(priority, delay, ttl, timeout)
+        limit = await self.client._limit()
+        requests = calls.put_many(self.name, bodies, limit, self.client._keys.take, options)
+        ids: list[int] = []
+        for call in requests:
+            ids += (await self.client._put(call)).msg_ids
+        return ids
+
+    async def get(self, timeout: float | None = None) -> bytes:
+        """Remove and return the next body, waiting up to ``timeout`` seconds
+        (None: for ever, 0: not at all); raises Empty on timeout. A cancelled
+        get loses no message (see the module docstring)."""
+        return (await self._get(calls.get(self.name, timeout))).body
+
+    async def get_nowait(self) -> bytes:
+        return await self.get(timeout=0)
+
+    async def get_many(self, n: int, timeout: float | None = None) -> list[bytes]:
+        """Up to ``n`` bodies: waits (up to ``timeout``) for the first only,
+        then returns every ready one up to ``n``. Raises Empty on timeout."""
+        reply = await self._get(calls.get_many(self.name, n, timeout))
+        if isinstance(reply, GetManyReply):
+            return reply.bodies
+        if n == 1:
+            return [reply.body]
+        try:  # shielded: it never waits
+            rest = (await self.client._run(calls.get_many(self.name, n - 1, 0))).bodies
+        except BrokerqError:  # Empty, or worse: the first, acked, is the caller's anyway
+            rest = []
+        return [reply.body, *rest]
+
+    async def _get(self, call: Call[R]) -> R | ReserveReply:
+        """``call`` (a get or get_many) without waiting, shielded; if nothing
+        is ready and it may wait, the first message by reserve then ack."""
+        start = anyio.current_time()
+        try:
+            return await self._run(call.with_timeout(0))
+        except Empty:
+            if call.wait == 0:
+                raise
+        lease = max(self.client.timeout, 1.0)  # long enough for the ack
+        reserve = calls.reserve(self.name, _left(call.wait, start), lease)
+        return await self.client._take(reserve)
+
+    def reserve(self, timeout: float | None = None, lease: float | None = None) -> Reserving:
+        """Lease the next message (as :meth:`brokerq.Queue.reserve`).
+
+        ``msg = await q.reserve()``, or ``async with q.reserve() as msg:``,
+        which acks when the block exits cleanly and releases the message
+        when it exits with an exception (cancellation included).
+        """
+        return Reserving(self, calls.reserve(self.name, timeout, lease))
+
+    async def kick(self, n: int = 1) -> int:
+        """Return up to ``n`` buried messages to ready; on ``<q>:dead``, move
+        them back to ``<q>``. Returns how many moved."""
+        return (await self._run(calls.kick(self.name, n))).count
+
+    async def configure(
+        self,
+        *,
+        max_deliveries: int | None = None,
+        lease: float | None = None,
+        maxsize: int | None = None,
+        max_bytes: int | None = None,
+    ) -> dict[str, Any]:
+        """Change this queue's settings (None leaves one as it is); returns those in force."""
+        call = calls.configure(
+            self.name,
+            max_deliveries=max_deliveries,
+            lease=lease,
+            maxsize=maxsize,
+            max_bytes=max_bytes,
+        )
+        return (await self._run(call)).config
+
+    async def delete(self) -> int:
+        """Delete this queue with every message it holds; returns how many went."""
+        return (await self._run(calls.delete(self.name))).count
+
+    async def peek(self) -> bytes:
+        """The body at the head, not removed. Raises Empty if none is ready."""
+        return (await self._run(calls.peek(self.name))).body
+
+    async def purge(self) -> int:
+        """Remove every ready message; return how many."""
+        return (await self._run(calls.purge(self.name))).count
+
+    async def stats(self) -> dict[str, Any]:
+        """Depth, bytes, waiters and totals of this queue (see docs/usage.md)."""
+        return (await self._run(calls.stats(self.name))).stats
+
+    async def qsize(self) -> int:
+        """Messages ready now (a snapshot)."""
+        return int((await self.stats())["ready"])
+
+    async def empty(self) -> bool:
+        return await self.qsize() == 0
+
+
+class Reserving:
+    """What :meth:`AsyncQueue.reserve` returns: await it for an
+    :class:`AsyncMessage`, or use it with ``async with``."""
+
+    def __init__(self, queue: AsyncQueue, call: Call[ReserveReply]) -> None:
+        self.queue = queue
+        self.call = call
+        self.message: AsyncMessage | None = None
+
+    async def _reserve(self) -> AsyncMessage:
+        queue = self.queue
+        await queue._configured()
+        reply, conn = await queue.client._reserve(self.call)
+        return AsyncMessage(queue, reply, conn)
+
+    def __await__(self) -> Generator[Any, None, AsyncMessage]:
+        return self._reserve().__await__()
+
+    async def __aenter__(self) -> AsyncMessage:
+        self.message = await self._reserve()
+        return self.message
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        assert self.message is not None
+        await self.message.__aexit__(exc_type)
+
+
+class AsyncMessage:
+    """A reserved message: ``body``, ``id``, ``attempt``, ``lease_expires``,
+    and the awaited verbs that end or extend its lease.
+
+    It holds the connection its lease came on until it is acked, released or
+    buried (a message dropped unsettled lets go of it when collected; its
+    lease then runs out, or ends when that connection closes). The verbs are
+    never cancelled half-way (they run shielded, bounded by the client's
+    timeout) and never sent again after a lost connection.
+    """
+
+    def __init__(self, queue: AsyncQueue, reply: ReserveReply, conn: AsyncConnection) -> None:
+        self.queue = queue
+        self.id = reply.msg_id
+        self.body = reply.body
+        self.attempt = reply.attempt
+        self.lease_expires = time.monotonic() + reply.lease
+        self.settled = False
+        self._conn: AsyncConnection | None = conn
+        self._unpin = weakref.finalize(self, queue.client._recycle, conn)
+
+    def __repr__(self) -> str:
+        return f"<brokerq.AsyncMessage {self.id} attempt {self.attempt} of {self.queue.name!r}>"
+
+    async def __aenter__(self) -> AsyncMessage:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if self.settled:
+            return
+        if exc_type is None:
+            await self.ack()
+            return
+        # Do not let a failed release hide the block's own exception: an
+        # unreleased message comes back anyway when its lease runs out.
+        with contextlib.suppress(BrokerqError):
+            await self.release()
+
+    async def _verb(self, call: Call[R], *, settles: bool) -> R:
+        """A lease verb, on the connection that holds the lease if it is free."""
+        client = self.queue.client
+        conn, self._conn = self._conn, None
+        if conn is None:  # another verb is using it, or it was let go of
+            return await client._run(call)
+        keep = False
+        try:
+            with anyio.CancelScope(shield=True):
+                if client._closed:
+                    raise calls.closed_client()
+                reply = await conn.request(call, client.timeout)
+            keep = not settles
+        finally:
+            if keep:
+                self._conn = conn
+            else:
+                self._unpin()  # back to the pool (or closed, if broken)
+        return reply
+
+    async def ack(self) -> None:
+        """Done with it: the message is gone for good. LeaseLost if the lease ran out."""
+        await self._verb(calls.ack(self.id, self.attempt), settles=True)
+        self.settled = True
+
+    async def release(self, delay: float = 0) -> None:
+        """Give it back for redelivery: now (to its place) or after ``delay`` s."""
+        await self._verb(calls.release(self.id, self.attempt, delay), settles=True)
+        self.settled = True
+
+    async def bury(self) -> None:
+        """Set it aside: kept, not delivered, until kicked."""
+        await self._verb(calls.bury(self.id, self.attempt), settles=True)
+        self.settled = True
+
+    async def touch(self, lease: float | None = None) -> None:
+        """Extend the lease (by its length, or ``lease`` seconds from now)."""
+        reply = await self._verb(calls.touch(self.id, self.attempt, lease), settles=False)
+        self.lease_expires = time.monotonic() + reply.lease
+
+
+def open_async_client(
+    socket: str | os.PathLike[str] | None = None, timeout: float = DEFAULT_TIMEOUT
+) -> AsyncClient:
+    """An async client of the broker at ``socket`` (default: ``$BROKERQ_SOCKET``
+    or the per-user path). ``async with open_async_client() as client:``
+    connects (spawning the broker if none runs) on entry and closes on exit."""
+    return AsyncClient(socket, timeout)

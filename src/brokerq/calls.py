@@ -1,0 +1,400 @@
+"""What the blocking and the async client share: requests and replies, sans-IO.
+
+Neither client builds a request or judges a reply by itself. This module
+turns each operation's arguments into a :class:`Call` (the request kind, its
+fields, the reply it expects, how long the broker may take by the request's
+own terms, whether it may be sent again), checks arguments on the way
+(bodies, sizes, timeouts), and holds the per-connection state of the wire
+(:class:`Wire`: request ids, encoding, the frame reader, the check of each
+reply). :class:`Attempts` keeps the deadlines of a call and of its retries
+after a lost connection. It does no I/O and imports neither trio nor anyio:
+the clients bring the sockets and the clock.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any, Generic, TypeVar
+
+from . import protocol
+from .errors import (
+    BrokerqError,
+    BrokerUnavailable,
+    InvalidRequest,
+    LocalProtocolError,
+    MessageTooLarge,
+    RemoteProtocolError,
+    from_code,
+)
+
+Body = bytes | bytearray | memoryview | str
+R = TypeVar("R", bound=protocol.Reply)
+KeySource = Callable[[int], list[bytes]]
+
+#: What one body adds to a put_many frame beyond its bytes: its bin header
+#: and its 16-byte key with its own header, rounded up.
+PER_BODY = 32
+RECEIVE_SIZE = 256 * 1024
+#: Error codes after which the broker closes the connection (docs/protocol.md).
+CLOSING_CODES = frozenset({"bad_frame", "version", "permission", "shutting_down", "overflow"})
+
+
+class ConnectionLost(BrokerUnavailable):
+    """The broker closed the connection or died (EOF, ECONNRESET, EPIPE).
+
+    The request may or may not have taken effect; the clients retry it on
+    a new connection (see docs/guarantees.md).
+    """
+
+
+# -- calls -----------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Call(Generic[R]):
+    """One request to make: what to send, what to expect back, how long it may take.
+
+    ``wait`` is how long the broker may take by the request's own terms (a
+    get's timeout; None for ever; 0 for requests that never wait). The
+    reply gets the client's timeout on top. ``retry``: whether a lost
+    connection sends it again (not for lease verbs).
+    """
+
+    expect: type[R]
+    kind: type[protocol.Request]
+    wait: float | None
+    fields: dict[str, Any] = field(default_factory=dict)
+    retry: bool = True
+
+    def with_timeout(self, timeout: float | None) -> Call[R]:
+        """The same request with another ``timeout`` (0: it never waits in the broker)."""
+        return replace(self, wait=timeout, fields={**self.fields, "timeout": timeout})
+
+
+def as_bytes(body: Body) -> bytes:
+    if isinstance(body, str):
+        return body.encode("utf-8")
+    if isinstance(body, bytes | bytearray | memoryview):
+        return bytes(body)
+    raise TypeError(f"a message body is bytes or str, not {type(body).__name__}")
+
+
+def check_size(body: bytes, limit: int) -> None:
+    if len(body) > limit:
+        raise MessageTooLarge(f"a body of {len(body)} bytes is over the broker's limit of {limit}")
+
+
+@dataclass(frozen=True, slots=True)
+class PutOptions:
+    """The options of a put or put_many (see :meth:`brokerq.Queue.put`)."""
+
+    priority: int = 0
+    delay: float = 0
+    ttl: float | None = None
+    timeout: float | None = None
+
+    def fields(self) -> dict[str, Any]:
+        """The request fields beside the bodies and keys (the wire omits defaults)."""
+        protocol.validate_timeout(self.timeout)
+        return {
+            "priority": int(self.priority),
+            "delay": float(self.delay),
+            "ttl": None if self.ttl is None else float(self.ttl),
+            "timeout": self.timeout,
+        }
+
+
+def put(
+    queue: str, body: Body, limit: int, keys: KeySource, options: PutOptions
+) -> Call[protocol.PutReply]:
+    """A put of ``body``, checked against the broker's body ``limit``; ``keys``
+    gives its put key."""
+    data = as_bytes(body)
+    check_size(data, limit)
+    fields = {"queue": queue, "body": data} | options.fields()
+    (fields["key"],) = keys(1)
+    return Call(protocol.PutReply, protocol.Put, options.timeout, fields)
+
+
+def put_many(
+    queue: str, bodies: Iterable[Body], limit: int, keys: KeySource, options: PutOptions
+) -> list[Call[protocol.PutManyReply]]:
+    """One put_many request per frame's worth of bodies; every size is checked
+    before any request is made."""
+    fields = {"queue": queue} | options.fields()
+    return [
+        Call(
+            protocol.PutManyReply,
+            protocol.PutMany,
+            options.timeout,
+            fields | {"bodies": chunk, "keys": keys(len(chunk))},
+        )
+        for chunk in chunks([as_bytes(b) for b in bodies], limit)
+    ]
+
+
+def chunks(bodies: list[bytes], limit: int) -> list[list[bytes]]:
+    """Split ``bodies`` into runs whose frames fit; raise if one body never fits."""
+    for body in bodies:
+        check_size(body, limit)
+    runs: list[list[bytes]] = []
+    run: list[bytes] = []
+    size = 0
+    for body in bodies:
+        if run and size + len(body) + PER_BODY > limit:
+            runs.append(run)
+            run, size = [], 0
+        run.append(body)
+        size += len(body) + PER_BODY
+    if run:
+        runs.append(run)
+    return runs
+
+
+def get(queue: str, timeout: float | None) -> Call[protocol.GetReply]:
+    protocol.validate_timeout(timeout)
+    return Call(protocol.GetReply, protocol.Get, timeout, {"queue": queue, "timeout": timeout})
+
+
+def get_many(queue: str, n: int, timeout: float | None) -> Call[protocol.GetManyReply]:
+    protocol.validate_timeout(timeout)
+    if n < 1:
+        raise InvalidRequest(f"get_many needs n >= 1, not {n}")
+    return Call(
+        protocol.GetManyReply,
+        protocol.GetMany,
+        timeout,
+        {"queue": queue, "n": n, "timeout": timeout},
+    )
+
+
+def reserve(queue: str, timeout: float | None, lease: float | None) -> Call[protocol.ReserveReply]:
+    protocol.validate_timeout(timeout)
+    fields = {"queue": queue, "timeout": timeout, "lease": lease}
+    return Call(protocol.ReserveReply, protocol.Reserve, timeout, fields)
+
+
+def kick(queue: str, n: int) -> Call[protocol.KickReply]:
+    return Call(protocol.KickReply, protocol.Kick, 0, {"queue": queue, "n": n})
+
+
+def configure(
+    queue: str,
+    *,
+    max_deliveries: int | None = None,
+    lease: float | None = None,
+    maxsize: int | None = None,
+    max_bytes: int | None = None,
+) -> Call[protocol.ConfigureReply]:
+    settings = {
+        "max_deliveries": max_deliveries,
+        "lease": lease,
+        "maxsize": maxsize,
+        "max_bytes": max_bytes,
+    }
+    return Call(protocol.ConfigureReply, protocol.Configure, 0, {"queue": queue} | settings)
+
+
+def delete(queue: str) -> Call[protocol.DeleteReply]:
+    return Call(protocol.DeleteReply, protocol.Delete, 0, {"queue": queue})
+
+
+def peek(queue: str) -> Call[protocol.PeekReply]:
+    return Call(protocol.PeekReply, protocol.Peek, 0, {"queue": queue})
+
+
+def purge(queue: str) -> Call[protocol.PurgeReply]:
+    return Call(protocol.PurgeReply, protocol.Purge, 0, {"queue": queue})
+
+
+def stats(queue: str | None = None) -> Call[protocol.StatsReply]:
+    """The stats of ``queue``, or of the broker."""
+    return Call(protocol.StatsReply, protocol.Stats, 0, {} if queue is None else {"queue": queue})
+
+
+def queues() -> Call[protocol.QueuesReply]:
+    return Call(protocol.QueuesReply, protocol.Queues, 0)
+
+
+def _verb(
+    expect: type[R], kind: type[protocol.Request], msg_id: int, attempt: int, **extra: Any
+) -> Call[R]:
+    """A lease verb: never waits, never sent again (the lease may have ended)."""
+    return Call(expect, kind, 0, {"msg_id": msg_id, "attempt": attempt, **extra}, retry=False)
+
+
+def ack(msg_id: int, attempt: int) -> Call[protocol.AckReply]:
+    return _verb(protocol.AckReply, protocol.Ack, msg_id, attempt)
+
+
+def release(msg_id: int, attempt: int, delay: float = 0) -> Call[protocol.ReleaseReply]:
+    return _verb(protocol.ReleaseReply, protocol.Release, msg_id, attempt, delay=float(delay))
+
+
+def bury(msg_id: int, attempt: int) -> Call[protocol.BuryReply]:
+    return _verb(protocol.BuryReply, protocol.Bury, msg_id, attempt)
+
+
+def touch(msg_id: int, attempt: int, lease: float | None = None) -> Call[protocol.TouchReply]:
+    return _verb(protocol.TouchReply, protocol.Touch, msg_id, attempt, lease=lease)
+
+
+def ping() -> Call[protocol.PingReply]:
+    return Call(protocol.PingReply, protocol.Ping, 0)
+
+
+def stop() -> Call[protocol.StopReply]:
+    """Ask the broker to exit (never sent again: it may be going already)."""
+    return Call(protocol.StopReply, protocol.Stop, 0, retry=False)
+
+
+def hello() -> Call[protocol.HelloReply]:
+    return Call(protocol.HelloReply, protocol.Hello, 0, {"version": protocol.PROTOCOL_VERSION})
+
+
+# -- put keys ----------------------------------------------------------------
+
+
+class PutKeys:
+    """Put keys: an 8-byte random prefix per client (and process), then a counter."""
+
+    def __init__(self) -> None:
+        self.prefix = os.urandom(8)
+        self.counter = itertools.count()
+
+    def take(self, n: int) -> list[bytes]:
+        prefix, counter = self.prefix, self.counter
+        return [prefix + next(counter).to_bytes(8, "big") for _ in range(n)]
+
+
+# -- deadlines ---------------------------------------------------------------
+
+
+class Attempts:
+    """The deadlines of one call and of its retries after a lost connection.
+
+    The exchange may take the call's ``wait`` plus ``grace`` (the client's
+    timeout); a call that may wait for ever has no deadline. After a lost
+    connection the call may be sent again until that deadline (or, without
+    one, for ``grace`` counted from the loss); a retried get or reserve
+    asks with what is left of its own timeout (:attr:`fields`).
+    """
+
+    def __init__(self, call: Call[Any], grace: float, now: float) -> None:
+        self.call = call
+        self.grace = grace
+        self.fields = dict(call.fields)
+        self.deadline = None if call.wait is None else now + call.wait + grace
+        timeout = call.fields.get("timeout")
+        self.request_deadline = None if timeout is None else now + timeout
+        self.retry_until = self.deadline
+        self.started = now
+
+    def start(self, now: float) -> float | None:
+        """An attempt begins: how long its exchange may take (None: no bound)."""
+        self.started = now
+        return None if self.deadline is None else max(self.deadline - now, 0.001)
+
+    def again(self, now: float) -> bool:
+        """The attempt lost its connection: may the call be sent again?"""
+        if self.deadline is None and (self.retry_until is None or now - self.started > self.grace):
+            # No deadline of its own (it may wait for ever): reconnecting
+            # may take the grace, counted from this loss.
+            self.retry_until = now + self.grace
+        assert self.retry_until is not None
+        if not self.call.retry or now >= self.retry_until:
+            return False
+        if self.request_deadline is not None:
+            self.fields["timeout"] = max(0.0, self.request_deadline - now)
+        return True
+
+
+# -- one connection's wire ---------------------------------------------------
+
+
+class Wire:
+    """The sans-IO half of a connection: request ids, frames out, replies in.
+
+    :meth:`encode` a request, send the bytes, :meth:`feed` what arrives
+    until :meth:`next_reply` returns one, and :meth:`check` it.
+    """
+
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+        self.reader = protocol.FrameReader(protocol.HANDSHAKE_FRAME_LIMIT)
+        self.next_id = 1
+        self.out = bytearray()
+        self.hello: protocol.HelloReply | None = None
+
+    def greeted(self, hello: protocol.HelloReply) -> None:
+        """The broker's hello reply: its limits now apply."""
+        self.hello = hello
+        self.reader.max_frame_size = hello.max_frame_size
+
+    def encode(self, kind: type[protocol.Request], fields: dict[str, Any]) -> int:
+        """Encode one request into :attr:`out`; return its id."""
+        request_id = self.next_id
+        self.next_id += 1
+        self.out.clear()
+        protocol.append_frame(self.out, kind(id=request_id, **fields))
+        if len(self.out) - protocol.HEADER_SIZE > self.reader.max_frame_size:
+            raise LocalProtocolError(
+                f"a {kind.__name__} request of {len(self.out)} bytes is over the broker's "
+                f"frame limit of {self.reader.max_frame_size}"
+            )
+        return request_id
+
+    def feed(self, data: bytes) -> None:
+        if not data:
+            raise ConnectionResetError("the broker closed the connection")
+        self.reader.feed(data)
+
+    def next_reply(self) -> protocol.AnyReply | None:
+        """The next whole reply received, or None until more bytes come."""
+        payload = self.reader.next_frame()
+        return None if payload is None else protocol.decode_reply(payload)
+
+    def check(
+        self, expect: type[R], request_id: int, reply: protocol.AnyReply, close: Callable[[], None]
+    ) -> R:
+        """Return ``reply`` if it answers request ``request_id`` as expected, else raise.
+
+        An error reply raises its :class:`~brokerq.BrokerqError`; a reply
+        that is not what was asked for raises RemoteProtocolError. ``close``
+        is called first whenever the connection cannot be used any more.
+        """
+        if reply.id != request_id and not (isinstance(reply, protocol.Error) and reply.id == 0):
+            close()
+            raise RemoteProtocolError(f"reply id {reply.id} does not match request {request_id}")
+        if isinstance(reply, protocol.Error):
+            if reply.code in CLOSING_CODES:
+                close()  # the broker closes these connections
+            raise from_code(reply.code, reply.message)
+        if not isinstance(reply, expect):
+            close()
+            raise RemoteProtocolError(f"expected a {expect.__name__}, got {reply!r}")
+        return reply
+
+    def timed_out(self, wait: float | None) -> BrokerUnavailable:
+        return BrokerUnavailable(
+            f"the broker at {self.socket_path} did not answer within {wait or 0:.3g} s"
+        )
+
+    def lost(self, exc: BaseException) -> ConnectionLost:
+        return ConnectionLost(f"lost the connection to the broker at {self.socket_path}: {exc}")
+
+
+def unreachable(socket_path: str, exc: OSError) -> BrokerUnavailable:
+    """What connecting raises for an OSError (never a bare OSError out of the API)."""
+    return BrokerUnavailable(f"cannot reach the broker at {socket_path}: {exc}")
+
+
+def not_stopped(socket_path: str, timeout: float) -> BrokerUnavailable:
+    return BrokerUnavailable(f"the broker at {socket_path} did not exit within {timeout:g} s")
+
+
+def closed_client() -> BrokerqError:
+    return BrokerqError("the client is closed")
