@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-from .client import Client, Message, Queue, connect
+from .client import Client, Message, Queue, Subscription, connect
 from .errors import (
     BrokerqError,
     BrokerUnavailable,
@@ -33,15 +33,24 @@ from .errors import (
     ProtocolError,
     RemoteProtocolError,
     ShuttingDown,
+    SubscriberOverflow,
     VersionMismatch,
 )
 from .spawn import default_socket_path
 
 if TYPE_CHECKING:
-    from .async_client import AsyncClient, AsyncMessage, AsyncQueue, open_async_client
+    from .async_client import (
+        AsyncClient,
+        AsyncMessage,
+        AsyncQueue,
+        AsyncSubscription,
+        open_async_client,
+    )
 
 #: Names of brokerq.async_client, imported (with anyio) on first use.
-_ASYNC_NAMES = frozenset({"AsyncClient", "AsyncMessage", "AsyncQueue", "open_async_client"})
+_ASYNC_NAMES = frozenset(
+    {"AsyncClient", "AsyncMessage", "AsyncQueue", "AsyncSubscription", "open_async_client"}
+)
 
 
 def __getattr__(name: str) -> Any:
@@ -56,6 +65,7 @@ __all__ = [
     "AsyncClient",
     "AsyncMessage",
     "AsyncQueue",
+    "AsyncSubscription",
     "BrokerUnavailable",
     "BrokerqError",
     "Client",
@@ -72,6 +82,8 @@ __all__ = [
     "Queue",
     "RemoteProtocolError",
     "ShuttingDown",
+    "SubscriberOverflow",
+    "Subscription",
     "VersionMismatch",
     "__version__",
     "connect",

@@ -68,6 +68,7 @@ import socket
 import threading
 import time
 import weakref
+from collections import deque
 from collections.abc import Awaitable, Callable, Generator, Iterable
 from typing import Any, TypeVar
 
@@ -80,7 +81,7 @@ from .errors import BrokerqError, BrokerUnavailable, Empty, Full, LeaseLost
 from .protocol import GetManyReply, HelloReply, ReserveReply
 from .spawn import broker_running, connect_or_spawn, resolve_socket_path
 
-__all__ = ["AsyncClient", "AsyncMessage", "AsyncQueue", "open_async_client"]
+__all__ = ["AsyncClient", "AsyncMessage", "AsyncQueue", "AsyncSubscription", "open_async_client"]
 
 R = TypeVar("R", bound=protocol.Reply)
 Then = Callable[["AsyncConnection", R], Awaitable[None]]
@@ -399,6 +400,29 @@ class AsyncClient:
         }
         return AsyncQueue(name, self, {k: v for k, v in settings.items() if v is not None})
 
+    async def publish(
+        self, topic: str, body: Body, *, priority: int = 0, ttl: float | None = None
+    ) -> int:
+        """Send a copy of ``body`` to every subscriber of ``topic``; return how
+        many (see :meth:`brokerq.Client.publish`). Never waits in the broker,
+        so it runs shielded, as a put with room does."""
+        limit = await self._limit()
+        call = calls.publish(topic, body, limit, self._keys.take, priority=priority, ttl=ttl)
+        reply = await self._run(call)
+        return reply.copies + reply.live
+
+    def subscribe(self, topic: str) -> AsyncSubscription:
+        """A live subscription to ``topic``, on a connection of its own::
+
+            async with client.subscribe("events") as events:
+                async for body in events:
+                    ...
+
+        (or ``events = await client.subscribe("events")``, then
+        ``await events.aclose()``). It is in effect once entered or awaited.
+        """
+        return AsyncSubscription(self, topic)
+
     async def ping(self) -> float:
         """Round-trip time to the broker, in seconds (connecting is not counted)."""
         conn = await self._acquire()
@@ -611,6 +635,15 @@ class AsyncQueue:
     async def empty(self) -> bool:
         return await self.qsize() == 0
 
+    async def subscribe(self, topic: str) -> None:
+        """From now on, get a copy of every publish to ``topic`` (durable; see
+        :meth:`brokerq.Queue.subscribe`)."""
+        await self._run(calls.subscribe(topic, self.name))
+
+    async def unsubscribe(self, topic: str) -> bool:
+        """End the subscription to ``topic``; False if there was none."""
+        return (await self._run(calls.unsubscribe(topic, self.name))).found
+
 
 class Reserving:
     """What :meth:`AsyncQueue.reserve` returns: await it for an
@@ -716,6 +749,111 @@ class AsyncMessage:
         """Extend the lease (by its length, or ``lease`` seconds from now)."""
         reply = await self._verb(calls.touch(self.id, self.attempt, lease), settles=False)
         self.lease_expires = time.monotonic() + reply.lease
+
+
+class AsyncSubscription:
+    """A live subscription to a topic, for async code (see
+    :class:`brokerq.Subscription`): iterate with ``async for``, or await
+    :meth:`get`. Reading is cancellable at any point: a publish is either
+    returned or kept for the next read.
+    """
+
+    def __init__(self, client: AsyncClient, topic: str) -> None:
+        self.client = client
+        self.topic = topic
+        self._call = calls.subscribe(topic)
+        self._bodies: deque[bytes] = deque()
+        self._conn: AsyncConnection | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<brokerq.AsyncSubscription {self.topic!r} at {self.client.socket_path!r}>"
+
+    async def _start(self) -> AsyncSubscription:
+        if self._conn is None:
+            await self._subscribe()
+        return self
+
+    def __await__(self) -> Generator[Any, None, AsyncSubscription]:
+        return self._start().__await__()
+
+    async def __aenter__(self) -> AsyncSubscription:
+        return await self._start()
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> AsyncSubscription:
+        return self
+
+    async def __anext__(self) -> bytes:
+        return await self.get()
+
+    async def aclose(self) -> None:
+        """End the subscription (closing its connection)."""
+        self._closed = True
+        if self._conn is not None:
+            conn, self._conn = self._conn, None
+            await conn.aclose()
+
+    async def _subscribe(self) -> None:
+        """Connect and subscribe; events that come before the reply are kept."""
+        if self.client._closed:
+            raise calls.closed_client()
+        conn = await AsyncConnection.open(self.client.socket_path, self.client.timeout)
+        try:
+            request_id = conn.wire.encode(self._call.kind, self._call.fields)
+            with anyio.fail_after(self.client.timeout):
+                await conn.stream.send(bytes(conn.wire.out))
+                while (reply := self._take(conn)) is None:
+                    conn.wire.feed(await conn.stream.receive(calls.RECEIVE_SIZE))
+            conn.wire.check(self._call.expect, request_id, reply, conn._break)
+        except TimeoutError as exc:
+            await conn.aclose()
+            raise conn.wire.timed_out(self.client.timeout) from exc
+        except _STREAM_ERRORS as exc:
+            await conn.aclose()
+            raise conn.wire.lost(exc) from exc
+        except BaseException:
+            await conn.aclose()
+            raise
+        self._conn = conn
+
+    def _take(self, conn: AsyncConnection) -> protocol.AnyReply | None:
+        try:
+            return calls.take_events(conn.wire, self._bodies)
+        except BrokerqError:  # dropped by the broker: it closes the connection
+            self._closed = True
+            raise
+
+    async def get(self, timeout: float | None = None) -> bytes:
+        """The next publish's body, waiting up to ``timeout`` (None: for ever;
+        0: only what has arrived); raises Empty if none came."""
+        protocol.validate_timeout(timeout)
+        deadline = None if timeout is None else anyio.current_time() + timeout
+        while not self._bodies:
+            if self._closed:
+                raise calls.closed_client()
+            conn = self._conn
+            if conn is None:
+                await self._subscribe()
+                continue
+            self._take(conn)  # frames already received
+            if self._bodies:
+                break
+            # A read that finds data waiting returns at once, so a floor of
+            # 1 ms lets timeout=0 take what has arrived.
+            left = None if deadline is None else max(0.001, deadline - anyio.current_time())
+            with anyio.move_on_after(left) as scope:
+                try:
+                    conn.wire.feed(await conn.stream.receive(calls.RECEIVE_SIZE))
+                except _STREAM_ERRORS:
+                    # The broker went away: subscribe again on a new connection.
+                    self._conn = None
+                    await conn.aclose()
+            if scope.cancelled_caught:
+                raise Empty(f"nothing published to {self.topic!r} within {timeout:g} s")
+        return self._bodies.popleft()
 
 
 def open_async_client(

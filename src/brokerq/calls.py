@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import os
+from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, TypeVar
@@ -240,6 +241,64 @@ def bury(msg_id: int, attempt: int) -> Call[protocol.BuryReply]:
 
 def touch(msg_id: int, attempt: int, lease: float | None = None) -> Call[protocol.TouchReply]:
     return _verb(protocol.TouchReply, protocol.Touch, msg_id, attempt, lease=lease)
+
+
+# -- topics ------------------------------------------------------------------
+
+
+def publish(
+    topic: str,
+    body: Body,
+    limit: int,
+    keys: KeySource,
+    *,
+    priority: int = 0,
+    ttl: float | None = None,
+) -> Call[protocol.PublishReply]:
+    """A publish of ``body``, with a key so that a retry makes no second copy."""
+    protocol.validate_queue_name(topic, what="topic", for_put=True)
+    data = as_bytes(body)
+    check_size(data, limit)
+    fields = {
+        "topic": topic,
+        "body": data,
+        "key": keys(1)[0],
+        "priority": int(priority),
+        "ttl": None if ttl is None else float(ttl),
+    }
+    return Call(protocol.PublishReply, protocol.Publish, 0, fields)
+
+
+def subscribe(topic: str, queue: str | None = None) -> Call[protocol.SubscribeReply]:
+    """``queue`` subscribes to ``topic`` (durable), or, without one, the
+    connection does (live: see :func:`take_events`; never sent again, since
+    a live subscription belongs to one connection)."""
+    protocol.validate_queue_name(topic, what="topic", for_put=True)
+    fields = {"topic": topic, "queue": queue}
+    return Call(protocol.SubscribeReply, protocol.Subscribe, 0, fields, retry=queue is not None)
+
+
+def unsubscribe(topic: str, queue: str | None = None) -> Call[protocol.UnsubscribeReply]:
+    fields = {"topic": topic, "queue": queue}
+    return Call(protocol.UnsubscribeReply, protocol.Unsubscribe, 0, fields)
+
+
+def take_events(wire: Wire, bodies: deque[bytes]) -> protocol.AnyReply | None:
+    """Sort the frames received on a live subscription's connection.
+
+    Each ``event``'s body is appended to ``bodies``; the first other frame
+    (the reply to the subscription's request) is returned; None once every
+    whole frame received is taken. An error with id 0 (``overflow``: the
+    broker dropped this slow subscriber) raises.
+    """
+    while (frame := wire.next_reply()) is not None:
+        if isinstance(frame, protocol.Event):
+            bodies.append(frame.body)
+            continue
+        if isinstance(frame, protocol.Error) and frame.id == 0:
+            raise from_code(frame.code, frame.message)
+        return frame
+    return None
 
 
 def ping() -> Call[protocol.PingReply]:

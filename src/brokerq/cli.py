@@ -7,7 +7,9 @@ here, at the edge, and nowhere else.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
 import time
 from collections.abc import Iterator
@@ -269,12 +271,141 @@ def stats(state: _State, queue: str | None, as_json: bool, as_prom: bool) -> Non
         click.echo(json.dumps(data, indent=2, sort_keys=True))
         return
     rows = data.pop("queue_stats", None)
+    topic_rows = _topic_rows(data.pop("topics", {}))
     width = max(len(k) for k in data)
     for key, value in data.items():
         click.echo(f"{key:<{width}}  {_fmt(value)}")
     if rows:
         click.echo()
         click.echo(_table(rows, QUEUE_COLUMNS))
+    if topic_rows:
+        click.echo()
+        click.echo(_table(topic_rows, TOPIC_COLUMNS))
+
+
+@cli.command()
+@click.argument("topic")
+@click.argument("messages", nargs=-1)
+@click.option("--priority", type=int, default=0, show_default=True, help="Higher first.")
+@click.option(
+    "--ttl",
+    type=click.FloatRange(min=0, min_open=True),
+    metavar="SECONDS",
+    help="Each copy is dropped if still waiting after this many seconds.",
+)
+@pass_state
+def publish(
+    state: _State, topic: str, messages: tuple[str, ...], priority: int, ttl: float | None
+) -> None:
+    """Publish each MESSAGE to TOPIC; with none, one message per stdin line.
+
+    Every subscriber gets a copy: each queue subscribed with `brokerq
+    subscribe TOPIC --queue Q`, and each live `brokerq subscribe TOPIC`.
+    Prints, per message, how many subscribers it reached (0: nobody
+    subscribes; the message went nowhere).
+    """
+    bodies = (m.encode("utf-8", "surrogateescape") for m in messages) if messages else None
+    for body in bodies if bodies is not None else _stdin_lines():
+        click.echo(state.client.publish(topic, body, priority=priority, ttl=ttl))
+
+
+@cli.command()
+@click.argument("topic")
+@click.option(
+    "--queue",
+    metavar="QUEUE",
+    help="Subscribe QUEUE for good (kept across restarts) and exit, instead of "
+    "printing the publishes as they come.",
+)
+@click.option(
+    "-n",
+    "count",
+    type=click.IntRange(min=1),
+    help="Exit after this many messages (default: run until interrupted).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="Exit 3 if no message comes for this long (default: wait for ever).",
+)
+@pass_state
+def subscribe(
+    state: _State, topic: str, queue: str | None, count: int | None, timeout: float | None
+) -> None:
+    """Print each message published to TOPIC from now on, one per line.
+
+    A live subscription: it lasts while this command runs, and Ctrl-C or
+    SIGTERM ends it (exit 0). One that reads too slowly is dropped by the
+    broker (exit 1, "fell behind"). With --queue, QUEUE gets a copy of every
+    later publish instead, until `brokerq unsubscribe TOPIC --queue QUEUE`:
+
+    \b
+        brokerq subscribe events --queue audit     # durable
+        brokerq subscribe events | while read -r line; do ...; done
+    """
+    if queue is not None:
+        state.queue(queue).subscribe(topic)
+        return
+    out = _stdout()
+    with _until_signalled(), state.client.subscribe(topic) as subscription:
+        got = 0
+        while count is None or got < count:
+            try:
+                body = subscription.get(timeout=timeout)
+            except Empty:
+                raise Empty(f"nothing was published to {topic!r} for {timeout:g} s") from None
+            out.write(body + b"\n")
+            out.flush()
+            got += 1
+
+
+@cli.command()
+@click.argument("topic")
+@click.option("--queue", metavar="QUEUE", required=True, help="The subscribed queue.")
+@pass_state
+def unsubscribe(state: _State, topic: str, queue: str) -> None:
+    """End QUEUE's subscription to TOPIC (its messages stay in it).
+
+    Exits 1 if QUEUE did not subscribe to TOPIC.
+    """
+    if not state.queue(queue).unsubscribe(topic):
+        raise BrokerqError(f"queue {queue!r} does not subscribe to {topic!r}")
+
+
+TOPIC_COLUMNS = ("topic", "queues", "live", "published_total", "dropped_total")
+
+
+@cli.command()
+@pass_state
+def topics(state: _State) -> None:
+    """List the topics that have subscribers, with their subscribers and counts."""
+    rows = _topic_rows(state.client.stats().get("topics", {}))
+    if rows:
+        click.echo(_table(rows, TOPIC_COLUMNS))
+
+
+def _topic_rows(topics: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {"topic": name, **info, "queues": ",".join(info["queues"]) or "-"}
+        for name, info in topics.items()
+    ]
+
+
+@contextlib.contextmanager
+def _until_signalled() -> Iterator[None]:
+    """End the block quietly on Ctrl-C or SIGTERM: the way to stop a subscriber."""
+
+    def on_term(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        yield
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _fmt(value: Any) -> str:

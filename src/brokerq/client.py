@@ -18,15 +18,25 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections import deque
+from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
 from . import calls, protocol
 from .calls import Body, Call, ConnectionLost
-from .errors import BrokerqError, BrokerUnavailable, RemoteProtocolError
+from .errors import BrokerqError, BrokerUnavailable, Empty, RemoteProtocolError
 from .spawn import broker_running, connect_or_spawn, resolve_socket_path
 
-__all__ = ["Body", "Client", "Connection", "ConnectionLost", "Message", "Queue", "connect"]
+__all__ = [
+    "Body",
+    "Client",
+    "Connection",
+    "ConnectionLost",
+    "Message",
+    "Queue",
+    "Subscription",
+    "connect",
+]
 
 R = TypeVar("R", bound=protocol.Reply)
 
@@ -207,6 +217,32 @@ class Client:
         if any(value is not None for value in settings.values()):
             q.configure(**settings)
         return q
+
+    def publish(
+        self, topic: str, body: Body, *, priority: int = 0, ttl: float | None = None
+    ) -> int:
+        """Send a copy of ``body`` to every subscriber of ``topic``; return how many.
+
+        Each queue subscribed to the topic (:meth:`Queue.subscribe`) gets it
+        as an ordinary message (with ``priority`` and ``ttl`` as for
+        :meth:`Queue.put`), unless it is full: a publish never waits. Each
+        live subscriber (:meth:`subscribe`) is sent it. 0 means nobody
+        subscribes: the message went nowhere. Retried after a lost
+        connection like a put, without a second copy in any queue.
+        """
+        limit = self.connection().max_message_size
+        call = calls.publish(topic, body, limit, self.next_keys, priority=priority, ttl=ttl)
+        reply = self.run(call)
+        return reply.copies + reply.live
+
+    def subscribe(self, topic: str) -> Subscription:
+        """A live subscription to ``topic``, in effect when this returns.
+
+        Iterate over it (or call :meth:`Subscription.get`) for the body of
+        each publish made while it is open; close it (or use it as a context
+        manager) to end it. It has a connection of its own.
+        """
+        return Subscription(self, topic)
 
     def ping(self) -> float:
         """Round-trip time to the broker, in seconds."""
@@ -403,6 +439,16 @@ class Queue:
         """Messages ready now (as :meth:`queue.Queue.qsize`: a snapshot)."""
         return int(self.stats()["ready"])
 
+    def subscribe(self, topic: str) -> None:
+        """From now on, get a copy of every publish to ``topic``, kept in the
+        journal until :meth:`unsubscribe` or :meth:`delete` (durable)."""
+        self.client.run(calls.subscribe(topic, self.name))
+
+    def unsubscribe(self, topic: str) -> bool:
+        """End the subscription to ``topic``; False if there was none. The
+        copies already in this queue stay."""
+        return self.client.run(calls.unsubscribe(topic, self.name)).found
+
     def empty(self) -> bool:
         return self.qsize() == 0
 
@@ -460,6 +506,105 @@ class Message:
         """Extend the lease (by its length, or ``lease`` seconds from now)."""
         reply = self.queue.client.run(calls.touch(self.id, self.attempt, lease))
         self.lease_expires = time.monotonic() + reply.lease
+
+
+class Subscription:
+    """A live subscription to a topic: the publishes made while it is open.
+
+    It has a connection of its own. If the broker goes away, it reconnects
+    (spawning a broker if need be) and subscribes again; publishes made in
+    between are missed, as for any live subscriber (a queue subscription
+    misses nothing). A subscriber that reads too slowly is dropped by the
+    broker: :meth:`get` then raises :class:`~brokerq.errors.SubscriberOverflow`.
+    """
+
+    def __init__(self, client: Client, topic: str) -> None:
+        self.client = client
+        self.topic = topic
+        self._call = calls.subscribe(topic)
+        self._bodies: deque[bytes] = deque()
+        self._conn: Connection | None = None
+        self._closed = False
+        self._subscribe()
+
+    def __repr__(self) -> str:
+        return f"<brokerq.Subscription {self.topic!r} at {self.client.socket_path!r}>"
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            yield self.get()
+
+    def close(self) -> None:
+        """End the subscription (closing its connection)."""
+        self._closed = True
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _subscribe(self) -> None:
+        """Connect and subscribe; events that come before the reply are kept."""
+        conn = Connection(self.client.socket_path, self.client.timeout)
+        try:
+            request_id = conn.wire.encode(self._call.kind, self._call.fields)
+            conn.sock.settimeout(self.client.timeout)
+            conn.sock.sendall(conn.wire.out)
+            while True:
+                reply = self._next_reply(conn)
+                if reply is None:
+                    conn.wire.feed(conn.sock.recv(calls.RECEIVE_SIZE))
+                    continue
+                conn.wire.check(self._call.expect, request_id, reply, conn.close)
+                break
+        except TimeoutError as exc:
+            conn.close()
+            raise conn.wire.timed_out(self.client.timeout) from exc
+        except OSError as exc:
+            conn.close()
+            raise conn.wire.lost(exc) from exc
+        except BaseException:
+            conn.close()
+            raise
+        self._conn = conn
+
+    def _next_reply(self, conn: Connection) -> protocol.AnyReply | None:
+        try:
+            return calls.take_events(conn.wire, self._bodies)
+        except BrokerqError:  # dropped by the broker: it closes the connection
+            self.close()
+            raise
+
+    def get(self, timeout: float | None = None) -> bytes:
+        """The next publish's body, waiting up to ``timeout`` (None: for
+        ever; 0: not at all); raises Empty if none came."""
+        protocol.validate_timeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._bodies:
+            if self._closed:
+                raise calls.closed_client()
+            conn = self._conn
+            if conn is None:
+                self._subscribe()
+                continue
+            self._next_reply(conn)  # frames already received
+            if self._bodies:
+                break
+            left = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                conn.sock.settimeout(left)  # 0: a read that does not wait
+                conn.wire.feed(conn.sock.recv(calls.RECEIVE_SIZE))
+            except (TimeoutError, BlockingIOError):
+                raise Empty(f"nothing published to {self.topic!r} within {timeout:g} s") from None
+            except OSError:
+                # The broker went away: subscribe again on a new connection.
+                conn.close()
+                self._conn = None
+        return self._bodies.popleft()
 
 
 _shared: dict[str, Client] = {}
