@@ -520,6 +520,211 @@ def test_stop_without_a_broker(backend: str, socket_path: str) -> None:
     run(backend, main)
 
 
+# -- topics ----------------------------------------------------------------------------------------
+
+
+async def live_count(client: AsyncClient, topic: str) -> int:
+    topics: dict[str, dict[str, int]] = (await client.stats())["topics"]
+    return topics.get(topic, {}).get("live", 0)
+
+
+def test_publish_to_durable_and_live_subscribers(backend: str, socket_path: str) -> None:
+    async def main() -> None:
+        async with brokerq.open_async_client(socket_path) as client:
+            assert await client.publish("events", b"nowhere") == 0
+            queues = [client.queue("a"), client.queue("b")]
+            for q in queues:
+                await q.subscribe("events")
+            bodies = [b"m%d" % i for i in range(30)]
+            async with client.subscribe("events") as one:
+                two = await client.subscribe("events")
+                assert "events" in repr(two)
+                for body in bodies:
+                    assert await client.publish("events", body) == 4
+                assert await client.publish("events", "text é") == 4
+                got: list[bytes] = []
+                async for body in one:
+                    got.append(body)
+                    if len(got) == len(bodies) + 1:
+                        break
+                assert got == [*bodies, "text é".encode()]
+                assert [await two.get(timeout=5) for _ in got] == got
+                with pytest.raises(brokerq.Empty):
+                    await two.get(timeout=0)
+                with pytest.raises(brokerq.InvalidRequest):
+                    await two.get(timeout=-1)
+                await two.aclose()
+                with pytest.raises(brokerq.BrokerqError, match="closed"):
+                    await two.get(timeout=0)
+            with pytest.raises(brokerq.BrokerqError, match="closed"):
+                await one.get(timeout=0)
+            for q in queues:
+                assert await q.get_many(100, timeout=1) == got
+            with anyio.fail_after(10):
+                while await live_count(client, "events"):
+                    await anyio.sleep(0.005)
+            assert await client.publish("events", b"only the queues") == 2
+
+            assert await queues[0].unsubscribe("events") is True
+            assert await queues[0].unsubscribe("events") is False
+            assert await client.publish("events", b"one queue") == 1
+            assert await queues[1].get_many(10, timeout=1) == [b"only the queues", b"one queue"]
+            assert await queues[0].get_many(10, timeout=1) == [b"only the queues"]
+
+            with pytest.raises(brokerq.InvalidRequest):
+                await client.publish("a:b", b"x")
+            with pytest.raises(brokerq.InvalidRequest):
+                await client.subscribe("")
+            with pytest.raises(brokerq.InvalidRequest):
+                await queues[0].subscribe("a:b")
+
+    run(backend, main)
+
+
+def test_a_live_subscription_sees_only_later_publishes(backend: str, socket_path: str) -> None:
+    async def main() -> None:
+        async with brokerq.open_async_client(socket_path) as client:
+            sub = client.subscribe("events")  # not in effect until awaited or entered
+            assert await client.publish("events", b"before") == 0
+            async with sub:
+                assert await client.publish("events", b"after") == 1
+                assert await sub.get(timeout=5) == b"after"
+                with pytest.raises(brokerq.Empty):
+                    await sub.get(timeout=0.1)
+
+    run(backend, main)
+
+
+def test_a_cancelled_subscription_get_loses_nothing(backend: str, socket_path: str) -> None:
+    async def main() -> None:
+        async with (
+            brokerq.open_async_client(socket_path) as client,
+            client.subscribe("events") as sub,
+        ):
+            with anyio.move_on_after(0.2) as scope:
+                await sub.get()
+            assert scope.cancelled_caught
+            with anyio.move_on_after(0.1) as scope:
+                await sub.get(timeout=10)
+            assert scope.cancelled_caught
+            assert await client.publish("events", b"later") == 1  # still subscribed
+            assert await sub.get(timeout=5) == b"later"
+
+            # Publishes from a thread while gets are cancelled at random
+            # points: each body is returned once, in order.
+            bodies = [b"p%d" % i for i in range(300)]
+
+            def publish_all() -> None:
+                with brokerq.connect(socket_path) as publisher:
+                    for body in bodies:
+                        publisher.publish("events", body)
+
+            got: list[bytes] = []
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(anyio.to_thread.run_sync, publish_all)
+                while len(got) < len(bodies):
+                    with anyio.move_on_after(random.uniform(0, 0.002)):
+                        got.append(await sub.get(timeout=10))
+            assert got == bodies
+
+    run(backend, main)
+
+
+def test_a_live_subscription_comes_back_after_the_broker_is_killed(
+    backend: str, socket_path: str
+) -> None:
+    async def main() -> None:
+        async with brokerq.open_async_client(socket_path) as client:
+            first = (await client.stats())["pid"]
+            async with client.subscribe("events") as sub:
+                got: list[bytes] = []
+                async with anyio.create_task_group() as tg:
+
+                    async def consume() -> None:
+                        got.append(await sub.get(timeout=20))
+
+                    tg.start_soon(consume)
+                    os.kill(first, signal.SIGKILL)
+                    await anyio.to_thread.run_sync(wait_until, lambda: gone(first))
+                    with anyio.fail_after(10):  # the waiting get subscribes again
+                        while await live_count(client, "events") != 1:
+                            await anyio.sleep(0.005)
+                    assert await client.publish("events", b"after") == 1
+                assert got == [b"after"]
+            assert (await client.stats())["pid"] != first
+
+    run(backend, main)
+
+
+def test_a_slow_live_subscriber_raises_subscriber_overflow(
+    backend: str, socket_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BROKERQ_SUBSCRIBER_BUFFER", str(64 * 1024))  # reaches the spawned broker
+    bodies = [b"%04d" % i + b"x" * 1020 for i in range(1000)]
+
+    async def main() -> None:
+        async with brokerq.open_async_client(socket_path) as client:
+            assert (await client.stats())["subscriber_buffer"] == 64 * 1024
+            slow = await client.subscribe("events")  # not read while the publishes go on
+            fast_got: list[bytes] = []
+            counts: list[int] = []
+
+            async def read_fast(fast: brokerq.AsyncSubscription) -> None:
+                async with fast:
+                    async for body in fast:
+                        fast_got.append(body)
+                        if len(fast_got) == len(bodies):
+                            return
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(read_fast, await client.subscribe("events"))
+                with anyio.fail_after(20):  # the slow subscriber never holds it up
+                    for body in bodies:
+                        counts.append(await client.publish("events", body))
+            assert fast_got == bodies
+            assert (counts[0], counts[-1]) == (2, 1)
+            assert counts == sorted(counts, reverse=True)
+
+            got: list[bytes] = []
+            with pytest.raises(brokerq.SubscriberOverflow):  # noqa: PT012
+                while True:
+                    got.append(await slow.get(timeout=10))
+            assert 0 < len(got) < len(bodies)
+            assert got == bodies[: len(got)]
+            with pytest.raises(brokerq.BrokerqError, match="closed"):
+                await slow.get(timeout=0)
+            await slow.aclose()
+
+    run(backend, main)
+
+
+def test_what_came_before_an_overflow_is_read_before_it_raises(
+    backend: str, socket_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BROKERQ_SUBSCRIBER_BUFFER", str(64 * 1024))
+    bodies = [b"%04d" % i + b"x" * (40 * 1024) for i in range(100)]  # large: see test_client.py
+
+    async def main() -> None:
+        async with (
+            brokerq.open_async_client(socket_path) as client,
+            client.subscribe("events") as slow,
+        ):
+            counts = [await client.publish("events", body) for body in bodies]
+            assert (counts[0], counts[-1]) == (1, 0)
+            got = [await slow.get(timeout=10)]
+            with anyio.fail_after(10):  # until the broker has dropped it
+                while (await client.stats())["connections"] != 1:
+                    await anyio.sleep(0.005)
+            with pytest.raises(brokerq.SubscriberOverflow):  # noqa: PT012
+                while True:
+                    got.append(await slow.get(timeout=10))
+            assert got == bodies[: len(got)]
+            with pytest.raises(brokerq.BrokerqError, match="closed"):
+                await slow.get(timeout=0)
+
+    run(backend, main)
+
+
 # -- imports ---------------------------------------------------------------------------------------
 
 NO_ANYIO = r"""

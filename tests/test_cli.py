@@ -9,12 +9,14 @@ are compared exactly.
 from __future__ import annotations
 
 import json
+import select
+import signal
 import subprocess
 import sys
 
 import pytest
 from click.testing import CliRunner, Result
-from conftest import broker_pids
+from conftest import BIN, Procs, broker_pids, run_cli, wait_until
 
 import brokerq
 from brokerq.cli import cli
@@ -231,3 +233,141 @@ def test_delete_prints_how_many_went(socket_path: str) -> None:
     assert run("delete", "gone").output == "2\n"
     assert run("queues").output == "kept\n"
     assert run("delete", "never-was").output == "0\n"
+
+
+# -- topics ----------------------------------------------------------------------------------------
+
+TOPIC_HEADER = ["topic", "queues", "live", "published_total", "dropped_total"]
+
+
+def live_subscribers(client: brokerq.Client, topic: str) -> int:
+    return int(client.stats()["topics"].get(topic, {}).get("live", 0))
+
+
+def subscriber(procs: Procs, socket_path: str, *args: str) -> subprocess.Popen[bytes]:
+    """``brokerq subscribe ...`` as a process of its own, once its subscription is in effect."""
+    proc = procs([str(BIN / "brokerq"), "--socket", socket_path, "subscribe", *args])
+    with brokerq.connect(socket_path) as client:
+        wait_until(
+            lambda: live_subscribers(client, args[0]) == 1 or proc.poll() is not None,
+            what="the subscription to be in effect",
+        )
+    assert proc.poll() is None, proc.communicate()
+    return proc
+
+
+def read_line(proc: subprocess.Popen[bytes], timeout: float = 10) -> bytes:
+    assert proc.stdout is not None
+    readable, _, _ = select.select([proc.stdout], [], [], timeout)
+    assert readable, f"no output within {timeout} s"
+    return proc.stdout.readline()
+
+
+def test_publish_prints_how_many_subscribers_each_message_reached(brokerq_cli: Brokerq) -> None:
+    assert ok(brokerq_cli("publish", "events", "nowhere")) == "0\n"  # nobody subscribes
+    assert ok(brokerq_cli("queues")) == ""
+    assert ok(brokerq_cli("subscribe", "events", "--queue", "audit")) == ""
+    assert ok(brokerq_cli("subscribe", "events", "--queue", "metrics")) == ""
+    assert ok(brokerq_cli("publish", "events", "a", "b")) == "2\n2\n"
+    assert ok(brokerq_cli("publish", "events", input="c\nd\n")) == "2\n2\n"
+    assert ok(brokerq_cli("get", "audit", "-n", "4")) == "a\nb\nc\nd\n"
+    assert ok(brokerq_cli("get", "metrics", "-n", "4")) == "a\nb\nc\nd\n"
+    result = brokerq_cli("publish", "no:colon", "x")
+    assert result.exit_code == 1
+    assert "topic name" in one_error_line(result)
+
+
+def test_subscribe_prints_the_publishes_as_they_come(socket_path: str, procs: Procs) -> None:
+    sub = subscriber(procs, socket_path, "events", "-n", "2", "--timeout", "10")
+    done = run_cli("--socket", socket_path, "publish", "events", "a", "b")
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"1\n1\n", b"")
+    out, err = sub.communicate(timeout=20)
+    assert (sub.returncode, out, err) == (0, b"a\nb\n", b"")
+
+
+def test_a_durable_subscription_then_get(socket_path: str) -> None:
+    done = run_cli("--socket", socket_path, "subscribe", "events", "--queue", "audit")
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"", b"")  # exits at once
+    done = run_cli("--socket", socket_path, "publish", "events", "one", "two")
+    assert done.stdout == b"1\n1\n"
+    with brokerq.connect(socket_path) as client:  # the broker's restart changes nothing
+        assert client.stop()
+    done = run_cli("--socket", socket_path, "publish", "events", "three")
+    assert done.stdout == b"1\n"
+    done = run_cli("--socket", socket_path, "get", "audit", "-n", "3", "--timeout", "5")
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"one\ntwo\nthree\n", b"")
+
+
+def test_unsubscribe_exits_1_without_such_a_subscription(brokerq_cli: Brokerq) -> None:
+    result = brokerq_cli("unsubscribe", "events", "--queue", "audit")
+    assert result.exit_code == 1
+    assert one_error_line(result) == "brokerq: queue 'audit' does not subscribe to 'events'"
+    ok(brokerq_cli("subscribe", "events", "--queue", "audit"))
+    ok(brokerq_cli("publish", "events", "kept"))
+    assert ok(brokerq_cli("unsubscribe", "events", "--queue", "audit")) == ""
+    assert brokerq_cli("unsubscribe", "events", "--queue", "audit").exit_code == 1
+    assert ok(brokerq_cli("publish", "events", "not copied")) == "0\n"
+    assert ok(brokerq_cli("get", "audit", "-n", "2", "--timeout", "0.2")) == "kept\n"
+    assert brokerq_cli("unsubscribe", "events").exit_code == 2  # --queue is required
+
+
+def test_topics_lists_subscribers_and_counts(brokerq_cli: Brokerq, socket_path: str) -> None:
+    assert ok(brokerq_cli("topics")) == ""
+    ok(brokerq_cli("subscribe", "events", "--queue", "audit"))
+    ok(brokerq_cli("subscribe", "events", "--queue", "metrics"))
+    ok(brokerq_cli("subscribe", "alerts", "--queue", "audit"))
+    with brokerq.connect(socket_path) as client, client.subscribe("events") as sub:
+        ok(brokerq_cli("publish", "events", "x"))
+        assert sub.get(timeout=5) == b"x"
+        expected = [
+            TOPIC_HEADER,
+            ["alerts", "audit", "0", "0", "0"],
+            ["events", "audit,metrics", "1", "1", "0"],
+        ]
+        assert [line.split() for line in ok(brokerq_cli("topics")).splitlines()] == expected
+        # The broker's stats end with the same table, after the queues'.
+        lines = ok(brokerq_cli("stats")).splitlines()
+        assert lines.count("") == 2
+        topic_table = lines[len(lines) - lines[::-1].index("") :]
+        assert [line.split() for line in topic_table] == expected
+    ok(brokerq_cli("unsubscribe", "alerts", "--queue", "audit"))
+    wait_until(lambda: "alerts" not in ok(brokerq_cli("topics")), what="alerts to go")
+
+
+def test_subscribe_timeout_exits_3(brokerq_cli: Brokerq) -> None:
+    result = brokerq_cli("subscribe", "events", "--timeout", "0.2")
+    assert result.exit_code == 3
+    assert one_error_line(result) == "brokerq: nothing was published to 'events' for 0.2 s"
+
+
+def test_sigterm_ends_a_running_subscribe_with_exit_0(socket_path: str, procs: Procs) -> None:
+    sub = subscriber(procs, socket_path, "events")
+    with brokerq.connect(socket_path) as client:
+        assert client.publish("events", b"one") == 1
+        assert read_line(sub) == b"one\n"
+        sub.send_signal(signal.SIGTERM)
+        out, err = sub.communicate(timeout=10)
+        assert (sub.returncode, out, err) == (0, b"", b"")
+        wait_until(lambda: live_subscribers(client, "events") == 0, what="the broker to forget it")
+        assert client.publish("events", b"two") == 0
+
+
+def test_a_subscribe_that_falls_behind_exits_1(
+    socket_path: str, procs: Procs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BROKERQ_SUBSCRIBER_BUFFER", str(64 * 1024))  # whoever spawns the broker
+    # Nobody reads its stdout, so once the pipe is full it stops reading publishes.
+    sub = subscriber(procs, socket_path, "events")
+    body = b"x" * 1023
+    with brokerq.connect(socket_path) as client:
+        assert client.stats()["subscriber_buffer"] == 64 * 1024
+        counts = [client.publish("events", body) for _ in range(2000)]  # 2 MiB
+        assert (counts[0], counts[-1]) == (1, 0)
+    out, err = sub.communicate(timeout=20)
+    assert sub.returncode == 1
+    lines = out.splitlines()
+    assert 0 < len(lines) < len(counts)
+    assert set(lines) == {body}
+    assert err.startswith(b"brokerq: ")
+    assert b"behind" in err
+    assert err.count(b"\n") == 1

@@ -7,6 +7,7 @@ import queue as stdlib_queue
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 from conftest import wait_until
@@ -263,3 +264,300 @@ def test_a_bounded_queue(client: brokerq.Client) -> None:
     threading.Timer(0.2, lambda: client.queue("bounded").get(timeout=5)).start()
     q.put(b"3", timeout=5)  # blocks until the timer's get makes room
     assert q.get_many(5, timeout=1) == [b"2", b"3"]
+
+
+# -- topics ----------------------------------------------------------------------------------------
+
+
+def topic_stats(client: brokerq.Client, topic: str) -> dict[str, Any]:
+    """The broker's stats of ``topic``; {} while nothing subscribes to it."""
+    topics: dict[str, dict[str, Any]] = client.stats()["topics"]
+    return topics.get(topic, {})
+
+
+def test_publish_reaches_every_subscriber_in_order(client: brokerq.Client) -> None:
+    queues = [client.queue(name) for name in ("a", "b", "c")]
+    for q in queues:
+        q.subscribe("events")
+    q.subscribe("events")  # again: nothing changes
+    assert client.publish("events", b"first") == 3
+    bodies = [b"m%d" % i for i in range(50)] + ["text é".encode()]
+    with client.subscribe("events") as one, client.subscribe("events") as two:
+        for body in bodies[:-1]:
+            assert client.publish("events", body) == 5
+        assert client.publish("events", "text é") == 5  # str is sent as UTF-8
+        assert [one.get(timeout=5) for _ in bodies] == bodies
+        assert [body for _, body in zip(bodies, two, strict=False)] == bodies  # iteration
+        for sub in (one, two):
+            with pytest.raises(brokerq.Empty):
+                sub.get(timeout=0)
+    for q in queues:
+        assert q.get_many(100, timeout=1) == [b"first", *bodies]
+    # The broker forgets the closed live subscriptions; the queues stay subscribed.
+    wait_until(lambda: topic_stats(client, "events")["live"] == 0, what="the live ones to go")
+    stats = topic_stats(client, "events")
+    assert stats["queues"] == ["a", "b", "c"]
+    assert (stats["published_total"], stats["dropped_total"]) == (1 + len(bodies), 0)
+    assert client.publish("events", b"last") == 3
+
+
+def test_a_publish_without_subscribers_goes_nowhere(client: brokerq.Client) -> None:
+    assert client.publish("nobody", b"lost") == 0
+    assert client.queues() == []
+    assert client.stats()["topics"] == {}
+    with client.subscribe("nobody") as sub, pytest.raises(brokerq.Empty):
+        sub.get(timeout=0.1)  # nothing was kept for it
+
+
+def test_publish_options_apply_to_every_copy(client: brokerq.Client) -> None:
+    q = client.queue("q")
+    q.subscribe("events")
+    client.publish("events", b"low")
+    client.publish("events", b"urgent", priority=5)
+    client.publish("events", b"brief", ttl=0.05)
+    wait_until(lambda: q.stats()["expired_total"] == 1, what="the broker to drop the ttl'd one")
+    assert q.get_many(10, timeout=0) == [b"urgent", b"low"]
+
+
+def test_a_live_subscription_sees_only_publishes_after_subscribe_returned(
+    client: brokerq.Client,
+) -> None:
+    assert client.publish("events", b"before") == 0
+    # A publisher thread runs on while the subscription starts: each publish
+    # reached it (count 1) or not (count 0), and it receives exactly those
+    # that did, a run without a gap, in order.
+    reached: list[tuple[bytes, int]] = []
+    subscribed = threading.Event()
+    stop = threading.Event()
+
+    def publish() -> None:
+        with brokerq.connect(client.socket_path) as publisher:
+            i = 0
+            while not stop.is_set():
+                body = b"p%d" % i
+                reached.append((body, publisher.publish("events", body)))
+                i += 1
+                if subscribed.is_set() and sum(n for _, n in reached) >= 20:
+                    stop.set()
+
+    thread = threading.Thread(target=publish)
+    thread.start()
+    try:
+        wait_until(lambda: len(reached) >= 5, what="some publishes before the subscription")
+        sub = client.subscribe("events")
+        published_before = len(reached)
+        subscribed.set()
+        thread.join(timeout=20)
+    finally:
+        stop.set()
+        thread.join(timeout=20)
+    assert not thread.is_alive()
+    with sub:
+        expected = [body for body, n in reached if n == 1]
+        assert all(n == 1 for _, n in reached[published_before + 1 :])  # after subscribe()
+        assert [n for _, n in reached] == sorted(n for _, n in reached)  # 0s, then 1s
+        assert [sub.get(timeout=5) for _ in expected] == expected
+        assert expected[0] != b"before"
+        with pytest.raises(brokerq.Empty):
+            sub.get(timeout=0)
+
+
+def test_a_durable_subscription_survives_a_broker_kill(socket_path: str) -> None:
+    import signal
+
+    from conftest import gone
+
+    with brokerq.connect(socket_path) as client:
+        audit = client.queue("audit")
+        audit.subscribe("events")
+        assert client.publish("events", b"before") == 1
+        assert client.publish("events", b"also before") == 1
+        assert audit.get(timeout=1) == b"before"
+        first = client.broker_pid
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: gone(first), what="the broker to die")
+        # The publish reconnects (starting a new broker), which replayed the
+        # subscription from the journal.
+        assert client.publish("events", b"after") == 1
+        assert client.broker_pid != first
+        assert audit.get_many(10, timeout=1) == [b"also before", b"after"]
+        assert topic_stats(client, "events")["queues"] == ["audit"]
+
+
+def test_a_slow_live_subscriber_raises_subscriber_overflow(
+    socket_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BROKERQ_SUBSCRIBER_BUFFER", str(64 * 1024))  # reaches the spawned broker
+    bodies = [b"%04d" % i + b"x" * 1020 for i in range(1000)]  # 1 MiB in all
+    with brokerq.connect(socket_path) as client, brokerq.connect(socket_path) as publisher:
+        assert client.stats()["subscriber_buffer"] == 64 * 1024
+        slow = client.subscribe("events")  # never read while the publishes go on
+        fast_got: list[bytes] = []
+
+        def read_fast(fast: brokerq.Subscription) -> None:
+            with fast:
+                fast_got.extend(fast.get(timeout=20) for _ in bodies)
+
+        reader = threading.Thread(target=read_fast, args=(client.subscribe("events"),))
+        reader.start()
+        # The publisher is never held up by the slow one: every publish is
+        # answered at once, and the slow subscriber stops counting once dropped.
+        counts = [publisher.publish("events", body) for body in bodies]
+        reader.join(timeout=30)
+        assert not reader.is_alive()
+        assert fast_got == bodies
+        assert counts[0] == 2
+        assert counts[-1] == 1
+        assert counts == sorted(counts, reverse=True)
+
+        # Its first read drains what the socket held; the broker then sends
+        # the rest of what it was writing, and the overflow error, and closes
+        # the connection: all of that waits unread before the next reads.
+        got = [slow.get(timeout=10)]
+        wait_until(lambda: client.stats()["connections"] == 2, what="the broker to drop it")
+        with pytest.raises(brokerq.SubscriberOverflow, match="behind"):  # noqa: PT012
+            while True:
+                got.append(slow.get(timeout=10))
+        assert 0 < len(got) < len(bodies)
+        assert got == bodies[: len(got)]  # what came before the drop, in order
+        with pytest.raises(brokerq.BrokerqError, match="closed"):
+            slow.get(timeout=0)  # dropped: nothing more comes, and it does not reconnect
+        slow.close()
+        assert topic_stats(client, "events") == {}
+
+
+def test_what_came_before_an_overflow_is_read_before_it_raises(
+    socket_path: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large publishes: when the broker drops the subscriber it is half-way
+    through sending one, which comes in the same read as the error."""
+    monkeypatch.setenv("BROKERQ_SUBSCRIBER_BUFFER", str(64 * 1024))
+    bodies = [b"%04d" % i + b"x" * (40 * 1024) for i in range(100)]  # 4 MiB in all
+    with brokerq.connect(socket_path) as client:
+        slow = client.subscribe("events")
+        counts = [client.publish("events", body) for body in bodies]
+        assert counts[0] == 1
+        assert counts[-1] == 0  # dropped, so no longer counted
+        got = [slow.get(timeout=10)]
+        wait_until(lambda: client.stats()["connections"] == 1, what="the broker to drop it")
+        with pytest.raises(brokerq.SubscriberOverflow):  # noqa: PT012
+            while True:
+                got.append(slow.get(timeout=10))
+        assert got == bodies[: len(got)]
+        assert sum(counts) >= len(got)
+        with pytest.raises(brokerq.BrokerqError, match="closed"):
+            slow.get(timeout=0)
+
+
+def test_a_live_subscription_comes_back_after_the_broker_is_killed(socket_path: str) -> None:
+    import signal
+
+    from conftest import gone
+
+    with brokerq.connect(socket_path) as client, client.subscribe("events") as sub:
+        assert client.publish("events", b"one") == 1
+        assert sub.get(timeout=5) == b"one"
+        got: list[bytes] = []
+        reader = threading.Thread(target=lambda: got.append(sub.get(timeout=20)))
+        reader.start()
+        first = client.broker_pid
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: gone(first), what="the broker to die")
+        # The waiting get reconnects by itself (starting a new broker, or
+        # finding the one this client's stats start) and subscribes again.
+        wait_until(
+            lambda: topic_stats(client, "events").get("live") == 1,
+            what="the subscription to come back",
+        )
+        assert client.broker_pid != first
+        assert client.publish("events", b"two") == 1
+        reader.join(timeout=20)
+        assert got == [b"two"]
+
+
+def test_subscription_get_timeouts(client: brokerq.Client) -> None:
+    with client.subscribe("events") as sub:
+        with pytest.raises(stdlib_queue.Empty):
+            sub.get(timeout=0)
+        start = time.monotonic()
+        with pytest.raises(brokerq.Empty):
+            sub.get(timeout=0.2)
+        assert time.monotonic() - start >= 0.19
+        with pytest.raises(brokerq.InvalidRequest):
+            sub.get(timeout=-1)
+        client.publish("events", b"x")
+        client.publish("events", b"y")
+
+        def take_nowait() -> bytes | None:
+            try:
+                return sub.get(timeout=0)  # only what has arrived
+            except brokerq.Empty:
+                return None
+
+        assert wait_until(take_nowait, what="the first publish to arrive") == b"x"
+        assert sub.get(timeout=5) == b"y"
+
+
+def test_a_closed_subscription_raises(client: brokerq.Client) -> None:
+    sub = client.subscribe("events")
+    assert "events" in repr(sub)
+    assert client.publish("events", b"unread") == 1
+    sub.close()
+    with pytest.raises(brokerq.BrokerqError, match="closed"):
+        sub.get(timeout=0)
+    with pytest.raises(brokerq.BrokerqError, match="closed"):
+        next(iter(sub))
+    sub.close()  # twice is fine
+    wait_until(lambda: topic_stats(client, "events") == {}, what="the broker to forget it")
+    assert client.publish("events", b"nobody") == 0
+    with client.subscribe("events") as again:
+        pass
+    with pytest.raises(brokerq.BrokerqError, match="closed"):
+        again.get(timeout=0)
+
+
+@pytest.mark.parametrize("topic", ["", "a:b", "tab\there", "x" * 256])
+def test_an_invalid_topic_raises_invalid_request(client: brokerq.Client, topic: str) -> None:
+    with pytest.raises(brokerq.InvalidRequest):
+        client.publish(topic, b"x")
+    with pytest.raises(brokerq.InvalidRequest):
+        client.subscribe(topic)
+    with pytest.raises(brokerq.InvalidRequest):
+        client.queue("q").subscribe(topic)
+    with pytest.raises(brokerq.InvalidRequest):
+        client.queue("q").unsubscribe(topic)
+    with pytest.raises(brokerq.InvalidRequest):
+        client.queue("q").subscribe(topic)
+    with pytest.raises(ValueError, match="topic name"):  # InvalidRequest is one
+        client.publish(topic, b"x")
+    with pytest.raises(brokerq.InvalidRequest):
+        client.queue("q:dead").subscribe("events")  # a queue to put to
+    assert client.stats()["topics"] == {}
+    assert client.publish("fine", b"x") == 0
+
+
+def test_a_publish_over_the_size_limit_raises_message_too_large() -> None:
+    with private_broker(max_message_size=100) as client:
+        q = client.queue("q")
+        q.subscribe("events")
+        with pytest.raises(brokerq.MessageTooLarge):
+            client.publish("events", b"x" * 101)
+        with pytest.raises(TypeError):
+            client.publish("events", 12)  # type: ignore[arg-type]
+        assert q.stats()["ready"] == 0
+        assert client.publish("events", b"x" * 100) == 1
+        assert q.get(timeout=1) == b"x" * 100
+
+
+def test_unsubscribe(client: brokerq.Client) -> None:
+    q = client.queue("audit")
+    assert q.unsubscribe("events") is False  # none
+    q.subscribe("events")
+    assert client.publish("events", b"kept") == 1
+    assert q.unsubscribe("events") is True
+    assert q.unsubscribe("events") is False
+    assert client.publish("events", b"not copied") == 0
+    assert q.get_many(10, timeout=0) == [b"kept"]  # copies made before it stay
+    q.subscribe("events")
+    assert q.delete() == 0  # deleting the queue ends its subscriptions
+    assert client.publish("events", b"gone") == 0

@@ -765,6 +765,8 @@ class AsyncSubscription:
         self._bodies: deque[bytes] = deque()
         self._conn: AsyncConnection | None = None
         self._closed = False
+        #: Why the broker dropped it: raised once the bodies that came before are read.
+        self._error: BrokerqError | None = None
 
     def __repr__(self) -> str:
         return f"<brokerq.AsyncSubscription {self.topic!r} at {self.client.socket_path!r}>"
@@ -832,13 +834,22 @@ class AsyncSubscription:
         protocol.validate_timeout(timeout)
         deadline = None if timeout is None else anyio.current_time() + timeout
         while not self._bodies:
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
             if self._closed:
                 raise calls.closed_client()
             conn = self._conn
             if conn is None:
                 await self._subscribe()
                 continue
-            self._take(conn)  # frames already received
+            try:
+                self._take(conn)  # frames already received
+            except BrokerqError as exc:
+                self._error = exc  # dropped: first the publishes that came before
+                self._conn = None
+                await conn.aclose()
+                continue
             if self._bodies:
                 break
             # A read that finds data waiting returns at once, so a floor of

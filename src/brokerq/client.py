@@ -525,6 +525,8 @@ class Subscription:
         self._bodies: deque[bytes] = deque()
         self._conn: Connection | None = None
         self._closed = False
+        #: Why the broker dropped it: raised once the bodies that came before are read.
+        self._error: BrokerqError | None = None
         self._subscribe()
 
     def __repr__(self) -> str:
@@ -585,13 +587,20 @@ class Subscription:
         protocol.validate_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         while not self._bodies:
+            if self._error is not None:
+                error, self._error = self._error, None
+                raise error
             if self._closed:
                 raise calls.closed_client()
             conn = self._conn
             if conn is None:
                 self._subscribe()
                 continue
-            self._next_reply(conn)  # frames already received
+            try:
+                self._next_reply(conn)  # frames already received
+            except BrokerqError as exc:
+                self._error = exc  # dropped: first the publishes that came before
+                continue
             if self._bodies:
                 break
             left = None if deadline is None else max(0.0, deadline - time.monotonic())

@@ -157,15 +157,17 @@ class LiveFeed:
         self.overflowed = False
         self.wakeup = trio.Event()
 
-    def push(self, event: Event) -> None:
+    def push(self, event: Event) -> bool:
+        """Queue ``event``; False if it was discarded (the feed overflowed)."""
         if self.overflowed:
-            return
+            return False
         start = len(self.pending)
         protocol.append_frame(self.pending, event)
         if start and len(self.pending) > self.limit:
             self.pending.clear()
             self.overflowed = True
         self.wakeup.set()
+        return not self.overflowed
 
 
 class Connection:
@@ -406,12 +408,13 @@ class Connection:
                     topic, body, now, key, priority=priority, ttl=ttl
                 )
                 wake_all(woken)
+                sent = 0
                 for subscriber in live:
                     assert isinstance(subscriber, Connection)
-                    subscriber.send_event(topic, body)
+                    sent += subscriber.send_event(topic, body)
                 if copies:
                     self._needs_sync()
-                return PublishReply(id=rid, copies=copies, live=len(live))
+                return PublishReply(id=rid, copies=copies, live=sent)
             case Subscribe(id=rid, topic=topic, queue=str(queue)):
                 core.subscribe(topic, queue)
                 self._needs_sync()
@@ -438,10 +441,19 @@ class Connection:
 
     # -- live subscriptions --------------------------------------------------
 
-    def send_event(self, topic: str, body: bytes) -> None:
-        """Queue a publish for this live subscriber (called by the publisher's task)."""
+    def send_event(self, topic: str, body: bytes) -> bool:
+        """Queue a publish for this live subscriber (called by the publisher's task).
+
+        False if it overflowed: its live subscriptions end here and now (so
+        no later publish counts it), though its writer task may still be
+        blocked sending what the subscriber has not read yet.
+        """
         assert self.feed is not None
-        self.feed.push(Event(id=self.live_topics[topic], topic=topic, body=body))
+        if self.feed.push(Event(id=self.live_topics[topic], topic=topic, body=body)):
+            return True
+        self.core.unwatch_all(self)
+        self.live_topics.clear()
+        return False
 
     def _start_feed(self) -> None:
         if self.feed is None:
