@@ -94,7 +94,7 @@ if TYPE_CHECKING:
 RECEIVE_SIZE: Final = 256 * 1024
 _BLOCK: Final = object()
 #: How long a dropped subscriber gets to take its ``overflow`` error.
-OVERFLOW_GRACE_SECONDS: Final = 5.0
+OVERFLOW_GRACE_SECONDS: Final = 30.0
 
 
 class PeerGone(Exception):
