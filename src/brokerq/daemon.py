@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 import click
 
 from . import protocol
+from .activation import inherited_listener
 from .core import BrokerCore
 from .errors import BrokerqError
 from .journal import Journal, journal_path
@@ -191,8 +192,11 @@ def run(
     path = resolve_socket_path(socket)
     try:
         check_socket_path(path)
+        activated = inherited_listener(path)  # before a fork changes our pid
     except BrokerqError as exc:
         return _fail(str(exc))
+    if activated is not None and daemon:
+        return _fail("--daemon cannot be used with a socket passed by systemd")
     if daemon:
         _daemonize()
     fd = _hold_lock(path, lock_fd)
@@ -213,7 +217,7 @@ def run(
             log.error("cannot open the journal: %s", exc)
             return _fail(f"cannot open the journal: {exc}")
     try:
-        listener = publish_socket(path)
+        listener = activated or publish_socket(path)
     except (OSError, BrokerqError) as exc:
         log.error("cannot listen on %s: %s", path, exc)
         return _fail(f"cannot listen on {path}: {exc}")
@@ -237,6 +241,7 @@ def run(
         max_deliveries=max_deliveries,
         lease=lease,
         subscriber_buffer=subscriber_buffer,
+        activated=activated is not None,
     )
     broker = Broker(config, core, opened)
     trio.run(broker.serve, listener)

@@ -63,6 +63,8 @@ class BrokerConfig:
     max_deliveries: int = 20
     lease: float = 30.0
     subscriber_buffer: int = protocol.DEFAULT_SUBSCRIBER_BUFFER
+    #: The listener came from systemd (activation.py): the socket file is not ours.
+    activated: bool = False
 
 
 class Broker:
@@ -198,6 +200,8 @@ class Broker:
 
     def _unpublish(self) -> None:
         """Unlink the socket path, if it is still ours (we hold the lock)."""
+        if self.config.activated:
+            return  # systemd's socket: it stays, and starts the next broker
         path = self.config.socket_path
         if getattr(self, "_socket_identity", None) and file_identity(path) == self._socket_identity:
             with contextlib.suppress(FileNotFoundError):
@@ -230,6 +234,9 @@ class Broker:
     async def _try_idle_exit(self) -> None:
         """Unlink, drain the backlog briefly, then exit, or publish again."""
         log.info("idle for %.1f s: exiting", self._idle_for())
+        if self.config.activated:  # systemd starts the next one on the next connection
+            self.request_stop("idle exit")
+            return
         self._unpublish()
         accepted = self.accepted_total
         await trio.sleep(DRAIN_SECONDS)
@@ -295,6 +302,7 @@ class Broker:
             "fsync": None if journal is None else journal.fsync,
             "fsync_skipped_on_tmpfs": journal is not None and journal.in_memory,
             "subscriber_buffer": self.config.subscriber_buffer,
+            "socket_activated": self.config.activated,
             **self.core.totals(),
             "topics": self.core.topics.stats(),
         }

@@ -1,0 +1,66 @@
+"""systemd socket activation: serve a listening socket handed to the broker.
+
+Under a systemd socket unit (``docs/systemd.md``) the service manager binds
+the socket itself and starts ``local-queue-broker`` on the first connection,
+passing the listener as file descriptor 3 with ``LISTEN_FDS=1`` and
+``LISTEN_PID`` set to the broker's pid (the ``sd_listen_fds`` protocol; no
+libsystemd needed). The broker still takes ``<socket>.lock``, so it refuses
+to run beside a self-spawned broker, and clients keep their one rule: the
+lock holder is the broker.
+
+What changes for an activated broker: it never binds, renames or unlinks
+the socket (systemd owns the file), and on idle exit it simply exits, since
+systemd starts it again when the next client connects.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+from .errors import BrokerqError
+
+#: The first inherited descriptor (``SD_LISTEN_FDS_START``).
+LISTEN_FDS_START = 3
+_ENVIRONMENT = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+
+
+class ActivationError(BrokerqError):
+    """The sockets systemd passed cannot be served (a clear start-up error)."""
+
+
+def inherited_listener(socket_path: str) -> socket.socket | None:
+    """The listener systemd passed for ``socket_path``, or None if none was.
+
+    Raises ActivationError if sockets were passed but are not one listening
+    Unix stream socket bound to ``socket_path``. The ``LISTEN_*`` variables
+    are removed either way, so no child of the broker takes them for its own.
+    """
+    pid, count = os.environ.get("LISTEN_PID"), os.environ.get("LISTEN_FDS")
+    for name in _ENVIRONMENT:
+        os.environ.pop(name, None)
+    if pid is None or count is None or pid != str(os.getpid()):
+        return None
+    if count != "1":
+        raise ActivationError(f"systemd passed {count} sockets; brokerq serves exactly one")
+    sock = socket.socket(fileno=LISTEN_FDS_START)
+    try:
+        _check(sock, socket_path)
+    except BaseException:
+        sock.detach()  # not ours to close: leave the descriptor as systemd gave it
+        raise
+    sock.set_inheritable(False)
+    return sock
+
+
+def _check(sock: socket.socket, socket_path: str) -> None:
+    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+        raise ActivationError("the socket systemd passed is not a Unix stream socket")
+    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+        raise ActivationError("the socket systemd passed is not listening")
+    bound = sock.getsockname()
+    if not isinstance(bound, str) or os.path.realpath(bound) != os.path.realpath(socket_path):
+        raise ActivationError(
+            f"the socket systemd passed is bound to {bound!r}, not to {socket_path!r} "
+            "(give local-queue-broker the path of the unit's ListenStream=)"
+        )
