@@ -77,7 +77,8 @@ from anyio.abc import UNIXSocketStream
 
 from . import calls, protocol
 from .calls import Body, Call, ConnectionLost
-from .errors import BrokerqError, BrokerUnavailable, Empty, Full, LeaseLost
+from .client import retire_older_broker
+from .errors import BrokerqError, BrokerUnavailable, Empty, Full, LeaseLost, VersionMismatch
 from .protocol import GetManyReply, HelloReply, ReserveReply
 from .spawn import broker_running, connect_or_spawn, resolve_socket_path
 
@@ -167,6 +168,15 @@ class AsyncConnection:
                 await conn.aclose()
                 if time.monotonic() >= deadline:
                     raise
+            except VersionMismatch as exc:
+                await conn.aclose()
+                older = calls.older_broker(exc)
+                if older is None:
+                    raise calls.newer_broker(socket_path, exc) from None
+                if not spawn:
+                    raise  # stop() retires it without starting a new one
+                # An upgrade: retire the older broker (as the blocking client does).
+                await anyio.to_thread.run_sync(retire_older_broker, socket_path, older, deadline)
             except BaseException:
                 await conn.aclose()
                 raise
@@ -453,6 +463,13 @@ class AsyncClient:
             raise calls.closed_client()
         try:
             conn = await AsyncConnection.open(self.socket_path, self.timeout, spawn=False)
+        except VersionMismatch as exc:
+            older = calls.older_broker(exc)
+            if older is None:
+                raise
+            deadline = time.monotonic() + self.timeout
+            await anyio.to_thread.run_sync(retire_older_broker, self.socket_path, older, deadline)
+            return True
         except BrokerUnavailable:
             if broker_running(self.socket_path):
                 raise  # it holds its lock but does not answer: say so

@@ -28,6 +28,7 @@ from .errors import (
     LocalProtocolError,
     MessageTooLarge,
     RemoteProtocolError,
+    VersionMismatch,
     from_code,
 )
 
@@ -314,6 +315,34 @@ def hello() -> Call[protocol.HelloReply]:
     return Call(protocol.HelloReply, protocol.Hello, 0, {"version": protocol.PROTOCOL_VERSION})
 
 
+def older_broker(exc: VersionMismatch) -> int | None:
+    """The version of a broker older than this client, which the client may
+    retire (:func:`retirement`); None if the broker is newer or did not say."""
+    theirs = exc.broker_version
+    return theirs if theirs is not None and theirs < protocol.PROTOCOL_VERSION else None
+
+
+def retirement(version: int) -> bytes:
+    """What asks a broker of an older protocol ``version`` to exit: ``hello``
+    in its version, then ``stop``. Every version keeps these two requests'
+    shape (docs/protocol.md, "Versioning rules"), for exactly this."""
+    out = bytearray()
+    protocol.append_frame(out, protocol.Hello(id=1, version=version, client="brokerq upgrade"))
+    protocol.append_frame(out, protocol.Stop(id=2))
+    return bytes(out)
+
+
+def newer_broker(socket_path: str, exc: VersionMismatch) -> VersionMismatch:
+    """The error for a broker that speaks a version this client does not know."""
+    if exc.broker_version is None:
+        return exc
+    return VersionMismatch(
+        f"the broker at {socket_path} speaks protocol {exc.broker_version}, this client "
+        f"speaks {protocol.PROTOCOL_VERSION}: upgrade brokerq here, or stop that broker",
+        exc.broker_version,
+    )
+
+
 # -- put keys ----------------------------------------------------------------
 
 
@@ -431,6 +460,8 @@ class Wire:
         if isinstance(reply, protocol.Error):
             if reply.code in CLOSING_CODES:
                 close()  # the broker closes these connections
+            if reply.code == "version":
+                raise VersionMismatch(reply.message, reply.version)
             raise from_code(reply.code, reply.message)
         if not isinstance(reply, expect):
             close()

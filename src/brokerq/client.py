@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 
 from . import calls, protocol
 from .calls import Body, Call, ConnectionLost
-from .errors import BrokerqError, BrokerUnavailable, Empty, RemoteProtocolError
+from .errors import BrokerqError, BrokerUnavailable, Empty, RemoteProtocolError, VersionMismatch
 from .spawn import broker_running, connect_or_spawn, resolve_socket_path
 
 __all__ = [
@@ -67,6 +67,16 @@ class Connection:
                 # connect again, which finds or starts the next one.
                 if time.monotonic() >= deadline:
                     raise
+            except VersionMismatch as exc:
+                self.close()
+                older = calls.older_broker(exc)
+                if older is None:
+                    raise calls.newer_broker(socket_path, exc) from None
+                if not spawn:
+                    raise  # stop() retires it without starting a new one
+                # An upgrade: the broker still running is older than this
+                # client. Ask it to finish and exit; the next one is ours.
+                retire_older_broker(socket_path, older, deadline)
             except BaseException:
                 self.close()
                 raise
@@ -109,6 +119,26 @@ class Connection:
             if reply is not None:
                 return reply
             self.wire.feed(self.sock.recv(calls.RECEIVE_SIZE))
+
+
+def retire_older_broker(socket_path: str, version: int, deadline: float) -> None:
+    """Ask the broker at ``socket_path``, which speaks the older protocol
+    ``version``, to stop (it answers its clients, syncs its journal and
+    exits), and wait until it holds its lock no more."""
+    start = time.monotonic()
+    try:
+        sock = connect_or_spawn(socket_path, deadline, spawn=False)
+    except OSError as exc:
+        raise calls.unreachable(socket_path, exc) from exc
+    with sock, contextlib.suppress(OSError):
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        sock.sendall(calls.retirement(version))
+        while sock.recv(calls.RECEIVE_SIZE):
+            pass  # its replies, then the end of the connection as it stops
+    while broker_running(socket_path):
+        if time.monotonic() > deadline:
+            raise calls.not_stopped(socket_path, deadline - start)
+        time.sleep(0.005)
 
 
 class Client:
@@ -272,6 +302,12 @@ class Client:
         """
         try:
             conn = self.connection(spawn=False)
+        except VersionMismatch as exc:
+            older = calls.older_broker(exc)
+            if older is None:
+                raise
+            retire_older_broker(self.socket_path, older, time.monotonic() + self.timeout)
+            return True
         except BrokerUnavailable:
             if broker_running(self.socket_path):
                 raise  # it holds its lock but does not answer: say so

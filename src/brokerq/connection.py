@@ -289,12 +289,13 @@ class Connection:
             self._reply_error(request.id, "bad_request", "the first request must be hello")
             return False
         if request.version != PROTOCOL_VERSION:
-            self._reply_error(
-                request.id,
-                "version",
+            message = (
                 f"client speaks protocol {request.version}, "
-                f"this broker speaks {PROTOCOL_VERSION} (brokerq {__version__})",
+                f"this broker speaks {PROTOCOL_VERSION} (brokerq {__version__})"
             )
+            self.broker.log.warning("refused a client: %s", message)
+            error = Error(id=request.id, code="version", message=message, version=PROTOCOL_VERSION)
+            protocol.append_frame(self.out, error)
             return False
         self.greeted = True
         self.reader.max_frame_size = self.broker.max_frame_size

@@ -82,9 +82,19 @@ class RemoteProtocolError(ProtocolError):
 
 
 class VersionMismatch(ProtocolError):
-    """The broker speaks another protocol version than this client."""
+    """The broker speaks another protocol version than this client.
+
+    ``broker_version`` is the version the broker said it speaks (None if it
+    did not say). A client that finds an *older* broker retires it and
+    starts its own (see docs/protocol.md, "Versioning rules"); a newer
+    broker is left alone and this error is raised.
+    """
 
     code = "version"
+
+    def __init__(self, message: str, broker_version: int | None = None) -> None:
+        super().__init__(message)
+        self.broker_version = broker_version
 
 
 class LeaseLost(BrokerqError):

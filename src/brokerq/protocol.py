@@ -363,6 +363,7 @@ class StopReply(Reply, frozen=True, tag="stop"):
 class Error(Reply, frozen=True, tag="error"):
     code: str
     message: str
+    version: int | None = None  # with code "version": the protocol the broker speaks
 
 
 AnyReply: TypeAlias = (
