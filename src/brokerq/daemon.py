@@ -199,7 +199,10 @@ def run(
         return _fail("--daemon cannot be used with a socket passed by systemd")
     if daemon:
         _daemonize()
-    fd = _hold_lock(path, lock_fd)
+    try:
+        fd = _hold_lock(path, lock_fd)
+    except OSError as exc:  # a symlink planted at the lock path, say (O_NOFOLLOW)
+        return _fail(f"cannot open the lock file: {exc}")
     if fd is None:
         holder = lock_holder_pid(path)
         who = f"pid {holder}" if holder else "starting up"

@@ -50,6 +50,8 @@ _READY_PREFIX = b"READY "
 
 
 def _is_private_dir(path: str) -> bool:
+    """A real directory (``lstat``: not a symlink) of the effective uid,
+    with no permissions for group or others."""
     try:
         st = os.lstat(path)
     except OSError:
@@ -57,12 +59,28 @@ def _is_private_dir(path: str) -> bool:
     return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
 
 
-def default_socket_path() -> str:
-    """``$XDG_RUNTIME_DIR/brokerq/broker.sock`` if that directory is the
-    user's own (mode 0700) and the path fits, else ``/tmp/brokerq-<uid>/broker.sock``."""
+def _trusted_runtime_dir() -> str | None:
+    """``$XDG_RUNTIME_DIR`` if it can be trusted, else None.
+
+    Trusted means an absolute path (the XDG spec says to ignore a relative
+    one, which would name a different directory in every working directory)
+    naming a private directory (:func:`_is_private_dir`). After ``sudo`` or
+    ``su`` the variable may still name the first user's directory: not ours,
+    so not used.
+    """
     runtime = os.environ.get("XDG_RUNTIME_DIR", "")
-    if runtime and _is_private_dir(runtime):
-        path = os.path.join(runtime, "brokerq", "broker.sock")
+    if not os.path.isabs(runtime) or not _is_private_dir(runtime):
+        return None
+    return runtime
+
+
+def default_socket_path() -> str:
+    """``$XDG_RUNTIME_DIR/brokerq/broker.sock`` if that directory is trusted
+    (:func:`_trusted_runtime_dir`) and the path fits a socket address, else
+    ``/tmp/brokerq-<euid>/broker.sock``."""
+    runtime = _trusted_runtime_dir()
+    if runtime is not None:
+        path = os.path.abspath(os.path.join(runtime, "brokerq", "broker.sock"))
         if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
             return path
     return f"/tmp/brokerq-{os.geteuid()}/broker.sock"
@@ -101,8 +119,14 @@ def ensure_socket_dir(socket_path: str) -> None:
     the attack (squatting in /tmp) this guards against.
     """
     directory = os.path.dirname(socket_path)
-    with contextlib.suppress(FileExistsError):
+    try:
         os.mkdir(directory, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:  # a missing parent, say: only the last component is made
+        raise PermissionDenied(
+            f"cannot create the socket directory {directory}: {exc.strerror}"
+        ) from exc
     try:
         st = os.lstat(directory)
     except OSError as exc:
