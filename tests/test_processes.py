@@ -181,7 +181,7 @@ with brokerq.connect(path, timeout=30) as client:
 HERD_SIZE = 40
 
 
-def test_thundering_herd_starts_one_broker(
+def test_s01_thundering_herd_starts_one_broker(
     socket_path: str, sock_dir: str, procs: Callable[..., subprocess.Popen[bytes]]
 ) -> None:
     ready_r, ready_w = os.pipe()
@@ -231,7 +231,7 @@ def test_thundering_herd_starts_one_broker(
 
 
 @pytest.mark.parametrize("kind", ["stale_socket", "regular_file"])
-def test_stale_file_at_the_path_is_replaced(socket_path: str, sock_dir: str, kind: str) -> None:
+def test_s03_stale_file_at_the_path_is_replaced(socket_path: str, sock_dir: str, kind: str) -> None:
     if kind == "stale_socket":
         stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         stale.bind(socket_path)  # bound, never listening
@@ -346,7 +346,9 @@ def test_racing_brokers_started_by_hand(
 # -- 6. daemon hygiene -------------------------------------------------------------------
 
 
-def test_spawned_broker_does_not_hold_the_callers_pipes(socket_path: str, sock_dir: str) -> None:
+def test_s11_spawned_broker_does_not_hold_the_callers_pipes(
+    socket_path: str, sock_dir: str
+) -> None:
     done = subprocess.run(
         [BROKERQ, "--socket", socket_path, "put", "q", "x"],
         capture_output=True,

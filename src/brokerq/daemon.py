@@ -30,6 +30,7 @@ from .activation import inherited_listener
 from .core import BrokerCore
 from .errors import BrokerqError
 from .journal import Journal, journal_path
+from .pause import pause
 from .spawn import (
     check_socket_path,
     lock_holder_pid,
@@ -207,6 +208,7 @@ def run(
         holder = lock_holder_pid(path)
         who = f"pid {holder}" if holder else "starting up"
         return _fail(f"another broker ({who}) already serves {path}")
+    pause("broker.locked")
     _setup_logging(path, daemon, log_level)
     log = logging.getLogger("brokerq.broker")
     core = BrokerCore(
@@ -225,6 +227,7 @@ def run(
         log.error("cannot listen on %s: %s", path, exc)
         return _fail(f"cannot listen on {path}: {exc}")
     log.info("serving %s (pid %d)", path, os.getpid())
+    pause("broker.before_ready")
     if ready_fd is not None:
         with contextlib.suppress(OSError):
             os.write(ready_fd, f"READY {os.getpid()}\n".encode())

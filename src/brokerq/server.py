@@ -35,6 +35,7 @@ from .connection import Connection, PeerGone, wake, wake_all
 from .core import BrokerCore
 from .errors import PermissionDenied
 from .journal import Journal, JournalFailed
+from .pause import pause
 from .protocol import PROTOCOL_VERSION, Error
 from .spawn import check_peer, file_identity, lock_path, publish_socket
 
@@ -237,7 +238,9 @@ class Broker:
         if self.config.activated:  # systemd starts the next one on the next connection
             self.request_stop("idle exit")
             return
+        pause("broker.idle_exit")
         self._unpublish()
+        pause("broker.idle_unlinked")
         accepted = self.accepted_total
         await trio.sleep(DRAIN_SECONDS)
         if self.accepted_total == accepted and self._idle_for() >= self.config.idle_exit:

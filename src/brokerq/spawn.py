@@ -34,9 +34,11 @@ import struct
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 from .errors import BrokerUnavailable, InvalidRequest, PermissionDenied
+from .pause import pause
 
 #: Python accepts at most 107 bytes for an AF_UNIX path on Linux (sun_path is
 #: 108 with the NUL); BSD and macOS allow 103.
@@ -275,14 +277,19 @@ def connect_or_spawn(socket_path: str, deadline: float, *, spawn: bool = True) -
         remaining = deadline - time.monotonic()
         sock = _try_connect(socket_path, remaining)
         if sock is not None:
+            pause("client.connected")
             return sock
+        pause("client.connect_failed")
         if not spawn and not broker_running(socket_path):
             raise BrokerUnavailable(f"no broker is running at {socket_path}")
         if spawn:
             fd = take_spawn_lock(socket_path)
-            if fd is not None:
+            if fd is None:
+                pause("client.lock_busy")
+            else:
                 # No broker exists, so whatever is at the path is stale.
                 # Only now, holding the lock, may it be replaced.
+                pause("client.locked")
                 try:
                     spawn_broker(socket_path, fd, deadline)
                 finally:
@@ -348,6 +355,7 @@ def spawn_broker(socket_path: str, lock_fd: int, deadline: float) -> int:
             )
         except OSError as exc:
             raise BrokerUnavailable(f"cannot start {command[0]}: {exc}") from exc
+        pause("client.spawned")
         os.close(ready_w)
         ready_w = -1
         try:
@@ -402,6 +410,21 @@ def _log_tail(socket_path: str) -> str:
 
 # -- the broker's side: publishing the socket ------------------------------
 
+#: The listening sockets this process published. A child forked without exec
+#: (a helper, multiprocessing's fork method) closes them at once: holding one
+#: after the broker died, it would let clients connect into a dead backlog
+#: and wait there for ever, instead of being refused and spawning a new
+#: broker. (The lock fd gets the same treatment in ``daemon._hold_lock``.)
+_LISTENERS: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+
+
+def _close_listeners_in_child() -> None:
+    for sock in list(_LISTENERS):
+        sock.close()
+
+
+os.register_at_fork(after_in_child=_close_listeners_in_child)
+
 
 def publish_socket(socket_path: str, backlog: int = 128) -> socket.socket:
     """Bind a temporary name, listen, then rename it over ``socket_path``.
@@ -424,7 +447,9 @@ def publish_socket(socket_path: str, backlog: int = 128) -> socket.socket:
             sock.bind(_bindable(directory, temp_name, dir_fd))
         finally:
             os.umask(old_umask)
+        pause("broker.bound")
         sock.listen(backlog)
+        pause("broker.listening")
         os.rename(temp_name, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         sock.close()
@@ -433,6 +458,7 @@ def publish_socket(socket_path: str, backlog: int = 128) -> socket.socket:
         raise
     finally:
         os.close(dir_fd)
+    _LISTENERS.add(sock)
     return sock
 
 
