@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 
 from .client import Client, Message, Queue, Subscription, connect
 from .errors import (
+    BrokerBusy,
     BrokerqError,
     BrokerUnavailable,
     Empty,
@@ -66,6 +67,7 @@ __all__ = [
     "AsyncMessage",
     "AsyncQueue",
     "AsyncSubscription",
+    "BrokerBusy",
     "BrokerUnavailable",
     "BrokerqError",
     "Client",

@@ -41,7 +41,9 @@ KeySource = Callable[[int], list[bytes]]
 PER_BODY = 32
 RECEIVE_SIZE = 256 * 1024
 #: Error codes after which the broker closes the connection (docs/protocol.md).
-CLOSING_CODES = frozenset({"bad_frame", "version", "permission", "shutting_down", "overflow"})
+CLOSING_CODES = frozenset(
+    {"bad_frame", "version", "permission", "shutting_down", "overflow", "busy"}
+)
 
 
 class ConnectionLost(BrokerUnavailable):

@@ -14,6 +14,15 @@ that pipelines pays one syscall per batch, not per request.
   waits on its event, its deadline and the connection's end at once: a
   client that disconnects leaves the line at once.
 * When the connection ends, every lease it holds is released.
+* Limits (:mod:`brokerq.limits`): at most ``max_pipelined`` requests (or
+  :data:`~brokerq.limits.REPLY_BUFFER` bytes of replies) are answered before
+  their replies are written, and nothing more is read until they are, so a
+  client that sends without reading is held up by its own socket. A
+  client has ``frame_timeout`` seconds, waited in all, to send the rest of
+  a frame it began (and a new connection its ``hello``), else the
+  connection is closed (``bad_frame``); time the broker spends on anything
+  else, such as writing replies the client does not read, is not counted.
+  A connection idle between frames is never timed out.
 * A connection that subscribes to a topic live gets a :class:`LiveFeed`: the
   publishers' tasks append ``event`` frames to it and a writer task of its
   own sends them, sharing the stream with the replies under a lock. A feed
@@ -32,7 +41,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from . import __version__, protocol
+from . import __version__, limits, protocol
 from .errors import BrokerqError, InvalidRequest, QueueFull, RemoteProtocolError
 from .journal import JournalFailed
 from .protocol import (
@@ -95,6 +104,8 @@ RECEIVE_SIZE: Final = 256 * 1024
 _BLOCK: Final = object()
 #: How long a dropped subscriber gets to take its ``overflow`` error.
 OVERFLOW_GRACE_SECONDS: Final = 30.0
+#: How long a connection cut for a frame timeout gets to take its error.
+TIMEOUT_GRACE_SECONDS: Final = 1.0
 
 
 class PeerGone(Exception):
@@ -187,6 +198,11 @@ class Connection:
         self.live_topics: dict[str, int] = {}  # topic -> id of its subscribe request
         self.send_lock = trio.Lock()  # replies and the feed's writer share the stream
         self.feed_scope = trio.CancelScope()
+        self.unsent = 0  # requests answered since the replies were last written
+        # Seconds waited for the rest of the frame buffered now (or for the
+        # hello), and whether a frame was taken since they were counted.
+        self.waited = 0.0
+        self.frame_taken = False
 
     async def run(self) -> None:
         try:
@@ -196,7 +212,7 @@ class Connection:
                 if self.broker.closing:
                     return
                 self.idle = True
-                data = await self._receive()
+                data = await self._receive_in_time()
                 self.idle = False
                 if not data:
                     return
@@ -213,23 +229,68 @@ class Connection:
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return b""
 
+    async def _receive_in_time(self) -> bytes | bytearray:
+        """:meth:`_receive`; but close the connection once it has been waited
+        on for ``frame_timeout`` in all for the rest of a frame (or for the hello).
+
+        Only the time spent here counts: a frame's first bytes arrived with
+        the latest receive that took a frame (or later), so its count starts
+        again then; one that gets no further is cut after ``frame_timeout``.
+        """
+        timeout = self.broker.config.frame_timeout
+        if self.frame_taken or (self.greeted and not self.reader.buffered):
+            self.waited, self.frame_taken = 0.0, False
+        if timeout <= 0 or math.isinf(timeout) or (self.greeted and not self.reader.buffered):
+            return await self._receive()
+        start = trio.current_time()
+        with trio.move_on_after(timeout - self.waited):
+            try:
+                return await self._receive()
+            finally:
+                self.waited += trio.current_time() - start
+        self.idle = False
+        if not self.greeted:
+            message = f"no hello within {timeout:g} s of connecting"
+        else:
+            message = f"a frame begun was not complete within {timeout:g} s"
+        self.broker.log.debug("closed a connection: %s", message)
+        self._reply_error(0, "bad_frame", message)
+        with trio.move_on_after(TIMEOUT_GRACE_SECONDS):
+            await self._flush()
+        raise PeerGone
+
     async def _handle_buffered(self) -> None:
-        """Answer every complete request already received."""
+        """Answer every complete request already received.
+
+        The replies are written every ``max_pipelined`` requests, or once
+        they pass :data:`~brokerq.limits.REPLY_BUFFER` bytes: a client that
+        does not read them holds this loop up, not the broker's memory.
+        """
+        max_pipelined = self.broker.config.max_pipelined
         while True:
             try:
                 payload = self.reader.next_frame()
                 if payload is None:
                     return
+                self.frame_taken = True
                 request = protocol.decode_request(payload)
             except InvalidRequestFrame as exc:
                 self._reply_error(exc.request_id, "bad_request", str(exc))
                 if not self.greeted:
                     await self._close_with_error()
+                await self._count_reply(max_pipelined)
                 continue
             except RemoteProtocolError as exc:
                 self._reply_error(0, "bad_frame", str(exc))
                 await self._close_with_error()
             await self._handle(request)
+            await self._count_reply(max_pipelined)
+
+    async def _count_reply(self, max_pipelined: int) -> None:
+        """One more request answered: write the replies if they reach a limit."""
+        self.unsent += 1
+        if self.unsent >= max_pipelined or len(self.out) >= limits.REPLY_BUFFER:
+            await self._flush()
 
     async def _close_with_error(self) -> None:
         await self._flush()
@@ -252,8 +313,12 @@ class Connection:
             await self._flush()
         try:
             reply = self._dispatch(request)
-            if reply is _BLOCK:
+            while reply is _BLOCK and self.out:
+                # Write the replies before waiting; other connections run
+                # meanwhile, so look again: a message (or room) may be there now.
                 await self._flush()
+                reply = self._dispatch(request)
+            if reply is _BLOCK:
                 if isinstance(request, Put | PutMany):
                     reply = await self._wait_for_room(request)
                 else:
@@ -607,6 +672,7 @@ class Connection:
             raise
 
     async def _flush(self) -> None:
+        self.unsent = 0
         if not self.out:
             return
         if self.sync_to:

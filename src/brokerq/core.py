@@ -83,11 +83,18 @@ class BrokerCore:
         max_deliveries: int = 20,
         default_lease: float = 30.0,
         write: Callable[[AnyRecord], None] | None = None,
+        max_queue_bytes: int = 0,
+        max_total_bytes: int = 0,
     ) -> None:
         self.max_message_size = max_message_size
         self.max_deliveries = max_deliveries
         self.default_lease = default_lease
         self.write = write
+        #: The max_bytes of a queue without one of its own (0: unlimited).
+        self.max_queue_bytes = max_queue_bytes
+        #: The most ``live_bytes`` held over every queue (0: unlimited); a put over it is Full.
+        self.max_total_bytes = max_total_bytes
+        #: What every message held takes: its body and LIVE_OVERHEAD.
         self.live_bytes = 0
         self._queues: dict[str, QueueState] = {}
         self._next_id = 1
@@ -197,8 +204,10 @@ class BrokerCore:
         ready_now = delay == 0 and not q.ready
         waiters = list(itertools.islice(q.waiters, len(new))) if ready_now else []
         handoffs = list(zip([n[0] for n in new], waiters, strict=False))
-        if q.maxsize or q.max_bytes:
-            taken = sum(1 for _, w in handoffs if w.lease is None)  # they need no room
+        taken = sum(1 for _, w in handoffs if w.lease is None)  # they need no room
+        if self.max_total_bytes:
+            self._check_total(new[taken:])
+        if q.maxsize or self._max_bytes(q):
             self._check_room(q, new[taken:], admitting)
         until = now + delay
         expires_at = math.inf if ttl is None else now + ttl
@@ -235,30 +244,51 @@ class BrokerCore:
                 q.ready.append(msg)
         return ids, waiters
 
+    def _max_bytes(self, q: QueueState) -> int:
+        """The body bytes ``q`` may hold: its own max_bytes, else the broker's default."""
+        return q.max_bytes or self.max_queue_bytes
+
+    def _check_total(self, new: list[tuple[int, bytes, bytes | None]]) -> None:
+        """Raise Full (not QueueFull: it does not wait) if ``new`` would take
+        what the broker holds (``live_bytes``) past ``max_total_bytes``."""
+        size = sum(len(n[1]) + LIVE_OVERHEAD for n in new)
+        if size and self.live_bytes + size > self.max_total_bytes:
+            raise Full(
+                f"the broker holds {self.live_bytes} bytes of messages: {size} more would "
+                f"pass its limit of {self.max_total_bytes} (max_total_bytes)"
+            )
+
     def _check_room(
         self, q: QueueState, new: list[tuple[int, bytes, bytes | None]], admitting: bool
     ) -> None:
         """Raise QueueFull unless ``new`` fits in ``q`` now (and no putter is ahead)."""
         count, size = len(new), sum(len(n[1]) for n in new)
-        if (q.maxsize and count > q.maxsize) or (q.max_bytes and size > q.max_bytes):
+        max_bytes = self._max_bytes(q)
+        if (q.maxsize and count > q.maxsize) or (max_bytes and size > max_bytes):
             raise Full(
                 f"{count} message(s) of {size} bytes can never fit in {q.name!r} "
-                f"(maxsize {q.maxsize or 'unlimited'}, max_bytes {q.max_bytes or 'unlimited'})"
+                f"(maxsize {q.maxsize or 'unlimited'}, max_bytes {max_bytes or 'unlimited'})"
             )
         held = len(q.ready) + q.delayed + q.reserved + len(q.buried)
         fits = (not q.maxsize or held + count <= q.maxsize) and (
-            not q.max_bytes or q.bytes + size <= q.max_bytes
+            not max_bytes or q.bytes + size <= max_bytes
         )
         if not fits or (q.putters and not admitting):
             raise QueueFull(f"queue {q.name!r} is full")
 
-    def _has_room(self, q: QueueState, size: int) -> bool:
-        """Whether one more message of ``size`` bytes fits in ``q`` now."""
+    def _has_room(self, name: str, size: int) -> bool:
+        """Whether one more message of ``size`` bytes fits in queue ``name`` now."""
+        if self.max_total_bytes and self.live_bytes + size + LIVE_OVERHEAD > self.max_total_bytes:
+            return False
+        q = self._queues.get(name)
+        if q is None:
+            return not self.max_queue_bytes or size <= self.max_queue_bytes
         if q.putters:
             return False
         held = len(q.ready) + q.delayed + q.reserved + len(q.buried)
+        max_bytes = self._max_bytes(q)
         return (not q.maxsize or held < q.maxsize) and (
-            not q.max_bytes or q.bytes + size <= q.max_bytes
+            not max_bytes or q.bytes + size <= max_bytes
         )
 
     def wait_put(
@@ -323,7 +353,7 @@ class BrokerCore:
         count = 0
         size = 0
         ready = q.ready
-        for msg in itertools.islice(ready, n):
+        for msg in itertools.islice(ready, min(n, len(ready))):  # n may be over sys.maxsize
             cost = len(msg.body) + MESSAGE_OVERHEAD
             if count and max_bytes is not None and size + cost > max_bytes:
                 break
@@ -664,7 +694,7 @@ class BrokerCore:
             "max_deliveries": q.max_deliveries or self.max_deliveries,
             "lease": q.lease or self.default_lease,
             "maxsize": q.maxsize,
-            "max_bytes": q.max_bytes,
+            "max_bytes": self._max_bytes(q),
         }
 
     # -- timers ----------------------------------------------------------------
@@ -862,8 +892,7 @@ class BrokerCore:
         found.published_total += 1
         copies, woken = 0, []
         for name in list(found.queues):
-            q = self._queues.get(name)
-            if q is not None and not self._has_room(q, len(body)):
+            if not self._has_room(name, len(body)):
                 found.dropped_total += 1
                 continue
             copy_key = None if key is None else [key + b"@" + name.encode()]

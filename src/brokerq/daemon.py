@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 
 import click
 
-from . import protocol
+from . import limits, protocol
 from .activation import inherited_listener
 from .core import BrokerCore
 from .errors import BrokerqError
@@ -132,6 +132,56 @@ def broker_options(f: F) -> F:
             "this it is dropped with an 'overflow' error (one publish always fits).",
         ),
         click.option(
+            "--max-connections",
+            type=click.IntRange(min=1),
+            default=limits.DEFAULT_MAX_CONNECTIONS,
+            show_default=True,
+            envvar="BROKERQ_MAX_CONNECTIONS",
+            metavar="N",
+            help="Connections served at once; one more is answered 'busy' and closed.",
+        ),
+        click.option(
+            "--frame-timeout",
+            type=click.FloatRange(min=0),
+            default=limits.DEFAULT_FRAME_TIMEOUT,
+            show_default=True,
+            envvar="BROKERQ_FRAME_TIMEOUT",
+            metavar="SECONDS",
+            help="A connection whose frame is not complete this long after its first "
+            "byte, or whose hello is not within this long of connecting, is closed "
+            "(0: never). Idle connections between frames are never closed.",
+        ),
+        click.option(
+            "--max-pipelined",
+            type=click.IntRange(min=1),
+            default=limits.DEFAULT_MAX_PIPELINED,
+            show_default=True,
+            envvar="BROKERQ_MAX_PIPELINED",
+            metavar="N",
+            help="Requests of one connection answered before their replies are written "
+            "(and at most 1 MiB of replies); nothing more is read from it until they are.",
+        ),
+        click.option(
+            "--max-queue-bytes",
+            type=click.IntRange(min=0),
+            default=limits.DEFAULT_MAX_QUEUE_BYTES,
+            show_default=True,
+            envvar="BROKERQ_MAX_QUEUE_BYTES",
+            metavar="BYTES",
+            help="Body bytes a queue without a max_bytes of its own may hold; puts wait "
+            "for room as on any bounded queue (0: unlimited).",
+        ),
+        click.option(
+            "--max-total-bytes",
+            type=click.IntRange(min=0),
+            default=limits.default_max_total_bytes(),
+            show_default=True,
+            envvar="BROKERQ_MAX_TOTAL_BYTES",
+            metavar="BYTES",
+            help="Body bytes held over all queues; a put past it fails with 'full' "
+            "(default: 1 GiB, or a quarter of the RAM if less; 0: unlimited).",
+        ),
+        click.option(
             "--log-level",
             type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
             default="info",
@@ -188,6 +238,11 @@ def run(
     max_deliveries: int = 20,
     lease: float = 30.0,
     subscriber_buffer: int = protocol.DEFAULT_SUBSCRIBER_BUFFER,
+    max_connections: int = limits.DEFAULT_MAX_CONNECTIONS,
+    frame_timeout: float = limits.DEFAULT_FRAME_TIMEOUT,
+    max_pipelined: int = limits.DEFAULT_MAX_PIPELINED,
+    max_queue_bytes: int = limits.DEFAULT_MAX_QUEUE_BYTES,
+    max_total_bytes: int | None = None,
 ) -> int:
     """Start a broker for ``socket``; returns the exit status."""
     path = resolve_socket_path(socket)
@@ -247,6 +302,13 @@ def run(
         max_deliveries=max_deliveries,
         lease=lease,
         subscriber_buffer=subscriber_buffer,
+        max_connections=max_connections,
+        frame_timeout=frame_timeout if frame_timeout > 0 else float("inf"),
+        max_pipelined=max_pipelined,
+        max_queue_bytes=max_queue_bytes,
+        max_total_bytes=(
+            limits.default_max_total_bytes() if max_total_bytes is None else max_total_bytes
+        ),
         activated=activated is not None,
     )
     broker = Broker(config, core, opened)

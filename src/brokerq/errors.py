@@ -57,6 +57,17 @@ class BrokerUnavailable(BrokerqError):
     code = "unavailable"
 
 
+class BrokerBusy(BrokerUnavailable):
+    """The broker already serves its maximum of connections (``--max-connections``).
+
+    It answered this connection with ``busy`` and closed it; the ones it
+    serves are unaffected. Close idle clients, or start the broker with a
+    higher ``--max-connections``.
+    """
+
+    code = "busy"
+
+
 class PermissionDenied(BrokerqError):
     """The socket directory is unsafe, or the peer runs as another user."""
 
@@ -140,6 +151,7 @@ BY_CODE: dict[str, type[BrokerqError]] = {
     "lease_lost": LeaseLost,
     "shutting_down": ShuttingDown,
     "overflow": SubscriberOverflow,
+    "busy": BrokerBusy,
     "internal": InternalError,
 }
 

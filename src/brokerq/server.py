@@ -30,7 +30,7 @@ from typing import Any, Final
 
 import trio
 
-from . import __version__, protocol
+from . import __version__, limits, protocol
 from .connection import Connection, PeerGone, wake, wake_all
 from .core import BrokerCore
 from .errors import PermissionDenied
@@ -50,6 +50,12 @@ HOUSEKEEPING_SECONDS: Final = 1.0
 FSYNC_YIELD_ROUNDS: Final = 4
 #: The journal is compacted once it is over twice the live data and this.
 COMPACT_MIN_BYTES: Final = 1024 * 1024
+#: How long a connection refused as busy is kept open for its client to read why.
+REFUSE_LINGER_SECONDS: Final = 1.0
+#: How many refused connections may linger at once; past that they are closed at once.
+REFUSE_LINGER_MAX: Final = 64
+#: How often, at most, refusals as busy are logged.
+REFUSE_LOG_SECONDS: Final = 60.0
 
 
 @dataclass(frozen=True)
@@ -64,6 +70,14 @@ class BrokerConfig:
     max_deliveries: int = 20
     lease: float = 30.0
     subscriber_buffer: int = protocol.DEFAULT_SUBSCRIBER_BUFFER
+    #: Limits (limits.py): connections at once; seconds for a frame (and for
+    #: the hello; inf: none); requests answered before their replies are
+    #: written; body bytes of a queue without max_bytes, and of all queues (0: none).
+    max_connections: int = limits.DEFAULT_MAX_CONNECTIONS
+    frame_timeout: float = limits.DEFAULT_FRAME_TIMEOUT
+    max_pipelined: int = limits.DEFAULT_MAX_PIPELINED
+    max_queue_bytes: int = limits.DEFAULT_MAX_QUEUE_BYTES
+    max_total_bytes: int = limits.default_max_total_bytes()
     #: The listener came from systemd (activation.py): the socket file is not ours.
     activated: bool = False
 
@@ -92,6 +106,8 @@ class Broker:
             max_deliveries=config.max_deliveries,
             default_lease=config.lease,
         )
+        self.core.max_queue_bytes = config.max_queue_bytes
+        self.core.max_total_bytes = config.max_total_bytes
         self.journal = journal
         if journal is not None:
             self.core.write = journal.append
@@ -99,6 +115,9 @@ class Broker:
         self.max_frame_size = protocol.max_frame_size(config.max_message_size)
         self.connections = 0
         self.accepted_total = 0
+        self.busy_total = 0  # connections refused for --max-connections
+        self._lingering = 0
+        self._busy_logged_at = -math.inf
         self.started_at = 0.0
         self.last_activity = 0.0
         self.closing = False
@@ -178,6 +197,7 @@ class Broker:
         *,
         task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        limits.ensure_fd_limit(self.config.max_connections)
         sock = trio.socket.from_stdlib_socket(listener)
         with trio.CancelScope() as scope, sock:
             task_status.started(scope)
@@ -270,6 +290,9 @@ class Broker:
 
     async def handle_stream(self, stream: trio.abc.Stream) -> None:
         """Serve one client connection until it closes."""
+        if self.connections >= self.config.max_connections:
+            await self._refuse_busy(stream)
+            return
         conn = Connection(self, stream)
         self.connections += 1
         self._live.add(conn)
@@ -284,6 +307,44 @@ class Broker:
             self._live.discard(conn)
             self.connections -= 1
             self.last_activity = trio.current_time()
+            with contextlib.suppress(Exception):
+                await stream.aclose()
+
+    async def _refuse_busy(self, stream: trio.abc.Stream) -> None:
+        """Answer a connection past --max-connections with ``busy``, and close it.
+
+        It lingers a moment (reading and dropping what the client sends)
+        so that the client's hello does not hit a closed socket before it
+        reads why; a flood of them is closed at once.
+        """
+        self.busy_total += 1
+        now = trio.current_time()
+        if now - self._busy_logged_at >= REFUSE_LOG_SECONDS:
+            self._busy_logged_at = now
+            log.warning(
+                "refusing connections: %d are open, the maximum (--max-connections); "
+                "%d refused so far",
+                self.connections,
+                self.busy_total,
+            )
+        error = Error(
+            id=0,
+            code="busy",
+            message=f"the broker already serves its maximum of {self.config.max_connections} "
+            "connections (--max-connections)",
+        )
+        linger = self._lingering < REFUSE_LINGER_MAX
+        self._lingering += int(linger)
+        try:
+            with (
+                trio.move_on_after(REFUSE_LINGER_SECONDS),
+                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
+            ):
+                await stream.send_all(protocol.encode_frame(error))
+                while linger and await stream.receive_some(4096):
+                    pass
+        finally:
+            self._lingering -= int(linger)
             with contextlib.suppress(Exception):
                 await stream.aclose()
 
@@ -305,6 +366,13 @@ class Broker:
             "fsync": None if journal is None else journal.fsync,
             "fsync_skipped_on_tmpfs": journal is not None and journal.in_memory,
             "subscriber_buffer": self.config.subscriber_buffer,
+            "max_connections": self.config.max_connections,
+            "busy_total": self.busy_total,
+            "frame_timeout_s": _seconds_or_none(self.config.frame_timeout),
+            "max_pipelined": self.config.max_pipelined,
+            "max_queue_bytes": self.config.max_queue_bytes,
+            "max_total_bytes": self.config.max_total_bytes,
+            "held_bytes": self.core.live_bytes,
             "socket_activated": self.config.activated,
             **self.core.totals(),
             "topics": self.core.topics.stats(),
@@ -398,3 +466,8 @@ class Broker:
                 wake_all(self.core.admit_freed(self.clock()))
             except JournalFailed as exc:
                 self.fail(str(exc))
+
+
+def _seconds_or_none(seconds: float) -> float | None:
+    """A duration option for stats: None when it is off (0 or inf)."""
+    return None if seconds <= 0 or math.isinf(seconds) else seconds

@@ -1,0 +1,83 @@
+"""The broker's limits that keep one bad client from hurting the others.
+
+Each is a broker option (``local-queue-broker --help``; ``docs/usage.md``,
+"Limits", gives the reasons for the defaults). This module holds their
+defaults and imports nothing heavy: the broker reads it before trio.
+
+* ``max_connections``: connections served at once; one more gets ``busy``.
+* ``frame_timeout``: how long a frame may take from its first byte to its
+  last, and a new connection to complete its ``hello``; idle connections
+  between frames are never timed out.
+* ``max_pipelined``: requests of one connection answered before their
+  replies are written (and at most :data:`REPLY_BUFFER` bytes of replies);
+  the broker reads nothing more from a connection until they are.
+* ``max_queue_bytes``: body bytes a queue without a ``max_bytes`` of its
+  own may hold (puts wait for room, as on any bounded queue).
+* ``max_total_bytes``: body bytes held over all queues (puts get ``full``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Final
+
+DEFAULT_MAX_CONNECTIONS: Final = 1024
+DEFAULT_FRAME_TIMEOUT: Final = 30.0
+DEFAULT_MAX_PIPELINED: Final = 1000
+DEFAULT_MAX_QUEUE_BYTES: Final = 256 * 1024 * 1024
+#: The total cap's default is the least of this and a quarter of the RAM.
+TOTAL_BYTES_CEILING: Final = 1024 * 1024 * 1024
+#: Replies of one connection buffered before they are written, whatever their count.
+REPLY_BUFFER: Final = 1024 * 1024
+#: File descriptors the broker keeps beyond its connections' (journal, log, lock, trio).
+SPARE_FDS: Final = 64
+
+
+def physical_memory() -> int | None:
+    """The machine's RAM in bytes, if the system says."""
+    with contextlib.suppress(ValueError, OSError, AttributeError):
+        pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+        if pages > 0 and size > 0:
+            return int(pages * size)
+    return None
+
+
+def default_max_total_bytes() -> int:
+    """1 GiB, or a quarter of the RAM if that is less.
+
+    A quarter, because every body is held in the broker's memory and, with
+    the default journal beside the socket (a tmpfs, usually), in the
+    journal too, which may grow to twice the live data before compaction.
+    """
+    ram = physical_memory()
+    return TOTAL_BYTES_CEILING if ram is None else min(TOTAL_BYTES_CEILING, ram // 4)
+
+
+def ensure_fd_limit(max_connections: int) -> None:
+    """Raise the soft RLIMIT_NOFILE so that ``max_connections`` can be served.
+
+    The usual soft limit (1024) is lower than the connections the broker
+    serves plus its own descriptors; the hard limit is normally far higher.
+    A broker that still cannot have enough logs a warning: past its limit,
+    new connections wait in the listen backlog (accept fails with EMFILE).
+    """
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not Unix
+        return
+    want = max_connections + SPARE_FDS
+    with contextlib.suppress(ValueError, OSError):
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != resource.RLIM_INFINITY and soft < want:
+            new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+            if new > soft:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            if new < want:
+                logging.getLogger("brokerq.broker").warning(
+                    "--max-connections %d needs about %d file descriptors; the limit is %d",
+                    max_connections,
+                    want,
+                    new,
+                )
