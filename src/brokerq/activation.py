@@ -19,6 +19,7 @@ import os
 import socket
 
 from .errors import BrokerqError
+from .spawn import close_in_forked_children
 
 #: The first inherited descriptor (``SD_LISTEN_FDS_START``).
 LISTEN_FDS_START = 3
@@ -50,6 +51,7 @@ def inherited_listener(socket_path: str) -> socket.socket | None:
         sock.detach()  # not ours to close: leave the descriptor as systemd gave it
         raise
     sock.set_inheritable(False)
+    close_in_forked_children(sock)
     return sock
 
 

@@ -426,6 +426,11 @@ def _close_listeners_in_child() -> None:
 os.register_at_fork(after_in_child=_close_listeners_in_child)
 
 
+def close_in_forked_children(sock: socket.socket) -> None:
+    """Have a child forked from this process close ``sock`` at once (a listener)."""
+    _LISTENERS.add(sock)
+
+
 def publish_socket(socket_path: str, backlog: int = 128) -> socket.socket:
     """Bind a temporary name, listen, then rename it over ``socket_path``.
 
@@ -458,7 +463,7 @@ def publish_socket(socket_path: str, backlog: int = 128) -> socket.socket:
         raise
     finally:
         os.close(dir_fd)
-    _LISTENERS.add(sock)
+    close_in_forked_children(sock)
     return sock
 
 
