@@ -654,7 +654,7 @@ class Connection:
         if lease is None:
             return Delivery(type(request), messages, request.id)
         lease_s = self._lease_left(messages[0], self.broker.clock())
-        return Delivery(Reserve, messages, request.id, lease_s, self.core.leases_of(messages))
+        return Delivery(Reserve, messages, request.id, lease_s, waiter.leases)
 
     async def _send_delivery(self, delivery: Delivery) -> None:
         """Write a reply carrying messages now; if that fails they go back.

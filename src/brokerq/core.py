@@ -406,8 +406,10 @@ class BrokerCore:
             return []
         q.waiters.pop(waiter, None)
         messages, waiter.messages = waiter.messages, []
-        leases = None if waiter.lease is None else self.leases_of(messages)
-        return self.undeliver(messages, now, leases)
+        # The leases handed to this waiter, not those the messages hold now:
+        # one may have run out and the message gone to another consumer since.
+        leases, waiter.leases = waiter.leases, []
+        return self.undeliver(messages, now, None if waiter.lease is None else leases)
 
     def leases_of(self, messages: list[Message]) -> list[Lease | None]:
         """The leases these messages hold now (to undo exactly these deliveries later)."""
@@ -449,7 +451,8 @@ class BrokerCore:
         ``journaled``: the record that says so was already written (a put's).
         """
         if waiter.lease is not None:
-            self._lease(q, msg, now, waiter.lease, waiter.owner, journaled=journaled)
+            lease = self._lease(q, msg, now, waiter.lease, waiter.owner, journaled=journaled)
+            waiter.leases.append(lease)
         else:
             if not journaled:
                 self._write(DeleteRecord(ids=[msg.id]))
@@ -497,7 +500,7 @@ class BrokerCore:
         owner: object,
         *,
         journaled: bool = False,
-    ) -> None:
+    ) -> Lease:
         length = lease if lease is not None else (q.lease or self.default_lease)
         if not journaled:
             self._write(AttemptsRecord(id=msg.id, attempts=msg.attempts + 1))
@@ -507,6 +510,7 @@ class BrokerCore:
         self._owned.setdefault(owner, set()).add(msg.id)
         q.reserved += 1
         self._add_timer(held.expires_at, held)
+        return held
 
     def lease_of(self, msg_id: int) -> Lease | None:
         return self._leases.get(msg_id)

@@ -104,13 +104,15 @@ class Waiter:
     ``messages`` is filled by the core; ``token`` belongs to the I/O layer.
     """
 
-    __slots__ = ("lease", "messages", "owner", "queue", "token")
+    __slots__ = ("lease", "leases", "messages", "owner", "queue", "token")
 
     def __init__(
         self, queue: str, token: object = None, lease: float | None = None, owner: object = None
     ) -> None:
         self.queue = queue
         self.messages: list[Message] = []
+        #: For a reserve: the lease each message was handed with (to undo exactly that).
+        self.leases: list[Lease | None] = []
         self.token = token
         self.lease = lease
         self.owner = owner
