@@ -243,7 +243,7 @@ class Connection:
         if timeout <= 0 or math.isinf(timeout) or (self.greeted and not self.reader.buffered):
             return await self._receive()
         start = trio.current_time()
-        with trio.move_on_after(timeout - self.waited):
+        with trio.move_on_after(max(0.0, timeout - self.waited)):
             try:
                 return await self._receive()
             finally:
