@@ -26,7 +26,9 @@ from typing import Final
 DEFAULT_MAX_CONNECTIONS: Final = 1024
 DEFAULT_FRAME_TIMEOUT: Final = 30.0
 DEFAULT_MAX_PIPELINED: Final = 1000
-DEFAULT_MAX_QUEUE_BYTES: Final = 256 * 1024 * 1024
+#: Off by default: a queue's ``max_bytes`` 0 means unlimited (design.md); the
+#: total cap is what keeps the broker's memory bounded.
+DEFAULT_MAX_QUEUE_BYTES: Final = 0
 #: The total cap's default is the least of this and a quarter of the RAM.
 TOTAL_BYTES_CEILING: Final = 1024 * 1024 * 1024
 #: Replies of one connection buffered before they are written, whatever their count.
