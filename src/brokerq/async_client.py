@@ -68,7 +68,6 @@ import socket
 import threading
 import time
 import weakref
-from collections import deque
 from collections.abc import Awaitable, Callable, Generator, Iterable
 from typing import Any, TypeVar
 
@@ -779,11 +778,9 @@ class AsyncSubscription:
         self.client = client
         self.topic = topic
         self._call = calls.subscribe(topic)
-        self._bodies: deque[bytes] = deque()
+        self._events = calls.LiveEvents()
         self._conn: AsyncConnection | None = None
         self._closed = False
-        #: Why the broker dropped it: raised once the bodies that came before are read.
-        self._error: BrokerqError | None = None
 
     def __repr__(self) -> str:
         return f"<brokerq.AsyncSubscription {self.topic!r} at {self.client.socket_path!r}>"
@@ -824,7 +821,7 @@ class AsyncSubscription:
             request_id = conn.wire.encode(self._call.kind, self._call.fields)
             with anyio.fail_after(self.client.timeout):
                 await conn.stream.send(bytes(conn.wire.out))
-                while (reply := self._take(conn)) is None:
+                while (reply := self._events.take(conn.wire)) is None:
                     conn.wire.feed(await conn.stream.receive(calls.RECEIVE_SIZE))
             conn.wire.check(self._call.expect, request_id, reply, conn._break)
         except TimeoutError as exc:
@@ -838,37 +835,24 @@ class AsyncSubscription:
             raise
         self._conn = conn
 
-    def _take(self, conn: AsyncConnection) -> protocol.AnyReply | None:
-        try:
-            return calls.take_events(conn.wire, self._bodies)
-        except BrokerqError:  # dropped by the broker: it closes the connection
-            self._closed = True
-            raise
-
     async def get(self, timeout: float | None = None) -> bytes:
         """The next publish's body, waiting up to ``timeout`` (None: for ever;
         0: only what has arrived); raises Empty if none came."""
         protocol.validate_timeout(timeout)
         deadline = None if timeout is None else anyio.current_time() + timeout
-        while not self._bodies:
-            if self._error is not None:
-                error, self._error = self._error, None
-                raise error
+        while (body := self._events.next_body()) is None:
             if self._closed:
                 raise calls.closed_client()
             conn = self._conn
             if conn is None:
                 await self._subscribe()
                 continue
-            try:
-                self._take(conn)  # frames already received
-            except BrokerqError as exc:
-                self._error = exc  # dropped: first the publishes that came before
-                self._conn = None
-                await conn.aclose()
+            self._events.take(conn.wire)  # frames already received
+            if self._events.error is not None:
+                await self.aclose()  # dropped by the broker: the bodies before, then the error
                 continue
-            if self._bodies:
-                break
+            if self._events.bodies:
+                continue
             # A read that finds data waiting returns at once, so a floor of
             # 1 ms lets timeout=0 take what has arrived.
             left = None if deadline is None else max(0.001, deadline - anyio.current_time())
@@ -881,7 +865,7 @@ class AsyncSubscription:
                     await conn.aclose()
             if scope.cancelled_caught:
                 raise Empty(f"nothing published to {self.topic!r} within {timeout:g} s")
-        return self._bodies.popleft()
+        return body
 
 
 def open_async_client(

@@ -274,7 +274,7 @@ def publish(
 
 def subscribe(topic: str, queue: str | None = None) -> Call[protocol.SubscribeReply]:
     """``queue`` subscribes to ``topic`` (durable), or, without one, the
-    connection does (live: see :func:`take_events`; never sent again, since
+    connection does (live: see :class:`LiveEvents`; never sent again, since
     a live subscription belongs to one connection)."""
     protocol.validate_queue_name(topic, what="topic", for_put=True)
     fields = {"topic": topic, "queue": queue}
@@ -286,22 +286,40 @@ def unsubscribe(topic: str, queue: str | None = None) -> Call[protocol.Unsubscri
     return Call(protocol.UnsubscribeReply, protocol.Unsubscribe, 0, fields)
 
 
-def take_events(wire: Wire, bodies: deque[bytes]) -> protocol.AnyReply | None:
-    """Sort the frames received on a live subscription's connection.
+class LiveEvents:
+    """What a live subscription's connection brought, in order (sans-IO).
 
-    Each ``event``'s body is appended to ``bodies``; the first other frame
-    (the reply to the subscription's request) is returned; None once every
-    whole frame received is taken. An error with id 0 (``overflow``: the
-    broker dropped this slow subscriber) raises.
+    :meth:`take` sorts the frames received: each ``event``'s body is kept,
+    the first other frame (the reply to the subscription's request) is
+    returned. An error with id 0 (``overflow``: the broker dropped this
+    slow subscriber) ends the feed; :meth:`next_body` still returns the
+    bodies that came before it, then raises it once.
     """
-    while (frame := wire.next_reply()) is not None:
-        if isinstance(frame, protocol.Event):
-            bodies.append(frame.body)
-            continue
-        if isinstance(frame, protocol.Error) and frame.id == 0:
-            raise from_code(frame.code, frame.message)
-        return frame
-    return None
+
+    def __init__(self) -> None:
+        self.bodies: deque[bytes] = deque()
+        self.error: BrokerqError | None = None
+
+    def take(self, wire: Wire) -> protocol.AnyReply | None:
+        """Take in every whole frame received; None once all are taken."""
+        while self.error is None and (frame := wire.next_reply()) is not None:
+            if isinstance(frame, protocol.Event):
+                self.bodies.append(frame.body)
+            elif isinstance(frame, protocol.Error) and frame.id == 0:
+                self.error = from_code(frame.code, frame.message)
+            else:
+                return frame
+        return None
+
+    def next_body(self) -> bytes | None:
+        """The oldest body received; None if there is none (yet). Raises the
+        error that ended the feed once every body before it was taken."""
+        if self.bodies:
+            return self.bodies.popleft()
+        if self.error is not None:
+            error, self.error = self.error, None
+            raise error
+        return None
 
 
 def ping() -> Call[protocol.PingReply]:

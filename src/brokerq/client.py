@@ -18,7 +18,6 @@ import contextlib
 import os
 import threading
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
@@ -551,18 +550,17 @@ class Subscription:
     (spawning a broker if need be) and subscribes again; publishes made in
     between are missed, as for any live subscriber (a queue subscription
     misses nothing). A subscriber that reads too slowly is dropped by the
-    broker: :meth:`get` then raises :class:`~brokerq.errors.SubscriberOverflow`.
+    broker: :meth:`get` then raises :class:`~brokerq.errors.SubscriberOverflow`
+    (after the publishes that came before it), and the subscription is closed.
     """
 
     def __init__(self, client: Client, topic: str) -> None:
         self.client = client
         self.topic = topic
         self._call = calls.subscribe(topic)
-        self._bodies: deque[bytes] = deque()
+        self._events = calls.LiveEvents()
         self._conn: Connection | None = None
         self._closed = False
-        #: Why the broker dropped it: raised once the bodies that came before are read.
-        self._error: BrokerqError | None = None
         self._subscribe()
 
     def __repr__(self) -> str:
@@ -592,13 +590,9 @@ class Subscription:
             request_id = conn.wire.encode(self._call.kind, self._call.fields)
             conn.sock.settimeout(self.client.timeout)
             conn.sock.sendall(conn.wire.out)
-            while True:
-                reply = self._next_reply(conn)
-                if reply is None:
-                    conn.wire.feed(conn.sock.recv(calls.RECEIVE_SIZE))
-                    continue
-                conn.wire.check(self._call.expect, request_id, reply, conn.close)
-                break
+            while (reply := self._events.take(conn.wire)) is None:
+                conn.wire.feed(conn.sock.recv(calls.RECEIVE_SIZE))
+            conn.wire.check(self._call.expect, request_id, reply, conn.close)
         except TimeoutError as exc:
             conn.close()
             raise conn.wire.timed_out(self.client.timeout) from exc
@@ -610,35 +604,24 @@ class Subscription:
             raise
         self._conn = conn
 
-    def _next_reply(self, conn: Connection) -> protocol.AnyReply | None:
-        try:
-            return calls.take_events(conn.wire, self._bodies)
-        except BrokerqError:  # dropped by the broker: it closes the connection
-            self.close()
-            raise
-
     def get(self, timeout: float | None = None) -> bytes:
         """The next publish's body, waiting up to ``timeout`` (None: for
         ever; 0: not at all); raises Empty if none came."""
         protocol.validate_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
-        while not self._bodies:
-            if self._error is not None:
-                error, self._error = self._error, None
-                raise error
+        while (body := self._events.next_body()) is None:
             if self._closed:
                 raise calls.closed_client()
             conn = self._conn
             if conn is None:
                 self._subscribe()
                 continue
-            try:
-                self._next_reply(conn)  # frames already received
-            except BrokerqError as exc:
-                self._error = exc  # dropped: first the publishes that came before
+            self._events.take(conn.wire)  # frames already received
+            if self._events.error is not None:
+                self.close()  # dropped by the broker: the bodies before, then the error
                 continue
-            if self._bodies:
-                break
+            if self._events.bodies:
+                continue
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
                 conn.sock.settimeout(left)  # 0: a read that does not wait
@@ -649,7 +632,7 @@ class Subscription:
                 # The broker went away: subscribe again on a new connection.
                 conn.close()
                 self._conn = None
-        return self._bodies.popleft()
+        return body
 
 
 _shared: dict[str, Client] = {}
