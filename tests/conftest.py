@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import select
 import shutil
 import signal
 import subprocess
@@ -174,3 +175,20 @@ def run_cli(
         env={**os.environ, **(env or {})},
         check=False,
     )
+
+
+def read_line(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> bytes:
+    """One line of ``proc``'s stdout, bounded in time."""
+    assert proc.stdout is not None
+    fd = proc.stdout.fileno()
+    deadline = time.monotonic() + timeout
+    data = b""
+    while not data.endswith(b"\n"):
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, f"no line from pid {proc.pid} within {timeout} s (got {data!r})"
+        readable, _, _ = select.select([fd], [], [], remaining)
+        if readable:
+            chunk = os.read(fd, 1)
+            assert chunk, f"pid {proc.pid} closed its stdout (got {data!r})"
+            data += chunk
+    return data

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -33,7 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import broker_pids, gone, run_cli, wait_until
+from conftest import broker_pids, gone, read_line, run_cli, wait_until
 
 import brokerq
 from brokerq.spawn import broker_running, lock_holder_pid
@@ -90,23 +89,6 @@ def lines_grow(path: str, by: int) -> None:
     """Wait until a worker has written ``by`` more lines to ``path``."""
     base = count_lines(path)
     wait_until(lambda: count_lines(path) >= base + by, what=f"{path} to grow by {by} lines")
-
-
-def read_line(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> bytes:
-    """One line of ``proc``'s stdout, bounded in time."""
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    deadline = time.monotonic() + timeout
-    data = b""
-    while not data.endswith(b"\n"):
-        remaining = deadline - time.monotonic()
-        assert remaining > 0, f"no line from pid {proc.pid} within {timeout} s (got {data!r})"
-        readable, _, _ = select.select([fd], [], [], remaining)
-        if readable:
-            chunk = os.read(fd, 1)
-            assert chunk, f"pid {proc.pid} closed its stdout (got {data!r})"
-            data += chunk
-    return data
 
 
 def python(code: str, *args: str) -> list[str]:

@@ -23,7 +23,6 @@ import contextlib
 import errno
 import json
 import os
-import select
 import shutil
 import signal
 import socket
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import broker_pids, gone, run_cli, wait_until
+from conftest import broker_pids, gone, read_line, run_cli, wait_until
 
 import brokerq
 from brokerq import pause, spawn
@@ -126,14 +125,9 @@ def pause_env(*points: Pause, **extra: str) -> dict[str, str]:
 
 # -- client processes ------------------------------------------------------------------
 
-# One client: connects (and puts BODY to queue q unless it is "-"), then
-# prints a JSON line: the broker's pid or the error, the time it took (after
-# imports) and the client's children (a zombie would be one). With "hold" it
-# keeps its connection open until it reads a line.
-CLIENT = r"""
-import json, os, sys, time
-import brokerq
-
+# Defines children() in a client script: the client's child processes as
+# [pid, state] (a zombie has state "Z").
+CHILDREN = r"""
 def children():
     found = []
     for entry in os.listdir("/proc"):
@@ -146,7 +140,17 @@ def children():
             if int(fields[1]) == os.getpid():
                 found.append([int(entry), fields[0]])
     return found
+"""
 
+# One client: connects (and puts BODY to queue q unless it is "-"), then
+# prints a JSON line: the broker's pid or the error, the time it took (after
+# imports) and the client's children (a zombie would be one). With "hold" it
+# keeps its connection open until it reads a line.
+CLIENT = r"""
+import json, os, sys, time
+import brokerq
+
+{CHILDREN}
 path, timeout, body, hold = sys.argv[1], float(sys.argv[2]), sys.argv[3], sys.argv[4]
 start = time.monotonic()
 result = {}
@@ -163,7 +167,7 @@ print(json.dumps(result), flush=True)
 if hold == "hold":
     sys.stdin.readline()
 client.close()
-"""
+""".replace("{CHILDREN}", CHILDREN)
 
 
 def python(code: str, *args: str) -> list[str]:
@@ -205,19 +209,7 @@ def served(proc: subprocess.Popen[bytes], timeout: float = 30.0, *, hold: bool =
 
 def read_json_line(proc: subprocess.Popen[bytes], timeout: float = 15.0) -> Any:
     """One JSON line of ``proc``'s stdout, bounded in time."""
-    assert proc.stdout is not None
-    fd = proc.stdout.fileno()
-    deadline = time.monotonic() + timeout
-    data = b""
-    while not data.endswith(b"\n"):
-        remaining = deadline - time.monotonic()
-        assert remaining > 0, f"no line from pid {proc.pid} within {timeout} s (got {data!r})"
-        readable, _, _ = select.select([fd], [], [], remaining)
-        if readable:
-            chunk = os.read(fd, 1)
-            assert chunk, f"pid {proc.pid} closed its stdout (got {data!r})"
-            data += chunk
-    return json.loads(data)
+    return json.loads(read_line(proc, timeout))
 
 
 def tell(proc: subprocess.Popen[bytes], line: str = "go") -> None:
@@ -722,25 +714,13 @@ import brokerq
 if sys.argv[2] == "ignored":
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
 
-def children():
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                stat = open(f"/proc/{entry}/stat").read()
-            except OSError:
-                continue
-            fields = stat.rsplit(")", 1)[1].split()
-            if int(fields[1]) == os.getpid():
-                found.append([int(entry), fields[0]])
-    return found
-
+{CHILDREN}
 with brokerq.Client(sys.argv[1]) as client:
     client.queue("q").put(b"x")
     print(json.dumps([client.broker_pid, children()]), flush=True)
 sys.stdin.readline()
 print(json.dumps(children()), flush=True)
-"""
+""".replace("{CHILDREN}", CHILDREN)
 
 
 @pytest.mark.parametrize("sigchld", ["default", "ignored"])
