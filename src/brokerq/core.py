@@ -834,18 +834,17 @@ class BrokerCore:
         """
         validate_queue_name(topic, what="topic", for_put=True)
         validate_queue_name(queue, for_put=True)
-        topics = self.topics.get(topic)
-        if topics is not None and queue in topics.queues:
+        if self.topics.subscribes(topic, queue):
             return False
         self._write(SubscribeRecord(topic=topic, queue=queue))
-        return self.topics.add_queue(topic, queue)
+        self.topics.add_queue(topic, queue)
+        return True
 
     def unsubscribe(self, topic: str, queue: str) -> bool:
         """End ``queue``'s subscription to ``topic``; False if it had none."""
         validate_queue_name(topic, what="topic", for_put=True)
         validate_queue_name(queue, for_put=True)
-        found = self.topics.get(topic)
-        if found is None or queue not in found.queues:
+        if not self.topics.subscribes(topic, queue):
             return False
         self._write(SubscribeRecord(topic=topic, queue=queue, on=False))
         return self.topics.remove_queue(topic, queue)

@@ -53,51 +53,51 @@ class Topics:
         if topic.idle:
             del self._topics[topic.name]
 
-    def add_queue(self, name: str, queue: str) -> bool:
-        """Subscribe ``queue`` to topic ``name``; False if it already was."""
-        topic = self._topic(name)
-        if queue in topic.queues:
-            return False
-        topic.queues[queue] = None
-        return True
-
-    def remove_queue(self, name: str, queue: str) -> bool:
-        """End ``queue``'s subscription to ``name``; False if it had none."""
+    def _remove(self, name: str, member: object, *, live: bool) -> bool:
+        """Take ``member`` off topic ``name``'s queues (or live subscribers);
+        False if it was not there."""
         topic = self._topics.get(name)
-        if topic is None or queue not in topic.queues:
+        if topic is None:
             return False
-        del topic.queues[queue]
+        members: dict[Any, None] = topic.live if live else topic.queues
+        if member not in members:
+            return False
+        del members[member]
         self._forget_if_idle(topic)
         return True
+
+    def subscribes(self, name: str, queue: str) -> bool:
+        """Whether ``queue`` subscribes to topic ``name``."""
+        topic = self._topics.get(name)
+        return topic is not None and queue in topic.queues
 
     def has_queue(self, queue: str) -> bool:
         """Whether ``queue`` subscribes to any topic."""
         return any(queue in t.queues for t in self._topics.values())
 
+    def add_queue(self, name: str, queue: str) -> None:
+        """Subscribe ``queue`` to topic ``name`` (again: no change)."""
+        self._topic(name).queues[queue] = None
+
+    def remove_queue(self, name: str, queue: str) -> bool:
+        """End ``queue``'s subscription to ``name``; False if it had none."""
+        return self._remove(name, queue, live=False)
+
     def drop_queue(self, queue: str) -> None:
         """A deleted queue loses every subscription (they are its settings)."""
-        for topic in list(self._topics.values()):
-            if queue in topic.queues:
-                del topic.queues[queue]
-                self._forget_if_idle(topic)
+        for name in list(self._topics):
+            self._remove(name, queue, live=False)
 
     def add_live(self, name: str, token: object) -> None:
         self._topic(name).live[token] = None
 
     def remove_live(self, name: str, token: object) -> bool:
-        topic = self._topics.get(name)
-        if topic is None or token not in topic.live:
-            return False
-        del topic.live[token]
-        self._forget_if_idle(topic)
-        return True
+        return self._remove(name, token, live=True)
 
     def remove_live_everywhere(self, token: object) -> None:
         """A live subscriber went: forget it on every topic."""
-        for topic in list(self._topics.values()):
-            if token in topic.live:
-                del topic.live[token]
-                self._forget_if_idle(topic)
+        for name in list(self._topics):
+            self._remove(name, token, live=True)
 
     def subscriptions(self) -> list[tuple[str, str]]:
         """Every durable subscription as (topic, queue), for snapshots."""
