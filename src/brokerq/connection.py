@@ -278,19 +278,23 @@ class Connection:
                 self._reply_error(exc.request_id, "bad_request", str(exc))
                 if not self.greeted:
                     await self._close_with_error()
-                await self._count_reply(max_pipelined)
+                if self._replies_due(max_pipelined):
+                    await self._flush()
                 continue
             except RemoteProtocolError as exc:
                 self._reply_error(0, "bad_frame", str(exc))
                 await self._close_with_error()
             await self._handle(request)
-            await self._count_reply(max_pipelined)
+            if self._replies_due(max_pipelined):
+                await self._flush()
 
-    async def _count_reply(self, max_pipelined: int) -> None:
-        """One more request answered: write the replies if they reach a limit."""
+    def _replies_due(self, max_pipelined: int) -> bool:
+        """One more request answered: must the replies be written now?
+
+        (Not a coroutine: this runs once per request, and is usually False.)
+        """
         self.unsent += 1
-        if self.unsent >= max_pipelined or len(self.out) >= limits.REPLY_BUFFER:
-            await self._flush()
+        return self.unsent >= max_pipelined or len(self.out) >= limits.REPLY_BUFFER
 
     async def _close_with_error(self) -> None:
         await self._flush()
