@@ -336,7 +336,7 @@ def test_a_put_waiting_for_room_can_be_cancelled(backend: str, socket_path: str)
             async with anyio.create_task_group() as tg:
 
                 async def make_room() -> None:
-                    await anyio.sleep(0.2)
+                    await until(q, putters=1)  # the put below is waiting for room
                     assert await client.queue("bounded").get(timeout=5) == b"1"
 
                 tg.start_soon(make_room)
