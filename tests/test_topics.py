@@ -260,6 +260,9 @@ async def test_a_subscriber_that_leaves_is_forgotten(broker: Broker) -> None:
     with trio.fail_after(5):
         while (await publish(publisher, "events", b"x")).live:
             await trio.sleep(0.01)
+    stats = await publisher.call(Stats)
+    assert isinstance(stats, StatsReply)
+    assert stats.stats["topics"] == {}  # the topic went with its last subscriber
 
 
 async def test_a_slow_live_subscriber_is_dropped_with_an_overflow_error(
