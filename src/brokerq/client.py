@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from . import calls, protocol
 from .calls import Body, Call, ConnectionLost
-from .errors import BrokerqError, BrokerUnavailable, Empty, RemoteProtocolError, VersionMismatch
+from .errors import BrokerqError, BrokerUnavailable, Empty, VersionMismatch
 from .spawn import broker_running, connect_or_spawn, resolve_socket_path
 
 __all__ = [
@@ -97,20 +97,28 @@ class Connection:
         error reply raises the matching :class:`~brokerq.BrokerqError`.
         """
         request_id = self.wire.encode(kind, fields)
-        try:
+        with self.exchange(wait):
             self.sock.settimeout(wait)
             self.sock.sendall(self.wire.out)
             reply = self._read_reply()
+        return self.wire.check(expect, request_id, reply, self.close)
+
+    @contextlib.contextmanager
+    def exchange(self, wait: float | None) -> Iterator[None]:
+        """Around socket I/O: a timeout raises BrokerUnavailable, a broken
+        socket ConnectionLost; whatever interrupts the exchange closes the
+        connection, whose replies would be out of step from then on."""
+        try:
+            yield
         except TimeoutError as exc:
             self.close()
             raise self.wire.timed_out(wait) from exc
         except OSError as exc:
             self.close()
             raise self.wire.lost(exc) from exc
-        except RemoteProtocolError:
+        except BaseException:
             self.close()
             raise
-        return self.wire.check(expect, request_id, reply, self.close)
 
     def _read_reply(self) -> protocol.AnyReply:
         while True:
@@ -586,22 +594,13 @@ class Subscription:
     def _subscribe(self) -> None:
         """Connect and subscribe; events that come before the reply are kept."""
         conn = Connection(self.client.socket_path, self.client.timeout)
-        try:
+        with conn.exchange(self.client.timeout):
             request_id = conn.wire.encode(self._call.kind, self._call.fields)
             conn.sock.settimeout(self.client.timeout)
             conn.sock.sendall(conn.wire.out)
             while (reply := self._events.take(conn.wire)) is None:
                 conn.wire.feed(conn.sock.recv(calls.RECEIVE_SIZE))
             conn.wire.check(self._call.expect, request_id, reply, conn.close)
-        except TimeoutError as exc:
-            conn.close()
-            raise conn.wire.timed_out(self.client.timeout) from exc
-        except OSError as exc:
-            conn.close()
-            raise conn.wire.lost(exc) from exc
-        except BaseException:
-            conn.close()
-            raise
         self._conn = conn
 
     def get(self, timeout: float | None = None) -> bytes:
