@@ -523,11 +523,11 @@ client = brokerq.Client(sys.argv[1], timeout=30)
 conn = client.connection()
 print(json.dumps(conn.broker_pid), flush=True)
 sys.stdin.readline()
-read_reply = conn._read_reply
-def announce():
+read_reply = conn.read_reply
+def announce(deadline):
     print(json.dumps("sent"), flush=True)
-    return read_reply()
-conn._read_reply = announce
+    return read_reply(deadline)
+conn.read_reply = announce
 msg_id = client.queue("q").put(b"mid")
 print(json.dumps([msg_id, client.broker_pid]), flush=True)
 """

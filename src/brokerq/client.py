@@ -24,6 +24,7 @@ from typing import Any, TypeVar
 from . import calls, protocol
 from .calls import Body, Call, ConnectionLost
 from .errors import BrokerqError, BrokerUnavailable, Empty, VersionMismatch
+from .sockio import Spinner, spin_from_environment
 from .spawn import broker_running, connect_or_spawn, resolve_socket_path
 
 __all__ = [
@@ -38,6 +39,7 @@ __all__ = [
 ]
 
 R = TypeVar("R", bound=protocol.Reply)
+_SPIN = spin_from_environment()
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -55,6 +57,7 @@ class Connection:
             except OSError as exc:
                 raise calls.unreachable(socket_path, exc) from exc
             self.wire = calls.Wire(socket_path)
+            self.io = Spinner(self.sock, _SPIN)
             hello = calls.hello()
             try:
                 reply = self.request(
@@ -97,10 +100,10 @@ class Connection:
         error reply raises the matching :class:`~brokerq.BrokerqError`.
         """
         request_id = self.wire.encode(kind, fields)
+        deadline = None if wait is None else time.monotonic() + wait
         with self.exchange(wait):
-            self.sock.settimeout(wait)
-            self.sock.sendall(self.wire.out)
-            reply = self._read_reply()
+            self.io.send_all(self.wire.out, deadline)
+            reply = self.read_reply(deadline)
         return self.wire.check(expect, request_id, reply, self.close)
 
     @contextlib.contextmanager
@@ -120,12 +123,13 @@ class Connection:
             self.close()
             raise
 
-    def _read_reply(self) -> protocol.AnyReply:
+    def read_reply(self, deadline: float | None) -> protocol.AnyReply:
+        """The next reply, received by ``deadline`` (else TimeoutError)."""
         while True:
             reply = self.wire.next_reply()
             if reply is not None:
                 return reply
-            self.wire.feed(self.sock.recv(calls.RECEIVE_SIZE))
+            self.wire.feed(self.io.receive(calls.RECEIVE_SIZE, deadline))
 
 
 def retire_older_broker(socket_path: str, version: int, deadline: float) -> None:
@@ -596,10 +600,10 @@ class Subscription:
         conn = Connection(self.client.socket_path, self.client.timeout)
         with conn.exchange(self.client.timeout):
             request_id = conn.wire.encode(self._call.kind, self._call.fields)
-            conn.sock.settimeout(self.client.timeout)
-            conn.sock.sendall(conn.wire.out)
+            deadline = time.monotonic() + self.client.timeout
+            conn.io.send_all(conn.wire.out, deadline)
             while (reply := self._events.take(conn.wire)) is None:
-                conn.wire.feed(conn.sock.recv(calls.RECEIVE_SIZE))
+                conn.wire.feed(conn.io.receive(calls.RECEIVE_SIZE, deadline))
             conn.wire.check(self._call.expect, request_id, reply, conn.close)
         self._conn = conn
 
@@ -621,11 +625,9 @@ class Subscription:
                 continue
             if self._events.bodies:
                 continue
-            left = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                conn.sock.settimeout(left)  # 0: a read that does not wait
-                conn.wire.feed(conn.sock.recv(calls.RECEIVE_SIZE))
-            except (TimeoutError, BlockingIOError):
+                conn.wire.feed(conn.io.receive(calls.RECEIVE_SIZE, deadline))
+            except TimeoutError:
                 raise Empty(f"nothing published to {self.topic!r} within {timeout:g} s") from None
             except OSError:
                 # The broker went away: subscribe again on a new connection.

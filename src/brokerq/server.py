@@ -38,6 +38,7 @@ from .journal import Journal, JournalFailed
 from .pause import pause
 from .protocol import PROTOCOL_VERSION, Error
 from .spawn import check_peer, file_identity, lock_path, publish_socket
+from .unixstream import UnixStream
 
 log = logging.getLogger("brokerq.broker")
 
@@ -275,9 +276,10 @@ class Broker:
     # -- one connection --------------------------------------------------------
 
     async def _handle_socket(self, conn: trio.socket.SocketType) -> None:
-        stream = trio.SocketStream(conn)
+        sock = stdlib_socket.socket(fileno=conn.detach())
+        stream = UnixStream(sock)
         try:
-            check_peer(conn, "the client")  # type: ignore[arg-type]
+            check_peer(sock, "the client")
         except (PermissionDenied, OSError) as exc:
             log.warning("refused a connection: %s", exc)
             with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):

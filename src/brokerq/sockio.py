@@ -1,0 +1,124 @@
+"""The blocking client's socket I/O: one syscall when the data is there, a
+short adaptive spin before sleeping when it is about to be.
+
+Why not ``sock.settimeout(t)`` and ``sock.recv``? A socket with a timeout
+makes CPython poll() before every recv() and send(), two syscalls where
+one would do. Here the socket stays non-blocking: a read is tried first,
+and only if nothing is there does the caller wait, with ``poll``.
+
+Why spin? On a small machine a reply often comes back within tens of
+microseconds, while putting the process to sleep and waking it again
+costs about as much (a broker on another CPU wakes us with an IPI, or we
+queue behind it on the same one). So before sleeping, :class:`Spinner`
+tries the read again for up to ``spin`` microseconds, yielding the CPU
+between tries (``sched_yield``: a broker waiting to run on this CPU gets
+it). The spin adapts: it is tried only while the replies of this
+connection that were not there at once have come, on a moving average,
+within the spin. A consumer waiting on an empty queue, a large batch, or a
+broker on a busy machine make that average long, and the connection
+sleeps at once; an idle consumer burns no CPU. ``BROKERQ_SPIN_US=0`` turns it off.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import socket
+import time
+from typing import Final
+
+#: Default upper bound of a spin, in microseconds (``BROKERQ_SPIN_US``).
+DEFAULT_SPIN_US: Final = 100
+#: Weight of the latest wait in the moving average that decides whether to spin.
+WEIGHT: Final = 0.125
+
+_POLLIN: Final = select.POLLIN
+_POLLOUT: Final = select.POLLOUT
+
+
+def spin_from_environment() -> float:
+    """The spin bound in seconds from ``BROKERQ_SPIN_US`` (default 100 µs)."""
+    raw = os.environ.get("BROKERQ_SPIN_US", "")
+    try:
+        micros = float(raw) if raw else DEFAULT_SPIN_US
+    except ValueError:
+        micros = DEFAULT_SPIN_US
+    return max(0.0, min(micros, 10_000.0)) / 1e6
+
+
+class Spinner:
+    """Reads and writes on one non-blocking socket with deadlines (see the module doc)."""
+
+    __slots__ = ("poller", "sock", "spin", "typical_wait")
+
+    def __init__(self, sock: socket.socket, spin: float) -> None:
+        sock.setblocking(False)
+        self.sock = sock
+        self.spin = spin
+        #: A moving average of how long a read that found nothing waited
+        #: for its data (seconds). It spins only while this is under ``spin``.
+        self.typical_wait = 0.0
+        self.poller = select.poll()
+        self.poller.register(sock, _POLLIN)
+
+    def send_all(self, data: bytes | bytearray | memoryview, deadline: float | None) -> None:
+        """Send all of ``data`` by ``deadline`` (monotonic; None: no bound)."""
+        sock = self.sock
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(data):
+            return
+        view = memoryview(data)[sent:]
+        self.poller.modify(sock, _POLLOUT)
+        try:
+            while view:
+                self._sleep(deadline)
+                with contextlib.suppress(BlockingIOError):
+                    view = view[sock.send(view) :]
+        finally:
+            self.poller.modify(sock, _POLLIN)
+
+    def receive(self, size: int, deadline: float | None) -> bytes:
+        """Up to ``size`` bytes (b"" at end of stream), by ``deadline``."""
+        sock = self.sock
+        try:
+            return sock.recv(size)
+        except BlockingIOError:
+            pass
+        start = time.perf_counter()
+        if self.typical_wait < self.spin and (deadline is None or deadline > time.monotonic()):
+            end = start + self.spin
+            yield_cpu = os.sched_yield
+            while True:
+                yield_cpu()
+                try:
+                    data = sock.recv(size)
+                except BlockingIOError:
+                    if time.perf_counter() < end:
+                        continue
+                    break
+                self._learn(time.perf_counter() - start)
+                return data
+        while True:
+            self._sleep(deadline)
+            try:
+                data = sock.recv(size)
+            except BlockingIOError:
+                continue
+            self._learn(time.perf_counter() - start)
+            return data
+
+    def _learn(self, waited: float) -> None:
+        self.typical_wait += (waited - self.typical_wait) * WEIGHT
+
+    def _sleep(self, deadline: float | None) -> None:
+        """Wait until the socket is ready as registered; TimeoutError at ``deadline``."""
+        if deadline is None:
+            self.poller.poll()
+            return
+        left = deadline - time.monotonic()
+        if left <= 0 or not self.poller.poll(left * 1000 + 0.999):
+            raise TimeoutError("timed out")
