@@ -96,12 +96,14 @@ from .protocol import (
     UnsubscribeReply,
 )
 from .state import Lease, Message, Putter, Waiter
+from .unixstream import UnixStream
 
 if TYPE_CHECKING:
     from .server import Broker
 
 RECEIVE_SIZE: Final = 256 * 1024
 _BLOCK: Final = object()
+_SENT: Final = object()  # a parked request whose reply hand_over already wrote
 #: How long a dropped subscriber gets to take its ``overflow`` error.
 OVERFLOW_GRACE_SECONDS: Final = 30.0
 #: How long a connection cut for a frame timeout gets to take its error.
@@ -113,8 +115,14 @@ class PeerGone(Exception):
 
 
 def wake(waiter: Waiter | Putter) -> None:
+    """Wake a parked request's task; a get or reserve that was handed a message
+    has its reply written at once, by the waking task (see Connection.hand_over)."""
     event = waiter.token
     assert isinstance(event, trio.Event)
+    if isinstance(waiter, Waiter) and waiter.messages and not event.is_set():
+        owner = waiter.owner
+        if isinstance(owner, Connection):
+            owner.hand_over(waiter)
     event.set()
 
 
@@ -199,6 +207,10 @@ class Connection:
         self.send_lock = trio.Lock()  # replies and the feed's writer share the stream
         self.feed_scope = trio.CancelScope()
         self.unsent = 0  # requests answered since the replies were last written
+        #: The get or reserve parked now, and its waiter (see hand_over).
+        self.parked: tuple[Get | Reserve, Waiter] | None = None
+        #: What hand_over wrote for it: the delivery and the bytes still unsent.
+        self.handed: tuple[Delivery, bytes] | None = None
         # Seconds waited for the rest of the frame buffered now (or for the
         # hello), and whether a frame was taken since they were counted.
         self.waited = 0.0
@@ -345,6 +357,8 @@ class Connection:
             self.broker.after_request()
         if isinstance(reply, Delivery):
             await self._send_delivery(reply)
+        elif reply is _SENT:
+            pass
         else:
             assert isinstance(reply, protocol.Reply)
             protocol.append_frame(self.out, reply)
@@ -630,17 +644,25 @@ class Connection:
             nursery.cancel_scope.cancel()
         return peer_gone
 
-    async def _wait_for_message(self, request: Get | GetMany | Reserve) -> Delivery | Error:
+    async def _wait_for_message(
+        self, request: Get | GetMany | Reserve
+    ) -> Delivery | Error | object:
         """Park until a message is handed over, the deadline, or the peer leaves."""
         lease = None
         if isinstance(request, Reserve):
             lease = request.lease or self.core.queue_config(request.queue)["lease"]
         waiter = self.core.wait(request.queue, trio.Event(), lease, owner=self)
+        if not isinstance(request, GetMany):
+            self.parked = (request, waiter)
         try:
             peer_gone = await self._park(waiter.token, request.timeout)
         except BaseException:
+            self.parked = self.handed = None
             wake_all(self.core.cancel_wait(waiter, self.broker.clock()))
             raise
+        self.parked = None
+        if self.handed is not None:
+            return await self._finish_hand_over(peer_gone)
         if peer_gone:
             wake_all(self.core.cancel_wait(waiter, self.broker.clock()))
             raise PeerGone
@@ -655,10 +677,70 @@ class Connection:
                 len(m.body) + protocol.MESSAGE_OVERHEAD for m in messages
             )
             messages += self.core.get_nowait(request.queue, request.n - len(messages), room)
-        if lease is None:
-            return Delivery(type(request), messages, request.id)
-        lease_s = self._lease_left(messages[0], self.broker.clock())
-        return Delivery(Reserve, messages, request.id, lease_s, waiter.leases)
+        return self._delivery_to(request, waiter)
+
+    def _delivery_to(self, request: Get | GetMany | Reserve, waiter: Waiter) -> Delivery:
+        """The reply to a parked request that ``waiter`` was handed messages for."""
+        if waiter.lease is None:
+            return Delivery(type(request), waiter.messages, request.id)
+        lease_s = self._lease_left(waiter.messages[0], self.broker.clock())
+        return Delivery(Reserve, waiter.messages, request.id, lease_s, waiter.leases)
+
+    def hand_over(self, waiter: Waiter) -> None:
+        """Write the reply of the get or reserve parked here, now, from the
+        task that handed it a message (a put's, usually).
+
+        Why: the parked task would write it only after trio has scheduled
+        it, and after its park has wound down (two passes through the run
+        loop); writing it here gets the message to the consumer sooner, and
+        its task just finishes up. The reply is in order: nothing else of
+        this connection is unsent while a request is parked. Not done for a
+        connection with a live feed (its writer may be mid-frame), nor for a
+        stream that is not a socket. If the socket takes only part of the
+        frame, the parked task writes the rest; if it takes none, or fails,
+        the task writes it as usual.
+        """
+        parked = self.parked
+        stream = self.stream
+        if (
+            parked is None
+            or parked[1] is not waiter
+            or self.handed is not None
+            or self.feed is not None
+            or self.out
+            or not isinstance(stream, UnixStream)
+        ):
+            return
+        delivery = self._delivery_to(parked[0], waiter)
+        frame = protocol.encode_frame(delivery.reply())
+        try:
+            sent = stream.socket.send(frame)
+        except OSError:
+            return  # EAGAIN or a broken socket: the parked task deals with it
+        self.handed = (delivery, frame[sent:])
+        if sent == len(frame):
+            # Delivered: nothing is left to undo if the peer goes now.
+            waiter.messages, waiter.leases = [], []
+
+    async def _finish_hand_over(self, peer_gone: bool) -> object:
+        """Write what hand_over could not; as _send_delivery if that fails."""
+        assert self.handed is not None
+        (delivery, rest), self.handed = self.handed, None
+        if rest:
+            if peer_gone:
+                now = self.broker.clock()
+                wake_all(self.core.undeliver(delivery.messages, now, delivery.leases))
+                raise PeerGone
+            self.out += rest
+            try:
+                await self._flush()
+            except PeerGone:
+                now = self.broker.clock()
+                wake_all(self.core.undeliver(delivery.messages, now, delivery.leases))
+                raise
+        elif peer_gone:
+            raise PeerGone
+        return _SENT
 
     async def _send_delivery(self, delivery: Delivery) -> None:
         """Write a reply carrying messages now; if that fails they go back.

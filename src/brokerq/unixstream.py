@@ -10,8 +10,9 @@ machinery took about half of the broker's busy time (bench/profile.py).
 Here a receive or a send is tried at once, and only when the socket is not
 ready does the task wait (``wait_readable`` / ``wait_writable``, which are
 checkpoints). A receive that found data at once yields to the scheduler
-only every :data:`YIELD_EVERY` times in a row, so a client that keeps the
-socket full cannot starve the other connections, and a cancelled
+only if other tasks are ready to run (a subscriber's writer that a publish
+woke, say), or every :data:`YIELD_EVERY` times in a row: a client that
+keeps the socket full cannot starve the other connections, and a cancelled
 connection still sees its cancellation at the next checkpoint.
 """
 
@@ -45,23 +46,27 @@ class UnixStream(trio.abc.Stream):
         sock = self.socket
         if self._closed:
             raise trio.ClosedResourceError("the stream is closed")
-        size = max_bytes or 65536
-        if self._ready_in_a_row >= YIELD_EVERY:
-            self._ready_in_a_row = 0
-            await trio.lowlevel.checkpoint()
-        else:
-            await trio.lowlevel.checkpoint_if_cancelled()
+        await trio.lowlevel.checkpoint_if_cancelled()
         while True:
             try:
-                data = sock.recv(size)
+                data = sock.recv(max_bytes or 65536)
             except BlockingIOError:
                 self._ready_in_a_row = 0
                 await self._wait(trio.lowlevel.wait_readable)
                 continue
             except OSError as exc:
                 raise trio.BrokenResourceError(str(exc)) from exc
-            self._ready_in_a_row += 1
-            return data
+            break
+        self._ready_in_a_row += 1
+        if (
+            self._ready_in_a_row >= YIELD_EVERY
+            or trio.lowlevel.current_statistics().tasks_runnable
+        ):
+            # Others are waiting to run (a task this one woke, say): let
+            # them, as a checkpoint would.
+            self._ready_in_a_row = 0
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        return data
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         sock = self.socket
