@@ -115,10 +115,16 @@ def _checksum(length: int, payload: bytes | memoryview) -> int:
     return zlib.crc32(payload, zlib.crc32(_LENGTH.pack(length)))
 
 
-def encode_record(record: AnyRecord) -> bytes:
-    payload = _encoder.encode(record)
-    length = len(payload)
-    return RECORD_HEADER.pack(RECORD_MARKER, length, _checksum(length, payload)) + payload
+def encode_record(record: AnyRecord) -> bytearray:
+    """One record, header and all: encoded in place after room for the header
+    (a large body is copied once, not again to join the header to it)."""
+    out = bytearray(RECORD_HEADER.size)
+    _encoder.encode_into(record, out, -1)
+    length = len(out) - RECORD_HEADER.size
+    with memoryview(out) as view:
+        crc = _checksum(length, view[RECORD_HEADER.size :])
+    RECORD_HEADER.pack_into(out, 0, RECORD_MARKER, length, crc)
+    return out
 
 
 def _file_header() -> bytes:

@@ -507,7 +507,8 @@ class FrameReader:
         if len(buffer) < end:
             return None
         self._start = end
-        return bytes(buffer[start + HEADER_SIZE : end])
+        with memoryview(buffer) as view:  # one copy, not a slice and then a copy
+            return bytes(view[start + HEADER_SIZE : end])
 
 
 def validate_timeout(timeout: float | None) -> None:
