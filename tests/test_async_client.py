@@ -701,7 +701,8 @@ def test_a_slow_live_subscriber_raises_subscriber_overflow(
 def test_what_came_before_an_overflow_is_read_before_it_raises(
     backend: str, socket_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setenv("BROKERQ_SUBSCRIBER_BUFFER", str(64 * 1024))
+    # Room for a few publishes (see test_client.py).
+    monkeypatch.setenv("BROKERQ_SUBSCRIBER_BUFFER", str(256 * 1024))
     bodies = [b"%04d" % i + b"x" * (40 * 1024) for i in range(100)]  # large: see test_client.py
 
     async def main() -> None:
@@ -712,9 +713,6 @@ def test_what_came_before_an_overflow_is_read_before_it_raises(
             counts = [await client.publish("events", body) for body in bodies]
             assert (counts[0], counts[-1]) == (1, 0)
             got = [await slow.get(timeout=10)]
-            with anyio.fail_after(10):  # until the broker has dropped it
-                while (await client.stats())["connections"] != 1:
-                    await anyio.sleep(0.005)
             with pytest.raises(brokerq.SubscriberOverflow):  # noqa: PT012
                 while True:
                     got.append(await slow.get(timeout=10))

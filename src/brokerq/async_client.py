@@ -89,6 +89,10 @@ Then = Callable[["AsyncConnection", R], Awaitable[None]]
 DEFAULT_TIMEOUT = 10.0
 #: Idle connections a client keeps for reuse; more are closed when given back.
 MAX_IDLE = 4
+#: Bytes one receive may take: anyio receives with ``recv(n)``, which
+#: allocates ``n`` bytes each time; past 128 KiB glibc maps and unmaps them,
+#: several times the cost of a 64 KiB receive.
+RECEIVE_SIZE = 64 * 1024
 _STREAM_ERRORS = (
     OSError,
     anyio.BrokenResourceError,
@@ -208,7 +212,7 @@ class AsyncConnection:
             with anyio.fail_after(limit):
                 await self.stream.send(bytes(self.wire.out))
                 while (reply := self.wire.next_reply()) is None:
-                    self.wire.feed(await self.stream.receive(calls.RECEIVE_SIZE))
+                    self.wire.feed(await self.stream.receive(RECEIVE_SIZE))
         except TimeoutError as exc:
             self.broken = True
             raise self.wire.timed_out(limit) from exc
@@ -822,7 +826,7 @@ class AsyncSubscription:
             with anyio.fail_after(self.client.timeout):
                 await conn.stream.send(bytes(conn.wire.out))
                 while (reply := self._events.take(conn.wire)) is None:
-                    conn.wire.feed(await conn.stream.receive(calls.RECEIVE_SIZE))
+                    conn.wire.feed(await conn.stream.receive(RECEIVE_SIZE))
             conn.wire.check(self._call.expect, request_id, reply, conn._break)
         except TimeoutError as exc:
             await conn.aclose()
@@ -858,7 +862,7 @@ class AsyncSubscription:
             left = None if deadline is None else max(0.001, deadline - anyio.current_time())
             with anyio.move_on_after(left) as scope:
                 try:
-                    conn.wire.feed(await conn.stream.receive(calls.RECEIVE_SIZE))
+                    conn.wire.feed(await conn.stream.receive(RECEIVE_SIZE))
                 except _STREAM_ERRORS:
                     # The broker went away: subscribe again on a new connection.
                     self._conn = None

@@ -26,6 +26,15 @@ import trio
 
 #: Receives in a row that found data at once before one yields anyway.
 YIELD_EVERY: Final = 4
+#: Bytes one receive may take.
+RECEIVE_BUFFER: Final = 256 * 1024
+# One buffer for every stream of the (single-threaded) broker: received
+# into, then copied out before anything else runs. ``recv(n)`` with a large
+# ``n`` allocates (with glibc, maps) ``n`` bytes every call: a 256 KiB recv
+# cost six times a 64 KiB one, and a buffer per connection would cost
+# memory per idle client.
+_buffer = bytearray(RECEIVE_BUFFER)
+_view = memoryview(_buffer)
 
 
 class UnixStream(trio.abc.Stream):
@@ -49,7 +58,7 @@ class UnixStream(trio.abc.Stream):
         await trio.lowlevel.checkpoint_if_cancelled()
         while True:
             try:
-                data = sock.recv(max_bytes or 65536)
+                n = sock.recv_into(_buffer, min(max_bytes or RECEIVE_BUFFER, RECEIVE_BUFFER))
             except BlockingIOError:
                 self._ready_in_a_row = 0
                 await self._wait(trio.lowlevel.wait_readable)
@@ -57,11 +66,9 @@ class UnixStream(trio.abc.Stream):
             except OSError as exc:
                 raise trio.BrokenResourceError(str(exc)) from exc
             break
+        data = bytes(_view[:n])
         self._ready_in_a_row += 1
-        if (
-            self._ready_in_a_row >= YIELD_EVERY
-            or trio.lowlevel.current_statistics().tasks_runnable
-        ):
+        if self._ready_in_a_row >= YIELD_EVERY or trio.lowlevel.current_statistics().tasks_runnable:
             # Others are waiting to run (a task this one woke, say): let
             # them, as a checkpoint would.
             self._ready_in_a_row = 0
