@@ -7,8 +7,9 @@ own terms, whether it may be sent again), checks arguments on the way
 (bodies, sizes, timeouts), and holds the per-connection state of the wire
 (:class:`Wire`: request ids, encoding, the frame reader, the check of each
 reply). :class:`Attempts` keeps the deadlines of a call and of its retries
-after a lost connection. It does no I/O and imports neither trio nor anyio:
-the clients bring the sockets and the clock.
+after a lost connection; :class:`PutWindow`, the puts a blocking client sent
+without waiting for their replies (``put_window``). It does no I/O and
+imports neither trio nor anyio: the clients bring the sockets and the clock.
 """
 
 from __future__ import annotations
@@ -401,6 +402,21 @@ class Attempts:
         self.retry_until = self.deadline
         self.started = now
 
+    def wait_from(self, now: float) -> float | None:
+        """The reply of a call sent earlier (a put in a window) is waited
+        for from ``now``: it gets its own deadline, and at least ``grace``
+        from now. Returns that deadline (None: no bound)."""
+        if self.deadline is not None:
+            self.deadline = max(self.deadline, now + self.grace)
+        return self.deadline
+
+    def retry_from(self, began: float) -> None:
+        """The caller began to wait for this call, sent earlier, at ``began``:
+        after a lost connection it may be sent again until ``grace`` after
+        that at least (a call that may wait for ever counts from the loss)."""
+        if self.retry_until is not None and self.deadline is not None:
+            self.retry_until = max(self.retry_until, began + self.grace)
+
     def start(self, now: float) -> float | None:
         """An attempt begins: how long its exchange may take (None: no bound)."""
         self.started = now
@@ -418,6 +434,139 @@ class Attempts:
         if self.request_deadline is not None:
             self.fields["timeout"] = max(0.0, self.request_deadline - now)
         return True
+
+
+# -- the put window ----------------------------------------------------------
+
+PUT_WINDOW_VARIABLE = "BROKERQ_PUT_WINDOW"
+
+
+def put_window(value: int | None) -> int:
+    """The put window of a client: ``value``, or with None ``$BROKERQ_PUT_WINDOW``
+    (unset or empty: 0, off). Raises InvalidRequest (a ValueError) for a
+    negative or malformed one."""
+    if value is None:
+        raw = os.environ.get(PUT_WINDOW_VARIABLE, "").strip()
+        if not raw:
+            return 0
+        try:
+            value = int(raw)
+        except ValueError:
+            raise InvalidRequest(
+                f"{PUT_WINDOW_VARIABLE} must be a whole number of puts, not {raw!r}"
+            ) from None
+        if value < 0:
+            raise InvalidRequest(f"{PUT_WINDOW_VARIABLE} must be 0 or more, not {value}")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"put_window is a number of puts, not {value!r}")
+    if value < 0:
+        raise InvalidRequest(f"put_window must be 0 or more, not {value}")
+    return value
+
+
+@dataclass(slots=True)
+class Unacknowledged:
+    """A put sent in a window whose reply has not been read: its call, its
+    :class:`Attempts` (the fields it is sent with, its deadlines), and the
+    id of the request that last carried it."""
+
+    call: Call[protocol.PutReply]
+    attempts: Attempts
+    request_id: int = 0
+
+
+class PutWindow:
+    """The puts of one thread sent without waiting for their replies (sans-IO).
+
+    Its puts are in the order they were made; the first :attr:`sent` of
+    them went out on the connection :attr:`conn` (any object the client
+    uses for one), the rest are still to be sent there. A new connection
+    (after a lost one) has none of them: :meth:`encode_unsent` then
+    encodes every one of them again, in order, with its key. Replies come
+    in the same order: :meth:`answered` takes the first put's.
+    """
+
+    def __init__(self, grace: float) -> None:
+        self.grace = grace
+        self.pending: deque[Unacknowledged] = deque()
+        self.conn: object = None
+        self.sent = 0
+        self._latest: float | None = 0.0  # the latest reply deadline; None: for ever
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def add(self, call: Call[protocol.PutReply], now: float) -> None:
+        """A put made now, to be sent (:meth:`encode_unsent`)."""
+        attempts = Attempts(call, self.grace, now)
+        if attempts.deadline is None or self._latest is None:
+            self._latest = None
+        else:
+            self._latest = max(self._latest, attempts.deadline)
+        self.pending.append(Unacknowledged(call, attempts))
+
+    def encode_unsent(self, conn: object, wire: Wire, now: float) -> bytes | bytearray:
+        """The frames of the puts not yet sent on ``conn`` (every put, if
+        ``conn`` is not the one they went out on), encoded on ``wire``.
+        They count as sent from now on: if sending fails, the connection
+        is lost or closed, and a new one gets them all again."""
+        if conn is not self.conn:
+            self.conn = conn
+            self.sent = 0
+        unsent = len(self.pending) - self.sent
+        if unsent == 0:
+            return b""
+        entries = list(itertools.islice(reversed(self.pending), unsent))
+        entries.reverse()
+        out = bytearray()
+        for entry in entries:
+            entry.request_id = wire.encode(entry.call.kind, entry.attempts.fields)
+            entry.attempts.start(now)
+            out += wire.out
+        self.sent = len(self.pending)
+        return out
+
+    def send_deadline(self, now: float) -> float | None:
+        """How long sending may block: the broker reads on once it has
+        answered the puts ahead, so the latest of their reply deadlines, and
+        at least ``grace`` from now (None: no bound, a put may wait for ever)."""
+        return None if self._latest is None else max(self._latest, now + self.grace)
+
+    def reply_deadline(self, now: float) -> float | None:
+        """The deadline of the first put's reply, waited for from ``now``."""
+        return self.pending[0].attempts.wait_from(now)
+
+    def answered(
+        self, reply: protocol.AnyReply, wire: Wire, close: Callable[[], None]
+    ) -> protocol.PutReply:
+        """The reply to the first put: it leaves the window (acknowledged, or
+        answered with an error, which this raises as :meth:`Wire.check` does)."""
+        head = self.pending[0]
+        if reply.id == head.request_id:
+            self.pending.popleft()
+            self.sent -= 1
+            if not self.pending:
+                self._latest = 0.0
+        return wire.check(protocol.PutReply, head.request_id, reply, close)
+
+    def lost(self, began: float, now: float) -> bool:
+        """The connection was lost (the caller began to wait at ``began``):
+        may every put be sent again? Each gets its timeout's remainder, as
+        :meth:`Attempts.again` says."""
+        self.conn = None
+        self.sent = 0
+        allowed = True
+        for entry in self.pending:
+            entry.attempts.retry_from(began)
+            allowed = entry.attempts.again(now) and allowed
+        return allowed
+
+    def clear(self) -> None:
+        self.pending.clear()
+        self.conn = None
+        self.sent = 0
+        self._latest = 0.0
 
 
 # -- one connection's wire ---------------------------------------------------

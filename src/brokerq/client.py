@@ -10,12 +10,18 @@ for ever, ``0`` is the ``_nowait`` form, and running out raises
 :class:`~brokerq.Empty`. The socket's own deadline is derived from the
 request's: the broker has the request's timeout to answer, plus the
 client's ``timeout`` (the connect/spawn deadline) as a grace for the reply.
+
+With a ``put_window`` of N, a put is sent without waiting for its reply
+(up to N per thread unread), and the replies are read by :meth:`Client.flush`,
+by the put that finds the window full, or by any other request of the
+thread, which flushes first (see docs/usage.md, "Pipelined puts").
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import select
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -131,6 +137,34 @@ class Connection:
                 return reply
             self.wire.feed(self.io.receive(calls.RECEIVE_SIZE, deadline))
 
+    def send_reading(self, data: bytes | bytearray, deadline: float | None) -> None:
+        """Send all of ``data`` by ``deadline``, taking in whatever the broker
+        sends meanwhile (replies to earlier requests, left in :attr:`wire`
+        to be read in order). A client that pipelines must: a broker whose
+        replies are not read stops reading, and both would wait for ever."""
+        sock = self.sock
+        try:
+            sent = sock.send(data)
+        except BlockingIOError:
+            sent = 0
+        if sent == len(data):
+            return
+        poller = select.poll()
+        poller.register(sock, select.POLLIN | select.POLLOUT)
+        with memoryview(data) as view:
+            while sent < len(data):
+                if deadline is None:
+                    events = poller.poll()
+                else:
+                    left = deadline - time.monotonic()
+                    if left <= 0 or not (events := poller.poll(left * 1000 + 0.999)):
+                        raise TimeoutError("timed out")
+                if events[0][1] & ~select.POLLOUT:  # readable, or hung up
+                    with contextlib.suppress(BlockingIOError):
+                        self.wire.feed(sock.recv(calls.RECEIVE_SIZE))
+                with contextlib.suppress(BlockingIOError):
+                    sent += sock.send(view[sent:])
+
 
 def retire_older_broker(socket_path: str, version: int, deadline: float) -> None:
     """Ask the broker at ``socket_path``, which speaks the older protocol
@@ -157,13 +191,24 @@ class Client:
 
     ``timeout`` is the deadline for connecting (and spawning a broker), and
     the grace a reply gets beyond its request's own timeout.
+
+    ``put_window`` (None: ``$BROKERQ_PUT_WINDOW``, else 0): with N > 0,
+    :meth:`Queue.put` sends its put and returns 0 without waiting for the
+    reply, as long as fewer than N of this thread's puts are unacknowledged;
+    :meth:`flush` (or any other request of the thread, or :meth:`close`)
+    reads their replies. See docs/usage.md, "Pipelined puts".
     """
 
     def __init__(
-        self, socket: str | os.PathLike[str] | None = None, timeout: float = DEFAULT_TIMEOUT
+        self,
+        socket: str | os.PathLike[str] | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        *,
+        put_window: int | None = None,
     ) -> None:
         self.socket_path = resolve_socket_path(socket)
         self.timeout = timeout
+        self.put_window = calls.put_window(put_window)
         self._closed = False
         self._lock = threading.Lock()
         self._reset()
@@ -184,12 +229,86 @@ class Client:
         return f"<brokerq.Client {self.socket_path!r}{' closed' if self._closed else ''}>"
 
     def close(self) -> None:
-        """Close every connection of this client; using it afterwards raises."""
-        with self._lock:
-            self._closed = True
-            for conn in self._connections:
-                conn.close()
-            self._connections.clear()
+        """Close every connection of this client; using it afterwards raises.
+
+        First flushes this thread's put window (:meth:`flush`); if that
+        raises, the connections are closed all the same and the error
+        propagates. Puts other threads left unflushed are dropped with
+        their connections, unacknowledged.
+        """
+        try:
+            if not self._closed:
+                self._flush_window()
+        finally:
+            with self._lock:
+                self._closed = True
+                for conn in self._connections:
+                    conn.close()
+                self._connections.clear()
+                self._local = threading.local()  # and every thread's window
+
+    def flush(self) -> None:
+        """Wait until every put this thread sent in its put window is acknowledged.
+
+        Reads the reply of each, in order; once it returns, they hold as
+        puts that returned do (durable per ``--fsync``, surviving a broker
+        crash). An error reply to one of them (``Full``, say) is raised
+        here, after the replies before it; the puts after it were still
+        made, and stay in the window for the next flush. A lost connection
+        sends the unacknowledged puts again, same keys, in order, on a new
+        one, within the client's ``timeout``. Nothing to do without a
+        window (``put_window`` 0).
+        """
+        if self._closed:
+            raise calls.closed_client()
+        self._flush_window()
+
+    def _flush_window(self) -> None:
+        """Flush this thread's window, if it holds anything (and is this process's)."""
+        window: calls.PutWindow | None = getattr(self._local, "window", None)
+        if window is not None and window.pending and os.getpid() == self._pid:
+            self._read_window(window, 0, time.monotonic())
+
+    def send_put(self, call: Call[protocol.PutReply]) -> None:
+        """Send a put in this thread's window, without reading its reply;
+        first, if the window is full, read replies until a put's slot is free
+        (raising an error reply read on the way: this put is then not sent)."""
+        self.connection()  # a closed client raises; a forked child forgets its parent's
+        window: calls.PutWindow | None = getattr(self._local, "window", None)
+        if window is None:
+            window = self._local.window = calls.PutWindow(self.timeout)
+        began = time.monotonic()
+        if len(window.pending) >= self.put_window:
+            self._read_window(window, self.put_window - 1, began)
+        window.add(call, began)
+        self._read_window(window, None, began)
+
+    def _read_window(self, window: calls.PutWindow, keep: int | None, began: float) -> None:
+        """Send the window's puts not yet sent on this thread's connection,
+        then (unless ``keep`` is None) read replies until ``keep`` puts at
+        most are unacknowledged. After a lost connection, every
+        unacknowledged put is sent again on a new one (Attempts decides
+        until when); an error reply is raised once its put has left the window."""
+        while True:
+            conn = self.connection()
+            try:
+                now = time.monotonic()
+                data = window.encode_unsent(conn, conn.wire, now)
+                if data:
+                    deadline = window.send_deadline(now)
+                    with conn.exchange(None if deadline is None else deadline - now):
+                        conn.send_reading(data, deadline)
+                if keep is None or len(window.pending) <= keep:
+                    return
+                now = time.monotonic()
+                deadline = window.reply_deadline(now)
+                with conn.exchange(None if deadline is None else deadline - now):
+                    reply = conn.read_reply(deadline)
+            except ConnectionLost:
+                if not window.lost(began, time.monotonic()):
+                    raise
+                continue
+            window.answered(reply, conn.wire, conn.close)
 
     def connection(self, *, spawn: bool = True) -> Connection:
         """This thread's connection, opened (and the broker spawned) on demand."""
@@ -233,7 +352,11 @@ class Client:
         return self.run(Call(expect, kind, wait, fields, retry))
 
     def run(self, call: Call[R]) -> R:
-        """:meth:`call`, for a request built by :mod:`brokerq.calls`."""
+        """:meth:`call`, for a request built by :mod:`brokerq.calls`.
+
+        Flushes this thread's put window first: the reply read next is this
+        call's."""
+        self._flush_window()
         attempts = calls.Attempts(call, self.timeout, time.monotonic())
         while True:
             conn = self.connection()
@@ -287,6 +410,7 @@ class Client:
 
     def ping(self) -> float:
         """Round-trip time to the broker, in seconds."""
+        self._flush_window()
         conn = self.connection()  # connecting (or spawning) is not part of the trip
         start = time.perf_counter()
         ping = calls.ping()
@@ -310,7 +434,9 @@ class Client:
 
         Returns False if no broker was running. Raises BrokerUnavailable if
         the broker still holds its lock after the client's ``timeout``.
+        Flushes this thread's put window first.
         """
+        self._flush_window()
         try:
             conn = self.connection(spawn=False)
         except VersionMismatch as exc:
@@ -371,6 +497,13 @@ class Queue:
     ) -> int:
         """Enqueue ``body`` (str is sent as UTF-8); return its message id.
 
+        With the client's ``put_window`` above 0, it is sent without waiting
+        for the reply and returns 0: it is acknowledged only once
+        :meth:`flush` (or another request of this thread) returns. An
+        exception raised here may be the error of an earlier windowed put,
+        read while waiting for room in the window: this put was then not
+        sent. See docs/usage.md, "Pipelined puts".
+
         ``priority``: higher is delivered first, FIFO within a priority.
         ``delay``: seconds before it can be delivered. ``ttl``: seconds after
         which it is dropped if still waiting (ready or delayed).
@@ -384,7 +517,14 @@ class Queue:
         options = calls.PutOptions(priority, delay, ttl, timeout)
         limit = self.client.connection().max_message_size
         call = calls.put(self.name, body, limit, self.client.next_keys, options)
+        if self.client.put_window > 0:
+            self.client.send_put(call)
+            return 0
         return self.client.run(call).msg_id
+
+    def flush(self) -> None:
+        """:meth:`Client.flush` of this queue's client (every queue's puts of this thread)."""
+        self.client.flush()
 
     def put_nowait(self, body: Body, **options: Any) -> int:
         """``put(body, timeout=0)``: raises Full at once if the queue is full."""
@@ -402,7 +542,8 @@ class Queue:
         """Enqueue several bodies in order, in as few frames as fit; return their ids.
 
         ``priority``, ``delay``, ``ttl`` and ``timeout`` as for :meth:`put`.
-        Every size is checked before anything is sent.
+        Every size is checked before anything is sent. Never windowed: it
+        flushes the put window first, then waits for its own replies.
         """
         options = calls.PutOptions(priority, delay, ttl, timeout)
         limit = self.client.connection().max_message_size
@@ -651,12 +792,16 @@ def _shared_client(socket_path: str | os.PathLike[str] | None) -> Client:
 
 
 def connect(
-    socket: str | os.PathLike[str] | None = None, timeout: float = DEFAULT_TIMEOUT
+    socket: str | os.PathLike[str] | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    *,
+    put_window: int | None = None,
 ) -> Client:
     """A client of the broker at ``socket`` (default: ``$BROKERQ_SOCKET`` or the
     per-user path). Connects (spawning the broker if none runs) right away, so
-    a broker that cannot be reached fails here rather than at the first put."""
-    client = Client(socket, timeout)
+    a broker that cannot be reached fails here rather than at the first put.
+    ``put_window``: see :class:`Client`."""
+    client = Client(socket, timeout, put_window=put_window)
     try:
         client.connection()
     except BaseException:
