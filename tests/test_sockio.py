@@ -97,27 +97,40 @@ def test_spinner_send_times_out_when_the_peer_does_not_read(
         Spinner(ours, 0.0001).send_all(b"x" * 10_000_000, time.monotonic() + 0.2)
 
 
-def cpu_spent_waiting(spinner: Spinner, theirs: socket.socket, delay: float) -> float:
-    """CPU seconds this thread spends in a receive whose data comes ``delay`` s later."""
+class CountingSpinner(Spinner):
+    """A Spinner that counts the reads it tries."""
+
+    reads = 0
+
+    def _recv(self, size: int) -> bytes:
+        self.reads += 1
+        return super()._recv(size)
+
+
+def reads_while_waiting(spinner: CountingSpinner, theirs: socket.socket, delay: float) -> int:
+    """How many reads a receive whose data comes ``delay`` s later tries."""
     timer = threading.Timer(delay, theirs.sendall, args=(b"r",))
     timer.start()
-    start = time.thread_time()
-    assert spinner.receive(10, None) == b"r"
-    spent = time.thread_time() - start
-    timer.join()
-    return spent
+    spinner.reads = 0
+    try:
+        assert spinner.receive(10, None) == b"r"
+    finally:
+        timer.join()
+    return spinner.reads
 
 
 def test_spinning_stops_for_a_connection_whose_replies_come_late(
     pair: tuple[socket.socket, socket.socket],
 ) -> None:
     ours, theirs = pair
-    spinner = Spinner(ours, 0.02)  # a long spin, to see it in the CPU time
-    assert cpu_spent_waiting(spinner, theirs, 0.05) > 0.01  # spun for its 20 ms
+    spinner = CountingSpinner(ours, 0.02)
+    # It spins (reads again and again) for up to 20 ms, then sleeps.
+    assert reads_while_waiting(spinner, theirs, 0.05) > 3
     for _ in range(30):  # replies that keep coming well after the spin ...
-        cpu_spent_waiting(spinner, theirs, 0.03)
+        reads_while_waiting(spinner, theirs, 0.04)
     assert spinner.typical_wait > spinner.spin
-    assert cpu_spent_waiting(spinner, theirs, 0.05) < 0.005  # ... and now it sleeps at once
+    # ... and now it sleeps at once: one read that finds nothing, one after.
+    assert reads_while_waiting(spinner, theirs, 0.05) == 2
 
 
 def test_spin_setting_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
