@@ -8,7 +8,6 @@ here, at the edge, and nowhere else.
 from __future__ import annotations
 
 import contextlib
-import json
 import signal
 import sys
 import time
@@ -19,17 +18,26 @@ import click
 
 from . import __version__
 from .client import Client, Queue
-from .daemon import broker_options
-from .daemon import run as run_broker
 from .errors import BrokerqError, Empty, Full
-from .prometheus import format_prometheus
 
 EXIT_ERROR = 1
 EXIT_EMPTY = 3
 
 
 class _Group(click.Group):
-    """Turns brokerq's errors into one line on stderr and an exit status."""
+    """Turns brokerq's errors into one line on stderr and an exit status.
+
+    It makes the ``serve`` command only when it is asked for (see
+    :func:`_serve_command`).
+    """
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), "serve"})
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name == "serve" and cmd_name not in self.commands:
+            self.add_command(_serve_command())
+        return super().get_command(ctx, cmd_name)
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -261,6 +269,8 @@ def stats(state: _State, queue: str | None, as_json: bool, as_prom: bool) -> Non
         data = state.client.stats()
         data["queue_stats"] = [state.queue(n).stats() for n in state.client.queues()]
     if as_prom:
+        from .prometheus import format_prometheus
+
         if queue is not None:
             text = format_prometheus(None, [data])
         else:
@@ -268,6 +278,8 @@ def stats(state: _State, queue: str | None, as_json: bool, as_prom: bool) -> Non
         click.echo(text, nl=False)
         return
     if as_json:
+        import json
+
         click.echo(json.dumps(data, indent=2, sort_keys=True))
         return
     rows = data.pop("queue_stats", None)
@@ -442,12 +454,21 @@ def stop(state: _State) -> None:
         click.echo(f"brokerq: no broker is running at {state.client.socket_path}", err=True)
 
 
-@cli.command()
-@broker_options
-@pass_state
-def serve(state: _State, /, **options: Any) -> None:
-    """Run a broker for --socket in the foreground (as local-queue-broker)."""
-    sys.exit(run_broker(state.socket, **options))
+def _serve_command() -> click.Command:
+    """The ``serve`` command, made on demand: its options are the broker's
+    (daemon.py), and importing the broker's modules would slow every other
+    command's start."""
+    from .daemon import broker_options
+    from .daemon import run as run_broker
+
+    @click.command()
+    @broker_options
+    @pass_state
+    def serve(state: _State, /, **options: Any) -> None:
+        """Run a broker for --socket in the foreground (as local-queue-broker)."""
+        sys.exit(run_broker(state.socket, **options))
+
+    return serve
 
 
 @cli.command()

@@ -15,8 +15,9 @@ The rules (``docs/usage.md`` and design.md section 3 tell the story):
   wait for it to say ``READY`` over a pipe.
 
 This module is plain blocking code with no trio import: it runs in every
-client, and a client must start fast. The broker side of the handshake
-lives in :mod:`brokerq.daemon`.
+client, and a client must start fast (what only spawning needs, subprocess
+and shutil, is imported when a broker is spawned). The broker side of the
+handshake lives in :mod:`brokerq.daemon`.
 """
 
 from __future__ import annotations
@@ -25,17 +26,13 @@ import contextlib
 import errno
 import fcntl
 import os
-import random
 import select
-import shutil
 import socket
 import stat
 import struct
-import subprocess
 import sys
 import time
 import weakref
-from pathlib import Path
 
 from .errors import BrokerUnavailable, InvalidRequest, PermissionDenied
 from .pause import pause
@@ -219,7 +216,8 @@ def take_spawn_lock(socket_path: str) -> int | None:
 def lock_holder_pid(socket_path: str) -> int | None:
     """The pid the lock holder wrote into the lock file (information only)."""
     try:
-        text = Path(lock_path(socket_path)).read_text().strip()
+        with open(lock_path(socket_path)) as lock:
+            text = lock.read().strip()
     except OSError:
         return None
     return int(text) if text.isdigit() else None
@@ -300,18 +298,22 @@ def connect_or_spawn(socket_path: str, deadline: float, *, spawn: bool = True) -
         if remaining <= 0:
             what = "did not answer" if broker_running(socket_path) else "is not running"
             raise BrokerUnavailable(f"the broker at {socket_path} {what} within the deadline")
+        import random  # only when there is a wait: a client starts faster without it
+
         time.sleep(min(delay * (0.5 + random.random()), remaining))
         delay = min(delay * 2, 0.05)
 
 
 def broker_command() -> list[str]:
     """``$BROKERQ_BROKER``, else ``local-queue-broker`` beside this Python, else on PATH."""
+    import shutil
+
     configured = os.environ.get("BROKERQ_BROKER")
     if configured:
         return [configured]
-    beside = Path(sys.executable).parent / "local-queue-broker"
+    beside = os.path.join(os.path.dirname(sys.executable), "local-queue-broker")
     if os.access(beside, os.X_OK):
-        return [str(beside)]
+        return [beside]
     found = shutil.which("local-queue-broker")
     if found:
         return [found]
@@ -330,6 +332,8 @@ def broker_environment() -> dict[str, str]:
 
 def spawn_broker(socket_path: str, lock_fd: int, deadline: float) -> int:
     """Start a broker that inherits ``lock_fd`` (locked); return its pid once READY."""
+    import subprocess
+
     command = [
         *broker_command(),
         socket_path,
@@ -401,7 +405,8 @@ def _log_tail(socket_path: str) -> str:
     """The last line of the broker's log, to end a one-line error message."""
     path = log_path(socket_path)
     try:
-        text = Path(path).read_text(errors="replace")
+        with open(path, errors="replace") as log:
+            text = log.read()
     except OSError:
         return ""
     lines = [line.strip() for line in text.splitlines() if line.strip()]
