@@ -90,20 +90,31 @@ def test_a_get_on_the_same_thread_flushes_first(client: brokerq.Client) -> None:
     assert q.get_many(5, timeout=0) == [b"b", b"c"]
 
 
-def test_put_many_and_stats_flush_first(client: brokerq.Client) -> None:
+def test_stats_flushes_first(client: brokerq.Client) -> None:
     q = client.queue("q")
     q.put(b"a")
     q.put(b"b")
-    ids = q.put_many([b"c", b"d"])  # synchronous under a window: real ids
+    assert unacknowledged(client) == 2
+    assert q.stats()["ready"] == 2
     assert unacknowledged(client) == 0
-    assert ids[1] == ids[0] + 1
-    assert ids[0] > 2
-    q.put(b"e")
-    assert q.stats()["ready"] == 5
+    q.put(b"c")
+    assert client.stats()["put_total"] == 3
+    assert q.get_many(10, timeout=0) == [b"a", b"b", b"c"]
+
+
+def test_put_many_is_windowed_a_frame_at_a_time(client: brokerq.Client) -> None:
+    q = client.queue("q")
+    q.put(b"a")
+    assert q.put_many([b"b", b"c", b"d"]) == [0, 0, 0]  # one frame: one put of the window
+    assert unacknowledged(client) == 2
+    big = [bytes([i]) * 4_000_000 for i in range(5)]  # 20 MB: two frames (16 MiB limit)
+    assert q.put_many(big) == [0] * 5
+    assert unacknowledged(client) == 4
+    client.flush()
     assert unacknowledged(client) == 0
-    q.put(b"f")
-    assert client.stats()["put_total"] == 6
-    assert q.get_many(10, timeout=0) == [b"a", b"b", b"c", b"d", b"e", b"f"]
+    assert q.stats()["put_total"] == 9
+    assert q.get_many(4, timeout=0) == [b"a", b"b", b"c", b"d"]
+    assert [q.get(timeout=0) for _ in big] == big
 
 
 def test_close_flushes_then_closes(socket_path: str, observer: brokerq.Client) -> None:

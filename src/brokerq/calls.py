@@ -471,7 +471,7 @@ class Unacknowledged:
     :class:`Attempts` (the fields it is sent with, its deadlines), and the
     id of the request that last carried it."""
 
-    call: Call[protocol.PutReply]
+    call: Call[Any]  # a put or a put_many
     attempts: Attempts
     request_id: int = 0
 
@@ -497,8 +497,8 @@ class PutWindow:
     def __len__(self) -> int:
         return len(self.pending)
 
-    def add(self, call: Call[protocol.PutReply], now: float) -> None:
-        """A put made now, to be sent (:meth:`encode_unsent`)."""
+    def add(self, call: Call[protocol.PutReply] | Call[protocol.PutManyReply], now: float) -> None:
+        """A put (or one frame of a put_many) made now, to be sent (:meth:`encode_unsent`)."""
         attempts = Attempts(call, self.grace, now)
         if attempts.deadline is None or self._latest is None:
             self._latest = None
@@ -539,7 +539,7 @@ class PutWindow:
 
     def answered(
         self, reply: protocol.AnyReply, wire: Wire, close: Callable[[], None]
-    ) -> protocol.PutReply:
+    ) -> protocol.Reply:
         """The reply to the first put: it leaves the window (acknowledged, or
         answered with an error, which this raises as :meth:`Wire.check` does)."""
         head = self.pending[0]
@@ -548,7 +548,8 @@ class PutWindow:
             self.sent -= 1
             if not self.pending:
                 self._latest = 0.0
-        return wire.check(protocol.PutReply, head.request_id, reply, close)
+        expect: type[protocol.Reply] = head.call.expect
+        return wire.check(expect, head.request_id, reply, close)
 
     def lost(self, began: float, now: float) -> bool:
         """The connection was lost (the caller began to wait at ``began``):

@@ -269,7 +269,7 @@ class Client:
         if window is not None and window.pending and os.getpid() == self._pid:
             self._read_window(window, 0, time.monotonic())
 
-    def send_put(self, call: Call[protocol.PutReply]) -> None:
+    def send_put(self, call: Call[protocol.PutReply] | Call[protocol.PutManyReply]) -> None:
         """Send a put in this thread's window, without reading its reply;
         first, if the window is full, read replies until a put's slot is free
         (raising an error reply read on the way: this put is then not sent)."""
@@ -542,12 +542,17 @@ class Queue:
         """Enqueue several bodies in order, in as few frames as fit; return their ids.
 
         ``priority``, ``delay``, ``ttl`` and ``timeout`` as for :meth:`put`.
-        Every size is checked before anything is sent. Never windowed: it
-        flushes the put window first, then waits for its own replies.
+        Every size is checked before anything is sent. Under the client's
+        ``put_window``, each of its frames is a put of the window (sent,
+        not yet acknowledged) and it returns a 0 per body (see :meth:`put`).
         """
         options = calls.PutOptions(priority, delay, ttl, timeout)
         limit = self.client.connection().max_message_size
         requests = calls.put_many(self.name, bodies, limit, self.client.next_keys, options)
+        if self.client.put_window > 0:
+            for call in requests:
+                self.client.send_put(call)
+            return [0] * sum(len(call.fields["bodies"]) for call in requests)
         return [msg_id for call in requests for msg_id in self.client.run(call).msg_ids]
 
     def get(self, timeout: float | None = None) -> bytes:
