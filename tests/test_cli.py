@@ -79,6 +79,14 @@ def test_put_arguments_print_one_id_per_line(brokerq_cli: Brokerq) -> None:
     assert ok(brokerq_cli("get", "q", "-n", "4")) == "a\nb\nc\nd\n"
 
 
+def test_put_prints_real_ids_whatever_the_put_window_variable_says(socket_path: str) -> None:
+    done = run_cli("--socket", socket_path, "put", "q", "a", "b", env={"BROKERQ_PUT_WINDOW": "64"})
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"1\n2\n", b"")
+    done = run_cli("--socket", socket_path, "get", "q", "-n", "2")
+    assert done.stdout == b"a\nb\n"
+    assert run_cli("--socket", socket_path, "stop").returncode == 0
+
+
 def test_put_from_stdin_one_message_per_line(brokerq_cli: Brokerq) -> None:
     assert ok(brokerq_cli("put", "q", input="a\nb\n")) == "1\n2\n"
     assert ok(brokerq_cli("put", "q", input="no newline")) == "3\n"

@@ -61,7 +61,9 @@ class _State:
     @property
     def client(self) -> Client:
         if self._client is None:
-            self._client = Client(self.socket, self.connect_timeout)
+            # No put window, whatever BROKERQ_PUT_WINDOW says: `put` prints
+            # each message's id, which a windowed put does not know.
+            self._client = Client(self.socket, self.connect_timeout, put_window=0)
         return self._client
 
     def queue(self, name: str) -> Queue:
