@@ -12,6 +12,7 @@ one consumer process then run the workload with the blocking client, as
 * ``a``: one message in flight: put, the consumer's get(timeout) takes it
   and signals back over a pipe, then the next put;
 * ``b``: the producer puts N messages of 100 B while the consumer gets;
+* ``c``: the same with 4 producers and 4 consumers (N in all);
 * ``d``: the same in batches of 100 (put_many / get_many);
 * ``e``: N messages of 64 KiB.
 
@@ -101,14 +102,15 @@ def summarize(raw: str, top: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--workload", choices="abde", default="b")
+    parser.add_argument("--workload", choices="abcde", default="b")
     parser.add_argument("--journal", choices=("shm", "disk", "none"), default="shm")
     parser.add_argument("--spy", choices=("broker", "producer", "consumer"))
     parser.add_argument("-n", type=int, default=0, help="messages (default per workload)")
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--raw", help="keep py-spy's collapsed stacks here")
     args = parser.parse_args()
-    n = args.n or {"a": 5000, "b": 30000, "d": 300000, "e": 5000}[args.workload]
+    n = args.n or {"a": 5000, "b": 30000, "c": 40000, "d": 300000, "e": 5000}[args.workload]
+    pairs = 4 if args.workload == "c" else 1
     size = 65536 if args.workload == "e" else 100
     base = "/dev/shm" if args.journal == "shm" else "/tmp"
     tmp = tempfile.mkdtemp(prefix="bqp-", dir=base)
@@ -123,15 +125,22 @@ def main() -> None:
             broker_pid = client.broker_pid
             ctx = mp.get_context("fork")
             ack_r, ack_w = ctx.Pipe(duplex=False)
-            cons = ctx.Process(target=consumer, args=(path, args.workload, n, ack_w))
-            prod = ctx.Process(target=producer, args=(path, args.workload, n, size, ack_r))
+            each = n // pairs
+            cons = [
+                ctx.Process(target=consumer, args=(path, args.workload, each, ack_w))
+                for _ in range(pairs)
+            ]
+            prods = [
+                ctx.Process(target=producer, args=(path, args.workload, each, size, ack_r))
+                for _ in range(pairs)
+            ]
             start = time.perf_counter()
-            cons.start()
-            prod.start()
-            pid = {"broker": broker_pid, "producer": prod.pid, "consumer": cons.pid}
+            for proc in cons + prods:
+                proc.start()
+            pid = {"broker": broker_pid, "producer": prods[0].pid, "consumer": cons[0].pid}
             recorder = spy(pid[args.spy] or 0, 3600, raw) if args.spy else None
-            prod.join()
-            cons.join()
+            for proc in prods + cons:
+                proc.join()
             elapsed = time.perf_counter() - start
             if recorder is not None:
                 recorder.send_signal(signal.SIGINT)
