@@ -2,19 +2,30 @@
 
 Higher priority first; within a priority, by message id, which is arrival
 order (as POSIX message queues do). A message that comes back (released,
-its lease ran out, its reply was never written) returns to its place by
-id, so order is kept.
+its lease ran out, its reply was never written, a delayed one come due)
+returns to its place by id, so order is kept.
 
-One deque per priority in use, and the priorities in use kept sorted: a
-new message appends to its deque, the head is the first message of the
-highest priority, so put and get are O(1) plus O(p) when a priority level
-appears or empties (p levels in use, usually one). A message put back
-searches its deque from the front, where it almost always belongs.
+Per priority in use, a :class:`_Level`: new messages append to a deque (their
+ids only grow), messages that come back go to a heap by id, and the head is
+the lower id of the two. The priorities in use are kept sorted. So, with p
+levels in use (usually one) and r messages come back and not yet delivered:
+
+* put (``append``) and get (``head``, ``popleft``): O(1), plus O(log r)
+  when the head is one that came back, plus O(p) when a level appears or
+  empties;
+* a message coming back (``insert``): O(log r), wherever its place is;
+* an expired message taken out (``remove``): O(1), lazily: its id is noted
+  and its entry dropped when it reaches the head (or its level empties).
+
+(A deque's ``insert`` in the middle and ``remove`` walk it: a delayed message
+landing in the middle of a queue of a million, or a hundred expiring at its
+back, stalled the broker for seconds. bench/growth.py measures it.)
 """
 
 from __future__ import annotations
 
 import bisect
+import heapq
 from collections import deque
 from collections.abc import Iterator
 from typing import Generic, Protocol, TypeVar
@@ -28,13 +39,25 @@ class _Ready(Protocol):
 M = TypeVar("M", bound=_Ready)
 
 
-class ReadyList(Generic[M]):
-    __slots__ = ("_count", "_levels", "_order")
+class _Level(Generic[M]):
+    """The ready messages of one priority (see the module doc)."""
+
+    __slots__ = ("back", "fresh", "live")
 
     def __init__(self) -> None:
-        self._levels: dict[int, deque[M]] = {}
+        self.fresh: deque[M] = deque()  # new messages, ids ascending
+        self.back: list[tuple[int, M]] = []  # a heap of (id, message) come back
+        self.live = 0  # messages here not removed
+
+
+class ReadyList(Generic[M]):
+    __slots__ = ("_count", "_levels", "_order", "_removed")
+
+    def __init__(self) -> None:
+        self._levels: dict[int, _Level[M]] = {}
         self._order: list[int] = []  # the negated priorities in use, ascending
         self._count = 0
+        self._removed: set[int] = set()  # ids taken out whose entries remain
 
     def __len__(self) -> int:
         return self._count
@@ -44,59 +67,101 @@ class ReadyList(Generic[M]):
 
     def __iter__(self) -> Iterator[M]:
         """Every message, in delivery order."""
+        removed = self._removed
         for negated in self._order:
-            yield from self._levels[-negated]
+            level = self._levels[-negated]
+            if not level.back and not removed:
+                yield from level.fresh
+                continue
+            merged = heapq.merge(level.fresh, (m for _, m in sorted(level.back)), key=_id)
+            yield from (m for m in merged if m.id not in removed)
 
-    def _level(self, priority: int) -> deque[M]:
+    def _level(self, priority: int) -> _Level[M]:
         level = self._levels.get(priority)
         if level is None:
-            level = self._levels[priority] = deque()
+            level = self._levels[priority] = _Level()
             bisect.insort(self._order, -priority)
         return level
 
     def append(self, msg: M) -> None:
         """A new message: the last of its priority."""
-        self._level(msg.priority).append(msg)
+        level = self._level(msg.priority)
+        level.fresh.append(msg)
+        level.live += 1
         self._count += 1
 
     def insert(self, msg: M) -> None:
-        """A message that comes back: to its place by id within its priority."""
+        """A message that comes back: to its place by id within its priority.
+
+        (Never one that was removed: an expired message does not come back.)
+        """
         level = self._level(msg.priority)
-        if not level or msg.id > level[-1].id:
-            level.append(msg)
+        if not level.back and (not level.fresh or msg.id > level.fresh[-1].id):
+            level.fresh.append(msg)
         else:
-            i = 0
-            while level[i].id < msg.id:
-                i += 1
-            level.insert(i, msg)
+            heapq.heappush(level.back, (msg.id, msg))
+        level.live += 1
         self._count += 1
 
     def head(self) -> M:
         """The next message to deliver (the list must not be empty)."""
-        return self._levels[-self._order[0]][0]
+        level = self._levels[-self._order[0]]
+        if not level.back and not self._removed:
+            return level.fresh[0]
+        return self._head_of(level)[0]
 
     def popleft(self) -> M:
         priority = -self._order[0]
         level = self._levels[priority]
-        msg = level.popleft()
+        if not level.back and not self._removed:
+            msg = level.fresh.popleft()
+        else:
+            msg, from_back = self._head_of(level)
+            if from_back:
+                heapq.heappop(level.back)
+            else:
+                level.fresh.popleft()
+        level.live -= 1
         self._count -= 1
-        if not level:
+        if not level.live:
             self._drop_level(priority)
         return msg
 
+    def _head_of(self, level: _Level[M]) -> tuple[M, bool]:
+        """The first live message of ``level``, and whether it is in ``back``;
+        entries of removed messages met on the way are dropped."""
+        removed = self._removed
+        fresh, back = level.fresh, level.back
+        while fresh and fresh[0].id in removed:
+            removed.discard(fresh.popleft().id)
+        while back and back[0][0] in removed:
+            removed.discard(heapq.heappop(back)[0])
+        if back and (not fresh or back[0][0] < fresh[0].id):
+            return back[0][1], True
+        return fresh[0], False
+
     def remove(self, msg: M) -> None:
-        """Take out a message from anywhere (it expired)."""
+        """Take out a message that is here, from anywhere (it expired)."""
         level = self._levels[msg.priority]
-        level.remove(msg)
+        self._removed.add(msg.id)
+        level.live -= 1
         self._count -= 1
-        if not level:
+        if not level.live:
             self._drop_level(msg.priority)
 
     def clear(self) -> None:
         self._levels.clear()
         self._order.clear()
+        self._removed.clear()
         self._count = 0
 
     def _drop_level(self, priority: int) -> None:
-        del self._levels[priority]
+        level = self._levels.pop(priority)
         self._order.remove(-priority)
+        if self._removed:  # what is left there is removed: forget those ids
+            self._removed.difference_update(m.id for m in level.fresh)
+            self._removed.difference_update(i for i, _ in level.back)
+
+
+def _id(msg: _Ready) -> int:
+    return msg.id
