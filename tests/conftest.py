@@ -149,7 +149,11 @@ def wait_until(predicate: Callable[[], T], timeout: float = 10.0, what: str = "a
 
 def gone(pid: int) -> bool:
     """True once ``pid`` has exited: reaped here if it is our child, else a
-    zombie or no longer in /proc (an exited process no longer holds its lock)."""
+    zombie or no longer in /proc, with every thread ended.
+
+    Threads matter: a broker SIGKILLed while its worker thread is in an
+    fsync shows as a zombie at once, but its sockets and lock stay open
+    (the threads share them) until that fsync returns."""
     try:
         done, _ = os.waitpid(pid, os.WNOHANG)
         if done:
@@ -158,9 +162,13 @@ def gone(pid: int) -> bool:
         pass
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
+        status = Path(f"/proc/{pid}/status").read_text()
     except OSError:
         return True
-    return stat.rsplit(")", 1)[1].split()[0] in ("Z", "X")
+    if stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X"):
+        return False
+    threads = [line for line in status.splitlines() if line.startswith("Threads:")]
+    return not threads or int(threads[0].split()[1]) <= 1
 
 
 def run_cli(
