@@ -202,6 +202,9 @@ class Connection:
         self.scope = trio.CancelScope()
         self.idle = False  # waiting for a request: a stopping broker cuts it at once
         self.sync_to = 0  # journal bytes that must be synced before replies go out
+        journal = broker.journal
+        #: Whether replies to puts wait for an fsync (``--fsync batch``, not on a tmpfs).
+        self.group_commit = journal is not None and journal.syncs == "batch"
         self.feed: LiveFeed | None = None  # set by the first live subscribe
         self.live_topics: dict[str, int] = {}  # topic -> id of its subscribe request
         self.send_lock = trio.Lock()  # replies and the feed's writer share the stream
@@ -578,8 +581,9 @@ class Connection:
             self.scope.cancel()
 
     def _needs_sync(self) -> None:
-        journal = self.broker.journal
-        if journal is not None and journal.syncs == "batch":
+        if self.group_commit:
+            journal = self.broker.journal
+            assert journal is not None
             self.sync_to = journal.written
 
     def _lease_left(self, msg: Message, now: float) -> float:
