@@ -65,37 +65,34 @@ static int write_all(const void *p, size_t n)
     return 0;
 }
 
-static int read_stdin(unsigned char **out, size_t *len)
+/* All of stdin, binary-safe: NULL on a read error (or no memory). */
+static unsigned char *read_stdin(size_t *len)
 {
-    size_t cap = 65536;
+    size_t cap = 65536, k;
     unsigned char *buf = malloc(cap);
     *len = 0;
-    for (ssize_t k = 1; buf && k != 0;) {
-        if (*len == cap) {
+    while (buf && (k = fread(buf + *len, 1, cap - *len, stdin)) > 0) {
+        *len += k;
+        if (*len == cap) {          /* full: double it */
             unsigned char *more = realloc(buf, cap *= 2);
             if (!more)
-                break;
+                free(buf);
             buf = more;
         }
-        k = read(STDIN_FILENO, buf + *len, cap - *len);
-        if (k < 0 && errno != EINTR)
-            break;
-        if (k == 0) {
-            *out = buf;
-            return 0;
-        }
-        *len += k > 0 ? (size_t)k : 0;
     }
-    free(buf);
-    return -1;
+    if (buf && ferror(stdin)) {
+        free(buf);
+        buf = NULL;
+    }
+    return buf;
 }
 
 static int put(bq *b, const char *queue, const char *arg)
 {
-    unsigned char *body = (unsigned char *)arg;
     size_t len = arg ? strlen(arg) : 0;
+    unsigned char *body = arg ? (unsigned char *)arg : read_stdin(&len);
     uint64_t id;
-    if (!arg && read_stdin(&body, &len)) {
+    if (!body) {
         fprintf(stderr, "brokerq-c: cannot read stdin: %s\n", strerror(errno));
         return 1;
     }
