@@ -412,6 +412,34 @@ def test_s05_missing_broker_program_fails_at_once(
     assert not os.path.lexists(socket_path)
 
 
+@pytest.mark.parametrize("spelling", ["bare name on PATH", "relative path"])
+def test_broker_program_named_by_a_bare_name_or_a_relative_path(
+    socket_path: str, sock_dir: str, spelling: str
+) -> None:
+    """protocol.md 10.4: BROKERQ_BROKER is resolved on the caller's PATH and
+    working directory, not the child's (which has PATH=/bin:/usr/bin and /)."""
+    tools = os.path.join(sock_dir, "tools")
+    os.mkdir(tools)
+    os.symlink(
+        os.path.join(os.path.dirname(sys.executable), "local-queue-broker"),
+        os.path.join(tools, "my-broker"),
+    )
+    env = {**os.environ, "PATH": f"{tools}:{os.environ['PATH']}"}
+    env["BROKERQ_BROKER"] = "my-broker" if spelling == "bare name on PATH" else "./tools/my-broker"
+    brokerq_cli = os.path.join(os.path.dirname(sys.executable), "brokerq")
+    done = subprocess.run(
+        [brokerq_cli, "--socket", socket_path, "put", "q", "x"],
+        cwd=sock_dir,
+        env=env,
+        capture_output=True,
+        timeout=30,
+        check=False,
+    )
+    assert (done.returncode, done.stderr) == (0, b"")
+    assert broker_running(socket_path)
+    assert run_cli("--socket", socket_path, "stop").returncode == 0
+
+
 def test_s05_broker_that_dies_at_start_up_frees_the_lock(
     socket_path: str, sock_dir: str, procs: Procs, pauses: Callable[[str], Pause]
 ) -> None:

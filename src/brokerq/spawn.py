@@ -305,12 +305,19 @@ def connect_or_spawn(socket_path: str, deadline: float, *, spawn: bool = True) -
 
 
 def broker_command() -> list[str]:
-    """``$BROKERQ_BROKER``, else ``local-queue-broker`` beside this Python, else on PATH."""
+    """``$BROKERQ_BROKER``, else ``local-queue-broker`` beside this Python, else
+    on PATH; as an absolute path (protocol.md 10.4: the broker starts in ``/``
+    with a PATH of its own, so a bare name or a relative path is resolved here)."""
     import shutil
 
     configured = os.environ.get("BROKERQ_BROKER")
     if configured:
-        return [configured]
+        found = shutil.which(configured)
+        if found is None:
+            raise BrokerUnavailable(
+                f"cannot start a broker: BROKERQ_BROKER={configured!r} is not an executable"
+            )
+        return [os.path.abspath(found)]
     beside = os.path.join(os.path.dirname(sys.executable), "local-queue-broker")
     if os.access(beside, os.X_OK):
         return [beside]
