@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import select
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -142,28 +141,7 @@ class Connection:
         sends meanwhile (replies to earlier requests, left in :attr:`wire`
         to be read in order). A client that pipelines must: a broker whose
         replies are not read stops reading, and both would wait for ever."""
-        sock = self.sock
-        try:
-            sent = sock.send(data)
-        except BlockingIOError:
-            sent = 0
-        if sent == len(data):
-            return
-        poller = select.poll()
-        poller.register(sock, select.POLLIN | select.POLLOUT)
-        with memoryview(data) as view:
-            while sent < len(data):
-                if deadline is None:
-                    events = poller.poll()
-                else:
-                    left = deadline - time.monotonic()
-                    if left <= 0 or not (events := poller.poll(left * 1000 + 0.999)):
-                        raise TimeoutError("timed out")
-                if events[0][1] & ~select.POLLOUT:  # readable, or hung up
-                    with contextlib.suppress(BlockingIOError):
-                        self.wire.feed(sock.recv(calls.RECEIVE_SIZE))
-                with contextlib.suppress(BlockingIOError):
-                    sent += sock.send(view[sent:])
+        self.io.send_all(data, deadline, self.wire.feed)
 
 
 def retire_older_broker(socket_path: str, version: int, deadline: float) -> None:

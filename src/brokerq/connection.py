@@ -732,16 +732,10 @@ class Connection:
         (delivery, rest), self.handed = self.handed, None
         if rest:
             if peer_gone:
-                now = self.broker.clock()
-                wake_all(self.core.undeliver(delivery.messages, now, delivery.leases))
+                self._undeliver(delivery)
                 raise PeerGone
             self.out += rest
-            try:
-                await self._flush()
-            except PeerGone:
-                now = self.broker.clock()
-                wake_all(self.core.undeliver(delivery.messages, now, delivery.leases))
-                raise
+            await self._flush_delivery(delivery)
         elif peer_gone:
             raise PeerGone
         return _SENT
@@ -754,12 +748,20 @@ class Connection:
         at-most-once without ever losing a message in transit.
         """
         protocol.append_frame(self.out, delivery.reply())
+        await self._flush_delivery(delivery)
+
+    async def _flush_delivery(self, delivery: Delivery) -> None:
+        """Write the replies, the last carrying ``delivery``; if the peer is
+        gone, its messages go back to their place."""
         try:
             await self._flush()
         except PeerGone:
-            now = self.broker.clock()
-            wake_all(self.core.undeliver(delivery.messages, now, delivery.leases))
+            self._undeliver(delivery)
             raise
+
+    def _undeliver(self, delivery: Delivery) -> None:
+        now = self.broker.clock()
+        wake_all(self.core.undeliver(delivery.messages, now, delivery.leases))
 
     async def _flush(self) -> None:
         self.unsent = 0

@@ -26,6 +26,7 @@ import os
 import select
 import socket
 import time
+from collections.abc import Callable
 from typing import Final
 
 #: Default upper bound of a spin, in microseconds (``BROKERQ_SPIN_US``).
@@ -69,8 +70,18 @@ class Spinner:
         self.buffer = bytearray(RECEIVE_BUFFER)
         self.view = memoryview(self.buffer)
 
-    def send_all(self, data: bytes | bytearray | memoryview, deadline: float | None) -> None:
-        """Send all of ``data`` by ``deadline`` (monotonic; None: no bound)."""
+    def send_all(
+        self,
+        data: bytes | bytearray | memoryview,
+        deadline: float | None,
+        take: Callable[[bytes], None] | None = None,
+    ) -> None:
+        """Send all of ``data`` by ``deadline`` (monotonic; None: no bound).
+
+        ``take``: while the send waits, what arrives is read and handed to
+        it. A client that pipelines must read as it sends: a broker whose
+        replies go unread stops reading, and both would wait for ever.
+        """
         sock = self.sock
         try:
             sent = sock.send(data)
@@ -79,10 +90,13 @@ class Spinner:
         if sent == len(data):
             return
         view = memoryview(data)[sent:]
-        self.poller.modify(sock, _POLLOUT)
+        self.poller.modify(sock, _POLLOUT | (_POLLIN if take else 0))
         try:
             while view:
-                self._sleep(deadline)
+                ready = self._sleep(deadline)
+                if take is not None and ready & ~_POLLOUT:  # readable, or hung up
+                    with contextlib.suppress(BlockingIOError):
+                        take(self._recv(RECEIVE_BUFFER))
                 with contextlib.suppress(BlockingIOError):
                     view = view[sock.send(view) :]
         finally:
@@ -124,11 +138,13 @@ class Spinner:
     def _learn(self, waited: float) -> None:
         self.typical_wait += (waited - self.typical_wait) * WEIGHT
 
-    def _sleep(self, deadline: float | None) -> None:
-        """Wait until the socket is ready as registered; TimeoutError at ``deadline``."""
+    def _sleep(self, deadline: float | None) -> int:
+        """Wait until the socket is ready as registered; return the events.
+        TimeoutError at ``deadline``."""
         if deadline is None:
-            self.poller.poll()
-            return
+            return self.poller.poll()[0][1]
         left = deadline - time.monotonic()
-        if left <= 0 or not self.poller.poll(left * 1000 + 0.999):
+        ready = self.poller.poll(left * 1000 + 0.999) if left > 0 else []
+        if not ready:
             raise TimeoutError("timed out")
+        return ready[0][1]
