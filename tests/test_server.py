@@ -584,6 +584,54 @@ async def test_a_failed_fsync_is_fatal(journal_dir: str, monkeypatch: pytest.Mon
     journal.close()
 
 
+async def test_puts_behind_one_waiting_for_its_fsync_are_handled_meanwhile(
+    journal_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group commit does not stop the connection: while the first put's fsync
+    hangs, the put pipelined behind it is read, made, and handed to a waiting
+    consumer; both replies then come, in order, once the fsync is done."""
+    import threading
+
+    from brokerq.journal import Journal
+
+    journal, _ = Journal.open(f"{journal_dir}/j", "batch")
+    journal.in_memory = False  # group commit even where /tmp is a tmpfs
+    b = Broker(BrokerConfig(socket_path="/nonexistent/b.sock"), journal=journal)
+    syncing, release = threading.Event(), threading.Event()
+    real_sync = journal.sync
+
+    def slow_sync() -> int:
+        syncing.set()
+        release.wait(10)
+        return real_sync()
+
+    monkeypatch.setattr(journal, "sync", slow_sync)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(b.serve, None)
+            producer, consumer = await connect(b), await connect(b)
+            await producer.send(Put(id=10, queue="q", body=b"first"))
+            await trio.to_thread.run_sync(syncing.wait, 10)  # its fsync has begun, and hangs
+            await consumer.send(Get(id=20, queue="q", timeout=None))
+            got = await consumer.receive()  # delivered before its fsync (G18)
+            assert isinstance(got, GetReply)
+            assert got.body == b"first"
+            await consumer.send(Get(id=21, queue="q", timeout=None))
+            await producer.send(Put(id=11, queue="q", body=b"second"))
+            got = await consumer.receive()
+            assert isinstance(got, GetReply)
+            assert got.body == b"second"
+            with trio.move_on_after(0.1):
+                await producer.receive()
+                pytest.fail("a put was acknowledged before its fsync")
+            release.set()
+            replies = [await producer.receive(), await producer.receive()]
+            assert [(type(r), r.id) for r in replies] == [(PutReply, 10), (PutReply, 11)]
+            b.request_stop("the test is done")
+    monkeypatch.undo()
+    journal.close()
+
+
 # -- priority, delay, ttl ---------------------------------------------------------
 
 

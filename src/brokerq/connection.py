@@ -5,7 +5,13 @@ buffered is handled before the replies go out in one write, so a client
 that pipelines pays one syscall per batch, not per request.
 
 * A reply to a ``put`` waits for the journal's fsync under ``--fsync batch``
-  (group commit: one fsync covers every put that arrived meanwhile).
+  (group commit: one fsync covers every put that arrived meanwhile). The
+  connection does not: those replies, and every reply after them, go to a
+  commit writer task of its own, which sends them in order as their fsyncs
+  complete, while the connection reads and answers on (a put pipelined
+  behind another is handled, and handed to a waiting consumer, during the
+  first one's fsync). A reply that carries messages waits until they are
+  all sent (below).
 * A reply that carries messages (``get``, ``get_many``, ``reserve``) is
   written on its own and at once: if that write fails the client cannot
   have read it, and the messages go back to their place at the head of
@@ -35,6 +41,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
@@ -210,6 +217,15 @@ class Connection:
         self.send_lock = trio.Lock()  # replies and the feed's writer share the stream
         self.feed_scope = trio.CancelScope()
         self.unsent = 0  # requests answered since the replies were last written
+        # Replies waiting for their group commit, in order: (journal offset
+        # to be synced first, or 0; the bytes). See _flush and _write_committed.
+        self.pending: deque[tuple[int, bytes]] = deque()
+        self.pending_bytes = 0
+        self.drained = trio.Event()  # set while nothing is pending
+        self.drained.set()
+        self.commit_wakeup = trio.Event()
+        self.commit_scope: trio.CancelScope | None = None  # the writer's, once started
+        self.commit_failed = False
         #: The get or reserve parked now, and its waiter (see hand_over).
         self.parked: tuple[Get | Reserve, Waiter] | None = None
         #: What hand_over wrote for it: the delivery and the bytes still unsent.
@@ -225,6 +241,7 @@ class Connection:
                 await self._handle_buffered()
                 await self._flush()
                 if self.broker.closing:
+                    await self._drain()
                     return
                 self.idle = True
                 data = await self._receive_in_time()
@@ -233,7 +250,14 @@ class Connection:
                     return
                 self.reader.feed(data)
         finally:
+            if self.pending and not self.commit_failed:
+                # Cut while replies wait for their fsync (a stopping broker
+                # cuts connections waiting for a request): let them go first.
+                with trio.CancelScope(shield=True), trio.move_on_after(TIMEOUT_GRACE_SECONDS):
+                    await self.drained.wait()
             self.feed_scope.cancel()
+            if self.commit_scope is not None:
+                self.commit_scope.cancel()
             if self.live_topics:
                 self.core.unwatch_all(self)
             wake_all(self.core.release_owned(self, self.broker.clock()))
@@ -271,7 +295,7 @@ class Connection:
         self.broker.log.debug("closed a connection: %s", message)
         self._reply_error(0, "bad_frame", message)
         with trio.move_on_after(TIMEOUT_GRACE_SECONDS):
-            await self._flush()
+            await self._drain()
         raise PeerGone
 
     async def _handle_buffered(self) -> None:
@@ -312,7 +336,7 @@ class Connection:
         return self.unsent >= max_pipelined or len(self.out) >= limits.REPLY_BUFFER
 
     async def _close_with_error(self) -> None:
-        await self._flush()
+        await self._drain()
         raise PeerGone
 
     def _reply_error(self, request_id: int, code: str, message: str) -> None:
@@ -326,10 +350,10 @@ class Connection:
             if not self._greet(request):
                 await self._close_with_error()
             return
-        if self.sync_to and isinstance(request, Get | GetMany | Reserve):
+        if (self.sync_to or self.pending) and isinstance(request, Get | GetMany | Reserve):
             # Settle the puts' replies first: a journal failure there must
             # not strand messages this request would take.
-            await self._flush()
+            await self._drain()
         try:
             reply = self._dispatch(request)
             while reply is _BLOCK and self.out:
@@ -366,7 +390,7 @@ class Connection:
             assert isinstance(reply, protocol.Reply)
             protocol.append_frame(self.out, reply)
         if isinstance(request, Stop):
-            await self._flush()
+            await self._drain()
             self.broker.request_stop("stop requested by a client")
 
     def _greet(self, request: protocol.AnyRequest) -> bool:
@@ -712,6 +736,7 @@ class Connection:
             or self.handed is not None
             or self.feed is not None
             or self.out
+            or self.pending
             or not isinstance(stream, UnixStream)
         ):
             return
@@ -754,7 +779,7 @@ class Connection:
         """Write the replies, the last carrying ``delivery``; if the peer is
         gone, its messages go back to their place."""
         try:
-            await self._flush()
+            await self._drain()
         except PeerGone:
             self._undeliver(delivery)
             raise
@@ -764,33 +789,111 @@ class Connection:
         wake_all(self.core.undeliver(delivery.messages, now, delivery.leases))
 
     async def _flush(self) -> None:
+        """Write the replies answered so far, or hand them to the commit writer.
+
+        Replies that wait for a group commit (``sync_to``), and any while
+        earlier ones are still pending, go to :meth:`_write_committed` and
+        this returns at once, unless more than
+        :data:`~brokerq.limits.REPLY_BUFFER` bytes are pending: then it
+        waits for them, so a connection's memory stays bounded.
+        """
         self.unsent = 0
         if not self.out:
             return
-        if self.sync_to:
-            # Group commit: replies to puts wait for the fsync that covers them.
-            sync_to, self.sync_to = self.sync_to, 0
-            try:
-                await self.broker.wait_synced(sync_to)
-            except JournalFailed as exc:
-                # Nothing in this batch may be acknowledged: drop its replies.
-                self.out.clear()
-                self._reply_error(0, "internal", f"{exc}; nothing in this batch was acknowledged")
-                await self._send_out()
-                raise PeerGone from exc
+        if self.sync_to or self.pending:
+            self._commit_out()
+            if self.pending_bytes > limits.REPLY_BUFFER:
+                await self._wait_drained()
+            return
         await self._send_out()
+
+    async def _drain(self) -> None:
+        """Write every reply answered so far, in order, and return once they
+        are written (a reply carrying messages must go alone and at once)."""
+        self.unsent = 0
+        if self.sync_to or self.pending:
+            if self.out:
+                self._commit_out()
+            await self._wait_drained()
+        elif self.out:
+            await self._send_out()
+
+    def _commit_out(self) -> None:
+        sync_to, self.sync_to = self.sync_to, 0
+        data = bytes(self.out)
+        self.out.clear()
+        self.pending.append((sync_to, data))
+        self.pending_bytes += len(data)
+        if self.drained.is_set():
+            self.drained = trio.Event()
+        if self.commit_scope is None:
+            self.commit_scope = trio.CancelScope()
+            self.broker.start_task(self._write_committed)
+        self.commit_wakeup.set()
+
+    async def _wait_drained(self) -> None:
+        await self.drained.wait()
+        if self.commit_failed:
+            raise PeerGone
+
+    async def _write_committed(self) -> None:
+        """Send the pending replies in order, each once its fsync is done.
+
+        A journal failure acknowledges nothing more: the pending replies are
+        dropped, the client gets one ``internal`` error, and the connection
+        is closed (as is the broker, by wait_synced).
+        """
+        assert self.commit_scope is not None
+        pending = self.pending
+        with self.commit_scope:
+            while True:
+                if not pending:
+                    await self.commit_wakeup.wait()
+                    self.commit_wakeup = trio.Event()
+                    continue
+                sync_to, data = pending[0]
+                try:
+                    if sync_to:
+                        await self.broker.wait_synced(sync_to)
+                    await self._send(data)
+                except JournalFailed as exc:
+                    error = Error(
+                        id=0, code="internal", message=f"{exc}; nothing more was acknowledged"
+                    )
+                    with contextlib.suppress(PeerGone):
+                        await self._send(protocol.encode_frame(error))
+                    self._fail_commits()
+                    return
+                except PeerGone:
+                    self._fail_commits()
+                    return
+                pending.popleft()
+                self.pending_bytes -= len(data)
+                if not pending:
+                    self.drained.set()
+
+    def _fail_commits(self) -> None:
+        self.commit_failed = True
+        self.pending.clear()
+        self.pending_bytes = 0
+        self.drained.set()
+        self.scope.cancel()
 
     async def _send_out(self) -> None:
         try:
-            if self.feed is None:
-                await self.stream.send_all(self.out)
-            else:
-                async with self.send_lock:
-                    await self.stream.send_all(self.out)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise PeerGone from exc
+            await self._send(self.out)
         finally:
             self.out.clear()
+
+    async def _send(self, data: bytes | bytearray) -> None:
+        try:
+            if self.feed is None:
+                await self.stream.send_all(data)
+            else:
+                async with self.send_lock:
+                    await self.stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise PeerGone from exc
 
 
 def _put_options(request: Put | PutMany) -> dict[str, Any]:
