@@ -35,13 +35,11 @@ the queue, p = priority levels in use in it, t = timer heap entries):
   timers fire lazily, stale entries (a touched lease, an acked message)
   stay in the heap until they come due.
 * a message coming back to the ready list (release, lease expiry, a delayed
-  message coming due, kick): ``ReadyList.insert`` scans its deque from the
-  front by index to find its place by id. Back at the head (the usual
-  release) that is O(1); in the middle, as for a message put with a delay
-  while newer ones arrive, it is O(i^2 / 64) for position i, since each
-  ``deque[i]`` walks blocks of 64 from the nearer end: section 2.
-* ttl expiry of a ready message: ``ReadyList.remove``, a ``deque.remove``:
-  O(n) per expired message: section 2.
+  message coming due, kick): O(log r), a heap push (r: messages come back
+  and not yet delivered; ready.py). Section 2 measures the case that was a
+  walk before: one landing in the middle of a deep queue.
+* ttl expiry of a ready message: O(1), removed lazily (its entry is
+  dropped when it reaches the head): section 2.
 * stats of a queue: O(1); the broker's stats: O(queues). purge: O(n).
   delete of a queue: O(its messages + every lease and delayed message of
   the broker).
@@ -57,7 +55,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 
-from benchlib import BODY, Broker, RawConnection, fill, per_op, raise_fd_limit
+from benchlib import BODY, Broker, RawConnection, fill, per_op, put_get_pairs, raise_fd_limit
 
 import brokerq
 from brokerq import protocol
@@ -77,16 +75,6 @@ def puts(queue: brokerq.Queue, n: int) -> Callable[[], int]:
 def gets(queue: brokerq.Queue, n: int) -> Callable[[], int]:
     def run() -> int:
         for _ in range(n):
-            queue.get(timeout=10)
-        return n
-
-    return run
-
-
-def pairs(queue: brokerq.Queue, n: int) -> Callable[[], int]:
-    def run() -> int:
-        for _ in range(n):
-            queue.put(BODY)
             queue.get(timeout=10)
         return n
 
@@ -189,11 +177,17 @@ def _drain(selector: selectors.BaseSelector, stop: threading.Event) -> None:
                     selector.unregister(key.fileobj)
 
 
-def wait_waiters(client: brokerq.Client, name: str, count: int) -> None:
+def wait_waiters(client: brokerq.Client, name: str | None, count: int) -> None:
+    """Until ``count`` gets are parked on queue ``name`` (None: on any queue)."""
+
+    def waiters() -> int:
+        stats = client.stats() if name is None else client.queue(name).stats()
+        return int(stats["waiters"])
+
     deadline = time.monotonic() + 30
-    while client.queue(name).stats()["waiters"] < count:
+    while waiters() < count:
         if time.monotonic() > deadline:
-            raise RuntimeError(f"only {client.queue(name).stats()['waiters']} of {count} parked")
+            raise RuntimeError(f"only {waiters()} of {count} parked")
         time.sleep(0.01)
 
 
@@ -205,10 +199,8 @@ def waiter_rows(
     measured = client.queue("measured")
     for count in counts:
         with parked(path, count, lambda i: f"w{i}", 1):
-            deadline = time.monotonic() + 30
-            while client.stats()["waiters"] < count and time.monotonic() < deadline:
-                time.sleep(0.01)
-            other = statistics.median(per_op(pairs(measured, n), 1) for _ in range(rounds))
+            wait_waiters(client, None, count)
+            other = statistics.median(per_op(put_get_pairs(measured, n), 1) for _ in range(rounds))
         if count == 0:
             yield count, other, float("nan"), 0
             continue

@@ -49,9 +49,17 @@ MB = 1024 * 1024
 
 
 def settle(pid: int) -> int:
-    """The broker's RSS once it has stopped moving (the last replies are written)."""
-    time.sleep(0.3)
-    return rss(pid)
+    """The broker's RSS once it has stopped moving (the last replies are
+    written): two readings 0.1 s apart that agree, within 5 s."""
+    last = rss(pid)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = rss(pid)
+        if now == last:
+            return now
+        last = now
+    return last
 
 
 def warm_up(client: brokerq.Client) -> None:

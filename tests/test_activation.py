@@ -17,6 +17,8 @@ import pytest
 from conftest import BIN, Procs, gone, wait_until
 
 import brokerq
+from brokerq import protocol
+from brokerq.protocol import Hello, HelloReply
 from brokerq.spawn import lock_path, open_lock, try_lock
 
 LAUNCHER = """\
@@ -80,7 +82,15 @@ def test_an_activated_broker_idles_out_without_unlinking(procs: Procs, socket_pa
     # The next connection queues in systemd's socket; the next broker serves it.
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as early:
         early.connect(socket_path)
+        early.sendall(protocol.encode_frame(Hello(id=1, version=protocol.PROTOCOL_VERSION)))
         again = activate(procs, sock, socket_path)
+        early.settimeout(10)
+        reader = protocol.FrameReader(protocol.HANDSHAKE_FRAME_LIMIT)
+        while (payload := reader.next_frame()) is None:
+            reader.feed(early.recv(65536))
+        reply = protocol.decode_reply(payload)
+        assert isinstance(reply, HelloReply)
+        assert reply.pid == again.pid
         with brokerq.connect(socket_path) as client:
             assert client.broker_pid == again.pid
             client.stop()

@@ -47,9 +47,11 @@ def c_client() -> Iterator[Path]:
         timeout=120,
         check=False,
     )
-    assert built.returncode == 0, built.stderr
-    yield exe
-    shutil.rmtree(out, ignore_errors=True)
+    try:
+        assert built.returncode == 0, built.stderr
+        yield exe
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
 
 
 def c_env(**extra: str) -> dict[str, str]:

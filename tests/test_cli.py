@@ -9,14 +9,13 @@ are compared exactly.
 from __future__ import annotations
 
 import json
-import select
 import signal
 import subprocess
 import sys
 
 import pytest
 from click.testing import CliRunner, Result
-from conftest import BIN, Procs, broker_pids, run_cli, wait_until
+from conftest import BIN, Procs, broker_pids, read_line, run_cli, wait_until
 
 import brokerq
 from brokerq.cli import cli
@@ -262,13 +261,6 @@ def subscriber(procs: Procs, socket_path: str, *args: str) -> subprocess.Popen[b
         )
     assert proc.poll() is None, proc.communicate()
     return proc
-
-
-def read_line(proc: subprocess.Popen[bytes], timeout: float = 10) -> bytes:
-    assert proc.stdout is not None
-    readable, _, _ = select.select([proc.stdout], [], [], timeout)
-    assert readable, f"no output within {timeout} s"
-    return proc.stdout.readline()
 
 
 def test_publish_prints_how_many_subscribers_each_message_reached(brokerq_cli: Brokerq) -> None:

@@ -357,7 +357,6 @@ def test_a_live_subscription_sees_only_publishes_after_subscribe_returned(
         assert all(n == 1 for _, n in reached[published_before + 1 :])  # after subscribe()
         assert [n for _, n in reached] == sorted(n for _, n in reached)  # 0s, then 1s
         assert [sub.get(timeout=5) for _ in expected] == expected
-        assert expected[0] != b"before"
         with pytest.raises(brokerq.Empty):
             sub.get(timeout=0)
 
@@ -529,8 +528,6 @@ def test_an_invalid_topic_raises_invalid_request(client: brokerq.Client, topic: 
         client.queue("q").subscribe(topic)
     with pytest.raises(brokerq.InvalidRequest):
         client.queue("q").unsubscribe(topic)
-    with pytest.raises(brokerq.InvalidRequest):
-        client.queue("q").subscribe(topic)
     with pytest.raises(ValueError, match="topic name"):  # InvalidRequest is one
         client.publish(topic, b"x")
     with pytest.raises(brokerq.InvalidRequest):

@@ -27,18 +27,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import broker_pids, gone, read_line, run_cli, wait_until
+from conftest import Procs, broker_pids, gone, read_line, run_cli, wait_until
 
 import brokerq
 from brokerq.spawn import broker_running, lock_holder_pid
-
-Procs = Callable[..., subprocess.Popen[bytes]]
-
 
 # -- helpers ---------------------------------------------------------------
 

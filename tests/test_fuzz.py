@@ -49,7 +49,7 @@ from hypothesis.stateful import (
 )
 
 from brokerq import protocol
-from brokerq.core import DEAD_SUFFIX, BrokerCore
+from brokerq.core import DEAD_SUFFIX, LIVE_OVERHEAD, BrokerCore
 from brokerq.errors import LeaseLost, RemoteProtocolError
 from brokerq.protocol import FrameReader, InvalidRequestFrame
 from brokerq.state import Lease, Message, Waiter
@@ -247,7 +247,6 @@ ALL_QUEUES = [*QUEUES, *(q + DEAD_SUFFIX for q in QUEUES)]
 OWNERS = ["c1", "c2"]
 MAX_DELIVERIES = 3
 DEFAULT_LEASE = 10.0
-LIVE_OVERHEAD = 64  # core.LIVE_OVERHEAD: what live_bytes counts per message
 
 
 @dataclass

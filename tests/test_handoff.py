@@ -12,6 +12,8 @@ import time
 from collections.abc import Callable
 from typing import TypeVar
 
+from conftest import wait_until
+
 import brokerq
 
 T = TypeVar("T")
@@ -42,10 +44,7 @@ def in_thread(fn: Callable[[], T]) -> Callable[[], T]:
 
 
 def wait_for_waiters(queue: brokerq.Queue, n: int) -> None:
-    deadline = time.monotonic() + 10
-    while queue.stats()["waiters"] < n:
-        assert time.monotonic() < deadline, "the get never parked"
-        time.sleep(0.005)
+    wait_until(lambda: queue.stats()["waiters"] >= n, what=f"{n} gets to park")
 
 
 def test_a_parked_get_gets_a_small_message_whole(socket_path: str) -> None:

@@ -18,6 +18,7 @@ from collections.abc import Iterator
 
 import pytest
 from conftest import gone, wait_until
+from test_crash import drain
 
 import brokerq
 from brokerq import calls
@@ -42,15 +43,6 @@ def unacknowledged(client: brokerq.Client) -> int:
     """The calling thread's windowed puts whose replies were not read yet."""
     window: calls.PutWindow | None = getattr(client._local, "window", None)
     return 0 if window is None else len(window)
-
-
-def drain(queue: brokerq.Queue) -> list[bytes]:
-    bodies: list[bytes] = []
-    while True:
-        try:
-            bodies += queue.get_many(500, timeout=0)
-        except brokerq.Empty:
-            return bodies
 
 
 def test_windowed_puts_return_0_and_flush_makes_them_acknowledged_in_order_once(

@@ -43,7 +43,7 @@ from typing import Any
 import anyio
 import msgspec
 import pytest
-from conftest import BIN, broker_pids, run_cli, wait_until
+from conftest import BIN, broker_pids, kill_brokers, run_cli, wait_until
 
 import brokerq
 from brokerq import daemon, protocol
@@ -444,6 +444,7 @@ def test_s14_squatted_default_directory_is_refused(
             marker.connect(f"{victim_dir}/broker.sock")
             assert squatter.result() == os.geteuid()
     finally:
+        kill_brokers(victim_dir)  # one a regression let the victim start
         remove_tree(victim_dir)
 
 

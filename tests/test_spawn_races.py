@@ -35,14 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import broker_pids, gone, read_line, run_cli, wait_until
+from conftest import Procs, broker_pids, gone, read_line, run_cli, wait_until
 
 import brokerq
 from brokerq import pause, spawn
 from brokerq.server import HOUSEKEEPING_SECONDS
 from brokerq.spawn import broker_running, lock_holder_pid
-
-Procs = Callable[..., subprocess.Popen[bytes]]
 
 #: Time a process may take beyond its own deadline to say it gave up (a
 #: loaded 2-CPU machine, the interpreter's exit).
@@ -929,12 +927,10 @@ def test_s13_broker_whose_files_are_removed_or_replaced_exits(
     path = os.path.join(directory, "s")
     pid = served(client(procs, path))
     tamper(kind, directory, path)
-    start = time.monotonic()
     # A client right now either reaches the old broker (the path is still
     # its socket) or starts a new one (the old one serves no path any more).
     meanwhile = client(procs, path)
     wait_until(lambda: gone(pid), timeout=HOUSEKEEPING_SECONDS + SLACK, what="the broker to exit")
-    assert time.monotonic() - start < HOUSEKEEPING_SECONDS + SLACK
     during = served(meanwhile)
     after = served(client(procs, path))
     assert after != pid
