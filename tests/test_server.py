@@ -632,6 +632,45 @@ async def test_puts_behind_one_waiting_for_its_fsync_are_handled_meanwhile(
     journal.close()
 
 
+async def test_max_pipelined_holds_while_replies_wait_for_their_fsync(
+    journal_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--max-pipelined counts replies waiting for a group commit too: with 2,
+    the third pipelined put is not read until the first two are answered."""
+    import threading
+
+    from brokerq.journal import Journal
+
+    journal, _ = Journal.open(f"{journal_dir}/j", "batch")
+    journal.in_memory = False  # group commit even where /tmp is a tmpfs
+    b = Broker(BrokerConfig(socket_path="/nonexistent/b.sock", max_pipelined=2), journal=journal)
+    syncing, release = threading.Event(), threading.Event()
+    real_sync = journal.sync
+
+    def slow_sync() -> int:
+        syncing.set()
+        release.wait(10)
+        return real_sync()
+
+    monkeypatch.setattr(journal, "sync", slow_sync)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(b.serve, None)
+            producer, observer = await connect(b), await connect(b)
+            await producer.send(*(Put(id=i, queue="q", body=b"m") for i in (10, 11, 12)))
+            await trio.to_thread.run_sync(syncing.wait, 10)
+            await trio.testing.wait_all_tasks_blocked()
+            stats = await observer.call(Stats, queue="q")
+            assert isinstance(stats, StatsReply)
+            assert stats.stats["ready"] == 2  # the third waits, unread
+            release.set()
+            replies = [await producer.receive() for _ in range(3)]
+            assert [r.id for r in replies] == [10, 11, 12]
+            b.request_stop("the test is done")
+    monkeypatch.undo()
+    journal.close()
+
+
 # -- priority, delay, ttl ---------------------------------------------------------
 
 

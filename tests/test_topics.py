@@ -301,6 +301,29 @@ async def test_a_slow_live_subscriber_is_dropped_with_an_overflow_error(
     assert stats.stats["topics"]["events"]["live"] == 1  # only "fast" is left
 
 
+async def test_a_dropped_live_subscriber_that_reads_nothing_is_closed_after_the_grace(
+    broker: Broker, autojump_clock: trio.abc.Clock
+) -> None:
+    """Its writer is blocked sending what it never reads: the overflow gives
+    that send OVERFLOW_GRACE_SECONDS, then the connection is closed."""
+    from brokerq.connection import OVERFLOW_GRACE_SECONDS
+
+    client_end, server_end = trio.testing.lockstep_stream_pair()
+    broker.start_connection(server_end)
+    silent = Peer(client_end)
+    assert isinstance(await silent.call(Hello, version=protocol.PROTOCOL_VERSION), HelloReply)
+    await subscribe(silent, "events")
+    publisher = await connect(broker)
+    with trio.fail_after(60):
+        while (await publish(publisher, "events", b"x" * 200)).live:
+            pass  # until the subscriber is dropped
+    assert broker.connections == 2
+    with trio.fail_after(OVERFLOW_GRACE_SECONDS + 5):
+        while broker.connections == 2:
+            await trio.sleep(0.5)
+    assert broker.connections == 1  # the publisher's
+
+
 async def test_one_publish_larger_than_the_buffer_still_reaches_a_reader() -> None:
     b = Broker(
         BrokerConfig(

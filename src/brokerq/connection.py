@@ -108,7 +108,6 @@ from .unixstream import UnixStream
 if TYPE_CHECKING:
     from .server import Broker
 
-RECEIVE_SIZE: Final = 256 * 1024
 _BLOCK: Final = object()
 _SENT: Final = object()  # a parked request whose reply hand_over already wrote
 #: How long a dropped subscriber gets to take its ``overflow`` error.
@@ -172,16 +171,20 @@ class LiveFeed:
 
     ``push`` is called by the publishers' tasks and never blocks: a feed
     that would go over ``limit`` (while it already holds something: one
-    publish always fits) is marked overflowed and emptied instead.
+    publish always fits) is marked overflowed and emptied instead, and the
+    send the writer has in flight, if any, gets
+    :data:`OVERFLOW_GRACE_SECONDS` to finish: a subscriber that reads
+    nothing at all is still closed then.
     """
 
-    __slots__ = ("limit", "overflowed", "pending", "wakeup")
+    __slots__ = ("limit", "overflowed", "pending", "sending", "wakeup")
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.pending = bytearray()
         self.overflowed = False
         self.wakeup = trio.Event()
+        self.sending: trio.CancelScope | None = None  # around the writer's send
 
     def push(self, event: Event) -> bool:
         """Queue ``event``; False if it was discarded (the feed overflowed)."""
@@ -192,6 +195,8 @@ class LiveFeed:
         if start and len(self.pending) > self.limit:
             self.pending.clear()
             self.overflowed = True
+            if self.sending is not None:
+                self.sending.deadline = trio.current_time() + OVERFLOW_GRACE_SECONDS
         self.wakeup.set()
         return not self.overflowed
 
@@ -218,9 +223,11 @@ class Connection:
         self.feed_scope = trio.CancelScope()
         self.unsent = 0  # requests answered since the replies were last written
         # Replies waiting for their group commit, in order: (journal offset
-        # to be synced first, or 0; the bytes). See _flush and _write_committed.
-        self.pending: deque[tuple[int, bytes]] = deque()
+        # to be synced first, or 0; the bytes; how many requests they answer).
+        # See _flush and _write_committed.
+        self.pending: deque[tuple[int, bytearray, int]] = deque()
         self.pending_bytes = 0
+        self.pending_requests = 0
         self.drained = trio.Event()  # set while nothing is pending
         self.drained.set()
         self.commit_wakeup = trio.Event()
@@ -264,7 +271,7 @@ class Connection:
 
     async def _receive(self) -> bytes | bytearray:
         try:
-            return await self.stream.receive_some(RECEIVE_SIZE)
+            return await self.stream.receive_some()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return b""
 
@@ -583,13 +590,20 @@ class Connection:
                     break
                 data, feed.pending = feed.pending, bytearray()
                 try:
-                    async with self.send_lock:
-                        await self.stream.send_all(data)
+                    with trio.CancelScope() as feed.sending:
+                        async with self.send_lock:
+                            await self.stream.send_all(data)
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     return  # the request loop sees the end and cleans up
+                if feed.sending.cancelled_caught:
+                    # Overflowed, and not read for the grace: cut mid-frame,
+                    # so no error can follow.
+                    self.broker.log.warning("closed a live subscriber that stopped reading")
+                    self.scope.cancel()
+                    return
+                feed.sending = None
+            # (send_event has ended its live subscriptions already.)
             self.broker.log.warning("dropped a live subscriber that fell behind")
-            self.core.unwatch_all(self)
-            self.live_topics.clear()
             error = Error(
                 id=0,
                 code="overflow",
@@ -742,10 +756,9 @@ class Connection:
             return
         delivery = self._delivery_to(parked[0], waiter)
         frame = protocol.encode_frame(delivery.reply())
-        try:
-            sent = stream.socket.send(frame)
-        except OSError:
-            return  # EAGAIN or a broken socket: the parked task deals with it
+        sent = stream.try_send(frame)
+        if not sent:
+            return  # no room, or a broken socket: the parked task deals with it
         self.handed = (delivery, frame[sent:])
         if sent == len(frame):
             # Delivered: nothing is left to undo if the peer goes now.
@@ -797,12 +810,15 @@ class Connection:
         :data:`~brokerq.limits.REPLY_BUFFER` bytes are pending: then it
         waits for them, so a connection's memory stays bounded.
         """
-        self.unsent = 0
+        answered, self.unsent = self.unsent, 0
         if not self.out:
             return
         if self.sync_to or self.pending:
-            self._commit_out()
-            if self.pending_bytes > limits.REPLY_BUFFER:
+            self._commit_out(answered)
+            if (
+                self.pending_requests >= self.broker.config.max_pipelined
+                or self.pending_bytes > limits.REPLY_BUFFER
+            ):
                 await self._wait_drained()
             return
         await self._send_out()
@@ -810,20 +826,16 @@ class Connection:
     async def _drain(self) -> None:
         """Write every reply answered so far, in order, and return once they
         are written (a reply carrying messages must go alone and at once)."""
-        self.unsent = 0
-        if self.sync_to or self.pending:
-            if self.out:
-                self._commit_out()
+        await self._flush()
+        if self.pending:
             await self._wait_drained()
-        elif self.out:
-            await self._send_out()
 
-    def _commit_out(self) -> None:
+    def _commit_out(self, answered: int) -> None:
         sync_to, self.sync_to = self.sync_to, 0
-        data = bytes(self.out)
-        self.out.clear()
-        self.pending.append((sync_to, data))
+        data, self.out = self.out, bytearray()
+        self.pending.append((sync_to, data, answered))
         self.pending_bytes += len(data)
+        self.pending_requests += answered
         if self.drained.is_set():
             self.drained = trio.Event()
         if self.commit_scope is None:
@@ -851,7 +863,7 @@ class Connection:
                     await self.commit_wakeup.wait()
                     self.commit_wakeup = trio.Event()
                     continue
-                sync_to, data = pending[0]
+                sync_to, data, answered = pending[0]
                 try:
                     if sync_to:
                         await self.broker.wait_synced(sync_to)
@@ -869,13 +881,14 @@ class Connection:
                     return
                 pending.popleft()
                 self.pending_bytes -= len(data)
+                self.pending_requests -= answered
                 if not pending:
                     self.drained.set()
 
     def _fail_commits(self) -> None:
         self.commit_failed = True
         self.pending.clear()
-        self.pending_bytes = 0
+        self.pending_bytes = self.pending_requests = 0
         self.drained.set()
         self.scope.cancel()
 

@@ -40,9 +40,11 @@ _view = memoryview(_buffer)
 class UnixStream(trio.abc.Stream):
     """A connected stream socket (non-blocking) as a :class:`trio.abc.Stream`.
 
-    Used by one task for receiving and at most one for sending at a time,
-    as the broker's connections do (a live feed's writer shares the send
-    side under the connection's lock).
+    Used by one task for receiving and at most one for sending at a time.
+    The broker's connection sees to that: its request task, its commit
+    writer and its live feed's writer take turns on the send side, and
+    :meth:`try_send` (a hand-over from another task) is used only while
+    none of them has anything to send.
     """
 
     def __init__(self, sock: socket.socket) -> None:
@@ -75,6 +77,16 @@ class UnixStream(trio.abc.Stream):
             self._ready_in_a_row = 0
             await trio.lowlevel.cancel_shielded_checkpoint()
         return data
+
+    def try_send(self, data: bytes | bytearray) -> int:
+        """Send what the socket takes of ``data`` now, without waiting or
+        yielding; 0 if it takes nothing, is broken, or the stream is closed."""
+        if self._closed:
+            return 0
+        try:
+            return self.socket.send(data)
+        except OSError:  # BlockingIOError, or broken: the next send_all says
+            return 0
 
     async def send_all(self, data: bytes | bytearray | memoryview) -> None:
         sock = self.socket
