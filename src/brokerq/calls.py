@@ -40,7 +40,6 @@ KeySource = Callable[[int], list[bytes]]
 #: What one body adds to a put_many frame beyond its bytes: its bin header
 #: and its 16-byte key with its own header, rounded up.
 PER_BODY = 32
-RECEIVE_SIZE = 256 * 1024
 #: Error codes after which the broker closes the connection (docs/protocol.md).
 CLOSING_CODES = frozenset(
     {"bad_frame", "version", "permission", "shutting_down", "overflow", "busy"}

@@ -106,27 +106,35 @@ class Connection:
         """
         request_id = self.wire.encode(kind, fields)
         deadline = None if wait is None else time.monotonic() + wait
-        with self.exchange(wait):
+        try:  # (inline, not self.exchange: a generator per request costs a microsecond)
             self.io.send_all(self.wire.out, deadline)
             reply = self.read_reply(deadline)
+        except BaseException as exc:
+            raise self._interrupted(exc, wait)  # noqa: B904 (its cause is set)
         return self.wire.check(expect, request_id, reply, self.close)
 
     @contextlib.contextmanager
     def exchange(self, wait: float | None) -> Iterator[None]:
-        """Around socket I/O: a timeout raises BrokerUnavailable, a broken
-        socket ConnectionLost; whatever interrupts the exchange closes the
-        connection, whose replies would be out of step from then on."""
+        """Around socket I/O, as in :meth:`request` (see :meth:`_interrupted`)."""
         try:
             yield
-        except TimeoutError as exc:
-            self.close()
-            raise self.wire.timed_out(wait) from exc
-        except OSError as exc:
-            self.close()
-            raise self.wire.lost(exc) from exc
-        except BaseException:
-            self.close()
-            raise
+        except BaseException as exc:
+            raise self._interrupted(exc, wait)  # noqa: B904 (its cause is set)
+
+    def _interrupted(self, exc: BaseException, wait: float | None) -> BaseException:
+        """An exchange was interrupted by ``exc``: close the connection, whose
+        replies would be out of step from then on, and return what to raise:
+        BrokerUnavailable for a timeout, ConnectionLost for a broken socket,
+        else ``exc`` itself."""
+        self.close()
+        if isinstance(exc, TimeoutError):
+            error: BaseException = self.wire.timed_out(wait)
+        elif isinstance(exc, OSError):
+            error = self.wire.lost(exc)
+        else:
+            return exc
+        error.__cause__ = exc
+        return error
 
     def read_reply(self, deadline: float | None) -> protocol.AnyReply:
         """The next reply, received by ``deadline`` (else TimeoutError)."""
@@ -134,7 +142,7 @@ class Connection:
             reply = self.wire.next_reply()
             if reply is not None:
                 return reply
-            self.wire.feed(self.io.receive(calls.RECEIVE_SIZE, deadline))
+            self.wire.feed(self.io.receive(deadline))
 
     def send_reading(self, data: bytes | bytearray, deadline: float | None) -> None:
         """Send all of ``data`` by ``deadline``, taking in whatever the broker
@@ -156,7 +164,7 @@ def retire_older_broker(socket_path: str, version: int, deadline: float) -> None
     with sock, contextlib.suppress(OSError):
         sock.settimeout(max(deadline - time.monotonic(), 0.001))
         sock.sendall(calls.retirement(version))
-        while sock.recv(calls.RECEIVE_SIZE):
+        while sock.recv(65536):
             pass  # its replies, then the end of the connection as it stops
     while broker_running(socket_path):
         if time.monotonic() > deadline:
@@ -250,8 +258,9 @@ class Client:
     def send_put(self, call: Call[protocol.PutReply] | Call[protocol.PutManyReply]) -> None:
         """Send a put in this thread's window, without reading its reply;
         first, if the window is full, read replies until a put's slot is free
-        (raising an error reply read on the way: this put is then not sent)."""
-        self.connection()  # a closed client raises; a forked child forgets its parent's
+        (raising an error reply read on the way: this put is then not sent).
+        The caller has just used :meth:`connection` (a closed client raised;
+        a forked child forgot its parent's window)."""
         window: calls.PutWindow | None = getattr(self._local, "window", None)
         if window is None:
             window = self._local.window = calls.PutWindow(self.timeout)
@@ -576,7 +585,9 @@ class Queue:
         """Change this queue's settings; None leaves a setting as it is.
 
         ``maxsize`` / ``max_bytes``: the most messages / body bytes it holds
-        in every state (0: unlimited); a put on a full queue waits for room.
+        in every state (``maxsize`` 0: unlimited; ``max_bytes`` 0: the
+        broker's ``--max-queue-bytes``, unlimited by default); a put on a
+        full queue waits for room.
         Kept in the journal. Returns the settings now in force.
         """
         call = calls.configure(
@@ -727,7 +738,7 @@ class Subscription:
             deadline = time.monotonic() + self.client.timeout
             conn.io.send_all(conn.wire.out, deadline)
             while (reply := self._events.take(conn.wire)) is None:
-                conn.wire.feed(conn.io.receive(calls.RECEIVE_SIZE, deadline))
+                conn.wire.feed(conn.io.receive(deadline))
             conn.wire.check(self._call.expect, request_id, reply, conn.close)
         self._conn = conn
 
@@ -750,7 +761,7 @@ class Subscription:
             if self._events.bodies:
                 continue
             try:
-                conn.wire.feed(conn.io.receive(calls.RECEIVE_SIZE, deadline))
+                conn.wire.feed(conn.io.receive(deadline))
             except TimeoutError:
                 raise Empty(f"nothing published to {self.topic!r} within {timeout:g} s") from None
             except OSError:

@@ -96,16 +96,17 @@ class Spinner:
                 ready = self._sleep(deadline)
                 if take is not None and ready & ~_POLLOUT:  # readable, or hung up
                     with contextlib.suppress(BlockingIOError):
-                        take(self._recv(RECEIVE_BUFFER))
+                        take(self._recv())
                 with contextlib.suppress(BlockingIOError):
                     view = view[sock.send(view) :]
         finally:
             self.poller.modify(sock, _POLLIN)
 
-    def receive(self, size: int, deadline: float | None) -> bytes:
-        """Up to ``size`` bytes (b"" at end of stream), by ``deadline``."""
+    def receive(self, deadline: float | None) -> bytes:
+        """What has come, up to :data:`RECEIVE_BUFFER` bytes (b"" at end of
+        stream), by ``deadline`` (else TimeoutError)."""
         try:
-            return self._recv(size)
+            return self._recv()
         except BlockingIOError:
             pass
         start = time.perf_counter()
@@ -115,7 +116,7 @@ class Spinner:
             while True:
                 yield_cpu()
                 try:
-                    data = self._recv(size)
+                    data = self._recv()
                 except BlockingIOError:
                     if time.perf_counter() < end:
                         continue
@@ -125,14 +126,14 @@ class Spinner:
         while True:
             self._sleep(deadline)
             try:
-                data = self._recv(size)
+                data = self._recv()
             except BlockingIOError:
                 continue
             self._learn(time.perf_counter() - start)
             return data
 
-    def _recv(self, size: int) -> bytes:
-        n = self.sock.recv_into(self.buffer, min(size, RECEIVE_BUFFER))
+    def _recv(self) -> bytes:
+        n = self.sock.recv_into(self.buffer)
         return bytes(self.view[:n])
 
     def _learn(self, waited: float) -> None:
