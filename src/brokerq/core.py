@@ -662,7 +662,8 @@ class BrokerCore:
         """Change a queue's own settings; None leaves a setting as it is.
 
         ``maxsize`` and ``max_bytes`` count every message the queue holds
-        (ready, delayed, reserved, buried); 0 means unlimited. Lowering them
+        (ready, delayed, reserved, buried); 0 means unlimited (``max_bytes``
+        0: the broker's ``max_queue_bytes``, itself 0 by default). Lowering them
         below what the queue holds keeps every message; puts wait for room.
         """
         validate_queue_name(name)

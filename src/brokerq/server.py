@@ -157,6 +157,7 @@ class Broker:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             if listener is not None:
+                limits.ensure_fd_limit(self.config.max_connections)
                 self._socket_identity = file_identity(self.config.socket_path)
                 self._lock_identity = file_identity(lock_path(self.config.socket_path))
                 self._listener_scope = await nursery.start(self._accept_loop, listener)
@@ -198,7 +199,6 @@ class Broker:
         *,
         task_status: trio.TaskStatus[trio.CancelScope] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        limits.ensure_fd_limit(self.config.max_connections)
         sock = trio.socket.from_stdlib_socket(listener)
         with trio.CancelScope() as scope, sock:
             task_status.started(scope)
@@ -385,10 +385,10 @@ class Broker:
     async def wait_synced(self, lsn: int) -> None:
         """Return once the journal is fsynced up to ``lsn``: group commit.
 
-        The first waiter leads: if other tasks are ready to run it yields
-        once, so that every put of this round appends first, then it runs
-        one fsync for them all;
-        the others wait for it (and lead the next round if still behind).
+        The first waiter leads: it yields a few scheduling rounds
+        (:data:`FSYNC_YIELD_ROUNDS`), so that the puts of the tasks ready now
+        append first, then it runs one fsync for them all; the others wait
+        for it (and lead the next round if still behind).
         The fsync runs in a worker thread: a disk's fsync takes a fraction
         of a millisecond to several, during which the broker goes on serving
         (gets, reserves, and puts that join the next round), where inline
@@ -407,12 +407,11 @@ class Broker:
                 continue
             self._committing = True
             try:
-                # Let the tasks that are ready run first: their puts join this
-                # fsync, and replies that need none (a get this put woke takes
-                # a few rounds to wind up its wait) go out before the loop
-                # blocks in it. (Trio's statistics cannot tell: tasks of the
-                # round being run are not counted.) A few rounds cost
-                # microseconds; a disk's fsync, a millisecond.
+                # Let the tasks that are ready run first, so that their puts
+                # join this fsync rather than wait for the next one. (Trio's
+                # statistics cannot tell: tasks of the round being run are
+                # not counted.) A few rounds cost microseconds; a disk's
+                # fsync, a fraction of a millisecond or more.
                 for _ in range(FSYNC_YIELD_ROUNDS):
                     await trio.lowlevel.checkpoint()
                 await trio.to_thread.run_sync(journal.sync)

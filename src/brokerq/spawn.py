@@ -323,7 +323,7 @@ def broker_command() -> list[str]:
         return [beside]
     found = shutil.which("local-queue-broker")
     if found:
-        return [found]
+        return [os.path.abspath(found)]
     raise BrokerUnavailable(
         "cannot start a broker: no local-queue-broker program beside "
         f"{sys.executable} or on PATH (set BROKERQ_BROKER to its path)"
@@ -428,6 +428,7 @@ def _log_tail(socket_path: str) -> str:
 #: and wait there for ever, instead of being refused and spawning a new
 #: broker. (The lock fd gets the same treatment in ``daemon._hold_lock``.)
 _LISTENERS: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+_fork_hook = False
 
 
 def _close_listeners_in_child() -> None:
@@ -435,11 +436,16 @@ def _close_listeners_in_child() -> None:
         sock.close()
 
 
-os.register_at_fork(after_in_child=_close_listeners_in_child)
-
-
 def close_in_forked_children(sock: socket.socket) -> None:
-    """Have a child forked from this process close ``sock`` at once (a listener)."""
+    """Have a child forked from this process close ``sock`` at once (a listener).
+
+    (The fork hook is registered with the first listener: only a broker has
+    one, and a client process need not run it at every fork.)
+    """
+    global _fork_hook
+    if not _fork_hook:
+        os.register_at_fork(after_in_child=_close_listeners_in_child)
+        _fork_hook = True
     _LISTENERS.add(sock)
 
 
