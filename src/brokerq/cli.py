@@ -90,6 +90,7 @@ pass_state = click.make_pass_decorator(_State)
     default=10.0,
     show_default=True,
     envvar="BROKERQ_CONNECT_TIMEOUT",
+    show_envvar=True,
     metavar="SECONDS",
     help="How long to wait for a broker to answer (or start).",
 )

@@ -55,6 +55,7 @@ def broker_options(f: F) -> F:
             "--data-dir",
             type=click.Path(file_okay=False),
             envvar="BROKERQ_DATA_DIR",
+            show_envvar=True,
             help="Directory for the journal, on a disk to survive reboots "
             "(default: beside the socket, which survives broker crashes and idle exits).",
         ),
@@ -64,6 +65,7 @@ def broker_options(f: F) -> F:
             default="batch",
             show_default=True,
             envvar="BROKERQ_FSYNC",
+            show_envvar=True,
             help="When the journal is fsynced before a put is acknowledged: never (survives "
             "a broker crash, not a power loss), batch (one fsync covers every put that "
             "arrived meanwhile) or always (one per write).",
@@ -73,6 +75,7 @@ def broker_options(f: F) -> F:
             default=True,
             show_default=True,
             envvar="BROKERQ_JOURNAL",
+            show_envvar=True,
             help="Keep messages in a journal (--no-journal: in memory only, lost when the "
             "broker stops; it then never idles out while it holds any).",
         ),
@@ -80,6 +83,7 @@ def broker_options(f: F) -> F:
             "--repair",
             is_flag=True,
             envvar="BROKERQ_REPAIR",
+            show_envvar=True,
             help="Truncate a journal corrupt in the middle at the bad record, losing what "
             "follows, instead of refusing to start.",
         ),
@@ -89,6 +93,7 @@ def broker_options(f: F) -> F:
             default=20,
             show_default=True,
             envvar="BROKERQ_MAX_DELIVERIES",
+            show_envvar=True,
             metavar="N",
             help="Deliveries of a reserved message without an ack before it moves to "
             "<queue>:dead (queues may set their own).",
@@ -99,6 +104,7 @@ def broker_options(f: F) -> F:
             default=30.0,
             show_default=True,
             envvar="BROKERQ_LEASE",
+            show_envvar=True,
             metavar="SECONDS",
             help="Default lease of a reserved message before it is delivered again.",
         ),
@@ -108,6 +114,7 @@ def broker_options(f: F) -> F:
             default=300.0,
             show_default=True,
             envvar="BROKERQ_IDLE_EXIT",
+            show_envvar=True,
             metavar="SECONDS",
             help="Exit after this long with no connections (0: never). Messages wait in "
             "the journal for the next broker; with --no-journal it never exits holding any.",
@@ -118,6 +125,7 @@ def broker_options(f: F) -> F:
             default=protocol.DEFAULT_MAX_MESSAGE_SIZE,
             show_default=True,
             envvar="BROKERQ_MAX_MESSAGE_SIZE",
+            show_envvar=True,
             metavar="BYTES",
             help="Largest message body accepted.",
         ),
@@ -127,6 +135,7 @@ def broker_options(f: F) -> F:
             default=protocol.DEFAULT_SUBSCRIBER_BUFFER,
             show_default=True,
             envvar="BROKERQ_SUBSCRIBER_BUFFER",
+            show_envvar=True,
             metavar="BYTES",
             help="Publishes held for one live subscriber that reads too slowly; past "
             "this it is dropped with an 'overflow' error (one publish always fits).",
@@ -137,6 +146,7 @@ def broker_options(f: F) -> F:
             default=limits.DEFAULT_MAX_CONNECTIONS,
             show_default=True,
             envvar="BROKERQ_MAX_CONNECTIONS",
+            show_envvar=True,
             metavar="N",
             help="Connections served at once; one more is answered 'busy' and closed.",
         ),
@@ -146,6 +156,7 @@ def broker_options(f: F) -> F:
             default=limits.DEFAULT_FRAME_TIMEOUT,
             show_default=True,
             envvar="BROKERQ_FRAME_TIMEOUT",
+            show_envvar=True,
             metavar="SECONDS",
             help="A connection whose frame is not complete this long after its first "
             "byte, or whose hello is not within this long of connecting, is closed "
@@ -157,6 +168,7 @@ def broker_options(f: F) -> F:
             default=limits.DEFAULT_MAX_PIPELINED,
             show_default=True,
             envvar="BROKERQ_MAX_PIPELINED",
+            show_envvar=True,
             metavar="N",
             help="Requests of one connection answered before their replies are written "
             "(and at most 1 MiB of replies); nothing more is read from it until they are.",
@@ -167,6 +179,7 @@ def broker_options(f: F) -> F:
             default=limits.DEFAULT_MAX_QUEUE_BYTES,
             show_default=True,
             envvar="BROKERQ_MAX_QUEUE_BYTES",
+            show_envvar=True,
             metavar="BYTES",
             help="Body bytes a queue without a max_bytes of its own may hold; puts wait "
             "for room as on any bounded queue (0: unlimited).",
@@ -177,6 +190,7 @@ def broker_options(f: F) -> F:
             default=limits.default_max_total_bytes(),
             show_default=True,
             envvar="BROKERQ_MAX_TOTAL_BYTES",
+            show_envvar=True,
             metavar="BYTES",
             help="Body bytes held over all queues; a put past it fails with 'full' "
             "(default: 1 GiB, or a quarter of the RAM if less; 0: unlimited).",
@@ -187,6 +201,7 @@ def broker_options(f: F) -> F:
             default="info",
             show_default=True,
             envvar="BROKERQ_LOG_LEVEL",
+            show_envvar=True,
             help="Least severe log level written.",
         ),
     ]
