@@ -283,10 +283,11 @@ class Connection:
         the latest receive that took a frame (or later), so its count starts
         again then; one that gets no further is cut after ``frame_timeout``.
         """
-        timeout = self.broker.config.frame_timeout
-        if self.frame_taken or (self.greeted and not self.reader.buffered):
+        timeout = self.broker.config.frame_seconds
+        between_frames = self.greeted and not self.reader.buffered
+        if self.frame_taken or between_frames:
             self.waited, self.frame_taken = 0.0, False
-        if timeout <= 0 or math.isinf(timeout) or (self.greeted and not self.reader.buffered):
+        if timeout is None or between_frames:
             return await self._receive()
         start = trio.current_time()
         with trio.move_on_after(max(0.0, timeout - self.waited)):

@@ -318,7 +318,7 @@ def run(
         lease=lease,
         subscriber_buffer=subscriber_buffer,
         max_connections=max_connections,
-        frame_timeout=frame_timeout if frame_timeout > 0 else float("inf"),
+        frame_timeout=frame_timeout,  # 0: off (BrokerConfig.frame_seconds)
         max_pipelined=max_pipelined,
         max_queue_bytes=max_queue_bytes,
         max_total_bytes=(

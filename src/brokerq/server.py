@@ -82,6 +82,12 @@ class BrokerConfig:
     #: The listener came from systemd (activation.py): the socket file is not ours.
     activated: bool = False
 
+    @property
+    def frame_seconds(self) -> float | None:
+        """``frame_timeout`` as it applies: None when off (0 or inf)."""
+        timeout = self.frame_timeout
+        return None if timeout <= 0 or math.isinf(timeout) else timeout
+
 
 class Broker:
     """One broker process's serving state: core, journal, connections, timers.
@@ -370,7 +376,7 @@ class Broker:
             "subscriber_buffer": self.config.subscriber_buffer,
             "max_connections": self.config.max_connections,
             "busy_total": self.busy_total,
-            "frame_timeout_s": _seconds_or_none(self.config.frame_timeout),
+            "frame_timeout_s": self.config.frame_seconds,
             "max_pipelined": self.config.max_pipelined,
             "max_queue_bytes": self.config.max_queue_bytes,
             "max_total_bytes": self.config.max_total_bytes,
@@ -472,8 +478,3 @@ class Broker:
                 wake_all(self.core.admit_freed(self.clock()))
             except JournalFailed as exc:
                 self.fail(str(exc))
-
-
-def _seconds_or_none(seconds: float) -> float | None:
-    """A duration option for stats: None when it is off (0 or inf)."""
-    return None if seconds <= 0 or math.isinf(seconds) else seconds
