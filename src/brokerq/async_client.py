@@ -173,12 +173,8 @@ class AsyncConnection:
                     raise
             except VersionMismatch as exc:
                 await conn.aclose()
-                older = calls.older_broker(exc)
-                if older is None:
-                    raise calls.newer_broker(socket_path, exc) from None
-                if not spawn:
-                    raise  # stop() retires it without starting a new one
                 # An upgrade: retire the older broker (as the blocking client does).
+                older = calls.broker_to_retire(socket_path, exc, may_retire=spawn)
                 await anyio.to_thread.run_sync(retire_older_broker, socket_path, older, deadline)
             except BaseException:
                 await conn.aclose()

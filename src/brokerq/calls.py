@@ -342,6 +342,19 @@ def older_broker(exc: VersionMismatch) -> int | None:
     return theirs if theirs is not None and theirs < protocol.PROTOCOL_VERSION else None
 
 
+def broker_to_retire(socket_path: str, exc: VersionMismatch, *, may_retire: bool) -> int:
+    """Judge a ``version`` error to a hello: the protocol version of an older
+    broker to retire now (an upgrade), else raise: :func:`newer_broker`'s
+    error for a newer broker, ``exc`` itself when it may not be retired here
+    (a client that must not start a broker, as ``stop``)."""
+    older = older_broker(exc)
+    if older is None:
+        raise newer_broker(socket_path, exc) from None
+    if not may_retire:
+        raise exc
+    return older
+
+
 def retirement(version: int) -> bytes:
     """What asks a broker of an older protocol ``version`` to exit: ``hello``
     in its version, then ``stop``. Every version keeps these two requests'

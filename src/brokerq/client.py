@@ -76,13 +76,10 @@ class Connection:
                     raise
             except VersionMismatch as exc:
                 self.close()
-                older = calls.older_broker(exc)
-                if older is None:
-                    raise calls.newer_broker(socket_path, exc) from None
-                if not spawn:
-                    raise  # stop() retires it without starting a new one
                 # An upgrade: the broker still running is older than this
                 # client. Ask it to finish and exit; the next one is ours.
+                # (Without spawn, stop() retires it without starting another.)
+                older = calls.broker_to_retire(socket_path, exc, may_retire=spawn)
                 retire_older_broker(socket_path, older, deadline)
             except BaseException:
                 self.close()
