@@ -28,7 +28,7 @@ import importlib.util
 import itertools
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -212,24 +212,28 @@ def test_any_bytes_in_any_split_decode_to_frames_or_protocol_errors(
         check_reply(payload)
 
 
-@given(frames=st.lists(requests, max_size=6), cuts=st.lists(st.integers(0, 10_000), max_size=12))
-def test_valid_requests_survive_any_split(frames: list[protocol.Request], cuts: list[int]) -> None:
+def decoded_after_split(
+    frames: Sequence[protocol.Request | protocol.Reply],
+    cuts: list[int],
+    decode: Callable[[bytes], protocol.Request | protocol.Reply],
+) -> list[protocol.Request | protocol.Reply]:
+    """``frames`` encoded in a row, cut at ``cuts``, read back and decoded."""
     out = bytearray()
     for frame in frames:
         protocol.append_frame(out, frame)
     payloads_, refused = frames_of(split(bytes(out), cuts), protocol.max_frame_size(1000))
     assert not refused
-    assert [protocol.decode_request(p) for p in payloads_] == frames
+    return [decode(p) for p in payloads_]
+
+
+@given(frames=st.lists(requests, max_size=6), cuts=st.lists(st.integers(0, 10_000), max_size=12))
+def test_valid_requests_survive_any_split(frames: list[protocol.Request], cuts: list[int]) -> None:
+    assert decoded_after_split(frames, cuts, protocol.decode_request) == frames
 
 
 @given(frames=st.lists(replies, max_size=6), cuts=st.lists(st.integers(0, 10_000), max_size=12))
 def test_valid_replies_survive_any_split(frames: list[protocol.Reply], cuts: list[int]) -> None:
-    out = bytearray()
-    for frame in frames:
-        protocol.append_frame(out, frame)
-    payloads_, refused = frames_of(split(bytes(out), cuts), protocol.max_frame_size(1000))
-    assert not refused
-    assert [protocol.decode_reply(p) for p in payloads_] == frames
+    assert decoded_after_split(frames, cuts, protocol.decode_reply) == frames
 
 
 @given(frame=requests, junk=st.binary(min_size=1, max_size=4))
