@@ -457,23 +457,17 @@ def put_window(value: int | None) -> int:
     """The put window of a client: ``value``, or with None ``$BROKERQ_PUT_WINDOW``
     (unset or empty: 0, off). Raises InvalidRequest (a ValueError) for a
     negative or malformed one."""
+    name = "put_window"
     if value is None:
-        raw = os.environ.get(PUT_WINDOW_VARIABLE, "").strip()
-        if not raw:
-            return 0
+        name, raw = PUT_WINDOW_VARIABLE, os.environ.get(PUT_WINDOW_VARIABLE, "").strip()
         try:
-            value = int(raw)
+            value = int(raw) if raw else 0
         except ValueError:
-            raise InvalidRequest(
-                f"{PUT_WINDOW_VARIABLE} must be a whole number of puts, not {raw!r}"
-            ) from None
-        if value < 0:
-            raise InvalidRequest(f"{PUT_WINDOW_VARIABLE} must be 0 or more, not {value}")
-        return value
+            raise InvalidRequest(f"{name} must be a whole number of puts, not {raw!r}") from None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequest(f"put_window is a number of puts, not {value!r}")
+        raise InvalidRequest(f"{name} is a number of puts, not {value!r}")
     if value < 0:
-        raise InvalidRequest(f"put_window must be 0 or more, not {value}")
+        raise InvalidRequest(f"{name} must be 0 or more, not {value}")
     return value
 
 

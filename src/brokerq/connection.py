@@ -110,9 +110,11 @@ if TYPE_CHECKING:
 
 _BLOCK: Final = object()
 _SENT: Final = object()  # a parked request whose reply hand_over already wrote
-#: How long a dropped subscriber gets to take its ``overflow`` error.
+#: How long a dropped subscriber gets to take what is being sent to it, and
+#: then its ``overflow`` error.
 OVERFLOW_GRACE_SECONDS: Final = 30.0
-#: How long a connection cut for a frame timeout gets to take its error.
+#: How long a closing connection gets to write what it still owes: the error
+#: of a frame timeout, or replies that were waiting for their fsync.
 TIMEOUT_GRACE_SECONDS: Final = 1.0
 
 
