@@ -124,7 +124,10 @@ def struct_strategy(cls: type[msgspec.Struct]) -> st.SearchStrategy[Any]:
     return st.builds(cls, **{f.name: _strategy_for(f.type) for f in info.fields})
 
 
-requests = st.one_of(*(struct_strategy(cls) for cls in protocol.AnyRequest.__args__))
+# Id 0 is reserved (protocol.md 2, "Request ids"): a valid request has another.
+requests = st.one_of(*(struct_strategy(cls) for cls in protocol.AnyRequest.__args__)).map(
+    lambda r: msgspec.structs.replace(r, id=1) if r.id == 0 else r
+)
 replies = st.one_of(*(struct_strategy(cls) for cls in protocol.AnyReply.__args__))
 
 
@@ -234,6 +237,14 @@ def test_valid_requests_survive_any_split(frames: list[protocol.Request], cuts: 
 @given(frames=st.lists(replies, max_size=6), cuts=st.lists(st.integers(0, 10_000), max_size=12))
 def test_valid_replies_survive_any_split(frames: list[protocol.Reply], cuts: list[int]) -> None:
     assert decoded_after_split(frames, cuts, protocol.decode_reply) == frames
+
+
+@given(frame=requests)
+def test_a_request_with_id_0_is_refused_with_id_0(frame: protocol.Request) -> None:
+    payload = msgspec.msgpack.encode(msgspec.structs.replace(frame, id=0))
+    with pytest.raises(InvalidRequestFrame) as refused:
+        protocol.decode_request(payload)
+    assert refused.value.request_id == 0
 
 
 @given(frame=requests, junk=st.binary(min_size=1, max_size=4))

@@ -634,7 +634,7 @@ class Wire:
             close()
             raise RemoteProtocolError(f"reply id {reply.id} does not match request {request_id}")
         if isinstance(reply, protocol.Error):
-            if reply.code in CLOSING_CODES:
+            if reply.id == 0 or reply.code in CLOSING_CODES:
                 close()  # the broker closes these connections
             if reply.code == "version":
                 raise VersionMismatch(reply.message, reply.version)

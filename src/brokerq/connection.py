@@ -325,7 +325,10 @@ class Connection:
                 request = protocol.decode_request(payload)
             except InvalidRequestFrame as exc:
                 self._reply_error(exc.request_id, "bad_request", str(exc))
-                if not self.greeted:
+                if not self.greeted or exc.request_id == 0:
+                    # An error with id 0 always ends the connection
+                    # (protocol.md 5): one whose request cannot be named
+                    # leaves the client unable to pair replies with requests.
                     await self._close_with_error()
                 if self._replies_due(max_pipelined):
                     await self._flush()

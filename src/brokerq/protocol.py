@@ -404,8 +404,9 @@ class InvalidRequestFrame(LocalProtocolError):
     """A well-framed MessagePack map that is not a valid request.
 
     The frame boundary is intact, so the broker answers with a ``bad_request``
-    error (echoing ``request_id`` when it could be read) and keeps the
-    connection open.
+    error echoing ``request_id`` and keeps the connection open; when the id
+    could not be read (or was the reserved 0), ``request_id`` is 0 and the
+    connection is closed after the error, as after every error with id 0.
     """
 
     def __init__(self, message: str, request_id: int) -> None:
@@ -435,11 +436,14 @@ def decode_request(payload: bytes) -> AnyRequest:
     MessagePack at all.
     """
     try:
-        return _request_decoder.decode(payload)
+        request = _request_decoder.decode(payload)
     except msgspec.ValidationError as exc:
         raise InvalidRequestFrame(str(exc), _peek_id(payload)) from exc
     except (msgspec.DecodeError, UnicodeDecodeError) as exc:
         raise RemoteProtocolError(f"frame is not valid MessagePack: {exc}") from exc
+    if request.id == 0:
+        raise InvalidRequestFrame("request id 0 is reserved for errors about the connection", 0)
+    return request
 
 
 def decode_reply(payload: bytes) -> AnyReply:
