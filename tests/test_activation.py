@@ -9,6 +9,7 @@ own pid, as systemd does.
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -140,3 +141,28 @@ def test_sockets_that_cannot_be_served_are_a_clear_start_up_error(
     assert message in err.decode()
     assert len(err.decode().strip().splitlines()) == 1
     assert gone(proc.pid)
+
+
+def test_an_activated_broker_raises_the_backlog(procs: Procs, socket_path: str) -> None:
+    """systemd listened with a small backlog (16 here): the broker asks for
+    the system's maximum, so a burst of connects waits instead of EAGAIN."""
+    sock = listen(socket_path)
+    proc = activate(procs, sock, socket_path)
+    fillers: list[socket.socket] = []
+    with brokerq.connect(socket_path) as client:
+        assert client.broker_pid == proc.pid
+        os.kill(proc.pid, signal.SIGSTOP)  # nothing is accepted meanwhile
+        try:
+            for _ in range(200):
+                filler = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                fillers.append(filler)
+                filler.setblocking(False)
+                filler.connect(socket_path)  # BlockingIOError past a backlog of 16
+        finally:
+            os.kill(proc.pid, signal.SIGCONT)
+            for filler in fillers:
+                filler.close()
+        assert len(fillers) == 200
+        assert client.stop()
+    assert proc.wait(timeout=10) == 0
+    sock.close()

@@ -52,6 +52,7 @@ SLACK = 2.0
 POINTS = (
     "client.connected",
     "client.connect_failed",
+    "client.backlog_full",
     "client.lock_busy",
     "client.locked",
     "client.spawned",
@@ -943,13 +944,25 @@ def test_s13_broker_whose_files_are_removed_or_replaced_exits(
 
 
 def test_s17_full_backlog_makes_clients_wait_never_unlink(
-    socket_path: str, sock_dir: str, procs: Procs, pauses: Callable[[str], Pause]
+    socket_path: str,
+    sock_dir: str,
+    procs: Procs,
+    pauses: Callable[[str], Pause],
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """connect() says EAGAIN: a broker listens, busy; wait for it, never
+    take the lock (protocol.md 10.3)."""
+    # The backlog is the system's maximum (net.core.somaxconn): the broker
+    # must be able to serve every filler at once when it resumes, so that
+    # the waiting client is served rather than refused as busy.
+    backlog = int(Path("/proc/sys/net/core/somaxconn").read_text())
+    monkeypatch.setenv("BROKERQ_MAX_CONNECTIONS", str(backlog + 64))
     with brokerq.connect(socket_path) as first:
         pid = first.broker_pid
     live = os.lstat(socket_path).st_ino
     failed = pauses("client.connect_failed")
-    busy = pauses("client.lock_busy")
+    busy = pauses("client.backlog_full")
+    locking = pauses("client.lock_busy")
     fillers: list[socket.socket] = []
     try:
         with stopped(pid):
@@ -962,12 +975,14 @@ def test_s17_full_backlog_makes_clients_wait_never_unlink(
                     filler.close()
                     break
                 fillers.append(filler)
-                assert len(fillers) < 10_000
-            waiter = client(procs, socket_path, env=pause_env(failed, busy))
+                assert len(fillers) <= backlog + 1
+            waiter = client(procs, socket_path, env=pause_env(failed, busy, locking))
             failed.wait()  # connect() said EAGAIN
             failed.release()
-            busy.wait()  # and the lock is held: it waits
+            busy.wait()  # the broker is alive and busy: it backs off to connect again
             busy.release()
+            time.sleep(0.2)
+            assert locking.arrivals() == []  # and never goes for the lock
             assert waiter.poll() is None
             assert os.lstat(socket_path).st_ino == live
             assert broker_pids(sock_dir) == [pid]

@@ -359,7 +359,9 @@ static int peer_is_us(int fd)
 #endif
 }
 
-/* §10.3 step 1: 1 connected, 0 nobody listens, -1 a hard error. */
+/* §10.3 step 1: 1 connected, 0 nobody listens, 2 a broker listens but its
+ * backlog is full (EAGAIN: back off and connect again, never spawn), -1 a
+ * hard error. */
 static int try_connect(bq *b)
 {
     struct sockaddr_un a;
@@ -380,7 +382,9 @@ static int try_connect(bq *b)
     int e = errno;
     close(b->fd);
     b->fd = -1;
-    if (e == ENOENT || e == ECONNREFUSED || e == EAGAIN || e == EINPROGRESS)
+    if (e == EAGAIN)
+        return 2;
+    if (e == ENOENT || e == ECONNREFUSED || e == EINPROGRESS)
         return 0;
     if (e == EACCES || e == EPERM)
         return fail(b, "permission", "connect %s: %s", b->path, strerror(e));
@@ -595,8 +599,9 @@ bq *bq_open(const char *path, double timeout)
         }
         if (spawned)
             continue;           /* it said READY: connect again at once */
-        /* The lock is busy (a broker starts or exits) or the broker closed
-         * on us as it exited: a jittered, growing sleep, then again. */
+        /* The lock is busy (a broker starts or exits), the backlog is full,
+         * or the broker closed on us as it exited: a jittered, growing
+         * sleep, then again. */
         nap(delay * (0.5 + (double)rand() / ((double)RAND_MAX + 1)));
         delay = delay * 2 < 0.05 ? delay * 2 : 0.05;
     }

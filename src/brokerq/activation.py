@@ -19,7 +19,7 @@ import os
 import socket
 
 from .errors import BrokerqError
-from .spawn import close_in_forked_children
+from .spawn import LISTEN_BACKLOG, close_in_forked_children
 
 #: The first inherited descriptor (``SD_LISTEN_FDS_START``).
 LISTEN_FDS_START = 3
@@ -51,6 +51,10 @@ def inherited_listener(socket_path: str) -> socket.socket | None:
         sock.detach()  # not ours to close: leave the descriptor as systemd gave it
         raise
     sock.set_inheritable(False)
+    # systemd listened with the unit's Backlog= (SOMAXCONN unless set): ask
+    # for the system's maximum, as a broker that binds its own socket does.
+    # listen() on a listening socket only changes its backlog.
+    sock.listen(LISTEN_BACKLOG)
     close_in_forked_children(sock)
     return sock
 

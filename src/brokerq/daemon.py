@@ -33,7 +33,9 @@ from .journal import Journal, journal_path
 from .pause import pause
 from .spawn import (
     check_socket_path,
+    file_identity,
     lock_holder_pid,
+    lock_path,
     log_path,
     open_lock,
     publish_socket,
@@ -213,9 +215,25 @@ def broker_options(f: F) -> F:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("socket", required=False, envvar="BROKERQ_SOCKET")
 @broker_options
-@click.option("--daemon", is_flag=True, hidden=True, help="Fork into the background.")
-@click.option("--lock-fd", type=int, hidden=True, help="An inherited, already locked lock fd.")
-@click.option("--ready-fd", type=int, hidden=True, help="Write 'READY <pid>' here when serving.")
+@click.option(
+    "--daemon",
+    is_flag=True,
+    help="Fork into the background, the parent exiting at once (as clients spawn it).",
+)
+@click.option(
+    "--lock-fd",
+    type=int,
+    metavar="FD",
+    help="Inherited descriptor of SOCKET.lock, already flock-ed by the spawner "
+    "(docs/protocol.md 10.4). Without it the broker takes the lock itself.",
+)
+@click.option(
+    "--ready-fd",
+    type=int,
+    metavar="FD",
+    help="Inherited pipe (or any byte stream): 'READY <pid>' is written to it once "
+    "the socket listens, 'BUSY <pid>' if another broker holds the lock; then closed.",
+)
 def main(
     socket: str | None,
     daemon: bool,
@@ -272,10 +290,17 @@ def run(
         _daemonize()
     try:
         fd = _hold_lock(path, lock_fd)
+    except BadLockFd as exc:
+        return _fail(str(exc))
     except OSError as exc:  # a symlink planted at the lock path, say (O_NOFOLLOW)
-        return _fail(f"cannot open the lock file: {exc}")
+        return _fail(f"cannot open the lock file {lock_path(path)}: {exc.strerror}")
     if fd is None:
         holder = lock_holder_pid(path)
+        if ready_fd is not None:
+            # A spawner that could not take the lock itself (protocol.md
+            # 10.3, without flock) reads this as "another broker won: connect
+            # again", where end of file would mean "failed to start".
+            _tell_ready_fd(ready_fd, f"BUSY {holder or 0}\n")
         who = f"pid {holder}" if holder else "starting up"
         return _fail(f"another broker ({who}) already serves {path}")
     pause("broker.locked")
@@ -299,9 +324,7 @@ def run(
     log.info("serving %s (pid %d)", path, os.getpid())
     pause("broker.before_ready")
     if ready_fd is not None:
-        with contextlib.suppress(OSError):
-            os.write(ready_fd, f"READY {os.getpid()}\n".encode())
-        os.close(ready_fd)
+        _tell_ready_fd(ready_fd, f"READY {os.getpid()}\n")
 
     # Import trio only now: clients are already queueing in the backlog.
     import trio
@@ -371,10 +394,37 @@ def _daemonize() -> None:
     os.close(devnull)
 
 
+class BadLockFd(Exception):
+    """``--lock-fd`` names no descriptor of this socket's lock file."""
+
+
+def _tell_ready_fd(fd: int, line: str) -> None:
+    """Write ``line`` to the spawner's ready pipe and close it (a spawner
+    that went away is no reason not to serve)."""
+    with contextlib.suppress(OSError):
+        os.write(fd, line.encode())
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
 def _hold_lock(path: str, inherited: int | None) -> int | None:
-    """The locked lock fd, kept (close-on-exec) for the broker's whole life."""
-    fd = open_lock(path) if inherited is None else inherited
-    if not try_lock(fd):  # an inherited fd shares its holder's lock: this succeeds
+    """The locked lock fd, kept (close-on-exec) for the broker's whole life;
+    None if another broker holds the lock.
+
+    An inherited fd must be ``<socket>.lock`` itself: a broker holding a
+    lock on anything else would serve beside the real lock holder. Raises
+    BadLockFd if it is not (or is not open, or cannot be locked)."""
+    if inherited is None:
+        fd = open_lock(path)
+    else:
+        fd = inherited
+        _check_lock_fd(fd, path)
+    try:
+        locked = try_lock(fd)  # an inherited fd shares its holder's lock: this succeeds
+    except OSError as exc:
+        os.close(fd)
+        raise BadLockFd(f"--lock-fd {fd} cannot be locked with flock: {exc.strerror}") from exc
+    if not locked:
         os.close(fd)
         return None
     os.set_inheritable(fd, False)
@@ -383,6 +433,17 @@ def _hold_lock(path: str, inherited: int | None) -> int | None:
     # A child forked without exec must not keep a dead broker "alive".
     os.register_at_fork(after_in_child=lambda: os.close(fd))
     return fd
+
+
+def _check_lock_fd(fd: int, path: str) -> None:
+    """Raise BadLockFd unless ``fd`` is an open descriptor of ``<path>.lock``."""
+    where = lock_path(path)
+    try:
+        st = os.fstat(fd)
+    except OSError as exc:
+        raise BadLockFd(f"--lock-fd {fd} is not an open file descriptor: {exc.strerror}") from exc
+    if file_identity(where) != (st.st_dev, st.st_ino):
+        raise BadLockFd(f"--lock-fd {fd} is not the lock file {where}")
 
 
 def _setup_logging(path: str, daemon: bool, level: str) -> None:

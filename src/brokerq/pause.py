@@ -31,7 +31,10 @@ The points (``brokerq.spawn``, ``brokerq.daemon``, ``brokerq.server``):
     connect() succeeded (the connection may wait in the backlog); no hello
     sent yet.
 ``client.connect_failed``
-    connect() found no listener; the client has not tried the lock yet.
+    connect() did not connect; the client has not tried the lock yet.
+``client.backlog_full``
+    connect() said EAGAIN: a broker listens, its backlog full; the client is
+    about to back off and connect again, without trying the lock.
 ``client.lock_busy``
     the lock is held by someone else; the client is about to back off.
 ``client.locked``

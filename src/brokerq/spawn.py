@@ -41,7 +41,21 @@ from .pause import pause
 #: 108 with the NUL); BSD and macOS allow 103.
 MAX_SOCKET_PATH = 107 if sys.platform.startswith("linux") else 103
 #: connect() errors that mean "no broker is listening here (yet)".
-_NOT_LISTENING = frozenset({errno.ENOENT, errno.ECONNREFUSED, errno.EAGAIN})
+_NOT_LISTENING = frozenset({errno.ENOENT, errno.ECONNREFUSED})
+#: The listen backlog asked for. The kernel caps it (``net.core.somaxconn`` on
+#: Linux, 4096 by default since 5.4), so asking for more than SOMAXCONN means
+#: "as many as the system allows": a burst of connects waits in the backlog
+#: while the broker is busy, rather than failing with EAGAIN.
+LISTEN_BACKLOG = max(socket.SOMAXCONN, 65535)
+
+
+class _Busy:
+    """What :func:`_try_connect` returns for ``EAGAIN``: a full listen backlog."""
+
+
+#: A broker listens but its backlog is full for a moment (connect() said
+#: EAGAIN): it is alive, so connect again; never a reason to spawn.
+BUSY = _Busy()
 _READY_PREFIX = b"READY "
 
 
@@ -79,17 +93,34 @@ def default_socket_path() -> str:
     ``/tmp/brokerq-<euid>/broker.sock``."""
     runtime = _trusted_runtime_dir()
     if runtime is not None:
-        path = os.path.abspath(os.path.join(runtime, "brokerq", "broker.sock"))
+        path = normalise_path(os.path.join(runtime, "brokerq", "broker.sock"))
         if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
             return path
     return f"/tmp/brokerq-{os.geteuid()}/broker.sock"
 
 
 def resolve_socket_path(socket_path: str | os.PathLike[str] | None) -> str:
-    """The path given, else ``$BROKERQ_SOCKET``, else :func:`default_socket_path`."""
+    """The path given, else ``$BROKERQ_SOCKET``, else :func:`default_socket_path`;
+    made absolute and normalised (:func:`normalise_path`)."""
     if socket_path is None:
         socket_path = os.environ.get("BROKERQ_SOCKET") or default_socket_path()
-    return os.path.abspath(os.fspath(socket_path))
+    return normalise_path(os.fspath(socket_path))
+
+
+def normalise_path(path: str) -> str:
+    """``path`` made absolute and normalised lexically, as protocol.md 10.1 says:
+    every run of ``/`` becomes one, ``.`` goes, ``..`` takes the component
+    before it; no symlink is followed.
+
+    ``os.path.abspath`` does all of that but keeps a leading ``//`` (POSIX
+    leaves its meaning to the system; Linux reads it as ``/``). Two spellings
+    of one path must name one broker and one ``--data-dir`` journal (whose
+    name hashes the path), and the C client folds it, so this does too.
+    """
+    path = os.path.abspath(path)
+    if path.startswith("//"):
+        path = "/" + path.lstrip("/")
+    return path
 
 
 def lock_path(socket_path: str) -> str:
@@ -109,17 +140,24 @@ def check_path_length(socket_path: str) -> None:
         )
 
 
-def ensure_socket_dir(socket_path: str) -> None:
+def ensure_socket_dir(socket_path: str, *, create: bool = True) -> None:
     """Create the socket's directory (mode 0700) or check that it is safe.
 
     Safe means: a real directory (not a symlink), owned by this user, with
     no permissions for group or others. Anything else is refused; nothing is
     chmod-ed or chown-ed, since a directory someone else prepared is exactly
     the attack (squatting in /tmp) this guards against.
+
+    ``create`` False (``stop``, which never starts a broker) creates
+    nothing: a missing directory means no broker runs there, and
+    BrokerUnavailable says so.
     """
     directory = os.path.dirname(socket_path)
+    if not create and not os.path.lexists(directory):
+        raise BrokerUnavailable(f"no broker is running at {socket_path}")
     try:
-        os.mkdir(directory, 0o700)
+        if create:
+            os.mkdir(directory, 0o700)
     except FileExistsError:
         pass
     except OSError as exc:  # a missing parent, say: only the last component is made
@@ -143,10 +181,11 @@ def ensure_socket_dir(socket_path: str) -> None:
         raise PermissionDenied(f"unsafe socket directory {directory}: it {problem}")
 
 
-def check_socket_path(socket_path: str) -> None:
-    """Everything a client or a broker checks before touching a socket path."""
+def check_socket_path(socket_path: str, *, create: bool = True) -> None:
+    """Everything a client or a broker checks before touching a socket path
+    (``create``: as for :func:`ensure_socket_dir`)."""
     check_path_length(socket_path)
-    ensure_socket_dir(socket_path)
+    ensure_socket_dir(socket_path, create=create)
 
 
 # -- peers ---------------------------------------------------------------
@@ -241,14 +280,17 @@ def broker_running(socket_path: str) -> bool:
 # -- connecting and spawning -----------------------------------------------
 
 
-def _try_connect(socket_path: str, timeout: float) -> socket.socket | None:
-    """A connected socket, or None if nothing listens at the path (yet)."""
+def _try_connect(socket_path: str, timeout: float) -> socket.socket | _Busy | None:
+    """A connected socket; :data:`BUSY` if the broker's backlog is full; None
+    if nothing listens at the path (yet)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(max(timeout, 0.001))
         sock.connect(socket_path)
     except OSError as exc:
         sock.close()
+        if exc.errno == errno.EAGAIN:
+            return BUSY
         if exc.errno in _NOT_LISTENING or isinstance(exc, TimeoutError):
             return None
         if exc.errno in (errno.EACCES, errno.EPERM):
@@ -269,18 +311,20 @@ def connect_or_spawn(socket_path: str, deadline: float, *, spawn: bool = True) -
     when it passes (a broker that is stopped or wedged holds the lock, so
     clients time out rather than start a second one).
     """
-    check_socket_path(socket_path)
+    check_socket_path(socket_path, create=spawn)
     delay = 0.001
     while True:
         remaining = deadline - time.monotonic()
         sock = _try_connect(socket_path, remaining)
-        if sock is not None:
+        if isinstance(sock, socket.socket):
             pause("client.connected")
             return sock
         pause("client.connect_failed")
-        if not spawn and not broker_running(socket_path):
+        if sock is BUSY:
+            pause("client.backlog_full")  # a broker serves, busy: connect again
+        elif not spawn and not broker_running(socket_path):
             raise BrokerUnavailable(f"no broker is running at {socket_path}")
-        if spawn:
+        elif spawn:
             fd = take_spawn_lock(socket_path)
             if fd is None:
                 pause("client.lock_busy")
@@ -449,7 +493,7 @@ def close_in_forked_children(sock: socket.socket) -> None:
     _LISTENERS.add(sock)
 
 
-def publish_socket(socket_path: str, backlog: int = 128) -> socket.socket:
+def publish_socket(socket_path: str, backlog: int = LISTEN_BACKLOG) -> socket.socket:
     """Bind a temporary name, listen, then rename it over ``socket_path``.
 
     The path therefore only ever names a socket that already listens: a
