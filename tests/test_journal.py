@@ -745,6 +745,79 @@ def test_appends_after_a_failed_directory_fsync_are_not_lost(
     assert view(replay(path)) == view(core)
 
 
+def test_compact_at_once_shrinks_the_journal_and_keeps_the_state(path: str) -> None:
+    """What a broker does at start and at exit (server.py, Broker._compact_at_once)."""
+    journal, _ = Journal.open(path, "batch")
+    core = make_core(journal.append)
+    scenario(core)
+    churn(core)
+    before = journal.size
+    journal.compact(core.snapshot())
+    assert not journal.compacting
+    assert not os.path.exists(path + ".compact")
+    assert os.path.getsize(path) == journal.size < before / 3
+    assert journal.synced == journal.written
+    during(core, 1)  # appends after it go to the new file
+    journal.close()
+    rebuilt = replay(path)
+    assert view(rebuilt) == view(core)
+    assert_same_behaviour(core, rebuilt)
+
+
+def test_compact_at_once_on_a_journal_holding_nothing_leaves_a_few_bytes(path: str) -> None:
+    """Nothing held: the new journal keeps only the next id and the put keys."""
+    journal, _ = Journal.open(path, "batch")
+    core = make_core(journal.append)
+    for i in range(3):
+        core.put("q", b"x" * 1000, NOW, key=b"k%d" % i)
+        assert core.get_nowait("q")
+    assert journal.size > 3000
+    journal.compact(core.snapshot())
+    journal.close()
+    assert os.path.getsize(path) < 200
+    rebuilt = replay(path)
+    assert view(rebuilt) == view(core)
+    assert_same_behaviour(core, rebuilt)
+
+
+def test_a_failed_compaction_at_once_leaves_the_old_journal_in_use(
+    path: str, fake_os: FaultyOs
+) -> None:
+    journal, _ = Journal.open(path, "batch")
+    core = make_core(journal.append)
+    scenario(core)
+    churn(core, 50)
+    before = read_bytes(path)
+    fake_os.on_write = DiskFull(1)  # the snapshot's write
+    with pytest.raises(OSError, match=os.strerror(errno.ENOSPC)):
+        journal.compact(core.snapshot())
+    fake_os.on_write = None
+    assert not journal.compacting
+    assert not os.path.exists(path + ".compact")
+    assert read_bytes(path) == before
+    during(core, 1)
+    journal.close()
+    assert view(replay(path)) == view(core)
+
+
+def test_open_removes_the_file_of_a_compaction_cut_short(path: str) -> None:
+    """A broker killed while compacting leaves ``<journal>.compact``: the next one's space."""
+    journal, _ = Journal.open(path, "batch")
+    core = make_core(journal.append)
+    scenario(core)
+    churn(core, 50)
+    compaction = journal.begin_compaction(core.snapshot())
+    compaction.write_snapshot()
+    during(core, 1)
+    _crash(journal, compaction)
+    assert os.path.exists(compaction.tmp_path)
+    journal, result = Journal.open(path, "batch")
+    assert not os.path.exists(compaction.tmp_path)
+    journal.close()
+    assert result.torn is None
+    assert view(replay(path)) == view(core)
+
+
 # -- 7. disk faults -------------------------------------------------------------------
 
 

@@ -39,7 +39,10 @@ Compaction rewrites the live state into a new file while appends go on:
 the snapshot is written and fsynced to ``<journal>.compact`` (in a thread),
 then the records appended meanwhile are added, the file is fsynced, renamed
 over the journal, and the directory is fsynced. A crash at any step leaves
-either the old file or the new one, each complete.
+either the old file or the new one, each complete (and maybe a stale
+``<journal>.compact``, which the next :meth:`Journal.open` removes).
+:meth:`Journal.compact` takes the same steps at once, for a broker that is
+not serving (starting or exiting).
 
 Plain blocking file I/O, no trio.
 """
@@ -271,6 +274,7 @@ class Journal:
         journal = cls(path, fsync)
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         journal.fd = os.open(path, flags, 0o600)
+        journal._remove_stale_compaction()
         if result.torn:
             log.warning("journal %s: cut off a torn tail (%s)", path, result.torn)
         if result.end == 0:
@@ -287,6 +291,23 @@ class Journal:
             log.info("journal %s is on a tmpfs: fsync adds nothing there, so it is skipped", path)
             journal.in_memory = True
         return journal, result
+
+    def _remove_stale_compaction(self) -> None:
+        """Unlink a ``<journal>.compact`` left by a broker that died while compacting.
+
+        It never became the journal (a finished compaction renames it away), and
+        only the broker holding the lock, which opens the journal, writes it.
+        """
+        stale = self.path + ".compact"
+        with contextlib.suppress(FileNotFoundError):
+            size = os.lstat(stale).st_size
+            os.unlink(stale)
+            log.info(
+                "journal %s: removed %s (%d bytes) of an unfinished compaction",
+                self.path,
+                stale,
+                size,
+            )
 
     @property
     def syncs(self) -> str:
@@ -362,6 +383,20 @@ class Journal:
         assert self._compaction is None, "one compaction at a time"
         self._compaction = Compaction(self, snapshot)
         return self._compaction
+
+    def compact(self, snapshot: list[AnyRecord]) -> None:
+        """Rewrite the journal to ``snapshot`` at once, blocking, with no appends meanwhile.
+
+        The same steps as a compaction in the background; on an error the old
+        journal stays (or, past the rename, the new one is in use) and it is raised.
+        """
+        compaction = self.begin_compaction(snapshot)
+        try:
+            compaction.write_snapshot()
+            compaction.finish()
+        except BaseException:
+            compaction.abandon()
+            raise
 
 
 class Compaction:

@@ -5,7 +5,8 @@
 timer task (lease expiries and delays, from the core's heap) and
 housekeeping, which runs once a second:
 
-* compaction, when the journal has grown past twice the live data;
+* compaction, when the journal has grown past twice the live data (also
+  checked when the broker starts and when it exits: see :meth:`Broker.serve`);
 * idle exit: unlink the socket while still holding the lock, serve the
   backlog briefly, then exit (or publish again if work arrived);
 * the self-check: the socket or lock file removed or replaced under the
@@ -51,6 +52,11 @@ HOUSEKEEPING_SECONDS: Final = 1.0
 FSYNC_YIELD_ROUNDS: Final = 4
 #: The journal is compacted once it is over twice the live data and this.
 COMPACT_MIN_BYTES: Final = 1024 * 1024
+#: At start and at exit a compaction is done at once, blocking, when the live
+#: data (``BrokerCore.snapshot_size``) is at most this: a write of a few MiB.
+#: Past it, one at start runs in a thread while the broker serves, and one
+#: at exit is left to the next broker's start.
+COMPACT_AT_ONCE_MAX_BYTES: Final = 4 * COMPACT_MIN_BYTES
 #: How long a connection refused as busy is kept open for its client to read why.
 REFUSE_LINGER_SECONDS: Final = 1.0
 #: How many refused connections may linger at once; past that they are closed at once.
@@ -158,10 +164,23 @@ class Broker:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve until stopped. ``listener`` None serves no socket (tests use
-        :meth:`handle_stream` directly)."""
+        :meth:`handle_stream` directly).
+
+        A journal left over twice the live data (by a broker killed before it
+        compacted) is compacted first: at once if the live data is small,
+        else in a thread from the start. Before an orderly exit it is
+        compacted too if the live data is small; so the space of what is
+        gone comes back while a broker runs, when it exits, or when the next
+        one starts.
+        """
         self.started_at = self.last_activity = trio.current_time()
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
+            if self._should_compact():
+                if self._compact_at_once_is_cheap():
+                    self._compact_at_once("at start")
+                else:
+                    nursery.start_soon(self._compact)
             if listener is not None:
                 limits.ensure_fd_limit(self.config.max_connections)
                 self._socket_identity = file_identity(self.config.socket_path)
@@ -173,6 +192,9 @@ class Broker:
             task_status.started()
             await self._stop_requested.wait()
             await self._shut_down(nursery)
+        # Nothing is served or appended any more.
+        if self.failure is None and self._should_compact() and self._compact_at_once_is_cheap():
+            self._compact_at_once("at exit")
 
     async def _shut_down(self, nursery: trio.Nursery) -> None:
         """Stop taking work, answer the waiters, give busy connections a grace."""
@@ -434,6 +456,7 @@ class Broker:
         return (
             journal is not None
             and not journal.compacting
+            and not journal.failed
             and journal.size > COMPACT_MIN_BYTES
             and journal.size > 2 * self.core.snapshot_size()
         )
@@ -453,7 +476,25 @@ class Broker:
             compaction.abandon()
             log.warning("journal compaction failed (the old journal stays): %s", exc)
             return
+        except BaseException:  # cancelled: the broker stops, and the old journal stays
+            compaction.abandon()
+            raise
         log.info("compacted the journal from %d to %d bytes", before, journal.size)
+
+    def _compact_at_once_is_cheap(self) -> bool:
+        return self.core.snapshot_size() <= COMPACT_AT_ONCE_MAX_BYTES
+
+    def _compact_at_once(self, when: str) -> None:
+        """Compact now, blocking: only while nothing is served (at start, at exit)."""
+        journal = self.journal
+        assert journal is not None
+        before = journal.size
+        try:
+            journal.compact(self.core.snapshot())
+        except OSError as exc:
+            log.warning("journal compaction %s failed (the old journal stays): %s", when, exc)
+            return
+        log.info("compacted the journal %s from %d to %d bytes", when, before, journal.size)
 
     # -- timers -------------------------------------------------------------------
 
