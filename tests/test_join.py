@@ -1,0 +1,383 @@
+"""task_done(), join() and unfinished_tasks, as queue.Queue has them, shared by every process.
+
+The count's rules are tested on the core (time passed in), then replayed
+from the records the core wrote; the wire ops on the trio broker over
+in-memory streams (as tests/test_server.py); the clients and the command
+against real brokers and processes, in short private socket directories.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from brokerq.core import BrokerCore
+from brokerq.errors import InvalidRequest
+from brokerq.records import AnyRecord, DeleteRecord, PutRecord, UnfinishedRecord
+
+# -- the core: every rule ------------------------------------------------------------------------
+
+
+class Recorded:
+    """A core whose records are kept, to be replayed into a fresh one."""
+
+    def __init__(self) -> None:
+        self.records: list[AnyRecord] = []
+        self.core = new_core(self.records.append)
+
+    def replayed(self, now: float = 0.0) -> BrokerCore:
+        return replay(self.records, now)
+
+
+def new_core(write: object = None) -> BrokerCore:
+    return BrokerCore(max_message_size=1000, max_deliveries=2, write=write)  # type: ignore[arg-type]
+
+
+def replay(records: list[AnyRecord], now: float = 0.0) -> BrokerCore:
+    core = new_core()
+    for record in records:
+        core.apply(record)
+    core.finish_replay(now)
+    return core
+
+
+@pytest.fixture
+def rec() -> Recorded:
+    return Recorded()
+
+
+def counts(core: BrokerCore, *names: str) -> list[int]:
+    return [core.unfinished(name) for name in names]
+
+
+def check_replay(rec: Recorded, *names: str, now: float = 0.0) -> None:
+    """The records written so far rebuild the same counts, and so does a snapshot."""
+    want = counts(rec.core, *names)
+    assert counts(rec.replayed(now), *names) == want
+    assert counts(replay(rec.core.snapshot(), now), *names) == want
+
+
+def test_a_put_adds_a_task_and_a_get_leaves_it_for_task_done(rec: Recorded) -> None:
+    core = rec.core
+    assert core.unfinished("q") == 0
+    core.put("q", b"a", now=0)
+    core.put_many("q", [b"b", b"c"], now=0)
+    assert core.unfinished("q") == 3
+    assert len(core.get_nowait("q", 2)) == 2
+    assert core.unfinished("q") == 3  # got, not yet done
+    assert core.task_done("q") == 2
+    assert core.task_done("q", 2) == 0
+    assert core.queue_stats("q", now=0)["unfinished_tasks"] == 0
+    check_replay(rec, "q")
+
+
+def test_a_retried_put_adds_no_task(rec: Recorded) -> None:
+    core = rec.core
+    core.put("q", b"a", now=0, key=b"k")
+    core.put("q", b"a again", now=0, key=b"k")
+    assert core.unfinished("q") == 1
+    check_replay(rec, "q")
+
+
+def test_too_many_task_done_raise_value_error_and_change_nothing(rec: Recorded) -> None:
+    core = rec.core
+    with pytest.raises(InvalidRequest) as info:
+        core.task_done("never")
+    assert isinstance(info.value, ValueError)
+    assert core.queue_names() == []  # not created
+    core.put("q", b"a", now=0)
+    written = len(rec.records)
+    with pytest.raises(ValueError, match="too many times"):
+        core.task_done("q", 2)
+    with pytest.raises(InvalidRequest):
+        core.task_done("q", 0)
+    with pytest.raises(InvalidRequest):
+        core.task_done("", 1)
+    assert len(rec.records) == written
+    assert core.unfinished("q") == 1
+
+
+def test_task_done_may_come_before_the_get_as_the_stdlib_allows(rec: Recorded) -> None:
+    core = rec.core
+    core.put_many("q", [b"a", b"b"], now=0)
+    core.task_done("q", 2)
+    assert core.unfinished("q") == 0
+    assert len(core.get_nowait("q", 2)) == 2
+    assert core.unfinished("q") == 0
+    with pytest.raises(InvalidRequest):
+        core.task_done("q")
+    check_replay(rec, "q")
+
+
+def test_a_message_that_leaves_before_its_get_never_leaves_a_debt(rec: Recorded) -> None:
+    """task_done ran ahead (count 0 with messages held); a purge, an ack or a
+    ttl then takes them: the count stays at 0, so the next put is waited for."""
+    core = rec.core
+    core.put_many("q", [b"a", b"b", b"c"], now=0)
+    core.put("q", b"short", now=0, ttl=5)
+    core.task_done("q", 4)
+    msg = core.reserve_nowait("q", now=1)
+    assert msg is not None
+    core.ack(msg.id, msg.attempts)
+    core.tick(10)  # the ttl runs out
+    assert core.purge("q") == 2
+    assert core.unfinished("q") == 0
+    core.put("q", b"next", now=11)
+    assert core.unfinished("q") == 1
+    check_replay(rec, "q", now=11)
+
+
+def test_an_ack_is_the_task_done_of_a_reserve(rec: Recorded) -> None:
+    core = rec.core
+    core.put_many("q", [b"a", b"b"], now=0)
+    msg = core.reserve_nowait("q", now=0)
+    assert msg is not None
+    assert core.unfinished("q") == 2
+    core.ack(msg.id, msg.attempts)
+    assert core.unfinished("q") == 1
+    check_replay(rec, "q")
+
+
+def test_release_and_a_lease_that_runs_out_change_nothing(rec: Recorded) -> None:
+    core = rec.core
+    core.configure("q", max_deliveries=5)
+    core.put("q", b"a", now=0)
+    msg = core.reserve_nowait("q", now=0, lease=1)
+    assert msg is not None
+    core.release(msg.id, msg.attempts, now=0, delay=3)
+    assert core.unfinished("q") == 1
+    core.tick(3)
+    msg = core.reserve_nowait("q", now=3, lease=1)
+    assert msg is not None
+    core.tick(10)  # the lease runs out: back to ready
+    assert core.queue_stats("q", now=10)["ready"] == 1
+    assert core.unfinished("q") == 1
+    check_replay(rec, "q", now=10)
+
+
+def test_purge_and_ttl_finish_their_tasks(rec: Recorded) -> None:
+    core = rec.core
+    core.put_many("q", [b"a", b"b"], now=0)
+    core.put("q", b"ready, dies", now=0, ttl=5)
+    core.put("q", b"delayed, dies", now=0, delay=10, ttl=5)
+    assert core.unfinished("q") == 4
+    core.tick(6)  # both ttls run out
+    assert core.queue_stats("q", now=6)["expired_total"] == 2
+    assert core.unfinished("q") == 2
+    check_replay(rec, "q", now=6)
+    assert core.purge("q") == 2
+    assert core.unfinished("q") == 0
+    check_replay(rec, "q", now=6)
+
+
+def test_a_leased_message_whose_ttl_ran_out_finishes_when_its_lease_ends(rec: Recorded) -> None:
+    core = rec.core
+    core.put("q", b"x", now=0, ttl=5)
+    msg = core.reserve_nowait("q", now=1, lease=10)
+    assert msg is not None
+    core.tick(6)
+    assert core.unfinished("q") == 1  # still leased
+    core.tick(12)
+    assert core.queue_stats("q", now=12)["expired_total"] == 1
+    assert core.unfinished("q") == 0
+    check_replay(rec, "q", now=12)
+
+
+def test_bury_finishes_a_task_and_kick_brings_it_back(rec: Recorded) -> None:
+    core = rec.core
+    core.put_many("q", [b"a", b"b"], now=0)
+    for _ in range(2):
+        msg = core.reserve_nowait("q", now=0)
+        assert msg is not None
+        core.bury(msg.id, msg.attempts)
+    assert core.unfinished("q") == 0
+    check_replay(rec, "q")
+    assert core.kick("q", 1, now=1)[0] == 1
+    assert core.unfinished("q") == 1
+    check_replay(rec, "q", now=1)
+
+
+def test_a_dead_letter_counts_in_its_dead_queue_and_kicked_back_in_its_own(
+    rec: Recorded,
+) -> None:
+    core = rec.core
+    core.put_many("q", [b"a", b"b", b"c"], now=0)
+    for t in (0, 10):  # max_deliveries 2: two leases run out, then :dead
+        msg = core.reserve_nowait("q", now=t, lease=1)
+        assert msg is not None
+        core.tick(t + 2)
+    assert core.queue_stats("q:dead", now=20)["ready"] == 1
+    assert counts(core, "q", "q:dead") == [2, 1]
+    check_replay(rec, "q", "q:dead", now=20)
+    # A dead letter buried there is no task of either; kicked back, one of q.
+    msg = core.reserve_nowait("q:dead", now=20)
+    assert msg is not None
+    core.bury(msg.id, msg.attempts)
+    assert counts(core, "q", "q:dead") == [2, 0]
+    assert core.kick("q:dead", 5, now=21)[0] == 1
+    assert counts(core, "q", "q:dead") == [3, 0]
+    check_replay(rec, "q", "q:dead", now=21)
+    # A ready dead letter kicked back moves its task.
+    core.put("x", b"d", now=30)
+    for t in (30, 40):
+        msg = core.reserve_nowait("x", now=t, lease=1)
+        assert msg is not None
+        core.release(msg.id, msg.attempts, now=t)
+    assert counts(core, "x", "x:dead") == [0, 1]
+    assert core.kick("x:dead", 1, now=50)[0] == 1
+    assert counts(core, "x", "x:dead") == [1, 0]
+    check_replay(rec, "q", "q:dead", "x", "x:dead", now=50)
+
+
+def test_a_get_whose_reply_was_not_written_leaves_the_count_as_it_was(rec: Recorded) -> None:
+    core = rec.core
+    core.put_many("q", [b"a", b"b"], now=0)
+    taken = core.get_nowait("q", 2)
+    core.task_done("q")
+    core.undeliver(taken, now=1)  # the reply never went out: both back
+    assert core.queue_stats("q", now=1)["ready"] == 2
+    assert core.unfinished("q") == 1
+    check_replay(rec, "q", now=1)
+    put_back = [r for r in rec.records if isinstance(r, PutRecord) and r.returned]
+    assert len(put_back) == 2
+
+
+def test_a_waiter_that_leaves_after_the_handoff_leaves_the_count_as_it_was(
+    rec: Recorded,
+) -> None:
+    core = rec.core
+    waiter = core.wait("q")
+    core.put("q", b"a", now=0)  # handed to the waiter, in the put's record
+    assert core.unfinished("q") == 1
+    core.cancel_wait(waiter, now=1)
+    assert core.unfinished("q") == 1
+    check_replay(rec, "q", now=1)
+    assert len(core.get_nowait("q")) == 1
+    core.task_done("q")
+    check_replay(rec, "q", now=1)
+
+
+def test_a_get_is_journaled_as_got_the_other_removals_not(rec: Recorded) -> None:
+    core = rec.core
+    core.put_many("q", [b"a", b"b"], now=0)
+    core.get_nowait("q")
+    core.purge("q")
+    deletes = [r for r in rec.records if isinstance(r, DeleteRecord)]
+    assert [d.got for d in deletes] == [True, False]
+
+
+def test_publish_adds_a_task_to_every_subscriber_queue(rec: Recorded) -> None:
+    core = rec.core
+    core.subscribe("events", "audit")
+    core.subscribe("events", "mail")
+    core.publish("events", b"x", now=0)
+    assert counts(core, "audit", "mail") == [1, 1]
+    check_replay(rec, "audit", "mail")
+
+
+def test_admitted_puts_add_their_tasks(rec: Recorded) -> None:
+    core = rec.core
+    core.configure("q", maxsize=1)
+    core.put("q", b"a", now=0)
+    putter = core.wait_put("q", [b"b"], None, {})
+    assert core.unfinished("q") == 1
+    core.get_nowait("q")
+    assert core.admit_freed(now=1) == [putter]
+    assert core.unfinished("q") == 2
+    check_replay(rec, "q", now=1)
+
+
+def test_delete_forgets_the_tasks_and_wakes_the_joins(rec: Recorded) -> None:
+    core = rec.core
+    core.put_many("q", [b"a", b"b"], now=0)
+    core.get_nowait("q")
+    joiner = core.wait_join("q")
+    assert core.joins_done() == []
+    assert core.delete_queue("q", now=1)[0] == 1
+    assert core.unfinished("q") == 0
+    assert core.joins_done() == [joiner]
+    assert joiner.done
+    check_replay(rec, "q", now=1)
+    with pytest.raises(InvalidRequest):
+        core.task_done("q")  # a consumer's late task_done: the tasks went with the queue
+
+
+def test_joins_are_done_once_the_count_reaches_zero(rec: Recorded) -> None:
+    core = rec.core
+    core.put("q", b"a", now=0)
+    first, second = core.wait_join("q"), core.wait_join("q")
+    other = core.wait_join("r")  # a queue with nothing to do is done at once
+    gone = core.wait_join("q")
+    core.cancel_join(gone)
+    assert set(core.all_waiters()) == {first, second, other}
+    assert core.joins_done() == [other]
+    core.get_nowait("q")
+    assert core.joins_done() == []
+    core.task_done("q")
+    assert core.joins_done() == [first, second]
+    assert first.done
+    assert second.done
+    assert not gone.done
+    assert core.joins_done() == []
+    assert core.all_waiters() == []
+
+
+# -- replay: the records rebuild the count -------------------------------------------------------
+
+
+def test_the_journal_scenario_replays_to_the_same_counts() -> None:
+    """tests/test_journal.py's scenario touches every kind of record."""
+    from test_journal import NOW, scenario
+
+    rec = Recorded()
+    scenario(rec.core)
+    names = rec.core.queue_names()
+    assert sum(counts(rec.core, *names)) > 0
+    check_replay(rec, *names, now=NOW)
+
+
+def test_a_snapshot_and_the_records_after_it_rebuild_the_count(rec: Recorded) -> None:
+    """As a compaction writes them: the snapshot, then the tail."""
+    core = rec.core
+    core.put_many("q", [b"a", b"b", b"c"], now=0)
+    core.task_done("q", 3)  # a count below the messages held
+    snapshot = core.snapshot()
+    assert UnfinishedRecord(queue="q", count=0) in snapshot
+    tail_start = len(rec.records)
+    core.get_nowait("q")
+    core.put("q", b"d", now=1)
+    tail = rec.records[tail_start:]
+    assert replay([*snapshot, *tail], now=1).unfinished("q") == core.unfinished("q") == 1
+
+
+def test_messages_whose_ttl_ran_out_between_brokers_are_counted_once(rec: Recorded) -> None:
+    """A broker that drops a message at start (its ttl ran out while none ran)
+    writes that ahead of its first record: a later replay must not take the
+    task away a second time, after the count that broker wrote."""
+    rec.core.put("q", b"dies", now=0, ttl=5)
+    rec.core.put_many("q", [b"a", b"b"], now=0)
+    second = rec.replayed(now=100)  # the next broker
+    assert second.unfinished("q") == 2
+    second.write = rec.records.append
+    assert second.task_done("q") == 1
+    assert rec.replayed(now=200).unfinished("q") == 1
+    # And a broker that wrote nothing before it died leaves the drop to the next.
+    quiet = Recorded()
+    quiet.core.put("q", b"dies", now=0, ttl=5)
+    quiet.core.put("q", b"stays", now=0)
+    assert quiet.replayed(now=100).unfinished("q") == 1
+    assert quiet.replayed(now=200).unfinished("q") == 1
+
+
+def test_the_count_goes_through_a_real_journal_file(tmp_path: Path) -> None:
+    from brokerq.journal import Journal, read_journal
+
+    path = str(tmp_path / "j")
+    journal, _ = Journal.open(path, "never")
+    core = new_core(journal.append)
+    core.put_many("q", [b"a", b"b", b"c"], now=0)
+    core.get_nowait("q", 2)
+    core.task_done("q")
+    journal.close()
+    assert replay(read_journal(path).records).unfinished("q") == 2
