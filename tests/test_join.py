@@ -8,13 +8,37 @@ against real brokers and processes, in short private socket directories.
 
 from __future__ import annotations
 
+import math
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
+from test_server import connect
 
 from brokerq.core import BrokerCore
 from brokerq.errors import InvalidRequest
+from brokerq.protocol import (
+    Ack,
+    Error,
+    GetMany,
+    GetManyReply,
+    Join,
+    JoinReply,
+    Ping,
+    PingReply,
+    Put,
+    PutMany,
+    Reserve,
+    ReserveReply,
+    Stats,
+    StatsReply,
+    TaskDone,
+    TaskDoneReply,
+)
 from brokerq.records import AnyRecord, DeleteRecord, PutRecord, UnfinishedRecord
+from brokerq.server import Broker, BrokerConfig
 
 # -- the core: every rule ------------------------------------------------------------------------
 
@@ -381,3 +405,141 @@ def test_the_count_goes_through_a_real_journal_file(tmp_path: Path) -> None:
     core.task_done("q")
     journal.close()
     assert replay(read_journal(path).records).unfinished("q") == 2
+
+
+# -- the wire: task_done and join on the trio broker (in-memory streams, virtual time) -----------
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[Broker]:
+    b = Broker(
+        BrokerConfig(socket_path="/nonexistent/b.sock", max_message_size=1000, max_deliveries=1),
+        clock=trio.current_time,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(b.serve, None)
+        yield b
+        b.request_stop("test over")
+
+
+async def parked(broker: Broker, count: int) -> None:
+    """Wait until the broker has ``count`` joins (and nothing else) parked."""
+    await trio.testing.wait_all_tasks_blocked()
+    assert len(broker.core.all_waiters()) == count
+
+
+async def test_a_join_returns_when_another_connection_marks_the_last_task_done(
+    broker: Broker,
+) -> None:
+    producer, consumer, joiner = [await connect(broker) for _ in range(3)]
+    assert isinstance(await joiner.call(Join, queue="q"), JoinReply)  # nothing to do
+    await producer.call(PutMany, queue="q", bodies=[b"a", b"b"])
+    assert isinstance(await consumer.call(GetMany, queue="q", n=2, timeout=0), GetManyReply)
+    await joiner.send(Join(id=50, queue="q"), Ping(id=51))  # the ping waits behind the join
+    await parked(broker, 1)
+    assert await consumer.call(TaskDone, queue="q") == TaskDoneReply(
+        id=consumer.next_id, unfinished=1
+    )
+    await parked(broker, 1)
+    assert await consumer.call(TaskDone, queue="q") == TaskDoneReply(
+        id=consumer.next_id, unfinished=0
+    )
+    assert await joiner.receive() == JoinReply(id=50)
+    assert isinstance(await joiner.receive(), PingReply)
+    stats = await producer.call(Stats, queue="q")
+    assert isinstance(stats, StatsReply)
+    assert stats.stats["unfinished_tasks"] == 0
+
+
+async def test_every_join_on_the_queue_is_answered(broker: Broker) -> None:
+    peer = await connect(broker)
+    joiners = [await connect(broker) for _ in range(3)]
+    await peer.call(Put, queue="q", body=b"a")
+    for j in joiners:
+        await j.send(Join(id=9, queue="q", timeout=60))
+    other = await connect(broker)
+    await other.send(Join(id=9, queue="other:dead"))  # answered at once
+    assert await other.receive() == JoinReply(id=9)
+    await parked(broker, 3)
+    msg = await peer.call(Reserve, queue="q", timeout=0)
+    assert isinstance(msg, ReserveReply)
+    await peer.call(Ack, msg_id=msg.msg_id, attempt=msg.attempt)  # an ack is a task_done
+    for j in joiners:
+        assert await j.receive() == JoinReply(id=9)
+    assert broker.core.all_waiters() == []
+
+
+async def test_a_join_times_out_with_its_own_error_code(
+    broker: Broker, autojump_clock: trio.abc.Clock
+) -> None:
+    peer = await connect(broker)
+    await peer.call(Put, queue="q", body=b"a")
+    now = await peer.call(Join, queue="q", timeout=0)
+    assert isinstance(now, Error)
+    assert now.code == "timeout"
+    start = trio.current_time()
+    late = await peer.call(Join, queue="q", timeout=2.5)
+    assert isinstance(late, Error)
+    assert late.code == "timeout"
+    assert trio.current_time() - start == pytest.approx(2.5)
+    assert broker.core.all_waiters() == []  # withdrawn
+    for bad in (-1.0, math.nan):
+        refused = await peer.call(Join, queue="q", timeout=bad)
+        assert isinstance(refused, Error)
+        assert refused.code == "invalid"
+    assert isinstance(await peer.call(Ping), PingReply)  # the connection goes on
+
+
+async def test_task_done_errors_leave_the_connection_open(broker: Broker) -> None:
+    peer = await connect(broker)
+    await peer.call(Put, queue="q", body=b"a")
+    for fields in ({"n": 2}, {"n": 0}, {"queue": ""}):
+        reply = await peer.call(TaskDone, **{"queue": "q", **fields})
+        assert isinstance(reply, Error)
+        assert reply.code == "invalid"
+    assert await peer.call(TaskDone, queue="q") == TaskDoneReply(id=peer.next_id, unfinished=0)
+
+
+async def test_a_join_whose_connection_closes_is_withdrawn(broker: Broker) -> None:
+    peer, gone = await connect(broker), await connect(broker)
+    await peer.call(Put, queue="q", body=b"a")
+    await gone.send(Join(id=2, queue="q"))
+    await parked(broker, 1)
+    await gone.stream.aclose()
+    await parked(broker, 0)
+
+
+async def test_a_stopping_broker_answers_a_join_with_shutting_down(broker: Broker) -> None:
+    peer, joiner = await connect(broker), await connect(broker)
+    await peer.call(Put, queue="q", body=b"a")
+    await joiner.send(Join(id=2, queue="q"))
+    await parked(broker, 1)
+    broker.request_stop("test")
+    reply = await joiner.receive()
+    assert isinstance(reply, Error)
+    assert reply.code == "shutting_down"
+    assert await joiner.at_eof()
+
+
+async def test_timers_wake_joins(broker: Broker, autojump_clock: trio.abc.Clock) -> None:
+    peer, joiner = await connect(broker), await connect(broker)
+    await peer.call(Put, queue="q", body=b"a", ttl=5)
+    start = trio.current_time()
+    assert isinstance(await joiner.call(Join, queue="q", timeout=60), JoinReply)
+    assert trio.current_time() - start == pytest.approx(5, abs=0.1)  # the ttl ran out
+    # A lease that runs out on the last attempt moves the message to q:dead.
+    await peer.call(Put, queue="q", body=b"b")
+    assert isinstance(await peer.call(Reserve, queue="q", timeout=0, lease=3), ReserveReply)
+    assert isinstance(await joiner.call(Join, queue="q", timeout=60), JoinReply)
+    assert broker.core.unfinished("q:dead") == 1
+
+
+async def test_a_closing_connection_wakes_joins(broker: Broker) -> None:
+    """Its leases end: on their last attempt the messages go to q:dead."""
+    peer, consumer, joiner = [await connect(broker) for _ in range(3)]
+    await peer.call(Put, queue="q", body=b"a")
+    assert isinstance(await consumer.call(Reserve, queue="q", timeout=0), ReserveReply)
+    await joiner.send(Join(id=2, queue="q"))
+    await parked(broker, 1)
+    await consumer.stream.aclose()
+    assert await joiner.receive() == JoinReply(id=2)
