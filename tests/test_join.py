@@ -163,6 +163,20 @@ def test_an_ack_is_the_task_done_of_a_reserve(rec: Recorded) -> None:
     check_replay(rec, "q")
 
 
+def test_an_ack_as_a_get_leaves_the_task_for_task_done(rec: Recorded) -> None:
+    """The async client's get that waits is a reserve and such an ack."""
+    core = rec.core
+    core.put("q", b"a", now=0)
+    msg = core.reserve_nowait("q", now=0)
+    assert msg is not None
+    core.ack(msg.id, msg.attempts, as_get=True)
+    assert core.queue_stats("q", now=0)["reserved"] == 0
+    assert core.unfinished("q") == 1
+    check_replay(rec, "q")
+    core.task_done("q")
+    check_replay(rec, "q")
+
+
 def test_release_and_a_lease_that_runs_out_change_nothing(rec: Recorded) -> None:
     core = rec.core
     core.configure("q", max_deliveries=5)

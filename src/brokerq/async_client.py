@@ -41,8 +41,10 @@ No message is lost to a cancelled call, and none is taken twice:
   ``max_deliveries`` times after hand-over moves to the dead letters, as an
   unacked reserve would). Once the reserve's reply is read, the ``ack``
   runs shielded, bounded by the client's ``timeout``, and the body is
-  returned. A plain ``get`` on the wire could not do this: the broker
-  removes the message when it sends it, so a cancelled get would lose it.
+  returned. (The ack says ``as_get``: the message's task stays unfinished
+  for the caller's ``task_done``, as after a plain get.) A plain ``get`` on
+  the wire could not do this: the broker removes the message when it sends
+  it, so a cancelled get would lose it.
 * ``get_many(n)`` that waits takes its first message as ``get`` does, then
   the rest with a shielded ``get_many(n - 1, timeout=0)``.
 * A ``reserve`` that waits is cancellable: a cancelled one closes its
@@ -350,7 +352,8 @@ class AsyncClient:
         async def ack(conn: AsyncConnection, reply: ReserveReply) -> None:
             with anyio.CancelScope(shield=True):
                 try:
-                    await conn.request(calls.ack(reply.msg_id, reply.attempt), self.timeout)
+                    ack = calls.ack(reply.msg_id, reply.attempt, as_get=True)  # task_done's
+                    await conn.request(ack, self.timeout)
                 except LeaseLost as exc:  # it went back to the queue: ask again
                     raise ConnectionLost(
                         f"the lease of a get ran out before its ack: {exc}"

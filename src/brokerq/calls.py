@@ -230,8 +230,10 @@ def _verb(
     return Call(expect, kind, 0, {"msg_id": msg_id, "attempt": attempt, **extra}, retry=False)
 
 
-def ack(msg_id: int, attempt: int) -> Call[protocol.AckReply]:
-    return _verb(protocol.AckReply, protocol.Ack, msg_id, attempt)
+def ack(msg_id: int, attempt: int, *, as_get: bool = False) -> Call[protocol.AckReply]:
+    """``as_get``: the ack of a get made of a reserve and an ack, which leaves
+    the message's task for a task_done, as a get does."""
+    return _verb(protocol.AckReply, protocol.Ack, msg_id, attempt, as_get=as_get)
 
 
 def release(msg_id: int, attempt: int, delay: float = 0) -> Call[protocol.ReleaseReply]:

@@ -493,8 +493,8 @@ class Connection:
                 wake_all(woken)
                 self._needs_sync()
                 return PutManyReply(id=rid, msg_ids=ids)
-            case Ack(id=rid, msg_id=msg_id, attempt=attempt):
-                core.ack(msg_id, attempt)
+            case Ack(id=rid, msg_id=msg_id, attempt=attempt, as_get=as_get):
+                core.ack(msg_id, attempt, as_get=as_get)
                 return AckReply(id=rid)
             case Release(id=rid, msg_id=msg_id, attempt=attempt, delay=delay):
                 wake_all(core.release(msg_id, attempt, now, delay))

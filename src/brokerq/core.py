@@ -558,14 +558,20 @@ class BrokerCore:
                 del self._owned[lease.owner]
         q.reserved -= 1
 
-    def ack(self, msg_id: int, attempt: int) -> None:
-        """The message was handled: it is gone for good."""
+    def ack(self, msg_id: int, attempt: int, *, as_get: bool = False) -> None:
+        """The message was handled: it is gone for good, and its task done.
+
+        ``as_get``: it goes as a get takes it, its task left for a
+        task_done (the async client's get that had to wait is a reserve
+        and an ack on the wire).
+        """
         lease = self._lease_for(msg_id, attempt)
         q = self._queue(lease.message.queue)
-        self._write(DeleteRecord(ids=[msg_id]))
+        self._write(DeleteRecord(ids=[msg_id], got=as_get))
         self._drop_lease(q, lease)
         self._forget(q, lease.message)
-        self._finished(q)
+        if not as_get:
+            self._finished(q)
 
     def release(self, msg_id: int, attempt: int, now: float, delay: float = 0) -> list[Waiter]:
         """Give the message back: to its place at the head, or after ``delay`` seconds."""

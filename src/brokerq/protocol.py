@@ -119,8 +119,12 @@ class Reserve(Request, frozen=True, tag="reserve"):
 
 
 class Ack(Request, frozen=True, tag="ack"):
+    """``as_get``: the message goes as a get takes it (its task stays
+    unfinished until a task_done)."""
+
     msg_id: int
     attempt: int
+    as_get: bool = False
 
 
 class Release(Request, frozen=True, tag="release"):
