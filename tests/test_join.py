@@ -9,14 +9,25 @@ against real brokers and processes, in short private socket directories.
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import anyio
 import pytest
 import trio
 import trio.testing
+from conftest import Procs
+from test_async_client import BACKENDS, run
+from test_crash import sigkill
 from test_server import connect
 
+import brokerq
+from brokerq.calls import ConnectionLost
 from brokerq.core import BrokerCore
 from brokerq.errors import InvalidRequest
 from brokerq.protocol import (
@@ -557,3 +568,188 @@ async def test_a_closing_connection_wakes_joins(broker: Broker) -> None:
     await parked(broker, 1)
     await consumer.stream.aclose()
     assert await joiner.receive() == JoinReply(id=2)
+
+
+# -- the clients, against real brokers and processes ---------------------------------------------
+
+GET_CONSUMER = """
+import sys, brokerq
+q = brokerq.connect(sys.argv[1]).queue("jobs")
+sys.stdin.readline()  # the word to start
+with open(sys.argv[2], "a") as out:
+    while True:
+        try:
+            body = q.get(timeout=0.5)
+        except brokerq.Empty:
+            break
+        out.write(body.decode() + "\\n")
+        out.flush()
+        q.task_done()
+"""
+
+RESERVE_CONSUMER = """
+import sys, brokerq
+q = brokerq.connect(sys.argv[1]).queue("jobs")
+sys.stdin.readline()
+with open(sys.argv[2], "a") as out:
+    while True:
+        try:
+            msg = q.reserve(timeout=0.5)
+        except brokerq.Empty:
+            break
+        out.write(msg.body.decode() + "\\n")
+        out.flush()
+        msg.ack()
+"""
+
+
+def test_join_returns_once_consumer_processes_have_done_every_task(
+    socket_path: str, sock_dir: str, procs: Procs
+) -> None:
+    """A producer puts N; two consumer processes (get + task_done, reserve +
+    ack) work; join() returns only after the last is done. Each consumer
+    writes down a message before it marks it done."""
+    n = 40
+    with brokerq.connect(socket_path) as client:
+        q = client.queue("jobs")
+        q.put_many([b"%d" % i for i in range(n)])
+        assert q.unfinished_tasks == n
+        outs = [os.path.join(sock_dir, name) for name in ("got", "reserved")]
+        workers = [
+            procs([sys.executable, "-c", code, socket_path, out], stdin=subprocess.PIPE)
+            for code, out in zip((GET_CONSUMER, RESERVE_CONSUMER), outs, strict=True)
+        ]
+        with pytest.raises(brokerq.JoinTimeout) as info:
+            q.join(timeout=0.2)  # the consumers wait for the word
+        assert isinstance(info.value, TimeoutError)
+        assert isinstance(info.value, brokerq.BrokerqError)
+        for worker in workers:
+            assert worker.stdin is not None
+            worker.stdin.write(b"go\n")
+            worker.stdin.flush()
+        q.join(timeout=30)
+        done = [line for out in outs for line in Path(out).read_text().splitlines()]
+        assert sorted(done, key=int) == [str(i) for i in range(n)]
+        assert q.unfinished_tasks == 0
+        for worker in workers:
+            assert worker.wait(timeout=20) == 0
+
+
+def test_the_count_survives_a_broker_sigkill_and_respawn(socket_path: str) -> None:
+    with brokerq.connect(socket_path) as client:
+        q = client.queue("jobs")
+        q.put_many([b"a", b"b", b"c", b"d", b"e"])
+        assert q.get_many(2) == [b"a", b"b"]
+        q.task_done()  # a done; b's owed
+        with q.reserve() as msg:  # c acked
+            assert msg.body == b"c"
+        assert q.reserve().body == b"d"  # leased when the broker dies
+        assert q.unfinished_tasks == 3  # b, d, e
+        first = client.broker_pid
+        sigkill(first)
+        assert q.unfinished_tasks == 3  # asked of the next broker, which replayed the journal
+        assert client.broker_pid != first
+        with pytest.raises(brokerq.JoinTimeout):
+            q.join(timeout=0.1)
+        q.task_done()  # b
+        assert q.get_many(5) == [b"d", b"e"]  # d came back
+        q.task_done(2)
+        q.join(timeout=5)
+        with pytest.raises(ValueError, match="too many times"):
+            q.task_done()
+
+
+def test_a_task_done_whose_connection_was_lost_raises_and_is_not_sent_again(
+    socket_path: str,
+) -> None:
+    with brokerq.connect(socket_path) as client:
+        q = client.queue("jobs")
+        q.put(b"a")
+        assert q.get() == b"a"
+        sigkill(client.broker_pid)
+        with pytest.raises(ConnectionLost):
+            q.task_done()
+        assert q.unfinished_tasks == 1  # the broker died before it: not counted, nor resent
+        q.task_done()
+        q.join(timeout=5)
+
+
+def test_a_join_waiting_when_the_broker_dies_waits_on_the_next_one(socket_path: str) -> None:
+    with brokerq.connect(socket_path) as client:
+        q = client.queue("jobs")
+        q.put(b"a")
+        returned = threading.Event()
+        failed: list[BaseException] = []
+
+        def join() -> None:
+            try:
+                q.join(timeout=30)  # its own thread: its own connection
+            except BaseException as exc:
+                failed.append(exc)
+            returned.set()
+
+        thread = threading.Thread(target=join)
+        thread.start()
+        try:
+            time.sleep(0.2)  # (it waits in the broker by now, or soon will: both are fine)
+            sigkill(client.broker_pid)
+            assert q.unfinished_tasks == 1
+            assert not returned.wait(0.3)  # asked again of the next broker, still waiting
+            assert q.get() == b"a"
+            q.task_done()
+            assert returned.wait(10)
+        finally:
+            thread.join(timeout=30)
+        assert failed == []
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def test_the_async_client(backend: str, socket_path: str) -> None:
+    async def main() -> None:
+        async with brokerq.open_async_client(socket_path) as client:
+            q = client.queue("jobs")
+            await q.join(timeout=0)  # nothing to do
+            await q.put_many([b"a", b"b", b"c"])
+            assert await q.unfinished_tasks() == 3
+            with pytest.raises(brokerq.JoinTimeout):
+                await q.join(timeout=0.1)
+            joined = anyio.Event()
+
+            async def join() -> None:
+                await q.join()
+                joined.set()
+
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(join)
+                assert await q.get() == b"a"
+                await q.task_done()
+                async with q.reserve() as msg:  # acked: its task is done
+                    assert msg.body == b"b"
+                assert await q.get_many(5) == [b"c"]
+                await anyio.sleep(0.05)
+                assert not joined.is_set()
+                await q.task_done()
+            assert await q.unfinished_tasks() == 0
+            with pytest.raises(brokerq.InvalidRequest):
+                await q.task_done()
+            # A get that had to wait (a reserve and an ack on the wire) still owes its task_done.
+            async with anyio.create_task_group() as tasks:
+
+                async def put_later() -> None:
+                    await anyio.sleep(0.1)
+                    await q.put(b"d")
+
+                tasks.start_soon(put_later)
+                assert await q.get(timeout=10) == b"d"
+            assert await q.unfinished_tasks() == 1
+            # A cancelled join changes nothing.
+            with anyio.move_on_after(0.1):
+                await q.join()
+            await q.task_done()
+            await q.join(timeout=5)
+
+    run(backend, main)

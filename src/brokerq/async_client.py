@@ -654,6 +654,24 @@ class AsyncQueue:
     async def empty(self) -> bool:
         return await self.qsize() == 0
 
+    async def task_done(self, n: int = 1) -> None:
+        """``n`` tasks of this queue are done (see :meth:`brokerq.Queue.task_done`).
+        Runs shielded (it never waits) and is never sent again after a lost
+        connection (ConnectionLost)."""
+        await self._run(calls.task_done(self.name, n))
+
+    async def join(self, timeout: float | None = None) -> None:
+        """Wait until every task of this queue is done (see
+        :meth:`brokerq.Queue.join`); JoinTimeout after ``timeout`` seconds.
+        Cancellable: a cancelled join closes its connection and changes
+        nothing in the broker."""
+        await self._run(calls.join(self.name, timeout))
+
+    async def unfinished_tasks(self) -> int:
+        """The broker's count of this queue's unfinished tasks (a snapshot;
+        a method here, since reading it talks to the broker)."""
+        return calls.unfinished_tasks(await self.stats())
+
     async def subscribe(self, topic: str) -> None:
         """From now on, get a copy of every publish to ``topic`` (durable; see
         :meth:`brokerq.Queue.subscribe`)."""
