@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -21,8 +22,9 @@ import anyio
 import pytest
 import trio
 import trio.testing
-from conftest import Procs
+from conftest import BIN, Procs, run_cli
 from test_async_client import BACKENDS, run
+from test_cli import Brokerq, ok, one_error_line
 from test_crash import sigkill
 from test_server import connect
 
@@ -753,3 +755,44 @@ def test_the_async_client(backend: str, socket_path: str) -> None:
             await q.join(timeout=5)
 
     run(backend, main)
+
+
+# -- the command ---------------------------------------------------------------------------------
+
+
+def test_brokerq_join_exits_0_when_the_work_is_done_and_3_on_timeout(socket_path: str) -> None:
+    brokerq_cli = Brokerq(socket_path)
+    assert ok(brokerq_cli("join", "jobs")) == ""  # nothing to do
+    ok(brokerq_cli("put", "jobs", "a", "b"))
+    late = brokerq_cli("join", "jobs", "--timeout", "0.2")
+    assert late.exit_code == 3
+    assert one_error_line(late) == "brokerq: the tasks of 'jobs' were not all done within 0.2 s"
+    with brokerq.connect(socket_path) as client:
+        q = client.queue("jobs")
+        assert q.get() == b"a"
+        with q.reserve() as msg:
+            assert msg.body == b"b"
+        assert brokerq_cli("join", "jobs", "--timeout", "0").exit_code == 3
+        q.task_done()
+    assert ok(brokerq_cli("join", "jobs", "--timeout", "5")) == ""
+    assert brokerq_cli("join", "jobs", "--timeout", "-1").exit_code == 2
+
+
+def test_a_script_waits_with_brokerq_join_for_a_batch_to_finish(
+    socket_path: str, procs: Procs
+) -> None:
+    """Enqueue a batch, start a consumer (brokerq consume acks each message
+    whose command succeeds), wait with brokerq join."""
+    env = {**os.environ, "BROKERQ_SOCKET": socket_path}
+    assert run_cli("put", "jobs", *(f"job {i}" for i in range(5)), env=env).returncode == 0
+    waiting = procs([str(BIN / "brokerq"), "join", "jobs", "--timeout", "30"], env=env)
+    time.sleep(0.2)
+    assert waiting.poll() is None  # the batch is not done yet
+    consumer = procs(
+        [str(BIN / "brokerq"), "consume", "jobs", "-j", "2", "--idle-exit", "0", "--", "cat"],
+        env=env,
+    )
+    assert waiting.wait(timeout=30) == 0
+    out, _ = consumer.communicate(timeout=30)
+    assert consumer.returncode == 0
+    assert sorted(re.findall(r"job \d", out.decode())) == [f"job {i}" for i in range(5)]
