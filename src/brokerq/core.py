@@ -919,7 +919,8 @@ class BrokerCore:
         if not self._joiners:
             return []
         done: list[Joiner] = []
-        for name in [name for name in self._joiners if self.unfinished(name) == 0]:
+        queues = self._queues
+        for name in [n for n in self._joiners if n not in queues or not queues[n].unfinished]:
             for joiner in self._joiners.pop(name):
                 joiner.done = True
                 done.append(joiner)
