@@ -898,7 +898,8 @@ class BrokerCore:
         return q.unfinished
 
     def wait_join(self, name: str, token: object = None) -> Joiner:
-        """Park a join on ``name`` (call only while it has unfinished tasks)."""
+        """Park a join on ``name`` (the I/O layer parks one only while the
+        queue has unfinished tasks; :meth:`joins_done` says when it has none)."""
         validate_queue_name(name)
         joiner = Joiner(name, token)
         self._joiners.setdefault(name, {})[joiner] = None
