@@ -34,6 +34,7 @@ QUEUE_STATS_KEYS = {
     "expired_total",
     "dead_lettered_total",
     "oldest_ready_age_s",
+    "unfinished_tasks",
 }
 
 

@@ -52,6 +52,7 @@ def queue_stats(name: str, **changes: object) -> dict[str, object]:
         "buried": 0,
         "waiters": 0,
         "putters": 0,
+        "unfinished_tasks": 0,
         "bytes": 0,
         "put_total": 0,
         "delivered_total": 0,
@@ -128,6 +129,10 @@ brokerq_waiters{{queue="mail"}} 0
 # TYPE brokerq_putters gauge
 brokerq_putters{{queue="jobs"}} 0
 brokerq_putters{{queue="mail"}} 0
+# HELP brokerq_unfinished_tasks Messages put whose task is not done (task_done, ack, or gone).
+# TYPE brokerq_unfinished_tasks gauge
+brokerq_unfinished_tasks{{queue="jobs"}} 3
+brokerq_unfinished_tasks{{queue="mail"}} 0
 # HELP brokerq_bytes Body bytes of the messages held, in every state{SUM}.
 # TYPE brokerq_bytes gauge
 brokerq_bytes{{queue="jobs"}} 30
@@ -183,6 +188,7 @@ def test_broker_and_queues_exact_output_queues_sorted() -> None:
             bytes=30,
             put_total=5,
             delivered_total=3,
+            unfinished_tasks=3,
             oldest_ready_age_s=1.25,
             max_deliveries=5,
             lease=60.0,
@@ -201,6 +207,7 @@ def test_one_queue_has_no_broker_level_samples() -> None:
         'brokerq_buried{queue="jobs"} 0',
         'brokerq_waiters{queue="jobs"} 0',
         'brokerq_putters{queue="jobs"} 0',
+        'brokerq_unfinished_tasks{queue="jobs"} 0',
         'brokerq_bytes{queue="jobs"} 0',
         'brokerq_put_total{queue="jobs"} 0',
         'brokerq_delivered_total{queue="jobs"} 0',
@@ -346,6 +353,7 @@ def test_stats_prom_against_a_broker(socket_path: str) -> None:
     assert 'brokerq_delivered_total{queue="jobs"} 1' in samples
     assert 'brokerq_delivered_total{queue="mail"} 0' in samples
     assert 'brokerq_bytes{queue="jobs"} 5' in samples
+    assert 'brokerq_unfinished_tasks{queue="jobs"} 3' in samples  # one got, none done
     assert families["brokerq_put_total"][0] == "counter"
     assert families["brokerq_ready"][0] == "gauge"
     assert families["brokerq_uptime_seconds"][1][0].startswith("brokerq_uptime_seconds ")

@@ -15,9 +15,11 @@ from brokerq.protocol import (
     GetReply,
     Hello,
     InvalidRequestFrame,
+    Join,
     Put,
     PutMany,
     Stats,
+    TaskDone,
 )
 
 REQUESTS = [
@@ -28,6 +30,8 @@ REQUESTS = [
     Get(id=5, queue="jobs", timeout=0.25),
     Stats(id=6),
     Stats(id=7, queue="jobs"),
+    TaskDone(id=8, queue="jobs", n=3),
+    Join(id=9, queue="jobs", timeout=1.5),
 ]
 
 

@@ -41,8 +41,10 @@ No message is lost to a cancelled call, and none is taken twice:
   ``max_deliveries`` times after hand-over moves to the dead letters, as an
   unacked reserve would). Once the reserve's reply is read, the ``ack``
   runs shielded, bounded by the client's ``timeout``, and the body is
-  returned. A plain ``get`` on the wire could not do this: the broker
-  removes the message when it sends it, so a cancelled get would lose it.
+  returned. (The ack says ``as_get``: the message's task stays unfinished
+  for the caller's ``task_done``, as after a plain get.) A plain ``get`` on
+  the wire could not do this: the broker removes the message when it sends
+  it, so a cancelled get would lose it.
 * ``get_many(n)`` that waits takes its first message as ``get`` does, then
   the rest with a shielded ``get_many(n - 1, timeout=0)``.
 * A ``reserve`` that waits is cancellable: a cancelled one closes its
@@ -350,7 +352,8 @@ class AsyncClient:
         async def ack(conn: AsyncConnection, reply: ReserveReply) -> None:
             with anyio.CancelScope(shield=True):
                 try:
-                    await conn.request(calls.ack(reply.msg_id, reply.attempt), self.timeout)
+                    ack = calls.ack(reply.msg_id, reply.attempt, as_get=True)  # task_done's
+                    await conn.request(ack, self.timeout)
                 except LeaseLost as exc:  # it went back to the queue: ask again
                     raise ConnectionLost(
                         f"the lease of a get ran out before its ack: {exc}"
@@ -650,6 +653,24 @@ class AsyncQueue:
 
     async def empty(self) -> bool:
         return await self.qsize() == 0
+
+    async def task_done(self, n: int = 1) -> None:
+        """``n`` tasks of this queue are done (see :meth:`brokerq.Queue.task_done`).
+        Runs shielded (it never waits) and is never sent again after a lost
+        connection (ConnectionLost)."""
+        await self._run(calls.task_done(self.name, n))
+
+    async def join(self, timeout: float | None = None) -> None:
+        """Wait until every task of this queue is done (see
+        :meth:`brokerq.Queue.join`); JoinTimeout after ``timeout`` seconds.
+        Cancellable: a cancelled join closes its connection and changes
+        nothing in the broker."""
+        await self._run(calls.join(self.name, timeout))
+
+    async def unfinished_tasks(self) -> int:
+        """The broker's count of this queue's unfinished tasks (a snapshot;
+        a method here, since reading it talks to the broker)."""
+        return calls.unfinished_tasks(await self.stats())
 
     async def subscribe(self, topic: str) -> None:
         """From now on, get a copy of every publish to ``topic`` (durable; see

@@ -223,6 +223,36 @@ def queues() -> Call[protocol.QueuesReply]:
     return Call(protocol.QueuesReply, protocol.Queues, 0)
 
 
+def task_done(queue: str, n: int = 1) -> Call[protocol.TaskDoneReply]:
+    """``n`` tasks of ``queue`` are done. Never sent again after a lost
+    connection: it is not idempotent (a first try that got through and a
+    second would count twice), so the caller gets ConnectionLost, as for a
+    lease verb."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise InvalidRequest(f"task_done needs a whole number n >= 1, not {n!r}")
+    return Call(protocol.TaskDoneReply, protocol.TaskDone, 0, {"queue": queue, "n": n}, retry=False)
+
+
+def join(queue: str, timeout: float | None) -> Call[protocol.JoinReply]:
+    """Wait until ``queue`` has no unfinished task (JoinTimeout after
+    ``timeout``). Sent again after a lost connection with what is left of
+    its timeout, as a get is: it changes nothing."""
+    protocol.validate_timeout(timeout)
+    return Call(protocol.JoinReply, protocol.Join, timeout, {"queue": queue, "timeout": timeout})
+
+
+def unfinished_tasks(stats: dict[str, Any]) -> int:
+    """The ``unfinished_tasks`` of a queue's stats; a broker from before
+    task_done has none, which says so instead of a KeyError."""
+    count = stats.get("unfinished_tasks")
+    if not isinstance(count, int):
+        raise BrokerqError(
+            "the broker does not count unfinished tasks: it is older than this client "
+            "(`brokerq stop` it; the next one started does)"
+        )
+    return count
+
+
 def _verb(
     expect: type[R], kind: type[protocol.Request], msg_id: int, attempt: int, **extra: Any
 ) -> Call[R]:
@@ -230,8 +260,10 @@ def _verb(
     return Call(expect, kind, 0, {"msg_id": msg_id, "attempt": attempt, **extra}, retry=False)
 
 
-def ack(msg_id: int, attempt: int) -> Call[protocol.AckReply]:
-    return _verb(protocol.AckReply, protocol.Ack, msg_id, attempt)
+def ack(msg_id: int, attempt: int, *, as_get: bool = False) -> Call[protocol.AckReply]:
+    """``as_get``: the ack of a get made of a reserve and an ack, which leaves
+    the message's task for a task_done, as a get does."""
+    return _verb(protocol.AckReply, protocol.Ack, msg_id, attempt, as_get=as_get)
 
 
 def release(msg_id: int, attempt: int, delay: float = 0) -> Call[protocol.ReleaseReply]:

@@ -1,8 +1,8 @@
 """The ``brokerq`` command: the queue from the shell.
 
 Exit status: 0 ok; 1 an error (one line on stderr); 2 a usage error;
-3 timed out or empty (``get``, ``peek``). Library errors become exit codes
-here, at the edge, and nowhere else.
+3 timed out or empty (``get``, ``peek``, ``join``). Library errors become
+exit codes here, at the edge, and nowhere else.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import click
 
 from . import __version__
 from .client import Client, Queue
-from .errors import BrokerqError, Empty, Full
+from .errors import BrokerqError, Empty, Full, JoinTimeout
 
 EXIT_ERROR = 1
 EXIT_EMPTY = 3
@@ -42,7 +42,7 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
-        except (Empty, Full) as exc:
+        except (Empty, Full, JoinTimeout) as exc:
             click.echo(f"brokerq: {exc}", err=True)
             ctx.exit(EXIT_EMPTY)
         except BrokerqError as exc:
@@ -198,6 +198,37 @@ def get(state: _State, queue: str, count: int, timeout: float | None) -> None:
             raise Empty(f"no message on {queue!r} within {timeout:g} s") from None
         out.write(body + b"\n")
         out.flush()
+
+
+@cli.command()
+@click.argument("queue")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0),
+    metavar="SECONDS",
+    help="Exit 3 if the work is not done by then (default: wait for ever).",
+)
+@pass_state
+def join(state: _State, queue: str, timeout: float | None) -> None:
+    """Wait until every task of QUEUE is done, then exit 0.
+
+    A task is a message put and not yet settled: got and then marked done
+    (Queue.task_done), acked, or otherwise gone (purged, expired, buried,
+    dead-lettered). So a script can enqueue a batch, start its consumers
+    and wait for the batch to finish:
+
+    \b
+        brokerq put jobs < batch.txt
+        brokerq consume jobs -j 4 -- ./work.sh & consumer=$!
+        brokerq join jobs --timeout 600; status=$?
+        kill $consumer
+    """
+    try:
+        state.queue(queue).join(timeout=timeout)
+    except JoinTimeout:
+        raise JoinTimeout(
+            f"the tasks of {queue!r} were not all done within {timeout:g} s"
+        ) from None
 
 
 @cli.command()

@@ -631,6 +631,37 @@ class Queue:
     def empty(self) -> bool:
         return self.qsize() == 0
 
+    def task_done(self, n: int = 1) -> None:
+        """A message taken by :meth:`get` was handled (as :meth:`queue.Queue.task_done`).
+
+        The count is the broker's, per queue, shared by every process: each
+        put adds a task; this takes ``n`` away (``n`` > 1: that many at
+        once, for a :meth:`get_many` batch). Calling it more times than
+        there are tasks raises InvalidRequest, a ValueError, as the stdlib
+        does. An acked :meth:`reserve` counts as its task_done already.
+        Never sent again after a lost connection (a retry whose first try
+        got through would count twice): raises ConnectionLost (a
+        BrokerUnavailable), as the lease verbs do.
+        """
+        self.client.run(calls.task_done(self.name, n))
+
+    def join(self, timeout: float | None = None) -> None:
+        """Block until every task of this queue is done (as :meth:`queue.Queue.join`).
+
+        Returns once the broker's count of unfinished tasks (put, not yet
+        task_done, acked or otherwise settled) is 0. ``timeout``: raise
+        :class:`~brokerq.JoinTimeout` (a TimeoutError) after that many
+        seconds (None: wait for ever; 0: only look). After a lost connection
+        it asks again with what is left of its timeout, as :meth:`get` does.
+        """
+        self.client.run(calls.join(self.name, timeout))
+
+    @property
+    def unfinished_tasks(self) -> int:
+        """The broker's count of this queue's unfinished tasks (a snapshot,
+        read from its stats, as :attr:`queue.Queue.unfinished_tasks`)."""
+        return calls.unfinished_tasks(self.stats())
+
 
 class Message:
     """A reserved message: ``body``, ``id`` (what put returned), ``attempt``

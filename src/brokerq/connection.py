@@ -18,7 +18,9 @@ that pipelines pays one syscall per batch, not per request.
   their queue (a ``get`` is at-most-once, but never lost in transit).
 * A blocking ``get``/``reserve`` parks a :class:`~brokerq.core.Waiter` and
   waits on its event, its deadline and the connection's end at once: a
-  client that disconnects leaves the line at once.
+  client that disconnects leaves the line at once. A ``join`` parks a
+  :class:`~brokerq.state.Joiner` the same way; the broker wakes it once the
+  queue's unfinished tasks reach 0 (Broker.after_request).
 * When the connection ends, every lease it holds is released.
 * Limits (:mod:`brokerq.limits`): at most ``max_pipelined`` requests (or
   :data:`~brokerq.limits.REPLY_BUFFER` bytes of replies) are answered before
@@ -71,6 +73,8 @@ from .protocol import (
     Hello,
     HelloReply,
     InvalidRequestFrame,
+    Join,
+    JoinReply,
     Kick,
     KickReply,
     Peek,
@@ -97,12 +101,14 @@ from .protocol import (
     StopReply,
     Subscribe,
     SubscribeReply,
+    TaskDone,
+    TaskDoneReply,
     Touch,
     TouchReply,
     Unsubscribe,
     UnsubscribeReply,
 )
-from .state import Lease, Message, Putter, Waiter
+from .state import Joiner, Lease, Message, Putter, Waiter
 from .unixstream import UnixStream
 
 if TYPE_CHECKING:
@@ -122,7 +128,7 @@ class PeerGone(Exception):
     """The connection ended; its task winds up quietly."""
 
 
-def wake(waiter: Waiter | Putter) -> None:
+def wake(waiter: Waiter | Putter | Joiner) -> None:
     """Wake a parked request's task; a get or reserve that was handed a message
     has its reply written at once, by the waking task (see Connection.hand_over)."""
     event = waiter.token
@@ -134,7 +140,7 @@ def wake(waiter: Waiter | Putter) -> None:
     event.set()
 
 
-def wake_all(waiters: Sequence[Waiter | Putter]) -> None:
+def wake_all(waiters: Sequence[Waiter | Putter | Joiner]) -> None:
     for waiter in waiters:
         wake(waiter)
 
@@ -270,6 +276,9 @@ class Connection:
             if self.live_topics:
                 self.core.unwatch_all(self)
             wake_all(self.core.release_owned(self, self.broker.clock()))
+            # Leases that ended may have moved messages to :dead (a join on
+            # their queue may be done now) or freed room for parked puts.
+            self.broker.after_request()
 
     async def _receive(self) -> bytes | bytearray:
         try:
@@ -377,6 +386,8 @@ class Connection:
             if reply is _BLOCK:
                 if isinstance(request, Put | PutMany):
                     reply = await self._wait_for_room(request)
+                elif isinstance(request, Join):
+                    reply = await self._wait_for_join(request)
                 else:
                     assert isinstance(request, Get | GetMany | Reserve)
                     reply = await self._wait_for_message(request)
@@ -485,8 +496,8 @@ class Connection:
                 wake_all(woken)
                 self._needs_sync()
                 return PutManyReply(id=rid, msg_ids=ids)
-            case Ack(id=rid, msg_id=msg_id, attempt=attempt):
-                core.ack(msg_id, attempt)
+            case Ack(id=rid, msg_id=msg_id, attempt=attempt, as_get=as_get):
+                core.ack(msg_id, attempt, as_get=as_get)
                 return AckReply(id=rid)
             case Release(id=rid, msg_id=msg_id, attempt=attempt, delay=delay):
                 wake_all(core.release(msg_id, attempt, now, delay))
@@ -555,6 +566,13 @@ class Connection:
             case Unsubscribe(id=rid, topic=topic, queue=None):
                 self.live_topics.pop(topic, None)
                 return UnsubscribeReply(id=rid, found=core.unwatch(topic, self))
+            case TaskDone(id=rid, queue=queue, n=n):
+                return TaskDoneReply(id=rid, unfinished=core.task_done(queue, n))
+            case Join(id=rid, queue=queue, timeout=timeout):
+                protocol.validate_timeout(timeout)
+                if core.unfinished(queue) == 0:
+                    return JoinReply(id=rid)
+                return _BLOCK if timeout != 0 else _join_timeout(rid, queue, timeout)
             case Ping(id=rid):
                 return PingReply(id=rid, pid=os.getpid())
             case Stop(id=rid):
@@ -663,6 +681,26 @@ class Connection:
         if isinstance(request, Put):
             return PutReply(id=request.id, msg_id=putter.ids[0])
         return PutManyReply(id=request.id, msg_ids=putter.ids)
+
+    async def _wait_for_join(self, request: Join) -> protocol.AnyReply:
+        """Park a join until its queue's tasks are done, the deadline, or the peer leaves.
+
+        Done means the count was 0 at some moment after the join began (it
+        may be above 0 again by the reply: a join waits for the work there
+        was, not for a queue that stays idle).
+        """
+        joiner = self.core.wait_join(request.queue, trio.Event())
+        try:
+            peer_gone = await self._park(joiner.token, request.timeout)
+        finally:
+            self.core.cancel_join(joiner)
+        if peer_gone:
+            raise PeerGone
+        if joiner.done:
+            return JoinReply(id=request.id)
+        if self.broker.closing:
+            return Error(id=request.id, code="shutting_down", message="the broker is stopping")
+        return _join_timeout(request.id, request.queue, request.timeout)
 
     async def _park(self, token: object, timeout: float | None) -> bool:
         """Wait for ``token`` (an Event), the timeout, or the peer's end: True if it left.
@@ -921,6 +959,14 @@ def _put_options(request: Put | PutMany) -> dict[str, Any]:
 
 def _empty(request_id: int, queue: str) -> Error:
     return Error(id=request_id, code="empty", message=f"queue {queue!r} is empty")
+
+
+def _join_timeout(request_id: int, queue: str, timeout: float | None) -> Error:
+    return Error(
+        id=request_id,
+        code="timeout",
+        message=f"queue {queue!r} still had unfinished tasks after {timeout or 0:g} s",
+    )
 
 
 def _check_lease(lease: float | None) -> None:

@@ -30,6 +30,19 @@ whose lease already ran out is refused (:class:`~brokerq.errors.LeaseLost`).
 
 **Timers** (lease expiries, delayed messages) are data: one heap, entries
 checked lazily when they come due (:meth:`tick`); no task per message.
+
+**Unfinished tasks** (``task_done``, ``join``: queue.Queue's count, per
+queue, shared by every client). A put adds one task per message; a
+``task_done`` takes ``n`` away, refused past the count; a get leaves the
+count as it is (its consumer owes a ``task_done``); any other way a message
+leaves (acked, purged, expired, buried, dead-lettered out of the queue)
+finishes its task, and one that comes back from outside (kicked, a dead
+letter arriving) adds one. Those removals never take the count below 0: a
+``task_done`` may have come for a message before anyone got it (the stdlib
+allows that), and a count of 0 then must not turn into a debt that hides
+the next put from a ``join``. Parked joins (:class:`~brokerq.state.Joiner`)
+are checked by :meth:`joins_done`, which the I/O layer calls after every
+change.
 """
 
 from __future__ import annotations
@@ -58,8 +71,9 @@ from .records import (
     PutRecord,
     StateRecord,
     SubscribeRecord,
+    UnfinishedRecord,
 )
-from .state import Expiry, Lease, Message, Putter, QueueState, Waiter
+from .state import Expiry, Joiner, Lease, Message, Putter, QueueState, Waiter
 from .topics import Topics
 
 DEAD_SUFFIX = ":dead"
@@ -108,7 +122,11 @@ class BrokerCore:
         self._timers: list[tuple[float, int, Lease | Message | Expiry]] = []
         self._timer_seq = itertools.count()
         self._replayed: dict[int, tuple[Message, str, float]] | None = None
+        #: Each queue's unfinished tasks as the records replayed so far say.
+        self._replayed_tasks: dict[str, int] = {}
         self._owed: deque[AnyRecord] = deque()
+        #: Parked joins by queue, in the order they began to wait.
+        self._joiners: dict[str, dict[Joiner, None]] = {}
         #: Queues where room was freed while puts wait (see admit_freed).
         self.freed: set[str] = set()
         self.topics = Topics()
@@ -242,6 +260,7 @@ class BrokerCore:
                 self._deliver(q, msg, waiters[i], now, journaled=True)
             else:
                 q.ready.append(msg)
+        q.unfinished += len(new)
         return ids, waiters
 
     def _max_bytes(self, q: QueueState) -> int:
@@ -360,7 +379,7 @@ class BrokerCore:
             count += 1
             size += cost
         taken = list(itertools.islice(ready, count))
-        self._write(DeleteRecord(ids=[m.id for m in taken]))
+        self._write(DeleteRecord(ids=[m.id for m in taken], got=True))
         for _ in range(count):
             ready.popleft()
         for msg in taken:
@@ -435,7 +454,7 @@ class BrokerCore:
                 msg.attempts -= 1
                 self._drop_lease(q, lease)
             else:
-                self._write_or_owe(_put_record_of(msg, msg.attempts))
+                self._write_or_owe(_put_record_of(msg, msg.attempts, returned=True))
                 q.delivered_total -= 1
                 msg.alive = True
                 q.bytes += len(msg.body)
@@ -455,7 +474,7 @@ class BrokerCore:
             waiter.leases.append(lease)
         else:
             if not journaled:
-                self._write(DeleteRecord(ids=[msg.id]))
+                self._write(DeleteRecord(ids=[msg.id], got=True))
             self._forget(q, msg)
         q.delivered_total += 1
         waiter.messages.append(msg)
@@ -488,6 +507,12 @@ class BrokerCore:
         msg.alive = False
         q.bytes -= len(msg.body)
         self.live_bytes -= len(msg.body) + LIVE_OVERHEAD
+
+    @staticmethod
+    def _finished(q: QueueState, count: int = 1) -> None:
+        """``count`` messages left ``q`` other than by a get: their tasks are
+        done (never below 0, see the module doc; replay clamps the same way)."""
+        q.unfinished = max(0, q.unfinished - count)
 
     # -- leases ----------------------------------------------------------------
 
@@ -533,13 +558,20 @@ class BrokerCore:
                 del self._owned[lease.owner]
         q.reserved -= 1
 
-    def ack(self, msg_id: int, attempt: int) -> None:
-        """The message was handled: it is gone for good."""
+    def ack(self, msg_id: int, attempt: int, *, as_get: bool = False) -> None:
+        """The message was handled: it is gone for good, and its task done.
+
+        ``as_get``: it goes as a get takes it, its task left for a
+        task_done (the async client's get that had to wait is a reserve
+        and an ack on the wire).
+        """
         lease = self._lease_for(msg_id, attempt)
         q = self._queue(lease.message.queue)
-        self._write(DeleteRecord(ids=[msg_id]))
+        self._write(DeleteRecord(ids=[msg_id], got=as_get))
         self._drop_lease(q, lease)
         self._forget(q, lease.message)
+        if not as_get:
+            self._finished(q)
 
     def release(self, msg_id: int, attempt: int, now: float, delay: float = 0) -> list[Waiter]:
         """Give the message back: to its place at the head, or after ``delay`` seconds."""
@@ -556,6 +588,7 @@ class BrokerCore:
         self._write(StateRecord(id=msg_id, state="buried"))
         self._drop_lease(q, lease)
         q.buried[msg_id] = msg
+        self._finished(q)
 
     def touch(self, msg_id: int, attempt: int, now: float, lease: float | None = None) -> float:
         """Extend a lease (by its own length, or ``lease`` seconds); returns the new expiry."""
@@ -586,6 +619,7 @@ class BrokerCore:
             self._write(DeleteRecord(ids=[msg.id]))
             self._drop_lease(q, lease)
             self._forget(q, msg)
+            self._finished(q)
             q.expired_total += 1
             return []
         limit = q.max_deliveries or self.max_deliveries
@@ -593,6 +627,7 @@ class BrokerCore:
             dead = self._queue(q.name + DEAD_SUFFIX)
             self._write(MoveRecord(id=msg.id, queue=dead.name, attempts=msg.attempts))
             self._drop_lease(q, lease)
+            self._finished(q)
             q.dead_lettered_total += 1
             return self._move(msg, q, dead, msg.attempts, now)
         if delay > 0:
@@ -607,12 +642,14 @@ class BrokerCore:
     def _move(
         self, msg: Message, src: QueueState, dst: QueueState, attempts: int, now: float
     ) -> list[Waiter]:
-        """``msg`` (already out of ``src``'s lists) joins ``dst`` as ready."""
+        """``msg`` (already out of ``src``'s lists, its task there settled by
+        the caller) joins ``dst`` as ready: a new task of ``dst``."""
         src.bytes -= len(msg.body)
         if src.putters:
             self.freed.add(src.name)
         msg.queue, msg.attempts = dst.name, attempts
         dst.bytes += len(msg.body)
+        dst.unfinished += 1
         return self._make_ready(dst, msg, now)
 
     def _delay(self, q: QueueState, msg: Message, until: float) -> None:
@@ -640,12 +677,14 @@ class BrokerCore:
                     del q.buried[msg.id]
                 else:
                     q.ready.popleft()
+                    self._finished(q)  # (a buried one's task was finished when it was buried)
                 woken += self._move(msg, q, target, 0, now)
                 kicked += 1
             return kicked, woken
         while kicked < n and q.buried:
             msg_id = next(iter(q.buried))
             self._write(StateRecord(id=msg_id, state="ready"))
+            q.unfinished += 1
             woken += self._make_ready(q, q.buried.pop(msg_id), now)
             kicked += 1
         return kicked, woken
@@ -762,6 +801,7 @@ class BrokerCore:
         else:
             q.ready.remove(msg)
         self._forget(q, msg)
+        self._finished(q)
         q.expired_total += 1
 
     # -- inspection ------------------------------------------------------
@@ -784,11 +824,13 @@ class BrokerCore:
             self._forget(q, msg)
         count = len(q.ready)
         q.ready.clear()
+        self._finished(q, count)
         return count
 
     def delete_queue(self, name: str, now: float) -> tuple[int, list[Putter | Waiter]]:
         """Delete a queue: every message it holds (ready, delayed, reserved,
-        buried) and its settings. Returns how many messages went.
+        buried), its settings and its unfinished tasks. Returns how many
+        messages went.
 
         Dequeuers and puts waiting on it go on waiting on the queue of that
         name, now empty; a lease on one of its messages is gone (a late ack
@@ -817,7 +859,7 @@ class BrokerCore:
             self._forget(q, msg)
         q.ready.clear()
         q.buried.clear()
-        q.maxsize = q.max_bytes = 0
+        q.maxsize = q.max_bytes = q.unfinished = 0  # its tasks went with it: joins return
         q.max_deliveries = q.lease = None
         woken: list[Putter | Waiter] = []
         if q.waiters or q.putters:
@@ -825,6 +867,65 @@ class BrokerCore:
         else:
             del self._queues[name]
         return len(held), woken
+
+    # -- unfinished tasks: task_done and join ----------------------------
+
+    def unfinished(self, name: str) -> int:
+        """The unfinished tasks of queue ``name`` (0 for a queue never used)."""
+        validate_queue_name(name)
+        q = self._queues.get(name)
+        return 0 if q is None else q.unfinished
+
+    def task_done(self, name: str, n: int = 1) -> int:
+        """``n`` tasks of ``name`` are done; returns how many are left.
+
+        More than the count is refused (InvalidRequest, a ValueError, as
+        queue.Queue raises ValueError) and changes nothing. Written as the
+        new count, so that replay cannot drift from it.
+        """
+        validate_queue_name(name)
+        if n < 1:
+            raise InvalidRequest(f"task_done needs n >= 1, not {n}")
+        q = self._queues.get(name)
+        count = 0 if q is None else q.unfinished
+        if q is None or n > count:
+            raise InvalidRequest(
+                f"task_done() called too many times: queue {name!r} has {count} "
+                f"unfinished task(s), not {n}"
+            )
+        self._write(UnfinishedRecord(queue=name, count=count - n))
+        q.unfinished = count - n
+        return q.unfinished
+
+    def wait_join(self, name: str, token: object = None) -> Joiner:
+        """Park a join on ``name`` (the I/O layer parks one only while the
+        queue has unfinished tasks; :meth:`joins_done` says when it has none)."""
+        validate_queue_name(name)
+        joiner = Joiner(name, token)
+        self._joiners.setdefault(name, {})[joiner] = None
+        return joiner
+
+    def cancel_join(self, joiner: Joiner) -> None:
+        """Withdraw a parked join (done, timed out, its connection gone)."""
+        joiners = self._joiners.get(joiner.queue)
+        if joiners is not None:
+            joiners.pop(joiner, None)
+            if not joiners:
+                del self._joiners[joiner.queue]
+
+    def joins_done(self) -> list[Joiner]:
+        """The parked joins whose queue has no unfinished task now: each is
+        marked done and leaves the line (the I/O layer wakes them). Costs
+        nothing while nobody joins; else one look per queue joined."""
+        if not self._joiners:
+            return []
+        done: list[Joiner] = []
+        queues = self._queues
+        for name in [n for n in self._joiners if n not in queues or not queues[n].unfinished]:
+            for joiner in self._joiners.pop(name):
+                joiner.done = True
+                done.append(joiner)
+        return done
 
     # -- topics ----------------------------------------------------------
 
@@ -927,6 +1028,7 @@ class BrokerCore:
             "expired_total": q.expired_total,
             "dead_lettered_total": q.dead_lettered_total,
             "oldest_ready_age_s": None if oldest is None else max(0.0, now - oldest),
+            "unfinished_tasks": q.unfinished,
             **self.queue_config(name),
         }
 
@@ -943,12 +1045,14 @@ class BrokerCore:
             "delivered_total": sum(q.delivered_total for q in queues),
         }
 
-    def all_waiters(self) -> list[Waiter | Putter]:
-        """Every parked dequeuer and put (a stopping broker wakes them all)."""
-        parked: list[Waiter | Putter] = []
+    def all_waiters(self) -> list[Waiter | Putter | Joiner]:
+        """Every parked dequeuer, put and join (a stopping broker wakes them all)."""
+        parked: list[Waiter | Putter | Joiner] = []
         for q in self._queues.values():
             parked += q.waiters
             parked += q.putters
+        for joiners in self._joiners.values():
+            parked += joiners
         return parked
 
     def snapshot_size(self) -> int:
@@ -976,6 +1080,8 @@ class BrokerCore:
             case PutRecord(queue=queue, ids=ids, bodies=bodies, at=at, keys=keys):
                 taken = set(record.taken or ())
                 leased = set(record.leased or ())
+                if not record.returned:
+                    self._replay_tasks(queue, len(ids))
                 for i, (msg_id, body) in enumerate(zip(ids, bodies, strict=True)):
                     if keys and keys[i]:
                         self._remember_key(keys[i], msg_id)
@@ -996,21 +1102,32 @@ class BrokerCore:
                             live[msg_id] = (msg, "delayed", record.not_before)
                         else:
                             live[msg_id] = (msg, "ready", 0)
-            case DeleteRecord(ids=ids):
+            case DeleteRecord(ids=ids, got=got):
                 for msg_id in ids:
-                    live.pop(msg_id, None)
+                    entry = live.pop(msg_id, None)
+                    if entry is not None and not got and entry[1] != "buried":
+                        self._replay_tasks(entry[0].queue, -1)  # (read before it went)
             case AttemptsRecord(id=msg_id, attempts=attempts) if msg_id in live:
                 live[msg_id][0].attempts = attempts
             case StateRecord(id=msg_id, state=state, until=until) if msg_id in live:
-                live[msg_id] = (live[msg_id][0], state, until)
+                msg, before, _ = live[msg_id]
+                if (before == "buried") != (state == "buried"):  # buried, or kicked
+                    self._replay_tasks(msg.queue, 1 if before == "buried" else -1)
+                live[msg_id] = (msg, state, until)
             case MoveRecord(id=msg_id, queue=queue, attempts=attempts) if msg_id in live:
-                msg = live[msg_id][0]
+                msg, before, _ = live[msg_id]
+                if before != "buried":
+                    self._replay_tasks(msg.queue, -1)
+                self._replay_tasks(queue, 1)
                 msg.queue, msg.attempts = queue, attempts
                 live[msg_id] = (msg, "ready", 0)
+            case UnfinishedRecord(queue=queue, count=count):
+                self._replayed_tasks[queue] = count
             case ConfigRecord():
                 self._configure(record)
             case DropQueueRecord(queue=queue):
                 self._queues.pop(queue, None)
+                self._replayed_tasks.pop(queue, None)
                 self.topics.drop_queue(queue)
             case SubscribeRecord(topic=topic, queue=queue, on=on):
                 if on:
@@ -1023,19 +1140,33 @@ class BrokerCore:
             case NextIdRecord(next_id=next_id):
                 self._next_id = max(self._next_id, next_id)
 
+    def _replay_tasks(self, queue: str, change: int) -> None:
+        """Replay a change to ``queue``'s unfinished tasks (clamped at 0, as
+        :meth:`_finished` does)."""
+        tasks = self._replayed_tasks
+        tasks[queue] = max(0, tasks.get(queue, 0) + change)
+
     def finish_replay(self, now: float) -> int:
         """Build the queues from the replayed records; returns how many messages came back.
 
         Messages that were reserved when the broker stopped are ready again
-        (their leases died with it), with their delivery counts.
+        (their leases died with it), with their delivery counts. Messages
+        whose ttl ran out while no broker ran are dropped, and the record
+        that says so is written ahead of this broker's first record: the
+        unfinished tasks they took with them are then counted at this
+        point by every later replay too, not after the records this broker
+        writes.
         """
         live, self._replayed = self._replayed or {}, None
         restored = 0
+        dropped: list[int] = []
         for msg_id in sorted(live):
             msg, state, until = live[msg_id]
             q = self._queue(msg.queue)
             if msg.expires_at <= now and state != "buried":
-                continue  # its ttl ran out while no broker ran
+                dropped.append(msg_id)  # its ttl ran out while no broker ran
+                self._replay_tasks(msg.queue, -1)
+                continue
             restored += 1
             if msg.expires_at < math.inf:
                 self._add_timer(msg.expires_at, Expiry(msg))
@@ -1047,6 +1178,12 @@ class BrokerCore:
                 self._delay(q, msg, until)
             else:
                 q.ready.append(msg)
+        if dropped:
+            self._owed.append(DeleteRecord(ids=dropped))
+        tasks, self._replayed_tasks = self._replayed_tasks, {}
+        for name, count in tasks.items():
+            if count:
+                self._queue(name).unfinished = count
         return restored
 
     def snapshot(self) -> list[AnyRecord]:
@@ -1064,6 +1201,9 @@ class BrokerCore:
             held = [*q.ready, *q.buried.values(), *leased.get(q.name, ()), *delayed.get(q.name, ())]
             records += [_put_record_of(msg, msg.attempts) for msg in held]
             records += [StateRecord(id=msg_id, state="buried") for msg_id in q.buried]
+            if q.unfinished or len(q.ready) + q.delayed + q.reserved:
+                # After the puts above, which count a task each: the count as it is.
+                records.append(UnfinishedRecord(queue=q.name, count=q.unfinished))
         records += [
             StateRecord(id=msg.id, state="delayed", until=until)
             for msg, until in self._delayed.values()
@@ -1075,8 +1215,9 @@ class BrokerCore:
         return records
 
 
-def _put_record_of(msg: Message, attempts: int = 0) -> PutRecord:
-    """The record that brings ``msg`` back as it is (ready, by default)."""
+def _put_record_of(msg: Message, attempts: int = 0, *, returned: bool = False) -> PutRecord:
+    """The record that brings ``msg`` back as it is (ready, by default);
+    ``returned``: a message a get had taken, back (not a new task)."""
     return PutRecord(
         queue=msg.queue,
         ids=[msg.id],
@@ -1085,6 +1226,7 @@ def _put_record_of(msg: Message, attempts: int = 0) -> PutRecord:
         attempts=attempts,
         priority=msg.priority,
         expires_at=0.0 if msg.expires_at == math.inf else msg.expires_at,
+        returned=returned,
     )
 
 

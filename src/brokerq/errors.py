@@ -132,6 +132,17 @@ class SubscriberOverflow(BrokerqError):
     code = "overflow"
 
 
+class JoinTimeout(BrokerqError, TimeoutError):
+    """``join(timeout=...)`` ran out before the queue's tasks were all done.
+
+    Also the builtin :class:`TimeoutError` (so an ``OSError`` too), as a
+    timed-out wait usually is; the stdlib's ``queue.Queue.join`` has no
+    timeout to copy.
+    """
+
+    code = "timeout"
+
+
 class InternalError(BrokerqError):
     """The broker hit a bug; its log has the details."""
 
@@ -152,6 +163,7 @@ BY_CODE: dict[str, type[BrokerqError]] = {
     "shutting_down": ShuttingDown,
     "overflow": SubscriberOverflow,
     "busy": BrokerBusy,
+    "timeout": JoinTimeout,
     "internal": InternalError,
 }
 

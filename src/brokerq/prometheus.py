@@ -106,6 +106,13 @@ _FAMILIES = (
         "putters",
     ),
     _Family(
+        "unfinished_tasks",
+        "gauge",
+        "Messages put whose task is not done (task_done, ack, or gone).",
+        None,
+        "unfinished_tasks",
+    ),
+    _Family(
         "bytes",
         "gauge",
         "Body bytes of the messages held, in every state.",

@@ -119,8 +119,12 @@ class Reserve(Request, frozen=True, tag="reserve"):
 
 
 class Ack(Request, frozen=True, tag="ack"):
+    """``as_get``: the message goes as a get takes it (its task stays
+    unfinished until a task_done)."""
+
     msg_id: int
     attempt: int
+    as_get: bool = False
 
 
 class Release(Request, frozen=True, tag="release"):
@@ -208,6 +212,20 @@ class Unsubscribe(Request, frozen=True, tag="unsubscribe"):
     queue: str | None = None
 
 
+class TaskDone(Request, frozen=True, tag="task_done"):
+    """``n`` tasks of ``queue`` are done (queue.Queue.task_done, ``n`` times)."""
+
+    queue: str
+    n: int = 1
+
+
+class Join(Request, frozen=True, tag="join"):
+    """Wait until ``queue`` has no unfinished task; ``timeout`` as for get."""
+
+    queue: str
+    timeout: float | None = None
+
+
 class Ping(Request, frozen=True, tag="ping"):
     pass
 
@@ -237,6 +255,8 @@ AnyRequest: TypeAlias = (
     | Publish
     | Subscribe
     | Unsubscribe
+    | TaskDone
+    | Join
     | Ping
     | Stop
 )
@@ -352,6 +372,14 @@ class Event(Reply, frozen=True, tag="event"):
     body: bytes
 
 
+class TaskDoneReply(Reply, frozen=True, tag="task_done"):
+    unfinished: int  # the queue's unfinished tasks left
+
+
+class JoinReply(Reply, frozen=True, tag="join"):
+    pass
+
+
 class PingReply(Reply, frozen=True, tag="ping"):
     pid: int
 
@@ -388,6 +416,8 @@ AnyReply: TypeAlias = (
     | SubscribeReply
     | UnsubscribeReply
     | Event
+    | TaskDoneReply
+    | JoinReply
     | PingReply
     | StopReply
     | Error

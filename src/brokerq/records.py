@@ -6,7 +6,8 @@ the records in order (:meth:`brokerq.core.BrokerCore.apply`) rebuilds every
 queue: messages not deleted come back, ready ones in id order (which is
 their order in the queue: put-backs return to their place by id), with
 their delivery counts, buried and delayed states, queue settings and the
-window of recently seen put keys.
+window of recently seen put keys, and each queue's count of unfinished
+tasks (``task_done``/``join``).
 
 Records are MessagePack arrays whose first element names the kind
 (``array_like``: compact, and new kinds can be added; fields are only ever
@@ -43,12 +44,21 @@ class PutRecord(Record, frozen=True, tag="p"):
     priority: int = 0
     not_before: float = 0.0  # wall clock; delayed until then (0: ready at once)
     expires_at: float = 0.0  # wall clock; dropped if still waiting then (0: never)
+    #: A message a get had taken, back because its reply was not written: not
+    #: a new task (its put counted it already, and a get leaves the count as it is).
+    returned: bool = False
 
 
 class DeleteRecord(Record, frozen=True, tag="d"):
-    """Messages gone for good: taken by get, acked, purged."""
+    """Messages gone for good: taken by get, acked, purged.
+
+    ``got``: taken by a get, so each is still an unfinished task until a
+    ``task_done`` (any other removal finishes the task: an ack, a purge, a
+    ttl that ran out).
+    """
 
     ids: list[int]
+    got: bool = False
 
 
 class AttemptsRecord(Record, frozen=True, tag="a"):
@@ -111,6 +121,15 @@ class SubscribeRecord(Record, frozen=True, tag="t"):
     on: bool = True
 
 
+class UnfinishedRecord(Record, frozen=True, tag="u"):
+    """A queue's count of unfinished tasks is now ``count``: written by
+    ``task_done`` and by snapshots. Between two of them replay derives the
+    count from the other records (see BrokerCore.apply)."""
+
+    queue: str
+    count: int
+
+
 AnyRecord: TypeAlias = (
     PutRecord
     | DeleteRecord
@@ -122,4 +141,5 @@ AnyRecord: TypeAlias = (
     | KeysRecord
     | NextIdRecord
     | SubscribeRecord
+    | UnfinishedRecord
 )

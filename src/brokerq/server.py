@@ -499,10 +499,12 @@ class Broker:
     # -- timers -------------------------------------------------------------------
 
     def after_request(self) -> None:
-        """After every request: admit parked puts where room was freed, and
-        wake the timer task if the request added an earlier timer."""
+        """After every request: admit parked puts where room was freed, wake
+        the joins whose queue's tasks are done, and wake the timer task if
+        the request added an earlier timer."""
         if self.core.freed:
             wake_all(self.core.admit_freed(self.clock()))
+        wake_all(self.core.joins_done())  # (nothing to do while nobody joins)
         deadline = self.core.next_deadline()
         if deadline is not None and deadline < self._timer_at:
             self._timers_changed.set()
@@ -517,5 +519,6 @@ class Broker:
             try:
                 wake_all(self.core.tick(self.clock()))
                 wake_all(self.core.admit_freed(self.clock()))
+                wake_all(self.core.joins_done())  # expired or dead-lettered messages
             except JournalFailed as exc:
                 self.fail(str(exc))

@@ -122,6 +122,23 @@ class Waiter:
         return bool(self.messages)
 
 
+class Joiner:
+    """A ``join`` parked until its queue's unfinished tasks reach 0.
+
+    ``done`` is set by the core when they did (the count may have risen
+    again by the time the I/O layer replies: a join returns once the work
+    it waited for was done, not when no work is left). ``token`` belongs to
+    the I/O layer.
+    """
+
+    __slots__ = ("done", "queue", "token")
+
+    def __init__(self, queue: str, token: object = None) -> None:
+        self.queue = queue
+        self.token = token
+        self.done = False
+
+
 class QueueState:
     """One named queue: ready messages, waiters, buried ones, settings, counters."""
 
@@ -141,6 +158,7 @@ class QueueState:
         "putters",
         "ready",
         "reserved",
+        "unfinished",
         "waiters",
     )
 
@@ -162,3 +180,8 @@ class QueueState:
         self.delivered_total = 0
         self.expired_total = 0
         self.dead_lettered_total = 0
+        #: Tasks not yet done, as queue.Queue's unfinished_tasks: +1 per
+        #: message put, -1 per task_done, and -1 (never below 0) per message
+        #: that leaves in any way but a get (acked, purged, expired, buried,
+        #: dead-lettered). Journaled (records.UnfinishedRecord).
+        self.unfinished = 0
