@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from . import calls, protocol
 from .calls import Body, Call, ConnectionLost
-from .errors import BrokerqError, BrokerUnavailable, Empty, VersionMismatch
+from .errors import BrokerqError, BrokerUnavailable, Empty, RemoteProtocolError, VersionMismatch
 from .sockio import Spinner, spin_from_environment
 from .spawn import broker_running, connect_or_spawn, resolve_socket_path
 
@@ -122,10 +122,17 @@ class Connection:
         """An exchange was interrupted by ``exc``: close the connection, whose
         replies would be out of step from then on, and return what to raise:
         BrokerUnavailable for a timeout, ConnectionLost for a broken socket,
-        else ``exc`` itself."""
+        else ``exc`` itself; but RemoteProtocolError, never retried, if
+        another request on this connection found it out of step (and
+        closed it) meanwhile."""
         self.close()
-        if isinstance(exc, TimeoutError):
-            error: BaseException = self.wire.timed_out(wait)
+        if isinstance(exc, RemoteProtocolError) and self.wire.failure is None:
+            self.wire.failure = exc  # a frame that cannot be read: out of step too
+        out_of_step = self.wire.out_of_step()
+        if out_of_step is not None and isinstance(exc, OSError | ValueError):
+            error: BaseException = out_of_step
+        elif isinstance(exc, TimeoutError):
+            error = self.wire.timed_out(wait)
         elif isinstance(exc, OSError):
             error = self.wire.lost(exc)
         else:
