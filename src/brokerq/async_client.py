@@ -25,6 +25,12 @@ reused: its replies would be out of step with its requests. One whose
 reply came out of step (another request's id: RemoteProtocolError) is
 closed at once.
 
+So a request has its connection to itself until its reply is read, and
+nothing can send on it mid-exchange: a ``__del__`` or a signal handler
+that runs during a request cannot await a call of its own, and a task it
+starts takes another connection. (The blocking client has to see to that
+itself: see :mod:`brokerq.client`.)
+
 Cancellation
 ------------
 No message is lost to a cancelled call, and none is taken twice:
