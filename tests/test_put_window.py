@@ -41,7 +41,8 @@ def observer(socket_path: str) -> Iterator[brokerq.Client]:
 
 def unacknowledged(client: brokerq.Client) -> int:
     """The calling thread's windowed puts whose replies were not read yet."""
-    window: calls.PutWindow | None = getattr(client._local, "window", None)
+    lane = getattr(client._local, "lane", None)
+    window: calls.PutWindow | None = None if lane is None else lane.window
     return 0 if window is None else len(window)
 
 

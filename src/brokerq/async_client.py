@@ -21,7 +21,15 @@ waiting in one task never holds up a put in another. A reserved message
 keeps the connection it came on until it is acked, released or buried, since
 the broker ends the leases of a connection that closes. A connection whose
 exchange did not finish (cancelled, timed out, broken) is closed, never
-reused: its replies would be out of step with its requests.
+reused: its replies would be out of step with its requests. One whose
+reply came out of step (another request's id: RemoteProtocolError) is
+closed at once.
+
+So a request has its connection to itself until its reply is read, and
+nothing can send on it mid-exchange: a ``__del__`` or a signal handler
+that runs during a request cannot await a call of its own, and a task it
+starts takes another connection. (The blocking client has to see to that
+itself: see :mod:`brokerq.client`.)
 
 Cancellation
 ------------
@@ -204,6 +212,9 @@ class AsyncConnection:
         ``limit`` bounds the exchange (None: no bound); past it the
         connection breaks and BrokerUnavailable is raised. An exchange that
         does not finish, for whatever reason, leaves the connection broken.
+        A reply that puts it out of step (another request's id, or the wrong
+        kind: RemoteProtocolError), or an error after which the broker
+        closes it, closes it here and now, wherever it would have gone next.
         """
         request_id = self.wire.encode(call.kind, call.fields if fields is None else fields)
         try:
@@ -220,7 +231,11 @@ class AsyncConnection:
         except BaseException:  # cancelled, or a reply that cannot be read
             self.broken = True
             raise
-        return self.wire.check(call.expect, request_id, reply, self._break)
+        try:
+            return self.wire.check(call.expect, request_id, reply, self._break)
+        finally:
+            if self.broken:
+                await self.aclose()
 
 
 class AsyncClient:

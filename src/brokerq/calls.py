@@ -19,7 +19,7 @@ import os
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, NoReturn, TypeVar
 
 from . import protocol
 from .errors import (
@@ -616,6 +616,13 @@ class Wire:
 
     :meth:`encode` a request, send the bytes, :meth:`feed` what arrives
     until :meth:`next_reply` returns one, and :meth:`check` it.
+
+    A reply that answers another request than the one read for, or answers
+    it with the wrong kind, puts the connection out of step for good:
+    :meth:`check` closes it and raises RemoteProtocolError, and keeps that
+    error in :attr:`failure`, so that every other request still waiting on
+    the connection fails with it too (:meth:`out_of_step`), at once, instead
+    of reading on.
     """
 
     def __init__(self, socket_path: str) -> None:
@@ -624,6 +631,8 @@ class Wire:
         self.next_id = 1
         self.out = bytearray()
         self.hello: protocol.HelloReply | None = None
+        #: Why the connection went out of step (None: it did not).
+        self.failure: RemoteProtocolError | None = None
 
     def greeted(self, hello: protocol.HelloReply) -> None:
         """The broker's hello reply: its limits now apply."""
@@ -663,8 +672,7 @@ class Wire:
         is called first whenever the connection cannot be used any more.
         """
         if reply.id != request_id and not (isinstance(reply, protocol.Error) and reply.id == 0):
-            close()
-            raise RemoteProtocolError(f"reply id {reply.id} does not match request {request_id}")
+            self.fail(f"reply id {reply.id} does not match request {request_id}", close)
         if isinstance(reply, protocol.Error):
             if reply.id == 0 or reply.code in CLOSING_CODES:
                 close()  # the broker closes these connections
@@ -672,9 +680,23 @@ class Wire:
                 raise VersionMismatch(reply.message, reply.version)
             raise from_code(reply.code, reply.message)
         if not isinstance(reply, expect):
-            close()
-            raise RemoteProtocolError(f"expected a {expect.__name__}, got {reply!r}")
+            self.fail(f"expected a {expect.__name__}, got {reply!r}", close)
         return reply
+
+    def fail(self, message: str, close: Callable[[], None]) -> NoReturn:
+        """The connection is out of step: keep why (:attr:`failure`), close
+        it, and raise RemoteProtocolError."""
+        self.failure = RemoteProtocolError(message)
+        close()
+        raise self.failure
+
+    def out_of_step(self) -> RemoteProtocolError | None:
+        """What a request still waiting on this connection raises once it
+        went out of step (a new error, with the first one's message); None
+        if it did not."""
+        if self.failure is None:
+            return None
+        return RemoteProtocolError(f"the connection went out of step: {self.failure}")
 
     def timed_out(self, wait: float | None) -> BrokerUnavailable:
         return BrokerUnavailable(

@@ -15,6 +15,15 @@ With a ``put_window`` of N, a put is sent without waiting for its reply
 (up to N per thread unread), and the replies are read by :meth:`Client.flush`,
 by the put that finds the window full, or by any other request of the
 thread, which flushes first (see docs/usage.md, "Pipelined puts").
+
+Calls are reentrant, as ``queue.SimpleQueue.put`` is: a call made while
+the same thread is inside another one (from a ``__del__`` the garbage
+collector runs, or a signal handler) never touches the connection or the
+put window of the call it interrupted. Each thread has a :class:`_Lane`:
+its connection, its window, and whether a call runs on them; a call that
+finds it in use takes the lane nested in it, with a connection of its own
+(opened once, kept for the next such call), and no window: it is sent and
+answered at once.
 """
 
 from __future__ import annotations
@@ -28,7 +37,7 @@ from typing import Any, TypeVar
 
 from . import calls, protocol
 from .calls import Body, Call, ConnectionLost
-from .errors import BrokerqError, BrokerUnavailable, Empty, VersionMismatch
+from .errors import BrokerqError, BrokerUnavailable, Empty, RemoteProtocolError, VersionMismatch
 from .sockio import Spinner, spin_from_environment
 from .spawn import broker_running, connect_or_spawn, resolve_socket_path
 
@@ -61,6 +70,7 @@ class Connection:
                 self.sock = connect_or_spawn(socket_path, deadline, spawn=spawn)
             except OSError as exc:
                 raise calls.unreachable(socket_path, exc) from exc
+            self.closed = False
             self.wire = calls.Wire(socket_path)
             self.io = Spinner(self.sock, _SPIN)
             hello = calls.hello()
@@ -90,6 +100,7 @@ class Connection:
         self.max_message_size = reply.max_message_size
 
     def close(self) -> None:
+        self.closed = True
         self.sock.close()
 
     def request(
@@ -122,10 +133,17 @@ class Connection:
         """An exchange was interrupted by ``exc``: close the connection, whose
         replies would be out of step from then on, and return what to raise:
         BrokerUnavailable for a timeout, ConnectionLost for a broken socket,
-        else ``exc`` itself."""
+        else ``exc`` itself; but RemoteProtocolError, never retried, if
+        another request on this connection found it out of step (and
+        closed it) meanwhile."""
         self.close()
-        if isinstance(exc, TimeoutError):
-            error: BaseException = self.wire.timed_out(wait)
+        if isinstance(exc, RemoteProtocolError) and self.wire.failure is None:
+            self.wire.failure = exc  # a frame that cannot be read: out of step too
+        out_of_step = self.wire.out_of_step()
+        if out_of_step is not None and isinstance(exc, OSError | ValueError):
+            error: BaseException = out_of_step
+        elif isinstance(exc, TimeoutError):
+            error = self.wire.timed_out(wait)
         elif isinstance(exc, OSError):
             error = self.wire.lost(exc)
         else:
@@ -169,6 +187,39 @@ def retire_older_broker(socket_path: str, version: int, deadline: float) -> None
         time.sleep(0.005)
 
 
+class _Lane:
+    """One thread's use of a :class:`Client`: a connection, a put window, and
+    whether a call of the thread runs on them (``busy``).
+
+    A call that finds the thread's lane busy runs inside another call of
+    the thread (from a ``__del__``, a signal handler): it takes the first
+    lane nested in it that is not (:meth:`free`), with a connection of its
+    own, opened on first use and kept for the next such call, and no window.
+    The lanes in use are always the first of the chain, since their calls nest.
+    """
+
+    __slots__ = ("busy", "conn", "inner", "window")
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.conn: Connection | None = None
+        self.window: calls.PutWindow | None = None
+        self.inner: _Lane | None = None
+
+    def free(self) -> _Lane:
+        """The first lane of the chain from this one that no call is using."""
+        lane = self
+        while lane.busy:
+            inner = lane.inner
+            if inner is None:
+                inner = _Lane()
+                if lane.inner is None:  # (else a call nested in this one, run meanwhile, made it)
+                    lane.inner = inner
+                inner = lane.inner
+            lane = inner
+        return lane
+
+
 class Client:
     """A broker, named by its socket path; spawned on first use if needed.
 
@@ -193,14 +244,36 @@ class Client:
         self.timeout = timeout
         self.put_window = calls.put_window(put_window)
         self._closed = False
-        self._lock = threading.Lock()
         self._reset()
 
     def _reset(self) -> None:
         self._pid = os.getpid()
-        self._local = threading.local()
+        self._local = threading.local()  # .lane: each thread's _Lane
+        #: Every connection opened, for close(). No lock guards it: a call
+        #: nested in another (a __del__ run by an allocation) could find it
+        #: held by its own thread. Appending and popping are atomic.
         self._connections: list[Connection] = []
         self._keys = calls.PutKeys()
+
+    def _lane(self) -> _Lane:
+        """This thread's lane (in a forked child, after forgetting the parent's)."""
+        if os.getpid() != self._pid:
+            self._forked()
+        try:
+            lane: _Lane = self._local.lane
+        except AttributeError:
+            # (setdefault: a call nested in this one may have made it meanwhile)
+            lane = self._local.__dict__.setdefault("lane", _Lane())
+        return lane
+
+    def _forked(self) -> None:
+        """A forked child must not talk over its parent's sockets. Closing our
+        copies sends nothing, so the parent's connections live on; its
+        windows and put keys are the parent's too."""
+        stale = self._connections
+        self._reset()
+        for conn in stale:
+            conn.close()
 
     def __enter__(self) -> Client:
         return self
@@ -217,18 +290,18 @@ class Client:
         First flushes this thread's put window (:meth:`flush`); if that
         raises, the connections are closed all the same and the error
         propagates. Puts other threads left unflushed are dropped with
-        their connections, unacknowledged.
+        their connections, unacknowledged. Inside another call of this
+        thread (a ``__del__``, a signal handler) it flushes nothing (the
+        window is that call's), and that call fails: the client is closed.
         """
         try:
             if not self._closed:
                 self._flush_window()
         finally:
-            with self._lock:
-                self._closed = True
-                for conn in self._connections:
-                    conn.close()
-                self._connections.clear()
-                self._local = threading.local()  # and every thread's window
+            self._closed = True
+            self._local = threading.local()  # and every thread's lanes and window
+            while self._connections:
+                self._connections.pop().close()
 
     def flush(self) -> None:
         """Wait until every put this thread sent in its put window is acknowledged.
@@ -240,41 +313,63 @@ class Client:
         made, and stay in the window for the next flush. A lost connection
         sends the unacknowledged puts again, same keys, in order, on a new
         one, within the client's ``timeout``. Nothing to do without a
-        window (``put_window`` 0).
+        window (``put_window`` 0), or inside another call of this thread (a
+        ``__del__``, a signal handler): the puts of such a call are never
+        windowed, and the window is the interrupted call's to read.
         """
         if self._closed:
             raise calls.closed_client()
         self._flush_window()
 
     def _flush_window(self) -> None:
-        """Flush this thread's window, if it holds anything (and is this process's)."""
-        window: calls.PutWindow | None = getattr(self._local, "window", None)
-        if window is not None and window.pending and os.getpid() == self._pid:
-            self._read_window(window, 0, time.monotonic())
+        """Flush this thread's window, if it holds anything and no call of
+        the thread is using it."""
+        lane = self._lane()
+        window = lane.window
+        if window is not None and window.pending and not lane.busy:
+            lane.busy = True
+            try:
+                self._read_window(lane, window, 0, time.monotonic())
+            finally:
+                lane.busy = False
 
     def send_put(self, call: Call[protocol.PutReply] | Call[protocol.PutManyReply]) -> None:
         """Send a put in this thread's window, without reading its reply;
         first, if the window is full, read replies until a put's slot is free
         (raising an error reply read on the way: this put is then not sent).
-        The caller has just used :meth:`connection` (a closed client raised;
-        a forked child forgot its parent's window)."""
-        window: calls.PutWindow | None = getattr(self._local, "window", None)
-        if window is None:
-            window = self._local.window = calls.PutWindow(self.timeout)
-        began = time.monotonic()
-        if len(window.pending) >= self.put_window:
-            self._read_window(window, self.put_window - 1, began)
-        window.add(call, began)
-        self._read_window(window, None, began)
 
-    def _read_window(self, window: calls.PutWindow, keep: int | None, began: float) -> None:
-        """Send the window's puts not yet sent on this thread's connection,
-        then (unless ``keep`` is None) read replies until ``keep`` puts at
-        most are unacknowledged. After a lost connection, every
-        unacknowledged put is sent again on a new one (Attempts decides
-        until when); an error reply is raised once its put has left the window."""
+        Inside another call of this thread, it goes around the window: it is
+        made at once (:meth:`run`) on a connection of its own, acknowledged
+        (or raising its error) when this returns."""
+        lane = self._lane()
+        if lane.busy:
+            made: Call[Any] = call  # (either kind of put)
+            self.run(made)
+            return
+        lane.busy = True
+        try:
+            window = lane.window
+            if window is None:
+                window = lane.window = calls.PutWindow(self.timeout)
+            began = time.monotonic()
+            if len(window.pending) >= self.put_window:
+                self._read_window(lane, window, self.put_window - 1, began)
+            window.add(call, began)
+            self._read_window(lane, window, None, began)
+        finally:
+            lane.busy = False
+
+    def _read_window(
+        self, lane: _Lane, window: calls.PutWindow, keep: int | None, began: float
+    ) -> None:
+        """Send the window's puts not yet sent on the connection of ``lane``
+        (which the caller holds), then (unless ``keep`` is None) read replies
+        until ``keep`` puts at most are unacknowledged. After a lost
+        connection, every unacknowledged put is sent again on a new one
+        (Attempts decides until when); an error reply is raised once its
+        put has left the window."""
         while True:
-            conn = self.connection()
+            conn = self._lane_connection(lane)
             try:
                 now = time.monotonic()
                 data = window.encode_unsent(conn, conn.wire, now)
@@ -295,24 +390,37 @@ class Client:
             window.answered(reply, conn.wire, conn.close)
 
     def connection(self, *, spawn: bool = True) -> Connection:
-        """This thread's connection, opened (and the broker spawned) on demand."""
-        if self._closed:
-            raise calls.closed_client()
-        if os.getpid() != self._pid:
-            # A forked child must not talk over its parent's sockets. Closing
-            # our copies sends nothing, so the parent's connections live on.
-            with self._lock:
-                for conn in self._connections:
-                    conn.sock.close()
-                self._reset()
-        current: Connection | None = getattr(self._local, "conn", None)
-        if current is None or current.sock.fileno() < 0:
-            current = Connection(self.socket_path, self.timeout, spawn=spawn)
-            with self._lock:
-                self._connections = [c for c in self._connections if c.sock.fileno() >= 0]
-                self._connections.append(current)
-            self._local.conn = current
-        return current
+        """This thread's connection, opened (and the broker spawned) on demand;
+        inside another call of the thread, the one its nested calls use."""
+        lane = self._lane()
+        if lane.busy:
+            lane = lane.free()
+        conn = lane.conn
+        if conn is not None and not conn.closed:
+            return conn
+        lane.busy = True  # (a call nested in the connect takes a lane of its own)
+        try:
+            return self._lane_connection(lane, spawn)
+        finally:
+            lane.busy = False
+
+    def _lane_connection(self, lane: _Lane, spawn: bool = True) -> Connection:
+        """The connection of ``lane``, which the caller holds, opened on demand."""
+        conn = lane.conn
+        if conn is None or conn.closed:
+            if self._closed:
+                raise calls.closed_client()
+            conn = Connection(self.socket_path, self.timeout, spawn=spawn)
+            self._connections.append(conn)
+            if self._closed:  # by another thread, or a call nested in this one, meanwhile
+                conn.close()
+                raise calls.closed_client()
+            stale = [c for c in self._connections if c.closed]
+            for old in stale:
+                with contextlib.suppress(ValueError):
+                    self._connections.remove(old)
+            lane.conn = conn
+        return conn
 
     def call(
         self,
@@ -339,22 +447,51 @@ class Client:
         """:meth:`call`, for a request built by :mod:`brokerq.calls`.
 
         Flushes this thread's put window first: the reply read next is this
-        call's."""
-        self._flush_window()
-        attempts = calls.Attempts(call, self.timeout, time.monotonic())
-        while True:
-            conn = self.connection()
-            limit = attempts.start(time.monotonic())
-            try:
-                return conn.request(call.expect, call.kind, limit, **attempts.fields)
-            except ConnectionLost:
-                if not attempts.again(time.monotonic()):
-                    raise
+        call's. Inside another call of this thread (a ``__del__``, a signal
+        handler), it runs on a nested lane: another connection, no window."""
+        lane = self._lane()
+        if lane.busy:
+            lane = lane.free()
+        lane.busy = True
+        try:  # (inline, not self._take(): this is every request's path)
+            window = lane.window
+            if window is not None and window.pending:
+                self._read_window(lane, window, 0, time.monotonic())
+            attempts = calls.Attempts(call, self.timeout, time.monotonic())
+            while True:
+                conn = lane.conn
+                if conn is None or conn.closed:
+                    conn = self._lane_connection(lane)
+                limit = attempts.start(time.monotonic())
+                try:
+                    return conn.request(call.expect, call.kind, limit, **attempts.fields)
+                except ConnectionLost:
+                    if not attempts.again(time.monotonic()):
+                        raise
+        finally:
+            lane.busy = False
+
+    def _take(self) -> _Lane:
+        """A lane for one call, as :meth:`run` takes it: the thread's (its
+        window flushed), or inside another call a nested one. The caller
+        sets its ``busy`` back to False when done."""
+        lane = self._lane()
+        if lane.busy:
+            lane = lane.free()
+        lane.busy = True
+        try:
+            window = lane.window
+            if window is not None and window.pending:
+                self._read_window(lane, window, 0, time.monotonic())
+        except BaseException:
+            lane.busy = False
+            raise
+        return lane
 
     def next_keys(self, n: int) -> list[bytes]:
         """``n`` fresh put keys: unique to this client (and process), 16 bytes each."""
         if os.getpid() != self._pid:  # a syscall: once per request, not per key
-            self.connection()  # resets the key prefix in a forked child
+            self._forked()  # a child's keys have a prefix of their own
         return self._keys.take(n)
 
     def queue(self, name: str, **settings: Any) -> Queue:
@@ -394,12 +531,15 @@ class Client:
 
     def ping(self) -> float:
         """Round-trip time to the broker, in seconds."""
-        self._flush_window()
-        conn = self.connection()  # connecting (or spawning) is not part of the trip
-        start = time.perf_counter()
-        ping = calls.ping()
-        conn.request(ping.expect, ping.kind, self.timeout)
-        return time.perf_counter() - start
+        lane = self._take()
+        try:
+            conn = self._lane_connection(lane)  # connecting (or spawning) is not part of the trip
+            start = time.perf_counter()
+            ping = calls.ping()
+            conn.request(ping.expect, ping.kind, self.timeout)
+            return time.perf_counter() - start
+        finally:
+            lane.busy = False
 
     @property
     def broker_pid(self) -> int:
@@ -420,27 +560,30 @@ class Client:
         the broker still holds its lock after the client's ``timeout``.
         Flushes this thread's put window first.
         """
-        self._flush_window()
+        lane = self._take()
         try:
-            conn = self.connection(spawn=False)
-        except VersionMismatch as exc:
-            older = calls.older_broker(exc)
-            if older is None:
-                raise
-            retire_older_broker(self.socket_path, older, time.monotonic() + self.timeout)
-            return True
-        except BrokerUnavailable:
-            if broker_running(self.socket_path):
-                raise  # it holds its lock but does not answer: say so
-            return False
-        deadline = time.monotonic() + self.timeout
-        try:
-            stop = calls.stop()
-            conn.request(stop.expect, stop.kind, self.timeout)
-        except ConnectionLost:
-            pass  # it went before it could answer: that is what we asked for
+            try:
+                conn = self._lane_connection(lane, spawn=False)
+            except VersionMismatch as exc:
+                older = calls.older_broker(exc)
+                if older is None:
+                    raise
+                retire_older_broker(self.socket_path, older, time.monotonic() + self.timeout)
+                return True
+            except BrokerUnavailable:
+                if broker_running(self.socket_path):
+                    raise  # it holds its lock but does not answer: say so
+                return False
+            deadline = time.monotonic() + self.timeout
+            try:
+                stop = calls.stop()
+                conn.request(stop.expect, stop.kind, self.timeout)
+            except ConnectionLost:
+                pass  # it went before it could answer: that is what we asked for
+            finally:
+                conn.close()
         finally:
-            conn.close()
+            lane.busy = False
         while broker_running(self.socket_path):
             if time.monotonic() > deadline:
                 raise calls.not_stopped(self.socket_path, self.timeout)

@@ -100,7 +100,8 @@ class Spinner:
                 with contextlib.suppress(BlockingIOError):
                     view = view[sock.send(view) :]
         finally:
-            self.poller.modify(sock, _POLLIN)
+            if sock.fileno() >= 0:  # (closed meanwhile: let the error of the send tell)
+                self.poller.modify(sock, _POLLIN)
 
     def receive(self, deadline: float | None) -> bytes:
         """What has come, up to :data:`RECEIVE_BUFFER` bytes (b"" at end of
