@@ -433,6 +433,47 @@ def test_every_fsync_mode_survives_sigkill(
         assert drain(client.queue("q")) == bodies
 
 
+@pytest.mark.parametrize(
+    ("where", "asked", "expected"),
+    [
+        ("beside_socket", None, "never"),
+        ("data_dir", None, "batch"),
+        ("beside_socket", "always", "always"),  # an explicit --fsync wins
+        ("data_dir", "never", "never"),
+    ],
+)
+def test_the_default_fsync_of_each_place_survives_sigkill(  # noqa: PLR0917 (fixtures, parameters)
+    socket_path: str,
+    sock_dir: str,
+    monkeypatch: pytest.MonkeyPatch,
+    where: str,
+    asked: str | None,
+    expected: str,
+) -> None:
+    """G52: by default the journal beside the socket is not fsynced (a
+    broker crash loses nothing all the same) and one in --data-dir is
+    fsynced per group of puts; an explicit --fsync wins either way."""
+    if where == "data_dir":
+        monkeypatch.setenv("BROKERQ_DATA_DIR", os.path.join(sock_dir, "data"))
+    if asked is not None:
+        monkeypatch.setenv("BROKERQ_FSYNC", asked)
+    bodies = [f"{where}-{i}".encode() for i in range(50)]
+    with brokerq.connect(socket_path) as client:
+        stats = client.stats()
+        assert stats["fsync"] == expected
+        assert stats["journal"].startswith(
+            os.path.join(sock_dir, "data") if where == "data_dir" else socket_path
+        )
+        queue = client.queue("q")
+        queue.put_many(bodies[:10])
+        for body in bodies[10:]:
+            queue.put(body)
+        pid = kill_broker_of(client)
+    with brokerq.connect(socket_path) as client:
+        assert client.broker_pid != pid
+        assert drain(client.queue("q")) == bodies
+
+
 # -- 10. a bounded soak: producers, consumers, a broker killed every ~1.5 s ------------------------
 
 # Reserves and acks until the stop file appears. Each delivery is written

@@ -344,7 +344,7 @@ def test_stats_prom_against_a_broker(socket_path: str) -> None:
 
     families = parse(run("stats", "--prom"))
     samples = {line for _, lines in families.values() for line in lines}
-    assert f'brokerq_info{{version="{brokerq.__version__}",fsync="batch"}} 1' in samples
+    assert f'brokerq_info{{version="{brokerq.__version__}",fsync="never"}} 1' in samples
     assert "brokerq_queues 2" in samples
     assert "brokerq_connections 1" in samples
     assert 'brokerq_ready{queue="jobs"} 2' in samples

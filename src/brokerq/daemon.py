@@ -64,13 +64,13 @@ def broker_options(f: F) -> F:
         click.option(
             "--fsync",
             type=click.Choice(["never", "batch", "always"]),
-            default="batch",
-            show_default=True,
             envvar="BROKERQ_FSYNC",
             show_envvar=True,
             help="When the journal is fsynced before a put is acknowledged: never (survives "
-            "a broker crash, not a power loss), batch (one fsync covers every put that "
-            "arrived meanwhile) or always (one per write).",
+            "a broker crash, not an OS crash or power loss), batch (one fsync covers every "
+            "put that arrived meanwhile) or always (one per write). Default: never for the "
+            "journal beside the socket (it survives what that place does), batch with "
+            "--data-dir.",
         ),
         click.option(
             "--journal/--no-journal",
@@ -262,7 +262,7 @@ def run(
     lock_fd: int | None = None,
     ready_fd: int | None = None,
     data_dir: str | None = None,
-    fsync: str = "batch",
+    fsync: str | None = None,
     idle_exit: float = 300.0,
     max_message_size: int = protocol.DEFAULT_MAX_MESSAGE_SIZE,
     log_level: str = "info",
@@ -279,6 +279,7 @@ def run(
 ) -> int:
     """Start a broker for ``socket``; returns the exit status."""
     path = resolve_socket_path(socket)
+    fsync = default_fsync(data_dir) if fsync is None else fsync
     try:
         check_socket_path(path)
         activated = inherited_listener(path)  # before a fork changes our pid
@@ -358,6 +359,20 @@ def run(
         return EXIT_ERROR
     log.info("exited")
     return EXIT_OK
+
+
+def default_fsync(data_dir: str | None) -> str:
+    """The ``--fsync`` a broker gets when none is given.
+
+    ``never`` for the journal beside the socket: that place (a tmpfs under
+    ``$XDG_RUNTIME_DIR``, usually) is documented to survive broker crashes
+    and idle exits, not reboots, and a record written before the reply
+    already survives a broker crash (docs/guarantees.md). An fsync per
+    group of puts would buy what the place cannot keep. ``batch`` with
+    ``--data-dir``, which is asked for to survive OS crashes and power
+    loss: every acknowledged put then waits for an fsync that covers it.
+    """
+    return "never" if data_dir is None else "batch"
 
 
 def _open_journal(
