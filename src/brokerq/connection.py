@@ -50,7 +50,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from . import __version__, limits, protocol
+from . import __version__, limits, protocol, streaming
 from .errors import BrokerqError, InvalidRequest, QueueFull, RemoteProtocolError
 from .journal import JournalFailed
 from .protocol import (
@@ -59,8 +59,10 @@ from .protocol import (
     AckReply,
     Bury,
     BuryReply,
+    Cancel,
     Configure,
     ConfigureReply,
+    Consume,
     Delete,
     DeleteReply,
     Error,
@@ -101,6 +103,7 @@ from .protocol import (
     StopReply,
     Subscribe,
     SubscribeReply,
+    Taken,
     TaskDone,
     TaskDoneReply,
     Touch,
@@ -108,14 +111,15 @@ from .protocol import (
     Unsubscribe,
     UnsubscribeReply,
 )
-from .state import Joiner, Lease, Message, Putter, Waiter
+from .state import Joiner, Lease, Message, Putter, Stream, Waiter
 from .unixstream import UnixStream
 
 if TYPE_CHECKING:
     from .server import Broker
 
 _BLOCK: Final = object()
-_SENT: Final = object()  # a parked request whose reply hand_over already wrote
+#: A parked request whose reply hand_over already wrote; or a ``taken``, which has no reply.
+_SENT: Final = object()
 #: How long a dropped subscriber gets to take what is being sent to it, and
 #: then its ``overflow`` error.
 OVERFLOW_GRACE_SECONDS: Final = 30.0
@@ -249,6 +253,10 @@ class Connection:
         # hello), and whether a frame was taken since they were counted.
         self.waited = 0.0
         self.frame_taken = False
+        #: Open streams (consume) by id, once there is one (see streaming.py).
+        self.streams: dict[int, Stream] | None = None
+        #: A protocol error with id 0 was answered: close once it is written.
+        self.ending = False
 
     async def run(self) -> None:
         try:
@@ -275,6 +283,8 @@ class Connection:
                 self.commit_scope.cancel()
             if self.live_topics:
                 self.core.unwatch_all(self)
+            if self.streams is not None:  # (first: its takens may lease messages to it)
+                wake_all(streaming.end_streams(self))
             wake_all(self.core.release_owned(self, self.broker.clock()))
             # Leases that ended may have moved messages to :dead (a join on
             # their queue may be done now) or freed room for parked puts.
@@ -366,7 +376,11 @@ class Connection:
 
     async def _handle(self, request: protocol.AnyRequest) -> None:
         if self.broker.closing:
-            self._reply_error(request.id, "shutting_down", "the broker is stopping")
+            woken = streaming.taken_while_closing(self, request)
+            if woken is None:
+                self._reply_error(request.id, "shutting_down", "the broker is stopping")
+            else:
+                wake_all(woken)
             return
         if not self.greeted:
             if not self._greet(request):
@@ -409,7 +423,8 @@ class Connection:
         if isinstance(reply, Delivery):
             await self._send_delivery(reply)
         elif reply is _SENT:
-            pass
+            if self.ending:
+                await self._close_with_error()
         else:
             assert isinstance(reply, protocol.Reply)
             protocol.append_frame(self.out, reply)
@@ -575,6 +590,10 @@ class Connection:
                 return _BLOCK if timeout != 0 else _join_timeout(rid, queue, timeout)
             case Ping(id=rid):
                 return PingReply(id=rid, pid=os.getpid())
+            case Consume() | Taken() | Cancel():
+                reply, woken = streaming.handle(self, request, now)
+                wake_all(woken)
+                return _SENT if reply is None else reply
             case Stop(id=rid):
                 return StopReply(id=rid)
             case Hello(id=rid):
@@ -793,6 +812,7 @@ class Connection:
             or parked[1] is not waiter
             or self.handed is not None
             or self.feed is not None
+            or self.streams is not None
             or self.out
             or self.pending
             or not isinstance(stream, UnixStream)
@@ -944,10 +964,12 @@ class Connection:
 
     async def _send(self, data: bytes | bytearray) -> None:
         try:
-            if self.feed is None:
+            if self.feed is None and self.streams is None:
                 await self.stream.send_all(data)
             else:
                 async with self.send_lock:
+                    if self.streams:  # deliveries made before these replies go first
+                        data = streaming.frames_before(self, data)
                     await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise PeerGone from exc

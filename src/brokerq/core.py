@@ -73,7 +73,7 @@ from .records import (
     SubscribeRecord,
     UnfinishedRecord,
 )
-from .state import Expiry, Joiner, Lease, Message, Putter, QueueState, Waiter
+from .state import Expiry, Joiner, Lease, Message, Putter, QueueState, Stream, Waiter
 from .topics import Topics
 
 DEAD_SUFFIX = ":dead"
@@ -119,6 +119,8 @@ class BrokerCore:
         self._leases: dict[int, Lease] = {}
         self._owned: dict[object, set[int]] = {}
         self._delayed: dict[int, tuple[Message, float]] = {}
+        #: Messages delivered to streams and not taken yet, by id (see consume).
+        self._prefetched: dict[int, Message] = {}
         self._timers: list[tuple[float, int, Lease | Message | Expiry]] = []
         self._timer_seq = itertools.count()
         self._replayed: dict[int, tuple[Message, str, float]] | None = None
@@ -219,7 +221,7 @@ class BrokerCore:
         q = self._queue(name)
         # The longest waiters get the first messages, in the same write
         # (unless the messages are delayed, or others of a higher priority wait).
-        ready_now = delay == 0 and not q.ready
+        ready_now = delay == 0 and not q.ready and not q.streams  # (streams: below)
         waiters = list(itertools.islice(q.waiters, len(new))) if ready_now else []
         handoffs = list(zip([n[0] for n in new], waiters, strict=False))
         taken = sum(1 for _, w in handoffs if w.lease is None)  # they need no room
@@ -261,6 +263,8 @@ class BrokerCore:
             else:
                 q.ready.append(msg)
         q.unfinished += len(new)
+        if q.streams:
+            waiters = waiters + self._serve_line(q, now)
         return ids, waiters
 
     def _max_bytes(self, q: QueueState) -> int:
@@ -288,7 +292,7 @@ class BrokerCore:
                 f"{count} message(s) of {size} bytes can never fit in {q.name!r} "
                 f"(maxsize {q.maxsize or 'unlimited'}, max_bytes {max_bytes or 'unlimited'})"
             )
-        held = len(q.ready) + q.delayed + q.reserved + len(q.buried)
+        held = len(q.ready) + q.delayed + q.reserved + len(q.buried) + q.prefetched
         fits = (not q.maxsize or held + count <= q.maxsize) and (
             not max_bytes or q.bytes + size <= max_bytes
         )
@@ -304,7 +308,7 @@ class BrokerCore:
             return not self.max_queue_bytes or size <= self.max_queue_bytes
         if q.putters:
             return False
-        held = len(q.ready) + q.delayed + q.reserved + len(q.buried)
+        held = len(q.ready) + q.delayed + q.reserved + len(q.buried) + q.prefetched
         max_bytes = self._max_bytes(q)
         return (not q.maxsize or held < q.maxsize) and (
             not max_bytes or q.bytes + size <= max_bytes
@@ -469,6 +473,9 @@ class BrokerCore:
 
         ``journaled``: the record that says so was already written (a put's).
         """
+        if type(waiter) is Stream:
+            self._offer(q, msg, waiter)
+            return
         if waiter.lease is not None:
             lease = self._lease(q, msg, now, waiter.lease, waiter.owner, journaled=journaled)
             waiter.leases.append(lease)
@@ -485,7 +492,10 @@ class BrokerCore:
             waiter = next(iter(q.waiters))
             self._deliver(q, q.ready.head(), waiter, now)  # may raise: nothing moved yet
             q.ready.popleft()
-            del q.waiters[waiter]
+            if type(waiter) is Stream and waiter.credit:
+                q.waiters.move_to_end(waiter)  # round robin: to the back of the line
+            else:
+                del q.waiters[waiter]
             served.append(waiter)
         return served
 
@@ -513,6 +523,131 @@ class BrokerCore:
         """``count`` messages left ``q`` other than by a get: their tasks are
         done (never below 0, see the module doc; replay clamps the same way)."""
         q.unfinished = max(0, q.unfinished - count)
+
+    # -- streams (consume): prefetching consumers ------------------------------
+
+    def consume(
+        self,
+        name: str,
+        prefetch: int,
+        now: float,
+        *,
+        lease: float | None = None,
+        reserve: bool = False,
+        token: object = None,
+        owner: object = None,
+        stream_id: int = 0,
+    ) -> tuple[Stream, list[Waiter]]:
+        """Open a stream on ``name``: a waiter with ``prefetch`` credits at the
+        back of the line (see :class:`~brokerq.state.Stream`). Returns it and
+        the waiters served (itself, if messages were ready).
+
+        A message delivered to it is not removed, nor leased: it stays the
+        broker's (ready, in the journal) until :meth:`taken`, which removes it
+        (get mode) or leases it to ``owner`` for the stream's lease (reserve
+        mode: ``lease``, else the queue's, else the broker's), and returns the
+        credit; :meth:`cancel_stream` gives back what was not taken.
+        """
+        validate_queue_name(name)
+        if isinstance(prefetch, bool) or prefetch < 1:
+            raise InvalidRequest(f"prefetch must be 1 or more, not {prefetch}")
+        if lease is not None and not 0 < lease < math.inf:
+            raise InvalidRequest(f"lease must be a finite number > 0, or nil, not {lease}")
+        q = self._queue(name)
+        length = (lease or q.lease or self.default_lease) if reserve else None
+        stream = Stream(name, prefetch, length, token=token, owner=owner, stream_id=stream_id)
+        q.streams += 1
+        q.waiters[stream] = None
+        return stream, self._serve_line(q, now)
+
+    def _offer(self, q: QueueState, msg: Message, stream: Stream) -> None:
+        """Deliver ``msg`` (off the ready list) to ``stream``: held, not removed."""
+        stream.credit -= 1
+        stream.held.append(msg)
+        stream.messages.append(msg)
+        self._prefetched[msg.id] = msg
+        q.prefetched += 1
+
+    def _serve_line(self, q: QueueState, now: float) -> list[Waiter]:
+        """Serve the line of a queue with streams after a change that is made
+        whatever happens here (a put, which hands nothing over in its own
+        record when streams wait; a taken; a stream's end). On a full disk
+        (a plain get's removal record) the messages wait, ready, for the
+        next change of the queue."""
+        try:
+            return self._hand_to_waiters(q, now)
+        except Full:
+            return []
+
+    def taken(self, stream: Stream, n: int, now: float) -> list[Waiter]:
+        """The client took the first ``n`` messages delivered to ``stream`` and
+        not taken yet: get mode removes them (as a get does), reserve mode
+        leases each to the stream's owner. Their credit comes back: the
+        stream rejoins the back of the line if it had left it. Returns the
+        waiters served.
+
+        The client has handed them out already, so this happens whatever
+        the disk says: a record a full disk refuses is written before the
+        next one (``_write_or_owe``). Messages that went meanwhile (their
+        queue deleted) only give their credit back.
+        """
+        if isinstance(n, bool) or not 1 <= n <= len(stream.held):
+            raise InvalidRequest(
+                f"taken {n} of stream {stream.stream_id}, which has "
+                f"{len(stream.held)} message(s) delivered and not taken"
+            )
+        q = self._queue(stream.queue)
+        held = stream.held
+        messages = [held.popleft() for _ in range(n)]
+        live = [m for m in messages if m.alive]
+        for msg in live:
+            del self._prefetched[msg.id]
+        q.prefetched -= len(live)
+        if stream.length is None:
+            if live:
+                self._write_or_owe(DeleteRecord(ids=[m.id for m in live], got=True))
+            for msg in live:
+                self._forget(q, msg)
+            q.delivered_total += len(live)
+        else:
+            for msg in live:
+                self._write_or_owe(AttemptsRecord(id=msg.id, attempts=msg.attempts + 1))
+                self._lease(q, msg, now, stream.length, stream.owner, journaled=True)
+                q.delivered_total += 1
+        stream.credit += n
+        if stream.active and stream not in q.waiters:
+            q.waiters[stream] = None
+        return self._serve_line(q, now)
+
+    def cancel_stream(self, stream: Stream, now: float) -> tuple[int, list[Waiter]]:
+        """End ``stream``: it leaves the line, and every message delivered to
+        it and not taken goes back to its place (nothing was written for
+        them: the journal has them ready all along); one whose ttl ran out
+        meanwhile is dropped. Leases of messages it had taken stay (they are
+        its owner's, as a reserve's). Returns how many went back, and the
+        waiters served."""
+        if not stream.active:
+            return 0, []
+        stream.active = False
+        q = self._queue(stream.queue)
+        q.waiters.pop(stream, None)
+        q.streams -= 1
+        held = [m for m in stream.held if m.alive]
+        stream.held.clear()
+        stream.messages = []
+        returned = 0
+        for msg in held:
+            del self._prefetched[msg.id]
+            q.prefetched -= 1
+            if msg.expires_at <= now:  # its ttl ran out while it was prefetched
+                self._write_or_owe(DeleteRecord(ids=[msg.id]))
+                self._forget(q, msg)
+                self._finished(q)
+                q.expired_total += 1
+                continue
+            returned += 1
+            q.ready.insert(msg)
+        return returned, self._serve_line(q, now)
 
     # -- leases ----------------------------------------------------------------
 
@@ -789,8 +924,8 @@ class BrokerCore:
 
         A leased message is dropped when its lease ends; a buried one is kept.
         """
-        if not msg.alive or msg.id in self._leases:
-            return
+        if not msg.alive or msg.id in self._leases or msg.id in self._prefetched:
+            return  # (a prefetched one is dropped if it comes back: cancel_stream)
         q = self._queue(msg.queue)
         if msg.id in q.buried:
             return
@@ -846,6 +981,7 @@ class BrokerCore:
         held = [*q.ready, *q.buried.values()]
         held += [lease.message for lease in self._leases.values() if lease.message.queue == name]
         held += [msg for msg, _ in self._delayed.values() if msg.queue == name]
+        held += [msg for msg in self._prefetched.values() if msg.queue == name]
         if held:
             self._write(DeleteRecord(ids=[m.id for m in held]))
         self._write(DropQueueRecord(queue=name))
@@ -856,13 +992,15 @@ class BrokerCore:
                 self._drop_lease(q, lease)
             if self._delayed.pop(msg.id, None) is not None:
                 q.delayed -= 1
+            if self._prefetched.pop(msg.id, None) is not None:
+                q.prefetched -= 1  # (the stream skips it: it is not alive)
             self._forget(q, msg)
         q.ready.clear()
         q.buried.clear()
         q.maxsize = q.max_bytes = q.unfinished = 0  # its tasks went with it: joins return
         q.max_deliveries = q.lease = None
         woken: list[Putter | Waiter] = []
-        if q.waiters or q.putters:
+        if q.waiters or q.putters or q.streams:  # (streams keep their queue)
             woken = self.admit_putters(name, now)
         else:
             del self._queues[name]
@@ -1029,6 +1167,8 @@ class BrokerCore:
             "dead_lettered_total": q.dead_lettered_total,
             "oldest_ready_age_s": None if oldest is None else max(0.0, now - oldest),
             "unfinished_tasks": q.unfinished,
+            "streams": q.streams,
+            "prefetched": q.prefetched,
             **self.queue_config(name),
         }
 
@@ -1195,13 +1335,17 @@ class BrokerCore:
         delayed: dict[str, list[Message]] = {}
         for msg, _ in self._delayed.values():
             delayed.setdefault(msg.queue, []).append(msg)
+        prefetched: dict[str, list[Message]] = {}  # ready, as far as the journal knows
+        for msg in self._prefetched.values():
+            prefetched.setdefault(msg.queue, []).append(msg)
         for q in self._queues.values():
             if q.max_deliveries is not None or q.lease is not None or q.maxsize or q.max_bytes:
                 records.append(_config_record_of(q))
             held = [*q.ready, *q.buried.values(), *leased.get(q.name, ()), *delayed.get(q.name, ())]
+            held += prefetched.get(q.name, ())
             records += [_put_record_of(msg, msg.attempts) for msg in held]
             records += [StateRecord(id=msg_id, state="buried") for msg_id in q.buried]
-            if q.unfinished or len(q.ready) + q.delayed + q.reserved:
+            if q.unfinished or len(q.ready) + q.delayed + q.reserved + q.prefetched:
                 # After the puts above, which count a task each: the count as it is.
                 records.append(UnfinishedRecord(queue=q.name, count=q.unfinished))
         records += [

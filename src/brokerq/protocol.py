@@ -226,6 +226,29 @@ class Join(Request, frozen=True, tag="join"):
     timeout: float | None = None
 
 
+class Consume(Request, frozen=True, tag="consume"):
+    """Open a stream: the broker sends ``delivery`` frames of ``queue`` unasked,
+    up to ``prefetch`` not yet taken (see docs/protocol.md 5.25)."""
+
+    queue: str
+    prefetch: int
+    mode: str = "get"  # "get" or "reserve": what a taken message becomes
+    lease: float | None = None  # reserve mode: the lease a taken message gets
+
+
+class Taken(Request, frozen=True, tag="taken"):
+    """The first ``n`` deliveries of the stream ``id`` (its consume request's
+    id) that were not taken yet are the client's now. It has no reply."""
+
+    n: int = 1
+
+
+class Cancel(Request, frozen=True, tag="cancel"):
+    """End the stream opened by the consume request ``stream``."""
+
+    stream: int
+
+
 class Ping(Request, frozen=True, tag="ping"):
     pass
 
@@ -257,6 +280,9 @@ AnyRequest: TypeAlias = (
     | Unsubscribe
     | TaskDone
     | Join
+    | Consume
+    | Taken
+    | Cancel
     | Ping
     | Stop
 )
@@ -380,6 +406,26 @@ class JoinReply(Reply, frozen=True, tag="join"):
     pass
 
 
+class ConsumeReply(Reply, frozen=True, tag="consume"):
+    lease: float  # reserve mode: the lease a taken message gets, in seconds; get mode: 0
+
+
+class StreamDelivery(Reply, frozen=True, tag="delivery"):
+    """A message sent unasked on a stream; ``id`` is its consume request's.
+
+    Not a reply: it may come at any point after the consume request was
+    sent, even before that request's reply.
+    """
+
+    msg_id: int
+    body: bytes
+    attempt: int  # the attempt a reserve-mode taken makes it (deliveries so far, plus 1)
+
+
+class CancelReply(Reply, frozen=True, tag="cancel"):
+    returned: int  # messages delivered and not taken that went back to the queue
+
+
 class PingReply(Reply, frozen=True, tag="ping"):
     pid: int
 
@@ -418,6 +464,9 @@ AnyReply: TypeAlias = (
     | Event
     | TaskDoneReply
     | JoinReply
+    | ConsumeReply
+    | StreamDelivery
+    | CancelReply
     | PingReply
     | StopReply
     | Error

@@ -7,7 +7,7 @@ they stay small); :class:`~brokerq.core.BrokerCore` holds and changes them.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from typing import Any
 
 from .ready import ReadyList
@@ -122,6 +122,39 @@ class Waiter:
         return bool(self.messages)
 
 
+class Stream(Waiter):
+    """A prefetching consumer (``consume``): a waiter that stays in its
+    queue's line while it has ``credit``, going to the back after each
+    message (round robin), and leaves it while it has none.
+
+    ``held`` are the messages delivered to it and not taken yet, in the
+    order they were delivered: still the broker's (in the journal as
+    ready), they go back to their place when the stream ends. ``messages``
+    (a Waiter's) are those of them not yet handed to the I/O layer to send.
+    ``length`` is None for a get-mode stream, else the lease a taken
+    message gets (reserve mode); ``owner`` holds those leases.
+    """
+
+    __slots__ = ("active", "credit", "held", "length", "stream_id")
+
+    def __init__(
+        self,
+        queue: str,
+        prefetch: int,
+        length: float | None,
+        *,
+        token: object = None,
+        owner: object = None,
+        stream_id: int = 0,
+    ) -> None:
+        super().__init__(queue, token, None, owner)
+        self.credit = prefetch
+        self.held: deque[Message] = deque()
+        self.length = length
+        self.active = True
+        self.stream_id = stream_id
+
+
 class Joiner:
     """A ``join`` parked until its queue's unfinished tasks reach 0.
 
@@ -154,10 +187,12 @@ class QueueState:
         "max_deliveries",
         "maxsize",
         "name",
+        "prefetched",
         "put_total",
         "putters",
         "ready",
         "reserved",
+        "streams",
         "unfinished",
         "waiters",
     )
@@ -185,3 +220,7 @@ class QueueState:
         #: that leaves in any way but a get (acked, purged, expired, buried,
         #: dead-lettered). Journaled (records.UnfinishedRecord).
         self.unfinished = 0
+        #: Open streams (``consume``) on this queue, and the messages
+        #: delivered to them and not taken yet (still held, not ready).
+        self.streams = 0
+        self.prefetched = 0
