@@ -503,6 +503,29 @@ def put_window(value: int | None) -> int:
     return value
 
 
+PREFETCH_VARIABLE = "BROKERQ_PREFETCH"
+
+
+def prefetch(value: int | None) -> int:
+    """The prefetch of a client: ``value``, or with None ``$BROKERQ_PREFETCH``
+    (unset or empty: 0, off). Raises InvalidRequest (a ValueError) for a
+    negative or malformed one, as :func:`put_window` does."""
+    name = "prefetch"
+    if value is None:
+        name, raw = PREFETCH_VARIABLE, os.environ.get(PREFETCH_VARIABLE, "").strip()
+        try:
+            value = int(raw) if raw else 0
+        except ValueError:
+            raise InvalidRequest(
+                f"{name} must be a whole number of messages, not {raw!r}"
+            ) from None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidRequest(f"{name} is a number of messages, not {value!r}")
+    if value < 0:
+        raise InvalidRequest(f"{name} must be 0 or more, not {value}")
+    return value
+
+
 @dataclass(slots=True)
 class Unacknowledged:
     """A put sent in a window whose reply has not been read: its call, its

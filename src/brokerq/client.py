@@ -35,9 +35,17 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
-from . import calls, protocol
+from . import calls, prefetch, protocol
 from .calls import Body, Call, ConnectionLost
-from .errors import BrokerqError, BrokerUnavailable, Empty, RemoteProtocolError, VersionMismatch
+from .errors import (
+    BrokerqError,
+    BrokerUnavailable,
+    Empty,
+    LeaseLost,
+    LocalProtocolError,
+    RemoteProtocolError,
+    VersionMismatch,
+)
 from .sockio import Spinner, spin_from_environment
 from .spawn import broker_running, connect_or_spawn, resolve_socket_path
 
@@ -198,13 +206,15 @@ class _Lane:
     The lanes in use are always the first of the chain, since their calls nest.
     """
 
-    __slots__ = ("busy", "conn", "inner", "window")
+    __slots__ = ("busy", "conn", "inner", "streams", "window")
 
     def __init__(self) -> None:
         self.busy = False
         self.conn: Connection | None = None
         self.window: calls.PutWindow | None = None
         self.inner: _Lane | None = None
+        #: The thread's streams (prefetch), by queue, mode and lease; never a nested lane's.
+        self.streams: dict[tuple[str, str, float | None], _Streamed] | None = None
 
     def free(self) -> _Lane:
         """The first lane of the chain from this one that no call is using."""
@@ -231,6 +241,12 @@ class Client:
     reply, as long as fewer than N of this thread's puts are unacknowledged;
     :meth:`flush` (or any other request of the thread, or :meth:`close`)
     reads their replies. See docs/usage.md, "Pipelined puts".
+
+    ``prefetch`` (None: ``$BROKERQ_PREFETCH``, else 0): with N > 0, the
+    first :meth:`Queue.get` (``get_many``, ``reserve``) of a queue in a
+    thread opens a stream on a connection of its own, and the broker sends
+    the thread up to N of the queue's messages ahead, as they arrive. See
+    docs/usage.md, "Prefetching consumers".
     """
 
     def __init__(
@@ -239,10 +255,12 @@ class Client:
         timeout: float = DEFAULT_TIMEOUT,
         *,
         put_window: int | None = None,
+        prefetch: int | None = None,
     ) -> None:
         self.socket_path = resolve_socket_path(socket)
         self.timeout = timeout
         self.put_window = calls.put_window(put_window)
+        self.prefetch = calls.prefetch(prefetch)
         self._closed = False
         self._reset()
 
@@ -488,6 +506,181 @@ class Client:
             raise
         return lane
 
+    # -- streams (prefetch) --------------------------------------------------
+
+    def take_streamed(
+        self, queue: str, mode: str, n: int, timeout: float | None, lease: float | None = None
+    ) -> tuple[_Streamed, list[protocol.StreamDelivery]] | None:
+        """Up to ``n`` messages of ``queue`` from this thread's stream (opened
+        on first use), waiting up to ``timeout`` for the first; raises Empty.
+
+        None means: make a plain request instead. So it is inside another
+        call of this thread (a ``__del__``, a signal handler), which must
+        not touch the stream of the call it interrupted, and with a broker
+        too old to stream. The thread's put window is flushed first, as
+        before any request. The ``taken`` of what it returns was sent
+        before it returns (see :mod:`brokerq.prefetch`).
+        """
+        protocol.validate_timeout(timeout)
+        lane = self._lane()
+        if lane.busy:
+            return None
+        lane.busy = True
+        try:
+            window = lane.window
+            if window is not None and window.pending:
+                self._read_window(lane, window, 0, time.monotonic())
+            streams = lane.streams
+            if streams is None:
+                streams = lane.streams = {}
+            key = (queue, mode, lease)
+            streamed = streams.get(key)
+            if streamed is None:
+                state = prefetch.Prefetch(queue, self.prefetch, mode, lease)
+                streamed = streams[key] = _Streamed(state)
+            if streamed.unsupported:
+                return None
+            items = self._take_streamed(streamed, n, timeout)
+            return None if items is None else (streamed, items)
+        finally:
+            lane.busy = False
+
+    def _take_streamed(
+        self, streamed: _Streamed, n: int, timeout: float | None
+    ) -> list[protocol.StreamDelivery] | None:
+        """:meth:`take_streamed` on a lane the caller holds. After a lost
+        connection the stream is opened again on a new one (what was
+        buffered went back), as a get is sent again, until the call's
+        deadline (``calls.Attempts``)."""
+        state = streamed.state
+        start = time.monotonic()
+        deadline = None if timeout is None else start + timeout
+        attempts = calls.Attempts(calls.get(state.queue, timeout), self.timeout, start)
+        synced = False
+        while True:
+            try:
+                conn = streamed.conn
+                if conn is None or conn.closed:
+                    conn = self._open_stream(streamed)
+                    if conn is None:
+                        return None
+                buffer = state.buffer
+                if buffer:
+                    if n > len(buffer):  # what has arrived meanwhile goes too
+                        self._receive_streamed(streamed, conn, 0.0)
+                    items, frame = state.hand_out(n)
+                    with conn.exchange(self.timeout):
+                        conn.send_reading(frame, time.monotonic() + self.timeout)
+                    state.handed(len(items))
+                    return items
+                if timeout == 0 or (deadline is not None and time.monotonic() >= deadline):
+                    if synced or timeout != 0:
+                        raise Empty(f"queue {state.queue!r} is empty")
+                    # Every delivery made before the broker handled the
+                    # ping comes ahead of its reply: then nothing is missed.
+                    self._stream_request(streamed, conn, calls.ping())
+                    synced = True
+                    continue
+                if not self._receive_streamed(streamed, conn, deadline):
+                    raise Empty(f"queue {state.queue!r} is empty")
+            except ConnectionLost:
+                state.lost()
+                streamed.conn = None
+                if not attempts.again(time.monotonic()):
+                    raise
+
+    def _open_stream(self, streamed: _Streamed) -> Connection | None:
+        """A new connection with the stream open on it; None if the broker
+        does not know ``consume`` (older than this client: the queue is
+        then read with plain requests)."""
+        conn = Connection(self.socket_path, self.timeout)
+        self._connections.append(conn)
+        if self._closed:
+            conn.close()
+            raise calls.closed_client()
+        streamed.conn = conn
+        try:
+            reply = self._stream_request(streamed, conn, streamed.state.consume())
+        except LocalProtocolError:
+            streamed.unsupported = True
+            reply = None
+        except BaseException:
+            streamed.conn = None
+            streamed.state.lost()
+            conn.close()
+            raise
+        if reply is None:
+            streamed.conn = None
+            conn.close()
+            return None
+        streamed.state.opened(reply)
+        return conn
+
+    def _stream_request(self, streamed: _Streamed, conn: Connection, call: Call[R]) -> R:
+        """One request on a stream's connection: the deliveries that come
+        before its reply go to the buffer."""
+        state = streamed.state
+        request_id = conn.wire.encode(call.kind, call.fields)
+        if call.kind is protocol.Consume:
+            state.opening(request_id)
+        deadline = time.monotonic() + self.timeout
+        with conn.exchange(self.timeout):
+            conn.send_reading(conn.wire.out, deadline)
+            while (reply := state.take(conn.wire)) is None:
+                conn.wire.feed(conn.io.receive(deadline))
+        return conn.wire.check(call.expect, request_id, reply, conn.close)
+
+    def _receive_streamed(
+        self, streamed: _Streamed, conn: Connection, deadline: float | None
+    ) -> bool:
+        """Take in what the broker sends, waiting until ``deadline`` for
+        something (0: only what has come); False if nothing came."""
+        try:
+            data = conn.io.receive(deadline)
+        except TimeoutError:
+            return False
+        except OSError as exc:
+            conn.close()
+            raise conn.wire.lost(exc) from exc
+        with conn.exchange(self.timeout):
+            conn.wire.feed(data)
+            reply = streamed.state.take(conn.wire)
+        if reply is not None:  # nothing was asked
+            conn.wire.fail(f"a reply that answers nothing: {reply!r}", conn.close)
+        return True
+
+    def settle_streamed(self, message: StreamedMessage, call: Call[R]) -> R:
+        """A lease verb of a message reserved from a stream: on that stream's
+        connection, after the ``taken`` that started the lease, when this
+        thread owns it and is in no other call; else (another thread, or
+        the stream's connection gone) as a plain request, which may, just
+        after the hand-out, find the broker has not read the ``taken`` yet:
+        a LeaseLost then is asked again for up to the client's timeout."""
+        streamed = message.streamed
+        lane = self._lane()
+        conn = streamed.conn
+        if (
+            not lane.busy
+            and lane.streams is not None
+            and streamed in lane.streams.values()
+            and conn is message.conn
+            and conn is not None
+            and not conn.closed
+        ):
+            lane.busy = True
+            try:
+                return self._stream_request(streamed, conn, call)
+            finally:
+                lane.busy = False
+        give_up = message.handed_at + self.timeout
+        while True:
+            try:
+                return self.run(call)
+            except LeaseLost:
+                if time.monotonic() > give_up or message.conn is None or message.conn.closed:
+                    raise
+                time.sleep(0.005)
+
     def next_keys(self, n: int) -> list[bytes]:
         """``n`` fresh put keys: unique to this client (and process), 16 bytes each."""
         if os.getpid() != self._pid:  # a syscall: once per request, not per key
@@ -687,6 +880,10 @@ class Queue:
 
         ``None`` waits for ever; ``0`` does not wait. Raises Empty on timeout.
         """
+        if self.client.prefetch:
+            streamed = self.client.take_streamed(self.name, "get", 1, timeout)
+            if streamed is not None:
+                return streamed[1][0].body
         return self.client.run(calls.get(self.name, timeout)).body
 
     def get_nowait(self) -> bytes:
@@ -695,6 +892,11 @@ class Queue:
     def get_many(self, n: int, timeout: float | None = None) -> list[bytes]:
         """Up to ``n`` bodies: waits (up to ``timeout``) for the first only,
         then returns every ready one up to ``n``. Raises Empty on timeout."""
+        if self.client.prefetch:
+            calls.get_many(self.name, n, timeout)  # (checks n and timeout)
+            streamed = self.client.take_streamed(self.name, "get", n, timeout)
+            if streamed is not None:
+                return [d.body for d in streamed[1]]
         return self.client.run(calls.get_many(self.name, n, timeout)).bodies
 
     def reserve(self, timeout: float | None = None, lease: float | None = None) -> Message:
@@ -706,6 +908,11 @@ class Queue:
         delivered again (at-least-once). Use it as a context manager to ack
         on success and release on an exception.
         """
+        if self.client.prefetch:
+            streamed = self.client.take_streamed(self.name, "reserve", 1, timeout, lease)
+            if streamed is not None:
+                (delivery,) = streamed[1]
+                return StreamedMessage(self, delivery, streamed[0])
         reply = self.client.run(calls.reserve(self.name, timeout, lease))
         return Message(self, reply.msg_id, reply.body, reply.attempt, reply.lease)
 
@@ -861,6 +1068,50 @@ class Message:
         self.lease_expires = time.monotonic() + reply.lease
 
 
+class _Streamed:
+    """A stream of one thread: its sans-IO state, its connection once open."""
+
+    __slots__ = ("conn", "state", "unsupported")
+
+    def __init__(self, state: prefetch.Prefetch) -> None:
+        self.state = state
+        self.conn: Connection | None = None
+        self.unsupported = False  # the broker does not know consume
+
+
+class StreamedMessage(Message):
+    """A reserved message that came prefetched (``prefetch``): its lease
+    began when it was handed out, and its verbs go on its stream's
+    connection, behind the ``taken`` that began it."""
+
+    def __init__(
+        self, queue: Queue, delivery: protocol.StreamDelivery, streamed: _Streamed
+    ) -> None:
+        now = time.monotonic()
+        super().__init__(queue, delivery.msg_id, delivery.body, delivery.attempt, 0.0)
+        self.lease_expires = streamed.state.lease_expires(now)
+        self.streamed = streamed
+        self.conn = streamed.conn
+        self.handed_at = now
+
+    def ack(self) -> None:
+        self.queue.client.settle_streamed(self, calls.ack(self.id, self.attempt))
+        self.settled = True
+
+    def release(self, delay: float = 0) -> None:
+        self.queue.client.settle_streamed(self, calls.release(self.id, self.attempt, delay))
+        self.settled = True
+
+    def bury(self) -> None:
+        self.queue.client.settle_streamed(self, calls.bury(self.id, self.attempt))
+        self.settled = True
+
+    def touch(self, lease: float | None = None) -> None:
+        call = calls.touch(self.id, self.attempt, lease)
+        reply = self.queue.client.settle_streamed(self, call)
+        self.lease_expires = time.monotonic() + reply.lease
+
+
 class Subscription:
     """A live subscription to a topic: the publishes made while it is open.
 
@@ -961,12 +1212,13 @@ def connect(
     timeout: float = DEFAULT_TIMEOUT,
     *,
     put_window: int | None = None,
+    prefetch: int | None = None,
 ) -> Client:
     """A client of the broker at ``socket`` (default: ``$BROKERQ_SOCKET`` or the
     per-user path). Connects (spawning the broker if none runs) right away, so
     a broker that cannot be reached fails here rather than at the first put.
-    ``put_window``: see :class:`Client`."""
-    client = Client(socket, timeout, put_window=put_window)
+    ``put_window``, ``prefetch``: see :class:`Client`."""
+    client = Client(socket, timeout, put_window=put_window, prefetch=prefetch)
     try:
         client.connection()
     except BaseException:

@@ -1,0 +1,125 @@
+"""A client's side of a stream (``prefetch``), sans-IO: both clients drive it.
+
+A client with a prefetch of N opens a stream for a queue (a ``consume``
+request, on a connection of its own) the first time it gets (or
+reserves) from it. The broker then sends it ``delivery`` frames unasked,
+up to N it has not taken. :class:`Prefetch` keeps what came in order
+(:meth:`Prefetch.take` sorts the frames received: deliveries to the
+buffer, the first other frame returned as the reply it is), and hands
+them out (:meth:`Prefetch.hand_out`) together with the ``taken`` frame
+that the driver sends **before** it gives them to the application: on a
+Unix socket a send that completed is in the broker's receive queue, so
+the broker applies it even if this process is killed the next moment,
+and a message handed out never comes back (get mode), or comes back only
+as a lease that ends (reserve mode). What is buffered and not taken stays
+the broker's: a connection that closes (a killed process, ``close``) gives
+it back, to its place.
+
+In reserve mode the lease starts at the ``taken`` (the broker leases the
+message when it reads it), so a buffered message can never be handed out
+with a lease that ran out meanwhile: :meth:`Prefetch.lease_expires` is
+counted from the hand-out, a little ahead of the broker's clock.
+
+It imports neither trio nor anyio, and does no I/O.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any
+
+from . import protocol
+from .calls import Call, Wire
+from .errors import from_code
+
+MODES = ("get", "reserve")
+
+
+class Prefetch:
+    """One stream: its request, the deliveries received and not handed out."""
+
+    def __init__(self, queue: str, prefetch: int, mode: str, lease: float | None = None) -> None:
+        if mode not in MODES:
+            raise ValueError(f"mode is 'get' or 'reserve', not {mode!r}")
+        self.queue = queue
+        self.prefetch = prefetch
+        self.mode = mode
+        self.lease = lease
+        #: The id of the consume request once encoded (the deliveries carry it); 0: not open.
+        self.stream_id = 0
+        #: The lease a taken message gets (reserve mode), from the consume reply.
+        self.lease_length = 0.0
+        self.buffer: deque[protocol.StreamDelivery] = deque()
+        self._taken_one = b""
+
+    def __repr__(self) -> str:
+        return (
+            f"<Prefetch {self.mode} {self.queue!r} stream {self.stream_id}: "
+            f"{len(self.buffer)} buffered>"
+        )
+
+    def consume(self) -> Call[protocol.ConsumeReply]:
+        """The consume request that opens the stream (never sent again as
+        it is: a new connection opens a new stream)."""
+        fields: dict[str, Any] = {"queue": self.queue, "prefetch": self.prefetch}
+        if self.mode != "get":
+            fields["mode"] = self.mode
+            fields["lease"] = self.lease
+        return Call(protocol.ConsumeReply, protocol.Consume, 0, fields, retry=False)
+
+    def opening(self, request_id: int) -> None:
+        """The consume request was encoded with ``request_id``: deliveries
+        carrying it are this stream's from now on (one may come before the reply)."""
+        self.stream_id = request_id
+        self.buffer.clear()
+        self._taken_one = protocol.encode_frame(protocol.Taken(id=request_id))
+
+    def opened(self, reply: protocol.ConsumeReply) -> None:
+        self.lease_length = reply.lease
+
+    def lost(self) -> None:
+        """The connection is gone: what was buffered is the broker's (it gives
+        it back), and the stream must be opened again."""
+        self.stream_id = 0
+        self.buffer.clear()
+
+    def take(self, wire: Wire) -> protocol.AnyReply | None:
+        """Take in every whole frame received: this stream's deliveries go to
+        the buffer; the first other frame is returned (the reply to the
+        request outstanding, if any). An error with id 0 (the broker ends the
+        connection) is raised at once: what was buffered goes back."""
+        buffer = self.buffer
+        stream_id = self.stream_id
+        while (frame := wire.next_reply()) is not None:
+            if type(frame) is protocol.StreamDelivery:
+                if frame.id == stream_id:
+                    buffer.append(frame)
+                continue  # (a stream cancelled earlier: it took those back)
+            if isinstance(frame, protocol.Error) and frame.id == 0:
+                raise from_code(frame.code, frame.message)
+            return frame
+        return None
+
+    def hand_out(self, n: int) -> tuple[list[protocol.StreamDelivery], bytes]:
+        """Up to ``n`` buffered deliveries, oldest first, and the ``taken``
+        frame to send before they go to the application. Until that send
+        completes they are still buffered: :meth:`handed` says it did."""
+        count = min(n, len(self.buffer))
+        if count == 0:
+            return [], b""
+        if count == 1:
+            return [self.buffer[0]], self._taken_one
+        items = [self.buffer[i] for i in range(count)]
+        return items, protocol.encode_frame(protocol.Taken(id=self.stream_id, n=count))
+
+    def handed(self, count: int) -> None:
+        """The ``taken`` of the first ``count`` was sent: they are the caller's."""
+        buffer = self.buffer
+        for _ in range(count):
+            buffer.popleft()
+
+    def lease_expires(self, now: float) -> float:
+        """When the lease of a message handed out ``now`` runs out, as this
+        client counts it (the broker starts it when it reads the taken,
+        later than ``now``)."""
+        return now + self.lease_length
