@@ -84,10 +84,18 @@ from typing import Any, TypeVar
 import anyio
 from anyio.abc import UNIXSocketStream
 
-from . import calls, protocol
+from . import calls, prefetch, protocol
 from .calls import Body, Call, ConnectionLost
 from .client import retire_older_broker
-from .errors import BrokerqError, BrokerUnavailable, Empty, Full, LeaseLost, VersionMismatch
+from .errors import (
+    BrokerqError,
+    BrokerUnavailable,
+    Empty,
+    Full,
+    LeaseLost,
+    LocalProtocolError,
+    VersionMismatch,
+)
 from .protocol import GetManyReply, HelloReply, ReserveReply
 from .spawn import broker_running, connect_or_spawn, resolve_socket_path
 
@@ -247,10 +255,17 @@ class AsyncClient:
     """
 
     def __init__(
-        self, socket: str | os.PathLike[str] | None = None, timeout: float = DEFAULT_TIMEOUT
+        self,
+        socket: str | os.PathLike[str] | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        *,
+        prefetch: int | None = None,
     ) -> None:
         self.socket_path = resolve_socket_path(socket)
         self.timeout = timeout
+        #: See :class:`brokerq.Client`: the first get or reserve of a queue opens a stream.
+        self.prefetch = calls.prefetch(prefetch)
+        self._streams: dict[tuple[str, str, float | None], _AsyncStreamed] = {}
         #: The broker's body limit, from the latest connection's hello.
         self.max_message_size: int | None = None
         self._closed = False
@@ -280,6 +295,8 @@ class AsyncClient:
         connections = list(self._open)
         self._open.clear()
         self._idle.clear()
+        streams, self._streams = list(self._streams.values()), {}
+        connections += [s.conn for s in streams if s.conn is not None]
         for conn in connections:
             await conn.aclose()
 
@@ -405,6 +422,102 @@ class AsyncClient:
             await self._release(await self._acquire())
         assert self.max_message_size is not None
         return self.max_message_size
+
+    # -- streams (prefetch) --------------------------------------------------
+
+    async def _take_streamed(
+        self, queue: str, mode: str, n: int, timeout: float | None, lease: float | None = None
+    ) -> tuple[_AsyncStreamed, list[protocol.StreamDelivery]] | None:
+        """Up to ``n`` messages of ``queue`` from its stream (opened on first
+        use), waiting up to ``timeout`` for the first; raises Empty. None: the
+        broker does not stream (older than this client): ask plainly.
+
+        Cancellable while it waits: nothing is taken then. The ``taken`` is
+        sent shielded and nothing awaits after it, so what it took is
+        returned (as the module doc says of shielded requests).
+        """
+        protocol.validate_timeout(timeout)
+        if self._closed:
+            raise calls.closed_client()
+        key = (queue, mode, lease)
+        streamed = self._streams.get(key)
+        if streamed is None:
+            state = prefetch.Prefetch(queue, self.prefetch, mode, lease)
+            streamed = self._streams[key] = _AsyncStreamed(state)
+        start = anyio.current_time()
+        deadline = None if timeout is None else start + timeout
+        attempts = calls.Attempts(calls.get(queue, timeout), self.timeout, start)
+        state = streamed.state
+        synced = False
+        while True:
+            if streamed.unsupported:
+                return None
+            try:
+                conn = streamed.conn
+                if conn is None or conn.broken:
+                    conn = await self._open_stream(streamed)
+                    continue
+                if state.buffer:
+                    async with streamed.send_lock:
+                        items, frame = state.hand_out(n)
+                        if not items:
+                            continue  # another task took them meanwhile
+                        with anyio.CancelScope(shield=True):
+                            await streamed.send(frame, self.timeout)
+                        state.handed(len(items))
+                        return streamed, items
+                if timeout == 0 or (deadline is not None and anyio.current_time() >= deadline):
+                    if synced or timeout != 0:
+                        raise Empty(f"queue {queue!r} is empty")
+                    # Every delivery made before the broker handled the ping
+                    # comes ahead of its reply: then nothing is missed.
+                    with anyio.CancelScope(shield=True):
+                        await self._stream_request(streamed, calls.ping())
+                    synced = True
+                    continue
+                await streamed.pump(lambda: bool(state.buffer), deadline)
+            except ConnectionLost:
+                await streamed.lose()
+                if not attempts.again(anyio.current_time()):
+                    raise
+
+    async def _open_stream(self, streamed: _AsyncStreamed) -> AsyncConnection:
+        conn = await AsyncConnection.open(self.socket_path, self.timeout)
+        if self._closed:
+            await conn.aclose()
+            raise calls.closed_client()
+        if streamed.conn is not None and not streamed.conn.broken:
+            await conn.aclose()  # another task opened it meanwhile
+            return streamed.conn
+        streamed.conn = conn
+        streamed.replies.clear()
+        try:
+            with anyio.CancelScope(shield=True):
+                reply = await self._stream_request(streamed, streamed.state.consume())
+        except LocalProtocolError:  # a broker that does not know consume
+            streamed.unsupported = True
+            await streamed.lose()
+            return conn
+        streamed.state.opened(reply)
+        return conn
+
+    async def _stream_request(self, streamed: _AsyncStreamed, call: Call[R]) -> R:
+        """One request on a stream's connection: sent, then its reply read
+        by whichever task reads the connection (deliveries go to the buffer)."""
+        conn = streamed.conn
+        if conn is None or conn.broken:
+            raise ConnectionLost(f"the stream's connection to {self.socket_path} was lost")
+        async with streamed.send_lock:
+            request_id = conn.wire.encode(call.kind, call.fields)
+            if call.kind is protocol.Consume:
+                streamed.state.opening(request_id)
+            await streamed.send(bytes(conn.wire.out), self.timeout)
+        replies = streamed.replies
+        await streamed.pump(
+            lambda: request_id in replies, anyio.current_time() + self.timeout, strict=True
+        )
+        reply = replies.pop(request_id)
+        return conn.wire.check(call.expect, request_id, reply, conn._break)
 
     # -- the API -----------------------------------------------------------
 
@@ -582,6 +695,11 @@ class AsyncQueue:
         """Remove and return the next body, waiting up to ``timeout`` seconds
         (None: for ever, 0: not at all); raises Empty on timeout. A cancelled
         get loses no message (see the module docstring)."""
+        if self.client.prefetch:
+            await self._configured()
+            streamed = await self.client._take_streamed(self.name, "get", 1, timeout)
+            if streamed is not None:
+                return streamed[1][0].body
         return (await self._get(calls.get(self.name, timeout))).body
 
     async def get_nowait(self) -> bytes:
@@ -590,6 +708,12 @@ class AsyncQueue:
     async def get_many(self, n: int, timeout: float | None = None) -> list[bytes]:
         """Up to ``n`` bodies: waits (up to ``timeout``) for the first only,
         then returns every ready one up to ``n``. Raises Empty on timeout."""
+        if self.client.prefetch:
+            calls.get_many(self.name, n, timeout)  # (checks n and timeout)
+            await self._configured()
+            streamed = await self.client._take_streamed(self.name, "get", n, timeout)
+            if streamed is not None:
+                return [d.body for d in streamed[1]]
         reply = await self._get(calls.get_many(self.name, n, timeout))
         if isinstance(reply, GetManyReply):
             return reply.bodies
@@ -709,6 +833,13 @@ class Reserving:
     async def _reserve(self) -> AsyncMessage:
         queue = self.queue
         await queue._configured()
+        if queue.client.prefetch:
+            fields = self.call.fields
+            streamed = await queue.client._take_streamed(
+                queue.name, "reserve", 1, fields["timeout"], fields["lease"]
+            )
+            if streamed is not None:
+                return AsyncStreamedMessage(queue, streamed[1][0], streamed[0])
         reply, conn = await queue.client._reserve(self.call)
         return AsyncMessage(queue, reply, conn)
 
@@ -801,6 +932,114 @@ class AsyncMessage:
         """Extend the lease (by its length, or ``lease`` seconds from now)."""
         reply = await self._verb(calls.touch(self.id, self.attempt, lease), settles=False)
         self.lease_expires = time.monotonic() + reply.lease
+
+
+class _AsyncStreamed:
+    """A stream of an async client: its sans-IO state, its connection, and
+    the replies read for requests of other tasks. One task at a time reads
+    the connection (:meth:`pump`), for every task waiting on it."""
+
+    def __init__(self, state: prefetch.Prefetch) -> None:
+        self.state = state
+        self.conn: AsyncConnection | None = None
+        self.send_lock = anyio.Lock()
+        self.replies: dict[int, protocol.AnyReply] = {}
+        self.reading = False
+        self.arrived = anyio.Event()
+        self.unsupported = False
+
+    async def send(self, data: bytes, timeout: float) -> None:
+        """Send on the stream's connection (the caller holds ``send_lock``)."""
+        conn = self.conn
+        if conn is None or conn.broken:
+            raise ConnectionLost("the stream's connection was lost")
+        try:
+            with anyio.fail_after(timeout):
+                await conn.stream.send(data)
+        except TimeoutError as exc:
+            await self.lose()
+            raise conn.wire.timed_out(timeout) from exc
+        except _STREAM_ERRORS as exc:
+            await self.lose()
+            raise conn.wire.lost(exc) from exc
+
+    async def pump(
+        self, done: Callable[[], bool], deadline: float | None, *, strict: bool = False
+    ) -> None:
+        """Read frames until ``done()`` or ``deadline`` (then return; with
+        ``strict`` raise BrokerUnavailable), or wait while another task reads."""
+        while not done():
+            left = None if deadline is None else deadline - anyio.current_time()
+            if left is not None and left <= 0:
+                conn = self.conn
+                if strict and conn is not None:  # a reply that did not come in time
+                    await self.lose()
+                    raise conn.wire.timed_out(left)
+                return
+            conn = self.conn
+            if conn is None or conn.broken:
+                raise ConnectionLost("the stream's connection was lost")
+            if self.reading:
+                arrived = self.arrived
+                with anyio.move_on_after(left):
+                    await arrived.wait()
+                continue
+            self.reading = True
+            try:
+                with anyio.move_on_after(left):
+                    data = await conn.stream.receive(RECEIVE_SIZE)
+                    conn.wire.feed(data)
+                    while (frame := self.state.take(conn.wire)) is not None:
+                        self.replies[frame.id] = frame
+            except _STREAM_ERRORS as exc:
+                await self.lose()
+                raise conn.wire.lost(exc) from exc
+            except BrokerqError:  # an error with id 0: the broker ends the connection
+                await self.lose()
+                raise
+            finally:
+                self.reading = False
+                arrived, self.arrived = self.arrived, anyio.Event()
+                arrived.set()
+
+    async def lose(self) -> None:
+        """The connection is gone (or unusable): what was buffered is the broker's."""
+        conn, self.conn = self.conn, None
+        self.state.lost()
+        self.replies.clear()
+        if conn is not None:
+            await conn.aclose()
+
+
+class AsyncStreamedMessage(AsyncMessage):
+    """A reserved message that came prefetched: its lease began when it was
+    handed out, and its verbs go on its stream's connection, behind the
+    ``taken`` that began it (see :class:`brokerq.client.StreamedMessage`)."""
+
+    def __init__(
+        self, queue: AsyncQueue, delivery: protocol.StreamDelivery, streamed: _AsyncStreamed
+    ) -> None:
+        self.queue = queue
+        self.id = delivery.msg_id
+        self.body = delivery.body
+        self.attempt = delivery.attempt
+        self.lease_expires = streamed.state.lease_expires(time.monotonic())
+        self.settled = False
+        self._conn = None
+        self._streamed = streamed
+        self._stream_conn = streamed.conn
+
+    async def _verb(self, call: Call[R], *, settles: bool) -> R:
+        client = self.queue.client
+        streamed = self._streamed
+        with anyio.CancelScope(shield=True):
+            if client._closed:
+                raise calls.closed_client()
+            if streamed.conn is self._stream_conn and streamed.conn is not None:
+                reply = await client._stream_request(streamed, call)
+            else:
+                reply = await client._run(call)  # its connection is gone: so is the lease
+        return reply
 
 
 class AsyncSubscription:
@@ -905,9 +1144,13 @@ class AsyncSubscription:
 
 
 def open_async_client(
-    socket: str | os.PathLike[str] | None = None, timeout: float = DEFAULT_TIMEOUT
+    socket: str | os.PathLike[str] | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+    *,
+    prefetch: int | None = None,
 ) -> AsyncClient:
     """An async client of the broker at ``socket`` (default: ``$BROKERQ_SOCKET``
     or the per-user path). ``async with open_async_client() as client:``
-    connects (spawning the broker if none runs) on entry and closes on exit."""
-    return AsyncClient(socket, timeout)
+    connects (spawning the broker if none runs) on entry and closes on exit.
+    ``prefetch``: see :class:`brokerq.Client` (None: ``$BROKERQ_PREFETCH``)."""
+    return AsyncClient(socket, timeout, prefetch=prefetch)
