@@ -9,15 +9,23 @@ Every wait is bounded (``wait_until``, ``read_line``, pytest-timeout).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import os
+import signal
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
+import anyio
 import pytest
 import trio
+from conftest import Procs, read_line, wait_until
 from test_server import Peer, connect
 
 import brokerq
-from brokerq import protocol
+from brokerq import calls, protocol
 from brokerq.core import BrokerCore
 from brokerq.protocol import (
     Ack,
@@ -375,3 +383,376 @@ async def test_broker_plain_requests_go_on_beside_a_stream(broker: Broker) -> No
     (delivery,), reply = await frames_until(consumer, PutReply)  # made before the reply
     assert delivery.body == b"y"
     assert reply.id == 99
+
+
+# -- real brokers: the blocking client -----------------------------------------------------------
+
+CONSUMER = textwrap.dedent(
+    """
+    import sys, time, brokerq
+    path, queue, mode, prefetch, count = sys.argv[1:6]
+    client = brokerq.connect(path, prefetch=int(prefetch))
+    q = client.queue(queue)
+    done = 0
+    while count == "all" or done < int(count):
+        if mode == "get":
+            body = q.get(timeout=30)
+        else:
+            msg = q.reserve(timeout=30, lease=60)
+            body = msg.body
+            if body.endswith(b"ack"):
+                msg.ack()
+        sys.stdout.write(body.decode() + "\\n")  # handed to the application
+        sys.stdout.flush()
+        done += 1
+    sys.stdout.write("idle\\n")
+    sys.stdout.flush()
+    time.sleep(600)
+    """
+)
+
+
+def start_consumer(
+    procs: Procs, path: str, queue: str, *, mode: str, prefetch: int, count: str
+) -> Any:
+    return procs([sys.executable, "-c", CONSUMER, path, queue, mode, str(prefetch), count])
+
+
+def sigkill(proc: Any) -> None:
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=10)
+
+
+def stats_of(client: brokerq.Client, queue: str) -> dict[str, Any]:
+    return client.queue(queue).stats()
+
+
+def drain(q: brokerq.Queue) -> list[bytes]:
+    """Every message of ``q``, once the broker has seen its streams end."""
+    wait_until(lambda: q.stats()["streams"] == 0, what="the streams' end")
+    got = []
+    while True:
+        try:
+            got.append(q.get(timeout=0.5))
+        except brokerq.Empty:
+            return got
+
+
+@pytest.fixture
+def observer(socket_path: str) -> Iterator[brokerq.Client]:
+    with brokerq.connect(socket_path) as c:
+        yield c
+
+
+def test_a_prefetching_consumer_gets_10000_messages_once_in_order(
+    socket_path: str, observer: brokerq.Client
+) -> None:
+    bodies = [b"%05d" % i for i in range(10_000)]
+
+    def produce() -> None:
+        with brokerq.connect(socket_path, put_window=64) as producer:
+            q = producer.queue("q")
+            for body in bodies:
+                q.put(body)
+
+    thread = threading.Thread(target=produce)
+    with brokerq.connect(socket_path, prefetch=64) as consumer:
+        q = consumer.queue("q")
+        thread.start()
+        got = [q.get(timeout=10) for _ in bodies]
+        thread.join(timeout=30)
+        assert got == bodies
+        assert observer.queue("q").stats()["prefetched"] == 0
+        with pytest.raises(brokerq.Empty):
+            q.get_nowait()
+    stats = wait_until(lambda: (s := stats_of(observer, "q"))["streams"] == 0 and s)
+    assert (stats["ready"], stats["delivered_total"], stats["put_total"]) == (0, 10_000, 10_000)
+
+
+def test_two_prefetching_consumers_split_a_queue_none_lost_or_duplicated(
+    socket_path: str, observer: brokerq.Client
+) -> None:
+    bodies = [b"%05d" % i for i in range(4_000)]
+    got: dict[int, list[bytes]] = {0: [], 1: []}
+    stop = threading.Event()
+
+    def consume(i: int) -> None:
+        with brokerq.connect(socket_path, prefetch=16) as consumer:
+            q = consumer.queue("q")
+            while not stop.is_set():
+                try:
+                    got[i] += q.get_many(7, timeout=0.05) if i else [q.get(timeout=0.05)]
+                except brokerq.Empty:
+                    continue
+
+    threads = [threading.Thread(target=consume, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    q = observer.queue("q")
+    for start in range(0, len(bodies), 100):
+        q.put_many(bodies[start : start + 100])
+    wait_until(lambda: len(got[0]) + len(got[1]) == len(bodies), what="every message")
+    stop.set()
+    for thread in threads:
+        thread.join(timeout=10)
+    assert sorted(got[0] + got[1]) == bodies  # none lost, none twice
+    assert got[0] == sorted(got[0])  # each in order
+    assert got[1] == sorted(got[1])
+    assert got[0]
+    assert got[1]  # both had a share (round robin)
+
+
+def test_closing_gives_back_what_was_buffered_in_order(
+    socket_path: str, observer: brokerq.Client
+) -> None:
+    observer.queue("q").put_many([b"%d" % i for i in range(10)])
+    with brokerq.connect(socket_path, prefetch=4) as consumer:
+        assert consumer.queue("q").get(timeout=5) == b"0"
+        wait_until(lambda: stats_of(observer, "q")["prefetched"] == 4)
+    assert drain(observer.queue("q")) == [b"%d" % i for i in range(1, 10)]
+
+
+def test_a_killed_consumers_buffered_messages_go_to_another_in_order(
+    socket_path: str, observer: brokerq.Client, procs: Procs
+) -> None:
+    bodies = [b"%03d" % i for i in range(100)]
+    observer.queue("q").put_many(bodies)
+    child = start_consumer(procs, socket_path, "q", mode="get", prefetch=16, count="5")
+    handed = [read_line(child).strip() for _ in range(5)]
+    assert read_line(child) == b"idle\n"
+    assert handed == bodies[:5]
+    wait_until(lambda: stats_of(observer, "q")["prefetched"] == 16)
+    sigkill(child)
+    # Every buffered one, not taken, comes back at its place; none handed out does.
+    assert drain(observer.queue("q")) == bodies[5:]
+
+
+def test_a_consumer_killed_at_any_moment_loses_at_most_the_one_in_its_hand(
+    socket_path: str, observer: brokerq.Client, procs: Procs
+) -> None:
+    bodies = [b"%04d" % i for i in range(3000)]
+    observer.queue("q").put_many(bodies)
+    child = start_consumer(procs, socket_path, "q", mode="get", prefetch=64, count="all")
+    for _ in range(200):
+        read_line(child)
+    sigkill(child)  # mid-stream: takens in flight, deliveries buffered
+    assert child.stdout is not None
+    printed = [line for line in child.stdout.read().split(b"\n") if line and line != b"idle"]
+    handed = [b"%04d" % i for i in range(200)] + printed
+    rest = drain(observer.queue("q"))
+    assert rest == sorted(rest)
+    assert not set(handed) & set(rest)  # nothing handed out came back (at most once)
+    missing = set(bodies) - set(handed) - set(rest)
+    assert len(missing) <= 1  # at most the one taken and not yet printed
+    assert len(handed) == len(set(handed))
+
+
+def test_reserve_mode_a_killed_consumers_unacked_and_buffered_come_back(
+    socket_path: str, observer: brokerq.Client, procs: Procs
+) -> None:
+    bodies = [b"0-ack", b"1-ack", b"2-hold", b"3-ack"] + [b"%d" % i for i in range(4, 20)]
+    observer.queue("q").put_many(bodies)
+    child = start_consumer(procs, socket_path, "q", mode="reserve", prefetch=8, count="4")
+    assert [read_line(child).strip() for _ in range(4)] == bodies[:4]
+    assert read_line(child) == b"idle\n"
+    stats = wait_until(lambda: (s := stats_of(observer, "q"))["prefetched"] == 8 and s)
+    assert stats["reserved"] == 1  # "2-hold", leased to the consumer
+    sigkill(child)
+    wait_until(lambda: stats_of(observer, "q")["streams"] == 0, what="the stream's end")
+    with brokerq.connect(socket_path, prefetch=4) as other:
+        q = other.queue("q")
+        again = []
+        while True:
+            try:
+                with q.reserve(timeout=0.5) as msg:
+                    again.append((msg.body, msg.attempt))
+            except brokerq.Empty:
+                break
+    assert again[0] == (b"2-hold", 2)  # its lease ended with the consumer: attempt 2
+    assert again[1:] == [(body, 1) for body in bodies[4:]]  # buffered, never leased
+
+
+def test_reserve_mode_a_buffered_message_is_never_handed_out_stale(
+    socket_path: str, observer: brokerq.Client
+) -> None:
+    observer.queue("q").put_many([b"a", b"b", b"c"])
+    with brokerq.connect(socket_path, prefetch=4) as consumer:
+        q = consumer.queue("q")
+        first = q.reserve(timeout=5, lease=0.5)
+        wait_until(lambda: stats_of(observer, "q")["prefetched"] == 2)
+        time.sleep(1.0)  # longer than the lease: a lease begun at delivery would be gone
+        second = q.reserve(timeout=5, lease=0.5)
+        assert second.body == b"b"
+        assert second.attempt == 1
+        assert second.lease_expires - time.monotonic() > 0.4  # it begins now
+        second.ack()  # not LeaseLost
+        with pytest.raises(brokerq.LeaseLost):
+            first.ack()  # its lease ran out while it was in the hand
+        third = q.reserve(timeout=5, lease=0.5)
+        assert (third.body, third.attempt) == (b"c", 1)
+        third.release()
+        again = [q.reserve(timeout=5, lease=0.5) for _ in range(2)]
+        assert sorted((m.body, m.attempt) for m in again) == [(b"a", 2), (b"c", 2)]
+        for msg in again:
+            msg.ack()
+    assert stats_of(observer, "q")["bytes"] == 0
+
+
+def test_reserve_from_another_thread_acks_all_the_same(
+    socket_path: str, observer: brokerq.Client
+) -> None:
+    observer.queue("q").put_many([b"a", b"b"])
+    with brokerq.connect(socket_path, prefetch=2) as consumer:
+        msg = consumer.queue("q").reserve(timeout=5)
+        errors: list[BaseException] = []
+
+        def settle() -> None:
+            try:
+                msg.ack()
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        thread = threading.Thread(target=settle)
+        thread.start()
+        thread.join(timeout=20)
+        assert not errors
+    assert drain(observer.queue("q")) == [b"b"]
+
+
+def test_a_forked_child_opens_a_stream_of_its_own(
+    socket_path: str, observer: brokerq.Client
+) -> None:
+    observer.queue("q").put_many([b"%d" % i for i in range(10)])
+    with brokerq.connect(socket_path, prefetch=4) as consumer:
+        q = consumer.queue("q")
+        assert q.get(timeout=5) == b"0"
+        wait_until(lambda: stats_of(observer, "q")["prefetched"] == 4)
+        read_end, write_end = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            try:
+                os.write(write_end, q.get(timeout=5))
+            finally:
+                os._exit(0)
+        os.close(write_end)
+        assert os.read(read_end, 100) == b"5"  # the first not buffered by the parent
+        os.waitpid(pid, 0)
+        os.close(read_end)
+        assert q.get(timeout=5) == b"1"  # the parent's stream goes on
+
+
+def test_prefetch_from_the_environment(socket_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    assert brokerq.Client(socket_path).prefetch == 0
+    monkeypatch.setenv("BROKERQ_PREFETCH", "64")
+    assert brokerq.Client(socket_path).prefetch == 64
+    assert brokerq.Client(socket_path, prefetch=0).prefetch == 0  # explicit wins
+    from brokerq.async_client import AsyncClient
+
+    assert AsyncClient(socket_path).prefetch == 64
+    monkeypatch.setenv("BROKERQ_PREFETCH", " ")
+    assert brokerq.Client(socket_path).prefetch == 0
+    for bad in ("x", "1.5", "-1"):
+        monkeypatch.setenv("BROKERQ_PREFETCH", bad)
+        with pytest.raises(ValueError, match="BROKERQ_PREFETCH"):
+            brokerq.Client(socket_path)
+        with pytest.raises(ValueError, match="BROKERQ_PREFETCH"):
+            brokerq.connect(socket_path)
+        with pytest.raises(ValueError, match="BROKERQ_PREFETCH"):
+            brokerq.open_async_client(socket_path)
+    monkeypatch.delenv("BROKERQ_PREFETCH")
+    for bad_value in (-1, True, 1.5):
+        with pytest.raises(ValueError, match="prefetch"):
+            brokerq.Client(socket_path, prefetch=bad_value)  # type: ignore[arg-type]
+    assert calls.prefetch(None) == 0
+    assert not os.path.exists(socket_path)  # nothing was started for any of this
+
+
+def test_the_environment_alone_turns_streaming_on(
+    socket_path: str, monkeypatch: pytest.MonkeyPatch, observer: brokerq.Client
+) -> None:
+    monkeypatch.setenv("BROKERQ_PREFETCH", "8")
+    observer.queue("q").put_many([b"a", b"b", b"c"])
+    with brokerq.connect(socket_path) as consumer:
+        assert consumer.queue("q").get(timeout=5) == b"a"
+        stats = wait_until(lambda: (s := stats_of(observer, "q"))["prefetched"] == 2 and s)
+        assert stats["streams"] == 1
+
+
+# -- real brokers: the async client ------------------------------------------------------------
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+async def until_prefetched(observer: brokerq.Client, queue: str, n: int) -> None:
+    while stats_of(observer, queue)["prefetched"] != n:
+        await anyio.sleep(0.01)
+
+
+def run_async(backend: str, main: Any, limit: float = 30) -> None:
+    async def bounded() -> None:
+        with anyio.fail_after(limit):
+            await main()
+
+    anyio.run(bounded, backend=backend)
+
+
+def test_async_prefetch_gets_reserves_and_loses_nothing_to_a_cancel(
+    backend: str, socket_path: str, observer: brokerq.Client
+) -> None:
+    async def main() -> None:
+        async with brokerq.open_async_client(socket_path, prefetch=8) as client:
+            q = client.queue("q")
+            await q.put_many([b"%d" % i for i in range(20)])
+            assert await q.get(timeout=5) == b"0"
+            assert await q.get_many(3, timeout=5) == [b"1", b"2", b"3"]
+            assert await q.get_nowait() == b"4"
+            got = [await q.get(timeout=5) for _ in range(15)]
+            assert got == [b"%d" % i for i in range(5, 20)]
+            with anyio.move_on_after(0.2):
+                await q.get()  # cancelled while it waits: takes nothing
+            await q.put(b"after")
+            assert await q.get(timeout=5) == b"after"
+            # Two tasks wait on one stream: each gets one, none twice.
+            results: list[bytes] = []
+
+            async def one() -> None:
+                results.append(await q.get(timeout=5))
+
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(one)
+                tg.start_soon(one)
+                await anyio.sleep(0.05)
+                await q.put_many([b"x", b"y"])
+            assert sorted(results) == [b"x", b"y"]
+            r = client.queue("r")
+            await r.put_many([b"a", b"b", b"c"])
+            async with r.reserve(timeout=5, lease=5) as msg:
+                assert (msg.body, msg.attempt) == (b"a", 1)
+            second = await r.reserve(timeout=5, lease=5)
+            await second.touch()
+            await second.release()
+            # "b" came back, to this stream again, behind "c" it had buffered.
+            third = await r.reserve(timeout=5, lease=5)
+            assert (third.body, third.attempt) == (b"c", 1)
+            await third.ack()
+            await until_prefetched(observer, "r", 1)
+        # Closing gave back what was buffered: "b", not taken again.
+        assert drain(observer.queue("r")) == [b"b"]
+
+    run_async(backend, main)
+
+
+def test_async_closing_gives_back_the_buffered(
+    backend: str, socket_path: str, observer: brokerq.Client
+) -> None:
+    observer.queue("q").put_many([b"%d" % i for i in range(6)])
+
+    async def main() -> None:
+        async with brokerq.open_async_client(socket_path, prefetch=3) as client:
+            assert await client.queue("q").get(timeout=5) == b"0"
+
+    run_async(backend, main)
+    assert drain(observer.queue("q")) == [b"%d" % i for i in range(1, 6)]
