@@ -187,6 +187,8 @@ def test_stats(core: BrokerCore) -> None:
         "dead_lettered_total": 0,
         "oldest_ready_age_s": 4.0,
         "unfinished_tasks": 2,  # the one got still needs its task_done
+        "streams": 0,
+        "prefetched": 0,
         "max_deliveries": 20,
         "lease": 30.0,
         "maxsize": 0,

@@ -22,6 +22,7 @@ import anyio
 import pytest
 import trio
 from conftest import Procs, read_line, wait_until
+from test_crash import kill_broker_of
 from test_server import Peer, connect
 
 import brokerq
@@ -545,6 +546,20 @@ def test_a_consumer_killed_at_any_moment_loses_at_most_the_one_in_its_hand(
     missing = set(bodies) - set(handed) - set(rest)
     assert len(missing) <= 1  # at most the one taken and not yet printed
     assert len(handed) == len(set(handed))
+
+
+def test_a_broker_crash_keeps_the_buffered_messages_in_the_journal(
+    socket_path: str, observer: brokerq.Client
+) -> None:
+    observer.queue("q").put_many([b"%d" % i for i in range(10)])
+    with brokerq.connect(socket_path, prefetch=4) as consumer:
+        q = consumer.queue("q")
+        assert q.get(timeout=5) == b"0"
+        wait_until(lambda: stats_of(observer, "q")["prefetched"] == 4)
+        kill_broker_of(observer)
+        # Delivered, never taken, never removed: the next broker has them
+        # ready, in order; the stream opens again on it.
+        assert [q.get(timeout=10) for _ in range(9)] == [b"%d" % i for i in range(1, 10)]
 
 
 def test_reserve_mode_a_killed_consumers_unacked_and_buffered_come_back(
