@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -439,7 +438,7 @@ class Connection:
                 id=request.id,
                 version=PROTOCOL_VERSION,
                 server=f"brokerq {__version__}",
-                pid=os.getpid(),
+                pid=self.broker.pid,
                 max_message_size=self.broker.config.max_message_size,
                 max_frame_size=self.broker.max_frame_size,
             ),
@@ -574,7 +573,7 @@ class Connection:
                     return JoinReply(id=rid)
                 return _BLOCK if timeout != 0 else _join_timeout(rid, queue, timeout)
             case Ping(id=rid):
-                return PingReply(id=rid, pid=os.getpid())
+                return PingReply(id=rid, pid=self.broker.pid)
             case Stop(id=rid):
                 return StopReply(id=rid)
             case Hello(id=rid):
