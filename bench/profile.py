@@ -5,7 +5,9 @@
 
 A broker of its own is spawned in a temporary directory (``--journal shm``
 puts it on /dev/shm, a tmpfs, as the default XDG_RUNTIME_DIR would be;
-``disk`` on /tmp; ``none`` runs it without a journal). One producer and
+``disk`` on /tmp; ``none`` runs it without a journal), with the broker's
+defaults (``BROKERQ_FSYNC=batch`` in the environment to profile the fsync
+path beside the socket, ``BROKERQ_DATA_DIR`` for a data directory). One producer and
 one consumer process then run the workload with the blocking client, as
 ``../shared/bench`` does:
 
@@ -115,8 +117,7 @@ def main() -> None:
     base = "/dev/shm" if args.journal == "shm" else "/tmp"
     tmp = tempfile.mkdtemp(prefix="bqp-", dir=base)
     path = os.path.join(tmp, "s")
-    os.environ.setdefault("BROKERQ_IDLE_EXIT", "60")
-    os.environ.setdefault("BROKERQ_FSYNC", "batch")
+    os.environ.setdefault("BROKERQ_IDLE_EXIT", "60")  # the broker's defaults otherwise
     if args.journal == "none":
         os.environ["BROKERQ_JOURNAL"] = "false"
     raw = args.raw or os.path.join(tmp, "raw.txt")

@@ -701,8 +701,8 @@ def test_a_slow_live_subscriber_raises_subscriber_overflow(
 def test_what_came_before_an_overflow_is_read_before_it_raises(
     backend: str, socket_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # Room for a few publishes (see test_client.py).
-    monkeypatch.setenv("BROKERQ_SUBSCRIBER_BUFFER", str(256 * 1024))
+    # Room for about 50 publishes (see test_client.py).
+    monkeypatch.setenv("BROKERQ_SUBSCRIBER_BUFFER", str(2 * 1024 * 1024))
     bodies = [b"%04d" % i + b"x" * (40 * 1024) for i in range(100)]  # large: see test_client.py
 
     async def main() -> None:

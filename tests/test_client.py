@@ -430,10 +430,12 @@ def test_what_came_before_an_overflow_is_read_before_it_raises(
 ) -> None:
     """Large publishes: when the broker drops the subscriber it is half-way
     through sending one, which comes in the same read as the error."""
-    # Room for a few publishes: whether the feed's writer runs between two
-    # publishes is up to trio's scheduler, so one publish of room would let
-    # the second drop the subscriber before anything was sent.
-    monkeypatch.setenv("BROKERQ_SUBSCRIBER_BUFFER", str(256 * 1024))
+    # Room for about 50 publishes, half the 4 MiB put: when the feed's
+    # writer first runs is up to trio's scheduler (it waits for the
+    # publisher's connection to yield, seen to take 7 publishes), so a few
+    # publishes of room (256 KiB) let the subscriber be dropped before
+    # anything was sent, in about one run of four.
+    monkeypatch.setenv("BROKERQ_SUBSCRIBER_BUFFER", str(2 * 1024 * 1024))
     bodies = [b"%04d" % i + b"x" * (40 * 1024) for i in range(100)]  # 4 MiB in all
     with brokerq.connect(socket_path) as client:
         slow = client.subscribe("events")

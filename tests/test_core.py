@@ -399,6 +399,39 @@ def test_replay_rebuilds_the_state() -> None:
     assert b.put("q", b"4", now=0, key=b"4")[0] == 4  # the key window came back
 
 
+def test_a_body_handed_straight_to_a_get_is_not_journaled_but_comes_back_if_unsent() -> None:
+    """A put taken by a waiting get in the same record writes no body (it is
+    never live after a replay); a reserve's, or an unsent reply's, does."""
+    records: list = []  # type: ignore[type-arg]
+    core = BrokerCore(max_message_size=100_000, write=records.append)
+    body = b"b" * 65536
+    getter = core.wait("q")
+    reserver = core.wait("q", lease=30.0)
+    ids, woken = core.put_many("q", [body, body, body], now=0, keys=[b"k1", b"k2", b"k3"])
+    assert woken == [getter, reserver]
+    (put,) = records
+    assert put.bodies == [b"", body, body]  # taken, leased, ready
+    assert put.taken == [ids[0]]
+    assert sum(len(b) for b in put.bodies) == 2 * len(body)
+    replayed = BrokerCore(max_message_size=100_000)
+    for record in records:
+        replayed.apply(record)
+    assert replayed.finish_replay(now=0) == 2  # the leased one is ready again
+    assert [m.id for m in replayed.get_nowait("q", 5)] == ids[1:]
+    assert replayed.put("q", b"again", now=0, key=b"k1")[0] == ids[0]  # its key is kept
+    # The get's reply could not be written: the message comes back, body and all.
+    core.undeliver(getter.messages, now=1)
+    again = BrokerCore(max_message_size=100_000)
+    for record in records:
+        again.apply(record)
+    again.finish_replay(now=1)
+    assert [(m.id, m.body) for m in again.get_nowait("q", 5)] == [
+        (ids[0], body),
+        (ids[1], body),
+        (ids[2], body),
+    ]
+
+
 def test_undelivering_a_reserve_whose_lease_already_ended_touches_nothing(
     core: BrokerCore,
 ) -> None:

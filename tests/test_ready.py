@@ -20,12 +20,16 @@ def order(messages: list[Msg]) -> list[int]:
     return [m.id for m in sorted(messages, key=lambda m: (-m.priority, m.id))]
 
 
-# Each step: ("new", priority), ("pop",), ("back", k) puts back the k-th
-# message popped and not yet back, ("remove", k) takes out the k-th ready one.
+# Each step: ("new", priority), ("batch", priority, k) k new ones at once
+# (extend), ("pop",), ("popmany", k) the first k at once (popleft_many),
+# ("back", k) puts back the k-th message popped and not yet back, ("remove",
+# k) takes out the k-th ready one.
 steps = st.lists(
     st.one_of(
         st.tuples(st.just("new"), st.integers(-2, 2)),
+        st.tuples(st.just("batch"), st.integers(-2, 2), st.integers(0, 5)),
         st.tuples(st.just("pop")),
+        st.tuples(st.just("popmany"), st.integers(0, 6)),
         st.tuples(st.just("back"), st.integers(0, 50)),
         st.tuples(st.just("remove"), st.integers(0, 50)),
     ),
@@ -47,6 +51,22 @@ def test_ready_list_keeps_delivery_order_through_any_steps(ops: list[tuple[objec
             next_id += 1
             ready.append(msg)
             model.append(msg)
+        elif op[0] == "batch":
+            assert isinstance(op[1], int)
+            assert isinstance(op[2], int)
+            batch = [Msg(next_id + i, op[1]) for i in range(op[2])]
+            next_id += op[2]
+            ready.extend(batch, op[1])
+            model += batch
+        elif op[0] == "popmany":
+            assert isinstance(op[1], int)
+            k = min(op[1], len(model))
+            expected_ids = order(model)[:k]
+            assert [m.id for m in ready][:k] == expected_ids
+            ready.popleft_many(k)
+            for msg in [m for m in model if m.id in expected_ids]:
+                model.remove(msg)
+                out.append(msg)
         elif op[0] == "pop" and model:
             expected = min(model, key=lambda m: (-m.priority, m.id))
             assert ready.head() is expected

@@ -136,12 +136,15 @@ def put_many(
             options.timeout,
             fields | {"bodies": chunk, "keys": keys(len(chunk))},
         )
-        for chunk in chunks([as_bytes(b) for b in bodies], limit)
+        for chunk in chunks([b if type(b) is bytes else as_bytes(b) for b in bodies], limit)
     ]
 
 
 def chunks(bodies: list[bytes], limit: int) -> list[list[bytes]]:
     """Split ``bodies`` into runs whose frames fit; raise if one body never fits."""
+    sizes = [len(body) for body in bodies]
+    if sum(sizes) + PER_BODY * len(sizes) <= limit:
+        return [bodies] if bodies else []  # one frame: the usual batch
     for body in bodies:
         check_size(body, limit)
     runs: list[list[bytes]] = []

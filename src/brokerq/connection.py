@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -132,16 +131,43 @@ class PeerGone(Exception):
     """The connection ended; its task winds up quietly."""
 
 
+class Wakeup:
+    """What a parked request (a get, reserve, put or join that waits) waits
+    for: :meth:`set` by the task that serves it, or by a stopping broker.
+
+    Not a ``trio.Event``: the parked task waits by reading its socket (to
+    see the peer leave, and take in pipelined requests) inside a cancel
+    scope, and setting the wakeup cancels that scope (see Connection._park).
+    One task per parked request, where an Event needed a second task to
+    read meanwhile: a nursery and a task per wait cost more than the rest
+    of a request.
+    """
+
+    __slots__ = ("flag", "scope")
+
+    def __init__(self) -> None:
+        self.flag = False
+        self.scope: trio.CancelScope | None = None  # the parked task's, while it waits
+
+    def is_set(self) -> bool:
+        return self.flag
+
+    def set(self) -> None:
+        self.flag = True
+        if self.scope is not None:
+            self.scope.cancel()
+
+
 def wake(waiter: Waiter | Putter | Joiner) -> None:
     """Wake a parked request's task; a get or reserve that was handed a message
     has its reply written at once, by the waking task (see Connection.hand_over)."""
-    event = waiter.token
-    assert isinstance(event, trio.Event)
-    if isinstance(waiter, Waiter) and waiter.messages and not event.is_set():
+    wakeup = waiter.token
+    assert isinstance(wakeup, Wakeup)
+    if isinstance(waiter, Waiter) and waiter.messages and not wakeup.flag:
         owner = waiter.owner
         if isinstance(owner, Connection):
             owner.hand_over(waiter)
-    event.set()
+    wakeup.set()
 
 
 def wake_all(waiters: Sequence[Waiter | Putter | Joiner]) -> None:
@@ -454,7 +480,7 @@ class Connection:
                 id=request.id,
                 version=PROTOCOL_VERSION,
                 server=f"brokerq {__version__}",
-                pid=os.getpid(),
+                pid=self.broker.pid,
                 max_message_size=self.broker.config.max_message_size,
                 max_frame_size=self.broker.max_frame_size,
             ),
@@ -589,7 +615,7 @@ class Connection:
                     return JoinReply(id=rid)
                 return _BLOCK if timeout != 0 else _join_timeout(rid, queue, timeout)
             case Ping(id=rid):
-                return PingReply(id=rid, pid=os.getpid())
+                return PingReply(id=rid, pid=self.broker.pid)
             case Consume() | Taken() | Cancel():
                 reply, woken = streaming.handle(self, request, now)
                 wake_all(woken)
@@ -681,9 +707,7 @@ class Connection:
             bodies, keys = [request.body], None if request.key is None else [request.key]
         else:
             bodies, keys = request.bodies, request.keys
-        putter = self.core.wait_put(
-            request.queue, bodies, keys, _put_options(request), trio.Event()
-        )
+        putter = self.core.wait_put(request.queue, bodies, keys, _put_options(request), Wakeup())
         try:
             peer_gone = await self._park(putter.token, request.timeout)
         except BaseException:
@@ -708,7 +732,7 @@ class Connection:
         may be above 0 again by the reply: a join waits for the work there
         was, not for a queue that stays idle).
         """
-        joiner = self.core.wait_join(request.queue, trio.Event())
+        joiner = self.core.wait_join(request.queue, Wakeup())
         try:
             peer_gone = await self._park(joiner.token, request.timeout)
         finally:
@@ -722,32 +746,31 @@ class Connection:
         return _join_timeout(request.id, request.queue, request.timeout)
 
     async def _park(self, token: object, timeout: float | None) -> bool:
-        """Wait for ``token`` (an Event), the timeout, or the peer's end: True if it left.
+        """Wait until ``token`` (a :class:`Wakeup`) is set, the timeout, or the
+        peer's end: True if the peer left.
 
-        Meanwhile pipelined requests are read into the buffer (they wait
-        their turn), up to a frame's worth.
+        The wait is a read of the socket in a cancel scope that setting the
+        token (or the timeout) cancels: the read sees the peer leave at
+        once, and takes in pipelined requests (they wait their turn) up to
+        a frame's worth; past that nothing more is read until the wait ends.
         """
-        assert isinstance(token, trio.Event)
-        peer_gone = False
-        async with trio.open_nursery() as nursery:
-
-            async def watch_peer() -> None:
-                nonlocal peer_gone
+        assert isinstance(token, Wakeup)
+        deadline = math.inf if timeout is None else trio.current_time() + timeout
+        with trio.CancelScope(deadline=deadline) as scope:
+            token.scope = scope
+            if token.flag:
+                scope.cancel()
+            try:
                 while True:
-                    data = await self._receive()
-                    if not data:
-                        peer_gone = True
-                        nursery.cancel_scope.cancel()
-                        return
-                    self.reader.feed(data)
                     if self.reader.buffered > self.reader.max_frame_size:
                         await trio.sleep_forever()  # backpressure
-
-            nursery.start_soon(watch_peer)
-            with trio.move_on_after(math.inf if timeout is None else timeout):
-                await token.wait()
-            nursery.cancel_scope.cancel()
-        return peer_gone
+                    data = await self._receive()
+                    if not data:
+                        return True
+                    self.reader.feed(data)
+            finally:
+                token.scope = None
+        return False
 
     async def _wait_for_message(
         self, request: Get | GetMany | Reserve
@@ -756,7 +779,7 @@ class Connection:
         lease = None
         if isinstance(request, Reserve):
             lease = request.lease or self.core.queue_config(request.queue)["lease"]
-        waiter = self.core.wait(request.queue, trio.Event(), lease, owner=self)
+        waiter = self.core.wait(request.queue, Wakeup(), lease, owner=self)
         if not isinstance(request, GetMany):
             self.parked = (request, waiter)
         try:

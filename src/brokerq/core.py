@@ -231,11 +231,19 @@ class BrokerCore:
             self._check_room(q, new[taken:], admitting)
         until = now + delay
         expires_at = math.inf if ttl is None else now + ttl
+        bodies = [n[1] for n in new]
+        # A body taken by a waiting get in this same record is never live
+        # after a replay, so it is not written: a 64 KiB body handed straight
+        # to a consumer costs the journal a few bytes. (A reply that cannot
+        # be written puts its message back with the body, core.undeliver.)
+        for i, (_, waiter) in enumerate(handoffs):
+            if waiter.lease is None:
+                bodies[i] = b""
         self._write(
             PutRecord(
                 queue=name,
                 ids=[n[0] for n in new],
-                bodies=[n[1] for n in new],
+                bodies=bodies,
                 at=now,
                 keys=None if keys is None else [n[2] or b"" for n in new],
                 taken=[i for i, w in handoffs if w.lease is None] or None,
@@ -246,23 +254,30 @@ class BrokerCore:
             )
         )
         self._next_id = next_id
-        for i, (msg_id, body, key) in enumerate(new):
-            if key is not None:
-                self._remember_key(key, msg_id)
-            msg = Message(msg_id, name, body, now, priority=priority, expires_at=expires_at)
-            q.put_total += 1
-            q.bytes += len(body)
-            self.live_bytes += len(body) + LIVE_OVERHEAD
-            if ttl is not None:
-                self._add_timer(expires_at, Expiry(msg))
-            if delay:
-                self._delay(q, msg, until)
-            elif i < len(waiters):  # the handoffs the record above names
-                del q.waiters[waiters[i]]
-                self._deliver(q, msg, waiters[i], now, journaled=True)
-            else:
-                q.ready.append(msg)
+        if keys is not None:
+            self._remember_keys(new)
+        # (Once per put_many, not per message, where that can be: a batch of
+        # 100 small messages is mostly this loop's bookkeeping.)
+        messages = [
+            Message(msg_id, name, body, now, priority=priority, expires_at=expires_at)
+            for msg_id, body, _ in new
+        ]
+        size = sum(len(n[1]) for n in new)
+        q.put_total += len(new)
+        q.bytes += size
+        self.live_bytes += size + LIVE_OVERHEAD * len(new)
         q.unfinished += len(new)
+        if ttl is not None:
+            for msg in messages:
+                self._add_timer(expires_at, Expiry(msg))
+        for msg, waiter in zip(messages, waiters, strict=False):  # the handoffs the record names
+            del q.waiters[waiter]
+            self._deliver(q, msg, waiter, now, journaled=True)
+        if delay:  # (then no waiter was handed anything)
+            for msg in messages:
+                self._delay(q, msg, until)
+        else:
+            q.ready.extend(messages[len(waiters) :], priority)
         if q.streams:
             waiters = waiters + self._serve_line(q, now)
         return ids, waiters
@@ -353,6 +368,17 @@ class BrokerCore:
             woken += [putter, *served]
         return woken
 
+    def _remember_keys(self, new: list[tuple[int, bytes, bytes | None]]) -> None:
+        """:meth:`_remember_key` for each new message's key, if it has one."""
+        known, order = self._keys, self._key_order
+        for msg_id, _, key in new:
+            if key is not None:
+                if key not in known:
+                    order.append(key)
+                known[key] = msg_id
+        while len(order) > KEY_WINDOW:
+            del known[order.popleft()]
+
     def _remember_key(self, key: bytes, msg_id: int) -> None:
         if key not in self._keys:
             self._key_order.append(key)
@@ -373,22 +399,23 @@ class BrokerCore:
         q = self._queues.get(name)
         if q is None or not q.ready:
             return []
-        count = 0
+        taken: list[Message] = []
         size = 0
         ready = q.ready
         for msg in itertools.islice(ready, min(n, len(ready))):  # n may be over sys.maxsize
             cost = len(msg.body) + MESSAGE_OVERHEAD
-            if count and max_bytes is not None and size + cost > max_bytes:
+            if taken and max_bytes is not None and size + cost > max_bytes:
                 break
-            count += 1
+            taken.append(msg)
             size += cost
-        taken = list(itertools.islice(ready, count))
         self._write(DeleteRecord(ids=[m.id for m in taken], got=True))
-        for _ in range(count):
-            ready.popleft()
+        ready.popleft_many(len(taken))
+        body_bytes = 0
         for msg in taken:
-            self._forget(q, msg)
-        q.delivered_total += count
+            msg.alive = False
+            body_bytes += len(msg.body)
+        self._forgot(q, body_bytes, len(taken))
+        q.delivered_total += len(taken)
         return taken
 
     def reserve_nowait(
@@ -512,11 +539,15 @@ class BrokerCore:
         return woken
 
     def _forget(self, q: QueueState, msg: Message) -> None:
+        msg.alive = False
+        self._forgot(q, len(msg.body), 1)
+
+    def _forgot(self, q: QueueState, body_bytes: int, count: int) -> None:
+        """``count`` messages of ``q`` with ``body_bytes`` in all are gone for good."""
         if q.putters:
             self.freed.add(q.name)
-        msg.alive = False
-        q.bytes -= len(msg.body)
-        self.live_bytes -= len(msg.body) + LIVE_OVERHEAD
+        q.bytes -= body_bytes
+        self.live_bytes -= body_bytes + LIVE_OVERHEAD * count
 
     @staticmethod
     def _finished(q: QueueState, count: int = 1) -> None:

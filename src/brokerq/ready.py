@@ -90,6 +90,15 @@ class ReadyList(Generic[M]):
         level.live += 1
         self._count += 1
 
+    def extend(self, messages: list[M], priority: int) -> None:
+        """New messages of one ``priority``, in id order: the last of it (a
+        put_many's, at the cost of one ``append``)."""
+        if messages:
+            level = self._level(priority)
+            level.fresh.extend(messages)
+            level.live += len(messages)
+            self._count += len(messages)
+
     def insert(self, msg: M) -> None:
         """A message that comes back: to its place by id within its priority.
 
@@ -126,6 +135,25 @@ class ReadyList(Generic[M]):
         if not level.live:
             self._drop_level(priority)
         return msg
+
+    def popleft_many(self, count: int) -> None:
+        """Drop the first ``count`` messages (the first ``count`` iteration
+        gives): a get_many's, without a ``popleft`` call each when they are
+        new messages of the first priority, as they usually are."""
+        if self._order and not self._removed:
+            priority = -self._order[0]
+            level = self._levels[priority]
+            fresh = level.fresh
+            if not level.back and count <= len(fresh):
+                for _ in range(count):
+                    fresh.popleft()
+                level.live -= count
+                self._count -= count
+                if not level.live:
+                    self._drop_level(priority)
+                return
+        for _ in range(count):
+            self.popleft()
 
     def _head_of(self, level: _Level[M]) -> tuple[M, bool]:
         """The first live message of ``level``, and whether it is in ``back``;

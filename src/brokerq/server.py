@@ -126,6 +126,9 @@ class Broker:
             self.core.write = journal.append
         self.clock = clock
         self.max_frame_size = protocol.max_frame_size(config.max_message_size)
+        #: This process's pid (asked once: getpid is a system call, and a
+        #: broker does not fork after it is made).
+        self.pid = os.getpid()
         self.connections = 0
         self.accepted_total = 0
         self.busy_total = 0  # connections refused for --max-connections
@@ -382,7 +385,7 @@ class Broker:
         now = trio.current_time()
         journal = self.journal
         return {
-            "pid": os.getpid(),
+            "pid": self.pid,
             "version": __version__,
             "protocol": PROTOCOL_VERSION,
             "uptime_s": now - self.started_at,
