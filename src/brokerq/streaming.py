@@ -6,7 +6,7 @@ A ``consume`` request opens a stream on a queue: a
 :class:`~brokerq.state.Stream` in the queue's line (the core hands it
 messages as to any waiter, round robin while it has credit), and a writer
 task here that sends what was handed to it as ``delivery`` frames, unasked.
-The writer waits on the stream's event, which the core's hand-over wakes
+The writer waits on the stream's wakeup, which the core's hand-over sets
 (:func:`brokerq.connection.wake`); everything handed to the stream until the
 writer runs goes out in one write, so the deliveries of one scheduler round
 cost one syscall. Replies and deliveries share the connection's send lock,
@@ -36,7 +36,7 @@ checks ``streams is None`` where it must.
 from __future__ import annotations
 
 import socket
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import trio
 
@@ -55,7 +55,7 @@ from .state import Stream, Waiter
 from .unixstream import UnixStream
 
 if TYPE_CHECKING:
-    from .connection import Connection
+    from .connection import Connection, Wakeup
 
 MODES = ("get", "reserve")
 
@@ -78,13 +78,15 @@ def _consume(conn: Connection, request: Consume, now: float) -> tuple[ConsumeRep
     streams = conn.streams
     if streams is not None and request.id in streams:
         raise InvalidRequest(f"stream {request.id} is open already: a consume needs a new id")
+    from .connection import Wakeup  # (connection imports this module)
+
     stream, served = conn.core.consume(
         request.queue,
         request.prefetch,
         now,
         lease=request.lease,
         reserve=request.mode == "reserve",
-        token=trio.Event(),
+        token=Wakeup(),
         owner=conn,
         stream_id=request.id,
     )
@@ -100,7 +102,7 @@ def _cancel(conn: Connection, request: Cancel, now: float) -> tuple[CancelReply,
     if stream is None:
         raise InvalidRequest(f"no stream {request.stream} is open on this connection")
     returned, woken = conn.core.cancel_stream(stream, now)
-    _event(stream).set()  # its writer sees the stream ended, and returns
+    _wakeup(stream).set()  # its writer sees the stream ended, and returns
     return CancelReply(id=request.id, returned=returned), woken
 
 
@@ -147,7 +149,7 @@ def end_streams(conn: Connection) -> list[Waiter]:
                 woken += core.taken(stream, request.n, now)
     for stream in streams.values():
         woken += core.cancel_stream(stream, now)[1]
-        _event(stream).set()
+        _wakeup(stream).set()
     streams.clear()
     return woken
 
@@ -206,10 +208,8 @@ def _pending_frames(conn: Connection) -> bytearray:
     return out
 
 
-def _event(stream: Stream) -> trio.Event:
-    token = stream.token
-    assert isinstance(token, trio.Event)
-    return token
+def _wakeup(stream: Stream) -> Wakeup:
+    return cast("Wakeup", stream.token)
 
 
 async def _write(conn: Connection, stream: Stream) -> None:
@@ -218,11 +218,15 @@ async def _write(conn: Connection, stream: Stream) -> None:
     (never cut mid-frame: a cancel wakes it) or the connection broke (its
     request loop sees that and cleans up)."""
     lock = conn.send_lock
+    wakeup = _wakeup(stream)
     while True:
-        await _event(stream).wait()
+        if not wakeup.flag:  # (set only while this waits: no checkpoint since)
+            with trio.CancelScope() as wakeup.scope:
+                await trio.sleep_forever()  # until wake() sets it, cancelling this scope
+            wakeup.scope = None
+        wakeup.flag = False
         if not stream.active:
             return
-        stream.token = trio.Event()
         if not stream.messages:
             continue  # sent already, ahead of a reply
         if lock.locked():
