@@ -1,5 +1,5 @@
 """Prefetching consumers (docs/usage.md, "Prefetching consumers";
-docs/protocol.md 5.25-5.27; docs/guarantees.md G52-G56).
+docs/protocol.md 5.25-5.27; docs/guarantees.md G53-G57).
 
 Three levels: the core (plain method calls), the trio broker over in-memory
 streams with virtual time (test_server's fixtures), and real brokers with
