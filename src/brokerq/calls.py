@@ -492,18 +492,7 @@ def put_window(value: int | None) -> int:
     """The put window of a client: ``value``, or with None ``$BROKERQ_PUT_WINDOW``
     (unset or empty: 0, off). Raises InvalidRequest (a ValueError) for a
     negative or malformed one."""
-    name = "put_window"
-    if value is None:
-        name, raw = PUT_WINDOW_VARIABLE, os.environ.get(PUT_WINDOW_VARIABLE, "").strip()
-        try:
-            value = int(raw) if raw else 0
-        except ValueError:
-            raise InvalidRequest(f"{name} must be a whole number of puts, not {raw!r}") from None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequest(f"{name} is a number of puts, not {value!r}")
-    if value < 0:
-        raise InvalidRequest(f"{name} must be 0 or more, not {value}")
-    return value
+    return _count_setting(value, "put_window", PUT_WINDOW_VARIABLE, "puts")
 
 
 PREFETCH_VARIABLE = "BROKERQ_PREFETCH"
@@ -513,17 +502,19 @@ def prefetch(value: int | None) -> int:
     """The prefetch of a client: ``value``, or with None ``$BROKERQ_PREFETCH``
     (unset or empty: 0, off). Raises InvalidRequest (a ValueError) for a
     negative or malformed one, as :func:`put_window` does."""
-    name = "prefetch"
+    return _count_setting(value, "prefetch", PREFETCH_VARIABLE, "messages")
+
+
+def _count_setting(value: int | None, name: str, variable: str, unit: str) -> int:
+    """An opt-in count of a client (0: off): ``value``, else the environment's."""
     if value is None:
-        name, raw = PREFETCH_VARIABLE, os.environ.get(PREFETCH_VARIABLE, "").strip()
+        name, raw = variable, os.environ.get(variable, "").strip()
         try:
             value = int(raw) if raw else 0
         except ValueError:
-            raise InvalidRequest(
-                f"{name} must be a whole number of messages, not {raw!r}"
-            ) from None
+            raise InvalidRequest(f"{name} must be a whole number of {unit}, not {raw!r}") from None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequest(f"{name} is a number of messages, not {value!r}")
+        raise InvalidRequest(f"{name} is a number of {unit}, not {value!r}")
     if value < 0:
         raise InvalidRequest(f"{name} must be 0 or more, not {value}")
     return value
