@@ -428,27 +428,29 @@ def test_a_slow_live_subscriber_raises_subscriber_overflow(
 def test_what_came_before_an_overflow_is_read_before_it_raises(
     socket_path: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Large publishes: when the broker drops the subscriber it is half-way
-    through sending one, which comes in the same read as the error."""
-    # Room for about 50 publishes, half the 4 MiB put: when the feed's
-    # writer first runs is up to trio's scheduler (it waits for the
-    # publisher's connection to yield, seen to take 7 publishes), so a few
-    # publishes of room (256 KiB) let the subscriber be dropped before
-    # anything was sent, in about one run of four.
-    monkeypatch.setenv("BROKERQ_SUBSCRIBER_BUFFER", str(2 * 1024 * 1024))
+    """Large publishes, then the subscriber reads: every body sent before the
+    broker dropped it comes first, in order (the last may have been cut off
+    half-way, in the same read as the error), then SubscriberOverflow."""
+    # Room for a few 40 KiB publishes, so that what is in flight when the
+    # subscriber is dropped fits in its socket once it reads.
+    monkeypatch.setenv("BROKERQ_SUBSCRIBER_BUFFER", str(256 * 1024))
     bodies = [b"%04d" % i + b"x" * (40 * 1024) for i in range(100)]  # 4 MiB in all
     with brokerq.connect(socket_path) as client:
         slow = client.subscribe("events")
-        counts = [client.publish("events", body) for body in bodies]
+        counts = [client.publish("events", bodies[0])]
+        # The feed's writer has run once: when it runs next is up to trio's
+        # scheduler (it waits for the publisher's connection to yield, seen
+        # to take 7 publishes), which decides how much more is sent.
+        got = [slow.get(timeout=10)]
+        counts += [client.publish("events", body) for body in bodies[1:]]
         assert counts[0] == 1
         assert counts[-1] == 0  # dropped, so no longer counted
-        got = [slow.get(timeout=10)]
-        wait_until(lambda: client.stats()["connections"] == 1, what="the broker to drop it")
         with pytest.raises(brokerq.SubscriberOverflow):  # noqa: PT012
             while True:
                 got.append(slow.get(timeout=10))
         assert got == bodies[: len(got)]
         assert sum(counts) >= len(got)
+        wait_until(lambda: client.stats()["connections"] == 1, what="the broker to drop it")
         with pytest.raises(brokerq.BrokerqError, match="closed"):
             slow.get(timeout=0)
 
