@@ -1,4 +1,4 @@
-"""The durable path: a preallocated journal, in a broker.
+"""The durable path: a preallocated journal and the group commit, in a broker.
 
 In-process brokers (as in test_server.py) on a journal in /tmp, and one
 spawned broker with ``--data-dir``, which preallocates as a user's does.
@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 
 import pytest
@@ -54,6 +55,50 @@ async def test_stats_journal_bytes_is_the_written_size_not_the_allocated_one(jdi
             # The compaction trigger counts the records too, not the file's size.
             assert not broker._should_compact()
             broker.request_stop("test over")
+    finally:
+        journal.close()
+
+
+async def test_one_sync_covers_every_put_that_arrived_while_the_last_ran(
+    jdir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Group commit: while a sync runs, puts of other connections are written;
+    once it ends, one more sync covers them all, and only then are they answered."""
+    journal = open_journal(os.path.join(jdir, "j"))
+    broker = Broker(BrokerConfig(socket_path="/nonexistent/b.sock"), journal=journal)
+    real_sync = journal.sync
+    syncing, release = threading.Event(), threading.Event()
+    covered: list[int] = []
+
+    def sync() -> int:  # a slow disk: the first sync takes until released
+        synced = real_sync()
+        covered.append(synced)
+        if len(covered) == 1:
+            syncing.set()
+            release.wait(10)
+        return synced
+
+    monkeypatch.setattr(journal, "sync", sync)
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(broker.serve, None)
+                first = await connect(broker)
+                others = [await connect(broker) for _ in range(3)]
+                await first.send(Put(id=1, queue="q", body=b"first"))
+                await trio.to_thread.run_sync(syncing.wait, 10)
+                for n, peer in enumerate(others):
+                    await peer.send(Put(id=10 + n, queue="q", body=b"other"))
+                await trio.testing.wait_all_tasks_blocked()
+                written = journal.written
+                assert covered == [journal.synced]
+                assert journal.synced < written
+                release.set()
+                assert isinstance(await first.receive(), PutReply)
+                for peer in others:
+                    assert isinstance(await peer.receive(), PutReply)
+                assert covered[1:] == [written]  # one more sync, covering all three
+                broker.request_stop("test over")
     finally:
         journal.close()
 
