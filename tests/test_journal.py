@@ -1050,7 +1050,319 @@ def test_power_loss_never_loses_an_acknowledged_put(
             assert rebuilt.queue_stats("q", NOW)["ready"] == len(ids)
 
 
-# -- 8. where the journal lives ------------------------------------------------------
+# -- 8. preallocation: records, then a zero tail ---------------------------------------
+
+
+class SyncingOs(FaultyOs):
+    """:class:`FaultyOs` that also counts and hooks ``fdatasync``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[str] = []
+
+    def fsync(self, fd: int) -> None:
+        self.calls.append("fsync")
+        super().fsync(fd)
+
+    def fdatasync(self, fd: int) -> None:
+        self.calls.append("fdatasync")
+        if self.on_fsync is not None:
+            self.on_fsync(fd)
+        else:
+            os.fdatasync(fd)
+
+
+@pytest.fixture
+def syncing_os(monkeypatch: pytest.MonkeyPatch) -> SyncingOs:
+    fake = SyncingOs()
+    monkeypatch.setattr(jmod, "os", fake)
+    return fake
+
+
+def open_preallocated(path: str, fsync: str = "batch") -> tuple[Journal, jmod.ReadResult]:
+    journal, result = Journal.open(path, fsync, preallocate=True)
+    assert journal.preallocating
+    return journal, result
+
+
+def assert_zero_tail(path: str, end: int) -> None:
+    """The file holds records up to ``end``, then zeros only, and more of them."""
+    data = read_bytes(path)
+    assert len(data) > end
+    assert data.count(0, end) == len(data) - end
+
+
+def test_a_preallocated_journal_replays_exactly_its_records(path: str) -> None:
+    records = small_records()
+    # As written by hand: the records, then zeros where space was allocated.
+    frames = HEADER + b"".join(encode_record(r) for r in records)
+    for tail in (1, 9, 10, 4096, 1 << 20):
+        write_file(path, frames + bytes(tail))
+        result = read_journal(path)
+        assert result.records == records, tail
+        assert (result.end, result.torn) == (len(frames), None), tail
+    # As a preallocating journal writes it.
+    os.unlink(path)
+    journal, _ = open_preallocated(path)
+    assert journal.size == FILE_HEADER.size
+    assert journal.allocated == os.path.getsize(path) >= jmod.PREALLOCATE_MIN
+    for record in records:
+        journal.append(record)
+    assert journal.size == len(frames)
+    assert os.path.getsize(path) == journal.allocated  # appends did not grow the file
+    journal.sync()
+    journal.close()
+    assert_zero_tail(path, len(frames))
+    result = read_journal(path)
+    assert (result.records, result.end, result.torn) == (records, len(frames), None)
+    # Opened again it keeps its space, and appends go on after the records.
+    allocated = os.path.getsize(path)
+    journal, opened = open_preallocated(path)
+    assert (opened.records, opened.torn) == (records, None)
+    assert (journal.size, journal.allocated) == (len(frames), allocated)
+    journal.append(DeleteRecord(ids=[9]))
+    journal.close()
+    assert os.path.getsize(path) == allocated
+    assert read_journal(path).records == [*records, DeleteRecord(ids=[9])]
+    # A journal that no longer preallocates (--fsync never) gives the space back.
+    journal, opened = Journal.open(path, "never", preallocate=True)
+    assert not journal.preallocating
+    journal.close()
+    assert os.path.getsize(path) == opened.end == journal.size
+    assert opened.records == [*records, DeleteRecord(ids=[9])]
+
+
+def test_a_record_torn_before_the_zero_tail_is_cut_as_a_torn_tail(path: str, jdir: str) -> None:
+    records = small_records()
+    full = build(path, records)
+    start = frame_offsets(records)[-1]
+    cut_path = os.path.join(jdir, "cut.journal")
+    extra = DeleteRecord(ids=[1])
+    for cut in range(start, len(full)):
+        write_file(cut_path, full[:cut] + bytes(5000))
+        result = read_journal(cut_path)
+        assert result.records == records[:-1], cut
+        assert result.end == start
+        if cut == start:
+            assert result.torn is None  # nothing of it was written: the zero tail
+        else:
+            assert result.torn is not None
+            assert f"at byte {start}" in result.torn
+        journal, opened = open_preallocated(cut_path)
+        assert opened.records == records[:-1]
+        assert journal.size == start
+        assert_zero_tail(cut_path, start)  # the torn bytes are gone, zeros follow
+        journal.append(extra)
+        journal.close()
+        again = read_journal(cut_path)
+        assert again.records == [*records[:-1], extra], cut
+        assert again.torn is None
+
+
+def test_a_flipped_bit_in_the_last_record_before_the_zero_tail_drops_only_it(
+    path: str, jdir: str
+) -> None:
+    records = small_records()
+    full = build(path, records)
+    start = frame_offsets(records)[-1]
+    bad_path = os.path.join(jdir, "bad.journal")
+    for bit in range(start * 8, len(full) * 8):
+        write_file(bad_path, flip(full, bit) + bytes(300))
+        result = read_journal(bad_path)  # never raises
+        assert result.records == records[:-1], bit
+        assert result.end == start
+        assert result.torn is not None
+
+
+@pytest.mark.parametrize("index", [0, 2, 4])
+def test_damage_in_the_middle_is_refused_though_a_zero_tail_follows(
+    path: str, jdir: str, index: int
+) -> None:
+    """G7: the valid records after the damage run to the zero tail, not to the
+    end of the file: still corruption in the middle, never a torn tail."""
+    records = small_records()
+    full = build(path, records)
+    offset = frame_offsets(records)[index]
+    end = offset + len(encode_record(records[index]))
+    bad_path = os.path.join(jdir, "bad.journal")
+    for bit in range(offset * 8, end * 8):
+        bad = flip(full, bit) + bytes(4096)
+        write_file(bad_path, bad)
+        with pytest.raises(JournalCorrupt, match=f"corrupt at byte {offset} "):
+            read_journal(bad_path)
+        with pytest.raises(JournalCorrupt):
+            Journal.open(bad_path, "batch", preallocate=True)
+        assert read_bytes(bad_path) == bad  # refused: the file is left alone
+    result = read_journal(bad_path, repair=True)
+    assert (result.records, result.end) == (records[:index], offset)
+    journal, opened = Journal.open(bad_path, "batch", repair=True, preallocate=True)
+    assert opened.records == records[:index]
+    assert journal.size == offset
+    journal.close()
+    assert_zero_tail(bad_path, offset)
+
+
+@pytest.mark.parametrize("mode", ["batch", "always"])
+def test_power_loss_after_an_fdatasync_keeps_every_acknowledged_put(
+    path: str, jdir: str, syncing_os: SyncingOs, mode: str
+) -> None:
+    """A preallocated journal is synced with fdatasync. What the disk holds
+    after a power loss: the file as the last sync left it, plus any part of
+    what was written after it (in the preallocated space, which reads as
+    zeros where nothing reached the disk). Every acknowledged put survives."""
+    journal: Journal | None = None
+    images: list[bytes] = []  # the file at each of the journal's syncs
+
+    def datasync(fd: int) -> None:
+        os.fdatasync(fd)
+        if journal is not None and fd == journal.fd:
+            with open(path, "rb") as f:
+                images.append(f.read())
+
+    syncing_os.on_fsync = datasync
+    journal, _ = open_preallocated(path, mode)
+    core = make_core(journal.append)
+    rng = random.Random(20251207)
+    acked: list[int] = []
+    pending: list[int] = []
+    all_put: list[int] = []
+    # (sync images taken so far, bytes written, puts acknowledged)
+    checkpoints: list[tuple[int, int, int]] = []
+    syncing_os.calls.clear()
+    for _ in range(60):
+        bodies = [rng.randbytes(rng.randrange(0, 40)) for _ in range(rng.choice((1, 1, 3)))]
+        ids, _ = core.put_many("q", bodies, NOW)
+        pending += ids
+        all_put += ids
+        if rng.random() < 0.2:
+            assert core.get_nowait("q")  # a removal, never synced on its own under batch
+        checkpoints.append((len(images), journal.size, len(acked)))
+        if mode == "always" or rng.random() < 0.3:
+            if mode == "batch":
+                journal.sync()  # the group commit; its puts are answered after it
+            acked += pending
+            pending = []
+        checkpoints.append((len(images), journal.size, len(acked)))
+    journal.close()
+    assert "fdatasync" in syncing_os.calls
+    assert syncing_os.calls.count("fsync") <= 1  # close() only
+    final = read_bytes(path)
+    crash_path = os.path.join(jdir, "crash.journal")
+    for n_images, written, n_acked in checkpoints:
+        disk = images[n_images - 1] if n_images else HEADER
+        synced_end = read_journal_bytes(disk, jdir).end
+        assert synced_end <= written
+        for length in {synced_end, written, *(rng.randint(synced_end, written) for _ in range(4))}:
+            image = bytearray(disk.ljust(len(final), b"\0"))
+            image[synced_end:length] = final[synced_end:length]
+            write_file(crash_path, bytes(image))
+            result = read_journal(crash_path)  # never refuses
+            ids = [i for r in result.records if isinstance(r, PutRecord) for i in r.ids]
+            assert ids == all_put[: len(ids)]  # a prefix of what was written
+            assert set(acked[:n_acked]) <= set(ids)
+            rebuilt = replay(crash_path)
+            assert rebuilt.totals()["put_total"] == 0  # (replay counts nothing)
+
+
+def read_journal_bytes(data: bytes, jdir: str) -> jmod.ReadResult:
+    scratch = os.path.join(jdir, "scratch.journal")
+    write_file(scratch, data)
+    return read_journal(scratch)
+
+
+def test_sync_is_fdatasync_only_when_preallocating(path: str, syncing_os: SyncingOs) -> None:
+    journal, _ = Journal.open(path, "batch")  # no preallocation: the size changes
+    journal.append(DeleteRecord(ids=[1]))
+    syncing_os.calls.clear()
+    journal.sync()
+    assert syncing_os.calls == ["fsync"]
+    journal.close()
+    journal, _ = open_preallocated(path)
+    journal.append(DeleteRecord(ids=[2]))
+    syncing_os.calls.clear()
+    journal.sync()
+    assert syncing_os.calls == ["fdatasync"]
+    journal.close()
+
+
+def test_appends_past_the_allocated_space_allocate_more(path: str) -> None:
+    journal, _ = open_preallocated(path)
+    first = journal.allocated
+    body = b"x" * 50_000
+    records = []
+    while journal.size < first + 1000:
+        record = PutRecord(queue="q", ids=[len(records) + 1], bodies=[body], at=1.0)
+        journal.append(record)
+        records.append(record)
+        assert journal.size < journal.allocated == os.path.getsize(path)
+    assert journal.allocated > first
+    journal.close()
+    assert_zero_tail(path, journal.size)
+    assert read_journal(path).records == records
+
+
+def test_no_room_to_preallocate_is_not_an_error(path: str, syncing_os: SyncingOs) -> None:
+    """Allocation that fails for lack of space: appends go on, growing the file
+    (a full disk then fails the request in the write, as without preallocation)."""
+    journal, _ = open_preallocated(path)
+    size_on_disk = journal.allocated
+
+    def no_space(fd: int, offset: int, length: int) -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    syncing_os.posix_fallocate = no_space  # type: ignore[attr-defined]
+    body = b"y" * 100_000
+    records = [PutRecord(queue="q", ids=[i], bodies=[body], at=1.0) for i in range(1, 20)]
+    for record in records:
+        journal.append(record)
+    assert journal.size > size_on_disk
+    assert os.path.getsize(path) == journal.size == journal.allocated
+    assert not journal.failed
+    journal.sync()
+    journal.close()
+    assert read_journal(path).records == records
+
+
+def test_compaction_of_a_preallocated_journal_follows_the_same_rules(path: str) -> None:
+    journal, _ = open_preallocated(path)
+    core = make_core(journal.append)
+    scenario(core)
+    churn(core)
+    before = journal.size
+    compaction = journal.begin_compaction(core.snapshot())
+    during(core, 1)
+    compaction.write_snapshot()
+    assert os.path.getsize(compaction.tmp_path) > compaction.size  # its own zero tail
+    assert_zero_tail(compaction.tmp_path, compaction.size)
+    during(core, 2)
+    compaction.finish()
+    assert journal.size < before / 3
+    assert journal.synced == journal.written
+    assert journal.allocated == os.path.getsize(path) > journal.size
+    result = read_journal(path)
+    assert (result.end, result.torn) == (journal.size, None)
+    during(core, 3)  # appends go on at the end of the records, in the zero tail
+    assert os.path.getsize(path) == journal.allocated
+    journal.close()
+    assert_zero_tail(path, journal.size)
+    assert read_journal(path).end == journal.size
+    rebuilt = replay(path)
+    assert view(rebuilt) == view(core)
+    assert_same_behaviour(core, rebuilt)
+    # At once, as at start and exit, likewise.
+    journal, _ = open_preallocated(path)
+    core = replay(path)
+    core.write = journal.append
+    churn(core)
+    journal.compact(core.snapshot())
+    core.put_many("a", [b"after 1", b"after 2"], NOW)
+    assert core.get_nowait("a")
+    journal.close()
+    assert_zero_tail(path, journal.size)
+    assert view(replay(path)) == view(core)
+
+
+# -- 9. where the journal lives ------------------------------------------------------
 
 
 def test_journal_path() -> None:

@@ -381,7 +381,7 @@ def _open_journal(
     """Open the journal and replay it into ``core``."""
     if data_dir is not None:
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
-    journal, result = Journal.open(path, fsync, repair=repair)
+    journal, result = Journal.open(path, fsync, repair=repair, preallocate=True)
     for record in result.records:
         core.apply(record)
     restored = core.finish_replay(time.time())

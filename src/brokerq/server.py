@@ -24,10 +24,11 @@ import math
 import os
 import signal
 import socket as stdlib_socket
+import threading
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
@@ -41,6 +42,9 @@ from .protocol import PROTOCOL_VERSION, Error
 from .spawn import check_peer, file_identity, lock_path, publish_socket
 from .unixstream import UnixStream
 
+if TYPE_CHECKING:
+    import outcome  # trio's
+
 log = logging.getLogger("brokerq.broker")
 
 #: How long an idle-exiting broker keeps serving its backlog after the unlink.
@@ -48,8 +52,12 @@ DRAIN_SECONDS: Final = 0.1
 #: How long connections get to finish after a stop before they are cut.
 STOP_GRACE_SECONDS: Final = 1.0
 HOUSEKEEPING_SECONDS: Final = 1.0
-#: How many scheduling rounds the group-commit leader yields before its fsync.
-FSYNC_YIELD_ROUNDS: Final = 4
+#: How long, at most, the event loop waits for a sync's thread to take it up.
+SYNC_HANDOFF_SECONDS: Final = 0.001
+#: A sync due after another is started once the event loop is about to wait
+#: for I/O (nothing else is ready), or after this many passes of a loop that
+#: is not.
+SYNC_DEFER_PASSES: Final = 4
 #: The journal is compacted once it is over twice the live data and this.
 COMPACT_MIN_BYTES: Final = 1024 * 1024
 #: At start and at exit a compaction is done at once, blocking, when the live
@@ -140,8 +148,17 @@ class Broker:
         self.failure: str | None = None
         self._stop_requested = trio.Event()
         self._live: set[Connection] = set()
+        # Group commit (wait_synced): set and replaced as each sync ends; whether
+        # one runs in its thread; the journal offset the waiting puts need
+        # synced; whether one is due once the loop is idle (and for how many
+        # passes it was); whether compaction holds the next one back.
         self._synced = trio.Event()
         self._committing = False
+        self._sync_wanted = 0
+        self._sync_due = False
+        self._sync_due_passes = 0
+        self._syncs_held = False
+        self._token: trio.lowlevel.TrioToken | None = None
         self._timers_changed = trio.Event()
         self._timer_at = math.inf
 
@@ -177,6 +194,17 @@ class Broker:
         one starts.
         """
         self.started_at = self.last_activity = trio.current_time()
+        self._token = trio.lowlevel.current_trio_token()
+        instrument = _SyncWhenIdle(self)
+        trio.lowlevel.add_instrument(instrument)
+        try:
+            await self._serve(listener, task_status)
+        finally:
+            trio.lowlevel.remove_instrument(instrument)
+
+    async def _serve(
+        self, listener: stdlib_socket.socket | None, task_status: trio.TaskStatus[None]
+    ) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
             if self._should_compact():
@@ -195,7 +223,10 @@ class Broker:
             task_status.started()
             await self._stop_requested.wait()
             await self._shut_down(nursery)
-        # Nothing is served or appended any more.
+        # Nothing is served or appended any more; a sync still running in its
+        # thread ends before the journal may be compacted or closed.
+        while self._committing:
+            await self._synced.wait()
         if self.failure is None and self._should_compact() and self._compact_at_once_is_cheap():
             self._compact_at_once("at exit")
 
@@ -414,45 +445,96 @@ class Broker:
     # -- the journal: group commit and compaction --------------------------------
 
     async def wait_synced(self, lsn: int) -> None:
-        """Return once the journal is fsynced up to ``lsn``: group commit.
+        """Return once the journal is synced up to ``lsn``: group commit.
 
-        The first waiter leads: it yields a few scheduling rounds
-        (:data:`FSYNC_YIELD_ROUNDS`), so that the puts of the tasks ready now
-        append first, then it runs one fsync for them all; the others wait
-        for it (and lead the next round if still behind).
-        The fsync runs in a worker thread: a disk's fsync takes a fraction
-        of a millisecond to several, during which the broker goes on serving
-        (gets, reserves, and puts that join the next round), where inline
-        it would stop every connection for as long (on the benchmark's
-        ext4 disk, a consumer behind a producer with a put window got half
-        the messages per second). On a tmpfs there is no fsync at all
-        (``Journal.syncs``), so the thread's handoffs cost nothing there.
+        The sync (:meth:`Journal.sync`: an fdatasync of a preallocated
+        journal) runs in a worker thread, so the broker serves on meanwhile
+        (gets, reserves, and more puts: inline, a slow disk would stop every
+        connection). One runs at a time, covering what was written when it
+        starts. A put that finds none running and none due starts one at
+        once (a lone producer waits for nothing else). The puts written
+        while one runs are covered by the next, which is due when it ends
+        (:meth:`_sync_done`) and starts once the event loop has nothing
+        else ready (:meth:`start_due_sync`), so that every put received
+        meanwhile is written first: one sync per event-loop turn, as Redis's
+        ``appendfsync always`` does. On a tmpfs there is no sync at all
+        (``Journal.syncs``).
         """
         journal = self.journal
         assert journal is not None
+        self._sync_wanted = max(self._sync_wanted, lsn)
         while journal.synced < lsn:
             if self.failure is not None:
                 raise JournalFailed(self.failure)
-            if self._committing:
-                await self._synced.wait()
-                continue
-            self._committing = True
-            try:
-                # Let the tasks that are ready run first, so that their puts
-                # join this fsync rather than wait for the next one. (Trio's
-                # statistics cannot tell: tasks of the round being run are
-                # not counted.) A few rounds cost microseconds; a disk's
-                # fsync, a fraction of a millisecond or more.
-                for _ in range(FSYNC_YIELD_ROUNDS):
-                    await trio.lowlevel.checkpoint()
-                await trio.to_thread.run_sync(journal.sync)
-            except JournalFailed as exc:
-                self.fail(str(exc))
-                raise
-            finally:
-                self._committing = False
-                done, self._synced = self._synced, trio.Event()
-                done.set()
+            if not (self._committing or self._sync_due or self._syncs_held):
+                self._start_sync()
+            await self._synced.wait()
+
+    def start_due_sync(self, timeout: float) -> None:
+        """The event loop is about to wait for I/O for ``timeout`` seconds (0:
+        tasks are ready to run): start the sync that is due, if the loop is
+        idle or was not for :data:`SYNC_DEFER_PASSES` passes."""
+        if not self._sync_due or self._syncs_held or self.failure is not None:
+            return
+        if timeout <= 0 and self._sync_due_passes < SYNC_DEFER_PASSES:
+            self._sync_due_passes += 1
+            return
+        self._start_sync()
+
+    def _start_sync(self) -> None:
+        """Run ``journal.sync`` in a worker thread; :meth:`_sync_done` gets its outcome.
+
+        The event loop waits (tens of microseconds; at most
+        :data:`SYNC_HANDOFF_SECONDS`) for the thread to take the job up: the
+        thread needs the GIL and a CPU to reach its syscall, and a loop that
+        went on running Python would hold both (on two CPUs, a sync started
+        beside a loop handling a consumer's request began 150 µs later).
+        trio's thread cache is used directly: ``to_thread.run_sync`` adds a
+        capacity limiter, cancellation and thread naming that one call in
+        flight at a time does not need.
+        """
+        journal, token = self.journal, self._token
+        assert journal is not None
+        assert token is not None
+        self._sync_due, self._sync_due_passes = False, 0
+        self._committing = True
+        sync = journal.sync
+        taken = threading.Lock()
+        taken.acquire()
+
+        def run() -> int:  # in the worker thread
+            taken.release()
+            return sync()
+
+        def deliver(result: outcome.Outcome[int]) -> None:  # in the worker thread
+            with contextlib.suppress(trio.RunFinishedError):
+                token.run_sync_soon(self._sync_done, result)
+
+        try:
+            trio.lowlevel.start_thread_soon(run, deliver)
+        except Exception as exc:  # no thread could be started, say: as fatal
+            self._committing = False
+            self.fail(f"could not start a sync: {exc!r}")
+            return
+        taken.acquire(timeout=SYNC_HANDOFF_SECONDS)
+
+    def _sync_done(self, result: outcome.Outcome[int]) -> None:
+        """A sync ended: wake its waiters; the next is due if puts wait for one."""
+        journal = self.journal
+        assert journal is not None
+        self._committing = False
+        try:
+            result.unwrap()
+        except Exception as exc:  # JournalFailed; anything else is as fatal
+            self.fail(str(exc) if isinstance(exc, JournalFailed) else f"sync failed: {exc!r}")
+            return
+        if self._sync_wanted > journal.synced:
+            self._sync_due = True
+        self._wake_sync_waiters()
+
+    def _wake_sync_waiters(self) -> None:
+        done, self._synced = self._synced, trio.Event()
+        done.set()
 
     def _should_compact(self) -> bool:
         journal = self.journal
@@ -472,9 +554,13 @@ class Broker:
         compaction = journal.begin_compaction(self.core.snapshot())
         try:
             await trio.to_thread.run_sync(compaction.write_snapshot)
-            while self._committing:  # an fsync in its thread must not see the swap
+            # A sync in its thread must not see the swap: hold the next one
+            # back (under load one is due whenever one ends) and wait for the
+            # one running to end.
+            self._syncs_held = True
+            while self._committing:
                 await self._synced.wait()
-            compaction.finish()  # inline: no fsync starts until it is done
+            compaction.finish()  # inline: no sync starts until it is done
         except OSError as exc:
             compaction.abandon()
             log.warning("journal compaction failed (the old journal stays): %s", exc)
@@ -482,6 +568,10 @@ class Broker:
         except BaseException:  # cancelled: the broker stops, and the old journal stays
             compaction.abandon()
             raise
+        finally:
+            if self._syncs_held:  # finish synced all that was written: wake the waiters
+                self._syncs_held = False
+                self._wake_sync_waiters()
         log.info("compacted the journal from %d to %d bytes", before, journal.size)
 
     def _compact_at_once_is_cheap(self) -> bool:
@@ -525,3 +615,13 @@ class Broker:
                 wake_all(self.core.joins_done())  # expired or dead-lettered messages
             except JournalFailed as exc:
                 self.fail(str(exc))
+
+
+class _SyncWhenIdle(trio.abc.Instrument):
+    """Tells the broker each time its event loop is about to wait for I/O."""
+
+    def __init__(self, broker: Broker) -> None:
+        self.broker = broker
+
+    def before_io_wait(self, timeout: float) -> None:
+        self.broker.start_due_sync(timeout)
