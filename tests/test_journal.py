@@ -1132,6 +1132,25 @@ def test_a_preallocated_journal_replays_exactly_its_records(path: str) -> None:
     assert opened.records == [*records, DeleteRecord(ids=[9])]
 
 
+def test_a_header_that_never_reached_the_disk_before_the_zero_tail_opens_empty(
+    path: str,
+) -> None:
+    """A power loss just after a preallocating journal was created may leave
+    its zeros without its header, or with part of it: an empty journal."""
+    for cut in range(FILE_HEADER.size):
+        write_file(path, HEADER[:cut] + bytes(4096))
+        result = read_journal(path)
+        assert (result.records, result.end) == ([], 0)
+        assert result.torn == "a file header cut short"
+        journal, _ = open_preallocated(path)
+        journal.append(DeleteRecord(ids=[7]))
+        journal.close()
+        assert read_journal(path).records == [DeleteRecord(ids=[7])]
+    write_file(path, b"not a journal" + bytes(4096))
+    with pytest.raises(JournalCorrupt, match="not a brokerq journal"):
+        read_journal(path)
+
+
 def test_a_record_torn_before_the_zero_tail_is_cut_as_a_torn_tail(path: str, jdir: str) -> None:
     records = small_records()
     full = build(path, records)

@@ -189,11 +189,16 @@ def read_journal(path: str, *, repair: bool = False) -> ReadResult:
     except FileNotFoundError:
         return ReadResult()
     result = ReadResult()
-    if len(data) < FILE_HEADER.size:
-        if not _file_header().startswith(data):
+    data_end = _data_end(data)  # what follows is the zero tail: free space
+    header = _file_header()
+    if data[: len(header)] != header:
+        if data_end < len(header) and header.startswith(data[:data_end]):
+            # A new journal's header cut short (zeros after it, if its space
+            # was allocated): no record was written yet.
+            result.torn = "a file header cut short" if data else None
+            return result
+        if len(data) < len(header):
             raise JournalCorrupt(path, 0, "not a brokerq journal")
-        result.torn = "a file header cut short" if data else None
-        return result
     magic, version = FILE_HEADER.unpack_from(data)
     if magic != MAGIC:
         raise JournalCorrupt(path, 0, "not a brokerq journal")
@@ -202,7 +207,6 @@ def read_journal(path: str, *, repair: bool = False) -> ReadResult:
             f"journal {path} has format version {version}; this brokerq reads {FORMAT_VERSION}"
         )
     offset = FILE_HEADER.size
-    data_end = _data_end(data)  # what follows is the zero tail: free space
     while offset < data_end:
         found = _record_at(data, offset)
         if isinstance(found, str):

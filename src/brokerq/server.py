@@ -200,7 +200,8 @@ class Broker:
         try:
             await self._serve(listener, task_status)
         finally:
-            trio.lowlevel.remove_instrument(instrument)
+            with contextlib.suppress(KeyError):  # (gone if it ever raised)
+                trio.lowlevel.remove_instrument(instrument)
 
     async def _serve(
         self, listener: stdlib_socket.socket | None, task_status: trio.TaskStatus[None]
