@@ -316,9 +316,13 @@ class Connection:
             # their queue may be done now) or freed room for parked puts.
             self.broker.after_request()
 
-    async def _receive(self) -> bytes | bytearray:
+    async def _receive(self, *, idle: bool = False) -> bytes | bytearray:
+        """What the peer sent (b"" at its end); ``idle``: as UnixStream.receive_some."""
         try:
-            return await self.stream.receive_some()
+            stream = self.stream
+            if idle and isinstance(stream, UnixStream):
+                return await stream.receive_some(idle=True)
+            return await stream.receive_some()
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             return b""
 
@@ -764,7 +768,7 @@ class Connection:
                 while True:
                     if self.reader.buffered > self.reader.max_frame_size:
                         await trio.sleep_forever()  # backpressure
-                    data = await self._receive()
+                    data = await self._receive(idle=True)
                     if not data:
                         return True
                     self.reader.feed(data)

@@ -53,11 +53,17 @@ class UnixStream(trio.abc.Stream):
         self._ready_in_a_row = 0
         self._closed = False
 
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+    async def receive_some(self, max_bytes: int | None = None, *, idle: bool = False) -> bytes:
+        """What has come, once something has. ``idle``: the peer is known to
+        be waiting for us (a request parked), so wait before the first try:
+        a recv that would say EAGAIN is a system call saved."""
         sock = self.socket
         if self._closed:
             raise trio.ClosedResourceError("the stream is closed")
-        await trio.lowlevel.checkpoint_if_cancelled()
+        if idle:
+            await self._wait(trio.lowlevel.wait_readable)
+        else:
+            await trio.lowlevel.checkpoint_if_cancelled()
         while True:
             try:
                 n = sock.recv_into(_buffer, min(max_bytes or RECEIVE_BUFFER, RECEIVE_BUFFER))
