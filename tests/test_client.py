@@ -565,3 +565,33 @@ def test_unsubscribe(client: brokerq.Client) -> None:
     q.subscribe("events")
     assert q.delete() == 0  # deleting the queue ends its subscriptions
     assert client.publish("events", b"gone") == 0
+
+
+@pytest.mark.parametrize(
+    ("call", "words"),
+    [
+        (lambda c: c.queue(b"jobs"), "queue name must be a str"),
+        (lambda c: brokerq.Queue(123, client=c), "queue name must be a str"),
+        (lambda c: c.queue("q").get(timeout="1"), "timeout must be a number"),
+        (lambda c: c.queue("q").get(timeout=True), "timeout must be a number"),
+        (lambda c: c.queue("q").reserve(timeout="1"), "timeout must be a number"),
+        (lambda c: c.queue("q").get(timeout=-1), "timeout must be a number >= 0"),
+        (lambda c: c.queue("q").put(b"x", priority=1.5), "priority must be a whole number"),
+        (lambda c: c.queue("q").put(b"x", priority=True), "priority must be a whole number"),
+        (lambda c: c.queue("q").put(b"x", delay="2"), "delay must be a number"),
+        (lambda c: c.queue("q").put_many([b"x"], ttl="a"), "ttl must be a number"),
+        (lambda c: c.queue("q").get_many("3"), "whole number n >= 1"),
+        (lambda c: c.publish(b"topic", b"x"), "topic name must be a str"),
+    ],
+)
+def test_an_argument_of_the_wrong_type_is_an_invalid_request(
+    client: brokerq.Client, call: Any, words: str
+) -> None:
+    """Every error brokerq raises is a BrokerqError: a wrong type too (an
+    InvalidRequest, also a ValueError), never an AttributeError or a
+    TypeError from inside, nor a value quietly converted (priority 1.5)."""
+    with pytest.raises(brokerq.InvalidRequest, match=words) as refused:
+        call(client)
+    assert isinstance(refused.value, ValueError)
+    assert "nil" not in str(refused.value)  # a word of the wire, not of Python
+    assert client.queue("q").qsize() == 0  # nothing was put

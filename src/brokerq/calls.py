@@ -101,10 +101,18 @@ class PutOptions:
     timeout: float | None = None
 
     def fields(self) -> dict[str, Any]:
-        """The request fields beside the bodies and keys (the wire omits defaults)."""
+        """The request fields beside the bodies and keys (the wire omits defaults).
+
+        Arguments of the wrong type are refused here (InvalidRequest), not
+        converted: ``priority=1.5`` is a mistake to report, not a 1."""
         protocol.validate_timeout(self.timeout)
+        if isinstance(self.priority, bool) or not isinstance(self.priority, int):
+            raise InvalidRequest(f"priority must be a whole number, not {self.priority!r}")
+        for name, value in (("delay", self.delay), ("ttl", self.ttl)):
+            if value is not None and not protocol.is_number(value):
+                raise InvalidRequest(f"{name} must be a number of seconds, not {value!r}")
         return {
-            "priority": int(self.priority),
+            "priority": self.priority,
             "delay": float(self.delay),
             "ttl": None if self.ttl is None else float(self.ttl),
             "timeout": self.timeout,
@@ -168,8 +176,8 @@ def get(queue: str, timeout: float | None) -> Call[protocol.GetReply]:
 
 def get_many(queue: str, n: int, timeout: float | None) -> Call[protocol.GetManyReply]:
     protocol.validate_timeout(timeout)
-    if n < 1:
-        raise InvalidRequest(f"get_many needs n >= 1, not {n}")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise InvalidRequest(f"get_many needs a whole number n >= 1, not {n!r}")
     return Call(
         protocol.GetManyReply,
         protocol.GetMany,

@@ -594,10 +594,19 @@ class FrameReader:
             return bytes(view[start + HEADER_SIZE : end])
 
 
+def is_number(value: object) -> bool:
+    """An int or a float, and not a bool (which Python counts as an int)."""
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
 def validate_timeout(timeout: float | None) -> None:
     """Raise InvalidRequest unless ``timeout`` is None or a number >= 0 (not NaN)."""
-    if timeout is not None and not timeout >= 0:
-        raise InvalidRequest(f"timeout must be a non-negative number or nil, not {timeout!r}")
+    if timeout is None:
+        return
+    if not is_number(timeout):
+        raise InvalidRequest(f"timeout must be a number of seconds, not {timeout!r}")
+    if not timeout >= 0:
+        raise InvalidRequest(f"timeout must be a number >= 0 (absent: for ever), not {timeout!r}")
 
 
 def validate_queue_name(name: str, *, for_put: bool = False, what: str = "queue") -> None:
@@ -607,6 +616,8 @@ def validate_queue_name(name: str, *, for_put: bool = False, what: str = "queue"
     reserved to the broker (``jobs:dead``): such queues can be read from,
     never put to. Topic names follow the same rules as queue names to put to.
     """
+    if not isinstance(name, str):
+        raise InvalidRequest(f"{what} name must be a str, not {type(name).__name__} {name!r}")
     if not name:
         raise InvalidRequest(f"{what} name is empty")
     if len(name.encode("utf-8", "surrogatepass")) > MAX_QUEUE_NAME_BYTES:
