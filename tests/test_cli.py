@@ -192,6 +192,29 @@ def test_missing_argument_exits_2(brokerq_cli: Brokerq) -> None:
     assert brokerq_cli("get").exit_code == 2
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("put", "jobs:dead", "x"),  # a queue put to may not have a ':'
+        ("put", "", "x"),
+        ("put", "jobs", "x", "--priority", "2147483648"),
+        ("put", "jobs", "x", "--ttl", "0"),  # refused by click itself
+        ("get", "", "--timeout", "1"),
+        ("publish", "no:colon", "x"),
+    ],
+    ids=["colon", "empty_name", "priority", "ttl", "get_empty_name", "topic"],
+)
+def test_every_argument_the_user_got_wrong_exits_2(
+    brokerq_cli: Brokerq, args: tuple[str, ...]
+) -> None:
+    """One rule, whoever finds the mistake (click, the client or the broker):
+    a usage error, exit 2, one line on stderr; nothing was put."""
+    result = brokerq_cli(*args)
+    assert result.exit_code == 2, result.stderr
+    assert result.stderr.strip().count("\n") <= 3  # click's usage lines, or one of ours
+    assert ok(brokerq_cli("stats", "jobs", "--json")).count('"put_total": 0') == 1
+
+
 def test_version_with_python_m() -> None:
     done = subprocess.run(
         [sys.executable, "-m", "brokerq", "--version"],
@@ -274,7 +297,7 @@ def test_publish_prints_how_many_subscribers_each_message_reached(brokerq_cli: B
     assert ok(brokerq_cli("get", "audit", "-n", "4")) == "a\nb\nc\nd\n"
     assert ok(brokerq_cli("get", "metrics", "-n", "4")) == "a\nb\nc\nd\n"
     result = brokerq_cli("publish", "no:colon", "x")
-    assert result.exit_code == 1
+    assert result.exit_code == 2  # an argument the user got wrong: a usage error
     assert "topic name" in one_error_line(result)
 
 

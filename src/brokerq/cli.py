@@ -18,9 +18,10 @@ import click
 
 from . import __version__
 from .client import Client, Queue
-from .errors import BrokerqError, Empty, Full, JoinTimeout
+from .errors import BrokerqError, Empty, Full, InvalidRequest, JoinTimeout
 
 EXIT_ERROR = 1
+EXIT_USAGE = 2  # click's own, for options it refuses itself
 EXIT_EMPTY = 3
 
 
@@ -45,6 +46,11 @@ class _Group(click.Group):
         except (Empty, Full, JoinTimeout) as exc:
             click.echo(f"brokerq: {exc}", err=True)
             ctx.exit(EXIT_EMPTY)
+        except InvalidRequest as exc:
+            # An argument the user got wrong, whoever found it (click, the
+            # client, the broker): one rule, a usage error.
+            click.echo(f"brokerq: {exc}", err=True)
+            ctx.exit(EXIT_USAGE)
         except BrokerqError as exc:
             click.echo(f"brokerq: {exc}", err=True)
             ctx.exit(EXIT_ERROR)
