@@ -13,6 +13,7 @@ import pytest
 import trio
 import trio.testing
 
+import brokerq
 from brokerq import sockio
 from brokerq.sockio import Spinner, spin_from_environment
 from brokerq.unixstream import YIELD_EVERY, UnixStream
@@ -137,9 +138,22 @@ def test_spinning_stops_for_a_connection_whose_replies_come_late(
 def test_spin_setting_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("BROKERQ_SPIN_US", raising=False)
     assert spin_from_environment() == sockio.DEFAULT_SPIN_US / 1e6
-    for raw, seconds in [("0", 0.0), ("250", 0.00025), ("junk", 0.0001), ("1e9", 0.01)]:
+    for raw, seconds in [("0", 0.0), ("250", 0.00025), (" 10000 ", 0.01), ("", 0.0001)]:
         monkeypatch.setenv("BROKERQ_SPIN_US", raw)
         assert spin_from_environment() == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("raw", ["junk", "-1", "20000", "1e9", "nan"])
+def test_a_bad_spin_setting_is_refused_as_a_bad_put_window_is(
+    monkeypatch: pytest.MonkeyPatch, raw: str
+) -> None:
+    """Not quietly replaced by the default: the client is not made (and
+    ``import brokerq`` still works: the variable is read by Client())."""
+    monkeypatch.setenv("BROKERQ_SPIN_US", raw)
+    with pytest.raises(brokerq.InvalidRequest, match="BROKERQ_SPIN_US"):
+        spin_from_environment()
+    with pytest.raises(brokerq.InvalidRequest, match="BROKERQ_SPIN_US"):
+        brokerq.Client("/nonexistent/b.sock")
 
 
 # -- UnixStream ----------------------------------------------------------------

@@ -61,7 +61,6 @@ __all__ = [
 ]
 
 R = TypeVar("R", bound=protocol.Reply)
-_SPIN = spin_from_environment()
 
 DEFAULT_TIMEOUT = 10.0
 
@@ -69,7 +68,11 @@ DEFAULT_TIMEOUT = 10.0
 class Connection:
     """One socket to the broker, greeted, used by one thread at a time."""
 
-    def __init__(self, socket_path: str, timeout: float, *, spawn: bool = True) -> None:
+    def __init__(
+        self, socket_path: str, timeout: float, *, spawn: bool = True, spin: float | None = None
+    ) -> None:
+        """``spin``: the reply spin in seconds (None: ``$BROKERQ_SPIN_US``, sockio)."""
+        spin = spin_from_environment() if spin is None else spin
         deadline = time.monotonic() + timeout
         self.socket_path = socket_path
         self.pid = os.getpid()
@@ -80,7 +83,7 @@ class Connection:
                 raise calls.unreachable(socket_path, exc) from exc
             self.closed = False
             self.wire = calls.Wire(socket_path)
-            self.io = Spinner(self.sock, _SPIN)
+            self.io = Spinner(self.sock, spin)
             hello = calls.hello()
             try:
                 reply = self.request(
@@ -261,6 +264,9 @@ class Client:
         self.timeout = timeout
         self.put_window = calls.put_window(put_window)
         self.prefetch = calls.prefetch(prefetch)
+        #: How long a connection spins for a reply before it sleeps, in
+        #: seconds (``$BROKERQ_SPIN_US``, checked here as the others are).
+        self.spin = spin_from_environment()
         self._closed = False
         self._reset()
 
@@ -428,7 +434,7 @@ class Client:
         if conn is None or conn.closed:
             if self._closed:
                 raise calls.closed_client()
-            conn = Connection(self.socket_path, self.timeout, spawn=spawn)
+            conn = Connection(self.socket_path, self.timeout, spawn=spawn, spin=self.spin)
             self._connections.append(conn)
             if self._closed:  # by another thread, or a call nested in this one, meanwhile
                 conn.close()
@@ -593,7 +599,7 @@ class Client:
         """A new connection with the stream open on it; None if the broker
         does not know ``consume`` (older than this client: the queue is
         then read with plain requests)."""
-        conn = Connection(self.socket_path, self.timeout)
+        conn = Connection(self.socket_path, self.timeout, spin=self.spin)
         self._connections.append(conn)
         if self._closed:
             conn.close()
@@ -1154,7 +1160,7 @@ class Subscription:
 
     def _subscribe(self) -> None:
         """Connect and subscribe; events that come before the reply are kept."""
-        conn = Connection(self.client.socket_path, self.client.timeout)
+        conn = Connection(self.client.socket_path, self.client.timeout, spin=self.client.spin)
         with conn.exchange(self.client.timeout):
             request_id = conn.wire.encode(self._call.kind, self._call.fields)
             deadline = time.monotonic() + self.client.timeout

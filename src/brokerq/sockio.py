@@ -29,6 +29,8 @@ import time
 from collections.abc import Callable
 from typing import Final
 
+from .errors import InvalidRequest
+
 #: Default upper bound of a spin, in microseconds (``BROKERQ_SPIN_US``).
 DEFAULT_SPIN_US: Final = 100
 #: Bytes one read may take.
@@ -40,14 +42,28 @@ _POLLIN: Final = select.POLLIN
 _POLLOUT: Final = select.POLLOUT
 
 
+#: The longest spin ``BROKERQ_SPIN_US`` may ask for, in microseconds.
+MAX_SPIN_US: Final = 10_000
+
+
 def spin_from_environment() -> float:
-    """The spin bound in seconds from ``BROKERQ_SPIN_US`` (default 100 µs)."""
-    raw = os.environ.get("BROKERQ_SPIN_US", "")
+    """The spin bound in seconds from ``BROKERQ_SPIN_US`` (unset or empty: 100 µs).
+
+    Raises InvalidRequest for a value that is not a number of microseconds
+    from 0 to :data:`MAX_SPIN_US`, as a bad ``BROKERQ_PUT_WINDOW`` does: a
+    setting that is quietly ignored is a setting the user thinks is on."""
+    raw = os.environ.get("BROKERQ_SPIN_US", "").strip()
+    if not raw:
+        return DEFAULT_SPIN_US / 1e6
     try:
-        micros = float(raw) if raw else DEFAULT_SPIN_US
+        micros = float(raw)
     except ValueError:
-        micros = DEFAULT_SPIN_US
-    return max(0.0, min(micros, 10_000.0)) / 1e6
+        micros = -1.0
+    if not 0 <= micros <= MAX_SPIN_US:
+        raise InvalidRequest(
+            f"BROKERQ_SPIN_US must be a number of microseconds from 0 to {MAX_SPIN_US}, not {raw!r}"
+        )
+    return micros / 1e6
 
 
 class Spinner:
