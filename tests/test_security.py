@@ -655,7 +655,7 @@ def test_s16_socket_path_over_the_limit_is_a_clear_error(sock_dir: str) -> None:
     path = os.path.join(sock_dir, "x" * (120 - len(sock_dir) - 1))
     assert len(os.fsencode(path)) == 120
     result = run_cli("--socket", path, "put", "q", "x")
-    assert result.returncode == 1
+    assert result.returncode == 2  # a --socket the user got wrong: a usage error
     line = one_line(result.stderr)
     assert "120 bytes" in line
     assert "limit" in line
