@@ -20,11 +20,14 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+import trio
+
+from brokerq.server import Broker, BrokerConfig
 
 PR_SET_CHILD_SUBREAPER = 36
 T = TypeVar("T")
@@ -97,6 +100,20 @@ def sock_dir() -> Iterator[str]:
     finally:
         kill_brokers(path)
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+async def broker() -> AsyncIterator[Broker]:
+    """A broker serving in this test's trio run, with no socket and no journal:
+    tests connect to it over in-memory streams (test_server.connect)."""
+    b = Broker(
+        BrokerConfig(socket_path="/nonexistent/b.sock", max_message_size=1000),
+        clock=trio.current_time,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(b.serve, None)
+        yield b
+        b.request_stop("test over")
 
 
 @pytest.fixture

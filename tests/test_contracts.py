@@ -22,7 +22,7 @@ from typing import Any
 
 import msgspec
 import pytest
-from conftest import BIN, broker_pids, reap_children, run_cli, wait_until
+from conftest import BIN, Procs, broker_pids, read_line, reap_children, run_cli, wait_until
 
 import brokerq
 from brokerq import protocol
@@ -78,20 +78,17 @@ print(rounds, flush=True)
 """
 
 
-def test_a_burst_of_a_thousand_connects_is_never_refused(socket_path: str, sock_dir: str) -> None:
+def test_a_burst_of_a_thousand_connects_is_never_refused(
+    socket_path: str, sock_dir: str, procs: Procs
+) -> None:
     """1,000 connects as fast as one process makes them (non-blocking, as a
     socket with a timeout is), while the broker serves a put/get loop: each
     connects at once (no EAGAIN from a full backlog) and completes a ping."""
     stop_file = os.path.join(sock_dir, "stop")
-    loop = subprocess.Popen(
-        [sys.executable, "-c", LOOP, socket_path, stop_file],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-    )
+    loop = procs([sys.executable, "-c", LOOP, socket_path, stop_file])  # killed by pid if need be
     sockets: list[socket.socket] = []
     try:
-        assert loop.stdout is not None
-        assert loop.stdout.readline() == b"ready\n"
+        assert read_line(loop) == b"ready\n"
         for _ in range(1000):
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             sockets.append(sock)

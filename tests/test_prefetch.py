@@ -15,7 +15,7 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -49,7 +49,7 @@ from brokerq.protocol import (
     StreamDelivery,
     Taken,
 )
-from brokerq.server import Broker, BrokerConfig
+from brokerq.server import Broker
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -220,18 +220,6 @@ def test_core_a_bounded_queue_counts_prefetched_messages() -> None:
 
 
 # -- the broker, over in-memory streams --------------------------------------------------------
-
-
-@pytest.fixture
-async def broker() -> AsyncIterator[Broker]:
-    b = Broker(
-        BrokerConfig(socket_path="/nonexistent/b.sock", max_message_size=1000),
-        clock=trio.current_time,
-    )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(b.serve, None)
-        yield b
-        b.request_stop("test over")
 
 
 async def frames_until(peer: Peer, kind: type[protocol.Reply]) -> tuple[list[Any], Any]:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -82,18 +82,6 @@ class Peer:
     async def call(self, kind: type[protocol.Request], **fields: Any) -> protocol.AnyReply:
         await self.send(kind(id=self.rid(), **fields))  # type: ignore[arg-type]
         return await self.receive()
-
-
-@pytest.fixture
-async def broker() -> AsyncIterator[Broker]:
-    b = Broker(
-        BrokerConfig(socket_path="/nonexistent/b.sock", max_message_size=1000),
-        clock=trio.current_time,
-    )
-    async with trio.open_nursery() as nursery:
-        await nursery.start(b.serve, None)
-        yield b
-        b.request_stop("test over")
 
 
 async def connect(broker: Broker, greet: bool = True) -> Peer:
