@@ -68,8 +68,9 @@ class _State:
     def client(self) -> Client:
         if self._client is None:
             # No put window, whatever BROKERQ_PUT_WINDOW says: `put` prints
-            # each message's id, which a windowed put does not know.
-            self._client = Client(self.socket, self.connect_timeout, put_window=0)
+            # each message's id, which a windowed put does not know. No
+            # prefetch either: `get -n 1` would take 64 to hand out one.
+            self._client = Client(self.socket, self.connect_timeout, put_window=0, prefetch=0)
         return self._client
 
     def queue(self, name: str) -> Queue:
@@ -232,6 +233,8 @@ def join(state: _State, queue: str, timeout: float | None) -> None:
     try:
         state.queue(queue).join(timeout=timeout)
     except JoinTimeout:
+        if timeout is None:
+            raise
         raise JoinTimeout(
             f"the tasks of {queue!r} were not all done within {timeout:g} s"
         ) from None

@@ -149,9 +149,6 @@ class Wakeup:
         self.flag = False
         self.scope: trio.CancelScope | None = None  # the parked task's, while it waits
 
-    def is_set(self) -> bool:
-        return self.flag
-
     def set(self) -> None:
         self.flag = True
         if self.scope is not None:
