@@ -64,6 +64,19 @@ R = TypeVar("R", bound=protocol.Reply)
 
 DEFAULT_TIMEOUT = 10.0
 
+#: How many forks this process is from the one that imported this module: a
+#: Client made in a parent sees it change in a forked child, where comparing
+#: pids would make a getpid system call on every request.
+_forks = 0
+
+
+def _count_fork() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_count_fork)
+
 
 class Connection:
     """One socket to the broker, greeted, used by one thread at a time."""
@@ -271,7 +284,7 @@ class Client:
         self._reset()
 
     def _reset(self) -> None:
-        self._pid = os.getpid()
+        self._fork = _forks
         self._local = threading.local()  # .lane: each thread's _Lane
         #: Every connection opened, for close(). No lock guards it: a call
         #: nested in another (a __del__ run by an allocation) could find it
@@ -281,7 +294,7 @@ class Client:
 
     def _lane(self) -> _Lane:
         """This thread's lane (in a forked child, after forgetting the parent's)."""
-        if os.getpid() != self._pid:
+        if _forks != self._fork:
             self._forked()
         try:
             lane: _Lane = self._local.lane
@@ -689,7 +702,7 @@ class Client:
 
     def next_keys(self, n: int) -> list[bytes]:
         """``n`` fresh put keys: unique to this client (and process), 16 bytes each."""
-        if os.getpid() != self._pid:  # a syscall: once per request, not per key
+        if _forks != self._fork:
             self._forked()  # a child's keys have a prefix of their own
         return self._keys.take(n)
 

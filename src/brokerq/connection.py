@@ -160,7 +160,7 @@ def wake(waiter: Waiter | Putter | Joiner) -> None:
     has its reply written at once, by the waking task (see Connection.hand_over)."""
     wakeup = waiter.token
     assert isinstance(wakeup, Wakeup)
-    if isinstance(waiter, Waiter) and waiter.messages and not wakeup.flag:
+    if type(waiter) is Waiter and waiter.messages and not wakeup.flag:  # (not a Stream)
         owner = waiter.owner
         if isinstance(owner, Connection):
             owner.hand_over(waiter)

@@ -195,6 +195,11 @@ class Broker:
         """
         self.started_at = self.last_activity = trio.current_time()
         self._token = trio.lowlevel.current_trio_token()
+        if self.journal is None or self.journal.syncs == "never":
+            # Nothing is ever synced: no call into the broker on every pass
+            # of the event loop (the default beside the socket).
+            await self._serve(listener, task_status)
+            return
         instrument = _SyncWhenIdle(self)
         trio.lowlevel.add_instrument(instrument)
         try:
