@@ -9,6 +9,7 @@ are compared exactly.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -213,6 +214,19 @@ def test_every_argument_the_user_got_wrong_exits_2(
     assert result.exit_code == 2, result.stderr
     assert result.stderr.strip().count("\n") <= 3  # click's usage lines, or one of ours
     assert ok(brokerq_cli("stats", "jobs", "--json")).count('"put_total": 0') == 1
+
+
+def test_connect_timeout_0_uses_a_running_broker_and_starts_none(sock_dir: str) -> None:
+    path = os.path.join(sock_dir, "b.sock")
+    refused = run_cli("--socket", path, "--connect-timeout", "0", "put", "q", "x")
+    assert refused.returncode == 1
+    assert refused.stderr.decode().splitlines() == [f"brokerq: no broker is running at {path}"]
+    assert broker_pids(sock_dir) == []
+    with brokerq.connect(path) as running:
+        done = run_cli("--socket", path, "--connect-timeout", "0", "put", "q", "x")
+        assert done.returncode == 0, done.stderr
+        assert running.queue("q").get(timeout=5) == b"x"
+        running.stop()
 
 
 def test_version_with_python_m() -> None:

@@ -104,7 +104,7 @@ __all__ = ["AsyncClient", "AsyncMessage", "AsyncQueue", "AsyncSubscription", "op
 R = TypeVar("R", bound=protocol.Reply)
 Then = Callable[["AsyncConnection", R], Awaitable[None]]
 
-DEFAULT_TIMEOUT = 10.0
+DEFAULT_TIMEOUT = calls.DEFAULT_TIMEOUT
 #: Idle connections a client keeps for reuse; more are closed when given back.
 MAX_IDLE = 4
 #: Bytes one receive may take: anyio receives with ``recv(n)``, which
@@ -262,7 +262,7 @@ class AsyncClient:
         prefetch: int | None = None,
     ) -> None:
         self.socket_path = resolve_socket_path(socket)
-        self.timeout = timeout
+        self.timeout, self.starts_broker = calls.client_timeout(timeout)
         #: See :class:`brokerq.Client`: the first get or reserve of a queue opens a stream.
         self.prefetch = calls.prefetch(prefetch)
         self._streams: dict[tuple[str, str, float | None], _AsyncStreamed] = {}
@@ -313,7 +313,9 @@ class AsyncClient:
             if not conn.broken:
                 return conn
             await self._discard(conn)
-        conn = await AsyncConnection.open(self.socket_path, self.timeout, spawn=spawn)
+        conn = await AsyncConnection.open(
+            self.socket_path, self.timeout, spawn=spawn and self.starts_broker
+        )
         if self._closed:
             await conn.aclose()
             raise calls.closed_client()
@@ -482,7 +484,7 @@ class AsyncClient:
                     raise
 
     async def _open_stream(self, streamed: _AsyncStreamed) -> AsyncConnection:
-        conn = await AsyncConnection.open(self.socket_path, self.timeout)
+        conn = await AsyncConnection.open(self.socket_path, self.timeout, spawn=self.starts_broker)
         if self._closed:
             await conn.aclose()
             raise calls.closed_client()
@@ -1056,6 +1058,7 @@ class AsyncSubscription:
         self._events = calls.LiveEvents()
         self._conn: AsyncConnection | None = None
         self._closed = False
+        self._overflowed = False  # dropped by the broker, not closed by its owner
 
     def __repr__(self) -> str:
         return f"<brokerq.AsyncSubscription {self.topic!r} at {self.client.socket_path!r}>"
@@ -1091,7 +1094,10 @@ class AsyncSubscription:
         """Connect and subscribe; events that come before the reply are kept."""
         if self.client._closed:
             raise calls.closed_client()
-        conn = await AsyncConnection.open(self.client.socket_path, self.client.timeout)
+        client = self.client
+        conn = await AsyncConnection.open(
+            client.socket_path, client.timeout, spawn=client.starts_broker
+        )
         try:
             request_id = conn.wire.encode(self._call.kind, self._call.fields)
             with anyio.fail_after(self.client.timeout):
@@ -1117,13 +1123,14 @@ class AsyncSubscription:
         deadline = None if timeout is None else anyio.current_time() + timeout
         while (body := self._events.next_body()) is None:
             if self._closed:
-                raise calls.closed_client()
+                raise calls.closed_subscription(self.topic, self._overflowed)
             conn = self._conn
             if conn is None:
                 await self._subscribe()
                 continue
             self._events.take(conn.wire)  # frames already received
             if self._events.error is not None:
+                self._overflowed = True
                 await self.aclose()  # dropped by the broker: the bodies before, then the error
                 continue
             if self._events.bodies:

@@ -109,6 +109,7 @@ from .protocol import (
     TouchReply,
     Unsubscribe,
     UnsubscribeReply,
+    validate_lease,
 )
 from .state import Joiner, Lease, Message, Putter, Stream, Waiter
 from .unixstream import UnixStream
@@ -513,7 +514,7 @@ class Connection:
                 return _BLOCK if timeout != 0 else _empty(rid, queue)
             case Reserve(id=rid, queue=queue, timeout=timeout, lease=lease):
                 protocol.validate_timeout(timeout)
-                _check_lease(lease)
+                validate_lease(lease)
                 msg = core.reserve_nowait(queue, now, lease, owner=self)
                 if msg is not None:
                     leases = core.leases_of([msg])
@@ -548,7 +549,7 @@ class Connection:
                 core.bury(msg_id, attempt)
                 return BuryReply(id=rid)
             case Touch(id=rid, msg_id=msg_id, attempt=attempt, lease=lease):
-                _check_lease(lease)
+                validate_lease(lease)
                 return TouchReply(id=rid, lease=core.touch(msg_id, attempt, now, lease) - now)
             case Kick(id=rid, queue=queue, n=n):
                 count, woken = core.kick(queue, n, now)
@@ -1013,8 +1014,3 @@ def _join_timeout(request_id: int, queue: str, timeout: float | None) -> Error:
         code="timeout",
         message=f"queue {queue!r} still had unfinished tasks after {timeout or 0:g} s",
     )
-
-
-def _check_lease(lease: float | None) -> None:
-    if lease is not None and not 0 < lease < math.inf:
-        raise InvalidRequest(f"lease must be a finite number of seconds > 0, or nil, not {lease}")
