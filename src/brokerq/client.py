@@ -639,7 +639,13 @@ class Client:
 
     def _stream_request(self, streamed: _Streamed, conn: Connection, call: Call[R]) -> R:
         """One request on a stream's connection: the deliveries that come
-        before its reply go to the buffer."""
+        before its reply go to the buffer, and so do those read with it.
+
+        (The deliveries read in the same receive as the reply must be taken
+        in now: they are in no socket any more, so a later wait on the
+        socket would not see them, and with the stream's credit spent the
+        broker sends nothing more. The consume reply and its first
+        deliveries often come in one read.)"""
         state = streamed.state
         request_id = conn.wire.encode(call.kind, call.fields)
         if call.kind is protocol.Consume:
@@ -649,6 +655,8 @@ class Client:
             conn.send_reading(conn.wire.out, deadline)
             while (reply := state.take(conn.wire)) is None:
                 conn.wire.feed(conn.io.receive(deadline))
+            if (extra := state.take(conn.wire)) is not None:
+                conn.wire.fail(f"a reply that answers nothing: {extra!r}", conn.close)
         return conn.wire.check(call.expect, request_id, reply, conn.close)
 
     def _receive_streamed(
