@@ -8,10 +8,16 @@ are compared exactly.
 
 from __future__ import annotations
 
+import array
+import contextlib
+import fcntl
 import json
+import os
 import signal
 import subprocess
 import sys
+import termios
+from typing import IO, Any
 
 import pytest
 from click.testing import CliRunner, Result
@@ -395,3 +401,121 @@ def test_a_subscribe_that_falls_behind_exits_1(
     assert err.startswith(b"brokerq: ")
     assert b"behind" in err
     assert err.count(b"\n") == 1
+
+
+# -- what get takes, and Ctrl-C ------------------------------------------------------------------
+
+
+def brokerq_proc(
+    procs: Procs, socket_path: str, *args: str, **kwargs: Any
+) -> subprocess.Popen[bytes]:
+    return procs([str(BIN / "brokerq"), "--socket", socket_path, *args], **kwargs)
+
+
+def queue_stats(socket_path: str, queue: str) -> dict[str, Any]:
+    with brokerq.connect(socket_path) as client:
+        return client.queue(queue).stats()
+
+
+def test_get_takes_each_message_as_a_get_does(brokerq_cli: Brokerq, socket_path: str) -> None:
+    """Reserved, printed, then acked as a get: nothing stays reserved, and
+    the tasks are left for a task_done, as after Queue.get."""
+    ok(brokerq_cli("put", "q", "a", "b"))
+    assert ok(brokerq_cli("get", "q", "-n", "2")) == "a\nb\n"
+    stats = queue_stats(socket_path, "q")
+    assert (stats["ready"], stats["reserved"], stats["delivered_total"]) == (0, 0, 2)
+    assert stats["unfinished_tasks"] == 2
+
+
+def test_ctrl_c_ends_a_waiting_get_quietly_as_sigint_and_takes_nothing(
+    socket_path: str, procs: Procs
+) -> None:
+    waiting = brokerq_proc(procs, socket_path, "get", "q")
+    wait_until(lambda: queue_stats(socket_path, "q")["waiters"] == 1, what="get to wait")
+    waiting.send_signal(signal.SIGINT)
+    out, err = waiting.communicate(timeout=10)
+    # Killed by SIGINT, as Python ends on an uncaught KeyboardInterrupt: a
+    # shell shows status 130 (and stops a loop that ran it, next test).
+    assert (waiting.returncode, out, err) == (-signal.SIGINT, b"", b"")
+    with brokerq.connect(socket_path) as client:
+        q = client.queue("q")
+        assert q.stats()["waiters"] == 0
+        q.put(b"kept")
+        assert q.get(timeout=5) == b"kept"
+
+
+def test_ctrl_c_stops_a_shell_loop_that_runs_get(socket_path: str, procs: Procs) -> None:
+    """bash goes on with a loop whose command exited by itself after Ctrl-C
+    (it takes the signal as handled): get must end by SIGINT."""
+    brokerq_path = BIN / "brokerq"
+    loop = f"for i in 1 2; do '{brokerq_path}' --socket '{socket_path}' get q; done; echo after"
+    shell = procs(["bash", "-c", loop], start_new_session=True)
+    try:
+        wait_until(lambda: queue_stats(socket_path, "q")["waiters"] == 1, what="get to wait")
+        os.killpg(shell.pid, signal.SIGINT)  # as Ctrl-C does: the whole foreground group
+        out, err = shell.communicate(timeout=10)
+        assert (shell.returncode, out, err) == (-signal.SIGINT, b"", b"")
+        assert queue_stats(socket_path, "q")["waiters"] == 0
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(shell.pid, signal.SIGKILL)
+
+
+def pipe_bytes(stream: IO[bytes]) -> int:
+    """Bytes written to a pipe and not read yet."""
+    size = array.array("i", [0])
+    fcntl.ioctl(stream.fileno(), termios.FIONREAD, size)
+    return size[0]
+
+
+BIG = bytes(range(256)) * 1024  # 256 KiB: more than a pipe holds
+
+
+def test_ctrl_c_while_get_writes_a_message_lets_it_finish(socket_path: str, procs: Procs) -> None:
+    with brokerq.connect(socket_path) as client:
+        client.queue("q").put(BIG)
+    getter = brokerq_proc(procs, socket_path, "get", "q")
+    assert getter.stdout is not None
+    wait_until(lambda: pipe_bytes(getter.stdout) >= 65536, what="get to fill its stdout")
+    getter.send_signal(signal.SIGINT)  # while it holds the message, blocked in the write
+    out, err = getter.communicate(timeout=20)
+    assert (getter.returncode, out == BIG + b"\n", err) == (-signal.SIGINT, True, b"")
+    stats = queue_stats(socket_path, "q")
+    assert (stats["ready"], stats["reserved"], stats["delivered_total"]) == (0, 0, 1)
+
+
+def test_ctrl_c_again_ends_a_blocked_get_and_the_message_goes_back(
+    socket_path: str, procs: Procs
+) -> None:
+    with brokerq.connect(socket_path) as client:
+        client.queue("q").put(BIG)
+    getter = brokerq_proc(procs, socket_path, "get", "q")
+    assert getter.stdout is not None
+    wait_until(lambda: pipe_bytes(getter.stdout) >= 65536, what="get to fill its stdout")
+
+    def interrupted() -> bool:
+        # Signals do not queue: one sent before the last was handled counts once.
+        getter.send_signal(signal.SIGINT)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            getter.wait(timeout=0.2)
+        return getter.returncode is not None
+
+    wait_until(interrupted, what="a second Ctrl-C to end get")
+    _, err = getter.communicate(timeout=10)
+    assert (getter.returncode, err) == (-signal.SIGINT, b"")
+    with brokerq.connect(socket_path) as client:
+        message = client.queue("q").reserve(timeout=5)
+        assert (message.body == BIG, message.attempt) == (True, 2)
+
+
+def test_a_message_get_cannot_write_stays_on_its_queue(socket_path: str, procs: Procs) -> None:
+    getter = brokerq_proc(procs, socket_path, "get", "q")
+    wait_until(lambda: queue_stats(socket_path, "q")["waiters"] == 1, what="get to wait")
+    assert getter.stdout is not None
+    getter.stdout.close()  # the reader went away
+    with brokerq.connect(socket_path) as client:
+        client.queue("q").put(b"unread")
+        assert getter.wait(timeout=10) == 1
+        assert getter.stderr is not None
+        assert getter.stderr.read() == b""
+        assert client.queue("q").get(timeout=5) == b"unread"

@@ -1,28 +1,49 @@
 """The ``brokerq`` command: the queue from the shell.
 
 Exit status: 0 ok; 1 an error (one line on stderr); 2 a usage error;
-3 timed out or empty (``get``, ``peek``, ``join``). Library errors become
-exit codes here, at the edge, and nowhere else.
+3 timed out or empty (``get``, ``peek``, ``join``); Ctrl-C: the command
+ends quietly as one killed by SIGINT (status 130 in the shell). Library
+errors become exit codes here, at the edge, and nowhere else.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import time
 from collections.abc import Iterator
+from types import FrameType
 from typing import Any, BinaryIO
 
 import click
 
-from . import __version__
-from .client import Client, Queue
-from .errors import BrokerqError, Empty, Full, InvalidRequest, JoinTimeout
+from . import __version__, calls
+from .client import Client, Message, Queue
+from .errors import (
+    BrokerqError,
+    BrokerUnavailable,
+    Empty,
+    Full,
+    InvalidRequest,
+    JoinTimeout,
+    LeaseLost,
+)
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2  # click's own, for options it refuses itself
 EXIT_EMPTY = 3
+#: Ctrl-C. Within click's runner (tests) the status; as the command
+#: (:func:`main`), the process then ends by SIGINT itself, which a shell
+#: shows as this same 130.
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+
+#: The lease of a message ``get`` takes: it is acked once written to
+#: stdout, which may wait for a slow reader of a full pipe. A get that
+#: dies gives it back at once anyway (its connection closes), so the lease
+#: only has to outlast the write.
+GET_LEASE = 24 * 3600.0
 
 
 class _Group(click.Group):
@@ -54,6 +75,10 @@ class _Group(click.Group):
         except BrokerqError as exc:
             click.echo(f"brokerq: {exc}", err=True)
             ctx.exit(EXIT_ERROR)
+        except KeyboardInterrupt:
+            # Quietly: no traceback, no click "Aborted!" (main ends the
+            # process by SIGINT, so that a shell loop running it stops too).
+            ctx.exit(EXIT_INTERRUPTED)
 
 
 class _State:
@@ -108,7 +133,8 @@ def cli(ctx: click.Context, socket: str | None, connect_timeout: float) -> None:
 
     Every command but `stop` starts a broker for the socket if none runs.
 
-    Exit status: 0 ok, 1 error, 2 usage error, 3 timed out, empty or full.
+    Exit status: 0 ok, 1 error, 2 usage error, 3 timed out, empty or full;
+    Ctrl-C ends a command as SIGINT does (status 130).
     """
     state = ctx.obj = _State(socket, connect_timeout)
     ctx.call_on_close(state.close)
@@ -190,21 +216,82 @@ def get(state: _State, queue: str, count: int, timeout: float | None) -> None:
     """Get messages from QUEUE and print each body on its own line.
 
     Exits 3 if --timeout passes before the first message; 0 if at least one
-    message came.
+    message came. Each message is taken off QUEUE once it was written to
+    stdout: one that could not be (Ctrl-C, a closed pipe) stays on QUEUE.
     """
     q = state.queue(queue)
     out = _stdout()
     deadline = None if timeout is None else time.monotonic() + timeout
-    for got in range(count):
-        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+    with _Interrupts() as interrupts:
+        for got in range(count):
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                message = q.reserve(timeout=remaining, lease=GET_LEASE)
+            except Empty:
+                if got:
+                    return
+                raise Empty(f"no message on {queue!r} within {timeout:g} s") from None
+            with interrupts.held():
+                _write_all(out, message.body + b"\n")
+                _ack_as_get(state.client, message)
+
+
+def _write_all(out: BinaryIO, data: bytes) -> None:
+    """Write and flush all of ``data``. (A buffered write that a signal
+    interrupts, the handler returning, may return having written part.)"""
+    view = memoryview(data)
+    while view:
+        view = view[out.write(view) :]
+    out.flush()
+
+
+def _ack_as_get(client: Client, message: Message) -> None:
+    """Take a reserved and printed message off its queue as a get does
+    (its task left for a task_done): the ack of the async client's get."""
+    try:
+        client.run(calls.ack(message.id, message.attempt, as_get=True))
+    except (LeaseLost, BrokerUnavailable) as exc:
+        raise BrokerqError(
+            f"message {message.id} was printed, but may be delivered again: {exc}"
+        ) from exc
+
+
+class _Interrupts:
+    """Ctrl-C while a message is being written and acked waits until it is,
+    so that it is neither lost nor printed twice; a second one interrupts
+    at once (a reader that does not read holds the write up for ever), and
+    the message goes back to its queue. SIGINT that was ignored (a
+    background job) stays ignored."""
+
+    def __init__(self) -> None:
+        self.holding = False
+        self.pending = False
+        self.previous: Any = None
+
+    def __enter__(self) -> _Interrupts:
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.holding and not self.pending:
+            self.pending = True
+            return
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self.holding = True
         try:
-            body = q.get(timeout=remaining)
-        except Empty:
-            if got:
-                return
-            raise Empty(f"no message on {queue!r} within {timeout:g} s") from None
-        out.write(body + b"\n")
-        out.flush()
+            yield
+        finally:
+            self.holding = False
+        if self.pending:
+            raise KeyboardInterrupt
 
 
 @cli.command()
@@ -629,4 +716,20 @@ def consume(
 
 
 def main() -> None:
-    cli(prog_name="brokerq")
+    try:
+        cli(prog_name="brokerq")
+    except SystemExit as exc:
+        if exc.code == EXIT_INTERRUPTED:
+            _die_of_sigint()
+        raise
+
+
+def _die_of_sigint() -> None:
+    """End as a process killed by SIGINT: a shell that ran this command
+    then stops too (bash goes on with a loop whose command exited 130 by
+    itself, taking Ctrl-C as handled), and shows status 130."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
