@@ -519,3 +519,66 @@ def test_a_message_get_cannot_write_stays_on_its_queue(socket_path: str, procs: 
         assert getter.stderr is not None
         assert getter.stderr.read() == b""
         assert client.queue("q").get(timeout=5) == b"unread"
+
+
+# -- get --json, -0 ------------------------------------------------------------------------------
+
+
+def test_get_json_prints_one_object_per_message(brokerq_cli: Brokerq, socket_path: str) -> None:
+    with brokerq.connect(socket_path) as client:
+        q = client.queue("q")
+        q.put(b"plain")
+        q.put("h\u00e9llo\nworld \u2603".encode())  # UTF-8, with a newline
+        q.put(b"\xff\x00\xfe")  # not UTF-8
+        q.put(b"")
+        q.reserve().release()  # "plain" comes again: its second attempt
+    result = brokerq_cli("get", "q", "--json", "-n", "4")
+    lines = ok(result).splitlines()
+    assert [json.loads(line) for line in lines] == [
+        {"id": 1, "queue": "q", "attempt": 2, "body": "plain"},
+        {"id": 2, "queue": "q", "attempt": 1, "body": "h\u00e9llo\nworld \u2603"},
+        {"id": 3, "queue": "q", "attempt": 1, "body_base64": "/wD+"},
+        {"id": 4, "queue": "q", "attempt": 1, "body": ""},
+    ]
+    assert '"body": "h\u00e9llo\\nworld \u2603"' in lines[1]  # UTF-8 as is, one line
+    assert queue_stats(socket_path, "q")["ready"] == 0
+
+
+def test_get_null_ends_each_body_with_a_nul(brokerq_cli: Brokerq, socket_path: str) -> None:
+    with brokerq.connect(socket_path) as client:
+        client.queue("q").put_many([b"two\nlines", b"", b"\xff"])
+    result = brokerq_cli("get", "q", "-0", "-n", "3")
+    assert (result.exit_code, result.stdout_bytes) == (0, b"two\nlines\0\0\xff\0")
+
+
+def test_get_null_feeds_xargs_0(socket_path: str) -> None:
+    assert run_cli("--socket", socket_path, "put", "q", "a b", "c\nd").returncode == 0
+    got = run_cli("--socket", socket_path, "get", "q", "--null", "-n", "2")
+    assert got.returncode == 0
+    done = subprocess.run(
+        ["xargs", "-0", "printf", "[%s]"],
+        input=got.stdout,
+        capture_output=True,
+        timeout=10,
+        check=True,
+    )
+    assert done.stdout == b"[a b][c\nd]"
+
+
+def test_peek_and_subscribe_take_null_too(
+    brokerq_cli: Brokerq, socket_path: str, procs: Procs
+) -> None:
+    ok(brokerq_cli("put", "q", "x\ny"))
+    assert brokerq_cli("peek", "q", "-0").stdout_bytes == b"x\ny\0"
+    sub = subscriber(procs, socket_path, "events", "-0", "-n", "2", "--timeout", "10")
+    ok(brokerq_cli("publish", "events", "a\nb", "c"))
+    out, err = sub.communicate(timeout=20)
+    assert (sub.returncode, out, err) == (0, b"a\nb\0c\0", b"")
+
+
+def test_get_json_and_null_together_is_a_usage_error(brokerq_cli: Brokerq) -> None:
+    ok(brokerq_cli("put", "q", "kept"))
+    result = brokerq_cli("get", "q", "--json", "-0")
+    assert result.exit_code == 2
+    assert "mutually exclusive" in result.stderr
+    assert ok(brokerq_cli("get", "q")) == "kept\n"

@@ -144,6 +144,15 @@ def _stdout() -> BinaryIO:
     return sys.stdout.buffer
 
 
+_null_option = click.option(
+    "-0",
+    "--null",
+    "null",
+    is_flag=True,
+    help="End each body with a NUL byte instead of a newline (for xargs -0).",
+)
+
+
 def _stdin_lines() -> Iterator[bytes]:
     for line in sys.stdin.buffer:
         yield line[:-1] if line.endswith(b"\n") else line
@@ -211,14 +220,34 @@ def put(
     metavar="SECONDS",
     help="One deadline for all of them (default: wait for ever).",
 )
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='Print each message as a JSON object on a line of its own: "id", "queue", '
+    '"attempt", and "body" (a UTF-8 body, as text) or "body_base64" (any other).',
+)
+@_null_option
 @pass_state
-def get(state: _State, queue: str, count: int, timeout: float | None) -> None:
+def get(
+    state: _State,
+    /,
+    *,
+    queue: str,
+    count: int,
+    timeout: float | None,
+    as_json: bool,
+    null: bool,
+) -> None:
     """Get messages from QUEUE and print each body on its own line.
 
     Exits 3 if --timeout passes before the first message; 0 if at least one
     message came. Each message is taken off QUEUE once it was written to
     stdout: one that could not be (Ctrl-C, a closed pipe) stays on QUEUE.
     """
+    if as_json and null:
+        raise click.UsageError("--json and -0/--null are mutually exclusive.")
+    end = b"\0" if null else b"\n"
     q = state.queue(queue)
     out = _stdout()
     deadline = None if timeout is None else time.monotonic() + timeout
@@ -232,8 +261,26 @@ def get(state: _State, queue: str, count: int, timeout: float | None) -> None:
                     return
                 raise Empty(f"no message on {queue!r} within {timeout:g} s") from None
             with interrupts.held():
-                _write_all(out, message.body + b"\n")
+                _write_all(out, _json_line(message) if as_json else message.body + end)
                 _ack_as_get(state.client, message)
+
+
+def _json_line(message: Message) -> bytes:
+    """``get --json``'s line for ``message``: its body as text if it is
+    UTF-8, else in base64 under another key (so that it is not taken for text)."""
+    import base64
+    import json
+
+    record: dict[str, Any] = {
+        "id": message.id,
+        "queue": message.queue.name,
+        "attempt": message.attempt,
+    }
+    try:
+        record["body"] = message.body.decode("utf-8")
+    except UnicodeDecodeError:
+        record["body_base64"] = base64.b64encode(message.body).decode("ascii")
+    return json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n"
 
 
 def _write_all(out: BinaryIO, data: bytes) -> None:
@@ -329,10 +376,11 @@ def join(state: _State, queue: str, timeout: float | None) -> None:
 
 @cli.command()
 @click.argument("queue")
+@_null_option
 @pass_state
-def peek(state: _State, queue: str) -> None:
+def peek(state: _State, queue: str, null: bool) -> None:
     """Print the body at the head of QUEUE without removing it (exit 3 if empty)."""
-    _stdout().write(state.queue(queue).peek() + b"\n")
+    _stdout().write(state.queue(queue).peek() + (b"\0" if null else b"\n"))
 
 
 @cli.command()
@@ -471,9 +519,17 @@ def publish(
     metavar="SECONDS",
     help="Exit 3 if no message comes for this long (default: wait for ever).",
 )
+@_null_option
 @pass_state
 def subscribe(
-    state: _State, topic: str, queue: str | None, count: int | None, timeout: float | None
+    state: _State,
+    /,
+    *,
+    topic: str,
+    queue: str | None,
+    count: int | None,
+    timeout: float | None,
+    null: bool,
 ) -> None:
     """Print each message published to TOPIC from now on, one per line.
 
@@ -489,6 +545,7 @@ def subscribe(
     if queue is not None:
         state.queue(queue).subscribe(topic)
         return
+    end = b"\0" if null else b"\n"
     out = _stdout()
     with _until_signalled(), state.client.subscribe(topic) as subscription:
         got = 0
@@ -497,7 +554,7 @@ def subscribe(
                 body = subscription.get(timeout=timeout)
             except Empty:
                 raise Empty(f"nothing was published to {topic!r} for {timeout:g} s") from None
-            out.write(body + b"\n")
+            out.write(body + end)
             out.flush()
             got += 1
 
