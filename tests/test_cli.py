@@ -582,3 +582,69 @@ def test_get_json_and_null_together_is_a_usage_error(brokerq_cli: Brokerq) -> No
     assert result.exit_code == 2
     assert "mutually exclusive" in result.stderr
     assert ok(brokerq_cli("get", "q")) == "kept\n"
+
+
+# -- put from stdin: -, -0 -----------------------------------------------------------------------
+
+BLOB = bytes(range(256)) + b"\n\nnot \xff UTF-8\r\n\0"
+
+
+def bodies_of(socket_path: str, queue: str, n: int) -> list[bytes]:
+    with brokerq.connect(socket_path) as client:
+        return client.queue(queue).get_many(n, timeout=5)
+
+
+def test_put_dash_puts_all_of_stdin_as_one_message(socket_path: str) -> None:
+    done = run_cli("--socket", socket_path, "put", "q", "-", input=BLOB)
+    assert (done.returncode, done.stdout, done.stderr) == (0, b"1\n", b"")
+    got = run_cli("--socket", socket_path, "get", "q", "-0")
+    assert (got.returncode, got.stdout) == (0, BLOB + b"\0")
+    done = run_cli("--socket", socket_path, "put", "q", "-", input=b"")
+    assert done.stdout == b"2\n"  # an empty stdin: one empty message
+    assert bodies_of(socket_path, "q", 10) == [b""]
+
+
+def test_put_dash_among_messages_and_only_once(brokerq_cli: Brokerq, socket_path: str) -> None:
+    assert ok(brokerq_cli("put", "q", "a", "-", "b", input=b"from\nstdin\n")) == "1\n2\n3\n"
+    assert bodies_of(socket_path, "q", 10) == [b"a", b"from\nstdin\n", b"b"]
+    twice = brokerq_cli("put", "q", "-", "-", input=b"x")
+    assert twice.exit_code == 2
+    assert "'-'" in twice.stderr
+    assert queue_stats(socket_path, "q")["put_total"] == 3
+
+
+def test_put_null_reads_nul_ended_messages(brokerq_cli: Brokerq, socket_path: str) -> None:
+    assert ok(brokerq_cli("put", "q", "-0", input=b"a\0b\nc\0\0\xfftail")) == "1\n2\n3\n4\n"
+    assert bodies_of(socket_path, "q", 10) == [b"a", b"b\nc", b"", b"\xfftail"]
+    assert ok(brokerq_cli("put", "q", "--null", input=b"")) == ""
+    with_message = brokerq_cli("put", "q", "-0", "x")
+    assert with_message.exit_code == 2
+    assert queue_stats(socket_path, "q")["put_total"] == 4
+
+
+def test_get_null_into_put_null_moves_messages_byte_for_byte(socket_path: str) -> None:
+    bodies = [b"line\n", b"\xff\xfe", b"", BLOB[1:-1]]  # anything but a NUL
+    with brokerq.connect(socket_path) as client:
+        client.queue("src").put_many(bodies)
+    got = run_cli("--socket", socket_path, "get", "src", "-0", "-n", "4")
+    done = run_cli("--socket", socket_path, "put", "dst", "-0", input=got.stdout)
+    assert (done.returncode, done.stdout.count(b"\n"), done.stderr) == (0, 4, b"")
+    assert bodies_of(socket_path, "dst", 10) == bodies
+
+
+def test_put_null_puts_each_message_as_it_comes(socket_path: str, procs: Procs) -> None:
+    putter = brokerq_proc(procs, socket_path, "put", "q", "-0", stdin=subprocess.PIPE)
+    assert putter.stdin is not None
+    putter.stdin.write(b"first\0sec")
+    putter.stdin.flush()
+    assert read_line(putter) == b"1\n"  # before stdin ends
+    out, err = putter.communicate(b"ond\0", timeout=10)
+    assert (putter.returncode, out, err) == (0, b"2\n", b"")
+    assert bodies_of(socket_path, "q", 10) == [b"first", b"second"]
+
+
+def test_publish_dash_publishes_all_of_stdin(brokerq_cli: Brokerq, socket_path: str) -> None:
+    ok(brokerq_cli("subscribe", "events", "--queue", "audit"))
+    assert ok(brokerq_cli("publish", "events", "-", input=BLOB)) == "1\n"
+    assert ok(brokerq_cli("publish", "events", "-0", input=b"a\0b")) == "1\n1\n"
+    assert bodies_of(socket_path, "audit", 10) == [BLOB, b"a", b"b"]

@@ -9,13 +9,14 @@ errors become exit codes here, at the edge, and nowhere else.
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import signal
 import sys
 import time
 from collections.abc import Iterator
 from types import FrameType
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, cast
 
 import click
 
@@ -153,9 +154,52 @@ _null_option = click.option(
 )
 
 
+def _bodies(messages: tuple[str, ...], null: bool) -> Iterator[bytes]:
+    """What ``put`` and ``publish`` send: each MESSAGE, ``-`` standing for
+    all of stdin (one message, bytes as they are); with none, stdin's lines
+    (or with ``null``, its NUL-ended records)."""
+    if messages and null:
+        raise click.UsageError("-0/--null splits stdin: it takes no MESSAGE.")
+    if messages.count("-") > 1:
+        raise click.UsageError("'-' (all of stdin, as one message) may be given once.")
+    if not messages:
+        return _stdin_records() if null else _stdin_lines()
+    return (
+        sys.stdin.buffer.read() if m == "-" else m.encode("utf-8", "surrogateescape")
+        for m in messages
+    )
+
+
 def _stdin_lines() -> Iterator[bytes]:
     for line in sys.stdin.buffer:
         yield line[:-1] if line.endswith(b"\n") else line
+
+
+def _stdin_records() -> Iterator[bytes]:
+    """Stdin's records, each ended by a NUL (the last may lack it), as they come."""
+    stdin = cast("io.BufferedReader", sys.stdin.buffer)  # (or click's BytesIO)
+    pending = bytearray()
+    start = 0  # of the next record in pending
+    while chunk := stdin.read1(1 << 16):
+        searched = len(pending)
+        pending += chunk
+        while (end := pending.find(b"\0", searched)) >= 0:
+            yield bytes(pending[start:end])
+            start = searched = end + 1
+        del pending[:start]
+        start = 0
+    if pending:
+        yield bytes(pending)
+
+
+_null_input_option = click.option(
+    "-0",
+    "--null",
+    "null",
+    is_flag=True,
+    help="With no MESSAGE: stdin holds messages each ended by a NUL byte "
+    "(as get -0 prints them), not lines.",
+)
 
 
 @cli.command()
@@ -181,6 +225,7 @@ def _stdin_lines() -> Iterator[bytes]:
     metavar="SECONDS",
     help="On a full queue, wait this long for room, then exit 3 (default: for ever).",
 )
+@_null_input_option
 @pass_state
 def put(
     state: _State,
@@ -192,15 +237,17 @@ def put(
     delay: float,
     ttl: float | None,
     timeout: float | None,
+    null: bool,
 ) -> None:
     """Put each MESSAGE on QUEUE; with none, one message per stdin line.
 
-    Prints each message id on its own line. Exits 3 if a full queue had no
-    room within --timeout.
+    A MESSAGE `-` is all of stdin, as one message, byte for byte (so
+    `brokerq put QUEUE - < file` puts a file; a body `-` itself: `printf -
+    | brokerq put QUEUE -`). Prints each message id on its own line. Exits
+    3 if a full queue had no room within --timeout.
     """
     q = state.queue(queue)
-    bodies = (m.encode("utf-8", "surrogateescape") for m in messages) if messages else None
-    for body in bodies if bodies is not None else _stdin_lines():
+    for body in _bodies(messages, null):
         click.echo(q.put(body, priority=priority, delay=delay, ttl=ttl, timeout=timeout))
 
 
@@ -483,19 +530,27 @@ def stats(state: _State, queue: str | None, as_json: bool, as_prom: bool) -> Non
     metavar="SECONDS",
     help="Each copy is dropped if still waiting after this many seconds.",
 )
+@_null_input_option
 @pass_state
 def publish(
-    state: _State, topic: str, messages: tuple[str, ...], priority: int, ttl: float | None
+    state: _State,
+    /,
+    *,
+    topic: str,
+    messages: tuple[str, ...],
+    priority: int,
+    ttl: float | None,
+    null: bool,
 ) -> None:
-    """Publish each MESSAGE to TOPIC; with none, one message per stdin line.
+    """Publish each MESSAGE to TOPIC; with none, one message per stdin line
+    (a MESSAGE `-`: all of stdin, as one message, as for put).
 
     Every subscriber gets a copy: each queue subscribed with `brokerq
     subscribe TOPIC --queue Q`, and each live `brokerq subscribe TOPIC`.
     Prints, per message, how many subscribers it reached (0: nobody
     subscribes; the message went nowhere).
     """
-    bodies = (m.encode("utf-8", "surrogateescape") for m in messages) if messages else None
-    for body in bodies if bodies is not None else _stdin_lines():
+    for body in _bodies(messages, null):
         click.echo(state.client.publish(topic, body, priority=priority, ttl=ttl))
 
 
