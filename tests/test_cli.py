@@ -157,15 +157,36 @@ def test_stats_of_a_queue_as_json(brokerq_cli: Brokerq) -> None:
     assert stats["oldest_ready_age_s"] is None
 
 
-def test_stats_table_shows_the_queue_row(brokerq_cli: Brokerq, sock_dir: str) -> None:
-    ok(brokerq_cli("put", "jobs", "a", "bb"))
-    lines = ok(brokerq_cli("stats")).splitlines()
+def test_stats_table_shows_the_queue_row(
+    brokerq_cli: Brokerq, sock_dir: str, socket_path: str
+) -> None:
+    """A message in each state, so that the bytes add up in the row."""
+    with brokerq.connect(socket_path) as client:
+        q = client.queue("jobs")
+        q.put(b"b")
+        q.reserve().bury()
+        q.put(b"rr")
+        held = q.reserve()
+        q.put(b"ddd", delay=60)
+        q.put(b"eeee")
+        lines = ok(brokerq_cli("stats")).splitlines()
+        held.release()
     fields = dict(line.split(maxsplit=1) for line in lines[: lines.index("")])
     assert [int(fields["pid"])] == broker_pids(sock_dir)
     assert fields["version"] == brokerq.__version__
     header, *rows = lines[lines.index("") + 1 :]
-    assert header.split() == ["name", "ready", "waiters", "bytes", "put_total", "delivered_total"]
-    assert [row.split() for row in rows] == [["jobs", "2", "0", "3", "2", "0"]]
+    assert header.split() == [
+        "name",
+        "ready",
+        "delayed",
+        "reserved",
+        "buried",
+        "waiters",
+        "bytes",
+        "put_total",
+        "delivered_total",
+    ]
+    assert [row.split() for row in rows] == [["jobs", "1", "1", "1", "1", "0", "10", "4", "2"]]
 
 
 def test_ping(brokerq_cli: Brokerq, sock_dir: str) -> None:
@@ -342,7 +363,7 @@ def test_unsubscribe_exits_1_without_such_a_subscription(brokerq_cli: Brokerq) -
 
 
 def test_topics_lists_subscribers_and_counts(brokerq_cli: Brokerq, socket_path: str) -> None:
-    assert ok(brokerq_cli("topics")) == ""
+    assert ok(brokerq_cli("topics")).split() == TOPIC_HEADER  # none: the header alone
     ok(brokerq_cli("subscribe", "events", "--queue", "audit"))
     ok(brokerq_cli("subscribe", "events", "--queue", "metrics"))
     ok(brokerq_cli("subscribe", "alerts", "--queue", "audit"))

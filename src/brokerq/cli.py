@@ -468,7 +468,18 @@ def queues(state: _State) -> None:
         click.echo(name)
 
 
-QUEUE_COLUMNS = ("name", "ready", "waiters", "bytes", "put_total", "delivered_total")
+#: ``bytes`` counts the bodies in every state, the ready, delayed, reserved and buried.
+QUEUE_COLUMNS = (
+    "name",
+    "ready",
+    "delayed",
+    "reserved",
+    "buried",
+    "waiters",
+    "bytes",
+    "put_total",
+    "delivered_total",
+)
 
 
 @cli.command()
@@ -633,10 +644,11 @@ TOPIC_COLUMNS = ("topic", "queues", "live", "published_total", "dropped_total")
 @cli.command()
 @pass_state
 def topics(state: _State) -> None:
-    """List the topics that have subscribers, with their subscribers and counts."""
+    """List the topics that have subscribers, with their subscribers and counts.
+
+    With none, the table's header alone."""
     rows = _topic_rows(state.client.stats().get("topics", {}))
-    if rows:
-        click.echo(_table(rows, TOPIC_COLUMNS))
+    click.echo(_table(rows, TOPIC_COLUMNS))
 
 
 def _topic_rows(topics: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
