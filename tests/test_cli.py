@@ -669,3 +669,35 @@ def test_publish_dash_publishes_all_of_stdin(brokerq_cli: Brokerq, socket_path: 
     assert ok(brokerq_cli("publish", "events", "-", input=BLOB)) == "1\n"
     assert ok(brokerq_cli("publish", "events", "-0", input=b"a\0b")) == "1\n1\n"
     assert bodies_of(socket_path, "audit", 10) == [BLOB, b"a", b"b"]
+
+
+# -- --socket after the command ------------------------------------------------------------------
+
+
+def test_socket_and_connect_timeout_after_the_command(socket_path: str) -> None:
+    runner = CliRunner()
+
+    def run(*args: str) -> Result:
+        return runner.invoke(cli, list(args), catch_exceptions=False)
+
+    assert ok(run("put", "q", "a", "--socket", socket_path)) == "1\n"
+    assert ok(run("get", "q", "--socket", socket_path, "--connect-timeout", "5")) == "a\n"
+    assert ok(run("ping", "--socket", socket_path)).startswith("pong from brokerq")
+    assert "--socket PATH" in ok(run("get", "--help"))
+    assert run("ping", "--socket", socket_path, "--connect-timeout", "-1").exit_code == 2
+
+
+def test_socket_after_the_command_wins(socket_path: str, sock_dir: str) -> None:
+    """Over --socket before the command, and over BROKERQ_SOCKET."""
+    runner = CliRunner()
+    elsewhere = os.path.join(sock_dir, "other.sock")
+    result = runner.invoke(
+        cli, ["--socket", elsewhere, "put", "q", "a", "--socket", socket_path], env={}
+    )
+    assert ok(result) == "1\n"
+    result = runner.invoke(
+        cli, ["get", "q", "--socket", socket_path], env={"BROKERQ_SOCKET": elsewhere}
+    )
+    assert ok(result) == "a\n"
+    assert not os.path.exists(elsewhere)
+    assert not os.path.exists(elsewhere + ".lock")  # no broker was started there

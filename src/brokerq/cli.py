@@ -57,6 +57,10 @@ class _Group(click.Group):
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), "serve"})
 
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        cmd.params.extend(_command_options())
+        super().add_command(cmd, name)
+
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name == "serve" and cmd_name not in self.commands:
             self.add_command(_serve_command())
@@ -108,6 +112,40 @@ class _State:
 
 
 pass_state = click.make_pass_decorator(_State)
+
+
+def _command_options() -> list[click.Parameter]:
+    """The group's --socket and --connect-timeout, taken after the command
+    name too (``brokerq get jobs --socket PATH``), where they win over the
+    group's (and so over BROKERQ_SOCKET)."""
+
+    def set_socket(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+        state = ctx.find_object(_State)
+        if state is not None and value is not None:
+            state.socket = value
+
+    def set_timeout(ctx: click.Context, param: click.Parameter, value: float | None) -> None:
+        state = ctx.find_object(_State)
+        if state is not None and value is not None:
+            state.connect_timeout = value
+
+    return [
+        click.Option(
+            ["--socket"],
+            metavar="PATH",
+            expose_value=False,
+            callback=set_socket,
+            help="The broker's socket, as before the command (this one wins).",
+        ),
+        click.Option(
+            ["--connect-timeout"],
+            type=click.FloatRange(min=0),
+            metavar="SECONDS",
+            expose_value=False,
+            callback=set_timeout,
+            help="As before the command (this one wins).",
+        ),
+    ]
 
 
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
