@@ -280,8 +280,8 @@ def put(
     """Put each MESSAGE on QUEUE; with none, one message per stdin line.
 
     A MESSAGE `-` is all of stdin, as one message, byte for byte (so
-    `brokerq put QUEUE - < file` puts a file; a body `-` itself: `printf -
-    | brokerq put QUEUE -`). Prints each message id on its own line. Exits
+    `brokerq put QUEUE - < file` puts a file; a body `-` itself: `printf %s
+    - | brokerq put QUEUE -`). Prints each message id on its own line. Exits
     3 if a full queue had no room within --timeout.
     """
     q = state.queue(queue)
