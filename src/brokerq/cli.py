@@ -163,7 +163,7 @@ def _command_options() -> list[click.Parameter]:
     envvar="BROKERQ_CONNECT_TIMEOUT",
     show_envvar=True,
     metavar="SECONDS",
-    help="How long to wait for a broker to answer (or start).",
+    help="How long to wait for a broker to answer (or start); 0: use a running one only.",
 )
 @click.version_option(__version__, prog_name="brokerq")
 @click.pass_context
