@@ -56,6 +56,7 @@ import trio
 from . import __version__, limits, protocol, streaming
 from .errors import BrokerqError, InvalidRequest, QueueFull, RemoteProtocolError
 from .journal import JournalFailed
+from .pause import pause
 from .protocol import (
     PROTOCOL_VERSION,
     Ack,
@@ -725,6 +726,8 @@ class Connection:
             wake_all(self.core.cancel_put(putter, self.broker.clock()))
             raise
         if putter.ids is None:
+            if peer_gone:
+                pause("broker.put_abandoned")
             wake_all(self.core.cancel_put(putter, self.broker.clock()))
             if peer_gone:
                 raise PeerGone
