@@ -21,7 +21,11 @@ that pipelines pays one syscall per batch, not per request.
   client that disconnects leaves the line at once. A ``join`` parks a
   :class:`~brokerq.state.Joiner` the same way; the broker wakes it once the
   queue's unfinished tasks reach 0 (Broker.after_request).
-* When the connection ends, every lease it holds is released.
+* When the connection ends, every lease it holds is released. A peer that
+  shut down only its sending side reads on: at the end of its stream a
+  put still waiting for room is withdrawn, and the replies the connection
+  owes (one waiting for its fsync too) are written before it closes, so
+  the peer learns whether its put was made (protocol.md 4).
 * Limits (:mod:`brokerq.limits`): at most ``max_pipelined`` requests (or
   :data:`~brokerq.limits.REPLY_BUFFER` bytes of replies) are answered before
   their replies are written, and nothing more is read until they are, so a
@@ -52,6 +56,7 @@ import trio
 from . import __version__, limits, protocol, streaming
 from .errors import BrokerqError, InvalidRequest, QueueFull, RemoteProtocolError
 from .journal import JournalFailed
+from .pause import pause
 from .protocol import (
     PROTOCOL_VERSION,
     Ack,
@@ -294,6 +299,12 @@ class Connection:
                 data = await self._receive_in_time()
                 self.idle = False
                 if not data:
+                    # The peer's end. One that shut down only its sending side
+                    # reads on: the replies it is owed go first, however long
+                    # their fsync takes (a put admitted before the end was
+                    # read: protocol.md 4, "End of a connection").
+                    if self.pending:
+                        await self._wait_drained()
                     return
                 self.reader.feed(data)
         finally:
@@ -716,6 +727,8 @@ class Connection:
             wake_all(self.core.cancel_put(putter, self.broker.clock()))
             raise
         if putter.ids is None:
+            if peer_gone:
+                pause("broker.put_abandoned")
             wake_all(self.core.cancel_put(putter, self.broker.clock()))
             if peer_gone:
                 raise PeerGone
