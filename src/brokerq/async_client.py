@@ -97,7 +97,7 @@ from .errors import (
     VersionMismatch,
 )
 from .protocol import GetManyReply, HelloReply, ReserveReply
-from .spawn import broker_running, connect_or_spawn, resolve_socket_path
+from .spawn import broker_running, connect_or_spawn, resolve_socket_path, still_running
 
 __all__ = ["AsyncClient", "AsyncMessage", "AsyncQueue", "AsyncSubscription", "open_async_client"]
 
@@ -587,7 +587,9 @@ class AsyncClient:
         """Ask the broker to exit and wait until it has; never spawns one.
 
         Returns False if no broker was running. Raises BrokerUnavailable if
-        the broker still holds its lock after the client's ``timeout``.
+        the broker still holds its lock after the client's ``timeout``. As
+        :meth:`brokerq.Client.stop`, it waits for this broker to exit, not
+        for none to run: waiting clients reconnect and start the next one.
         """
         if self._closed:
             raise calls.closed_client()
@@ -612,7 +614,7 @@ class AsyncClient:
         finally:
             await conn.aclose()
         await self._forget(conn.hello.pid)
-        while broker_running(self.socket_path):
+        while still_running(self.socket_path, conn.hello.pid):
             if anyio.current_time() > deadline:
                 raise calls.not_stopped(self.socket_path, self.timeout)
             await anyio.sleep(0.005)

@@ -46,8 +46,15 @@ from .errors import (
     RemoteProtocolError,
     VersionMismatch,
 )
+from .pause import pause
 from .sockio import Spinner, spin_from_environment
-from .spawn import broker_running, connect_or_spawn, resolve_socket_path
+from .spawn import (
+    broker_running,
+    connect_or_spawn,
+    lock_holder_pid,
+    resolve_socket_path,
+    still_running,
+)
 
 __all__ = [
     "Body",
@@ -194,18 +201,19 @@ class Connection:
 def retire_older_broker(socket_path: str, version: int, deadline: float) -> None:
     """Ask the broker at ``socket_path``, which speaks the older protocol
     ``version``, to stop (it answers its clients, syncs its journal and
-    exits), and wait until it holds its lock no more."""
+    exits), and wait until it holds its lock no more (:func:`still_running`)."""
     start = time.monotonic()
     try:
         sock = connect_or_spawn(socket_path, deadline, spawn=False)
     except OSError as exc:
         raise calls.unreachable(socket_path, exc) from exc
+    pid = lock_holder_pid(socket_path)  # (it serves: the pid is its own)
     with sock, contextlib.suppress(OSError):
         sock.settimeout(max(deadline - time.monotonic(), 0.001))
         sock.sendall(calls.retirement(version))
         while sock.recv(65536):
             pass  # its replies, then the end of the connection as it stops
-    while broker_running(socket_path):
+    while still_running(socket_path, pid):
         if time.monotonic() > deadline:
             raise calls.not_stopped(socket_path, deadline - start)
         time.sleep(0.005)
@@ -771,9 +779,19 @@ class Client:
         Returns False if no broker was running. Raises BrokerUnavailable if
         the broker still holds its lock after the client's ``timeout``.
         Flushes this thread's put window first.
+
+        Clients waiting on the broker (a ``get``, a live subscription,
+        ``brokerq consume``) reconnect, and the first of them starts a new
+        broker once this one has exited: this returns all the same (it
+        waits for this broker, not for none to run). To stop for good, stop
+        those clients first.
         """
         lane = self._take()
         try:
+            if lane.conn is not None:
+                # A fresh connection: one opened earlier may be to a broker
+                # gone since, which would leave the one now serving running.
+                lane.conn.close()
             try:
                 conn = self._lane_connection(lane, spawn=False)
             except VersionMismatch as exc:
@@ -796,7 +814,8 @@ class Client:
                 conn.close()
         finally:
             lane.busy = False
-        while broker_running(self.socket_path):
+        pause("client.stop_sent")
+        while still_running(self.socket_path, conn.broker_pid):
             if time.monotonic() > deadline:
                 raise calls.not_stopped(self.socket_path, self.timeout)
             time.sleep(0.005)
