@@ -85,7 +85,7 @@ import anyio
 from anyio.abc import UNIXSocketStream
 
 from . import calls, prefetch, protocol
-from .calls import Body, Call, ConnectionLost
+from .calls import Body, BrokerStopping, Call, ConnectionLost
 from .client import retire_older_broker
 from .errors import (
     BrokerqError,
@@ -370,10 +370,11 @@ class AsyncClient:
                 if then is not None:
                     await then(conn, reply)
                 return reply
-            except ConnectionLost:
+            except ConnectionLost as exc:  # (or a stopping broker's refusal)
                 if conn.broken:
                     await self._forget(conn.hello.pid)
-                if not attempts.again(anyio.current_time()):
+                refused = isinstance(exc, BrokerStopping)
+                if not attempts.again(anyio.current_time(), refused=refused):
                     raise
             finally:
                 await self._release(conn)
@@ -1090,10 +1091,22 @@ class AsyncSubscription:
             await conn.aclose()
 
     async def _subscribe(self) -> None:
-        """Connect and subscribe; events that come before the reply are kept."""
+        """Connect and subscribe; events that come before the reply are kept.
+        A connection lost before the reply (or a stopping broker's refusal)
+        is tried again on a new one, within the client's timeout."""
+        give_up = time.monotonic() + self.client.timeout
+        while True:
+            try:
+                await self._subscribe_once(max(give_up - time.monotonic(), 0.001))
+                return
+            except ConnectionLost:
+                if time.monotonic() >= give_up:
+                    raise
+
+    async def _subscribe_once(self, timeout: float) -> None:
         if self.client._closed:
             raise calls.closed_client()
-        conn = await AsyncConnection.open(self.client.socket_path, self.client.timeout)
+        conn = await AsyncConnection.open(self.client.socket_path, timeout)
         try:
             request_id = conn.wire.encode(self._call.kind, self._call.fields)
             with anyio.fail_after(self.client.timeout):

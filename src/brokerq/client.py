@@ -36,7 +36,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
 from . import calls, prefetch, protocol
-from .calls import Body, Call, ConnectionLost
+from .calls import Body, BrokerStopping, Call, ConnectionLost
 from .errors import (
     BrokerqError,
     BrokerUnavailable,
@@ -428,11 +428,10 @@ class Client:
                 deadline = window.reply_deadline(now)
                 with conn.exchange(None if deadline is None else deadline - now):
                     reply = conn.read_reply(deadline)
-            except ConnectionLost:
+                window.answered(reply, conn.wire, conn.close)
+            except ConnectionLost:  # (or a stopping broker's refusal: the put stays)
                 if not window.lost(began, time.monotonic()):
                     raise
-                continue
-            window.answered(reply, conn.wire, conn.close)
 
     def connection(self, *, spawn: bool = True) -> Connection:
         """This thread's connection, opened (and the broker spawned) on demand;
@@ -476,13 +475,16 @@ class Client:
         retry: bool = True,
         **fields: Any,
     ) -> R:
-        """One request on this thread's connection, retried if the broker dies.
+        """One request on this thread's connection, retried if the broker dies
+        or stops.
 
         ``wait`` is how long the broker may take by the request's own terms
         (a get's timeout; 0 for requests that never wait); the reply gets
         the client's ``timeout`` on top. If the connection is lost before
-        the reply, the request is sent again on a new connection (which
-        starts a new broker if needed) until that deadline passes: puts
+        the reply, or a stopping broker refuses the request (it was not
+        carried out), the request is sent again on a new connection (which
+        waits for a stopping broker to exit, and starts a new broker if
+        needed) until that deadline passes: puts
         carry a key, so a retried put is never enqueued twice; a retried
         get or reserve asks again with what is left of its timeout.
         """
@@ -510,8 +512,9 @@ class Client:
                 limit = attempts.start(time.monotonic())
                 try:
                     return conn.request(call.expect, call.kind, limit, **attempts.fields)
-                except ConnectionLost:
-                    if not attempts.again(time.monotonic()):
+                except ConnectionLost as exc:
+                    refused = isinstance(exc, BrokerStopping)
+                    if not attempts.again(time.monotonic(), refused=refused):
                         raise
         finally:
             lane.busy = False
@@ -1153,12 +1156,13 @@ class StreamedMessage(Message):
 class Subscription:
     """A live subscription to a topic: the publishes made while it is open.
 
-    It has a connection of its own. If the broker goes away, it reconnects
-    (spawning a broker if need be) and subscribes again; publishes made in
-    between are missed, as for any live subscriber (a queue subscription
-    misses nothing). A subscriber that reads too slowly is dropped by the
-    broker: :meth:`get` then raises :class:`~brokerq.errors.SubscriberOverflow`
-    (after the publishes that came before it), and the subscription is closed.
+    It has a connection of its own. If the broker goes away (crashed or
+    stopped), it reconnects (spawning a broker if need be) and subscribes
+    again; publishes made in between are missed, as for any live
+    subscriber (a queue subscription misses nothing). A subscriber that
+    reads too slowly is dropped by the broker: :meth:`get` then raises
+    :class:`~brokerq.errors.SubscriberOverflow` (after the publishes that
+    came before it), and the subscription is closed.
     """
 
     def __init__(self, client: Client, topic: str) -> None:
@@ -1191,16 +1195,28 @@ class Subscription:
             self._conn = None
 
     def _subscribe(self) -> None:
-        """Connect and subscribe; events that come before the reply are kept."""
-        conn = Connection(self.client.socket_path, self.client.timeout, spin=self.client.spin)
-        with conn.exchange(self.client.timeout):
-            request_id = conn.wire.encode(self._call.kind, self._call.fields)
-            deadline = time.monotonic() + self.client.timeout
-            conn.io.send_all(conn.wire.out, deadline)
-            while (reply := self._events.take(conn.wire)) is None:
-                conn.wire.feed(conn.io.receive(deadline))
-            conn.wire.check(self._call.expect, request_id, reply, conn.close)
-        self._conn = conn
+        """Connect and subscribe; events that come before the reply are kept.
+        A connection lost before the reply (or a stopping broker's refusal)
+        is tried again on a new one, within the client's timeout."""
+        timeout = self.client.timeout
+        give_up = time.monotonic() + timeout
+        while True:
+            left = max(give_up - time.monotonic(), 0.001)
+            conn = Connection(self.client.socket_path, left, spin=self.client.spin)
+            try:
+                with conn.exchange(timeout):
+                    request_id = conn.wire.encode(self._call.kind, self._call.fields)
+                    deadline = time.monotonic() + timeout
+                    conn.io.send_all(conn.wire.out, deadline)
+                    while (reply := self._events.take(conn.wire)) is None:
+                        conn.wire.feed(conn.io.receive(deadline))
+                    conn.wire.check(self._call.expect, request_id, reply, conn.close)
+            except ConnectionLost:
+                if time.monotonic() >= give_up:
+                    raise
+                continue
+            self._conn = conn
+            return
 
     def get(self, timeout: float | None = None) -> bytes:
         """The next publish's body, waiting up to ``timeout`` (None: for
