@@ -97,7 +97,7 @@ import anyio
 from anyio.abc import UNIXSocketStream
 
 from . import calls, prefetch, protocol
-from .calls import Body, Call, ConnectionLost
+from .calls import Body, BrokerStopping, Call, ConnectionLost
 from .client import retire_older_broker
 from .errors import (
     BrokerqError,
@@ -109,7 +109,7 @@ from .errors import (
     VersionMismatch,
 )
 from .protocol import GetManyReply, HelloReply, ReserveReply
-from .spawn import broker_running, connect_or_spawn, resolve_socket_path
+from .spawn import broker_running, connect_or_spawn, resolve_socket_path, still_running
 
 __all__ = ["AsyncClient", "AsyncMessage", "AsyncQueue", "AsyncSubscription", "open_async_client"]
 
@@ -455,10 +455,11 @@ class AsyncClient:
                 if then is not None:
                     await then(conn, reply)
                 return reply
-            except ConnectionLost:
+            except ConnectionLost as exc:  # (or a stopping broker's refusal)
                 if conn.broken:
                     await self._forget(conn.hello.pid)
-                if not attempts.again(anyio.current_time()):
+                refused = isinstance(exc, BrokerStopping)
+                if not attempts.again(anyio.current_time(), refused=refused):
                     raise
             finally:
                 await self._release(conn)
@@ -685,7 +686,9 @@ class AsyncClient:
         """Ask the broker to exit and wait until it has; never spawns one.
 
         Returns False if no broker was running. Raises BrokerUnavailable if
-        the broker still holds its lock after the client's ``timeout``.
+        the broker still holds its lock after the client's ``timeout``. As
+        :meth:`brokerq.Client.stop`, it waits for this broker to exit, not
+        for none to run: waiting clients reconnect and start the next one.
         """
         if self._closed:
             raise calls.closed_client()
@@ -710,7 +713,7 @@ class AsyncClient:
         finally:
             await conn.aclose()
         await self._forget(conn.hello.pid)
-        while broker_running(self.socket_path):
+        while still_running(self.socket_path, conn.hello.pid):
             if anyio.current_time() > deadline:
                 raise calls.not_stopped(self.socket_path, self.timeout)
             await anyio.sleep(0.005)
@@ -1187,12 +1190,23 @@ class AsyncSubscription:
             await conn.aclose()
 
     async def _subscribe(self) -> None:
-        """Connect and subscribe; events that come before the reply are kept."""
+        """Connect and subscribe; events that come before the reply are kept.
+        A connection lost before the reply (or a stopping broker's refusal)
+        is tried again on a new one, within the client's timeout."""
+        give_up = time.monotonic() + self.client.timeout
+        while True:
+            try:
+                await self._subscribe_once(max(give_up - time.monotonic(), 0.001))
+                return
+            except ConnectionLost:
+                if time.monotonic() >= give_up:
+                    raise
+
+    async def _subscribe_once(self, timeout: float) -> None:
         if self.client._closed:
             raise calls.closed_client()
-        client = self.client
         conn = await AsyncConnection.open(
-            client.socket_path, client.timeout, spawn=client.starts_broker
+            self.client.socket_path, timeout, spawn=self.client.starts_broker
         )
         try:
             request_id = conn.wire.encode(self._call.kind, self._call.fields)

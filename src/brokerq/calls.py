@@ -30,6 +30,7 @@ from .errors import (
     LocalProtocolError,
     MessageTooLarge,
     RemoteProtocolError,
+    ShuttingDown,
     VersionMismatch,
     from_code,
 )
@@ -55,6 +56,20 @@ class ConnectionLost(BrokerUnavailable):
     """
 
 
+class BrokerStopping(ConnectionLost, ShuttingDown):
+    """The broker answered ``shutting_down``: it is stopping, did not carry
+    the request out, and closes the connection.
+
+    To the clients it is a lost connection (a stop is no worse than a
+    crash): a request that a lost connection sends again is sent again, on
+    a new connection, which waits for the stopping broker to exit and
+    starts the next one if no other client did. One that is not sent again
+    raises this, a :class:`~brokerq.ShuttingDown` as before. Since the
+    request was not carried out, a ``task_done`` is sent again too
+    (:attr:`Call.resend_refused`).
+    """
+
+
 # -- calls -----------------------------------------------------------------
 
 
@@ -65,7 +80,10 @@ class Call(Generic[R]):
     ``wait`` is how long the broker may take by the request's own terms (a
     get's timeout; None for ever; 0 for requests that never wait). The
     reply gets the client's timeout on top. ``retry``: whether a lost
-    connection sends it again (not for lease verbs).
+    connection sends it again (not for lease verbs). ``resend_refused``:
+    whether one that ``retry`` says not to send again is sent again all the
+    same when the broker refused it because it is stopping
+    (:class:`BrokerStopping`: it was not carried out).
     """
 
     expect: type[R]
@@ -73,6 +91,7 @@ class Call(Generic[R]):
     wait: float | None
     fields: dict[str, Any] = field(default_factory=dict)
     retry: bool = True
+    resend_refused: bool = False
 
     def with_timeout(self, timeout: float | None) -> Call[R]:
         """The same request with another ``timeout`` (0: it never waits in the broker)."""
@@ -251,10 +270,14 @@ def task_done(queue: str, n: int = 1) -> Call[protocol.TaskDoneReply]:
     """``n`` tasks of ``queue`` are done. Never sent again after a lost
     connection: it is not idempotent (a first try that got through and a
     second would count twice), so the caller gets ConnectionLost, as for a
-    lease verb."""
+    lease verb. But sent again when a stopping broker refused it: it did
+    not count then."""
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise InvalidRequest(f"task_done needs a whole number n >= 1, not {n!r}")
-    return Call(protocol.TaskDoneReply, protocol.TaskDone, 0, {"queue": queue, "n": n}, retry=False)
+    fields = {"queue": queue, "n": n}
+    return Call(
+        protocol.TaskDoneReply, protocol.TaskDone, 0, fields, retry=False, resend_refused=True
+    )
 
 
 def join(queue: str, timeout: float | None) -> Call[protocol.JoinReply]:
@@ -493,14 +516,18 @@ class Attempts:
         self.started = now
         return None if self.deadline is None else max(self.deadline - now, 0.001)
 
-    def again(self, now: float) -> bool:
-        """The attempt lost its connection: may the call be sent again?"""
+    def again(self, now: float, *, refused: bool = False) -> bool:
+        """The attempt lost its connection (``refused``: the broker refused
+        the request as it stops, :class:`BrokerStopping`): may the call be
+        sent again?"""
         if self.deadline is None and (self.retry_until is None or now - self.started > self.grace):
             # No deadline of its own (it may wait for ever): reconnecting
             # may take the grace, counted from this loss.
             self.retry_until = now + self.grace
         assert self.retry_until is not None
-        if not self.call.retry or now >= self.retry_until:
+        if not (self.call.retry or (refused and self.call.resend_refused)):
+            return False
+        if now >= self.retry_until:
             return False
         if self.request_deadline is not None:
             self.fields["timeout"] = max(0.0, self.request_deadline - now)
@@ -641,9 +668,14 @@ class PutWindow:
         self, reply: protocol.AnyReply, wire: Wire, close: Callable[[], None]
     ) -> protocol.Reply:
         """The reply to the first put: it leaves the window (acknowledged, or
-        answered with an error, which this raises as :meth:`Wire.check` does)."""
+        answered with an error, which this raises as :meth:`Wire.check` does).
+        Refused by a stopping broker, it was not carried out: it stays, to
+        be sent again, and the window is lost as with its connection
+        (:class:`BrokerStopping`)."""
         head = self.pending[0]
-        if reply.id == head.request_id:
+        if reply.id == head.request_id and not (
+            type(reply) is protocol.Error and reply.code == ShuttingDown.code
+        ):
             self.pending.popleft()
             self.sent -= 1
             if not self.pending:
@@ -740,6 +772,8 @@ class Wire:
                 close()  # the broker closes these connections
             if reply.code == "version":
                 raise VersionMismatch(reply.message, reply.version)
+            if _refused(reply):
+                raise BrokerStopping(reply.message)
             raise from_code(reply.code, reply.message)
         if not isinstance(reply, expect):
             self.fail(f"expected a {expect.__name__}, got {reply!r}", close)
@@ -767,6 +801,11 @@ class Wire:
 
     def lost(self, exc: BaseException) -> ConnectionLost:
         return ConnectionLost(f"lost the connection to the broker at {self.socket_path}: {exc}")
+
+
+def _refused(reply: protocol.AnyReply) -> bool:
+    """Whether ``reply`` is a stopping broker's refusal (:class:`BrokerStopping`)."""
+    return isinstance(reply, protocol.Error) and reply.code == ShuttingDown.code
 
 
 def unreachable(socket_path: str, exc: OSError) -> BrokerUnavailable:

@@ -36,7 +36,7 @@ from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
 from . import calls, prefetch, protocol
-from .calls import Body, Call, ConnectionLost
+from .calls import Body, BrokerStopping, Call, ConnectionLost
 from .errors import (
     BrokerqError,
     BrokerUnavailable,
@@ -46,8 +46,15 @@ from .errors import (
     RemoteProtocolError,
     VersionMismatch,
 )
+from .pause import pause
 from .sockio import Spinner, spin_from_environment
-from .spawn import broker_running, connect_or_spawn, resolve_socket_path
+from .spawn import (
+    broker_running,
+    connect_or_spawn,
+    lock_holder_pid,
+    resolve_socket_path,
+    still_running,
+)
 
 __all__ = [
     "Body",
@@ -194,18 +201,19 @@ class Connection:
 def retire_older_broker(socket_path: str, version: int, deadline: float) -> None:
     """Ask the broker at ``socket_path``, which speaks the older protocol
     ``version``, to stop (it answers its clients, syncs its journal and
-    exits), and wait until it holds its lock no more."""
+    exits), and wait until it holds its lock no more (:func:`still_running`)."""
     start = time.monotonic()
     try:
         sock = connect_or_spawn(socket_path, deadline, spawn=False)
     except OSError as exc:
         raise calls.unreachable(socket_path, exc) from exc
+    pid = lock_holder_pid(socket_path)  # (it serves: the pid is its own)
     with sock, contextlib.suppress(OSError):
         sock.settimeout(max(deadline - time.monotonic(), 0.001))
         sock.sendall(calls.retirement(version))
         while sock.recv(65536):
             pass  # its replies, then the end of the connection as it stops
-    while broker_running(socket_path):
+    while still_running(socket_path, pid):
         if time.monotonic() > deadline:
             raise calls.not_stopped(socket_path, deadline - start)
         time.sleep(0.005)
@@ -420,11 +428,10 @@ class Client:
                 deadline = window.reply_deadline(now)
                 with conn.exchange(None if deadline is None else deadline - now):
                     reply = conn.read_reply(deadline)
-            except ConnectionLost:
+                window.answered(reply, conn.wire, conn.close)
+            except ConnectionLost:  # (or a stopping broker's refusal: the put stays)
                 if not window.lost(began, time.monotonic()):
                     raise
-                continue
-            window.answered(reply, conn.wire, conn.close)
 
     def connection(self, *, spawn: bool = True) -> Connection:
         """This thread's connection, opened (and the broker spawned) on demand;
@@ -470,13 +477,16 @@ class Client:
         retry: bool = True,
         **fields: Any,
     ) -> R:
-        """One request on this thread's connection, retried if the broker dies.
+        """One request on this thread's connection, retried if the broker dies
+        or stops.
 
         ``wait`` is how long the broker may take by the request's own terms
         (a get's timeout; 0 for requests that never wait); the reply gets
         the client's ``timeout`` on top. If the connection is lost before
-        the reply, the request is sent again on a new connection (which
-        starts a new broker if needed) until that deadline passes: puts
+        the reply, or a stopping broker refuses the request (it was not
+        carried out), the request is sent again on a new connection (which
+        waits for a stopping broker to exit, and starts a new broker if
+        needed) until that deadline passes: puts
         carry a key, so a retried put is never enqueued twice; a retried
         get or reserve asks again with what is left of its timeout.
         """
@@ -504,8 +514,9 @@ class Client:
                 limit = attempts.start(time.monotonic())
                 try:
                     return conn.request(call.expect, call.kind, limit, **attempts.fields)
-                except ConnectionLost:
-                    if not attempts.again(time.monotonic()):
+                except ConnectionLost as exc:
+                    refused = isinstance(exc, BrokerStopping)
+                    if not attempts.again(time.monotonic(), refused=refused):
                         raise
         finally:
             lane.busy = False
@@ -781,9 +792,19 @@ class Client:
         Returns False if no broker was running. Raises BrokerUnavailable if
         the broker still holds its lock after the client's ``timeout``.
         Flushes this thread's put window first.
+
+        Clients waiting on the broker (a ``get``, a live subscription,
+        ``brokerq consume``) reconnect, and the first of them starts a new
+        broker once this one has exited: this returns all the same (it
+        waits for this broker, not for none to run). To stop for good, stop
+        those clients first.
         """
         lane = self._take()
         try:
+            if lane.conn is not None:
+                # A fresh connection: one opened earlier may be to a broker
+                # gone since, which would leave the one now serving running.
+                lane.conn.close()
             try:
                 conn = self._lane_connection(lane, spawn=False)
             except VersionMismatch as exc:
@@ -806,7 +827,8 @@ class Client:
                 conn.close()
         finally:
             lane.busy = False
-        while broker_running(self.socket_path):
+        pause("client.stop_sent")
+        while still_running(self.socket_path, conn.broker_pid):
             if time.monotonic() > deadline:
                 raise calls.not_stopped(self.socket_path, self.timeout)
             time.sleep(0.005)
@@ -1144,12 +1166,13 @@ class StreamedMessage(Message):
 class Subscription:
     """A live subscription to a topic: the publishes made while it is open.
 
-    It has a connection of its own. If the broker goes away, it reconnects
-    (spawning a broker if need be) and subscribes again; publishes made in
-    between are missed, as for any live subscriber (a queue subscription
-    misses nothing). A subscriber that reads too slowly is dropped by the
-    broker: :meth:`get` then raises :class:`~brokerq.errors.SubscriberOverflow`
-    (after the publishes that came before it), and the subscription is closed.
+    It has a connection of its own. If the broker goes away (crashed or
+    stopped), it reconnects (spawning a broker if need be) and subscribes
+    again; publishes made in between are missed, as for any live
+    subscriber (a queue subscription misses nothing). A subscriber that
+    reads too slowly is dropped by the broker: :meth:`get` then raises
+    :class:`~brokerq.errors.SubscriberOverflow` (after the publishes that
+    came before it), and the subscription is closed.
     """
 
     def __init__(self, client: Client, topic: str) -> None:
@@ -1183,19 +1206,31 @@ class Subscription:
             self._conn = None
 
     def _subscribe(self) -> None:
-        """Connect and subscribe; events that come before the reply are kept."""
-        client = self.client
-        conn = Connection(
-            client.socket_path, client.timeout, spawn=client.starts_broker, spin=client.spin
-        )
-        with conn.exchange(self.client.timeout):
-            request_id = conn.wire.encode(self._call.kind, self._call.fields)
-            deadline = time.monotonic() + self.client.timeout
-            conn.io.send_all(conn.wire.out, deadline)
-            while (reply := self._events.take(conn.wire)) is None:
-                conn.wire.feed(conn.io.receive(deadline))
-            conn.wire.check(self._call.expect, request_id, reply, conn.close)
-        self._conn = conn
+        """Connect and subscribe; events that come before the reply are kept.
+        A connection lost before the reply (or a stopping broker's refusal)
+        is tried again on a new one, within the client's timeout."""
+        timeout = self.client.timeout
+        give_up = time.monotonic() + timeout
+        while True:
+            left = max(give_up - time.monotonic(), 0.001)
+            client = self.client
+            conn = Connection(
+                client.socket_path, left, spawn=client.starts_broker, spin=client.spin
+            )
+            try:
+                with conn.exchange(timeout):
+                    request_id = conn.wire.encode(self._call.kind, self._call.fields)
+                    deadline = time.monotonic() + timeout
+                    conn.io.send_all(conn.wire.out, deadline)
+                    while (reply := self._events.take(conn.wire)) is None:
+                        conn.wire.feed(conn.io.receive(deadline))
+                    conn.wire.check(self._call.expect, request_id, reply, conn.close)
+            except ConnectionLost:
+                if time.monotonic() >= give_up:
+                    raise
+                continue
+            self._conn = conn
+            return
 
     def get(self, timeout: float | None = None) -> bytes:
         """The next publish's body, waiting up to ``timeout`` (None: for

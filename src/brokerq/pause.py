@@ -27,7 +27,7 @@ once; later passes go straight on) it
    lets it go on.
 
 The points (``brokerq.spawn``, ``brokerq.daemon``, ``brokerq.server``,
-``brokerq.connection``):
+``brokerq.connection``, ``brokerq.client``):
 
 ``client.connected``
     connect() succeeded (the connection may wait in the backlog); no hello
@@ -43,6 +43,9 @@ The points (``brokerq.spawn``, ``brokerq.daemon``, ``brokerq.server``,
     the client holds the lock and has not started a broker yet.
 ``client.spawned``
     the broker's launcher was just started (Popen returned).
+``client.stop_sent``
+    ``Client.stop`` sent ``stop`` (and read the reply, if one came) and has
+    not begun to wait for the broker to exit.
 ``broker.locked``
     the broker holds the lock; nothing is bound or published yet.
 ``broker.bound``

@@ -286,6 +286,22 @@ def broker_running(socket_path: str) -> bool:
         os.close(fd)
 
 
+def still_running(socket_path: str, pid: int | None) -> bool:
+    """True while the broker ``pid`` holds the lock of ``socket_path`` (with
+    None: while any process does).
+
+    A broker asked to stop is gone once the lock is free, or held by
+    another process: a client that had to reconnect may start the next
+    broker as soon as the old one exits, and the lock file no longer names
+    the old one then (:func:`take_spawn_lock` clears it, and the broker
+    started writes its own pid). So waiting for a stop is never
+    defeated by clients that start a broker again (a pid used again that
+    soon aside)."""
+    if not broker_running(socket_path):
+        return False
+    return pid is None or lock_holder_pid(socket_path) == pid
+
+
 # -- connecting and spawning -----------------------------------------------
 
 
