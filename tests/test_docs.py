@@ -19,14 +19,14 @@ under test. The blocks, by the language of their fence:
   - a script (a block with ``if __name__ == "__main__":``) is written to a
     file in D and run as ``python FILE``: it must exit 0.
 
-- ``console``: a terminal transcript. Each ``$ `` line is a command (a line
-  ending in a backslash goes on to the next), run in the section's shell (one
-  bash process, with stdin from /dev/null for each command), and the lines
-  after it up to the next ``$ `` line are its output, stdout and stderr
-  together as a terminal shows them. The output must match exactly, except
-  that ``...`` matches any text (doctest's ELLIPSIS), for what really varies:
-  pids, times, temporary paths. A command must exit 0 unless its line shows
-  its status (``$?``).
+- ``console``: a terminal transcript. Each ``$ `` line is a command (one
+  that ends in a backslash or inside a quote goes on to the next line), run
+  in the section's shell (one bash process, with stdin from /dev/null for
+  each command), and the lines after it up to the next ``$ `` line are its
+  output, stdout and stderr together as a terminal shows them. The output
+  must match exactly, except that ``...`` matches any text (doctest's
+  ELLIPSIS), for what really varies: pids, times, temporary paths. A
+  command must exit 0 unless its line shows its status (``$?``).
 - ``sh``: a script, run by bash in D; it must exit 0.
 
 A block right after an HTML comment ``<!-- not run: REASON -->`` is not run
@@ -406,7 +406,7 @@ def transcript(source: str) -> Iterator[tuple[str, str]]:
     while i < len(lines):
         assert lines[i].startswith("$ "), f"a console block must begin with '$ ': {lines[i]!r}"
         command = lines[i][2:]
-        while command.endswith("\\") and i + 1 < len(lines):
+        while incomplete(command) and i + 1 < len(lines):
             i += 1
             command += "\n" + lines[i]
         i += 1
@@ -415,6 +415,30 @@ def transcript(source: str) -> Iterator[tuple[str, str]]:
             expected.append(lines[i])
             i += 1
         yield command, "\n".join(expected)
+
+
+def incomplete(command: str) -> bool:
+    """Whether the shell reads on past this line: it ends in a backslash, or
+    in a quote left open (a string of several lines). Comments and
+    backslashes are skipped as bash does; quotes inside ``$(...)`` within
+    double quotes pass for the double quotes' own."""
+    quote = ""
+    i = 0
+    while i < len(command):
+        char = command[i]
+        if quote == "'":
+            quote = "" if char == "'" else quote
+        elif char == "\\":
+            i += 1  # the next character is escaped (a newline too)
+        elif quote == '"':
+            quote = "" if char == '"' else quote
+        elif char in "'\"":
+            quote = char
+        elif char == "#" and (i == 0 or command[i - 1] in " \t\n;"):
+            end = command.find("\n", i)
+            i = len(command) if end < 0 else end
+        i += 1
+    return bool(quote) or command.endswith("\\")
 
 
 CHECKER = doctest.OutputChecker()
