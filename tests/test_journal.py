@@ -10,6 +10,7 @@ stand-in for ``os`` that only brokerq.journal sees.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import random
 import shutil
@@ -466,7 +467,11 @@ def _check_corrupt_middle(path: str, bad: bytes, offset: int, kept: list[AnyReco
     result = read_journal(path, repair=True)
     assert result.records == kept
     assert result.end == offset
-    assert result.torn is not None
+    assert result.torn is None  # --repair says what it dropped: not a torn tail
+    assert result.repaired is not None
+    assert result.repaired.startswith("dropped ")
+    assert result.repaired.endswith("(not a torn tail)")
+    assert f"({len(bad) - offset} bytes) from byte {offset}:" in result.repaired
     journal, opened = Journal.open(path, "never", repair=True)
     assert opened.records == kept
     assert os.path.getsize(path) == offset == journal.size
@@ -487,6 +492,25 @@ def test_flipped_bit_in_a_middle_payload_is_refused_unless_repair(
     bad_path = os.path.join(jdir, "bad.journal")
     for bit in range(payload_start * 8, payload_end * 8):
         _check_corrupt_middle(bad_path, flip(full, bit), offset, records[:index])
+
+
+def test_repair_logs_how_many_records_and_bytes_it_dropped(
+    path: str, jdir: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    records = small_records()
+    full = build(path, records)
+    offset = frame_offsets(records)[1]
+    write_file(path, flip(full, (offset + RECORD_HEADER.size) * 8))
+    with caplog.at_level(logging.WARNING, logger="brokerq"):
+        journal, opened = Journal.open(path, "never", repair=True)
+    journal.close()
+    assert opened.records == records[:1]
+    dropped = len(records) - 1
+    assert [r.getMessage() for r in caplog.records] == [
+        f"journal {path}: --repair dropped {dropped} records ({len(full) - offset} bytes)"
+        f" from byte {offset}: the damaged one (a checksum mismatch) and the {dropped - 1}"
+        " valid ones after it (not a torn tail)"
+    ]
 
 
 def test_flipped_bit_in_a_middle_checksum_is_refused(path: str, jdir: str) -> None:

@@ -433,6 +433,48 @@ def observer(socket_path: str) -> Iterator[brokerq.Client]:
         yield c
 
 
+def test_deliveries_read_with_the_consume_reply_are_not_left_unread(
+    socket_path: str, observer: brokerq.Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The consume reply and the first deliveries after it may arrive in one
+    read. The deliveries must go to the buffer then: they are in no socket
+    any more, and with its credit spent the broker sends no more. Forced
+    here: the client reads only once the reply, and the deliveries of puts
+    made after it, are all in its socket (the bug this pins stalled the
+    10,000 test about one run in ten)."""
+    original = brokerq.client.Connection.send_reading
+
+    def send_then_let_everything_arrive(
+        conn: brokerq.client.Connection, data: bytes | bytearray, deadline: float | None
+    ) -> None:
+        original(conn, data, deadline)
+        request = protocol.decode_request(bytes(data[4:]))
+        if isinstance(request, protocol.Consume):
+            reply = len(protocol.encode_frame(protocol.ConsumeReply(id=request.id, lease=0.0)))
+            wait_until(lambda: unread_bytes(conn.sock) == reply, what="the reply in the socket")
+            observer.queue("q").put_many([b"a", b"b", b"c"])
+            deliveries = [
+                protocol.StreamDelivery(id=request.id, msg_id=i, body=body, attempt=1)
+                for i, body in enumerate([b"a", b"b", b"c"], start=1)
+            ]
+            size = reply + sum(len(protocol.encode_frame(d)) for d in deliveries)
+            wait_until(lambda: unread_bytes(conn.sock) == size, what="the deliveries too")
+
+    monkeypatch.setattr(brokerq.client.Connection, "send_reading", send_then_let_everything_arrive)
+    with brokerq.connect(socket_path, prefetch=3) as consumer:
+        mine = consumer.queue("q")
+        assert [mine.get(timeout=2) for _ in range(3)] == [b"a", b"b", b"c"]
+
+
+def unread_bytes(sock: Any) -> int:
+    """How many bytes wait in the receive queue of ``sock`` (FIONREAD)."""
+    import fcntl
+    import struct
+    import termios
+
+    return int(struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0" * 4))[0])
+
+
 def test_a_prefetching_consumer_gets_10000_messages_once_in_order(
     socket_path: str, observer: brokerq.Client
 ) -> None:

@@ -62,6 +62,9 @@ POINTS = (
     "broker.before_ready",
     "broker.idle_exit",
     "broker.idle_unlinked",
+    "broker.put_room",
+    "broker.put_admitted",
+    "broker.put_abandoned",
 )
 
 
@@ -1043,7 +1046,7 @@ def test_every_pause_point_exists_and_is_documented() -> None:
     use is in the code, and in brokerq.pause's docstring."""
     source = "".join(
         Path(spawn.__file__).with_name(name).read_text()
-        for name in ("spawn.py", "daemon.py", "server.py")
+        for name in ("spawn.py", "daemon.py", "server.py", "connection.py")
     )
     for point in POINTS:
         assert f'pause("{point}")' in source, point

@@ -57,15 +57,27 @@ No message is lost to a cancelled call, and none is taken twice:
   the rest with a shielded ``get_many(n - 1, timeout=0)``.
 * A ``reserve`` that waits is cancellable: a cancelled one closes its
   connection, which gives back any message it was sent.
-* A ``put`` with a ``timeout`` other than 0 is first sent without waiting
-  (shielded). Only if the queue is full is it sent again with the same key,
-  to wait for room, cancellably: a cancellation then closes the connection
-  and the broker drops the waiting put, unless room came at that very
-  moment, in which case the message was enqueued (once).
+* A ``put`` (or ``put_many``) with a ``timeout`` other than 0 is first sent
+  without waiting (shielded). Only if the queue is full is it sent again
+  with the same key, to wait for room, cancellably. A cancellation then
+  shuts down the sending side of its connection and reads, shielded and
+  bounded by the client's ``timeout``, until the broker answers or closes
+  (docs/protocol.md, section 4): the broker withdraws a put still waiting,
+  and closes, and the call raises the cancellation: the message is not in
+  the queue and never will be. A put the broker admitted first (room came
+  at that very moment) has its reply written before the close: the call
+  returns its id (ids) as if not cancelled, and the cancellation takes
+  effect at the caller's next checkpoint. So a call that raised the
+  cancellation can be made again without enqueueing twice. If the broker
+  does not say which in time (or the connection breaks), the call raises
+  BrokerUnavailable: the put may have been made. A ``put_many`` of several
+  frames keeps the frames made before the one that was cancelled.
 
 Shielding covers anyio's (and trio's) cancel scopes. Under asyncio, a bare
 ``task.cancel()`` (``asyncio.timeout``, ``wait_for``) is not held off by a
-shield; use anyio's ``move_on_after`` / ``fail_after`` around brokerq calls.
+shield, and a put made as it came returns its id and so spends it (it is
+not raised again at the next checkpoint, as a cancel scope's is); use
+anyio's ``move_on_after`` / ``fail_after`` around brokerq calls.
 
 A client belongs to one event loop; share it between the tasks of that loop.
 """
@@ -79,7 +91,7 @@ import threading
 import time
 import weakref
 from collections.abc import Awaitable, Callable, Generator, Iterable
-from typing import Any, TypeVar
+from typing import Any, Generic, TypeVar
 
 import anyio
 from anyio.abc import UNIXSocketStream
@@ -104,7 +116,7 @@ __all__ = ["AsyncClient", "AsyncMessage", "AsyncQueue", "AsyncSubscription", "op
 R = TypeVar("R", bound=protocol.Reply)
 Then = Callable[["AsyncConnection", R], Awaitable[None]]
 
-DEFAULT_TIMEOUT = 10.0
+DEFAULT_TIMEOUT = calls.DEFAULT_TIMEOUT
 #: Idle connections a client keeps for reuse; more are closed when given back.
 MAX_IDLE = 4
 #: Bytes one receive may take: anyio receives with ``recv(n)``, which
@@ -165,6 +177,8 @@ class AsyncConnection:
         self.broken = False
         #: A reserved message holds it (its lease ends when it closes).
         self.pinned = False
+        #: Closed already: closing again is no checkpoint (see _withdraw).
+        self.closed = False
 
     @classmethod
     async def open(cls, socket_path: str, timeout: float, *, spawn: bool = True) -> AsyncConnection:
@@ -207,13 +221,19 @@ class AsyncConnection:
 
     async def aclose(self) -> None:
         self.broken = True
-        await anyio.aclose_forcefully(self.stream)
+        if not self.closed:
+            self.closed = True
+            await anyio.aclose_forcefully(self.stream)
 
     def _break(self) -> None:
         self.broken = True
 
     async def request(
-        self, call: Call[R], limit: float | None, fields: dict[str, Any] | None = None
+        self,
+        call: Call[R],
+        limit: float | None,
+        fields: dict[str, Any] | None = None,
+        withdrawal: _Withdrawal[R] | None = None,
     ) -> R:
         """Send ``call`` (with ``fields`` instead of its own, if given); return its reply.
 
@@ -223,6 +243,9 @@ class AsyncConnection:
         A reply that puts it out of step (another request's id, or the wrong
         kind: RemoteProtocolError), or an error after which the broker
         closes it, closes it here and now, wherever it would have gone next.
+        With a ``withdrawal`` (a put waiting for room), a cancellation is
+        raised only once the broker has withdrawn the put or made it (see
+        :meth:`_withdraw`; a put made is left in ``withdrawal.made``).
         """
         request_id = self.wire.encode(call.kind, call.fields if fields is None else fields)
         try:
@@ -236,14 +259,72 @@ class AsyncConnection:
         except _STREAM_ERRORS as exc:
             self.broken = True
             raise self.wire.lost(exc) from exc
-        except BaseException:  # cancelled, or a reply that cannot be read
+        except BaseException as exc:  # cancelled, or a reply that cannot be read
             self.broken = True
+            if withdrawal is not None and isinstance(exc, anyio.get_cancelled_exc_class()):
+                withdrawal.made = await self._withdraw(call, request_id, withdrawal.timeout)
             raise
         try:
             return self.wire.check(call.expect, request_id, reply, self._break)
         finally:
             if self.broken:
                 await self.aclose()
+
+    async def _withdraw(self, call: Call[R], request_id: int, timeout: float) -> R | None:
+        """The put ``request_id``, which may be waiting for room, was cancelled:
+        shut down this connection's sending side and read, shielded and for
+        up to ``timeout``, until the broker answers or closes; then close.
+
+        The broker withdraws a put still waiting when it reads the end of
+        the stream, and closes without a reply; a put it made before that
+        (room came at that very moment) has its reply written before the
+        close (docs/protocol.md, section 4, "End of a connection"). Returns
+        that reply, or None if the put was withdrawn, or refused (``full``,
+        ``shutting_down``), or never sent whole. Raises another error reply;
+        raises BrokerUnavailable if the broker did not say which, in time or
+        before the connection broke: then it may have been made. The
+        connection is closed here, shielded: closing it again is no
+        checkpoint, so the caller's cleanup (:meth:`AsyncClient._release`)
+        cannot replace that error with the cancellation.
+        """
+        reply: protocol.AnyReply | None = None
+        with anyio.CancelScope(shield=True):
+            try:
+                with anyio.fail_after(timeout):
+                    with contextlib.suppress(*_STREAM_ERRORS):
+                        await self.stream.send_eof()
+                    while (reply := self.wire.next_reply()) is None:
+                        self.wire.feed(await self.stream.receive(RECEIVE_SIZE))
+            except anyio.EndOfStream:
+                pass  # closed without a reply: withdrawn
+            except (TimeoutError, *_STREAM_ERRORS) as exc:
+                why = str(exc) or f"no answer within {timeout:g} s"
+                raise BrokerUnavailable(
+                    f"a put waiting for room at {self.wire.socket_path} was cancelled, and "
+                    f"the broker did not say whether it withdrew it (it may have been "
+                    f"enqueued): {why}"
+                ) from exc
+            finally:
+                await self.aclose()
+        if reply is None or (
+            isinstance(reply, protocol.Error)
+            and reply.id == request_id
+            and reply.code in ("full", "shutting_down")
+        ):
+            return None
+        return self.wire.check(call.expect, request_id, reply, self._break)
+
+
+class _Withdrawal(Generic[R]):
+    """How a put that waits for room meets a cancellation: within
+    ``timeout`` the broker says whether it withdrew the put, or made it
+    (``made``, its reply). See :meth:`AsyncConnection._withdraw`."""
+
+    __slots__ = ("made", "timeout")
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.made: R | None = None
 
 
 class AsyncClient:
@@ -262,7 +343,7 @@ class AsyncClient:
         prefetch: int | None = None,
     ) -> None:
         self.socket_path = resolve_socket_path(socket)
-        self.timeout = timeout
+        self.timeout, self.starts_broker = calls.client_timeout(timeout)
         #: See :class:`brokerq.Client`: the first get or reserve of a queue opens a stream.
         self.prefetch = calls.prefetch(prefetch)
         self._streams: dict[tuple[str, str, float | None], _AsyncStreamed] = {}
@@ -313,7 +394,9 @@ class AsyncClient:
             if not conn.broken:
                 return conn
             await self._discard(conn)
-        conn = await AsyncConnection.open(self.socket_path, self.timeout, spawn=spawn)
+        conn = await AsyncConnection.open(
+            self.socket_path, self.timeout, spawn=spawn and self.starts_broker
+        )
         if self._closed:
             await conn.aclose()
             raise calls.closed_client()
@@ -360,13 +443,15 @@ class AsyncClient:
             reply = await self._attempts(call, then)
         return reply  # noqa: RET504 (mypy: a cancel scope may swallow the return)
 
-    async def _attempts(self, call: Call[R], then: Then[R] | None) -> R:
+    async def _attempts(
+        self, call: Call[R], then: Then[R] | None, withdrawal: _Withdrawal[R] | None = None
+    ) -> R:
         attempts = calls.Attempts(call, self.timeout, anyio.current_time())
         while True:
             conn = await self._acquire()
             try:
                 limit = attempts.start(anyio.current_time())
-                reply = await conn.request(call, limit, attempts.fields)
+                reply = await conn.request(call, limit, attempts.fields, withdrawal)
                 if then is not None:
                     await then(conn, reply)
                 return reply
@@ -414,7 +499,20 @@ class AsyncClient:
             return await self._run(call.with_timeout(0))
         except Full:
             pass
-        return await self._run(call.with_timeout(_left(call.wait, start)))
+        return await self._wait_for_room(call.with_timeout(_left(call.wait, start)))
+
+    async def _wait_for_room(self, call: Call[R]) -> R:
+        """A put sent to wait for room, cancellably: a cancellation is raised
+        only once the broker has withdrawn the put; if the broker made it
+        first, its reply is returned instead, and the cancellation takes
+        effect at the caller's next checkpoint (see the module docstring)."""
+        withdrawal: _Withdrawal[R] = _Withdrawal(self.timeout)
+        try:
+            return await self._attempts(call, None, withdrawal)
+        except anyio.get_cancelled_exc_class():
+            if withdrawal.made is None:
+                raise
+            return withdrawal.made
 
     async def _limit(self) -> int:
         """The broker's body limit (connecting first if no connection told it yet)."""
@@ -482,7 +580,7 @@ class AsyncClient:
                     raise
 
     async def _open_stream(self, streamed: _AsyncStreamed) -> AsyncConnection:
-        conn = await AsyncConnection.open(self.socket_path, self.timeout)
+        conn = await AsyncConnection.open(self.socket_path, self.timeout, spawn=self.starts_broker)
         if self._closed:
             await conn.aclose()
             raise calls.closed_client()
@@ -1056,6 +1154,7 @@ class AsyncSubscription:
         self._events = calls.LiveEvents()
         self._conn: AsyncConnection | None = None
         self._closed = False
+        self._overflowed = False  # dropped by the broker, not closed by its owner
 
     def __repr__(self) -> str:
         return f"<brokerq.AsyncSubscription {self.topic!r} at {self.client.socket_path!r}>"
@@ -1091,7 +1190,10 @@ class AsyncSubscription:
         """Connect and subscribe; events that come before the reply are kept."""
         if self.client._closed:
             raise calls.closed_client()
-        conn = await AsyncConnection.open(self.client.socket_path, self.client.timeout)
+        client = self.client
+        conn = await AsyncConnection.open(
+            client.socket_path, client.timeout, spawn=client.starts_broker
+        )
         try:
             request_id = conn.wire.encode(self._call.kind, self._call.fields)
             with anyio.fail_after(self.client.timeout):
@@ -1117,13 +1219,14 @@ class AsyncSubscription:
         deadline = None if timeout is None else anyio.current_time() + timeout
         while (body := self._events.next_body()) is None:
             if self._closed:
-                raise calls.closed_client()
+                raise calls.closed_subscription(self.topic, self._overflowed)
             conn = self._conn
             if conn is None:
                 await self._subscribe()
                 continue
             self._events.take(conn.wire)  # frames already received
             if self._events.error is not None:
+                self._overflowed = True
                 await self.aclose()  # dropped by the broker: the bodies before, then the error
                 continue
             if self._events.bodies:

@@ -15,6 +15,7 @@ imports neither trio nor anyio: the clients bring the sockets and the clock.
 from __future__ import annotations
 
 import itertools
+import math
 import os
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -79,7 +80,7 @@ def as_bytes(body: Body) -> bytes:
         return body.encode("utf-8")
     if isinstance(body, bytes | bytearray | memoryview):
         return bytes(body)
-    raise TypeError(f"a message body is bytes or str, not {type(body).__name__}")
+    raise InvalidRequest(f"a message body is bytes or str, not {type(body).__name__}")
 
 
 def check_size(body: bytes, limit: int) -> None:
@@ -133,6 +134,8 @@ def put_many(
     """One put_many request per frame's worth of bodies; every size is checked
     before any request is made."""
     fields = {"queue": queue} | options.fields()
+    if isinstance(bodies, str | bytes | bytearray | memoryview) or not hasattr(bodies, "__iter__"):
+        raise InvalidRequest(f"put_many takes an iterable of bodies, not {type(bodies).__name__}")
     return [
         Call(
             protocol.PutManyReply,
@@ -184,11 +187,13 @@ def get_many(queue: str, n: int, timeout: float | None) -> Call[protocol.GetMany
 
 def reserve(queue: str, timeout: float | None, lease: float | None) -> Call[protocol.ReserveReply]:
     protocol.validate_timeout(timeout)
+    protocol.validate_lease(lease)
     fields = {"queue": queue, "timeout": timeout, "lease": lease}
     return Call(protocol.ReserveReply, protocol.Reserve, timeout, fields)
 
 
 def kick(queue: str, n: int) -> Call[protocol.KickReply]:
+    protocol.validate_count(n, "kick's n")
     return Call(protocol.KickReply, protocol.Kick, 0, {"queue": queue, "n": n})
 
 
@@ -200,6 +205,14 @@ def configure(
     maxsize: int | None = None,
     max_bytes: int | None = None,
 ) -> Call[protocol.ConfigureReply]:
+    protocol.validate_lease(lease)
+    for name, value in (
+        ("max_deliveries", max_deliveries),
+        ("maxsize", maxsize),
+        ("max_bytes", max_bytes),
+    ):
+        if value is not None:
+            protocol.validate_count(value, name)
     settings = {
         "max_deliveries": max_deliveries,
         "lease": lease,
@@ -274,6 +287,8 @@ def ack(msg_id: int, attempt: int, *, as_get: bool = False) -> Call[protocol.Ack
 
 
 def release(msg_id: int, attempt: int, delay: float = 0) -> Call[protocol.ReleaseReply]:
+    if not protocol.is_number(delay) or not 0 <= delay < math.inf:
+        raise InvalidRequest(f"delay must be a number of seconds >= 0, not {delay!r}")
     return _verb(protocol.ReleaseReply, protocol.Release, msg_id, attempt, delay=float(delay))
 
 
@@ -282,6 +297,7 @@ def bury(msg_id: int, attempt: int) -> Call[protocol.BuryReply]:
 
 
 def touch(msg_id: int, attempt: int, lease: float | None = None) -> Call[protocol.TouchReply]:
+    protocol.validate_lease(lease)
     return _verb(protocol.TouchReply, protocol.Touch, msg_id, attempt, lease=lease)
 
 
@@ -497,6 +513,27 @@ def put_window(value: int | None) -> int:
     (unset or empty: 0, off). Raises InvalidRequest (a ValueError) for a
     negative or malformed one."""
     return _count_setting(value, "put_window", PUT_WINDOW_VARIABLE, "puts")
+
+
+#: A client's timeout: the deadline for connecting, and each reply's grace.
+DEFAULT_TIMEOUT = 10.0
+
+
+def client_timeout(timeout: float) -> tuple[float, bool]:
+    """A client's ``timeout`` as (the grace every reply gets, whether it may
+    start a broker). Raises InvalidRequest for a negative or non-number one.
+
+    0 is the ``_nowait`` form of connecting, as for a get: the client uses a
+    broker only if one is already running, and never starts one or waits
+    for one to start; its replies get the default grace.
+    """
+    if not protocol.is_number(timeout) or not 0 <= timeout < math.inf:
+        raise InvalidRequest(
+            f"timeout must be a number of seconds >= 0 (0: only a running broker), not {timeout!r}"
+        )
+    if timeout == 0:
+        return DEFAULT_TIMEOUT, False
+    return float(timeout), True
 
 
 PREFETCH_VARIABLE = "BROKERQ_PREFETCH"
@@ -739,3 +776,15 @@ def not_stopped(socket_path: str, timeout: float) -> BrokerUnavailable:
 
 def closed_client() -> BrokerqError:
     return BrokerqError("the client is closed")
+
+
+def closed_subscription(topic: str, overflowed: bool) -> BrokerqError:
+    """What a closed live subscription raises: closed by its owner, or
+    dropped by the broker for reading too slowly (said once, as
+    SubscriberOverflow, then this)."""
+    if overflowed:
+        return BrokerqError(
+            f"the subscription to {topic!r} was dropped by the broker for reading too slowly;"
+            " subscribe again"
+        )
+    return BrokerqError(f"the subscription to {topic!r} is closed")

@@ -1,28 +1,50 @@
 """The ``brokerq`` command: the queue from the shell.
 
 Exit status: 0 ok; 1 an error (one line on stderr); 2 a usage error;
-3 timed out or empty (``get``, ``peek``, ``join``). Library errors become
-exit codes here, at the edge, and nowhere else.
+3 timed out or empty (``get``, ``peek``, ``join``); Ctrl-C: the command
+ends quietly as one killed by SIGINT (status 130 in the shell). Library
+errors become exit codes here, at the edge, and nowhere else.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
+import os
 import signal
 import sys
 import time
 from collections.abc import Iterator
-from typing import Any, BinaryIO
+from types import FrameType
+from typing import Any, BinaryIO, cast
 
 import click
 
-from . import __version__
-from .client import Client, Queue
-from .errors import BrokerqError, Empty, Full, InvalidRequest, JoinTimeout
+from . import __version__, calls
+from .client import Client, Message, Queue
+from .errors import (
+    BrokerqError,
+    BrokerUnavailable,
+    Empty,
+    Full,
+    InvalidRequest,
+    JoinTimeout,
+    LeaseLost,
+)
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2  # click's own, for options it refuses itself
 EXIT_EMPTY = 3
+#: Ctrl-C. Within click's runner (tests) the status; as the command
+#: (:func:`main`), the process then ends by SIGINT itself, which a shell
+#: shows as this same 130.
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+
+#: The lease of a message ``get`` takes: it is acked once written to
+#: stdout, which may wait for a slow reader of a full pipe. A get that
+#: dies gives it back at once anyway (its connection closes), so the lease
+#: only has to outlast the write.
+GET_LEASE = 24 * 3600.0
 
 
 class _Group(click.Group):
@@ -34,6 +56,10 @@ class _Group(click.Group):
 
     def list_commands(self, ctx: click.Context) -> list[str]:
         return sorted({*super().list_commands(ctx), "serve"})
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        cmd.params.extend(_command_options())
+        super().add_command(cmd, name)
 
     def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
         if cmd_name == "serve" and cmd_name not in self.commands:
@@ -54,6 +80,10 @@ class _Group(click.Group):
         except BrokerqError as exc:
             click.echo(f"brokerq: {exc}", err=True)
             ctx.exit(EXIT_ERROR)
+        except KeyboardInterrupt:
+            # Quietly: no traceback, no click "Aborted!" (main ends the
+            # process by SIGINT, so that a shell loop running it stops too).
+            ctx.exit(EXIT_INTERRUPTED)
 
 
 class _State:
@@ -84,6 +114,40 @@ class _State:
 pass_state = click.make_pass_decorator(_State)
 
 
+def _command_options() -> list[click.Parameter]:
+    """The group's --socket and --connect-timeout, taken after the command
+    name too (``brokerq get jobs --socket PATH``), where they win over the
+    group's (and so over BROKERQ_SOCKET)."""
+
+    def set_socket(ctx: click.Context, param: click.Parameter, value: str | None) -> None:
+        state = ctx.find_object(_State)
+        if state is not None and value is not None:
+            state.socket = value
+
+    def set_timeout(ctx: click.Context, param: click.Parameter, value: float | None) -> None:
+        state = ctx.find_object(_State)
+        if state is not None and value is not None:
+            state.connect_timeout = value
+
+    return [
+        click.Option(
+            ["--socket"],
+            metavar="PATH",
+            expose_value=False,
+            callback=set_socket,
+            help="The broker's socket, as before the command (this one wins).",
+        ),
+        click.Option(
+            ["--connect-timeout"],
+            type=click.FloatRange(min=0),
+            metavar="SECONDS",
+            expose_value=False,
+            callback=set_timeout,
+            help="As before the command (this one wins).",
+        ),
+    ]
+
+
 @click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option(
     "--socket",
@@ -99,7 +163,7 @@ pass_state = click.make_pass_decorator(_State)
     envvar="BROKERQ_CONNECT_TIMEOUT",
     show_envvar=True,
     metavar="SECONDS",
-    help="How long to wait for a broker to answer (or start).",
+    help="How long to wait for a broker to answer (or start); 0: use a running one only.",
 )
 @click.version_option(__version__, prog_name="brokerq")
 @click.pass_context
@@ -108,7 +172,8 @@ def cli(ctx: click.Context, socket: str | None, connect_timeout: float) -> None:
 
     Every command but `stop` starts a broker for the socket if none runs.
 
-    Exit status: 0 ok, 1 error, 2 usage error, 3 timed out, empty or full.
+    Exit status: 0 ok, 1 error, 2 usage error, 3 timed out, empty or full;
+    Ctrl-C ends a command as SIGINT does (status 130).
     """
     state = ctx.obj = _State(socket, connect_timeout)
     ctx.call_on_close(state.close)
@@ -118,9 +183,61 @@ def _stdout() -> BinaryIO:
     return sys.stdout.buffer
 
 
+_null_option = click.option(
+    "-0",
+    "--null",
+    "null",
+    is_flag=True,
+    help="End each body with a NUL byte instead of a newline (for xargs -0).",
+)
+
+
+def _bodies(messages: tuple[str, ...], null: bool) -> Iterator[bytes]:
+    """What ``put`` and ``publish`` send: each MESSAGE, ``-`` standing for
+    all of stdin (one message, bytes as they are); with none, stdin's lines
+    (or with ``null``, its NUL-ended records)."""
+    if messages and null:
+        raise click.UsageError("-0/--null splits stdin: it takes no MESSAGE.")
+    if messages.count("-") > 1:
+        raise click.UsageError("'-' (all of stdin, as one message) may be given once.")
+    if not messages:
+        return _stdin_records() if null else _stdin_lines()
+    return (
+        sys.stdin.buffer.read() if m == "-" else m.encode("utf-8", "surrogateescape")
+        for m in messages
+    )
+
+
 def _stdin_lines() -> Iterator[bytes]:
     for line in sys.stdin.buffer:
         yield line[:-1] if line.endswith(b"\n") else line
+
+
+def _stdin_records() -> Iterator[bytes]:
+    """Stdin's records, each ended by a NUL (the last may lack it), as they come."""
+    stdin = cast("io.BufferedReader", sys.stdin.buffer)  # (or click's BytesIO)
+    pending = bytearray()
+    start = 0  # of the next record in pending
+    while chunk := stdin.read1(1 << 16):
+        searched = len(pending)
+        pending += chunk
+        while (end := pending.find(b"\0", searched)) >= 0:
+            yield bytes(pending[start:end])
+            start = searched = end + 1
+        del pending[:start]
+        start = 0
+    if pending:
+        yield bytes(pending)
+
+
+_null_input_option = click.option(
+    "-0",
+    "--null",
+    "null",
+    is_flag=True,
+    help="With no MESSAGE: stdin holds messages each ended by a NUL byte "
+    "(as get -0 prints them), not lines.",
+)
 
 
 @cli.command()
@@ -146,6 +263,7 @@ def _stdin_lines() -> Iterator[bytes]:
     metavar="SECONDS",
     help="On a full queue, wait this long for room, then exit 3 (default: for ever).",
 )
+@_null_input_option
 @pass_state
 def put(
     state: _State,
@@ -157,15 +275,17 @@ def put(
     delay: float,
     ttl: float | None,
     timeout: float | None,
+    null: bool,
 ) -> None:
     """Put each MESSAGE on QUEUE; with none, one message per stdin line.
 
-    Prints each message id on its own line. Exits 3 if a full queue had no
-    room within --timeout.
+    A MESSAGE `-` is all of stdin, as one message, byte for byte (so
+    `brokerq put QUEUE - < file` puts a file; a body `-` itself: `printf %s
+    - | brokerq put QUEUE -`). Prints each message id on its own line. Exits
+    3 if a full queue had no room within --timeout.
     """
     q = state.queue(queue)
-    bodies = (m.encode("utf-8", "surrogateescape") for m in messages) if messages else None
-    for body in bodies if bodies is not None else _stdin_lines():
+    for body in _bodies(messages, null):
         click.echo(q.put(body, priority=priority, delay=delay, ttl=ttl, timeout=timeout))
 
 
@@ -185,26 +305,125 @@ def put(
     metavar="SECONDS",
     help="One deadline for all of them (default: wait for ever).",
 )
+@click.option(
+    "--json",
+    "as_json",
+    is_flag=True,
+    help='Print each message as a JSON object on a line of its own: "id", "queue", '
+    '"attempt", and "body" (a UTF-8 body, as text) or "body_base64" (any other).',
+)
+@_null_option
 @pass_state
-def get(state: _State, queue: str, count: int, timeout: float | None) -> None:
+def get(
+    state: _State,
+    /,
+    *,
+    queue: str,
+    count: int,
+    timeout: float | None,
+    as_json: bool,
+    null: bool,
+) -> None:
     """Get messages from QUEUE and print each body on its own line.
 
     Exits 3 if --timeout passes before the first message; 0 if at least one
-    message came.
+    message came. Each message is taken off QUEUE once it was written to
+    stdout: one that could not be (Ctrl-C, a closed pipe) stays on QUEUE.
     """
+    if as_json and null:
+        raise click.UsageError("--json and -0/--null are mutually exclusive.")
+    end = b"\0" if null else b"\n"
     q = state.queue(queue)
     out = _stdout()
     deadline = None if timeout is None else time.monotonic() + timeout
-    for got in range(count):
-        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+    with _Interrupts() as interrupts:
+        for got in range(count):
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            try:
+                message = q.reserve(timeout=remaining, lease=GET_LEASE)
+            except Empty:
+                if got:
+                    return
+                raise Empty(f"no message on {queue!r} within {timeout:g} s") from None
+            with interrupts.held():
+                _write_all(out, _json_line(message) if as_json else message.body + end)
+                _ack_as_get(state.client, message)
+
+
+def _json_line(message: Message) -> bytes:
+    """``get --json``'s line for ``message``: its body as text if it is
+    UTF-8, else in base64 under another key (so that it is not taken for text)."""
+    import base64
+    import json
+
+    record: dict[str, Any] = {
+        "id": message.id,
+        "queue": message.queue.name,
+        "attempt": message.attempt,
+    }
+    try:
+        record["body"] = message.body.decode("utf-8")
+    except UnicodeDecodeError:
+        record["body_base64"] = base64.b64encode(message.body).decode("ascii")
+    return json.dumps(record, ensure_ascii=False).encode("utf-8") + b"\n"
+
+
+def _write_all(out: BinaryIO, data: bytes) -> None:
+    """Write and flush all of ``data``. (A buffered write that a signal
+    interrupts, the handler returning, may return having written part.)"""
+    view = memoryview(data)
+    while view:
+        view = view[out.write(view) :]
+    out.flush()
+
+
+def _ack_as_get(client: Client, message: Message) -> None:
+    """Take a reserved and printed message off its queue as a get does
+    (its task left for a task_done): the ack of the async client's get."""
+    try:
+        client.run(calls.ack(message.id, message.attempt, as_get=True))
+    except (LeaseLost, BrokerUnavailable) as exc:
+        raise BrokerqError(
+            f"message {message.id} was printed, but may be delivered again: {exc}"
+        ) from exc
+
+
+class _Interrupts:
+    """Ctrl-C while a message is being written and acked waits until it is,
+    so that it is neither lost nor printed twice; a second one interrupts
+    at once (a reader that does not read holds the write up for ever), and
+    the message goes back to its queue. SIGINT that was ignored (a
+    background job) stays ignored."""
+
+    def __init__(self) -> None:
+        self.holding = False
+        self.pending = False
+        self.previous: Any = None
+
+    def __enter__(self) -> _Interrupts:
+        if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.holding and not self.pending:
+            self.pending = True
+            return
+        raise KeyboardInterrupt
+
+    @contextlib.contextmanager
+    def held(self) -> Iterator[None]:
+        self.holding = True
         try:
-            body = q.get(timeout=remaining)
-        except Empty:
-            if got:
-                return
-            raise Empty(f"no message on {queue!r} within {timeout:g} s") from None
-        out.write(body + b"\n")
-        out.flush()
+            yield
+        finally:
+            self.holding = False
+        if self.pending:
+            raise KeyboardInterrupt
 
 
 @cli.command()
@@ -242,10 +461,11 @@ def join(state: _State, queue: str, timeout: float | None) -> None:
 
 @cli.command()
 @click.argument("queue")
+@_null_option
 @pass_state
-def peek(state: _State, queue: str) -> None:
+def peek(state: _State, queue: str, null: bool) -> None:
     """Print the body at the head of QUEUE without removing it (exit 3 if empty)."""
-    _stdout().write(state.queue(queue).peek() + b"\n")
+    _stdout().write(state.queue(queue).peek() + (b"\0" if null else b"\n"))
 
 
 @cli.command()
@@ -286,7 +506,18 @@ def queues(state: _State) -> None:
         click.echo(name)
 
 
-QUEUE_COLUMNS = ("name", "ready", "waiters", "bytes", "put_total", "delivered_total")
+#: ``bytes`` counts the bodies in every state, the ready, delayed, reserved and buried.
+QUEUE_COLUMNS = (
+    "name",
+    "ready",
+    "delayed",
+    "reserved",
+    "buried",
+    "waiters",
+    "bytes",
+    "put_total",
+    "delivered_total",
+)
 
 
 @cli.command()
@@ -348,19 +579,27 @@ def stats(state: _State, queue: str | None, as_json: bool, as_prom: bool) -> Non
     metavar="SECONDS",
     help="Each copy is dropped if still waiting after this many seconds.",
 )
+@_null_input_option
 @pass_state
 def publish(
-    state: _State, topic: str, messages: tuple[str, ...], priority: int, ttl: float | None
+    state: _State,
+    /,
+    *,
+    topic: str,
+    messages: tuple[str, ...],
+    priority: int,
+    ttl: float | None,
+    null: bool,
 ) -> None:
-    """Publish each MESSAGE to TOPIC; with none, one message per stdin line.
+    """Publish each MESSAGE to TOPIC; with none, one message per stdin line
+    (a MESSAGE `-`: all of stdin, as one message, as for put).
 
     Every subscriber gets a copy: each queue subscribed with `brokerq
     subscribe TOPIC --queue Q`, and each live `brokerq subscribe TOPIC`.
     Prints, per message, how many subscribers it reached (0: nobody
     subscribes; the message went nowhere).
     """
-    bodies = (m.encode("utf-8", "surrogateescape") for m in messages) if messages else None
-    for body in bodies if bodies is not None else _stdin_lines():
+    for body in _bodies(messages, null):
         click.echo(state.client.publish(topic, body, priority=priority, ttl=ttl))
 
 
@@ -384,9 +623,17 @@ def publish(
     metavar="SECONDS",
     help="Exit 3 if no message comes for this long (default: wait for ever).",
 )
+@_null_option
 @pass_state
 def subscribe(
-    state: _State, topic: str, queue: str | None, count: int | None, timeout: float | None
+    state: _State,
+    /,
+    *,
+    topic: str,
+    queue: str | None,
+    count: int | None,
+    timeout: float | None,
+    null: bool,
 ) -> None:
     """Print each message published to TOPIC from now on, one per line.
 
@@ -402,6 +649,7 @@ def subscribe(
     if queue is not None:
         state.queue(queue).subscribe(topic)
         return
+    end = b"\0" if null else b"\n"
     out = _stdout()
     with _until_signalled(), state.client.subscribe(topic) as subscription:
         got = 0
@@ -410,7 +658,7 @@ def subscribe(
                 body = subscription.get(timeout=timeout)
             except Empty:
                 raise Empty(f"nothing was published to {topic!r} for {timeout:g} s") from None
-            out.write(body + b"\n")
+            out.write(body + end)
             out.flush()
             got += 1
 
@@ -434,10 +682,11 @@ TOPIC_COLUMNS = ("topic", "queues", "live", "published_total", "dropped_total")
 @cli.command()
 @pass_state
 def topics(state: _State) -> None:
-    """List the topics that have subscribers, with their subscribers and counts."""
+    """List the topics that have subscribers, with their subscribers and counts.
+
+    With none, the table's header alone."""
     rows = _topic_rows(state.client.stats().get("topics", {}))
-    if rows:
-        click.echo(_table(rows, TOPIC_COLUMNS))
+    click.echo(_table(rows, TOPIC_COLUMNS))
 
 
 def _topic_rows(topics: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -629,4 +878,20 @@ def consume(
 
 
 def main() -> None:
-    cli(prog_name="brokerq")
+    try:
+        cli(prog_name="brokerq")
+    except SystemExit as exc:
+        if exc.code == EXIT_INTERRUPTED:
+            _die_of_sigint()
+        raise
+
+
+def _die_of_sigint() -> None:
+    """End as a process killed by SIGINT: a shell that ran this command
+    then stops too (bash goes on with a loop whose command exited 130 by
+    itself, taking Ctrl-C as handled), and shows status 130."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)

@@ -62,7 +62,7 @@ __all__ = [
 
 R = TypeVar("R", bound=protocol.Reply)
 
-DEFAULT_TIMEOUT = 10.0
+DEFAULT_TIMEOUT = calls.DEFAULT_TIMEOUT
 
 #: How many forks this process is from the one that imported this module: a
 #: Client made in a parent sees it change in a forked child, where comparing
@@ -274,7 +274,7 @@ class Client:
         prefetch: int | None = None,
     ) -> None:
         self.socket_path = resolve_socket_path(socket)
-        self.timeout = timeout
+        self.timeout, self.starts_broker = calls.client_timeout(timeout)
         self.put_window = calls.put_window(put_window)
         self.prefetch = calls.prefetch(prefetch)
         #: How long a connection spins for a reply before it sleeps, in
@@ -447,7 +447,9 @@ class Client:
         if conn is None or conn.closed:
             if self._closed:
                 raise calls.closed_client()
-            conn = Connection(self.socket_path, self.timeout, spawn=spawn, spin=self.spin)
+            conn = Connection(
+                self.socket_path, self.timeout, spawn=spawn and self.starts_broker, spin=self.spin
+            )
             self._connections.append(conn)
             if self._closed:  # by another thread, or a call nested in this one, meanwhile
                 conn.close()
@@ -612,7 +614,7 @@ class Client:
         """A new connection with the stream open on it; None if the broker
         does not know ``consume`` (older than this client: the queue is
         then read with plain requests)."""
-        conn = Connection(self.socket_path, self.timeout, spin=self.spin)
+        conn = Connection(self.socket_path, self.timeout, spawn=self.starts_broker, spin=self.spin)
         self._connections.append(conn)
         if self._closed:
             conn.close()
@@ -637,7 +639,13 @@ class Client:
 
     def _stream_request(self, streamed: _Streamed, conn: Connection, call: Call[R]) -> R:
         """One request on a stream's connection: the deliveries that come
-        before its reply go to the buffer."""
+        before its reply go to the buffer, and so do those read with it.
+
+        (The deliveries read in the same receive as the reply must be taken
+        in now: they are in no socket any more, so a later wait on the
+        socket would not see them, and with the stream's credit spent the
+        broker sends nothing more. The consume reply and its first
+        deliveries often come in one read.)"""
         state = streamed.state
         request_id = conn.wire.encode(call.kind, call.fields)
         if call.kind is protocol.Consume:
@@ -647,6 +655,8 @@ class Client:
             conn.send_reading(conn.wire.out, deadline)
             while (reply := state.take(conn.wire)) is None:
                 conn.wire.feed(conn.io.receive(deadline))
+            if (extra := state.take(conn.wire)) is not None:
+                conn.wire.fail(f"a reply that answers nothing: {extra!r}", conn.close)
         return conn.wire.check(call.expect, request_id, reply, conn.close)
 
     def _receive_streamed(
@@ -1149,6 +1159,7 @@ class Subscription:
         self._events = calls.LiveEvents()
         self._conn: Connection | None = None
         self._closed = False
+        self._overflowed = False  # dropped by the broker, not closed by its owner
         self._subscribe()
 
     def __repr__(self) -> str:
@@ -1173,7 +1184,10 @@ class Subscription:
 
     def _subscribe(self) -> None:
         """Connect and subscribe; events that come before the reply are kept."""
-        conn = Connection(self.client.socket_path, self.client.timeout, spin=self.client.spin)
+        client = self.client
+        conn = Connection(
+            client.socket_path, client.timeout, spawn=client.starts_broker, spin=client.spin
+        )
         with conn.exchange(self.client.timeout):
             request_id = conn.wire.encode(self._call.kind, self._call.fields)
             deadline = time.monotonic() + self.client.timeout
@@ -1190,13 +1204,14 @@ class Subscription:
         deadline = None if timeout is None else time.monotonic() + timeout
         while (body := self._events.next_body()) is None:
             if self._closed:
-                raise calls.closed_client()
+                raise calls.closed_subscription(self.topic, self._overflowed)
             conn = self._conn
             if conn is None:
                 self._subscribe()
                 continue
             self._events.take(conn.wire)  # frames already received
             if self._events.error is not None:
+                self._overflowed = True
                 self.close()  # dropped by the broker: the bodies before, then the error
                 continue
             if self._events.bodies:

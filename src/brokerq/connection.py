@@ -21,7 +21,11 @@ that pipelines pays one syscall per batch, not per request.
   client that disconnects leaves the line at once. A ``join`` parks a
   :class:`~brokerq.state.Joiner` the same way; the broker wakes it once the
   queue's unfinished tasks reach 0 (Broker.after_request).
-* When the connection ends, every lease it holds is released.
+* When the connection ends, every lease it holds is released. A peer that
+  shut down only its sending side reads on: at the end of its stream a
+  put still waiting for room is withdrawn, and the replies the connection
+  owes (one waiting for its fsync too) are written before it closes, so
+  the peer learns whether its put was made (protocol.md 4).
 * Limits (:mod:`brokerq.limits`): at most ``max_pipelined`` requests (or
   :data:`~brokerq.limits.REPLY_BUFFER` bytes of replies) are answered before
   their replies are written, and nothing more is read until they are, so a
@@ -52,6 +56,7 @@ import trio
 from . import __version__, limits, protocol, streaming
 from .errors import BrokerqError, InvalidRequest, QueueFull, RemoteProtocolError
 from .journal import JournalFailed
+from .pause import pause
 from .protocol import (
     PROTOCOL_VERSION,
     Ack,
@@ -109,6 +114,7 @@ from .protocol import (
     TouchReply,
     Unsubscribe,
     UnsubscribeReply,
+    validate_lease,
 )
 from .state import Joiner, Lease, Message, Putter, Stream, Waiter
 from .unixstream import UnixStream
@@ -293,6 +299,12 @@ class Connection:
                 data = await self._receive_in_time()
                 self.idle = False
                 if not data:
+                    # The peer's end. One that shut down only its sending side
+                    # reads on: the replies it is owed go first, however long
+                    # their fsync takes (a put admitted before the end was
+                    # read: protocol.md 4, "End of a connection").
+                    if self.pending:
+                        await self._wait_drained()
                     return
                 self.reader.feed(data)
         finally:
@@ -513,7 +525,7 @@ class Connection:
                 return _BLOCK if timeout != 0 else _empty(rid, queue)
             case Reserve(id=rid, queue=queue, timeout=timeout, lease=lease):
                 protocol.validate_timeout(timeout)
-                _check_lease(lease)
+                validate_lease(lease)
                 msg = core.reserve_nowait(queue, now, lease, owner=self)
                 if msg is not None:
                     leases = core.leases_of([msg])
@@ -548,7 +560,7 @@ class Connection:
                 core.bury(msg_id, attempt)
                 return BuryReply(id=rid)
             case Touch(id=rid, msg_id=msg_id, attempt=attempt, lease=lease):
-                _check_lease(lease)
+                validate_lease(lease)
                 return TouchReply(id=rid, lease=core.touch(msg_id, attempt, now, lease) - now)
             case Kick(id=rid, queue=queue, n=n):
                 count, woken = core.kick(queue, n, now)
@@ -715,6 +727,8 @@ class Connection:
             wake_all(self.core.cancel_put(putter, self.broker.clock()))
             raise
         if putter.ids is None:
+            if peer_gone:
+                pause("broker.put_abandoned")
             wake_all(self.core.cancel_put(putter, self.broker.clock()))
             if peer_gone:
                 raise PeerGone
@@ -1013,8 +1027,3 @@ def _join_timeout(request_id: int, queue: str, timeout: float | None) -> Error:
         code="timeout",
         message=f"queue {queue!r} still had unfinished tasks after {timeout or 0:g} s",
     )
-
-
-def _check_lease(lease: float | None) -> None:
-    if lease is not None and not 0 < lease < math.inf:
-        raise InvalidRequest(f"lease must be a finite number of seconds > 0, or nil, not {lease}")

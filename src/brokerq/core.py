@@ -58,7 +58,7 @@ from typing import Any
 import msgspec
 
 from .errors import Full, InvalidRequest, LeaseLost, MessageTooLarge, QueueFull
-from .protocol import MESSAGE_OVERHEAD, validate_queue_name
+from .protocol import MESSAGE_OVERHEAD, validate_lease, validate_queue_name
 from .records import (
     AnyRecord,
     AttemptsRecord,
@@ -582,8 +582,7 @@ class BrokerCore:
         validate_queue_name(name)
         if isinstance(prefetch, bool) or prefetch < 1:
             raise InvalidRequest(f"prefetch must be 1 or more, not {prefetch}")
-        if lease is not None and not 0 < lease < math.inf:
-            raise InvalidRequest(f"lease must be a finite number > 0, or nil, not {lease}")
+        validate_lease(lease)
         q = self._queue(name)
         length = (lease or q.lease or self.default_lease) if reserve else None
         stream = Stream(name, prefetch, length, token=token, owner=owner, stream_id=stream_id)

@@ -163,6 +163,7 @@ class ReadResult:
     records: list[AnyRecord] = field(default_factory=list)
     end: int = 0  # offset after the last whole record (0: no valid header)
     torn: str | None = None  # what was cut off at the end, if anything
+    repaired: str | None = None  # what --repair dropped (a damaged record, and all after it)
 
 
 def _record_at(data: bytes, offset: int) -> tuple[bytes, int] | str:
@@ -210,11 +211,17 @@ def read_journal(path: str, *, repair: bool = False) -> ReadResult:
     while offset < data_end:
         found = _record_at(data, offset)
         if isinstance(found, str):
-            if _valid_records_follow(data, offset, data_end):
-                if not repair:
-                    raise JournalCorrupt(path, offset, found)
-                log.warning("journal %s: --repair truncates at byte %d (%s)", path, offset, found)
-            result.torn = f"{found} at byte {offset}"
+            following = _valid_records_following(data, offset, data_end)
+            if not following:
+                result.torn = f"{found} at byte {offset}"
+            elif repair:
+                result.repaired = (
+                    f"dropped {following + 1} records ({data_end - offset} bytes) from byte"
+                    f" {offset}: the damaged one ({found}) and the {following} valid ones"
+                    " after it (not a torn tail)"
+                )
+            else:
+                raise JournalCorrupt(path, offset, found)
             break
         payload, after = found
         try:
@@ -241,9 +248,10 @@ def _data_end(data: bytes) -> int:
     return 0
 
 
-def _valid_records_follow(data: bytes, offset: int, data_end: int) -> bool:
-    """After a bad record at ``offset``, do valid records run to the end of the
-    data (``data_end``: the end of the file, or where its zero tail begins)?
+def _valid_records_following(data: bytes, offset: int, data_end: int) -> int:
+    """After a bad record at ``offset``, how many valid records run to the end
+    of the data (``data_end``: the end of the file, or where its zero tail
+    begins)? 0: none, a torn tail.
 
     The damaged record's length cannot be trusted, so every later marker is
     tried as a start. A torn tail (a crash mid-write) has no such run.
@@ -254,9 +262,9 @@ def _valid_records_follow(data: bytes, offset: int, data_end: int) -> bool:
         while isinstance(found := _record_at(data, position), tuple):
             position, whole = found[1], whole + 1
         if whole and position >= data_end:  # (a record may end with zero bytes)
-            return True
+            return whole
         start = data.find(RECORD_MARKER, start + 1, data_end)
-    return False
+    return 0
 
 
 #: fdatasync(2): Linux and most Unixes; not macOS, which keeps fsync.
@@ -372,11 +380,13 @@ class Journal:
             journal.in_memory = True
         if result.torn:
             log.warning("journal %s: cut off a torn tail (%s)", path, result.torn)
+        if result.repaired:
+            log.warning("journal %s: --repair %s", path, result.repaired)
         if result.end == 0:
             os.ftruncate(journal.fd, 0)
             _write_all(journal.fd, _file_header())
             result.end = FILE_HEADER.size
-        elif result.torn or not journal.preallocating:
+        elif result.torn or result.repaired or not journal.preallocating:
             os.ftruncate(journal.fd, result.end)  # (a zero tail is kept to append into)
         os.lseek(journal.fd, result.end, os.SEEK_SET)
         journal.size = result.end

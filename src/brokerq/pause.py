@@ -1,4 +1,5 @@
-"""Named pause points, so that tests can force every spawn race (test-only).
+"""Named pause points, so that tests can force races: every spawn race, and
+those of a put that waits for room (test-only).
 
 **For tests only; never set this in production.** ``BROKERQ_TEST_PAUSE``
 names points and a FIFO for each, comma separated::
@@ -25,7 +26,8 @@ once; later passes go straight on) it
    and sleeps until killed) and then wait for the next byte; any other byte
    lets it go on.
 
-The points (``brokerq.spawn``, ``brokerq.daemon``, ``brokerq.server``):
+The points (``brokerq.spawn``, ``brokerq.daemon``, ``brokerq.server``,
+``brokerq.connection``):
 
 ``client.connected``
     connect() succeeded (the connection may wait in the backlog); no hello
@@ -53,6 +55,15 @@ The points (``brokerq.spawn``, ``brokerq.daemon``, ``brokerq.server``):
     the broker decided to idle out and has not unlinked the socket yet.
 ``broker.idle_unlinked``
     it unlinked the socket and has not drained the backlog yet.
+``broker.put_room``
+    a request freed room in a queue where puts wait for it; none of them
+    is admitted yet (the request's reply is not written).
+``broker.put_admitted``
+    puts that waited for room were just admitted (enqueued); their replies
+    are not written yet.
+``broker.put_abandoned``
+    the broker read the end of a connection whose put waits for room; the
+    put is not withdrawn yet.
 """
 
 from __future__ import annotations

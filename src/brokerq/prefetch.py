@@ -41,6 +41,7 @@ class Prefetch:
     def __init__(self, queue: str, prefetch: int, mode: str, lease: float | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode is 'get' or 'reserve', not {mode!r}")
+        protocol.validate_lease(lease)
         self.queue = queue
         self.prefetch = prefetch
         self.mode = mode

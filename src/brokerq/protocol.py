@@ -27,6 +27,7 @@ is the normative description; change it first.
 
 from __future__ import annotations
 
+import math
 import struct
 from typing import Any, Final, TypeAlias
 
@@ -599,6 +600,12 @@ def is_number(value: object) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
+def validate_count(value: object, what: str, *, least: int = 0) -> None:
+    """Raise InvalidRequest unless ``value`` is a whole number >= ``least``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise InvalidRequest(f"{what} must be a whole number >= {least}, not {value!r}")
+
+
 def validate_timeout(timeout: float | None) -> None:
     """Raise InvalidRequest unless ``timeout`` is None or a number >= 0 (not NaN)."""
     if timeout is None:
@@ -607,6 +614,16 @@ def validate_timeout(timeout: float | None) -> None:
         raise InvalidRequest(f"timeout must be a number of seconds, not {timeout!r}")
     if not timeout >= 0:
         raise InvalidRequest(f"timeout must be a number >= 0 (absent: for ever), not {timeout!r}")
+
+
+def validate_lease(lease: float | None) -> None:
+    """Raise InvalidRequest unless ``lease`` is None (the default) or a finite number > 0."""
+    if lease is None:
+        return
+    if not is_number(lease) or not 0 < lease < math.inf:
+        raise InvalidRequest(
+            f"lease must be a finite number of seconds > 0 (or absent: the default), not {lease!r}"
+        )
 
 
 def validate_queue_name(name: str, *, for_put: bool = False, what: str = "queue") -> None:

@@ -602,7 +602,11 @@ class Broker:
         the joins whose queue's tasks are done, and wake the timer task if
         the request added an earlier timer."""
         if self.core.freed:
-            wake_all(self.core.admit_freed(self.clock()))
+            pause("broker.put_room")
+            woken = self.core.admit_freed(self.clock())
+            if woken:
+                pause("broker.put_admitted")
+            wake_all(woken)
         wake_all(self.core.joins_done())  # (nothing to do while nobody joins)
         deadline = self.core.next_deadline()
         if deadline is not None and deadline < self._timer_at:

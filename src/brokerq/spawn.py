@@ -160,8 +160,17 @@ def ensure_socket_dir(socket_path: str, *, create: bool = True) -> None:
             os.mkdir(directory, 0o700)
     except FileExistsError:
         pass
-    except OSError as exc:  # a missing parent, say: only the last component is made
+    except FileNotFoundError as exc:  # only the last component is made, never its parents
+        raise BrokerUnavailable(
+            f"cannot create the socket directory {directory}: "
+            f"its parent {os.path.dirname(directory)} does not exist"
+        ) from exc
+    except PermissionError as exc:
         raise PermissionDenied(
+            f"cannot create the socket directory {directory}: {exc.strerror}"
+        ) from exc
+    except OSError as exc:  # read-only file system, not a directory, ...
+        raise BrokerUnavailable(
             f"cannot create the socket directory {directory}: {exc.strerror}"
         ) from exc
     try:
