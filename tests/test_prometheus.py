@@ -61,6 +61,8 @@ def queue_stats(name: str, **changes: object) -> dict[str, object]:
         "oldest_ready_age_s": None,
         "max_deliveries": 20,
         "lease": 30.0,
+        "maxsize": 0,
+        "max_bytes": 0,
     }
     stats.update(changes)
     return stats
@@ -164,6 +166,14 @@ brokerq_max_deliveries{{queue="mail"}} 20
 # TYPE brokerq_lease_seconds gauge
 brokerq_lease_seconds{{queue="jobs"}} 60.0
 brokerq_lease_seconds{{queue="mail"}} 30.0
+# HELP brokerq_maxsize The most messages a queue may hold (0: unlimited).
+# TYPE brokerq_maxsize gauge
+brokerq_maxsize{{queue="jobs"}} 1000
+brokerq_maxsize{{queue="mail"}} 0
+# HELP brokerq_max_bytes The most body bytes a queue may hold (0: the broker's --max-queue-bytes).
+# TYPE brokerq_max_bytes gauge
+brokerq_max_bytes{{queue="jobs"}} 0
+brokerq_max_bytes{{queue="mail"}} 65536
 """
 
 
@@ -179,6 +189,7 @@ def test_broker_and_queues_exact_output_queues_sorted() -> None:
             put_total=2,
             delivered_total=1,
             dead_lettered_total=1,
+            max_bytes=65536,
         ),
         queue_stats(
             "jobs",
@@ -192,6 +203,7 @@ def test_broker_and_queues_exact_output_queues_sorted() -> None:
             oldest_ready_age_s=1.25,
             max_deliveries=5,
             lease=60.0,
+            maxsize=1000,
         ),
     ]
     assert format_prometheus(broker_stats(), queues) == BROKER_AND_QUEUES
@@ -216,6 +228,8 @@ def test_one_queue_has_no_broker_level_samples() -> None:
         'brokerq_oldest_ready_age_seconds{queue="jobs"} 0.5',
         'brokerq_max_deliveries{queue="jobs"} 20',
         'brokerq_lease_seconds{queue="jobs"} 30.0',
+        'brokerq_maxsize{queue="jobs"} 0',
+        'brokerq_max_bytes{queue="jobs"} 0',
     ]
     assert "brokerq_info" not in out
     assert "brokerq_uptime_seconds" not in out
@@ -341,6 +355,7 @@ def test_stats_prom_against_a_broker(socket_path: str) -> None:
     run("put", "jobs", "a", "bb", "ccc")
     assert run("get", "jobs") == "a\n"
     run("put", "mail", "x")
+    brokerq.connect(socket_path).queue("mail", maxsize=10, max_bytes=4096).client.close()
 
     families = parse(run("stats", "--prom"))
     samples = {line for _, lines in families.values() for line in lines}
@@ -354,6 +369,11 @@ def test_stats_prom_against_a_broker(socket_path: str) -> None:
     assert 'brokerq_delivered_total{queue="mail"} 0' in samples
     assert 'brokerq_bytes{queue="jobs"} 5' in samples
     assert 'brokerq_unfinished_tasks{queue="jobs"} 3' in samples  # one got, none done
+    assert 'brokerq_maxsize{queue="jobs"} 0' in samples  # the settings in force
+    assert 'brokerq_maxsize{queue="mail"} 10' in samples
+    assert 'brokerq_max_bytes{queue="jobs"} 0' in samples
+    assert 'brokerq_max_bytes{queue="mail"} 4096' in samples
+    assert families["brokerq_maxsize"][0] == families["brokerq_max_bytes"][0] == "gauge"
     assert families["brokerq_put_total"][0] == "counter"
     assert families["brokerq_ready"][0] == "gauge"
     assert families["brokerq_uptime_seconds"][1][0].startswith("brokerq_uptime_seconds ")

@@ -1,12 +1,15 @@
 """docs/protocol.md's byte-level examples (section 9) are what the reference
 encoder writes: each hex dump has the length it states, a length prefix that
 matches, decodes to the frame shown, and re-encodes to the same bytes. A
-third-language client is written from these dumps, so they must not drift."""
+third-language client is written from these dumps, so they must not drift.
+Section 5.25's worked order of a stream's frames is replayed against a real
+broker, which must send exactly the frames shown."""
 
 from __future__ import annotations
 
 import ast
 import re
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -14,6 +17,7 @@ import msgspec
 import pytest
 
 from brokerq import protocol
+from brokerq.testing import private_broker
 
 DOC = Path(__file__).resolve().parent.parent / "docs" / "protocol.md"
 HEADING = re.compile(r"^\*\*(Client → broker|Broker → client): (.*?)\*\* \((\d+) bytes\)(.*)$")
@@ -92,3 +96,54 @@ def test_the_reference_client_writes_the_put_and_ack_dumps_byte_for_byte() -> No
     assert protocol.encode_frame(frame) == put.data
     ack = by_title[("Client → broker", "`ack`")]
     assert protocol.encode_frame(protocol.Ack(id=8, msg_id=2, attempt=1)) == ack.data
+
+
+FRAME_LINE = re.compile(r"^(client →|broker ←) (\{.*\})(?:\s+\(.*\))?$")
+
+
+def test_the_worked_order_of_a_stream_is_what_a_broker_does() -> None:
+    """Section 5.25's worked order of frames (get mode, prefetch 2, three
+    messages ready), sent to a real broker: each ``client →`` frame as
+    shown, and each ``broker ←`` frame is the next one the broker sends."""
+    text = DOC.read_text()
+    start = text.index("A worked order of frames (get mode")
+    opening = text.index("```\n", start) + 4
+    block = text[opening : text.index("\n```", opening)]
+    steps = []
+    for line in block.splitlines():
+        match = FRAME_LINE.match(line)
+        assert match, line
+        steps.append((match.group(1), ast.literal_eval(match.group(2))))
+    assert len(steps) == 9
+    with private_broker() as client:
+        client.queue("jobs").put_many([b"a", b"b", b"c"])
+        with socket.socket(socket.AF_UNIX) as sock:
+            sock.settimeout(10)
+            sock.connect(client.socket_path)
+            send(sock, {"op": "hello", "version": protocol.PROTOCOL_VERSION, "id": 1})
+            assert receive(sock)["op"] == "hello"
+            for direction, frame in steps:
+                if direction == "client →":
+                    send(sock, frame)
+                else:
+                    assert receive(sock) == frame
+
+
+def send(sock: socket.socket, frame: dict[str, object]) -> None:
+    payload = msgspec.msgpack.encode(frame)
+    sock.sendall(protocol.HEADER.pack(len(payload)) + payload)
+
+
+def receive(sock: socket.socket) -> dict[str, object]:
+    def exactly(n: int) -> bytes:
+        data = b""
+        while len(data) < n:
+            chunk = sock.recv(n - len(data))
+            assert chunk, "the broker closed the connection"
+            data += chunk
+        return data
+
+    (length,) = protocol.HEADER.unpack(exactly(protocol.HEADER_SIZE))
+    frame = msgspec.msgpack.decode(exactly(length))
+    assert isinstance(frame, dict)
+    return frame

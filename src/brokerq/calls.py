@@ -34,6 +34,10 @@ from .errors import (
     VersionMismatch,
     from_code,
 )
+from .errors import ConnectionLost as _ConnectionLost
+
+#: The clients import it from here; it is brokerq.ConnectionLost (errors.py).
+ConnectionLost = _ConnectionLost
 
 Body = bytes | bytearray | memoryview | str
 R = TypeVar("R", bound=protocol.Reply)
@@ -46,14 +50,6 @@ PER_BODY = 32
 CLOSING_CODES = frozenset(
     {"bad_frame", "version", "permission", "shutting_down", "overflow", "busy"}
 )
-
-
-class ConnectionLost(BrokerUnavailable):
-    """The broker closed the connection or died (EOF, ECONNRESET, EPIPE).
-
-    The request may or may not have taken effect; the clients retry it on
-    a new connection (see docs/guarantees.md).
-    """
 
 
 class BrokerStopping(ConnectionLost, ShuttingDown):

@@ -47,7 +47,11 @@ def consumer(socket_path: str, name: str) -> None:
 
 
 def say(who: str, what: str) -> None:
-    print(f"  [{who:<10} pid {os.getpid():>6}] {what}", flush=True)
+    # One write per line, newline included, so that the processes' lines
+    # never run into each other, even with PYTHONUNBUFFERED set (print
+    # writes the newline apart).
+    sys.stdout.write(f"  [{who:<10} pid {os.getpid():>6}] {what}\n")
+    sys.stdout.flush()
 
 
 def main() -> int:

@@ -33,7 +33,12 @@ class Full(BrokerqError, _stdlib_queue.Full):
 
 
 class QueueFull(Full):
-    """The queue is at its maxsize or max_bytes: the put may wait for room."""
+    """The queue is at its maxsize or max_bytes: the put may wait for room.
+
+    The broker's core raises it, and the broker answers it with the wire
+    code ``full``, so a client raises plain :class:`Full` for it (as for the
+    broker's total limit and a full disk); ``except Full`` catches both.
+    """
 
 
 class MessageTooLarge(BrokerqError):
@@ -55,6 +60,17 @@ class BrokerUnavailable(BrokerqError):
     """No broker could be reached or started within the deadline."""
 
     code = "unavailable"
+
+
+class ConnectionLost(BrokerUnavailable):
+    """The broker closed the connection or died (EOF, ECONNRESET, EPIPE).
+
+    The request may or may not have taken effect. The clients send a
+    request again on a new connection where that is safe, within their
+    ``timeout`` (see docs/guarantees.md); this escapes at once from those
+    never sent again (``ack``, ``release``, ``bury``, ``touch``,
+    ``task_done``), and from the others once those tries failed too.
+    """
 
 
 class BrokerBusy(BrokerUnavailable):

@@ -162,6 +162,20 @@ _FAMILIES = (
         "max_deliveries",
     ),
     _Family("lease_seconds", "gauge", "The default lease in force for a queue.", None, "lease"),
+    _Family(
+        "maxsize",
+        "gauge",
+        "The most messages a queue may hold (0: unlimited).",
+        None,
+        "maxsize",
+    ),
+    _Family(
+        "max_bytes",
+        "gauge",
+        "The most body bytes a queue may hold (0: the broker's --max-queue-bytes).",
+        None,
+        "max_bytes",
+    ),
 )
 
 
