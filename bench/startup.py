@@ -15,9 +15,9 @@ Measures (issue 8 targets in brackets), each over N runs (10; 3 with
   running: the interpreter's start, the CLI's imports and the spawn [< 0.25 s].
 * **warm, CLI**: the same command with the broker already running, against
   ``python -c "import click, msgspec"``, interleaved [no slower].
-* **imports**: whether ``import brokerq`` and ``import brokerq.client``, each
+* **imports**: whether ``import brokerq`` and ``import brokerq.client.blocking``, each
   in a clean interpreter, load trio, anyio or click [neither trio nor anyio;
-  no click for ``brokerq.client``].
+  no click for ``brokerq.client.blocking``].
 
 Every broker started here is stopped (``stop``; by its pid if it does not
 answer) and every directory removed, also on an error or Ctrl-C. The
@@ -206,7 +206,7 @@ def main() -> None:
     print(row('python -c "import click, msgspec"', base, "baseline"))
     verdict = "met" if ratio <= 1.0 else "missed"
     print(f"warm CLI put no slower than the baseline: {verdict} ({ratio:.2f}x)")
-    for module in ("brokerq", "brokerq.client"):
+    for module in ("brokerq", "brokerq.client.blocking"):
         loaded = loaded_modules(module, env)
         print(f"import {module:<15} loads: {', '.join(loaded) or 'none'} of trio, anyio, click")
 

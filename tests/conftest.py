@@ -27,7 +27,7 @@ from typing import Any, TypeVar
 import pytest
 import trio
 
-from brokerq.server import Broker, BrokerConfig
+from brokerq.broker.server import Broker, BrokerConfig
 
 PR_SET_CHILD_SUBREAPER = 36
 T = TypeVar("T")

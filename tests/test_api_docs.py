@@ -10,7 +10,10 @@ import re
 from pathlib import Path
 
 import brokerq
-from brokerq import calls, client, errors, prometheus
+from brokerq import errors
+from brokerq.broker import prometheus
+from brokerq.client import blocking as client
+from brokerq.client import calls
 from brokerq.testing import private_broker
 
 USAGE = (Path(__file__).resolve().parent.parent / "docs" / "usage.md").read_text()

@@ -75,7 +75,7 @@ ROLES = {"p0": "producer", "p1": "producer", "r0": "reserver", "g0": "getter"}
 CLIENT = r"""
 import json, os, random, sys, time
 import brokerq
-from brokerq import calls
+from brokerq.client import calls
 role, path, queue, name, log_path, stop = sys.argv[1:7]
 timeout, wait, lease = map(float, sys.argv[7:10])
 client = brokerq.Client(path, timeout=timeout)

@@ -26,7 +26,7 @@ from conftest import BIN, Procs, broker_pids, read_line, reap_children, run_cli,
 
 import brokerq
 from brokerq import protocol
-from brokerq.journal import journal_path
+from brokerq.broker.journal import journal_path
 from brokerq.protocol import Error, FrameReader, HelloReply, PingReply, PutReply
 from brokerq.spawn import lock_path, resolve_socket_path
 

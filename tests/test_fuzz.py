@@ -49,10 +49,10 @@ from hypothesis.stateful import (
 )
 
 from brokerq import protocol
-from brokerq.core import DEAD_SUFFIX, LIVE_OVERHEAD, BrokerCore
+from brokerq.broker.core import DEAD_SUFFIX, LIVE_OVERHEAD, BrokerCore
+from brokerq.broker.state import Lease, Message, Waiter
 from brokerq.errors import LeaseLost, RemoteProtocolError
 from brokerq.protocol import FrameReader, InvalidRequestFrame
-from brokerq.state import Lease, Message, Waiter
 
 settings.register_profile(
     "ci", max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow]

@@ -9,7 +9,7 @@ Each test runs at the cheapest layer where the guarantee can really break:
   a crash *after* it is abandoning the core (its descriptor closed, nothing
   flushed or synced) once the method returned, before any reply; the next
   broker replays the file.
-* **server**: the trio broker over in-memory streams (as tests/test_server.py),
+* **server**: the trio broker over in-memory streams (as tests/broker/test_server.py),
   with a journal in a temporary directory where it matters. "The broker
   crashes now" is a replay of the journal file as it is at that moment.
 * **client**: the blocking client against a scripted fake broker on a Unix
@@ -44,11 +44,14 @@ from conftest import BIN, gone, wait_until
 from test_server import Peer as ServerPeer
 
 import brokerq
-import brokerq.journal as jmod
+import brokerq.broker.journal as jmod
 from brokerq import protocol
-from brokerq.core import KEY_WINDOW, BrokerCore
+from brokerq.broker.core import KEY_WINDOW, BrokerCore
+from brokerq.broker.journal import Journal, JournalFull, journal_path, read_journal
+from brokerq.broker.records import AnyRecord, PutRecord
+from brokerq.broker.server import Broker, BrokerConfig
+from brokerq.broker.state import Message
 from brokerq.errors import Full, LeaseLost
-from brokerq.journal import Journal, JournalFull, journal_path, read_journal
 from brokerq.protocol import (
     PROTOCOL_VERSION,
     Ack,
@@ -80,10 +83,7 @@ from brokerq.protocol import (
     Touch,
     TouchReply,
 )
-from brokerq.records import AnyRecord, PutRecord
-from brokerq.server import Broker, BrokerConfig
 from brokerq.spawn import broker_running
-from brokerq.state import Message
 
 #: The wall-clock time of the sans-IO scenarios.
 NOW = 1000.0
@@ -256,7 +256,7 @@ def read_bytes(path: str) -> bytes:
 
 
 class Peer(ServerPeer):
-    """tests/test_server.py's scripted client, which can also read to the end."""
+    """tests/broker/test_server.py's scripted client, which can also read to the end."""
 
     async def until_eof(self) -> list[protocol.AnyReply]:
         replies = []
@@ -1081,7 +1081,7 @@ async def test_g10_a_failed_write_answers_internal_and_acknowledges_nothing_more
 
 FAILING_BROKER = r"""
 import errno, os, sys
-import brokerq.journal
+import brokerq.broker.journal
 
 flag = sys.argv[2]
 
@@ -1096,8 +1096,8 @@ class DiskThatFails:
         return os.write(fd, data)
 
 
-brokerq.journal.os = DiskThatFails()
-from brokerq.daemon import main
+brokerq.broker.journal.os = DiskThatFails()
+from brokerq.broker.daemon import main
 
 main([sys.argv[1], "--idle-exit", "0"])
 """

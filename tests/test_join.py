@@ -2,7 +2,7 @@
 
 The count's rules are tested on the core (time passed in), then replayed
 from the records the core wrote; the wire ops on the trio broker over
-in-memory streams (as tests/test_server.py); the clients and the command
+in-memory streams (as tests/broker/test_server.py); the clients and the command
 against real brokers and processes, in short private socket directories.
 """
 
@@ -29,8 +29,10 @@ from test_crash import sigkill
 from test_server import connect
 
 import brokerq
-from brokerq.calls import ConnectionLost
-from brokerq.core import BrokerCore
+from brokerq.broker.core import BrokerCore
+from brokerq.broker.records import AnyRecord, DeleteRecord, PutRecord, UnfinishedRecord
+from brokerq.broker.server import Broker, BrokerConfig
+from brokerq.client.calls import ConnectionLost
 from brokerq.errors import InvalidRequest
 from brokerq.protocol import (
     Ack,
@@ -50,8 +52,6 @@ from brokerq.protocol import (
     TaskDone,
     TaskDoneReply,
 )
-from brokerq.records import AnyRecord, DeleteRecord, PutRecord, UnfinishedRecord
-from brokerq.server import Broker, BrokerConfig
 
 # -- the core: every rule ------------------------------------------------------------------------
 
@@ -378,7 +378,7 @@ def test_joins_are_done_once_the_count_reaches_zero(rec: Recorded) -> None:
 
 
 def test_the_journal_scenario_replays_to_the_same_counts() -> None:
-    """tests/test_journal.py's scenario touches every kind of record."""
+    """tests/broker/test_journal.py's scenario touches every kind of record."""
     from test_journal import NOW, scenario
 
     rec = Recorded()
@@ -422,7 +422,7 @@ def test_messages_whose_ttl_ran_out_between_brokers_are_counted_once(rec: Record
 
 
 def test_the_count_goes_through_a_real_journal_file(tmp_path: Path) -> None:
-    from brokerq.journal import Journal, read_journal
+    from brokerq.broker.journal import Journal, read_journal
 
     path = str(tmp_path / "j")
     journal, _ = Journal.open(path, "never")

@@ -32,7 +32,7 @@ from conftest import BIN, broker_pids, run_cli, wait_until
 
 import brokerq
 from brokerq import protocol
-from brokerq.client import Connection
+from brokerq.client.blocking import Connection
 from brokerq.protocol import Error, FrameReader, HelloReply, PingReply, PutReply
 from brokerq.spawn import take_spawn_lock
 

@@ -46,7 +46,8 @@ import pytest
 from conftest import BIN, broker_pids, kill_brokers, run_cli, wait_until
 
 import brokerq
-from brokerq import daemon, protocol
+from brokerq import protocol
+from brokerq.broker import daemon
 from brokerq.protocol import Error, FrameReader
 from brokerq.spawn import (
     MAX_SOCKET_PATH,

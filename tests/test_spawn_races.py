@@ -39,7 +39,7 @@ from conftest import Procs, broker_pids, gone, read_line, run_cli, wait_until
 
 import brokerq
 from brokerq import pause, spawn
-from brokerq.server import HOUSEKEEPING_SECONDS
+from brokerq.broker.server import HOUSEKEEPING_SECONDS
 from brokerq.spawn import broker_running, lock_holder_pid
 
 #: Time a process may take beyond its own deadline to say it gave up (a
@@ -1044,10 +1044,7 @@ def test_s17_connection_refused_while_the_lock_is_held_is_waited_out(
 def test_every_pause_point_exists_and_is_documented() -> None:
     """A misspelt pause point would hold nothing: every point these tests
     use is in the code, and in brokerq.pause's docstring."""
-    source = "".join(
-        Path(spawn.__file__).with_name(name).read_text()
-        for name in ("spawn.py", "daemon.py", "server.py", "connection.py")
-    )
+    source = "".join(path.read_text() for path in Path(spawn.__file__).parent.rglob("*.py"))
     for point in POINTS:
         assert f'pause("{point}")' in source, point
         assert f"``{point}``" in (pause.__doc__ or ""), point

@@ -34,7 +34,7 @@ def loaded_after_import(module: str) -> set[str]:
     return set(done.stdout.split())
 
 
-@pytest.mark.parametrize("module", ["brokerq", "brokerq.client"])
+@pytest.mark.parametrize("module", ["brokerq", "brokerq.client.blocking"])
 def test_importing_the_client_loads_neither_trio_nor_anyio_nor_click(module: str) -> None:
     assert loaded_after_import(module) == set()
 
@@ -42,4 +42,4 @@ def test_importing_the_client_loads_neither_trio_nor_anyio_nor_click(module: str
 def test_the_check_sees_what_is_loaded() -> None:
     # The command line needs click, and the async client anyio: the check finds them.
     assert "click" in loaded_after_import("brokerq.cli")
-    assert "anyio" in loaded_after_import("brokerq.async_client")
+    assert "anyio" in loaded_after_import("brokerq.client.asynchronous")

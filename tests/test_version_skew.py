@@ -23,10 +23,10 @@ from brokerq import protocol
 
 BROKER_SPEAKING = """\
 import sys
-import brokerq.connection, brokerq.protocol
+import brokerq.broker.connection, brokerq.protocol
 version = int(sys.argv.pop(1))
-brokerq.protocol.PROTOCOL_VERSION = brokerq.connection.PROTOCOL_VERSION = version
-from brokerq.daemon import main
+brokerq.protocol.PROTOCOL_VERSION = brokerq.broker.connection.PROTOCOL_VERSION = version
+from brokerq.broker.daemon import main
 main()
 """
 

@@ -16,9 +16,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
-
-from .client import Client, Message, Queue, Subscription, connect
+from .client.blocking import Client, Message, Queue, Subscription, connect
 from .errors import (
     BrokerBusy,
     BrokerqError,
@@ -41,9 +39,10 @@ from .errors import (
     VersionMismatch,
 )
 from .spawn import default_socket_path
+from .version import __version__
 
 if TYPE_CHECKING:
-    from .async_client import (
+    from .client.asynchronous import (
         AsyncClient,
         AsyncMessage,
         AsyncQueue,
@@ -51,7 +50,7 @@ if TYPE_CHECKING:
         open_async_client,
     )
 
-#: Names of brokerq.async_client, imported (with anyio) on first use.
+#: Names of the async client (brokerq.client.asynchronous), imported (with anyio) on first use.
 _ASYNC_NAMES = frozenset(
     {"AsyncClient", "AsyncMessage", "AsyncQueue", "AsyncSubscription", "open_async_client"}
 )
@@ -59,7 +58,7 @@ _ASYNC_NAMES = frozenset(
 
 def __getattr__(name: str) -> Any:
     if name in _ASYNC_NAMES:
-        from . import async_client
+        from .client import asynchronous as async_client
 
         return getattr(async_client, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -20,8 +20,8 @@ from typing import Any, BinaryIO, cast
 
 import click
 
-from . import __version__, calls
-from .client import Client, Message, Queue
+from .client import calls
+from .client.blocking import Client, Message, Queue
 from .errors import (
     BrokerqError,
     BrokerUnavailable,
@@ -31,6 +31,7 @@ from .errors import (
     JoinTimeout,
     LeaseLost,
 )
+from .version import __version__
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2  # click's own, for options it refuses itself
@@ -543,7 +544,7 @@ def stats(state: _State, queue: str | None, as_json: bool, as_prom: bool) -> Non
         data = state.client.stats()
         data["queue_stats"] = [state.queue(n).stats() for n in state.client.queues()]
     if as_prom:
-        from .prometheus import format_prometheus
+        from .broker.prometheus import format_prometheus
 
         if queue is not None:
             text = format_prometheus(None, [data])
@@ -750,8 +751,8 @@ def _serve_command() -> click.Command:
     """The ``serve`` command, made on demand: its options are the broker's
     (daemon.py), and importing the broker's modules would slow every other
     command's start."""
-    from .daemon import broker_options
-    from .daemon import run as run_broker
+    from .broker.daemon import broker_options
+    from .broker.daemon import run as run_broker
 
     @click.command()
     @broker_options

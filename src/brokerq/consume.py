@@ -36,7 +36,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
 
-from .client import Message, Queue
+from .client.blocking import Message, Queue
 from .errors import BrokerqError, Empty
 
 #: The longest one reserve waits: how soon an idle worker notices a stop.

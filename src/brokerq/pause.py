@@ -26,8 +26,8 @@ once; later passes go straight on) it
    and sleeps until killed) and then wait for the next byte; any other byte
    lets it go on.
 
-The points (``brokerq.spawn``, ``brokerq.daemon``, ``brokerq.server``,
-``brokerq.connection``, ``brokerq.client``):
+The points (in ``brokerq.spawn``, the broker wing's ``daemon``, ``server``
+and ``connection``, and the client wing's ``blocking``):
 
 ``client.connected``
     connect() succeeded (the connection may wait in the backlog); no hello

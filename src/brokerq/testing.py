@@ -36,8 +36,8 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
-from . import client as _client_module
-from .client import DEFAULT_TIMEOUT, Client, Queue
+from .client import blocking as _client_module
+from .client.blocking import DEFAULT_TIMEOUT, Client, Queue
 from .errors import BrokerqError, BrokerUnavailable
 from .spawn import (
     _wait_ready,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from brokerq.core import BrokerCore
+from brokerq.broker.core import BrokerCore
 from brokerq.errors import InvalidRequest, MessageTooLarge
 
 

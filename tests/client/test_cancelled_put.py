@@ -27,10 +27,10 @@ from test_spawn_races import Pause
 
 import brokerq
 from brokerq import pause
-from brokerq.async_client import AsyncQueue
-from brokerq.journal import Journal
+from brokerq.broker.journal import Journal
+from brokerq.broker.server import Broker, BrokerConfig
+from brokerq.client.asynchronous import AsyncQueue
 from brokerq.protocol import Configure, Get, GetReply, Put, PutReply
-from brokerq.server import Broker, BrokerConfig
 
 #: What each op puts; the queue is full with as many others.
 BODIES = {"put": [b"x"], "put_many": [b"x", b"y"]}

@@ -25,13 +25,10 @@ from typing import Any, TypeVar
 
 import click
 
-from . import limits, protocol
-from .activation import inherited_listener
-from .core import BrokerCore
-from .errors import BrokerqError
-from .journal import Journal, journal_path
-from .pause import pause
-from .spawn import (
+from .. import protocol
+from ..errors import BrokerqError
+from ..pause import pause
+from ..spawn import (
     check_socket_path,
     file_identity,
     lock_holder_pid,
@@ -42,6 +39,10 @@ from .spawn import (
     resolve_socket_path,
     try_lock,
 )
+from . import limits
+from .activation import inherited_listener
+from .core import BrokerCore
+from .journal import Journal, journal_path
 
 EXIT_OK = 0
 EXIT_ERROR = 1  # includes "another broker already holds the lock"

@@ -16,6 +16,7 @@ import trio
 import trio.testing
 
 from brokerq import protocol
+from brokerq.broker.server import Broker, BrokerConfig
 from brokerq.protocol import (
     Ack,
     AckReply,
@@ -44,7 +45,6 @@ from brokerq.protocol import (
     Stop,
     StopReply,
 )
-from brokerq.server import Broker, BrokerConfig
 
 
 class Peer:
@@ -469,7 +469,7 @@ async def test_puts_wait_for_one_shared_fsync(monkeypatch: pytest.MonkeyPatch) -
     import shutil
     import tempfile
 
-    from brokerq.journal import Journal
+    from brokerq.broker.journal import Journal
 
     directory = tempfile.mkdtemp(dir="/tmp")
     syncs: list[int] = []
@@ -518,8 +518,8 @@ async def test_a_full_disk_fails_the_put_and_acknowledges_nothing(
     import errno
     import os
 
-    import brokerq.journal
-    from brokerq.journal import Journal
+    import brokerq.broker.journal
+    from brokerq.broker.journal import Journal
 
     journal, _ = Journal.open(f"{journal_dir}/j", "batch")
     b = Broker(BrokerConfig(socket_path="/nonexistent/b.sock"), journal=journal)
@@ -531,7 +531,7 @@ async def test_a_full_disk_fails_the_put_and_acknowledges_nothing(
         def no_space(fd: int, data: object) -> int:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-        monkeypatch.setattr(brokerq.journal.os, "write", no_space)
+        monkeypatch.setattr(brokerq.broker.journal.os, "write", no_space)
         refused = await peer.call(Put, queue="q", body=b"lost")
         assert isinstance(refused, Error)
         assert refused.code == "full"
@@ -549,8 +549,8 @@ async def test_a_failed_fsync_is_fatal(journal_dir: str, monkeypatch: pytest.Mon
     import errno
     import os
 
-    import brokerq.journal
-    from brokerq.journal import Journal
+    import brokerq.broker.journal
+    from brokerq.broker.journal import Journal
 
     journal, _ = Journal.open(f"{journal_dir}/j", "batch")
     b = Broker(BrokerConfig(socket_path="/nonexistent/b.sock"), journal=journal)
@@ -561,7 +561,7 @@ async def test_a_failed_fsync_is_fatal(journal_dir: str, monkeypatch: pytest.Mon
     async with trio.open_nursery() as nursery:
         await nursery.start(b.serve, None)
         peer = await connect(b)
-        monkeypatch.setattr(brokerq.journal.os, "fsync", eio)
+        monkeypatch.setattr(brokerq.broker.journal.os, "fsync", eio)
         reply = await peer.call(Put, queue="q", body=b"x")
         assert isinstance(reply, Error)  # never acknowledged
         assert reply.code == "internal"
@@ -580,7 +580,7 @@ async def test_puts_behind_one_waiting_for_its_fsync_are_handled_meanwhile(
     consumer; both replies then come, in order, once the fsync is done."""
     import threading
 
-    from brokerq.journal import Journal
+    from brokerq.broker.journal import Journal
 
     journal, _ = Journal.open(f"{journal_dir}/j", "batch")
     journal.in_memory = False  # group commit even where /tmp is a tmpfs
@@ -627,7 +627,7 @@ async def test_max_pipelined_holds_while_replies_wait_for_their_fsync(
     the third pipelined put is not read until the first two are answered."""
     import threading
 
-    from brokerq.journal import Journal
+    from brokerq.broker.journal import Journal
 
     journal, _ = Journal.open(f"{journal_dir}/j", "batch")
     journal.in_memory = False  # group commit even where /tmp is a tmpfs

@@ -22,8 +22,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from typing import Any, Generic, NoReturn, TypeVar
 
-from . import protocol
-from .errors import (
+from .. import protocol
+from ..errors import (
     BrokerqError,
     BrokerUnavailable,
     InvalidRequest,
@@ -34,7 +34,7 @@ from .errors import (
     VersionMismatch,
     from_code,
 )
-from .errors import ConnectionLost as _ConnectionLost
+from ..errors import ConnectionLost as _ConnectionLost
 
 #: The clients import it from here; it is brokerq.ConnectionLost (errors.py).
 ConnectionLost = _ConnectionLost

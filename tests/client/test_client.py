@@ -639,7 +639,7 @@ def test_timeout_0_connects_only_to_a_running_broker(sock_dir: str) -> None:
     assert not os.path.exists(path)  # none was started
     with brokerq.connect(path) as running:
         with brokerq.connect(path, timeout=0) as nowait:
-            assert nowait.timeout == brokerq.client.DEFAULT_TIMEOUT
+            assert nowait.timeout == brokerq.client.blocking.DEFAULT_TIMEOUT
             nowait.queue("q").put(b"x")
             assert running.queue("q").get(timeout=5) == b"x"
         running.stop()

@@ -28,9 +28,9 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from . import protocol
+from .. import protocol
+from ..errors import from_code
 from .calls import Call, Wire
-from .errors import from_code
 
 MODES = ("get", "reserve")
 

@@ -35,9 +35,8 @@ import time
 from collections.abc import Iterable, Iterator
 from typing import Any, TypeVar
 
-from . import calls, prefetch, protocol
-from .calls import Body, BrokerStopping, Call, ConnectionLost
-from .errors import (
+from .. import protocol
+from ..errors import (
     BrokerqError,
     BrokerUnavailable,
     Empty,
@@ -46,15 +45,17 @@ from .errors import (
     RemoteProtocolError,
     VersionMismatch,
 )
-from .pause import pause
-from .sockio import Spinner, spin_from_environment
-from .spawn import (
+from ..pause import pause
+from ..spawn import (
     broker_running,
     connect_or_spawn,
     lock_holder_pid,
     resolve_socket_path,
     still_running,
 )
+from . import calls, prefetch
+from .calls import Body, BrokerStopping, Call, ConnectionLost
+from .sockio import Spinner, spin_from_environment
 
 __all__ = [
     "Body",

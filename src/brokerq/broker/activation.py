@@ -18,8 +18,8 @@ from __future__ import annotations
 import os
 import socket
 
-from .errors import BrokerqError
-from .spawn import LISTEN_BACKLOG, close_in_forked_children
+from ..errors import BrokerqError
+from ..spawn import LISTEN_BACKLOG, close_in_forked_children
 
 #: The first inherited descriptor (``SD_LISTEN_FDS_START``).
 LISTEN_FDS_START = 3

@@ -17,9 +17,9 @@ import trio
 from test_server import connect
 
 import brokerq
-from brokerq.journal import Journal, in_memory_filesystem, read_journal
+from brokerq.broker.journal import Journal, in_memory_filesystem, read_journal
+from brokerq.broker.server import COMPACT_MIN_BYTES, Broker, BrokerConfig
 from brokerq.protocol import Put, PutReply, Stats, StatsReply
-from brokerq.server import COMPACT_MIN_BYTES, Broker, BrokerConfig
 
 
 @pytest.fixture
@@ -135,8 +135,8 @@ def test_a_broker_that_does_not_sync_does_not_preallocate(
         client.stop()
 
 
-def replayed(path: str) -> list[brokerq.core.Message]:
-    from brokerq.core import BrokerCore
+def replayed(path: str) -> list[brokerq.broker.core.Message]:
+    from brokerq.broker.core import BrokerCore
 
     core = BrokerCore(max_message_size=1000, max_deliveries=3, default_lease=30.0)
     for record in read_journal(path).records:

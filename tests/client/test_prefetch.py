@@ -26,8 +26,10 @@ from test_crash import kill_broker_of
 from test_server import Peer, connect
 
 import brokerq
-from brokerq import calls, protocol
-from brokerq.core import BrokerCore
+from brokerq import protocol
+from brokerq.broker.core import BrokerCore
+from brokerq.broker.server import Broker
+from brokerq.client import calls
 from brokerq.protocol import (
     Ack,
     AckReply,
@@ -49,7 +51,6 @@ from brokerq.protocol import (
     StreamDelivery,
     Taken,
 )
-from brokerq.server import Broker
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -442,10 +443,10 @@ def test_deliveries_read_with_the_consume_reply_are_not_left_unread(
     here: the client reads only once the reply, and the deliveries of puts
     made after it, are all in its socket (the bug this pins stalled the
     10,000 test about one run in ten)."""
-    original = brokerq.client.Connection.send_reading
+    original = brokerq.client.blocking.Connection.send_reading
 
     def send_then_let_everything_arrive(
-        conn: brokerq.client.Connection, data: bytes | bytearray, deadline: float | None
+        conn: brokerq.client.blocking.Connection, data: bytes | bytearray, deadline: float | None
     ) -> None:
         original(conn, data, deadline)
         request = protocol.decode_request(bytes(data[4:]))
@@ -460,7 +461,9 @@ def test_deliveries_read_with_the_consume_reply_are_not_left_unread(
             size = reply + sum(len(protocol.encode_frame(d)) for d in deliveries)
             wait_until(lambda: unread_bytes(conn.sock) == size, what="the deliveries too")
 
-    monkeypatch.setattr(brokerq.client.Connection, "send_reading", send_then_let_everything_arrive)
+    monkeypatch.setattr(
+        brokerq.client.blocking.Connection, "send_reading", send_then_let_everything_arrive
+    )
     with brokerq.connect(socket_path, prefetch=3) as consumer:
         mine = consumer.queue("q")
         assert [mine.get(timeout=2) for _ in range(3)] == [b"a", b"b", b"c"]
@@ -693,7 +696,7 @@ def test_prefetch_from_the_environment(socket_path: str, monkeypatch: pytest.Mon
     monkeypatch.setenv("BROKERQ_PREFETCH", "64")
     assert brokerq.Client(socket_path).prefetch == 64
     assert brokerq.Client(socket_path, prefetch=0).prefetch == 0  # explicit wins
-    from brokerq.async_client import AsyncClient
+    from brokerq.client.asynchronous import AsyncClient
 
     assert AsyncClient(socket_path).prefetch == 64
     monkeypatch.setenv("BROKERQ_PREFETCH", " ")

@@ -25,7 +25,7 @@ import pytest
 from conftest import gone, wait_until
 
 import brokerq
-from brokerq.async_client import AsyncClient, AsyncQueue
+from brokerq.client.asynchronous import AsyncClient, AsyncQueue
 
 BACKENDS = ["asyncio", "trio"]
 
@@ -731,7 +731,7 @@ def test_what_came_before_an_overflow_is_read_before_it_raises(
 NO_ANYIO = r"""
 import sys
 import brokerq
-loaded = [m for m in ("trio", "anyio", "brokerq.async_client") if m in sys.modules]
+loaded = [m for m in ("trio", "anyio", "brokerq.client.asynchronous") if m in sys.modules]
 assert not loaded, f"after import: {loaded}"
 assert callable(brokerq.open_async_client)
 assert "anyio" in sys.modules

@@ -32,14 +32,16 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from . import __version__, limits, protocol
+from .. import protocol
+from ..errors import PermissionDenied
+from ..pause import pause
+from ..protocol import PROTOCOL_VERSION, Error
+from ..spawn import check_peer, file_identity, lock_path, publish_socket
+from ..version import __version__
+from . import limits
 from .connection import Connection, PeerGone, wake, wake_all
 from .core import BrokerCore
-from .errors import PermissionDenied
 from .journal import Journal, JournalFailed
-from .pause import pause
-from .protocol import PROTOCOL_VERSION, Error
-from .spawn import check_peer, file_identity, lock_path, publish_socket
 from .unixstream import UnixStream
 
 if TYPE_CHECKING:

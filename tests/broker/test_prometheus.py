@@ -12,8 +12,8 @@ import re
 from click.testing import CliRunner
 
 import brokerq
+from brokerq.broker.prometheus import format_prometheus
 from brokerq.cli import cli
-from brokerq.prometheus import format_prometheus
 
 
 def broker_stats(**changes: object) -> dict[str, object]:

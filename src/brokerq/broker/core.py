@@ -57,8 +57,8 @@ from typing import Any
 
 import msgspec
 
-from .errors import Full, InvalidRequest, LeaseLost, MessageTooLarge, QueueFull
-from .protocol import MESSAGE_OVERHEAD, validate_lease, validate_queue_name
+from ..errors import Full, InvalidRequest, LeaseLost, MessageTooLarge, QueueFull
+from ..protocol import MESSAGE_OVERHEAD, validate_lease, validate_queue_name
 from .records import (
     AnyRecord,
     AttemptsRecord,

@@ -17,8 +17,8 @@ import pytest
 from conftest import gone, wait_until
 
 import brokerq
+from brokerq.broker.server import COMPACT_AT_ONCE_MAX_BYTES, COMPACT_MIN_BYTES
 from brokerq.protocol import DEFAULT_MAX_MESSAGE_SIZE
-from brokerq.server import COMPACT_AT_ONCE_MAX_BYTES, COMPACT_MIN_BYTES
 
 
 def test_compaction_under_load_loses_nothing_and_shrinks_the_file(socket_path: str) -> None:

@@ -25,9 +25,12 @@ from conftest import BIN, Procs, wait_until
 from test_server import Peer
 
 import brokerq
-from brokerq import calls, limits, protocol
-from brokerq.connection import Connection
-from brokerq.core import LIVE_OVERHEAD, BrokerCore
+from brokerq import protocol
+from brokerq.broker import limits
+from brokerq.broker.connection import Connection
+from brokerq.broker.core import LIVE_OVERHEAD, BrokerCore
+from brokerq.broker.server import REFUSE_LINGER_SECONDS, Broker, BrokerConfig
+from brokerq.client import calls
 from brokerq.errors import BY_CODE, BrokerBusy, BrokerUnavailable, Full, QueueFull
 from brokerq.protocol import (
     Error,
@@ -47,7 +50,6 @@ from brokerq.protocol import (
     StatsReply,
     Subscribe,
 )
-from brokerq.server import REFUSE_LINGER_SECONDS, Broker, BrokerConfig
 
 NOW = 1_000_000.0
 
@@ -234,7 +236,7 @@ async def test_a_flood_of_refused_connections_is_closed_at_once(
 ) -> None:
     """Past REFUSE_LINGER_MAX lingering refusals, one more is closed at once
     (the clock stands still here: no refusal can end by its linger's timeout)."""
-    from brokerq.server import REFUSE_LINGER_MAX
+    from brokerq.broker.server import REFUSE_LINGER_MAX
 
     async with serving(max_connections=1) as broker:
         kept = await connect(broker)

@@ -25,10 +25,11 @@ import pytest
 from anyio.abc import SocketAttribute
 
 import brokerq
-from brokerq import calls, protocol
-from brokerq import client as client_module
-from brokerq.async_client import AsyncConnection
-from brokerq.sockio import Spinner
+from brokerq import protocol
+from brokerq.client import blocking as client_module
+from brokerq.client import calls
+from brokerq.client.asynchronous import AsyncConnection
+from brokerq.client.sockio import Spinner
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -78,7 +78,7 @@ from typing import Final
 
 import msgspec
 
-from .errors import BrokerqError, Full
+from ..errors import BrokerqError, Full
 from .records import AnyRecord
 
 log = logging.getLogger("brokerq.journal")

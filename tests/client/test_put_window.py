@@ -21,7 +21,7 @@ from conftest import gone, wait_until
 from test_crash import drain
 
 import brokerq
-from brokerq import calls
+from brokerq.client import calls
 
 pytestmark = pytest.mark.timeout(60)
 

@@ -53,11 +53,10 @@ from typing import TYPE_CHECKING, Any, Final
 
 import trio
 
-from . import __version__, limits, protocol, streaming
-from .errors import BrokerqError, InvalidRequest, QueueFull, RemoteProtocolError
-from .journal import JournalFailed
-from .pause import pause
-from .protocol import (
+from .. import protocol
+from ..errors import BrokerqError, InvalidRequest, QueueFull, RemoteProtocolError
+from ..pause import pause
+from ..protocol import (
     PROTOCOL_VERSION,
     Ack,
     AckReply,
@@ -116,6 +115,9 @@ from .protocol import (
     UnsubscribeReply,
     validate_lease,
 )
+from ..version import __version__
+from . import limits, streaming
+from .journal import JournalFailed
 from .state import Joiner, Lease, Message, Putter, Stream, Waiter
 from .unixstream import UnixStream
 

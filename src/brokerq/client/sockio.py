@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from typing import Final
 
-from .errors import InvalidRequest
+from ..errors import InvalidRequest
 
 #: Default upper bound of a spin, in microseconds (``BROKERQ_SPIN_US``).
 DEFAULT_SPIN_US: Final = 100

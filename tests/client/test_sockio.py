@@ -1,5 +1,5 @@
 """The socket layers under the two ends: the blocking client's Spinner
-(brokerq.sockio) and the broker's UnixStream (brokerq.unixstream), over
+(brokerq.client.sockio) and the broker's UnixStream (brokerq.broker.unixstream), over
 real socketpairs."""
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import trio
 import trio.testing
 
 import brokerq
-from brokerq import sockio
-from brokerq.sockio import Spinner, spin_from_environment
-from brokerq.unixstream import YIELD_EVERY, UnixStream
+from brokerq.broker.unixstream import YIELD_EVERY, UnixStream
+from brokerq.client import sockio
+from brokerq.client.sockio import Spinner, spin_from_environment
 
 
 @pytest.fixture

@@ -4,7 +4,7 @@ Plain synchronous tests: a BrokerCore writes through a real Journal in a
 temporary directory. A "crash" abandons the Journal (its descriptors are
 closed, nothing more is written) and replays what is on disk; a power loss
 also cuts off bytes written after the last fsync. Disk faults come from a
-stand-in for ``os`` that only brokerq.journal sees.
+stand-in for ``os`` that only brokerq.broker.journal sees.
 """
 
 from __future__ import annotations
@@ -22,10 +22,9 @@ from typing import Any
 import pytest
 
 import brokerq
-import brokerq.journal as jmod
-from brokerq.core import BrokerCore
-from brokerq.errors import BrokerqError
-from brokerq.journal import (
+import brokerq.broker.journal as jmod
+from brokerq.broker.core import BrokerCore
+from brokerq.broker.journal import (
     FILE_HEADER,
     FORMAT_VERSION,
     MAGIC,
@@ -40,7 +39,7 @@ from brokerq.journal import (
     journal_path,
     read_journal,
 )
-from brokerq.records import (
+from brokerq.broker.records import (
     AnyRecord,
     AttemptsRecord,
     ConfigRecord,
@@ -48,7 +47,8 @@ from brokerq.records import (
     PutRecord,
     StateRecord,
 )
-from brokerq.state import Message
+from brokerq.broker.state import Message
+from brokerq.errors import BrokerqError
 
 #: The wall-clock time the scenarios end at and replays happen at.
 NOW = 60.0
@@ -73,7 +73,7 @@ def path(jdir: str) -> str:
 
 
 class FaultyOs:
-    """Stands in for ``os`` inside brokerq.journal; ``write``/``fsync`` can be hooked."""
+    """Stands in for ``os`` inside brokerq.broker.journal; ``write``/``fsync`` can be hooked."""
 
     def __init__(self) -> None:
         self.on_write: Callable[[int, Any], int] | None = None
@@ -1422,7 +1422,7 @@ def test_journal_path() -> None:
 
 
 def test_fsync_is_skipped_on_a_tmpfs_only() -> None:
-    from brokerq.journal import in_memory_filesystem
+    from brokerq.broker.journal import in_memory_filesystem
 
     assert jmod.in_memory_filesystem is in_memory_filesystem
     assert not in_memory_filesystem("/nonexistent/path")

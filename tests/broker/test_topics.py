@@ -17,7 +17,9 @@ import trio.testing
 from test_server import Peer, connect
 
 from brokerq import protocol
-from brokerq.core import BrokerCore
+from brokerq.broker.core import BrokerCore
+from brokerq.broker.records import AnyRecord
+from brokerq.broker.server import Broker, BrokerConfig
 from brokerq.errors import InvalidRequest, MessageTooLarge
 from brokerq.protocol import (
     Error,
@@ -37,8 +39,6 @@ from brokerq.protocol import (
     Unsubscribe,
     UnsubscribeReply,
 )
-from brokerq.records import AnyRecord
-from brokerq.server import Broker, BrokerConfig
 
 
 @pytest.fixture
@@ -306,7 +306,7 @@ async def test_a_dropped_live_subscriber_that_reads_nothing_is_closed_after_the_
 ) -> None:
     """Its writer is blocked sending what it never reads: the overflow gives
     that send OVERFLOW_GRACE_SECONDS, then the connection is closed."""
-    from brokerq.connection import OVERFLOW_GRACE_SECONDS
+    from brokerq.broker.connection import OVERFLOW_GRACE_SECONDS
 
     client_end, server_end = trio.testing.lockstep_stream_pair()
     broker.start_connection(server_end)

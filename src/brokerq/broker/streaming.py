@@ -40,9 +40,9 @@ from typing import TYPE_CHECKING, cast
 
 import trio
 
-from . import protocol
-from .errors import InvalidRequest, RemoteProtocolError
-from .protocol import (
+from .. import protocol
+from ..errors import InvalidRequest, RemoteProtocolError
+from ..protocol import (
     Cancel,
     CancelReply,
     Consume,

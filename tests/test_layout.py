@@ -1,0 +1,134 @@
+"""The tree is the architecture (docs/architecture.md), and this holds it so.
+
+Every module's imports are read from its source (all of them: at the top,
+inside functions, and under ``TYPE_CHECKING``) and checked against the
+rules of the wings:
+
+* the **broker wing** (``brokerq.broker``) imports itself and the shared
+  modules, never the client wing or the top;
+* the **client wing** (``brokerq.client``) imports itself and the shared
+  modules, never the broker wing or the top;
+* the **shared modules** (protocol, errors, spawn, pause, version) import
+  only each other;
+* the **top** (the public face, the CLI, ``brokerq.testing``, the demo)
+  may import anything;
+
+and there is no import circle anywhere. The old module paths users may
+import keep working.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import brokerq
+
+PACKAGE = Path(brokerq.__file__).resolve().parent
+SHARED = {f"brokerq.{name}" for name in ("errors", "protocol", "spawn", "pause", "version")}
+WINGS = ("brokerq.broker", "brokerq.client")
+#: Third-party imports each part may make (the stdlib and msgspec: everyone).
+THIRD_PARTY = {
+    "brokerq.broker": {"trio", "click"},  # (click: local-queue-broker's options)
+    "brokerq.client": {"anyio"},
+    "shared": set(),
+}
+
+
+def module_name(path: Path) -> str:
+    parts = ["brokerq", *path.relative_to(PACKAGE).with_suffix("").parts]
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+MODULES = {module_name(path): path for path in sorted(PACKAGE.rglob("*.py"))}
+
+
+def imports_of(name: str) -> Iterator[str]:
+    """Every module ``name`` imports: brokerq's by full name, others by their top name."""
+    path = MODULES[name]
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            yield from (alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            for alias in node.names:
+                # ``from . import protocol``: the module, if it is one.
+                yield f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base
+
+
+def part_of(name: str) -> str:
+    if name in SHARED:
+        return "shared"
+    for wing in WINGS:
+        if name == wing or name.startswith(wing + "."):
+            return wing
+    return "top"
+
+
+def brokerq_imports(name: str) -> set[str]:
+    return {found for found in imports_of(name) if found in MODULES and found != name}
+
+
+@pytest.mark.parametrize("name", [n for n in MODULES if part_of(n) != "top"])
+def test_a_module_imports_only_what_its_part_may(name: str) -> None:
+    part = part_of(name)
+    allowed = {part, "shared"}
+    wrong = {found for found in brokerq_imports(name) if part_of(found) not in allowed}
+    assert not wrong, f"{name} ({part}) imports {sorted(wrong)}"
+    outside = {found.split(".")[0] for found in imports_of(name) if not found.startswith("brokerq")}
+    foreign = {top for top in outside if top in {"trio", "anyio", "click"}}
+    assert foreign <= THIRD_PARTY[part], f"{name} imports {sorted(foreign - THIRD_PARTY[part])}"
+
+
+def test_no_import_circles() -> None:
+    graph = {name: brokerq_imports(name) for name in MODULES}
+    done: set[str] = set()
+
+    def visit(name: str, path: list[str]) -> None:
+        if name in path:
+            circle = [*path[path.index(name) :], name]
+            raise AssertionError("an import circle: " + " -> ".join(circle))
+        if name in done:
+            return
+        for found in sorted(graph[name]):
+            visit(found, [*path, name])
+        done.add(name)
+
+    for name in sorted(graph):
+        visit(name, [])
+
+
+def test_no_module_is_over_500_lines() -> None:
+    long = {
+        name: n for name, path in MODULES.items() if (n := len(path.read_text().splitlines())) > 500
+    }
+    assert not long, long
+
+
+@pytest.mark.parametrize(
+    ("old", "names"),
+    [
+        ("brokerq.client", ["Client", "Queue", "Message", "Subscription", "connect"]),
+        ("brokerq.async_client", ["AsyncClient", "AsyncQueue", "open_async_client"]),
+        ("brokerq.errors", ["BrokerqError", "Empty", "Full", "ConnectionLost"]),
+        ("brokerq.protocol", ["encode_frame", "decode_request", "PROTOCOL_VERSION"]),
+        ("brokerq.testing", ["private_broker"]),
+        ("brokerq.cli", ["cli", "main"]),
+    ],
+)
+def test_the_old_module_paths_users_import_still_work(old: str, names: list[str]) -> None:
+    module = importlib.import_module(old)
+    for name in names:
+        assert getattr(module, name) is not None
+    if old == "brokerq.client":
+        assert module.Client is brokerq.Client
+    if old == "brokerq.async_client":
+        assert module.AsyncClient is brokerq.AsyncClient
