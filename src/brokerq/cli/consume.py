@@ -1,25 +1,16 @@
-"""Run a command once per message: ``brokerq consume``, as a library.
+"""``brokerq consume``: run a command once per message, and the runner behind it.
 
-Theory of operation. ``jobs`` worker threads each loop: reserve a message
-(each thread has its own connection, so the lease is the thread's), run the
-command with the body on its stdin and the message's id, queue and attempt
-in its environment, renew the lease with ``touch`` every third of its
-length while the command runs, then settle the message by the result:
-exit 0 acks it; a failure (a non-zero exit, a signal, a command that cannot
-start) releases it for a retry ``retry_delay`` seconds later, or buries it
-once it failed its last attempt (``max_attempts``, at most the queue's
-``max_deliveries``, where the broker would dead-letter it instead).
+``jobs`` worker threads each loop: reserve a message (each on its own
+connection, so the lease is the thread's), run the command with the body on
+its stdin, renew the lease (``touch``) every third of its length while the
+command runs, then settle the message by the result (see the command's help).
 
 The thread in :meth:`Consumer.run` only waits for the workers and carries
 out :meth:`Consumer.stop` and :meth:`Consumer.kill`, which just set flags
 and wake it, so they are safe in a signal handler (:func:`stop_on_signals`).
-A stop takes no more messages (an idle worker notices within ``POLL``
-seconds; a message its reserve still brings is released at once) and lets
-the running commands finish and settle. A kill, or the
-end of ``grace``, sends SIGTERM to every running command's process group,
-then SIGKILL after ``KILL_AFTER`` seconds or at a second kill; their
-messages are released at once. Each command runs in its own process group,
-so a Ctrl-C at the terminal reaches only ``consume``.
+A message a reserve still brings after a stop is released at once. Each
+command runs in its own process group, so a Ctrl-C at the terminal reaches
+only ``consume``.
 """
 
 from __future__ import annotations
@@ -28,16 +19,21 @@ import contextlib
 import os
 import queue as stdlib_queue
 import signal
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from types import FrameType
+from typing import TYPE_CHECKING, Any
 
-from .client.blocking import Message, Queue
-from .errors import BrokerqError, Empty
+import click
+
+from ..client.blocking import Message, Queue
+from ..errors import BrokerqError, Empty
+from .group import State, cli, pass_state, seconds
+
+if TYPE_CHECKING:  # (subprocess and tempfile: imported when consume runs)
+    import subprocess
 
 #: The longest one reserve waits: how soon an idle worker notices a stop.
 POLL = 0.5
@@ -259,6 +255,9 @@ class Consumer:
         try:
             # A file, not a pipe: nothing to feed while we wait, however big
             # the body is and whether or not the command reads it.
+            import subprocess
+            import tempfile
+
             with tempfile.TemporaryFile() as stdin:
                 stdin.write(msg.body)
                 stdin.seek(0)
@@ -357,3 +356,84 @@ def stop_on_signals(consumer: Consumer) -> Iterator[None]:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+
+
+@cli.command()
+@click.argument("queue")
+@click.argument("command", nargs=-1, required=True, metavar="-- CMD [ARG]...")
+@click.option(
+    "-j",
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=1,
+    show_default=True,
+    metavar="N",
+    help="Run up to N commands at once.",
+)
+@seconds(
+    "--retry-delay",
+    default=1.0,
+    show_default=True,
+    help="After a failure, the message is delivered again this much later.",
+)
+@click.option(
+    "--max-attempts",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Bury a message when its N-th delivery fails (default, and at most: the "
+    "queue's max_deliveries).",
+)
+@seconds(
+    "--lease",
+    above=True,
+    help="The lease of each message, renewed while its command runs (default: the queue's).",
+)
+@seconds(
+    "--grace",
+    help="On SIGINT/SIGTERM, kill the commands still running after this long "
+    "(default: at a second signal).",
+)
+@seconds(
+    "--idle-exit",
+    help="Exit once no message has come for this long and no command runs "
+    "(0: once nothing is ready; default: never).",
+)
+@click.option(
+    "--max-messages",
+    type=click.IntRange(min=1),
+    metavar="N",
+    help="Exit after N messages (once their commands have ended).",
+)
+@pass_state
+def consume(state: State, /, queue: str, command: tuple[str, ...], **options: Any) -> None:
+    """Run CMD once for each message of QUEUE, up to N at a time.
+
+    CMD gets the body on its stdin, and BROKERQ_MESSAGE_ID, BROKERQ_QUEUE,
+    BROKERQ_ATTEMPT (1 on the first delivery) and BROKERQ_SOCKET in its
+    environment; its output is consume's. consume itself prints nothing but
+    one line on stderr per failure.
+
+    CMD exiting 0 acks the message. A failure (another exit status, a
+    signal, a command that cannot start) releases it for a retry after
+    --retry-delay, or buries it if that was its last attempt (`brokerq kick
+    QUEUE` puts it back). Messages are reserved, and their leases renewed while CMD runs,
+    so if consume dies they are delivered again, not lost.
+
+    SIGINT or SIGTERM stops taking messages, lets running commands finish
+    and settles each by its result, then exits 0. A second signal (or the
+    end of --grace) kills them (SIGTERM to each command's process group,
+    SIGKILL 3 s later) and releases their messages.
+
+    Put `--` before CMD, so that its options are not taken for consume's:
+
+    \b
+        brokerq consume outbox -j 4 -- sendmail -t
+        brokerq consume thumbs --idle-exit 0 -- sh -c 'convert - "$BROKERQ_MESSAGE_ID.png"'
+    """
+    import shutil
+
+    if shutil.which(command[0]) is None:
+        raise click.UsageError(f"{command[0]}: command not found")
+    consumer = Consumer(state.queue(queue), command, **options)
+    with stop_on_signals(consumer):
+        consumer.run()
