@@ -39,13 +39,7 @@ from typing import Any
 from .client import blocking as _client_module
 from .client.blocking import DEFAULT_TIMEOUT, Client, Queue
 from .errors import BrokerqError, BrokerUnavailable
-from .spawn import (
-    _wait_ready,
-    broker_command,
-    broker_running,
-    lock_holder_pid,
-    log_path,
-)
+from .spawn import broker_running, launch, lock_holder_pid, wait_ready
 
 __all__ = ["private_broker"]
 
@@ -144,44 +138,18 @@ def _broker_arguments(
 
 
 def _start_broker(socket_path: str, options: list[str], timeout: float) -> subprocess.Popen[bytes]:
-    """Start ``local-queue-broker`` in the foreground, as a child; return once READY.
-
-    It takes the lock itself (the directory is new, so nobody holds it),
-    logs to ``<socket>.log`` and says ``READY <pid>`` on a pipe, as a
-    spawned broker does. Its environment is this process's without the
-    ``BROKERQ_*`` variables, so only ``options`` configure it.
-    """
+    """Start ``local-queue-broker`` as a child, in the foreground (it takes
+    the lock itself: the directory is new); return once it says READY. Its
+    environment has no ``BROKERQ_*`` variables, so only ``options`` configure it."""
     deadline = time.monotonic() + timeout
     env = {k: v for k, v in os.environ.items() if not k.startswith("BROKERQ_")}
-    log_flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
-    log_fd = os.open(log_path(socket_path), log_flags, 0o600)
-    ready_r, ready_w = os.pipe()
+    proc, ready = launch(socket_path, options, env=env)
     try:
-        command = [*broker_command(), socket_path, *options, "--ready-fd", str(ready_w)]
-        try:
-            proc = subprocess.Popen(
-                command,
-                pass_fds=(ready_w,),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=log_fd,
-                env=env,
-            )
-        except OSError as exc:
-            raise BrokerUnavailable(f"cannot start {command[0]}: {exc}") from exc
-        os.close(ready_w)
-        ready_w = -1
-        try:
-            _wait_ready(ready_r, deadline, socket_path)
-        except BaseException:
-            _kill_and_wait(proc)
-            raise
-        return proc
-    finally:
-        os.close(ready_r)
-        if ready_w >= 0:
-            os.close(ready_w)
-        os.close(log_fd)
+        wait_ready(ready, deadline, socket_path)
+    except BaseException:
+        _kill_and_wait(proc)
+        raise
+    return proc
 
 
 def _kill_and_wait(proc: subprocess.Popen[bytes]) -> None:
