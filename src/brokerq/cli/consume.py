@@ -16,6 +16,7 @@ only ``consume``.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import queue as stdlib_queue
 import signal
@@ -51,45 +52,32 @@ def _stderr(line: str) -> None:
     sys.stderr.flush()
 
 
+@dataclasses.dataclass(eq=False)
 class Consumer:
     """Runs ``command`` for each message of ``queue``, up to ``jobs`` at once.
 
-    ``lease``: the lease asked for at each reserve (None: the queue's).
-    ``grace``: how long a stop waits for running commands before it kills
-    them (None: until :meth:`kill`). ``idle_exit``: stop once no message has
-    come for that long while no command ran (0: when nothing is ready).
-    ``max_messages``: stop after taking that many. ``log`` gets one line per
-    failure. ``acked``, ``released`` and ``buried`` count the outcomes.
+    The options are the command's; ``log`` gets one line per failure;
+    ``acked``, ``released`` and ``buried`` count the outcomes.
     """
 
-    def __init__(
-        self,
-        queue: Queue,
-        command: Sequence[str],
-        *,
-        jobs: int = 1,
-        retry_delay: float = 1.0,
-        max_attempts: int | None = None,
-        lease: float | None = None,
-        grace: float | None = None,
-        idle_exit: float | None = None,
-        max_messages: int | None = None,
-        log: Callable[[str], None] = _stderr,
-    ) -> None:
-        if not command:
+    queue: Queue
+    command: Sequence[str]
+    _: dataclasses.KW_ONLY
+    jobs: int = 1
+    retry_delay: float = 1.0
+    max_attempts: int | None = None
+    lease: float | None = None  # None: the queue's
+    grace: float | None = None  # how long a stop waits before it kills (None: until kill())
+    idle_exit: float | None = None
+    max_messages: int | None = None
+    log: Callable[[str], None] = _stderr
+
+    def __post_init__(self) -> None:
+        if not self.command:
             raise ValueError("consume needs a command to run")
-        if jobs < 1:
-            raise ValueError(f"jobs must be >= 1, not {jobs}")
-        self.queue = queue
-        self.command = list(command)
-        self.jobs = jobs
-        self.retry_delay = retry_delay
-        self.max_attempts = max_attempts
-        self.lease = lease
-        self.grace = grace
-        self.idle_exit = idle_exit
-        self.max_messages = max_messages
-        self.log = log
+        if self.jobs < 1:
+            raise ValueError(f"jobs must be >= 1, not {self.jobs}")
+        self.command = list(self.command)
         self.acked = self.released = self.buried = 0
         self._limit = 0
         self._lock = threading.Lock()
@@ -119,14 +107,10 @@ class Consumer:
         self._kills += 1
         self.stop()
 
-    # -- the waiting thread ----------------------------------------------------
-
     def run(self) -> None:
-        """Consume until stopped, idle for ``idle_exit``, or past ``max_messages``.
-
-        Returns once every command has ended and its message is settled.
-        Raises the first broker error a worker met (which stops the others).
-        """
+        """Consume until stopped, idle for ``idle_exit``, or past ``max_messages``;
+        return once every command has ended and its message is settled. Raises
+        the first broker error a worker met (which stops the others)."""
         configured = int(self.queue.stats()["max_deliveries"])
         self._limit = min(self.max_attempts or configured, configured)
         workers = [
@@ -182,8 +166,6 @@ class Consumer:
             self._killing = True
             for proc in self._procs:
                 _signal_group(proc, sig)
-
-    # -- the workers -------------------------------------------------------------
 
     def _work(self) -> None:
         try:
@@ -244,13 +226,9 @@ class Consumer:
 
     def _run_command(self, msg: Message) -> Status:
         """Run the command for ``msg``, keeping its lease alive; its status."""
-        env = {
-            **os.environ,
-            "BROKERQ_SOCKET": self.queue.client.socket_path,
-            "BROKERQ_QUEUE": self.queue.name,
-            "BROKERQ_MESSAGE_ID": str(msg.id),
-            "BROKERQ_ATTEMPT": str(msg.attempt),
-        }
+        env = dict(os.environ, BROKERQ_SOCKET=self.queue.client.socket_path)
+        env.update(BROKERQ_QUEUE=self.queue.name, BROKERQ_MESSAGE_ID=str(msg.id))
+        env["BROKERQ_ATTEMPT"] = str(msg.attempt)
         interval = max(0.01, (msg.lease_expires - time.monotonic()) / 3)
         try:
             # A file, not a pipe: nothing to feed while we wait, however big
@@ -304,13 +282,9 @@ class Consumer:
             # Its lease ran out, or the broker went: it will be delivered again.
             self._log(f"message {msg.id}: cannot {name} it: {exc}")
             return
+        counter = {"ack": "acked", "bury": "buried", "release": "released"}[name]
         with self._lock:
-            if name == "ack":
-                self.acked += 1
-            elif name == "bury":
-                self.buried += 1
-            else:
-                self.released += 1
+            setattr(self, counter, getattr(self, counter) + 1)
 
     def _log(self, line: str) -> None:
         with contextlib.suppress(OSError):
