@@ -31,7 +31,7 @@ import click
 
 from ..client.blocking import Message, Queue
 from ..errors import BrokerqError, Empty
-from .group import State, cli, pass_state, seconds
+from .group import State, cli, count, pass_state, seconds
 
 if TYPE_CHECKING:  # (subprocess and tempfile: imported when consume runs)
     import subprocess
@@ -335,14 +335,8 @@ def stop_on_signals(consumer: Consumer) -> Iterator[None]:
 @cli.command()
 @click.argument("queue")
 @click.argument("command", nargs=-1, required=True, metavar="-- CMD [ARG]...")
-@click.option(
-    "-j",
-    "--jobs",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    metavar="N",
-    help="Run up to N commands at once.",
+@count(
+    "-j", "--jobs", default=1, show_default=True, metavar="N", help="Run up to N commands at once."
 )
 @seconds(
     "--retry-delay",
@@ -350,9 +344,8 @@ def stop_on_signals(consumer: Consumer) -> Iterator[None]:
     show_default=True,
     help="After a failure, the message is delivered again this much later.",
 )
-@click.option(
+@count(
     "--max-attempts",
-    type=click.IntRange(min=1),
     metavar="N",
     help="Bury a message when its N-th delivery fails (default, and at most: the "
     "queue's max_deliveries).",
@@ -372,11 +365,8 @@ def stop_on_signals(consumer: Consumer) -> Iterator[None]:
     help="Exit once no message has come for this long and no command runs "
     "(0: once nothing is ready; default: never).",
 )
-@click.option(
-    "--max-messages",
-    type=click.IntRange(min=1),
-    metavar="N",
-    help="Exit after N messages (once their commands have ended).",
+@count(
+    "--max-messages", metavar="N", help="Exit after N messages (once their commands have ended)."
 )
 @pass_state
 def consume(state: State, /, queue: str, command: tuple[str, ...], **options: Any) -> None:

@@ -8,6 +8,8 @@ at the edge, and nowhere else.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import io
 import signal
 import sys
@@ -62,29 +64,26 @@ class _Group(click.Group):
             ctx.exit(EXIT_INTERRUPTED)
 
 
+@dataclasses.dataclass
 class State:
     """What every command shares: the socket path and a lazily made client."""
 
-    def __init__(self, socket: str | None, connect_timeout: float) -> None:
-        self.socket = socket
-        self.connect_timeout = connect_timeout
-        self._client: Client | None = None
+    socket: str | None
+    connect_timeout: float
 
-    @property
+    @functools.cached_property
     def client(self) -> Client:
-        if self._client is None:
-            # No put window, whatever BROKERQ_PUT_WINDOW says: `put` prints
-            # each message's id, which a windowed put does not know. No
-            # prefetch either: `get -n 1` would take 64 to hand out one.
-            self._client = Client(self.socket, self.connect_timeout, put_window=0, prefetch=0)
-        return self._client
+        # No put window, whatever BROKERQ_PUT_WINDOW says: `put` prints each
+        # message's id, which a windowed put does not know. No prefetch
+        # either: `get -n 1` would take 64 to hand out one.
+        return Client(self.socket, self.connect_timeout, put_window=0, prefetch=0)
 
     def queue(self, name: str) -> Queue:
         return self.client.queue(name)
 
     def close(self) -> None:
-        if self._client is not None:
-            self._client.close()
+        if "client" in vars(self):
+            self.client.close()
 
 
 pass_state = click.make_pass_decorator(State)
@@ -96,25 +95,27 @@ def seconds(*decls: str, above: bool = False, **attrs: Any) -> Callable[[FC], FC
     return click.option(*decls, type=kind, metavar="SECONDS", **attrs)
 
 
+def count(*decls: str, **attrs: Any) -> Callable[[FC], FC]:
+    """An option of a whole number, at least 1."""
+    return click.option(*decls, type=click.IntRange(min=1), **attrs)
+
+
 def _command_options() -> list[click.Parameter]:
     """The group's --socket and --connect-timeout, taken after the command
     name too (``brokerq get jobs --socket PATH``), where they win over the
     group's (and so over BROKERQ_SOCKET)."""
 
-    def setter(attr: str) -> Callable[[click.Context, click.Parameter, Any], None]:
-        def set_state(ctx: click.Context, param: click.Parameter, value: Any) -> None:
-            state = ctx.find_object(State)
-            if state is not None and value is not None:
-                setattr(state, attr, value)
-
-        return set_state
+    def set_state(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+        state = ctx.find_object(State)
+        if state is not None and value is not None:
+            setattr(state, str(param.name), value)  # socket, connect_timeout
 
     return [
         click.Option(
             ["--socket"],
             metavar="PATH",
             expose_value=False,
-            callback=setter("socket"),
+            callback=set_state,
             help="The broker's socket, as before the command (this one wins).",
         ),
         click.Option(
@@ -122,7 +123,7 @@ def _command_options() -> list[click.Parameter]:
             type=click.FloatRange(min=0),
             metavar="SECONDS",
             expose_value=False,
-            callback=setter("connect_timeout"),
+            callback=set_state,
             help="As before the command (this one wins).",
         ),
     ]

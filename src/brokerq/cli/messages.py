@@ -15,7 +15,7 @@ import click
 from ..client import calls
 from ..client.blocking import Client, Message
 from ..errors import BrokerqError, BrokerUnavailable, Empty, JoinTimeout, LeaseLost
-from .group import State, bodies, cli, null_option, pass_state, seconds
+from .group import State, bodies, cli, count, null_option, pass_state, seconds
 
 #: The lease of a message ``get`` takes: it is acked once written to
 #: stdout, which may wait for a slow reader of a full pipe. A get that
@@ -31,8 +31,7 @@ GET_LEASE = 24 * 3600.0
 @seconds("--delay", default=0.0, help="Invisible until this many seconds have passed.")
 @seconds("--ttl", above=True, help="Dropped if still waiting after this many seconds.")
 @seconds(
-    "--timeout",
-    help="On a full queue, wait this long for room, then exit 3 (default: for ever).",
+    "--timeout", help="On a full queue, wait this long for room, then exit 3 (default: for ever)."
 )
 @null_option(output=False)
 @pass_state
@@ -51,13 +50,8 @@ def put(state: State, /, queue: str, messages: tuple[str, ...], null: bool, **kw
 
 @cli.command()
 @click.argument("queue")
-@click.option(
-    "-n",
-    "count",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="How many messages to get, one after another.",
+@count(
+    "-n", "count", default=1, show_default=True, help="How many messages to get, one after another."
 )
 @seconds("--timeout", help="One deadline for all of them (default: wait for ever).")
 @click.option(
@@ -217,7 +211,7 @@ def purge(state: State, queue: str) -> None:
 
 @cli.command()
 @click.argument("queue")
-@click.option("-n", "count", type=click.IntRange(min=1), default=1, show_default=True)
+@count("-n", "count", default=1, show_default=True)
 @pass_state
 def kick(state: State, queue: str, count: int) -> None:
     """Return up to N buried messages of QUEUE to ready; print how many.

@@ -10,7 +10,7 @@ from typing import Any
 import click
 
 from ..errors import BrokerqError, Empty
-from .group import State, bodies, cli, null_option, pass_state, seconds
+from .group import State, bodies, cli, count, null_option, pass_state, seconds
 
 
 @cli.command()
@@ -41,12 +41,7 @@ def publish(state: State, /, topic: str, messages: tuple[str, ...], null: bool, 
     help="Subscribe QUEUE for good (kept across restarts) and exit, instead of "
     "printing the publishes as they come.",
 )
-@click.option(
-    "-n",
-    "count",
-    type=click.IntRange(min=1),
-    help="Exit after this many messages (default: run until interrupted).",
-)
+@count("-n", "count", help="Exit after this many messages (default: run until interrupted).")
 @seconds("--timeout", help="Exit 3 if no message comes for this long (default: wait for ever).")
 @null_option(output=True)
 @pass_state
