@@ -43,16 +43,8 @@ import sys
 ENV = "BROKERQ_TEST_PAUSE"
 
 
-def _parse(spec: str) -> dict[str, str]:
-    points: dict[str, str] = {}
-    for item in spec.split(","):
-        name, sep, path = item.strip().partition("=")
-        if sep and name and path:
-            points[name] = path
-    return points
-
-
-_POINTS: dict[str, str] = _parse(os.environ.get(ENV, ""))
+_PAIRS = (item.strip().partition("=") for item in os.environ.get(ENV, "").split(","))
+_POINTS = {name: path for name, sep, path in _PAIRS if sep and name and path}
 
 
 def pause(name: str) -> None:

@@ -1,9 +1,6 @@
-"""The ``brokerq`` group: its options, its exit statuses, and what the commands share.
-
-Exit status: 0 ok; 1 an error (one line on stderr); 2 a usage error;
-3 timed out, empty or full; Ctrl-C: the command ends quietly as one killed
-by SIGINT (status 130 in the shell). Library errors become exit codes here,
-at the edge, and nowhere else.
+"""The ``brokerq`` group: its options, its exit statuses (see its help), and
+what the commands share. Library errors become exit codes here, at the
+edge, and nowhere else.
 """
 
 from __future__ import annotations
