@@ -323,10 +323,8 @@ def broker_command() -> list[str]:
                 f"cannot start a broker: BROKERQ_BROKER={configured!r} is not an executable"
             )
         return [os.path.abspath(found)]
-    beside = os.path.join(os.path.dirname(sys.executable), "local-queue-broker")
-    if os.access(beside, os.X_OK):
-        return [beside]
-    found = shutil.which("local-queue-broker")
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", os.defpath)])
+    found = shutil.which("local-queue-broker", path=path)
     if found:
         return [os.path.abspath(found)]
     raise BrokerUnavailable(
