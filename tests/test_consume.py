@@ -20,8 +20,8 @@ import pytest
 from conftest import BIN, Procs, run_cli, wait_until
 
 import brokerq
-from brokerq.cli import consume
-from brokerq.cli.consume import Consumer
+from brokerq import consume
+from brokerq.consume import Consumer
 
 BROKERQ = str(BIN / "brokerq")
 SAVE = 'cat > "$D/$BROKERQ_MESSAGE_ID"'
