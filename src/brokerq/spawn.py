@@ -380,9 +380,11 @@ def launch(
             stderr=log_fd,
             **popen,
         )
-    except OSError as exc:
+    except BaseException as exc:
         os.close(ready_r)
-        raise BrokerUnavailable(f"cannot start {command[0]}: {exc}") from exc
+        if isinstance(exc, OSError):
+            raise BrokerUnavailable(f"cannot start {command[0]}: {exc}") from exc
+        raise
     finally:
         os.close(ready_w)
         os.close(log_fd)
