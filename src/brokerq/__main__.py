@@ -1,9 +1,5 @@
-"""``python -m brokerq`` works like the ``brokerq`` command.
-
-``cli.main`` names the program ``brokerq`` (click's ``prog_name``), so help,
-version and usage errors read the same as the installed command's, and the
-exit statuses are the same.
-"""
+"""``python -m brokerq`` works like the ``brokerq`` command (``main`` names
+the program ``brokerq``, so its help and errors read the same)."""
 
 from .cli import main
 

@@ -1,9 +1,9 @@
-"""The exceptions of brokerq's public API.
+"""The exceptions of brokerq's public API (docs/usage.md, "Errors").
 
 Every error that leaves the public API is a :class:`BrokerqError`; no bare
-``OSError`` or msgspec error escapes. Errors that the broker reports on the
-wire carry a stable string code (see ``docs/protocol.md``); :data:`BY_CODE`
-maps each code to the exception a client raises for it.
+``OSError`` or msgspec error escapes. An error the broker reports on the
+wire carries a stable ``code`` (docs/protocol.md); :data:`BY_CODE` maps each
+to the exception a client raises for it.
 """
 
 from __future__ import annotations
@@ -18,10 +18,8 @@ class BrokerqError(Exception):
 
 
 class Empty(BrokerqError, _stdlib_queue.Empty):
-    """No message arrived within the timeout (or the queue is empty).
-
-    Also a :class:`queue.Empty`, so ``except queue.Empty:`` code works.
-    """
+    """No message arrived within the timeout (or the queue is empty); also a
+    :class:`queue.Empty`, so ``except queue.Empty:`` code works."""
 
     code = "empty"
 
@@ -35,9 +33,9 @@ class Full(BrokerqError, _stdlib_queue.Full):
 class QueueFull(Full):
     """The queue is at its maxsize or max_bytes: the put may wait for room.
 
-    The broker's core raises it, and the broker answers it with the wire
-    code ``full``, so a client raises plain :class:`Full` for it (as for the
-    broker's total limit and a full disk); ``except Full`` catches both.
+    The broker's core raises it; on the wire it is ``full``, so a client
+    raises plain :class:`Full` (as for the broker's total limit and a full
+    disk); ``except Full`` catches both.
     """
 
 
@@ -49,9 +47,7 @@ class MessageTooLarge(BrokerqError):
 
 class InvalidRequest(BrokerqError, ValueError):
     """An argument was refused: a bad queue name, a negative timeout, ...
-
-    Also a :class:`ValueError`, since that is what it is.
-    """
+    Also a :class:`ValueError`, since that is what it is."""
 
     code = "invalid"
 
@@ -65,21 +61,16 @@ class BrokerUnavailable(BrokerqError):
 class ConnectionLost(BrokerUnavailable):
     """The broker closed the connection or died (EOF, ECONNRESET, EPIPE).
 
-    The request may or may not have taken effect. The clients send a
-    request again on a new connection where that is safe, within their
-    ``timeout`` (see docs/guarantees.md); this escapes at once from those
-    never sent again (``ack``, ``release``, ``bury``, ``touch``,
-    ``task_done``), and from the others once those tries failed too.
+    The request may or may not have taken effect. The clients send it again
+    on a new connection where that is safe (docs/guarantees.md); this
+    escapes at once from the lease verbs and ``task_done``, never sent again,
+    and from the others once those tries failed too.
     """
 
 
 class BrokerBusy(BrokerUnavailable):
-    """The broker already serves its maximum of connections (``--max-connections``).
-
-    It answered this connection with ``busy`` and closed it; the ones it
-    serves are unaffected. Close idle clients, or start the broker with a
-    higher ``--max-connections``.
-    """
+    """The broker already serves its ``--max-connections``: it answered this
+    connection ``busy`` and closed it. Close idle clients, or raise the limit."""
 
     code = "busy"
 
@@ -109,13 +100,9 @@ class RemoteProtocolError(ProtocolError):
 
 
 class VersionMismatch(ProtocolError):
-    """The broker speaks another protocol version than this client.
-
-    ``broker_version`` is the version the broker said it speaks (None if it
-    did not say). A client that finds an *older* broker retires it and
-    starts its own (see docs/protocol.md, "Versioning rules"); a newer
-    broker is left alone and this error is raised.
-    """
+    """The broker speaks another protocol version (``broker_version``, None if
+    it did not say). A client retires an *older* broker and starts its own
+    (docs/protocol.md, "Versioning rules"); for a newer one it raises this."""
 
     code = "version"
 
@@ -137,24 +124,16 @@ class ShuttingDown(BrokerUnavailable):
 
 
 class SubscriberOverflow(BrokerqError):
-    """A live subscriber fell too far behind the publishers and was dropped.
-
-    The broker keeps a bounded buffer of publishes per live subscriber; when
-    a subscriber reads too slowly to keep it under the bound, the broker
-    discards it, sends this error and closes the connection. Publishes made
-    meanwhile are not replayed: use a durable (queue) subscription for that.
-    """
+    """A live subscriber fell too far behind the publishers and was dropped
+    (the broker holds a bounded buffer for each). What was published
+    meanwhile is not replayed: a durable (queue) subscription keeps it."""
 
     code = "overflow"
 
 
 class JoinTimeout(BrokerqError, TimeoutError):
     """``join(timeout=...)`` ran out before the queue's tasks were all done.
-
-    Also the builtin :class:`TimeoutError` (so an ``OSError`` too), as a
-    timed-out wait usually is; the stdlib's ``queue.Queue.join`` has no
-    timeout to copy.
-    """
+    Also the builtin :class:`TimeoutError`, as a timed-out wait usually is."""
 
     code = "timeout"
 
@@ -165,26 +144,14 @@ class InternalError(BrokerqError):
     code = "internal"
 
 
-BY_CODE: dict[str, type[BrokerqError]] = {
-    "empty": Empty,
-    "full": Full,
-    "too_large": MessageTooLarge,
-    "invalid": InvalidRequest,
-    "permission": PermissionDenied,
-    # Both mean the broker judged *our* bytes bad: a local protocol error.
-    "bad_request": LocalProtocolError,
-    "bad_frame": LocalProtocolError,
-    "version": VersionMismatch,
-    "lease_lost": LeaseLost,
-    "shutting_down": ShuttingDown,
-    "overflow": SubscriberOverflow,
-    "busy": BrokerBusy,
-    "timeout": JoinTimeout,
-    "internal": InternalError,
-}
+_RAISED: list[type[BrokerqError]] = [Empty, Full, MessageTooLarge, InvalidRequest, LeaseLost]
+_RAISED += [PermissionDenied, LocalProtocolError, VersionMismatch, ShuttingDown, BrokerBusy]
+_RAISED += [SubscriberOverflow, JoinTimeout, InternalError]
+BY_CODE = {cls.code: cls for cls in _RAISED}
+#: Both mean the broker judged *our* bytes bad: a local protocol error.
+BY_CODE["bad_frame"] = LocalProtocolError
 
 
 def from_code(code: str, message: str) -> BrokerqError:
     """The exception for an error reply; unknown codes become a BrokerqError."""
-    cls = BY_CODE.get(code, BrokerqError)
-    return cls(message)
+    return BY_CODE.get(code, BrokerqError)(message)

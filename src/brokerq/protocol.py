@@ -1,28 +1,15 @@
 """The brokerq wire protocol, sans-IO: bytes in, frames out, and back.
 
-Theory of operation
--------------------
-Every frame, in both directions, is a 4-byte unsigned big-endian length
-followed by that many bytes of one MessagePack map. Each map has an ``op``
-key naming its kind and an ``id`` key: a client picks the id of each request
-(any integer; positive by convention, since 0 marks errors that name no
-request) and the broker echoes it in the reply. The
-broker answers the requests of one connection strictly in the order they
-arrived, so a client may pipeline: send many requests, then read the replies.
+A frame is a 4-byte big-endian length, then one MessagePack map with an
+``op`` (its kind) and an ``id`` (picked by the client, echoed by the reply;
+0 marks an error about the connection). Replies come in request order, so a
+client may pipeline. ``docs/protocol.md`` is the normative description:
+change it first.
 
-The first request on a connection must be ``hello`` with
-:data:`PROTOCOL_VERSION`; the reply reports the broker's limits. A failed
-request gets an :class:`Error` reply (``op = "error"``) with a stable
-``code`` and a human ``message``; its ``id`` is the request's, or 0 when the
-request's id could not be read.
-
-This module does no I/O. :class:`FrameReader` turns received bytes into
-frame payloads (raising :class:`~brokerq.errors.RemoteProtocolError` on a
-length over its limit); :func:`decode_request` / :func:`decode_reply` turn
-payloads into the frozen Structs below; :func:`append_frame` encodes a
-Struct into a reusable output buffer. Every transport (the trio broker, the
-blocking client, the tests) drives these same pieces. ``docs/protocol.md``
-is the normative description; change it first.
+No I/O here: :class:`FrameReader` splits received bytes into payloads,
+:func:`decode_request` / :func:`decode_reply` turn them into the frozen
+Structs below, :func:`append_frame` encodes one into a reused buffer. Every
+transport (the broker, both clients, the tests) drives these same pieces.
 """
 
 from __future__ import annotations
@@ -57,14 +44,22 @@ def max_frame_size(max_message_size: int) -> int:
     return max_message_size + FRAME_OVERHEAD
 
 
-# --------------------------------------------------------------------------
-# Requests (client -> broker)
+# Requests (client -> broker). An absent field takes the default below; a
+# ``timeout`` absent or nil waits for ever, 0 does not wait.
 
 
 class Request(msgspec.Struct, frozen=True, kw_only=True, tag_field="op", omit_defaults=True):
-    """Base of every request: ``id`` is echoed by the reply."""
+    id: int  # echoed by the reply
 
-    id: int
+
+class QueueRequest(Request, frozen=True):
+    queue: str
+
+
+class LeaseRequest(Request, frozen=True):
+    # Of a reserved message: its id, and the delivery (``attempt``) whose lease it is.
+    msg_id: int
+    attempt: int
 
 
 class Hello(Request, frozen=True, tag="hello"):
@@ -72,24 +67,17 @@ class Hello(Request, frozen=True, tag="hello"):
     client: str = ""
 
 
-class Put(Request, frozen=True, tag="put"):
-    """``key``: the client's id for this put; a retry with the same key is
-    answered with the first put's id and enqueues nothing."""
-
-    queue: str
+class Put(QueueRequest, frozen=True, tag="put"):
     body: bytes
-    key: bytes | None = None
+    key: bytes | None = None  # a retry with the same key gets the first put's id, enqueues nothing
     priority: int = 0  # higher first; FIFO within a priority
     delay: float = 0.0  # seconds before it becomes ready
     ttl: float | None = None  # seconds after which, still waiting, it is dropped
-    timeout: float | None = None  # how long to wait for room in a full queue (nil: for ever)
+    timeout: float | None = None  # how long to wait for room in a full queue
 
 
-class PutMany(Request, frozen=True, tag="put_many"):
-    """Every body gets the same ``priority``, ``delay`` and ``ttl``."""
-
-    queue: str
-    bodies: list[bytes]
+class PutMany(QueueRequest, frozen=True, tag="put_many"):
+    bodies: list[bytes]  # all with the same priority, delay and ttl
     keys: list[bytes] | None = None
     priority: int = 0
     delay: float = 0.0
@@ -97,113 +85,76 @@ class PutMany(Request, frozen=True, tag="put_many"):
     timeout: float | None = None
 
 
-class Get(Request, frozen=True, tag="get"):
-    """``timeout``: seconds to wait; absent or nil waits for ever; 0 does not wait."""
-
-    queue: str
+class Get(QueueRequest, frozen=True, tag="get"):
     timeout: float | None = None
 
 
-class GetMany(Request, frozen=True, tag="get_many"):
-    queue: str
+class GetMany(QueueRequest, frozen=True, tag="get_many"):
     n: int
     timeout: float | None = None
 
 
-class Reserve(Request, frozen=True, tag="reserve"):
-    """Like get, but the message stays the broker's until acked: ``lease``
-    seconds (absent: the queue's default), then it is delivered again."""
-
-    queue: str
+class Reserve(QueueRequest, frozen=True, tag="reserve"):
+    # Like get, but the message stays the broker's until acked, for ``lease``
+    # seconds (absent: the queue's), then it is delivered again.
     timeout: float | None = None
     lease: float | None = None
 
 
-class Ack(Request, frozen=True, tag="ack"):
-    """``as_get``: the message goes as a get takes it (its task stays
-    unfinished until a task_done)."""
-
-    msg_id: int
-    attempt: int
-    as_get: bool = False
+class Ack(LeaseRequest, frozen=True, tag="ack"):
+    as_get: bool = False  # gone as a get takes it: its task unfinished until a task_done
 
 
-class Release(Request, frozen=True, tag="release"):
-    msg_id: int
-    attempt: int
+class Release(LeaseRequest, frozen=True, tag="release"):
     delay: float = 0.0
 
 
-class Bury(Request, frozen=True, tag="bury"):
-    msg_id: int
-    attempt: int
+class Bury(LeaseRequest, frozen=True, tag="bury"): ...
 
 
-class Touch(Request, frozen=True, tag="touch"):
-    msg_id: int
-    attempt: int
+class Touch(LeaseRequest, frozen=True, tag="touch"):
     lease: float | None = None
 
 
-class Kick(Request, frozen=True, tag="kick"):
-    queue: str
+class Kick(QueueRequest, frozen=True, tag="kick"):
     n: int = 1
 
 
-class Configure(Request, frozen=True, tag="configure"):
-    """Change a queue's settings; an absent (nil) field leaves its setting as it is."""
-
-    queue: str
+class Configure(QueueRequest, frozen=True, tag="configure"):
+    # An absent (nil) field leaves its setting as it is.
     max_deliveries: int | None = None
     lease: float | None = None
     maxsize: int | None = None
     max_bytes: int | None = None
 
 
-class Delete(Request, frozen=True, tag="delete"):
-    """Delete a queue with every message it holds, in every state, and its settings."""
-
-    queue: str
+class Delete(QueueRequest, frozen=True, tag="delete"): ...  # messages, settings and all
 
 
-class Peek(Request, frozen=True, tag="peek"):
-    queue: str
+class Peek(QueueRequest, frozen=True, tag="peek"): ...
 
 
-class Purge(Request, frozen=True, tag="purge"):
-    queue: str
+class Purge(QueueRequest, frozen=True, tag="purge"): ...
 
 
 class Stats(Request, frozen=True, tag="stats"):
-    """Stats of one queue, or of the broker when ``queue`` is absent."""
-
-    queue: str | None = None
+    queue: str | None = None  # absent: the broker's
 
 
-class Queues(Request, frozen=True, tag="queues"):
-    pass
+class Queues(Request, frozen=True, tag="queues"): ...
 
 
 class Publish(Request, frozen=True, tag="publish"):
-    """A copy of ``body`` to every subscriber of ``topic`` (see topics.py).
-
-    ``key`` makes a retry safe: each subscriber queue gets at most one copy.
-    """
-
-    topic: str
+    topic: str  # a copy of body to every subscriber
     body: bytes
-    key: bytes | None = None
+    key: bytes | None = None  # a retry gives each subscriber queue at most one copy
     priority: int = 0
     ttl: float | None = None
 
 
 class Subscribe(Request, frozen=True, tag="subscribe"):
-    """With ``queue``: that queue gets a copy of every later publish (durable).
-
-    Without: this connection is sent an ``event`` frame for every later
-    publish, until it unsubscribes or closes (live).
-    """
-
+    # With ``queue``: that queue gets a copy of every later publish (durable).
+    # Without: this connection gets an ``event`` frame for each (live).
     topic: str
     queue: str | None = None
 
@@ -213,84 +164,50 @@ class Unsubscribe(Request, frozen=True, tag="unsubscribe"):
     queue: str | None = None
 
 
-class TaskDone(Request, frozen=True, tag="task_done"):
-    """``n`` tasks of ``queue`` are done (queue.Queue.task_done, ``n`` times)."""
-
-    queue: str
-    n: int = 1
+class TaskDone(QueueRequest, frozen=True, tag="task_done"):
+    n: int = 1  # queue.Queue.task_done, n times
 
 
-class Join(Request, frozen=True, tag="join"):
-    """Wait until ``queue`` has no unfinished task; ``timeout`` as for get."""
-
-    queue: str
+class Join(QueueRequest, frozen=True, tag="join"):  # until no task is unfinished
     timeout: float | None = None
 
 
-class Consume(Request, frozen=True, tag="consume"):
-    """Open a stream: the broker sends ``delivery`` frames of ``queue`` unasked,
-    up to ``prefetch`` not yet taken (see docs/protocol.md 5.25)."""
-
-    queue: str
+class Consume(QueueRequest, frozen=True, tag="consume"):
+    # Open a stream: the broker sends ``delivery`` frames of ``queue`` unasked,
+    # up to ``prefetch`` not yet taken (docs/protocol.md 5.25).
     prefetch: int
     mode: str = "get"  # "get" or "reserve": what a taken message becomes
     lease: float | None = None  # reserve mode: the lease a taken message gets
 
 
 class Taken(Request, frozen=True, tag="taken"):
-    """The first ``n`` deliveries of the stream ``id`` (its consume request's
-    id) that were not taken yet are the client's now. It has no reply."""
-
+    # No reply: the first ``n`` deliveries not yet taken of the stream ``id``
+    # (its consume request's) are the client's now.
     n: int = 1
 
 
 class Cancel(Request, frozen=True, tag="cancel"):
-    """End the stream opened by the consume request ``stream``."""
-
-    stream: int
+    stream: int  # the consume request's id
 
 
-class Ping(Request, frozen=True, tag="ping"):
-    pass
+class Ping(Request, frozen=True, tag="ping"): ...
 
 
-class Stop(Request, frozen=True, tag="stop"):
-    pass
+class Stop(Request, frozen=True, tag="stop"): ...
 
 
+# fmt: off
 AnyRequest: TypeAlias = (
-    Hello
-    | Put
-    | PutMany
-    | Get
-    | GetMany
-    | Reserve
-    | Ack
-    | Release
-    | Bury
-    | Touch
-    | Kick
-    | Configure
-    | Delete
-    | Peek
-    | Purge
-    | Stats
-    | Queues
-    | Publish
-    | Subscribe
-    | Unsubscribe
-    | TaskDone
-    | Join
-    | Consume
-    | Taken
-    | Cancel
-    | Ping
-    | Stop
+    Hello | Put | PutMany | Get | GetMany | Reserve | Ack | Release | Bury | Touch | Kick |
+    Configure | Delete | Peek | Purge | Stats | Queues | Publish | Subscribe | Unsubscribe |
+    TaskDone | Join | Consume | Taken | Cancel | Ping | Stop
 )
+# fmt: on
 
 
-# --------------------------------------------------------------------------
-# Replies (broker -> client). A reply's ``op`` is its request's, or "error".
+# Replies (broker -> client). A reply's ``op`` is its request's, or "error";
+# ``event`` and ``delivery`` frames come unasked, even before the reply to
+# the subscribe or consume request whose id they carry.
 
 
 class Reply(msgspec.Struct, frozen=True, kw_only=True, tag_field="op", omit_defaults=True):
@@ -330,16 +247,13 @@ class ReserveReply(Reply, frozen=True, tag="reserve"):
     lease: float  # seconds until the lease runs out
 
 
-class AckReply(Reply, frozen=True, tag="ack"):
-    pass
+class AckReply(Reply, frozen=True, tag="ack"): ...
 
 
-class ReleaseReply(Reply, frozen=True, tag="release"):
-    pass
+class ReleaseReply(Reply, frozen=True, tag="release"): ...
 
 
-class BuryReply(Reply, frozen=True, tag="bury"):
-    pass
+class BuryReply(Reply, frozen=True, tag="bury"): ...
 
 
 class TouchReply(Reply, frozen=True, tag="touch"):
@@ -380,21 +294,14 @@ class PublishReply(Reply, frozen=True, tag="publish"):
     live: int  # live subscribers it was sent to
 
 
-class SubscribeReply(Reply, frozen=True, tag="subscribe"):
-    pass
+class SubscribeReply(Reply, frozen=True, tag="subscribe"): ...
 
 
 class UnsubscribeReply(Reply, frozen=True, tag="unsubscribe"):
     found: bool  # False: there was no such subscription
 
 
-class Event(Reply, frozen=True, tag="event"):
-    """A publish, sent to a live subscriber; ``id`` is its subscribe request's.
-
-    Not a reply: it may come at any point after the subscribe request was
-    sent, even before that request's reply.
-    """
-
+class Event(Reply, frozen=True, tag="event"):  # a publish, to a live subscriber
     topic: str
     body: bytes
 
@@ -403,21 +310,14 @@ class TaskDoneReply(Reply, frozen=True, tag="task_done"):
     unfinished: int  # the queue's unfinished tasks left
 
 
-class JoinReply(Reply, frozen=True, tag="join"):
-    pass
+class JoinReply(Reply, frozen=True, tag="join"): ...
 
 
 class ConsumeReply(Reply, frozen=True, tag="consume"):
     lease: float  # reserve mode: the lease a taken message gets, in seconds; get mode: 0
 
 
-class StreamDelivery(Reply, frozen=True, tag="delivery"):
-    """A message sent unasked on a stream; ``id`` is its consume request's.
-
-    Not a reply: it may come at any point after the consume request was
-    sent, even before that request's reply.
-    """
-
+class StreamDelivery(Reply, frozen=True, tag="delivery"):  # a message, on a stream
     msg_id: int
     body: bytes
     attempt: int  # the attempt a reserve-mode taken makes it (deliveries so far, plus 1)
@@ -431,8 +331,7 @@ class PingReply(Reply, frozen=True, tag="ping"):
     pid: int
 
 
-class StopReply(Reply, frozen=True, tag="stop"):
-    pass
+class StopReply(Reply, frozen=True, tag="stop"): ...
 
 
 class Error(Reply, frozen=True, tag="error"):
@@ -441,37 +340,15 @@ class Error(Reply, frozen=True, tag="error"):
     version: int | None = None  # with code "version": the protocol the broker speaks
 
 
+# fmt: off
 AnyReply: TypeAlias = (
-    HelloReply
-    | PutReply
-    | PutManyReply
-    | GetReply
-    | GetManyReply
-    | ReserveReply
-    | AckReply
-    | ReleaseReply
-    | BuryReply
-    | TouchReply
-    | KickReply
-    | ConfigureReply
-    | DeleteReply
-    | PeekReply
-    | PurgeReply
-    | StatsReply
-    | QueuesReply
-    | PublishReply
-    | SubscribeReply
-    | UnsubscribeReply
-    | Event
-    | TaskDoneReply
-    | JoinReply
-    | ConsumeReply
-    | StreamDelivery
-    | CancelReply
-    | PingReply
-    | StopReply
-    | Error
+    HelloReply | PutReply | PutManyReply | GetReply | GetManyReply | ReserveReply | AckReply |
+    ReleaseReply | BuryReply | TouchReply | KickReply | ConfigureReply | DeleteReply |
+    PeekReply | PurgeReply | StatsReply | QueuesReply | PublishReply | SubscribeReply |
+    UnsubscribeReply | Event | TaskDoneReply | JoinReply | ConsumeReply | StreamDelivery |
+    CancelReply | PingReply | StopReply | Error
 )
+# fmt: on
 
 # Built once: msgspec compiles the schema on construction.
 _encoder: Final = msgspec.msgpack.Encoder()
@@ -481,13 +358,9 @@ _loose_decoder: Final = msgspec.msgpack.Decoder()
 
 
 class InvalidRequestFrame(LocalProtocolError):
-    """A well-framed MessagePack map that is not a valid request.
-
-    The frame boundary is intact, so the broker answers with a ``bad_request``
-    error echoing ``request_id`` and keeps the connection open; when the id
-    could not be read (or was the reserved 0), ``request_id`` is 0 and the
-    connection is closed after the error, as after every error with id 0.
-    """
+    """A well-framed MessagePack map that is not a valid request: the broker
+    answers ``bad_request`` with ``request_id`` and reads on (with id 0, one
+    unreadable or reserved, it closes the connection after the error)."""
 
     def __init__(self, message: str, request_id: int) -> None:
         super().__init__(message)
@@ -500,21 +373,13 @@ def _peek_id(payload: bytes) -> int:
         obj = _loose_decoder.decode(payload)
     except (msgspec.DecodeError, UnicodeDecodeError):
         return 0
-    if isinstance(obj, dict):
-        value = obj.get("id")
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    return 0
+    value = obj.get("id") if isinstance(obj, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
 
 
 def decode_request(payload: bytes) -> AnyRequest:
-    """Decode one frame payload sent by a client.
-
-    Raises :class:`InvalidRequestFrame` for valid MessagePack of the wrong
-    shape (unknown op, missing or wrong-typed field) and
-    :class:`~brokerq.errors.RemoteProtocolError` for bytes that are not
-    MessagePack at all.
-    """
+    """Decode one frame payload sent by a client: InvalidRequestFrame for
+    MessagePack of the wrong shape, RemoteProtocolError for bytes that are not."""
     try:
         request = _request_decoder.decode(payload)
     except msgspec.ValidationError as exc:
@@ -550,13 +415,10 @@ def encode_frame(frame: Request | Reply) -> bytes:
 
 
 class FrameReader:
-    """Splits a byte stream into frame payloads; the inverse of append_frame.
-
-    Feed it whatever arrived (one byte or many frames at once) and call
-    :meth:`next_frame` until it returns ``None``, meaning it needs more bytes.
-    A length over ``max_frame_size`` raises RemoteProtocolError: the stream
-    can no longer be trusted, so the caller closes the connection.
-    """
+    """Splits a byte stream into frame payloads: :meth:`feed` it what
+    arrived, then call :meth:`next_frame` until it returns None (it needs
+    more). A length over ``max_frame_size`` raises RemoteProtocolError: the
+    stream can no longer be trusted, so the caller closes the connection."""
 
     __slots__ = ("_buffer", "_start", "max_frame_size")
 
@@ -608,31 +470,24 @@ def validate_count(value: object, what: str, *, least: int = 0) -> None:
 
 def validate_timeout(timeout: float | None) -> None:
     """Raise InvalidRequest unless ``timeout`` is None or a number >= 0 (not NaN)."""
-    if timeout is None:
-        return
-    if not is_number(timeout):
+    if timeout is not None and not is_number(timeout):
         raise InvalidRequest(f"timeout must be a number of seconds, not {timeout!r}")
-    if not timeout >= 0:
+    if timeout is not None and not timeout >= 0:
         raise InvalidRequest(f"timeout must be a number >= 0 (absent: for ever), not {timeout!r}")
 
 
 def validate_lease(lease: float | None) -> None:
     """Raise InvalidRequest unless ``lease`` is None (the default) or a finite number > 0."""
-    if lease is None:
-        return
-    if not is_number(lease) or not 0 < lease < math.inf:
+    if lease is not None and not (is_number(lease) and 0 < lease < math.inf):
         raise InvalidRequest(
             f"lease must be a finite number of seconds > 0 (or absent: the default), not {lease!r}"
         )
 
 
 def validate_queue_name(name: str, *, for_put: bool = False, what: str = "queue") -> None:
-    """Raise InvalidRequest unless ``name`` is a usable queue (or topic) name.
-
-    Names are 1-255 bytes of UTF-8 without control characters. A ``:`` is
-    reserved to the broker (``jobs:dead``): such queues can be read from,
-    never put to. Topic names follow the same rules as queue names to put to.
-    """
+    """Raise InvalidRequest unless ``name`` is a usable queue (or topic) name:
+    1-255 bytes of UTF-8, printable. A ``:`` is the broker's (``jobs:dead``):
+    such queues can be read from, never put (or published) to."""
     if not isinstance(name, str):
         raise InvalidRequest(f"{what} name must be a str, not {type(name).__name__} {name!r}")
     if not name:

@@ -1,23 +1,17 @@
 """Finding a broker, and starting one when none runs, without races.
 
-The rules (``docs/usage.md`` and design.md section 3 tell the story):
+The rules (docs/design.md section 3 tells the story): the broker holds an
+exclusive ``flock`` on ``<socket>.lock`` for its whole life, so a broker
+exists if and only if that lock is held (the kernel drops it when the broker
+dies, even by SIGKILL). Only the lock holder creates, replaces or unlinks the
+socket; clients never delete it. A client (:func:`connect_or_spawn`) that
+finds nothing listening tries the lock: busy means a broker is starting,
+serving or exiting (back off and connect again); taken means none exists, so
+it starts ``local-queue-broker``, hands it the locked descriptor and waits
+for it to say ``READY``.
 
-* **One liveness token.** The broker holds an exclusive ``flock`` on
-  ``<socket>.lock`` for its whole life. A broker exists if and only if that
-  lock is held; the kernel drops it when the broker dies, even by SIGKILL.
-* **Only the lock holder creates, replaces or unlinks the socket.** Clients
-  never delete it, so a slow client can never remove a live broker's socket.
-* **Client** (:func:`connect_or_spawn`): connect. If nothing listens, try
-  the lock without blocking. Busy means a broker is starting, serving or
-  exiting: back off (1-50 ms, jittered) and try again until the deadline.
-  Acquired means no broker exists: start ``local-queue-broker``, handing it
-  the locked descriptor (the lock is never free during the handover), and
-  wait for it to say ``READY`` over a pipe.
-
-This module is plain blocking code with no trio import: it runs in every
-client, and a client must start fast (what only spawning needs, subprocess
-and shutil, is imported when a broker is spawned). The broker side of the
-handshake lives in :mod:`brokerq.daemon`.
+Plain blocking code, run by every client: what only spawning needs
+(subprocess, shutil, random) is imported when it is needed.
 """
 
 from __future__ import annotations
@@ -33,66 +27,58 @@ import struct
 import sys
 import time
 import weakref
+from typing import TYPE_CHECKING, Any
 
 from .errors import BrokerUnavailable, InvalidRequest, PermissionDenied
 from .pause import pause
+
+if TYPE_CHECKING:
+    import subprocess
 
 #: Python accepts at most 107 bytes for an AF_UNIX path on Linux (sun_path is
 #: 108 with the NUL); BSD and macOS allow 103.
 MAX_SOCKET_PATH = 107 if sys.platform.startswith("linux") else 103
 #: connect() errors that mean "no broker is listening here (yet)".
 _NOT_LISTENING = frozenset({errno.ENOENT, errno.ECONNREFUSED})
-#: The listen backlog asked for. The kernel caps it (``net.core.somaxconn`` on
-#: Linux, 4096 by default since 5.4), so asking for more than SOMAXCONN means
-#: "as many as the system allows": a burst of connects waits in the backlog
-#: while the broker is busy, rather than failing with EAGAIN.
+#: The listen backlog asked for: the kernel caps it (``net.core.somaxconn``),
+#: so this means "as many as the system allows", and a burst of connects
+#: waits in the backlog while the broker is busy rather than failing.
 LISTEN_BACKLOG = max(socket.SOMAXCONN, 65535)
 
 
-class _Busy:
-    """What :func:`_try_connect` returns for ``EAGAIN``: a full listen backlog."""
+#: What :func:`_try_connect` returns when connect() said EAGAIN: a broker
+#: listens, its backlog full for a moment; connect again, never spawn.
+BUSY = object()
 
 
-#: A broker listens but its backlog is full for a moment (connect() said
-#: EAGAIN): it is alive, so connect again; never a reason to spawn.
-BUSY = _Busy()
-_READY_PREFIX = b"READY "
-
-
-# -- paths ---------------------------------------------------------------
-
-
-def _is_private_dir(path: str) -> bool:
-    """A real directory (``lstat``: not a symlink) of the effective uid,
-    with no permissions for group or others."""
+def _unsafe(directory: str) -> str | None:
+    """Why ``directory`` is not private (a real directory of this user, no
+    permissions for group or others), or None if it is."""
     try:
-        st = os.lstat(path)
-    except OSError:
-        return False
-    return stat.S_ISDIR(st.st_mode) and st.st_uid == os.geteuid() and not st.st_mode & 0o077
-
-
-def _trusted_runtime_dir() -> str | None:
-    """``$XDG_RUNTIME_DIR`` if it can be trusted, else None.
-
-    Trusted means an absolute path (the XDG spec says to ignore a relative
-    one, which would name a different directory in every working directory)
-    naming a private directory (:func:`_is_private_dir`). After ``sudo`` or
-    ``su`` the variable may still name the first user's directory: not ours,
-    so not used.
-    """
-    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
-    if not os.path.isabs(runtime) or not _is_private_dir(runtime):
-        return None
-    return runtime
+        st = os.lstat(directory)
+    except OSError as exc:
+        return f"cannot be read: {exc.strerror}"
+    if stat.S_ISLNK(st.st_mode):
+        return "is a symlink"
+    if not stat.S_ISDIR(st.st_mode):
+        return "is not a directory"
+    if st.st_uid != os.geteuid():
+        return f"is owned by uid {st.st_uid}, not by you (uid {os.geteuid()})"
+    if st.st_mode & 0o077:
+        return f"has mode {stat.S_IMODE(st.st_mode):04o}; it must be 0700 (no group/other)"
+    return None
 
 
 def default_socket_path() -> str:
-    """``$XDG_RUNTIME_DIR/brokerq/broker.sock`` if that directory is trusted
-    (:func:`_trusted_runtime_dir`) and the path fits a socket address, else
-    ``/tmp/brokerq-<euid>/broker.sock``."""
-    runtime = _trusted_runtime_dir()
-    if runtime is not None:
+    """``$XDG_RUNTIME_DIR/brokerq/broker.sock`` if that directory is
+    trusted and the path fits a socket address, else
+    ``/tmp/brokerq-<euid>/broker.sock``.
+
+    Trusted: an absolute path (the XDG spec ignores a relative one) to a
+    private directory; after ``sudo`` or ``su`` it may still name the first
+    user's directory, which is not ours."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(runtime) and _unsafe(runtime) is None:
         path = normalise_path(os.path.join(runtime, "brokerq", "broker.sock"))
         if len(os.fsencode(path)) <= MAX_SOCKET_PATH:
             return path
@@ -108,15 +94,10 @@ def resolve_socket_path(socket_path: str | os.PathLike[str] | None) -> str:
 
 
 def normalise_path(path: str) -> str:
-    """``path`` made absolute and normalised lexically, as protocol.md 10.1 says:
-    every run of ``/`` becomes one, ``.`` goes, ``..`` takes the component
-    before it; no symlink is followed.
-
-    ``os.path.abspath`` does all of that but keeps a leading ``//`` (POSIX
-    leaves its meaning to the system; Linux reads it as ``/``). Two spellings
-    of one path must name one broker and one ``--data-dir`` journal (whose
-    name hashes the path), and the C client folds it, so this does too.
-    """
+    """``path`` made absolute and normalised lexically (protocol.md 10.1):
+    ``os.path.abspath``, and a leading ``//`` folded to ``/``, as Linux and
+    the C client read it (two spellings of one path must name one broker
+    and one ``--data-dir`` journal)."""
     path = os.path.abspath(path)
     if path.startswith("//"):
         path = "/" + path.lstrip("/")
@@ -141,51 +122,28 @@ def check_path_length(socket_path: str) -> None:
 
 
 def ensure_socket_dir(socket_path: str, *, create: bool = True) -> None:
-    """Create the socket's directory (mode 0700) or check that it is safe.
+    """Create the socket's directory (mode 0700) or check that it is private.
 
-    Safe means: a real directory (not a symlink), owned by this user, with
-    no permissions for group or others. Anything else is refused; nothing is
-    chmod-ed or chown-ed, since a directory someone else prepared is exactly
-    the attack (squatting in /tmp) this guards against.
-
-    ``create`` False (``stop``, which never starts a broker) creates
-    nothing: a missing directory means no broker runs there, and
-    BrokerUnavailable says so.
+    Anything else is refused, never chmod-ed or chown-ed: a directory
+    someone else prepared is the very attack (squatting in /tmp) this guards
+    against. ``create`` False (``stop``) creates nothing: a missing
+    directory means no broker runs there.
     """
     directory = os.path.dirname(socket_path)
     if not create and not os.path.lexists(directory):
         raise BrokerUnavailable(f"no broker is running at {socket_path}")
     try:
         if create:
-            os.mkdir(directory, 0o700)
+            os.mkdir(directory, 0o700)  # only the last component, never its parents
     except FileExistsError:
         pass
-    except FileNotFoundError as exc:  # only the last component is made, never its parents
-        raise BrokerUnavailable(
-            f"cannot create the socket directory {directory}: "
-            f"its parent {os.path.dirname(directory)} does not exist"
-        ) from exc
-    except PermissionError as exc:
-        raise PermissionDenied(
-            f"cannot create the socket directory {directory}: {exc.strerror}"
-        ) from exc
-    except OSError as exc:  # read-only file system, not a directory, ...
-        raise BrokerUnavailable(
-            f"cannot create the socket directory {directory}: {exc.strerror}"
-        ) from exc
-    try:
-        st = os.lstat(directory)
-    except OSError as exc:
-        raise PermissionDenied(f"socket directory {directory}: {exc.strerror}") from exc
-    problem = None
-    if stat.S_ISLNK(st.st_mode):
-        problem = "is a symlink"
-    elif not stat.S_ISDIR(st.st_mode):
-        problem = "is not a directory"
-    elif st.st_uid != os.geteuid():
-        problem = f"is owned by uid {st.st_uid}, not by you (uid {os.geteuid()})"
-    elif st.st_mode & 0o077:
-        problem = f"has mode {stat.S_IMODE(st.st_mode):04o}; it must be 0700 (no group/other)"
+    except OSError as exc:  # a missing parent, a read-only file system, ...
+        why = exc.strerror
+        if isinstance(exc, FileNotFoundError):
+            why = f"its parent {os.path.dirname(directory)} does not exist"
+        error = PermissionDenied if isinstance(exc, PermissionError) else BrokerUnavailable
+        raise error(f"cannot create the socket directory {directory}: {why}") from exc
+    problem = _unsafe(directory)
     if problem:
         raise PermissionDenied(f"unsafe socket directory {directory}: it {problem}")
 
@@ -195,9 +153,6 @@ def check_socket_path(socket_path: str, *, create: bool = True) -> None:
     (``create``: as for :func:`ensure_socket_dir`)."""
     check_path_length(socket_path)
     ensure_socket_dir(socket_path, create=create)
-
-
-# -- peers ---------------------------------------------------------------
 
 
 def peer_uid(sock: socket.socket) -> int:
@@ -229,9 +184,6 @@ def check_peer(sock: socket.socket, what: str) -> None:
         raise PermissionDenied(f"{what} runs as uid {uid}, not as you (uid {os.geteuid()})")
 
 
-# -- the lock ------------------------------------------------------------
-
-
 def open_lock(socket_path: str) -> int:
     """Open (creating) ``<socket>.lock``; never follows a symlink."""
     flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
@@ -248,11 +200,8 @@ def try_lock(fd: int) -> bool:
 
 
 def take_spawn_lock(socket_path: str) -> int | None:
-    """The locked lock fd if no broker exists (the caller must spawn one), else None.
-
-    The pid in the file belongs to a broker that is gone: it is cleared, so
-    nobody reads it as the owner of the broker about to start.
-    """
+    """The locked lock fd if no broker exists (the caller must spawn one), else
+    None. The pid in the file, of a broker gone, is cleared."""
     fd = open_lock(socket_path)
     if not try_lock(fd):
         os.close(fd)
@@ -278,25 +227,15 @@ def broker_running(socket_path: str) -> bool:
     except FileNotFoundError:
         return False
     try:
-        if try_lock(fd):
-            fcntl.flock(fd, fcntl.LOCK_UN)
-            return False
-        return True
+        return not try_lock(fd)  # (closing the fd lets go of a lock it took)
     finally:
         os.close(fd)
 
 
 def still_running(socket_path: str, pid: int | None) -> bool:
-    """True while the broker ``pid`` holds the lock of ``socket_path`` (with
-    None: while any process does).
-
-    A broker asked to stop is gone once the lock is free, or held by
-    another process: a client that had to reconnect may start the next
-    broker as soon as the old one exits, and the lock file no longer names
-    the old one then (:func:`take_spawn_lock` clears it, and the broker
-    started writes its own pid). So waiting for a stop is never
-    defeated by clients that start a broker again (a pid used again that
-    soon aside)."""
+    """True while the broker ``pid`` (None: any process) holds the lock of
+    ``socket_path``. So waiting for a stop is not defeated by a client that
+    starts the next broker at once: the lock file names that one then."""
     if not broker_running(socket_path):
         return False
     return pid is None or lock_holder_pid(socket_path) == pid
@@ -305,7 +244,7 @@ def still_running(socket_path: str, pid: int | None) -> bool:
 # -- connecting and spawning -----------------------------------------------
 
 
-def _try_connect(socket_path: str, timeout: float) -> socket.socket | _Busy | None:
+def _try_connect(socket_path: str, timeout: float) -> socket.socket | object | None:
     """A connected socket; :data:`BUSY` if the broker's backlog is full; None
     if nothing listens at the path (yet)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -330,12 +269,9 @@ def _try_connect(socket_path: str, timeout: float) -> socket.socket | _Busy | No
 
 
 def connect_or_spawn(socket_path: str, deadline: float, *, spawn: bool = True) -> socket.socket:
-    """Connect to the broker of ``socket_path``, starting one if none runs.
-
-    ``deadline`` is a ``time.monotonic()`` value. Raises BrokerUnavailable
-    when it passes (a broker that is stopped or wedged holds the lock, so
-    clients time out rather than start a second one).
-    """
+    """Connect to the broker of ``socket_path``, starting one if none runs,
+    by the ``time.monotonic()`` ``deadline`` (else BrokerUnavailable: a
+    broker stopped or wedged holds the lock, so no second one is started)."""
     check_socket_path(socket_path, create=spawn)
     delay = 0.001
     while True:
@@ -387,10 +323,8 @@ def broker_command() -> list[str]:
                 f"cannot start a broker: BROKERQ_BROKER={configured!r} is not an executable"
             )
         return [os.path.abspath(found)]
-    beside = os.path.join(os.path.dirname(sys.executable), "local-queue-broker")
-    if os.access(beside, os.X_OK):
-        return [beside]
-    found = shutil.which("local-queue-broker")
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", os.defpath)])
+    found = shutil.which("local-queue-broker", path=path)
     if found:
         return [os.path.abspath(found)]
     raise BrokerUnavailable(
@@ -410,92 +344,90 @@ def spawn_broker(socket_path: str, lock_fd: int, deadline: float) -> int:
     """Start a broker that inherits ``lock_fd`` (locked); return its pid once READY."""
     import subprocess
 
-    command = [
-        *broker_command(),
-        socket_path,
-        "--daemon",
-        "--lock-fd",
-        str(lock_fd),
-    ]
+    args = ["--daemon", "--lock-fd", str(lock_fd)]
+    env = broker_environment()
+    launcher, ready = launch(
+        socket_path, args, (lock_fd,), start_new_session=True, cwd="/", env=env
+    )
+    pause("client.spawned")
+    try:
+        return wait_ready(ready, deadline, socket_path)
+    finally:
+        # The launcher forks the broker and exits at once: reap it so no
+        # zombie is left, whatever happened to the broker.
+        with contextlib.suppress(subprocess.TimeoutExpired, ChildProcessError):
+            launcher.wait(timeout=max(0.0, deadline - time.monotonic()))
+
+
+def launch(
+    socket_path: str, args: list[str], pass_fds: tuple[int, ...] = (), **popen: Any
+) -> tuple[subprocess.Popen[bytes], int]:
+    """Start the broker program for ``socket_path`` with ``args``, its stderr
+    to ``<socket>.log``; return it and the pipe on which it says READY."""
+    import subprocess
+
+    program = broker_command()
     log_flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
     log_fd = os.open(log_path(socket_path), log_flags, 0o600)
     ready_r, ready_w = os.pipe()
+    command = [*program, socket_path, *args, "--ready-fd", str(ready_w)]
     try:
-        command += ["--ready-fd", str(ready_w)]
-        try:
-            launcher = subprocess.Popen(
-                command,
-                pass_fds=(lock_fd, ready_w),
-                start_new_session=True,
-                cwd="/",
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=log_fd,
-                env=broker_environment(),
-            )
-        except OSError as exc:
-            raise BrokerUnavailable(f"cannot start {command[0]}: {exc}") from exc
-        pause("client.spawned")
-        os.close(ready_w)
-        ready_w = -1
-        try:
-            pid = _wait_ready(ready_r, deadline, socket_path)
-        finally:
-            # The launcher forks the broker and exits at once: reap it so no
-            # zombie is left, whatever happened to the broker.
-            with contextlib.suppress(subprocess.TimeoutExpired, ChildProcessError):
-                launcher.wait(timeout=max(0.0, deadline - time.monotonic()))
-        return pid
-    finally:
+        proc = subprocess.Popen(
+            command,
+            pass_fds=(*pass_fds, ready_w),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=log_fd,
+            **popen,
+        )
+    except BaseException as exc:
         os.close(ready_r)
-        if ready_w >= 0:
-            os.close(ready_w)
+        if isinstance(exc, OSError):
+            raise BrokerUnavailable(f"cannot start {command[0]}: {exc}") from exc
+        raise
+    finally:
+        os.close(ready_w)
         os.close(log_fd)
+    return proc, ready_r
 
 
-def _wait_ready(fd: int, deadline: float, socket_path: str) -> int:
+def wait_ready(fd: int, deadline: float, socket_path: str) -> int:
+    """The pid a starting broker says on ``fd`` (``READY <pid>``); closes ``fd``."""
     data = b""
-    while not data.endswith(b"\n"):
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise BrokerUnavailable(
-                f"the broker spawned for {socket_path} did not become ready in time"
-                + _log_tail(socket_path)
-            )
-        readable, _, _ = select.select([fd], [], [], remaining)
-        if not readable:
-            continue
-        chunk = os.read(fd, 64)
-        if not chunk:
-            raise BrokerUnavailable(
-                f"the broker spawned for {socket_path} exited before it was ready"
-                + _log_tail(socket_path)
-            )
-        data += chunk
-    if not data.startswith(_READY_PREFIX):
+    try:
+        while not data.endswith(b"\n"):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise _not_ready(socket_path, "did not become ready in time")
+            if not select.select([fd], [], [], remaining)[0]:
+                continue
+            if not (chunk := os.read(fd, 64)):
+                raise _not_ready(socket_path, "exited before it was ready")
+            data += chunk
+    finally:
+        os.close(fd)
+    if not data.startswith(b"READY "):
         raise BrokerUnavailable(f"the spawned broker said {data!r} instead of READY")
-    return int(data[len(_READY_PREFIX) :])
+    return int(data[len(b"READY ") :])
 
 
-def _log_tail(socket_path: str) -> str:
-    """The last line of the broker's log, to end a one-line error message."""
+def _not_ready(socket_path: str, what: str) -> BrokerUnavailable:
+    """The error, in one line, ending with the last line of the broker's log."""
     path = log_path(socket_path)
     try:
         with open(path, errors="replace") as log:
-            text = log.read()
+            lines = [line.strip() for line in log if line.strip()]
     except OSError:
-        return ""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    return f": {lines[-1]} (see {path})" if lines else f" (see {path})"
+        return BrokerUnavailable(f"the broker spawned for {socket_path} {what}")
+    tail = f": {lines[-1]} (see {path})" if lines else f" (see {path})"
+    return BrokerUnavailable(f"the broker spawned for {socket_path} {what}{tail}")
 
 
 # -- the broker's side: publishing the socket ------------------------------
 
-#: The listening sockets this process published. A child forked without exec
-#: (a helper, multiprocessing's fork method) closes them at once: holding one
-#: after the broker died, it would let clients connect into a dead backlog
-#: and wait there for ever, instead of being refused and spawning a new
-#: broker. (The lock fd gets the same treatment in ``daemon._hold_lock``.)
+#: The listening sockets this process published, which a child forked
+#: without exec closes at once: holding one after the broker died, it would
+#: let clients connect into a dead backlog and wait there for ever.
 _LISTENERS: weakref.WeakSet[socket.socket] = weakref.WeakSet()
 _fork_hook = False
 
@@ -506,11 +438,8 @@ def _close_listeners_in_child() -> None:
 
 
 def close_in_forked_children(sock: socket.socket) -> None:
-    """Have a child forked from this process close ``sock`` at once (a listener).
-
-    (The fork hook is registered with the first listener: only a broker has
-    one, and a client process need not run it at every fork.)
-    """
+    """Have a child forked from this process close ``sock`` at once (a
+    listener); the hook is registered with the first, so only a broker has it."""
     global _fork_hook
     if not _fork_hook:
         os.register_at_fork(after_in_child=_close_listeners_in_child)
@@ -519,14 +448,9 @@ def close_in_forked_children(sock: socket.socket) -> None:
 
 
 def publish_socket(socket_path: str, backlog: int = LISTEN_BACKLOG) -> socket.socket:
-    """Bind a temporary name, listen, then rename it over ``socket_path``.
-
-    The path therefore only ever names a socket that already listens: a
-    client never sees a bound-but-not-listening socket there. Only the lock
-    holder may call this (the rename replaces whatever was at the path).
-    The socket file is created with mode 0600 (umask around ``bind``;
-    ``fchmod`` does not reach a socket file on Linux).
-    """
+    """Bind a temporary name, listen, then rename it over ``socket_path``
+    (which so only ever names a listening socket). Only the lock holder may.
+    Mode 0600 by the umask around ``bind`` (``fchmod`` misses a socket file)."""
     directory, name = os.path.split(socket_path)
     temp_name = f".bq-{os.getpid()}"
     dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -555,18 +479,13 @@ def publish_socket(socket_path: str, backlog: int = LISTEN_BACKLOG) -> socket.so
 
 
 def _bindable(directory: str, name: str, dir_fd: int) -> str:
-    """A path ``bind()`` accepts for ``directory/name``.
-
-    The temporary name can be longer than the socket's own (``.bq-<pid>``
-    beside ``s``); on Linux ``/proc/self/fd/<dir_fd>/name`` reaches the same
-    directory through a short path.
-    """
+    """A path ``bind()`` accepts for ``directory/name``, which may be longer
+    than the socket's own: on Linux ``/proc/self/fd/<dir_fd>/name`` is short."""
     full = os.path.join(directory, name)
     if len(os.fsencode(full)) <= MAX_SOCKET_PATH:
         return full
-    via_proc = f"/proc/self/fd/{dir_fd}/{name}"
     if os.path.isdir(f"/proc/self/fd/{dir_fd}"):
-        return via_proc
+        return f"/proc/self/fd/{dir_fd}/{name}"
     check_path_length(full)  # raises: no short way to name the directory here
     return full
 

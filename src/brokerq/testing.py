@@ -1,21 +1,12 @@
-"""Private brokers for your own tests: a context manager and a pytest plugin.
+"""Private brokers for your own tests: a context manager and a pytest plugin
+(docs/usage.md, "Testing with brokerq").
 
 :func:`private_broker` starts a broker of its own in a fresh, short
-directory under ``/tmp`` (pytest's ``tmp_path`` is often longer than a
-Unix socket path may be), yields a connected :class:`~brokerq.Client`, and
-afterwards stops the broker, makes sure its process is gone and removes the
-directory::
-
-    from brokerq.testing import private_broker
-
-    with private_broker(max_deliveries=2) as client:
-        client.queue("jobs").put(b"x")
-
-The pytest plugin is opt-in: add ``pytest_plugins = ["brokerq.testing"]``
-to your top-level ``conftest.py`` for the fixtures ``brokerq_client``,
-``brokerq_socket``, ``brokerq_queue`` and ``brokerq_options``. Importing
-this module never needs pytest: the fixtures are only defined when pytest
-can be imported.
+directory under ``/tmp`` (pytest's ``tmp_path`` is often too long for a
+socket path), yields a connected :class:`~brokerq.Client`, then stops the
+broker, makes sure its process is gone and removes the directory. The
+plugin is opt-in (``pytest_plugins = ["brokerq.testing"]``); importing this
+module never needs pytest: the fixtures are only defined when it is there.
 
 PYTEST_DONT_REWRITE: this module has no asserts for pytest to rewrite, and a
 conftest.py may import it before pytest loads it as a plugin (pytest would
@@ -31,7 +22,6 @@ import shutil
 import signal
 import subprocess
 import tempfile
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -39,13 +29,7 @@ from typing import Any
 from .client import blocking as _client_module
 from .client.blocking import DEFAULT_TIMEOUT, Client, Queue
 from .errors import BrokerqError, BrokerUnavailable
-from .spawn import (
-    _wait_ready,
-    broker_command,
-    broker_running,
-    lock_holder_pid,
-    log_path,
-)
+from .spawn import broker_running, launch, lock_holder_pid, wait_ready
 
 __all__ = ["private_broker"]
 
@@ -69,43 +53,30 @@ def private_broker(
 ) -> Iterator[Client]:
     """Run a broker of its own for the ``with`` block; yield a client of it.
 
-    The broker serves ``<dir>/broker.sock`` in a new directory made by
-    ``tempfile.mkdtemp(dir="/tmp")`` (mode 0700), runs as a child of this
-    process, and takes its options from the arguments only, never from the
-    ``BROKERQ_*`` variables of the environment (which it does not get):
+    The broker serves ``<dir>/broker.sock`` in a new directory under /tmp,
+    runs as a child of this process, and takes its options from the
+    arguments only, never from the ``BROKERQ_*`` environment (which it does
+    not get). ``journal`` False keeps messages in memory only; True writes
+    ``<dir>/broker.sock.journal``, fsynced per ``fsync``. ``idle_exit``'s 10
+    minutes outlast any test, and let a broker orphaned by a killed test run
+    go by itself. The others are the broker's options of those names (None:
+    its default); ``timeout`` is the client's, and how long starting or
+    stopping the broker may take.
 
-    * ``journal``: False (the default) keeps messages in memory only, fast
-      and without files; True writes ``<dir>/broker.sock.journal``, fsynced
-      per ``fsync`` (``"never"`` by default: it still survives a broker
-      crash or restart, which is what a test can check).
-    * ``idle_exit``: seconds without connections before the broker exits
-      (0: never). The default, 10 minutes, outlasts any test that keeps its
-      client, and lets a broker orphaned by a killed test run go by itself.
-    * ``max_deliveries``, ``lease``, ``max_message_size``, ``log_level``: as
-      the broker's options of those names; None leaves the broker's default.
-    * ``timeout``: the client's timeout, and how long starting or stopping
-      the broker may take.
-
-    The yielded client's ``socket_path`` names the socket; its log is
-    ``socket_path + ".log"``. When the block ends, however it ends (an
-    exception, or the broker already stopped or killed by the test), the
-    client is closed, whatever broker serves the socket is stopped (killed
-    with SIGKILL, by its pid, if it does not exit within ``timeout``), its
-    process is waited for, and the directory is removed.
-
-    If the test stops the broker and then uses the socket again, a client
-    spawns a new broker there as usual, with the default options (and the
-    ``BROKERQ_*`` environment of this process); it is stopped at the end too.
+    When the block ends, however it ends, the client is closed, whatever
+    broker serves the socket (one a client spawned after the test stopped
+    this one too) is stopped, or killed if it does not exit within
+    ``timeout``, and the directory is removed.
     """
-    options = _broker_arguments(
-        journal=journal,
-        fsync=fsync,
-        idle_exit=idle_exit,
-        max_deliveries=max_deliveries,
-        lease=lease,
-        max_message_size=max_message_size,
-        log_level=log_level,
-    )
+    named = {
+        "--idle-exit": repr(float(idle_exit)),
+        "--max-deliveries": None if max_deliveries is None else str(int(max_deliveries)),
+        "--lease": None if lease is None else repr(float(lease)),
+        "--max-message-size": None if max_message_size is None else str(int(max_message_size)),
+        "--log-level": log_level,
+    }
+    options = ["--journal" if journal else "--no-journal", "--fsync", fsync]
+    options += [arg for name, value in named.items() if value is not None for arg in (name, value)]
     directory = tempfile.mkdtemp(prefix=DIR_PREFIX, dir="/tmp")
     socket_path = os.path.join(directory, SOCKET_NAME)
     proc: subprocess.Popen[bytes] | None = None
@@ -119,69 +90,19 @@ def private_broker(
         _tear_down(directory, socket_path, proc, client, timeout)
 
 
-def _broker_arguments(
-    *,
-    journal: bool,
-    fsync: str,
-    idle_exit: float,
-    max_deliveries: int | None,
-    lease: float | None,
-    max_message_size: int | None,
-    log_level: str | None,
-) -> list[str]:
-    """The command-line options of ``local-queue-broker`` for these settings."""
-    args = ["--journal" if journal else "--no-journal", "--fsync", fsync]
-    args += ["--idle-exit", repr(float(idle_exit))]
-    if max_deliveries is not None:
-        args += ["--max-deliveries", str(int(max_deliveries))]
-    if lease is not None:
-        args += ["--lease", repr(float(lease))]
-    if max_message_size is not None:
-        args += ["--max-message-size", str(int(max_message_size))]
-    if log_level is not None:
-        args += ["--log-level", log_level]
-    return args
-
-
 def _start_broker(socket_path: str, options: list[str], timeout: float) -> subprocess.Popen[bytes]:
-    """Start ``local-queue-broker`` in the foreground, as a child; return once READY.
-
-    It takes the lock itself (the directory is new, so nobody holds it),
-    logs to ``<socket>.log`` and says ``READY <pid>`` on a pipe, as a
-    spawned broker does. Its environment is this process's without the
-    ``BROKERQ_*`` variables, so only ``options`` configure it.
-    """
+    """Start ``local-queue-broker`` as a child, in the foreground (it takes
+    the lock itself: the directory is new); return once it says READY. Its
+    environment has no ``BROKERQ_*`` variables, so only ``options`` configure it."""
     deadline = time.monotonic() + timeout
     env = {k: v for k, v in os.environ.items() if not k.startswith("BROKERQ_")}
-    log_flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
-    log_fd = os.open(log_path(socket_path), log_flags, 0o600)
-    ready_r, ready_w = os.pipe()
+    proc, ready = launch(socket_path, options, env=env)
     try:
-        command = [*broker_command(), socket_path, *options, "--ready-fd", str(ready_w)]
-        try:
-            proc = subprocess.Popen(
-                command,
-                pass_fds=(ready_w,),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=log_fd,
-                env=env,
-            )
-        except OSError as exc:
-            raise BrokerUnavailable(f"cannot start {command[0]}: {exc}") from exc
-        os.close(ready_w)
-        ready_w = -1
-        try:
-            _wait_ready(ready_r, deadline, socket_path)
-        except BaseException:
-            _kill_and_wait(proc)
-            raise
-        return proc
-    finally:
-        os.close(ready_r)
-        if ready_w >= 0:
-            os.close(ready_w)
-        os.close(log_fd)
+        wait_ready(ready, deadline, socket_path)
+    except BaseException:
+        _kill_and_wait(proc)
+        raise
+    return proc
 
 
 def _kill_and_wait(proc: subprocess.Popen[bytes]) -> None:
@@ -209,13 +130,9 @@ def _tear_down(
             # A fresh client: the test may have closed its own. Whichever
             # broker serves the socket now (ours, or one a client spawned
             # after the test stopped ours) is asked to exit and waited for.
-            stopper = Client(socket_path, timeout)
-            try:
+            # One that does not answer (stopped with SIGSTOP, say) is killed below.
+            with contextlib.suppress(BrokerqError), Client(socket_path, timeout) as stopper:
                 stopper.stop()
-            except BrokerqError:
-                pass  # it does not answer (stopped with SIGSTOP, say): killed below
-            finally:
-                stopper.close()
         if proc is not None:
             try:
                 proc.wait(timeout=max(0.0, deadline - time.monotonic()))
@@ -243,10 +160,8 @@ def _kill_lock_holder(socket_path: str) -> None:
 def _close_shared_client(socket_path: str) -> None:
     """Close the client ``brokerq.Queue(name)`` made for this socket, if any,
     so a test suite that uses it does not leak one socket per test."""
-    shared: dict[str, Client] = _client_module._shared
-    lock: threading.Lock = _client_module._shared_lock
-    with lock:
-        client = shared.pop(socket_path, None)
+    with _client_module._shared_lock:
+        client = _client_module._shared.pop(socket_path, None)
     if client is not None:
         client.close()
 

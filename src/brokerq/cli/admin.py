@@ -1,0 +1,118 @@
+"""The commands about the broker: queues, topics, stats, ping, stop (and
+``serve``, made on demand by the group)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import click
+
+from .group import State, cli, pass_state
+
+#: ``bytes`` counts the bodies in every state, the ready, delayed, reserved and buried.
+QUEUE_COLUMNS: tuple[str, ...] = ("name", "ready", "delayed", "reserved", "buried", "waiters")
+QUEUE_COLUMNS += ("bytes", "put_total", "delivered_total")
+TOPIC_COLUMNS = ("topic", "queues", "live", "published_total", "dropped_total")
+
+
+@cli.command()
+@pass_state
+def queues(state: State) -> None:
+    """List the broker's queues, one name per line."""
+    for name in state.client.queues():
+        click.echo(name)
+
+
+@cli.command()
+@pass_state
+def topics(state: State) -> None:
+    """List the topics that have subscribers, with their subscribers and counts.
+
+    With none, the table's header alone."""
+    rows = _topic_rows(state.client.stats().get("topics", {}))
+    click.echo(_table(rows, TOPIC_COLUMNS))
+
+
+@cli.command()
+@click.argument("queue", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+@click.option(
+    "--prom",
+    "as_prom",
+    is_flag=True,
+    help="Print the Prometheus text format (0.0.4) instead of a table.",
+)
+@pass_state
+def stats(state: State, queue: str | None, as_json: bool, as_prom: bool) -> None:
+    """Print the stats of QUEUE, or of the broker and all its queues."""
+    if as_json and as_prom:
+        raise click.UsageError(
+            "--json and --prom are mutually exclusive.", click.get_current_context()
+        )
+    data: dict[str, Any]
+    if queue is not None:
+        data = state.queue(queue).stats()
+    else:
+        data = state.client.stats()
+        data["queue_stats"] = [state.queue(n).stats() for n in state.client.queues()]
+    if as_prom:
+        from ..broker.prometheus import format_prometheus
+
+        if queue is not None:
+            click.echo(format_prometheus(None, [data]), nl=False)
+        else:
+            click.echo(format_prometheus(data, data.pop("queue_stats")), nl=False)
+    elif as_json:
+        import json
+
+        click.echo(json.dumps(data, indent=2, sort_keys=True))
+    else:
+        rows = data.pop("queue_stats", None)
+        topic_rows = _topic_rows(data.pop("topics", {}))
+        width = max(len(k) for k in data)
+        for key, value in data.items():
+            click.echo(f"{key:<{width}}  {_fmt(value)}")
+        for table, columns in ((rows, QUEUE_COLUMNS), (topic_rows, TOPIC_COLUMNS)):
+            if table:
+                click.echo()
+                click.echo(_table(table, columns))
+
+
+def _topic_rows(topics: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    return [
+        {"topic": name, **info, "queues": ",".join(info["queues"]) or "-"}
+        for name, info in topics.items()
+    ]
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3f}"
+    return "-" if value is None else str(value)
+
+
+def _table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
+    cells = [list(columns)] + [[_fmt(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
+    lines = []
+    for row in cells:
+        rest = (cell.rjust(w) for cell, w in zip(row[1:], widths[1:], strict=True))
+        lines.append("  ".join([row[0].ljust(widths[0]), *rest]))
+    return "\n".join(lines)
+
+
+@cli.command()
+@pass_state
+def ping(state: State) -> None:
+    """Check that a broker answers (starting one if none runs)."""
+    rtt = state.client.ping()
+    conn = state.client.connection()
+    click.echo(f"pong from {conn.server} (pid {conn.broker_pid}) in {rtt * 1000:.2f} ms")
+
+
+@cli.command()
+@pass_state
+def stop(state: State) -> None:
+    """Ask the broker to exit. Never starts one."""
+    if not state.client.stop():
+        click.echo(f"brokerq: no broker is running at {state.client.socket_path}", err=True)

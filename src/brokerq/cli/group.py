@@ -1,0 +1,220 @@
+"""The ``brokerq`` group: its options, its exit statuses (see its help), and
+what the commands share. Library errors become exit codes here, at the
+edge, and nowhere else.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import io
+import signal
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any, cast
+
+import click
+from click.decorators import FC
+
+from ..client.blocking import Client, Queue
+from ..errors import BrokerqError, Empty, Full, InvalidRequest, JoinTimeout
+from ..version import __version__
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2  # click's own, for options it refuses itself
+EXIT_EMPTY = 3
+#: Ctrl-C. Within click's runner (tests) the status; as the command
+#: (:func:`brokerq.cli.main`), the process then ends by SIGINT itself, which
+#: a shell shows as this same 130.
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+
+
+class _Group(click.Group):
+    """Turns brokerq's errors into one line on stderr and an exit status; makes
+    ``serve`` only when it is asked for (importing the broker is slow)."""
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted({*super().list_commands(ctx), "serve"})
+
+    def add_command(self, cmd: click.Command, name: str | None = None) -> None:
+        cmd.params.extend(_command_options())
+        super().add_command(cmd, name)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        if cmd_name == "serve" and cmd_name not in self.commands:
+            self.add_command(_serve_command())
+        return super().get_command(ctx, cmd_name)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except BrokerqError as exc:
+            click.echo(f"brokerq: {exc}", err=True)
+            if isinstance(exc, Empty | Full | JoinTimeout):
+                ctx.exit(EXIT_EMPTY)
+            # An argument the user got wrong, whoever found it (click, the
+            # client, the broker): one rule, a usage error.
+            ctx.exit(EXIT_USAGE if isinstance(exc, InvalidRequest) else EXIT_ERROR)
+        except KeyboardInterrupt:
+            # Quietly: no traceback, no click "Aborted!" (main ends the
+            # process by SIGINT, so that a shell loop running it stops too).
+            ctx.exit(EXIT_INTERRUPTED)
+
+
+@dataclasses.dataclass
+class State:
+    """What every command shares: the socket path and a lazily made client."""
+
+    socket: str | None
+    connect_timeout: float
+
+    @functools.cached_property
+    def client(self) -> Client:
+        # No put window, whatever BROKERQ_PUT_WINDOW says: `put` prints each
+        # message's id, which a windowed put does not know. No prefetch
+        # either: `get -n 1` would take 64 to hand out one.
+        return Client(self.socket, self.connect_timeout, put_window=0, prefetch=0)
+
+    def queue(self, name: str) -> Queue:
+        return self.client.queue(name)
+
+    def close(self) -> None:
+        if "client" in vars(self):
+            self.client.close()
+
+
+pass_state = click.make_pass_decorator(State)
+
+
+def seconds(*decls: str, above: bool = False, **attrs: Any) -> Callable[[FC], FC]:
+    """An option of SECONDS, at least 0 (``above``: more than 0)."""
+    kind = click.FloatRange(min=0, min_open=above)
+    return click.option(*decls, type=kind, metavar="SECONDS", **attrs)
+
+
+def count(*decls: str, **attrs: Any) -> Callable[[FC], FC]:
+    """An option of a whole number, at least 1."""
+    return click.option(*decls, type=click.IntRange(min=1), **attrs)
+
+
+def _command_options() -> list[click.Parameter]:
+    """The group's --socket and --connect-timeout, taken after the command
+    name too (``brokerq get jobs --socket PATH``), where they win over the
+    group's (and so over BROKERQ_SOCKET)."""
+
+    def set_state(ctx: click.Context, param: click.Parameter, value: Any) -> None:
+        state = ctx.find_object(State)
+        if state is not None and value is not None:
+            setattr(state, str(param.name), value)  # socket, connect_timeout
+
+    return [
+        click.Option(
+            ["--socket"],
+            metavar="PATH",
+            expose_value=False,
+            callback=set_state,
+            help="The broker's socket, as before the command (this one wins).",
+        ),
+        click.Option(
+            ["--connect-timeout"],
+            type=click.FloatRange(min=0),
+            metavar="SECONDS",
+            expose_value=False,
+            callback=set_state,
+            help="As before the command (this one wins).",
+        ),
+    ]
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option(
+    "--socket",
+    envvar="BROKERQ_SOCKET",
+    metavar="PATH",
+    help="The broker's socket [env: BROKERQ_SOCKET; default: the per-user path].",
+)
+@seconds(
+    "--connect-timeout",
+    default=10.0,
+    show_default=True,
+    envvar="BROKERQ_CONNECT_TIMEOUT",
+    show_envvar=True,
+    help="How long to wait for a broker to answer (or start); 0: use a running one only.",
+)
+@click.version_option(__version__, prog_name="brokerq")
+@click.pass_context
+def cli(ctx: click.Context, socket: str | None, connect_timeout: float) -> None:
+    """A local message queue: name a socket, enqueue, dequeue.
+
+    Every command but `stop` starts a broker for the socket if none runs.
+
+    Exit status: 0 ok, 1 error, 2 usage error, 3 timed out, empty or full;
+    Ctrl-C ends a command as SIGINT does (status 130).
+    """
+    state = ctx.obj = State(socket, connect_timeout)
+    ctx.call_on_close(state.close)
+
+
+def _serve_command() -> click.Command:
+    """``serve``, made on demand: its options are the broker's (daemon.py)."""
+    from ..broker.daemon import broker_options
+    from ..broker.daemon import run as run_broker
+
+    @click.command()
+    @broker_options
+    @pass_state
+    def serve(state: State, /, **options: Any) -> None:
+        """Run a broker for --socket in the foreground (as local-queue-broker)."""
+        sys.exit(run_broker(state.socket, **options))
+
+    return serve
+
+
+def null_option(output: bool) -> Callable[[FC], FC]:
+    """``-0``: bodies end with a NUL byte, in what is printed or (input) read from stdin."""
+    if output:
+        help = "End each body with a NUL byte instead of a newline (for xargs -0)."
+    else:
+        help = (
+            "With no MESSAGE: stdin holds messages each ended by a NUL byte "
+            "(as get -0 prints them), not lines."
+        )
+    return click.option("-0", "--null", "null", is_flag=True, help=help)
+
+
+def bodies(messages: tuple[str, ...], null: bool) -> Iterator[bytes]:
+    """What ``put`` and ``publish`` send: each MESSAGE, ``-`` standing for
+    all of stdin (one message, bytes as they are); with none, stdin's lines
+    (or with ``null``, its NUL-ended records)."""
+    if messages and null:
+        raise click.UsageError("-0/--null splits stdin: it takes no MESSAGE.")
+    if messages.count("-") > 1:
+        raise click.UsageError("'-' (all of stdin, as one message) may be given once.")
+    if not messages:
+        return _stdin_records() if null else _stdin_lines()
+    return (
+        sys.stdin.buffer.read() if m == "-" else m.encode("utf-8", "surrogateescape")
+        for m in messages
+    )
+
+
+def _stdin_lines() -> Iterator[bytes]:
+    for line in sys.stdin.buffer:
+        yield line.removesuffix(b"\n")
+
+
+def _stdin_records() -> Iterator[bytes]:
+    """Stdin's records, each ended by a NUL (the last may lack it), as they come."""
+    stdin = cast("io.BufferedReader", sys.stdin.buffer)  # (or click's BytesIO)
+    pending = bytearray()
+    start = 0  # of the next record in pending
+    while chunk := stdin.read1(1 << 16):
+        searched = len(pending)
+        pending += chunk
+        while (end := pending.find(b"\0", searched)) >= 0:
+            yield bytes(pending[start:end])
+            start = searched = end + 1
+        del pending[:start]
+        start = 0
+    if pending:
+        yield bytes(pending)
