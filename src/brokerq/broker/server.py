@@ -30,10 +30,10 @@ from .base import (
     COMPACT_AT_ONCE_MAX_BYTES,
     COMPACT_MIN_BYTES,
     BrokerBase,
-    BrokerConfig,
     SyncWhenIdle,
     log,
 )
+from .config import BrokerConfig
 from .connection import Connection
 from .unixstream import UnixStream
 from .wakeup import PeerGone, wake
