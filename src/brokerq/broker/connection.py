@@ -30,61 +30,7 @@ import trio
 
 from .. import protocol
 from ..errors import BrokerqError, InvalidRequest, QueueFull, RemoteProtocolError
-from ..protocol import (
-    PROTOCOL_VERSION,
-    Ack,
-    AckReply,
-    Bury,
-    BuryReply,
-    Cancel,
-    Configure,
-    ConfigureReply,
-    Consume,
-    Delete,
-    DeleteReply,
-    Error,
-    Event,
-    Get,
-    GetMany,
-    Hello,
-    HelloReply,
-    InvalidRequestFrame,
-    Join,
-    JoinReply,
-    Kick,
-    KickReply,
-    Peek,
-    PeekReply,
-    Ping,
-    PingReply,
-    Publish,
-    PublishReply,
-    Purge,
-    PurgeReply,
-    Put,
-    PutMany,
-    PutManyReply,
-    PutReply,
-    Queues,
-    QueuesReply,
-    Release,
-    ReleaseReply,
-    Reserve,
-    Stats,
-    StatsReply,
-    Stop,
-    StopReply,
-    Subscribe,
-    SubscribeReply,
-    Taken,
-    TaskDone,
-    TaskDoneReply,
-    Touch,
-    TouchReply,
-    Unsubscribe,
-    UnsubscribeReply,
-    validate_lease,
-)
+from ..protocol import PROTOCOL_VERSION
 from ..version import __version__
 from . import limits, streaming
 from .delivery import SENT, Deliveries, Delivery, empty, join_timeout, put_options
@@ -201,7 +147,7 @@ class Connection(Deliveries):
                     return
                 self.frame_taken = True
                 request = protocol.decode_request(payload)
-            except InvalidRequestFrame as exc:
+            except protocol.InvalidRequestFrame as exc:
                 self._reply_error(exc.request_id, "bad_request", str(exc))
                 if not self.greeted or exc.request_id == 0:
                     # An error with id 0 always ends the connection
@@ -242,7 +188,9 @@ class Connection(Deliveries):
             if not self._greet(request):
                 await self._close_with_error()
             return
-        if (self.sync_to or self.pending) and isinstance(request, Get | GetMany | Reserve):
+        if (self.sync_to or self.pending) and isinstance(
+            request, protocol.Get | protocol.GetMany | protocol.Reserve
+        ):
             # Settle the puts' replies first: a journal failure there must
             # not strand messages this request would take.
             await self._drain()
@@ -254,12 +202,12 @@ class Connection(Deliveries):
                 await self._flush()
                 reply = self._dispatch(request)
             if reply is _BLOCK:
-                if isinstance(request, Put | PutMany):
+                if isinstance(request, protocol.Put | protocol.PutMany):
                     reply = await self._wait_for_room(request)
-                elif isinstance(request, Join):
+                elif isinstance(request, protocol.Join):
                     reply = await self._wait_for_join(request)
                 else:
-                    assert isinstance(request, Get | GetMany | Reserve)
+                    assert isinstance(request, protocol.Get | protocol.GetMany | protocol.Reserve)
                     reply = await self._wait_for_message(request)
         except JournalFailed as exc:
             self._reply_error(request.id, "internal", str(exc))
@@ -284,13 +232,13 @@ class Connection(Deliveries):
         else:
             assert isinstance(reply, protocol.Reply)
             protocol.append_frame(self.out, reply)
-        if isinstance(request, Stop):
+        if isinstance(request, protocol.Stop):
             await self._drain()
             self.broker.request_stop("stop requested by a client")
 
     def _greet(self, request: protocol.AnyRequest) -> bool:
         """Answer the handshake; False if the connection must be closed."""
-        if not isinstance(request, Hello):
+        if not isinstance(request, protocol.Hello):
             self._reply_error(request.id, "bad_request", "the first request must be hello")
             return False
         if request.version != PROTOCOL_VERSION:
@@ -299,14 +247,16 @@ class Connection(Deliveries):
                 f"this broker speaks {PROTOCOL_VERSION} (brokerq {__version__})"
             )
             self.broker.log.warning("refused a client: %s", message)
-            error = Error(id=request.id, code="version", message=message, version=PROTOCOL_VERSION)
+            error = protocol.Error(
+                id=request.id, code="version", message=message, version=PROTOCOL_VERSION
+            )
             protocol.append_frame(self.out, error)
             return False
         self.greeted = True
         self.reader.max_frame_size = self.broker.max_frame_size
         protocol.append_frame(
             self.out,
-            HelloReply(
+            protocol.HelloReply(
                 id=request.id,
                 version=PROTOCOL_VERSION,
                 server=f"brokerq {__version__}",
@@ -322,7 +272,7 @@ class Connection(Deliveries):
         core = self.core
         now = self.broker.clock()
         match request:
-            case Put(id=rid, queue=queue, body=body, key=key, timeout=timeout):
+            case protocol.Put(id=rid, queue=queue, body=body, key=key, timeout=timeout):
                 protocol.validate_timeout(timeout)
                 try:
                     msg_id, waiter = core.put(queue, body, now, key, **put_options(request))
@@ -333,30 +283,32 @@ class Connection(Deliveries):
                 if waiter is not None:
                     wake(waiter)
                 self._needs_sync()
-                return PutReply(id=rid, msg_id=msg_id)
-            case Get(id=rid, queue=queue, timeout=timeout):
+                return protocol.PutReply(id=rid, msg_id=msg_id)
+            case protocol.Get(id=rid, queue=queue, timeout=timeout):
                 protocol.validate_timeout(timeout)
                 messages = core.get_nowait(queue)
                 if messages:
-                    return Delivery(Get, messages, rid)
+                    return Delivery(protocol.Get, messages, rid)
                 return _BLOCK if timeout != 0 else empty(rid, queue)
-            case Reserve(id=rid, queue=queue, timeout=timeout, lease=lease):
+            case protocol.Reserve(id=rid, queue=queue, timeout=timeout, lease=lease):
                 protocol.validate_timeout(timeout)
-                validate_lease(lease)
+                protocol.validate_lease(lease)
                 msg = core.reserve_nowait(queue, now, lease, owner=self)
                 if msg is not None:
                     leases = core.leases_of([msg])
-                    return Delivery(Reserve, [msg], rid, self._lease_left(msg, now), leases)
+                    return Delivery(
+                        protocol.Reserve, [msg], rid, self._lease_left(msg, now), leases
+                    )
                 return _BLOCK if timeout != 0 else empty(rid, queue)
-            case GetMany(id=rid, queue=queue, n=n, timeout=timeout):
+            case protocol.GetMany(id=rid, queue=queue, n=n, timeout=timeout):
                 protocol.validate_timeout(timeout)
                 if n < 1:
                     raise InvalidRequest(f"get_many needs n >= 1, not {n}")
                 messages = core.get_nowait(queue, n, self._batch_bytes())
                 if messages:
-                    return Delivery(GetMany, messages, rid)
+                    return Delivery(protocol.GetMany, messages, rid)
                 return _BLOCK if timeout != 0 else empty(rid, queue)
-            case PutMany(id=rid, queue=queue, bodies=bodies, keys=keys, timeout=timeout):
+            case protocol.PutMany(id=rid, queue=queue, bodies=bodies, keys=keys, timeout=timeout):
                 protocol.validate_timeout(timeout)
                 try:
                     ids, woken = core.put_many(queue, bodies, now, keys, **put_options(request))
@@ -366,24 +318,26 @@ class Connection(Deliveries):
                     return _BLOCK
                 wake_all(woken)
                 self._needs_sync()
-                return PutManyReply(id=rid, msg_ids=ids)
-            case Ack(id=rid, msg_id=msg_id, attempt=attempt, as_get=as_get):
+                return protocol.PutManyReply(id=rid, msg_ids=ids)
+            case protocol.Ack(id=rid, msg_id=msg_id, attempt=attempt, as_get=as_get):
                 core.ack(msg_id, attempt, as_get=as_get)
-                return AckReply(id=rid)
-            case Release(id=rid, msg_id=msg_id, attempt=attempt, delay=delay):
+                return protocol.AckReply(id=rid)
+            case protocol.Release(id=rid, msg_id=msg_id, attempt=attempt, delay=delay):
                 wake_all(core.release(msg_id, attempt, now, delay))
-                return ReleaseReply(id=rid)
-            case Bury(id=rid, msg_id=msg_id, attempt=attempt):
+                return protocol.ReleaseReply(id=rid)
+            case protocol.Bury(id=rid, msg_id=msg_id, attempt=attempt):
                 core.bury(msg_id, attempt)
-                return BuryReply(id=rid)
-            case Touch(id=rid, msg_id=msg_id, attempt=attempt, lease=lease):
-                validate_lease(lease)
-                return TouchReply(id=rid, lease=core.touch(msg_id, attempt, now, lease) - now)
-            case Kick(id=rid, queue=queue, n=n):
+                return protocol.BuryReply(id=rid)
+            case protocol.Touch(id=rid, msg_id=msg_id, attempt=attempt, lease=lease):
+                protocol.validate_lease(lease)
+                return protocol.TouchReply(
+                    id=rid, lease=core.touch(msg_id, attempt, now, lease) - now
+                )
+            case protocol.Kick(id=rid, queue=queue, n=n):
                 count, woken = core.kick(queue, n, now)
                 wake_all(woken)
-                return KickReply(id=rid, count=count)
-            case Configure(id=rid, queue=queue):
+                return protocol.KickReply(id=rid, count=count)
+            case protocol.Configure(id=rid, queue=queue):
                 config = core.configure(
                     queue,
                     max_deliveries=request.max_deliveries,
@@ -391,25 +345,27 @@ class Connection(Deliveries):
                     maxsize=request.maxsize,
                     max_bytes=request.max_bytes,
                 )
-                return ConfigureReply(id=rid, config=config)
-            case Delete(id=rid, queue=queue):
+                return protocol.ConfigureReply(id=rid, config=config)
+            case protocol.Delete(id=rid, queue=queue):
                 count, admitted = core.delete_queue(queue, now)
                 wake_all(admitted)
-                return DeleteReply(id=rid, count=count)
-            case Peek(id=rid, queue=queue):
+                return protocol.DeleteReply(id=rid, count=count)
+            case protocol.Peek(id=rid, queue=queue):
                 msg = core.peek(queue)
                 if msg is None:
                     return empty(rid, queue)
-                return PeekReply(id=rid, msg_id=msg.id, body=msg.body)
-            case Purge(id=rid, queue=queue):
-                return PurgeReply(id=rid, count=core.purge(queue))
-            case Stats(id=rid, queue=None):
-                return StatsReply(id=rid, stats=self.broker.stats())
-            case Stats(id=rid, queue=str(queue)):
-                return StatsReply(id=rid, stats=core.queue_stats(queue, now))
-            case Queues(id=rid):
-                return QueuesReply(id=rid, names=core.queue_names())
-            case Publish(id=rid, topic=topic, body=body, key=key, priority=priority, ttl=ttl):
+                return protocol.PeekReply(id=rid, msg_id=msg.id, body=msg.body)
+            case protocol.Purge(id=rid, queue=queue):
+                return protocol.PurgeReply(id=rid, count=core.purge(queue))
+            case protocol.Stats(id=rid, queue=None):
+                return protocol.StatsReply(id=rid, stats=self.broker.stats())
+            case protocol.Stats(id=rid, queue=str(queue)):
+                return protocol.StatsReply(id=rid, stats=core.queue_stats(queue, now))
+            case protocol.Queues(id=rid):
+                return protocol.QueuesReply(id=rid, names=core.queue_names())
+            case protocol.Publish(
+                id=rid, topic=topic, body=body, key=key, priority=priority, ttl=ttl
+            ):
                 copies, live, woken = core.publish(
                     topic, body, now, key, priority=priority, ttl=ttl
                 )
@@ -420,40 +376,40 @@ class Connection(Deliveries):
                     sent += subscriber.send_event(topic, body)
                 if copies:
                     self._needs_sync()
-                return PublishReply(id=rid, copies=copies, live=sent)
-            case Subscribe(id=rid, topic=topic, queue=str(queue)):
+                return protocol.PublishReply(id=rid, copies=copies, live=sent)
+            case protocol.Subscribe(id=rid, topic=topic, queue=str(queue)):
                 core.subscribe(topic, queue)
                 self._needs_sync()
-                return SubscribeReply(id=rid)
-            case Subscribe(id=rid, topic=topic, queue=None):
+                return protocol.SubscribeReply(id=rid)
+            case protocol.Subscribe(id=rid, topic=topic, queue=None):
                 core.watch(topic, self)
                 self.live_topics[topic] = rid
                 self._start_feed()
-                return SubscribeReply(id=rid)
-            case Unsubscribe(id=rid, topic=topic, queue=str(queue)):
+                return protocol.SubscribeReply(id=rid)
+            case protocol.Unsubscribe(id=rid, topic=topic, queue=str(queue)):
                 found = core.unsubscribe(topic, queue)
                 self._needs_sync()
-                return UnsubscribeReply(id=rid, found=found)
-            case Unsubscribe(id=rid, topic=topic, queue=None):
+                return protocol.UnsubscribeReply(id=rid, found=found)
+            case protocol.Unsubscribe(id=rid, topic=topic, queue=None):
                 self.live_topics.pop(topic, None)
-                return UnsubscribeReply(id=rid, found=core.unwatch(topic, self))
-            case TaskDone(id=rid, queue=queue, n=n):
-                return TaskDoneReply(id=rid, unfinished=core.task_done(queue, n))
-            case Join(id=rid, queue=queue, timeout=timeout):
+                return protocol.UnsubscribeReply(id=rid, found=core.unwatch(topic, self))
+            case protocol.TaskDone(id=rid, queue=queue, n=n):
+                return protocol.TaskDoneReply(id=rid, unfinished=core.task_done(queue, n))
+            case protocol.Join(id=rid, queue=queue, timeout=timeout):
                 protocol.validate_timeout(timeout)
                 if core.unfinished(queue) == 0:
-                    return JoinReply(id=rid)
+                    return protocol.JoinReply(id=rid)
                 return _BLOCK if timeout != 0 else join_timeout(rid, queue, timeout)
-            case Ping(id=rid):
-                return PingReply(id=rid, pid=self.broker.pid)
-            case Consume() | Taken() | Cancel():
+            case protocol.Ping(id=rid):
+                return protocol.PingReply(id=rid, pid=self.broker.pid)
+            case protocol.Consume() | protocol.Taken() | protocol.Cancel():
                 reply, woken = streaming.handle(self, request, now)
                 wake_all(woken)
                 return SENT if reply is None else reply
-            case Stop(id=rid):
-                return StopReply(id=rid)
-            case Hello(id=rid):
-                return Error(id=rid, code="bad_request", message="hello was already sent")
+            case protocol.Stop(id=rid):
+                return protocol.StopReply(id=rid)
+            case protocol.Hello(id=rid):
+                return protocol.Error(id=rid, code="bad_request", message="hello was already sent")
         raise AssertionError(f"unhandled request {request!r}")  # pragma: no cover
 
     def send_event(self, topic: str, body: bytes) -> bool:
@@ -464,7 +420,7 @@ class Connection(Deliveries):
         blocked sending what the subscriber has not read yet.
         """
         assert self.feed is not None
-        if self.feed.push(Event(id=self.live_topics[topic], topic=topic, body=body)):
+        if self.feed.push(protocol.Event(id=self.live_topics[topic], topic=topic, body=body)):
             return True
         self.core.unwatch_all(self)
         self.live_topics.clear()

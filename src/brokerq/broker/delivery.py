@@ -22,21 +22,7 @@ import trio
 
 from .. import protocol
 from ..pause import pause
-from ..protocol import (
-    Error,
-    Get,
-    GetMany,
-    GetManyReply,
-    GetReply,
-    Join,
-    JoinReply,
-    Put,
-    PutMany,
-    PutManyReply,
-    PutReply,
-    Reserve,
-    ReserveReply,
-)
+from ..protocol import Error, Get, GetMany, Reserve
 from .replies import Replies
 from .state import Lease, Message, Waiter
 from .unixstream import UnixStream
@@ -59,23 +45,23 @@ class Delivery:
     lease_s: float = 0.0
     leases: list[Lease | None] | None = None  # a reserve's: what to undo if unsent
 
-    def reply(self) -> GetReply | GetManyReply | ReserveReply:
+    def reply(self) -> protocol.GetReply | protocol.GetManyReply | protocol.ReserveReply:
         if self.kind is GetMany:
-            return GetManyReply(
+            return protocol.GetManyReply(
                 id=self.request_id,
                 msg_ids=[m.id for m in self.messages],
                 bodies=[m.body for m in self.messages],
             )
         (msg,) = self.messages
         if self.kind is Reserve:
-            return ReserveReply(
+            return protocol.ReserveReply(
                 id=self.request_id,
                 msg_id=msg.id,
                 body=msg.body,
                 attempt=msg.attempts,
                 lease=self.lease_s,
             )
-        return GetReply(id=self.request_id, msg_id=msg.id, body=msg.body)
+        return protocol.GetReply(id=self.request_id, msg_id=msg.id, body=msg.body)
 
 
 class Deliveries(Replies):
@@ -106,9 +92,16 @@ class Deliveries(Replies):
         """What a ``get_many`` batch may take of one reply frame (see core.get_nowait)."""
         return self.broker.max_frame_size - 1024
 
-    async def _wait_for_room(self, request: Put | PutMany) -> protocol.AnyReply:
+    def _unserved(self, error: Error) -> Error:
+        """The reply to a parked request that was not served: ``error``, or
+        ``shutting_down`` if the broker stops."""
+        if self.broker.closing:
+            return Error(id=error.id, code="shutting_down", message="the broker is stopping")
+        return error
+
+    async def _wait_for_room(self, request: protocol.Put | protocol.PutMany) -> protocol.AnyReply:
         """Park a put on a full queue until it is admitted, the deadline, or the peer leaves."""
-        if isinstance(request, Put):
+        if isinstance(request, protocol.Put):
             bodies, keys = [request.body], None if request.key is None else [request.key]
         else:
             bodies, keys = request.bodies, request.keys
@@ -124,15 +117,14 @@ class Deliveries(Replies):
             wake_all(self.core.cancel_put(putter, self.broker.clock()))
             if peer_gone:
                 raise PeerGone
-            if self.broker.closing:
-                return Error(id=request.id, code="shutting_down", message="the broker is stopping")
-            return Error(id=request.id, code="full", message=f"queue {request.queue!r} is full")
+            full = f"queue {request.queue!r} is full"
+            return self._unserved(Error(id=request.id, code="full", message=full))
         self._needs_sync()
-        if isinstance(request, Put):
-            return PutReply(id=request.id, msg_id=putter.ids[0])
-        return PutManyReply(id=request.id, msg_ids=putter.ids)
+        if isinstance(request, protocol.Put):
+            return protocol.PutReply(id=request.id, msg_id=putter.ids[0])
+        return protocol.PutManyReply(id=request.id, msg_ids=putter.ids)
 
-    async def _wait_for_join(self, request: Join) -> protocol.AnyReply:
+    async def _wait_for_join(self, request: protocol.Join) -> protocol.AnyReply:
         """Park a join until its queue's tasks are done, the deadline, or the peer leaves.
 
         Done means the count was 0 at some moment after the join began (it
@@ -147,10 +139,8 @@ class Deliveries(Replies):
         if peer_gone:
             raise PeerGone
         if joiner.done:
-            return JoinReply(id=request.id)
-        if self.broker.closing:
-            return Error(id=request.id, code="shutting_down", message="the broker is stopping")
-        return join_timeout(request.id, request.queue, request.timeout)
+            return protocol.JoinReply(id=request.id)
+        return self._unserved(join_timeout(request.id, request.queue, request.timeout))
 
     async def _park(self, token: object, timeout: float | None) -> bool:
         """Wait until ``token`` (a :class:`Wakeup`) is set, the timeout, or the
@@ -203,9 +193,7 @@ class Deliveries(Replies):
             raise PeerGone
         if not waiter.served:
             self.core.cancel_wait(waiter, self.broker.clock())
-            if self.broker.closing:
-                return Error(id=request.id, code="shutting_down", message="the broker is stopping")
-            return empty(request.id, request.queue)
+            return self._unserved(empty(request.id, request.queue))
         messages = waiter.messages
         if isinstance(request, GetMany) and request.n > len(messages):
             room = self._batch_bytes() - sum(
@@ -296,7 +284,7 @@ class Deliveries(Replies):
         wake_all(self.core.undeliver(delivery.messages, now, delivery.leases))
 
 
-def put_options(request: Put | PutMany) -> dict[str, Any]:
+def put_options(request: protocol.Put | protocol.PutMany) -> dict[str, Any]:
     return {"priority": request.priority, "delay": request.delay, "ttl": request.ttl}
 
 
