@@ -51,7 +51,7 @@ COMPACT_AT_ONCE_MAX_BYTES: Final = 4 * COMPACT_MIN_BYTES
 
 
 class BrokerBase:
-    """One broker process's serving state: core, journal, connections, timers.
+    """What a connection sees of its broker: core, journal, timers, stats.
 
     ``core`` and ``journal`` come already replayed (the daemon does that
     before it says READY); without a journal the broker keeps messages in
@@ -86,12 +86,8 @@ class BrokerBase:
         #: broker does not fork after it is made).
         self.pid = os.getpid()
         self.connections = 0
-        self.accepted_total = 0
         self.busy_total = 0  # connections refused for --max-connections
-        self._lingering = 0
-        self._busy_logged_at = -math.inf
         self.started_at = 0.0
-        self.last_activity = 0.0
         self.closing = False
         self.failure: str | None = None
         self._stop_requested = trio.Event()

@@ -13,6 +13,7 @@ once a second:
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import socket as stdlib_socket
@@ -59,6 +60,10 @@ class Broker(BrokerBase):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._live: set[Connection] = set()
+        self.accepted_total = 0
+        self.last_activity = 0.0
+        self._lingering = 0  # connections refused as busy, lingering
+        self._busy_logged_at = -math.inf
 
     async def serve(
         self,
