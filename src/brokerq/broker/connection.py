@@ -11,15 +11,14 @@ feeds are in feeds.py, streams (``consume``) in streaming.py.
   put still waiting for room is withdrawn, and the replies the connection
   owes (one waiting for its fsync too) are written before it closes, so
   the peer learns whether its put was made (protocol.md 4).
-* Limits (:mod:`brokerq.broker.limits`): at most ``max_pipelined``
-  requests (or :data:`~brokerq.broker.limits.REPLY_BUFFER` bytes of
-  replies) are answered before their replies are written, and nothing
-  more is read until they are, so a client that sends without reading is
-  held up by its own socket. A client has ``frame_timeout`` seconds,
-  waited in all, to send the rest of a frame it began (and a new
-  connection its ``hello``), else the connection is closed
-  (``bad_frame``); time the broker spends on anything else is not
-  counted. A connection idle between frames is never timed out.
+* A client has ``frame_timeout`` seconds, waited in all, to send the rest
+  of a frame it began (and a new connection its ``hello``), else the
+  connection is closed (``bad_frame``); time the broker spends on anything
+  else is not counted. A connection idle between frames is never timed out.
+  Past ``max_pipelined`` requests (or
+  :data:`~brokerq.broker.limits.REPLY_BUFFER` bytes) answered, nothing more
+  is read until their replies are written: a client that sends without
+  reading is held up by its own socket.
 """
 
 from __future__ import annotations
@@ -133,12 +132,8 @@ class Connection(Deliveries):
         raise PeerGone
 
     async def _handle_buffered(self) -> None:
-        """Answer every complete request already received.
-
-        The replies are written every ``max_pipelined`` requests, or once
-        they pass :data:`~brokerq.limits.REPLY_BUFFER` bytes: a client that
-        does not read them holds this loop up, not the broker's memory.
-        """
+        """Answer every complete request already received (writing the replies
+        when due: :meth:`_replies_due`)."""
         max_pipelined = self.broker.config.max_pipelined
         while True:
             try:

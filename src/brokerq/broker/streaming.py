@@ -42,14 +42,7 @@ import trio
 
 from .. import protocol
 from ..errors import InvalidRequest, RemoteProtocolError
-from ..protocol import (
-    Cancel,
-    CancelReply,
-    Consume,
-    ConsumeReply,
-    Error,
-    Taken,
-)
+from ..protocol import Cancel, CancelReply, Consume, ConsumeReply, Error, Taken
 from .state import Stream, Waiter
 from .unixstream import UnixStream
 from .wakeup import Wakeup
@@ -124,10 +117,16 @@ def taken_while_closing(conn: Connection, request: protocol.AnyRequest) -> list[
     returns the waiters to wake, or None if ``request`` is no ``taken``."""
     if not isinstance(request, Taken) or conn.streams is None:
         return None
-    stream = conn.streams.get(request.id)
+    return _taken_if_valid(conn, request, conn.broker.clock())
+
+
+def _taken_if_valid(conn: Connection, request: Taken, now: float) -> list[Waiter]:
+    """A ``taken`` that can no longer be refused: applied if it names what
+    its stream holds, else ignored."""
+    stream = (conn.streams or {}).get(request.id)
     if stream is None or not 1 <= request.n <= len(stream.held):
         return []
-    return conn.core.taken(stream, request.n, conn.broker.clock())
+    return conn.core.taken(stream, request.n, now)
 
 
 def end_streams(conn: Connection) -> list[Waiter]:
@@ -137,16 +136,13 @@ def end_streams(conn: Connection) -> list[Waiter]:
     streams = conn.streams
     if not streams:
         return []
-    core = conn.core
     now = conn.broker.clock()
     woken: list[Waiter] = []
     for request in _frames_left(conn):
         if isinstance(request, Taken):
-            stream = streams.get(request.id)
-            if stream is not None and 1 <= request.n <= len(stream.held):
-                woken += core.taken(stream, request.n, now)
+            woken += _taken_if_valid(conn, request, now)
     for stream in streams.values():
-        woken += core.cancel_stream(stream, now)[1]
+        woken += conn.core.cancel_stream(stream, now)[1]
         _wakeup(stream).set()
     streams.clear()
     return woken
