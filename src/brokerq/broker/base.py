@@ -157,20 +157,16 @@ class BrokerBase:
     # -- the journal: group commit and compaction --------------------------------
 
     async def wait_synced(self, lsn: int) -> None:
-        """Return once the journal is synced up to ``lsn``: group commit.
+        """Return once the journal is synced up to ``lsn``: group commit
+        (docs/performance.md, "What each change gave").
 
-        The sync (:meth:`Journal.sync`: an fdatasync of a preallocated
-        journal) runs in a worker thread, so the broker serves on meanwhile
-        (gets, reserves, and more puts: inline, a slow disk would stop every
-        connection). One runs at a time, covering what was written when it
-        starts. A put that finds none running and none due starts one at
-        once (a lone producer waits for nothing else). The puts written
-        while one runs are covered by the next, which is due when it ends
-        (:meth:`_sync_done`) and starts once the event loop has nothing
-        else ready (:meth:`start_due_sync`), so that every put received
-        meanwhile is written first: one sync per event-loop turn, as Redis's
-        ``appendfsync always`` does. On a tmpfs there is no sync at all
-        (``Journal.syncs``).
+        The sync runs in a worker thread, so the broker serves on meanwhile
+        (inline, a slow disk would stop every connection), one at a time. A
+        put that finds none running and none due starts one at once (a lone
+        producer waits for nothing else); the puts written while one runs
+        share the next, due when it ends (:meth:`_sync_done`) and started
+        once the event loop has nothing else ready (:meth:`start_due_sync`):
+        one sync per event-loop turn, as Redis's ``appendfsync always``.
         """
         journal = self.journal
         assert journal is not None
@@ -196,14 +192,12 @@ class BrokerBase:
     def _start_sync(self) -> None:
         """Run ``journal.sync`` in a worker thread; :meth:`_sync_done` gets its outcome.
 
-        The event loop waits (tens of microseconds; at most
-        :data:`SYNC_HANDOFF_SECONDS`) for the thread to take the job up: the
-        thread needs the GIL and a CPU to reach its syscall, and a loop that
-        went on running Python would hold both (on two CPUs, a sync started
-        beside a loop handling a consumer's request began 150 µs later).
-        trio's thread cache is used directly: ``to_thread.run_sync`` adds a
-        capacity limiter, cancellation and thread naming that one call in
-        flight at a time does not need.
+        The event loop waits (at most :data:`SYNC_HANDOFF_SECONDS`) for the
+        thread to take the job up: a loop that went on running Python would
+        hold the GIL and the CPU the thread needs to reach its syscall (a
+        sync began 150 µs later so, on two CPUs). trio's thread cache
+        directly: ``to_thread.run_sync``'s limiter, cancellation and naming
+        are of no use to one call in flight at a time.
         """
         journal, token = self.journal, self._token
         assert journal is not None

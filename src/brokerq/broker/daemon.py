@@ -311,16 +311,9 @@ def run(
 
 
 def default_fsync(data_dir: str | None) -> str:
-    """The ``--fsync`` a broker gets when none is given.
-
-    ``never`` for the journal beside the socket: that place (a tmpfs under
-    ``$XDG_RUNTIME_DIR``, usually) is documented to survive broker crashes
-    and idle exits, not reboots, and a record written before the reply
-    already survives a broker crash (docs/guarantees.md). An fsync per
-    group of puts would buy what the place cannot keep. ``batch`` with
-    ``--data-dir``, which is asked for to survive OS crashes and power
-    loss: every acknowledged put then waits for an fsync that covers it.
-    """
+    """The ``--fsync`` a broker gets when none is given: ``never`` beside the
+    socket, a place that does not survive reboots anyway; ``batch`` with
+    ``--data-dir`` (docs/usage.md, "The default depends on where the journal is")."""
     return "never" if data_dir is None else "batch"
 
 

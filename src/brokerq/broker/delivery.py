@@ -211,17 +211,12 @@ class Deliveries(Replies):
 
     def hand_over(self, waiter: Waiter) -> None:
         """Write the reply of the get or reserve parked here, now, from the
-        task that handed it a message (a put's, usually).
-
-        Why: the parked task would write it only after trio has scheduled
-        it, and after its park has wound down (two passes through the run
-        loop); writing it here gets the message to the consumer sooner, and
-        its task just finishes up. The reply is in order: nothing else of
-        this connection is unsent while a request is parked. Not done for a
-        connection with a live feed (its writer may be mid-frame), nor for a
-        stream that is not a socket. If the socket takes only part of the
-        frame, the parked task writes the rest; if it takes none, or fails,
-        the task writes it as usual.
+        task that handed it a message: sooner than the parked task, two
+        passes of the run loop later (docs/performance.md, "Direct
+        hand-over"). In order: nothing else is unsent while a request is
+        parked. Not with a live feed or streams (their writers may be
+        mid-frame), nor on a stream that is not a socket. What the socket
+        does not take, the parked task writes.
         """
         parked = self.parked
         stream = self.stream

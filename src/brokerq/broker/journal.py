@@ -13,16 +13,11 @@ write or sync error raises :class:`JournalFailed`: the broker must stop
 acknowledging and exit, since the kernel may have dropped the unwritten
 pages (fsync errors are not retryable).
 
-**Preallocation** (``preallocate``, which the broker asks for; it applies
-when the journal is synced, ``batch`` or ``always``, and not on a tmpfs):
-the file is extended ahead of its records, each time by as much as the
-records hold (at least :data:`PREALLOCATE_MIN`, at most
-:data:`PREALLOCATE_MAX`): ``posix_fallocate``, then zeros written over it
-(:func:`_allocate`). An append then neither changes the file's size nor
-allocates a block, so a sync is an ``fdatasync`` (where the platform has
-one) with no metadata to write. :attr:`Journal.size` is where the records
-end, :attr:`Journal.allocated` the file's size. Without preallocation the
-file ends with its last record, and a sync is an ``fsync``.
+**Preallocation** (docs/usage.md, "Preallocation"; only for a synced
+journal): the file is extended ahead of its records (:func:`_allocate`),
+so that an append neither grows the file nor allocates a block and a sync
+is an ``fdatasync`` with no metadata to write. :attr:`Journal.size` is
+where the records end, :attr:`Journal.allocated` the file's size.
 
 Compaction rewrites the live state into a new file while appends go on:
 the snapshot is written (then, if the journal preallocates, space after
@@ -133,12 +128,9 @@ def _allocate(fd: int, offset: int, length: int) -> OSError | None:
     """Allocate ``length`` bytes at ``offset`` and write zeros there; the error,
     if any, instead of raising it (the caller goes on without).
 
-    ``posix_fallocate`` reserves the blocks (a full disk shows here, not in
-    an append), then the zeros are written: on ext4 a block fallocate'd and
-    never written is "unwritten", and the first sync after an append into
-    it must also commit its conversion in the filesystem's journal (on the
-    test machine, a 64 KiB append and its fdatasync took 220-260 µs into
-    fallocate'd space, 140-150 µs into written zeros; 120 B about the same).
+    Zeros over the ``posix_fallocate``'d space: on ext4 a block allocated
+    and never written costs every sync into it a conversion in the
+    filesystem's journal (docs/performance.md, "Tried, not kept").
     """
     try:
         if hasattr(os, "posix_fallocate"):

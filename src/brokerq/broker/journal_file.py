@@ -16,16 +16,10 @@ marker lets a reader find the records after a damaged one. A record never
 starts with a zero byte, so zero bytes where a record should start, with
 only zero bytes after them, are the end of the records: a zero tail.
 
-Reading it back (:func:`read_journal`):
-
-* the **zero tail**, if any, is free space: nothing is cut or reported;
-* a **torn tail** (the last record cut anywhere, or damaged with no valid
-  records after it: a crash in the middle of a write; any zero tail after
-  it) is logged and cut off; every whole record before it is kept;
-* **corruption in the middle** (a damaged record followed by valid records
-  that run to the end of the data: the end of the file, or its zero tail)
-  refuses to start with an error naming the offset, unless ``repair`` says
-  to truncate the file there (losing what follows).
+Reading it back (:func:`read_journal`; docs/guarantees.md G7): a zero tail
+is free space; a torn tail (the last record cut or damaged, nothing valid
+after it) is cut off; a damaged record with valid records after it up to
+the end of the data refuses to start, unless ``repair`` truncates there.
 
 Plain blocking file I/O, no trio.
 """

@@ -20,10 +20,8 @@ class Wakeup:
     for: :meth:`set` by the task that serves it, or by a stopping broker.
 
     Not a ``trio.Event``: the parked task waits by reading its socket (to
-    see the peer leave, and take in pipelined requests) inside a cancel
-    scope, and setting the wakeup cancels that scope. One task per parked
-    request, where an Event needed a second task to read meanwhile: a
-    nursery and a task per wait cost more than the rest of a request.
+    see the peer leave) in a cancel scope that setting the wakeup cancels:
+    one task per parked request, not two (docs/performance.md).
     """
 
     __slots__ = ("flag", "scope")
