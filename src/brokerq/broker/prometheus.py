@@ -1,18 +1,13 @@
-"""Stats in the Prometheus text exposition format (version 0.0.4), by hand.
+"""Stats in the Prometheus text exposition format (0.0.4), by hand
+(docs/usage.md, ``stats --prom``).
 
-``brokerq stats --prom`` prints what :func:`format_prometheus` returns. The
-function is pure: it takes the dicts that ``client.stats()`` and
-``queue.stats()`` return (docs/protocol.md, section 5.8) and writes every
-metric family in a fixed order, the queues sorted by name, so that its
-output can be compared exactly.
-
-Each family has one ``# HELP`` and one ``# TYPE`` line. Queue metrics carry
-a ``queue`` label and nothing else: the broker's own sums over its queues
-are left out, since ``sum(brokerq_ready)`` gives them and an unlabelled
-sample beside the labelled ones would be counted twice. Values that are not numbers
-are left out, but for ``version`` and ``fsync``, which become the labels of
-``brokerq_info``; a null value leaves its sample out; a boolean is 0 or 1;
-keys not known here are ignored.
+:func:`format_prometheus` is pure: the dicts ``client.stats()`` and
+``queue.stats()`` return go in, every family comes out in a fixed order
+(queues sorted by name), so that its output compares exactly. The broker's
+own sums over its queues are left out: ``sum(brokerq_ready)`` gives them,
+and an unlabelled sample beside the labelled ones would be counted twice.
+Values that are not numbers are left out, but ``version`` and ``fsync``,
+the labels of ``brokerq_info``; a boolean is 0 or 1.
 """
 
 from __future__ import annotations

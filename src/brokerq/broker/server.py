@@ -72,14 +72,9 @@ class Broker(BrokerBase):
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Serve until stopped. ``listener`` None serves no socket (tests use
-        :meth:`handle_stream` directly).
-
-        A journal left over twice the live data (by a broker killed before it
-        compacted) is compacted first: at once if the live data is small,
-        else in a thread from the start. Before an orderly exit it is
-        compacted too if the live data is small; so the space of what is
-        gone comes back while a broker runs, when it exits, or when the next
-        one starts.
+        :meth:`handle_stream` directly). The journal is compacted at start
+        and exit too (docs/usage.md, "Compaction"): at once if the live data
+        is small, else in a thread while serving (at start) or not (at exit).
         """
         self.started_at = self.last_activity = trio.current_time()
         self._token = trio.lowlevel.current_trio_token()
