@@ -24,20 +24,16 @@ import pytest
 import brokerq
 import brokerq.broker.journal as jmod
 from brokerq.broker.core import BrokerCore
-from brokerq.broker.journal import (
+from brokerq.broker.journal import Journal, JournalFailed, JournalFull, journal_path, read_journal
+from brokerq.broker.journal_file import (
     FILE_HEADER,
     FORMAT_VERSION,
     MAGIC,
     RECORD_HEADER,
     RECORD_MARKER,
-    Journal,
     JournalCorrupt,
-    JournalFailed,
-    JournalFull,
     _checksum,
     encode_record,
-    journal_path,
-    read_journal,
 )
 from brokerq.broker.records import (
     AnyRecord,

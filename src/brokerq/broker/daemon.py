@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import sys
 import time
@@ -41,6 +42,7 @@ from ..spawn import (
 )
 from . import limits
 from .activation import inherited_listener
+from .config import BrokerConfig
 from .core import BrokerCore
 from .journal import Journal, journal_path
 
@@ -51,164 +53,131 @@ LOG_ROTATE_BYTES = 1024 * 1024
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _option(name: str, help_: str, **kwargs: Any) -> Callable[[F], F]:
+    """An option also read from BROKERQ_<NAME>, its default shown if it has one."""
+    env = "BROKERQ_" + name[2:].split("/", maxsplit=1)[0].replace("-", "_").upper()
+    kwargs.setdefault("show_default", "default" in kwargs)
+    return click.option(name, envvar=env, show_envvar=True, help=help_, **kwargs)
+
+
+_OPTIONS = [
+    _option(
+        "--data-dir",
+        "Directory for the journal, on a disk to survive reboots "
+        "(default: beside the socket, which survives broker crashes and idle exits).",
+        type=click.Path(file_okay=False),
+    ),
+    _option(
+        "--fsync",
+        "When the journal is fsynced before a put is acknowledged: never (survives "
+        "a broker crash, not an OS crash or power loss), batch (one fsync covers every "
+        "put that arrived meanwhile) or always (one per write). Default: never for the "
+        "journal beside the socket (it survives what that place does), batch with "
+        "--data-dir.",
+        type=click.Choice(["never", "batch", "always"]),
+    ),
+    _option(
+        "--journal/--no-journal",
+        "Keep messages in a journal (--no-journal: in memory only, lost when the "
+        "broker stops; it then never idles out while it holds any).",
+        default=True,
+    ),
+    _option(
+        "--repair",
+        "Truncate a journal corrupt in the middle at the bad record, losing what "
+        "follows, instead of refusing to start.",
+        is_flag=True,
+    ),
+    _option(
+        "--max-deliveries",
+        "Deliveries of a reserved message without an ack before it moves to "
+        "<queue>:dead (queues may set their own).",
+        type=click.IntRange(min=1),
+        default=20,
+        metavar="N",
+    ),
+    _option(
+        "--lease",
+        "Default lease of a reserved message before it is delivered again.",
+        type=click.FloatRange(min=0, min_open=True),
+        default=30.0,
+        metavar="SECONDS",
+    ),
+    _option(
+        "--idle-exit",
+        "Exit after this long with no connections (0: never). Messages wait in "
+        "the journal for the next broker; with --no-journal it never exits holding any.",
+        type=click.FloatRange(min=0),
+        default=300.0,
+        metavar="SECONDS",
+    ),
+    _option(
+        "--max-message-size",
+        "Largest message body accepted.",
+        type=click.IntRange(min=1),
+        default=protocol.DEFAULT_MAX_MESSAGE_SIZE,
+        metavar="BYTES",
+    ),
+    _option(
+        "--subscriber-buffer",
+        "Publishes held for one live subscriber that reads too slowly; past "
+        "this it is dropped with an 'overflow' error (one publish always fits).",
+        type=click.IntRange(min=1),
+        default=protocol.DEFAULT_SUBSCRIBER_BUFFER,
+        metavar="BYTES",
+    ),
+    _option(
+        "--max-connections",
+        "Connections served at once; one more is answered 'busy' and closed.",
+        type=click.IntRange(min=1),
+        default=limits.DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+    ),
+    _option(
+        "--frame-timeout",
+        "A connection whose frame is not complete this long after its first "
+        "byte, or whose hello is not within this long of connecting, is closed "
+        "(0: never). Idle connections between frames are never closed.",
+        type=click.FloatRange(min=0),
+        default=limits.DEFAULT_FRAME_TIMEOUT,
+        metavar="SECONDS",
+    ),
+    _option(
+        "--max-pipelined",
+        "Requests of one connection answered before their replies are written "
+        "(and at most 1 MiB of replies); nothing more is read from it until they are.",
+        type=click.IntRange(min=1),
+        default=limits.DEFAULT_MAX_PIPELINED,
+        metavar="N",
+    ),
+    _option(
+        "--max-queue-bytes",
+        "Body bytes a queue without a max_bytes of its own may hold; puts wait "
+        "for room as on any bounded queue (0: unlimited).",
+        type=click.IntRange(min=0),
+        default=limits.DEFAULT_MAX_QUEUE_BYTES,
+        metavar="BYTES",
+    ),
+    _option(
+        "--max-total-bytes",
+        "Body bytes held over all queues; a put past it fails with 'full' "
+        "(default: 1 GiB, or a quarter of the RAM if less; 0: unlimited).",
+        type=click.IntRange(min=0),
+        default=limits.default_max_total_bytes(),
+        metavar="BYTES",
+    ),
+    _option(
+        "--log-level",
+        "Least severe log level written.",
+        type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
+        default="info",
+    ),
+]
+
+
 def broker_options(f: F) -> F:
-    """The options every broker command shares, each also read from BROKERQ_*."""
-    options = [
-        click.option(
-            "--data-dir",
-            type=click.Path(file_okay=False),
-            envvar="BROKERQ_DATA_DIR",
-            show_envvar=True,
-            help="Directory for the journal, on a disk to survive reboots "
-            "(default: beside the socket, which survives broker crashes and idle exits).",
-        ),
-        click.option(
-            "--fsync",
-            type=click.Choice(["never", "batch", "always"]),
-            envvar="BROKERQ_FSYNC",
-            show_envvar=True,
-            help="When the journal is fsynced before a put is acknowledged: never (survives "
-            "a broker crash, not an OS crash or power loss), batch (one fsync covers every "
-            "put that arrived meanwhile) or always (one per write). Default: never for the "
-            "journal beside the socket (it survives what that place does), batch with "
-            "--data-dir.",
-        ),
-        click.option(
-            "--journal/--no-journal",
-            default=True,
-            show_default=True,
-            envvar="BROKERQ_JOURNAL",
-            show_envvar=True,
-            help="Keep messages in a journal (--no-journal: in memory only, lost when the "
-            "broker stops; it then never idles out while it holds any).",
-        ),
-        click.option(
-            "--repair",
-            is_flag=True,
-            envvar="BROKERQ_REPAIR",
-            show_envvar=True,
-            help="Truncate a journal corrupt in the middle at the bad record, losing what "
-            "follows, instead of refusing to start.",
-        ),
-        click.option(
-            "--max-deliveries",
-            type=click.IntRange(min=1),
-            default=20,
-            show_default=True,
-            envvar="BROKERQ_MAX_DELIVERIES",
-            show_envvar=True,
-            metavar="N",
-            help="Deliveries of a reserved message without an ack before it moves to "
-            "<queue>:dead (queues may set their own).",
-        ),
-        click.option(
-            "--lease",
-            type=click.FloatRange(min=0, min_open=True),
-            default=30.0,
-            show_default=True,
-            envvar="BROKERQ_LEASE",
-            show_envvar=True,
-            metavar="SECONDS",
-            help="Default lease of a reserved message before it is delivered again.",
-        ),
-        click.option(
-            "--idle-exit",
-            type=click.FloatRange(min=0),
-            default=300.0,
-            show_default=True,
-            envvar="BROKERQ_IDLE_EXIT",
-            show_envvar=True,
-            metavar="SECONDS",
-            help="Exit after this long with no connections (0: never). Messages wait in "
-            "the journal for the next broker; with --no-journal it never exits holding any.",
-        ),
-        click.option(
-            "--max-message-size",
-            type=click.IntRange(min=1),
-            default=protocol.DEFAULT_MAX_MESSAGE_SIZE,
-            show_default=True,
-            envvar="BROKERQ_MAX_MESSAGE_SIZE",
-            show_envvar=True,
-            metavar="BYTES",
-            help="Largest message body accepted.",
-        ),
-        click.option(
-            "--subscriber-buffer",
-            type=click.IntRange(min=1),
-            default=protocol.DEFAULT_SUBSCRIBER_BUFFER,
-            show_default=True,
-            envvar="BROKERQ_SUBSCRIBER_BUFFER",
-            show_envvar=True,
-            metavar="BYTES",
-            help="Publishes held for one live subscriber that reads too slowly; past "
-            "this it is dropped with an 'overflow' error (one publish always fits).",
-        ),
-        click.option(
-            "--max-connections",
-            type=click.IntRange(min=1),
-            default=limits.DEFAULT_MAX_CONNECTIONS,
-            show_default=True,
-            envvar="BROKERQ_MAX_CONNECTIONS",
-            show_envvar=True,
-            metavar="N",
-            help="Connections served at once; one more is answered 'busy' and closed.",
-        ),
-        click.option(
-            "--frame-timeout",
-            type=click.FloatRange(min=0),
-            default=limits.DEFAULT_FRAME_TIMEOUT,
-            show_default=True,
-            envvar="BROKERQ_FRAME_TIMEOUT",
-            show_envvar=True,
-            metavar="SECONDS",
-            help="A connection whose frame is not complete this long after its first "
-            "byte, or whose hello is not within this long of connecting, is closed "
-            "(0: never). Idle connections between frames are never closed.",
-        ),
-        click.option(
-            "--max-pipelined",
-            type=click.IntRange(min=1),
-            default=limits.DEFAULT_MAX_PIPELINED,
-            show_default=True,
-            envvar="BROKERQ_MAX_PIPELINED",
-            show_envvar=True,
-            metavar="N",
-            help="Requests of one connection answered before their replies are written "
-            "(and at most 1 MiB of replies); nothing more is read from it until they are.",
-        ),
-        click.option(
-            "--max-queue-bytes",
-            type=click.IntRange(min=0),
-            default=limits.DEFAULT_MAX_QUEUE_BYTES,
-            show_default=True,
-            envvar="BROKERQ_MAX_QUEUE_BYTES",
-            show_envvar=True,
-            metavar="BYTES",
-            help="Body bytes a queue without a max_bytes of its own may hold; puts wait "
-            "for room as on any bounded queue (0: unlimited).",
-        ),
-        click.option(
-            "--max-total-bytes",
-            type=click.IntRange(min=0),
-            default=limits.default_max_total_bytes(),
-            show_default=True,
-            envvar="BROKERQ_MAX_TOTAL_BYTES",
-            show_envvar=True,
-            metavar="BYTES",
-            help="Body bytes held over all queues; a put past it fails with 'full' "
-            "(default: 1 GiB, or a quarter of the RAM if less; 0: unlimited).",
-        ),
-        click.option(
-            "--log-level",
-            type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
-            default="info",
-            show_default=True,
-            envvar="BROKERQ_LOG_LEVEL",
-            show_envvar=True,
-            help="Least severe log level written.",
-        ),
-    ]
-    for option in reversed(options):
+    """The options every broker command shares."""
+    for option in reversed(_OPTIONS):
         f = option(f)
     return f
 
@@ -262,24 +231,18 @@ def run(
     daemon: bool = False,
     lock_fd: int | None = None,
     ready_fd: int | None = None,
-    data_dir: str | None = None,
     fsync: str | None = None,
-    idle_exit: float = 300.0,
-    max_message_size: int = protocol.DEFAULT_MAX_MESSAGE_SIZE,
     log_level: str = "info",
     journal: bool = True,
     repair: bool = False,
-    max_deliveries: int = 20,
-    lease: float = 30.0,
-    subscriber_buffer: int = protocol.DEFAULT_SUBSCRIBER_BUFFER,
-    max_connections: int = limits.DEFAULT_MAX_CONNECTIONS,
-    frame_timeout: float = limits.DEFAULT_FRAME_TIMEOUT,
-    max_pipelined: int = limits.DEFAULT_MAX_PIPELINED,
-    max_queue_bytes: int = limits.DEFAULT_MAX_QUEUE_BYTES,
-    max_total_bytes: int | None = None,
+    **options: Any,
 ) -> int:
-    """Start a broker for ``socket``; returns the exit status."""
+    """Start a broker for ``socket``; returns the exit status. ``options``:
+    BrokerConfig's (``idle_exit`` 0: never)."""
     path = resolve_socket_path(socket)
+    if options.get("idle_exit") == 0:
+        options["idle_exit"] = math.inf
+    data_dir = options.get("data_dir")
     fsync = default_fsync(data_dir) if fsync is None else fsync
     try:
         check_socket_path(path)
@@ -288,6 +251,7 @@ def run(
         return _fail(str(exc))
     if activated is not None and daemon:
         return _fail("--daemon cannot be used with a socket passed by systemd")
+    config = BrokerConfig(path, fsync=fsync, activated=activated is not None, **options)
     if daemon:
         _daemonize()
     try:
@@ -309,7 +273,9 @@ def run(
     _setup_logging(path, daemon, log_level)
     log = logging.getLogger("brokerq.broker")
     core = BrokerCore(
-        max_message_size=max_message_size, max_deliveries=max_deliveries, default_lease=lease
+        max_message_size=config.max_message_size,
+        max_deliveries=config.max_deliveries,
+        default_lease=config.lease,
     )
     opened = None
     if journal:
@@ -331,26 +297,8 @@ def run(
     # Import trio only now: clients are already queueing in the backlog.
     import trio
 
-    from .server import Broker, BrokerConfig
+    from .server import Broker
 
-    config = BrokerConfig(
-        socket_path=path,
-        idle_exit=idle_exit if idle_exit > 0 else float("inf"),
-        max_message_size=max_message_size,
-        data_dir=data_dir,
-        fsync=fsync,
-        max_deliveries=max_deliveries,
-        lease=lease,
-        subscriber_buffer=subscriber_buffer,
-        max_connections=max_connections,
-        frame_timeout=frame_timeout,  # 0: off (BrokerConfig.frame_seconds)
-        max_pipelined=max_pipelined,
-        max_queue_bytes=max_queue_bytes,
-        max_total_bytes=(
-            limits.default_max_total_bytes() if max_total_bytes is None else max_total_bytes
-        ),
-        activated=activated is not None,
-    )
     broker = Broker(config, core, opened)
     trio.run(broker.serve, listener)
     if opened is not None:
@@ -363,16 +311,9 @@ def run(
 
 
 def default_fsync(data_dir: str | None) -> str:
-    """The ``--fsync`` a broker gets when none is given.
-
-    ``never`` for the journal beside the socket: that place (a tmpfs under
-    ``$XDG_RUNTIME_DIR``, usually) is documented to survive broker crashes
-    and idle exits, not reboots, and a record written before the reply
-    already survives a broker crash (docs/guarantees.md). An fsync per
-    group of puts would buy what the place cannot keep. ``batch`` with
-    ``--data-dir``, which is asked for to survive OS crashes and power
-    loss: every acknowledged put then waits for an fsync that covers it.
-    """
+    """The ``--fsync`` a broker gets when none is given: ``never`` beside the
+    socket, a place that does not survive reboots anyway; ``batch`` with
+    ``--data-dir`` (docs/usage.md, "The default depends on where the journal is")."""
     return "never" if data_dir is None else "batch"
 
 

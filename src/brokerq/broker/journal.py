@@ -1,31 +1,5 @@
-"""The journal: an append-only file of records, replayed at start.
-
-File format (version 1)::
-
-    header   8 bytes  b"BRKQJNL\\0"
-             4 bytes  format version, u32 big-endian
-    record   2 bytes  marker b"\\xb0\\x51"
-             4 bytes  payload length n, u32 big-endian
-             4 bytes  CRC-32 of the length bytes and the payload, u32 big-endian
-             n bytes  payload: one MessagePack record (brokerq.records)
-    record   ...
-    zero     any number of zero bytes (preallocated space): the zero tail
-
-The checksum covers the length, so a flipped length is caught too; the
-marker lets a reader find the records after a damaged one. A record never
-starts with a zero byte, so zero bytes where a record should start, with
-only zero bytes after them, are the end of the records: a zero tail.
-
-Reading it back (:func:`read_journal`):
-
-* the **zero tail**, if any, is free space: nothing is cut or reported;
-* a **torn tail** (the last record cut anywhere, or damaged with no valid
-  records after it: a crash in the middle of a write; any zero tail after
-  it) is logged and cut off; every whole record before it is kept;
-* **corruption in the middle** (a damaged record followed by valid records
-  that run to the end of the data: the end of the file, or its zero tail)
-  refuses to start with an error naming the offset, unless ``repair`` says
-  to truncate the file there (losing what follows).
+"""The journal: an append-only file of records (journal_file.py: its format
+and reading it back), replayed at start.
 
 Writing (:class:`Journal`): each record is written with one ``write()``
 before the broker acknowledges anything. ``fsync`` is ``never`` (the page
@@ -39,16 +13,11 @@ write or sync error raises :class:`JournalFailed`: the broker must stop
 acknowledging and exit, since the kernel may have dropped the unwritten
 pages (fsync errors are not retryable).
 
-**Preallocation** (``preallocate``, which the broker asks for; it applies
-when the journal is synced, ``batch`` or ``always``, and not on a tmpfs):
-the file is extended ahead of its records, each time by as much as the
-records hold (at least :data:`PREALLOCATE_MIN`, at most
-:data:`PREALLOCATE_MAX`): ``posix_fallocate``, then zeros written over it
-(:func:`_allocate`). An append then neither changes the file's size nor
-allocates a block, so a sync is an ``fdatasync`` (where the platform has
-one) with no metadata to write. :attr:`Journal.size` is where the records
-end, :attr:`Journal.allocated` the file's size. Without preallocation the
-file ends with its last record, and a sync is an ``fsync``.
+**Preallocation** (docs/usage.md, "Preallocation"; only for a synced
+journal): the file is extended ahead of its records (:func:`_allocate`),
+so that an append neither grows the file nor allocates a block and a sync
+is an ``fdatasync`` with no metadata to write. :attr:`Journal.size` is
+where the records end, :attr:`Journal.allocated` the file's size.
 
 Compaction rewrites the live state into a new file while appends go on:
 the snapshot is written (then, if the journal preallocates, space after
@@ -70,25 +39,17 @@ import errno
 import hashlib
 import logging
 import os
-import struct
 import sys
-import zlib
-from dataclasses import dataclass, field
 from typing import Final
 
-import msgspec
-
 from ..errors import BrokerqError, Full
+from .journal_file import FILE_HEADER, ReadResult, encode_record, file_header, read_journal
 from .records import AnyRecord
+
+__all__ = ["Journal", "JournalFailed", "JournalFull", "journal_path", "read_journal"]
 
 log = logging.getLogger("brokerq.journal")
 
-MAGIC: Final = b"BRKQJNL\x00"
-FORMAT_VERSION: Final = 1
-FILE_HEADER: Final = struct.Struct(">8sI")
-RECORD_MARKER: Final = b"\xb0\x51"
-RECORD_HEADER: Final = struct.Struct(">2sII")
-_LENGTH: Final = struct.Struct(">I")
 FSYNC_MODES: Final = ("never", "batch", "always")
 #: Preallocation steps: as much again as the records hold, within these bounds.
 #: (Each step's zeros are written in the event loop and flushed by the next
@@ -96,11 +57,6 @@ FSYNC_MODES: Final = ("never", "batch", "always")
 PREALLOCATE_MIN: Final = 1024 * 1024
 PREALLOCATE_MAX: Final = 8 * 1024 * 1024
 _ZERO_CHUNK: Final = 1024 * 1024
-#: How much of a file :func:`_data_end` counts at a time, from its end.
-_ZERO_SCAN: Final = 1024 * 1024
-
-_encoder: Final = msgspec.msgpack.Encoder()
-_decoder: Final[msgspec.msgpack.Decoder[AnyRecord]] = msgspec.msgpack.Decoder(AnyRecord)
 
 
 class JournalFull(Full):
@@ -115,17 +71,6 @@ class JournalFailed(BrokerqError):
     code = "internal"
 
 
-class JournalCorrupt(BrokerqError):
-    """A bad record with valid records after it: refuse to start."""
-
-    def __init__(self, path: str, offset: int, reason: str) -> None:
-        super().__init__(
-            f"journal {path} is corrupt at byte {offset} ({reason}) and valid records follow; "
-            "start with --repair to truncate it there, losing what follows"
-        )
-        self.offset = offset
-
-
 def journal_path(socket_path: str, data_dir: str | None) -> str:
     """``<socket>.journal``, or ``<data_dir>/<socket name>-<hash>.journal``.
 
@@ -136,135 +81,6 @@ def journal_path(socket_path: str, data_dir: str | None) -> str:
         return socket_path + ".journal"
     digest = hashlib.sha256(os.fsencode(socket_path)).hexdigest()[:12]
     return os.path.join(data_dir, f"{os.path.basename(socket_path)}-{digest}.journal")
-
-
-def _checksum(length: int, payload: bytes | memoryview) -> int:
-    return zlib.crc32(payload, zlib.crc32(_LENGTH.pack(length)))
-
-
-def encode_record(record: AnyRecord) -> bytearray:
-    """One record, header and all: encoded in place after room for the header
-    (a large body is copied once, not again to join the header to it)."""
-    out = bytearray(RECORD_HEADER.size)
-    _encoder.encode_into(record, out, -1)
-    length = len(out) - RECORD_HEADER.size
-    with memoryview(out) as view:
-        crc = _checksum(length, view[RECORD_HEADER.size :])
-    RECORD_HEADER.pack_into(out, 0, RECORD_MARKER, length, crc)
-    return out
-
-
-def _file_header() -> bytes:
-    return FILE_HEADER.pack(MAGIC, FORMAT_VERSION)
-
-
-@dataclass
-class ReadResult:
-    records: list[AnyRecord] = field(default_factory=list)
-    end: int = 0  # offset after the last whole record (0: no valid header)
-    torn: str | None = None  # what was cut off at the end, if anything
-    repaired: str | None = None  # what --repair dropped (a damaged record, and all after it)
-
-
-def _record_at(data: bytes, offset: int) -> tuple[bytes, int] | str:
-    """The payload at ``offset`` and the offset after it, or why there is none."""
-    if len(data) - offset < RECORD_HEADER.size:
-        return "a record header cut short"
-    marker, length, crc = RECORD_HEADER.unpack_from(data, offset)
-    if marker != RECORD_MARKER:
-        return "no record marker"
-    start = offset + RECORD_HEADER.size
-    if start + length > len(data):
-        return f"a record of {length} bytes cut short"
-    payload = data[start : start + length]
-    if _checksum(length, payload) != crc:
-        return "a checksum mismatch"
-    return payload, start + length
-
-
-def read_journal(path: str, *, repair: bool = False) -> ReadResult:
-    """Parse the journal at ``path`` (missing: empty). See the module doc."""
-    try:
-        with open(path, "rb") as f:
-            data = f.read()
-    except FileNotFoundError:
-        return ReadResult()
-    result = ReadResult()
-    data_end = _data_end(data)  # what follows is the zero tail: free space
-    header = _file_header()
-    if data[: len(header)] != header:
-        if data_end < len(header) and header.startswith(data[:data_end]):
-            # A new journal's header cut short (zeros after it, if its space
-            # was allocated): no record was written yet.
-            result.torn = "a file header cut short" if data else None
-            return result
-        if len(data) < len(header):
-            raise JournalCorrupt(path, 0, "not a brokerq journal")
-    magic, version = FILE_HEADER.unpack_from(data)
-    if magic != MAGIC:
-        raise JournalCorrupt(path, 0, "not a brokerq journal")
-    if version != FORMAT_VERSION:
-        raise BrokerqError(
-            f"journal {path} has format version {version}; this brokerq reads {FORMAT_VERSION}"
-        )
-    offset = FILE_HEADER.size
-    while offset < data_end:
-        found = _record_at(data, offset)
-        if isinstance(found, str):
-            following = _valid_records_following(data, offset, data_end)
-            if not following:
-                result.torn = f"{found} at byte {offset}"
-            elif repair:
-                result.repaired = (
-                    f"dropped {following + 1} records ({data_end - offset} bytes) from byte"
-                    f" {offset}: the damaged one ({found}) and the {following} valid ones"
-                    " after it (not a torn tail)"
-                )
-            else:
-                raise JournalCorrupt(path, offset, found)
-            break
-        payload, after = found
-        try:
-            result.records.append(_decoder.decode(payload))
-        except (msgspec.DecodeError, msgspec.ValidationError) as exc:
-            raise JournalCorrupt(path, offset, f"undecodable record: {exc}") from exc
-        offset = after
-    result.end = offset
-    return result
-
-
-def _data_end(data: bytes) -> int:
-    """Where the zero tail begins: the offset after the last byte that is not zero.
-
-    Counted from the end a slice at a time, so a long zero tail costs a
-    count of its bytes, not a copy of the file.
-    """
-    end = len(data)
-    while end > 0:
-        start = max(0, end - _ZERO_SCAN)
-        if data.count(0, start, end) != end - start:
-            return start + len(data[start:end].rstrip(b"\0"))
-        end = start
-    return 0
-
-
-def _valid_records_following(data: bytes, offset: int, data_end: int) -> int:
-    """After a bad record at ``offset``, how many valid records run to the end
-    of the data (``data_end``: the end of the file, or where its zero tail
-    begins)? 0: none, a torn tail.
-
-    The damaged record's length cannot be trusted, so every later marker is
-    tried as a start. A torn tail (a crash mid-write) has no such run.
-    """
-    start = data.find(RECORD_MARKER, offset + 1, data_end)
-    while start != -1:
-        position, whole = start, 0
-        while isinstance(found := _record_at(data, position), tuple):
-            position, whole = found[1], whole + 1
-        if whole and position >= data_end:  # (a record may end with zero bytes)
-            return whole
-        start = data.find(RECORD_MARKER, start + 1, data_end)
-    return 0
 
 
 #: fdatasync(2): Linux and most Unixes; not macOS, which keeps fsync.
@@ -312,12 +128,9 @@ def _allocate(fd: int, offset: int, length: int) -> OSError | None:
     """Allocate ``length`` bytes at ``offset`` and write zeros there; the error,
     if any, instead of raising it (the caller goes on without).
 
-    ``posix_fallocate`` reserves the blocks (a full disk shows here, not in
-    an append), then the zeros are written: on ext4 a block fallocate'd and
-    never written is "unwritten", and the first sync after an append into
-    it must also commit its conversion in the filesystem's journal (on the
-    test machine, a 64 KiB append and its fdatasync took 220-260 µs into
-    fallocate'd space, 140-150 µs into written zeros; 120 B about the same).
+    Zeros over the ``posix_fallocate``'d space: on ext4 a block allocated
+    and never written costs every sync into it a conversion in the
+    filesystem's journal (docs/performance.md, "Tried, not kept").
     """
     try:
         if hasattr(os, "posix_fallocate"):
@@ -384,7 +197,7 @@ class Journal:
             log.warning("journal %s: --repair %s", path, result.repaired)
         if result.end == 0:
             os.ftruncate(journal.fd, 0)
-            _write_all(journal.fd, _file_header())
+            _write_all(journal.fd, file_header())
             result.end = FILE_HEADER.size
         elif result.torn or result.repaired or not journal.preallocating:
             os.ftruncate(journal.fd, result.end)  # (a zero tail is kept to append into)
@@ -559,7 +372,7 @@ class Compaction:
         with space allocated after it if the journal preallocates."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
         self.fd = os.open(self.tmp_path, flags, 0o600)
-        out = bytearray(_file_header())
+        out = bytearray(file_header())
         for record in self.snapshot:
             out += encode_record(record)
         self.snapshot = []

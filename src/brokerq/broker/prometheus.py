@@ -1,182 +1,107 @@
-"""Stats in the Prometheus text exposition format (version 0.0.4), by hand.
+"""Stats in the Prometheus text exposition format (0.0.4), by hand
+(docs/usage.md, ``stats --prom``).
 
-``brokerq stats --prom`` prints what :func:`format_prometheus` returns. The
-function is pure: it takes the dicts that ``client.stats()`` and
-``queue.stats()`` return (docs/protocol.md, section 5.8) and writes every
-metric family in a fixed order, the queues sorted by name, so that its
-output can be compared exactly.
-
-Each family has one ``# HELP`` and one ``# TYPE`` line. Queue metrics carry
-a ``queue`` label and nothing else: the broker's own sums over its queues
-are left out, since ``sum(brokerq_ready)`` gives them and an unlabelled
-sample beside the labelled ones would be counted twice. Values that are not numbers
-are left out, but for ``version`` and ``fsync``, which become the labels of
-``brokerq_info``; a null value leaves its sample out; a boolean is 0 or 1;
-keys not known here are ignored.
+:func:`format_prometheus` is pure: the dicts ``client.stats()`` and
+``queue.stats()`` return go in, every family comes out in a fixed order
+(queues sorted by name), so that its output compares exactly. The broker's
+own sums over its queues are left out: ``sum(brokerq_ready)`` gives them,
+and an unlabelled sample beside the labelled ones would be counted twice.
+Values that are not numbers are left out, but ``version`` and ``fsync``,
+the labels of ``brokerq_info``; a boolean is 0 or 1.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, NamedTuple
 
 __all__ = ["format_prometheus"]
 
 PREFIX = "brokerq_"
 
 
-@dataclass(frozen=True)
-class _Family:
+class _Family(NamedTuple):
     name: str  # without PREFIX
-    type: Literal["counter", "gauge"]
+    type: str  # counter or gauge
     help: str
     broker_key: str | None  # the key in the broker's stats, if any
     queue_key: str | None  # the key in a queue's stats, if any
 
 
-# The order of the output.
-_FAMILIES = (
-    _Family("uptime_seconds", "gauge", "Seconds since the broker began serving.", "uptime_s", None),
-    _Family("connections", "gauge", "Open connections to the broker.", "connections", None),
-    _Family("queues", "gauge", "Number of queues the broker holds.", "queues", None),
-    _Family(
-        "journal_bytes",
-        "gauge",
-        "Size of the journal file in bytes (0 without a journal).",
-        "journal_bytes",
-        None,
-    ),
-    _Family(
-        "fsync_skipped_on_tmpfs",
-        "gauge",
-        "1 if fsync is skipped: the journal is on a tmpfs or ramfs.",
-        "fsync_skipped_on_tmpfs",
-        None,
-    ),
-    _Family(
-        "max_message_size_bytes",
-        "gauge",
-        "Largest message body the broker accepts, in bytes.",
-        "max_message_size",
-        None,
-    ),
-    _Family(
-        "idle_exit_seconds",
-        "gauge",
-        "Idle-exit delay in seconds (absent when idle exit is disabled).",
-        "idle_exit_s",
-        None,
-    ),
-    _Family(
-        "default_max_deliveries",
-        "gauge",
-        "The broker's default delivery limit.",
-        "max_deliveries",
-        None,
-    ),
-    _Family(
-        "default_lease_seconds", "gauge", "The broker's default lease in seconds.", "lease_s", None
-    ),
-    _Family("protocol_version", "gauge", "Protocol version the broker speaks.", "protocol", None),
-    _Family("pid", "gauge", "Process id of the broker.", "pid", None),
-    _Family("ready", "gauge", "Messages ready to be delivered.", None, "ready"),
-    _Family(
-        "delayed",
-        "gauge",
-        "Messages delayed (put or released with a delay), not yet due.",
-        None,
-        "delayed",
-    ),
-    _Family("reserved", "gauge", "Messages under a lease.", None, "reserved"),
-    _Family("buried", "gauge", "Messages buried, waiting for a kick.", None, "buried"),
-    _Family(
-        "waiters",
-        "gauge",
-        "Requests (get, get_many, reserve) waiting on a queue.",
-        None,
-        "waiters",
-    ),
-    _Family(
-        "putters",
-        "gauge",
-        "Puts waiting for room in a full (bounded) queue.",
-        None,
-        "putters",
-    ),
-    _Family(
-        "unfinished_tasks",
-        "gauge",
-        "Messages put whose task is not done (task_done, ack, or gone).",
-        None,
-        "unfinished_tasks",
-    ),
-    _Family(
-        "bytes",
-        "gauge",
-        "Body bytes of the messages held, in every state.",
-        None,
-        "bytes",
-    ),
-    _Family(
-        "put_total",
-        "counter",
-        "Messages put.",
-        None,
-        "put_total",
-    ),
-    _Family(
-        "delivered_total",
-        "counter",
-        "Deliveries by get, get_many and reserve, redeliveries included.",
-        None,
-        "delivered_total",
-    ),
-    _Family(
-        "expired_total",
-        "counter",
-        "Messages dropped because their ttl ran out.",
-        None,
-        "expired_total",
-    ),
-    _Family(
-        "dead_lettered_total",
-        "counter",
-        "Messages moved from a queue to <queue>:dead.",
-        None,
-        "dead_lettered_total",
-    ),
-    _Family(
-        "oldest_ready_age_seconds",
-        "gauge",
-        "Age in seconds of the oldest ready message; absent if none.",
-        None,
-        "oldest_ready_age_s",
-    ),
-    _Family(
-        "max_deliveries",
-        "gauge",
-        "The delivery limit in force for a queue.",
-        None,
-        "max_deliveries",
-    ),
-    _Family("lease_seconds", "gauge", "The default lease in force for a queue.", None, "lease"),
-    _Family(
-        "maxsize",
-        "gauge",
-        "The most messages a queue may hold (0: unlimited).",
-        None,
-        "maxsize",
-    ),
-    _Family(
-        "max_bytes",
-        "gauge",
-        "The most body bytes a queue may hold (0: the broker's --max-queue-bytes).",
-        None,
-        "max_bytes",
-    ),
-)
+# In the order of the output: name, type, broker key, queue key ("-": none);
+# then, indented, the help.
+_TABLE = """
+uptime_seconds gauge uptime_s -
+    Seconds since the broker began serving.
+connections gauge connections -
+    Open connections to the broker.
+queues gauge queues -
+    Number of queues the broker holds.
+journal_bytes gauge journal_bytes -
+    Size of the journal file in bytes (0 without a journal).
+fsync_skipped_on_tmpfs gauge fsync_skipped_on_tmpfs -
+    1 if fsync is skipped: the journal is on a tmpfs or ramfs.
+max_message_size_bytes gauge max_message_size -
+    Largest message body the broker accepts, in bytes.
+idle_exit_seconds gauge idle_exit_s -
+    Idle-exit delay in seconds (absent when idle exit is disabled).
+default_max_deliveries gauge max_deliveries -
+    The broker's default delivery limit.
+default_lease_seconds gauge lease_s -
+    The broker's default lease in seconds.
+protocol_version gauge protocol -
+    Protocol version the broker speaks.
+pid gauge pid -
+    Process id of the broker.
+ready gauge - ready
+    Messages ready to be delivered.
+delayed gauge - delayed
+    Messages delayed (put or released with a delay), not yet due.
+reserved gauge - reserved
+    Messages under a lease.
+buried gauge - buried
+    Messages buried, waiting for a kick.
+waiters gauge - waiters
+    Requests (get, get_many, reserve) waiting on a queue.
+putters gauge - putters
+    Puts waiting for room in a full (bounded) queue.
+unfinished_tasks gauge - unfinished_tasks
+    Messages put whose task is not done (task_done, ack, or gone).
+bytes gauge - bytes
+    Body bytes of the messages held, in every state.
+put_total counter - put_total
+    Messages put.
+delivered_total counter - delivered_total
+    Deliveries by get, get_many and reserve, redeliveries included.
+expired_total counter - expired_total
+    Messages dropped because their ttl ran out.
+dead_lettered_total counter - dead_lettered_total
+    Messages moved from a queue to <queue>:dead.
+oldest_ready_age_seconds gauge - oldest_ready_age_s
+    Age in seconds of the oldest ready message; absent if none.
+max_deliveries gauge - max_deliveries
+    The delivery limit in force for a queue.
+lease_seconds gauge - lease
+    The default lease in force for a queue.
+maxsize gauge - maxsize
+    The most messages a queue may hold (0: unlimited).
+max_bytes gauge - max_bytes
+    The most body bytes a queue may hold (0: the broker's --max-queue-bytes).
+"""
+
+
+def _families(table: str) -> tuple[_Family, ...]:
+    lines = table.strip().splitlines()
+    families = []
+    for head, help_ in zip(lines[::2], lines[1::2], strict=True):
+        name, kind, broker_key, queue_key = head.split()
+        broker, queue = (None if key == "-" else key for key in (broker_key, queue_key))
+        families.append(_Family(name, kind, help_.strip(), broker, queue))
+    return tuple(families)
+
+
+_FAMILIES = _families(_TABLE)
 
 
 def format_prometheus(

@@ -7,12 +7,12 @@ A ``consume`` request opens a stream on a queue: a
 messages as to any waiter, round robin while it has credit), and a writer
 task here that sends what was handed to it as ``delivery`` frames, unasked.
 The writer waits on the stream's wakeup, which the core's hand-over sets
-(:func:`brokerq.connection.wake`); everything handed to the stream until the
+(:func:`~brokerq.broker.wakeup.wake`); everything handed to the stream until the
 writer runs goes out in one write, so the deliveries of one scheduler round
 cost one syscall. Replies and deliveries share the connection's send lock,
 and a reply takes every delivery not yet sent ahead of it
-(:func:`frames_before`): a delivery made before a request was handled is
-never sent after its reply, so any request (a ``ping``) tells a client that
+(``Replies.stream_frames``): a delivery made before a request was handled
+is never sent after its reply, so any request (a ``ping``) tells a client that
 it has every delivery there was.
 
 A ``taken`` frame (no reply) says the client handed the stream's first
@@ -42,20 +42,13 @@ import trio
 
 from .. import protocol
 from ..errors import InvalidRequest, RemoteProtocolError
-from ..protocol import (
-    Cancel,
-    CancelReply,
-    Consume,
-    ConsumeReply,
-    Error,
-    StreamDelivery,
-    Taken,
-)
+from ..protocol import Cancel, CancelReply, Consume, ConsumeReply, Error, Taken
 from .state import Stream, Waiter
 from .unixstream import UnixStream
+from .wakeup import Wakeup
 
 if TYPE_CHECKING:
-    from .connection import Connection, Wakeup
+    from .replies import Replies as Connection
 
 MODES = ("get", "reserve")
 
@@ -78,8 +71,6 @@ def _consume(conn: Connection, request: Consume, now: float) -> tuple[ConsumeRep
     streams = conn.streams
     if streams is not None and request.id in streams:
         raise InvalidRequest(f"stream {request.id} is open already: a consume needs a new id")
-    from .connection import Wakeup  # (connection imports this module)
-
     stream, served = conn.core.consume(
         request.queue,
         request.prefetch,
@@ -126,10 +117,16 @@ def taken_while_closing(conn: Connection, request: protocol.AnyRequest) -> list[
     returns the waiters to wake, or None if ``request`` is no ``taken``."""
     if not isinstance(request, Taken) or conn.streams is None:
         return None
-    stream = conn.streams.get(request.id)
+    return _taken_if_valid(conn, request, conn.broker.clock())
+
+
+def _taken_if_valid(conn: Connection, request: Taken, now: float) -> list[Waiter]:
+    """A ``taken`` that can no longer be refused: applied if it names what
+    its stream holds, else ignored."""
+    stream = (conn.streams or {}).get(request.id)
     if stream is None or not 1 <= request.n <= len(stream.held):
         return []
-    return conn.core.taken(stream, request.n, conn.broker.clock())
+    return conn.core.taken(stream, request.n, now)
 
 
 def end_streams(conn: Connection) -> list[Waiter]:
@@ -139,16 +136,13 @@ def end_streams(conn: Connection) -> list[Waiter]:
     streams = conn.streams
     if not streams:
         return []
-    core = conn.core
     now = conn.broker.clock()
     woken: list[Waiter] = []
     for request in _frames_left(conn):
         if isinstance(request, Taken):
-            stream = streams.get(request.id)
-            if stream is not None and 1 <= request.n <= len(stream.held):
-                woken += core.taken(stream, request.n, now)
+            woken += _taken_if_valid(conn, request, now)
     for stream in streams.values():
-        woken += core.cancel_stream(stream, now)[1]
+        woken += conn.core.cancel_stream(stream, now)[1]
         _wakeup(stream).set()
     streams.clear()
     return woken
@@ -174,38 +168,6 @@ def _frames_left(conn: Connection) -> list[protocol.AnyRequest]:
     except (RemoteProtocolError, protocol.InvalidRequestFrame):
         pass  # the rest cannot be trusted
     return requests
-
-
-def frames_before(conn: Connection, data: bytes | bytearray) -> bytes | bytearray:
-    """``data`` (replies about to be sent, under the send lock) with every
-    delivery not yet sent ahead of it."""
-    pending = _pending_frames(conn)
-    if not pending:
-        return data
-    pending += data
-    return pending
-
-
-def _pending_frames(conn: Connection) -> bytearray:
-    """The delivery frames of every stream of ``conn`` not sent yet, which
-    count as sent from now on (the stream keeps them held either way)."""
-    out = bytearray()
-    streams = conn.streams
-    if streams:
-        for stream_id, stream in streams.items():
-            messages = stream.messages
-            if messages:
-                stream.messages = []
-                for msg in messages:
-                    # (A message whose queue was deleted since is sent all the
-                    # same: the client's takens count deliveries in order.)
-                    protocol.append_frame(
-                        out,
-                        StreamDelivery(
-                            id=stream_id, msg_id=msg.id, body=msg.body, attempt=msg.attempts + 1
-                        ),
-                    )
-    return out
 
 
 def _wakeup(stream: Stream) -> Wakeup:
@@ -234,7 +196,7 @@ async def _write(conn: Connection, stream: Stream) -> None:
         else:
             lock.acquire_nowait()  # (no checkpoint: the deliveries go at once)
         try:
-            data = _pending_frames(conn)
+            data = conn.stream_frames()
             if data:
                 await conn.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError):

@@ -1,11 +1,9 @@
 """A trio Stream over a connected Unix socket, with fewer trips through trio's
 scheduler than :class:`trio.SocketStream`.
 
-Why: on the broker's hot path a request costs a receive and a send. trio's
-socket methods make each of them two checkpoints (one before the syscall,
-one after), and every checkpoint is a pass through the run loop with an
-``epoll_wait`` of its own. Profiled on a 1 producer + 1 consumer run, that
-machinery took about half of the broker's busy time (bench/profile.py).
+Why (docs/performance.md, ``UnixStream``): trio's socket methods make each
+receive and send two checkpoints, each a pass through the run loop with an
+``epoll_wait`` of its own: about half of the broker's busy time, profiled.
 
 Here a receive or a send is tried at once, and only when the socket is not
 ready does the task wait (``wait_readable`` / ``wait_writable``, which are

@@ -1,0 +1,40 @@
+"""The broker's options, as the daemon hands them to the trio broker (no trio here:
+the daemon reads them before it imports trio)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .. import protocol
+from . import limits
+
+
+@dataclass(frozen=True)
+class BrokerConfig:
+    """The broker's options (``local-queue-broker --help`` documents each)."""
+
+    socket_path: str
+    idle_exit: float = 300.0
+    max_message_size: int = protocol.DEFAULT_MAX_MESSAGE_SIZE
+    data_dir: str | None = None
+    fsync: str = "batch"
+    max_deliveries: int = 20
+    lease: float = 30.0
+    subscriber_buffer: int = protocol.DEFAULT_SUBSCRIBER_BUFFER
+    #: Limits (limits.py): connections at once; seconds for a frame (and for
+    #: the hello; inf: none); requests answered before their replies are
+    #: written; body bytes of a queue without max_bytes, and of all queues (0: none).
+    max_connections: int = limits.DEFAULT_MAX_CONNECTIONS
+    frame_timeout: float = limits.DEFAULT_FRAME_TIMEOUT
+    max_pipelined: int = limits.DEFAULT_MAX_PIPELINED
+    max_queue_bytes: int = limits.DEFAULT_MAX_QUEUE_BYTES
+    max_total_bytes: int = limits.default_max_total_bytes()
+    #: The listener came from systemd (activation.py): the socket file is not ours.
+    activated: bool = False
+
+    @property
+    def frame_seconds(self) -> float | None:
+        """``frame_timeout`` as it applies: None when off (0 or inf)."""
+        timeout = self.frame_timeout
+        return None if timeout <= 0 or math.isinf(timeout) else timeout

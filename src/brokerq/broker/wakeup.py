@@ -1,0 +1,57 @@
+"""How a parked request is woken: the piece the connection, the streams and
+the broker share (below all three, so that none imports another for it)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Protocol, cast
+
+import trio
+
+from .state import Joiner, Putter, Waiter
+
+
+class PeerGone(Exception):
+    """The connection ended; its task winds up quietly."""
+
+
+class Wakeup:
+    """What a parked request (a get, reserve, put or join that waits) waits
+    for: :meth:`set` by the task that serves it, or by a stopping broker.
+
+    Not a ``trio.Event``: the parked task waits by reading its socket (to
+    see the peer leave) in a cancel scope that setting the wakeup cancels:
+    one task per parked request, not two (docs/performance.md).
+    """
+
+    __slots__ = ("flag", "scope")
+
+    def __init__(self) -> None:
+        self.flag = False
+        self.scope: trio.CancelScope | None = None  # the parked task's, while it waits
+
+    def set(self) -> None:
+        self.flag = True
+        if self.scope is not None:
+            self.scope.cancel()
+
+
+class Owner(Protocol):
+    """The connection a get or reserve waits on (see Deliveries.hand_over)."""
+
+    def hand_over(self, waiter: Waiter) -> None: ...
+
+
+def wake(waiter: Waiter | Putter | Joiner) -> None:
+    """Wake a parked request's task; a get or reserve that was handed a message
+    has its reply written at once, by the waking task (see Deliveries.hand_over)."""
+    wakeup = waiter.token
+    assert isinstance(wakeup, Wakeup)
+    if type(waiter) is Waiter and waiter.messages and not wakeup.flag:  # (not a Stream)
+        cast(Owner, waiter.owner).hand_over(waiter)
+    wakeup.set()
+
+
+def wake_all(waiters: Sequence[Waiter | Putter | Joiner]) -> None:
+    for waiter in waiters:
+        wake(waiter)
