@@ -17,7 +17,9 @@ import math
 import os
 import signal
 import socket as stdlib_socket
-from typing import Any, Final
+import time
+from collections.abc import Callable
+from typing import Final
 
 import trio
 
@@ -36,6 +38,8 @@ from .base import (
 )
 from .config import BrokerConfig
 from .connection import Connection
+from .core import BrokerCore
+from .journal import Journal
 from .unixstream import UnixStream
 from .wakeup import PeerGone, wake
 
@@ -57,8 +61,14 @@ REFUSE_LOG_SECONDS: Final = 60.0
 class Broker(BrokerBase):
     """One broker process: :class:`BrokerBase` serving a socket (or streams)."""
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
+    def __init__(
+        self,
+        config: BrokerConfig,
+        core: BrokerCore | None = None,
+        journal: Journal | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        super().__init__(config, core, journal, clock)
         self._live: set[Connection] = set()
         self.accepted_total = 0
         self.last_activity = 0.0
