@@ -224,3 +224,76 @@ class QueueState:
         #: delivered to them and not taken yet (still held, not ready).
         self.streams = 0
         self.prefetched = 0
+
+    @property
+    def held(self) -> int:
+        """The messages held, in every state (what ``maxsize`` counts)."""
+        return len(self.ready) + self.delayed + self.reserved + len(self.buried) + self.prefetched
+
+
+class Topic:
+    """One topic: its subscriber queues and live subscribers, in the order they came."""
+
+    __slots__ = ("dropped_total", "live", "name", "published_total", "queues")
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.queues: dict[str, None] = {}
+        self.live: dict[object, None] = {}
+        self.published_total = 0
+        self.dropped_total = 0  # copies not made: the subscriber queue was full
+
+
+class Topics:
+    """Every topic with a subscriber: queues (durable), or tokens (``live``)."""
+
+    def __init__(self) -> None:
+        self._topics: dict[str, Topic] = {}
+
+    def get(self, name: str) -> Topic | None:
+        return self._topics.get(name)
+
+    def add(self, name: str, member: object, *, live: bool = False) -> None:
+        topic = self._topics.get(name) or self._topics.setdefault(name, Topic(name))
+        members: dict[Any, None] = topic.live if live else topic.queues
+        members[member] = None
+
+    def remove(self, name: str, member: object, *, live: bool = False) -> bool:
+        """Take ``member`` off topic ``name``; False if it was not there."""
+        topic = self._topics.get(name)
+        if topic is None:
+            return False
+        members: dict[Any, None] = topic.live if live else topic.queues
+        if member not in members:
+            return False
+        del members[member]
+        if not topic.queues and not topic.live:
+            del self._topics[name]
+        return True
+
+    def remove_everywhere(self, member: object, *, live: bool = False) -> None:
+        """A deleted queue, or a live subscriber gone: off every topic."""
+        for name in list(self._topics):
+            self.remove(name, member, live=live)
+
+    def subscribes(self, name: str, queue: str) -> bool:
+        topic = self._topics.get(name)
+        return topic is not None and queue in topic.queues
+
+    def has_queue(self, queue: str) -> bool:
+        return any(queue in t.queues for t in self._topics.values())
+
+    def subscriptions(self) -> list[tuple[str, str]]:
+        """Every durable subscription as (topic, queue), for snapshots."""
+        return [(t.name, q) for t in self._topics.values() for q in t.queues]
+
+    def stats(self) -> dict[str, dict[str, Any]]:
+        return {
+            t.name: {
+                "queues": list(t.queues),
+                "live": len(t.live),
+                "published_total": t.published_total,
+                "dropped_total": t.dropped_total,
+            }
+            for t in sorted(self._topics.values(), key=lambda t: t.name)
+        }
