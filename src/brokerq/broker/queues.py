@@ -42,10 +42,7 @@ class Queues(CoreBase):
         **options: Any,
     ) -> tuple[int, Waiter | None]:
         """Enqueue ``body``; return its id and the waiter it went to, if any.
-
-        A ``key`` seen recently (a retried put) returns the first put's id
-        and enqueues nothing. ``options`` as for :meth:`put_many`.
-        """
+        A ``key`` seen recently (a retried put) returns the first put's id."""
         ids, woken = self.put_many(name, [body], now, None if key is None else [key], **options)
         return ids[0], woken[0] if woken else None
 
@@ -209,10 +206,8 @@ class Queues(CoreBase):
         return self.admit_putters(putter.queue, now)
 
     def admit_putters(self, name: str, now: float) -> list[Putter | Waiter]:
-        """Enqueue parked puts, in order, while the first one fits.
-
-        Returns the putters admitted and the waiters their messages went to.
-        """
+        """Enqueue parked puts, in order, while the first one fits; returns
+        the putters admitted and the waiters their messages went to."""
         q = self._queues.get(name)
         woken: list[Putter | Waiter] = []
         while q is not None and q.putters:
@@ -238,12 +233,8 @@ class Queues(CoreBase):
     # -- dequeue ---------------------------------------------------------------
 
     def get_nowait(self, name: str, n: int = 1, max_bytes: int | None = None) -> list[Message]:
-        """Remove and return up to ``n`` ready messages (maybe none).
-
-        ``max_bytes`` bounds the batch's encoded size (each body plus
-        :data:`~brokerq.protocol.MESSAGE_OVERHEAD`) so it fits in one reply
-        frame; the first message is always taken.
-        """
+        """Remove and return up to ``n`` ready messages (maybe none), of at
+        most ``max_bytes`` encoded (to fit one reply frame) but the first."""
         validate_queue_name(name)
         q = self._queues.get(name)
         if q is None or not q.ready:
@@ -284,10 +275,8 @@ class Queues(CoreBase):
     def wait(
         self, name: str, token: object = None, lease: float | None = None, owner: object = None
     ) -> Waiter:
-        """Park a dequeuer at the back of the line. Call only when nothing is ready.
-
-        ``lease`` not None makes it a reserve: what it is handed comes leased.
-        """
+        """Park a dequeuer at the back of the line (only when nothing is
+        ready). ``lease`` not None: a reserve, handed messages leased."""
         validate_queue_name(name)
         q = self._queue(name)
         assert not q.ready, "wait() while messages are ready would break fair handoff"
@@ -296,10 +285,8 @@ class Queues(CoreBase):
         return waiter
 
     def cancel_wait(self, waiter: Waiter, now: float) -> list[Waiter]:
-        """Withdraw a waiter; messages already handed to it go back to the head.
-
-        Returns the waiters those messages went to instead (to be woken).
-        """
+        """Withdraw a waiter; messages already handed to it go back to the
+        head. Returns the waiters they went to instead."""
         self._queue(waiter.queue).waiters.pop(waiter, None)
         messages, waiter.messages = waiter.messages, []
         # The leases handed to this waiter, not those the messages hold now:
@@ -350,10 +337,9 @@ class Queues(CoreBase):
     ) -> dict[str, Any]:
         """Change a queue's own settings; None leaves a setting as it is.
 
-        ``maxsize`` and ``max_bytes`` count every message the queue holds
-        (ready, delayed, reserved, buried); 0 means unlimited (``max_bytes``
-        0: the broker's ``max_queue_bytes``, itself 0 by default). Lowering them
-        below what the queue holds keeps every message; puts wait for room.
+        ``maxsize`` and ``max_bytes`` count every message held, in any state;
+        0: unlimited (``max_bytes`` 0: the broker's ``max_queue_bytes``).
+        Lowered below what the queue holds, they keep every message.
         """
         validate_queue_name(name)
         if max_deliveries is not None and max_deliveries < 1:
@@ -406,13 +392,9 @@ class Queues(CoreBase):
         return count
 
     def delete_queue(self, name: str, now: float) -> tuple[int, list[Putter | Waiter]]:
-        """Delete a queue: every message it holds (ready, delayed, reserved,
-        buried), its settings and its unfinished tasks. Returns how many
-        messages went.
-
-        Dequeuers and puts waiting on it go on waiting on the queue of that
-        name, now empty; a lease on one of its messages is gone (a late ack
-        gets ``lease_lost``).
+        """Delete a queue: every message it holds, its settings and its
+        unfinished tasks; returns how many messages went. Dequeuers and puts
+        waiting on it go on waiting on the (now empty) queue of that name.
         """
         validate_queue_name(name)
         q = self._queues.get(name)

@@ -1,7 +1,7 @@
 """The broker's state, as data: messages, leases, parked requests, queues.
 
 Plain objects with ``__slots__`` (one of each per message or request, so
-they stay small); :class:`~brokerq.core.BrokerCore` holds and changes them.
+they stay small); :class:`~brokerq.broker.core.BrokerCore` holds and changes them.
 """
 
 from __future__ import annotations
@@ -74,10 +74,8 @@ class Expiry:
 
 
 class Putter:
-    """A put parked until its queue has room for all of it (FIFO among putters).
-
-    When the core admits it, it enqueues the bodies and sets ``ids``.
-    """
+    """A put parked until its queue has room for all of it (FIFO); the core
+    sets ``ids`` when it admits it."""
 
     __slots__ = ("bodies", "ids", "keys", "options", "queue", "token")
 
@@ -98,10 +96,9 @@ class Putter:
 
 
 class Waiter:
-    """A dequeuer parked on a queue until a message is handed to it.
+    """A dequeuer parked until a message is handed to it (in ``messages``).
 
-    ``lease`` is None for ``get`` and the lease length for ``reserve``.
-    ``messages`` is filled by the core; ``token`` belongs to the I/O layer.
+    ``lease``: None for ``get``, the lease length for ``reserve``.
     """
 
     __slots__ = ("lease", "leases", "messages", "owner", "queue", "token")
@@ -123,16 +120,12 @@ class Waiter:
 
 
 class Stream(Waiter):
-    """A prefetching consumer (``consume``): a waiter that stays in its
-    queue's line while it has ``credit``, going to the back after each
-    message (round robin), and leaves it while it has none.
+    """A prefetching consumer (``consume``): a waiter that stays in the line
+    while it has ``credit``, going to the back after each message.
 
-    ``held`` are the messages delivered to it and not taken yet, in the
-    order they were delivered: still the broker's (in the journal as
-    ready), they go back to their place when the stream ends. ``messages``
-    (a Waiter's) are those of them not yet handed to the I/O layer to send.
-    ``length`` is None for a get-mode stream, else the lease a taken
-    message gets (reserve mode); ``owner`` holds those leases.
+    ``held``: delivered, not taken yet (still the broker's, ready to the
+    journal), in order; ``messages``: those of them not yet sent. ``length``:
+    None (get mode), or the lease a taken message gets for ``owner``.
     """
 
     __slots__ = ("active", "credit", "held", "length", "stream_id")
@@ -158,10 +151,8 @@ class Stream(Waiter):
 class Joiner:
     """A ``join`` parked until its queue's unfinished tasks reach 0.
 
-    ``done`` is set by the core when they did (the count may have risen
-    again by the time the I/O layer replies: a join returns once the work
-    it waited for was done, not when no work is left). ``token`` belongs to
-    the I/O layer.
+    ``done``: they did (a join returns once the work it waited for was
+    done, even if more came since).
     """
 
     __slots__ = ("done", "queue", "token")
@@ -215,13 +206,8 @@ class QueueState:
         self.delivered_total = 0
         self.expired_total = 0
         self.dead_lettered_total = 0
-        #: Tasks not yet done, as queue.Queue's unfinished_tasks: +1 per
-        #: message put, -1 per task_done, and -1 (never below 0) per message
-        #: that leaves in any way but a get (acked, purged, expired, buried,
-        #: dead-lettered). Journaled (records.UnfinishedRecord).
-        self.unfinished = 0
-        #: Open streams (``consume``) on this queue, and the messages
-        #: delivered to them and not taken yet (still held, not ready).
+        self.unfinished = 0  # tasks not yet done (see core.py's doc)
+        #: Open streams (``consume``), and the messages delivered to them not taken yet.
         self.streams = 0
         self.prefetched = 0
 
