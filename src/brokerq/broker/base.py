@@ -12,9 +12,10 @@ import heapq
 import itertools
 import math
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from typing import NoReturn
 
-from ..errors import Full, InvalidRequest, MessageTooLarge
+from ..errors import Full, MessageTooLarge
 from .records import AnyRecord, AttemptsRecord, ConfigRecord, DeleteRecord, PutRecord
 from .state import Expiry, Joiner, Lease, Message, QueueState, Stream, Topics, Waiter
 
@@ -100,11 +101,10 @@ class CoreBase:
         """The body bytes ``q`` may hold: its own max_bytes, else the broker's default."""
         return q.max_bytes or self.max_queue_bytes
 
-    def _check_size(self, body: bytes) -> None:
-        if len(body) > self.max_message_size:
-            raise MessageTooLarge(
-                f"a body of {len(body)} bytes is over max_message_size {self.max_message_size}"
-            )
+    def _too_large(self, body: bytes) -> NoReturn:
+        raise MessageTooLarge(
+            f"a body of {len(body)} bytes is over max_message_size {self.max_message_size}"
+        )
 
     def _remember_keys(self, pairs: Iterable[tuple[bytes | None, int]]) -> None:
         """Remember each (put key, message id), forgetting the oldest past KEY_WINDOW."""
@@ -250,15 +250,16 @@ class CoreBase:
         q.delayed += 1
         self._add_timer(until, msg)
 
+    def _off_the_lists(self) -> Iterator[Message]:
+        """The messages held on no queue's lists: leased, delayed, prefetched."""
+        yield from (lease.message for lease in self._leases.values())
+        yield from (msg for msg, _ in self._delayed.values())
+        yield from self._prefetched.values()
+
     def _configure(self, record: ConfigRecord) -> None:
         q = self._queue(record.queue)
         q.max_deliveries, q.lease = record.max_deliveries, record.lease
         q.maxsize, q.max_bytes = record.maxsize, record.max_bytes
-
-
-def validate_delay(delay: float) -> None:
-    if not 0 <= delay < math.inf:
-        raise InvalidRequest(f"delay must be a finite number >= 0, not {delay}")
 
 
 def put_record_of(msg: Message, *, returned: bool = False) -> PutRecord:

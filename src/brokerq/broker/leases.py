@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import heapq
+import math
 
 from ..errors import Full, InvalidRequest, LeaseLost
 from ..protocol import validate_queue_name
-from .base import DEAD_SUFFIX, TIMER_RETRY_SECONDS, CoreBase, validate_delay
+from .base import DEAD_SUFFIX, TIMER_RETRY_SECONDS, CoreBase
 from .records import DeleteRecord, MoveRecord, StateRecord
 from .state import Expiry, Lease, Message, Waiter
 
@@ -48,7 +49,8 @@ class Leases(CoreBase):
 
     def release(self, msg_id: int, attempt: int, now: float, delay: float = 0) -> list[Waiter]:
         """Give the message back: to its place at the head, or after ``delay`` seconds."""
-        validate_delay(delay)
+        if not 0 <= delay < math.inf:
+            raise InvalidRequest(f"delay must be a finite number >= 0, not {delay}")
         return self._end_lease(self._lease_for(msg_id, attempt), now, delay)
 
     def bury(self, msg_id: int, attempt: int) -> None:

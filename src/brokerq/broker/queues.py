@@ -16,13 +16,7 @@ import msgspec
 
 from ..errors import Full, InvalidRequest, QueueFull
 from ..protocol import MESSAGE_OVERHEAD, validate_queue_name
-from .base import (
-    LIVE_OVERHEAD,
-    CoreBase,
-    config_record_of,
-    put_record_of,
-    validate_delay,
-)
+from .base import LIVE_OVERHEAD, CoreBase, config_record_of, put_record_of
 from .records import AttemptsRecord, DeleteRecord, DropQueueRecord, PutRecord
 from .state import Expiry, Joiner, Lease, Message, Putter, QueueState, Waiter
 
@@ -34,12 +28,7 @@ class Queues(CoreBase):
     # -- enqueue ---------------------------------------------------------------
 
     def put(
-        self,
-        name: str,
-        body: bytes,
-        now: float,
-        key: bytes | None = None,
-        **options: Any,
+        self, name: str, body: bytes, now: float, key: bytes | None = None, **options: Any
     ) -> tuple[int, Waiter | None]:
         """Enqueue ``body``; return its id and the waiter it went to, if any.
         A ``key`` seen recently (a retried put) returns the first put's id."""
@@ -70,10 +59,13 @@ class Queues(CoreBase):
             raise InvalidRequest(f"{len(keys)} keys for {len(bodies)} bodies")
         if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
             raise InvalidRequest(f"priority must be within ±2**31, not {priority}")
-        validate_delay(delay)
+        if not 0 <= delay < math.inf:
+            raise InvalidRequest(f"delay must be a finite number >= 0, not {delay}")
         if ttl is not None and not 0 < ttl < math.inf:
             raise InvalidRequest(f"ttl must be a finite number > 0, or None, not {ttl}")
-        self._check_size(max(bodies, key=len, default=b""))
+        for body in bodies:
+            if len(body) > self.max_message_size:
+                self._too_large(body)
         ids: list[int] = []
         new: list[tuple[int, bytes, bytes | None]] = []
         next_id = self._next_id
@@ -404,9 +396,7 @@ class Queues(CoreBase):
                 self.topics.remove_everywhere(name)
             return 0, []
         held = [*q.ready, *q.buried.values()]
-        held += [lease.message for lease in self._leases.values() if lease.message.queue == name]
-        held += [msg for msg, _ in self._delayed.values() if msg.queue == name]
-        held += [msg for msg in self._prefetched.values() if msg.queue == name]
+        held += [msg for msg in self._off_the_lists() if msg.queue == name]
         if held:
             self._write(DeleteRecord(ids=[m.id for m in held]))
         self._write(DropQueueRecord(queue=name))

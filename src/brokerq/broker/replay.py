@@ -140,14 +140,8 @@ class Replay(CoreBase):
     def snapshot(self) -> list[AnyRecord]:
         """Records that rebuild the current state (for compaction)."""
         records: list[AnyRecord] = [NextIdRecord(next_id=self._next_id)]
-        elsewhere: dict[
-            str, list[Message]
-        ] = {}  # leased, delayed, prefetched (ready to the journal)
-        for msg in [
-            *(lease.message for lease in self._leases.values()),
-            *(msg for msg, _ in self._delayed.values()),
-            *self._prefetched.values(),
-        ]:
+        elsewhere: dict[str, list[Message]] = {}  # (prefetched: ready to the journal)
+        for msg in self._off_the_lists():
             elsewhere.setdefault(msg.queue, []).append(msg)
         for q in self._queues.values():
             if q.max_deliveries is not None or q.lease is not None or q.maxsize or q.max_bytes:

@@ -77,7 +77,8 @@ class TopicVerbs(Queues):
         name, so a retried publish makes only the copies still missing.
         """
         _validate(topic)
-        self._check_size(body)
+        if len(body) > self.max_message_size:
+            self._too_large(body)
         found = self.topics.get(topic)
         if found is None:
             return 0, [], []
