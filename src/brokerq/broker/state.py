@@ -1,51 +1,33 @@
 """The broker's state, as data: messages, leases, parked requests, queues.
 
-Plain objects with ``__slots__`` (one of each per message or request, so
-they stay small); :class:`~brokerq.broker.core.BrokerCore` holds and changes them.
+Plain objects with slots (one of each per message or request, so they stay
+small), equal only to themselves (parked requests are dict keys);
+:class:`~brokerq.broker.core.BrokerCore` holds and changes them.
 """
 
 from __future__ import annotations
 
 import math
 from collections import OrderedDict, deque
+from dataclasses import KW_ONLY, dataclass, field
 from typing import Any
 
 from .ready import ReadyList
 
 
+@dataclass(slots=True, eq=False)
 class Message:
     """One message: the id ``put`` returned, its queue, body, arrival, deliveries."""
 
-    __slots__ = (
-        "alive",
-        "attempts",
-        "body",
-        "enqueued_at",
-        "expires_at",
-        "id",
-        "priority",
-        "queue",
-    )
-
-    def __init__(
-        self,
-        msg_id: int,
-        queue: str,
-        body: bytes,
-        enqueued_at: float,
-        attempts: int = 0,
-        *,
-        priority: int = 0,
-        expires_at: float = math.inf,
-    ) -> None:
-        self.id = msg_id
-        self.queue = queue
-        self.body = body
-        self.enqueued_at = enqueued_at
-        self.attempts = attempts
-        self.priority = priority
-        self.expires_at = expires_at  # its ttl runs out then (wall clock)
-        self.alive = True  # False once gone for good (got, acked, purged, expired)
+    id: int
+    queue: str
+    body: bytes
+    enqueued_at: float
+    attempts: int = 0
+    _: KW_ONLY
+    priority: int = 0
+    expires_at: float = math.inf  # its ttl runs out then (wall clock)
+    alive: bool = field(default=True, init=False)  # False once gone for good
 
     def __repr__(self) -> str:
         return f"Message(id={self.id}, queue={self.queue!r}, body={self.body[:32]!r})"
@@ -64,55 +46,40 @@ class Lease:
         self.expires_at = now + length
 
 
+@dataclass(slots=True, eq=False)
 class Expiry:
     """A timer entry: ``message``'s ttl runs out (if it still waits by then)."""
 
-    __slots__ = ("message",)
-
-    def __init__(self, message: Message) -> None:
-        self.message = message
+    message: Message
 
 
+@dataclass(slots=True, eq=False)
 class Putter:
     """A put parked until its queue has room for all of it (FIFO); the core
     sets ``ids`` when it admits it."""
 
-    __slots__ = ("bodies", "ids", "keys", "options", "queue", "token")
-
-    def __init__(
-        self,
-        queue: str,
-        bodies: list[bytes],
-        keys: list[bytes] | None,
-        options: dict[str, Any],
-        token: object = None,
-    ) -> None:
-        self.queue = queue
-        self.bodies = bodies
-        self.keys = keys
-        self.options = options
-        self.token = token
-        self.ids: list[int] | None = None
+    queue: str
+    bodies: list[bytes]
+    keys: list[bytes] | None
+    options: dict[str, Any]
+    token: object = None
+    ids: list[int] | None = field(default=None, init=False)
 
 
+@dataclass(slots=True, eq=False)
 class Waiter:
     """A dequeuer parked until a message is handed to it (in ``messages``).
 
     ``lease``: None for ``get``, the lease length for ``reserve``.
     """
 
-    __slots__ = ("lease", "leases", "messages", "owner", "queue", "token")
-
-    def __init__(
-        self, queue: str, token: object = None, lease: float | None = None, owner: object = None
-    ) -> None:
-        self.queue = queue
-        self.messages: list[Message] = []
-        #: For a reserve: the lease each message was handed with (to undo exactly that).
-        self.leases: list[Lease | None] = []
-        self.token = token
-        self.lease = lease
-        self.owner = owner
+    queue: str
+    token: object = None
+    lease: float | None = None
+    owner: object = None
+    messages: list[Message] = field(default_factory=list, init=False)
+    #: For a reserve: the lease each message was handed with (to undo exactly that).
+    leases: list[Lease | None] = field(default_factory=list, init=False)
 
     @property
     def served(self) -> bool:
@@ -148,6 +115,7 @@ class Stream(Waiter):
         self.stream_id = stream_id
 
 
+@dataclass(slots=True, eq=False)
 class Joiner:
     """A ``join`` parked until its queue's unfinished tasks reach 0.
 
@@ -155,61 +123,36 @@ class Joiner:
     done, even if more came since).
     """
 
-    __slots__ = ("done", "queue", "token")
-
-    def __init__(self, queue: str, token: object = None) -> None:
-        self.queue = queue
-        self.token = token
-        self.done = False
+    queue: str
+    token: object = None
+    done: bool = field(default=False, init=False)
 
 
+@dataclass(slots=True, eq=False)
 class QueueState:
     """One named queue: ready messages, waiters, buried ones, settings, counters."""
 
-    __slots__ = (
-        "buried",
-        "bytes",
-        "dead_lettered_total",
-        "delayed",
-        "delivered_total",
-        "expired_total",
-        "lease",
-        "max_bytes",
-        "max_deliveries",
-        "maxsize",
-        "name",
-        "prefetched",
-        "put_total",
-        "putters",
-        "ready",
-        "reserved",
-        "streams",
-        "unfinished",
-        "waiters",
-    )
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.ready: ReadyList[Message] = ReadyList()
-        # Insertion-ordered, O(1) removal from anywhere: the fairness structure.
-        self.waiters: OrderedDict[Waiter, None] = OrderedDict()
-        self.buried: dict[int, Message] = {}
-        self.reserved = 0
-        self.delayed = 0
-        self.bytes = 0  # body bytes held, in every state
-        self.max_deliveries: int | None = None
-        self.lease: float | None = None
-        self.maxsize = 0
-        self.max_bytes = 0
-        self.putters: OrderedDict[Putter, None] = OrderedDict()
-        self.put_total = 0
-        self.delivered_total = 0
-        self.expired_total = 0
-        self.dead_lettered_total = 0
-        self.unfinished = 0  # tasks not yet done (see core.py's doc)
-        #: Open streams (``consume``), and the messages delivered to them not taken yet.
-        self.streams = 0
-        self.prefetched = 0
+    name: str
+    ready: ReadyList[Message] = field(default_factory=ReadyList)
+    #: Insertion-ordered, O(1) removal from anywhere: the fairness structure.
+    waiters: OrderedDict[Waiter, None] = field(default_factory=OrderedDict)
+    putters: OrderedDict[Putter, None] = field(default_factory=OrderedDict)
+    buried: dict[int, Message] = field(default_factory=dict)
+    reserved: int = 0
+    delayed: int = 0
+    bytes: int = 0  # body bytes held, in every state
+    max_deliveries: int | None = None
+    lease: float | None = None
+    maxsize: int = 0
+    max_bytes: int = 0
+    put_total: int = 0
+    delivered_total: int = 0
+    expired_total: int = 0
+    dead_lettered_total: int = 0
+    unfinished: int = 0  # tasks not yet done (see core.py's doc)
+    #: Open streams (``consume``), and the messages delivered to them not taken yet.
+    streams: int = 0
+    prefetched: int = 0
 
     @property
     def held(self) -> int:
@@ -217,17 +160,15 @@ class QueueState:
         return len(self.ready) + self.delayed + self.reserved + len(self.buried) + self.prefetched
 
 
+@dataclass(slots=True, eq=False)
 class Topic:
     """One topic: its subscriber queues and live subscribers, in the order they came."""
 
-    __slots__ = ("dropped_total", "live", "name", "published_total", "queues")
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.queues: dict[str, None] = {}
-        self.live: dict[object, None] = {}
-        self.published_total = 0
-        self.dropped_total = 0  # copies not made: the subscriber queue was full
+    name: str
+    queues: dict[str, None] = field(default_factory=dict)
+    live: dict[object, None] = field(default_factory=dict)
+    published_total: int = 0
+    dropped_total: int = 0  # copies not made: the subscriber queue was full
 
 
 class Topics:
