@@ -184,7 +184,7 @@ class CoreBase:
     @staticmethod
     def _finished(q: QueueState, count: int = 1) -> None:
         """``count`` messages left ``q`` other than by a get: their tasks are
-        done (never below 0, see core.py's doc; replay clamps the same way)."""
+        done (never below 0, see tasks.py; replay clamps the same way)."""
         q.unfinished = max(0, q.unfinished - count)
 
     def _expired(self, q: QueueState, msg: Message) -> None:

@@ -1,10 +1,16 @@
 """Leases, timers and expiry: reserve's verbs, dead letters, ttls, delays.
 
-A lease ends with an ack (gone), a bury (set aside), or without one: a
-release, its time running out, its owner's connection closing. Then the
-message is retried, delayed, dropped (its ttl ran out meanwhile) or, after
-``max_deliveries``, moved to ``<queue>:dead``. Timers are one heap of
-entries checked lazily when due: a stale one is just popped.
+``reserve`` hands a message out under a lease: it stays the broker's until
+acked (gone) or buried (set aside). A lease that runs out, a release, or the
+close of the connection that holds it (its ``owner``) puts the message back,
+delayed if asked, dropped if its ttl ran out meanwhile; after
+``max_deliveries`` deliveries without an ack it moves to ``<queue>:dead``.
+Every lease verb names the delivery attempt, so a late ack for an attempt
+whose lease already ran out is refused (:class:`~brokerq.errors.LeaseLost`).
+
+Timers (lease expiries, delayed messages, ttls) are data: one heap, entries
+checked lazily when they come due (:meth:`Leases.tick`); a stale one is
+just popped.
 """
 
 from __future__ import annotations

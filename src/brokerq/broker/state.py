@@ -149,7 +149,7 @@ class QueueState:
     delivered_total: int = 0
     expired_total: int = 0
     dead_lettered_total: int = 0
-    unfinished: int = 0  # tasks not yet done (see core.py's doc)
+    unfinished: int = 0  # tasks not yet done (see tasks.py)
     #: Open streams (``consume``), and the messages delivered to them not taken yet.
     streams: int = 0
     prefetched: int = 0

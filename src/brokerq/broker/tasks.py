@@ -1,7 +1,14 @@
 """Unfinished tasks: ``task_done`` and ``join``, queue.Queue's count per queue.
 
-How each way a message comes and goes changes the count is in core.py's
-doc; here are the verbs that read it, lower it, and wait for it to be 0.
+The count is shared by every client. A put adds one task per message; a
+``task_done`` takes ``n`` away, refused past the count; a get leaves the
+count as it is (its consumer owes a ``task_done``); any other way a message
+leaves (acked, purged, expired, buried, dead-lettered out of the queue)
+finishes its task, and one that comes back from outside (kicked, a dead
+letter arriving) adds one. Those removals never take the count below 0: a
+``task_done`` may have come for a message before anyone got it (the stdlib
+allows that), and a count of 0 then must not turn into a debt that hides
+the next put from a ``join``.
 """
 
 from __future__ import annotations
