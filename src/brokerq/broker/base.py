@@ -222,7 +222,7 @@ class CoreBase:
         if not journaled:
             self._write(AttemptsRecord(id=msg.id, attempts=msg.attempts + 1))
         msg.attempts += 1
-        held = Lease(msg, owner, now, length)
+        held = Lease(msg, msg.attempts, owner, length, now + length)
         self._leases[msg.id] = held
         self._owned.setdefault(owner, set()).add(msg.id)
         q.reserved += 1

@@ -33,17 +33,15 @@ class Message:
         return f"Message(id={self.id}, queue={self.queue!r}, body={self.body[:32]!r})"
 
 
+@dataclass(slots=True, eq=False)
 class Lease:
     """A reserved message: whose it is, which attempt, until when."""
 
-    __slots__ = ("attempt", "expires_at", "length", "message", "owner")
-
-    def __init__(self, message: Message, owner: object, now: float, length: float) -> None:
-        self.message = message
-        self.attempt = message.attempts
-        self.owner = owner
-        self.length = length
-        self.expires_at = now + length
+    message: Message
+    attempt: int
+    owner: object
+    length: float
+    expires_at: float
 
 
 @dataclass(slots=True, eq=False)
@@ -86,6 +84,7 @@ class Waiter:
         return bool(self.messages)
 
 
+@dataclass(slots=True, eq=False)
 class Stream(Waiter):
     """A prefetching consumer (``consume``): a waiter that stays in the line
     while it has ``credit``, going to the back after each message.
@@ -95,24 +94,11 @@ class Stream(Waiter):
     None (get mode), or the lease a taken message gets for ``owner``.
     """
 
-    __slots__ = ("active", "credit", "held", "length", "stream_id")
-
-    def __init__(
-        self,
-        queue: str,
-        prefetch: int,
-        length: float | None,
-        *,
-        token: object = None,
-        owner: object = None,
-        stream_id: int = 0,
-    ) -> None:
-        super().__init__(queue, token, None, owner)
-        self.credit = prefetch
-        self.held: deque[Message] = deque()
-        self.length = length
-        self.active = True
-        self.stream_id = stream_id
+    credit: int = 0
+    length: float | None = None
+    stream_id: int = 0
+    held: deque[Message] = field(default_factory=deque, init=False)
+    active: bool = field(default=True, init=False)
 
 
 @dataclass(slots=True, eq=False)

@@ -39,7 +39,9 @@ class Streams(CoreBase):
         validate_lease(lease)
         q = self._queue(name)
         length = (lease or q.lease or self.default_lease) if reserve else None
-        stream = Stream(name, prefetch, length, token=token, owner=owner, stream_id=stream_id)
+        stream = Stream(
+            name, token, None, owner, credit=prefetch, length=length, stream_id=stream_id
+        )
         q.streams += 1
         q.waiters[stream] = None
         return stream, self._serve_line(q, now)
