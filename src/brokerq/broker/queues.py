@@ -168,11 +168,9 @@ class Queues(CoreBase):
         fits = (not q.maxsize or q.held + count <= q.maxsize) and (
             not max_bytes or q.bytes + size <= max_bytes
         )
-        return (
-            None
-            if fits and (admitting or not q.putters)
-            else QueueFull(f"queue {q.name!r} is full")
-        )
+        if fits and (admitting or not q.putters):
+            return None
+        return QueueFull(f"queue {q.name!r} is full")
 
     def _has_room(self, name: str, size: int) -> bool:
         """Whether one more message of ``size`` bytes fits in queue ``name`` now."""
