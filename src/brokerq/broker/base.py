@@ -80,12 +80,9 @@ class CoreBase:
             self.write(record)
 
     def _write_or_owe(self, record: AnyRecord) -> None:
-        """Write ``record``; on a full disk, keep it to write before the next one.
-
-        For changes that happen whatever the disk says (a reply that could
-        not be sent, a lease that ended): memory changes now, the journal
-        catches up as soon as there is room.
-        """
+        """Write ``record``, or on a full disk keep it to write before the next
+        one: for changes made whatever the disk says (a reply that could not
+        be sent, a lease that ended), the journal catches up when it can."""
         try:
             self._write(record)
         except Full:
@@ -122,10 +119,8 @@ class CoreBase:
     def _deliver(
         self, q: QueueState, msg: Message, waiter: Waiter, now: float, journaled: bool = False
     ) -> None:
-        """Hand ``msg`` (already off the ready list) to ``waiter``.
-
-        ``journaled``: the record that says so was already written (a put's).
-        """
+        """Hand ``msg`` (already off the ready list) to ``waiter``; ``journaled``:
+        the record that says so was already written (a put's)."""
         if type(waiter) is Stream:  # offered, not removed nor leased (see consume)
             waiter.credit -= 1
             waiter.held.append(msg)

@@ -40,11 +40,9 @@ class Leases(CoreBase):
         return lease
 
     def ack(self, msg_id: int, attempt: int, *, as_get: bool = False) -> None:
-        """The message was handled: it is gone for good, and its task done.
-
-        ``as_get``: it goes as a get takes it, its task left for a task_done
-        (the async client's get that had to wait is a reserve and an ack).
-        """
+        """The message was handled: it is gone, its task done (``as_get``: left
+        for a task_done, as a get's; the async client's waiting get is a
+        reserve and an ack)."""
         lease = self._lease_for(msg_id, attempt)
         q = self._queue(lease.message.queue)
         self._write(DeleteRecord(ids=[msg_id], got=as_get))
@@ -78,11 +76,8 @@ class Leases(CoreBase):
         return held.expires_at
 
     def release_owned(self, owner: object, now: float) -> list[Waiter]:
-        """Everything ``owner`` (a closed connection) held goes back.
-
-        On a full disk a lease that cannot be ended now stays until it runs
-        out (its timer tries again); the others still go back.
-        """
+        """Everything ``owner`` (a closed connection) held goes back; on a full
+        disk, a lease that cannot end now stays until its timer tries again."""
         woken: list[Waiter] = []
         for msg_id in sorted(self._owned.get(owner, ())):
             with contextlib.suppress(Full):
@@ -154,11 +149,9 @@ class Leases(CoreBase):
         return self._timers[0][0] if self._timers else None
 
     def tick(self, now: float) -> list[Waiter]:
-        """Expire leases and ttls, and release delayed messages, that are due.
-
-        On a full disk the timer that could not write is tried again a
-        second later, and the rest wait for it.
-        """
+        """Expire leases and ttls, and release delayed messages, that are due;
+        on a full disk, the timer that could not write (and all after it) a
+        second later."""
         woken: list[Waiter] = []
         timers = self._timers
         while timers and timers[0][0] <= now:
@@ -188,11 +181,9 @@ class Leases(CoreBase):
         return []
 
     def _expire(self, msg: Message) -> None:
-        """Drop ``msg`` if its ttl ran out while it waited (ready or delayed).
-
-        A leased message is dropped when its lease ends, a prefetched one if
-        it comes back (cancel_stream); a buried one is kept.
-        """
+        """Drop ``msg`` if its ttl ran out while it waited (ready or delayed);
+        a leased one goes when its lease ends, a prefetched one if it comes
+        back (cancel_stream); a buried one is kept."""
         if not msg.alive or msg.id in self._leases or msg.id in self._prefetched:
             return
         q = self._queue(msg.queue)

@@ -47,12 +47,9 @@ class Queues(CoreBase):
         ttl: float | None = None,
         admitting: bool = False,
     ) -> tuple[list[int], list[Waiter]]:
-        """Enqueue several bodies in order, all or none; return ids and woken waiters.
-
-        ``priority``: higher is delivered first (FIFO within a priority).
-        ``delay``: seconds before the messages become ready. ``ttl``: seconds
-        after which a message still waiting (ready or delayed) is dropped.
-        """
+        """Enqueue several bodies in order, all or none; return ids and woken
+        waiters. ``priority``: higher first (FIFO within one); ``delay``: seconds
+        until ready; ``ttl``: seconds after which one still waiting is dropped."""
         bodies = list(bodies)
         validate_queue_name(name, for_put=True)
         if keys is not None and len(keys) != len(bodies):

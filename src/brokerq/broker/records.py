@@ -44,12 +44,8 @@ class PutRecord(Record, frozen=True, tag="p"):
 
 
 class DeleteRecord(Record, frozen=True, tag="d"):
-    """Messages gone for good: taken by get, acked, purged.
-
-    ``got``: taken by a get, so each is still an unfinished task until a
-    ``task_done`` (any other removal finishes the task: an ack, a purge, a
-    ttl that ran out).
-    """
+    """Messages gone for good: taken by get (``got``: each still an unfinished
+    task until a ``task_done``), acked, purged, expired (tasks finished)."""
 
     ids: list[int]
     got: bool = False

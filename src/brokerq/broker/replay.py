@@ -41,7 +41,7 @@ class Replay(CoreBase):
                     self._replay_tasks(queue, len(ids))
                 if keys:
                     self._remember_keys(zip(keys, ids, strict=True))
-                self._next_id = max(self._next_id, *(i + 1 for i in ids))
+                self._next_id = max(self._next_id, max(ids, default=0) + 1)
                 for msg_id, body in zip(ids, bodies, strict=True):
                     if msg_id in taken:
                         continue

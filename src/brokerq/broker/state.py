@@ -66,10 +66,8 @@ class Putter:
 
 @dataclass(slots=True, eq=False)
 class Waiter:
-    """A dequeuer parked until a message is handed to it (in ``messages``).
-
-    ``lease``: None for ``get``, the lease length for ``reserve``.
-    """
+    """A dequeuer parked until a message is handed to it (in ``messages``);
+    ``lease``: None for ``get``, the lease length for ``reserve``."""
 
     queue: str
     token: object = None
@@ -103,11 +101,8 @@ class Stream(Waiter):
 
 @dataclass(slots=True, eq=False)
 class Joiner:
-    """A ``join`` parked until its queue's unfinished tasks reach 0.
-
-    ``done``: they did (a join returns once the work it waited for was
-    done, even if more came since).
-    """
+    """A ``join`` parked until its queue's unfinished tasks reach 0 (``done``:
+    they did; a join returns then, even if more work came since)."""
 
     queue: str
     token: object = None

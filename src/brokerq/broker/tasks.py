@@ -28,12 +28,9 @@ class Tasks(CoreBase):
         return 0 if q is None else q.unfinished
 
     def task_done(self, name: str, n: int = 1) -> int:
-        """``n`` tasks of ``name`` are done; returns how many are left.
-
-        More than the count is refused (InvalidRequest, a ValueError as
-        queue.Queue's) and changes nothing. Written as the new count, so
-        that replay cannot drift from it.
-        """
+        """``n`` tasks of ``name`` are done; returns how many are left. More
+        than the count is refused (a ValueError, as queue.Queue's); written as
+        the new count, so that replay cannot drift from it."""
         validate_queue_name(name)
         if n < 1:
             raise InvalidRequest(f"task_done needs n >= 1, not {n}")

@@ -25,10 +25,8 @@ def _validate(topic: str, queue: str | None = None) -> None:
 
 class TopicVerbs(Queues):
     def subscribe(self, topic: str, queue: str) -> bool:
-        """Give ``queue`` a copy of every later publish to ``topic`` (journaled).
-
-        Returns False if it was subscribed already (nothing is written).
-        """
+        """Give ``queue`` a copy of every later publish to ``topic`` (journaled);
+        False if it was subscribed already."""
         _validate(topic, queue)
         if self.topics.subscribes(topic, queue):
             return False
