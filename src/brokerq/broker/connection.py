@@ -38,7 +38,7 @@ from .journal import JournalFailed
 from .wakeup import PeerGone, wake, wake_all
 
 if TYPE_CHECKING:
-    from .base import BrokerBase
+    from .broker_base import BrokerBase
 
 __all__ = ["OVERFLOW_GRACE_SECONDS", "Connection"]
 

@@ -29,7 +29,7 @@ from .unixstream import UnixStream
 from .wakeup import PeerGone, Wakeup, wake_all
 
 if TYPE_CHECKING:
-    from .base import BrokerBase
+    from .broker_base import BrokerBase
 
 #: A parked request whose reply hand_over already wrote; or a ``taken``, which has no reply.
 SENT: Final = object()

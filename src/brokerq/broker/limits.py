@@ -1,19 +1,8 @@
 """The broker's limits that keep one bad client from hurting the others.
 
-Each is a broker option (``local-queue-broker --help``; ``docs/usage.md``,
-"Limits", gives the reasons for the defaults). This module holds their
-defaults and imports nothing heavy: the broker reads it before trio.
-
-* ``max_connections``: connections served at once; one more gets ``busy``.
-* ``frame_timeout``: how long a frame may take from its first byte to its
-  last, and a new connection to complete its ``hello``; idle connections
-  between frames are never timed out.
-* ``max_pipelined``: requests of one connection answered before their
-  replies are written (and at most :data:`REPLY_BUFFER` bytes of replies);
-  the broker reads nothing more from a connection until they are.
-* ``max_queue_bytes``: body bytes a queue without a ``max_bytes`` of its
-  own may hold (puts wait for room, as on any bounded queue).
-* ``max_total_bytes``: body bytes held over all queues (puts get ``full``).
+Each is a broker option (``local-queue-broker --help``; docs/usage.md,
+"Limits", says what each bounds and why its default). This module holds
+their defaults and imports nothing heavy: the broker reads it before trio.
 """
 
 from __future__ import annotations
@@ -47,24 +36,17 @@ def physical_memory() -> int | None:
 
 
 def default_max_total_bytes() -> int:
-    """1 GiB, or a quarter of the RAM if that is less.
-
-    A quarter, because every body is held in the broker's memory and, with
-    the default journal beside the socket (a tmpfs, usually), in the
-    journal too, which may grow to twice the live data before compaction.
-    """
+    """1 GiB, or a quarter of the RAM if less: every body is in the broker's
+    memory and, with the journal beside the socket (a tmpfs, usually), in the
+    journal too, which may grow to twice the live data before compaction."""
     ram = physical_memory()
     return TOTAL_BYTES_CEILING if ram is None else min(TOTAL_BYTES_CEILING, ram // 4)
 
 
 def ensure_fd_limit(max_connections: int) -> None:
-    """Raise the soft RLIMIT_NOFILE so that ``max_connections`` can be served.
-
-    The usual soft limit (1024) is lower than the connections the broker
-    serves plus its own descriptors; the hard limit is normally far higher.
-    A broker that still cannot have enough logs a warning: past its limit,
-    new connections wait in the listen backlog (accept fails with EMFILE).
-    """
+    """Raise the soft RLIMIT_NOFILE (usually 1024; the hard one is far higher)
+    to serve ``max_connections``; if it cannot, warn: past it, new
+    connections wait in the listen backlog (accept fails with EMFILE)."""
     try:
         import resource
     except ImportError:  # pragma: no cover - not Unix

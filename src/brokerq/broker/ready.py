@@ -2,30 +2,23 @@
 
 Higher priority first; within a priority, by message id, which is arrival
 order (as POSIX message queues do). A message that comes back (released,
-its lease ran out, its reply was never written, a delayed one come due)
-returns to its place by id, so order is kept.
+its lease ran out, a delayed one come due) returns to its place by id.
 
 Per priority in use, a :class:`_Level`: new messages append to a deque (their
 ids only grow), messages that come back go to a heap by id, and the head is
-the lower id of the two. The priorities in use are kept sorted. So, with p
-levels in use (usually one) and r messages come back and not yet delivered:
-
-* put (``append``) and get (``head``, ``popleft``): O(1), plus O(log r)
-  when the head is one that came back, plus O(p) when a level appears or
-  empties;
-* a message coming back (``insert``): O(log r), wherever its place is;
-* an expired message taken out (``remove``): O(1), lazily: its id is noted
-  and its entry dropped when it reaches the head (or its level empties).
-
-(A deque's ``insert`` in the middle and ``remove`` walk it: a delayed message
-landing in the middle of a queue of a million, or a hundred expiring at its
-back, stalled the broker for seconds. bench/growth.py measures it.)
+the lower id of the two. So put and get are O(1) (plus O(log r) with r come
+back, and O(p) when one of p priorities appears or empties); a message
+coming back is O(log r); an expired one is taken out in O(1), lazily: its
+id is noted and its entry dropped when it reaches the head. (A deque's
+``insert`` and ``remove`` in the middle walk it: a delayed message landing
+in a queue of a million stalled the broker for seconds; bench/growth.py.)
 """
 
 from __future__ import annotations
 
 import bisect
 import heapq
+import operator
 from collections import deque
 from collections.abc import Iterator
 from typing import Generic, Protocol, TypeVar
@@ -62,9 +55,6 @@ class ReadyList(Generic[M]):
     def __len__(self) -> int:
         return self._count
 
-    def __bool__(self) -> bool:
-        return self._count > 0
-
     def __iter__(self) -> Iterator[M]:
         """Every message, in delivery order."""
         removed = self._removed
@@ -73,7 +63,9 @@ class ReadyList(Generic[M]):
             if not level.back and not removed:
                 yield from level.fresh
                 continue
-            merged = heapq.merge(level.fresh, (m for _, m in sorted(level.back)), key=_id)
+            merged = heapq.merge(
+                level.fresh, (m for _, m in sorted(level.back)), key=operator.attrgetter("id")
+            )
             yield from (m for m in merged if m.id not in removed)
 
     def _level(self, priority: int) -> _Level[M]:
@@ -189,7 +181,3 @@ class ReadyList(Generic[M]):
         if self._removed:  # what is left there is removed: forget those ids
             self._removed.difference_update(m.id for m in level.fresh)
             self._removed.difference_update(i for i, _ in level.back)
-
-
-def _id(msg: _Ready) -> int:
-    return msg.id

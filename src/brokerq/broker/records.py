@@ -1,17 +1,11 @@
 """The journal's records: every change to the broker's durable state.
 
 The core writes one record *before* it changes anything (write-ahead), so a
-record that failed to reach the file leaves the state untouched. Replaying
-the records in order (:meth:`brokerq.core.BrokerCore.apply`) rebuilds every
-queue: messages not deleted come back, ready ones in id order (which is
-their order in the queue: put-backs return to their place by id), with
-their delivery counts, buried and delayed states, queue settings and the
-window of recently seen put keys, and each queue's count of unfinished
-tasks (``task_done``/``join``).
-
-Records are MessagePack arrays whose first element names the kind
-(``array_like``: compact, and new kinds can be added; fields are only ever
-appended, with defaults).
+record that failed to reach the file leaves the state untouched; replaying
+them in order (:meth:`~brokerq.broker.core.BrokerCore.apply`) rebuilds every
+queue. Records are MessagePack arrays whose first element names the kind
+(``array_like``: compact; new kinds may be added, and fields only appended,
+with defaults).
 """
 
 from __future__ import annotations
@@ -50,12 +44,8 @@ class PutRecord(Record, frozen=True, tag="p"):
 
 
 class DeleteRecord(Record, frozen=True, tag="d"):
-    """Messages gone for good: taken by get, acked, purged.
-
-    ``got``: taken by a get, so each is still an unfinished task until a
-    ``task_done`` (any other removal finishes the task: an ack, a purge, a
-    ttl that ran out).
-    """
+    """Messages gone for good: taken by get (``got``: each still an unfinished
+    task until a ``task_done``), acked, purged, expired (tasks finished)."""
 
     ids: list[int]
     got: bool = False

@@ -34,7 +34,7 @@ from .state import Stream
 from .wakeup import PeerGone
 
 if TYPE_CHECKING:
-    from .base import BrokerBase
+    from .broker_base import BrokerBase
     from .feeds import LiveFeed
 
 

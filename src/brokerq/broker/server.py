@@ -1,4 +1,4 @@
-"""The trio broker: :class:`BrokerBase` (base.py) with the listener, a task
+"""The trio broker: :class:`BrokerBase` (broker_base.py) with the listener, a task
 per connection (connection.py), the timers and housekeeping, which runs
 once a second:
 
@@ -29,7 +29,7 @@ from ..pause import pause
 from ..protocol import Error
 from ..spawn import check_peer, file_identity, lock_path, publish_socket
 from . import limits
-from .base import (
+from .broker_base import (
     COMPACT_AT_ONCE_MAX_BYTES,
     COMPACT_MIN_BYTES,
     BrokerBase,

@@ -1,0 +1,76 @@
+"""Unfinished tasks: ``task_done`` and ``join``, queue.Queue's count per queue.
+
+The count is shared by every client. A put adds one task per message; a
+``task_done`` takes ``n`` away, refused past the count; a get leaves the
+count as it is (its consumer owes a ``task_done``); any other way a message
+leaves (acked, purged, expired, buried, dead-lettered out of the queue)
+finishes its task, and one that comes back from outside (kicked, a dead
+letter arriving) adds one. Those removals never take the count below 0: a
+``task_done`` may have come for a message before anyone got it (the stdlib
+allows that), and a count of 0 then must not turn into a debt that hides
+the next put from a ``join``.
+"""
+
+from __future__ import annotations
+
+from ..errors import InvalidRequest
+from ..protocol import validate_queue_name
+from .core_base import CoreBase
+from .records import UnfinishedRecord
+from .state import Joiner
+
+
+class Tasks(CoreBase):
+    def unfinished(self, name: str) -> int:
+        """The unfinished tasks of queue ``name`` (0 for a queue never used)."""
+        validate_queue_name(name)
+        q = self._queues.get(name)
+        return 0 if q is None else q.unfinished
+
+    def task_done(self, name: str, n: int = 1) -> int:
+        """``n`` tasks of ``name`` are done; returns how many are left. More
+        than the count is refused (a ValueError, as queue.Queue's); written as
+        the new count, so that replay cannot drift from it."""
+        validate_queue_name(name)
+        if n < 1:
+            raise InvalidRequest(f"task_done needs n >= 1, not {n}")
+        q = self._queues.get(name)
+        count = 0 if q is None else q.unfinished
+        if q is None or n > count:
+            raise InvalidRequest(
+                f"task_done() called too many times: queue {name!r} has {count} "
+                f"unfinished task(s), not {n}"
+            )
+        self._write(UnfinishedRecord(queue=name, count=count - n))
+        q.unfinished = count - n
+        return q.unfinished
+
+    def wait_join(self, name: str, token: object = None) -> Joiner:
+        """Park a join on ``name`` (the I/O layer parks one only while the
+        queue has unfinished tasks; :meth:`joins_done` says when it has none)."""
+        validate_queue_name(name)
+        joiner = Joiner(name, token)
+        self._joiners.setdefault(name, {})[joiner] = None
+        return joiner
+
+    def cancel_join(self, joiner: Joiner) -> None:
+        """Withdraw a parked join (done, timed out, its connection gone)."""
+        joiners = self._joiners.get(joiner.queue)
+        if joiners is not None:
+            joiners.pop(joiner, None)
+            if not joiners:
+                del self._joiners[joiner.queue]
+
+    def joins_done(self) -> list[Joiner]:
+        """The parked joins whose queue has no unfinished task now, marked
+        done and out of the line (the I/O layer, which calls this after every
+        change, wakes them). Costs nothing while nobody joins."""
+        if not self._joiners:
+            return []
+        done: list[Joiner] = []
+        queues = self._queues
+        for name in [n for n in self._joiners if n not in queues or not queues[n].unfinished]:
+            for joiner in self._joiners.pop(name):
+                joiner.done = True
+                done.append(joiner)
+        return done
