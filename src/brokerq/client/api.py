@@ -46,6 +46,21 @@ def like(shared: Callable[..., Any] | str) -> Callable[[F], F]:
     return document
 
 
+def document(cls: type, **ops: Callable[..., Any]) -> None:
+    """Give each public method of a driver's ``cls`` that has no docstring
+    the shared one: its op's here (the function of the same name, or as
+    ``ops`` names it), or its entry in :data:`DOCS`."""
+    for name, member in list(vars(cls).items()):
+        method = member.fget if isinstance(member, property) else member
+        if name.startswith("_") or not callable(method) or method.__doc__:
+            continue
+        doc = DOCS[name] if name in DOCS else ops.get(name, globals()[name]).__doc__
+        if isinstance(member, property):
+            setattr(cls, name, property(method, doc=doc))
+        else:
+            method.__doc__ = doc
+
+
 #: The docstrings of the methods each driver writes its own way (what they
 #: ask depends on the driver: a put window, a stream, a cancellation).
 DOCS = {

@@ -123,7 +123,6 @@ class AsyncClient(AsyncStreams):
         """Run ``op`` (:mod:`.api`): its request, and what its reply returns."""
         return op.result(await self._run(op.call))
 
-    @api.like(api.publish)
     async def publish(
         self, topic: str, body: Body, *, priority: int = 0, ttl: float | None = None
     ) -> int:
@@ -144,11 +143,9 @@ class AsyncClient(AsyncStreams):
         """
         return AsyncSubscription(self, topic)
 
-    @api.like(api.broker_stats)
     async def stats(self) -> dict[str, Any]:
         return await self.do(api.broker_stats())
 
-    @api.like(api.queues)
     async def queues(self) -> list[str]:
         return await self.do(api.queues())
 
@@ -183,7 +180,6 @@ class AsyncQueue:
     async def _do(self, op: api.Op[R, T]) -> T:
         return op.result(await self._run(op.call))
 
-    @api.like("put")
     async def put(
         self,
         body: Body,
@@ -199,11 +195,9 @@ class AsyncQueue:
         call = calls.put(self.name, body, limit, self.client._keys.take, options)
         return (await self.client._put(call)).msg_id
 
-    @api.like("put_nowait")
     async def put_nowait(self, body: Body, **options: Any) -> int:
         return await self.put(body, timeout=0, **options)
 
-    @api.like("put_many")
     async def put_many(
         self,
         bodies: Iterable[Body],
@@ -222,7 +216,6 @@ class AsyncQueue:
             ids += (await self.client._put(call)).msg_ids
         return ids
 
-    @api.like("get")
     async def get(self, timeout: float | None = None) -> bytes:
         if self.client.prefetch:
             await self._configured()
@@ -231,11 +224,9 @@ class AsyncQueue:
                 return streamed[1][0].body
         return (await self._get(calls.get(self.name, timeout))).body
 
-    @api.like("get_nowait")
     async def get_nowait(self) -> bytes:
         return await self.get(timeout=0)
 
-    @api.like("get_many")
     async def get_many(self, n: int, timeout: float | None = None) -> list[bytes]:
         if self.client.prefetch:
             calls.get_many(self.name, n, timeout)  # (checks n and timeout)
@@ -267,15 +258,12 @@ class AsyncQueue:
         reserve = calls.reserve(self.name, _left(call.wait, start), lease)
         return await self.client._take(reserve)
 
-    @api.like("reserve")
     def reserve(self, timeout: float | None = None, lease: float | None = None) -> Reserving:
         return Reserving(self, calls.reserve(self.name, timeout, lease))
 
-    @api.like(api.kick)
     async def kick(self, n: int = 1) -> int:
         return await self._do(api.kick(self.name, n))
 
-    @api.like(api.configure)
     async def configure(
         self,
         *,
@@ -287,47 +275,36 @@ class AsyncQueue:
         settings = {"max_deliveries": max_deliveries, "maxsize": maxsize, "max_bytes": max_bytes}
         return await self._do(api.configure(self.name, lease=lease, **settings))
 
-    @api.like(api.delete)
     async def delete(self) -> int:
         return await self._do(api.delete(self.name))
 
-    @api.like(api.peek)
     async def peek(self) -> bytes:
         return await self._do(api.peek(self.name))
 
-    @api.like(api.purge)
     async def purge(self) -> int:
         return await self._do(api.purge(self.name))
 
-    @api.like(api.stats)
     async def stats(self) -> dict[str, Any]:
         return await self._do(api.stats(self.name))
 
-    @api.like(api.qsize)
     async def qsize(self) -> int:
         return api.qsize(await self.stats())
 
-    @api.like(api.empty)
     async def empty(self) -> bool:
         return api.empty(await self.stats())
 
-    @api.like(api.task_done)
     async def task_done(self, n: int = 1) -> None:
         await self._do(api.task_done(self.name, n))
 
-    @api.like(api.join)
     async def join(self, timeout: float | None = None) -> None:
         await self._do(api.join(self.name, timeout))
 
-    @api.like(api.unfinished_tasks)
     async def unfinished_tasks(self) -> int:
         return api.unfinished_tasks(await self.stats())
 
-    @api.like(api.subscribe)
     async def subscribe(self, topic: str) -> None:
         await self._do(api.subscribe(self.name, topic))
 
-    @api.like(api.unsubscribe)
     async def unsubscribe(self, topic: str) -> bool:
         return await self._do(api.unsubscribe(self.name, topic))
 
@@ -427,22 +404,18 @@ class AsyncMessage:
     async def _do(self, op: api.Op[R, T], *, settles: bool = True) -> T:
         return op.result(await self._verb(op.call, settles=settles))
 
-    @api.like(api.ack)
     async def ack(self) -> None:
         await self._do(api.ack(self.id, self.attempt))
         self.settled = True
 
-    @api.like(api.release)
     async def release(self, delay: float = 0) -> None:
         await self._do(api.release(self.id, self.attempt, delay))
         self.settled = True
 
-    @api.like(api.bury)
     async def bury(self) -> None:
         await self._do(api.bury(self.id, self.attempt))
         self.settled = True
 
-    @api.like(api.touch)
     async def touch(self, lease: float | None = None) -> None:
         touched = await self._do(api.touch(self.id, self.attempt, lease), settles=False)
         self.lease_expires = time.monotonic() + touched
@@ -477,6 +450,11 @@ class AsyncStreamedMessage(AsyncMessage):
             else:
                 reply = await client._run(call)  # its connection is gone: so is the lease
         return reply
+
+
+api.document(AsyncClient, stats=api.broker_stats)
+api.document(AsyncQueue)
+api.document(AsyncMessage)
 
 
 def open_async_client(

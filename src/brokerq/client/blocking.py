@@ -16,14 +16,10 @@ With a ``put_window`` of N, a put is sent without waiting for its reply
 by the put that finds the window full, or by any other request of the
 thread, which flushes first (see docs/usage.md, "Pipelined puts").
 
-Calls are reentrant, as ``queue.SimpleQueue.put`` is: a call made while
-the same thread is inside another one (from a ``__del__`` the garbage
-collector runs, or a signal handler) never touches the connection or the
-put window of the call it interrupted. Each thread has a :class:`_Lane`:
-its connection, its window, and whether a call runs on them; a call that
-finds it in use takes the lane nested in it, with a connection of its own
-(opened once, kept for the next such call), and no window: it is sent and
-answered at once.
+Calls are reentrant, as ``queue.SimpleQueue.put`` is (a call made from a
+``__del__`` or a signal handler inside another one never touches its
+connection or put window): see :mod:`.lanes`, the client's core, and
+:mod:`.streaming`, its streams; the requests are :mod:`.api`'s.
 """
 
 from __future__ import annotations
@@ -93,7 +89,6 @@ class Client(Streaming):
             q.configure(**settings)
         return q
 
-    @api.like(api.publish)
     def publish(
         self, topic: str, body: Body, *, priority: int = 0, ttl: float | None = None
     ) -> int:
@@ -111,13 +106,12 @@ class Client(Streaming):
 
     @property
     def broker_pid(self) -> int:
+        """The pid of the broker this thread's connection is to (connecting first)."""
         return self.connection().broker_pid
 
-    @api.like(api.broker_stats)
     def stats(self) -> dict[str, Any]:
         return self.do(api.broker_stats())
 
-    @api.like(api.queues)
     def queues(self) -> list[str]:
         return self.do(api.queues())
 
@@ -144,7 +138,6 @@ class Queue:
     def __repr__(self) -> str:
         return f"<brokerq.Queue {self.name!r} at {self.client.socket_path!r}>"
 
-    @api.like("put")
     def put(
         self,
         body: Body,
@@ -168,11 +161,9 @@ class Queue:
         """:meth:`Client.flush` of this queue's client (every queue's puts of this thread)."""
         self.client.flush()
 
-    @api.like("put_nowait")
     def put_nowait(self, body: Body, **options: Any) -> int:
         return self.put(body, timeout=0, **options)
 
-    @api.like("put_many")
     def put_many(
         self,
         bodies: Iterable[Body],
@@ -191,7 +182,6 @@ class Queue:
             return [0] * sum(len(call.fields["bodies"]) for call in requests)
         return [msg_id for call in requests for msg_id in self.client.run(call).msg_ids]
 
-    @api.like("get")
     def get(self, timeout: float | None = None) -> bytes:
         if self.client.prefetch:
             streamed = self.client.take_streamed(self.name, "get", 1, timeout)
@@ -199,11 +189,9 @@ class Queue:
                 return streamed[1][0].body
         return self.client.run(calls.get(self.name, timeout)).body
 
-    @api.like("get_nowait")
     def get_nowait(self) -> bytes:
         return self.get(timeout=0)
 
-    @api.like("get_many")
     def get_many(self, n: int, timeout: float | None = None) -> list[bytes]:
         if self.client.prefetch:
             calls.get_many(self.name, n, timeout)  # (checks n and timeout)
@@ -212,7 +200,6 @@ class Queue:
                 return [d.body for d in streamed[1]]
         return self.client.run(calls.get_many(self.name, n, timeout)).bodies
 
-    @api.like("reserve")
     def reserve(self, timeout: float | None = None, lease: float | None = None) -> Message:
         if self.client.prefetch:
             streamed = self.client.take_streamed(self.name, "reserve", 1, timeout, lease)
@@ -222,11 +209,9 @@ class Queue:
         reply = self.client.run(calls.reserve(self.name, timeout, lease))
         return Message(self, reply.msg_id, reply.body, reply.attempt, reply.lease)
 
-    @api.like(api.kick)
     def kick(self, n: int = 1) -> int:
         return self.client.do(api.kick(self.name, n))
 
-    @api.like(api.configure)
     def configure(
         self,
         *,
@@ -244,48 +229,37 @@ class Queue:
         )
         return self.client.do(settings)
 
-    @api.like(api.delete)
     def delete(self) -> int:
         return self.client.do(api.delete(self.name))
 
-    @api.like(api.peek)
     def peek(self) -> bytes:
         return self.client.do(api.peek(self.name))
 
-    @api.like(api.purge)
     def purge(self) -> int:
         return self.client.do(api.purge(self.name))
 
-    @api.like(api.stats)
     def stats(self) -> dict[str, Any]:
         return self.client.do(api.stats(self.name))
 
-    @api.like(api.qsize)
     def qsize(self) -> int:
         return api.qsize(self.stats())
 
-    @api.like(api.subscribe)
     def subscribe(self, topic: str) -> None:
         self.client.do(api.subscribe(self.name, topic))
 
-    @api.like(api.unsubscribe)
     def unsubscribe(self, topic: str) -> bool:
         return self.client.do(api.unsubscribe(self.name, topic))
 
-    @api.like(api.empty)
     def empty(self) -> bool:
         return api.empty(self.stats())
 
-    @api.like(api.task_done)
     def task_done(self, n: int = 1) -> None:
         self.client.do(api.task_done(self.name, n))
 
-    @api.like(api.join)
     def join(self, timeout: float | None = None) -> None:
         self.client.do(api.join(self.name, timeout))
 
     @property
-    @api.like(api.unfinished_tasks)
     def unfinished_tasks(self) -> int:
         return api.unfinished_tasks(self.stats())
 
@@ -327,22 +301,18 @@ class Message:
     def _do(self, op: api.Op[R, T]) -> T:
         return self.queue.client.do(op)
 
-    @api.like(api.ack)
     def ack(self) -> None:
         self._do(api.ack(self.id, self.attempt))
         self.settled = True
 
-    @api.like(api.release)
     def release(self, delay: float = 0) -> None:
         self._do(api.release(self.id, self.attempt, delay))
         self.settled = True
 
-    @api.like(api.bury)
     def bury(self) -> None:
         self._do(api.bury(self.id, self.attempt))
         self.settled = True
 
-    @api.like(api.touch)
     def touch(self, lease: float | None = None) -> None:
         self.lease_expires = time.monotonic() + self._do(api.touch(self.id, self.attempt, lease))
 
@@ -366,6 +336,10 @@ class StreamedMessage(Message):
         client = self.queue.client
         return op.result(client.settle_streamed(self.streamed, self.conn, self.handed_at, op.call))
 
+
+api.document(Client, stats=api.broker_stats)
+api.document(Queue)
+api.document(Message)
 
 _shared: dict[str, Client] = {}
 _shared_lock = threading.Lock()

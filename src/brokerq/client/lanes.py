@@ -1,20 +1,10 @@
 """The blocking client's core: lanes, put windows, retries; safe across threads and fork.
 
-A :class:`Client` names a broker by its socket path and opens connections
-lazily, one per thread, so a ``get`` blocked in one thread never holds up a
-``put`` in another (as with :class:`queue.Queue`). After ``os.fork()`` the
-child opens fresh connections instead of sharing its parent's sockets.
-
-Timeouts follow the stdlib :mod:`queue` contract: ``timeout=None`` waits
-for ever, ``0`` is the ``_nowait`` form, and running out raises
-:class:`~brokerq.Empty`. The socket's own deadline is derived from the
-request's: the broker has the request's timeout to answer, plus the
-client's ``timeout`` (the connect/spawn deadline) as a grace for the reply.
-
-With a ``put_window`` of N, a put is sent without waiting for its reply
-(up to N per thread unread), and the replies are read by :meth:`Client.flush`,
-by the put that finds the window full, or by any other request of the
-thread, which flushes first (see docs/usage.md, "Pipelined puts").
+Each thread of a :class:`~brokerq.Client` has a lane: a connection opened
+lazily (so a ``get`` blocked in one thread never holds up a ``put`` in
+another), and a put window (``put_window``: see :meth:`Lanes.send_put`).
+After ``os.fork()`` the child opens fresh connections instead of sharing
+its parent's sockets.
 
 Calls are reentrant, as ``queue.SimpleQueue.put`` is: a call made while
 the same thread is inside another one (from a ``__del__`` the garbage
