@@ -125,11 +125,8 @@ class AsyncStreams(Pool["_AsyncStreamed"]):
         if streamed is None:
             state = prefetch.Prefetch(queue, self.prefetch, mode, lease)
             streamed = self._streams[key] = _AsyncStreamed(state)
-        start = anyio.current_time()
-        deadline = None if timeout is None else start + timeout
-        attempts = calls.Attempts(calls.get(queue, timeout), self.timeout, start)
         state = streamed.state
-        synced = False
+        take = prefetch.Taking(state, timeout, self.timeout, anyio.current_time())
         while True:
             if streamed.unsupported:
                 return None
@@ -138,7 +135,8 @@ class AsyncStreams(Pool["_AsyncStreamed"]):
                 if conn is None or conn.broken:
                     conn = await self._open_stream(streamed)
                     continue
-                if state.buffer:
+                step = take.next(anyio.current_time())
+                if step is prefetch.HAND_OUT:
                     async with streamed.send_lock:
                         items, frame = state.hand_out(n)
                         if not items:
@@ -147,19 +145,15 @@ class AsyncStreams(Pool["_AsyncStreamed"]):
                             await streamed.send(frame, self.timeout)
                         state.handed(len(items))
                         return streamed, items
-                if timeout == 0 or (deadline is not None and anyio.current_time() >= deadline):
-                    if synced or timeout != 0:
-                        raise Empty(f"queue {queue!r} is empty")
-                    # Every delivery made before the broker handled the ping
-                    # comes ahead of its reply: then nothing is missed.
+                if step is prefetch.SYNC:
                     with anyio.CancelScope(shield=True):
                         await self._stream_request(streamed, calls.ping())
-                    synced = True
-                    continue
-                await streamed.pump(lambda: bool(state.buffer), deadline)
+                    take.synced = True
+                else:
+                    await streamed.pump(lambda: bool(state.buffer), take.deadline)
             except ConnectionLost:
                 await streamed.lose()
-                if not attempts.again(anyio.current_time()):
+                if not take.lost(anyio.current_time()):
                     raise
 
     async def _open_stream(self, streamed: _AsyncStreamed) -> AsyncConnection:

@@ -68,15 +68,10 @@ class Streaming(Lanes):
     def _take_streamed(
         self, streamed: _Streamed, n: int, timeout: float | None
     ) -> list[protocol.StreamDelivery] | None:
-        """:meth:`take_streamed` on a lane the caller holds. After a lost
-        connection the stream is opened again on a new one (what was
-        buffered went back), as a get is sent again, until the call's
-        deadline (``calls.Attempts``)."""
+        """:meth:`take_streamed` on a lane the caller holds, as
+        :class:`~.prefetch.Taking` says."""
         state = streamed.state
-        start = time.monotonic()
-        deadline = None if timeout is None else start + timeout
-        attempts = calls.Attempts(calls.get(state.queue, timeout), self.timeout, start)
-        synced = False
+        take = prefetch.Taking(state, timeout, self.timeout, time.monotonic())
         while True:
             try:
                 conn = streamed.conn
@@ -84,29 +79,23 @@ class Streaming(Lanes):
                     conn = self._open_stream(streamed)
                     if conn is None:
                         return None
-                buffer = state.buffer
-                if buffer:
-                    if n > len(buffer):  # what has arrived meanwhile goes too
+                step = take.next(time.monotonic())
+                if step is prefetch.HAND_OUT:
+                    if n > len(state.buffer):  # what has arrived meanwhile goes too
                         self._receive_streamed(streamed, conn, 0.0)
                     items, frame = state.hand_out(n)
                     with conn.exchange(self.timeout):
                         conn.send_reading(frame, time.monotonic() + self.timeout)
                     state.handed(len(items))
                     return items
-                if timeout == 0 or (deadline is not None and time.monotonic() >= deadline):
-                    if synced or timeout != 0:
-                        raise Empty(f"queue {state.queue!r} is empty")
-                    # Every delivery made before the broker handled the
-                    # ping comes ahead of its reply: then nothing is missed.
+                if step is prefetch.SYNC:
                     self._stream_request(streamed, conn, calls.ping())
-                    synced = True
-                    continue
-                if not self._receive_streamed(streamed, conn, deadline):
-                    raise Empty(f"queue {state.queue!r} is empty")
+                    take.synced = True
+                elif not self._receive_streamed(streamed, conn, take.deadline):
+                    raise take.empty()
             except ConnectionLost:
-                state.lost()
                 streamed.conn = None
-                if not attempts.again(time.monotonic()):
+                if not take.lost(time.monotonic()):
                     raise
 
     def _open_stream(self, streamed: _Streamed) -> Connection | None:
