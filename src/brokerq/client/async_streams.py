@@ -13,7 +13,6 @@ from .. import protocol
 from ..errors import (
     BrokerqError,
     BrokerUnavailable,
-    Empty,
     LocalProtocolError,
     VersionMismatch,
 )
@@ -254,11 +253,8 @@ class AsyncSubscription:
     def __init__(self, client: Pool[Any], topic: str) -> None:
         self.client = client
         self.topic = topic
-        self._call = calls.subscribe(topic)
-        self._events = calls.LiveEvents()
+        self._live = calls.LiveEvents(topic)
         self._conn: AsyncConnection | None = None
-        self._closed = False
-        self._overflowed = False  # dropped by the broker, not closed by its owner
 
     def __repr__(self) -> str:
         return f"<brokerq.AsyncSubscription {self.topic!r} at {self.client.socket_path!r}>"
@@ -285,7 +281,7 @@ class AsyncSubscription:
 
     async def aclose(self) -> None:
         """End the subscription (closing its connection)."""
-        self._closed = True
+        self._live.closed = True
         if self._conn is not None:
             conn, self._conn = self._conn, None
             await conn.aclose()
@@ -310,12 +306,13 @@ class AsyncSubscription:
             self.client.socket_path, timeout, spawn=self.client.starts_broker
         )
         try:
-            request_id = conn.wire.encode(self._call.kind, self._call.fields)
+            call = self._live.call
+            request_id = conn.wire.encode(call.kind, call.fields)
             with anyio.fail_after(self.client.timeout):
                 await conn.stream.send(bytes(conn.wire.out))
-                while (reply := self._events.take(conn.wire)) is None:
+                while (reply := self._live.take(conn.wire)) is None:
                     conn.wire.feed(await conn.stream.receive(RECEIVE_SIZE))
-            conn.wire.check(self._call.expect, request_id, reply, conn._break)
+            conn.wire.check(call.expect, request_id, reply, conn._break)
         except TimeoutError as exc:
             await conn.aclose()
             raise conn.wire.timed_out(self.client.timeout) from exc
@@ -332,20 +329,18 @@ class AsyncSubscription:
         0: only what has arrived); raises Empty if none came."""
         protocol.validate_timeout(timeout)
         deadline = None if timeout is None else anyio.current_time() + timeout
-        while (body := self._events.next_body()) is None:
-            if self._closed:
-                raise calls.closed_subscription(self.topic, self._overflowed)
+        while True:
             conn = self._conn
-            if conn is None:
+            step = self._live.step(None if conn is None else conn.wire)
+            if isinstance(step, bytes):
+                return step
+            if step is calls.SUBSCRIBE:
                 await self._subscribe()
                 continue
-            self._events.take(conn.wire)  # frames already received
-            if self._events.error is not None:
-                self._overflowed = True
-                await self.aclose()  # dropped by the broker: the bodies before, then the error
+            if step is calls.DROP:
+                await self.aclose()
                 continue
-            if self._events.bodies:
-                continue
+            assert conn is not None
             # A read that finds data waiting returns at once, so a floor of
             # 1 ms lets timeout=0 take what has arrived.
             left = None if deadline is None else max(0.001, deadline - anyio.current_time())
@@ -357,5 +352,4 @@ class AsyncSubscription:
                     self._conn = None
                     await conn.aclose()
             if scope.cancelled_caught:
-                raise Empty(f"nothing published to {self.topic!r} within {timeout:g} s")
-        return body
+                raise self._live.empty(timeout)

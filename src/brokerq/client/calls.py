@@ -21,7 +21,14 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .. import protocol
-from ..errors import BrokerqError, InvalidRequest, MessageTooLarge, VersionMismatch, from_code
+from ..errors import (
+    BrokerqError,
+    Empty,
+    InvalidRequest,
+    MessageTooLarge,
+    VersionMismatch,
+    from_code,
+)
 from .window import (
     DEFAULT_TIMEOUT,
     PREFETCH_VARIABLE,
@@ -350,19 +357,30 @@ def unsubscribe(topic: str, queue: str | None = None) -> Call[protocol.Unsubscri
     return Call(protocol.UnsubscribeReply, protocol.Unsubscribe, 0, fields)
 
 
+#: What a live subscription's get does next (:meth:`LiveEvents.step`).
+SUBSCRIBE, DROP, RECEIVE = "subscribe", "drop", "receive"
+
+
 class LiveEvents:
-    """What a live subscription's connection brought, in order (sans-IO).
+    """A live subscription to ``topic``, sans-IO: its request, what its
+    connection brought, in order, and whether it is closed.
 
     :meth:`take` sorts the frames received: each ``event``'s body is kept,
     the first other frame (the reply to the subscription's request) is
     returned. An error with id 0 (``overflow``: the broker dropped this
     slow subscriber) ends the feed; :meth:`next_body` still returns the
-    bodies that came before it, then raises it once.
+    bodies that came before it, then raises it once; after that the
+    subscription is closed (:meth:`step`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        self.call = subscribe(topic)
         self.bodies: deque[bytes] = deque()
         self.error: BrokerqError | None = None
+        #: Closed by its owner, or dropped by the broker (then ``overflowed``).
+        self.closed = False
+        self.overflowed = False
 
     def take(self, wire: Wire) -> protocol.AnyReply | None:
         """Take in every whole frame received; None once all are taken."""
@@ -384,6 +402,28 @@ class LiveEvents:
             error, self.error = self.error, None
             raise error
         return None
+
+    def step(self, wire: Wire | None) -> bytes | str:
+        """What a get does next, ``wire`` being its connection's (None: it has
+        none): return a body; :data:`SUBSCRIBE` on a new connection;
+        :data:`DROP`, close the connection (the broker dropped this slow
+        subscriber: the bodies before come next, then the error); or
+        :data:`RECEIVE` more. Raises once the subscription is closed."""
+        body = self.next_body()
+        if body is not None:
+            return body
+        if self.closed:
+            raise closed_subscription(self.topic, self.overflowed)
+        if wire is None:
+            return SUBSCRIBE
+        self.take(wire)  # the frames already received
+        if self.error is not None:
+            self.overflowed = True
+            return DROP
+        return self.bodies.popleft() if self.bodies else RECEIVE
+
+    def empty(self, timeout: float | None) -> Empty:
+        return Empty(f"nothing published to {self.topic!r} within {timeout or 0:g} s")
 
 
 def ping() -> Call[protocol.PingReply]:

@@ -13,7 +13,6 @@ from typing import TypeVar
 
 from .. import protocol
 from ..errors import (
-    Empty,
     LeaseLost,
     LocalProtocolError,
 )
@@ -216,11 +215,8 @@ class Subscription:
     def __init__(self, client: Lanes, topic: str) -> None:
         self.client = client
         self.topic = topic
-        self._call = calls.subscribe(topic)
-        self._events = calls.LiveEvents()
+        self._live = calls.LiveEvents(topic)
         self._conn: Connection | None = None
-        self._closed = False
-        self._overflowed = False  # dropped by the broker, not closed by its owner
         self._subscribe()
 
     def __repr__(self) -> str:
@@ -238,7 +234,7 @@ class Subscription:
 
     def close(self) -> None:
         """End the subscription (closing its connection)."""
-        self._closed = True
+        self._live.closed = True
         if self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -257,12 +253,13 @@ class Subscription:
             )
             try:
                 with conn.exchange(timeout):
-                    request_id = conn.wire.encode(self._call.kind, self._call.fields)
+                    call = self._live.call
+                    request_id = conn.wire.encode(call.kind, call.fields)
                     deadline = time.monotonic() + timeout
                     conn.io.send_all(conn.wire.out, deadline)
-                    while (reply := self._events.take(conn.wire)) is None:
+                    while (reply := self._live.take(conn.wire)) is None:
                         conn.wire.feed(conn.io.receive(deadline))
-                    conn.wire.check(self._call.expect, request_id, reply, conn.close)
+                    conn.wire.check(call.expect, request_id, reply, conn.close)
             except ConnectionLost:
                 if time.monotonic() >= give_up:
                     raise
@@ -275,26 +272,22 @@ class Subscription:
         ever; 0: not at all); raises Empty if none came."""
         protocol.validate_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
-        while (body := self._events.next_body()) is None:
-            if self._closed:
-                raise calls.closed_subscription(self.topic, self._overflowed)
+        while True:
             conn = self._conn
-            if conn is None:
+            step = self._live.step(None if conn is None else conn.wire)
+            if isinstance(step, bytes):
+                return step
+            if step is calls.SUBSCRIBE:
                 self._subscribe()
-                continue
-            self._events.take(conn.wire)  # frames already received
-            if self._events.error is not None:
-                self._overflowed = True
-                self.close()  # dropped by the broker: the bodies before, then the error
-                continue
-            if self._events.bodies:
-                continue
-            try:
-                conn.wire.feed(conn.io.receive(deadline))
-            except TimeoutError:
-                raise Empty(f"nothing published to {self.topic!r} within {timeout:g} s") from None
-            except OSError:
-                # The broker went away: subscribe again on a new connection.
-                conn.close()
-                self._conn = None
-        return body
+            elif step is calls.DROP:
+                self.close()
+            else:
+                assert conn is not None
+                try:
+                    conn.wire.feed(conn.io.receive(deadline))
+                except TimeoutError:
+                    raise self._live.empty(timeout) from None
+                except OSError:
+                    # The broker went away: subscribe again on a new connection.
+                    conn.close()
+                    self._conn = None
