@@ -143,12 +143,17 @@ class Taking:
     deadline (:class:`~.wire.Attempts`, :meth:`lost`).
     """
 
+    __slots__ = ("attempts", "deadline", "grace", "start", "state", "synced", "timeout")
+
     def __init__(self, state: Prefetch, timeout: float | None, grace: float, now: float) -> None:
         self.state = state
         self.timeout = timeout
+        self.grace = grace
+        self.start = now
         self.deadline = None if timeout is None else now + timeout
-        self.attempts = Attempts(get(state.queue, timeout), grace, now)
-        #: The driver set it once the sync's ping was answered.
+        #: Its retries' deadlines, made on the first lost connection (as from ``start``).
+        self.attempts: Attempts | None = None
+        #: The driver sets it once the sync's ping was answered.
         self.synced = False
 
     def next(self, now: float) -> str:
@@ -168,4 +173,6 @@ class Taking:
     def lost(self, now: float) -> bool:
         """The stream's connection was lost: may the take go on, on a new one?"""
         self.state.lost()
+        if self.attempts is None:
+            self.attempts = Attempts(get(self.state.queue, self.timeout), self.grace, self.start)
         return self.attempts.again(now)
