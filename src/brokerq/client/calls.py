@@ -3,41 +3,77 @@
 Neither client builds a request or judges a reply by itself. This module
 turns each operation's arguments into a :class:`Call` (the request kind, its
 fields, the reply it expects, how long the broker may take by the request's
-own terms, whether it may be sent again), checks arguments on the way
-(bodies, sizes, timeouts), and holds the per-connection state of the wire
-(:class:`Wire`: request ids, encoding, the frame reader, the check of each
-reply). :class:`Attempts` keeps the deadlines of a call and of its retries
-after a lost connection; :class:`PutWindow`, the puts a blocking client sent
-without waiting for their replies (``put_window``). It does no I/O and
-imports neither trio nor anyio: the clients bring the sockets and the clock.
+own terms, whether it may be sent again), checking arguments on the way
+(bodies, sizes, timeouts). Beside it, :mod:`.wire` holds a connection's
+rules (:class:`Wire`: request ids, frames, the check of each reply;
+:class:`Attempts`: the deadlines of a call and of its retries after a lost
+connection), and :mod:`.window` a client's settings and its put window;
+their names are re-exported here, so that ``calls`` is the one name the
+drivers need. It does no I/O and imports neither trio nor anyio.
 """
 
 from __future__ import annotations
 
-import itertools
 import math
-import os
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
-from typing import Any, Generic, NoReturn, TypeVar
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from .. import protocol
 from ..errors import (
     BrokerqError,
-    BrokerUnavailable,
+    Empty,
     InvalidRequest,
-    LocalProtocolError,
     MessageTooLarge,
-    RemoteProtocolError,
-    ShuttingDown,
     VersionMismatch,
     from_code,
 )
-from ..errors import ConnectionLost as _ConnectionLost
+from .window import (
+    DEFAULT_TIMEOUT,
+    PREFETCH_VARIABLE,
+    PUT_WINDOW_VARIABLE,
+    PutKeys,
+    PutWindow,
+    Unacknowledged,
+    client_timeout,
+    prefetch,
+    put_window,
+)
+from .wire import (
+    CLOSING_CODES,
+    Attempts,
+    BrokerStopping,
+    Call,
+    ConnectionLost,
+    Wire,
+    closed_client,
+    closed_subscription,
+    not_stopped,
+    unreachable,
+)
 
-#: The clients import it from here; it is brokerq.ConnectionLost (errors.py).
-ConnectionLost = _ConnectionLost
+__all__ = [
+    "CLOSING_CODES",
+    "DEFAULT_TIMEOUT",
+    "PREFETCH_VARIABLE",
+    "PUT_WINDOW_VARIABLE",
+    "Attempts",
+    "BrokerStopping",
+    "Call",
+    "ConnectionLost",
+    "PutKeys",
+    "PutWindow",
+    "Unacknowledged",
+    "Wire",
+    "client_timeout",
+    "closed_client",
+    "closed_subscription",
+    "not_stopped",
+    "prefetch",
+    "put_window",
+    "unreachable",
+]
 
 Body = bytes | bytearray | memoryview | str
 R = TypeVar("R", bound=protocol.Reply)
@@ -46,52 +82,9 @@ KeySource = Callable[[int], list[bytes]]
 #: What one body adds to a put_many frame beyond its bytes: its bin header
 #: and its 16-byte key with its own header, rounded up.
 PER_BODY = 32
-#: Error codes after which the broker closes the connection (docs/protocol.md).
-CLOSING_CODES = frozenset(
-    {"bad_frame", "version", "permission", "shutting_down", "overflow", "busy"}
-)
-
-
-class BrokerStopping(ConnectionLost, ShuttingDown):
-    """The broker answered ``shutting_down``: it is stopping, did not carry
-    the request out, and closes the connection.
-
-    To the clients it is a lost connection (a stop is no worse than a
-    crash): a request that a lost connection sends again is sent again, on
-    a new connection, which waits for the stopping broker to exit and
-    starts the next one if no other client did. One that is not sent again
-    raises this, a :class:`~brokerq.ShuttingDown` as before. Since the
-    request was not carried out, a ``task_done`` is sent again too
-    (:attr:`Call.resend_refused`).
-    """
 
 
 # -- calls -----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Call(Generic[R]):
-    """One request to make: what to send, what to expect back, how long it may take.
-
-    ``wait`` is how long the broker may take by the request's own terms (a
-    get's timeout; None for ever; 0 for requests that never wait). The
-    reply gets the client's timeout on top. ``retry``: whether a lost
-    connection sends it again (not for lease verbs). ``resend_refused``:
-    whether one that ``retry`` says not to send again is sent again all the
-    same when the broker refused it because it is stopping
-    (:class:`BrokerStopping`: it was not carried out).
-    """
-
-    expect: type[R]
-    kind: type[protocol.Request]
-    wait: float | None
-    fields: dict[str, Any] = field(default_factory=dict)
-    retry: bool = True
-    resend_refused: bool = False
-
-    def with_timeout(self, timeout: float | None) -> Call[R]:
-        """The same request with another ``timeout`` (0: it never waits in the broker)."""
-        return replace(self, wait=timeout, fields={**self.fields, "timeout": timeout})
 
 
 def as_bytes(body: Body) -> bytes:
@@ -364,19 +357,30 @@ def unsubscribe(topic: str, queue: str | None = None) -> Call[protocol.Unsubscri
     return Call(protocol.UnsubscribeReply, protocol.Unsubscribe, 0, fields)
 
 
+#: What a live subscription's get does next (:meth:`LiveEvents.step`).
+SUBSCRIBE, DROP, RECEIVE = "subscribe", "drop", "receive"
+
+
 class LiveEvents:
-    """What a live subscription's connection brought, in order (sans-IO).
+    """A live subscription to ``topic``, sans-IO: its request, what its
+    connection brought, in order, and whether it is closed.
 
     :meth:`take` sorts the frames received: each ``event``'s body is kept,
     the first other frame (the reply to the subscription's request) is
     returned. An error with id 0 (``overflow``: the broker dropped this
     slow subscriber) ends the feed; :meth:`next_body` still returns the
-    bodies that came before it, then raises it once.
+    bodies that came before it, then raises it once; after that the
+    subscription is closed (:meth:`step`).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, topic: str) -> None:
+        self.topic = topic
+        self.call = subscribe(topic)
         self.bodies: deque[bytes] = deque()
         self.error: BrokerqError | None = None
+        #: Closed by its owner, or dropped by the broker (then ``overflowed``).
+        self.closed = False
+        self.overflowed = False
 
     def take(self, wire: Wire) -> protocol.AnyReply | None:
         """Take in every whole frame received; None once all are taken."""
@@ -398,6 +402,28 @@ class LiveEvents:
             error, self.error = self.error, None
             raise error
         return None
+
+    def step(self, wire: Wire | None) -> bytes | str:
+        """What a get does next, ``wire`` being its connection's (None: it has
+        none): return a body; :data:`SUBSCRIBE` on a new connection;
+        :data:`DROP`, close the connection (the broker dropped this slow
+        subscriber: the bodies before come next, then the error); or
+        :data:`RECEIVE` more. Raises once the subscription is closed."""
+        body = self.next_body()
+        if body is not None:
+            return body
+        if self.closed:
+            raise closed_subscription(self.topic, self.overflowed)
+        if wire is None:
+            return SUBSCRIBE
+        self.take(wire)  # the frames already received
+        if self.error is not None:
+            self.overflowed = True
+            return DROP
+        return self.bodies.popleft() if self.bodies else RECEIVE
+
+    def empty(self, timeout: float | None) -> Empty:
+        return Empty(f"nothing published to {self.topic!r} within {timeout or 0:g} s")
 
 
 def ping() -> Call[protocol.PingReply]:
@@ -452,378 +478,3 @@ def newer_broker(socket_path: str, exc: VersionMismatch) -> VersionMismatch:
         f"speaks {protocol.PROTOCOL_VERSION}: upgrade brokerq here, or stop that broker",
         exc.broker_version,
     )
-
-
-# -- put keys ----------------------------------------------------------------
-
-
-class PutKeys:
-    """Put keys: an 8-byte random prefix per client (and process), then a counter."""
-
-    def __init__(self) -> None:
-        self.prefix = os.urandom(8)
-        self.counter = itertools.count()
-
-    def take(self, n: int) -> list[bytes]:
-        prefix, counter = self.prefix, self.counter
-        return [prefix + next(counter).to_bytes(8, "big") for _ in range(n)]
-
-
-# -- deadlines ---------------------------------------------------------------
-
-
-class Attempts:
-    """The deadlines of one call and of its retries after a lost connection.
-
-    The exchange may take the call's ``wait`` plus ``grace`` (the client's
-    timeout); a call that may wait for ever has no deadline. After a lost
-    connection the call may be sent again until that deadline (or, without
-    one, for ``grace`` counted from the loss); a retried get or reserve
-    asks with what is left of its own timeout (:attr:`fields`).
-    """
-
-    def __init__(self, call: Call[Any], grace: float, now: float) -> None:
-        self.call = call
-        self.grace = grace
-        self.fields = dict(call.fields)
-        self.deadline = None if call.wait is None else now + call.wait + grace
-        timeout = call.fields.get("timeout")
-        self.request_deadline = None if timeout is None else now + timeout
-        self.retry_until = self.deadline
-        self.started = now
-
-    def wait_from(self, now: float) -> float | None:
-        """The reply of a call sent earlier (a put in a window) is waited
-        for from ``now``: it gets its own deadline, and at least ``grace``
-        from now. Returns that deadline (None: no bound)."""
-        if self.deadline is not None:
-            self.deadline = max(self.deadline, now + self.grace)
-        return self.deadline
-
-    def retry_from(self, began: float) -> None:
-        """The caller began to wait for this call, sent earlier, at ``began``:
-        after a lost connection it may be sent again until ``grace`` after
-        that at least (a call that may wait for ever counts from the loss)."""
-        if self.retry_until is not None and self.deadline is not None:
-            self.retry_until = max(self.retry_until, began + self.grace)
-
-    def start(self, now: float) -> float | None:
-        """An attempt begins: how long its exchange may take (None: no bound)."""
-        self.started = now
-        return None if self.deadline is None else max(self.deadline - now, 0.001)
-
-    def again(self, now: float, *, refused: bool = False) -> bool:
-        """The attempt lost its connection (``refused``: the broker refused
-        the request as it stops, :class:`BrokerStopping`): may the call be
-        sent again?"""
-        if self.deadline is None and (self.retry_until is None or now - self.started > self.grace):
-            # No deadline of its own (it may wait for ever): reconnecting
-            # may take the grace, counted from this loss.
-            self.retry_until = now + self.grace
-        assert self.retry_until is not None
-        if not (self.call.retry or (refused and self.call.resend_refused)):
-            return False
-        if now >= self.retry_until:
-            return False
-        if self.request_deadline is not None:
-            self.fields["timeout"] = max(0.0, self.request_deadline - now)
-        return True
-
-
-# -- the put window ----------------------------------------------------------
-
-PUT_WINDOW_VARIABLE = "BROKERQ_PUT_WINDOW"
-
-
-def put_window(value: int | None) -> int:
-    """The put window of a client: ``value``, or with None ``$BROKERQ_PUT_WINDOW``
-    (unset or empty: 0, off). Raises InvalidRequest (a ValueError) for a
-    negative or malformed one."""
-    return _count_setting(value, "put_window", PUT_WINDOW_VARIABLE, "puts")
-
-
-#: A client's timeout: the deadline for connecting, and each reply's grace.
-DEFAULT_TIMEOUT = 10.0
-
-
-def client_timeout(timeout: float) -> tuple[float, bool]:
-    """A client's ``timeout`` as (the grace every reply gets, whether it may
-    start a broker). Raises InvalidRequest for a negative or non-number one.
-
-    0 is the ``_nowait`` form of connecting, as for a get: the client uses a
-    broker only if one is already running, and never starts one or waits
-    for one to start; its replies get the default grace.
-    """
-    if not protocol.is_number(timeout) or not 0 <= timeout < math.inf:
-        raise InvalidRequest(
-            f"timeout must be a number of seconds >= 0 (0: only a running broker), not {timeout!r}"
-        )
-    if timeout == 0:
-        return DEFAULT_TIMEOUT, False
-    return float(timeout), True
-
-
-PREFETCH_VARIABLE = "BROKERQ_PREFETCH"
-
-
-def prefetch(value: int | None) -> int:
-    """The prefetch of a client: ``value``, or with None ``$BROKERQ_PREFETCH``
-    (unset or empty: 0, off). Raises InvalidRequest (a ValueError) for a
-    negative or malformed one, as :func:`put_window` does."""
-    return _count_setting(value, "prefetch", PREFETCH_VARIABLE, "messages")
-
-
-def _count_setting(value: int | None, name: str, variable: str, unit: str) -> int:
-    """An opt-in count of a client (0: off): ``value``, else the environment's."""
-    if value is None:
-        name, raw = variable, os.environ.get(variable, "").strip()
-        try:
-            value = int(raw) if raw else 0
-        except ValueError:
-            raise InvalidRequest(f"{name} must be a whole number of {unit}, not {raw!r}") from None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InvalidRequest(f"{name} is a number of {unit}, not {value!r}")
-    if value < 0:
-        raise InvalidRequest(f"{name} must be 0 or more, not {value}")
-    return value
-
-
-@dataclass(slots=True)
-class Unacknowledged:
-    """A put sent in a window whose reply has not been read: its call, its
-    :class:`Attempts` (the fields it is sent with, its deadlines), and the
-    id of the request that last carried it."""
-
-    call: Call[Any]  # a put or a put_many
-    attempts: Attempts
-    request_id: int = 0
-
-
-class PutWindow:
-    """The puts of one thread sent without waiting for their replies (sans-IO).
-
-    Its puts are in the order they were made; the first :attr:`sent` of
-    them went out on the connection :attr:`conn` (any object the client
-    uses for one), the rest are still to be sent there. A new connection
-    (after a lost one) has none of them: :meth:`encode_unsent` then
-    encodes every one of them again, in order, with its key. Replies come
-    in the same order: :meth:`answered` takes the first put's.
-    """
-
-    def __init__(self, grace: float) -> None:
-        self.grace = grace
-        self.pending: deque[Unacknowledged] = deque()
-        self.conn: object = None
-        self.sent = 0
-        self._latest: float | None = 0.0  # the latest reply deadline; None: for ever
-
-    def __len__(self) -> int:
-        return len(self.pending)
-
-    def add(self, call: Call[protocol.PutReply] | Call[protocol.PutManyReply], now: float) -> None:
-        """A put (or one frame of a put_many) made now, to be sent (:meth:`encode_unsent`)."""
-        attempts = Attempts(call, self.grace, now)
-        if attempts.deadline is None or self._latest is None:
-            self._latest = None
-        else:
-            self._latest = max(self._latest, attempts.deadline)
-        self.pending.append(Unacknowledged(call, attempts))
-
-    def encode_unsent(self, conn: object, wire: Wire, now: float) -> bytes | bytearray:
-        """The frames of the puts not yet sent on ``conn`` (every put, if
-        ``conn`` is not the one they went out on), encoded on ``wire``.
-        They count as sent from now on: if sending fails, the connection
-        is lost or closed, and a new one gets them all again."""
-        if conn is not self.conn:
-            self.conn = conn
-            self.sent = 0
-        unsent = len(self.pending) - self.sent
-        if unsent == 0:
-            return b""
-        entries = list(itertools.islice(reversed(self.pending), unsent))
-        entries.reverse()
-        out = bytearray()
-        for entry in entries:
-            entry.request_id = wire.encode(entry.call.kind, entry.attempts.fields)
-            entry.attempts.start(now)
-            out += wire.out
-        self.sent = len(self.pending)
-        return out
-
-    def send_deadline(self, now: float) -> float | None:
-        """How long sending may block: the broker reads on once it has
-        answered the puts ahead, so the latest of their reply deadlines, and
-        at least ``grace`` from now (None: no bound, a put may wait for ever)."""
-        return None if self._latest is None else max(self._latest, now + self.grace)
-
-    def reply_deadline(self, now: float) -> float | None:
-        """The deadline of the first put's reply, waited for from ``now``."""
-        return self.pending[0].attempts.wait_from(now)
-
-    def answered(
-        self, reply: protocol.AnyReply, wire: Wire, close: Callable[[], None]
-    ) -> protocol.Reply:
-        """The reply to the first put: it leaves the window (acknowledged, or
-        answered with an error, which this raises as :meth:`Wire.check` does).
-        Refused by a stopping broker, it was not carried out: it stays, to
-        be sent again, and the window is lost as with its connection
-        (:class:`BrokerStopping`)."""
-        head = self.pending[0]
-        if reply.id == head.request_id and not (
-            type(reply) is protocol.Error and reply.code == ShuttingDown.code
-        ):
-            self.pending.popleft()
-            self.sent -= 1
-            if not self.pending:
-                self._latest = 0.0
-        expect: type[protocol.Reply] = head.call.expect
-        return wire.check(expect, head.request_id, reply, close)
-
-    def lost(self, began: float, now: float) -> bool:
-        """The connection was lost (the caller began to wait at ``began``):
-        may every put be sent again? Each gets its timeout's remainder, as
-        :meth:`Attempts.again` says."""
-        self.conn = None
-        self.sent = 0
-        allowed = True
-        for entry in self.pending:
-            entry.attempts.retry_from(began)
-            allowed = entry.attempts.again(now) and allowed
-        return allowed
-
-    def clear(self) -> None:
-        self.pending.clear()
-        self.conn = None
-        self.sent = 0
-        self._latest = 0.0
-
-
-# -- one connection's wire ---------------------------------------------------
-
-
-class Wire:
-    """The sans-IO half of a connection: request ids, frames out, replies in.
-
-    :meth:`encode` a request, send the bytes, :meth:`feed` what arrives
-    until :meth:`next_reply` returns one, and :meth:`check` it.
-
-    A reply that answers another request than the one read for, or answers
-    it with the wrong kind, puts the connection out of step for good:
-    :meth:`check` closes it and raises RemoteProtocolError, and keeps that
-    error in :attr:`failure`, so that every other request still waiting on
-    the connection fails with it too (:meth:`out_of_step`), at once, instead
-    of reading on.
-    """
-
-    def __init__(self, socket_path: str) -> None:
-        self.socket_path = socket_path
-        self.reader = protocol.FrameReader(protocol.HANDSHAKE_FRAME_LIMIT)
-        self.next_id = 1
-        self.out = bytearray()
-        self.hello: protocol.HelloReply | None = None
-        #: Why the connection went out of step (None: it did not).
-        self.failure: RemoteProtocolError | None = None
-
-    def greeted(self, hello: protocol.HelloReply) -> None:
-        """The broker's hello reply: its limits now apply."""
-        self.hello = hello
-        self.reader.max_frame_size = hello.max_frame_size
-
-    def encode(self, kind: type[protocol.Request], fields: dict[str, Any]) -> int:
-        """Encode one request into :attr:`out`; return its id."""
-        request_id = self.next_id
-        self.next_id += 1
-        self.out.clear()
-        protocol.append_frame(self.out, kind(id=request_id, **fields))
-        if len(self.out) - protocol.HEADER_SIZE > self.reader.max_frame_size:
-            raise LocalProtocolError(
-                f"a {kind.__name__} request of {len(self.out)} bytes is over the broker's "
-                f"frame limit of {self.reader.max_frame_size}"
-            )
-        return request_id
-
-    def feed(self, data: bytes) -> None:
-        if not data:
-            raise ConnectionResetError("the broker closed the connection")
-        self.reader.feed(data)
-
-    def next_reply(self) -> protocol.AnyReply | None:
-        """The next whole reply received, or None until more bytes come."""
-        payload = self.reader.next_frame()
-        return None if payload is None else protocol.decode_reply(payload)
-
-    def check(
-        self, expect: type[R], request_id: int, reply: protocol.AnyReply, close: Callable[[], None]
-    ) -> R:
-        """Return ``reply`` if it answers request ``request_id`` as expected, else raise.
-
-        An error reply raises its :class:`~brokerq.BrokerqError`; a reply
-        that is not what was asked for raises RemoteProtocolError. ``close``
-        is called first whenever the connection cannot be used any more.
-        """
-        if reply.id != request_id and not (isinstance(reply, protocol.Error) and reply.id == 0):
-            self.fail(f"reply id {reply.id} does not match request {request_id}", close)
-        if isinstance(reply, protocol.Error):
-            if reply.id == 0 or reply.code in CLOSING_CODES:
-                close()  # the broker closes these connections
-            if reply.code == "version":
-                raise VersionMismatch(reply.message, reply.version)
-            if _refused(reply):
-                raise BrokerStopping(reply.message)
-            raise from_code(reply.code, reply.message)
-        if not isinstance(reply, expect):
-            self.fail(f"expected a {expect.__name__}, got {reply!r}", close)
-        return reply
-
-    def fail(self, message: str, close: Callable[[], None]) -> NoReturn:
-        """The connection is out of step: keep why (:attr:`failure`), close
-        it, and raise RemoteProtocolError."""
-        self.failure = RemoteProtocolError(message)
-        close()
-        raise self.failure
-
-    def out_of_step(self) -> RemoteProtocolError | None:
-        """What a request still waiting on this connection raises once it
-        went out of step (a new error, with the first one's message); None
-        if it did not."""
-        if self.failure is None:
-            return None
-        return RemoteProtocolError(f"the connection went out of step: {self.failure}")
-
-    def timed_out(self, wait: float | None) -> BrokerUnavailable:
-        return BrokerUnavailable(
-            f"the broker at {self.socket_path} did not answer within {wait or 0:.3g} s"
-        )
-
-    def lost(self, exc: BaseException) -> ConnectionLost:
-        return ConnectionLost(f"lost the connection to the broker at {self.socket_path}: {exc}")
-
-
-def _refused(reply: protocol.AnyReply) -> bool:
-    """Whether ``reply`` is a stopping broker's refusal (:class:`BrokerStopping`)."""
-    return isinstance(reply, protocol.Error) and reply.code == ShuttingDown.code
-
-
-def unreachable(socket_path: str, exc: OSError) -> BrokerUnavailable:
-    """What connecting raises for an OSError (never a bare OSError out of the API)."""
-    return BrokerUnavailable(f"cannot reach the broker at {socket_path}: {exc}")
-
-
-def not_stopped(socket_path: str, timeout: float) -> BrokerUnavailable:
-    return BrokerUnavailable(f"the broker at {socket_path} did not exit within {timeout:g} s")
-
-
-def closed_client() -> BrokerqError:
-    return BrokerqError("the client is closed")
-
-
-def closed_subscription(topic: str, overflowed: bool) -> BrokerqError:
-    """What a closed live subscription raises: closed by its owner, or
-    dropped by the broker for reading too slowly (said once, as
-    SubscriberOverflow, then this)."""
-    if overflowed:
-        return BrokerqError(
-            f"the subscription to {topic!r} was dropped by the broker for reading too slowly;"
-            " subscribe again"
-        )
-    return BrokerqError(f"the subscription to {topic!r} is closed")

@@ -29,10 +29,13 @@ from collections import deque
 from typing import Any
 
 from .. import protocol
-from ..errors import from_code
-from .calls import Call, Wire
+from ..errors import Empty, from_code
+from .calls import Attempts, Call, Wire, get
 
 MODES = ("get", "reserve")
+#: What a take does next (:meth:`Taking.next`): hand out what is buffered,
+#: sync with the broker (a ping), or wait for a delivery.
+HAND_OUT, SYNC, WAIT = "hand out", "sync", "wait"
 
 
 class Prefetch:
@@ -124,3 +127,52 @@ class Prefetch:
         client counts it (the broker starts it when it reads the taken,
         later than ``now``)."""
         return now + self.lease_length
+
+
+class Taking:
+    """One take from a stream (a prefetching get, get_many or reserve), sans-IO:
+    its deadline, and what to do next (:meth:`next`).
+
+    What is buffered is handed out at once. With nothing buffered, a take
+    with ``timeout`` 0 first syncs: a ping on the stream's connection, since
+    every delivery made before the broker handled it comes ahead of its
+    reply, so that nothing already in the queue is missed; then it is
+    Empty. Another waits for a delivery until its deadline. After a lost
+    connection the stream is opened again on a new one (what was buffered
+    went back to the broker), as a get is sent again, until the call's
+    deadline (:class:`~.wire.Attempts`, :meth:`lost`).
+    """
+
+    __slots__ = ("attempts", "deadline", "grace", "start", "state", "synced", "timeout")
+
+    def __init__(self, state: Prefetch, timeout: float | None, grace: float, now: float) -> None:
+        self.state = state
+        self.timeout = timeout
+        self.grace = grace
+        self.start = now
+        self.deadline = None if timeout is None else now + timeout
+        #: Its retries' deadlines, made on the first lost connection (as from ``start``).
+        self.attempts: Attempts | None = None
+        #: The driver sets it once the sync's ping was answered.
+        self.synced = False
+
+    def next(self, now: float) -> str:
+        """:data:`HAND_OUT`, :data:`SYNC` or :data:`WAIT` (until :attr:`deadline`);
+        raises Empty when the take is over."""
+        if self.state.buffer:
+            return HAND_OUT
+        if self.timeout == 0 or (self.deadline is not None and now >= self.deadline):
+            if self.synced or self.timeout != 0:
+                raise self.empty()
+            return SYNC
+        return WAIT
+
+    def empty(self) -> Empty:
+        return Empty(f"queue {self.state.queue!r} is empty")
+
+    def lost(self, now: float) -> bool:
+        """The stream's connection was lost: may the take go on, on a new one?"""
+        self.state.lost()
+        if self.attempts is None:
+            self.attempts = Attempts(get(self.state.queue, self.timeout), self.grace, self.start)
+        return self.attempts.again(now)

@@ -26,10 +26,16 @@ import os
 import select
 import socket
 import time
-from collections.abc import Callable
-from typing import Final
+from collections.abc import Callable, Iterator
+from typing import Any, Final, TypeVar
 
-from ..errors import InvalidRequest
+from .. import protocol
+from ..errors import InvalidRequest, RemoteProtocolError, VersionMismatch
+from ..spawn import connect_or_spawn, lock_holder_pid, still_running
+from . import calls
+from .calls import ConnectionLost
+
+R = TypeVar("R", bound=protocol.Reply)
 
 #: Default upper bound of a spin, in microseconds (``BROKERQ_SPIN_US``).
 DEFAULT_SPIN_US: Final = 100
@@ -166,3 +172,140 @@ class Spinner:
         if not ready:
             raise TimeoutError("timed out")
         return ready[0][1]
+
+
+# -- a connection -------------------------------------------------------------
+
+
+class Connection:
+    """One socket to the broker, greeted, used by one thread at a time."""
+
+    def __init__(
+        self, socket_path: str, timeout: float, *, spawn: bool = True, spin: float | None = None
+    ) -> None:
+        """``spin``: the reply spin in seconds (None: ``$BROKERQ_SPIN_US``, sockio)."""
+        spin = spin_from_environment() if spin is None else spin
+        deadline = time.monotonic() + timeout
+        self.socket_path = socket_path
+        self.pid = os.getpid()
+        while True:
+            try:
+                self.sock = connect_or_spawn(socket_path, deadline, spawn=spawn)
+            except OSError as exc:
+                raise calls.unreachable(socket_path, exc) from exc
+            self.closed = False
+            self.wire = calls.Wire(socket_path)
+            self.io = Spinner(self.sock, spin)
+            hello = calls.hello()
+            try:
+                reply = self.request(
+                    hello.expect, hello.kind, deadline - time.monotonic(), **hello.fields
+                )
+                break
+            except ConnectionLost:
+                # A broker that died (or idled out) just after accepting us:
+                # connect again, which finds or starts the next one.
+                if time.monotonic() >= deadline:
+                    raise
+            except VersionMismatch as exc:
+                self.close()
+                # An upgrade: the broker still running is older than this
+                # client. Ask it to finish and exit; the next one is ours.
+                # (Without spawn, stop() retires it without starting another.)
+                older = calls.broker_to_retire(socket_path, exc, may_retire=spawn)
+                retire_older_broker(socket_path, older, deadline)
+            except BaseException:
+                self.close()
+                raise
+        self.wire.greeted(reply)
+        self.broker_pid = reply.pid
+        self.server = reply.server
+        self.max_message_size = reply.max_message_size
+
+    def close(self) -> None:
+        self.closed = True
+        self.sock.close()
+
+    def request(
+        self, expect: type[R], kind: type[protocol.Request], wait: float | None, **fields: Any
+    ) -> R:
+        """Send one request and return its reply (of type ``expect``).
+
+        ``wait`` bounds the whole exchange (None: no bound). A broken or
+        timed-out connection is closed and raises BrokerUnavailable; an
+        error reply raises the matching :class:`~brokerq.BrokerqError`.
+        """
+        request_id = self.wire.encode(kind, fields)
+        deadline = None if wait is None else time.monotonic() + wait
+        try:  # (inline, not self.exchange: a generator per request costs a microsecond)
+            self.io.send_all(self.wire.out, deadline)
+            reply = self.read_reply(deadline)
+        except BaseException as exc:
+            raise self._interrupted(exc, wait)  # noqa: B904 (its cause is set)
+        return self.wire.check(expect, request_id, reply, self.close)
+
+    @contextlib.contextmanager
+    def exchange(self, wait: float | None) -> Iterator[None]:
+        """Around socket I/O, as in :meth:`request` (see :meth:`_interrupted`)."""
+        try:
+            yield
+        except BaseException as exc:
+            raise self._interrupted(exc, wait)  # noqa: B904 (its cause is set)
+
+    def _interrupted(self, exc: BaseException, wait: float | None) -> BaseException:
+        """An exchange was interrupted by ``exc``: close the connection, whose
+        replies would be out of step from then on, and return what to raise:
+        BrokerUnavailable for a timeout, ConnectionLost for a broken socket,
+        else ``exc`` itself; but RemoteProtocolError, never retried, if
+        another request on this connection found it out of step (and
+        closed it) meanwhile."""
+        self.close()
+        if isinstance(exc, RemoteProtocolError) and self.wire.failure is None:
+            self.wire.failure = exc  # a frame that cannot be read: out of step too
+        out_of_step = self.wire.out_of_step()
+        if out_of_step is not None and isinstance(exc, OSError | ValueError):
+            error: BaseException = out_of_step
+        elif isinstance(exc, TimeoutError):
+            error = self.wire.timed_out(wait)
+        elif isinstance(exc, OSError):
+            error = self.wire.lost(exc)
+        else:
+            return exc
+        error.__cause__ = exc
+        return error
+
+    def read_reply(self, deadline: float | None) -> protocol.AnyReply:
+        """The next reply, received by ``deadline`` (else TimeoutError)."""
+        while True:
+            reply = self.wire.next_reply()
+            if reply is not None:
+                return reply
+            self.wire.feed(self.io.receive(deadline))
+
+    def send_reading(self, data: bytes | bytearray, deadline: float | None) -> None:
+        """Send all of ``data`` by ``deadline``, taking in whatever the broker
+        sends meanwhile (replies to earlier requests, left in :attr:`wire`
+        to be read in order). A client that pipelines must: a broker whose
+        replies are not read stops reading, and both would wait for ever."""
+        self.io.send_all(data, deadline, self.wire.feed)
+
+
+def retire_older_broker(socket_path: str, version: int, deadline: float) -> None:
+    """Ask the broker at ``socket_path``, which speaks the older protocol
+    ``version``, to stop (it answers its clients, syncs its journal and
+    exits), and wait until it holds its lock no more (:func:`still_running`)."""
+    start = time.monotonic()
+    try:
+        sock = connect_or_spawn(socket_path, deadline, spawn=False)
+    except OSError as exc:
+        raise calls.unreachable(socket_path, exc) from exc
+    pid = lock_holder_pid(socket_path)  # (it serves: the pid is its own)
+    with sock, contextlib.suppress(OSError):
+        sock.settimeout(max(deadline - time.monotonic(), 0.001))
+        sock.sendall(calls.retirement(version))
+        while sock.recv(65536):
+            pass  # its replies, then the end of the connection as it stops
+    while still_running(socket_path, pid):
+        if time.monotonic() > deadline:
+            raise calls.not_stopped(socket_path, deadline - start)
+        time.sleep(0.005)

@@ -1,0 +1,426 @@
+"""The blocking client's core: lanes, put windows, retries; safe across threads and fork.
+
+Each thread of a :class:`~brokerq.Client` has a lane: a connection opened
+lazily (so a ``get`` blocked in one thread never holds up a ``put`` in
+another), and a put window (``put_window``: see :meth:`Lanes.send_put`).
+After ``os.fork()`` the child opens fresh connections instead of sharing
+its parent's sockets.
+
+Calls are reentrant, as ``queue.SimpleQueue.put`` is: a call made while
+the same thread is inside another one (from a ``__del__`` the garbage
+collector runs, or a signal handler) never touches the connection or the
+put window of the call it interrupted. Each thread has a :class:`_Lane`:
+its connection, its window, and whether a call runs on them; a call that
+finds it in use takes the lane nested in it, with a connection of its own
+(opened once, kept for the next such call), and no window: it is sent and
+answered at once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+import time
+from typing import Any, Self, TypeVar
+
+from .. import protocol
+from ..errors import BrokerUnavailable, VersionMismatch
+from ..pause import pause
+from ..spawn import broker_running, resolve_socket_path, still_running
+from . import api, calls, prefetch
+from .api import Op
+from .calls import BrokerStopping, Call, ConnectionLost
+from .sockio import Connection, retire_older_broker, spin_from_environment
+
+R = TypeVar("R", bound=protocol.Reply)
+
+T = TypeVar("T")
+
+#: How many forks this process is from the one that imported this module: a
+#: Client made in a parent sees it change in a forked child, where comparing
+#: pids would make a getpid system call on every request.
+_forks = 0
+
+
+def _count_fork() -> None:
+    global _forks
+    _forks += 1
+
+
+os.register_at_fork(after_in_child=_count_fork)
+
+
+class _Lane:
+    """One thread's use of a :class:`Client`: a connection, a put window, and
+    whether a call of the thread runs on them (``busy``).
+
+    A call that finds the thread's lane busy runs inside another call of
+    the thread (from a ``__del__``, a signal handler): it takes the first
+    lane nested in it that is not (:meth:`free`), with a connection of its
+    own, opened on first use and kept for the next such call, and no window.
+    The lanes in use are always the first of the chain, since their calls nest.
+    """
+
+    __slots__ = ("busy", "conn", "inner", "streams", "window")
+
+    def __init__(self) -> None:
+        self.busy = False
+        self.conn: Connection | None = None
+        self.window: calls.PutWindow | None = None
+        self.inner: _Lane | None = None
+        #: The thread's streams (prefetch), by queue, mode and lease; never a nested lane's.
+        self.streams: dict[tuple[str, str, float | None], _Streamed] | None = None
+
+    def free(self) -> _Lane:
+        """The first lane of the chain from this one that no call is using."""
+        lane = self
+        while lane.busy:
+            inner = lane.inner
+            if inner is None:
+                inner = _Lane()
+                if lane.inner is None:  # (else a call nested in this one, run meanwhile, made it)
+                    lane.inner = inner
+                inner = lane.inner
+            lane = inner
+        return lane
+
+
+class _Streamed:
+    """A stream of one thread: its sans-IO state, its connection once open."""
+
+    __slots__ = ("conn", "state", "unsupported")
+
+    def __init__(self, state: prefetch.Prefetch) -> None:
+        self.state = state
+        self.conn: Connection | None = None
+        self.unsupported = False  # the broker does not know consume
+
+
+class Lanes:
+    """The core of a :class:`~brokerq.Client`: per-thread lanes, each with a
+    connection and a put window, and the calls run on them."""
+
+    def __init__(
+        self,
+        socket: str | os.PathLike[str] | None = None,
+        timeout: float = calls.DEFAULT_TIMEOUT,
+        *,
+        put_window: int | None = None,
+        prefetch: int | None = None,
+    ) -> None:
+        self.socket_path = resolve_socket_path(socket)
+        self.timeout, self.starts_broker = calls.client_timeout(timeout)
+        self.put_window = calls.put_window(put_window)
+        self.prefetch = calls.prefetch(prefetch)
+        #: How long a connection spins for a reply before it sleeps, in
+        #: seconds (``$BROKERQ_SPIN_US``, checked here as the others are).
+        self.spin = spin_from_environment()
+        self._closed = False
+        self._reset()
+
+    def _reset(self) -> None:
+        self._fork = _forks
+        self._local = threading.local()  # .lane: each thread's _Lane
+        #: Every connection opened, for close(). No lock guards it: a call
+        #: nested in another (a __del__ run by an allocation) could find it
+        #: held by its own thread. Appending and popping are atomic.
+        self._connections: list[Connection] = []
+        self._keys = calls.PutKeys()
+
+    def _lane(self) -> _Lane:
+        """This thread's lane (in a forked child, after forgetting the parent's)."""
+        if _forks != self._fork:
+            self._forked()
+        try:
+            lane: _Lane = self._local.lane
+        except AttributeError:
+            # (setdefault: a call nested in this one may have made it meanwhile)
+            lane = self._local.__dict__.setdefault("lane", _Lane())
+        return lane
+
+    def _forked(self) -> None:
+        """A forked child must not talk over its parent's sockets. Closing our
+        copies sends nothing, so the parent's connections live on; its
+        windows and put keys are the parent's too."""
+        stale = self._connections
+        self._reset()
+        for conn in stale:
+            conn.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<brokerq.Client {self.socket_path!r}{' closed' if self._closed else ''}>"
+
+    def close(self) -> None:
+        """Close every connection of this client; using it afterwards raises.
+
+        First flushes this thread's put window (:meth:`flush`); if that
+        raises, the connections are closed all the same and the error
+        propagates. Puts other threads left unflushed are dropped with
+        their connections, unacknowledged. Inside another call of this
+        thread (a ``__del__``, a signal handler) it flushes nothing (the
+        window is that call's), and that call fails: the client is closed.
+        """
+        try:
+            if not self._closed:
+                self._flush_window()
+        finally:
+            self._closed = True
+            self._local = threading.local()  # and every thread's lanes and window
+            while self._connections:
+                self._connections.pop().close()
+
+    def flush(self) -> None:
+        """Wait until every put this thread sent in its put window is acknowledged.
+
+        Reads the reply of each, in order; once it returns, they hold as
+        puts that returned do (durable per ``--fsync``, surviving a broker
+        crash). An error reply to one of them (``Full``, say) is raised
+        here, after the replies before it; the puts after it were still
+        made, and stay in the window for the next flush. A lost connection
+        sends the unacknowledged puts again, same keys, in order, on a new
+        one, within the client's ``timeout``. Nothing to do without a
+        window (``put_window`` 0), or inside another call of this thread (a
+        ``__del__``, a signal handler): the puts of such a call are never
+        windowed, and the window is the interrupted call's to read.
+        """
+        if self._closed:
+            raise calls.closed_client()
+        self._flush_window()
+
+    def _flush_window(self) -> None:
+        """Flush this thread's window, if it holds anything and no call of
+        the thread is using it."""
+        lane = self._lane()
+        window = lane.window
+        if window is not None and window.pending and not lane.busy:
+            lane.busy = True
+            try:
+                self._read_window(lane, window, 0, time.monotonic())
+            finally:
+                lane.busy = False
+
+    def send_put(self, call: Call[protocol.PutReply] | Call[protocol.PutManyReply]) -> None:
+        """Send a put in this thread's window, without reading its reply;
+        first, if the window is full, read replies until a put's slot is free
+        (raising an error reply read on the way: this put is then not sent).
+
+        Inside another call of this thread, it goes around the window: it is
+        made at once (:meth:`run`) on a connection of its own, acknowledged
+        (or raising its error) when this returns."""
+        lane = self._lane()
+        if lane.busy:
+            made: Call[Any] = call  # (either kind of put)
+            self.run(made)
+            return
+        lane.busy = True
+        try:
+            window = lane.window
+            if window is None:
+                window = lane.window = calls.PutWindow(self.timeout)
+            began = time.monotonic()
+            if len(window.pending) >= self.put_window:
+                self._read_window(lane, window, self.put_window - 1, began)
+            window.add(call, began)
+            self._read_window(lane, window, None, began)
+        finally:
+            lane.busy = False
+
+    def _read_window(
+        self, lane: _Lane, window: calls.PutWindow, keep: int | None, began: float
+    ) -> None:
+        """Send the window's puts not yet sent on the connection of ``lane``
+        (which the caller holds), then (unless ``keep`` is None) read replies
+        until ``keep`` puts at most are unacknowledged. After a lost
+        connection, every unacknowledged put is sent again on a new one
+        (Attempts decides until when); an error reply is raised once its
+        put has left the window."""
+        while True:
+            conn = self._lane_connection(lane)
+            try:
+                now = time.monotonic()
+                data = window.encode_unsent(conn, conn.wire, now)
+                if data:
+                    deadline = window.send_deadline(now)
+                    with conn.exchange(None if deadline is None else deadline - now):
+                        conn.send_reading(data, deadline)
+                if keep is None or len(window.pending) <= keep:
+                    return
+                now = time.monotonic()
+                deadline = window.reply_deadline(now)
+                with conn.exchange(None if deadline is None else deadline - now):
+                    reply = conn.read_reply(deadline)
+                window.answered(reply, conn.wire, conn.close)
+            except ConnectionLost:  # (or a stopping broker's refusal: the put stays)
+                if not window.lost(began, time.monotonic()):
+                    raise
+
+    def connection(self, *, spawn: bool = True) -> Connection:
+        """This thread's connection, opened (and the broker spawned) on demand;
+        inside another call of the thread, the one its nested calls use."""
+        lane = self._lane()
+        if lane.busy:
+            lane = lane.free()
+        conn = lane.conn
+        if conn is not None and not conn.closed:
+            return conn
+        lane.busy = True  # (a call nested in the connect takes a lane of its own)
+        try:
+            return self._lane_connection(lane, spawn)
+        finally:
+            lane.busy = False
+
+    def _lane_connection(self, lane: _Lane, spawn: bool = True) -> Connection:
+        """The connection of ``lane``, which the caller holds, opened on demand."""
+        conn = lane.conn
+        if conn is None or conn.closed:
+            if self._closed:
+                raise calls.closed_client()
+            conn = Connection(
+                self.socket_path, self.timeout, spawn=spawn and self.starts_broker, spin=self.spin
+            )
+            self._connections.append(conn)
+            if self._closed:  # by another thread, or a call nested in this one, meanwhile
+                conn.close()
+                raise calls.closed_client()
+            stale = [c for c in self._connections if c.closed]
+            for old in stale:
+                with contextlib.suppress(ValueError):
+                    self._connections.remove(old)
+            lane.conn = conn
+        return conn
+
+    def call(
+        self,
+        expect: type[R],
+        kind: type[protocol.Request],
+        wait: float | None,
+        *,
+        retry: bool = True,
+        **fields: Any,
+    ) -> R:
+        """One request on this thread's connection, retried if the broker dies
+        or stops.
+
+        ``wait`` is how long the broker may take by the request's own terms
+        (a get's timeout; 0 for requests that never wait); the reply gets
+        the client's ``timeout`` on top. If the connection is lost before
+        the reply, or a stopping broker refuses the request (it was not
+        carried out), the request is sent again on a new connection (which
+        waits for a stopping broker to exit, and starts a new broker if
+        needed) until that deadline passes: puts
+        carry a key, so a retried put is never enqueued twice; a retried
+        get or reserve asks again with what is left of its timeout.
+        """
+        return self.run(Call(expect, kind, wait, fields, retry))
+
+    def run(self, call: Call[R]) -> R:
+        """:meth:`call`, for a request built by :mod:`brokerq.calls`.
+
+        Flushes this thread's put window first: the reply read next is this
+        call's. Inside another call of this thread (a ``__del__``, a signal
+        handler), it runs on a nested lane: another connection, no window."""
+        lane = self._lane()
+        if lane.busy:
+            lane = lane.free()
+        lane.busy = True
+        try:  # (inline, not self._take(): this is every request's path)
+            window = lane.window
+            if window is not None and window.pending:
+                self._read_window(lane, window, 0, time.monotonic())
+            attempts = calls.Attempts(call, self.timeout, time.monotonic())
+            while True:
+                conn = lane.conn
+                if conn is None or conn.closed:
+                    conn = self._lane_connection(lane)
+                limit = attempts.start(time.monotonic())
+                try:
+                    return conn.request(call.expect, call.kind, limit, **attempts.fields)
+                except ConnectionLost as exc:
+                    refused = isinstance(exc, BrokerStopping)
+                    if not attempts.again(time.monotonic(), refused=refused):
+                        raise
+        finally:
+            lane.busy = False
+
+    def _take(self) -> _Lane:
+        """A lane for one call, as :meth:`run` takes it: the thread's (its
+        window flushed), or inside another call a nested one. The caller
+        sets its ``busy`` back to False when done."""
+        lane = self._lane()
+        if lane.busy:
+            lane = lane.free()
+        lane.busy = True
+        try:
+            window = lane.window
+            if window is not None and window.pending:
+                self._read_window(lane, window, 0, time.monotonic())
+        except BaseException:
+            lane.busy = False
+            raise
+        return lane
+
+    def next_keys(self, n: int) -> list[bytes]:
+        """``n`` fresh put keys: unique to this client (and process), 16 bytes each."""
+        if _forks != self._fork:
+            self._forked()  # a child's keys have a prefix of their own
+        return self._keys.take(n)
+
+    def do(self, op: Op[R, T]) -> T:
+        """Run ``op`` (:mod:`.api`): its request, and what its reply returns."""
+        return op.result(self.run(op.call))
+
+    @api.like("ping")
+    def ping(self) -> float:
+        lane = self._take()
+        try:
+            conn = self._lane_connection(lane)  # connecting (or spawning) is not part of the trip
+            start = time.perf_counter()
+            ping = calls.ping()
+            conn.request(ping.expect, ping.kind, self.timeout)
+            return time.perf_counter() - start
+        finally:
+            lane.busy = False
+
+    @api.like("stop")
+    def stop(self) -> bool:
+        lane = self._take()
+        try:
+            if lane.conn is not None:
+                # A fresh connection: one opened earlier may be to a broker
+                # gone since, which would leave the one now serving running.
+                lane.conn.close()
+            try:
+                conn = self._lane_connection(lane, spawn=False)
+            except VersionMismatch as exc:
+                older = calls.older_broker(exc)
+                if older is None:
+                    raise
+                retire_older_broker(self.socket_path, older, time.monotonic() + self.timeout)
+                return True
+            except BrokerUnavailable:
+                if broker_running(self.socket_path):
+                    raise  # it holds its lock but does not answer: say so
+                return False
+            deadline = time.monotonic() + self.timeout
+            try:
+                stop = calls.stop()
+                conn.request(stop.expect, stop.kind, self.timeout)
+            except ConnectionLost:
+                pass  # it went before it could answer: that is what we asked for
+            finally:
+                conn.close()
+        finally:
+            lane.busy = False
+        pause("client.stop_sent")
+        while still_running(self.socket_path, conn.broker_pid):
+            if time.monotonic() > deadline:
+                raise calls.not_stopped(self.socket_path, self.timeout)
+            time.sleep(0.005)
+        return True

@@ -1,0 +1,468 @@
+"""The async client's core: connections (:class:`AsyncConnection`), the
+pool, and the calls run on it, with their retries and the rules of
+cancellation (see the module docstring of :mod:`.asynchronous`).
+
+Connections
+-----------
+A client keeps a small pool of connections. Each request takes an idle one
+(or opens a new one) and gives it back when its exchange is done, so a get
+waiting in one task never holds up a put in another. A reserved message
+keeps the connection it came on until it is acked, released or buried, since
+the broker ends the leases of a connection that closes. A connection whose
+exchange did not finish (cancelled, timed out, broken) is closed, never
+reused: its replies would be out of step with its requests. One whose
+reply came out of step (another request's id: RemoteProtocolError) is
+closed at once.
+
+So a request has its connection to itself until its reply is read, and
+nothing can send on it mid-exchange: a ``__del__`` or a signal handler
+that runs during a request cannot await a call of its own, and a task it
+starts takes another connection. (The blocking client has to see to that
+itself: see :mod:`brokerq.client`.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import threading
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any, Generic, Protocol, Self, TypeVar
+
+import anyio
+from anyio.abc import UNIXSocketStream
+
+from .. import protocol
+from ..errors import (
+    BrokerUnavailable,
+    Full,
+    LeaseLost,
+    VersionMismatch,
+)
+from ..protocol import HelloReply, ReserveReply
+from ..spawn import connect_or_spawn, resolve_socket_path
+from . import calls
+from .calls import BrokerStopping, Call, ConnectionLost
+from .sockio import retire_older_broker
+
+R = TypeVar("R", bound=protocol.Reply)
+Then = Callable[["AsyncConnection", R], Awaitable[None]]
+
+DEFAULT_TIMEOUT = calls.DEFAULT_TIMEOUT
+#: Idle connections a client keeps for reuse; more are closed when given back.
+MAX_IDLE = 4
+#: Bytes one receive may take: anyio receives with ``recv(n)``, which
+#: allocates ``n`` bytes each time; past 128 KiB glibc maps and unmaps them,
+#: several times the cost of a 64 KiB receive.
+RECEIVE_SIZE = 64 * 1024
+_STREAM_ERRORS = (
+    OSError,
+    anyio.BrokenResourceError,
+    anyio.ClosedResourceError,
+    anyio.EndOfStream,
+)
+
+
+class _Dialer:
+    """``connect_or_spawn`` in a worker thread, which the caller may abandon.
+
+    The blocking connect (and spawn) runs on to its own deadline when the
+    caller is cancelled; the socket it then returns is closed, not leaked.
+    """
+
+    def __init__(self, socket_path: str, deadline: float, spawn: bool) -> None:
+        self.socket_path = socket_path
+        self.deadline = deadline
+        self.spawn = spawn
+        self.lock = threading.Lock()
+        self.abandoned = False
+        self.sock: socket.socket | None = None
+
+    def _connect(self) -> socket.socket:
+        sock = connect_or_spawn(self.socket_path, self.deadline, spawn=self.spawn)
+        with self.lock:
+            if self.abandoned:
+                sock.close()
+            self.sock = sock
+        return sock
+
+    async def dial(self) -> socket.socket:
+        try:
+            return await anyio.to_thread.run_sync(self._connect, abandon_on_cancel=True)
+        except OSError as exc:
+            raise calls.unreachable(self.socket_path, exc) from exc
+        except BaseException:
+            with self.lock:
+                self.abandoned = True
+                if self.sock is not None:
+                    self.sock.close()
+            raise
+
+
+class AsyncConnection:
+    """One greeted stream to the broker, used by one task at a time."""
+
+    def __init__(self, stream: UNIXSocketStream, wire: calls.Wire) -> None:
+        self.stream = stream
+        self.wire = wire
+        #: The exchange did not finish, or the broker closes it: close, never reuse.
+        self.broken = False
+        #: A reserved message holds it (its lease ends when it closes).
+        self.pinned = False
+        #: Closed already: closing again is no checkpoint (see _withdraw).
+        self.closed = False
+
+    @classmethod
+    async def open(cls, socket_path: str, timeout: float, *, spawn: bool = True) -> AsyncConnection:
+        """Connect to the broker (spawning one if need be) and greet it."""
+        deadline = time.monotonic() + timeout
+        hello = calls.hello()
+        while True:
+            sock = await _Dialer(socket_path, deadline, spawn).dial()
+            try:
+                sock.setblocking(False)
+                stream = await UNIXSocketStream.from_socket(sock)
+            except BaseException:
+                sock.close()
+                raise
+            conn = cls(stream, calls.Wire(socket_path))
+            try:
+                reply = await conn.request(hello, max(deadline - time.monotonic(), 0.001))
+                break
+            except ConnectionLost:
+                # A broker that died (or idled out) just after accepting us:
+                # connect again, which finds or starts the next one.
+                await conn.aclose()
+                if time.monotonic() >= deadline:
+                    raise
+            except VersionMismatch as exc:
+                await conn.aclose()
+                # An upgrade: retire the older broker (as the blocking client does).
+                older = calls.broker_to_retire(socket_path, exc, may_retire=spawn)
+                await anyio.to_thread.run_sync(retire_older_broker, socket_path, older, deadline)
+            except BaseException:
+                await conn.aclose()
+                raise
+        conn.wire.greeted(reply)
+        return conn
+
+    @property
+    def hello(self) -> HelloReply:
+        assert self.wire.hello is not None
+        return self.wire.hello
+
+    async def aclose(self) -> None:
+        self.broken = True
+        if not self.closed:
+            self.closed = True
+            await anyio.aclose_forcefully(self.stream)
+
+    def _break(self) -> None:
+        self.broken = True
+
+    async def request(
+        self,
+        call: Call[R],
+        limit: float | None,
+        fields: dict[str, Any] | None = None,
+        withdrawal: _Withdrawal[R] | None = None,
+    ) -> R:
+        """Send ``call`` (with ``fields`` instead of its own, if given); return its reply.
+
+        ``limit`` bounds the exchange (None: no bound); past it the
+        connection breaks and BrokerUnavailable is raised. An exchange that
+        does not finish, for whatever reason, leaves the connection broken.
+        A reply that puts it out of step (another request's id, or the wrong
+        kind: RemoteProtocolError), or an error after which the broker
+        closes it, closes it here and now, wherever it would have gone next.
+        With a ``withdrawal`` (a put waiting for room), a cancellation is
+        raised only once the broker has withdrawn the put or made it (see
+        :meth:`_withdraw`; a put made is left in ``withdrawal.made``).
+        """
+        request_id = self.wire.encode(call.kind, call.fields if fields is None else fields)
+        try:
+            with anyio.fail_after(limit):
+                await self.stream.send(bytes(self.wire.out))
+                while (reply := self.wire.next_reply()) is None:
+                    self.wire.feed(await self.stream.receive(RECEIVE_SIZE))
+        except TimeoutError as exc:
+            self.broken = True
+            raise self.wire.timed_out(limit) from exc
+        except _STREAM_ERRORS as exc:
+            self.broken = True
+            raise self.wire.lost(exc) from exc
+        except BaseException as exc:  # cancelled, or a reply that cannot be read
+            self.broken = True
+            if withdrawal is not None and isinstance(exc, anyio.get_cancelled_exc_class()):
+                withdrawal.made = await self._withdraw(call, request_id, withdrawal.timeout)
+            raise
+        try:
+            return self.wire.check(call.expect, request_id, reply, self._break)
+        finally:
+            if self.broken:
+                await self.aclose()
+
+    async def _withdraw(self, call: Call[R], request_id: int, timeout: float) -> R | None:
+        """The put ``request_id``, which may be waiting for room, was cancelled:
+        shut down this connection's sending side and read, shielded and for
+        up to ``timeout``, until the broker answers or closes; then close.
+
+        The broker withdraws a put still waiting when it reads the end of
+        the stream, and closes without a reply; a put it made before that
+        (room came at that very moment) has its reply written before the
+        close (docs/protocol.md, section 4, "End of a connection"). Returns
+        that reply, or None if the put was withdrawn, or refused (``full``,
+        ``shutting_down``), or never sent whole. Raises another error reply;
+        raises BrokerUnavailable if the broker did not say which, in time or
+        before the connection broke: then it may have been made. The
+        connection is closed here, shielded: closing it again is no
+        checkpoint, so the caller's cleanup (:meth:`AsyncClient._release`)
+        cannot replace that error with the cancellation.
+        """
+        reply: protocol.AnyReply | None = None
+        with anyio.CancelScope(shield=True):
+            try:
+                with anyio.fail_after(timeout):
+                    with contextlib.suppress(*_STREAM_ERRORS):
+                        await self.stream.send_eof()
+                    while (reply := self.wire.next_reply()) is None:
+                        self.wire.feed(await self.stream.receive(RECEIVE_SIZE))
+            except anyio.EndOfStream:
+                pass  # closed without a reply: withdrawn
+            except (TimeoutError, *_STREAM_ERRORS) as exc:
+                why = str(exc) or f"no answer within {timeout:g} s"
+                raise BrokerUnavailable(
+                    f"a put waiting for room at {self.wire.socket_path} was cancelled, and "
+                    f"the broker did not say whether it withdrew it (it may have been "
+                    f"enqueued): {why}"
+                ) from exc
+            finally:
+                await self.aclose()
+        if reply is None or (
+            isinstance(reply, protocol.Error)
+            and reply.id == request_id
+            and reply.code in ("full", "shutting_down")
+        ):
+            return None
+        return self.wire.check(call.expect, request_id, reply, self._break)
+
+
+class _Withdrawal(Generic[R]):
+    """How a put that waits for room meets a cancellation: within
+    ``timeout`` the broker says whether it withdrew the put, or made it
+    (``made``, its reply). See :meth:`AsyncConnection._withdraw`."""
+
+    __slots__ = ("made", "timeout")
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.made: R | None = None
+
+
+class Held(Protocol):
+    """What holds a connection of its own beside the pool (a stream)."""
+
+    conn: AsyncConnection | None
+
+
+S = TypeVar("S", bound=Held)
+
+
+class Pool(Generic[S]):
+    """The core of an :class:`~brokerq.AsyncClient`: its pool of connections
+    and the calls run on it."""
+
+    def __init__(
+        self,
+        socket: str | os.PathLike[str] | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+        *,
+        prefetch: int | None = None,
+    ) -> None:
+        self.socket_path = resolve_socket_path(socket)
+        self.timeout, self.starts_broker = calls.client_timeout(timeout)
+        #: See :class:`brokerq.Client`: the first get or reserve of a queue opens a stream.
+        self.prefetch = calls.prefetch(prefetch)
+        #: The streams, by queue, mode and lease (:mod:`.async_streams`).
+        self._streams: dict[tuple[str, str, float | None], S] = {}
+        #: The broker's body limit, from the latest connection's hello.
+        self.max_message_size: int | None = None
+        self._closed = False
+        self._idle: list[AsyncConnection] = []
+        self._open: set[AsyncConnection] = set()
+        self._keys = calls.PutKeys()
+
+    def __repr__(self) -> str:
+        state = " closed" if self._closed else ""
+        return f"<brokerq.AsyncClient {self.socket_path!r}{state}>"
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self._release(await self._acquire())
+        except BaseException:
+            await self.aclose()
+            raise
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        """Close every connection; requests still running end with BrokerqError,
+        and using the client afterwards raises it."""
+        self._closed = True
+        connections = list(self._open)
+        self._open.clear()
+        self._idle.clear()
+        streams, self._streams = list(self._streams.values()), {}
+        connections += [s.conn for s in streams if s.conn is not None]
+        for conn in connections:
+            await conn.aclose()
+
+    # -- the pool ----------------------------------------------------------
+
+    async def _acquire(self, *, spawn: bool = True) -> AsyncConnection:
+        """An idle connection, else a new one (connecting, or spawning, now)."""
+        while True:
+            if self._closed:
+                raise calls.closed_client()
+            if not self._idle:
+                break
+            conn = self._idle.pop()
+            if not conn.broken:
+                return conn
+            await self._discard(conn)
+        conn = await AsyncConnection.open(
+            self.socket_path, self.timeout, spawn=spawn and self.starts_broker
+        )
+        if self._closed:
+            await conn.aclose()
+            raise calls.closed_client()
+        self._open.add(conn)
+        self.max_message_size = conn.hello.max_message_size
+        return conn
+
+    async def _release(self, conn: AsyncConnection) -> None:
+        """A request is done with ``conn``: keep it for the next, or close it."""
+        if conn.pinned:
+            return  # a reserved message holds it now
+        if conn.broken or self._closed or len(self._idle) >= MAX_IDLE:
+            await self._discard(conn)
+        else:
+            self._idle.append(conn)
+
+    def _recycle(self, conn: AsyncConnection) -> None:
+        """A reserved message lets go of its connection (not awaited: it may
+        run from a finalizer; a broken one is closed by :meth:`_acquire`)."""
+        conn.pinned = False
+        if not self._closed and conn in self._open:
+            self._idle.append(conn)
+
+    async def _discard(self, conn: AsyncConnection) -> None:
+        self._open.discard(conn)
+        await conn.aclose()
+
+    async def _forget(self, broker_pid: int) -> None:
+        """That broker is gone: its idle connections are useless."""
+        stale = [c for c in self._idle if c.hello.pid == broker_pid]
+        self._idle = [c for c in self._idle if c.hello.pid != broker_pid]
+        for conn in stale:
+            await self._discard(conn)
+
+    # -- running calls -----------------------------------------------------
+
+    async def _run(self, call: Call[R], then: Then[R] | None = None) -> R:
+        """Run ``call`` (shielded if it never waits), retrying on a lost connection.
+
+        ``then`` runs on the same connection after the reply, before it is
+        given back (the ack of a get done as reserve + ack).
+        """
+        with anyio.CancelScope(shield=call.wait == 0):
+            reply = await self._attempts(call, then)
+        return reply  # noqa: RET504 (mypy: a cancel scope may swallow the return)
+
+    async def _attempts(
+        self, call: Call[R], then: Then[R] | None, withdrawal: _Withdrawal[R] | None = None
+    ) -> R:
+        attempts = calls.Attempts(call, self.timeout, anyio.current_time())
+        while True:
+            conn = await self._acquire()
+            try:
+                limit = attempts.start(anyio.current_time())
+                reply = await conn.request(call, limit, attempts.fields, withdrawal)
+                if then is not None:
+                    await then(conn, reply)
+                return reply
+            except ConnectionLost as exc:  # (or a stopping broker's refusal)
+                if conn.broken:
+                    await self._forget(conn.hello.pid)
+                refused = isinstance(exc, BrokerStopping)
+                if not attempts.again(anyio.current_time(), refused=refused):
+                    raise
+            finally:
+                await self._release(conn)
+
+    async def _take(self, reserve: Call[ReserveReply]) -> ReserveReply:
+        """A get that waits, done as reserve then ack (see the module docstring)."""
+
+        async def ack(conn: AsyncConnection, reply: ReserveReply) -> None:
+            with anyio.CancelScope(shield=True):
+                try:
+                    ack = calls.ack(reply.msg_id, reply.attempt, as_get=True)  # task_done's
+                    await conn.request(ack, self.timeout)
+                except LeaseLost as exc:  # it went back to the queue: ask again
+                    raise ConnectionLost(
+                        f"the lease of a get ran out before its ack: {exc}"
+                    ) from exc
+
+        return await self._run(reserve, ack)
+
+    async def _reserve(self, call: Call[ReserveReply]) -> tuple[ReserveReply, AsyncConnection]:
+        """A reserve, and the connection that now holds its lease."""
+        holder: list[AsyncConnection] = []
+
+        async def pin(conn: AsyncConnection, reply: ReserveReply) -> None:
+            conn.pinned = True
+            holder.append(conn)
+
+        reply = await self._run(call, pin)
+        return reply, holder[0]
+
+    async def _put(self, call: Call[R]) -> R:
+        """A put that may wait for room: first sent without waiting (shielded);
+        only if the queue is full, sent again with the same key to wait."""
+        if call.wait == 0:
+            return await self._run(call)
+        start = anyio.current_time()
+        try:
+            return await self._run(call.with_timeout(0))
+        except Full:
+            pass
+        return await self._wait_for_room(call.with_timeout(_left(call.wait, start)))
+
+    async def _wait_for_room(self, call: Call[R]) -> R:
+        """A put sent to wait for room, cancellably: a cancellation is raised
+        only once the broker has withdrawn the put; if the broker made it
+        first, its reply is returned instead, and the cancellation takes
+        effect at the caller's next checkpoint (see the module docstring)."""
+        withdrawal: _Withdrawal[R] = _Withdrawal(self.timeout)
+        try:
+            return await self._attempts(call, None, withdrawal)
+        except anyio.get_cancelled_exc_class():
+            if withdrawal.made is None:
+                raise
+            return withdrawal.made
+
+    async def _limit(self) -> int:
+        """The broker's body limit (connecting first if no connection told it yet)."""
+        if self.max_message_size is None:
+            await self._release(await self._acquire())
+        assert self.max_message_size is not None
+        return self.max_message_size
+
+
+def _left(timeout: float | None, start: float) -> float | None:
+    """What is left of ``timeout`` seconds counted from ``start``."""
+    return None if timeout is None else max(0.0, timeout - (anyio.current_time() - start))

@@ -1,0 +1,293 @@
+"""The blocking client's streams (``prefetch``) and live subscriptions.
+
+A stream is opened on a connection of its own, per thread, queue and mode
+(:mod:`.prefetch` holds its rules); a live subscription too
+(:class:`Subscription`, with :class:`~.calls.LiveEvents`).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import TypeVar
+
+from .. import protocol
+from ..errors import (
+    LeaseLost,
+    LocalProtocolError,
+)
+from . import calls, prefetch
+from .calls import Call, ConnectionLost
+from .lanes import Lanes, _Streamed
+from .sockio import Connection
+
+R = TypeVar("R", bound=protocol.Reply)
+
+
+class Streaming(Lanes):
+    """:class:`Lanes` with streams: the client's prefetch (see :mod:`.prefetch`)."""
+
+    def take_streamed(
+        self, queue: str, mode: str, n: int, timeout: float | None, lease: float | None = None
+    ) -> tuple[_Streamed, list[protocol.StreamDelivery]] | None:
+        """Up to ``n`` messages of ``queue`` from this thread's stream (opened
+        on first use), waiting up to ``timeout`` for the first; raises Empty.
+
+        None means: make a plain request instead. So it is inside another
+        call of this thread (a ``__del__``, a signal handler), which must
+        not touch the stream of the call it interrupted, and with a broker
+        too old to stream. The thread's put window is flushed first, as
+        before any request. The ``taken`` of what it returns was sent
+        before it returns (see :mod:`brokerq.prefetch`).
+        """
+        protocol.validate_timeout(timeout)
+        lane = self._lane()
+        if lane.busy:
+            return None
+        lane.busy = True
+        try:
+            window = lane.window
+            if window is not None and window.pending:
+                self._read_window(lane, window, 0, time.monotonic())
+            streams = lane.streams
+            if streams is None:
+                streams = lane.streams = {}
+            key = (queue, mode, lease)
+            streamed = streams.get(key)
+            if streamed is None:
+                state = prefetch.Prefetch(queue, self.prefetch, mode, lease)
+                streamed = streams[key] = _Streamed(state)
+            if streamed.unsupported:
+                return None
+            items = self._take_streamed(streamed, n, timeout)
+            return None if items is None else (streamed, items)
+        finally:
+            lane.busy = False
+
+    def _take_streamed(
+        self, streamed: _Streamed, n: int, timeout: float | None
+    ) -> list[protocol.StreamDelivery] | None:
+        """:meth:`take_streamed` on a lane the caller holds, as
+        :class:`~.prefetch.Taking` says."""
+        state = streamed.state
+        take = prefetch.Taking(state, timeout, self.timeout, time.monotonic())
+        while True:
+            try:
+                conn = streamed.conn
+                if conn is None or conn.closed:
+                    conn = self._open_stream(streamed)
+                    if conn is None:
+                        return None
+                step = take.next(time.monotonic())
+                if step is prefetch.HAND_OUT:
+                    if n > len(state.buffer):  # what has arrived meanwhile goes too
+                        self._receive_streamed(streamed, conn, 0.0)
+                    items, frame = state.hand_out(n)
+                    with conn.exchange(self.timeout):
+                        conn.send_reading(frame, time.monotonic() + self.timeout)
+                    state.handed(len(items))
+                    return items
+                if step is prefetch.SYNC:
+                    self._stream_request(streamed, conn, calls.ping())
+                    take.synced = True
+                elif not self._receive_streamed(streamed, conn, take.deadline):
+                    raise take.empty()
+            except ConnectionLost:
+                streamed.conn = None
+                if not take.lost(time.monotonic()):
+                    raise
+
+    def _open_stream(self, streamed: _Streamed) -> Connection | None:
+        """A new connection with the stream open on it; None if the broker
+        does not know ``consume`` (older than this client: the queue is
+        then read with plain requests)."""
+        conn = Connection(self.socket_path, self.timeout, spawn=self.starts_broker, spin=self.spin)
+        self._connections.append(conn)
+        if self._closed:
+            conn.close()
+            raise calls.closed_client()
+        streamed.conn = conn
+        try:
+            reply = self._stream_request(streamed, conn, streamed.state.consume())
+        except LocalProtocolError:
+            streamed.unsupported = True
+            reply = None
+        except BaseException:
+            streamed.conn = None
+            streamed.state.lost()
+            conn.close()
+            raise
+        if reply is None:
+            streamed.conn = None
+            conn.close()
+            return None
+        streamed.state.opened(reply)
+        return conn
+
+    def _stream_request(self, streamed: _Streamed, conn: Connection, call: Call[R]) -> R:
+        """One request on a stream's connection: the deliveries that come
+        before its reply go to the buffer, and so do those read with it.
+
+        (The deliveries read in the same receive as the reply must be taken
+        in now: they are in no socket any more, so a later wait on the
+        socket would not see them, and with the stream's credit spent the
+        broker sends nothing more. The consume reply and its first
+        deliveries often come in one read.)"""
+        state = streamed.state
+        request_id = conn.wire.encode(call.kind, call.fields)
+        if call.kind is protocol.Consume:
+            state.opening(request_id)
+        deadline = time.monotonic() + self.timeout
+        with conn.exchange(self.timeout):
+            conn.send_reading(conn.wire.out, deadline)
+            while (reply := state.take(conn.wire)) is None:
+                conn.wire.feed(conn.io.receive(deadline))
+            if (extra := state.take(conn.wire)) is not None:
+                conn.wire.fail(f"a reply that answers nothing: {extra!r}", conn.close)
+        return conn.wire.check(call.expect, request_id, reply, conn.close)
+
+    def _receive_streamed(
+        self, streamed: _Streamed, conn: Connection, deadline: float | None
+    ) -> bool:
+        """Take in what the broker sends, waiting until ``deadline`` for
+        something (0: only what has come); False if nothing came."""
+        try:
+            data = conn.io.receive(deadline)
+        except TimeoutError:
+            return False
+        except OSError as exc:
+            conn.close()
+            raise conn.wire.lost(exc) from exc
+        with conn.exchange(self.timeout):
+            conn.wire.feed(data)
+            reply = streamed.state.take(conn.wire)
+        if reply is not None:  # nothing was asked
+            conn.wire.fail(f"a reply that answers nothing: {reply!r}", conn.close)
+        return True
+
+    def settle_streamed(
+        self, streamed: _Streamed, held: Connection | None, handed_at: float, call: Call[R]
+    ) -> R:
+        """A lease verb of a message reserved from a stream: on that stream's
+        connection, after the ``taken`` that started the lease, when this
+        thread owns it and is in no other call; else (another thread, or
+        the stream's connection gone) as a plain request, which may, just
+        after the hand-out, find the broker has not read the ``taken`` yet:
+        a LeaseLost then is asked again for up to the client's timeout.
+        ``held``: the stream's connection when the message was handed out."""
+        lane = self._lane()
+        conn = streamed.conn
+        if (
+            not lane.busy
+            and lane.streams is not None
+            and streamed in lane.streams.values()
+            and conn is held
+            and conn is not None
+            and not conn.closed
+        ):
+            lane.busy = True
+            try:
+                return self._stream_request(streamed, conn, call)
+            finally:
+                lane.busy = False
+        give_up = handed_at + self.timeout
+        while True:
+            try:
+                return self.run(call)
+            except LeaseLost:
+                if time.monotonic() > give_up or held is None or held.closed:
+                    raise
+                time.sleep(0.005)
+
+
+class Subscription:
+    """A live subscription to a topic: the publishes made while it is open.
+
+    It has a connection of its own. If the broker goes away (crashed or
+    stopped), it reconnects (spawning a broker if need be) and subscribes
+    again; publishes made in between are missed, as for any live
+    subscriber (a queue subscription misses nothing). A subscriber that
+    reads too slowly is dropped by the broker: :meth:`get` then raises
+    :class:`~brokerq.errors.SubscriberOverflow` (after the publishes that
+    came before it), and the subscription is closed.
+    """
+
+    def __init__(self, client: Lanes, topic: str) -> None:
+        self.client = client
+        self.topic = topic
+        self._live = calls.LiveEvents(topic)
+        self._conn: Connection | None = None
+        self._subscribe()
+
+    def __repr__(self) -> str:
+        return f"<brokerq.Subscription {self.topic!r} at {self.client.socket_path!r}>"
+
+    def __enter__(self) -> Subscription:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            yield self.get()
+
+    def close(self) -> None:
+        """End the subscription (closing its connection)."""
+        self._live.closed = True
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def _subscribe(self) -> None:
+        """Connect and subscribe; events that come before the reply are kept.
+        A connection lost before the reply (or a stopping broker's refusal)
+        is tried again on a new one, within the client's timeout."""
+        timeout = self.client.timeout
+        give_up = time.monotonic() + timeout
+        while True:
+            left = max(give_up - time.monotonic(), 0.001)
+            client = self.client
+            conn = Connection(
+                client.socket_path, left, spawn=client.starts_broker, spin=client.spin
+            )
+            try:
+                with conn.exchange(timeout):
+                    call = self._live.call
+                    request_id = conn.wire.encode(call.kind, call.fields)
+                    deadline = time.monotonic() + timeout
+                    conn.io.send_all(conn.wire.out, deadline)
+                    while (reply := self._live.take(conn.wire)) is None:
+                        conn.wire.feed(conn.io.receive(deadline))
+                    conn.wire.check(call.expect, request_id, reply, conn.close)
+            except ConnectionLost:
+                if time.monotonic() >= give_up:
+                    raise
+                continue
+            self._conn = conn
+            return
+
+    def get(self, timeout: float | None = None) -> bytes:
+        """The next publish's body, waiting up to ``timeout`` (None: for
+        ever; 0: not at all); raises Empty if none came."""
+        protocol.validate_timeout(timeout)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            conn = self._conn
+            step = self._live.step(None if conn is None else conn.wire)
+            if isinstance(step, bytes):
+                return step
+            if step is calls.SUBSCRIBE:
+                self._subscribe()
+            elif step is calls.DROP:
+                self.close()
+            else:
+                assert conn is not None
+                try:
+                    conn.wire.feed(conn.io.receive(deadline))
+                except TimeoutError:
+                    raise self._live.empty(timeout) from None
+                except OSError:
+                    # The broker went away: subscribe again on a new connection.
+                    conn.close()
+                    self._conn = None
