@@ -88,6 +88,38 @@ def test_a_module_imports_only_what_its_part_may(name: str) -> None:
     assert foreign <= THIRD_PARTY[part], f"{name} imports {sorted(foreign - THIRD_PARTY[part])}"
 
 
+#: The sans-IO cores: no I/O, no event loop, given the time. They import
+#: only each other and the shared modules.
+SANS_IO = {
+    "brokerq.broker": {
+        "core", "core_base", "queues", "leases", "streams", "tasks", "topics", "replay",
+        "state", "ready", "records", "limits",
+    },
+    "brokerq.client": {"calls", "wire", "window", "prefetch", "api"},
+}  # fmt: skip
+SANS_IO_MODULES = {f"{wing}.{name}" for wing, names in SANS_IO.items() for name in names}
+
+
+@pytest.mark.parametrize("name", sorted(SANS_IO_MODULES))
+def test_a_sans_io_core_module_imports_no_io(name: str) -> None:
+    wrong = {
+        found
+        for found in brokerq_imports(name)
+        if part_of(found) != "shared" and found not in SANS_IO_MODULES
+    }
+    assert not wrong, f"{name} (sans-IO) imports {sorted(wrong)}"
+    outside = {found.split(".")[0] for found in imports_of(name)}
+    assert not outside & {"trio", "anyio", "socket", "select", "threading"}, name
+
+
+def test_docs_architecture_names_every_module() -> None:
+    doc = (PACKAGE.parent.parent / "docs" / "architecture.md").read_text()
+    for name in MODULES:
+        leaf = name.rpartition(".")[2]
+        if leaf not in {"brokerq", "broker", "client", "cli"}:
+            assert leaf in doc, f"docs/architecture.md does not name {name}"
+
+
 def test_no_import_circles() -> None:
     graph = {name: brokerq_imports(name) for name in MODULES}
     done: set[str] = set()

@@ -7,7 +7,7 @@ File format (version 1)::
     record   2 bytes  marker b"\\xb0\\x51"
              4 bytes  payload length n, u32 big-endian
              4 bytes  CRC-32 of the length bytes and the payload, u32 big-endian
-             n bytes  payload: one MessagePack record (brokerq.records)
+             n bytes  payload: one MessagePack record (brokerq.broker.records)
     record   ...
     zero     any number of zero bytes (preallocated space): the zero tail
 

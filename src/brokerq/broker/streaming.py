@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 A ``consume`` request opens a stream on a queue: a
-:class:`~brokerq.state.Stream` in the queue's line (the core hands it
+:class:`~brokerq.broker.state.Stream` in the queue's line (the core hands it
 messages as to any waiter, round robin while it has credit), and a writer
 task here that sends what was handed to it as ``delivery`` frames, unasked.
 The writer waits on the stream's wakeup, which the core's hand-over sets

@@ -321,7 +321,7 @@ class Lanes:
         return self.run(Call(expect, kind, wait, fields, retry))
 
     def run(self, call: Call[R]) -> R:
-        """:meth:`call`, for a request built by :mod:`brokerq.calls`.
+        """:meth:`call`, for a request built by :mod:`brokerq.client.calls`.
 
         Flushes this thread's put window first: the reply read next is this
         call's. Inside another call of this thread (a ``__del__``, a signal

@@ -38,7 +38,7 @@ class Streaming(Lanes):
         not touch the stream of the call it interrupted, and with a broker
         too old to stream. The thread's put window is flushed first, as
         before any request. The ``taken`` of what it returns was sent
-        before it returns (see :mod:`brokerq.prefetch`).
+        before it returns (see :mod:`brokerq.client.prefetch`).
         """
         protocol.validate_timeout(timeout)
         lane = self._lane()
