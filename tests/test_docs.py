@@ -74,7 +74,7 @@ WORKER = Path(__file__).resolve().parent / "docs_python.py"
 
 #: Fence languages that are examples, and those that are not.
 EXAMPLES = {"python", "console", "sh"}
-NOT_EXAMPLES = {"", "ini"}
+NOT_EXAMPLES = {"", "ini", "text"}  # synopses, unit files, drawings
 FENCE = re.compile(r"^```(\S*)\s*$")
 HEADING = re.compile(r"^#{1,6} ")
 NOT_RUN_MARKER = re.compile(r"^<!-- not run: (.+?) -->$")
