@@ -50,7 +50,7 @@ from hypothesis.stateful import (
 
 from brokerq import protocol
 from brokerq.broker.core import DEAD_SUFFIX, LIVE_OVERHEAD, BrokerCore
-from brokerq.broker.state import Lease, Message, Waiter
+from brokerq.broker.core.state import Lease, Message, Waiter
 from brokerq.errors import LeaseLost, RemoteProtocolError
 from brokerq.protocol import FrameReader, InvalidRequestFrame
 

@@ -47,10 +47,10 @@ import brokerq
 import brokerq.broker.journal as jmod
 from brokerq import protocol
 from brokerq.broker.core import KEY_WINDOW, BrokerCore
+from brokerq.broker.core.records import AnyRecord, PutRecord
+from brokerq.broker.core.state import Message
 from brokerq.broker.journal import Journal, JournalFull, journal_path, read_journal
-from brokerq.broker.records import AnyRecord, PutRecord
 from brokerq.broker.server import Broker, BrokerConfig
-from brokerq.broker.state import Message
 from brokerq.errors import Full, LeaseLost
 from brokerq.protocol import (
     PROTOCOL_VERSION,

@@ -30,7 +30,7 @@ from test_server import connect
 
 import brokerq
 from brokerq.broker.core import BrokerCore
-from brokerq.broker.records import AnyRecord, DeleteRecord, PutRecord, UnfinishedRecord
+from brokerq.broker.core.records import AnyRecord, DeleteRecord, PutRecord, UnfinishedRecord
 from brokerq.broker.server import Broker, BrokerConfig
 from brokerq.client.calls import ConnectionLost
 from brokerq.errors import InvalidRequest

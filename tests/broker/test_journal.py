@@ -24,6 +24,15 @@ import pytest
 import brokerq
 import brokerq.broker.journal as jmod
 from brokerq.broker.core import BrokerCore
+from brokerq.broker.core.records import (
+    AnyRecord,
+    AttemptsRecord,
+    ConfigRecord,
+    DeleteRecord,
+    PutRecord,
+    StateRecord,
+)
+from brokerq.broker.core.state import Message
 from brokerq.broker.journal import Journal, JournalFailed, JournalFull, journal_path, read_journal
 from brokerq.broker.journal_file import (
     FILE_HEADER,
@@ -35,15 +44,6 @@ from brokerq.broker.journal_file import (
     _checksum,
     encode_record,
 )
-from brokerq.broker.records import (
-    AnyRecord,
-    AttemptsRecord,
-    ConfigRecord,
-    DeleteRecord,
-    PutRecord,
-    StateRecord,
-)
-from brokerq.broker.state import Message
 from brokerq.errors import BrokerqError
 
 #: The wall-clock time the scenarios end at and replays happen at.

@@ -26,9 +26,8 @@ from test_server import Peer
 
 import brokerq
 from brokerq import protocol
-from brokerq.broker import limits
 from brokerq.broker.connection import Connection
-from brokerq.broker.core import LIVE_OVERHEAD, BrokerCore
+from brokerq.broker.core import LIVE_OVERHEAD, BrokerCore, limits
 from brokerq.broker.server import REFUSE_LINGER_SECONDS, Broker, BrokerConfig
 from brokerq.client import calls
 from brokerq.errors import BY_CODE, BrokerBusy, BrokerUnavailable, Full, QueueFull

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from brokerq.broker.ready import ReadyList
+from brokerq.broker.core.ready import ReadyList
 
 
 @dataclass(eq=False)

@@ -18,7 +18,7 @@ from test_server import Peer, connect
 
 from brokerq import protocol
 from brokerq.broker.core import BrokerCore
-from brokerq.broker.records import AnyRecord
+from brokerq.broker.core.records import AnyRecord
 from brokerq.broker.server import Broker, BrokerConfig
 from brokerq.errors import InvalidRequest, MessageTooLarge
 from brokerq.protocol import (

@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 
 from .. import protocol
-from . import limits
+from .core import limits
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,8 @@ from .. import protocol
 from ..errors import BrokerqError, InvalidRequest, QueueFull, RemoteProtocolError
 from ..protocol import PROTOCOL_VERSION
 from ..version import __version__
-from . import limits, streaming
+from . import streaming
+from .core import limits
 from .delivery import SENT, Deliveries, Delivery, empty, join_timeout, put_options
 from .feeds import OVERFLOW_GRACE_SECONDS, LiveFeed
 from .journal import JournalFailed

@@ -40,10 +40,9 @@ from ..spawn import (
     resolve_socket_path,
     try_lock,
 )
-from . import limits
 from .activation import inherited_listener
 from .config import BrokerConfig
-from .core import BrokerCore
+from .core import BrokerCore, limits
 from .journal import Journal, journal_path
 
 EXIT_OK = 0

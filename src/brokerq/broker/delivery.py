@@ -23,8 +23,8 @@ import trio
 from .. import protocol
 from ..pause import pause
 from ..protocol import Error, Get, GetMany, Reserve
+from .core.state import Lease, Message, Waiter
 from .replies import Replies
-from .state import Lease, Message, Waiter
 from .unixstream import UnixStream
 from .wakeup import PeerGone, Wakeup, wake_all
 

@@ -43,8 +43,8 @@ import sys
 from typing import Final
 
 from ..errors import BrokerqError, Full
+from .core.records import AnyRecord
 from .journal_file import FILE_HEADER, ReadResult, encode_record, file_header, read_journal
-from .records import AnyRecord
 
 __all__ = ["Journal", "JournalFailed", "JournalFull", "journal_path", "read_journal"]
 

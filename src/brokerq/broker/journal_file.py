@@ -34,7 +34,7 @@ from typing import Final
 import msgspec
 
 from ..errors import BrokerqError
-from .records import AnyRecord
+from .core.records import AnyRecord
 
 MAGIC: Final = b"BRKQJNL\x00"
 FORMAT_VERSION: Final = 1

@@ -28,9 +28,9 @@ import trio
 
 from .. import protocol
 from ..protocol import Error, FrameReader, StreamDelivery
-from . import limits
+from .core import limits
+from .core.state import Stream
 from .journal import JournalFailed
-from .state import Stream
 from .wakeup import PeerGone
 
 if TYPE_CHECKING:

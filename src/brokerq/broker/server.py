@@ -28,7 +28,6 @@ from ..errors import PermissionDenied
 from ..pause import pause
 from ..protocol import Error
 from ..spawn import check_peer, file_identity, lock_path, publish_socket
-from . import limits
 from .broker_base import (
     COMPACT_AT_ONCE_MAX_BYTES,
     COMPACT_MIN_BYTES,
@@ -38,7 +37,7 @@ from .broker_base import (
 )
 from .config import BrokerConfig
 from .connection import Connection
-from .core import BrokerCore
+from .core import BrokerCore, limits
 from .journal import Journal
 from .unixstream import UnixStream
 from .wakeup import PeerGone, wake

@@ -43,7 +43,7 @@ import trio
 from .. import protocol
 from ..errors import InvalidRequest, RemoteProtocolError
 from ..protocol import Cancel, CancelReply, Consume, ConsumeReply, Error, Taken
-from .state import Stream, Waiter
+from .core.state import Stream, Waiter
 from .unixstream import UnixStream
 from .wakeup import Wakeup
 

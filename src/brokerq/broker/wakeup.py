@@ -8,7 +8,7 @@ from typing import Protocol, cast
 
 import trio
 
-from .state import Joiner, Putter, Waiter
+from .core.state import Joiner, Putter, Waiter
 
 
 class PeerGone(Exception):

@@ -21,7 +21,7 @@ began to wait. A queue never has both: a message that arrives while someone
 waits is handed straight to the longest waiter, and a dequeuer only waits
 when nothing is ready, so no newcomer can overtake a waiter.
 
-One concern a module, each a part of :class:`BrokerCore`: core_base.py (the
+One concern a module, each a part of :class:`BrokerCore`: base.py (the
 state, write-ahead, handoff), queues.py (put, get, waiting, settings),
 leases.py (reserve's verbs, timers, dead letters), streams.py
 (``consume``), tasks.py (``task_done``, ``join``), topics.py, replay.py
@@ -30,7 +30,7 @@ leases.py (reserve's verbs, timers, dead letters), streams.py
 
 from __future__ import annotations
 
-from .core_base import DEAD_SUFFIX, KEY_WINDOW, LIVE_OVERHEAD
+from .base import DEAD_SUFFIX, KEY_WINDOW, LIVE_OVERHEAD
 from .leases import Leases
 from .replay import Replay
 from .streams import Streams

@@ -9,9 +9,9 @@ was taken.
 
 from __future__ import annotations
 
-from ..errors import InvalidRequest
-from ..protocol import validate_lease, validate_queue_name
-from .core_base import CoreBase
+from ...errors import InvalidRequest
+from ...protocol import validate_lease, validate_queue_name
+from .base import CoreBase
 from .records import AttemptsRecord, DeleteRecord
 from .state import Stream, Waiter
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 
-from .core_base import LIVE_OVERHEAD, CoreBase, config_record_of, put_record_of
+from .base import LIVE_OVERHEAD, CoreBase, config_record_of, put_record_of
 from .records import (
     AnyRecord,
     AttemptsRecord,

@@ -15,7 +15,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from typing import NoReturn
 
-from ..errors import Full, MessageTooLarge
+from ...errors import Full, MessageTooLarge
 from .records import AnyRecord, AttemptsRecord, ConfigRecord, DeleteRecord, PutRecord
 from .state import Expiry, Joiner, Lease, Message, QueueState, Stream, Topics, Waiter
 

@@ -14,9 +14,9 @@ from typing import Any
 
 import msgspec
 
-from ..errors import Full, InvalidRequest, QueueFull
-from ..protocol import MESSAGE_OVERHEAD, validate_queue_name
-from .core_base import LIVE_OVERHEAD, CoreBase, config_record_of, put_record_of
+from ...errors import Full, InvalidRequest, QueueFull
+from ...protocol import MESSAGE_OVERHEAD, validate_queue_name
+from .base import LIVE_OVERHEAD, CoreBase, config_record_of, put_record_of
 from .records import AttemptsRecord, DeleteRecord, DropQueueRecord, PutRecord
 from .state import Expiry, Joiner, Lease, Message, Putter, QueueState, Waiter
 

@@ -13,9 +13,9 @@ the next put from a ``join``.
 
 from __future__ import annotations
 
-from ..errors import InvalidRequest
-from ..protocol import validate_queue_name
-from .core_base import CoreBase
+from ...errors import InvalidRequest
+from ...protocol import validate_queue_name
+from .base import CoreBase
 from .records import UnfinishedRecord
 from .state import Joiner
 

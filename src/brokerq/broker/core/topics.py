@@ -11,7 +11,7 @@ subscribed, and forgotten when it goes. The registry of both is
 
 from __future__ import annotations
 
-from ..protocol import validate_queue_name
+from ...protocol import validate_queue_name
 from .queues import Queues
 from .records import SubscribeRecord
 from .state import Waiter
