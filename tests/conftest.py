@@ -103,6 +103,16 @@ def sock_dir() -> Iterator[str]:
 
 
 @pytest.fixture
+def jdir() -> Iterator[str]:
+    """A fresh directory for a journal, removed afterwards."""
+    path = tempfile.mkdtemp(prefix="bqj", dir="/tmp")
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
 async def broker() -> AsyncIterator[Broker]:
     """A broker serving in this test's trio run, with no socket and no journal:
     tests connect to it over in-memory streams (test_server.connect)."""

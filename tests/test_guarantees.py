@@ -24,13 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
 import signal
 import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -164,15 +162,6 @@ class Disk:
     def restart(self, now: float = NOW) -> Disk:
         self.crash()
         return Disk(self.path, self.opened, now, max_deliveries=self.max_deliveries)
-
-
-@pytest.fixture
-def jdir() -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="bqg", dir="/tmp")
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture

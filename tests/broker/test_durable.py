@@ -7,10 +7,7 @@ spawned broker with ``--data-dir``, which preallocates as a user's does.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 import threading
-from collections.abc import Iterator
 
 import pytest
 import trio
@@ -20,15 +17,6 @@ import brokerq
 from brokerq.broker.journal import Journal, in_memory_filesystem, read_journal
 from brokerq.broker.server import COMPACT_MIN_BYTES, Broker, BrokerConfig
 from brokerq.protocol import Put, PutReply, Stats, StatsReply
-
-
-@pytest.fixture
-def jdir() -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="bqd", dir="/tmp")
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 def open_journal(path: str) -> Journal:

@@ -16,7 +16,7 @@ import random
 import shutil
 import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -52,15 +52,6 @@ HEADER = FILE_HEADER.pack(MAGIC, FORMAT_VERSION)
 
 
 # -- fixtures and helpers ----------------------------------------------------------
-
-
-@pytest.fixture
-def jdir() -> Iterator[str]:
-    path = tempfile.mkdtemp(prefix="bqj", dir="/tmp")
-    try:
-        yield path
-    finally:
-        shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture
