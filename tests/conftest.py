@@ -102,6 +102,15 @@ def sock_dir() -> Iterator[str]:
         shutil.rmtree(path, ignore_errors=True)
 
 
+BACKENDS = ["asyncio", "trio"]
+
+
+@pytest.fixture(params=BACKENDS)
+def backend(request: pytest.FixtureRequest) -> str:
+    """The anyio backend an async-client test runs on: each test runs on both."""
+    return str(request.param)
+
+
 @pytest.fixture
 def jdir() -> Iterator[str]:
     """A fresh directory for a journal, removed afterwards."""

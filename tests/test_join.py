@@ -23,7 +23,7 @@ import pytest
 import trio
 import trio.testing
 from conftest import BIN, Procs, run_cli
-from test_async_client import BACKENDS, run
+from test_async_client import run
 from test_cli import Brokerq, ok, one_error_line
 from test_crash import sigkill
 from test_server import connect
@@ -703,11 +703,6 @@ def test_a_join_waiting_when_the_broker_dies_waits_on_the_next_one(socket_path: 
         finally:
             thread.join(timeout=30)
         assert failed == []
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 def test_the_async_client(backend: str, socket_path: str) -> None:

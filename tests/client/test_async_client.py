@@ -27,13 +27,6 @@ from conftest import gone, wait_until
 import brokerq
 from brokerq.client.asynchronous import AsyncClient, AsyncQueue
 
-BACKENDS = ["asyncio", "trio"]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
 
 def run(backend: str, main: Callable[[], Awaitable[None]], limit: float = 30) -> None:
     async def bounded() -> None:

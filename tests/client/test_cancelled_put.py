@@ -21,7 +21,7 @@ import anyio
 import pytest
 import trio
 import trio.testing
-from test_async_client import BACKENDS, run, until
+from test_async_client import run, until
 from test_server import connect
 from test_spawn_races import Pause
 
@@ -35,11 +35,6 @@ from brokerq.protocol import Configure, Get, GetReply, Put, PutReply
 #: What each op puts; the queue is full with as many others.
 BODIES = {"put": [b"x"], "put_many": [b"x", b"y"]}
 FILLERS = [b"1", b"2"]
-
-
-@pytest.fixture(params=BACKENDS)
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
 
 
 @pytest.fixture(params=list(BODIES))

@@ -734,11 +734,6 @@ def test_the_environment_alone_turns_streaming_on(
 # -- real brokers: the async client ------------------------------------------------------------
 
 
-@pytest.fixture(params=["asyncio", "trio"])
-def backend(request: pytest.FixtureRequest) -> str:
-    return str(request.param)
-
-
 async def until_prefetched(observer: brokerq.Client, queue: str, n: int) -> None:
     while stats_of(observer, queue)["prefetched"] != n:
         await anyio.sleep(0.01)
