@@ -102,6 +102,15 @@ SANS_IO_MODULES = CLIENT_SANS_IO | {
 }
 
 
+def test_the_sans_io_cores_are_where_the_layout_says() -> None:
+    """The sets checked below are not empty: a core moved or renamed fails
+    here instead of leaving the check with nothing to check."""
+    assert not CLIENT_SANS_IO - MODULES.keys(), sorted(CLIENT_SANS_IO - MODULES.keys())
+    broker_core = SANS_IO_MODULES - CLIENT_SANS_IO
+    assert "brokerq.broker.core" in broker_core
+    assert len(broker_core) > 1, "brokerq.broker.core is a folder of modules"
+
+
 @pytest.mark.parametrize("name", sorted(SANS_IO_MODULES))
 def test_a_sans_io_core_module_imports_no_io(name: str) -> None:
     wrong = {
