@@ -599,6 +599,15 @@ def churn(core: BrokerCore, n: int = 200) -> None:
         core.get_nowait("churn")
 
 
+def churned_journal(path: str) -> tuple[Journal, BrokerCore]:
+    """A journal at ``path`` and its core, holding the scenario and some dead data to compact."""
+    journal, _ = Journal.open(path, "batch")
+    core = make_core(journal.append)
+    scenario(core)
+    churn(core, 50)
+    return journal, core
+
+
 def during(core: BrokerCore, step: int) -> None:
     """Traffic while a compaction runs: puts, a get, a reserve + ack, a bury."""
     core.put_many("a", [b"during %d.1" % step, b"during %d.2" % step], NOW, keys=None)
@@ -655,10 +664,7 @@ def _crash(journal: Journal, compaction: jmod.Compaction | None = None) -> None:
 def test_crash_at_each_step_of_a_compaction_loses_nothing(
     path: str, monkeypatch: pytest.MonkeyPatch, step: str
 ) -> None:
-    journal, _ = Journal.open(path, "batch")
-    core = make_core(journal.append)
-    scenario(core)
-    churn(core, 50)
+    journal, core = churned_journal(path)
     old_size = journal.size
     compaction = journal.begin_compaction(core.snapshot())
     during(core, 1)
@@ -694,10 +700,7 @@ def test_crash_at_each_step_of_a_compaction_loses_nothing(
 def test_abandoned_compaction_leaves_the_old_journal_and_removes_the_temp_file(
     path: str,
 ) -> None:
-    journal, _ = Journal.open(path, "batch")
-    core = make_core(journal.append)
-    scenario(core)
-    churn(core, 50)
+    journal, core = churned_journal(path)
     before = read_bytes(path)
     compaction = journal.begin_compaction(core.snapshot())
     compaction.write_snapshot()
@@ -794,10 +797,7 @@ def test_compact_at_once_on_a_journal_holding_nothing_leaves_a_few_bytes(path: s
 def test_a_failed_compaction_at_once_leaves_the_old_journal_in_use(
     path: str, fake_os: FaultyOs
 ) -> None:
-    journal, _ = Journal.open(path, "batch")
-    core = make_core(journal.append)
-    scenario(core)
-    churn(core, 50)
+    journal, core = churned_journal(path)
     before = read_bytes(path)
     fake_os.on_write = DiskFull(1)  # the snapshot's write
     with pytest.raises(OSError, match=os.strerror(errno.ENOSPC)):
@@ -813,10 +813,7 @@ def test_a_failed_compaction_at_once_leaves_the_old_journal_in_use(
 
 def test_open_removes_the_file_of_a_compaction_cut_short(path: str) -> None:
     """A broker killed while compacting leaves ``<journal>.compact``: the next one's space."""
-    journal, _ = Journal.open(path, "batch")
-    core = make_core(journal.append)
-    scenario(core)
-    churn(core, 50)
+    journal, core = churned_journal(path)
     compaction = journal.begin_compaction(core.snapshot())
     compaction.write_snapshot()
     during(core, 1)
