@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 import pytest
 import trio
 
+import brokerq
 from brokerq.broker.server import Broker, BrokerConfig
 
 PR_SET_CHILD_SUBREAPER = 36
@@ -138,6 +139,14 @@ async def broker() -> AsyncIterator[Broker]:
 @pytest.fixture
 def socket_path(sock_dir: str) -> str:
     return os.path.join(sock_dir, "b.sock")
+
+
+@pytest.fixture
+def observer(socket_path: str) -> Iterator[brokerq.Client]:
+    """A second client of the test's broker (its own connection, no window,
+    no prefetch), to look at the queues with."""
+    with brokerq.connect(socket_path) as c:
+        yield c
 
 
 Procs = Callable[..., subprocess.Popen[bytes]]

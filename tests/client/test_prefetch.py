@@ -15,7 +15,6 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import anyio
@@ -426,12 +425,6 @@ def drain(q: brokerq.Queue) -> list[bytes]:
             got.append(q.get(timeout=0.5))
         except brokerq.Empty:
             return got
-
-
-@pytest.fixture
-def observer(socket_path: str) -> Iterator[brokerq.Client]:
-    with brokerq.connect(socket_path) as c:
-        yield c
 
 
 def test_deliveries_read_with_the_consume_reply_are_not_left_unread(

@@ -32,13 +32,6 @@ def client(socket_path: str) -> Iterator[brokerq.Client]:
         yield c
 
 
-@pytest.fixture
-def observer(socket_path: str) -> Iterator[brokerq.Client]:
-    """A second client of the same broker, without a window, to look with."""
-    with brokerq.connect(socket_path) as c:
-        yield c
-
-
 def unacknowledged(client: brokerq.Client) -> int:
     """The calling thread's windowed puts whose replies were not read yet."""
     lane = getattr(client._local, "lane", None)
