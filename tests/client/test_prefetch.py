@@ -765,7 +765,8 @@ def test_async_prefetch_gets_reserves_and_loses_nothing_to_a_cancel(
             async with anyio.create_task_group() as tg:
                 tg.start_soon(one)
                 tg.start_soon(one)
-                await anyio.sleep(0.05)
+                await anyio.wait_all_tasks_blocked()
+                assert results == []  # both wait
                 await q.put_many([b"x", b"y"])
             assert sorted(results) == [b"x", b"y"]
             r = client.queue("r")
