@@ -681,9 +681,11 @@ def test_a_forked_child_opens_a_stream_of_its_own(
             finally:
                 os._exit(0)
         os.close(write_end)
-        assert os.read(read_end, 100) == b"5"  # the first not buffered by the parent
-        os.waitpid(pid, 0)
-        os.close(read_end)
+        try:
+            assert os.read(read_end, 100) == b"5"  # the first not buffered by the parent
+        finally:
+            os.close(read_end)
+            os.waitpid(pid, 0)  # the child exits within its get's timeout
         assert q.get(timeout=5) == b"1"  # the parent's stream goes on
 
 
