@@ -496,6 +496,9 @@ def test_a_block_not_run_says_why(where: str, reason: str) -> None:
 
 
 def test_every_block_is_an_example_or_not_one() -> None:
+    # The examples are found at all: a parser that found none would leave
+    # test_the_examples_of_a_section_run_as_written with nothing to run.
+    assert any(s.document.name == "README.md" for s in RUN), "no example found in README.md"
     for document in DOCUMENTS:
         lines = document.read_text().splitlines()
         markers = [line for line in lines if line.startswith("<!--") and "not run" in line]
