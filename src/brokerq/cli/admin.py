@@ -44,7 +44,7 @@ def topics(state: State) -> None:
 )
 @pass_state
 def stats(state: State, queue: str | None, as_json: bool, as_prom: bool) -> None:
-    """Print the stats of QUEUE, or of the broker and all its queues."""
+    """Print the stats of QUEUE, or of the broker with tables of its queues and topics."""
     if as_json and as_prom:
         raise click.UsageError(
             "--json and --prom are mutually exclusive.", click.get_current_context()
