@@ -144,11 +144,28 @@ class InternalError(BrokerqError):
     code = "internal"
 
 
-_RAISED: list[type[BrokerqError]] = [Empty, Full, MessageTooLarge, InvalidRequest, LeaseLost]
-_RAISED += [PermissionDenied, LocalProtocolError, VersionMismatch, ShuttingDown, BrokerBusy]
-_RAISED += [SubscriberOverflow, JoinTimeout, InternalError]
-BY_CODE = {cls.code: cls for cls in _RAISED}
-#: Both mean the broker judged *our* bytes bad: a local protocol error.
+#: The exception a client raises for each wire code. ``bad_request`` and
+#: ``bad_frame`` both mean the broker judged *our* bytes bad: a local
+#: protocol error (``bad_frame`` is the code of the RemoteProtocolError
+#: the broker raised, from its side, for them).
+BY_CODE: dict[str, type[BrokerqError]] = {
+    cls.code: cls
+    for cls in (
+        Empty,
+        Full,
+        MessageTooLarge,
+        InvalidRequest,
+        LeaseLost,
+        PermissionDenied,
+        LocalProtocolError,
+        VersionMismatch,
+        ShuttingDown,
+        BrokerBusy,
+        SubscriberOverflow,
+        JoinTimeout,
+        InternalError,
+    )
+}
 BY_CODE["bad_frame"] = LocalProtocolError
 
 

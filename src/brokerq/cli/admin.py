@@ -44,7 +44,7 @@ def topics(state: State) -> None:
 )
 @pass_state
 def stats(state: State, queue: str | None, as_json: bool, as_prom: bool) -> None:
-    """Print the stats of QUEUE, or of the broker and all its queues."""
+    """Print the stats of QUEUE, or of the broker with tables of its queues and topics."""
     if as_json and as_prom:
         raise click.UsageError(
             "--json and --prom are mutually exclusive.", click.get_current_context()
@@ -113,6 +113,10 @@ def ping(state: State) -> None:
 @cli.command()
 @pass_state
 def stop(state: State) -> None:
-    """Ask the broker to exit. Never starts one."""
+    """Ask the broker to exit, and wait until it has. Never starts one.
+
+    If none is running, says so on stderr and exits 0. The messages stay in
+    its journal; waiting consumers start the next broker.
+    """
     if not state.client.stop():
         click.echo(f"brokerq: no broker is running at {state.client.socket_path}", err=True)

@@ -380,8 +380,8 @@ def consume(state: State, /, queue: str, command: tuple[str, ...], **options: An
     CMD exiting 0 acks the message. A failure (another exit status, a
     signal, a command that cannot start) releases it for a retry after
     --retry-delay, or buries it if that was its last attempt (`brokerq kick
-    QUEUE` puts it back). Messages are reserved, and their leases renewed while CMD runs,
-    so if consume dies they are delivered again, not lost.
+    QUEUE` puts it back). Messages are reserved, and their leases renewed
+    while CMD runs, so if consume dies they are delivered again, not lost.
 
     SIGINT or SIGTERM stops taking messages, lets running commands finish
     and settles each by its result, then exits 0. A second signal (or the

@@ -211,7 +211,7 @@ def purge(state: State, queue: str) -> None:
 
 @cli.command()
 @click.argument("queue")
-@count("-n", "count", default=1, show_default=True)
+@count("-n", "count", default=1, show_default=True, help="The most messages to move.")
 @pass_state
 def kick(state: State, queue: str, count: int) -> None:
     """Return up to N buried messages of QUEUE to ready; print how many.
