@@ -33,7 +33,15 @@ from ..protocol import PROTOCOL_VERSION
 from ..version import __version__
 from . import streaming
 from .core import limits
-from .delivery import SENT, Deliveries, Delivery, empty, join_timeout, put_options
+from .delivery import (
+    SENT,
+    Deliveries,
+    Delivery,
+    empty,
+    join_timeout,
+    put_options,
+    shutting_down,
+)
 from .feeds import OVERFLOW_GRACE_SECONDS, LiveFeed
 from .journal import JournalFailed
 from .wakeup import PeerGone, wake, wake_all
@@ -176,7 +184,7 @@ class Connection(Deliveries):
         if self.broker.closing:
             woken = streaming.taken_while_closing(self, request)
             if woken is None:
-                self._reply_error(request.id, "shutting_down", "the broker is stopping")
+                protocol.append_frame(self.out, shutting_down(request.id))
             else:
                 wake_all(woken)
             return
