@@ -76,8 +76,7 @@ class Connection(Deliveries):
                 await self._handle_buffered()
                 await self._flush()
                 if self.broker.closing:
-                    await self._drain()
-                    return
+                    break
                 self.idle = True
                 data = await self._receive_in_time()
                 self.idle = False
@@ -86,10 +85,9 @@ class Connection(Deliveries):
                     # reads on: the replies it is owed go first, however long
                     # their fsync takes (a put admitted before the end was
                     # read: protocol.md 4, "End of a connection").
-                    if self.pending:
-                        await self._wait_drained()
-                    return
+                    break
                 self.reader.feed(data)
+            await self._drain()
         finally:
             if self.pending and not self.commit_failed:
                 # Cut while replies wait for their fsync (a stopping broker
