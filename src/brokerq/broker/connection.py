@@ -33,7 +33,15 @@ from ..protocol import PROTOCOL_VERSION
 from ..version import __version__
 from . import streaming
 from .core import limits
-from .delivery import SENT, Deliveries, Delivery, empty, join_timeout, put_options
+from .delivery import (
+    SENT,
+    Deliveries,
+    Delivery,
+    empty,
+    join_timeout,
+    put_options,
+    shutting_down,
+)
 from .feeds import OVERFLOW_GRACE_SECONDS, LiveFeed
 from .journal import JournalFailed
 from .wakeup import PeerGone, wake, wake_all
@@ -68,8 +76,7 @@ class Connection(Deliveries):
                 await self._handle_buffered()
                 await self._flush()
                 if self.broker.closing:
-                    await self._drain()
-                    return
+                    break
                 self.idle = True
                 data = await self._receive_in_time()
                 self.idle = False
@@ -78,10 +85,9 @@ class Connection(Deliveries):
                     # reads on: the replies it is owed go first, however long
                     # their fsync takes (a put admitted before the end was
                     # read: protocol.md 4, "End of a connection").
-                    if self.pending:
-                        await self._wait_drained()
-                    return
+                    break
                 self.reader.feed(data)
+            await self._drain()
         finally:
             if self.pending and not self.commit_failed:
                 # Cut while replies wait for their fsync (a stopping broker
@@ -176,7 +182,7 @@ class Connection(Deliveries):
         if self.broker.closing:
             woken = streaming.taken_while_closing(self, request)
             if woken is None:
-                self._reply_error(request.id, "shutting_down", "the broker is stopping")
+                protocol.append_frame(self.out, shutting_down(request.id))
             else:
                 wake_all(woken)
             return

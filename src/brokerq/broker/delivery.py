@@ -96,7 +96,7 @@ class Deliveries(Replies):
         """The reply to a parked request that was not served: ``error``, or
         ``shutting_down`` if the broker stops."""
         if self.broker.closing:
-            return Error(id=error.id, code="shutting_down", message="the broker is stopping")
+            return shutting_down(error.id)
         return error
 
     async def _wait_for_room(self, request: protocol.Put | protocol.PutMany) -> protocol.AnyReply:
@@ -281,6 +281,10 @@ class Deliveries(Replies):
 
 def put_options(request: protocol.Put | protocol.PutMany) -> dict[str, Any]:
     return {"priority": request.priority, "delay": request.delay, "ttl": request.ttl}
+
+
+def shutting_down(request_id: int) -> Error:
+    return Error(id=request_id, code="shutting_down", message="the broker is stopping")
 
 
 def empty(request_id: int, queue: str) -> Error:

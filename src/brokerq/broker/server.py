@@ -17,8 +17,6 @@ import math
 import os
 import signal
 import socket as stdlib_socket
-import time
-from collections.abc import Callable
 from typing import Final
 
 import trio
@@ -37,8 +35,7 @@ from .broker_base import (
 )
 from .config import BrokerConfig
 from .connection import Connection
-from .core import BrokerCore, limits
-from .journal import Journal
+from .core import limits
 from .unixstream import UnixStream
 from .wakeup import PeerGone, wake
 
@@ -60,19 +57,14 @@ REFUSE_LOG_SECONDS: Final = 60.0
 class Broker(BrokerBase):
     """One broker process: :class:`BrokerBase` serving a socket (or streams)."""
 
-    def __init__(
-        self,
-        config: BrokerConfig,
-        core: BrokerCore | None = None,
-        journal: Journal | None = None,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        super().__init__(config, core, journal, clock)
-        self._live: set[Connection] = set()
-        self.accepted_total = 0
-        self.last_activity = 0.0
-        self._lingering = 0  # connections refused as busy, lingering
-        self._busy_logged_at = -math.inf
+    # BrokerBase's __init__ is Broker's: these start as class-wide values
+    # (each replaced on the instance when first changed), and the set of live
+    # connections is made by serve, which everything that uses it runs under.
+    _live: set[Connection]
+    accepted_total = 0
+    last_activity = 0.0
+    _lingering = 0  # connections refused as busy, lingering
+    _busy_logged_at = -math.inf
 
     async def serve(
         self,
@@ -85,6 +77,7 @@ class Broker(BrokerBase):
         and exit too (docs/usage.md, "Compaction"): at once if the live data
         is small, else in a thread while serving (at start) or not (at exit).
         """
+        self._live = set()
         self.started_at = self.last_activity = trio.current_time()
         self._token = trio.lowlevel.current_trio_token()
         if self.journal is None or self.journal.syncs == "never":
