@@ -156,7 +156,7 @@ class AsyncStreams(Pool["_AsyncStreamed"]):
                     raise
 
     async def _open_stream(self, streamed: _AsyncStreamed) -> AsyncConnection:
-        conn = await AsyncConnection.open(self.socket_path, self.timeout, spawn=self.starts_broker)
+        conn = await self._dial()
         if self._closed:
             await conn.aclose()
             raise calls.closed_client()
@@ -216,7 +216,7 @@ class AsyncStreams(Pool["_AsyncStreamed"]):
         if self._closed:
             raise calls.closed_client()
         try:
-            conn = await AsyncConnection.open(self.socket_path, self.timeout, spawn=False)
+            conn = await self._dial(spawn=False)
         except VersionMismatch as exc:
             older = calls.older_broker(exc)
             if older is None:
@@ -302,9 +302,7 @@ class AsyncSubscription:
     async def _subscribe_once(self, timeout: float) -> None:
         if self.client._closed:
             raise calls.closed_client()
-        conn = await AsyncConnection.open(
-            self.client.socket_path, timeout, spawn=self.client.starts_broker
-        )
+        conn = await self.client._dial(timeout)
         try:
             call = self._live.call
             request_id = conn.wire.encode(call.kind, call.fields)

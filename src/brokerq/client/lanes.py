@@ -276,15 +276,23 @@ class Lanes:
         finally:
             lane.busy = False
 
+    def _dial(self, timeout: float | None = None, *, spawn: bool = True) -> Connection:
+        """A new connection (within ``timeout``, else the client's); it
+        spawns a broker only if asked to and this client starts brokers."""
+        return Connection(
+            self.socket_path,
+            self.timeout if timeout is None else timeout,
+            spawn=spawn and self.starts_broker,
+            spin=self.spin,
+        )
+
     def _lane_connection(self, lane: _Lane, spawn: bool = True) -> Connection:
         """The connection of ``lane``, which the caller holds, opened on demand."""
         conn = lane.conn
         if conn is None or conn.closed:
             if self._closed:
                 raise calls.closed_client()
-            conn = Connection(
-                self.socket_path, self.timeout, spawn=spawn and self.starts_broker, spin=self.spin
-            )
+            conn = self._dial(spawn=spawn)
             self._connections.append(conn)
             if self._closed:  # by another thread, or a call nested in this one, meanwhile
                 conn.close()
