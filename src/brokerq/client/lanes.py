@@ -30,7 +30,7 @@ from ..pause import pause
 from ..spawn import broker_running, resolve_socket_path, still_running
 from . import api, calls, prefetch
 from .api import Op
-from .calls import BrokerStopping, Call, ConnectionLost
+from .calls import Call, ConnectionLost
 from .sockio import Connection, retire_older_broker, spin_from_environment
 
 R = TypeVar("R", bound=protocol.Reply)
@@ -351,8 +351,7 @@ class Lanes:
                 try:
                     return conn.request(call.expect, call.kind, limit, **attempts.fields)
                 except ConnectionLost as exc:
-                    refused = isinstance(exc, BrokerStopping)
-                    if not attempts.again(time.monotonic(), refused=refused):
+                    if not attempts.again(time.monotonic(), exc):
                         raise
         finally:
             lane.busy = False

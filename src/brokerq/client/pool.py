@@ -44,7 +44,7 @@ from ..errors import (
 from ..protocol import HelloReply, ReserveReply
 from ..spawn import connect_or_spawn, resolve_socket_path
 from . import calls
-from .calls import BrokerStopping, Call, ConnectionLost
+from .calls import Call, ConnectionLost
 from .sockio import retire_older_broker
 
 R = TypeVar("R", bound=protocol.Reply)
@@ -405,8 +405,7 @@ class Pool(Generic[S]):
             except ConnectionLost as exc:  # (or a stopping broker's refusal)
                 if conn.broken:
                     await self._forget(conn.hello.pid)
-                refused = isinstance(exc, BrokerStopping)
-                if not attempts.again(anyio.current_time(), refused=refused):
+                if not attempts.again(anyio.current_time(), exc):
                     raise
             finally:
                 await self._release(conn)

@@ -121,10 +121,12 @@ class Attempts:
         self.started = now
         return None if self.deadline is None else max(self.deadline - now, 0.001)
 
-    def again(self, now: float, *, refused: bool = False) -> bool:
-        """The attempt lost its connection (``refused``: the broker refused
-        the request as it stops, :class:`BrokerStopping`): may the call be
-        sent again?"""
+    def again(self, now: float, cause: ConnectionLost | None = None) -> bool:
+        """The attempt lost its connection (``cause``: what said so; a
+        :class:`BrokerStopping` is a stopping broker's refusal of the
+        request, which may be sent again if the call allows it): may the
+        call be sent again?"""
+        refused = isinstance(cause, BrokerStopping)
         if self.deadline is None and (self.retry_until is None or now - self.started > self.grace):
             # No deadline of its own (it may wait for ever): reconnecting
             # may take the grace, counted from this loss.
