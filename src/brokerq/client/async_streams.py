@@ -16,11 +16,11 @@ from ..errors import (
     LocalProtocolError,
     VersionMismatch,
 )
-from ..spawn import broker_running, still_running
+from ..spawn import still_running
 from . import calls, prefetch
 from .calls import Call, ConnectionLost
 from .pool import _STREAM_ERRORS, RECEIVE_SIZE, AsyncConnection, Pool
-from .sockio import retire_older_broker
+from .sockio import stop_unopened
 
 R = TypeVar("R", bound=protocol.Reply)
 
@@ -217,17 +217,10 @@ class AsyncStreams(Pool["_AsyncStreamed"]):
             raise calls.closed_client()
         try:
             conn = await self._dial(spawn=False)
-        except VersionMismatch as exc:
-            older = calls.older_broker(exc)
-            if older is None:
-                raise
-            deadline = time.monotonic() + self.timeout
-            await anyio.to_thread.run_sync(retire_older_broker, self.socket_path, older, deadline)
-            return True
-        except BrokerUnavailable:
-            if broker_running(self.socket_path):
-                raise  # it holds its lock but does not answer: say so
-            return False
+        except (VersionMismatch, BrokerUnavailable) as exc:
+            return await anyio.to_thread.run_sync(
+                stop_unopened, self.socket_path, exc, self.timeout
+            )
         deadline = anyio.current_time() + self.timeout
         try:
             await conn.request(calls.stop(), self.timeout)

@@ -27,11 +27,11 @@ from typing import Any, Self, TypeVar
 from .. import protocol
 from ..errors import BrokerUnavailable, VersionMismatch
 from ..pause import pause
-from ..spawn import broker_running, resolve_socket_path, still_running
+from ..spawn import resolve_socket_path, still_running
 from . import api, calls, prefetch
 from .api import Op
 from .calls import Call, ConnectionLost
-from .sockio import Connection, retire_older_broker, spin_from_environment
+from .sockio import Connection, spin_from_environment, stop_unopened
 
 R = TypeVar("R", bound=protocol.Reply)
 
@@ -405,16 +405,8 @@ class Lanes:
                 lane.conn.close()
             try:
                 conn = self._lane_connection(lane, spawn=False)
-            except VersionMismatch as exc:
-                older = calls.older_broker(exc)
-                if older is None:
-                    raise
-                retire_older_broker(self.socket_path, older, time.monotonic() + self.timeout)
-                return True
-            except BrokerUnavailable:
-                if broker_running(self.socket_path):
-                    raise  # it holds its lock but does not answer: say so
-                return False
+            except (VersionMismatch, BrokerUnavailable) as exc:
+                return stop_unopened(self.socket_path, exc, self.timeout)
             deadline = time.monotonic() + self.timeout
             try:
                 stop = calls.stop()
