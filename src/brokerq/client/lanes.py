@@ -27,11 +27,11 @@ from typing import Any, Self, TypeVar
 from .. import protocol
 from ..errors import BrokerUnavailable, VersionMismatch
 from ..pause import pause
-from ..spawn import resolve_socket_path, still_running
+from ..spawn import resolve_socket_path
 from . import api, calls, prefetch
 from .api import Op
 from .calls import Call, ConnectionLost
-from .sockio import Connection, spin_from_environment, stop_unopened
+from .sockio import Connection, spin_from_environment, stop_unopened, wait_stopped
 
 R = TypeVar("R", bound=protocol.Reply)
 
@@ -418,8 +418,5 @@ class Lanes:
         finally:
             lane.busy = False
         pause("client.stop_sent")
-        while still_running(self.socket_path, conn.broker_pid):
-            if time.monotonic() > deadline:
-                raise calls.not_stopped(self.socket_path, self.timeout)
-            time.sleep(0.005)
+        wait_stopped(self.socket_path, conn.broker_pid, deadline, self.timeout)
         return True

@@ -305,9 +305,16 @@ def retire_older_broker(socket_path: str, version: int, deadline: float) -> None
         sock.sendall(calls.retirement(version))
         while sock.recv(65536):
             pass  # its replies, then the end of the connection as it stops
+    wait_stopped(socket_path, pid, deadline, deadline - start)
+
+
+def wait_stopped(socket_path: str, pid: int | None, deadline: float, waited: float) -> None:
+    """Wait until the broker ``pid`` holds the lock of ``socket_path`` no
+    more (:func:`still_running`); past ``deadline``, raise that it did not
+    stop within ``waited`` seconds."""
     while still_running(socket_path, pid):
         if time.monotonic() > deadline:
-            raise calls.not_stopped(socket_path, deadline - start)
+            raise calls.not_stopped(socket_path, waited)
         time.sleep(0.005)
 
 
