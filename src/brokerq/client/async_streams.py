@@ -16,11 +16,11 @@ from ..errors import (
     LocalProtocolError,
     VersionMismatch,
 )
-from ..spawn import broker_running, still_running
+from ..spawn import still_running
 from . import calls, prefetch
 from .calls import Call, ConnectionLost
 from .pool import _STREAM_ERRORS, RECEIVE_SIZE, AsyncConnection, Pool
-from .sockio import retire_older_broker
+from .sockio import stop_unopened
 
 R = TypeVar("R", bound=protocol.Reply)
 
@@ -156,7 +156,7 @@ class AsyncStreams(Pool["_AsyncStreamed"]):
                     raise
 
     async def _open_stream(self, streamed: _AsyncStreamed) -> AsyncConnection:
-        conn = await AsyncConnection.open(self.socket_path, self.timeout, spawn=self.starts_broker)
+        conn = await self._dial()
         if self._closed:
             await conn.aclose()
             raise calls.closed_client()
@@ -216,18 +216,11 @@ class AsyncStreams(Pool["_AsyncStreamed"]):
         if self._closed:
             raise calls.closed_client()
         try:
-            conn = await AsyncConnection.open(self.socket_path, self.timeout, spawn=False)
-        except VersionMismatch as exc:
-            older = calls.older_broker(exc)
-            if older is None:
-                raise
-            deadline = time.monotonic() + self.timeout
-            await anyio.to_thread.run_sync(retire_older_broker, self.socket_path, older, deadline)
-            return True
-        except BrokerUnavailable:
-            if broker_running(self.socket_path):
-                raise  # it holds its lock but does not answer: say so
-            return False
+            conn = await self._dial(spawn=False)
+        except (VersionMismatch, BrokerUnavailable) as exc:
+            return await anyio.to_thread.run_sync(
+                stop_unopened, self.socket_path, exc, self.timeout
+            )
         deadline = anyio.current_time() + self.timeout
         try:
             await conn.request(calls.stop(), self.timeout)
@@ -302,9 +295,7 @@ class AsyncSubscription:
     async def _subscribe_once(self, timeout: float) -> None:
         if self.client._closed:
             raise calls.closed_client()
-        conn = await AsyncConnection.open(
-            self.client.socket_path, timeout, spawn=self.client.starts_broker
-        )
+        conn = await self.client._dial(timeout)
         try:
             call = self._live.call
             request_id = conn.wire.encode(call.kind, call.fields)

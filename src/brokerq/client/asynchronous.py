@@ -272,8 +272,14 @@ class AsyncQueue:
         maxsize: int | None = None,
         max_bytes: int | None = None,
     ) -> dict[str, Any]:
-        settings = {"max_deliveries": max_deliveries, "maxsize": maxsize, "max_bytes": max_bytes}
-        return await self._do(api.configure(self.name, lease=lease, **settings))
+        op = api.configure(
+            self.name,
+            max_deliveries=max_deliveries,
+            lease=lease,
+            maxsize=maxsize,
+            max_bytes=max_bytes,
+        )
+        return await self._do(op)
 
     async def delete(self) -> int:
         return await self._do(api.delete(self.name))

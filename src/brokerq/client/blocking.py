@@ -220,14 +220,14 @@ class Queue:
         maxsize: int | None = None,
         max_bytes: int | None = None,
     ) -> dict[str, Any]:
-        settings = api.configure(
+        op = api.configure(
             self.name,
             max_deliveries=max_deliveries,
             lease=lease,
             maxsize=maxsize,
             max_bytes=max_bytes,
         )
-        return self.client.do(settings)
+        return self.client.do(op)
 
     def delete(self) -> int:
         return self.client.do(api.delete(self.name))

@@ -27,11 +27,11 @@ from typing import Any, Self, TypeVar
 from .. import protocol
 from ..errors import BrokerUnavailable, VersionMismatch
 from ..pause import pause
-from ..spawn import broker_running, resolve_socket_path, still_running
+from ..spawn import resolve_socket_path
 from . import api, calls, prefetch
 from .api import Op
-from .calls import BrokerStopping, Call, ConnectionLost
-from .sockio import Connection, retire_older_broker, spin_from_environment
+from .calls import Call, ConnectionLost
+from .sockio import Connection, spin_from_environment, stop_unopened, wait_stopped
 
 R = TypeVar("R", bound=protocol.Reply)
 
@@ -276,15 +276,23 @@ class Lanes:
         finally:
             lane.busy = False
 
+    def _dial(self, timeout: float | None = None, *, spawn: bool = True) -> Connection:
+        """A new connection (within ``timeout``, else the client's); it
+        spawns a broker only if asked to and this client starts brokers."""
+        return Connection(
+            self.socket_path,
+            self.timeout if timeout is None else timeout,
+            spawn=spawn and self.starts_broker,
+            spin=self.spin,
+        )
+
     def _lane_connection(self, lane: _Lane, spawn: bool = True) -> Connection:
         """The connection of ``lane``, which the caller holds, opened on demand."""
         conn = lane.conn
         if conn is None or conn.closed:
             if self._closed:
                 raise calls.closed_client()
-            conn = Connection(
-                self.socket_path, self.timeout, spawn=spawn and self.starts_broker, spin=self.spin
-            )
+            conn = self._dial(spawn=spawn)
             self._connections.append(conn)
             if self._closed:  # by another thread, or a call nested in this one, meanwhile
                 conn.close()
@@ -343,8 +351,7 @@ class Lanes:
                 try:
                     return conn.request(call.expect, call.kind, limit, **attempts.fields)
                 except ConnectionLost as exc:
-                    refused = isinstance(exc, BrokerStopping)
-                    if not attempts.again(time.monotonic(), refused=refused):
+                    if not attempts.again(time.monotonic(), exc):
                         raise
         finally:
             lane.busy = False
@@ -398,16 +405,8 @@ class Lanes:
                 lane.conn.close()
             try:
                 conn = self._lane_connection(lane, spawn=False)
-            except VersionMismatch as exc:
-                older = calls.older_broker(exc)
-                if older is None:
-                    raise
-                retire_older_broker(self.socket_path, older, time.monotonic() + self.timeout)
-                return True
-            except BrokerUnavailable:
-                if broker_running(self.socket_path):
-                    raise  # it holds its lock but does not answer: say so
-                return False
+            except (VersionMismatch, BrokerUnavailable) as exc:
+                return stop_unopened(self.socket_path, exc, self.timeout)
             deadline = time.monotonic() + self.timeout
             try:
                 stop = calls.stop()
@@ -419,8 +418,5 @@ class Lanes:
         finally:
             lane.busy = False
         pause("client.stop_sent")
-        while still_running(self.socket_path, conn.broker_pid):
-            if time.monotonic() > deadline:
-                raise calls.not_stopped(self.socket_path, self.timeout)
-            time.sleep(0.005)
+        wait_stopped(self.socket_path, conn.broker_pid, deadline, self.timeout)
         return True

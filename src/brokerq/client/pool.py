@@ -44,7 +44,7 @@ from ..errors import (
 from ..protocol import HelloReply, ReserveReply
 from ..spawn import connect_or_spawn, resolve_socket_path
 from . import calls
-from .calls import BrokerStopping, Call, ConnectionLost
+from .calls import Call, ConnectionLost
 from .sockio import retire_older_broker
 
 R = TypeVar("R", bound=protocol.Reply)
@@ -323,6 +323,15 @@ class Pool(Generic[S]):
 
     # -- the pool ----------------------------------------------------------
 
+    async def _dial(self, timeout: float | None = None, *, spawn: bool = True) -> AsyncConnection:
+        """A new connection (within ``timeout``, else the client's); it
+        spawns a broker only if asked to and this client starts brokers."""
+        return await AsyncConnection.open(
+            self.socket_path,
+            self.timeout if timeout is None else timeout,
+            spawn=spawn and self.starts_broker,
+        )
+
     async def _acquire(self, *, spawn: bool = True) -> AsyncConnection:
         """An idle connection, else a new one (connecting, or spawning, now)."""
         while True:
@@ -334,9 +343,7 @@ class Pool(Generic[S]):
             if not conn.broken:
                 return conn
             await self._discard(conn)
-        conn = await AsyncConnection.open(
-            self.socket_path, self.timeout, spawn=spawn and self.starts_broker
-        )
+        conn = await self._dial(spawn=spawn)
         if self._closed:
             await conn.aclose()
             raise calls.closed_client()
@@ -398,8 +405,7 @@ class Pool(Generic[S]):
             except ConnectionLost as exc:  # (or a stopping broker's refusal)
                 if conn.broken:
                     await self._forget(conn.hello.pid)
-                refused = isinstance(exc, BrokerStopping)
-                if not attempts.again(anyio.current_time(), refused=refused):
+                if not attempts.again(anyio.current_time(), exc):
                     raise
             finally:
                 await self._release(conn)

@@ -30,8 +30,8 @@ from collections.abc import Callable, Iterator
 from typing import Any, Final, TypeVar
 
 from .. import protocol
-from ..errors import InvalidRequest, RemoteProtocolError, VersionMismatch
-from ..spawn import connect_or_spawn, lock_holder_pid, still_running
+from ..errors import BrokerUnavailable, InvalidRequest, RemoteProtocolError, VersionMismatch
+from ..spawn import broker_running, connect_or_spawn, lock_holder_pid, still_running
 from . import calls
 from .calls import ConnectionLost
 
@@ -305,7 +305,31 @@ def retire_older_broker(socket_path: str, version: int, deadline: float) -> None
         sock.sendall(calls.retirement(version))
         while sock.recv(65536):
             pass  # its replies, then the end of the connection as it stops
+    wait_stopped(socket_path, pid, deadline, deadline - start)
+
+
+def wait_stopped(socket_path: str, pid: int | None, deadline: float, waited: float) -> None:
+    """Wait until the broker ``pid`` holds the lock of ``socket_path`` no
+    more (:func:`still_running`); past ``deadline``, raise that it did not
+    stop within ``waited`` seconds."""
     while still_running(socket_path, pid):
         if time.monotonic() > deadline:
-            raise calls.not_stopped(socket_path, deadline - start)
+            raise calls.not_stopped(socket_path, waited)
         time.sleep(0.005)
+
+
+def stop_unopened(
+    socket_path: str, exc: VersionMismatch | BrokerUnavailable, timeout: float
+) -> bool:
+    """``stop`` found no broker to connect to (``exc``): True if it was an
+    older broker, now retired (without starting another); False if none is
+    running. Else raises ``exc``: a newer broker, or one that holds its
+    lock but does not answer."""
+    if isinstance(exc, VersionMismatch):
+        older = calls.older_broker(exc)
+        if older is not None:
+            retire_older_broker(socket_path, older, time.monotonic() + timeout)
+            return True
+    elif not broker_running(socket_path):
+        return False
+    raise exc

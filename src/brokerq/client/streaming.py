@@ -101,7 +101,7 @@ class Streaming(Lanes):
         """A new connection with the stream open on it; None if the broker
         does not know ``consume`` (older than this client: the queue is
         then read with plain requests)."""
-        conn = Connection(self.socket_path, self.timeout, spawn=self.starts_broker, spin=self.spin)
+        conn = self._dial()
         self._connections.append(conn)
         if self._closed:
             conn.close()
@@ -247,10 +247,7 @@ class Subscription:
         give_up = time.monotonic() + timeout
         while True:
             left = max(give_up - time.monotonic(), 0.001)
-            client = self.client
-            conn = Connection(
-                client.socket_path, left, spawn=client.starts_broker, spin=client.spin
-            )
+            conn = self.client._dial(left)
             try:
                 with conn.exchange(timeout):
                     call = self._live.call

@@ -18,8 +18,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from .. import protocol
-from ..errors import InvalidRequest, ShuttingDown
-from .wire import Attempts, Call, Wire
+from ..errors import InvalidRequest
+from .wire import Attempts, Call, Wire, refused
 
 # -- put keys ----------------------------------------------------------------
 
@@ -175,9 +175,7 @@ class PutWindow:
         be sent again, and the window is lost as with its connection
         (:class:`BrokerStopping`)."""
         head = self.pending[0]
-        if reply.id == head.request_id and not (
-            type(reply) is protocol.Error and reply.code == ShuttingDown.code
-        ):
+        if reply.id == head.request_id and not refused(reply):
             self.pending.popleft()
             self.sent -= 1
             if not self.pending:

@@ -121,16 +121,18 @@ class Attempts:
         self.started = now
         return None if self.deadline is None else max(self.deadline - now, 0.001)
 
-    def again(self, now: float, *, refused: bool = False) -> bool:
-        """The attempt lost its connection (``refused``: the broker refused
-        the request as it stops, :class:`BrokerStopping`): may the call be
-        sent again?"""
+    def again(self, now: float, cause: ConnectionLost | None = None) -> bool:
+        """The attempt lost its connection (``cause``: what said so; a
+        :class:`BrokerStopping` is a stopping broker's refusal of the
+        request, which may be sent again if the call allows it): may the
+        call be sent again?"""
+        stopping = isinstance(cause, BrokerStopping)
         if self.deadline is None and (self.retry_until is None or now - self.started > self.grace):
             # No deadline of its own (it may wait for ever): reconnecting
             # may take the grace, counted from this loss.
             self.retry_until = now + self.grace
         assert self.retry_until is not None
-        if not (self.call.retry or (refused and self.call.resend_refused)):
+        if not (self.call.retry or (stopping and self.call.resend_refused)):
             return False
         if now >= self.retry_until:
             return False
@@ -209,7 +211,7 @@ class Wire:
                 close()  # the broker closes these connections
             if reply.code == "version":
                 raise VersionMismatch(reply.message, reply.version)
-            if _refused(reply):
+            if refused(reply):
                 raise BrokerStopping(reply.message)
             raise from_code(reply.code, reply.message)
         if not isinstance(reply, expect):
@@ -240,7 +242,7 @@ class Wire:
         return ConnectionLost(f"lost the connection to the broker at {self.socket_path}: {exc}")
 
 
-def _refused(reply: protocol.AnyReply) -> bool:
+def refused(reply: protocol.AnyReply) -> bool:
     """Whether ``reply`` is a stopping broker's refusal (:class:`BrokerStopping`)."""
     return isinstance(reply, protocol.Error) and reply.code == ShuttingDown.code
 
