@@ -1,171 +1,122 @@
 """The exceptions of brokerq's public API (docs/usage.md, "Errors").
 
-Every error that leaves the public API is a :class:`BrokerqError`; no bare
-``OSError`` or msgspec error escapes. An error the broker reports on the
-wire carries a stable ``code`` (docs/protocol.md); :data:`BY_CODE` maps each
-to the exception a client raises for it.
+Every error that leaves the public API is a :class:`BrokerqError`. An error
+the broker reports on the wire carries a stable ``code`` (docs/protocol.md);
+:data:`BY_CODE` maps each to the exception a client raises for it.
 """
 
 from __future__ import annotations
 
 import queue as _stdlib_queue
+from typing import Any, ClassVar
 
 
 class BrokerqError(Exception):
-    """Base class of every error brokerq raises."""
+    """Base class of every error brokerq raises; a subclass names its wire
+    ``code`` as a class keyword, or inherits its parent's."""
 
-    code = "error"
+    code: ClassVar[str] = "error"
+
+    def __init_subclass__(cls, code: str | None = None, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if code is not None:
+            cls.code = code
 
 
-class Empty(BrokerqError, _stdlib_queue.Empty):
-    """No message arrived within the timeout (or the queue is empty); also a
-    :class:`queue.Empty`, so ``except queue.Empty:`` code works."""
-
-    code = "empty"
+class Empty(BrokerqError, _stdlib_queue.Empty, code="empty"):
+    """No message within the timeout; also a queue.Empty, so ``except queue.Empty:`` works."""
 
 
-class Full(BrokerqError, _stdlib_queue.Full):
-    """The queue stayed full until the timeout. Also a :class:`queue.Full`."""
-
-    code = "full"
+class Full(BrokerqError, _stdlib_queue.Full, code="full"):
+    """The queue stayed full until the timeout; also a queue.Full."""
 
 
 class QueueFull(Full):
     """The queue is at its maxsize or max_bytes: the put may wait for room.
-
-    The broker's core raises it; on the wire it is ``full``, so a client
-    raises plain :class:`Full` (as for the broker's total limit and a full
-    disk); ``except Full`` catches both.
-    """
+    The core raises it; on the wire it is ``full``, so a client raises plain Full."""
 
 
-class MessageTooLarge(BrokerqError):
+class MessageTooLarge(BrokerqError, code="too_large"):
     """A body is larger than the broker's ``max_message_size``."""
 
-    code = "too_large"
+
+class InvalidRequest(BrokerqError, ValueError, code="invalid"):
+    """An argument was refused: a bad queue name, a negative timeout, ..."""
 
 
-class InvalidRequest(BrokerqError, ValueError):
-    """An argument was refused: a bad queue name, a negative timeout, ...
-    Also a :class:`ValueError`, since that is what it is."""
-
-    code = "invalid"
-
-
-class BrokerUnavailable(BrokerqError):
+class BrokerUnavailable(BrokerqError, code="unavailable"):
     """No broker could be reached or started within the deadline."""
-
-    code = "unavailable"
 
 
 class ConnectionLost(BrokerUnavailable):
-    """The broker closed the connection or died (EOF, ECONNRESET, EPIPE).
-
-    The request may or may not have taken effect. The clients send it again
-    on a new connection where that is safe (docs/guarantees.md); this
-    escapes at once from the lease verbs and ``task_done``, never sent again,
-    and from the others once those tries failed too.
-    """
+    """The broker closed the connection or died (EOF, ECONNRESET, EPIPE): the
+    request may or may not have taken effect (docs/guarantees.md)."""
 
 
-class BrokerBusy(BrokerUnavailable):
-    """The broker already serves its ``--max-connections``: it answered this
-    connection ``busy`` and closed it. Close idle clients, or raise the limit."""
-
-    code = "busy"
+class BrokerBusy(BrokerUnavailable, code="busy"):
+    """The broker already serves its ``--max-connections`` and refused this connection."""
 
 
-class PermissionDenied(BrokerqError):
+class PermissionDenied(BrokerqError, code="permission"):
     """The socket directory is unsafe, or the peer runs as another user."""
 
-    code = "permission"
 
-
-class ProtocolError(BrokerqError):
+class ProtocolError(BrokerqError, code="protocol"):
     """The protocol was broken; see the two sides below."""
 
-    code = "protocol"
 
-
-class LocalProtocolError(ProtocolError):
+class LocalProtocolError(ProtocolError, code="bad_request"):
     """This side misused the protocol (as judged by itself or by the peer)."""
 
-    code = "bad_request"
 
-
-class RemoteProtocolError(ProtocolError):
+class RemoteProtocolError(ProtocolError, code="bad_frame"):
     """The peer sent bytes that are not a valid frame or reply."""
 
-    code = "bad_frame"
 
-
-class VersionMismatch(ProtocolError):
+class VersionMismatch(ProtocolError, code="version"):
     """The broker speaks another protocol version (``broker_version``, None if
     it did not say). A client retires an *older* broker and starts its own
     (docs/protocol.md, "Versioning rules"); for a newer one it raises this."""
-
-    code = "version"
 
     def __init__(self, message: str, broker_version: int | None = None) -> None:
         super().__init__(message)
         self.broker_version = broker_version
 
 
-class LeaseLost(BrokerqError):
+class LeaseLost(BrokerqError, code="lease_lost"):
     """A lease verb came after the lease ran out (the message was redelivered)."""
 
-    code = "lease_lost"
 
-
-class ShuttingDown(BrokerUnavailable):
+class ShuttingDown(BrokerUnavailable, code="shutting_down"):
     """The broker is stopping and takes no new work."""
 
-    code = "shutting_down"
+
+class SubscriberOverflow(BrokerqError, code="overflow"):
+    """A live subscriber fell too far behind the publishers and was dropped."""
 
 
-class SubscriberOverflow(BrokerqError):
-    """A live subscriber fell too far behind the publishers and was dropped
-    (the broker holds a bounded buffer for each). What was published
-    meanwhile is not replayed: a durable (queue) subscription keeps it."""
-
-    code = "overflow"
+class JoinTimeout(BrokerqError, TimeoutError, code="timeout"):
+    """``join(timeout=...)`` ran out before the queue's tasks were all done."""
 
 
-class JoinTimeout(BrokerqError, TimeoutError):
-    """``join(timeout=...)`` ran out before the queue's tasks were all done.
-    Also the builtin :class:`TimeoutError`, as a timed-out wait usually is."""
-
-    code = "timeout"
-
-
-class InternalError(BrokerqError):
+class InternalError(BrokerqError, code="internal"):
     """The broker hit a bug; its log has the details."""
-
-    code = "internal"
 
 
 #: The exception a client raises for each wire code. ``bad_request`` and
 #: ``bad_frame`` both mean the broker judged *our* bytes bad: a local
 #: protocol error (``bad_frame`` is the code of the RemoteProtocolError
 #: the broker raised, from its side, for them).
+# fmt: off
 BY_CODE: dict[str, type[BrokerqError]] = {
     cls.code: cls
     for cls in (
-        Empty,
-        Full,
-        MessageTooLarge,
-        InvalidRequest,
-        LeaseLost,
-        PermissionDenied,
-        LocalProtocolError,
-        VersionMismatch,
-        ShuttingDown,
-        BrokerBusy,
-        SubscriberOverflow,
-        JoinTimeout,
-        InternalError,
+        Empty, Full, MessageTooLarge, InvalidRequest, LeaseLost, PermissionDenied,
+        LocalProtocolError, VersionMismatch, ShuttingDown, BrokerBusy, SubscriberOverflow,
+        JoinTimeout, InternalError,
     )
 }
+# fmt: on
 BY_CODE["bad_frame"] = LocalProtocolError
 
 

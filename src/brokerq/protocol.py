@@ -1,15 +1,8 @@
 """The brokerq wire protocol, sans-IO: bytes in, frames out, and back.
 
-A frame is a 4-byte big-endian length, then one MessagePack map with an
-``op`` (its kind) and an ``id`` (picked by the client, echoed by the reply;
-0 marks an error about the connection). Replies come in request order, so a
-client may pipeline. ``docs/protocol.md`` is the normative description:
-change it first.
-
-No I/O here: :class:`FrameReader` splits received bytes into payloads,
-:func:`decode_request` / :func:`decode_reply` turn them into the frozen
-Structs below, :func:`append_frame` encodes one into a reused buffer. Every
-transport (the broker, both clients, the tests) drives these same pieces.
+``docs/protocol.md`` is the normative description of the frames: change it
+first. Every transport (the broker, both clients, the tests) drives these
+same pieces: :class:`FrameReader`, the decoders, :func:`append_frame`.
 """
 
 from __future__ import annotations
@@ -358,9 +351,8 @@ _loose_decoder: Final = msgspec.msgpack.Decoder()
 
 
 class InvalidRequestFrame(LocalProtocolError):
-    """A well-framed MessagePack map that is not a valid request: the broker
-    answers ``bad_request`` with ``request_id`` and reads on (with id 0, one
-    unreadable or reserved, it closes the connection after the error)."""
+    """A MessagePack map that is not a valid request: answered ``bad_request``
+    (with ``request_id`` 0, unreadable or reserved, the connection closes)."""
 
     def __init__(self, message: str, request_id: int) -> None:
         super().__init__(message)
@@ -378,8 +370,8 @@ def _peek_id(payload: bytes) -> int:
 
 
 def decode_request(payload: bytes) -> AnyRequest:
-    """Decode one frame payload sent by a client: InvalidRequestFrame for
-    MessagePack of the wrong shape, RemoteProtocolError for bytes that are not."""
+    """Decode a client's frame payload: InvalidRequestFrame for MessagePack of
+    the wrong shape, RemoteProtocolError for bytes that are not."""
     try:
         request = _request_decoder.decode(payload)
     except msgspec.ValidationError as exc:
@@ -415,10 +407,8 @@ def encode_frame(frame: Request | Reply) -> bytes:
 
 
 class FrameReader:
-    """Splits a byte stream into frame payloads: :meth:`feed` it what
-    arrived, then call :meth:`next_frame` until it returns None (it needs
-    more). A length over ``max_frame_size`` raises RemoteProtocolError: the
-    stream can no longer be trusted, so the caller closes the connection."""
+    """Splits a byte stream into frame payloads (None: it needs more). A length
+    over ``max_frame_size`` is RemoteProtocolError: the caller closes the connection."""
 
     __slots__ = ("_buffer", "_start", "max_frame_size")
 
@@ -440,8 +430,7 @@ class FrameReader:
         return len(self._buffer) - self._start
 
     def next_frame(self) -> bytes | None:
-        start = self._start
-        buffer = self._buffer
+        start, buffer = self._start, self._buffer
         if len(buffer) - start < HEADER_SIZE:
             return None
         (length,) = HEADER.unpack_from(buffer, start)
@@ -485,9 +474,8 @@ def validate_lease(lease: float | None) -> None:
 
 
 def validate_queue_name(name: str, *, for_put: bool = False, what: str = "queue") -> None:
-    """Raise InvalidRequest unless ``name`` is a usable queue (or topic) name:
-    1-255 bytes of UTF-8, printable. A ``:`` is the broker's (``jobs:dead``):
-    such queues can be read from, never put (or published) to."""
+    """Raise InvalidRequest unless ``name`` is a usable queue (or topic) name.
+    A ``:`` is the broker's (``jobs:dead``): never put (or published) to."""
     if not isinstance(name, str):
         raise InvalidRequest(f"{what} name must be a str, not {type(name).__name__} {name!r}")
     if not name:
