@@ -1,10 +1,5 @@
-"""What every concern of :class:`~brokerq.broker.core.BrokerCore` shares.
-
-The state (queues, leases, timers, the key window), the write-ahead of
-journal records, and the handoff: how a message reaches a waiter (taken,
-leased, or offered to a stream), comes back to its place, or is forgotten.
-The verbs are in the modules named in core.py's doc, one concern each.
-"""
+"""What every concern of the core shares: the state, the write-ahead of
+journal records, and the handoff of a message to a waiter and back."""
 
 from __future__ import annotations
 
@@ -13,7 +8,6 @@ import itertools
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from typing import NoReturn
 
 from ...errors import Full, MessageTooLarge
 from .records import AnyRecord, AttemptsRecord, ConfigRecord, DeleteRecord, PutRecord
@@ -89,22 +83,18 @@ class CoreBase:
             self._owed.append(record)
 
     def _queue(self, name: str) -> QueueState:
-        q = self._queues.get(name)
-        if q is None:
-            q = self._queues[name] = QueueState(name)
-        return q
+        return self._queues.get(name) or self._queues.setdefault(name, QueueState(name))
 
     def _max_bytes(self, q: QueueState) -> int:
-        """The body bytes ``q`` may hold: its own max_bytes, else the broker's default."""
         return q.max_bytes or self.max_queue_bytes
 
-    def _too_large(self, body: bytes) -> NoReturn:
-        raise MessageTooLarge(
-            f"a body of {len(body)} bytes is over max_message_size {self.max_message_size}"
-        )
+    def _check_size(self, body: bytes) -> None:
+        if len(body) > self.max_message_size:
+            raise MessageTooLarge(
+                f"a body of {len(body)} bytes is over max_message_size {self.max_message_size}"
+            )
 
     def _remember_keys(self, pairs: Iterable[tuple[bytes | None, int]]) -> None:
-        """Remember each (put key, message id), forgetting the oldest past KEY_WINDOW."""
         known, order = self._keys, self._key_order
         for key, msg_id in pairs:
             if key:
@@ -152,14 +142,12 @@ class CoreBase:
         return served
 
     def _make_ready(self, q: QueueState, msg: Message, now: float) -> list[Waiter]:
-        """Put ``msg`` back among the ready ones, at its place by id."""
         q.ready.insert(msg)
         return self._hand_to_waiters(q, now)
 
     def _serve_line(self, q: QueueState, now: float) -> list[Waiter]:
-        """Serve the line of a queue with streams after a change made whatever
-        happens here; on a full disk (a get's removal record) the messages
-        wait, ready, for the queue's next change."""
+        """Serve the line after a change made whatever happens here; on a full
+        disk the messages wait, ready, for the queue's next change."""
         try:
             return self._hand_to_waiters(q, now)
         except Full:
@@ -170,7 +158,6 @@ class CoreBase:
         self._forgot(q, len(msg.body), 1)
 
     def _forgot(self, q: QueueState, body_bytes: int, count: int) -> None:
-        """``count`` messages of ``q`` with ``body_bytes`` in all are gone for good."""
         if q.putters:
             self.freed.add(q.name)
         q.bytes -= body_bytes
@@ -178,12 +165,10 @@ class CoreBase:
 
     @staticmethod
     def _finished(q: QueueState, count: int = 1) -> None:
-        """``count`` messages left ``q`` other than by a get: their tasks are
-        done (never below 0, see tasks.py; replay clamps the same way)."""
+        """Tasks done by messages leaving other than by a get (never below 0, see tasks.py)."""
         q.unfinished = max(0, q.unfinished - count)
 
     def _expired(self, q: QueueState, msg: Message) -> None:
-        """``msg`` (out of every list) is dropped: its ttl ran out."""
         self._forget(q, msg)
         self._finished(q)
         q.expired_total += 1
@@ -191,8 +176,7 @@ class CoreBase:
     def _move(
         self, msg: Message, src: QueueState, dst: QueueState, attempts: int, now: float
     ) -> list[Waiter]:
-        """``msg`` (out of ``src``'s lists, its task there settled by the
-        caller) joins ``dst`` as ready: a new task of ``dst``."""
+        """``msg`` (out of ``src``'s lists, its task there settled) joins ``dst``: a new task."""
         src.bytes -= len(msg.body)
         if src.putters:
             self.freed.add(src.name)
@@ -225,7 +209,6 @@ class CoreBase:
         return held
 
     def _holds(self, lease: Lease | None) -> bool:
-        """Whether ``lease`` is still its message's (not ended, nor replaced)."""
         return lease is not None and self._leases.get(lease.message.id) is lease
 
     def _drop_lease(self, q: QueueState, lease: Lease) -> None:
@@ -246,7 +229,6 @@ class CoreBase:
         self._add_timer(until, msg)
 
     def _off_the_lists(self) -> Iterator[Message]:
-        """The messages held on no queue's lists: leased, delayed, prefetched."""
         yield from (lease.message for lease in self._leases.values())
         yield from (msg for msg, _ in self._delayed.values())
         yield from self._prefetched.values()
@@ -258,8 +240,7 @@ class CoreBase:
 
 
 def put_record_of(msg: Message, *, returned: bool = False) -> PutRecord:
-    """The record that brings ``msg`` back as it is, ready; ``returned``: a
-    message a get had taken, back (not a new task)."""
+    """The record that brings ``msg`` back as it is, ready (``returned``: not a new task)."""
     return PutRecord(
         queue=msg.queue,
         ids=[msg.id],

@@ -1,16 +1,8 @@
 """Leases, timers and expiry: reserve's verbs, dead letters, ttls, delays.
 
-``reserve`` hands a message out under a lease: it stays the broker's until
-acked (gone) or buried (set aside). A lease that runs out, a release, or the
-close of the connection that holds it (its ``owner``) puts the message back,
-delayed if asked, dropped if its ttl ran out meanwhile; after
-``max_deliveries`` deliveries without an ack it moves to ``<queue>:dead``.
 Every lease verb names the delivery attempt, so a late ack for an attempt
-whose lease already ran out is refused (:class:`~brokerq.errors.LeaseLost`).
-
-Timers (lease expiries, delayed messages, ttls) are data: one heap, entries
-checked lazily when they come due (:meth:`Leases.tick`); a stale one is
-just popped.
+whose lease already ran out is refused (LeaseLost). Timers are one heap,
+entries checked lazily when they come due: a stale one is just popped.
 """
 
 from __future__ import annotations
@@ -40,9 +32,8 @@ class Leases(CoreBase):
         return lease
 
     def ack(self, msg_id: int, attempt: int, *, as_get: bool = False) -> None:
-        """The message was handled: it is gone, its task done (``as_get``: left
-        for a task_done, as a get's; the async client's waiting get is a
-        reserve and an ack)."""
+        """The message was handled: gone, its task done (``as_get``: left for a
+        task_done, as a get's; the async client's waiting get is a reserve and an ack)."""
         lease = self._lease_for(msg_id, attempt)
         q = self._queue(lease.message.queue)
         self._write(DeleteRecord(ids=[msg_id], got=as_get))
@@ -52,13 +43,11 @@ class Leases(CoreBase):
             self._finished(q)
 
     def release(self, msg_id: int, attempt: int, now: float, delay: float = 0) -> list[Waiter]:
-        """Give the message back: to its place at the head, or after ``delay`` seconds."""
         if not 0 <= delay < math.inf:
             raise InvalidRequest(f"delay must be a finite number >= 0, not {delay}")
         return self._end_lease(self._lease_for(msg_id, attempt), now, delay)
 
     def bury(self, msg_id: int, attempt: int) -> None:
-        """Set the message aside (kept, not delivered) until kicked."""
         lease = self._lease_for(msg_id, attempt)
         q = self._queue(lease.message.queue)
         self._write(StateRecord(id=msg_id, state="buried"))
@@ -67,7 +56,6 @@ class Leases(CoreBase):
         self._finished(q)
 
     def touch(self, msg_id: int, attempt: int, now: float, lease: float | None = None) -> float:
-        """Extend a lease (by its own length, or ``lease`` seconds); returns the new expiry."""
         held = self._lease_for(msg_id, attempt)
         if lease is not None:
             held.length = lease
@@ -112,7 +100,7 @@ class Leases(CoreBase):
 
     def kick(self, name: str, n: int, now: float) -> tuple[int, list[Waiter]]:
         """Return up to ``n`` buried messages to ready; on ``<q>:dead``, move
-        messages back to ``<q>`` with their delivery count reset."""
+        them back to ``<q>`` with their delivery count reset."""
         validate_queue_name(name)
         if n < 1:
             raise InvalidRequest(f"kick needs n >= 1, not {n}")
@@ -142,16 +130,13 @@ class Leases(CoreBase):
             kicked += 1
         return kicked, woken
 
-    # -- timers ------------------------------------------------------------------
-
     def next_deadline(self) -> float | None:
         """When :meth:`tick` next has work (maybe a stale entry: then it just pops it)."""
         return self._timers[0][0] if self._timers else None
 
     def tick(self, now: float) -> list[Waiter]:
-        """Expire leases and ttls, and release delayed messages, that are due;
-        on a full disk, the timer that could not write (and all after it) a
-        second later."""
+        """Fire the timers due; on a full disk, the one that could not write
+        (and all after it) a second later."""
         woken: list[Waiter] = []
         timers = self._timers
         while timers and timers[0][0] <= now:
@@ -181,9 +166,8 @@ class Leases(CoreBase):
         return []
 
     def _expire(self, msg: Message) -> None:
-        """Drop ``msg`` if its ttl ran out while it waited (ready or delayed);
-        a leased one goes when its lease ends, a prefetched one if it comes
-        back (cancel_stream); a buried one is kept."""
+        """Drop ``msg`` if it waits (ready or delayed); a leased one goes when
+        its lease ends, a prefetched one if it comes back; a buried one is kept."""
         if not msg.alive or msg.id in self._leases or msg.id in self._prefetched:
             return
         q = self._queue(msg.queue)

@@ -1,9 +1,5 @@
-"""Queues and handoff: put and get, waiting dequeuers and putters, settings.
-
-A put goes straight to the longest waiters in its own record when they
-wait (see core.py's doc on fairness); a put that does not fit waits in its
-queue's line of putters (:class:`~brokerq.broker.state.Putter`).
-"""
+"""Put and get, waiting dequeuers and putters, settings. A put goes straight
+to the longest waiters, in its own record; one that does not fit waits."""
 
 from __future__ import annotations
 
@@ -30,8 +26,7 @@ class Queues(CoreBase):
     def put(
         self, name: str, body: bytes, now: float, key: bytes | None = None, **options: Any
     ) -> tuple[int, Waiter | None]:
-        """Enqueue ``body``; return its id and the waiter it went to, if any.
-        A ``key`` seen recently (a retried put) returns the first put's id."""
+        """Enqueue ``body``; return its id and the waiter it went to, if any."""
         ids, woken = self.put_many(name, [body], now, None if key is None else [key], **options)
         return ids[0], woken[0] if woken else None
 
@@ -47,9 +42,8 @@ class Queues(CoreBase):
         ttl: float | None = None,
         admitting: bool = False,
     ) -> tuple[list[int], list[Waiter]]:
-        """Enqueue several bodies in order, all or none; return ids and woken
-        waiters. ``priority``: higher first (FIFO within one); ``delay``: seconds
-        until ready; ``ttl``: seconds after which one still waiting is dropped."""
+        """Enqueue several bodies in order, all or none; return ids and woken waiters.
+        A ``key`` seen recently (a retried put) gives the first put's id."""
         bodies = list(bodies)
         validate_queue_name(name, for_put=True)
         if keys is not None and len(keys) != len(bodies):
@@ -61,20 +55,18 @@ class Queues(CoreBase):
         if ttl is not None and not 0 < ttl < math.inf:
             raise InvalidRequest(f"ttl must be a finite number > 0, or None, not {ttl}")
         for body in bodies:
-            if len(body) > self.max_message_size:
-                self._too_large(body)
+            self._check_size(body)
         ids: list[int] = []
         new: list[tuple[int, bytes, bytes | None]] = []
         next_id = self._next_id
         for i, body in enumerate(bodies):
             key = None if keys is None else keys[i] or None  # b"": no key
             seen = None if key is None else self._keys.get(key)
-            if seen is not None:
-                ids.append(seen)
-                continue
-            ids.append(next_id)
-            new.append((next_id, body, key))
-            next_id += 1
+            if seen is None:
+                seen = next_id
+                new.append((next_id, body, key))
+                next_id += 1
+            ids.append(seen)
         if not new:
             return ids, []
         q = self._queue(name)
@@ -82,12 +74,10 @@ class Queues(CoreBase):
         # (unless the messages are delayed, or others of a higher priority wait).
         ready_now = delay == 0 and not q.ready and not q.streams  # (streams: below)
         waiters = list(itertools.islice(q.waiters, len(new))) if ready_now else []
-        handoffs = list(zip([n[0] for n in new], waiters, strict=False))
-        taken = sum(1 for _, w in handoffs if w.lease is None)  # they need no room
+        got = [i for i, w in enumerate(waiters) if w.lease is None]  # they need no room
         if self.max_total_bytes or q.maxsize or self._max_bytes(q):
-            rest = new[taken:]
-            error = self._no_room(q, len(rest), sum(len(n[1]) for n in rest), admitting)
-            if error is not None:
+            rest = new[len(got) :]
+            if error := self._no_room(q, len(rest), sum(len(n[1]) for n in rest), admitting):
                 raise error
         until = now + delay
         expires_at = math.inf if ttl is None else now + ttl
@@ -95,9 +85,8 @@ class Queues(CoreBase):
         # after a replay, so it is not written (undeliver writes it if the
         # reply cannot be sent).
         bodies = [n[1] for n in new]
-        for i, (_, waiter) in enumerate(handoffs):
-            if waiter.lease is None:
-                bodies[i] = b""
+        for i in got:
+            bodies[i] = b""
         self._write(
             PutRecord(
                 queue=name,
@@ -105,8 +94,8 @@ class Queues(CoreBase):
                 bodies=bodies,
                 at=now,
                 keys=None if keys is None else [n[2] or b"" for n in new],
-                taken=[i for i, w in handoffs if w.lease is None] or None,
-                leased=[i for i, w in handoffs if w.lease is not None] or None,
+                taken=[new[i][0] for i in got] or None,
+                leased=[new[i][0] for i, w in enumerate(waiters) if w.lease is not None] or None,
                 priority=priority,
                 not_before=until if delay else 0.0,
                 expires_at=0.0 if ttl is None else expires_at,
@@ -170,7 +159,6 @@ class Queues(CoreBase):
         return QueueFull(f"queue {q.name!r} is full")
 
     def _has_room(self, name: str, size: int) -> bool:
-        """Whether one more message of ``size`` bytes fits in queue ``name`` now."""
         q = self._queues.get(name) or QueueState(name)
         return not q.putters and self._no_room(q, 1, size) is None
 
@@ -182,7 +170,7 @@ class Queues(CoreBase):
         options: dict[str, Any],
         token: object = None,
     ) -> Putter:
-        """Park a put that did not fit (QueueFull) at the back of the putters' line."""
+        """Park a put that did not fit (QueueFull) at the back of the line."""
         putter = Putter(name, bodies, keys, options, token)
         self._queue(name).putters[putter] = None
         return putter
@@ -194,7 +182,7 @@ class Queues(CoreBase):
 
     def admit_putters(self, name: str, now: float) -> list[Putter | Waiter]:
         """Enqueue parked puts, in order, while the first one fits; returns
-        the putters admitted and the waiters their messages went to."""
+        the putters admitted and the waiters served."""
         q = self._queues.get(name)
         woken: list[Putter | Waiter] = []
         while q is not None and q.putters:
@@ -237,18 +225,15 @@ class Queues(CoreBase):
             size += cost
         self._write(DeleteRecord(ids=[m.id for m in taken], got=True))
         ready.popleft_many(len(taken))
-        body_bytes = 0
         for msg in taken:
             msg.alive = False
-            body_bytes += len(msg.body)
-        self._forgot(q, body_bytes, len(taken))
+        self._forgot(q, size - MESSAGE_OVERHEAD * len(taken), len(taken))
         q.delivered_total += len(taken)
         return taken
 
     def reserve_nowait(
         self, name: str, now: float, lease: float | None = None, owner: object = None
     ) -> Message | None:
-        """Lease the head message of ``name`` to ``owner``, or None if none is ready."""
         validate_queue_name(name)
         q = self._queues.get(name)
         if q is None or not q.ready:
@@ -262,8 +247,7 @@ class Queues(CoreBase):
     def wait(
         self, name: str, token: object = None, lease: float | None = None, owner: object = None
     ) -> Waiter:
-        """Park a dequeuer at the back of the line (only when nothing is
-        ready). ``lease`` not None: a reserve, handed messages leased."""
+        """Park a dequeuer (a reserve if ``lease`` is not None) at the back of the line."""
         validate_queue_name(name)
         q = self._queue(name)
         assert not q.ready, "wait() while messages are ready would break fair handoff"
@@ -272,8 +256,7 @@ class Queues(CoreBase):
         return waiter
 
     def cancel_wait(self, waiter: Waiter, now: float) -> list[Waiter]:
-        """Withdraw a waiter; messages already handed to it go back to the
-        head. Returns the waiters they went to instead."""
+        """Withdraw a waiter; messages already handed to it go back to the head."""
         self._queue(waiter.queue).waiters.pop(waiter, None)
         messages, waiter.messages = waiter.messages, []
         # The leases handed to this waiter, not those the messages hold now:
@@ -282,17 +265,14 @@ class Queues(CoreBase):
         return self.undeliver(messages, now, None if waiter.lease is None else leases)
 
     def leases_of(self, messages: list[Message]) -> list[Lease | None]:
-        """The leases these messages hold now (to undo exactly these deliveries later)."""
         return [self._leases.get(m.id) for m in messages]
 
     def undeliver(
         self, messages: list[Message], now: float, leases: list[Lease | None] | None = None
     ) -> list[Waiter]:
-        """Take back messages whose reply was never written, to their place
-        at the head of their queue. For a reserve, ``leases`` are those the
-        reply handed out: each is dropped and its attempt not counted, unless
-        it already ended (expired, maybe redelivered since). Returns the
-        waiters they went to."""
+        """Take back messages whose reply was never written, to their place. For
+        a reserve, ``leases`` are those the reply handed out: each is undone
+        unless it already ended (expired, maybe redelivered since)."""
         woken: list[Waiter] = []
         for i, msg in enumerate(messages):
             q = self._queue(msg.queue)
@@ -323,11 +303,7 @@ class Queues(CoreBase):
         max_bytes: int | None = None,
     ) -> dict[str, Any]:
         """Change a queue's own settings; None leaves a setting as it is.
-
-        ``maxsize`` and ``max_bytes`` count every message held, in any state;
-        0: unlimited (``max_bytes`` 0: the broker's ``max_queue_bytes``).
-        Lowered below what the queue holds, they keep every message.
-        """
+        Lowered below what the queue holds, maxsize and max_bytes keep every message."""
         validate_queue_name(name)
         if max_deliveries is not None and max_deliveries < 1:
             raise InvalidRequest(f"max_deliveries must be >= 1, not {max_deliveries}")
@@ -365,7 +341,6 @@ class Queues(CoreBase):
         return None if q is None or not q.ready else q.ready.head()
 
     def purge(self, name: str) -> int:
-        """Drop every ready message of ``name``; return how many."""
         validate_queue_name(name)
         q = self._queues.get(name)
         if q is None or not q.ready:
@@ -379,10 +354,8 @@ class Queues(CoreBase):
         return count
 
     def delete_queue(self, name: str, now: float) -> tuple[int, list[Putter | Waiter]]:
-        """Delete a queue: every message it holds, its settings and its
-        unfinished tasks; returns how many messages went. Dequeuers and puts
-        waiting on it go on waiting on the (now empty) queue of that name.
-        """
+        """Delete a queue's messages, settings and unfinished tasks; those who
+        wait on it go on waiting on the (now empty) queue of that name."""
         validate_queue_name(name)
         q = self._queues.get(name)
         if q is None:
@@ -422,7 +395,6 @@ class Queues(CoreBase):
         return sorted(self._queues)
 
     def queue_stats(self, name: str, now: float) -> dict[str, Any]:
-        """The stats of one queue (all zero for a queue never used)."""
         validate_queue_name(name)
         q = self._queues.get(name) or QueueState(name)
         oldest = min((m.enqueued_at for m in itertools.islice(q.ready, 64)), default=None)
@@ -447,7 +419,6 @@ class Queues(CoreBase):
         }
 
     def totals(self) -> dict[str, int]:
-        """Sums over every queue, for the broker's stats."""
         queues = self._queues.values()
         return {
             "queues": len(self._queues),
@@ -460,7 +431,7 @@ class Queues(CoreBase):
         }
 
     def all_waiters(self) -> list[Waiter | Putter | Joiner]:
-        """Every parked dequeuer, put and join (a stopping broker wakes them all)."""
+        """Every parked dequeuer, put and join (a stopping broker wakes them)."""
         parked: list[Waiter | Putter | Joiner] = []
         for q in self._queues.values():
             parked += [*q.waiters, *q.putters]
@@ -469,9 +440,8 @@ class Queues(CoreBase):
         return parked
 
     def snapshot_size(self) -> int:
-        """Roughly the bytes a snapshot takes: live messages and the key window."""
+        """Roughly the bytes a snapshot takes."""
         return self.live_bytes + 24 * len(self._keys)
 
     def holds_messages(self) -> bool:
-        """True while any message is held, in any state."""
         return self.live_bytes > 0

@@ -1,9 +1,5 @@
-"""The broker's state, as data: messages, leases, parked requests, queues.
-
-Plain objects with slots (one of each per message or request, so they stay
-small), equal only to themselves (parked requests are dict keys);
-:class:`~brokerq.broker.core.BrokerCore` holds and changes them.
-"""
+"""The broker's state, as data: slotted (one per message or request, so they
+stay small), equal only to themselves (parked requests are dict keys)."""
 
 from __future__ import annotations
 
@@ -17,8 +13,6 @@ from .ready import ReadyList
 
 @dataclass(slots=True, eq=False)
 class Message:
-    """One message: the id ``put`` returned, its queue, body, arrival, deliveries."""
-
     id: int
     queue: str
     body: bytes
@@ -35,8 +29,6 @@ class Message:
 
 @dataclass(slots=True, eq=False)
 class Lease:
-    """A reserved message: whose it is, which attempt, until when."""
-
     message: Message
     attempt: int
     owner: object
@@ -53,8 +45,7 @@ class Expiry:
 
 @dataclass(slots=True, eq=False)
 class Putter:
-    """A put parked until its queue has room for all of it (FIFO); the core
-    sets ``ids`` when it admits it."""
+    """A put parked until its queue has room for all of it; ``ids`` set once admitted."""
 
     queue: str
     bodies: list[bytes]
@@ -66,8 +57,7 @@ class Putter:
 
 @dataclass(slots=True, eq=False)
 class Waiter:
-    """A dequeuer parked until a message is handed to it (in ``messages``);
-    ``lease``: None for ``get``, the lease length for ``reserve``."""
+    """A dequeuer parked until a message is handed to it; ``lease``: None for a get."""
 
     queue: str
     token: object = None
@@ -84,13 +74,9 @@ class Waiter:
 
 @dataclass(slots=True, eq=False)
 class Stream(Waiter):
-    """A prefetching consumer (``consume``): a waiter that stays in the line
-    while it has ``credit``, going to the back after each message.
-
-    ``held``: delivered, not taken yet (still the broker's, ready to the
-    journal), in order; ``messages``: those of them not yet sent. ``length``:
-    None (get mode), or the lease a taken message gets for ``owner``.
-    """
+    """A ``consume``: a waiter that stays in the line while it has ``credit``,
+    going to the back after each message. ``held``: delivered, not taken yet;
+    ``messages``: those not yet sent; ``length``: the lease a taken one gets."""
 
     credit: int = 0
     length: float | None = None
@@ -102,7 +88,7 @@ class Stream(Waiter):
 @dataclass(slots=True, eq=False)
 class Joiner:
     """A ``join`` parked until its queue's unfinished tasks reach 0 (``done``:
-    they did; a join returns then, even if more work came since)."""
+    they did, even if more work came since)."""
 
     queue: str
     token: object = None
@@ -111,8 +97,6 @@ class Joiner:
 
 @dataclass(slots=True, eq=False)
 class QueueState:
-    """One named queue: ready messages, waiters, buried ones, settings, counters."""
-
     name: str
     ready: ReadyList[Message] = field(default_factory=ReadyList)
     #: Insertion-ordered, O(1) removal from anywhere: the fairness structure.
@@ -137,14 +121,12 @@ class QueueState:
 
     @property
     def held(self) -> int:
-        """The messages held, in every state (what ``maxsize`` counts)."""
+        """What ``maxsize`` counts: the messages held, in every state."""
         return len(self.ready) + self.delayed + self.reserved + len(self.buried) + self.prefetched
 
 
 @dataclass(slots=True, eq=False)
 class Topic:
-    """One topic: its subscriber queues and live subscribers, in the order they came."""
-
     name: str
     queues: dict[str, None] = field(default_factory=dict)
     live: dict[object, None] = field(default_factory=dict)
@@ -167,7 +149,6 @@ class Topics:
         members[member] = None
 
     def remove(self, name: str, member: object, *, live: bool = False) -> bool:
-        """Take ``member`` off topic ``name``; False if it was not there."""
         topic = self._topics.get(name)
         if topic is None:
             return False
@@ -180,7 +161,6 @@ class Topics:
         return True
 
     def remove_everywhere(self, member: object, *, live: bool = False) -> None:
-        """A deleted queue, or a live subscriber gone: off every topic."""
         for name in list(self._topics):
             self.remove(name, member, live=live)
 
@@ -192,7 +172,6 @@ class Topics:
         return any(queue in t.queues for t in self._topics.values())
 
     def subscriptions(self) -> list[tuple[str, str]]:
-        """Every durable subscription as (topic, queue), for snapshots."""
         return [(t.name, q) for t in self._topics.values() for q in t.queues]
 
     def stats(self) -> dict[str, dict[str, Any]]:

@@ -1,10 +1,6 @@
-"""Streams (``consume``): prefetching consumers, the core's side.
-
-A stream is a waiter that stays in its queue's line while it has credit
-(:class:`~brokerq.broker.state.Stream`); its I/O is in streaming.py. A
-message delivered to it is neither removed nor leased: it stays the
-broker's (ready, as far as the journal knows) until the client says it
-was taken.
+"""Streams (``consume``), the core's side (the I/O is in streaming.py). A
+message delivered to a stream is neither removed nor leased: it stays
+ready, as far as the journal knows, until the client says it was taken.
 """
 
 from __future__ import annotations
@@ -29,10 +25,8 @@ class Streams(CoreBase):
         owner: object = None,
         stream_id: int = 0,
     ) -> tuple[Stream, list[Waiter]]:
-        """Open a stream on ``name`` with ``prefetch`` credits, at the back of
-        the line. Returns it and the waiters served (itself, if messages were
-        ready). A reserve-mode stream leases what is taken for ``lease``,
-        else the queue's, else the broker's."""
+        """Open a stream with ``prefetch`` credits at the back of the line;
+        returns it and the waiters served (itself, if messages were ready)."""
         validate_queue_name(name)
         if isinstance(prefetch, bool) or prefetch < 1:
             raise InvalidRequest(f"prefetch must be 1 or more, not {prefetch}")
@@ -47,15 +41,10 @@ class Streams(CoreBase):
         return stream, self._serve_line(q, now)
 
     def taken(self, stream: Stream, n: int, now: float) -> list[Waiter]:
-        """The client took the first ``n`` messages delivered to ``stream``:
-        get mode removes them (as a get does), reserve mode leases each to
-        the stream's owner. Their credit comes back (the stream rejoins the
-        line if it had left it). Returns the waiters served.
-
-        The client has handed them out already, so this happens whatever the
-        disk says (``_write_or_owe``). Messages that went meanwhile (their
-        queue deleted) only give their credit back.
-        """
+        """The client took the first ``n`` messages of ``stream``: removed (get
+        mode) or leased to its owner; their credit comes back. The client has
+        handed them out already, so this happens whatever the disk says.
+        Messages that went meanwhile (queue deleted) only give their credit back."""
         if isinstance(n, bool) or not 1 <= n <= len(stream.held):
             raise InvalidRequest(
                 f"taken {n} of stream {stream.stream_id}, which has "
@@ -83,11 +72,9 @@ class Streams(CoreBase):
         return self._serve_line(q, now)
 
     def cancel_stream(self, stream: Stream, now: float) -> tuple[int, list[Waiter]]:
-        """End ``stream``: it leaves the line, and every message delivered to
-        it and not taken goes back to its place (nothing is written: the
-        journal has them ready all along); one whose ttl ran out meanwhile is
-        dropped. Leases of messages it took stay its owner's. Returns how
-        many went back, and the waiters served."""
+        """End ``stream``: what it holds not taken goes back to its place
+        (nothing written: the journal has them ready all along), or is dropped
+        if its ttl ran out. Returns how many went back, and the waiters served."""
         if not stream.active:
             return 0, []
         stream.active = False

@@ -1,14 +1,9 @@
 """Unfinished tasks: ``task_done`` and ``join``, queue.Queue's count per queue.
 
-The count is shared by every client. A put adds one task per message; a
-``task_done`` takes ``n`` away, refused past the count; a get leaves the
-count as it is (its consumer owes a ``task_done``); any other way a message
-leaves (acked, purged, expired, buried, dead-lettered out of the queue)
-finishes its task, and one that comes back from outside (kicked, a dead
-letter arriving) adds one. Those removals never take the count below 0: a
-``task_done`` may have come for a message before anyone got it (the stdlib
-allows that), and a count of 0 then must not turn into a debt that hides
-the next put from a ``join``.
+A get leaves the count as it is (its consumer owes a ``task_done``); any
+other way out finishes the task. Those never take the count below 0: a
+``task_done`` may have come before anyone got the message (the stdlib allows
+that), and a 0 then must not turn into a debt that hides the next put from a join.
 """
 
 from __future__ import annotations
@@ -22,15 +17,13 @@ from .state import Joiner
 
 class Tasks(CoreBase):
     def unfinished(self, name: str) -> int:
-        """The unfinished tasks of queue ``name`` (0 for a queue never used)."""
         validate_queue_name(name)
         q = self._queues.get(name)
         return 0 if q is None else q.unfinished
 
     def task_done(self, name: str, n: int = 1) -> int:
-        """``n`` tasks of ``name`` are done; returns how many are left. More
-        than the count is refused (a ValueError, as queue.Queue's); written as
-        the new count, so that replay cannot drift from it."""
+        """``n`` tasks done; returns how many are left. Written as the new
+        count, so that replay cannot drift from it."""
         validate_queue_name(name)
         if n < 1:
             raise InvalidRequest(f"task_done needs n >= 1, not {n}")
@@ -46,15 +39,13 @@ class Tasks(CoreBase):
         return q.unfinished
 
     def wait_join(self, name: str, token: object = None) -> Joiner:
-        """Park a join on ``name`` (the I/O layer parks one only while the
-        queue has unfinished tasks; :meth:`joins_done` says when it has none)."""
+        """Park a join (only while ``name`` has unfinished tasks)."""
         validate_queue_name(name)
         joiner = Joiner(name, token)
         self._joiners.setdefault(name, {})[joiner] = None
         return joiner
 
     def cancel_join(self, joiner: Joiner) -> None:
-        """Withdraw a parked join (done, timed out, its connection gone)."""
         joiners = self._joiners.get(joiner.queue)
         if joiners is not None:
             joiners.pop(joiner, None)
@@ -62,9 +53,8 @@ class Tasks(CoreBase):
                 del self._joiners[joiner.queue]
 
     def joins_done(self) -> list[Joiner]:
-        """The parked joins whose queue has no unfinished task now, marked
-        done and out of the line (the I/O layer, which calls this after every
-        change, wakes them). Costs nothing while nobody joins."""
+        """The parked joins whose queue has no unfinished task now, marked done
+        and out of the line; called after every change, so free while nobody joins."""
         if not self._joiners:
             return []
         done: list[Joiner] = []

@@ -1,13 +1,5 @@
-"""Topics: who gets a copy of each publish.
-
-A topic has two kinds of subscribers. A *durable* subscriber is a queue:
-every later publish is put to it as an ordinary message, and the
-subscription is journaled (:class:`~brokerq.broker.records.SubscribeRecord`),
-so it outlives the broker. A *live* subscriber is a connection (an opaque
-token of the I/O layer): it is sent each publish made while it is
-subscribed, and forgotten when it goes. The registry of both is
-:class:`~brokerq.broker.state.Topics`.
-"""
+"""Topics: who gets a copy of each publish. A *durable* subscriber is a
+queue (journaled, it outlives the broker), a *live* one a connection's token."""
 
 from __future__ import annotations
 
@@ -25,8 +17,7 @@ def _validate(topic: str, queue: str | None = None) -> None:
 
 class TopicVerbs(Queues):
     def subscribe(self, topic: str, queue: str) -> bool:
-        """Give ``queue`` a copy of every later publish to ``topic`` (journaled);
-        False if it was subscribed already."""
+        """False if ``queue`` was subscribed already."""
         _validate(topic, queue)
         if self.topics.subscribes(topic, queue):
             return False
@@ -35,7 +26,6 @@ class TopicVerbs(Queues):
         return True
 
     def unsubscribe(self, topic: str, queue: str) -> bool:
-        """End ``queue``'s subscription to ``topic``; False if it had none."""
         _validate(topic, queue)
         if not self.topics.subscribes(topic, queue):
             return False
@@ -43,7 +33,6 @@ class TopicVerbs(Queues):
         return self.topics.remove(topic, queue)
 
     def watch(self, topic: str, token: object) -> None:
-        """Make ``token`` (a connection) a live subscriber of ``topic``."""
         _validate(topic)
         self.topics.add(topic, token, live=True)
 
@@ -64,19 +53,12 @@ class TopicVerbs(Queues):
         priority: int = 0,
         ttl: float | None = None,
     ) -> tuple[int, list[object], list[Waiter]]:
-        """Copy ``body`` to every subscriber of ``topic``.
-
-        Each subscriber queue gets an ordinary put; one that is full gets no
-        copy, and the topic's ``dropped_total`` counts it: a publish never
-        waits. Returns the number of copies enqueued, the live subscribers'
-        tokens (the I/O layer sends them the body), and the waiters woken.
-
-        With a ``key``, each copy's key is derived from it and the queue's
-        name, so a retried publish makes only the copies still missing.
-        """
+        """Put ``body`` to every subscriber queue with room (a publish never
+        waits); returns the copies made, the live subscribers' tokens and the
+        waiters woken. Each copy's key is derived from ``key`` and the queue's
+        name, so a retried publish makes only the copies still missing."""
         _validate(topic)
-        if len(body) > self.max_message_size:
-            self._too_large(body)
+        self._check_size(body)
         found = self.topics.get(topic)
         if found is None:
             return 0, [], []
