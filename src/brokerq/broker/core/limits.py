@@ -1,9 +1,5 @@
-"""The broker's limits that keep one bad client from hurting the others.
-
-Each is a broker option (``local-queue-broker --help``; docs/usage.md,
-"Limits", says what each bounds and why its default). This module holds
-their defaults and imports nothing heavy: the broker reads it before trio.
-"""
+"""The defaults of the broker's limits (docs/usage.md, "Limits"); imports
+nothing heavy: the broker reads it before trio."""
 
 from __future__ import annotations
 
@@ -27,7 +23,6 @@ SPARE_FDS: Final = 64
 
 
 def physical_memory() -> int | None:
-    """The machine's RAM in bytes, if the system says."""
     with contextlib.suppress(ValueError, OSError, AttributeError):
         pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
         if pages > 0 and size > 0:
@@ -44,9 +39,8 @@ def default_max_total_bytes() -> int:
 
 
 def ensure_fd_limit(max_connections: int) -> None:
-    """Raise the soft RLIMIT_NOFILE (usually 1024; the hard one is far higher)
-    to serve ``max_connections``; if it cannot, warn: past it, new
-    connections wait in the listen backlog (accept fails with EMFILE)."""
+    """Raise the soft RLIMIT_NOFILE to serve ``max_connections``; if it cannot,
+    warn: past it, new connections wait in the listen backlog (EMFILE)."""
     try:
         import resource
     except ImportError:  # pragma: no cover - not Unix

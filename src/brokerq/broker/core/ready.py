@@ -1,17 +1,13 @@
-"""The ready messages of one queue, in delivery order.
-
-Higher priority first; within a priority, by message id, which is arrival
-order (as POSIX message queues do). A message that comes back (released,
-its lease ran out, a delayed one come due) returns to its place by id.
+"""The ready messages of one queue: higher priority first, then by id
+(arrival order); a message that comes back returns to its place by id.
 
 Per priority in use, a :class:`_Level`: new messages append to a deque (their
 ids only grow), messages that come back go to a heap by id, and the head is
-the lower id of the two. So put and get are O(1) (plus O(log r) with r come
-back, and O(p) when one of p priorities appears or empties); a message
-coming back is O(log r); an expired one is taken out in O(1), lazily: its
-id is noted and its entry dropped when it reaches the head. (A deque's
-``insert`` and ``remove`` in the middle walk it: a delayed message landing
-in a queue of a million stalled the broker for seconds; bench/growth.py.)
+the lower id of the two. So put and get are O(1), a message coming back
+O(log r); an expired one is taken out lazily: its id is noted and its entry
+dropped when it reaches the head. (A deque's ``insert`` and ``remove`` in
+the middle walk it: a delayed message landing in a queue of a million
+stalled the broker for seconds; bench/growth.py.)
 """
 
 from __future__ import annotations
@@ -33,8 +29,6 @@ M = TypeVar("M", bound=_Ready)
 
 
 class _Level(Generic[M]):
-    """The ready messages of one priority (see the module doc)."""
-
     __slots__ = ("back", "fresh", "live")
 
     def __init__(self) -> None:
@@ -77,14 +71,10 @@ class ReadyList(Generic[M]):
 
     def append(self, msg: M) -> None:
         """A new message: the last of its priority."""
-        level = self._level(msg.priority)
-        level.fresh.append(msg)
-        level.live += 1
-        self._count += 1
+        self.extend([msg], msg.priority)
 
     def extend(self, messages: list[M], priority: int) -> None:
-        """New messages of one ``priority``, in id order: the last of it (a
-        put_many's, at the cost of one ``append``)."""
+        """New messages of one ``priority``, in id order: the last of it."""
         if messages:
             level = self._level(priority)
             level.fresh.extend(messages)
@@ -92,10 +82,7 @@ class ReadyList(Generic[M]):
             self._count += len(messages)
 
     def insert(self, msg: M) -> None:
-        """A message that comes back: to its place by id within its priority.
-
-        (Never one that was removed: an expired message does not come back.)
-        """
+        """A message that comes back (never a removed one): to its place by id."""
         level = self._level(msg.priority)
         if not level.back and (not level.fresh or msg.id > level.fresh[-1].id):
             level.fresh.append(msg)
@@ -129,9 +116,8 @@ class ReadyList(Generic[M]):
         return msg
 
     def popleft_many(self, count: int) -> None:
-        """Drop the first ``count`` messages (the first ``count`` iteration
-        gives): a get_many's, without a ``popleft`` call each when they are
-        new messages of the first priority, as they usually are."""
+        """Drop the first ``count`` messages: without a ``popleft`` each when they
+        are new messages of the first priority, as they usually are."""
         if self._order and not self._removed:
             priority = -self._order[0]
             level = self._levels[priority]
@@ -148,8 +134,8 @@ class ReadyList(Generic[M]):
             self.popleft()
 
     def _head_of(self, level: _Level[M]) -> tuple[M, bool]:
-        """The first live message of ``level``, and whether it is in ``back``;
-        entries of removed messages met on the way are dropped."""
+        """The first live message of ``level``, and whether it is in ``back``
+        (dropping entries of removed messages on the way)."""
         removed = self._removed
         fresh, back = level.fresh, level.back
         while fresh and fresh[0].id in removed:

@@ -1,12 +1,6 @@
-"""The journal's records: every change to the broker's durable state.
-
-The core writes one record *before* it changes anything (write-ahead), so a
-record that failed to reach the file leaves the state untouched; replaying
-them in order (:meth:`~brokerq.broker.core.BrokerCore.apply`) rebuilds every
-queue. Records are MessagePack arrays whose first element names the kind
-(``array_like``: compact; new kinds may be added, and fields only appended,
-with defaults).
-"""
+"""The journal's records: every change to the broker's durable state, written
+before the change. MessagePack arrays whose first element names the kind:
+new kinds may be added, and fields only appended, with defaults."""
 
 from __future__ import annotations
 
@@ -15,17 +9,12 @@ from typing import TypeAlias
 import msgspec
 
 
-class Record(msgspec.Struct, frozen=True, array_like=True, tag_field="k"):
-    pass
+class Record(msgspec.Struct, frozen=True, array_like=True, tag_field="k"): ...
 
 
 class PutRecord(Record, frozen=True, tag="p"):
-    """Messages enqueued (one put, or a put_many in order).
-
-    A put that went straight to waiting dequeuers says so in the same
-    record, so the put and its handoff are one write: ``taken`` were
-    removed by a get, ``leased`` were reserved (their first attempt).
-    """
+    """Messages enqueued, in order; a put that went straight to waiting
+    dequeuers says so here, in one write: ``taken`` by a get, ``leased`` reserved."""
 
     queue: str
     ids: list[int]
@@ -38,9 +27,7 @@ class PutRecord(Record, frozen=True, tag="p"):
     priority: int = 0
     not_before: float = 0.0  # wall clock; delayed until then (0: ready at once)
     expires_at: float = 0.0  # wall clock; dropped if still waiting then (0: never)
-    #: A message a get had taken, back because its reply was not written: not
-    #: a new task (its put counted it already, and a get leaves the count as it is).
-    returned: bool = False
+    returned: bool = False  # a got message back, its reply not written: not a new task
 
 
 class DeleteRecord(Record, frozen=True, tag="d"):
@@ -85,7 +72,7 @@ class ConfigRecord(Record, frozen=True, tag="c"):
 
 
 class DropQueueRecord(Record, frozen=True, tag="x"):
-    """A queue deleted: its messages (each named in a DeleteRecord before) and settings."""
+    """A queue deleted: its messages (in a DeleteRecord before) and settings."""
 
     queue: str
 
@@ -112,24 +99,16 @@ class SubscribeRecord(Record, frozen=True, tag="t"):
 
 
 class UnfinishedRecord(Record, frozen=True, tag="u"):
-    """A queue's count of unfinished tasks is now ``count``: written by
-    ``task_done`` and by snapshots. Between two of them replay derives the
-    count from the other records (see BrokerCore.apply)."""
+    """A queue's unfinished tasks are now ``count`` (task_done, snapshots);
+    between two of them replay derives the count from the other records."""
 
     queue: str
     count: int
 
 
+# fmt: off
 AnyRecord: TypeAlias = (
-    PutRecord
-    | DeleteRecord
-    | AttemptsRecord
-    | StateRecord
-    | MoveRecord
-    | ConfigRecord
-    | DropQueueRecord
-    | KeysRecord
-    | NextIdRecord
-    | SubscribeRecord
-    | UnfinishedRecord
+    PutRecord | DeleteRecord | AttemptsRecord | StateRecord | MoveRecord | ConfigRecord |
+    DropQueueRecord | KeysRecord | NextIdRecord | SubscribeRecord | UnfinishedRecord
 )
+# fmt: on

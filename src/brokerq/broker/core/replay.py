@@ -1,9 +1,5 @@
-"""Recovery: replaying journal records, and the snapshot that compacts them.
-
-Replay (:meth:`Replay.apply`, then :meth:`Replay.finish_replay`) gathers
-each live message's last known state, then builds the queues in id order.
-A snapshot is the shortest list of records that replays to the state now.
-"""
+"""Recovery: replay gathers each live message's last known state, then builds
+the queues in id order; a snapshot is the fewest records that replay to now."""
 
 from __future__ import annotations
 
@@ -29,7 +25,6 @@ from .state import Expiry, Message
 
 class Replay(CoreBase):
     def apply(self, record: AnyRecord) -> None:
-        """Replay one journal record (before serving; see :meth:`finish_replay`)."""
         if self._replayed is None:
             self._replayed = {}
         live = self._replayed
@@ -94,20 +89,15 @@ class Replay(CoreBase):
                 self._next_id = max(self._next_id, next_id)
 
     def _replay_tasks(self, queue: str, change: int) -> None:
-        """Replay a change to ``queue``'s unfinished tasks (clamped at 0, as
-        :meth:`_finished` does)."""
+        """Clamped at 0, as :meth:`_finished` does."""
         tasks = self._replayed_tasks
         tasks[queue] = max(0, tasks.get(queue, 0) + change)
 
     def finish_replay(self, now: float) -> int:
-        """Build the queues from the replayed records; returns how many messages came back.
-
-        Messages reserved when the broker stopped are ready again (their
-        leases died with it), with their delivery counts. Messages whose ttl
-        ran out while no broker ran are dropped, and the record that says so
-        is written ahead of this broker's first record, so that every later
-        replay counts the tasks they took with them at this point too.
-        """
+        """Build the queues from the replayed records; returns how many messages
+        came back (the reserved ones ready again). Those whose ttl ran out are
+        dropped by a record owed ahead of this broker's first, so that every
+        later replay counts the tasks they took with them at this point too."""
         live, self._replayed = self._replayed or {}, None
         restored = 0
         dropped: list[int] = []
@@ -138,7 +128,6 @@ class Replay(CoreBase):
         return restored
 
     def snapshot(self) -> list[AnyRecord]:
-        """Records that rebuild the current state (for compaction)."""
         records: list[AnyRecord] = [NextIdRecord(next_id=self._next_id)]
         elsewhere: dict[str, list[Message]] = {}  # (prefetched: ready to the journal)
         for msg in self._off_the_lists():
