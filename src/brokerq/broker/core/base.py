@@ -104,8 +104,6 @@ class CoreBase:
         while len(order) > KEY_WINDOW:
             del known[order.popleft()]
 
-    # -- handoff -----------------------------------------------------------------
-
     def _deliver(
         self, q: QueueState, msg: Message, waiter: Waiter, now: float, journaled: bool = False
     ) -> None:
@@ -184,8 +182,6 @@ class CoreBase:
         dst.bytes += len(msg.body)
         dst.unfinished += 1
         return self._make_ready(dst, msg, now)
-
-    # -- leases and timers -------------------------------------------------------
 
     def _lease(
         self,

@@ -21,8 +21,6 @@ MAX_PRIORITY = 2**31 - 1
 
 
 class Queues(CoreBase):
-    # -- enqueue ---------------------------------------------------------------
-
     def put(
         self, name: str, body: bytes, now: float, key: bytes | None = None, **options: Any
     ) -> tuple[int, Waiter | None]:
@@ -205,8 +203,6 @@ class Queues(CoreBase):
             woken += self.admit_putters(self.freed.pop(), now)
         return woken
 
-    # -- dequeue ---------------------------------------------------------------
-
     def get_nowait(self, name: str, n: int = 1, max_bytes: int | None = None) -> list[Message]:
         """Remove and return up to ``n`` ready messages (maybe none), of at
         most ``max_bytes`` encoded (to fit one reply frame) but the first."""
@@ -290,8 +286,6 @@ class Queues(CoreBase):
             q.delivered_total -= 1
             woken += self._make_ready(q, msg, now)
         return woken
-
-    # -- settings, purge, delete -------------------------------------------------
 
     def configure(
         self,
@@ -388,8 +382,6 @@ class Queues(CoreBase):
         else:
             del self._queues[name]
         return len(held), woken
-
-    # -- inspection --------------------------------------------------------------
 
     def queue_names(self) -> list[str]:
         return sorted(self._queues)

@@ -62,11 +62,14 @@ class ReadyList(Generic[M]):
             )
             yield from (m for m in merged if m.id not in removed)
 
-    def _level(self, priority: int) -> _Level[M]:
+    def _add(self, priority: int, count: int) -> _Level[M]:
+        """The level of ``priority`` (made if new), with ``count`` messages more."""
         level = self._levels.get(priority)
         if level is None:
             level = self._levels[priority] = _Level()
             bisect.insort(self._order, -priority)
+        level.live += count
+        self._count += count
         return level
 
     def append(self, msg: M) -> None:
@@ -76,20 +79,15 @@ class ReadyList(Generic[M]):
     def extend(self, messages: list[M], priority: int) -> None:
         """New messages of one ``priority``, in id order: the last of it."""
         if messages:
-            level = self._level(priority)
-            level.fresh.extend(messages)
-            level.live += len(messages)
-            self._count += len(messages)
+            self._add(priority, len(messages)).fresh.extend(messages)
 
     def insert(self, msg: M) -> None:
         """A message that comes back (never a removed one): to its place by id."""
-        level = self._level(msg.priority)
+        level = self._add(msg.priority, 1)
         if not level.back and (not level.fresh or msg.id > level.fresh[-1].id):
             level.fresh.append(msg)
         else:
             heapq.heappush(level.back, (msg.id, msg))
-        level.live += 1
-        self._count += 1
 
     def head(self) -> M:
         """The next message to deliver (the list must not be empty)."""
@@ -109,10 +107,7 @@ class ReadyList(Generic[M]):
                 heapq.heappop(level.back)
             else:
                 level.fresh.popleft()
-        level.live -= 1
-        self._count -= 1
-        if not level.live:
-            self._drop_level(priority)
+        self._gone(priority, 1)
         return msg
 
     def popleft_many(self, count: int) -> None:
@@ -125,10 +120,7 @@ class ReadyList(Generic[M]):
             if not level.back and count <= len(fresh):
                 for _ in range(count):
                     fresh.popleft()
-                level.live -= count
-                self._count -= count
-                if not level.live:
-                    self._drop_level(priority)
+                self._gone(priority, count)
                 return
         for _ in range(count):
             self.popleft()
@@ -148,12 +140,8 @@ class ReadyList(Generic[M]):
 
     def remove(self, msg: M) -> None:
         """Take out a message that is here, from anywhere (it expired)."""
-        level = self._levels[msg.priority]
         self._removed.add(msg.id)
-        level.live -= 1
-        self._count -= 1
-        if not level.live:
-            self._drop_level(msg.priority)
+        self._gone(msg.priority, 1)
 
     def clear(self) -> None:
         self._levels.clear()
@@ -161,8 +149,14 @@ class ReadyList(Generic[M]):
         self._removed.clear()
         self._count = 0
 
-    def _drop_level(self, priority: int) -> None:
-        level = self._levels.pop(priority)
+    def _gone(self, priority: int, count: int) -> None:
+        """``count`` messages of ``priority`` left; a level left empty goes."""
+        level = self._levels[priority]
+        level.live -= count
+        self._count -= count
+        if level.live:
+            return
+        del self._levels[priority]
         self._order.remove(-priority)
         if self._removed:  # what is left there is removed: forget those ids
             self._removed.difference_update(m.id for m in level.fresh)
