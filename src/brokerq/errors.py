@@ -103,10 +103,8 @@ class InternalError(BrokerqError, code="internal"):
     """The broker hit a bug; its log has the details."""
 
 
-#: The exception a client raises for each wire code. ``bad_request`` and
-#: ``bad_frame`` both mean the broker judged *our* bytes bad: a local
-#: protocol error (``bad_frame`` is the code of the RemoteProtocolError
-#: the broker raised, from its side, for them).
+#: The exception a client raises for each wire code. ``bad_frame`` (the broker's
+#: RemoteProtocolError) means it judged *our* bytes bad, as ``bad_request`` does.
 # fmt: off
 BY_CODE: dict[str, type[BrokerqError]] = {
     cls.code: cls

@@ -364,8 +364,7 @@ class Queues(CoreBase):
         self._write(DropQueueRecord(queue=name))
         self.topics.remove_everywhere(name)
         for msg in held:
-            lease = self._leases.get(msg.id)
-            if lease is not None:
+            if (lease := self._leases.get(msg.id)) is not None:
                 self._drop_lease(q, lease)
             if self._delayed.pop(msg.id, None) is not None:
                 q.delayed -= 1

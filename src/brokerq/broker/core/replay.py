@@ -25,9 +25,7 @@ from .state import Expiry, Message
 
 class Replay(CoreBase):
     def apply(self, record: AnyRecord) -> None:
-        if self._replayed is None:
-            self._replayed = {}
-        live = self._replayed
+        live = self._replayed = self._replayed or {}  # (None while not replaying)
         match record:
             case PutRecord(queue=queue, ids=ids, bodies=bodies, at=at, keys=keys):
                 taken = set(record.taken or ())

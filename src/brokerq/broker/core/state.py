@@ -165,8 +165,7 @@ class Topics:
             self.remove(name, member, live=live)
 
     def subscribes(self, name: str, queue: str) -> bool:
-        topic = self._topics.get(name)
-        return topic is not None and queue in topic.queues
+        return name in self._topics and queue in self._topics[name].queues
 
     def has_queue(self, queue: str) -> bool:
         return any(queue in t.queues for t in self._topics.values())

@@ -46,11 +46,10 @@ class Tasks(CoreBase):
         return joiner
 
     def cancel_join(self, joiner: Joiner) -> None:
-        joiners = self._joiners.get(joiner.queue)
-        if joiners is not None:
-            joiners.pop(joiner, None)
-            if not joiners:
-                del self._joiners[joiner.queue]
+        joiners = self._joiners.get(joiner.queue, {})
+        joiners.pop(joiner, None)
+        if not joiners:
+            self._joiners.pop(joiner.queue, None)
 
     def joins_done(self) -> list[Joiner]:
         """The parked joins whose queue has no unfinished task now, marked done
