@@ -41,12 +41,10 @@ def default_max_total_bytes() -> int:
 def ensure_fd_limit(max_connections: int) -> None:
     """Raise the soft RLIMIT_NOFILE to serve ``max_connections``; if it cannot,
     warn: past it, new connections wait in the listen backlog (EMFILE)."""
-    try:
-        import resource
-    except ImportError:  # pragma: no cover - not Unix
-        return
     want = max_connections + SPARE_FDS
-    with contextlib.suppress(ValueError, OSError):
+    with contextlib.suppress(ImportError, ValueError, OSError):  # (ImportError: not Unix)
+        import resource
+
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
         if soft != resource.RLIM_INFINITY and soft < want:
             new = want if hard == resource.RLIM_INFINITY else min(want, hard)
