@@ -49,10 +49,9 @@ class QueueRequest(Request, frozen=True):
     queue: str
 
 
-class LeaseRequest(Request, frozen=True):
-    # Of a reserved message: its id, and the delivery (``attempt``) whose lease it is.
+class LeaseRequest(Request, frozen=True):  # of a reserved message
     msg_id: int
-    attempt: int
+    attempt: int  # the delivery whose lease it is
 
 
 class Hello(Request, frozen=True, tag="hello"):
@@ -87,11 +86,9 @@ class GetMany(QueueRequest, frozen=True, tag="get_many"):
     timeout: float | None = None
 
 
-class Reserve(QueueRequest, frozen=True, tag="reserve"):
-    # Like get, but the message stays the broker's until acked, for ``lease``
-    # seconds (absent: the queue's), then it is delivered again.
+class Reserve(QueueRequest, frozen=True, tag="reserve"):  # a get, the broker's until acked
     timeout: float | None = None
-    lease: float | None = None
+    lease: float | None = None  # seconds (absent: the queue's), then it is delivered again
 
 
 class Ack(LeaseRequest, frozen=True, tag="ack"):
@@ -113,8 +110,7 @@ class Kick(QueueRequest, frozen=True, tag="kick"):
     n: int = 1
 
 
-class Configure(QueueRequest, frozen=True, tag="configure"):
-    # An absent (nil) field leaves its setting as it is.
+class Configure(QueueRequest, frozen=True, tag="configure"):  # absent: left as it is
     max_deliveries: int | None = None
     lease: float | None = None
     maxsize: int | None = None
@@ -146,10 +142,8 @@ class Publish(Request, frozen=True, tag="publish"):
 
 
 class Subscribe(Request, frozen=True, tag="subscribe"):
-    # With ``queue``: that queue gets a copy of every later publish (durable).
-    # Without: this connection gets an ``event`` frame for each (live).
     topic: str
-    queue: str | None = None
+    queue: str | None = None  # gets a copy of every later publish; absent: ``event`` frames
 
 
 class Unsubscribe(Request, frozen=True, tag="unsubscribe"):
@@ -165,18 +159,14 @@ class Join(QueueRequest, frozen=True, tag="join"):  # until no task is unfinishe
     timeout: float | None = None
 
 
-class Consume(QueueRequest, frozen=True, tag="consume"):
-    # Open a stream: the broker sends ``delivery`` frames of ``queue`` unasked,
-    # up to ``prefetch`` not yet taken (docs/protocol.md 5.25).
-    prefetch: int
+class Consume(QueueRequest, frozen=True, tag="consume"):  # a stream (docs/protocol.md 5.25)
+    prefetch: int  # ``delivery`` frames sent unasked, not yet taken
     mode: str = "get"  # "get" or "reserve": what a taken message becomes
     lease: float | None = None  # reserve mode: the lease a taken message gets
 
 
-class Taken(Request, frozen=True, tag="taken"):
-    # No reply: the first ``n`` deliveries not yet taken of the stream ``id``
-    # (its consume request's) are the client's now.
-    n: int = 1
+class Taken(Request, frozen=True, tag="taken"):  # no reply
+    n: int = 1  # the first n deliveries not taken of the stream ``id`` are the client's
 
 
 class Cancel(Request, frozen=True, tag="cancel"):

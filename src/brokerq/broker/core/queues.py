@@ -56,14 +56,12 @@ class Queues(CoreBase):
             self._check_size(body)
         ids: list[int] = []
         new: list[tuple[int, bytes, bytes | None]] = []
-        next_id = self._next_id
         for i, body in enumerate(bodies):
             key = None if keys is None else keys[i] or None  # b"": no key
             seen = None if key is None else self._keys.get(key)
             if seen is None:
-                seen = next_id
-                new.append((next_id, body, key))
-                next_id += 1
+                seen = self._next_id + len(new)
+                new.append((seen, body, key))
             ids.append(seen)
         if not new:
             return ids, []
@@ -99,7 +97,7 @@ class Queues(CoreBase):
                 expires_at=0.0 if ttl is None else expires_at,
             )
         )
-        self._next_id = next_id
+        self._next_id += len(new)
         if keys is not None:
             self._remember_keys((n[2], n[0]) for n in new)
         # (Once per put_many, not per message, where that can be: a batch of

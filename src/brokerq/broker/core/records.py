@@ -38,32 +38,24 @@ class DeleteRecord(Record, frozen=True, tag="d"):
     got: bool = False
 
 
-class AttemptsRecord(Record, frozen=True, tag="a"):
-    """A message's delivery count (set when it is reserved)."""
-
+class AttemptsRecord(Record, frozen=True, tag="a"):  # a delivery count (set on reserve)
     id: int
     attempts: int
 
 
-class StateRecord(Record, frozen=True, tag="s"):
-    """A message becomes ready, buried, or delayed until ``until`` (wall clock)."""
-
+class StateRecord(Record, frozen=True, tag="s"):  # a message ready, buried, or delayed
     id: int
     state: str  # "ready" | "buried" | "delayed"
-    until: float = 0.0
+    until: float = 0.0  # delayed until then (wall clock)
 
 
-class MoveRecord(Record, frozen=True, tag="m"):
-    """A message moves to another queue (dead-lettered, or kicked back), ready."""
-
+class MoveRecord(Record, frozen=True, tag="m"):  # to another queue, ready (dead letters, kick)
     id: int
     queue: str
     attempts: int = 0
 
 
-class ConfigRecord(Record, frozen=True, tag="c"):
-    """A queue's own settings (None: the broker's default)."""
-
+class ConfigRecord(Record, frozen=True, tag="c"):  # a queue's own settings (None: the default)
     queue: str
     max_deliveries: int | None = None
     lease: float | None = None
@@ -71,28 +63,20 @@ class ConfigRecord(Record, frozen=True, tag="c"):
     max_bytes: int = 0  # body bytes held, in every state (0: unlimited)
 
 
-class DropQueueRecord(Record, frozen=True, tag="x"):
-    """A queue deleted: its messages (in a DeleteRecord before) and settings."""
-
+class DropQueueRecord(Record, frozen=True, tag="x"):  # a queue deleted (its messages before)
     queue: str
 
 
-class KeysRecord(Record, frozen=True, tag="k"):
-    """The window of recent put keys and the ids they were given (snapshots)."""
-
+class KeysRecord(Record, frozen=True, tag="k"):  # recent put keys and their ids (snapshots)
     keys: list[bytes]
     ids: list[int]
 
 
-class NextIdRecord(Record, frozen=True, tag="n"):
-    """The next message id to hand out (snapshots: ids never repeat)."""
-
+class NextIdRecord(Record, frozen=True, tag="n"):  # the next id (snapshots: ids never repeat)
     next_id: int
 
 
-class SubscribeRecord(Record, frozen=True, tag="t"):
-    """A queue's durable subscription to a topic begins (or ends: ``on`` false)."""
-
+class SubscribeRecord(Record, frozen=True, tag="t"):  # a queue's subscription begins or ends
     topic: str
     queue: str
     on: bool = True

@@ -37,9 +37,7 @@ class Lease:
 
 
 @dataclass(slots=True, eq=False)
-class Expiry:
-    """A timer entry: ``message``'s ttl runs out (if it still waits by then)."""
-
+class Expiry:  # a timer entry: ``message``'s ttl runs out (if it still waits by then)
     message: Message
 
 
