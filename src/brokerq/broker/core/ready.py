@@ -99,14 +99,10 @@ class ReadyList(Generic[M]):
     def popleft(self) -> M:
         priority = -self._order[0]
         level = self._levels[priority]
-        if not level.back and not self._removed:
-            msg = level.fresh.popleft()
+        if (level.back or self._removed) and self._head_of(level)[1]:
+            msg = heapq.heappop(level.back)[1]
         else:
-            msg, from_back = self._head_of(level)
-            if from_back:
-                heapq.heappop(level.back)
-            else:
-                level.fresh.popleft()
+            msg = level.fresh.popleft()
         self._gone(priority, 1)
         return msg
 
