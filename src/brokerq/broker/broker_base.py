@@ -70,11 +70,7 @@ class BrokerBase:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
-        self.core = core or BrokerCore(
-            max_message_size=config.max_message_size,
-            max_deliveries=config.max_deliveries,
-            default_lease=config.lease,
-        )
+        self.core = core or config.new_core()
         self.core.max_queue_bytes = config.max_queue_bytes
         self.core.max_total_bytes = config.max_total_bytes
         self.journal = journal

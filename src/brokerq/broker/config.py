@@ -7,7 +7,7 @@ import math
 from dataclasses import dataclass
 
 from .. import protocol
-from .core import limits
+from .core import BrokerCore, limits
 
 
 @dataclass(frozen=True)
@@ -38,3 +38,10 @@ class BrokerConfig:
         """``frame_timeout`` as it applies: None when off (0 or inf)."""
         timeout = self.frame_timeout
         return None if timeout <= 0 or math.isinf(timeout) else timeout
+
+    def new_core(self) -> BrokerCore:
+        return BrokerCore(
+            max_message_size=self.max_message_size,
+            max_deliveries=self.max_deliveries,
+            default_lease=self.lease,
+        )
