@@ -11,17 +11,12 @@ File format (version 1)::
     record   ...
     zero     any number of zero bytes (preallocated space): the zero tail
 
-The checksum covers the length, so a flipped length is caught too; the
-marker lets a reader find the records after a damaged one. A record never
-starts with a zero byte, so zero bytes where a record should start, with
-only zero bytes after them, are the end of the records: a zero tail.
-
-Reading it back (:func:`read_journal`; docs/guarantees.md G7): a zero tail
-is free space; a torn tail (the last record cut or damaged, nothing valid
-after it) is cut off; a damaged record with valid records after it up to
-the end of the data refuses to start, unless ``repair`` truncates there.
-
-Plain blocking file I/O, no trio.
+The checksum covers the length too; the marker lets a reader find the
+records after a damaged one. A record never starts with a zero byte, so
+zeros to the end of the file are free space. Reading it back
+(docs/guarantees.md G7): a torn tail (the last record cut or damaged,
+nothing valid after it) is cut off; a damaged record with valid records
+after it refuses to start, unless ``repair`` truncates there.
 """
 
 from __future__ import annotations
@@ -42,7 +37,6 @@ FILE_HEADER: Final = struct.Struct(">8sI")
 RECORD_MARKER: Final = b"\xb0\x51"
 RECORD_HEADER: Final = struct.Struct(">2sII")
 _LENGTH: Final = struct.Struct(">I")
-#: How much of a file :func:`_data_end` counts at a time, from its end.
 _ZERO_SCAN: Final = 1024 * 1024
 
 _encoder: Final = msgspec.msgpack.Encoder()
@@ -50,8 +44,6 @@ _decoder: Final[msgspec.msgpack.Decoder[AnyRecord]] = msgspec.msgpack.Decoder(An
 
 
 class JournalCorrupt(BrokerqError):
-    """A bad record with valid records after it: refuse to start."""
-
     def __init__(self, path: str, offset: int, reason: str) -> None:
         super().__init__(
             f"journal {path} is corrupt at byte {offset} ({reason}) and valid records follow; "
@@ -65,8 +57,7 @@ def _checksum(length: int, payload: bytes | memoryview) -> int:
 
 
 def encode_record(record: AnyRecord) -> bytearray:
-    """One record, header and all: encoded in place after room for the header
-    (a large body is copied once, not again to join the header to it)."""
+    """Encoded in place after room for the header: a large body is copied once."""
     out = bytearray(RECORD_HEADER.size)
     _encoder.encode_into(record, out, -1)
     length = len(out) - RECORD_HEADER.size
@@ -89,7 +80,6 @@ class ReadResult:
 
 
 def _record_at(data: bytes, offset: int) -> tuple[bytes, int] | str:
-    """The payload at ``offset`` and the offset after it, or why there is none."""
     if len(data) - offset < RECORD_HEADER.size:
         return "a record header cut short"
     marker, length, crc = RECORD_HEADER.unpack_from(data, offset)
@@ -105,7 +95,6 @@ def _record_at(data: bytes, offset: int) -> tuple[bytes, int] | str:
 
 
 def read_journal(path: str, *, repair: bool = False) -> ReadResult:
-    """Parse the journal at ``path`` (missing: empty). See the module doc."""
     try:
         with open(path, "rb") as f:
             data = f.read()
@@ -156,11 +145,8 @@ def read_journal(path: str, *, repair: bool = False) -> ReadResult:
 
 
 def _data_end(data: bytes) -> int:
-    """Where the zero tail begins: the offset after the last byte that is not zero.
-
-    Counted from the end a slice at a time, so a long zero tail costs a
-    count of its bytes, not a copy of the file.
-    """
+    """Where the zero tail begins: counted from the end a slice at a time, so a
+    long zero tail costs a count of its bytes, not a copy of the file."""
     end = len(data)
     while end > 0:
         start = max(0, end - _ZERO_SCAN)
@@ -171,13 +157,9 @@ def _data_end(data: bytes) -> int:
 
 
 def _valid_records_following(data: bytes, offset: int, data_end: int) -> int:
-    """After a bad record at ``offset``, how many valid records run to the end
-    of the data (``data_end``: the end of the file, or where its zero tail
-    begins)? 0: none, a torn tail.
-
-    The damaged record's length cannot be trusted, so every later marker is
-    tried as a start. A torn tail (a crash mid-write) has no such run.
-    """
+    """After a bad record at ``offset``, how many valid records run to
+    ``data_end`` (0: a torn tail)? The damaged record's length cannot be
+    trusted, so every later marker is tried as a start."""
     start = data.find(RECORD_MARKER, offset + 1, data_end)
     while start != -1:
         position, whole = start, 0

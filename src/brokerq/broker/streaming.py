@@ -1,36 +1,20 @@
 """The broker's side of streams (``consume``): prefetching consumers.
 
-Theory of operation
--------------------
-A ``consume`` request opens a stream on a queue: a
-:class:`~brokerq.broker.state.Stream` in the queue's line (the core hands it
-messages as to any waiter, round robin while it has credit), and a writer
-task here that sends what was handed to it as ``delivery`` frames, unasked.
-The writer waits on the stream's wakeup, which the core's hand-over sets
-(:func:`~brokerq.broker.wakeup.wake`); everything handed to the stream until the
-writer runs goes out in one write, so the deliveries of one scheduler round
-cost one syscall. Replies and deliveries share the connection's send lock,
-and a reply takes every delivery not yet sent ahead of it
-(``Replies.stream_frames``): a delivery made before a request was handled
-is never sent after its reply, so any request (a ``ping``) tells a client that
-it has every delivery there was.
+A ``consume`` opens a :class:`~brokerq.broker.state.Stream` in the queue's
+line (the core hands it messages as to any waiter, while it has credit) and
+a writer task here that sends them as ``delivery`` frames, unasked: all
+handed over until the writer runs go out in one write. A reply takes every
+delivery not yet sent ahead of it (``Replies.stream_frames``), so any
+request (a ``ping``) tells a client that it has every delivery there was.
 
-A ``taken`` frame (no reply) says the client handed the stream's first
-``n`` untaken deliveries to its application: the core removes them (get
-mode) or leases them (reserve mode) and gives the credit back. Until then a
-delivered message stays the broker's: when the stream is cancelled, or its
-connection ends, it goes back to its place (:meth:`BrokerCore.cancel_stream`).
-A ``taken`` the client sent before the connection ended is honoured even so:
-on a Unix socket a completed send is in the broker's receive queue, so
-:func:`end_streams` reads what is left there (the socket shut for reading
-first, so that nothing more can come) and applies the ``taken`` frames it
-finds before giving anything back. A stopping broker applies them too
-(:func:`taken_while_closing`). A ``taken`` naming no stream, or more than the
-stream holds, is a protocol error: ``bad_request`` with id 0, then the
-connection is closed (its deliveries go back).
-
-Nothing here runs per request while no stream is open: the connection
-checks ``streams is None`` where it must.
+A ``taken`` frame (no reply) says the client handed the first ``n``
+untaken deliveries to its application: the core removes or leases them and
+gives the credit back. Until then a delivered message stays the broker's,
+and goes back when the stream ends. A ``taken`` sent before the connection
+ended is honoured even so: :func:`end_streams` shuts the socket for reading
+and applies the ``taken`` frames left in it first (and a stopping broker
+applies them too). A ``taken`` naming no stream, or more than it holds, is
+answered ``bad_request`` with id 0, and the connection is closed.
 """
 
 from __future__ import annotations
@@ -56,8 +40,7 @@ MODES = ("get", "reserve")
 def handle(
     conn: Connection, request: Consume | Taken | Cancel, now: float
 ) -> tuple[protocol.AnyReply | None, list[Waiter]]:
-    """Carry out a stream request; returns its reply (None for ``taken``,
-    which has none) and the waiters to wake."""
+    """Returns the reply (None for ``taken``) and the waiters to wake."""
     if isinstance(request, Taken):
         return None, _taken(conn, request, now)
     if isinstance(request, Consume):
@@ -104,25 +87,23 @@ def _taken(conn: Connection, request: Taken, now: float) -> list[Waiter]:
             raise InvalidRequest(f"taken names stream {request.id}, which is not open here")
         return conn.core.taken(stream, request.n, now)
     except InvalidRequest as exc:
-        # No reply can carry this: the stream's state is not the client's.
-        # An error with id 0, and the connection ends (Connection._handle).
+        # No reply can carry this (the stream's state is not the client's):
+        # an error with id 0, and the connection ends.
         protocol.append_frame(conn.out, Error(id=0, code="bad_request", message=str(exc)))
         conn.ending = True
         return []
 
 
 def taken_while_closing(conn: Connection, request: protocol.AnyRequest) -> list[Waiter] | None:
-    """A stopping broker answers requests with ``shutting_down``, but a
-    ``taken`` it still applies (the client handed those messages out):
-    returns the waiters to wake, or None if ``request`` is no ``taken``."""
+    """A stopping broker still applies a ``taken`` (the client handed those
+    messages out): the waiters to wake, or None if ``request`` is no ``taken``."""
     if not isinstance(request, Taken) or conn.streams is None:
         return None
     return _taken_if_valid(conn, request, conn.broker.clock())
 
 
 def _taken_if_valid(conn: Connection, request: Taken, now: float) -> list[Waiter]:
-    """A ``taken`` that can no longer be refused: applied if it names what
-    its stream holds, else ignored."""
+    """A ``taken`` that can no longer be refused: ignored unless valid."""
     stream = (conn.streams or {}).get(request.id)
     if stream is None or not 1 <= request.n <= len(stream.held):
         return []
@@ -130,9 +111,8 @@ def _taken_if_valid(conn: Connection, request: Taken, now: float) -> list[Waiter
 
 
 def end_streams(conn: Connection) -> list[Waiter]:
-    """The connection ends: apply the ``taken`` frames the client sent
-    before it did, then end every stream (what was not taken goes back).
-    Returns the waiters to wake."""
+    """The connection ends: apply the ``taken`` frames the client sent first,
+    then end every stream. Returns the waiters to wake."""
     streams = conn.streams
     if not streams:
         return []
@@ -149,10 +129,8 @@ def end_streams(conn: Connection) -> list[Waiter]:
 
 
 def _frames_left(conn: Connection) -> list[protocol.AnyRequest]:
-    """The requests received and not handled: those buffered, and what is
-    still in the socket's receive queue (shut for reading first)."""
-    stream = conn.stream
-    reader = conn.reader
+    """The requests received and not handled, in the buffer or the socket."""
+    stream, reader = conn.stream, conn.reader
     if isinstance(stream, UnixStream) and stream.socket.fileno() >= 0:
         sock = stream.socket
         try:
@@ -175,10 +153,8 @@ def _wakeup(stream: Stream) -> Wakeup:
 
 
 async def _write(conn: Connection, stream: Stream) -> None:
-    """Send what the core hands ``stream``, batched: one write for every
-    delivery made since the last one. Returns once the stream has ended
-    (never cut mid-frame: a cancel wakes it) or the connection broke (its
-    request loop sees that and cleans up)."""
+    """Send what the core hands ``stream``, batched, until it ends (never cut
+    mid-frame: a cancel wakes it) or the connection breaks."""
     lock = conn.send_lock
     wakeup = _wakeup(stream)
     while True:
