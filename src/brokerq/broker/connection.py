@@ -1,24 +1,20 @@
 """One client connection of the trio broker: read frames, ask the core, reply.
 
-The layers of a connection, each a module: :class:`~.replies.Replies`
-(writing replies, at once or after their group commit), then
-:class:`~.delivery.Deliveries` (parked requests, replies that carry
-messages), then :class:`Connection` here: reading and dispatch. Live
-feeds are in feeds.py, streams (``consume``) in streaming.py.
+Its layers, each a module: :class:`~.replies.Replies` (writing replies, at
+once or after their group commit), :class:`~.delivery.Deliveries` (parked
+requests, replies that carry messages), then :class:`Connection`: reading
+and dispatch. Live feeds are in feeds.py, streams (``consume``) in streaming.py.
 
 * When the connection ends, every lease it holds is released. A peer that
-  shut down only its sending side reads on: at the end of its stream a
-  put still waiting for room is withdrawn, and the replies the connection
-  owes (one waiting for its fsync too) are written before it closes, so
-  the peer learns whether its put was made (protocol.md 4).
+  shut down only its sending side reads on: the replies it is owed (one
+  waiting for its fsync too) are written before the connection closes, so
+  it learns whether its put was made (protocol.md 4).
 * A client has ``frame_timeout`` seconds, waited in all, to send the rest
-  of a frame it began (and a new connection its ``hello``), else the
-  connection is closed (``bad_frame``); time the broker spends on anything
-  else is not counted. A connection idle between frames is never timed out.
-  Past ``max_pipelined`` requests (or
-  :data:`~brokerq.broker.limits.REPLY_BUFFER` bytes) answered, nothing more
-  is read until their replies are written: a client that sends without
-  reading is held up by its own socket.
+  of a frame it began (and its ``hello``), else it is closed (``bad_frame``);
+  a connection idle between frames is never timed out. Past
+  ``max_pipelined`` requests (or ``limits.REPLY_BUFFER`` bytes) answered,
+  nothing more is read until their replies are written: a client that
+  sends without reading is held up by its own socket.
 """
 
 from __future__ import annotations
@@ -33,15 +29,7 @@ from ..protocol import PROTOCOL_VERSION
 from ..version import __version__
 from . import streaming
 from .core import limits
-from .delivery import (
-    SENT,
-    Deliveries,
-    Delivery,
-    empty,
-    join_timeout,
-    put_options,
-    shutting_down,
-)
+from .delivery import SENT, Deliveries, Delivery, empty, join_timeout, put_options, shutting_down
 from .feeds import OVERFLOW_GRACE_SECONDS, LiveFeed
 from .journal import JournalFailed
 from .wakeup import PeerGone, wake, wake_all
@@ -65,8 +53,8 @@ class Connection(Deliveries):
         self.greeted = False
         self.idle = False  # waiting for a request: a stopping broker cuts it at once
         self.live_topics: dict[str, int] = {}  # topic -> id of its subscribe request
-        # Seconds waited for the rest of the frame buffered now (or for the
-        # hello), and whether a frame was taken since they were counted.
+        # Seconds waited for the rest of the frame buffered now (or the hello),
+        # and whether a frame was taken since.
         self.waited = 0.0
         self.frame_taken = False
 
@@ -80,11 +68,7 @@ class Connection(Deliveries):
                 self.idle = True
                 data = await self._receive_in_time()
                 self.idle = False
-                if not data:
-                    # The peer's end. One that shut down only its sending side
-                    # reads on: the replies it is owed go first, however long
-                    # their fsync takes (a put admitted before the end was
-                    # read: protocol.md 4, "End of a connection").
+                if not data:  # the replies owed go first, however long their fsync takes
                     break
                 self.reader.feed(data)
             await self._drain()
@@ -103,18 +87,13 @@ class Connection(Deliveries):
             if self.streams is not None:  # (first: its takens may lease messages to it)
                 wake_all(streaming.end_streams(self))
             wake_all(self.core.release_owned(self, self.broker.clock()))
-            # Leases that ended may have moved messages to :dead (a join on
-            # their queue may be done now) or freed room for parked puts.
+            # Ended leases may have finished a join or freed room for parked puts.
             self.broker.after_request()
 
     async def _receive_in_time(self) -> bytes | bytearray:
-        """:meth:`_receive`; but close the connection once it has been waited
-        on for ``frame_timeout`` in all for the rest of a frame (or for the hello).
-
-        Only the time spent here counts: a frame's first bytes arrived with
-        the latest receive that took a frame (or later), so its count starts
-        again then; one that gets no further is cut after ``frame_timeout``.
-        """
+        """:meth:`_receive`, but close the connection once ``frame_timeout`` was
+        waited here in all for the rest of a frame (or for the hello); the count
+        starts again with the latest receive that took a frame."""
         timeout = self.broker.config.frame_seconds
         between_frames = self.greeted and not self.reader.buffered
         if self.frame_taken or between_frames:
@@ -139,8 +118,7 @@ class Connection(Deliveries):
         raise PeerGone
 
     async def _handle_buffered(self) -> None:
-        """Answer every complete request already received (writing the replies
-        when due: :meth:`_replies_due`)."""
+        """Answer every complete request already received."""
         max_pipelined = self.broker.config.max_pipelined
         while True:
             try:
@@ -152,9 +130,8 @@ class Connection(Deliveries):
             except protocol.InvalidRequestFrame as exc:
                 self._reply_error(exc.request_id, "bad_request", str(exc))
                 if not self.greeted or exc.request_id == 0:
-                    # An error with id 0 always ends the connection
-                    # (protocol.md 5): one whose request cannot be named
-                    # leaves the client unable to pair replies with requests.
+                    # An error with id 0 always ends the connection (protocol.md 5):
+                    # the client cannot pair replies with requests any more.
                     await self._close_with_error()
                 if self._replies_due(max_pipelined):
                     await self._flush()
@@ -167,10 +144,8 @@ class Connection(Deliveries):
                 await self._flush()
 
     def _replies_due(self, max_pipelined: int) -> bool:
-        """One more request answered: must the replies be written now?
-
-        (Not a coroutine: this runs once per request, and is usually False.)
-        """
+        """One more request answered: must the replies be written now? (Not a
+        coroutine: this runs once per request, and is usually False.)"""
         self.unsent += 1
         return self.unsent >= max_pipelined or len(self.out) >= limits.REPLY_BUFFER
 
@@ -239,7 +214,6 @@ class Connection(Deliveries):
             self.broker.request_stop("stop requested by a client")
 
     def _greet(self, request: protocol.AnyRequest) -> bool:
-        """Answer the handshake; False if the connection must be closed."""
         if not isinstance(request, protocol.Hello):
             self._reply_error(request.id, "bad_request", "the first request must be hello")
             return False
@@ -249,9 +223,8 @@ class Connection(Deliveries):
                 f"this broker speaks {PROTOCOL_VERSION} (brokerq {__version__})"
             )
             self.broker.log.warning("refused a client: %s", message)
-            error = protocol.Error(
-                id=request.id, code="version", message=message, version=PROTOCOL_VERSION
-            )
+            version = PROTOCOL_VERSION
+            error = protocol.Error(id=request.id, code="version", message=message, version=version)
             protocol.append_frame(self.out, error)
             return False
         self.greeted = True
@@ -273,9 +246,9 @@ class Connection(Deliveries):
         """Answer ``request`` without waiting, or return _BLOCK to park it."""
         core = self.core
         now = self.broker.clock()
+        protocol.validate_timeout(getattr(request, "timeout", None))  # (first, where there is one)
         match request:
             case protocol.Put(id=rid, queue=queue, body=body, key=key, timeout=timeout):
-                protocol.validate_timeout(timeout)
                 try:
                     msg_id, waiter = core.put(queue, body, now, key, **put_options(request))
                 except QueueFull:
@@ -287,13 +260,11 @@ class Connection(Deliveries):
                 self._needs_sync()
                 return protocol.PutReply(id=rid, msg_id=msg_id)
             case protocol.Get(id=rid, queue=queue, timeout=timeout):
-                protocol.validate_timeout(timeout)
                 messages = core.get_nowait(queue)
                 if messages:
                     return Delivery(protocol.Get, messages, rid)
                 return _BLOCK if timeout != 0 else empty(rid, queue)
             case protocol.Reserve(id=rid, queue=queue, timeout=timeout, lease=lease):
-                protocol.validate_timeout(timeout)
                 protocol.validate_lease(lease)
                 msg = core.reserve_nowait(queue, now, lease, owner=self)
                 if msg is not None:
@@ -303,7 +274,6 @@ class Connection(Deliveries):
                     )
                 return _BLOCK if timeout != 0 else empty(rid, queue)
             case protocol.GetMany(id=rid, queue=queue, n=n, timeout=timeout):
-                protocol.validate_timeout(timeout)
                 if n < 1:
                     raise InvalidRequest(f"get_many needs n >= 1, not {n}")
                 messages = core.get_nowait(queue, n, self._batch_bytes())
@@ -311,7 +281,6 @@ class Connection(Deliveries):
                     return Delivery(protocol.GetMany, messages, rid)
                 return _BLOCK if timeout != 0 else empty(rid, queue)
             case protocol.PutMany(id=rid, queue=queue, bodies=bodies, keys=keys, timeout=timeout):
-                protocol.validate_timeout(timeout)
                 try:
                     ids, woken = core.put_many(queue, bodies, now, keys, **put_options(request))
                 except QueueFull:
@@ -398,7 +367,6 @@ class Connection(Deliveries):
             case protocol.TaskDone(id=rid, queue=queue, n=n):
                 return protocol.TaskDoneReply(id=rid, unfinished=core.task_done(queue, n))
             case protocol.Join(id=rid, queue=queue, timeout=timeout):
-                protocol.validate_timeout(timeout)
                 if core.unfinished(queue) == 0:
                     return protocol.JoinReply(id=rid)
                 return _BLOCK if timeout != 0 else join_timeout(rid, queue, timeout)
@@ -415,12 +383,9 @@ class Connection(Deliveries):
         raise AssertionError(f"unhandled request {request!r}")  # pragma: no cover
 
     def send_event(self, topic: str, body: bytes) -> bool:
-        """Queue a publish for this live subscriber (called by the publisher's task).
-
-        False if it overflowed: its live subscriptions end here and now (so
-        no later publish counts it), though its writer task may still be
-        blocked sending what the subscriber has not read yet.
-        """
+        """Queue a publish for this live subscriber (from the publisher's task).
+        False if it overflowed: its live subscriptions end now, so no later
+        publish counts it."""
         assert self.feed is not None
         if self.feed.push(protocol.Event(id=self.live_topics[topic], topic=topic, body=body)):
             return True

@@ -152,11 +152,7 @@ def broker_options(f: F) -> F:
     "the socket listens, 'BUSY <pid>' if another broker holds the lock; then closed.",
 )
 def main(
-    socket: str | None,
-    daemon: bool,
-    lock_fd: int | None,
-    ready_fd: int | None,
-    **options: Any,
+    socket: str | None, daemon: bool, lock_fd: int | None, ready_fd: int | None, **options: Any
 ) -> None:
     """Run the brokerq broker for SOCKET in the foreground.
 

@@ -26,13 +26,7 @@ from ..errors import PermissionDenied
 from ..pause import pause
 from ..protocol import Error
 from ..spawn import check_peer, file_identity, lock_path, publish_socket
-from .broker_base import (
-    COMPACT_AT_ONCE_MAX_BYTES,
-    COMPACT_MIN_BYTES,
-    BrokerBase,
-    SyncWhenIdle,
-    log,
-)
+from .broker_base import COMPACT_AT_ONCE_MAX_BYTES, COMPACT_MIN_BYTES, BrokerBase, SyncWhenIdle, log
 from .config import BrokerConfig
 from .connection import Connection
 from .core import limits
