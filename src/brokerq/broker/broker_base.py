@@ -1,11 +1,8 @@
-"""What the broker is to its connections: the core, the journal and its
-group commit and compaction, the timers, stats, and stopping.
-
-:class:`~brokerq.broker.server.Broker` adds the listener, the connections'
-tasks and housekeeping; the connections see this part only, so that they
-import nothing that imports them. A failed journal write or fsync is
-fatal: :meth:`BrokerBase.fail` stops the broker, which exits non-zero, and
-no further request is acknowledged.
+"""What the broker is to its connections: the core, the journal's group
+commit and compaction, the timers, stats, and stopping (server.Broker adds
+the listener and housekeeping, so that connections import nothing that
+imports them). A failed journal write or fsync is fatal: :meth:`BrokerBase.fail`
+stops the broker, which exits non-zero, and no further request is acknowledged.
 """
 
 from __future__ import annotations
@@ -37,27 +34,20 @@ log = logging.getLogger("brokerq.broker")
 
 #: How long, at most, the event loop waits for a sync's thread to take it up.
 SYNC_HANDOFF_SECONDS: Final = 0.001
-#: A sync due after another is started once the event loop is about to wait
-#: for I/O (nothing else is ready), or after this many passes of a loop that
-#: is not.
+#: A sync due after another starts once the event loop is idle, or after this
+#: many passes of a loop that is not.
 SYNC_DEFER_PASSES: Final = 4
 #: The journal is compacted once it is over twice the live data and this.
 COMPACT_MIN_BYTES: Final = 1024 * 1024
-#: At start and at exit a compaction is done at once, blocking, when the live
-#: data (``BrokerCore.snapshot_size``) is at most this: a write of a few MiB.
-#: Past it, one at start runs in a thread while the broker serves, and one
-#: at exit is left to the next broker's start.
+#: At start and exit a compaction is done at once, blocking, up to this much
+#: live data; past it, one at start runs in a thread, one at exit is left to
+#: the next broker.
 COMPACT_AT_ONCE_MAX_BYTES: Final = 4 * COMPACT_MIN_BYTES
 
 
 class BrokerBase:
-    """What a connection sees of its broker: core, journal, timers, stats.
-
-    ``core`` and ``journal`` come already replayed (the daemon does that
-    before it says READY); without a journal the broker keeps messages in
-    memory only and never idles out while it holds any. ``clock`` is the
-    wall clock the core's timers run on (tests pass trio's virtual one).
-    """
+    """What a connection sees of its broker. ``core`` and ``journal`` come
+    already replayed; ``clock`` is the wall clock the core's timers run on."""
 
     log = log
     _nursery: trio.Nursery  # (set by Broker.serve)
@@ -78,19 +68,16 @@ class BrokerBase:
             self.core.write = journal.append
         self.clock = clock
         self.max_frame_size = protocol.max_frame_size(config.max_message_size)
-        #: This process's pid (asked once: getpid is a system call, and a
-        #: broker does not fork after it is made).
-        self.pid = os.getpid()
+        self.pid = os.getpid()  # (asked once: a broker does not fork after it is made)
         self.connections = 0
         self.busy_total = 0  # connections refused for --max-connections
         self.started_at = 0.0
         self.closing = False
         self.failure: str | None = None
         self._stop_requested = trio.Event()
-        # Group commit (wait_synced): set and replaced as each sync ends; whether
-        # one runs in its thread; the journal offset the waiting puts need
-        # synced; whether one is due once the loop is idle (and for how many
-        # passes it was); whether compaction holds the next one back.
+        # Group commit: set and replaced as each sync ends; whether one runs;
+        # the offset the waiting puts need synced; whether one is due once the
+        # loop is idle (and for how many passes); whether compaction holds it back.
         self._synced = trio.Event()
         self._committing = False
         self._sync_wanted = 0
@@ -101,15 +88,12 @@ class BrokerBase:
         self._timers_changed = trio.Event()
         self._timer_at = math.inf
 
-    # -- lifecycle ---------------------------------------------------------
-
     def request_stop(self, why: str) -> None:
         if not self._stop_requested.is_set():
             log.info("stopping: %s", why)
             self._stop_requested.set()
 
     def fail(self, reason: str) -> None:
-        """The journal failed: acknowledge nothing more, stop, exit non-zero."""
         if self.failure is None:
             self.failure = reason
             log.critical("fatal: %s", reason)
@@ -117,7 +101,6 @@ class BrokerBase:
         self.request_stop("the journal failed")
 
     def start_task(self, fn: Callable[[], Awaitable[object]]) -> None:
-        """Run ``fn`` in the broker's nursery (a connection's helper task)."""
         self._nursery.start_soon(fn)
 
     def stats(self) -> dict[str, Any]:
@@ -150,19 +133,13 @@ class BrokerBase:
             "topics": self.core.topics.stats(),
         }
 
-    # -- the journal: group commit and compaction --------------------------------
-
     async def wait_synced(self, lsn: int) -> None:
-        """Return once the journal is synced up to ``lsn``: group commit
-        (docs/performance.md, "What each change gave").
+        """Return once the journal is synced up to ``lsn``: group commit.
 
-        The sync runs in a worker thread, so the broker serves on meanwhile
-        (inline, a slow disk would stop every connection), one at a time. A
-        put that finds none running and none due starts one at once (a lone
-        producer waits for nothing else); the puts written while one runs
-        share the next, due when it ends (:meth:`_sync_done`) and started
-        once the event loop has nothing else ready (:meth:`start_due_sync`):
-        one sync per event-loop turn, as Redis's ``appendfsync always``.
+        One sync at a time, in a worker thread so that the broker serves on. A
+        put that finds none running and none due starts one at once; the puts
+        written while one runs share the next, started once the event loop has
+        nothing else ready: one sync per event-loop turn (docs/performance.md).
         """
         journal = self.journal
         assert journal is not None
@@ -176,8 +153,8 @@ class BrokerBase:
 
     def start_due_sync(self, timeout: float) -> None:
         """The event loop is about to wait for I/O for ``timeout`` seconds (0:
-        tasks are ready to run): start the sync that is due, if the loop is
-        idle or was not for :data:`SYNC_DEFER_PASSES` passes."""
+        tasks are ready): start the sync that is due, if it is idle or was
+        not for :data:`SYNC_DEFER_PASSES` passes."""
         if not self._sync_due or self._syncs_held or self.failure is not None:
             return
         if timeout <= 0 and self._sync_due_passes < SYNC_DEFER_PASSES:
@@ -190,10 +167,8 @@ class BrokerBase:
 
         The event loop waits (at most :data:`SYNC_HANDOFF_SECONDS`) for the
         thread to take the job up: a loop that went on running Python would
-        hold the GIL and the CPU the thread needs to reach its syscall (a
-        sync began 150 µs later so, on two CPUs). trio's thread cache
-        directly: ``to_thread.run_sync``'s limiter, cancellation and naming
-        are of no use to one call in flight at a time.
+        hold the GIL and the CPU the thread needs to reach its syscall. trio's
+        thread cache directly: ``to_thread.run_sync`` adds nothing to one call.
         """
         journal, token = self.journal, self._token
         assert journal is not None
@@ -221,7 +196,6 @@ class BrokerBase:
         taken.acquire(timeout=SYNC_HANDOFF_SECONDS)
 
     def _sync_done(self, result: outcome.Outcome[int]) -> None:
-        """A sync ended: wake its waiters; the next is due if puts wait for one."""
         journal = self.journal
         assert journal is not None
         self._committing = False
@@ -249,7 +223,6 @@ class BrokerBase:
         )
 
     async def _compact(self) -> None:
-        """Rewrite the journal to the live state, in a thread, appends going on."""
         journal = self.journal
         assert journal is not None
         before = journal.size
@@ -276,27 +249,25 @@ class BrokerBase:
                 self._wake_sync_waiters()
         log.info("compacted the journal from %d to %d bytes", before, journal.size)
 
-    def _compact_at_once_is_cheap(self) -> bool:
-        return self.core.snapshot_size() <= COMPACT_AT_ONCE_MAX_BYTES
-
-    def _compact_at_once(self, when: str) -> None:
-        """Compact now, blocking: only while nothing is served (at start, at exit)."""
+    def _compact_at_once(self, when: str) -> bool:
+        """Only while nothing is served (at start, at exit); False, doing nothing,
+        if the live data is too large for that."""
         journal = self.journal
         assert journal is not None
+        if self.core.snapshot_size() > COMPACT_AT_ONCE_MAX_BYTES:
+            return False
         before = journal.size
         try:
             journal.compact(self.core.snapshot())
         except OSError as exc:
             log.warning("journal compaction %s failed (the old journal stays): %s", when, exc)
-            return
+            return True
         log.info("compacted the journal %s from %d to %d bytes", when, before, journal.size)
-
-    # -- timers -------------------------------------------------------------------
+        return True
 
     def after_request(self) -> None:
-        """After every request: admit parked puts where room was freed, wake
-        the joins whose queue's tasks are done, and wake the timer task if
-        the request added an earlier timer."""
+        """After every request: admit parked puts where room was freed, wake the
+        joins done, and the timer task if the request added an earlier timer."""
         if self.core.freed:
             pause("broker.put_room")
             woken = self.core.admit_freed(self.clock())
@@ -324,8 +295,6 @@ class BrokerBase:
 
 
 class SyncWhenIdle(trio.abc.Instrument):
-    """Tells the broker each time its event loop is about to wait for I/O."""
-
     def __init__(self, broker: BrokerBase) -> None:
         self.broker = broker
 

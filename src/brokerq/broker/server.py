@@ -1,13 +1,8 @@
-"""The trio broker: :class:`BrokerBase` (broker_base.py) with the listener, a task
-per connection (connection.py), the timers and housekeeping, which runs
-once a second:
-
-* compaction, when the journal has grown past twice the live data (also
-  checked when the broker starts and when it exits: see :meth:`Broker.serve`);
-* idle exit: unlink the socket while still holding the lock, serve the
-  backlog briefly, then exit (or publish again if work arrived);
-* the self-check: the socket or lock file removed or replaced under the
-  broker means another broker may own the path now: exit.
+"""The trio broker: :class:`BrokerBase` with the listener, a task per
+connection, and housekeeping once a second: compaction; idle exit (unlink
+the socket while still holding the lock, serve the backlog briefly, then
+exit, or publish again if work arrived); and the self-check (the socket or
+lock file removed or replaced means another broker may own the path: exit).
 """
 
 from __future__ import annotations
@@ -35,25 +30,19 @@ from .wakeup import PeerGone, wake
 
 __all__ = ["COMPACT_AT_ONCE_MAX_BYTES", "COMPACT_MIN_BYTES", "Broker", "BrokerConfig"]
 
-#: How long an idle-exiting broker keeps serving its backlog after the unlink.
-DRAIN_SECONDS: Final = 0.1
-#: How long connections get to finish after a stop before they are cut.
-STOP_GRACE_SECONDS: Final = 1.0
+DRAIN_SECONDS: Final = 0.1  # an idle-exiting broker serves its backlog after the unlink
+STOP_GRACE_SECONDS: Final = 1.0  # for connections to finish after a stop
 HOUSEKEEPING_SECONDS: Final = 1.0
-#: How long a connection refused as busy is kept open for its client to read why.
+#: How long a connection refused as busy is kept open for its client to read
+#: why, how many may linger at once, and how often, at most, refusals are logged.
 REFUSE_LINGER_SECONDS: Final = 1.0
-#: How many refused connections may linger at once; past that they are closed at once.
 REFUSE_LINGER_MAX: Final = 64
-#: How often, at most, refusals as busy are logged.
 REFUSE_LOG_SECONDS: Final = 60.0
 
 
 class Broker(BrokerBase):
-    """One broker process: :class:`BrokerBase` serving a socket (or streams)."""
-
-    # BrokerBase's __init__ is Broker's: these start as class-wide values
-    # (each replaced on the instance when first changed), and the set of live
-    # connections is made by serve, which everything that uses it runs under.
+    # BrokerBase's __init__ is Broker's: these start as class-wide values, and
+    # the set of live connections is made by serve, which all that uses it runs under.
     _live: set[Connection]
     accepted_total = 0
     last_activity = 0.0
@@ -66,11 +55,8 @@ class Broker(BrokerBase):
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve until stopped. ``listener`` None serves no socket (tests use
-        :meth:`handle_stream` directly). The journal is compacted at start
-        and exit too (docs/usage.md, "Compaction"): at once if the live data
-        is small, else in a thread while serving (at start) or not (at exit).
-        """
+        """Serve until stopped (``listener`` None: no socket, tests use
+        :meth:`handle_stream`). The journal is compacted at start and exit too."""
         self._live = set()
         self.started_at = self.last_activity = trio.current_time()
         self._token = trio.lowlevel.current_trio_token()
@@ -92,11 +78,8 @@ class Broker(BrokerBase):
     ) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            if self._should_compact():
-                if self._compact_at_once_is_cheap():
-                    self._compact_at_once("at start")
-                else:
-                    nursery.start_soon(self._compact)
+            if self._should_compact() and not self._compact_at_once("at start"):
+                nursery.start_soon(self._compact)
             if listener is not None:
                 limits.ensure_fd_limit(self.config.max_connections)
                 self._socket_identity = file_identity(self.config.socket_path)
@@ -112,11 +95,10 @@ class Broker(BrokerBase):
         # thread ends before the journal may be compacted or closed.
         while self._committing:
             await self._synced.wait()
-        if self.failure is None and self._should_compact() and self._compact_at_once_is_cheap():
+        if self.failure is None and self._should_compact():
             self._compact_at_once("at exit")
 
     async def _shut_down(self, nursery: trio.Nursery) -> None:
-        """Stop taking work, answer the waiters, give busy connections a grace."""
         self.closing = True
         self._unpublish()
         if hasattr(self, "_listener_scope"):
@@ -138,8 +120,6 @@ class Broker(BrokerBase):
             async for signum in signals:
                 self.request_stop(f"signal {signal.Signals(signum).name}")
 
-    # -- the listening socket ------------------------------------------------
-
     async def _accept_loop(
         self,
         listener: stdlib_socket.socket,
@@ -160,11 +140,9 @@ class Broker(BrokerBase):
                 self._nursery.start_soon(self._handle_socket, conn)
 
     def start_connection(self, stream: trio.abc.Stream) -> None:
-        """Serve ``stream`` as a client connection, in the broker's nursery."""
         self._nursery.start_soon(self.handle_stream, stream)
 
     def _unpublish(self) -> None:
-        """Unlink the socket path, if it is still ours (we hold the lock)."""
         if self.config.activated:
             return  # systemd's socket: it stays, and starts the next broker
         path = self.config.socket_path
@@ -191,13 +169,11 @@ class Broker(BrokerBase):
         return file_identity(lock_path(path)) != self._lock_identity
 
     def _idle_for(self) -> float:
-        """Seconds with no connection (and, without a journal, no message held)."""
         if self.connections or (self.journal is None and self.core.holds_messages()):
             return 0.0
         return trio.current_time() - self.last_activity
 
     async def _try_idle_exit(self) -> None:
-        """Unlink, drain the backlog briefly, then exit, or publish again."""
         log.info("idle for %.1f s: exiting", self._idle_for())
         if self.config.activated:  # systemd starts the next one on the next connection
             self.request_stop("idle exit")
@@ -216,8 +192,6 @@ class Broker(BrokerBase):
         self._socket_identity = file_identity(self.config.socket_path)
         self._listener_scope = await self._nursery.start(self._accept_loop, listener)
 
-    # -- one connection --------------------------------------------------------
-
     async def _handle_socket(self, conn: trio.socket.SocketType) -> None:
         sock = stdlib_socket.socket(fileno=conn.detach())
         stream = UnixStream(sock)
@@ -234,7 +208,6 @@ class Broker(BrokerBase):
         await self.handle_stream(stream)
 
     async def handle_stream(self, stream: trio.abc.Stream) -> None:
-        """Serve one client connection until it closes."""
         if self.connections >= self.config.max_connections:
             await self._refuse_busy(stream)
             return
@@ -256,12 +229,8 @@ class Broker(BrokerBase):
                 await stream.aclose()
 
     async def _refuse_busy(self, stream: trio.abc.Stream) -> None:
-        """Answer a connection past --max-connections with ``busy``, and close it.
-
-        It lingers a moment (reading and dropping what the client sends)
-        so that the client's hello does not hit a closed socket before it
-        reads why; a flood of them is closed at once.
-        """
+        """Answer ``busy``, and linger a moment (reading and dropping what the client
+        sends) so that its hello does not hit a closed socket before it reads why."""
         self.busy_total += 1
         now = trio.current_time()
         if now - self._busy_logged_at >= REFUSE_LOG_SECONDS:
@@ -272,12 +241,11 @@ class Broker(BrokerBase):
                 self.connections,
                 self.busy_total,
             )
-        error = Error(
-            id=0,
-            code="busy",
-            message=f"the broker already serves its maximum of {self.config.max_connections} "
-            "connections (--max-connections)",
+        message = (
+            f"the broker already serves its maximum of {self.config.max_connections} "
+            "connections (--max-connections)"
         )
+        error = Error(id=0, code="busy", message=message)
         linger = self._lingering < REFUSE_LINGER_MAX
         self._lingering += int(linger)
         try:
