@@ -1,16 +1,11 @@
 """systemd socket activation: serve a listening socket handed to the broker.
 
-Under a systemd socket unit (``docs/systemd.md``) the service manager binds
-the socket itself and starts ``local-queue-broker`` on the first connection,
-passing the listener as file descriptor 3 with ``LISTEN_FDS=1`` and
-``LISTEN_PID`` set to the broker's pid (the ``sd_listen_fds`` protocol; no
-libsystemd needed). The broker still takes ``<socket>.lock``, so it refuses
-to run beside a self-spawned broker, and clients keep their one rule: the
-lock holder is the broker.
-
-What changes for an activated broker: it never binds, renames or unlinks
-the socket (systemd owns the file), and on idle exit it simply exits, since
-systemd starts it again when the next client connects.
+Under a systemd socket unit (docs/systemd.md) the listener comes as file
+descriptor 3 with ``LISTEN_FDS=1`` and ``LISTEN_PID`` (the ``sd_listen_fds``
+protocol, without libsystemd). The broker still takes ``<socket>.lock``, so
+clients keep their one rule: the lock holder is the broker. It never binds,
+renames or unlinks the socket (systemd owns the file), and on idle exit it
+simply exits: systemd starts it again on the next connection.
 """
 
 from __future__ import annotations
@@ -21,22 +16,17 @@ import socket
 from ..errors import BrokerqError
 from ..spawn import LISTEN_BACKLOG, close_in_forked_children
 
-#: The first inherited descriptor (``SD_LISTEN_FDS_START``).
-LISTEN_FDS_START = 3
+LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START
 _ENVIRONMENT = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 
 
 class ActivationError(BrokerqError):
-    """The sockets systemd passed cannot be served (a clear start-up error)."""
+    """The sockets systemd passed cannot be served."""
 
 
 def inherited_listener(socket_path: str) -> socket.socket | None:
-    """The listener systemd passed for ``socket_path``, or None if none was.
-
-    Raises ActivationError if sockets were passed but are not one listening
-    Unix stream socket bound to ``socket_path``. The ``LISTEN_*`` variables
-    are removed either way, so no child of the broker takes them for its own.
-    """
+    """The listener systemd passed for ``socket_path``, or None if none was. The
+    ``LISTEN_*`` variables are removed, so no child of the broker takes them."""
     pid, count = os.environ.get("LISTEN_PID"), os.environ.get("LISTEN_FDS")
     for name in _ENVIRONMENT:
         os.environ.pop(name, None)
@@ -51,9 +41,8 @@ def inherited_listener(socket_path: str) -> socket.socket | None:
         sock.detach()  # not ours to close: leave the descriptor as systemd gave it
         raise
     sock.set_inheritable(False)
-    # systemd listened with the unit's Backlog= (SOMAXCONN unless set): ask
-    # for the system's maximum, as a broker that binds its own socket does.
-    # listen() on a listening socket only changes its backlog.
+    # systemd listened with the unit's Backlog=: ask for the system's maximum,
+    # as a broker that binds its own socket does (this only changes the backlog).
     sock.listen(LISTEN_BACKLOG)
     close_in_forked_children(sock)
     return sock

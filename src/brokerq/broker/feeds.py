@@ -1,9 +1,8 @@
 """Live subscriptions: a connection's feed of publishes, and its writer task.
 
 The publishers' tasks append ``event`` frames to the subscriber's
-:class:`LiveFeed` (never blocking); the feed's own writer task sends them,
-sharing the stream with the replies under the connection's send lock. A
-feed over its bound (a subscriber that reads too slowly) is dropped: one
+:class:`LiveFeed` (never blocking); its own writer task sends them, under the
+connection's send lock. A subscriber that reads too slowly is dropped: one
 ``overflow`` error, then the connection is closed.
 """
 
@@ -20,19 +19,16 @@ from ..protocol import Error, Event
 
 log = logging.getLogger("brokerq.broker")
 
-#: How long a dropped subscriber gets to take what is being sent to it, and
-#: then its ``overflow`` error.
+#: How long a dropped subscriber gets to take what is being sent to it, and its error.
 OVERFLOW_GRACE_SECONDS: Final = 30.0
 
 
 class LiveFeed:
     """Publishes waiting to be sent to one live subscriber, bounded in bytes.
 
-    A push that would go over ``limit`` (while the feed already holds
-    something: one publish always fits) marks it overflowed and empties it
-    instead, and the send in flight, if any, gets
-    :data:`OVERFLOW_GRACE_SECONDS` to finish: a subscriber that reads
-    nothing at all is still closed then.
+    A push past ``limit`` (one publish always fits) marks it overflowed and
+    empties it, and the send in flight gets :data:`OVERFLOW_GRACE_SECONDS`:
+    a subscriber that reads nothing at all is still closed then.
     """
 
     __slots__ = ("limit", "overflowed", "pending", "scope", "sending", "wakeup")
@@ -46,7 +42,6 @@ class LiveFeed:
         self.sending: trio.CancelScope | None = None  # around the writer's send
 
     def push(self, event: Event) -> bool:
-        """Queue ``event``; False if it was discarded (the feed overflowed)."""
         if self.overflowed:
             return False
         start = len(self.pending)
@@ -62,8 +57,7 @@ class LiveFeed:
     async def write(
         self, stream: trio.abc.Stream, send_lock: trio.Lock, connection: trio.CancelScope
     ) -> None:
-        """Send the events as they come; on overflow, the error, then cancel
-        ``connection`` (the connection's scope)."""
+        """Send the events as they come; on overflow, the error, then cancel ``connection``."""
         with self.scope:
             while True:
                 await self.wakeup.wait()
@@ -86,12 +80,8 @@ class LiveFeed:
                 self.sending = None
             # (The connection's send_event has ended its live subscriptions already.)
             log.warning("dropped a live subscriber that fell behind")
-            error = Error(
-                id=0,
-                code="overflow",
-                message="this subscriber fell more than "
-                f"{self.limit} bytes of publishes behind and was dropped",
-            )
+            behind = f"this subscriber fell more than {self.limit} bytes of publishes behind"
+            error = Error(id=0, code="overflow", message=behind + " and was dropped")
             with (
                 trio.move_on_after(OVERFLOW_GRACE_SECONDS),
                 contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),

@@ -1,21 +1,14 @@
 """A connection's replies: written in order, at once or after their commit.
 
-Requests of a connection are answered in order; everything already
-buffered is handled before the replies go out in one write, so a client
-that pipelines pays one syscall per batch, not per request.
-
-A reply to a ``put`` waits for the journal's fsync under ``--fsync batch``
-(group commit: BrokerBase.wait_synced). The connection does not: those
-replies, and every reply after them, go to a commit writer task of its own
-(:meth:`Replies._write_committed`), which sends them in order as their
-fsyncs complete, while the connection reads and answers on (a put
-pipelined behind another is handled, and handed to a waiting consumer,
-during the first one's fsync). At most ``max_pipelined`` requests (or
-:data:`~brokerq.broker.limits.REPLY_BUFFER` bytes) of replies wait so.
-
+Everything already buffered is handled before the replies go out in one
+write: a client that pipelines pays one syscall per batch. Under ``--fsync
+batch`` a reply to a ``put`` waits for the journal's fsync (group commit);
+the connection does not: those replies, and every one after them, go to a
+commit writer task (:meth:`Replies._write_committed`) that sends them in
+order as their fsyncs complete, while the connection reads and answers on.
 Replies, a live feed's writer and the streams' writers share the stream
-under :attr:`Replies.send_lock`; a reply takes every stream delivery not
-yet sent ahead of it (:meth:`Replies.stream_frames`).
+under :attr:`Replies.send_lock`; a reply takes every stream delivery not yet
+sent ahead of it (:meth:`Replies.stream_frames`).
 """
 
 from __future__ import annotations
@@ -51,7 +44,6 @@ class Replies:
         self.unsent = 0  # requests answered since the replies were last written
         self.sync_to = 0  # journal bytes that must be synced before replies go out
         journal = broker.journal
-        #: Whether replies to puts wait for an fsync (``--fsync batch``, not on a tmpfs).
         self.group_commit = journal is not None and journal.syncs == "batch"
         # Replies waiting for their group commit, in order: (journal offset
         # to be synced first, or 0; the bytes; how many requests they answer).
@@ -65,10 +57,8 @@ class Replies:
         self.commit_failed = False
         self.send_lock = trio.Lock()
         self.feed: LiveFeed | None = None  # set by the first live subscribe
-        #: Open streams (consume) by id, once there is one (see streaming.py).
-        self.streams: dict[int, Stream] | None = None
-        #: A protocol error with id 0 was answered: close once it is written.
-        self.ending = False
+        self.streams: dict[int, Stream] | None = None  # by id, once one is open
+        self.ending = False  # an error with id 0 was answered: close once it is written
 
     def _reply_error(self, request_id: int, code: str, message: str) -> None:
         protocol.append_frame(self.out, Error(id=request_id, code=code, message=message))
@@ -81,7 +71,7 @@ class Replies:
 
     async def _flush(self) -> None:
         """Write the replies answered so far, or hand them to the commit writer
-        (which this waits for only when too much is pending)."""
+        (waiting for it only when too much is pending)."""
         answered, self.unsent = self.unsent, 0
         if not self.out:
             return
@@ -99,8 +89,7 @@ class Replies:
             self.out.clear()
 
     async def _drain(self) -> None:
-        """Write every reply answered so far, in order, and return once they
-        are written (a reply carrying messages must go alone and at once)."""
+        """Write every reply answered so far, and return once they are written."""
         await self._flush()
         if self.pending:
             await self._wait_drained()
@@ -124,12 +113,9 @@ class Replies:
             raise PeerGone
 
     async def _write_committed(self) -> None:
-        """Send the pending replies in order, each once its fsync is done.
-
-        A journal failure acknowledges nothing more: the pending replies are
-        dropped, the client gets one ``internal`` error, and the connection
-        is closed (as is the broker, by wait_synced).
-        """
+        """Send the pending replies in order, each once its fsync is done. A
+        journal failure drops them: the client gets one ``internal`` error, and
+        the connection is closed (as is the broker)."""
         assert self.commit_scope is not None
         pending = self.pending
         with self.commit_scope:
@@ -144,9 +130,8 @@ class Replies:
                         await self.broker.wait_synced(sync_to)
                     await self._send(data)
                 except JournalFailed as exc:
-                    error = Error(
-                        id=0, code="internal", message=f"{exc}; nothing more was acknowledged"
-                    )
+                    message = f"{exc}; nothing more was acknowledged"
+                    error = Error(id=0, code="internal", message=message)
                     with contextlib.suppress(PeerGone):
                         await self._send(protocol.encode_frame(error))
                     self._fail_commits()
@@ -173,11 +158,9 @@ class Replies:
                 await self.stream.send_all(data)
             else:
                 async with self.send_lock:
-                    if self.streams:  # deliveries made before these replies go first
-                        before = self.stream_frames()
-                        if before:
-                            before += data
-                            data = before
+                    if self.streams and (before := self.stream_frames()):
+                        before += data  # deliveries made before these replies go first
+                        data = before
                     await self.stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise PeerGone from exc
@@ -187,14 +170,14 @@ class Replies:
         sent from now on (the stream keeps them held either way)."""
         out = bytearray()
         for stream_id, stream in (self.streams or {}).items():
-            messages = stream.messages
-            if messages:
-                stream.messages = []
-                for msg in messages:
-                    # (A message whose queue was deleted since is sent all the
-                    # same: the client's takens count deliveries in order.)
-                    delivery = StreamDelivery(
-                        id=stream_id, msg_id=msg.id, body=msg.body, attempt=msg.attempts + 1
-                    )
-                    protocol.append_frame(out, delivery)
+            if not stream.messages:
+                continue
+            # (A message whose queue was deleted since is sent all the same:
+            # the client's takens count deliveries in order.)
+            messages, stream.messages = stream.messages, []
+            for msg in messages:
+                delivery = StreamDelivery(
+                    id=stream_id, msg_id=msg.id, body=msg.body, attempt=msg.attempts + 1
+                )
+                protocol.append_frame(out, delivery)
         return out

@@ -1,17 +1,11 @@
 """A trio Stream over a connected Unix socket, with fewer trips through trio's
-scheduler than :class:`trio.SocketStream`.
-
-Why (docs/performance.md, ``UnixStream``): trio's socket methods make each
-receive and send two checkpoints, each a pass through the run loop with an
-``epoll_wait`` of its own: about half of the broker's busy time, profiled.
+scheduler than :class:`trio.SocketStream`, whose receives and sends are two
+checkpoints each, about half of the broker's busy time (docs/performance.md).
 
 Here a receive or a send is tried at once, and only when the socket is not
-ready does the task wait (``wait_readable`` / ``wait_writable``, which are
-checkpoints). A receive that found data at once yields to the scheduler
-every :data:`YIELD_EVERY` times in a row: a client that keeps the socket
-full cannot starve the other connections (nor a subscriber's writer that
-its publishes woke), and a cancelled connection still sees its
-cancellation at the next checkpoint.
+ready does the task wait. A receive that found data at once yields to the
+scheduler every :data:`YIELD_EVERY` times in a row, so that a client that
+keeps the socket full cannot starve the other connections.
 """
 
 from __future__ import annotations
@@ -22,15 +16,12 @@ from typing import Final
 
 import trio
 
-#: Receives in a row that found data at once before one yields anyway.
-YIELD_EVERY: Final = 4
-#: Bytes one receive may take.
+YIELD_EVERY: Final = 4  # receives in a row that found data at once before one yields
 RECEIVE_BUFFER: Final = 256 * 1024
-# One buffer for every stream of the (single-threaded) broker: received
-# into, then copied out before anything else runs. ``recv(n)`` with a large
-# ``n`` allocates (with glibc, maps) ``n`` bytes every call: a 256 KiB recv
-# cost six times a 64 KiB one, and a buffer per connection would cost
-# memory per idle client.
+# One buffer for every stream of the (single-threaded) broker, copied out
+# before anything else runs: ``recv(n)`` allocates ``n`` bytes every call (a
+# 256 KiB recv cost six times a 64 KiB one), and one per connection would
+# cost memory per idle client.
 _buffer = bytearray(RECEIVE_BUFFER)
 _view = memoryview(_buffer)
 
@@ -38,11 +29,9 @@ _view = memoryview(_buffer)
 class UnixStream(trio.abc.Stream):
     """A connected stream socket (non-blocking) as a :class:`trio.abc.Stream`.
 
-    Used by one task for receiving and at most one for sending at a time.
-    The broker's connection sees to that: its request task, its commit
-    writer and its live feed's writer take turns on the send side, and
-    :meth:`try_send` (a hand-over from another task) is used only while
-    none of them has anything to send.
+    Used by one task for receiving and at most one for sending at a time (the
+    connection's writers take turns, and :meth:`try_send`, a hand-over from
+    another task, is used only while none of them has anything to send).
     """
 
     def __init__(self, sock: socket.socket) -> None:
@@ -53,8 +42,7 @@ class UnixStream(trio.abc.Stream):
 
     async def receive_some(self, max_bytes: int | None = None, *, idle: bool = False) -> bytes:
         """What has come, once something has. ``idle``: the peer is known to
-        be waiting for us (a request parked), so wait before the first try:
-        a recv that would say EAGAIN is a system call saved."""
+        be waiting for us, so wait before the first try (a system call saved)."""
         sock = self.socket
         if self._closed:
             raise trio.ClosedResourceError("the stream is closed")
@@ -83,8 +71,8 @@ class UnixStream(trio.abc.Stream):
         return data
 
     def try_send(self, data: bytes | bytearray) -> int:
-        """Send what the socket takes of ``data`` now, without waiting or
-        yielding; 0 if it takes nothing, is broken, or the stream is closed."""
+        """Send what the socket takes of ``data`` now, without waiting; 0 if it
+        takes nothing, is broken, or the stream is closed."""
         if self._closed:
             return 0
         try:
@@ -108,7 +96,6 @@ class UnixStream(trio.abc.Stream):
                     raise trio.BrokenResourceError(str(exc)) from exc
 
     async def _wait(self, wait: Callable[[socket.socket], Awaitable[None]]) -> None:
-        """Wait until the socket is ready (a checkpoint); raise if it was closed meanwhile."""
         await wait(self.socket)
         if self._closed:
             raise trio.ClosedResourceError("the stream was closed while waiting")

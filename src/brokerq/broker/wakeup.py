@@ -16,13 +16,9 @@ class PeerGone(Exception):
 
 
 class Wakeup:
-    """What a parked request (a get, reserve, put or join that waits) waits
-    for: :meth:`set` by the task that serves it, or by a stopping broker.
-
-    Not a ``trio.Event``: the parked task waits by reading its socket (to
-    see the peer leave) in a cancel scope that setting the wakeup cancels:
-    one task per parked request, not two (docs/performance.md).
-    """
+    """What a parked request waits for. Not a ``trio.Event``: the parked task
+    waits by reading its socket (to see the peer leave) in a cancel scope that
+    setting the wakeup cancels: one task per parked request, not two."""
 
     __slots__ = ("flag", "scope")
 
@@ -43,8 +39,8 @@ class Owner(Protocol):
 
 
 def wake(waiter: Waiter | Putter | Joiner) -> None:
-    """Wake a parked request's task; a get or reserve that was handed a message
-    has its reply written at once, by the waking task (see Deliveries.hand_over)."""
+    """A get or reserve that was handed a message has its reply written at once,
+    by the waking task (see Deliveries.hand_over)."""
     wakeup = waiter.token
     assert isinstance(wakeup, Wakeup)
     if type(waiter) is Waiter and waiter.messages and not wakeup.flag:  # (not a Stream)
