@@ -40,6 +40,8 @@ if TYPE_CHECKING:
 __all__ = ["OVERFLOW_GRACE_SECONDS", "Connection"]
 
 _BLOCK: Final = object()
+_SETTINGS: Final = ("max_deliveries", "lease", "maxsize", "max_bytes")  # of a configure
+_TAKES: Final = (protocol.Get, protocol.GetMany, protocol.Reserve)
 #: How long a closing connection gets to write what it still owes: the error
 #: of a frame timeout, or replies that were waiting for their fsync.
 TIMEOUT_GRACE_SECONDS: Final = 1.0
@@ -165,9 +167,7 @@ class Connection(Deliveries):
             if not self._greet(request):
                 await self._close_with_error()
             return
-        if (self.sync_to or self.pending) and isinstance(
-            request, protocol.Get | protocol.GetMany | protocol.Reserve
-        ):
+        if (self.sync_to or self.pending) and isinstance(request, _TAKES):
             # Settle the puts' replies first: a journal failure there must
             # not strand messages this request would take.
             await self._drain()
@@ -184,7 +184,7 @@ class Connection(Deliveries):
                 elif isinstance(request, protocol.Join):
                     reply = await self._wait_for_join(request)
                 else:
-                    assert isinstance(request, protocol.Get | protocol.GetMany | protocol.Reserve)
+                    assert isinstance(request, _TAKES)
                     reply = await self._wait_for_message(request)
         except JournalFailed as exc:
             self._reply_error(request.id, "internal", str(exc))
@@ -268,10 +268,8 @@ class Connection(Deliveries):
                 protocol.validate_lease(lease)
                 msg = core.reserve_nowait(queue, now, lease, owner=self)
                 if msg is not None:
-                    leases = core.leases_of([msg])
-                    return Delivery(
-                        protocol.Reserve, [msg], rid, self._lease_left(msg, now), leases
-                    )
+                    lease_s = self._lease_left(msg, now)
+                    return Delivery(protocol.Reserve, [msg], rid, lease_s, core.leases_of([msg]))
                 return _BLOCK if timeout != 0 else empty(rid, queue)
             case protocol.GetMany(id=rid, queue=queue, n=n, timeout=timeout):
                 if n < 1:
@@ -301,22 +299,15 @@ class Connection(Deliveries):
                 return protocol.BuryReply(id=rid)
             case protocol.Touch(id=rid, msg_id=msg_id, attempt=attempt, lease=lease):
                 protocol.validate_lease(lease)
-                return protocol.TouchReply(
-                    id=rid, lease=core.touch(msg_id, attempt, now, lease) - now
-                )
+                expires = core.touch(msg_id, attempt, now, lease)
+                return protocol.TouchReply(id=rid, lease=expires - now)
             case protocol.Kick(id=rid, queue=queue, n=n):
                 count, woken = core.kick(queue, n, now)
                 wake_all(woken)
                 return protocol.KickReply(id=rid, count=count)
             case protocol.Configure(id=rid, queue=queue):
-                config = core.configure(
-                    queue,
-                    max_deliveries=request.max_deliveries,
-                    lease=request.lease,
-                    maxsize=request.maxsize,
-                    max_bytes=request.max_bytes,
-                )
-                return protocol.ConfigureReply(id=rid, config=config)
+                settings = {name: getattr(request, name) for name in _SETTINGS}
+                return protocol.ConfigureReply(id=rid, config=core.configure(queue, **settings))
             case protocol.Delete(id=rid, queue=queue):
                 count, admitted = core.delete_queue(queue, now)
                 wake_all(admitted)

@@ -216,18 +216,14 @@ def run(
     _setup_logging(path, daemon, log_level)
     log = logging.getLogger("brokerq.broker")
     core = config.new_core()
-    opened = None
-    if journal:
-        try:
-            opened = _open_journal(core, journal_path(path, data_dir), fsync, repair, data_dir)
-        except (OSError, BrokerqError) as exc:
-            log.error("cannot open the journal: %s", exc)
-            return _fail(f"cannot open the journal: {exc}")
+    try:
+        opened = _open_journal(core, path, data_dir, fsync, repair) if journal else None
+    except (OSError, BrokerqError) as exc:
+        return _fail(f"cannot open the journal: {exc}", log)
     try:
         listener = activated or publish_socket(path)
     except (OSError, BrokerqError) as exc:
-        log.error("cannot listen on %s: %s", path, exc)
-        return _fail(f"cannot listen on {path}: {exc}")
+        return _fail(f"cannot listen on {path}: {exc}", log)
     log.info("serving %s (pid %d)", path, os.getpid())
     pause("broker.before_ready")
     if ready_fd is not None:
@@ -255,8 +251,9 @@ def default_fsync(data_dir: str | None) -> str:
 
 
 def _open_journal(
-    core: BrokerCore, path: str, fsync: str, repair: bool, data_dir: str | None
+    core: BrokerCore, socket_path: str, data_dir: str | None, fsync: str, repair: bool
 ) -> Journal:
+    path = journal_path(socket_path, data_dir)
     if data_dir is not None:
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
     journal, result = Journal.open(path, fsync, repair=repair, preallocate=True)
@@ -269,7 +266,9 @@ def _open_journal(
     return journal
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, log: logging.Logger | None = None) -> int:
+    if log is not None:
+        log.error(message)
     click.echo(f"local-queue-broker: {message}", err=True)
     return EXIT_ERROR
 
