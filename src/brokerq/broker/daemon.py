@@ -1,16 +1,11 @@
 """``local-queue-broker``: the broker process, from its options to READY.
 
 Start-up order is what makes spawning race-free and fast (design.md §3):
-
-1. check the socket directory (0700, ours, not a symlink);
-2. daemonize if a client spawned us (fork; the launcher exits at once so
-   the client reaps it, and the broker is nobody's zombie);
-3. hold the lock: a spawned broker inherits it already taken, one started by
-   hand takes it without blocking or exits 1 naming the holder's pid;
-4. bind a temporary name, listen, rename it over the socket path;
-5. say ``READY <pid>`` on the pipe the spawner gave us;
-6. only now import trio and serve. Clients that connect meanwhile wait in
-   the listen backlog, not in a retry loop.
+check the socket directory; daemonize if a client spawned us (the launcher
+exits at once so the client reaps it); hold the lock (inherited already
+taken, or taken without blocking); bind a temporary name, listen, rename it
+over the socket path; say ``READY <pid>``; only now import trio and serve.
+Clients that connect meanwhile wait in the listen backlog, not in a retry loop.
 """
 
 from __future__ import annotations

@@ -24,6 +24,7 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final
 
 import msgspec
@@ -96,28 +97,22 @@ def _record_at(data: bytes, offset: int) -> tuple[bytes, int] | str:
 
 def read_journal(path: str, *, repair: bool = False) -> ReadResult:
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         return ReadResult()
     result = ReadResult()
     data_end = _data_end(data)  # what follows is the zero tail: free space
     header = file_header()
-    if data[: len(header)] != header:
-        if data_end < len(header) and header.startswith(data[:data_end]):
-            # A new journal's header cut short (zeros after it, if its space
-            # was allocated): no record was written yet.
-            result.torn = "a file header cut short" if data else None
-            return result
-        if len(data) < len(header):
-            raise JournalCorrupt(path, 0, "not a brokerq journal")
-    magic, version = FILE_HEADER.unpack_from(data)
-    if magic != MAGIC:
+    if data_end < len(header) and header.startswith(data[:data_end]):
+        # A new journal's header cut short (zeros after it, if its space was
+        # allocated; a whole header ends in a non-zero byte): no record yet.
+        result.torn = "a file header cut short" if data else None
+        return result
+    if len(data) < len(header) or not data.startswith(MAGIC):
         raise JournalCorrupt(path, 0, "not a brokerq journal")
-    if version != FORMAT_VERSION:
-        raise BrokerqError(
-            f"journal {path} has format version {version}; this brokerq reads {FORMAT_VERSION}"
-        )
+    if (version := FILE_HEADER.unpack_from(data)[1]) != FORMAT_VERSION:
+        reads = f"this brokerq reads {FORMAT_VERSION}"
+        raise BrokerqError(f"journal {path} has format version {version}; {reads}")
     offset = FILE_HEADER.size
     while offset < data_end:
         found = _record_at(data, offset)
