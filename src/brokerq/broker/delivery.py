@@ -23,7 +23,7 @@ from ..protocol import Error, Get, GetMany, Reserve
 from .core.state import Lease, Message, Waiter
 from .replies import Replies
 from .unixstream import UnixStream
-from .wakeup import PeerGone, Wakeup, wake_all
+from .wakeup import STREAM_GONE, PeerGone, Wakeup, wake_all
 
 if TYPE_CHECKING:
     from .broker_base import BrokerBase
@@ -74,7 +74,7 @@ class Deliveries(Replies):
             if idle and isinstance(self.stream, UnixStream):
                 return await self.stream.receive_some(idle=True)
             return await self.stream.receive_some()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except STREAM_GONE:
             return b""
 
     def _lease_left(self, msg: Message, now: float) -> float:

@@ -16,6 +16,7 @@ import trio
 
 from .. import protocol
 from ..protocol import Error, Event
+from .wakeup import STREAM_GONE
 
 log = logging.getLogger("brokerq.broker")
 
@@ -69,7 +70,7 @@ class LiveFeed:
                     with trio.CancelScope() as self.sending:
                         async with send_lock:
                             await stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                except STREAM_GONE:
                     return  # the request loop sees the end and cleans up
                 if self.sending.cancelled_caught:
                     # Overflowed, and not read for the grace: cut mid-frame,
@@ -82,10 +83,7 @@ class LiveFeed:
             log.warning("dropped a live subscriber that fell behind")
             behind = f"this subscriber fell more than {self.limit} bytes of publishes behind"
             error = Error(id=0, code="overflow", message=behind + " and was dropped")
-            with (
-                trio.move_on_after(OVERFLOW_GRACE_SECONDS),
-                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
-            ):
+            with trio.move_on_after(OVERFLOW_GRACE_SECONDS), contextlib.suppress(*STREAM_GONE):
                 async with send_lock:
                     await stream.send_all(protocol.encode_frame(error))
             connection.cancel()

@@ -24,7 +24,7 @@ from ..protocol import Error, FrameReader, StreamDelivery
 from .core import limits
 from .core.state import Stream
 from .journal import JournalFailed
-from .wakeup import PeerGone
+from .wakeup import STREAM_GONE, PeerGone
 
 if TYPE_CHECKING:
     from .broker_base import BrokerBase
@@ -162,7 +162,7 @@ class Replies:
                         before += data  # deliveries made before these replies go first
                         data = before
                     await self.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        except STREAM_GONE as exc:
             raise PeerGone from exc
 
     def stream_frames(self) -> bytearray:

@@ -26,7 +26,7 @@ from .config import BrokerConfig
 from .connection import Connection
 from .core import limits
 from .unixstream import UnixStream
-from .wakeup import PeerGone, wake
+from .wakeup import STREAM_GONE, PeerGone, wake
 
 __all__ = ["COMPACT_AT_ONCE_MAX_BYTES", "COMPACT_MIN_BYTES", "Broker", "BrokerConfig"]
 
@@ -199,10 +199,9 @@ class Broker(BrokerBase):
             check_peer(sock, "the client")
         except (PermissionDenied, OSError) as exc:
             log.warning("refused a connection: %s", exc)
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await stream.send_all(
-                    protocol.encode_frame(Error(id=0, code="permission", message=str(exc)))
-                )
+            error = Error(id=0, code="permission", message=str(exc))
+            with contextlib.suppress(*STREAM_GONE):
+                await stream.send_all(protocol.encode_frame(error))
             await stream.aclose()
             return
         await self.handle_stream(stream)
@@ -249,10 +248,7 @@ class Broker(BrokerBase):
         linger = self._lingering < REFUSE_LINGER_MAX
         self._lingering += int(linger)
         try:
-            with (
-                trio.move_on_after(REFUSE_LINGER_SECONDS),
-                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
-            ):
+            with trio.move_on_after(REFUSE_LINGER_SECONDS), contextlib.suppress(*STREAM_GONE):
                 await stream.send_all(protocol.encode_frame(error))
                 while linger and await stream.receive_some(4096):
                     pass

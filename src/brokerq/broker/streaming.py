@@ -29,7 +29,7 @@ from ..errors import InvalidRequest, RemoteProtocolError
 from ..protocol import Cancel, CancelReply, Consume, ConsumeReply, Error, Taken
 from .core.state import Stream, Waiter
 from .unixstream import UnixStream
-from .wakeup import Wakeup
+from .wakeup import STREAM_GONE, Wakeup
 
 if TYPE_CHECKING:
     from .replies import Replies as Connection
@@ -175,7 +175,7 @@ async def _write(conn: Connection, stream: Stream) -> None:
             data = conn.stream_frames()
             if data:
                 await conn.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+        except STREAM_GONE:
             return
         finally:
             lock.release()

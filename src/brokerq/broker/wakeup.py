@@ -4,11 +4,14 @@ the broker share (below all three, so that none imports another for it)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, cast
+from typing import Final, Protocol, cast
 
 import trio
 
 from .core.state import Joiner, Putter, Waiter
+
+#: What a stream raises once its peer (or the connection) is gone.
+STREAM_GONE: Final = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
 class PeerGone(Exception):
