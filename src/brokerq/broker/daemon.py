@@ -47,8 +47,7 @@ LOG_ROTATE_BYTES = 1024 * 1024
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# The help of each option that is also read from BROKERQ_<NAME>: its name,
-# then its text (continued on indented lines).
+# The help of each option: its name, then its text (continued on indented lines).
 _HELP = """
 --data-dir Directory for the journal, on a disk to survive reboots (default: beside the
     socket, which survives broker crashes and idle exits).
@@ -79,6 +78,11 @@ _HELP = """
 --max-total-bytes Body bytes held over all queues; a put past it fails with 'full'
     (default: 1 GiB, or a quarter of the RAM if less; 0: unlimited).
 --log-level Least severe log level written.
+--daemon Fork into the background, the parent exiting at once (as clients spawn it).
+--lock-fd Inherited descriptor of SOCKET.lock, already flock-ed by the spawner
+    (docs/protocol.md 10.4). Without it the broker takes the lock itself.
+--ready-fd Inherited pipe (or any byte stream): 'READY <pid>' is written to it once the socket
+    listens, 'BUSY <pid>' if another broker holds the lock; then closed.
 """
 _HELP_OF = dict(
     " ".join(entry.split()).split(" ", 1) for entry in re.split(r"\n(?=--)", _HELP.strip())
@@ -127,25 +131,9 @@ def broker_options(f: F) -> F:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("socket", required=False, envvar="BROKERQ_SOCKET")
 @broker_options
-@click.option(
-    "--daemon",
-    is_flag=True,
-    help="Fork into the background, the parent exiting at once (as clients spawn it).",
-)
-@click.option(
-    "--lock-fd",
-    type=int,
-    metavar="FD",
-    help="Inherited descriptor of SOCKET.lock, already flock-ed by the spawner "
-    "(docs/protocol.md 10.4). Without it the broker takes the lock itself.",
-)
-@click.option(
-    "--ready-fd",
-    type=int,
-    metavar="FD",
-    help="Inherited pipe (or any byte stream): 'READY <pid>' is written to it once "
-    "the socket listens, 'BUSY <pid>' if another broker holds the lock; then closed.",
-)
+@click.option("--daemon", is_flag=True, help=_HELP_OF["--daemon"])
+@click.option("--lock-fd", type=int, metavar="FD", help=_HELP_OF["--lock-fd"])
+@click.option("--ready-fd", type=int, metavar="FD", help=_HELP_OF["--ready-fd"])
 def main(
     socket: str | None, daemon: bool, lock_fd: int | None, ready_fd: int | None, **options: Any
 ) -> None:
