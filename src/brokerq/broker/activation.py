@@ -41,8 +41,7 @@ def inherited_listener(socket_path: str) -> socket.socket | None:
         sock.detach()  # not ours to close: leave the descriptor as systemd gave it
         raise
     sock.set_inheritable(False)
-    # systemd listened with the unit's Backlog=: ask for the system's maximum,
-    # as a broker that binds its own socket does (this only changes the backlog).
+    # The system's maximum backlog, as a broker that binds its own socket asks for.
     sock.listen(LISTEN_BACKLOG)
     close_in_forked_children(sock)
     return sock

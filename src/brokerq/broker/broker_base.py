@@ -229,9 +229,8 @@ class BrokerBase:
         compaction = journal.begin_compaction(self.core.snapshot())
         try:
             await trio.to_thread.run_sync(compaction.write_snapshot)
-            # A sync in its thread must not see the swap: hold the next one
-            # back (under load one is due whenever one ends) and wait for the
-            # one running to end.
+            # A sync in its thread must not see the swap: hold the next one back
+            # (under load one is due whenever one ends), and let the running one end.
             self._syncs_held = True
             while self._committing:
                 await self._synced.wait()

@@ -55,9 +55,7 @@ class Connection(Deliveries):
         self.greeted = False
         self.idle = False  # waiting for a request: a stopping broker cuts it at once
         self.live_topics: dict[str, int] = {}  # topic -> id of its subscribe request
-        # Seconds waited for the rest of the frame buffered now (or the hello),
-        # and whether a frame was taken since.
-        self.waited = 0.0
+        self.waited = 0.0  # for the rest of the frame buffered now (or the hello)
         self.frame_taken = False
 
     async def run(self) -> None:
@@ -76,8 +74,7 @@ class Connection(Deliveries):
             await self._drain()
         finally:
             if self.pending and not self.commit_failed:
-                # Cut while replies wait for their fsync (a stopping broker
-                # cuts connections waiting for a request): let them go first.
+                # Cut while replies wait for their fsync: let them go first.
                 with trio.CancelScope(shield=True), trio.move_on_after(TIMEOUT_GRACE_SECONDS):
                     await self.drained.wait()
             if self.feed is not None:
@@ -132,8 +129,7 @@ class Connection(Deliveries):
             except protocol.InvalidRequestFrame as exc:
                 self._reply_error(exc.request_id, "bad_request", str(exc))
                 if not self.greeted or exc.request_id == 0:
-                    # An error with id 0 always ends the connection (protocol.md 5):
-                    # the client cannot pair replies with requests any more.
+                    # An error with id 0 always ends the connection (protocol.md 5).
                     await self._close_with_error()
                 if self._replies_due(max_pipelined):
                     await self._flush()
@@ -168,14 +164,12 @@ class Connection(Deliveries):
                 await self._close_with_error()
             return
         if (self.sync_to or self.pending) and isinstance(request, _TAKES):
-            # Settle the puts' replies first: a journal failure there must
-            # not strand messages this request would take.
+            # A journal failure on the puts' replies must not strand messages taken here.
             await self._drain()
         try:
             reply = self._dispatch(request)
             while reply is _BLOCK and self.out:
-                # Write the replies before waiting; other connections run
-                # meanwhile, so look again: a message (or room) may be there now.
+                # Write the replies before waiting, and look again: others ran meanwhile.
                 await self._flush()
                 reply = self._dispatch(request)
             if reply is _BLOCK:

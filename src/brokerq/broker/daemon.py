@@ -189,9 +189,7 @@ def run(
     if fd is None:
         holder = lock_holder_pid(path)
         if ready_fd is not None:
-            # A spawner that could not take the lock itself (protocol.md
-            # 10.3, without flock) reads this as "another broker won: connect
-            # again", where end of file would mean "failed to start".
+            # A spawner without flock reads "connect again" (protocol.md 10.3).
             _tell_ready_fd(ready_fd, f"BUSY {holder or 0}\n")
         who = f"pid {holder}" if holder else "starting up"
         return _fail(f"another broker ({who}) already serves {path}")

@@ -73,8 +73,7 @@ class LiveFeed:
                 except STREAM_GONE:
                     return  # the request loop sees the end and cleans up
                 if self.sending.cancelled_caught:
-                    # Overflowed, and not read for the grace: cut mid-frame,
-                    # so no error can follow.
+                    # Overflowed, and not read for the grace: cut mid-frame, no error.
                     log.warning("closed a live subscriber that stopped reading")
                     connection.cancel()
                     return

@@ -338,8 +338,7 @@ class Compaction:
         os.fsync(self.fd)
         self.size += len(self.tail)
         os.rename(self.tmp_path, journal.path)
-        # From here on the new file is the journal: append to it, whatever
-        # the directory fsync says.
+        # The new file is the journal now, whatever the directory fsync says.
         old_fd, journal.fd = journal.fd, self.fd
         journal.size = self.size
         journal.allocated = max(self.allocated, self.size)

@@ -172,8 +172,7 @@ class Replies:
         for stream_id, stream in (self.streams or {}).items():
             if not stream.messages:
                 continue
-            # (A message whose queue was deleted since is sent all the same:
-            # the client's takens count deliveries in order.)
+            # (Even a deleted queue's: the client's takens count deliveries in order.)
             messages, stream.messages = stream.messages, []
             for msg in messages:
                 delivery = StreamDelivery(

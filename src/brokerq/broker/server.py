@@ -61,8 +61,7 @@ class Broker(BrokerBase):
         self.started_at = self.last_activity = trio.current_time()
         self._token = trio.lowlevel.current_trio_token()
         if self.journal is None or self.journal.syncs == "never":
-            # Nothing is ever synced: no call into the broker on every pass
-            # of the event loop (the default beside the socket).
+            # Nothing is ever synced: no instrument called on every pass of the loop.
             await self._serve(listener, task_status)
             return
         instrument = SyncWhenIdle(self)
@@ -91,8 +90,7 @@ class Broker(BrokerBase):
             task_status.started()
             await self._stop_requested.wait()
             await self._shut_down(nursery)
-        # Nothing is served or appended any more; a sync still running in its
-        # thread ends before the journal may be compacted or closed.
+        # A sync still running in its thread ends before the journal is compacted or closed.
         while self._committing:
             await self._synced.wait()
         if self.failure is None and self._should_compact():

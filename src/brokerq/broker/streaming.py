@@ -87,8 +87,7 @@ def _taken(conn: Connection, request: Taken, now: float) -> list[Waiter]:
             raise InvalidRequest(f"taken names stream {request.id}, which is not open here")
         return conn.core.taken(stream, request.n, now)
     except InvalidRequest as exc:
-        # No reply can carry this (the stream's state is not the client's):
-        # an error with id 0, and the connection ends.
+        # No reply can carry this: an error with id 0, and the connection ends.
         protocol.append_frame(conn.out, Error(id=0, code="bad_request", message=str(exc)))
         conn.ending = True
         return []

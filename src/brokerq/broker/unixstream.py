@@ -18,10 +18,8 @@ import trio
 
 YIELD_EVERY: Final = 4  # receives in a row that found data at once before one yields
 RECEIVE_BUFFER: Final = 256 * 1024
-# One buffer for every stream of the (single-threaded) broker, copied out
-# before anything else runs: ``recv(n)`` allocates ``n`` bytes every call (a
-# 256 KiB recv cost six times a 64 KiB one), and one per connection would
-# cost memory per idle client.
+# One buffer for every stream (copied out at once): ``recv(n)`` allocates ``n``
+# bytes every call, and one per connection would cost memory per idle client.
 _buffer = bytearray(RECEIVE_BUFFER)
 _view = memoryview(_buffer)
 
@@ -64,8 +62,7 @@ class UnixStream(trio.abc.Stream):
         self._ready_in_a_row += 1
         if self._ready_in_a_row >= YIELD_EVERY:
             # (Not "whenever other tasks are ready to run": trio's statistics
-            # walk every registered socket, which cost O(connections) a
-            # receive, twice the time of a request with 1,000 clients.)
+            # walk every registered socket, O(connections) a receive.)
             self._ready_in_a_row = 0
             await trio.lowlevel.cancel_shielded_checkpoint()
         return data
