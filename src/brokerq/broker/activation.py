@@ -1,11 +1,7 @@
-"""systemd socket activation: serve a listening socket handed to the broker.
-
-Under a systemd socket unit (docs/systemd.md) the listener comes as file
-descriptor 3 with ``LISTEN_FDS=1`` and ``LISTEN_PID`` (the ``sd_listen_fds``
-protocol, without libsystemd). The broker still takes ``<socket>.lock``, so
-clients keep their one rule: the lock holder is the broker. It never binds,
-renames or unlinks the socket (systemd owns the file), and on idle exit it
-simply exits: systemd starts it again on the next connection.
+"""systemd socket activation (docs/systemd.md): the listener comes as file
+descriptor 3 with ``LISTEN_FDS=1`` and ``LISTEN_PID``. The broker still takes
+``<socket>.lock`` (the lock holder is the broker), never binds, renames or
+unlinks the socket (systemd owns it), and on idle exit simply exits.
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
-"""What the broker is to its connections: the core, the journal's group
-commit and compaction, the timers, stats, and stopping (server.Broker adds
-the listener and housekeeping, so that connections import nothing that
-imports them). A failed journal write or fsync is fatal: :meth:`BrokerBase.fail`
-stops the broker, which exits non-zero, and no further request is acknowledged.
+"""What the broker is to its connections (server.Broker adds the listener, so
+that connections import nothing that imports them). A failed journal write
+or fsync is fatal: the broker acknowledges nothing more and exits non-zero.
 """
 
 from __future__ import annotations
@@ -69,21 +67,17 @@ class BrokerBase:
         self.clock = clock
         self.max_frame_size = protocol.max_frame_size(config.max_message_size)
         self.pid = os.getpid()  # (asked once: a broker does not fork after it is made)
-        self.connections = 0
-        self.busy_total = 0  # connections refused for --max-connections
+        self.connections = self.busy_total = 0  # (busy: refused for --max-connections)
         self.started_at = 0.0
         self.closing = False
         self.failure: str | None = None
         self._stop_requested = trio.Event()
-        # Group commit: set and replaced as each sync ends; whether one runs;
-        # the offset the waiting puts need synced; whether one is due once the
-        # loop is idle (and for how many passes); whether compaction holds it back.
+        # Group commit: set and replaced as each sync ends; whether one runs,
+        # one is due once the loop is idle, compaction holds it back; the offset
+        # the waiting puts need synced, and for how many passes one was due.
         self._synced = trio.Event()
-        self._committing = False
-        self._sync_wanted = 0
-        self._sync_due = False
-        self._sync_due_passes = 0
-        self._syncs_held = False
+        self._committing = self._sync_due = self._syncs_held = False
+        self._sync_wanted = self._sync_due_passes = 0
         self._token: trio.lowlevel.TrioToken | None = None
         self._timers_changed = trio.Event()
         self._timer_at = math.inf

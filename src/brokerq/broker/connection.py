@@ -1,20 +1,14 @@
-"""One client connection of the trio broker: read frames, ask the core, reply.
-
-Its layers, each a module: :class:`~.replies.Replies` (writing replies, at
-once or after their group commit), :class:`~.delivery.Deliveries` (parked
-requests, replies that carry messages), then :class:`Connection`: reading
-and dispatch. Live feeds are in feeds.py, streams (``consume``) in streaming.py.
+"""One client connection of the trio broker: reading and dispatch, over
+:class:`~.replies.Replies` and :class:`~.delivery.Deliveries`.
 
 * When the connection ends, every lease it holds is released. A peer that
-  shut down only its sending side reads on: the replies it is owed (one
-  waiting for its fsync too) are written before the connection closes, so
-  it learns whether its put was made (protocol.md 4).
-* A client has ``frame_timeout`` seconds, waited in all, to send the rest
-  of a frame it began (and its ``hello``), else it is closed (``bad_frame``);
-  a connection idle between frames is never timed out. Past
-  ``max_pipelined`` requests (or ``limits.REPLY_BUFFER`` bytes) answered,
-  nothing more is read until their replies are written: a client that
-  sends without reading is held up by its own socket.
+  shut down only its sending side reads on: the replies it is owed (waiting
+  for their fsync too) are written first, so it learns whether its put was
+  made (protocol.md 4).
+* A frame begun (or the ``hello``) must be complete within ``frame_timeout``
+  seconds waited in all, else ``bad_frame``; a connection idle between
+  frames is never timed out. Past ``max_pipelined`` requests answered,
+  nothing more is read until their replies are written.
 """
 
 from __future__ import annotations

@@ -1,12 +1,9 @@
 """A connection's deliveries: requests that park, and replies that carry messages.
 
-* A reply that carries messages is written on its own and at once: if that
-  write fails the client cannot have read it, and the messages go back to
-  the head of their queue (a ``get`` is at-most-once, but never lost in transit).
-* A blocking request parks a waiter and waits on its wakeup, its deadline
-  and the connection's end at once (:meth:`Deliveries._park`).
-* The task that hands a parked get or reserve a message writes its reply
-  at once (:meth:`Deliveries.hand_over`).
+A reply that carries messages is written on its own and at once: if that
+write fails the client cannot have read it, and the messages go back to the
+head of their queue (a ``get`` is at-most-once, but never lost in transit).
+The task that hands a parked get or reserve a message writes its reply.
 """
 
 from __future__ import annotations

@@ -1,9 +1,6 @@
-"""Live subscriptions: a connection's feed of publishes, and its writer task.
-
-The publishers' tasks append ``event`` frames to the subscriber's
-:class:`LiveFeed` (never blocking); its own writer task sends them, under the
-connection's send lock. A subscriber that reads too slowly is dropped: one
-``overflow`` error, then the connection is closed.
+"""Live subscriptions: publishers append ``event`` frames to the subscriber's
+:class:`LiveFeed` (never blocking), and its own writer task sends them. A
+subscriber that reads too slowly is dropped with an ``overflow`` error.
 """
 
 from __future__ import annotations

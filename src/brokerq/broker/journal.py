@@ -2,23 +2,18 @@
 replayed at start. Plain blocking file I/O, no trio.
 
 Each record is written with one ``write()`` before the broker acknowledges
-anything. ``fsync`` is ``never`` (the page cache: survives a broker crash,
-not a power loss), ``always`` (a sync in every append) or ``batch`` (the
-broker calls :meth:`Journal.sync` in a thread for the puts waiting for one:
-group commit). A full disk (ENOSPC) cuts the partial record back off and
-raises :class:`JournalFull`: that request fails, nothing changed. Any other
-write or sync error raises :class:`JournalFailed`: the broker must stop
-acknowledging and exit, since the kernel may have dropped the unwritten
-pages (fsync errors are not retryable).
+anything, and synced: ``never``, ``always`` (in every append) or ``batch``
+(group commit: the broker calls :meth:`Journal.sync` in a thread). A full
+disk cuts the partial record back off and raises :class:`JournalFull`: that
+request fails, nothing changed. Any other write or sync error raises
+:class:`JournalFailed`: the broker must exit, since the kernel may have
+dropped the unwritten pages (fsync errors are not retryable).
 
-A synced journal is preallocated (docs/usage.md, "Preallocation"): the
-file is extended ahead of its records, so that an append neither grows the
-file nor allocates a block, and a sync is an ``fdatasync`` with no metadata.
-
-Compaction writes the live state to ``<journal>.compact`` and fsyncs it (in
-a thread), adds the records appended meanwhile, fsyncs, renames it over the
-journal and fsyncs the directory: a crash at any step leaves the old file
-or the new one, each complete (a stale ``.compact`` is removed on open).
+A synced journal is preallocated, so that an append neither grows the file
+nor allocates a block, and a sync is an ``fdatasync``. Compaction writes the
+live state to ``<journal>.compact``, adds the records appended meanwhile,
+fsyncs, renames it over the journal and fsyncs the directory: a crash at
+any step leaves the old file or the new one, each complete.
 """
 
 from __future__ import annotations

@@ -1,8 +1,6 @@
-"""Stats in the Prometheus text exposition format (0.0.4), by hand
-(docs/usage.md, ``stats --prom``), in a fixed order so that output compares
-exactly. The broker's own sums over its queues are left out:
-``sum(brokerq_ready)`` gives them, and an unlabelled sample beside the
-labelled ones would be counted twice.
+"""Stats in the Prometheus text format (0.0.4), in a fixed order so that output
+compares exactly. The broker's own sums over its queues are left out: an
+unlabelled sample beside the labelled ones would be counted twice.
 """
 
 from __future__ import annotations

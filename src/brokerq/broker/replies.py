@@ -1,14 +1,10 @@
 """A connection's replies: written in order, at once or after their commit.
 
-Everything already buffered is handled before the replies go out in one
-write: a client that pipelines pays one syscall per batch. Under ``--fsync
-batch`` a reply to a ``put`` waits for the journal's fsync (group commit);
-the connection does not: those replies, and every one after them, go to a
-commit writer task (:meth:`Replies._write_committed`) that sends them in
-order as their fsyncs complete, while the connection reads and answers on.
-Replies, a live feed's writer and the streams' writers share the stream
-under :attr:`Replies.send_lock`; a reply takes every stream delivery not yet
-sent ahead of it (:meth:`Replies.stream_frames`).
+Everything buffered is handled before the replies go out in one write. Under
+``--fsync batch`` a put's reply waits for its fsync; the connection does not:
+those replies, and every one after them, go to a commit writer task that
+sends them in order as their fsyncs complete. A reply takes every stream
+delivery not yet sent ahead of it (:meth:`Replies.stream_frames`).
 """
 
 from __future__ import annotations

@@ -1,8 +1,7 @@
 """The trio broker: :class:`BrokerBase` with the listener, a task per
-connection, and housekeeping once a second: compaction; idle exit (unlink
-the socket while still holding the lock, serve the backlog briefly, then
-exit, or publish again if work arrived); and the self-check (the socket or
-lock file removed or replaced means another broker may own the path: exit).
+connection, and housekeeping: compaction; idle exit (unlink the socket while
+still holding the lock, serve the backlog briefly, then exit); and exit if
+the socket or lock file is replaced (another broker may own the path).
 """
 
 from __future__ import annotations

@@ -1,20 +1,13 @@
 """The broker's side of streams (``consume``): prefetching consumers.
 
-A ``consume`` opens a :class:`~brokerq.broker.state.Stream` in the queue's
-line (the core hands it messages as to any waiter, while it has credit) and
-a writer task here that sends them as ``delivery`` frames, unasked: all
-handed over until the writer runs go out in one write. A reply takes every
-delivery not yet sent ahead of it (``Replies.stream_frames``), so any
-request (a ``ping``) tells a client that it has every delivery there was.
-
-A ``taken`` frame (no reply) says the client handed the first ``n``
-untaken deliveries to its application: the core removes or leases them and
-gives the credit back. Until then a delivered message stays the broker's,
-and goes back when the stream ends. A ``taken`` sent before the connection
-ended is honoured even so: :func:`end_streams` shuts the socket for reading
-and applies the ``taken`` frames left in it first (and a stopping broker
-applies them too). A ``taken`` naming no stream, or more than it holds, is
-answered ``bad_request`` with id 0, and the connection is closed.
+A ``consume`` opens a Stream in the queue's line (the core hands it messages
+as to any waiter, while it has credit) and a writer task that sends them as
+``delivery`` frames, batched. A reply takes every delivery not yet sent
+ahead of it, so any request (a ``ping``) tells a client that it has every
+delivery there was. A ``taken`` frame (no reply) says the client handed the
+first ``n`` deliveries to its application; until then a delivered message
+stays the broker's and goes back when the stream ends, but a ``taken`` sent
+before the connection ended is still applied (:func:`end_streams`).
 """
 
 from __future__ import annotations
