@@ -21,8 +21,7 @@ class ActivationError(BrokerqError):
 
 
 def inherited_listener(socket_path: str) -> socket.socket | None:
-    """The listener systemd passed for ``socket_path``, or None if none was. The
-    ``LISTEN_*`` variables are removed, so no child of the broker takes them."""
+    """The listener systemd passed, or None; ``LISTEN_*`` are unset, for no child to take."""
     pid, count = os.environ.get("LISTEN_PID"), os.environ.get("LISTEN_FDS")
     for name in _ENVIRONMENT:
         os.environ.pop(name, None)

@@ -44,8 +44,7 @@ COMPACT_AT_ONCE_MAX_BYTES: Final = 4 * COMPACT_MIN_BYTES
 
 
 class BrokerBase:
-    """What a connection sees of its broker. ``core`` and ``journal`` come
-    already replayed; ``clock`` is the wall clock the core's timers run on."""
+    """``core`` and ``journal`` come replayed; ``clock`` is the core's wall clock."""
 
     log = log
     _nursery: trio.Nursery  # (set by Broker.serve)
@@ -128,13 +127,9 @@ class BrokerBase:
         }
 
     async def wait_synced(self, lsn: int) -> None:
-        """Return once the journal is synced up to ``lsn``: group commit.
-
-        One sync at a time, in a worker thread so that the broker serves on. A
-        put that finds none running and none due starts one at once; the puts
-        written while one runs share the next, started once the event loop has
-        nothing else ready: one sync per event-loop turn (docs/performance.md).
-        """
+        """Group commit: one sync at a time, in a thread. A put that finds none
+        running or due starts one; the puts written while one runs share the
+        next, started once the event loop is idle (docs/performance.md)."""
         journal = self.journal
         assert journal is not None
         self._sync_wanted = max(self._sync_wanted, lsn)
@@ -146,9 +141,8 @@ class BrokerBase:
             await self._synced.wait()
 
     def start_due_sync(self, timeout: float) -> None:
-        """The event loop is about to wait for I/O for ``timeout`` seconds (0:
-        tasks are ready): start the sync that is due, if it is idle or was
-        not for :data:`SYNC_DEFER_PASSES` passes."""
+        """The event loop is about to wait for I/O (``timeout`` 0: tasks are ready):
+        start the sync due, if it is idle or was not for SYNC_DEFER_PASSES passes."""
         if not self._sync_due or self._syncs_held or self.failure is not None:
             return
         if timeout <= 0 and self._sync_due_passes < SYNC_DEFER_PASSES:
@@ -157,13 +151,9 @@ class BrokerBase:
         self._start_sync()
 
     def _start_sync(self) -> None:
-        """Run ``journal.sync`` in a worker thread; :meth:`_sync_done` gets its outcome.
-
-        The event loop waits (at most :data:`SYNC_HANDOFF_SECONDS`) for the
-        thread to take the job up: a loop that went on running Python would
-        hold the GIL and the CPU the thread needs to reach its syscall. trio's
-        thread cache directly: ``to_thread.run_sync`` adds nothing to one call.
-        """
+        """Run ``journal.sync`` in a thread of trio's cache; :meth:`_sync_done` gets
+        its outcome. The loop waits for the thread to take it up: running Python
+        on, it would hold the GIL and the CPU the thread needs to reach its syscall."""
         journal, token = self.journal, self._token
         assert journal is not None
         assert token is not None
@@ -243,8 +233,7 @@ class BrokerBase:
         log.info("compacted the journal from %d to %d bytes", before, journal.size)
 
     def _compact_at_once(self, when: str) -> bool:
-        """Only while nothing is served (at start, at exit); False, doing nothing,
-        if the live data is too large for that."""
+        """Only while nothing is served; False if the live data is too large for it."""
         journal = self.journal
         assert journal is not None
         if self.core.snapshot_size() > COMPACT_AT_ONCE_MAX_BYTES:
@@ -259,8 +248,7 @@ class BrokerBase:
         return True
 
     def after_request(self) -> None:
-        """After every request: admit parked puts where room was freed, wake the
-        joins done, and the timer task if the request added an earlier timer."""
+        """Admit parked puts where room was freed, wake joins done and the timer task."""
         if self.core.freed:
             pause("broker.put_room")
             woken = self.core.admit_freed(self.clock())

@@ -84,9 +84,8 @@ class Connection(Deliveries):
             self.broker.after_request()
 
     async def _receive_in_time(self) -> bytes | bytearray:
-        """:meth:`_receive`, but close the connection once ``frame_timeout`` was
-        waited here in all for the rest of a frame (or for the hello); the count
-        starts again with the latest receive that took a frame."""
+        """:meth:`_receive`, but close the connection once ``frame_timeout`` was waited
+        here in all for the rest of a frame (counted from the receive that took one)."""
         timeout = self.broker.config.frame_seconds
         between_frames = self.greeted and not self.reader.buffered
         if self.frame_taken or between_frames:
@@ -136,8 +135,7 @@ class Connection(Deliveries):
                 await self._flush()
 
     def _replies_due(self, max_pipelined: int) -> bool:
-        """One more request answered: must the replies be written now? (Not a
-        coroutine: this runs once per request, and is usually False.)"""
+        """Must the replies be written now? (Not a coroutine: it runs per request.)"""
         self.unsent += 1
         return self.unsent >= max_pipelined or len(self.out) >= limits.REPLY_BUFFER
 
@@ -362,9 +360,8 @@ class Connection(Deliveries):
         raise AssertionError(f"unhandled request {request!r}")  # pragma: no cover
 
     def send_event(self, topic: str, body: bytes) -> bool:
-        """Queue a publish for this live subscriber (from the publisher's task).
-        False if it overflowed: its live subscriptions end now, so no later
-        publish counts it."""
+        """Queue a publish for this live subscriber; False if it overflowed (its live
+        subscriptions end now, so no later publish counts it)."""
         assert self.feed is not None
         if self.feed.push(protocol.Event(id=self.live_topics[topic], topic=topic, body=body)):
             return True

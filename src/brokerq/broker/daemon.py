@@ -163,8 +163,7 @@ def run(
     repair: bool = False,
     **options: Any,
 ) -> int:
-    """Start a broker for ``socket``; returns the exit status. ``options``:
-    BrokerConfig's (``idle_exit`` 0: never)."""
+    """Returns the exit status; ``options`` are BrokerConfig's (``idle_exit`` 0: never)."""
     path = resolve_socket_path(socket)
     if options.get("idle_exit") == 0:
         options["idle_exit"] = math.inf
@@ -280,9 +279,8 @@ def _tell_ready_fd(fd: int, line: str) -> None:
 
 
 def _hold_lock(path: str, inherited: int | None) -> int | None:
-    """The locked lock fd, kept for the broker's whole life; None if another
-    broker holds the lock. An inherited fd must be ``<socket>.lock`` itself:
-    a broker holding a lock on anything else would serve beside the real lock holder."""
+    """The locked lock fd, or None if another broker holds it. An inherited fd must
+    be ``<socket>.lock``: one locking anything else would serve beside its holder."""
     if inherited is None:
         fd = open_lock(path)
     else:

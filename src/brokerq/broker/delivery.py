@@ -125,13 +125,9 @@ class Deliveries(Replies):
         return self._unserved(join_timeout(request.id, request.queue, request.timeout))
 
     async def _park(self, token: object, timeout: float | None) -> bool:
-        """Wait until ``token`` (a :class:`Wakeup`) is set, the timeout, or the
-        peer's end: True if the peer left.
-
-        The wait is a read of the socket in a cancel scope that setting the
-        token cancels: it sees the peer leave at once, and takes in pipelined
-        requests (they wait their turn) up to a frame's worth.
-        """
+        """Wait for ``token`` to be set, the timeout, or the peer's end (True). It
+        reads the socket in a scope the token cancels: it sees the peer leave at
+        once, and takes in pipelined requests up to a frame's worth."""
         assert isinstance(token, Wakeup)
         deadline = math.inf if timeout is None else trio.current_time() + timeout
         with trio.CancelScope(deadline=deadline) as scope:
@@ -190,12 +186,10 @@ class Deliveries(Replies):
         return Delivery(Reserve, waiter.messages, request.id, lease_s, waiter.leases)
 
     def hand_over(self, waiter: Waiter) -> None:
-        """Write the reply of the get or reserve parked here from the task that
-        handed it a message: sooner than the parked task, two passes of the run
-        loop later (docs/performance.md, "Direct hand-over"). Not with a live
-        feed or streams (their writers may be mid-frame), nor on a stream that
-        is not a socket; what the socket does not take, the parked task writes.
-        """
+        """Write the parked request's reply from the task that handed it a message,
+        two passes of the run loop sooner (docs/performance.md). Not with a live
+        feed or streams (their writers may be mid-frame); what the socket does
+        not take, the parked task writes."""
         parked, stream = self.parked, self.stream
         if (
             parked is None

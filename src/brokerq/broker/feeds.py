@@ -22,12 +22,8 @@ OVERFLOW_GRACE_SECONDS: Final = 30.0
 
 
 class LiveFeed:
-    """Publishes waiting to be sent to one live subscriber, bounded in bytes.
-
-    A push past ``limit`` (one publish always fits) marks it overflowed and
-    empties it, and the send in flight gets :data:`OVERFLOW_GRACE_SECONDS`:
-    a subscriber that reads nothing at all is still closed then.
-    """
+    """Publishes waiting for one live subscriber. A push past ``limit`` (one always
+    fits) marks it overflowed, and the send in flight gets a grace to finish."""
 
     __slots__ = ("limit", "overflowed", "pending", "scope", "sending", "wakeup")
 

@@ -104,10 +104,7 @@ def _preallocation_step(size: int) -> int:
 
 def _allocate(fd: int, offset: int, length: int) -> OSError | None:
     """Allocate and zero ``length`` bytes at ``offset``; returns the error, if any.
-
-    Zeros: on ext4 a block allocated and never written costs every sync into
-    it a conversion in the filesystem's journal (docs/performance.md).
-    """
+    Zeros: on ext4 an unwritten block costs every sync into it a conversion."""
     try:
         if hasattr(os, "posix_fallocate"):
             try:
@@ -148,8 +145,7 @@ class Journal:
     def open(
         cls, path: str, fsync: str = "batch", *, repair: bool = False, preallocate: bool = False
     ) -> tuple[Journal, ReadResult]:
-        """Read the journal at ``path``, cut a torn tail off, and open it for appends
-        (``preallocate``: if synced; else a zero tail found is cut off)."""
+        """Read the journal, cut a torn tail off, and open it for appends."""
         result = read_journal(path, repair=repair)
         journal = cls(path, fsync, preallocate=preallocate)
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
@@ -247,8 +243,7 @@ class Journal:
         self._fail(f"write failed: {exc}")
 
     def sync(self) -> int:
-        """Sync what was written so far; returns how many bytes are now synced.
-        Safe to call from a worker thread while the owner appends."""
+        """Returns how many bytes are synced; safe in a thread while the owner appends."""
         self._check_failed()
         target = self.written
         try:

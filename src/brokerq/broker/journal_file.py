@@ -152,9 +152,8 @@ def _data_end(data: bytes) -> int:
 
 
 def _valid_records_following(data: bytes, offset: int, data_end: int) -> int:
-    """After a bad record at ``offset``, how many valid records run to
-    ``data_end`` (0: a torn tail)? The damaged record's length cannot be
-    trusted, so every later marker is tried as a start."""
+    """How many valid records after a bad one run to ``data_end`` (0: a torn tail)?
+    Its length cannot be trusted: every later marker is tried as a start."""
     start = data.find(RECORD_MARKER, offset + 1, data_end)
     while start != -1:
         position, whole = start, 0

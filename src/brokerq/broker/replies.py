@@ -66,8 +66,7 @@ class Replies:
             self.sync_to = journal.written
 
     async def _flush(self) -> None:
-        """Write the replies answered so far, or hand them to the commit writer
-        (waiting for it only when too much is pending)."""
+        """Write the replies answered so far, or hand them to the commit writer."""
         answered, self.unsent = self.unsent, 0
         if not self.out:
             return
@@ -109,9 +108,8 @@ class Replies:
             raise PeerGone
 
     async def _write_committed(self) -> None:
-        """Send the pending replies in order, each once its fsync is done. A
-        journal failure drops them: the client gets one ``internal`` error, and
-        the connection is closed (as is the broker)."""
+        """Send the pending replies in order, each once its fsync is done; after a
+        journal failure, one ``internal`` error instead, and the connection closes."""
         assert self.commit_scope is not None
         pending = self.pending
         with self.commit_scope:
@@ -162,8 +160,7 @@ class Replies:
             raise PeerGone from exc
 
     def stream_frames(self) -> bytearray:
-        """The delivery frames of every stream not sent yet, which count as
-        sent from now on (the stream keeps them held either way)."""
+        """The delivery frames not sent yet, which count as sent from now on."""
         out = bytearray()
         for stream_id, stream in (self.streams or {}).items():
             if not stream.messages:

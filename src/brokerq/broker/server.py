@@ -54,8 +54,7 @@ class Broker(BrokerBase):
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve until stopped (``listener`` None: no socket, tests use
-        :meth:`handle_stream`). The journal is compacted at start and exit too."""
+        """Serve until stopped (``listener`` None: tests use :meth:`handle_stream`)."""
         self._live = set()
         self.started_at = self.last_activity = trio.current_time()
         self._token = trio.lowlevel.current_trio_token()

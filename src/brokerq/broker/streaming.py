@@ -103,8 +103,7 @@ def _taken_if_valid(conn: Connection, request: Taken, now: float) -> list[Waiter
 
 
 def end_streams(conn: Connection) -> list[Waiter]:
-    """The connection ends: apply the ``taken`` frames the client sent first,
-    then end every stream. Returns the waiters to wake."""
+    """Apply the ``taken`` frames the client sent, then end every stream."""
     streams = conn.streams
     if not streams:
         return []
@@ -145,8 +144,7 @@ def _wakeup(stream: Stream) -> Wakeup:
 
 
 async def _write(conn: Connection, stream: Stream) -> None:
-    """Send what the core hands ``stream``, batched, until it ends (never cut
-    mid-frame: a cancel wakes it) or the connection breaks."""
+    """Send what the core hands ``stream`` until it ends (a cancel wakes it)."""
     lock = conn.send_lock
     wakeup = _wakeup(stream)
     while True:

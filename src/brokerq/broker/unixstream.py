@@ -25,12 +25,8 @@ _view = memoryview(_buffer)
 
 
 class UnixStream(trio.abc.Stream):
-    """A connected stream socket (non-blocking) as a :class:`trio.abc.Stream`.
-
-    Used by one task for receiving and at most one for sending at a time (the
-    connection's writers take turns, and :meth:`try_send`, a hand-over from
-    another task, is used only while none of them has anything to send).
-    """
+    """Used by one task for receiving and at most one for sending at a time
+    (:meth:`try_send` only while no writer has anything to send)."""
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -68,8 +64,7 @@ class UnixStream(trio.abc.Stream):
         return data
 
     def try_send(self, data: bytes | bytearray) -> int:
-        """Send what the socket takes of ``data`` now, without waiting; 0 if it
-        takes nothing, is broken, or the stream is closed."""
+        """Send what the socket takes of ``data`` now (0 if nothing), without waiting."""
         if self._closed:
             return 0
         try:
