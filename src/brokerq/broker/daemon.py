@@ -44,6 +44,8 @@ from .journal import Journal, journal_path
 EXIT_OK = 0
 EXIT_ERROR = 1  # includes "another broker already holds the lock"
 LOG_ROTATE_BYTES = 1024 * 1024
+_LOG_FORMAT = "%(asctime)s brokerq[%(process)d] %(levelname)s %(message)s"
+log = logging.getLogger("brokerq.broker")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -194,16 +196,15 @@ def run(
         return _fail(f"another broker ({who}) already serves {path}")
     pause("broker.locked")
     _setup_logging(path, daemon, log_level)
-    log = logging.getLogger("brokerq.broker")
     core = config.new_core()
     try:
         opened = _open_journal(core, path, data_dir, fsync, repair) if journal else None
     except (OSError, BrokerqError) as exc:
-        return _fail(f"cannot open the journal: {exc}", log)
+        return _fail(f"cannot open the journal: {exc}", logged=True)
     try:
         listener = activated or publish_socket(path)
     except (OSError, BrokerqError) as exc:
-        return _fail(f"cannot listen on {path}: {exc}", log)
+        return _fail(f"cannot listen on {path}: {exc}", logged=True)
     log.info("serving %s (pid %d)", path, os.getpid())
     pause("broker.before_ready")
     if ready_fd is not None:
@@ -240,14 +241,12 @@ def _open_journal(
     for record in result.records:
         core.apply(record)
     restored = core.finish_replay(time.time())
-    logging.getLogger("brokerq.broker").info(
-        "journal %s: %d records, %d messages restored", path, len(result.records), restored
-    )
+    log.info("journal %s: %d records, %d messages restored", path, len(result.records), restored)
     return journal
 
 
-def _fail(message: str, log: logging.Logger | None = None) -> int:
-    if log is not None:
+def _fail(message: str, *, logged: bool = False) -> int:
+    if logged:
         log.error(message)
     click.echo(f"local-queue-broker: {message}", err=True)
     return EXIT_ERROR
@@ -288,9 +287,8 @@ def _hold_lock(path: str, inherited: int | None) -> int | None:
         try:
             st = os.fstat(fd)
         except OSError as exc:
-            raise BadLockFd(
-                f"--lock-fd {fd} is not an open file descriptor: {exc.strerror}"
-            ) from exc
+            message = f"--lock-fd {fd} is not an open file descriptor: {exc.strerror}"
+            raise BadLockFd(message) from exc
         if file_identity(lock_path(path)) != (st.st_dev, st.st_ino):
             raise BadLockFd(f"--lock-fd {fd} is not the lock file {lock_path(path)}")
     try:
@@ -319,11 +317,7 @@ def _setup_logging(path: str, daemon: bool, level: str) -> None:
         fd = os.open(log_file, flags, 0o600)
         os.dup2(fd, 2)
         os.close(fd)
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=level.upper(),
-        format="%(asctime)s brokerq[%(process)d] %(levelname)s %(message)s",
-    )
+    logging.basicConfig(stream=sys.stderr, level=level.upper(), format=_LOG_FORMAT)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -43,15 +43,11 @@ _ZERO_CHUNK: Final = 1024 * 1024
 
 
 class JournalFull(Full):
-    """The disk is full: the record was not written and the request fails."""
-
-    code = "full"
+    code = "full"  # the disk is full: the record was not written and the request fails
 
 
 class JournalFailed(BrokerqError):
-    """A write or fsync failed: the journal can no longer be trusted."""
-
-    code = "internal"
+    code = "internal"  # a write or fsync failed: the journal can no longer be trusted
 
 
 def journal_path(socket_path: str, data_dir: str | None) -> str:
