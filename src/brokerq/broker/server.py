@@ -210,10 +210,8 @@ class Broker(BrokerBase):
         self.connections += 1
         self._live.add(conn)
         try:
-            with conn.scope:
+            with conn.scope, contextlib.suppress(PeerGone):
                 await conn.run()
-        except PeerGone:
-            pass
         except Exception:  # a bug must cost one connection, never the broker
             log.exception("connection failed")
         finally:

@@ -12,6 +12,7 @@ before the connection ended is still applied (:func:`end_streams`).
 
 from __future__ import annotations
 
+import contextlib
 import socket
 from typing import TYPE_CHECKING, cast
 
@@ -124,18 +125,15 @@ def _frames_left(conn: Connection) -> list[protocol.AnyRequest]:
     stream, reader = conn.stream, conn.reader
     if isinstance(stream, UnixStream) and stream.socket.fileno() >= 0:
         sock = stream.socket
-        try:
+        with contextlib.suppress(OSError):  # BlockingIOError: all read; or gone
             sock.shutdown(socket.SHUT_RD)
             while data := sock.recv(65536):
                 reader.feed(data)
-        except OSError:
-            pass  # BlockingIOError: all read; or gone: nothing more to read
     requests: list[protocol.AnyRequest] = []
-    try:
+    # A bad frame ends the list: what follows it cannot be trusted.
+    with contextlib.suppress(RemoteProtocolError, protocol.InvalidRequestFrame):
         while (payload := reader.next_frame()) is not None:
             requests.append(protocol.decode_request(payload))
-    except (RemoteProtocolError, protocol.InvalidRequestFrame):
-        pass  # the rest cannot be trusted
     return requests
 
 

@@ -47,13 +47,12 @@ class UnixStream(trio.abc.Stream):
         while True:
             try:
                 n = sock.recv_into(_buffer, min(max_bytes or RECEIVE_BUFFER, RECEIVE_BUFFER))
+                break
             except BlockingIOError:
                 self._ready_in_a_row = 0
                 await self._wait(trio.lowlevel.wait_readable)
-                continue
             except OSError as exc:
                 raise trio.BrokenResourceError(str(exc)) from exc
-            break
         data = bytes(_view[:n])
         self._ready_in_a_row += 1
         if self._ready_in_a_row >= YIELD_EVERY:
