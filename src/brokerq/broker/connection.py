@@ -42,8 +42,6 @@ TIMEOUT_GRACE_SECONDS: Final = 1.0
 
 
 class Connection(Deliveries):
-    """The request loop of one connection (see the module doc)."""
-
     def __init__(self, broker: BrokerBase, stream: trio.abc.Stream) -> None:
         super().__init__(broker, stream)
         self.greeted = False
@@ -110,7 +108,6 @@ class Connection(Deliveries):
         raise PeerGone
 
     async def _handle_buffered(self) -> None:
-        """Answer every complete request already received."""
         max_pipelined = self.broker.config.max_pipelined
         while True:
             try:

@@ -124,7 +124,6 @@ _OPTIONS = [
 
 
 def broker_options(f: F) -> F:
-    """The options every broker command shares."""
     for option in reversed(_OPTIONS):
         f = option(f)
     return f

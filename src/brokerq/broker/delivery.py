@@ -56,8 +56,6 @@ class Delivery:
 
 
 class Deliveries(Replies):
-    """Parking, hand-over and the writing of replies that carry messages."""
-
     def __init__(self, broker: BrokerBase, stream: trio.abc.Stream) -> None:
         super().__init__(broker, stream)
         #: The get or reserve parked now, and its waiter; what hand_over wrote
@@ -79,7 +77,6 @@ class Deliveries(Replies):
         return 0.0 if lease is None else lease.expires_at - now
 
     def _batch_bytes(self) -> int:
-        """What a ``get_many`` batch may take of one reply frame."""
         return self.broker.max_frame_size - 1024
 
     def _unserved(self, error: Error) -> Error:
@@ -179,7 +176,6 @@ class Deliveries(Replies):
         return self._delivery_to(request, waiter)
 
     def _delivery_to(self, request: Get | GetMany | Reserve, waiter: Waiter) -> Delivery:
-        """The reply to a parked request that ``waiter`` was handed messages for."""
         if waiter.lease is None:
             return Delivery(type(request), waiter.messages, request.id)
         lease_s = self._lease_left(waiter.messages[0], self.broker.clock())

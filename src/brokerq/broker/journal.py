@@ -118,8 +118,6 @@ def _allocate(fd: int, offset: int, length: int) -> OSError | None:
 
 
 class Journal:
-    """The open journal file (see the module doc)."""
-
     def __init__(self, path: str, fsync: str = "batch", *, preallocate: bool = False) -> None:
         if fsync not in FSYNC_MODES:
             raise ValueError(f"fsync must be one of {FSYNC_MODES}, not {fsync!r}")
@@ -141,7 +139,6 @@ class Journal:
     def open(
         cls, path: str, fsync: str = "batch", *, repair: bool = False, preallocate: bool = False
     ) -> tuple[Journal, ReadResult]:
-        """Read the journal, cut a torn tail off, and open it for appends."""
         result = read_journal(path, repair=repair)
         journal = cls(path, fsync, preallocate=preallocate)
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW

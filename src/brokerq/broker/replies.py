@@ -28,8 +28,6 @@ if TYPE_CHECKING:
 
 
 class Replies:
-    """The state one connection's tasks share, and its reply writing."""
-
     def __init__(self, broker: BrokerBase, stream: trio.abc.Stream) -> None:
         self.broker = broker
         self.core = broker.core
