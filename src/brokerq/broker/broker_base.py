@@ -97,13 +97,12 @@ class BrokerBase:
         self._nursery.start_soon(fn)
 
     def stats(self) -> dict[str, Any]:
-        now = trio.current_time()
         journal = self.journal
         return {
             "pid": self.pid,
             "version": __version__,
             "protocol": PROTOCOL_VERSION,
-            "uptime_s": now - self.started_at,
+            "uptime_s": trio.current_time() - self.started_at,
             "connections": self.connections,
             "max_message_size": self.config.max_message_size,
             "idle_exit_s": None if math.isinf(self.config.idle_exit) else self.config.idle_exit,
@@ -198,13 +197,9 @@ class BrokerBase:
 
     def _should_compact(self) -> bool:
         journal = self.journal
-        return (
-            journal is not None
-            and not journal.compacting
-            and not journal.failed
-            and journal.size > COMPACT_MIN_BYTES
-            and journal.size > 2 * self.core.snapshot_size()
-        )
+        if journal is None or journal.compacting or journal.failed:
+            return False
+        return journal.size > COMPACT_MIN_BYTES and journal.size > 2 * self.core.snapshot_size()
 
     async def _compact(self) -> None:
         journal = self.journal

@@ -169,12 +169,10 @@ class Connection(Deliveries):
                 else:
                     assert isinstance(request, _TAKES)
                     reply = await self._wait_for_message(request)
-        except JournalFailed as exc:
-            self._reply_error(request.id, "internal", str(exc))
-            self.broker.fail(str(exc))
-            return
-        except BrokerqError as exc:
+        except BrokerqError as exc:  # a JournalFailed's code is "internal"
             self._reply_error(request.id, exc.code, str(exc))
+            if isinstance(exc, JournalFailed):
+                self.broker.fail(str(exc))
             return
         except (PeerGone, trio.Cancelled):
             raise

@@ -70,10 +70,8 @@ class Replies:
             return
         if self.sync_to or self.pending:
             self._commit_out(answered)
-            if (
-                self.pending_requests >= self.broker.config.max_pipelined
-                or self.pending_bytes > limits.REPLY_BUFFER
-            ):
+            too_many = self.pending_requests >= self.broker.config.max_pipelined
+            if too_many or self.pending_bytes > limits.REPLY_BUFFER:
                 await self._wait_drained()
             return
         try:
@@ -121,14 +119,12 @@ class Replies:
                     if sync_to:
                         await self.broker.wait_synced(sync_to)
                     await self._send(data)
-                except JournalFailed as exc:
-                    message = f"{exc}; nothing more was acknowledged"
-                    error = Error(id=0, code="internal", message=message)
-                    with contextlib.suppress(PeerGone):
-                        await self._send(protocol.encode_frame(error))
-                    self._fail_commits()
-                    return
-                except PeerGone:
+                except (JournalFailed, PeerGone) as exc:
+                    if isinstance(exc, JournalFailed):
+                        message = f"{exc}; nothing more was acknowledged"
+                        error = Error(id=0, code="internal", message=message)
+                        with contextlib.suppress(PeerGone):
+                            await self._send(protocol.encode_frame(error))
                     self._fail_commits()
                     return
                 pending.popleft()
