@@ -32,14 +32,12 @@ log = logging.getLogger("brokerq.broker")
 
 #: How long, at most, the event loop waits for a sync's thread to take it up.
 SYNC_HANDOFF_SECONDS: Final = 0.001
-#: A sync due after another starts once the event loop is idle, or after this
-#: many passes of a loop that is not.
+#: A sync due after another starts once the event loop is idle, or after this many passes.
 SYNC_DEFER_PASSES: Final = 4
 #: The journal is compacted once it is over twice the live data and this.
 COMPACT_MIN_BYTES: Final = 1024 * 1024
-#: At start and exit a compaction is done at once, blocking, up to this much
-#: live data; past it, one at start runs in a thread, one at exit is left to
-#: the next broker.
+#: Live data compacted at once, blocking, at start and exit; past it, one at start
+#: runs in a thread, one at exit is left to the next broker.
 COMPACT_AT_ONCE_MAX_BYTES: Final = 4 * COMPACT_MIN_BYTES
 
 

@@ -36,8 +36,7 @@ __all__ = ["OVERFLOW_GRACE_SECONDS", "Connection"]
 _BLOCK: Final = object()
 _SETTINGS: Final = ("max_deliveries", "lease", "maxsize", "max_bytes")  # of a configure
 _TAKES: Final = (protocol.Get, protocol.GetMany, protocol.Reserve)
-#: How long a closing connection gets to write what it still owes: the error
-#: of a frame timeout, or replies that were waiting for their fsync.
+#: For a closing connection to write what it owes (a timeout's error, replies after fsync).
 TIMEOUT_GRACE_SECONDS: Final = 1.0
 
 

@@ -58,8 +58,7 @@ class Delivery:
 class Deliveries(Replies):
     def __init__(self, broker: BrokerBase, stream: trio.abc.Stream) -> None:
         super().__init__(broker, stream)
-        #: The get or reserve parked now, and its waiter; what hand_over wrote
-        #: for it: the delivery and the bytes still unsent.
+        #: The get or reserve parked, and what hand_over wrote for it (and not yet).
         self.parked: tuple[Get | Reserve, Waiter] | None = None
         self.handed: tuple[Delivery, bytes] | None = None
 

@@ -35,8 +35,7 @@ __all__ = ["Journal", "JournalFailed", "JournalFull", "journal_path", "read_jour
 log = logging.getLogger("brokerq.journal")
 
 FSYNC_MODES: Final = ("never", "batch", "always")
-#: Preallocation steps, within these bounds (each step's zeros are written in
-#: the event loop: 8 MiB cost about 2 + 5 ms, 64 MiB 17 + 29 ms).
+#: Preallocation steps (zeros written in the event loop: 8 MiB cost about 2 + 5 ms).
 PREALLOCATE_MIN: Final = 1024 * 1024
 PREALLOCATE_MAX: Final = 8 * 1024 * 1024
 _ZERO_CHUNK: Final = 1024 * 1024
@@ -59,8 +58,7 @@ def journal_path(socket_path: str, data_dir: str | None) -> str:
     return os.path.join(data_dir, f"{os.path.basename(socket_path)}-{digest}.journal")
 
 
-#: fdatasync(2): Linux and most Unixes; not macOS, which keeps fsync.
-_HAS_FDATASYNC: Final = hasattr(os, "fdatasync")
+_HAS_FDATASYNC: Final = hasattr(os, "fdatasync")  # not macOS, which keeps fsync
 
 _MEMORY_FILESYSTEMS: Final = {0x01021994, 0x858458F6}  # Linux TMPFS_MAGIC, RAMFS_MAGIC
 
@@ -124,15 +122,12 @@ class Journal:
         self.path = path
         self.fsync = fsync
         self.fd = -1
-        #: Bytes appended since open (log sequence numbers), and how many are synced.
-        self.written = self.synced = 0
-        #: Where the records end, and the file's size (preallocation keeps it ahead).
-        self.size = self.allocated = 0
+        self.written = self.synced = 0  # bytes appended since open (LSNs), and synced
+        self.size = self.allocated = 0  # where the records end, and the file's size
         self.failed: str | None = None
         self.in_memory = False  # on a tmpfs or ramfs
         self.preallocate = preallocate
-        #: After an allocation failed for lack of space, none is tried before this.
-        self._allocate_again_at = 0
+        self._allocate_again_at = 0  # after a failure for lack of space, none before this
         self._compaction: Compaction | None = None
 
     @classmethod

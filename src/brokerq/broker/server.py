@@ -32,8 +32,7 @@ __all__ = ["COMPACT_AT_ONCE_MAX_BYTES", "COMPACT_MIN_BYTES", "Broker", "BrokerCo
 DRAIN_SECONDS: Final = 0.1  # an idle-exiting broker serves its backlog after the unlink
 STOP_GRACE_SECONDS: Final = 1.0  # for connections to finish after a stop
 HOUSEKEEPING_SECONDS: Final = 1.0
-#: How long a connection refused as busy is kept open for its client to read
-#: why, how many may linger at once, and how often, at most, refusals are logged.
+#: A busy refusal lingers for its client to read why; so many at once; logged so often.
 REFUSE_LINGER_SECONDS: Final = 1.0
 REFUSE_LINGER_MAX: Final = 64
 REFUSE_LOG_SECONDS: Final = 60.0
