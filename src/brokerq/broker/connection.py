@@ -299,10 +299,9 @@ class Connection(Deliveries):
                 return protocol.PeekReply(id=rid, msg_id=msg.id, body=msg.body)
             case protocol.Purge(id=rid, queue=queue):
                 return protocol.PurgeReply(id=rid, count=core.purge(queue))
-            case protocol.Stats(id=rid, queue=None):
-                return protocol.StatsReply(id=rid, stats=self.broker.stats())
-            case protocol.Stats(id=rid, queue=str(queue)):
-                return protocol.StatsReply(id=rid, stats=core.queue_stats(queue, now))
+            case protocol.Stats(id=rid, queue=queue):
+                stats = self.broker.stats() if queue is None else core.queue_stats(queue, now)
+                return protocol.StatsReply(id=rid, stats=stats)
             case protocol.Queues(id=rid):
                 return protocol.QueuesReply(id=rid, names=core.queue_names())
             case protocol.Publish(

@@ -186,16 +186,11 @@ class Deliveries(Replies):
         feed or streams (their writers may be mid-frame); what the socket does
         not take, the parked task writes."""
         parked, stream = self.parked, self.stream
-        if (
-            parked is None
-            or parked[1] is not waiter
-            or self.handed is not None
-            or self.feed is not None
-            or self.streams is not None
-            or self.out
-            or self.pending
-            or not isinstance(stream, UnixStream)
-        ):
+        if parked is None or parked[1] is not waiter or not isinstance(stream, UnixStream):
+            return
+        if self.handed is not None or self.feed is not None or self.streams is not None:
+            return
+        if self.out or self.pending:
             return
         delivery = self._delivery_to(parked[0], waiter)
         frame = protocol.encode_frame(delivery.reply())

@@ -234,11 +234,9 @@ class Journal:
         """Returns how many bytes are synced; safe in a thread while the owner appends."""
         self._check_failed()
         target = self.written
+        sync = os.fdatasync if self.preallocating and _HAS_FDATASYNC else os.fsync
         try:
-            if self.preallocating and _HAS_FDATASYNC:
-                os.fdatasync(self.fd)
-            else:
-                os.fsync(self.fd)
+            sync(self.fd)
         except OSError as exc:
             self._fail(f"fsync failed: {exc}")
         self.synced = max(self.synced, target)
