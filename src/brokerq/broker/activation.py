@@ -31,7 +31,16 @@ def inherited_listener(socket_path: str) -> socket.socket | None:
         raise ActivationError(f"systemd passed {count} sockets; brokerq serves exactly one")
     sock = socket.socket(fileno=LISTEN_FDS_START)
     try:
-        _check(sock, socket_path)
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            raise ActivationError("the socket systemd passed is not a Unix stream socket")
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise ActivationError("the socket systemd passed is not listening")
+        bound = sock.getsockname()
+        if not isinstance(bound, str) or os.path.realpath(bound) != os.path.realpath(socket_path):
+            raise ActivationError(
+                f"the socket systemd passed is bound to {bound!r}, not to {socket_path!r} "
+                "(give local-queue-broker the path of the unit's ListenStream=)"
+            )
     except BaseException:
         sock.detach()  # not ours to close: leave the descriptor as systemd gave it
         raise
@@ -40,16 +49,3 @@ def inherited_listener(socket_path: str) -> socket.socket | None:
     sock.listen(LISTEN_BACKLOG)
     close_in_forked_children(sock)
     return sock
-
-
-def _check(sock: socket.socket, socket_path: str) -> None:
-    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-        raise ActivationError("the socket systemd passed is not a Unix stream socket")
-    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-        raise ActivationError("the socket systemd passed is not listening")
-    bound = sock.getsockname()
-    if not isinstance(bound, str) or os.path.realpath(bound) != os.path.realpath(socket_path):
-        raise ActivationError(
-            f"the socket systemd passed is bound to {bound!r}, not to {socket_path!r} "
-            "(give local-queue-broker the path of the unit's ListenStream=)"
-        )

@@ -169,7 +169,8 @@ def run(
     if options.get("idle_exit") == 0:
         options["idle_exit"] = math.inf
     data_dir = options.get("data_dir")
-    fsync = default_fsync(data_dir) if fsync is None else fsync
+    if fsync is None:  # never beside the socket, a place that does not survive reboots anyway
+        fsync = "never" if data_dir is None else "batch"
     try:
         check_socket_path(path)
         activated = inherited_listener(path)  # before a fork changes our pid
@@ -223,11 +224,6 @@ def run(
         return EXIT_ERROR
     log.info("exited")
     return EXIT_OK
-
-
-def default_fsync(data_dir: str | None) -> str:
-    """``never`` beside the socket, a place that does not survive reboots anyway."""
-    return "never" if data_dir is None else "batch"
 
 
 def _open_journal(

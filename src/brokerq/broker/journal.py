@@ -138,7 +138,14 @@ class Journal:
         journal = cls(path, fsync, preallocate=preallocate)
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         journal.fd = os.open(path, flags, 0o600)
-        journal._remove_stale_compaction()
+        # A ``.compact`` left by a broker that died compacting never became the
+        # journal, and only the lock holder, which opens the journal, writes it.
+        stale = path + ".compact"
+        with contextlib.suppress(FileNotFoundError):
+            size = os.lstat(stale).st_size
+            os.unlink(stale)
+            what = "journal %s: removed %s (%d bytes) of an unfinished compaction"
+            log.info(what, path, stale, size)
         if fsync != "never" and in_memory_filesystem(path):
             log.info("journal %s is on a tmpfs: fsync adds nothing there, so it is skipped", path)
             journal.in_memory = True
@@ -160,16 +167,6 @@ class Journal:
         os.fsync(journal.fd)
         _fsync_directory(path)  # a new file's name must survive a power loss too
         return journal, result
-
-    def _remove_stale_compaction(self) -> None:
-        """Unlink a ``<journal>.compact`` left by a broker that died while compacting:
-        a finished compaction renames it away, and only the lock holder writes it."""
-        stale = self.path + ".compact"
-        with contextlib.suppress(FileNotFoundError):
-            size = os.lstat(stale).st_size
-            os.unlink(stale)
-            what = "journal %s: removed %s (%d bytes) of an unfinished compaction"
-            log.info(what, self.path, stale, size)
 
     @property
     def syncs(self) -> str:

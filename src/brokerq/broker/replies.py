@@ -68,8 +68,17 @@ class Replies:
         answered, self.unsent = self.unsent, 0
         if not self.out:
             return
-        if self.sync_to or self.pending:
-            self._commit_out(answered)
+        if self.sync_to or self.pending:  # to the commit writer, in order
+            self.pending.append((self.sync_to, self.out, answered))
+            self.pending_bytes += len(self.out)
+            self.pending_requests += answered
+            self.sync_to, self.out = 0, bytearray()
+            if self.drained.is_set():
+                self.drained = trio.Event()
+            if self.commit_scope is None:
+                self.commit_scope = trio.CancelScope()
+                self.broker.start_task(self._write_committed)
+            self.commit_wakeup.set()
             too_many = self.pending_requests >= self.broker.config.max_pipelined
             if too_many or self.pending_bytes > limits.REPLY_BUFFER:
                 await self._wait_drained()
@@ -84,19 +93,6 @@ class Replies:
         await self._flush()
         if self.pending:
             await self._wait_drained()
-
-    def _commit_out(self, answered: int) -> None:
-        sync_to, self.sync_to = self.sync_to, 0
-        data, self.out = self.out, bytearray()
-        self.pending.append((sync_to, data, answered))
-        self.pending_bytes += len(data)
-        self.pending_requests += answered
-        if self.drained.is_set():
-            self.drained = trio.Event()
-        if self.commit_scope is None:
-            self.commit_scope = trio.CancelScope()
-            self.broker.start_task(self._write_committed)
-        self.commit_wakeup.set()
 
     async def _wait_drained(self) -> None:
         await self.drained.wait()
@@ -125,20 +121,17 @@ class Replies:
                         error = Error(id=0, code="internal", message=message)
                         with contextlib.suppress(PeerGone):
                             await self._send(protocol.encode_frame(error))
-                    self._fail_commits()
+                    self.commit_failed = True
+                    self.pending.clear()
+                    self.pending_bytes = self.pending_requests = 0
+                    self.drained.set()
+                    self.scope.cancel()
                     return
                 pending.popleft()
                 self.pending_bytes -= len(data)
                 self.pending_requests -= answered
                 if not pending:
                     self.drained.set()
-
-    def _fail_commits(self) -> None:
-        self.commit_failed = True
-        self.pending.clear()
-        self.pending_bytes = self.pending_requests = 0
-        self.drained.set()
-        self.scope.cancel()
 
     async def _send(self, data: bytes | bytearray) -> None:
         try:

@@ -149,19 +149,15 @@ class Broker(BrokerBase):
     async def _housekeeping(self) -> None:
         while True:
             await trio.sleep(min(HOUSEKEEPING_SECONDS, max(self.config.idle_exit / 2, 0.01)))
-            if self._files_replaced():
+            path = self.config.socket_path
+            socket_replaced = self._socket_identity and file_identity(path) != self._socket_identity
+            if socket_replaced or file_identity(lock_path(path)) != self._lock_identity:
                 self.request_stop("socket or lock file removed or replaced")
                 return
             if self._idle_for() >= self.config.idle_exit:
                 await self._try_idle_exit()
             elif self._should_compact():
                 self._nursery.start_soon(self._compact)
-
-    def _files_replaced(self) -> bool:
-        path = self.config.socket_path
-        if self._socket_identity and file_identity(path) != self._socket_identity:
-            return True
-        return file_identity(lock_path(path)) != self._lock_identity
 
     def _idle_for(self) -> float:
         if self.connections or (self.journal is None and self.core.holds_messages()):

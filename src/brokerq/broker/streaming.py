@@ -45,8 +45,7 @@ def handle(
 def _consume(conn: Connection, request: Consume, now: float) -> tuple[ConsumeReply, list[Waiter]]:
     if request.mode not in MODES:
         raise InvalidRequest(f"mode must be 'get' or 'reserve', not {request.mode!r}")
-    streams = conn.streams
-    if streams is not None and request.id in streams:
+    if request.id in (conn.streams or {}):
         raise InvalidRequest(f"stream {request.id} is open already: a consume needs a new id")
     stream, served = conn.core.consume(
         request.queue,
@@ -58,9 +57,9 @@ def _consume(conn: Connection, request: Consume, now: float) -> tuple[ConsumeRep
         owner=conn,
         stream_id=request.id,
     )
-    if streams is None:
-        streams = conn.streams = {}
-    streams[request.id] = stream
+    if conn.streams is None:
+        conn.streams = {}
+    conn.streams[request.id] = stream
     conn.broker.start_task(lambda: _write(conn, stream))
     return ConsumeReply(id=request.id, lease=stream.length or 0.0), served
 
