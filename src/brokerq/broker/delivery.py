@@ -207,17 +207,18 @@ class Deliveries(Replies):
             if peer_gone:
                 self._undeliver(delivery)
                 raise PeerGone
-            self.out += rest
-            await self._flush_delivery(delivery)
+            await self._send_delivery(delivery, rest)
         elif peer_gone:
             raise PeerGone
         return SENT
 
-    async def _send_delivery(self, delivery: Delivery) -> None:
-        protocol.append_frame(self.out, delivery.reply())
-        await self._flush_delivery(delivery)
-
-    async def _flush_delivery(self, delivery: Delivery) -> None:
+    async def _send_delivery(self, delivery: Delivery, rest: bytes | None = None) -> None:
+        """``rest``: what hand_over left unsent of the reply. If the peer is gone,
+        the messages go back to their place."""
+        if rest is None:
+            protocol.append_frame(self.out, delivery.reply())
+        else:
+            self.out += rest
         try:
             await self._drain()
         except PeerGone:

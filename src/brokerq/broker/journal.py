@@ -1,19 +1,13 @@
-"""The journal: an append-only file of records (format: journal_file.py),
-replayed at start. Plain blocking file I/O, no trio.
+"""The journal: an append-only file of records (journal_file.py), with blocking I/O.
 
-Each record is written with one ``write()`` before the broker acknowledges
-anything, and synced: ``never``, ``always`` (in every append) or ``batch``
-(group commit: the broker calls :meth:`Journal.sync` in a thread). A full
-disk cuts the partial record back off and raises :class:`JournalFull`: that
-request fails, nothing changed. Any other write or sync error raises
-:class:`JournalFailed`: the broker must exit, since the kernel may have
-dropped the unwritten pages (fsync errors are not retryable).
-
-A synced journal is preallocated, so that an append neither grows the file
-nor allocates a block, and a sync is an ``fdatasync``. Compaction writes the
-live state to ``<journal>.compact``, adds the records appended meanwhile,
-fsyncs, renames it over the journal and fsyncs the directory: a crash at
-any step leaves the old file or the new one, each complete.
+A record is written with one ``write()`` before anything is acknowledged. A
+full disk cuts the partial record back off (:class:`JournalFull`: that request
+fails); any other write or sync error is :class:`JournalFailed`: the broker
+must exit, since the kernel may have dropped the unwritten pages. A synced
+journal is preallocated, so that a sync is an ``fdatasync`` with no metadata.
+Compaction writes the live state to ``<journal>.compact``, adds the records
+appended meanwhile, fsyncs, renames it over the journal and fsyncs the
+directory: a crash at any step leaves the old file or the new one, complete.
 """
 
 from __future__ import annotations
@@ -206,7 +200,16 @@ class Journal:
         try:
             _write_all(self.fd, frame)
         except OSError as exc:
-            self._undo_partial_write(exc)
+            try:
+                os.ftruncate(self.fd, self.size)  # (and the space allocated ahead)
+                os.lseek(self.fd, self.size, os.SEEK_SET)
+                self.allocated = self.size
+            except OSError as undo:
+                self._fail(f"write failed ({exc}) and could not be undone ({undo})")
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                message = f"the journal's disk is full ({self.path}): nothing was written"
+                raise JournalFull(message) from exc
+            self._fail(f"write failed: {exc}")
         self.size += len(frame)
         self.allocated = max(self.allocated, self.size)
         self.written += len(frame)
@@ -214,18 +217,6 @@ class Journal:
             self._compaction.tail += frame
         if self.syncs == "always":
             self.sync()
-
-    def _undo_partial_write(self, exc: OSError) -> None:
-        try:
-            os.ftruncate(self.fd, self.size)  # (and the space allocated ahead)
-            os.lseek(self.fd, self.size, os.SEEK_SET)
-            self.allocated = self.size
-        except OSError as undo:
-            self._fail(f"write failed ({exc}) and could not be undone ({undo})")
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            message = f"the journal's disk is full ({self.path}): nothing was written"
-            raise JournalFull(message) from exc
-        self._fail(f"write failed: {exc}")
 
     def sync(self) -> int:
         """Returns how many bytes are synced; safe in a thread while the owner appends."""
