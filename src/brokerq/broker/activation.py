@@ -13,7 +13,6 @@ from ..errors import BrokerqError
 from ..spawn import LISTEN_BACKLOG, close_in_forked_children
 
 LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START
-_ENVIRONMENT = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
 
 
 class ActivationError(BrokerqError):
@@ -23,7 +22,7 @@ class ActivationError(BrokerqError):
 def inherited_listener(socket_path: str) -> socket.socket | None:
     """The listener systemd passed, or None; ``LISTEN_*`` are unset, for no child to take."""
     pid, count = os.environ.get("LISTEN_PID"), os.environ.get("LISTEN_FDS")
-    for name in _ENVIRONMENT:
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)
     if pid is None or count is None or pid != str(os.getpid()):
         return None

@@ -138,8 +138,7 @@ class BrokerBase:
             await self._synced.wait()
 
     def start_due_sync(self, timeout: float) -> None:
-        """The event loop is about to wait for I/O (``timeout`` 0: tasks are ready):
-        start the sync due, if it is idle or was not for SYNC_DEFER_PASSES passes."""
+        """Start the sync due if the loop is idle (``timeout`` > 0), or was not for long."""
         if not self._sync_due or self._syncs_held or self.failure is not None:
             return
         if timeout <= 0 and self._sync_due_passes < SYNC_DEFER_PASSES:

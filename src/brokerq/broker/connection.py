@@ -1,14 +1,10 @@
-"""One client connection of the trio broker: reading and dispatch, over
-:class:`~.replies.Replies` and :class:`~.delivery.Deliveries`.
+"""One client connection: reading and dispatch, over Replies and Deliveries.
 
-* When the connection ends, every lease it holds is released. A peer that
-  shut down only its sending side reads on: the replies it is owed (waiting
-  for their fsync too) are written first, so it learns whether its put was
-  made (protocol.md 4).
-* A frame begun (or the ``hello``) must be complete within ``frame_timeout``
-  seconds waited in all, else ``bad_frame``; a connection idle between
-  frames is never timed out. Past ``max_pipelined`` requests answered,
-  nothing more is read until their replies are written.
+When it ends, every lease it holds is released, and the replies it is owed
+(waiting for their fsync too) are written first, so a peer that shut down
+only its sending side learns whether its put was made (protocol.md 4). A
+frame begun must be complete within ``frame_timeout`` seconds waited in all;
+a connection idle between frames is never timed out.
 """
 
 from __future__ import annotations
@@ -43,11 +39,10 @@ TIMEOUT_GRACE_SECONDS: Final = 1.0
 class Connection(Deliveries):
     def __init__(self, broker: BrokerBase, stream: trio.abc.Stream) -> None:
         super().__init__(broker, stream)
-        self.greeted = False
+        self.greeted = self.frame_taken = False
         self.idle = False  # waiting for a request: a stopping broker cuts it at once
         self.live_topics: dict[str, int] = {}  # topic -> id of its subscribe request
         self.waited = 0.0  # for the rest of the frame buffered now (or the hello)
-        self.frame_taken = False
 
     async def run(self) -> None:
         try:
@@ -353,8 +348,7 @@ class Connection(Deliveries):
         raise AssertionError(f"unhandled request {request!r}")  # pragma: no cover
 
     def send_event(self, topic: str, body: bytes) -> bool:
-        """Queue a publish for this live subscriber; False if it overflowed (its live
-        subscriptions end now, so no later publish counts it)."""
+        """False if it overflowed: its live subscriptions end now, for no later publish."""
         assert self.feed is not None
         if self.feed.push(protocol.Event(id=self.live_topics[topic], topic=topic, body=body)):
             return True

@@ -1,11 +1,9 @@
 """``local-queue-broker``: the broker process, from its options to READY.
 
-Start-up order is what makes spawning race-free and fast (design.md §3):
-check the socket directory; daemonize if a client spawned us (the launcher
-exits at once so the client reaps it); hold the lock (inherited already
-taken, or taken without blocking); bind a temporary name, listen, rename it
-over the socket path; say ``READY <pid>``; only now import trio and serve.
-Clients that connect meanwhile wait in the listen backlog, not in a retry loop.
+Start-up order makes spawning race-free and fast (design.md §3): check the
+socket directory; daemonize; hold the lock; bind a temporary name, listen,
+rename it over the socket path; say ``READY <pid>``; only now import trio and
+serve. Clients that connect meanwhile wait in the listen backlog.
 """
 
 from __future__ import annotations

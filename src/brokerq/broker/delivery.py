@@ -213,8 +213,7 @@ class Deliveries(Replies):
         return SENT
 
     async def _send_delivery(self, delivery: Delivery, rest: bytes | None = None) -> None:
-        """``rest``: what hand_over left unsent of the reply. If the peer is gone,
-        the messages go back to their place."""
+        """``rest``: what hand_over left unsent. If the peer is gone, the messages go back."""
         if rest is None:
             protocol.append_frame(self.out, delivery.reply())
         else:

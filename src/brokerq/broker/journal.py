@@ -44,8 +44,7 @@ class JournalFailed(BrokerqError):
 
 
 def journal_path(socket_path: str, data_dir: str | None) -> str:
-    """``<socket>.journal``, or ``<data_dir>/<socket name>-<hash>.journal``: the
-    hash of the whole path keeps brokers of two sockets named alike apart."""
+    """The hash of the whole socket path keeps brokers of sockets named alike apart."""
     if data_dir is None:
         return socket_path + ".journal"
     digest = hashlib.sha256(os.fsencode(socket_path)).hexdigest()[:12]
@@ -172,8 +171,7 @@ class Journal:
         return self.preallocate and self.syncs != "never"
 
     def _reserve(self, length: int) -> None:
-        """Make room for ``length`` more bytes. If allocating fails, appends go on
-        extending the file, and a full disk shows as :class:`JournalFull` then."""
+        """Make room for ``length`` more bytes; if that fails, appends extend the file."""
         if self.size + length <= self.allocated or self.size < self._allocate_again_at:
             return
         target = self.size + length + _preallocation_step(self.size)

@@ -11,12 +11,10 @@ File format (version 1)::
     record   ...
     zero     any number of zero bytes (preallocated space): the zero tail
 
-The checksum covers the length too; the marker lets a reader find the
-records after a damaged one. A record never starts with a zero byte, so
-zeros to the end of the file are free space. Reading it back
-(docs/guarantees.md G7): a torn tail (the last record cut or damaged,
-nothing valid after it) is cut off; a damaged record with valid records
-after it refuses to start, unless ``repair`` truncates there.
+The marker lets a reader find the records after a damaged one. Reading it
+back (docs/guarantees.md G7): a torn tail (nothing valid after a damaged
+record) is cut off; a damaged record with valid records after it refuses to
+start, unless ``repair`` truncates there.
 """
 
 from __future__ import annotations
@@ -140,8 +138,7 @@ def read_journal(path: str, *, repair: bool = False) -> ReadResult:
 
 
 def _data_end(data: bytes) -> int:
-    """Where the zero tail begins: counted from the end a slice at a time, so a
-    long zero tail costs a count of its bytes, not a copy of the file."""
+    """Where the zero tail begins: counted a slice at a time, not copied."""
     end = len(data)
     while end > 0:
         start = max(0, end - _ZERO_SCAN)

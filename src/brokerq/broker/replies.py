@@ -1,10 +1,7 @@
-"""A connection's replies: written in order, at once or after their commit.
-
-Everything buffered is handled before the replies go out in one write. Under
-``--fsync batch`` a put's reply waits for its fsync; the connection does not:
-those replies, and every one after them, go to a commit writer task that
-sends them in order as their fsyncs complete. A reply takes every stream
-delivery not yet sent ahead of it (:meth:`Replies.stream_frames`).
+"""A connection's replies: in order, in one write for all that was buffered.
+Under ``--fsync batch`` a put's reply, and every one after it, go to a commit
+writer task that sends them as their fsyncs complete, while the connection
+reads and answers on.
 """
 
 from __future__ import annotations
@@ -42,8 +39,7 @@ class Replies:
         # Replies waiting for their group commit, in order: (journal offset
         # to be synced first, or 0; the bytes; how many requests they answer).
         self.pending: deque[tuple[int, bytearray, int]] = deque()
-        self.pending_bytes = 0
-        self.pending_requests = 0
+        self.pending_bytes = self.pending_requests = 0
         self.drained = trio.Event()  # set while nothing is pending
         self.drained.set()
         self.commit_wakeup = trio.Event()

@@ -1,13 +1,8 @@
-"""The broker's side of streams (``consume``): prefetching consumers.
-
-A ``consume`` opens a Stream in the queue's line (the core hands it messages
-as to any waiter, while it has credit) and a writer task that sends them as
-``delivery`` frames, batched. A reply takes every delivery not yet sent
-ahead of it, so any request (a ``ping``) tells a client that it has every
-delivery there was. A ``taken`` frame (no reply) says the client handed the
-first ``n`` deliveries to its application; until then a delivered message
-stays the broker's and goes back when the stream ends, but a ``taken`` sent
-before the connection ended is still applied (:func:`end_streams`).
+"""The broker's side of streams (``consume``): a Stream in the queue's line,
+and a writer task that sends what it is handed as ``delivery`` frames. A
+reply takes every delivery not yet sent ahead of it, so any request tells a
+client it has every delivery there was. A delivered message stays the
+broker's until a ``taken`` frame, even one sent just before the connection ended.
 """
 
 from __future__ import annotations
@@ -28,8 +23,6 @@ from .wakeup import STREAM_GONE, Wakeup
 if TYPE_CHECKING:
     from .replies import Replies as Connection
 
-MODES = ("get", "reserve")
-
 
 def handle(
     conn: Connection, request: Consume | Taken | Cancel, now: float
@@ -43,7 +36,7 @@ def handle(
 
 
 def _consume(conn: Connection, request: Consume, now: float) -> tuple[ConsumeReply, list[Waiter]]:
-    if request.mode not in MODES:
+    if request.mode not in ("get", "reserve"):
         raise InvalidRequest(f"mode must be 'get' or 'reserve', not {request.mode!r}")
     if request.id in (conn.streams or {}):
         raise InvalidRequest(f"stream {request.id} is open already: a consume needs a new id")
@@ -87,8 +80,7 @@ def _taken(conn: Connection, request: Taken, now: float) -> list[Waiter]:
 
 
 def taken_while_closing(conn: Connection, request: protocol.AnyRequest) -> list[Waiter] | None:
-    """A stopping broker still applies a ``taken`` (the client handed those
-    messages out): the waiters to wake, or None if ``request`` is no ``taken``."""
+    """A stopping broker still applies a ``taken`` (None: ``request`` is not one)."""
     if not isinstance(request, Taken) or conn.streams is None:
         return None
     return _taken_if_valid(conn, request, conn.broker.clock())

@@ -35,8 +35,7 @@ class UnixStream(trio.abc.Stream):
         self._closed = False
 
     async def receive_some(self, max_bytes: int | None = None, *, idle: bool = False) -> bytes:
-        """What has come, once something has. ``idle``: the peer is known to
-        be waiting for us, so wait before the first try (a system call saved)."""
+        """``idle``: the peer waits for us, so wait before the first try (a syscall saved)."""
         sock = self.socket
         if self._closed:
             raise trio.ClosedResourceError("the stream is closed")

@@ -42,8 +42,7 @@ class Owner(Protocol):
 
 
 def wake(waiter: Waiter | Putter | Joiner) -> None:
-    """A get or reserve that was handed a message has its reply written at once,
-    by the waking task (see Deliveries.hand_over)."""
+    """A get or reserve handed a message has its reply written by the waking task."""
     wakeup = waiter.token
     assert isinstance(wakeup, Wakeup)
     if type(waiter) is Waiter and waiter.messages and not wakeup.flag:  # (not a Stream)
