@@ -91,10 +91,9 @@ class Connection(Deliveries):
             finally:
                 self.waited += trio.current_time() - start
         self.idle = False
+        message = f"a frame begun was not complete within {timeout:g} s"
         if not self.greeted:
             message = f"no hello within {timeout:g} s of connecting"
-        else:
-            message = f"a frame begun was not complete within {timeout:g} s"
         self.broker.log.debug("closed a connection: %s", message)
         self._reply_error(0, "bad_frame", message)
         with trio.move_on_after(TIMEOUT_GRACE_SECONDS):

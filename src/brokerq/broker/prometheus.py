@@ -114,10 +114,8 @@ def _family(
 
 def _value(value: object) -> str | None:
     """A sample value as text; None for what is not a number (null, strings)."""
-    if isinstance(value, bool):
-        return "1" if value else "0"
     if isinstance(value, int):
-        return str(value)
+        return str(int(value))  # (a bool as 0 or 1)
     if isinstance(value, float):
         if math.isnan(value):
             return "NaN"

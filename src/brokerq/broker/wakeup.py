@@ -19,9 +19,8 @@ class PeerGone(Exception):
 
 
 class Wakeup:
-    """What a parked request waits for. Not a ``trio.Event``: the parked task
-    waits by reading its socket (to see the peer leave) in a cancel scope that
-    setting the wakeup cancels: one task per parked request, not two."""
+    """Not a ``trio.Event``: the parked task waits by reading its socket (to see the
+    peer leave) in a scope that setting this cancels: one task per request, not two."""
 
     __slots__ = ("flag", "scope")
 
