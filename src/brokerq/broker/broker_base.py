@@ -124,9 +124,8 @@ class BrokerBase:
         }
 
     async def wait_synced(self, lsn: int) -> None:
-        """Group commit: one sync at a time, in a thread. A put that finds none
-        running or due starts one; the puts written while one runs share the
-        next, started once the event loop is idle (docs/performance.md)."""
+        """Group commit: a put that finds no sync running or due starts one; those written
+        while one runs share the next, once the event loop is idle (docs/performance.md)."""
         journal = self.journal
         assert journal is not None
         self._sync_wanted = max(self._sync_wanted, lsn)
@@ -147,8 +146,7 @@ class BrokerBase:
         self._start_sync()
 
     def _start_sync(self) -> None:
-        """Run ``journal.sync`` in a thread of trio's cache; :meth:`_sync_done` gets
-        its outcome. The loop waits for the thread to take it up: running Python
+        """Run ``journal.sync`` in a thread; the loop waits for it to start: running Python
         on, it would hold the GIL and the CPU the thread needs to reach its syscall."""
         journal, token = self.journal, self._token
         assert journal is not None

@@ -234,22 +234,19 @@ class Connection(Deliveries):
                 self._needs_sync()
                 return protocol.PutReply(id=rid, msg_id=msg_id)
             case protocol.Get(id=rid, queue=queue, timeout=timeout):
-                messages = core.get_nowait(queue)
-                if messages:
+                if messages := core.get_nowait(queue):
                     return Delivery(protocol.Get, messages, rid)
                 return _BLOCK if timeout != 0 else empty(rid, queue)
             case protocol.Reserve(id=rid, queue=queue, timeout=timeout, lease=lease):
                 protocol.validate_lease(lease)
-                msg = core.reserve_nowait(queue, now, lease, owner=self)
-                if msg is not None:
+                if (msg := core.reserve_nowait(queue, now, lease, owner=self)) is not None:
                     lease_s = self._lease_left(msg, now)
                     return Delivery(protocol.Reserve, [msg], rid, lease_s, core.leases_of([msg]))
                 return _BLOCK if timeout != 0 else empty(rid, queue)
             case protocol.GetMany(id=rid, queue=queue, n=n, timeout=timeout):
                 if n < 1:
                     raise InvalidRequest(f"get_many needs n >= 1, not {n}")
-                messages = core.get_nowait(queue, n, self._batch_bytes())
-                if messages:
+                if messages := core.get_nowait(queue, n, self._batch_bytes()):
                     return Delivery(protocol.GetMany, messages, rid)
                 return _BLOCK if timeout != 0 else empty(rid, queue)
             case protocol.PutMany(id=rid, queue=queue, bodies=bodies, keys=keys, timeout=timeout):
@@ -287,8 +284,7 @@ class Connection(Deliveries):
                 wake_all(admitted)
                 return protocol.DeleteReply(id=rid, count=count)
             case protocol.Peek(id=rid, queue=queue):
-                msg = core.peek(queue)
-                if msg is None:
+                if (msg := core.peek(queue)) is None:
                     return empty(rid, queue)
                 return protocol.PeekReply(id=rid, msg_id=msg.id, body=msg.body)
             case protocol.Purge(id=rid, queue=queue):

@@ -121,9 +121,8 @@ class Deliveries(Replies):
         return self._unserved(join_timeout(request.id, request.queue, request.timeout))
 
     async def _park(self, token: object, timeout: float | None) -> bool:
-        """Wait for ``token`` to be set, the timeout, or the peer's end (True). It
-        reads the socket in a scope the token cancels: it sees the peer leave at
-        once, and takes in pipelined requests up to a frame's worth."""
+        """Wait for ``token``, the timeout, or the peer's end (True), reading the socket
+        in a scope the token cancels: it takes in pipelined requests meanwhile."""
         assert isinstance(token, Wakeup)
         deadline = math.inf if timeout is None else trio.current_time() + timeout
         with trio.CancelScope(deadline=deadline) as scope:
@@ -182,9 +181,8 @@ class Deliveries(Replies):
 
     def hand_over(self, waiter: Waiter) -> None:
         """Write the parked request's reply from the task that handed it a message,
-        two passes of the run loop sooner (docs/performance.md). Not with a live
-        feed or streams (their writers may be mid-frame); what the socket does
-        not take, the parked task writes."""
+        two passes of the run loop sooner (docs/performance.md). Not with a live feed
+        or streams (their writers may be mid-frame); the parked task writes the rest."""
         parked, stream = self.parked, self.stream
         if parked is None or parked[1] is not waiter or not isinstance(stream, UnixStream):
             return

@@ -151,8 +151,7 @@ async def _write(conn: Connection, stream: Stream) -> None:
         else:
             lock.acquire_nowait()  # (no checkpoint: the deliveries go at once)
         try:
-            data = conn.stream_frames()
-            if data:
+            if data := conn.stream_frames():
                 await conn.stream.send_all(data)
         except STREAM_GONE:
             return
