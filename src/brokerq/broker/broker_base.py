@@ -241,8 +241,7 @@ class BrokerBase:
         """Admit parked puts where room was freed, wake joins done and the timer task."""
         if self.core.freed:
             pause("broker.put_room")
-            woken = self.core.admit_freed(self.clock())
-            if woken:
+            if woken := self.core.admit_freed(self.clock()):
                 pause("broker.put_admitted")
             wake_all(woken)
         wake_all(self.core.joins_done())  # (nothing to do while nobody joins)

@@ -175,8 +175,7 @@ class Journal:
         if self.size + length <= self.allocated or self.size < self._allocate_again_at:
             return
         target = self.size + length + _preallocation_step(self.size)
-        error = _allocate(self.fd, self.allocated, target - self.allocated)
-        if error is None:
+        if (error := _allocate(self.fd, self.allocated, target - self.allocated)) is None:
             self.allocated = target
             return
         # Part of it may have been allocated: what the file's size says is zeros.
