@@ -1,16 +1,7 @@
-"""systemd socket activation: serve a listening socket handed to the broker.
-
-Under a systemd socket unit (``docs/systemd.md``) the service manager binds
-the socket itself and starts ``local-queue-broker`` on the first connection,
-passing the listener as file descriptor 3 with ``LISTEN_FDS=1`` and
-``LISTEN_PID`` set to the broker's pid (the ``sd_listen_fds`` protocol; no
-libsystemd needed). The broker still takes ``<socket>.lock``, so it refuses
-to run beside a self-spawned broker, and clients keep their one rule: the
-lock holder is the broker.
-
-What changes for an activated broker: it never binds, renames or unlinks
-the socket (systemd owns the file), and on idle exit it simply exits, since
-systemd starts it again when the next client connects.
+"""systemd socket activation (docs/systemd.md): the listener comes as file
+descriptor 3 with ``LISTEN_FDS=1`` and ``LISTEN_PID``. The broker still takes
+``<socket>.lock`` (the lock holder is the broker), never binds, renames or
+unlinks the socket (systemd owns it), and on idle exit simply exits.
 """
 
 from __future__ import annotations
@@ -21,24 +12,17 @@ import socket
 from ..errors import BrokerqError
 from ..spawn import LISTEN_BACKLOG, close_in_forked_children
 
-#: The first inherited descriptor (``SD_LISTEN_FDS_START``).
-LISTEN_FDS_START = 3
-_ENVIRONMENT = ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES")
+LISTEN_FDS_START = 3  # SD_LISTEN_FDS_START
 
 
 class ActivationError(BrokerqError):
-    """The sockets systemd passed cannot be served (a clear start-up error)."""
+    """The sockets systemd passed cannot be served."""
 
 
 def inherited_listener(socket_path: str) -> socket.socket | None:
-    """The listener systemd passed for ``socket_path``, or None if none was.
-
-    Raises ActivationError if sockets were passed but are not one listening
-    Unix stream socket bound to ``socket_path``. The ``LISTEN_*`` variables
-    are removed either way, so no child of the broker takes them for its own.
-    """
+    """The listener systemd passed, or None; ``LISTEN_*`` are unset, for no child to take."""
     pid, count = os.environ.get("LISTEN_PID"), os.environ.get("LISTEN_FDS")
-    for name in _ENVIRONMENT:
+    for name in ("LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"):
         os.environ.pop(name, None)
     if pid is None or count is None or pid != str(os.getpid()):
         return None
@@ -46,27 +30,21 @@ def inherited_listener(socket_path: str) -> socket.socket | None:
         raise ActivationError(f"systemd passed {count} sockets; brokerq serves exactly one")
     sock = socket.socket(fileno=LISTEN_FDS_START)
     try:
-        _check(sock, socket_path)
+        if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
+            raise ActivationError("the socket systemd passed is not a Unix stream socket")
+        if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
+            raise ActivationError("the socket systemd passed is not listening")
+        bound = sock.getsockname()
+        if not isinstance(bound, str) or os.path.realpath(bound) != os.path.realpath(socket_path):
+            raise ActivationError(
+                f"the socket systemd passed is bound to {bound!r}, not to {socket_path!r} "
+                "(give local-queue-broker the path of the unit's ListenStream=)"
+            )
     except BaseException:
         sock.detach()  # not ours to close: leave the descriptor as systemd gave it
         raise
     sock.set_inheritable(False)
-    # systemd listened with the unit's Backlog= (SOMAXCONN unless set): ask
-    # for the system's maximum, as a broker that binds its own socket does.
-    # listen() on a listening socket only changes its backlog.
+    # The system's maximum backlog, as a broker that binds its own socket asks for.
     sock.listen(LISTEN_BACKLOG)
     close_in_forked_children(sock)
     return sock
-
-
-def _check(sock: socket.socket, socket_path: str) -> None:
-    if sock.family != socket.AF_UNIX or sock.type != socket.SOCK_STREAM:
-        raise ActivationError("the socket systemd passed is not a Unix stream socket")
-    if not sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN):
-        raise ActivationError("the socket systemd passed is not listening")
-    bound = sock.getsockname()
-    if not isinstance(bound, str) or os.path.realpath(bound) != os.path.realpath(socket_path):
-        raise ActivationError(
-            f"the socket systemd passed is bound to {bound!r}, not to {socket_path!r} "
-            "(give local-queue-broker the path of the unit's ListenStream=)"
-        )

@@ -1,11 +1,6 @@
-"""What the broker is to its connections: the core, the journal and its
-group commit and compaction, the timers, stats, and stopping.
-
-:class:`~brokerq.broker.server.Broker` adds the listener, the connections'
-tasks and housekeeping; the connections see this part only, so that they
-import nothing that imports them. A failed journal write or fsync is
-fatal: :meth:`BrokerBase.fail` stops the broker, which exits non-zero, and
-no further request is acknowledged.
+"""What the broker is to its connections (server.Broker adds the listener, so
+that connections import nothing that imports them). A failed journal write
+or fsync is fatal: the broker acknowledges nothing more and exits non-zero.
 """
 
 from __future__ import annotations
@@ -37,27 +32,17 @@ log = logging.getLogger("brokerq.broker")
 
 #: How long, at most, the event loop waits for a sync's thread to take it up.
 SYNC_HANDOFF_SECONDS: Final = 0.001
-#: A sync due after another is started once the event loop is about to wait
-#: for I/O (nothing else is ready), or after this many passes of a loop that
-#: is not.
+#: A sync due after another starts once the event loop is idle, or after this many passes.
 SYNC_DEFER_PASSES: Final = 4
 #: The journal is compacted once it is over twice the live data and this.
 COMPACT_MIN_BYTES: Final = 1024 * 1024
-#: At start and at exit a compaction is done at once, blocking, when the live
-#: data (``BrokerCore.snapshot_size``) is at most this: a write of a few MiB.
-#: Past it, one at start runs in a thread while the broker serves, and one
-#: at exit is left to the next broker's start.
+#: Live data compacted at once, blocking, at start and exit; past it, one at start
+#: runs in a thread, one at exit is left to the next broker.
 COMPACT_AT_ONCE_MAX_BYTES: Final = 4 * COMPACT_MIN_BYTES
 
 
 class BrokerBase:
-    """What a connection sees of its broker: core, journal, timers, stats.
-
-    ``core`` and ``journal`` come already replayed (the daemon does that
-    before it says READY); without a journal the broker keeps messages in
-    memory only and never idles out while it holds any. ``clock`` is the
-    wall clock the core's timers run on (tests pass trio's virtual one).
-    """
+    """``core`` and ``journal`` come replayed; ``clock`` is the core's wall clock."""
 
     log = log
     _nursery: trio.Nursery  # (set by Broker.serve)
@@ -70,11 +55,7 @@ class BrokerBase:
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
-        self.core = core or BrokerCore(
-            max_message_size=config.max_message_size,
-            max_deliveries=config.max_deliveries,
-            default_lease=config.lease,
-        )
+        self.core = core or config.new_core()
         self.core.max_queue_bytes = config.max_queue_bytes
         self.core.max_total_bytes = config.max_total_bytes
         self.journal = journal
@@ -82,30 +63,21 @@ class BrokerBase:
             self.core.write = journal.append
         self.clock = clock
         self.max_frame_size = protocol.max_frame_size(config.max_message_size)
-        #: This process's pid (asked once: getpid is a system call, and a
-        #: broker does not fork after it is made).
-        self.pid = os.getpid()
-        self.connections = 0
-        self.busy_total = 0  # connections refused for --max-connections
+        self.pid = os.getpid()  # (asked once: a broker does not fork after it is made)
+        self.connections = self.busy_total = 0  # (busy: refused for --max-connections)
         self.started_at = 0.0
         self.closing = False
         self.failure: str | None = None
         self._stop_requested = trio.Event()
-        # Group commit (wait_synced): set and replaced as each sync ends; whether
-        # one runs in its thread; the journal offset the waiting puts need
-        # synced; whether one is due once the loop is idle (and for how many
-        # passes it was); whether compaction holds the next one back.
+        # Group commit: set and replaced as each sync ends; whether one runs,
+        # one is due once the loop is idle, compaction holds it back; the offset
+        # the waiting puts need synced, and for how many passes one was due.
         self._synced = trio.Event()
-        self._committing = False
-        self._sync_wanted = 0
-        self._sync_due = False
-        self._sync_due_passes = 0
-        self._syncs_held = False
+        self._committing = self._sync_due = self._syncs_held = False
+        self._sync_wanted = self._sync_due_passes = 0
         self._token: trio.lowlevel.TrioToken | None = None
         self._timers_changed = trio.Event()
         self._timer_at = math.inf
-
-    # -- lifecycle ---------------------------------------------------------
 
     def request_stop(self, why: str) -> None:
         if not self._stop_requested.is_set():
@@ -113,7 +85,6 @@ class BrokerBase:
             self._stop_requested.set()
 
     def fail(self, reason: str) -> None:
-        """The journal failed: acknowledge nothing more, stop, exit non-zero."""
         if self.failure is None:
             self.failure = reason
             log.critical("fatal: %s", reason)
@@ -121,17 +92,15 @@ class BrokerBase:
         self.request_stop("the journal failed")
 
     def start_task(self, fn: Callable[[], Awaitable[object]]) -> None:
-        """Run ``fn`` in the broker's nursery (a connection's helper task)."""
         self._nursery.start_soon(fn)
 
     def stats(self) -> dict[str, Any]:
-        now = trio.current_time()
         journal = self.journal
         return {
             "pid": self.pid,
             "version": __version__,
             "protocol": PROTOCOL_VERSION,
-            "uptime_s": now - self.started_at,
+            "uptime_s": trio.current_time() - self.started_at,
             "connections": self.connections,
             "max_message_size": self.config.max_message_size,
             "idle_exit_s": None if math.isinf(self.config.idle_exit) else self.config.idle_exit,
@@ -154,20 +123,9 @@ class BrokerBase:
             "topics": self.core.topics.stats(),
         }
 
-    # -- the journal: group commit and compaction --------------------------------
-
     async def wait_synced(self, lsn: int) -> None:
-        """Return once the journal is synced up to ``lsn``: group commit
-        (docs/performance.md, "What each change gave").
-
-        The sync runs in a worker thread, so the broker serves on meanwhile
-        (inline, a slow disk would stop every connection), one at a time. A
-        put that finds none running and none due starts one at once (a lone
-        producer waits for nothing else); the puts written while one runs
-        share the next, due when it ends (:meth:`_sync_done`) and started
-        once the event loop has nothing else ready (:meth:`start_due_sync`):
-        one sync per event-loop turn, as Redis's ``appendfsync always``.
-        """
+        """Group commit: a put that finds no sync running or due starts one; those written
+        while one runs share the next, once the event loop is idle (docs/performance.md)."""
         journal = self.journal
         assert journal is not None
         self._sync_wanted = max(self._sync_wanted, lsn)
@@ -179,9 +137,7 @@ class BrokerBase:
             await self._synced.wait()
 
     def start_due_sync(self, timeout: float) -> None:
-        """The event loop is about to wait for I/O for ``timeout`` seconds (0:
-        tasks are ready to run): start the sync that is due, if the loop is
-        idle or was not for :data:`SYNC_DEFER_PASSES` passes."""
+        """Start the sync due if the loop is idle (``timeout`` > 0), or was not for long."""
         if not self._sync_due or self._syncs_held or self.failure is not None:
             return
         if timeout <= 0 and self._sync_due_passes < SYNC_DEFER_PASSES:
@@ -190,15 +146,8 @@ class BrokerBase:
         self._start_sync()
 
     def _start_sync(self) -> None:
-        """Run ``journal.sync`` in a worker thread; :meth:`_sync_done` gets its outcome.
-
-        The event loop waits (at most :data:`SYNC_HANDOFF_SECONDS`) for the
-        thread to take the job up: a loop that went on running Python would
-        hold the GIL and the CPU the thread needs to reach its syscall (a
-        sync began 150 µs later so, on two CPUs). trio's thread cache
-        directly: ``to_thread.run_sync``'s limiter, cancellation and naming
-        are of no use to one call in flight at a time.
-        """
+        """Run ``journal.sync`` in a thread; the loop waits for it to start: running Python
+        on, it would hold the GIL and the CPU the thread needs to reach its syscall."""
         journal, token = self.journal, self._token
         assert journal is not None
         assert token is not None
@@ -225,7 +174,6 @@ class BrokerBase:
         taken.acquire(timeout=SYNC_HANDOFF_SECONDS)
 
     def _sync_done(self, result: outcome.Outcome[int]) -> None:
-        """A sync ended: wake its waiters; the next is due if puts wait for one."""
         journal = self.journal
         assert journal is not None
         self._committing = False
@@ -244,25 +192,19 @@ class BrokerBase:
 
     def _should_compact(self) -> bool:
         journal = self.journal
-        return (
-            journal is not None
-            and not journal.compacting
-            and not journal.failed
-            and journal.size > COMPACT_MIN_BYTES
-            and journal.size > 2 * self.core.snapshot_size()
-        )
+        if journal is None or journal.compacting or journal.failed:
+            return False
+        return journal.size > COMPACT_MIN_BYTES and journal.size > 2 * self.core.snapshot_size()
 
     async def _compact(self) -> None:
-        """Rewrite the journal to the live state, in a thread, appends going on."""
         journal = self.journal
         assert journal is not None
         before = journal.size
         compaction = journal.begin_compaction(self.core.snapshot())
         try:
             await trio.to_thread.run_sync(compaction.write_snapshot)
-            # A sync in its thread must not see the swap: hold the next one
-            # back (under load one is due whenever one ends) and wait for the
-            # one running to end.
+            # A sync in its thread must not see the swap: hold the next one back
+            # (under load one is due whenever one ends), and let the running one end.
             self._syncs_held = True
             while self._committing:
                 await self._synced.wait()
@@ -280,31 +222,26 @@ class BrokerBase:
                 self._wake_sync_waiters()
         log.info("compacted the journal from %d to %d bytes", before, journal.size)
 
-    def _compact_at_once_is_cheap(self) -> bool:
-        return self.core.snapshot_size() <= COMPACT_AT_ONCE_MAX_BYTES
-
-    def _compact_at_once(self, when: str) -> None:
-        """Compact now, blocking: only while nothing is served (at start, at exit)."""
+    def _compact_at_once(self, when: str) -> bool:
+        """Only while nothing is served; False if the live data is too large for it."""
         journal = self.journal
         assert journal is not None
+        if self.core.snapshot_size() > COMPACT_AT_ONCE_MAX_BYTES:
+            return False
         before = journal.size
         try:
             journal.compact(self.core.snapshot())
         except OSError as exc:
             log.warning("journal compaction %s failed (the old journal stays): %s", when, exc)
-            return
+            return True
         log.info("compacted the journal %s from %d to %d bytes", when, before, journal.size)
-
-    # -- timers -------------------------------------------------------------------
+        return True
 
     def after_request(self) -> None:
-        """After every request: admit parked puts where room was freed, wake
-        the joins whose queue's tasks are done, and wake the timer task if
-        the request added an earlier timer."""
+        """Admit parked puts where room was freed, wake joins done and the timer task."""
         if self.core.freed:
             pause("broker.put_room")
-            woken = self.core.admit_freed(self.clock())
-            if woken:
+            if woken := self.core.admit_freed(self.clock()):
                 pause("broker.put_admitted")
             wake_all(woken)
         wake_all(self.core.joins_done())  # (nothing to do while nobody joins)
@@ -328,8 +265,6 @@ class BrokerBase:
 
 
 class SyncWhenIdle(trio.abc.Instrument):
-    """Tells the broker each time its event loop is about to wait for I/O."""
-
     def __init__(self, broker: BrokerBase) -> None:
         self.broker = broker
 

@@ -1,5 +1,5 @@
-"""The broker's options, as the daemon hands them to the trio broker (no trio here:
-the daemon reads them before it imports trio)."""
+"""The broker's options (``local-queue-broker --help``), with no trio: the daemon
+reads them before it imports trio."""
 
 from __future__ import annotations
 
@@ -7,13 +7,11 @@ import math
 from dataclasses import dataclass
 
 from .. import protocol
-from .core import limits
+from .core import BrokerCore, limits
 
 
 @dataclass(frozen=True)
 class BrokerConfig:
-    """The broker's options (``local-queue-broker --help`` documents each)."""
-
     socket_path: str
     idle_exit: float = 300.0
     max_message_size: int = protocol.DEFAULT_MAX_MESSAGE_SIZE
@@ -22,9 +20,7 @@ class BrokerConfig:
     max_deliveries: int = 20
     lease: float = 30.0
     subscriber_buffer: int = protocol.DEFAULT_SUBSCRIBER_BUFFER
-    #: Limits (limits.py): connections at once; seconds for a frame (and for
-    #: the hello; inf: none); requests answered before their replies are
-    #: written; body bytes of a queue without max_bytes, and of all queues (0: none).
+    #: Limits (limits.py; ``local-queue-broker --help`` says what each means).
     max_connections: int = limits.DEFAULT_MAX_CONNECTIONS
     frame_timeout: float = limits.DEFAULT_FRAME_TIMEOUT
     max_pipelined: int = limits.DEFAULT_MAX_PIPELINED
@@ -38,3 +34,10 @@ class BrokerConfig:
         """``frame_timeout`` as it applies: None when off (0 or inf)."""
         timeout = self.frame_timeout
         return None if timeout <= 0 or math.isinf(timeout) else timeout
+
+    def new_core(self) -> BrokerCore:
+        return BrokerCore(
+            max_message_size=self.max_message_size,
+            max_deliveries=self.max_deliveries,
+            default_lease=self.lease,
+        )

@@ -1,24 +1,10 @@
-"""One client connection of the trio broker: read frames, ask the core, reply.
+"""One client connection: reading and dispatch, over Replies and Deliveries.
 
-The layers of a connection, each a module: :class:`~.replies.Replies`
-(writing replies, at once or after their group commit), then
-:class:`~.delivery.Deliveries` (parked requests, replies that carry
-messages), then :class:`Connection` here: reading and dispatch. Live
-feeds are in feeds.py, streams (``consume``) in streaming.py.
-
-* When the connection ends, every lease it holds is released. A peer that
-  shut down only its sending side reads on: at the end of its stream a
-  put still waiting for room is withdrawn, and the replies the connection
-  owes (one waiting for its fsync too) are written before it closes, so
-  the peer learns whether its put was made (protocol.md 4).
-* A client has ``frame_timeout`` seconds, waited in all, to send the rest
-  of a frame it began (and a new connection its ``hello``), else the
-  connection is closed (``bad_frame``); time the broker spends on anything
-  else is not counted. A connection idle between frames is never timed out.
-  Past ``max_pipelined`` requests (or
-  :data:`~brokerq.broker.limits.REPLY_BUFFER` bytes) answered, nothing more
-  is read until their replies are written: a client that sends without
-  reading is held up by its own socket.
+When it ends, every lease it holds is released, and the replies it is owed
+(waiting for their fsync too) are written first, so a peer that shut down
+only its sending side learns whether its put was made (protocol.md 4). A
+frame begun must be complete within ``frame_timeout`` seconds waited in all;
+a connection idle between frames is never timed out.
 """
 
 from __future__ import annotations
@@ -33,15 +19,7 @@ from ..protocol import PROTOCOL_VERSION
 from ..version import __version__
 from . import streaming
 from .core import limits
-from .delivery import (
-    SENT,
-    Deliveries,
-    Delivery,
-    empty,
-    join_timeout,
-    put_options,
-    shutting_down,
-)
+from .delivery import SENT, Deliveries, Delivery, empty, join_timeout, put_options, shutting_down
 from .feeds import OVERFLOW_GRACE_SECONDS, LiveFeed
 from .journal import JournalFailed
 from .wakeup import PeerGone, wake, wake_all
@@ -52,23 +30,19 @@ if TYPE_CHECKING:
 __all__ = ["OVERFLOW_GRACE_SECONDS", "Connection"]
 
 _BLOCK: Final = object()
-#: How long a closing connection gets to write what it still owes: the error
-#: of a frame timeout, or replies that were waiting for their fsync.
+_SETTINGS: Final = ("max_deliveries", "lease", "maxsize", "max_bytes")  # of a configure
+_TAKES: Final = (protocol.Get, protocol.GetMany, protocol.Reserve)
+#: For a closing connection to write what it owes (a timeout's error, replies after fsync).
 TIMEOUT_GRACE_SECONDS: Final = 1.0
 
 
 class Connection(Deliveries):
-    """The request loop of one connection (see the module doc)."""
-
     def __init__(self, broker: BrokerBase, stream: trio.abc.Stream) -> None:
         super().__init__(broker, stream)
-        self.greeted = False
+        self.greeted = self.frame_taken = False
         self.idle = False  # waiting for a request: a stopping broker cuts it at once
         self.live_topics: dict[str, int] = {}  # topic -> id of its subscribe request
-        # Seconds waited for the rest of the frame buffered now (or for the
-        # hello), and whether a frame was taken since they were counted.
-        self.waited = 0.0
-        self.frame_taken = False
+        self.waited = 0.0  # for the rest of the frame buffered now (or the hello)
 
     async def run(self) -> None:
         try:
@@ -80,18 +54,13 @@ class Connection(Deliveries):
                 self.idle = True
                 data = await self._receive_in_time()
                 self.idle = False
-                if not data:
-                    # The peer's end. One that shut down only its sending side
-                    # reads on: the replies it is owed go first, however long
-                    # their fsync takes (a put admitted before the end was
-                    # read: protocol.md 4, "End of a connection").
+                if not data:  # the replies owed go first, however long their fsync takes
                     break
                 self.reader.feed(data)
             await self._drain()
         finally:
             if self.pending and not self.commit_failed:
-                # Cut while replies wait for their fsync (a stopping broker
-                # cuts connections waiting for a request): let them go first.
+                # Cut while replies wait for their fsync: let them go first.
                 with trio.CancelScope(shield=True), trio.move_on_after(TIMEOUT_GRACE_SECONDS):
                     await self.drained.wait()
             if self.feed is not None:
@@ -103,18 +72,12 @@ class Connection(Deliveries):
             if self.streams is not None:  # (first: its takens may lease messages to it)
                 wake_all(streaming.end_streams(self))
             wake_all(self.core.release_owned(self, self.broker.clock()))
-            # Leases that ended may have moved messages to :dead (a join on
-            # their queue may be done now) or freed room for parked puts.
+            # Ended leases may have finished a join or freed room for parked puts.
             self.broker.after_request()
 
     async def _receive_in_time(self) -> bytes | bytearray:
-        """:meth:`_receive`; but close the connection once it has been waited
-        on for ``frame_timeout`` in all for the rest of a frame (or for the hello).
-
-        Only the time spent here counts: a frame's first bytes arrived with
-        the latest receive that took a frame (or later), so its count starts
-        again then; one that gets no further is cut after ``frame_timeout``.
-        """
+        """:meth:`_receive`, but close the connection once ``frame_timeout`` was waited
+        here in all for the rest of a frame (counted from the receive that took one)."""
         timeout = self.broker.config.frame_seconds
         between_frames = self.greeted and not self.reader.buffered
         if self.frame_taken or between_frames:
@@ -128,10 +91,9 @@ class Connection(Deliveries):
             finally:
                 self.waited += trio.current_time() - start
         self.idle = False
+        message = f"a frame begun was not complete within {timeout:g} s"
         if not self.greeted:
             message = f"no hello within {timeout:g} s of connecting"
-        else:
-            message = f"a frame begun was not complete within {timeout:g} s"
         self.broker.log.debug("closed a connection: %s", message)
         self._reply_error(0, "bad_frame", message)
         with trio.move_on_after(TIMEOUT_GRACE_SECONDS):
@@ -139,8 +101,6 @@ class Connection(Deliveries):
         raise PeerGone
 
     async def _handle_buffered(self) -> None:
-        """Answer every complete request already received (writing the replies
-        when due: :meth:`_replies_due`)."""
         max_pipelined = self.broker.config.max_pipelined
         while True:
             try:
@@ -152,9 +112,7 @@ class Connection(Deliveries):
             except protocol.InvalidRequestFrame as exc:
                 self._reply_error(exc.request_id, "bad_request", str(exc))
                 if not self.greeted or exc.request_id == 0:
-                    # An error with id 0 always ends the connection
-                    # (protocol.md 5): one whose request cannot be named
-                    # leaves the client unable to pair replies with requests.
+                    # An error with id 0 always ends the connection (protocol.md 5).
                     await self._close_with_error()
                 if self._replies_due(max_pipelined):
                     await self._flush()
@@ -167,10 +125,7 @@ class Connection(Deliveries):
                 await self._flush()
 
     def _replies_due(self, max_pipelined: int) -> bool:
-        """One more request answered: must the replies be written now?
-
-        (Not a coroutine: this runs once per request, and is usually False.)
-        """
+        """Must the replies be written now? (Not a coroutine: it runs per request.)"""
         self.unsent += 1
         return self.unsent >= max_pipelined or len(self.out) >= limits.REPLY_BUFFER
 
@@ -190,17 +145,13 @@ class Connection(Deliveries):
             if not self._greet(request):
                 await self._close_with_error()
             return
-        if (self.sync_to or self.pending) and isinstance(
-            request, protocol.Get | protocol.GetMany | protocol.Reserve
-        ):
-            # Settle the puts' replies first: a journal failure there must
-            # not strand messages this request would take.
+        if (self.sync_to or self.pending) and isinstance(request, _TAKES):
+            # A journal failure on the puts' replies must not strand messages taken here.
             await self._drain()
         try:
             reply = self._dispatch(request)
             while reply is _BLOCK and self.out:
-                # Write the replies before waiting; other connections run
-                # meanwhile, so look again: a message (or room) may be there now.
+                # Write the replies before waiting, and look again: others ran meanwhile.
                 await self._flush()
                 reply = self._dispatch(request)
             if reply is _BLOCK:
@@ -209,14 +160,12 @@ class Connection(Deliveries):
                 elif isinstance(request, protocol.Join):
                     reply = await self._wait_for_join(request)
                 else:
-                    assert isinstance(request, protocol.Get | protocol.GetMany | protocol.Reserve)
+                    assert isinstance(request, _TAKES)
                     reply = await self._wait_for_message(request)
-        except JournalFailed as exc:
-            self._reply_error(request.id, "internal", str(exc))
-            self.broker.fail(str(exc))
-            return
-        except BrokerqError as exc:
+        except BrokerqError as exc:  # a JournalFailed's code is "internal"
             self._reply_error(request.id, exc.code, str(exc))
+            if isinstance(exc, JournalFailed):
+                self.broker.fail(str(exc))
             return
         except (PeerGone, trio.Cancelled):
             raise
@@ -239,7 +188,6 @@ class Connection(Deliveries):
             self.broker.request_stop("stop requested by a client")
 
     def _greet(self, request: protocol.AnyRequest) -> bool:
-        """Answer the handshake; False if the connection must be closed."""
         if not isinstance(request, protocol.Hello):
             self._reply_error(request.id, "bad_request", "the first request must be hello")
             return False
@@ -249,9 +197,8 @@ class Connection(Deliveries):
                 f"this broker speaks {PROTOCOL_VERSION} (brokerq {__version__})"
             )
             self.broker.log.warning("refused a client: %s", message)
-            error = protocol.Error(
-                id=request.id, code="version", message=message, version=PROTOCOL_VERSION
-            )
+            version = PROTOCOL_VERSION
+            error = protocol.Error(id=request.id, code="version", message=message, version=version)
             protocol.append_frame(self.out, error)
             return False
         self.greeted = True
@@ -273,9 +220,9 @@ class Connection(Deliveries):
         """Answer ``request`` without waiting, or return _BLOCK to park it."""
         core = self.core
         now = self.broker.clock()
+        protocol.validate_timeout(getattr(request, "timeout", None))  # (first, where there is one)
         match request:
             case protocol.Put(id=rid, queue=queue, body=body, key=key, timeout=timeout):
-                protocol.validate_timeout(timeout)
                 try:
                     msg_id, waiter = core.put(queue, body, now, key, **put_options(request))
                 except QueueFull:
@@ -287,31 +234,22 @@ class Connection(Deliveries):
                 self._needs_sync()
                 return protocol.PutReply(id=rid, msg_id=msg_id)
             case protocol.Get(id=rid, queue=queue, timeout=timeout):
-                protocol.validate_timeout(timeout)
-                messages = core.get_nowait(queue)
-                if messages:
+                if messages := core.get_nowait(queue):
                     return Delivery(protocol.Get, messages, rid)
                 return _BLOCK if timeout != 0 else empty(rid, queue)
             case protocol.Reserve(id=rid, queue=queue, timeout=timeout, lease=lease):
-                protocol.validate_timeout(timeout)
                 protocol.validate_lease(lease)
-                msg = core.reserve_nowait(queue, now, lease, owner=self)
-                if msg is not None:
-                    leases = core.leases_of([msg])
-                    return Delivery(
-                        protocol.Reserve, [msg], rid, self._lease_left(msg, now), leases
-                    )
+                if (msg := core.reserve_nowait(queue, now, lease, owner=self)) is not None:
+                    lease_s = self._lease_left(msg, now)
+                    return Delivery(protocol.Reserve, [msg], rid, lease_s, core.leases_of([msg]))
                 return _BLOCK if timeout != 0 else empty(rid, queue)
             case protocol.GetMany(id=rid, queue=queue, n=n, timeout=timeout):
-                protocol.validate_timeout(timeout)
                 if n < 1:
                     raise InvalidRequest(f"get_many needs n >= 1, not {n}")
-                messages = core.get_nowait(queue, n, self._batch_bytes())
-                if messages:
+                if messages := core.get_nowait(queue, n, self._batch_bytes()):
                     return Delivery(protocol.GetMany, messages, rid)
                 return _BLOCK if timeout != 0 else empty(rid, queue)
             case protocol.PutMany(id=rid, queue=queue, bodies=bodies, keys=keys, timeout=timeout):
-                protocol.validate_timeout(timeout)
                 try:
                     ids, woken = core.put_many(queue, bodies, now, keys, **put_options(request))
                 except QueueFull:
@@ -332,37 +270,28 @@ class Connection(Deliveries):
                 return protocol.BuryReply(id=rid)
             case protocol.Touch(id=rid, msg_id=msg_id, attempt=attempt, lease=lease):
                 protocol.validate_lease(lease)
-                return protocol.TouchReply(
-                    id=rid, lease=core.touch(msg_id, attempt, now, lease) - now
-                )
+                expires = core.touch(msg_id, attempt, now, lease)
+                return protocol.TouchReply(id=rid, lease=expires - now)
             case protocol.Kick(id=rid, queue=queue, n=n):
                 count, woken = core.kick(queue, n, now)
                 wake_all(woken)
                 return protocol.KickReply(id=rid, count=count)
             case protocol.Configure(id=rid, queue=queue):
-                config = core.configure(
-                    queue,
-                    max_deliveries=request.max_deliveries,
-                    lease=request.lease,
-                    maxsize=request.maxsize,
-                    max_bytes=request.max_bytes,
-                )
-                return protocol.ConfigureReply(id=rid, config=config)
+                settings = {name: getattr(request, name) for name in _SETTINGS}
+                return protocol.ConfigureReply(id=rid, config=core.configure(queue, **settings))
             case protocol.Delete(id=rid, queue=queue):
                 count, admitted = core.delete_queue(queue, now)
                 wake_all(admitted)
                 return protocol.DeleteReply(id=rid, count=count)
             case protocol.Peek(id=rid, queue=queue):
-                msg = core.peek(queue)
-                if msg is None:
+                if (msg := core.peek(queue)) is None:
                     return empty(rid, queue)
                 return protocol.PeekReply(id=rid, msg_id=msg.id, body=msg.body)
             case protocol.Purge(id=rid, queue=queue):
                 return protocol.PurgeReply(id=rid, count=core.purge(queue))
-            case protocol.Stats(id=rid, queue=None):
-                return protocol.StatsReply(id=rid, stats=self.broker.stats())
-            case protocol.Stats(id=rid, queue=str(queue)):
-                return protocol.StatsReply(id=rid, stats=core.queue_stats(queue, now))
+            case protocol.Stats(id=rid, queue=queue):
+                stats = self.broker.stats() if queue is None else core.queue_stats(queue, now)
+                return protocol.StatsReply(id=rid, stats=stats)
             case protocol.Queues(id=rid):
                 return protocol.QueuesReply(id=rid, names=core.queue_names())
             case protocol.Publish(
@@ -398,7 +327,6 @@ class Connection(Deliveries):
             case protocol.TaskDone(id=rid, queue=queue, n=n):
                 return protocol.TaskDoneReply(id=rid, unfinished=core.task_done(queue, n))
             case protocol.Join(id=rid, queue=queue, timeout=timeout):
-                protocol.validate_timeout(timeout)
                 if core.unfinished(queue) == 0:
                     return protocol.JoinReply(id=rid)
                 return _BLOCK if timeout != 0 else join_timeout(rid, queue, timeout)
@@ -415,12 +343,7 @@ class Connection(Deliveries):
         raise AssertionError(f"unhandled request {request!r}")  # pragma: no cover
 
     def send_event(self, topic: str, body: bytes) -> bool:
-        """Queue a publish for this live subscriber (called by the publisher's task).
-
-        False if it overflowed: its live subscriptions end here and now (so
-        no later publish counts it), though its writer task may still be
-        blocked sending what the subscriber has not read yet.
-        """
+        """False if it overflowed: its live subscriptions end now, for no later publish."""
         assert self.feed is not None
         if self.feed.push(protocol.Event(id=self.live_topics[topic], topic=topic, body=body)):
             return True

@@ -1,16 +1,9 @@
 """``local-queue-broker``: the broker process, from its options to READY.
 
-Start-up order is what makes spawning race-free and fast (design.md §3):
-
-1. check the socket directory (0700, ours, not a symlink);
-2. daemonize if a client spawned us (fork; the launcher exits at once so
-   the client reaps it, and the broker is nobody's zombie);
-3. hold the lock: a spawned broker inherits it already taken, one started by
-   hand takes it without blocking or exits 1 naming the holder's pid;
-4. bind a temporary name, listen, rename it over the socket path;
-5. say ``READY <pid>`` on the pipe the spawner gave us;
-6. only now import trio and serve. Clients that connect meanwhile wait in
-   the listen backlog, not in a retry loop.
+Start-up order makes spawning race-free and fast (design.md §3): check the
+socket directory; daemonize; hold the lock; bind a temporary name, listen,
+rename it over the socket path; say ``READY <pid>``; only now import trio and
+serve. Clients that connect meanwhile wait in the listen backlog.
 """
 
 from __future__ import annotations
@@ -19,6 +12,7 @@ import contextlib
 import logging
 import math
 import os
+import re
 import sys
 import time
 from collections.abc import Callable
@@ -48,134 +42,86 @@ from .journal import Journal, journal_path
 EXIT_OK = 0
 EXIT_ERROR = 1  # includes "another broker already holds the lock"
 LOG_ROTATE_BYTES = 1024 * 1024
+_LOG_FORMAT = "%(asctime)s brokerq[%(process)d] %(levelname)s %(message)s"
+log = logging.getLogger("brokerq.broker")
 
 F = TypeVar("F", bound=Callable[..., Any])
 
+# The help of each option: its name, then its text (continued on indented lines).
+_HELP = """
+--data-dir Directory for the journal, on a disk to survive reboots (default: beside the
+    socket, which survives broker crashes and idle exits).
+--fsync When the journal is fsynced before a put is acknowledged: never (survives a broker
+    crash, not an OS crash or power loss), batch (one fsync covers every put that arrived
+    meanwhile) or always (one per write). Default: never for the journal beside the socket
+    (it survives what that place does), batch with --data-dir.
+--journal/--no-journal Keep messages in a journal (--no-journal: in memory only, lost when
+    the broker stops; it then never idles out while it holds any).
+--repair Truncate a journal corrupt in the middle at the bad record, losing what follows,
+    instead of refusing to start.
+--max-deliveries Deliveries of a reserved message without an ack before it moves to
+    <queue>:dead (queues may set their own).
+--lease Default lease of a reserved message before it is delivered again.
+--idle-exit Exit after this long with no connections (0: never). Messages wait in the
+    journal for the next broker; with --no-journal it never exits holding any.
+--max-message-size Largest message body accepted.
+--subscriber-buffer Publishes held for one live subscriber that reads too slowly; past this
+    it is dropped with an 'overflow' error (one publish always fits).
+--max-connections Connections served at once; one more is answered 'busy' and closed.
+--frame-timeout A connection whose frame is not complete this long after its first byte,
+    or whose hello is not within this long of connecting, is closed (0: never). Idle
+    connections between frames are never closed.
+--max-pipelined Requests of one connection answered before their replies are written (and
+    at most 1 MiB of replies); nothing more is read from it until they are.
+--max-queue-bytes Body bytes a queue without a max_bytes of its own may hold; puts wait for
+    room as on any bounded queue (0: unlimited).
+--max-total-bytes Body bytes held over all queues; a put past it fails with 'full'
+    (default: 1 GiB, or a quarter of the RAM if less; 0: unlimited).
+--log-level Least severe log level written.
+--daemon Fork into the background, the parent exiting at once (as clients spawn it).
+--lock-fd Inherited descriptor of SOCKET.lock, already flock-ed by the spawner
+    (docs/protocol.md 10.4). Without it the broker takes the lock itself.
+--ready-fd Inherited pipe (or any byte stream): 'READY <pid>' is written to it once the socket
+    listens, 'BUSY <pid>' if another broker holds the lock; then closed.
+"""
+_HELP_OF = dict(
+    " ".join(entry.split()).split(" ", 1) for entry in re.split(r"\n(?=--)", _HELP.strip())
+)
+_COUNT, _SIZE, _SECONDS = click.IntRange(min=1), click.IntRange(min=0), click.FloatRange(min=0)
 
-def _option(name: str, help_: str, **kwargs: Any) -> Callable[[F], F]:
+
+def _option(
+    name: str, type_: Any = None, default: Any = None, metavar: str | None = None, **kwargs: Any
+) -> Callable[[F], F]:
     """An option also read from BROKERQ_<NAME>, its default shown if it has one."""
     env = "BROKERQ_" + name[2:].split("/", maxsplit=1)[0].replace("-", "_").upper()
-    kwargs.setdefault("show_default", "default" in kwargs)
-    return click.option(name, envvar=env, show_envvar=True, help=help_, **kwargs)
+    kwargs.update(type=type_, metavar=metavar, envvar=env, show_envvar=True)
+    if default is not None:
+        kwargs["default"] = default
+    return click.option(name, help=_HELP_OF[name], show_default=default is not None, **kwargs)
 
 
+_LOG_LEVELS = click.Choice(["debug", "info", "warning", "error"], case_sensitive=False)
 _OPTIONS = [
-    _option(
-        "--data-dir",
-        "Directory for the journal, on a disk to survive reboots "
-        "(default: beside the socket, which survives broker crashes and idle exits).",
-        type=click.Path(file_okay=False),
-    ),
-    _option(
-        "--fsync",
-        "When the journal is fsynced before a put is acknowledged: never (survives "
-        "a broker crash, not an OS crash or power loss), batch (one fsync covers every "
-        "put that arrived meanwhile) or always (one per write). Default: never for the "
-        "journal beside the socket (it survives what that place does), batch with "
-        "--data-dir.",
-        type=click.Choice(["never", "batch", "always"]),
-    ),
-    _option(
-        "--journal/--no-journal",
-        "Keep messages in a journal (--no-journal: in memory only, lost when the "
-        "broker stops; it then never idles out while it holds any).",
-        default=True,
-    ),
-    _option(
-        "--repair",
-        "Truncate a journal corrupt in the middle at the bad record, losing what "
-        "follows, instead of refusing to start.",
-        is_flag=True,
-    ),
-    _option(
-        "--max-deliveries",
-        "Deliveries of a reserved message without an ack before it moves to "
-        "<queue>:dead (queues may set their own).",
-        type=click.IntRange(min=1),
-        default=20,
-        metavar="N",
-    ),
-    _option(
-        "--lease",
-        "Default lease of a reserved message before it is delivered again.",
-        type=click.FloatRange(min=0, min_open=True),
-        default=30.0,
-        metavar="SECONDS",
-    ),
-    _option(
-        "--idle-exit",
-        "Exit after this long with no connections (0: never). Messages wait in "
-        "the journal for the next broker; with --no-journal it never exits holding any.",
-        type=click.FloatRange(min=0),
-        default=300.0,
-        metavar="SECONDS",
-    ),
-    _option(
-        "--max-message-size",
-        "Largest message body accepted.",
-        type=click.IntRange(min=1),
-        default=protocol.DEFAULT_MAX_MESSAGE_SIZE,
-        metavar="BYTES",
-    ),
-    _option(
-        "--subscriber-buffer",
-        "Publishes held for one live subscriber that reads too slowly; past "
-        "this it is dropped with an 'overflow' error (one publish always fits).",
-        type=click.IntRange(min=1),
-        default=protocol.DEFAULT_SUBSCRIBER_BUFFER,
-        metavar="BYTES",
-    ),
-    _option(
-        "--max-connections",
-        "Connections served at once; one more is answered 'busy' and closed.",
-        type=click.IntRange(min=1),
-        default=limits.DEFAULT_MAX_CONNECTIONS,
-        metavar="N",
-    ),
-    _option(
-        "--frame-timeout",
-        "A connection whose frame is not complete this long after its first "
-        "byte, or whose hello is not within this long of connecting, is closed "
-        "(0: never). Idle connections between frames are never closed.",
-        type=click.FloatRange(min=0),
-        default=limits.DEFAULT_FRAME_TIMEOUT,
-        metavar="SECONDS",
-    ),
-    _option(
-        "--max-pipelined",
-        "Requests of one connection answered before their replies are written "
-        "(and at most 1 MiB of replies); nothing more is read from it until they are.",
-        type=click.IntRange(min=1),
-        default=limits.DEFAULT_MAX_PIPELINED,
-        metavar="N",
-    ),
-    _option(
-        "--max-queue-bytes",
-        "Body bytes a queue without a max_bytes of its own may hold; puts wait "
-        "for room as on any bounded queue (0: unlimited).",
-        type=click.IntRange(min=0),
-        default=limits.DEFAULT_MAX_QUEUE_BYTES,
-        metavar="BYTES",
-    ),
-    _option(
-        "--max-total-bytes",
-        "Body bytes held over all queues; a put past it fails with 'full' "
-        "(default: 1 GiB, or a quarter of the RAM if less; 0: unlimited).",
-        type=click.IntRange(min=0),
-        default=limits.default_max_total_bytes(),
-        metavar="BYTES",
-    ),
-    _option(
-        "--log-level",
-        "Least severe log level written.",
-        type=click.Choice(["debug", "info", "warning", "error"], case_sensitive=False),
-        default="info",
-    ),
+    _option("--data-dir", click.Path(file_okay=False)),
+    _option("--fsync", click.Choice(["never", "batch", "always"])),
+    _option("--journal/--no-journal", default=True),
+    _option("--repair", is_flag=True),
+    _option("--max-deliveries", _COUNT, 20, "N"),
+    _option("--lease", click.FloatRange(min=0, min_open=True), 30.0, "SECONDS"),
+    _option("--idle-exit", _SECONDS, 300.0, "SECONDS"),
+    _option("--max-message-size", _COUNT, protocol.DEFAULT_MAX_MESSAGE_SIZE, "BYTES"),
+    _option("--subscriber-buffer", _COUNT, protocol.DEFAULT_SUBSCRIBER_BUFFER, "BYTES"),
+    _option("--max-connections", _COUNT, limits.DEFAULT_MAX_CONNECTIONS, "N"),
+    _option("--frame-timeout", _SECONDS, limits.DEFAULT_FRAME_TIMEOUT, "SECONDS"),
+    _option("--max-pipelined", _COUNT, limits.DEFAULT_MAX_PIPELINED, "N"),
+    _option("--max-queue-bytes", _SIZE, limits.DEFAULT_MAX_QUEUE_BYTES, "BYTES"),
+    _option("--max-total-bytes", _SIZE, limits.default_max_total_bytes(), "BYTES"),
+    _option("--log-level", _LOG_LEVELS, "info"),
 ]
 
 
 def broker_options(f: F) -> F:
-    """The options every broker command shares."""
     for option in reversed(_OPTIONS):
         f = option(f)
     return f
@@ -184,31 +130,11 @@ def broker_options(f: F) -> F:
 @click.command(context_settings={"help_option_names": ["-h", "--help"]})
 @click.argument("socket", required=False, envvar="BROKERQ_SOCKET")
 @broker_options
-@click.option(
-    "--daemon",
-    is_flag=True,
-    help="Fork into the background, the parent exiting at once (as clients spawn it).",
-)
-@click.option(
-    "--lock-fd",
-    type=int,
-    metavar="FD",
-    help="Inherited descriptor of SOCKET.lock, already flock-ed by the spawner "
-    "(docs/protocol.md 10.4). Without it the broker takes the lock itself.",
-)
-@click.option(
-    "--ready-fd",
-    type=int,
-    metavar="FD",
-    help="Inherited pipe (or any byte stream): 'READY <pid>' is written to it once "
-    "the socket listens, 'BUSY <pid>' if another broker holds the lock; then closed.",
-)
+@click.option("--daemon", is_flag=True, help=_HELP_OF["--daemon"])
+@click.option("--lock-fd", type=int, metavar="FD", help=_HELP_OF["--lock-fd"])
+@click.option("--ready-fd", type=int, metavar="FD", help=_HELP_OF["--ready-fd"])
 def main(
-    socket: str | None,
-    daemon: bool,
-    lock_fd: int | None,
-    ready_fd: int | None,
-    **options: Any,
+    socket: str | None, daemon: bool, lock_fd: int | None, ready_fd: int | None, **options: Any
 ) -> None:
     """Run the brokerq broker for SOCKET in the foreground.
 
@@ -236,13 +162,13 @@ def run(
     repair: bool = False,
     **options: Any,
 ) -> int:
-    """Start a broker for ``socket``; returns the exit status. ``options``:
-    BrokerConfig's (``idle_exit`` 0: never)."""
+    """Returns the exit status; ``options`` are BrokerConfig's (``idle_exit`` 0: never)."""
     path = resolve_socket_path(socket)
     if options.get("idle_exit") == 0:
         options["idle_exit"] = math.inf
     data_dir = options.get("data_dir")
-    fsync = default_fsync(data_dir) if fsync is None else fsync
+    if fsync is None:  # never beside the socket, a place that does not survive reboots anyway
+        fsync = "never" if data_dir is None else "batch"
     try:
         check_socket_path(path)
         activated = inherited_listener(path)  # before a fork changes our pid
@@ -262,32 +188,21 @@ def run(
     if fd is None:
         holder = lock_holder_pid(path)
         if ready_fd is not None:
-            # A spawner that could not take the lock itself (protocol.md
-            # 10.3, without flock) reads this as "another broker won: connect
-            # again", where end of file would mean "failed to start".
+            # A spawner without flock reads "connect again" (protocol.md 10.3).
             _tell_ready_fd(ready_fd, f"BUSY {holder or 0}\n")
         who = f"pid {holder}" if holder else "starting up"
         return _fail(f"another broker ({who}) already serves {path}")
     pause("broker.locked")
     _setup_logging(path, daemon, log_level)
-    log = logging.getLogger("brokerq.broker")
-    core = BrokerCore(
-        max_message_size=config.max_message_size,
-        max_deliveries=config.max_deliveries,
-        default_lease=config.lease,
-    )
-    opened = None
-    if journal:
-        try:
-            opened = _open_journal(core, journal_path(path, data_dir), fsync, repair, data_dir)
-        except (OSError, BrokerqError) as exc:
-            log.error("cannot open the journal: %s", exc)
-            return _fail(f"cannot open the journal: {exc}")
+    core = config.new_core()
+    try:
+        opened = _open_journal(core, path, data_dir, fsync, repair) if journal else None
+    except (OSError, BrokerqError) as exc:
+        return _fail(f"cannot open the journal: {exc}", logged=True)
     try:
         listener = activated or publish_socket(path)
     except (OSError, BrokerqError) as exc:
-        log.error("cannot listen on %s: %s", path, exc)
-        return _fail(f"cannot listen on {path}: {exc}")
+        return _fail(f"cannot listen on {path}: {exc}", logged=True)
     log.info("serving %s (pid %d)", path, os.getpid())
     pause("broker.before_ready")
     if ready_fd is not None:
@@ -309,30 +224,23 @@ def run(
     return EXIT_OK
 
 
-def default_fsync(data_dir: str | None) -> str:
-    """The ``--fsync`` a broker gets when none is given: ``never`` beside the
-    socket, a place that does not survive reboots anyway; ``batch`` with
-    ``--data-dir`` (docs/usage.md, "The default depends on where the journal is")."""
-    return "never" if data_dir is None else "batch"
-
-
 def _open_journal(
-    core: BrokerCore, path: str, fsync: str, repair: bool, data_dir: str | None
+    core: BrokerCore, socket_path: str, data_dir: str | None, fsync: str, repair: bool
 ) -> Journal:
-    """Open the journal and replay it into ``core``."""
+    path = journal_path(socket_path, data_dir)
     if data_dir is not None:
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
     journal, result = Journal.open(path, fsync, repair=repair, preallocate=True)
     for record in result.records:
         core.apply(record)
     restored = core.finish_replay(time.time())
-    logging.getLogger("brokerq.broker").info(
-        "journal %s: %d records, %d messages restored", path, len(result.records), restored
-    )
+    log.info("journal %s: %d records, %d messages restored", path, len(result.records), restored)
     return journal
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, *, logged: bool = False) -> int:
+    if logged:
+        log.error(message)
     click.echo(f"local-queue-broker: {message}", err=True)
     return EXIT_ERROR
 
@@ -355,8 +263,7 @@ class BadLockFd(Exception):
 
 
 def _tell_ready_fd(fd: int, line: str) -> None:
-    """Write ``line`` to the spawner's ready pipe and close it (a spawner
-    that went away is no reason not to serve)."""
+    """A spawner that went away is no reason not to serve."""
     with contextlib.suppress(OSError):
         os.write(fd, line.encode())
     with contextlib.suppress(OSError):
@@ -364,17 +271,19 @@ def _tell_ready_fd(fd: int, line: str) -> None:
 
 
 def _hold_lock(path: str, inherited: int | None) -> int | None:
-    """The locked lock fd, kept (close-on-exec) for the broker's whole life;
-    None if another broker holds the lock.
-
-    An inherited fd must be ``<socket>.lock`` itself: a broker holding a
-    lock on anything else would serve beside the real lock holder. Raises
-    BadLockFd if it is not (or is not open, or cannot be locked)."""
+    """The locked lock fd, or None if another broker holds it. An inherited fd must
+    be ``<socket>.lock``: one locking anything else would serve beside its holder."""
     if inherited is None:
         fd = open_lock(path)
     else:
         fd = inherited
-        _check_lock_fd(fd, path)
+        try:
+            st = os.fstat(fd)
+        except OSError as exc:
+            message = f"--lock-fd {fd} is not an open file descriptor: {exc.strerror}"
+            raise BadLockFd(message) from exc
+        if file_identity(lock_path(path)) != (st.st_dev, st.st_ino):
+            raise BadLockFd(f"--lock-fd {fd} is not the lock file {lock_path(path)}")
     try:
         locked = try_lock(fd)  # an inherited fd shares its holder's lock: this succeeds
     except OSError as exc:
@@ -391,17 +300,6 @@ def _hold_lock(path: str, inherited: int | None) -> int | None:
     return fd
 
 
-def _check_lock_fd(fd: int, path: str) -> None:
-    """Raise BadLockFd unless ``fd`` is an open descriptor of ``<path>.lock``."""
-    where = lock_path(path)
-    try:
-        st = os.fstat(fd)
-    except OSError as exc:
-        raise BadLockFd(f"--lock-fd {fd} is not an open file descriptor: {exc.strerror}") from exc
-    if file_identity(where) != (st.st_dev, st.st_ino):
-        raise BadLockFd(f"--lock-fd {fd} is not the lock file {where}")
-
-
 def _setup_logging(path: str, daemon: bool, level: str) -> None:
     if daemon:
         log_file = log_path(path)
@@ -412,11 +310,7 @@ def _setup_logging(path: str, daemon: bool, level: str) -> None:
         fd = os.open(log_file, flags, 0o600)
         os.dup2(fd, 2)
         os.close(fd)
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=level.upper(),
-        format="%(asctime)s brokerq[%(process)d] %(levelname)s %(message)s",
-    )
+    logging.basicConfig(stream=sys.stderr, level=level.upper(), format=_LOG_FORMAT)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,15 +1,9 @@
 """A connection's deliveries: requests that park, and replies that carry messages.
 
-* A reply that carries messages (``get``, ``get_many``, ``reserve``) is
-  written on its own and at once: if that write fails the client cannot
-  have read it, and the messages go back to their place at the head of
-  their queue (a ``get`` is at-most-once, but never lost in transit).
-* A blocking ``get``/``reserve`` parks a :class:`~brokerq.broker.state.Waiter`
-  and waits on its wakeup, its deadline and the connection's end at once
-  (:meth:`Deliveries._park`): a client that disconnects leaves the line at
-  once. A put waiting for room and a ``join`` park the same way.
-* The task that hands a parked get or reserve a message writes its reply
-  at once (:meth:`Deliveries.hand_over`).
+A reply that carries messages is written on its own and at once: if that
+write fails the client cannot have read it, and the messages go back to the
+head of their queue (a ``get`` is at-most-once, but never lost in transit).
+The task that hands a parked get or reserve a message writes its reply.
 """
 
 from __future__ import annotations
@@ -26,7 +20,7 @@ from ..protocol import Error, Get, GetMany, Reserve
 from .core.state import Lease, Message, Waiter
 from .replies import Replies
 from .unixstream import UnixStream
-from .wakeup import PeerGone, Wakeup, wake_all
+from .wakeup import STREAM_GONE, PeerGone, Wakeup, wake_all
 
 if TYPE_CHECKING:
     from .broker_base import BrokerBase
@@ -47,11 +41,8 @@ class Delivery:
 
     def reply(self) -> protocol.GetReply | protocol.GetManyReply | protocol.ReserveReply:
         if self.kind is GetMany:
-            return protocol.GetManyReply(
-                id=self.request_id,
-                msg_ids=[m.id for m in self.messages],
-                bodies=[m.body for m in self.messages],
-            )
+            ids, bodies = [m.id for m in self.messages], [m.body for m in self.messages]
+            return protocol.GetManyReply(id=self.request_id, msg_ids=ids, bodies=bodies)
         (msg,) = self.messages
         if self.kind is Reserve:
             return protocol.ReserveReply(
@@ -65,23 +56,19 @@ class Delivery:
 
 
 class Deliveries(Replies):
-    """Parking, hand-over and the writing of replies that carry messages."""
-
     def __init__(self, broker: BrokerBase, stream: trio.abc.Stream) -> None:
         super().__init__(broker, stream)
-        #: The get or reserve parked now, and its waiter (see hand_over).
+        #: The get or reserve parked, and what hand_over wrote for it (and not yet).
         self.parked: tuple[Get | Reserve, Waiter] | None = None
-        #: What hand_over wrote for it: the delivery and the bytes still unsent.
         self.handed: tuple[Delivery, bytes] | None = None
 
     async def _receive(self, *, idle: bool = False) -> bytes | bytearray:
         """What the peer sent (b"" at its end); ``idle``: as UnixStream.receive_some."""
         try:
-            stream = self.stream
-            if idle and isinstance(stream, UnixStream):
-                return await stream.receive_some(idle=True)
-            return await stream.receive_some()
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            if idle and isinstance(self.stream, UnixStream):
+                return await self.stream.receive_some(idle=True)
+            return await self.stream.receive_some()
+        except STREAM_GONE:
             return b""
 
     def _lease_left(self, msg: Message, now: float) -> float:
@@ -89,18 +76,13 @@ class Deliveries(Replies):
         return 0.0 if lease is None else lease.expires_at - now
 
     def _batch_bytes(self) -> int:
-        """What a ``get_many`` batch may take of one reply frame (see core.get_nowait)."""
         return self.broker.max_frame_size - 1024
 
     def _unserved(self, error: Error) -> Error:
-        """The reply to a parked request that was not served: ``error``, or
-        ``shutting_down`` if the broker stops."""
-        if self.broker.closing:
-            return shutting_down(error.id)
-        return error
+        """The reply to a parked request that was not served."""
+        return shutting_down(error.id) if self.broker.closing else error
 
     async def _wait_for_room(self, request: protocol.Put | protocol.PutMany) -> protocol.AnyReply:
-        """Park a put on a full queue until it is admitted, the deadline, or the peer leaves."""
         if isinstance(request, protocol.Put):
             bodies, keys = [request.body], None if request.key is None else [request.key]
         else:
@@ -125,12 +107,8 @@ class Deliveries(Replies):
         return protocol.PutManyReply(id=request.id, msg_ids=putter.ids)
 
     async def _wait_for_join(self, request: protocol.Join) -> protocol.AnyReply:
-        """Park a join until its queue's tasks are done, the deadline, or the peer leaves.
-
-        Done means the count was 0 at some moment after the join began (it
-        may be above 0 again by the reply: a join waits for the work there
-        was, not for a queue that stays idle).
-        """
+        """Done means the count was 0 at some moment after the join began: a join
+        waits for the work there was, not for a queue that stays idle."""
         joiner = self.core.wait_join(request.queue, Wakeup())
         try:
             peer_gone = await self._park(joiner.token, request.timeout)
@@ -143,14 +121,8 @@ class Deliveries(Replies):
         return self._unserved(join_timeout(request.id, request.queue, request.timeout))
 
     async def _park(self, token: object, timeout: float | None) -> bool:
-        """Wait until ``token`` (a :class:`Wakeup`) is set, the timeout, or the
-        peer's end: True if the peer left.
-
-        The wait is a read of the socket in a cancel scope that setting the
-        token (or the timeout) cancels: the read sees the peer leave at
-        once, and takes in pipelined requests (they wait their turn) up to
-        a frame's worth; past that nothing more is read until the wait ends.
-        """
+        """Wait for ``token``, the timeout, or the peer's end (True), reading the socket
+        in a scope the token cancels: it takes in pipelined requests meanwhile."""
         assert isinstance(token, Wakeup)
         deadline = math.inf if timeout is None else trio.current_time() + timeout
         with trio.CancelScope(deadline=deadline) as scope:
@@ -172,7 +144,6 @@ class Deliveries(Replies):
     async def _wait_for_message(
         self, request: Get | GetMany | Reserve
     ) -> Delivery | Error | object:
-        """Park until a message is handed over, the deadline, or the peer leaves."""
         lease = None
         if isinstance(request, Reserve):
             lease = request.lease or self.core.queue_config(request.queue)["lease"]
@@ -203,71 +174,48 @@ class Deliveries(Replies):
         return self._delivery_to(request, waiter)
 
     def _delivery_to(self, request: Get | GetMany | Reserve, waiter: Waiter) -> Delivery:
-        """The reply to a parked request that ``waiter`` was handed messages for."""
         if waiter.lease is None:
             return Delivery(type(request), waiter.messages, request.id)
         lease_s = self._lease_left(waiter.messages[0], self.broker.clock())
         return Delivery(Reserve, waiter.messages, request.id, lease_s, waiter.leases)
 
     def hand_over(self, waiter: Waiter) -> None:
-        """Write the reply of the get or reserve parked here, now, from the
-        task that handed it a message: sooner than the parked task, two
-        passes of the run loop later (docs/performance.md, "Direct
-        hand-over"). In order: nothing else is unsent while a request is
-        parked. Not with a live feed or streams (their writers may be
-        mid-frame), nor on a stream that is not a socket. What the socket
-        does not take, the parked task writes.
-        """
-        parked = self.parked
-        stream = self.stream
-        if (
-            parked is None
-            or parked[1] is not waiter
-            or self.handed is not None
-            or self.feed is not None
-            or self.streams is not None
-            or self.out
-            or self.pending
-            or not isinstance(stream, UnixStream)
-        ):
+        """Write the parked request's reply from the task that handed it a message,
+        two passes of the run loop sooner (docs/performance.md). Not with a live feed
+        or streams (their writers may be mid-frame); the parked task writes the rest."""
+        parked, stream = self.parked, self.stream
+        if parked is None or parked[1] is not waiter or not isinstance(stream, UnixStream):
+            return
+        if self.handed is not None or self.feed is not None or self.streams is not None:
+            return
+        if self.out or self.pending:
             return
         delivery = self._delivery_to(parked[0], waiter)
         frame = protocol.encode_frame(delivery.reply())
-        sent = stream.try_send(frame)
-        if not sent:
+        if not (sent := stream.try_send(frame)):
             return  # no room, or a broken socket: the parked task deals with it
         self.handed = (delivery, frame[sent:])
-        if sent == len(frame):
-            # Delivered: nothing is left to undo if the peer goes now.
+        if sent == len(frame):  # nothing is left to undo if the peer goes now
             waiter.messages, waiter.leases = [], []
 
     async def _finish_hand_over(self, peer_gone: bool) -> object:
-        """Write what hand_over could not; as _send_delivery if that fails."""
         assert self.handed is not None
         (delivery, rest), self.handed = self.handed, None
         if rest:
             if peer_gone:
                 self._undeliver(delivery)
                 raise PeerGone
-            self.out += rest
-            await self._flush_delivery(delivery)
+            await self._send_delivery(delivery, rest)
         elif peer_gone:
             raise PeerGone
         return SENT
 
-    async def _send_delivery(self, delivery: Delivery) -> None:
-        """Write a reply carrying messages now; if that fails they go back.
-
-        Written alone and at once, so a failed write means the client cannot
-        have read this reply: putting its messages back keeps ``get``
-        at-most-once without ever losing a message in transit.
-        """
-        protocol.append_frame(self.out, delivery.reply())
-        await self._flush_delivery(delivery)
-
-    async def _flush_delivery(self, delivery: Delivery) -> None:
-        """Write the replies, the last carrying ``delivery``; if the peer is
-        gone, its messages go back to their place."""
+    async def _send_delivery(self, delivery: Delivery, rest: bytes | None = None) -> None:
+        """``rest``: what hand_over left unsent. If the peer is gone, the messages go back."""
+        if rest is None:
+            protocol.append_frame(self.out, delivery.reply())
+        else:
+            self.out += rest
         try:
             await self._drain()
         except PeerGone:
@@ -275,8 +223,7 @@ class Deliveries(Replies):
             raise
 
     def _undeliver(self, delivery: Delivery) -> None:
-        now = self.broker.clock()
-        wake_all(self.core.undeliver(delivery.messages, now, delivery.leases))
+        wake_all(self.core.undeliver(delivery.messages, self.broker.clock(), delivery.leases))
 
 
 def put_options(request: protocol.Put | protocol.PutMany) -> dict[str, Any]:
@@ -292,8 +239,5 @@ def empty(request_id: int, queue: str) -> Error:
 
 
 def join_timeout(request_id: int, queue: str, timeout: float | None) -> Error:
-    return Error(
-        id=request_id,
-        code="timeout",
-        message=f"queue {queue!r} still had unfinished tasks after {timeout or 0:g} s",
-    )
+    message = f"queue {queue!r} still had unfinished tasks after {timeout or 0:g} s"
+    return Error(id=request_id, code="timeout", message=message)

@@ -1,10 +1,6 @@
-"""Live subscriptions: a connection's feed of publishes, and its writer task.
-
-The publishers' tasks append ``event`` frames to the subscriber's
-:class:`LiveFeed` (never blocking); the feed's own writer task sends them,
-sharing the stream with the replies under the connection's send lock. A
-feed over its bound (a subscriber that reads too slowly) is dropped: one
-``overflow`` error, then the connection is closed.
+"""Live subscriptions: publishers append ``event`` frames to the subscriber's
+:class:`LiveFeed` (never blocking), and its own writer task sends them. A
+subscriber that reads too slowly is dropped with an ``overflow`` error.
 """
 
 from __future__ import annotations
@@ -17,23 +13,17 @@ import trio
 
 from .. import protocol
 from ..protocol import Error, Event
+from .wakeup import STREAM_GONE
 
 log = logging.getLogger("brokerq.broker")
 
-#: How long a dropped subscriber gets to take what is being sent to it, and
-#: then its ``overflow`` error.
+#: How long a dropped subscriber gets to take what is being sent to it, and its error.
 OVERFLOW_GRACE_SECONDS: Final = 30.0
 
 
 class LiveFeed:
-    """Publishes waiting to be sent to one live subscriber, bounded in bytes.
-
-    A push that would go over ``limit`` (while the feed already holds
-    something: one publish always fits) marks it overflowed and empties it
-    instead, and the send in flight, if any, gets
-    :data:`OVERFLOW_GRACE_SECONDS` to finish: a subscriber that reads
-    nothing at all is still closed then.
-    """
+    """Publishes waiting for one live subscriber. A push past ``limit`` (one always
+    fits) marks it overflowed, and the send in flight gets a grace to finish."""
 
     __slots__ = ("limit", "overflowed", "pending", "scope", "sending", "wakeup")
 
@@ -46,7 +36,6 @@ class LiveFeed:
         self.sending: trio.CancelScope | None = None  # around the writer's send
 
     def push(self, event: Event) -> bool:
-        """Queue ``event``; False if it was discarded (the feed overflowed)."""
         if self.overflowed:
             return False
         start = len(self.pending)
@@ -62,8 +51,7 @@ class LiveFeed:
     async def write(
         self, stream: trio.abc.Stream, send_lock: trio.Lock, connection: trio.CancelScope
     ) -> None:
-        """Send the events as they come; on overflow, the error, then cancel
-        ``connection`` (the connection's scope)."""
+        """Send the events as they come; on overflow, the error, then cancel ``connection``."""
         with self.scope:
             while True:
                 await self.wakeup.wait()
@@ -75,27 +63,19 @@ class LiveFeed:
                     with trio.CancelScope() as self.sending:
                         async with send_lock:
                             await stream.send_all(data)
-                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                except STREAM_GONE:
                     return  # the request loop sees the end and cleans up
                 if self.sending.cancelled_caught:
-                    # Overflowed, and not read for the grace: cut mid-frame,
-                    # so no error can follow.
+                    # Overflowed, and not read for the grace: cut mid-frame, no error.
                     log.warning("closed a live subscriber that stopped reading")
                     connection.cancel()
                     return
                 self.sending = None
             # (The connection's send_event has ended its live subscriptions already.)
             log.warning("dropped a live subscriber that fell behind")
-            error = Error(
-                id=0,
-                code="overflow",
-                message="this subscriber fell more than "
-                f"{self.limit} bytes of publishes behind and was dropped",
-            )
-            with (
-                trio.move_on_after(OVERFLOW_GRACE_SECONDS),
-                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
-            ):
+            behind = f"this subscriber fell more than {self.limit} bytes of publishes behind"
+            error = Error(id=0, code="overflow", message=behind + " and was dropped")
+            with trio.move_on_after(OVERFLOW_GRACE_SECONDS), contextlib.suppress(*STREAM_GONE):
                 async with send_lock:
                     await stream.send_all(protocol.encode_frame(error))
             connection.cancel()

@@ -1,35 +1,13 @@
-"""The journal: an append-only file of records (journal_file.py: its format
-and reading it back), replayed at start.
+"""The journal: an append-only file of records (journal_file.py), with blocking I/O.
 
-Writing (:class:`Journal`): each record is written with one ``write()``
-before the broker acknowledges anything. ``fsync`` is ``never`` (the page
-cache only: survives a broker crash, not a power loss), ``always`` (a sync
-inside every append) or ``batch`` (the broker calls :meth:`Journal.sync`,
-in a thread, for the puts waiting for one, and their replies wait for it:
-group commit; the puts that arrive while it runs share the next one). A
-full disk (ENOSPC) cuts the partial record back off and raises
-:class:`JournalFull`: that request fails, and nothing changed. Any other
-write or sync error raises :class:`JournalFailed`: the broker must stop
-acknowledging and exit, since the kernel may have dropped the unwritten
-pages (fsync errors are not retryable).
-
-**Preallocation** (docs/usage.md, "Preallocation"; only for a synced
-journal): the file is extended ahead of its records (:func:`_allocate`),
-so that an append neither grows the file nor allocates a block and a sync
-is an ``fdatasync`` with no metadata to write. :attr:`Journal.size` is
-where the records end, :attr:`Journal.allocated` the file's size.
-
-Compaction rewrites the live state into a new file while appends go on:
-the snapshot is written (then, if the journal preallocates, space after
-it) and fsynced to ``<journal>.compact`` (in a thread), then the records
-appended meanwhile are added, the file is fsynced, renamed
-over the journal, and the directory is fsynced. A crash at any step leaves
-either the old file or the new one, each complete (and maybe a stale
-``<journal>.compact``, which the next :meth:`Journal.open` removes).
-:meth:`Journal.compact` takes the same steps at once, for a broker that is
-not serving (starting or exiting).
-
-Plain blocking file I/O, no trio.
+A record is written with one ``write()`` before anything is acknowledged. A
+full disk cuts the partial record back off (:class:`JournalFull`: that request
+fails); any other write or sync error is :class:`JournalFailed`: the broker
+must exit, since the kernel may have dropped the unwritten pages. A synced
+journal is preallocated, so that a sync is an ``fdatasync`` with no metadata.
+Compaction writes the live state to ``<journal>.compact``, adds the records
+appended meanwhile, fsyncs, renames it over the journal and fsyncs the
+directory: a crash at any step leaves the old file or the new one, complete.
 """
 
 from __future__ import annotations
@@ -51,47 +29,35 @@ __all__ = ["Journal", "JournalFailed", "JournalFull", "journal_path", "read_jour
 log = logging.getLogger("brokerq.journal")
 
 FSYNC_MODES: Final = ("never", "batch", "always")
-#: Preallocation steps: as much again as the records hold, within these bounds.
-#: (Each step's zeros are written in the event loop and flushed by the next
-#: sync: 8 MiB cost about 2 + 5 ms on the test machine, 64 MiB 17 + 29 ms.)
+#: Preallocation steps (zeros written in the event loop: 8 MiB cost about 2 + 5 ms).
 PREALLOCATE_MIN: Final = 1024 * 1024
 PREALLOCATE_MAX: Final = 8 * 1024 * 1024
 _ZERO_CHUNK: Final = 1024 * 1024
 
 
 class JournalFull(Full):
-    """The disk is full: the record was not written and the request fails."""
-
-    code = "full"
+    code = "full"  # the disk is full: the record was not written and the request fails
 
 
 class JournalFailed(BrokerqError):
-    """A write or fsync failed: the journal can no longer be trusted."""
-
-    code = "internal"
+    code = "internal"  # a write or fsync failed: the journal can no longer be trusted
 
 
 def journal_path(socket_path: str, data_dir: str | None) -> str:
-    """``<socket>.journal``, or ``<data_dir>/<socket name>-<hash>.journal``.
-
-    In a data directory the name carries a hash of the whole socket path,
-    so brokers of two sockets named alike never share a journal.
-    """
+    """The hash of the whole socket path keeps brokers of sockets named alike apart."""
     if data_dir is None:
         return socket_path + ".journal"
     digest = hashlib.sha256(os.fsencode(socket_path)).hexdigest()[:12]
     return os.path.join(data_dir, f"{os.path.basename(socket_path)}-{digest}.journal")
 
 
-#: fdatasync(2): Linux and most Unixes; not macOS, which keeps fsync.
-_HAS_FDATASYNC: Final = hasattr(os, "fdatasync")
+_HAS_FDATASYNC: Final = hasattr(os, "fdatasync")  # not macOS, which keeps fsync
 
 _MEMORY_FILESYSTEMS: Final = {0x01021994, 0x858458F6}  # Linux TMPFS_MAGIC, RAMFS_MAGIC
 
 
 def in_memory_filesystem(path: str) -> bool:
-    """True if ``path`` is on a tmpfs or ramfs (Linux), where fsync cannot add
-    durability: the data is in memory either way and goes with a reboot."""
+    """On a tmpfs or ramfs (Linux) fsync adds no durability: the data goes with a reboot."""
     if not sys.platform.startswith("linux"):
         return False
     import ctypes
@@ -107,8 +73,7 @@ def in_memory_filesystem(path: str) -> bool:
 def _write_all(fd: int, data: bytes | bytearray | memoryview) -> None:
     view = memoryview(data)
     while view:
-        written = os.write(fd, view)
-        view = view[written:]
+        view = view[os.write(fd, view) :]
 
 
 def _fsync_directory(path: str) -> None:
@@ -120,18 +85,13 @@ def _fsync_directory(path: str) -> None:
 
 
 def _preallocation_step(size: int) -> int:
-    """How far ahead of ``size`` bytes of records to allocate: as much again, within bounds."""
+    """As much again as ``size`` bytes of records, within bounds."""
     return min(max(size, PREALLOCATE_MIN), PREALLOCATE_MAX)
 
 
 def _allocate(fd: int, offset: int, length: int) -> OSError | None:
-    """Allocate ``length`` bytes at ``offset`` and write zeros there; the error,
-    if any, instead of raising it (the caller goes on without).
-
-    Zeros over the ``posix_fallocate``'d space: on ext4 a block allocated
-    and never written costs every sync into it a conversion in the
-    filesystem's journal (docs/performance.md, "Tried, not kept").
-    """
+    """Allocate and zero ``length`` bytes at ``offset``; returns the error, if any.
+    Zeros: on ext4 an unwritten block costs every sync into it a conversion."""
     try:
         if hasattr(os, "posix_fallocate"):
             try:
@@ -149,45 +109,36 @@ def _allocate(fd: int, offset: int, length: int) -> OSError | None:
 
 
 class Journal:
-    """The open journal file (see the module doc)."""
-
     def __init__(self, path: str, fsync: str = "batch", *, preallocate: bool = False) -> None:
         if fsync not in FSYNC_MODES:
             raise ValueError(f"fsync must be one of {FSYNC_MODES}, not {fsync!r}")
         self.path = path
         self.fsync = fsync
         self.fd = -1
-        #: Bytes appended since open ("log sequence numbers"), and how many are synced.
-        self.written = 0
-        self.synced = 0
-        #: Where the records end (the next append's offset), and the file's size,
-        #: which preallocation keeps ahead of it (the zero tail).
-        self.size = 0
-        self.allocated = 0
+        self.written = self.synced = 0  # bytes appended since open (LSNs), and synced
+        self.size = self.allocated = 0  # where the records end, and the file's size
         self.failed: str | None = None
-        #: On a tmpfs or ramfs, where an fsync cannot make anything more durable.
-        self.in_memory = False
-        #: Asked to preallocate; :attr:`preallocating` says whether it does.
+        self.in_memory = False  # on a tmpfs or ramfs
         self.preallocate = preallocate
-        #: No new allocation is tried before the records reach this (after one
-        #: failed for lack of space).
-        self._allocate_again_at = 0
+        self._allocate_again_at = 0  # after a failure for lack of space, none before this
         self._compaction: Compaction | None = None
 
     @classmethod
     def open(
         cls, path: str, fsync: str = "batch", *, repair: bool = False, preallocate: bool = False
     ) -> tuple[Journal, ReadResult]:
-        """Read the journal at ``path``, cut a torn tail off, and open it for appends.
-
-        ``preallocate``: allocate space ahead of the records, if the journal
-        is synced (see the module doc); else a zero tail found is cut off.
-        """
         result = read_journal(path, repair=repair)
         journal = cls(path, fsync, preallocate=preallocate)
         flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
         journal.fd = os.open(path, flags, 0o600)
-        journal._remove_stale_compaction()
+        # A ``.compact`` left by a broker that died compacting never became the
+        # journal, and only the lock holder, which opens the journal, writes it.
+        stale = path + ".compact"
+        with contextlib.suppress(FileNotFoundError):
+            size = os.lstat(stale).st_size
+            os.unlink(stale)
+            what = "journal %s: removed %s (%d bytes) of an unfinished compaction"
+            log.info(what, path, stale, size)
         if fsync != "never" and in_memory_filesystem(path):
             log.info("journal %s is on a tmpfs: fsync adds nothing there, so it is skipped", path)
             journal.in_memory = True
@@ -210,23 +161,6 @@ class Journal:
         _fsync_directory(path)  # a new file's name must survive a power loss too
         return journal, result
 
-    def _remove_stale_compaction(self) -> None:
-        """Unlink a ``<journal>.compact`` left by a broker that died while compacting.
-
-        It never became the journal (a finished compaction renames it away), and
-        only the broker holding the lock, which opens the journal, writes it.
-        """
-        stale = self.path + ".compact"
-        with contextlib.suppress(FileNotFoundError):
-            size = os.lstat(stale).st_size
-            os.unlink(stale)
-            log.info(
-                "journal %s: removed %s (%d bytes) of an unfinished compaction",
-                self.path,
-                stale,
-                size,
-            )
-
     @property
     def syncs(self) -> str:
         """The fsync mode in effect: ``never`` on a tmpfs, whatever was asked."""
@@ -234,20 +168,14 @@ class Journal:
 
     @property
     def preallocating(self) -> bool:
-        """Whether space is allocated ahead of the records: asked for, and synced."""
         return self.preallocate and self.syncs != "never"
 
     def _reserve(self, length: int) -> None:
-        """Make sure ``length`` more bytes fit in the allocated space, allocating
-        ahead if not (see the module doc). If that fails (no space, or not
-        supported), appends go on without: they extend the file, as without
-        preallocation, and a full disk shows as :class:`JournalFull` then.
-        """
+        """Make room for ``length`` more bytes; if that fails, appends extend the file."""
         if self.size + length <= self.allocated or self.size < self._allocate_again_at:
             return
         target = self.size + length + _preallocation_step(self.size)
-        error = _allocate(self.fd, self.allocated, target - self.allocated)
-        if error is None:
+        if (error := _allocate(self.fd, self.allocated, target - self.allocated)) is None:
             self.allocated = target
             return
         # Part of it may have been allocated: what the file's size says is zeros.
@@ -255,15 +183,13 @@ class Journal:
             self.allocated = max(self.size, os.fstat(self.fd).st_size)
         if error.errno in (errno.ENOSPC, errno.EDQUOT):
             self._allocate_again_at = self.size + PREALLOCATE_MIN
-            log.warning("journal %s: cannot allocate ahead (%s)", self.path, error)
+            then = ""
         else:
             self.preallocate = False
-            log.warning(
-                "journal %s: cannot allocate ahead (%s); appending without", self.path, error
-            )
+            then = "; appending without"
+        log.warning("journal %s: cannot allocate ahead (%s)%s", self.path, error, then)
 
     def append(self, record: AnyRecord) -> None:
-        """Write one record (and sync it, with ``always``). See the module doc."""
         self._check_failed()
         frame = encode_record(record)
         if self.preallocating:
@@ -271,7 +197,16 @@ class Journal:
         try:
             _write_all(self.fd, frame)
         except OSError as exc:
-            self._undo_partial_write(exc)
+            try:
+                os.ftruncate(self.fd, self.size)  # (and the space allocated ahead)
+                os.lseek(self.fd, self.size, os.SEEK_SET)
+                self.allocated = self.size
+            except OSError as undo:
+                self._fail(f"write failed ({exc}) and could not be undone ({undo})")
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                message = f"the journal's disk is full ({self.path}): nothing was written"
+                raise JournalFull(message) from exc
+            self._fail(f"write failed: {exc}")
         self.size += len(frame)
         self.allocated = max(self.allocated, self.size)
         self.written += len(frame)
@@ -280,32 +215,13 @@ class Journal:
         if self.syncs == "always":
             self.sync()
 
-    def _undo_partial_write(self, exc: OSError) -> None:
-        try:
-            os.ftruncate(self.fd, self.size)  # (and the space allocated ahead)
-            os.lseek(self.fd, self.size, os.SEEK_SET)
-            self.allocated = self.size
-        except OSError as undo:
-            self._fail(f"write failed ({exc}) and could not be undone ({undo})")
-        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise JournalFull(
-                f"the journal's disk is full ({self.path}): nothing was written"
-            ) from exc
-        self._fail(f"write failed: {exc}")
-
     def sync(self) -> int:
-        """Sync what was written so far; returns how many bytes are now synced.
-
-        An ``fdatasync`` when preallocating (the file's size stays), else an
-        ``fsync``. Safe to call from a worker thread while the owner appends.
-        """
+        """Returns how many bytes are synced; safe in a thread while the owner appends."""
         self._check_failed()
         target = self.written
+        sync = os.fdatasync if self.preallocating and _HAS_FDATASYNC else os.fsync
         try:
-            if self.preallocating and _HAS_FDATASYNC:
-                os.fdatasync(self.fd)
-            else:
-                os.fsync(self.fd)
+            sync(self.fd)
         except OSError as exc:
             self._fail(f"fsync failed: {exc}")
         self.synced = max(self.synced, target)
@@ -328,24 +244,17 @@ class Journal:
             os.close(self.fd)
             self.fd = -1
 
-    # -- compaction ------------------------------------------------------------
-
     @property
     def compacting(self) -> bool:
         return self._compaction is not None
 
     def begin_compaction(self, snapshot: list[AnyRecord]) -> Compaction:
-        """Start rewriting the live state; appends are copied until :meth:`Compaction.finish`."""
         assert self._compaction is None, "one compaction at a time"
         self._compaction = Compaction(self, snapshot)
         return self._compaction
 
     def compact(self, snapshot: list[AnyRecord]) -> None:
-        """Rewrite the journal to ``snapshot`` at once, blocking, with no appends meanwhile.
-
-        The same steps as a compaction in the background; on an error the old
-        journal stays (or, past the rename, the new one is in use) and it is raised.
-        """
+        """Rewrite the journal to ``snapshot`` at once, blocking, with no appends meanwhile."""
         compaction = self.begin_compaction(snapshot)
         try:
             compaction.write_snapshot()
@@ -356,7 +265,7 @@ class Journal:
 
 
 class Compaction:
-    """One rewrite of the journal (see the module doc for the steps)."""
+    """One rewrite of the journal; appends are copied to it until :meth:`finish`."""
 
     def __init__(self, journal: Journal, snapshot: list[AnyRecord]) -> None:
         self.journal = journal
@@ -364,12 +273,10 @@ class Compaction:
         self.tmp_path = journal.path + ".compact"
         self.tail = bytearray()
         self.fd = -1
-        self.size = 0
-        self.allocated = 0
+        self.size = self.allocated = 0
 
     def write_snapshot(self) -> None:
-        """Write and fsync the snapshot to the temporary file (may run in a thread),
-        with space allocated after it if the journal preallocates."""
+        """Write and fsync the snapshot to the temporary file (may run in a thread)."""
         flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW
         self.fd = os.open(self.tmp_path, flags, 0o600)
         out = bytearray(file_header())
@@ -387,14 +294,12 @@ class Compaction:
         os.fsync(self.fd)
 
     def finish(self) -> None:
-        """Add the records appended meanwhile, fsync, rename over the journal, fsync the dir."""
         journal = self.journal
         _write_all(self.fd, self.tail)
         os.fsync(self.fd)
         self.size += len(self.tail)
         os.rename(self.tmp_path, journal.path)
-        # From here on the new file is the journal: append to it, whatever
-        # the directory fsync says.
+        # The new file is the journal now, whatever the directory fsync says.
         old_fd, journal.fd = journal.fd, self.fd
         journal.size = self.size
         journal.allocated = max(self.allocated, self.size)
@@ -405,10 +310,7 @@ class Compaction:
         _fsync_directory(journal.path)
 
     def abandon(self) -> None:
-        """Give up (an error in a step): the old journal stays as it was.
-
-        After the rename there is nothing to undo: the new file is in use.
-        """
+        """Give up after an error: the old journal stays (after the rename, the new one)."""
         if self.journal._compaction is not self:
             return
         if self.fd >= 0:

@@ -11,17 +11,10 @@ File format (version 1)::
     record   ...
     zero     any number of zero bytes (preallocated space): the zero tail
 
-The checksum covers the length, so a flipped length is caught too; the
-marker lets a reader find the records after a damaged one. A record never
-starts with a zero byte, so zero bytes where a record should start, with
-only zero bytes after them, are the end of the records: a zero tail.
-
-Reading it back (:func:`read_journal`; docs/guarantees.md G7): a zero tail
-is free space; a torn tail (the last record cut or damaged, nothing valid
-after it) is cut off; a damaged record with valid records after it up to
-the end of the data refuses to start, unless ``repair`` truncates there.
-
-Plain blocking file I/O, no trio.
+The marker lets a reader find the records after a damaged one. Reading it
+back (docs/guarantees.md G7): a torn tail (nothing valid after a damaged
+record) is cut off; a damaged record with valid records after it refuses to
+start, unless ``repair`` truncates there.
 """
 
 from __future__ import annotations
@@ -29,6 +22,7 @@ from __future__ import annotations
 import struct
 import zlib
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Final
 
 import msgspec
@@ -42,7 +36,6 @@ FILE_HEADER: Final = struct.Struct(">8sI")
 RECORD_MARKER: Final = b"\xb0\x51"
 RECORD_HEADER: Final = struct.Struct(">2sII")
 _LENGTH: Final = struct.Struct(">I")
-#: How much of a file :func:`_data_end` counts at a time, from its end.
 _ZERO_SCAN: Final = 1024 * 1024
 
 _encoder: Final = msgspec.msgpack.Encoder()
@@ -50,8 +43,6 @@ _decoder: Final[msgspec.msgpack.Decoder[AnyRecord]] = msgspec.msgpack.Decoder(An
 
 
 class JournalCorrupt(BrokerqError):
-    """A bad record with valid records after it: refuse to start."""
-
     def __init__(self, path: str, offset: int, reason: str) -> None:
         super().__init__(
             f"journal {path} is corrupt at byte {offset} ({reason}) and valid records follow; "
@@ -65,8 +56,7 @@ def _checksum(length: int, payload: bytes | memoryview) -> int:
 
 
 def encode_record(record: AnyRecord) -> bytearray:
-    """One record, header and all: encoded in place after room for the header
-    (a large body is copied once, not again to join the header to it)."""
+    """Encoded in place after room for the header: a large body is copied once."""
     out = bytearray(RECORD_HEADER.size)
     _encoder.encode_into(record, out, -1)
     length = len(out) - RECORD_HEADER.size
@@ -89,7 +79,6 @@ class ReadResult:
 
 
 def _record_at(data: bytes, offset: int) -> tuple[bytes, int] | str:
-    """The payload at ``offset`` and the offset after it, or why there is none."""
     if len(data) - offset < RECORD_HEADER.size:
         return "a record header cut short"
     marker, length, crc = RECORD_HEADER.unpack_from(data, offset)
@@ -105,30 +94,23 @@ def _record_at(data: bytes, offset: int) -> tuple[bytes, int] | str:
 
 
 def read_journal(path: str, *, repair: bool = False) -> ReadResult:
-    """Parse the journal at ``path`` (missing: empty). See the module doc."""
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        data = Path(path).read_bytes()
     except FileNotFoundError:
         return ReadResult()
     result = ReadResult()
     data_end = _data_end(data)  # what follows is the zero tail: free space
     header = file_header()
-    if data[: len(header)] != header:
-        if data_end < len(header) and header.startswith(data[:data_end]):
-            # A new journal's header cut short (zeros after it, if its space
-            # was allocated): no record was written yet.
-            result.torn = "a file header cut short" if data else None
-            return result
-        if len(data) < len(header):
-            raise JournalCorrupt(path, 0, "not a brokerq journal")
-    magic, version = FILE_HEADER.unpack_from(data)
-    if magic != MAGIC:
+    if data_end < len(header) and header.startswith(data[:data_end]):
+        # A new journal's header cut short (zeros after it, if its space was
+        # allocated; a whole header ends in a non-zero byte): no record yet.
+        result.torn = "a file header cut short" if data else None
+        return result
+    if len(data) < len(header) or not data.startswith(MAGIC):
         raise JournalCorrupt(path, 0, "not a brokerq journal")
-    if version != FORMAT_VERSION:
-        raise BrokerqError(
-            f"journal {path} has format version {version}; this brokerq reads {FORMAT_VERSION}"
-        )
+    if (version := FILE_HEADER.unpack_from(data)[1]) != FORMAT_VERSION:
+        reads = f"this brokerq reads {FORMAT_VERSION}"
+        raise BrokerqError(f"journal {path} has format version {version}; {reads}")
     offset = FILE_HEADER.size
     while offset < data_end:
         found = _record_at(data, offset)
@@ -156,11 +138,7 @@ def read_journal(path: str, *, repair: bool = False) -> ReadResult:
 
 
 def _data_end(data: bytes) -> int:
-    """Where the zero tail begins: the offset after the last byte that is not zero.
-
-    Counted from the end a slice at a time, so a long zero tail costs a
-    count of its bytes, not a copy of the file.
-    """
+    """Where the zero tail begins: counted a slice at a time, not copied."""
     end = len(data)
     while end > 0:
         start = max(0, end - _ZERO_SCAN)
@@ -171,13 +149,8 @@ def _data_end(data: bytes) -> int:
 
 
 def _valid_records_following(data: bytes, offset: int, data_end: int) -> int:
-    """After a bad record at ``offset``, how many valid records run to the end
-    of the data (``data_end``: the end of the file, or where its zero tail
-    begins)? 0: none, a torn tail.
-
-    The damaged record's length cannot be trusted, so every later marker is
-    tried as a start. A torn tail (a crash mid-write) has no such run.
-    """
+    """How many valid records after a bad one run to ``data_end`` (0: a torn tail)?
+    Its length cannot be trusted: every later marker is tried as a start."""
     start = data.find(RECORD_MARKER, offset + 1, data_end)
     while start != -1:
         position, whole = start, 0

@@ -1,21 +1,7 @@
-"""A connection's replies: written in order, at once or after their commit.
-
-Requests of a connection are answered in order; everything already
-buffered is handled before the replies go out in one write, so a client
-that pipelines pays one syscall per batch, not per request.
-
-A reply to a ``put`` waits for the journal's fsync under ``--fsync batch``
-(group commit: BrokerBase.wait_synced). The connection does not: those
-replies, and every reply after them, go to a commit writer task of its own
-(:meth:`Replies._write_committed`), which sends them in order as their
-fsyncs complete, while the connection reads and answers on (a put
-pipelined behind another is handled, and handed to a waiting consumer,
-during the first one's fsync). At most ``max_pipelined`` requests (or
-:data:`~brokerq.broker.limits.REPLY_BUFFER` bytes) of replies wait so.
-
-Replies, a live feed's writer and the streams' writers share the stream
-under :attr:`Replies.send_lock`; a reply takes every stream delivery not
-yet sent ahead of it (:meth:`Replies.stream_frames`).
+"""A connection's replies: in order, in one write for all that was buffered.
+Under ``--fsync batch`` a put's reply, and every one after it, go to a commit
+writer task that sends them as their fsyncs complete, while the connection
+reads and answers on.
 """
 
 from __future__ import annotations
@@ -31,7 +17,7 @@ from ..protocol import Error, FrameReader, StreamDelivery
 from .core import limits
 from .core.state import Stream
 from .journal import JournalFailed
-from .wakeup import PeerGone
+from .wakeup import STREAM_GONE, PeerGone
 
 if TYPE_CHECKING:
     from .broker_base import BrokerBase
@@ -39,8 +25,6 @@ if TYPE_CHECKING:
 
 
 class Replies:
-    """The state one connection's tasks share, and its reply writing."""
-
     def __init__(self, broker: BrokerBase, stream: trio.abc.Stream) -> None:
         self.broker = broker
         self.core = broker.core
@@ -51,13 +35,11 @@ class Replies:
         self.unsent = 0  # requests answered since the replies were last written
         self.sync_to = 0  # journal bytes that must be synced before replies go out
         journal = broker.journal
-        #: Whether replies to puts wait for an fsync (``--fsync batch``, not on a tmpfs).
         self.group_commit = journal is not None and journal.syncs == "batch"
         # Replies waiting for their group commit, in order: (journal offset
         # to be synced first, or 0; the bytes; how many requests they answer).
         self.pending: deque[tuple[int, bytearray, int]] = deque()
-        self.pending_bytes = 0
-        self.pending_requests = 0
+        self.pending_bytes = self.pending_requests = 0
         self.drained = trio.Event()  # set while nothing is pending
         self.drained.set()
         self.commit_wakeup = trio.Event()
@@ -65,10 +47,8 @@ class Replies:
         self.commit_failed = False
         self.send_lock = trio.Lock()
         self.feed: LiveFeed | None = None  # set by the first live subscribe
-        #: Open streams (consume) by id, once there is one (see streaming.py).
-        self.streams: dict[int, Stream] | None = None
-        #: A protocol error with id 0 was answered: close once it is written.
-        self.ending = False
+        self.streams: dict[int, Stream] | None = None  # by id, once one is open
+        self.ending = False  # an error with id 0 was answered: close once it is written
 
     def _reply_error(self, request_id: int, code: str, message: str) -> None:
         protocol.append_frame(self.out, Error(id=request_id, code=code, message=message))
@@ -80,17 +60,23 @@ class Replies:
             self.sync_to = journal.written
 
     async def _flush(self) -> None:
-        """Write the replies answered so far, or hand them to the commit writer
-        (which this waits for only when too much is pending)."""
+        """Write the replies answered so far, or hand them to the commit writer."""
         answered, self.unsent = self.unsent, 0
         if not self.out:
             return
-        if self.sync_to or self.pending:
-            self._commit_out(answered)
-            if (
-                self.pending_requests >= self.broker.config.max_pipelined
-                or self.pending_bytes > limits.REPLY_BUFFER
-            ):
+        if self.sync_to or self.pending:  # to the commit writer, in order
+            self.pending.append((self.sync_to, self.out, answered))
+            self.pending_bytes += len(self.out)
+            self.pending_requests += answered
+            self.sync_to, self.out = 0, bytearray()
+            if self.drained.is_set():
+                self.drained = trio.Event()
+            if self.commit_scope is None:
+                self.commit_scope = trio.CancelScope()
+                self.broker.start_task(self._write_committed)
+            self.commit_wakeup.set()
+            too_many = self.pending_requests >= self.broker.config.max_pipelined
+            if too_many or self.pending_bytes > limits.REPLY_BUFFER:
                 await self._wait_drained()
             return
         try:
@@ -99,24 +85,10 @@ class Replies:
             self.out.clear()
 
     async def _drain(self) -> None:
-        """Write every reply answered so far, in order, and return once they
-        are written (a reply carrying messages must go alone and at once)."""
+        """Write every reply answered so far, and return once they are written."""
         await self._flush()
         if self.pending:
             await self._wait_drained()
-
-    def _commit_out(self, answered: int) -> None:
-        sync_to, self.sync_to = self.sync_to, 0
-        data, self.out = self.out, bytearray()
-        self.pending.append((sync_to, data, answered))
-        self.pending_bytes += len(data)
-        self.pending_requests += answered
-        if self.drained.is_set():
-            self.drained = trio.Event()
-        if self.commit_scope is None:
-            self.commit_scope = trio.CancelScope()
-            self.broker.start_task(self._write_committed)
-        self.commit_wakeup.set()
 
     async def _wait_drained(self) -> None:
         await self.drained.wait()
@@ -124,12 +96,8 @@ class Replies:
             raise PeerGone
 
     async def _write_committed(self) -> None:
-        """Send the pending replies in order, each once its fsync is done.
-
-        A journal failure acknowledges nothing more: the pending replies are
-        dropped, the client gets one ``internal`` error, and the connection
-        is closed (as is the broker, by wait_synced).
-        """
+        """Send the pending replies in order, each once its fsync is done; after a
+        journal failure, one ``internal`` error instead, and the connection closes."""
         assert self.commit_scope is not None
         pending = self.pending
         with self.commit_scope:
@@ -143,16 +111,17 @@ class Replies:
                     if sync_to:
                         await self.broker.wait_synced(sync_to)
                     await self._send(data)
-                except JournalFailed as exc:
-                    error = Error(
-                        id=0, code="internal", message=f"{exc}; nothing more was acknowledged"
-                    )
-                    with contextlib.suppress(PeerGone):
-                        await self._send(protocol.encode_frame(error))
-                    self._fail_commits()
-                    return
-                except PeerGone:
-                    self._fail_commits()
+                except (JournalFailed, PeerGone) as exc:
+                    if isinstance(exc, JournalFailed):
+                        message = f"{exc}; nothing more was acknowledged"
+                        error = Error(id=0, code="internal", message=message)
+                        with contextlib.suppress(PeerGone):
+                            await self._send(protocol.encode_frame(error))
+                    self.commit_failed = True
+                    self.pending.clear()
+                    self.pending_bytes = self.pending_requests = 0
+                    self.drained.set()
+                    self.scope.cancel()
                     return
                 pending.popleft()
                 self.pending_bytes -= len(data)
@@ -160,41 +129,30 @@ class Replies:
                 if not pending:
                     self.drained.set()
 
-    def _fail_commits(self) -> None:
-        self.commit_failed = True
-        self.pending.clear()
-        self.pending_bytes = self.pending_requests = 0
-        self.drained.set()
-        self.scope.cancel()
-
     async def _send(self, data: bytes | bytearray) -> None:
         try:
             if self.feed is None and self.streams is None:
                 await self.stream.send_all(data)
             else:
                 async with self.send_lock:
-                    if self.streams:  # deliveries made before these replies go first
-                        before = self.stream_frames()
-                        if before:
-                            before += data
-                            data = before
+                    if self.streams and (before := self.stream_frames()):
+                        before += data  # deliveries made before these replies go first
+                        data = before
                     await self.stream.send_all(data)
-        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+        except STREAM_GONE as exc:
             raise PeerGone from exc
 
     def stream_frames(self) -> bytearray:
-        """The delivery frames of every stream not sent yet, which count as
-        sent from now on (the stream keeps them held either way)."""
+        """The delivery frames not sent yet, which count as sent from now on."""
         out = bytearray()
         for stream_id, stream in (self.streams or {}).items():
-            messages = stream.messages
-            if messages:
-                stream.messages = []
-                for msg in messages:
-                    # (A message whose queue was deleted since is sent all the
-                    # same: the client's takens count deliveries in order.)
-                    delivery = StreamDelivery(
-                        id=stream_id, msg_id=msg.id, body=msg.body, attempt=msg.attempts + 1
-                    )
-                    protocol.append_frame(out, delivery)
+            if not stream.messages:
+                continue
+            # (Even a deleted queue's: the client's takens count deliveries in order.)
+            messages, stream.messages = stream.messages, []
+            for msg in messages:
+                delivery = StreamDelivery(
+                    id=stream_id, msg_id=msg.id, body=msg.body, attempt=msg.attempts + 1
+                )
+                protocol.append_frame(out, delivery)
         return out

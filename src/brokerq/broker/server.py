@@ -1,13 +1,7 @@
-"""The trio broker: :class:`BrokerBase` (broker_base.py) with the listener, a task
-per connection (connection.py), the timers and housekeeping, which runs
-once a second:
-
-* compaction, when the journal has grown past twice the live data (also
-  checked when the broker starts and when it exits: see :meth:`Broker.serve`);
-* idle exit: unlink the socket while still holding the lock, serve the
-  backlog briefly, then exit (or publish again if work arrived);
-* the self-check: the socket or lock file removed or replaced under the
-  broker means another broker may own the path now: exit.
+"""The trio broker: :class:`BrokerBase` with the listener, a task per
+connection, and housekeeping: compaction; idle exit (unlink the socket while
+still holding the lock, serve the backlog briefly, then exit); and exit if
+the socket or lock file is replaced (another broker may own the path).
 """
 
 from __future__ import annotations
@@ -26,40 +20,27 @@ from ..errors import PermissionDenied
 from ..pause import pause
 from ..protocol import Error
 from ..spawn import check_peer, file_identity, lock_path, publish_socket
-from .broker_base import (
-    COMPACT_AT_ONCE_MAX_BYTES,
-    COMPACT_MIN_BYTES,
-    BrokerBase,
-    SyncWhenIdle,
-    log,
-)
+from .broker_base import COMPACT_AT_ONCE_MAX_BYTES, COMPACT_MIN_BYTES, BrokerBase, SyncWhenIdle, log
 from .config import BrokerConfig
 from .connection import Connection
 from .core import limits
 from .unixstream import UnixStream
-from .wakeup import PeerGone, wake
+from .wakeup import STREAM_GONE, PeerGone, wake
 
 __all__ = ["COMPACT_AT_ONCE_MAX_BYTES", "COMPACT_MIN_BYTES", "Broker", "BrokerConfig"]
 
-#: How long an idle-exiting broker keeps serving its backlog after the unlink.
-DRAIN_SECONDS: Final = 0.1
-#: How long connections get to finish after a stop before they are cut.
-STOP_GRACE_SECONDS: Final = 1.0
+DRAIN_SECONDS: Final = 0.1  # an idle-exiting broker serves its backlog after the unlink
+STOP_GRACE_SECONDS: Final = 1.0  # for connections to finish after a stop
 HOUSEKEEPING_SECONDS: Final = 1.0
-#: How long a connection refused as busy is kept open for its client to read why.
+#: A busy refusal lingers for its client to read why; so many at once; logged so often.
 REFUSE_LINGER_SECONDS: Final = 1.0
-#: How many refused connections may linger at once; past that they are closed at once.
 REFUSE_LINGER_MAX: Final = 64
-#: How often, at most, refusals as busy are logged.
 REFUSE_LOG_SECONDS: Final = 60.0
 
 
 class Broker(BrokerBase):
-    """One broker process: :class:`BrokerBase` serving a socket (or streams)."""
-
-    # BrokerBase's __init__ is Broker's: these start as class-wide values
-    # (each replaced on the instance when first changed), and the set of live
-    # connections is made by serve, which everything that uses it runs under.
+    # BrokerBase's __init__ is Broker's: these start as class-wide values, and
+    # the set of live connections is made by serve, which all that uses it runs under.
     _live: set[Connection]
     accepted_total = 0
     last_activity = 0.0
@@ -72,17 +53,12 @@ class Broker(BrokerBase):
         *,
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
-        """Serve until stopped. ``listener`` None serves no socket (tests use
-        :meth:`handle_stream` directly). The journal is compacted at start
-        and exit too (docs/usage.md, "Compaction"): at once if the live data
-        is small, else in a thread while serving (at start) or not (at exit).
-        """
+        """Serve until stopped (``listener`` None: tests use :meth:`handle_stream`)."""
         self._live = set()
         self.started_at = self.last_activity = trio.current_time()
         self._token = trio.lowlevel.current_trio_token()
         if self.journal is None or self.journal.syncs == "never":
-            # Nothing is ever synced: no call into the broker on every pass
-            # of the event loop (the default beside the socket).
+            # Nothing is ever synced: no instrument called on every pass of the loop.
             await self._serve(listener, task_status)
             return
         instrument = SyncWhenIdle(self)
@@ -98,11 +74,8 @@ class Broker(BrokerBase):
     ) -> None:
         async with trio.open_nursery() as nursery:
             self._nursery = nursery
-            if self._should_compact():
-                if self._compact_at_once_is_cheap():
-                    self._compact_at_once("at start")
-                else:
-                    nursery.start_soon(self._compact)
+            if self._should_compact() and not self._compact_at_once("at start"):
+                nursery.start_soon(self._compact)
             if listener is not None:
                 limits.ensure_fd_limit(self.config.max_connections)
                 self._socket_identity = file_identity(self.config.socket_path)
@@ -114,15 +87,13 @@ class Broker(BrokerBase):
             task_status.started()
             await self._stop_requested.wait()
             await self._shut_down(nursery)
-        # Nothing is served or appended any more; a sync still running in its
-        # thread ends before the journal may be compacted or closed.
+        # A sync still running in its thread ends before the journal is compacted or closed.
         while self._committing:
             await self._synced.wait()
-        if self.failure is None and self._should_compact() and self._compact_at_once_is_cheap():
+        if self.failure is None and self._should_compact():
             self._compact_at_once("at exit")
 
     async def _shut_down(self, nursery: trio.Nursery) -> None:
-        """Stop taking work, answer the waiters, give busy connections a grace."""
         self.closing = True
         self._unpublish()
         if hasattr(self, "_listener_scope"):
@@ -144,8 +115,6 @@ class Broker(BrokerBase):
             async for signum in signals:
                 self.request_stop(f"signal {signal.Signals(signum).name}")
 
-    # -- the listening socket ------------------------------------------------
-
     async def _accept_loop(
         self,
         listener: stdlib_socket.socket,
@@ -166,11 +135,9 @@ class Broker(BrokerBase):
                 self._nursery.start_soon(self._handle_socket, conn)
 
     def start_connection(self, stream: trio.abc.Stream) -> None:
-        """Serve ``stream`` as a client connection, in the broker's nursery."""
         self._nursery.start_soon(self.handle_stream, stream)
 
     def _unpublish(self) -> None:
-        """Unlink the socket path, if it is still ours (we hold the lock)."""
         if self.config.activated:
             return  # systemd's socket: it stays, and starts the next broker
         path = self.config.socket_path
@@ -182,7 +149,9 @@ class Broker(BrokerBase):
     async def _housekeeping(self) -> None:
         while True:
             await trio.sleep(min(HOUSEKEEPING_SECONDS, max(self.config.idle_exit / 2, 0.01)))
-            if self._files_replaced():
+            path = self.config.socket_path
+            socket_replaced = self._socket_identity and file_identity(path) != self._socket_identity
+            if socket_replaced or file_identity(lock_path(path)) != self._lock_identity:
                 self.request_stop("socket or lock file removed or replaced")
                 return
             if self._idle_for() >= self.config.idle_exit:
@@ -190,20 +159,12 @@ class Broker(BrokerBase):
             elif self._should_compact():
                 self._nursery.start_soon(self._compact)
 
-    def _files_replaced(self) -> bool:
-        path = self.config.socket_path
-        if self._socket_identity and file_identity(path) != self._socket_identity:
-            return True
-        return file_identity(lock_path(path)) != self._lock_identity
-
     def _idle_for(self) -> float:
-        """Seconds with no connection (and, without a journal, no message held)."""
         if self.connections or (self.journal is None and self.core.holds_messages()):
             return 0.0
         return trio.current_time() - self.last_activity
 
     async def _try_idle_exit(self) -> None:
-        """Unlink, drain the backlog briefly, then exit, or publish again."""
         log.info("idle for %.1f s: exiting", self._idle_for())
         if self.config.activated:  # systemd starts the next one on the next connection
             self.request_stop("idle exit")
@@ -222,8 +183,6 @@ class Broker(BrokerBase):
         self._socket_identity = file_identity(self.config.socket_path)
         self._listener_scope = await self._nursery.start(self._accept_loop, listener)
 
-    # -- one connection --------------------------------------------------------
-
     async def _handle_socket(self, conn: trio.socket.SocketType) -> None:
         sock = stdlib_socket.socket(fileno=conn.detach())
         stream = UnixStream(sock)
@@ -231,16 +190,14 @@ class Broker(BrokerBase):
             check_peer(sock, "the client")
         except (PermissionDenied, OSError) as exc:
             log.warning("refused a connection: %s", exc)
-            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
-                await stream.send_all(
-                    protocol.encode_frame(Error(id=0, code="permission", message=str(exc)))
-                )
+            error = Error(id=0, code="permission", message=str(exc))
+            with contextlib.suppress(*STREAM_GONE):
+                await stream.send_all(protocol.encode_frame(error))
             await stream.aclose()
             return
         await self.handle_stream(stream)
 
     async def handle_stream(self, stream: trio.abc.Stream) -> None:
-        """Serve one client connection until it closes."""
         if self.connections >= self.config.max_connections:
             await self._refuse_busy(stream)
             return
@@ -248,10 +205,8 @@ class Broker(BrokerBase):
         self.connections += 1
         self._live.add(conn)
         try:
-            with conn.scope:
+            with conn.scope, contextlib.suppress(PeerGone):
                 await conn.run()
-        except PeerGone:
-            pass
         except Exception:  # a bug must cost one connection, never the broker
             log.exception("connection failed")
         finally:
@@ -262,12 +217,8 @@ class Broker(BrokerBase):
                 await stream.aclose()
 
     async def _refuse_busy(self, stream: trio.abc.Stream) -> None:
-        """Answer a connection past --max-connections with ``busy``, and close it.
-
-        It lingers a moment (reading and dropping what the client sends)
-        so that the client's hello does not hit a closed socket before it
-        reads why; a flood of them is closed at once.
-        """
+        """Answer ``busy``, and linger a moment (reading and dropping what the client
+        sends) so that its hello does not hit a closed socket before it reads why."""
         self.busy_total += 1
         now = trio.current_time()
         if now - self._busy_logged_at >= REFUSE_LOG_SECONDS:
@@ -278,19 +229,15 @@ class Broker(BrokerBase):
                 self.connections,
                 self.busy_total,
             )
-        error = Error(
-            id=0,
-            code="busy",
-            message=f"the broker already serves its maximum of {self.config.max_connections} "
-            "connections (--max-connections)",
+        message = (
+            f"the broker already serves its maximum of {self.config.max_connections} "
+            "connections (--max-connections)"
         )
+        error = Error(id=0, code="busy", message=message)
         linger = self._lingering < REFUSE_LINGER_MAX
         self._lingering += int(linger)
         try:
-            with (
-                trio.move_on_after(REFUSE_LINGER_SECONDS),
-                contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError),
-            ):
+            with trio.move_on_after(REFUSE_LINGER_SECONDS), contextlib.suppress(*STREAM_GONE):
                 await stream.send_all(protocol.encode_frame(error))
                 while linger and await stream.receive_some(4096):
                     pass

@@ -1,17 +1,11 @@
 """A trio Stream over a connected Unix socket, with fewer trips through trio's
-scheduler than :class:`trio.SocketStream`.
-
-Why (docs/performance.md, ``UnixStream``): trio's socket methods make each
-receive and send two checkpoints, each a pass through the run loop with an
-``epoll_wait`` of its own: about half of the broker's busy time, profiled.
+scheduler than :class:`trio.SocketStream`, whose receives and sends are two
+checkpoints each, about half of the broker's busy time (docs/performance.md).
 
 Here a receive or a send is tried at once, and only when the socket is not
-ready does the task wait (``wait_readable`` / ``wait_writable``, which are
-checkpoints). A receive that found data at once yields to the scheduler
-every :data:`YIELD_EVERY` times in a row: a client that keeps the socket
-full cannot starve the other connections (nor a subscriber's writer that
-its publishes woke), and a cancelled connection still sees its
-cancellation at the next checkpoint.
+ready does the task wait. A receive that found data at once yields to the
+scheduler every :data:`YIELD_EVERY` times in a row, so that a client that
+keeps the socket full cannot starve the other connections.
 """
 
 from __future__ import annotations
@@ -22,28 +16,17 @@ from typing import Final
 
 import trio
 
-#: Receives in a row that found data at once before one yields anyway.
-YIELD_EVERY: Final = 4
-#: Bytes one receive may take.
+YIELD_EVERY: Final = 4  # receives in a row that found data at once before one yields
 RECEIVE_BUFFER: Final = 256 * 1024
-# One buffer for every stream of the (single-threaded) broker: received
-# into, then copied out before anything else runs. ``recv(n)`` with a large
-# ``n`` allocates (with glibc, maps) ``n`` bytes every call: a 256 KiB recv
-# cost six times a 64 KiB one, and a buffer per connection would cost
-# memory per idle client.
+# One buffer for every stream (copied out at once): ``recv(n)`` allocates ``n``
+# bytes every call, and one per connection would cost memory per idle client.
 _buffer = bytearray(RECEIVE_BUFFER)
 _view = memoryview(_buffer)
 
 
 class UnixStream(trio.abc.Stream):
-    """A connected stream socket (non-blocking) as a :class:`trio.abc.Stream`.
-
-    Used by one task for receiving and at most one for sending at a time.
-    The broker's connection sees to that: its request task, its commit
-    writer and its live feed's writer take turns on the send side, and
-    :meth:`try_send` (a hand-over from another task) is used only while
-    none of them has anything to send.
-    """
+    """Used by one task for receiving and at most one for sending at a time
+    (:meth:`try_send` only while no writer has anything to send)."""
 
     def __init__(self, sock: socket.socket) -> None:
         sock.setblocking(False)
@@ -52,9 +35,7 @@ class UnixStream(trio.abc.Stream):
         self._closed = False
 
     async def receive_some(self, max_bytes: int | None = None, *, idle: bool = False) -> bytes:
-        """What has come, once something has. ``idle``: the peer is known to
-        be waiting for us (a request parked), so wait before the first try:
-        a recv that would say EAGAIN is a system call saved."""
+        """``idle``: the peer waits for us, so wait before the first try (a syscall saved)."""
         sock = self.socket
         if self._closed:
             raise trio.ClosedResourceError("the stream is closed")
@@ -65,26 +46,23 @@ class UnixStream(trio.abc.Stream):
         while True:
             try:
                 n = sock.recv_into(_buffer, min(max_bytes or RECEIVE_BUFFER, RECEIVE_BUFFER))
+                break
             except BlockingIOError:
                 self._ready_in_a_row = 0
                 await self._wait(trio.lowlevel.wait_readable)
-                continue
             except OSError as exc:
                 raise trio.BrokenResourceError(str(exc)) from exc
-            break
         data = bytes(_view[:n])
         self._ready_in_a_row += 1
         if self._ready_in_a_row >= YIELD_EVERY:
             # (Not "whenever other tasks are ready to run": trio's statistics
-            # walk every registered socket, which cost O(connections) a
-            # receive, twice the time of a request with 1,000 clients.)
+            # walk every registered socket, O(connections) a receive.)
             self._ready_in_a_row = 0
             await trio.lowlevel.cancel_shielded_checkpoint()
         return data
 
     def try_send(self, data: bytes | bytearray) -> int:
-        """Send what the socket takes of ``data`` now, without waiting or
-        yielding; 0 if it takes nothing, is broken, or the stream is closed."""
+        """Send what the socket takes of ``data`` now (0 if nothing), without waiting."""
         if self._closed:
             return 0
         try:
@@ -108,7 +86,6 @@ class UnixStream(trio.abc.Stream):
                     raise trio.BrokenResourceError(str(exc)) from exc
 
     async def _wait(self, wait: Callable[[socket.socket], Awaitable[None]]) -> None:
-        """Wait until the socket is ready (a checkpoint); raise if it was closed meanwhile."""
         await wait(self.socket)
         if self._closed:
             raise trio.ClosedResourceError("the stream was closed while waiting")

@@ -4,11 +4,14 @@ the broker share (below all three, so that none imports another for it)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol, cast
+from typing import Final, Protocol, cast
 
 import trio
 
 from .core.state import Joiner, Putter, Waiter
+
+#: What a stream raises once its peer (or the connection) is gone.
+STREAM_GONE: Final = (trio.BrokenResourceError, trio.ClosedResourceError)
 
 
 class PeerGone(Exception):
@@ -16,13 +19,8 @@ class PeerGone(Exception):
 
 
 class Wakeup:
-    """What a parked request (a get, reserve, put or join that waits) waits
-    for: :meth:`set` by the task that serves it, or by a stopping broker.
-
-    Not a ``trio.Event``: the parked task waits by reading its socket (to
-    see the peer leave) in a cancel scope that setting the wakeup cancels:
-    one task per parked request, not two (docs/performance.md).
-    """
+    """Not a ``trio.Event``: the parked task waits by reading its socket (to see the
+    peer leave) in a scope that setting this cancels: one task per request, not two."""
 
     __slots__ = ("flag", "scope")
 
@@ -43,8 +41,7 @@ class Owner(Protocol):
 
 
 def wake(waiter: Waiter | Putter | Joiner) -> None:
-    """Wake a parked request's task; a get or reserve that was handed a message
-    has its reply written at once, by the waking task (see Deliveries.hand_over)."""
+    """A get or reserve handed a message has its reply written by the waking task."""
     wakeup = waiter.token
     assert isinstance(wakeup, Wakeup)
     if type(waiter) is Waiter and waiter.messages and not wakeup.flag:  # (not a Stream)
