@@ -1,25 +1,10 @@
-"""The blocking client: its public face (Client, Queue, Message, Subscription, connect).
+"""The blocking client's public face: Client, Queue, Message, Subscription, connect.
 
-A :class:`Client` names a broker by its socket path and opens connections
-lazily, one per thread, so a ``get`` blocked in one thread never holds up a
-``put`` in another (as with :class:`queue.Queue`). After ``os.fork()`` the
-child opens fresh connections instead of sharing its parent's sockets.
-
-Timeouts follow the stdlib :mod:`queue` contract: ``timeout=None`` waits
-for ever, ``0`` is the ``_nowait`` form, and running out raises
-:class:`~brokerq.Empty`. The socket's own deadline is derived from the
-request's: the broker has the request's timeout to answer, plus the
-client's ``timeout`` (the connect/spawn deadline) as a grace for the reply.
-
-With a ``put_window`` of N, a put is sent without waiting for its reply
-(up to N per thread unread), and the replies are read by :meth:`Client.flush`,
-by the put that finds the window full, or by any other request of the
-thread, which flushes first (see docs/usage.md, "Pipelined puts").
-
-Calls are reentrant, as ``queue.SimpleQueue.put`` is (a call made from a
-``__del__`` or a signal handler inside another one never touches its
-connection or put window): see :mod:`.lanes`, the client's core, and
-:mod:`.streaming`, its streams; the requests are :mod:`.api`'s.
+Timeouts follow the stdlib :mod:`queue` contract (None: for ever, 0: the
+``_nowait`` form, raising :class:`~brokerq.Empty`); a reply gets the
+client's ``timeout`` as a grace beyond the request's own. The core (lanes
+per thread, fork, reentrancy, the put window) is :mod:`.lanes`; streams are
+:mod:`.streaming`'s; the requests are :mod:`.api`'s.
 """
 
 from __future__ import annotations
@@ -32,12 +17,8 @@ from collections.abc import Iterable
 from typing import Any, TypeVar
 
 from .. import protocol
-from ..errors import (
-    BrokerqError,
-)
-from ..spawn import (
-    resolve_socket_path,
-)
+from ..errors import BrokerqError
+from ..spawn import resolve_socket_path
 from . import api, calls
 from .calls import Body, ConnectionLost
 from .lanes import _Streamed

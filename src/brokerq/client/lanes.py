@@ -2,18 +2,9 @@
 
 Each thread of a :class:`~brokerq.Client` has a lane: a connection opened
 lazily (so a ``get`` blocked in one thread never holds up a ``put`` in
-another), and a put window (``put_window``: see :meth:`Lanes.send_put`).
-After ``os.fork()`` the child opens fresh connections instead of sharing
-its parent's sockets.
-
-Calls are reentrant, as ``queue.SimpleQueue.put`` is: a call made while
-the same thread is inside another one (from a ``__del__`` the garbage
-collector runs, or a signal handler) never touches the connection or the
-put window of the call it interrupted. Each thread has a :class:`_Lane`:
-its connection, its window, and whether a call runs on them; a call that
-finds it in use takes the lane nested in it, with a connection of its own
-(opened once, kept for the next such call), and no window: it is sent and
-answered at once.
+another), and a put window. After ``os.fork()`` the child opens fresh
+connections instead of sharing its parent's sockets. Calls are reentrant,
+as ``queue.SimpleQueue.put`` is (see :class:`_Lane`).
 """
 
 from __future__ import annotations
@@ -22,6 +13,7 @@ import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any, Self, TypeVar
 
 from .. import protocol
@@ -56,10 +48,11 @@ class _Lane:
     whether a call of the thread runs on them (``busy``).
 
     A call that finds the thread's lane busy runs inside another call of
-    the thread (from a ``__del__``, a signal handler): it takes the first
-    lane nested in it that is not (:meth:`free`), with a connection of its
-    own, opened on first use and kept for the next such call, and no window.
-    The lanes in use are always the first of the chain, since their calls nest.
+    the thread (from a ``__del__``, a signal handler), and must not touch
+    that call's connection or window: it takes the first lane nested in it
+    that is not busy (:meth:`free`), with a connection of its own, kept
+    for the next such call, and no window (it is answered at once). The
+    lanes in use are always the first of the chain, since their calls nest.
     """
 
     __slots__ = ("busy", "conn", "inner", "streams", "window")
@@ -313,19 +306,9 @@ class Lanes:
         retry: bool = True,
         **fields: Any,
     ) -> R:
-        """One request on this thread's connection, retried if the broker dies
-        or stops.
-
-        ``wait`` is how long the broker may take by the request's own terms
-        (a get's timeout; 0 for requests that never wait); the reply gets
-        the client's ``timeout`` on top. If the connection is lost before
-        the reply, or a stopping broker refuses the request (it was not
-        carried out), the request is sent again on a new connection (which
-        waits for a stopping broker to exit, and starts a new broker if
-        needed) until that deadline passes: puts
-        carry a key, so a retried put is never enqueued twice; a retried
-        get or reserve asks again with what is left of its timeout.
-        """
+        """One request on this thread's connection, sent again on a new one
+        after a lost connection or a stopping broker's refusal, within
+        ``wait`` plus the client's timeout (:class:`~.wire.Attempts`)."""
         return self.run(Call(expect, kind, wait, fields, retry))
 
     def run(self, call: Call[R]) -> R:
@@ -338,7 +321,7 @@ class Lanes:
         if lane.busy:
             lane = lane.free()
         lane.busy = True
-        try:  # (inline, not self._take(): this is every request's path)
+        try:  # (inline, not self._holding(): this is every request's path)
             window = lane.window
             if window is not None and window.pending:
                 self._read_window(lane, window, 0, time.monotonic())
@@ -356,10 +339,10 @@ class Lanes:
         finally:
             lane.busy = False
 
-    def _take(self) -> _Lane:
+    @contextlib.contextmanager
+    def _holding(self) -> Iterator[_Lane]:
         """A lane for one call, as :meth:`run` takes it: the thread's (its
-        window flushed), or inside another call a nested one. The caller
-        sets its ``busy`` back to False when done."""
+        window flushed), or inside another call a nested one."""
         lane = self._lane()
         if lane.busy:
             lane = lane.free()
@@ -368,10 +351,9 @@ class Lanes:
             window = lane.window
             if window is not None and window.pending:
                 self._read_window(lane, window, 0, time.monotonic())
-        except BaseException:
+            yield lane
+        finally:
             lane.busy = False
-            raise
-        return lane
 
     def next_keys(self, n: int) -> list[bytes]:
         """``n`` fresh put keys: unique to this client (and process), 16 bytes each."""
@@ -385,20 +367,16 @@ class Lanes:
 
     @api.like("ping")
     def ping(self) -> float:
-        lane = self._take()
-        try:
+        with self._holding() as lane:
             conn = self._lane_connection(lane)  # connecting (or spawning) is not part of the trip
             start = time.perf_counter()
             ping = calls.ping()
             conn.request(ping.expect, ping.kind, self.timeout)
             return time.perf_counter() - start
-        finally:
-            lane.busy = False
 
     @api.like("stop")
     def stop(self) -> bool:
-        lane = self._take()
-        try:
+        with self._holding() as lane:
             if lane.conn is not None:
                 # A fresh connection: one opened earlier may be to a broker
                 # gone since, which would leave the one now serving running.
@@ -415,8 +393,6 @@ class Lanes:
                 pass  # it went before it could answer: that is what we asked for
             finally:
                 conn.close()
-        finally:
-            lane.busy = False
         pause("client.stop_sent")
         wait_stopped(self.socket_path, conn.broker_pid, deadline, self.timeout)
         return True

@@ -12,10 +12,7 @@ from collections.abc import Iterator
 from typing import TypeVar
 
 from .. import protocol
-from ..errors import (
-    LeaseLost,
-    LocalProtocolError,
-)
+from ..errors import LeaseLost, LocalProtocolError
 from . import calls, prefetch
 from .calls import Call, ConnectionLost
 from .lanes import Lanes, _Streamed
