@@ -2,17 +2,16 @@
 
 Each function here is one method of :class:`brokerq.Queue`,
 :class:`brokerq.Message` or :class:`brokerq.Client` (and of their async
-twins), sans-IO: it checks the arguments and returns an :class:`Op`, the
-request to make (a :class:`~.calls.Call`) with the function that turns its
-reply into the method's result. A driver's method is one line that runs the
-op (``self.client.do(api.kick(self.name, n))``, awaited in the async
-driver), and takes its docstring from here (:func:`like`), so that both
-flavours say the same.
+twins): it checks the arguments and returns an :class:`Op`, the request and
+the function that turns its reply into the result. A driver's method runs
+the op and takes its docstring from here, so that both flavours say the same.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any, Generic, TypeVar
 
 from .. import protocol
@@ -24,23 +23,19 @@ T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+@dataclass(slots=True)
 class Op(Generic[R, T]):
     """A request to make and what its reply returns (``result``)."""
 
-    __slots__ = ("call", "result")
-
-    def __init__(self, call: Call[R], result: Callable[[R], T]) -> None:
-        self.call = call
-        self.result = result
+    call: Call[R]
+    result: Callable[[R], T]
 
 
-def like(shared: Callable[..., Any] | str) -> Callable[[F], F]:
-    """A driver's method, with the docstring of the ``shared`` op (or of
-    :data:`DOCS`, by name)."""
-    doc = DOCS[shared] if isinstance(shared, str) else shared.__doc__
+def like(name: str) -> Callable[[F], F]:
+    """A driver's method, with the docstring of :data:`DOCS` ``name``."""
 
     def document(method: F) -> F:
-        method.__doc__ = doc
+        method.__doc__ = DOCS[name]
         return method
 
     return document
@@ -129,16 +124,11 @@ DOCS = {
 }
 
 
-def _count(reply: protocol.KickReply | protocol.DeleteReply | protocol.PurgeReply) -> int:
-    return reply.count
+_count, _stats = attrgetter("count"), attrgetter("stats")
 
 
 def _nothing(reply: protocol.Reply) -> None:
     return None
-
-
-def _stats(reply: protocol.StatsReply) -> dict[str, Any]:
-    return reply.stats
 
 
 # -- Queue -------------------------------------------------------------------
@@ -169,7 +159,7 @@ def configure(
     call = calls.configure(
         queue, max_deliveries=max_deliveries, lease=lease, maxsize=maxsize, max_bytes=max_bytes
     )
-    return Op(call, lambda reply: reply.config)
+    return Op(call, attrgetter("config"))
 
 
 def delete(queue: str) -> Op[protocol.DeleteReply, int]:
@@ -181,7 +171,7 @@ def delete(queue: str) -> Op[protocol.DeleteReply, int]:
 
 def peek(queue: str) -> Op[protocol.PeekReply, bytes]:
     """The body at the head, not removed. Raises Empty if none is ready."""
-    return Op(calls.peek(queue), lambda reply: reply.body)
+    return Op(calls.peek(queue), attrgetter("body"))
 
 
 def purge(queue: str) -> Op[protocol.PurgeReply, int]:
@@ -213,7 +203,7 @@ def subscribe(queue: str, topic: str) -> Op[protocol.SubscribeReply, None]:
 def unsubscribe(queue: str, topic: str) -> Op[protocol.UnsubscribeReply, bool]:
     """End the subscription to ``topic``; False if there was none. The
     copies already in this queue stay."""
-    return Op(calls.unsubscribe(topic, queue), lambda reply: reply.found)
+    return Op(calls.unsubscribe(topic, queue), attrgetter("found"))
 
 
 def task_done(queue: str, n: int = 1) -> Op[protocol.TaskDoneReply, None]:
@@ -271,7 +261,7 @@ def bury(msg_id: int, attempt: int) -> Op[protocol.BuryReply, None]:
 
 def touch(msg_id: int, attempt: int, lease: float | None = None) -> Op[protocol.TouchReply, float]:
     """Extend the lease (by its length, or ``lease`` seconds from now)."""
-    return Op(calls.touch(msg_id, attempt, lease), lambda reply: reply.lease)
+    return Op(calls.touch(msg_id, attempt, lease), attrgetter("lease"))
 
 
 # -- Client ------------------------------------------------------------------
@@ -306,4 +296,4 @@ def broker_stats() -> Op[protocol.StatsReply, dict[str, Any]]:
 
 def queues() -> Op[protocol.QueuesReply, list[str]]:
     """The names of every queue the broker holds."""
-    return Op(calls.queues(), lambda reply: reply.names)
+    return Op(calls.queues(), attrgetter("names"))

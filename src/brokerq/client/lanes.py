@@ -122,7 +122,6 @@ class Lanes:
         self._keys = calls.PutKeys()
 
     def _lane(self) -> _Lane:
-        """This thread's lane (in a forked child, after forgetting the parent's)."""
         if _forks != self._fork:
             self._forked()
         try:
@@ -134,8 +133,7 @@ class Lanes:
 
     def _forked(self) -> None:
         """A forked child must not talk over its parent's sockets. Closing our
-        copies sends nothing, so the parent's connections live on; its
-        windows and put keys are the parent's too."""
+        copies sends nothing: the parent's connections live on."""
         stale = self._connections
         self._reset()
         for conn in stale:
@@ -153,12 +151,10 @@ class Lanes:
     def close(self) -> None:
         """Close every connection of this client; using it afterwards raises.
 
-        First flushes this thread's put window (:meth:`flush`); if that
-        raises, the connections are closed all the same and the error
-        propagates. Puts other threads left unflushed are dropped with
-        their connections, unacknowledged. Inside another call of this
-        thread (a ``__del__``, a signal handler) it flushes nothing (the
-        window is that call's), and that call fails: the client is closed.
+        First flushes this thread's put window (:meth:`flush`; closing all
+        the same if that raises). Puts other threads left unflushed are
+        dropped, unacknowledged. Inside another call of this thread it
+        flushes nothing, and that call fails: the client is closed.
         """
         try:
             if not self._closed:
@@ -172,24 +168,19 @@ class Lanes:
     def flush(self) -> None:
         """Wait until every put this thread sent in its put window is acknowledged.
 
-        Reads the reply of each, in order; once it returns, they hold as
-        puts that returned do (durable per ``--fsync``, surviving a broker
-        crash). An error reply to one of them (``Full``, say) is raised
-        here, after the replies before it; the puts after it were still
-        made, and stay in the window for the next flush. A lost connection
-        sends the unacknowledged puts again, same keys, in order, on a new
-        one, within the client's ``timeout``. Nothing to do without a
-        window (``put_window`` 0), or inside another call of this thread (a
-        ``__del__``, a signal handler): the puts of such a call are never
-        windowed, and the window is the interrupted call's to read.
+        Once it returns, they hold as puts that returned do. An error reply
+        to one of them (``Full``, say) is raised here, after the replies
+        before it; the puts after it stay in the window for the next flush.
+        A lost connection sends the unacknowledged puts again, same keys, in
+        order, on a new one. Nothing to do inside another call of this
+        thread (a ``__del__``, a signal handler): the window is its to read.
         """
         if self._closed:
             raise calls.closed_client()
         self._flush_window()
 
     def _flush_window(self) -> None:
-        """Flush this thread's window, if it holds anything and no call of
-        the thread is using it."""
+        """Flush this thread's window, unless a call of the thread is using it."""
         lane = self._lane()
         window = lane.window
         if window is not None and window.pending and not lane.busy:
@@ -200,13 +191,10 @@ class Lanes:
                 lane.busy = False
 
     def send_put(self, call: Call[protocol.PutReply] | Call[protocol.PutManyReply]) -> None:
-        """Send a put in this thread's window, without reading its reply;
-        first, if the window is full, read replies until a put's slot is free
-        (raising an error reply read on the way: this put is then not sent).
-
-        Inside another call of this thread, it goes around the window: it is
-        made at once (:meth:`run`) on a connection of its own, acknowledged
-        (or raising its error) when this returns."""
+        """Send a put in this thread's window, without reading its reply; first,
+        if the window is full, read replies until a slot is free (an error
+        reply read on the way is raised: this put is then not sent). Inside
+        another call of this thread, it is made at once (:meth:`run`)."""
         lane = self._lane()
         if lane.busy:
             made: Call[Any] = call  # (either kind of put)
@@ -228,12 +216,10 @@ class Lanes:
     def _read_window(
         self, lane: _Lane, window: calls.PutWindow, keep: int | None, began: float
     ) -> None:
-        """Send the window's puts not yet sent on the connection of ``lane``
-        (which the caller holds), then (unless ``keep`` is None) read replies
-        until ``keep`` puts at most are unacknowledged. After a lost
-        connection, every unacknowledged put is sent again on a new one
-        (Attempts decides until when); an error reply is raised once its
-        put has left the window."""
+        """Send the window's unsent puts on the connection of ``lane`` (held by
+        the caller), then (unless ``keep`` is None) read replies until at most
+        ``keep`` are unacknowledged, sending them all again after a lost
+        connection (as long as :meth:`~.window.PutWindow.lost` allows)."""
         while True:
             conn = self._lane_connection(lane)
             try:
@@ -255,8 +241,8 @@ class Lanes:
                     raise
 
     def connection(self, *, spawn: bool = True) -> Connection:
-        """This thread's connection, opened (and the broker spawned) on demand;
-        inside another call of the thread, the one its nested calls use."""
+        """This thread's connection (its nested calls' inside another of its
+        calls), opened (and the broker spawned) on demand."""
         lane = self._lane()
         if lane.busy:
             lane = lane.free()
@@ -270,8 +256,7 @@ class Lanes:
             lane.busy = False
 
     def _dial(self, timeout: float | None = None, *, spawn: bool = True) -> Connection:
-        """A new connection (within ``timeout``, else the client's); it
-        spawns a broker only if asked to and this client starts brokers."""
+        """A new connection (within ``timeout``, else the client's)."""
         return Connection(
             self.socket_path,
             self.timeout if timeout is None else timeout,
@@ -280,7 +265,7 @@ class Lanes:
         )
 
     def _lane_connection(self, lane: _Lane, spawn: bool = True) -> Connection:
-        """The connection of ``lane``, which the caller holds, opened on demand."""
+        """The connection of ``lane`` (held by the caller), opened on demand."""
         conn = lane.conn
         if conn is None or conn.closed:
             if self._closed:
@@ -312,11 +297,8 @@ class Lanes:
         return self.run(Call(expect, kind, wait, fields, retry))
 
     def run(self, call: Call[R]) -> R:
-        """:meth:`call`, for a request built by :mod:`brokerq.client.calls`.
-
-        Flushes this thread's put window first: the reply read next is this
-        call's. Inside another call of this thread (a ``__del__``, a signal
-        handler), it runs on a nested lane: another connection, no window."""
+        """:meth:`call`, for a request built by :mod:`.calls`. Flushes this
+        thread's put window first: the reply read next is this call's."""
         lane = self._lane()
         if lane.busy:
             lane = lane.free()
@@ -356,13 +338,11 @@ class Lanes:
             lane.busy = False
 
     def next_keys(self, n: int) -> list[bytes]:
-        """``n`` fresh put keys: unique to this client (and process), 16 bytes each."""
         if _forks != self._fork:
             self._forked()  # a child's keys have a prefix of their own
         return self._keys.take(n)
 
     def do(self, op: Op[R, T]) -> T:
-        """Run ``op`` (:mod:`.api`): its request, and what its reply returns."""
         return op.result(self.run(op.call))
 
     @api.like("ping")
