@@ -25,16 +25,8 @@ from .lanes import _Streamed
 from .sockio import Connection
 from .streaming import Streaming, Subscription
 
-__all__ = [
-    "Body",
-    "Client",
-    "Connection",
-    "ConnectionLost",
-    "Message",
-    "Queue",
-    "Subscription",
-    "connect",
-]
+__all__ = ["Body", "Client", "Connection", "ConnectionLost", "Message", "Queue", "Subscription"]
+__all__ += ["connect"]
 
 R = TypeVar("R", bound=protocol.Reply)
 T = TypeVar("T")

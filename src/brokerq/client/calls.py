@@ -1,7 +1,8 @@
 """What the blocking and the async client share: requests and replies, sans-IO.
 
-Each operation's arguments become a :class:`Call` here, checked on the way
-(bodies, sizes, timeouts). The names of :mod:`.wire` (a connection's rules)
+The requests the drivers make themselves (puts, gets, lease verbs, the
+handshake) are built here, their arguments checked (bodies, sizes,
+timeouts); the others, with their results, are :mod:`.api`'s ops. The names of :mod:`.wire` (a connection's rules)
 and :mod:`.window` (a client's settings, its put window) are re-exported,
 so that ``calls`` is the one name the drivers need.
 """
@@ -47,27 +48,10 @@ from .wire import (
     unreachable,
 )
 
-__all__ = [
-    "CLOSING_CODES",
-    "DEFAULT_TIMEOUT",
-    "PREFETCH_VARIABLE",
-    "PUT_WINDOW_VARIABLE",
-    "Attempts",
-    "BrokerStopping",
-    "Call",
-    "ConnectionLost",
-    "PutKeys",
-    "PutWindow",
-    "Unacknowledged",
-    "Wire",
-    "client_timeout",
-    "closed_client",
-    "closed_subscription",
-    "not_stopped",
-    "prefetch",
-    "put_window",
-    "unreachable",
-]
+__all__ = ["CLOSING_CODES", "DEFAULT_TIMEOUT", "PREFETCH_VARIABLE", "PUT_WINDOW_VARIABLE"]
+__all__ += ["Attempts", "BrokerStopping", "Call", "ConnectionLost", "PutKeys", "PutWindow"]
+__all__ += ["Unacknowledged", "Wire", "client_timeout", "closed_client"]
+__all__ += ["closed_subscription", "not_stopped", "prefetch", "put_window", "unreachable"]
 
 Body = bytes | bytearray | memoryview | str
 R = TypeVar("R", bound=protocol.Reply)
@@ -186,11 +170,6 @@ def reserve(queue: str, timeout: float | None, lease: float | None) -> Call[prot
     return Call(protocol.ReserveReply, protocol.Reserve, timeout, fields)
 
 
-def kick(queue: str, n: int) -> Call[protocol.KickReply]:
-    protocol.validate_count(n, "kick's n")
-    return Call(protocol.KickReply, protocol.Kick, 0, {"queue": queue, "n": n})
-
-
 def configure(
     queue: str,
     *,
@@ -206,54 +185,6 @@ def configure(
         if fields[name] is not None:
             protocol.validate_count(fields[name], name)
     return Call(protocol.ConfigureReply, protocol.Configure, 0, fields)
-
-
-def delete(queue: str) -> Call[protocol.DeleteReply]:
-    return Call(protocol.DeleteReply, protocol.Delete, 0, {"queue": queue})
-
-
-def peek(queue: str) -> Call[protocol.PeekReply]:
-    return Call(protocol.PeekReply, protocol.Peek, 0, {"queue": queue})
-
-
-def purge(queue: str) -> Call[protocol.PurgeReply]:
-    return Call(protocol.PurgeReply, protocol.Purge, 0, {"queue": queue})
-
-
-def stats(queue: str | None = None) -> Call[protocol.StatsReply]:
-    return Call(protocol.StatsReply, protocol.Stats, 0, {} if queue is None else {"queue": queue})
-
-
-def queues() -> Call[protocol.QueuesReply]:
-    return Call(protocol.QueuesReply, protocol.Queues, 0)
-
-
-def task_done(queue: str, n: int = 1) -> Call[protocol.TaskDoneReply]:
-    """Never sent again after a lost connection: a first try that got through
-    and a second would count twice. But sent again when a stopping broker
-    refused it: it did not count then."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise InvalidRequest(f"task_done needs a whole number n >= 1, not {n!r}")
-    fields = {"queue": queue, "n": n}
-    return Call(
-        protocol.TaskDoneReply, protocol.TaskDone, 0, fields, retry=False, resend_refused=True
-    )
-
-
-def join(queue: str, timeout: float | None) -> Call[protocol.JoinReply]:
-    protocol.validate_timeout(timeout)
-    return Call(protocol.JoinReply, protocol.Join, timeout, {"queue": queue, "timeout": timeout})
-
-
-def unfinished_tasks(stats: dict[str, Any]) -> int:
-    """A broker from before task_done has none: say so, not KeyError."""
-    count = stats.get("unfinished_tasks")
-    if not isinstance(count, int):
-        raise BrokerqError(
-            "the broker does not count unfinished tasks: it is older than this client "
-            "(`brokerq stop` it; the next one started does)"
-        )
-    return count
 
 
 def _verb(
@@ -284,34 +215,12 @@ def touch(msg_id: int, attempt: int, lease: float | None = None) -> Call[protoco
     return _verb(protocol.TouchReply, protocol.Touch, msg_id, attempt, lease=lease)
 
 
-def publish(
-    topic: str,
-    body: Body,
-    limit: int,
-    keys: KeySource,
-    *,
-    priority: int = 0,
-    ttl: float | None = None,
-) -> Call[protocol.PublishReply]:
-    protocol.validate_queue_name(topic, what="topic", for_put=True)
-    data = as_bytes(body)
-    check_size(data, limit)
-    fields = {"topic": topic, "body": data, "key": keys(1)[0], "priority": int(priority)}
-    fields["ttl"] = None if ttl is None else float(ttl)
-    return Call(protocol.PublishReply, protocol.Publish, 0, fields)
-
-
 def subscribe(topic: str, queue: str | None = None) -> Call[protocol.SubscribeReply]:
     """Without a ``queue``, the connection subscribes (live): never sent
     again, since a live subscription belongs to one connection."""
     protocol.validate_queue_name(topic, what="topic", for_put=True)
     fields = {"topic": topic, "queue": queue}
     return Call(protocol.SubscribeReply, protocol.Subscribe, 0, fields, retry=queue is not None)
-
-
-def unsubscribe(topic: str, queue: str | None = None) -> Call[protocol.UnsubscribeReply]:
-    fields = {"topic": topic, "queue": queue}
-    return Call(protocol.UnsubscribeReply, protocol.Unsubscribe, 0, fields)
 
 
 #: What a live subscription's get does next (:meth:`LiveEvents.step`).
