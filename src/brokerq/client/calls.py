@@ -1,10 +1,10 @@
 """What the blocking and the async client share: requests and replies, sans-IO.
 
 The requests the drivers make themselves (puts, gets, lease verbs, the
-handshake) are built here, their arguments checked (bodies, sizes,
-timeouts); the others, with their results, are :mod:`.api`'s ops. The names of :mod:`.wire` (a connection's rules)
-and :mod:`.window` (a client's settings, its put window) are re-exported,
-so that ``calls`` is the one name the drivers need.
+handshake) are built here, their arguments checked; the others, with their
+results, are :mod:`.api`'s ops. The names of :mod:`.wire` (a connection's
+rules) and :mod:`.window` (a client's settings, its put window) are
+re-exported, so that ``calls`` is the one name the drivers need.
 """
 
 from __future__ import annotations
