@@ -9,6 +9,7 @@ the op and takes its docstring from here, so that both flavours say the same.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from operator import attrgetter
@@ -252,17 +253,22 @@ def ack(msg_id: int, attempt: int) -> Op[protocol.AckReply, None]:
 
 def release(msg_id: int, attempt: int, delay: float = 0) -> Op[protocol.ReleaseReply, None]:
     """Give it back for redelivery: now (to its place at the head) or after ``delay`` s."""
-    return Op(calls.release(msg_id, attempt, delay), _nothing)
+    if not protocol.is_number(delay) or not 0 <= delay < math.inf:
+        raise InvalidRequest(f"delay must be a number of seconds >= 0, not {delay!r}")
+    call = calls.verb(protocol.ReleaseReply, protocol.Release, msg_id, attempt, delay=float(delay))
+    return Op(call, _nothing)
 
 
 def bury(msg_id: int, attempt: int) -> Op[protocol.BuryReply, None]:
     """Set it aside: kept, not delivered, until kicked (``Queue.kick``)."""
-    return Op(calls.bury(msg_id, attempt), _nothing)
+    return Op(calls.verb(protocol.BuryReply, protocol.Bury, msg_id, attempt), _nothing)
 
 
 def touch(msg_id: int, attempt: int, lease: float | None = None) -> Op[protocol.TouchReply, float]:
     """Extend the lease (by its length, or ``lease`` seconds from now)."""
-    return Op(calls.touch(msg_id, attempt, lease), attrgetter("lease"))
+    protocol.validate_lease(lease)
+    call = calls.verb(protocol.TouchReply, protocol.Touch, msg_id, attempt, lease=lease)
+    return Op(call, attrgetter("lease"))
 
 
 # -- Client ------------------------------------------------------------------

@@ -40,23 +40,19 @@ class Client(Streaming):
     ``timeout`` is the deadline for connecting (and spawning a broker), and
     the grace a reply gets beyond its request's own timeout.
 
-    ``put_window`` (None: ``$BROKERQ_PUT_WINDOW``, else 0): with N > 0,
-    :meth:`Queue.put` sends its put and returns 0 without waiting for the
-    reply, as long as fewer than N of this thread's puts are unacknowledged;
-    :meth:`flush` (or any other request of the thread, or :meth:`close`)
-    reads their replies. See docs/usage.md, "Pipelined puts".
+    ``put_window`` (None: ``$BROKERQ_PUT_WINDOW``, else 0): with N > 0, a
+    put returns 0 without waiting for its reply, while fewer than N of the
+    thread's puts are unacknowledged; :meth:`flush` (or any other request
+    of the thread) reads their replies. See docs/usage.md, "Pipelined puts".
 
     ``prefetch`` (None: ``$BROKERQ_PREFETCH``, else 0): with N > 0, the
-    first :meth:`Queue.get` (``get_many``, ``reserve``) of a queue in a
-    thread opens a stream on a connection of its own, and the broker sends
-    the thread up to N of the queue's messages ahead, as they arrive. See
-    docs/usage.md, "Prefetching consumers".
+    broker sends a thread that gets from a queue up to N of its messages
+    ahead, on a stream of their own. See docs/usage.md, "Prefetching consumers".
     """
 
     def queue(self, name: str, **settings: Any) -> Queue:
-        """The queue ``name``; settings given here (``maxsize``, ``max_bytes``,
-        ``max_deliveries``, ``lease``) are applied to it, new or not (see
-        Queue.configure)."""
+        """The queue ``name``; settings given here are applied to it, new or
+        not (see :meth:`Queue.configure`)."""
         q = Queue(name, client=self)
         if any(value is not None for value in settings.values()):
             q.configure(**settings)
@@ -69,12 +65,9 @@ class Client(Streaming):
         return self.do(api.publish(topic, body, limit, self.next_keys, priority=priority, ttl=ttl))
 
     def subscribe(self, topic: str) -> Subscription:
-        """A live subscription to ``topic``, in effect when this returns.
-
-        Iterate over it (or call :meth:`Subscription.get`) for the body of
-        each publish made while it is open; close it (or use it as a context
-        manager) to end it. It has a connection of its own.
-        """
+        """A live subscription to ``topic``, in effect when this returns:
+        iterate over it (or :meth:`Subscription.get`) for the body of each
+        publish made while it is open; close it to end it."""
         return Subscription(self, topic)
 
     @property
@@ -291,9 +284,8 @@ class Message:
 
 
 class StreamedMessage(Message):
-    """A reserved message that came prefetched (``prefetch``): its lease
-    began when it was handed out, and its verbs go on its stream's
-    connection, behind the ``taken`` that began it."""
+    """A reserved message that came prefetched: its lease began when it was
+    handed out, and its verbs go behind the ``taken`` that began it."""
 
     def __init__(
         self, queue: Queue, delivery: protocol.StreamDelivery, streamed: _Streamed
@@ -336,9 +328,8 @@ def connect(
     prefetch: int | None = None,
 ) -> Client:
     """A client of the broker at ``socket`` (default: ``$BROKERQ_SOCKET`` or the
-    per-user path). Connects (spawning the broker if none runs) right away, so
-    a broker that cannot be reached fails here rather than at the first put.
-    ``put_window``, ``prefetch``: see :class:`Client`."""
+    per-user path), connected (spawning the broker if none runs) right away,
+    so a broker that cannot be reached fails here rather than at the first put."""
     client = Client(socket, timeout, put_window=put_window, prefetch=prefetch)
     try:
         client.connection()

@@ -9,7 +9,6 @@ re-exported, so that ``calls`` is the one name the drivers need.
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -187,7 +186,7 @@ def configure(
     return Call(protocol.ConfigureReply, protocol.Configure, 0, fields)
 
 
-def _verb(
+def verb(
     expect: type[R], kind: type[protocol.Request], msg_id: int, attempt: int, **extra: Any
 ) -> Call[R]:
     """A lease verb: never waits, never sent again (the lease may have ended)."""
@@ -197,22 +196,7 @@ def _verb(
 def ack(msg_id: int, attempt: int, *, as_get: bool = False) -> Call[protocol.AckReply]:
     """``as_get``: the ack of a get made of a reserve and an ack, which leaves
     the message's task for a task_done, as a get does."""
-    return _verb(protocol.AckReply, protocol.Ack, msg_id, attempt, as_get=as_get)
-
-
-def release(msg_id: int, attempt: int, delay: float = 0) -> Call[protocol.ReleaseReply]:
-    if not protocol.is_number(delay) or not 0 <= delay < math.inf:
-        raise InvalidRequest(f"delay must be a number of seconds >= 0, not {delay!r}")
-    return _verb(protocol.ReleaseReply, protocol.Release, msg_id, attempt, delay=float(delay))
-
-
-def bury(msg_id: int, attempt: int) -> Call[protocol.BuryReply]:
-    return _verb(protocol.BuryReply, protocol.Bury, msg_id, attempt)
-
-
-def touch(msg_id: int, attempt: int, lease: float | None = None) -> Call[protocol.TouchReply]:
-    protocol.validate_lease(lease)
-    return _verb(protocol.TouchReply, protocol.Touch, msg_id, attempt, lease=lease)
+    return verb(protocol.AckReply, protocol.Ack, msg_id, attempt, as_get=as_get)
 
 
 def subscribe(topic: str, queue: str | None = None) -> Call[protocol.SubscribeReply]:

@@ -1,9 +1,5 @@
-"""The blocking client's streams (``prefetch``) and live subscriptions.
-
-A stream is opened on a connection of its own, per thread, queue and mode
-(:mod:`.prefetch` holds its rules); a live subscription too
-(:class:`Subscription`, with :class:`~.calls.LiveEvents`).
-"""
+"""The blocking client's streams (``prefetch``: :mod:`.prefetch` holds
+their rules) and live subscriptions, each on a connection of its own."""
 
 from __future__ import annotations
 
@@ -13,7 +9,7 @@ from typing import TypeVar
 
 from .. import protocol
 from ..errors import LeaseLost, LocalProtocolError
-from . import calls, prefetch
+from . import api, calls, prefetch
 from .calls import Call, ConnectionLost
 from .lanes import Lanes, _Streamed
 from .sockio import Connection
@@ -30,12 +26,10 @@ class Streaming(Lanes):
         """Up to ``n`` messages of ``queue`` from this thread's stream (opened
         on first use), waiting up to ``timeout`` for the first; raises Empty.
 
-        None means: make a plain request instead. So it is inside another
-        call of this thread (a ``__del__``, a signal handler), which must
-        not touch the stream of the call it interrupted, and with a broker
-        too old to stream. The thread's put window is flushed first, as
-        before any request. The ``taken`` of what it returns was sent
-        before it returns (see :mod:`brokerq.client.prefetch`).
+        None means: make a plain request instead, as inside another call of
+        this thread (which must not touch the stream of the call it
+        interrupted), or with a broker too old to stream. The ``taken`` of
+        what it returns was sent before it returns (see :mod:`.prefetch`).
         """
         protocol.validate_timeout(timeout)
         lane = self._lane()
@@ -64,8 +58,6 @@ class Streaming(Lanes):
     def _take_streamed(
         self, streamed: _Streamed, n: int, timeout: float | None
     ) -> list[protocol.StreamDelivery] | None:
-        """:meth:`take_streamed` on a lane the caller holds, as
-        :class:`~.prefetch.Taking` says."""
         state = streamed.state
         take = prefetch.Taking(state, timeout, self.timeout, time.monotonic())
         while True:
@@ -96,8 +88,7 @@ class Streaming(Lanes):
 
     def _open_stream(self, streamed: _Streamed) -> Connection | None:
         """A new connection with the stream open on it; None if the broker
-        does not know ``consume`` (older than this client: the queue is
-        then read with plain requests)."""
+        does not know ``consume`` (then plain requests read the queue)."""
         conn = self._dial()
         self._connections.append(conn)
         if self._closed:
@@ -123,13 +114,10 @@ class Streaming(Lanes):
 
     def _stream_request(self, streamed: _Streamed, conn: Connection, call: Call[R]) -> R:
         """One request on a stream's connection: the deliveries that come
-        before its reply go to the buffer, and so do those read with it.
-
-        (The deliveries read in the same receive as the reply must be taken
-        in now: they are in no socket any more, so a later wait on the
-        socket would not see them, and with the stream's credit spent the
-        broker sends nothing more. The consume reply and its first
-        deliveries often come in one read.)"""
+        before its reply go to the buffer, and so do those read with it
+        (they are in no socket any more, so a later wait on the socket would
+        not see them, and with the stream's credit spent the broker sends
+        nothing more)."""
         state = streamed.state
         request_id = conn.wire.encode(call.kind, call.fields)
         if call.kind is protocol.Consume:
@@ -146,8 +134,7 @@ class Streaming(Lanes):
     def _receive_streamed(
         self, streamed: _Streamed, conn: Connection, deadline: float | None
     ) -> bool:
-        """Take in what the broker sends, waiting until ``deadline`` for
-        something (0: only what has come); False if nothing came."""
+        """Take in what the broker sends by ``deadline``; False if nothing came."""
         try:
             data = conn.io.receive(deadline)
         except TimeoutError:
@@ -166,12 +153,11 @@ class Streaming(Lanes):
         self, streamed: _Streamed, held: Connection | None, handed_at: float, call: Call[R]
     ) -> R:
         """A lease verb of a message reserved from a stream: on that stream's
-        connection, after the ``taken`` that started the lease, when this
-        thread owns it and is in no other call; else (another thread, or
-        the stream's connection gone) as a plain request, which may, just
-        after the hand-out, find the broker has not read the ``taken`` yet:
-        a LeaseLost then is asked again for up to the client's timeout.
-        ``held``: the stream's connection when the message was handed out."""
+        connection (``held`` when it was handed out), behind the ``taken``
+        that started the lease, when this thread owns it and is in no other
+        call; else as a plain request, which may find the broker has not
+        read the ``taken`` yet: a LeaseLost is then asked again for up to
+        the client's timeout."""
         lane = self._lane()
         conn = streamed.conn
         if (
@@ -200,13 +186,11 @@ class Streaming(Lanes):
 class Subscription:
     """A live subscription to a topic: the publishes made while it is open.
 
-    It has a connection of its own. If the broker goes away (crashed or
-    stopped), it reconnects (spawning a broker if need be) and subscribes
-    again; publishes made in between are missed, as for any live
-    subscriber (a queue subscription misses nothing). A subscriber that
-    reads too slowly is dropped by the broker: :meth:`get` then raises
-    :class:`~brokerq.errors.SubscriberOverflow` (after the publishes that
-    came before it), and the subscription is closed.
+    It has a connection of its own. If the broker goes away, it reconnects
+    and subscribes again; publishes made in between are missed. A
+    subscriber that reads too slowly is dropped by the broker: :meth:`get`
+    then raises :class:`~brokerq.errors.SubscriberOverflow` (after the
+    publishes that came before it), and the subscription is closed.
     """
 
     def __init__(self, client: Lanes, topic: str) -> None:
@@ -237,9 +221,8 @@ class Subscription:
             self._conn = None
 
     def _subscribe(self) -> None:
-        """Connect and subscribe; events that come before the reply are kept.
-        A connection lost before the reply (or a stopping broker's refusal)
-        is tried again on a new one, within the client's timeout."""
+        """Connect and subscribe (again after a lost connection, within the
+        client's timeout); events that come before the reply are kept."""
         timeout = self.client.timeout
         give_up = time.monotonic() + timeout
         while True:
@@ -261,9 +244,8 @@ class Subscription:
             self._conn = conn
             return
 
+    @api.like("live_get")
     def get(self, timeout: float | None = None) -> bytes:
-        """The next publish's body, waiting up to ``timeout`` (None: for
-        ever; 0: not at all); raises Empty if none came."""
         protocol.validate_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
