@@ -40,9 +40,7 @@ class Streaming(Lanes):
             window = lane.window
             if window is not None and window.pending:
                 self._read_window(lane, window, 0, time.monotonic())
-            streams = lane.streams
-            if streams is None:
-                streams = lane.streams = {}
+            streams = lane.streams = {} if lane.streams is None else lane.streams
             key = (queue, mode, lease)
             streamed = streams.get(key)
             if streamed is None:
@@ -160,14 +158,8 @@ class Streaming(Lanes):
         the client's timeout."""
         lane = self._lane()
         conn = streamed.conn
-        if (
-            not lane.busy
-            and lane.streams is not None
-            and streamed in lane.streams.values()
-            and conn is held
-            and conn is not None
-            and not conn.closed
-        ):
+        owned = lane.streams is not None and streamed in lane.streams.values()
+        if owned and not lane.busy and conn is held and conn is not None and not conn.closed:
             lane.busy = True
             try:
                 return self._stream_request(streamed, conn, call)
