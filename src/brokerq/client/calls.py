@@ -240,22 +240,15 @@ class LiveEvents:
                 return frame
         return None
 
-    def next_body(self) -> bytes | None:
-        """The oldest body received (None: none yet), else the error that ended the feed."""
-        if self.bodies:
-            return self.bodies.popleft()
-        if self.error is not None:
-            error, self.error = self.error, None
-            raise error
-        return None
-
     def step(self, wire: Wire | None) -> bytes | str:
         """What a get does next, ``wire`` being its connection's (None: none):
         return a body, :data:`SUBSCRIBE` on a new connection, :data:`DROP` the
         connection (dropped by the broker), or :data:`RECEIVE` more."""
-        body = self.next_body()
-        if body is not None:
-            return body
+        if self.bodies:
+            return self.bodies.popleft()
+        if self.error is not None:  # (raised once, after the bodies before it)
+            error, self.error = self.error, None
+            raise error
         if self.closed:
             raise closed_subscription(self.topic, self.overflowed)
         if wire is None:
@@ -295,7 +288,13 @@ def broker_to_retire(socket_path: str, exc: VersionMismatch, *, may_retire: bool
     be retired here: a client that must not start a broker, as ``stop``)."""
     older = older_broker(exc)
     if older is None:
-        raise newer_broker(socket_path, exc) from None
+        if exc.broker_version is not None:  # (else it did not say: as it is)
+            exc = VersionMismatch(
+                f"the broker at {socket_path} speaks protocol {exc.broker_version}, this client "
+                f"speaks {protocol.PROTOCOL_VERSION}: upgrade brokerq here, or stop that broker",
+                exc.broker_version,
+            )
+        raise exc from None
     if not may_retire:
         raise exc
     return older
@@ -308,13 +307,3 @@ def retirement(version: int) -> bytes:
     protocol.append_frame(out, protocol.Hello(id=1, version=version, client="brokerq upgrade"))
     protocol.append_frame(out, protocol.Stop(id=2))
     return bytes(out)
-
-
-def newer_broker(socket_path: str, exc: VersionMismatch) -> VersionMismatch:
-    if exc.broker_version is None:
-        return exc
-    return VersionMismatch(
-        f"the broker at {socket_path} speaks protocol {exc.broker_version}, this client "
-        f"speaks {protocol.PROTOCOL_VERSION}: upgrade brokerq here, or stop that broker",
-        exc.broker_version,
-    )

@@ -180,15 +180,10 @@ class Lanes:
         self._flush_window()
 
     def _flush_window(self) -> None:
-        """Flush this thread's window, unless a call of the thread is using it."""
-        lane = self._lane()
-        window = lane.window
-        if window is not None and window.pending and not lane.busy:
-            lane.busy = True
-            try:
-                self._read_window(lane, window, 0, time.monotonic())
-            finally:
-                lane.busy = False
+        """Flush this thread's window, unless a call of the thread is using it
+        (then the lane taken is a nested one, which has no window)."""
+        with self._holding():
+            pass
 
     def send_put(self, call: Call[protocol.PutReply] | Call[protocol.PutManyReply]) -> None:
         """Send a put in this thread's window, without reading its reply; first,

@@ -57,13 +57,11 @@ class Prefetch:
         """The consume request (never sent again: a new connection opens a new stream)."""
         fields: dict[str, Any] = {"queue": self.queue, "prefetch": self.prefetch}
         if self.mode != "get":
-            fields["mode"] = self.mode
-            fields["lease"] = self.lease
+            fields |= {"mode": self.mode, "lease": self.lease}
         return Call(protocol.ConsumeReply, protocol.Consume, 0, fields, retry=False)
 
     def opening(self, request_id: int) -> None:
-        """The consume request was encoded with ``request_id``: deliveries
-        carrying it are this stream's from now on (one may come before the reply)."""
+        """Deliveries carrying ``request_id`` are this stream's (one may come before the reply)."""
         self.stream_id = request_id
         self.buffer.clear()
         self._taken_one = protocol.encode_frame(protocol.Taken(id=request_id))
@@ -116,14 +114,11 @@ class Prefetch:
 
 
 class Taking:
-    """One take from a stream (a prefetching get, get_many or reserve): its
-    deadline, and what to do next (:meth:`next`).
+    """One take from a stream (a prefetching get, get_many or reserve).
 
     With nothing buffered, a take with ``timeout`` 0 first syncs: a ping,
     since every delivery made before the broker handled it comes ahead of
-    its reply, so nothing already in the queue is missed. After a lost
-    connection the stream is opened again on a new one, as a get is sent
-    again (:meth:`lost`).
+    its reply, so nothing already in the queue is missed.
     """
 
     __slots__ = ("attempts", "deadline", "grace", "start", "state", "synced", "timeout")

@@ -135,15 +135,12 @@ class Spinner:
                 data = self._recv()
             except BlockingIOError:
                 continue
-            self._learn(time.perf_counter() - start)
+            self.typical_wait += (time.perf_counter() - start - self.typical_wait) * WEIGHT
             return data
 
     def _recv(self) -> bytes:
         n = self.sock.recv_into(self.buffer)
         return bytes(self.view[:n])
-
-    def _learn(self, waited: float) -> None:
-        self.typical_wait += (waited - self.typical_wait) * WEIGHT
 
     def _sleep(self, deadline: float | None) -> int:
         """Wait until the socket is ready as registered; return the events."""

@@ -91,10 +91,8 @@ class Unacknowledged:
 class PutWindow:
     """The puts of one thread sent without waiting for their replies, in order.
 
-    The first :attr:`sent` went out on the connection :attr:`conn` (any
-    object the client uses for one). A new connection (after a lost one)
-    has none of them: :meth:`encode_unsent` encodes every one again, with
-    its key. Replies come in order: :meth:`answered` takes the first put's.
+    The first :attr:`sent` went out on the connection :attr:`conn`; a new
+    connection (after a lost one) gets every one again, with its key.
     """
 
     def __init__(self, grace: float) -> None:

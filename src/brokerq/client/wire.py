@@ -32,15 +32,10 @@ CLOSING_CODES = frozenset(
 
 
 class BrokerStopping(ConnectionLost, ShuttingDown):
-    """The broker answered ``shutting_down``: it is stopping, did not carry
-    the request out, and closes the connection.
-
-    To the clients it is a lost connection (a stop is no worse than a
-    crash): a request that a lost connection sends again is sent again,
-    on a new connection (which waits for the next broker); one that is
-    not raises this, a :class:`~brokerq.ShuttingDown`. Since the request
-    was not carried out, a ``task_done`` is sent again too.
-    """
+    """The broker answered ``shutting_down``: it is stopping and did not carry
+    the request out. To the clients it is a lost connection (a stop is no
+    worse than a crash); since the request was not carried out, even a
+    ``task_done`` is sent again."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,11 +43,9 @@ class Call(Generic[R]):
     """One request to make: what to send, what to expect back, how long it may take.
 
     ``wait``: how long the broker may take by the request's own terms (a
-    get's timeout; None for ever; 0: never waits); the reply gets the
-    client's timeout on top. ``retry``: whether a lost connection sends it
-    again (not for lease verbs). ``resend_refused``: sent again all the
-    same after a :class:`BrokerStopping` refusal (it was not carried out).
-    """
+    get's timeout; None: for ever; 0: never waits). ``retry``: whether a
+    lost connection sends it again; ``resend_refused``: whether a
+    :class:`BrokerStopping` refusal does all the same."""
 
     expect: type[R]
     kind: type[protocol.Request]
@@ -110,10 +103,8 @@ class Attempts:
             # may take the grace, counted from this loss.
             self.retry_until = now + self.grace
         assert self.retry_until is not None
-        stopping = isinstance(cause, BrokerStopping)
-        if not (self.call.retry or (stopping and self.call.resend_refused)):
-            return False
-        if now >= self.retry_until:
+        resend = self.call.retry or (self.call.resend_refused and isinstance(cause, BrokerStopping))
+        if not resend or now >= self.retry_until:
             return False
         if self.request_deadline is not None:
             self.fields["timeout"] = max(0.0, self.request_deadline - now)
@@ -121,9 +112,7 @@ class Attempts:
 
 
 class Wire:
-    """The sans-IO half of a connection: :meth:`encode` a request, send
-    :attr:`out`, :meth:`feed` what arrives until :meth:`next_reply` returns
-    one, and :meth:`check` it.
+    """The sans-IO half of a connection: request ids, frames out, replies in.
 
     A reply to another request, or of the wrong kind, puts the connection
     out of step for good: :meth:`check` closes it and raises
