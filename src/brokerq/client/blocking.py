@@ -84,11 +84,8 @@ class Client(Streaming):
 
 class Queue:
     """A named queue of a broker; like :class:`queue.Queue`, across processes.
-
     ``Queue("jobs")`` uses the default broker (``$BROKERQ_SOCKET`` or the
-    per-user path), spawning it on first use; ``client.queue("jobs")`` uses
-    an explicit one.
-    """
+    per-user path), spawning it on first use."""
 
     def __init__(
         self,
@@ -115,9 +112,8 @@ class Queue:
     ) -> int:
         options = calls.PutOptions(priority, delay, ttl, timeout)
         client = self.client
-        call = calls.put(
-            self.name, body, client.connection().max_message_size, client.next_keys, options
-        )
+        limit = client.connection().max_message_size
+        call = calls.put(self.name, body, limit, client.next_keys, options)
         if client.put_window > 0:
             client.send_put(call)
             return 0
@@ -233,10 +229,8 @@ class Queue:
 class Message:
     """A reserved message: ``body``, ``id`` (what put returned), ``attempt``
     (1 on the first delivery), and the verbs that end or extend its lease.
-
-    As a context manager it acks when the block exits cleanly and releases
-    the message (for redelivery) when it exits with an exception, unless
-    the block already settled it.
+    As a context manager it acks on a clean exit and releases on an
+    exception, unless the block already settled it.
     """
 
     def __init__(self, queue: Queue, msg_id: int, body: bytes, attempt: int, lease: float) -> None:

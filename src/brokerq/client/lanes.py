@@ -151,10 +151,8 @@ class Lanes:
     def close(self) -> None:
         """Close every connection of this client; using it afterwards raises.
 
-        First flushes this thread's put window (:meth:`flush`; closing all
-        the same if that raises). Puts other threads left unflushed are
-        dropped, unacknowledged. Inside another call of this thread it
-        flushes nothing, and that call fails: the client is closed.
+        First flushes this thread's put window (closing all the same if that
+        raises); puts other threads left unflushed are dropped, unacknowledged.
         """
         try:
             if not self._closed:
@@ -168,12 +166,10 @@ class Lanes:
     def flush(self) -> None:
         """Wait until every put this thread sent in its put window is acknowledged.
 
-        Once it returns, they hold as puts that returned do. An error reply
-        to one of them (``Full``, say) is raised here, after the replies
-        before it; the puts after it stay in the window for the next flush.
-        A lost connection sends the unacknowledged puts again, same keys, in
-        order, on a new one. Nothing to do inside another call of this
-        thread (a ``__del__``, a signal handler): the window is its to read.
+        An error reply to one of them (``Full``, say) is raised here, after
+        the replies before it; the puts after it stay in the window for the
+        next flush. A lost connection sends the unacknowledged puts again,
+        same keys, in order, on a new one.
         """
         if self._closed:
             raise calls.closed_client()

@@ -1,17 +1,14 @@
 """A client's side of a stream (``prefetch``), sans-IO: both clients drive it.
 
 A client with a prefetch of N opens a stream for a queue (a ``consume``
-request, on a connection of its own) on its first get (or reserve) from
-it; the broker then sends up to N ``delivery`` frames unasked. The driver
-sends the ``taken`` frame of what it hands out **before** it gives it to
-the application: on a Unix socket a send that completed is in the broker's
-receive queue, so the broker applies it even if this process is killed the
-next moment, and a message handed out never comes back (get mode), or
-comes back only as a lease that ends (reserve mode). What is buffered and
-not taken stays the broker's: a connection that closes gives it back.
-
-In reserve mode the lease starts at the ``taken``, so a buffered message
-is never handed out with a lease that ran out meanwhile.
+request, on a connection of its own); the broker then sends up to N
+``delivery`` frames unasked. The driver sends the ``taken`` frame of what
+it hands out **before** it gives it to the application: on a Unix socket
+a send that completed is in the broker's receive queue, so the broker
+applies it even if this process is killed the next moment. What is
+buffered and not taken stays the broker's: a closed connection gives it
+back. In reserve mode the lease starts at the ``taken``, so a buffered
+message is never handed out with a lease that ran out meanwhile.
 """
 
 from __future__ import annotations

@@ -1,18 +1,15 @@
 """The blocking client's socket I/O: one syscall when the data is there, a
 short adaptive spin before sleeping when it is about to be.
 
-Why not ``sock.settimeout(t)``? A socket with a timeout makes CPython
-poll() before every recv() and send(), two syscalls where one would do.
-Here the socket stays non-blocking: a read is tried first, and only if
-nothing is there does the caller wait, with ``poll``.
+Not ``sock.settimeout(t)``: CPython would poll() before every recv() and
+send(), two syscalls where one would do. The socket stays non-blocking: a
+read is tried first, and only if nothing is there does the caller wait.
 
-Why spin? On a small machine a reply often comes back within tens of
-microseconds, while sleeping and waking again costs about as much. So
-before sleeping, :class:`Spinner` tries the read again for up to ``spin``
-microseconds, yielding the CPU between tries (a broker waiting to run on
-this CPU gets it). It spins only while this connection's late replies
-have come, on a moving average, within the spin: an idle consumer burns
-no CPU. ``BROKERQ_SPIN_US=0`` turns it off.
+Why spin? A reply often comes back within tens of microseconds, while
+sleeping and waking again costs about as much. So :class:`Spinner` tries
+the read again for up to ``spin`` seconds, yielding the CPU between tries,
+but only while this connection's late replies have come, on a moving
+average, within the spin: an idle consumer burns no CPU.
 """
 
 from __future__ import annotations
@@ -244,11 +241,9 @@ class Connection:
         return error
 
     def read_reply(self, deadline: float | None) -> protocol.AnyReply:
-        while True:
-            reply = self.wire.next_reply()
-            if reply is not None:
-                return reply
+        while (reply := self.wire.next_reply()) is None:
             self.wire.feed(self.io.receive(deadline))
+        return reply
 
     def send_reading(self, data: bytes | bytearray, deadline: float | None) -> None:
         """Send all of ``data``, taking in the replies the broker sends

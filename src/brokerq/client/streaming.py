@@ -25,12 +25,9 @@ class Streaming(Lanes):
     ) -> tuple[_Streamed, list[protocol.StreamDelivery]] | None:
         """Up to ``n`` messages of ``queue`` from this thread's stream (opened
         on first use), waiting up to ``timeout`` for the first; raises Empty.
-
         None means: make a plain request instead, as inside another call of
         this thread (which must not touch the stream of the call it
-        interrupted), or with a broker too old to stream. The ``taken`` of
-        what it returns was sent before it returns (see :mod:`.prefetch`).
-        """
+        interrupted), or with a broker too old to stream."""
         protocol.validate_timeout(timeout)
         lane = self._lane()
         if lane.busy:
@@ -229,12 +226,11 @@ class Subscription:
                     while (reply := self._live.take(conn.wire)) is None:
                         conn.wire.feed(conn.io.receive(deadline))
                     conn.wire.check(call.expect, request_id, reply, conn.close)
+                self._conn = conn
+                return
             except ConnectionLost:
                 if time.monotonic() >= give_up:
                     raise
-                continue
-            self._conn = conn
-            return
 
     @api.like("live_get")
     def get(self, timeout: float | None = None) -> bytes:

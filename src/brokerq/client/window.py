@@ -11,7 +11,6 @@ import os
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from .. import protocol
 from ..errors import InvalidRequest
@@ -80,10 +79,9 @@ def _count_setting(value: int | None, name: str, variable: str, unit: str) -> in
 
 @dataclass(slots=True)
 class Unacknowledged:
-    """A put sent in a window whose reply has not been read, and the id of
-    the request that last carried it."""
+    """A put (or put_many) sent in a window whose reply has not been read,
+    and the id of the request that last carried it."""
 
-    call: Call[Any]  # a put or a put_many
     attempts: Attempts
     request_id: int = 0
 
@@ -111,7 +109,7 @@ class PutWindow:
             self._latest = None
         else:
             self._latest = max(self._latest, attempts.deadline)
-        self.pending.append(Unacknowledged(call, attempts))
+        self.pending.append(Unacknowledged(attempts))
 
     def encode_unsent(self, conn: object, wire: Wire, now: float) -> bytes | bytearray:
         """The frames of the puts not yet sent on ``conn``, encoded on ``wire``.
@@ -127,7 +125,7 @@ class PutWindow:
         entries.reverse()  # (the last ``unsent``, without walking the whole window)
         out = bytearray()
         for entry in entries:
-            entry.request_id = wire.encode(entry.call.kind, entry.attempts.fields)
+            entry.request_id = wire.encode(entry.attempts.call.kind, entry.attempts.fields)
             entry.attempts.start(now)
             out += wire.out
         self.sent = len(self.pending)
@@ -155,7 +153,7 @@ class PutWindow:
             self.sent -= 1
             if not self.pending:
                 self._latest = 0.0
-        expect: type[protocol.Reply] = head.call.expect
+        expect: type[protocol.Reply] = head.attempts.call.expect
         return wire.check(expect, head.request_id, reply, close)
 
     def lost(self, began: float, now: float) -> bool:
@@ -168,9 +166,3 @@ class PutWindow:
             entry.attempts.retry_from(began)
             allowed = entry.attempts.again(now) and allowed
         return allowed
-
-    def clear(self) -> None:
-        self.pending.clear()
-        self.conn = None
-        self.sent = 0
-        self._latest = 0.0
