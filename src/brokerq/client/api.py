@@ -1,10 +1,8 @@
 """The client's API, once for both drivers: what each method asks, and what it returns.
 
-Each function here is one method of :class:`brokerq.Queue`,
-:class:`brokerq.Message` or :class:`brokerq.Client` (and of their async
-twins): it checks the arguments and returns an :class:`Op`, the request and
-the function that turns its reply into the result. A driver's method runs
-the op and takes its docstring from here, so that both flavours say the same.
+Each function here is a method of Queue, Message or Client (blocking and
+async): it checks the arguments and returns an :class:`Op`. A driver's method
+runs the op and takes its docstring from here, so that both say the same.
 """
 
 from __future__ import annotations
@@ -61,17 +59,11 @@ def document(cls: type, **ops: Callable[..., Any]) -> None:
 DOCS = {
     "put": """Enqueue ``body`` (str is sent as UTF-8); return its message id.
 
-    ``priority``: higher is delivered first, FIFO within a priority.
-    ``delay``: seconds before it can be delivered. ``ttl``: seconds after
-    which it is dropped if still waiting. ``timeout``: on a full queue, how
-    long to wait for room (None: for ever, 0: not at all); then raises Full.
-
-    Exactly once: a put sent again after a lost connection has the same
-    key, and the broker drops the copy. With the client's ``put_window``
-    above 0 (blocking client), it returns 0 without waiting for the reply,
-    and an error raised here may be an earlier windowed put's: see
-    docs/usage.md, "Pipelined puts". (Async: a put cancelled while it
-    waits for room is withdrawn, or returns its id if it was made.)
+    ``priority``: higher is delivered first. ``delay``: seconds before it
+    is ready. ``ttl``: seconds after which it is dropped if still waiting.
+    ``timeout``: on a full queue, how long to wait for room (None: for
+    ever), then Full. Exactly once, even when sent again. Under a
+    ``put_window`` it returns 0 (docs/usage.md, "Pipelined puts").
     """,
     "put_nowait": """``put(body, timeout=0)``: raises Full at once if the queue is full.""",
     "put_many": """Enqueue several bodies in order, in as few frames as fit; return their ids.
@@ -90,17 +82,14 @@ DOCS = {
     "reserve": """Lease the next message: it stays the broker's until acked.
 
     Waits up to ``timeout`` (as :meth:`get`). If the lease (``lease``
-    seconds, else the queue's) runs out, or the connection closes, before
-    :meth:`Message.ack`, it is delivered again (at-least-once). As a
-    context manager it acks on success and releases on an exception.
+    seconds, else the queue's) runs out before :meth:`Message.ack`, it is
+    delivered again (at-least-once).
     """,
     "ping": """Round-trip time to the broker, in seconds (connecting is not counted).""",
     "stop": """Ask the broker to exit and wait until it has; never spawns one.
 
-    Returns False if no broker was running. Raises BrokerUnavailable if
-    the broker still holds its lock after the client's ``timeout``.
-    Clients waiting on the broker (a ``get``, a live subscription)
-    reconnect, and the first starts a new broker: to stop for good, stop
+    Returns False if no broker was running. Clients waiting on the broker
+    reconnect, and the first starts a new one: to stop for good, stop
     those clients first.
     """,
     "live_get": """The next publish's body, waiting up to ``timeout`` (None: for
@@ -126,8 +115,8 @@ def _op(
 
 
 def kick(queue: str, n: int = 1) -> Op[protocol.KickReply, int]:
-    """Return up to ``n`` buried messages to ready; on ``<q>:dead``, move
-    them back to ``<q>``. Returns how many moved."""
+    """Up to ``n`` buried messages back to ready (on ``<q>:dead``, to
+    ``<q>``); returns how many moved."""
     protocol.validate_count(n, "kick's n")
     return _op(protocol.KickReply, protocol.Kick, _count, queue=queue, n=n)
 
@@ -140,13 +129,8 @@ def configure(
     maxsize: int | None = None,
     max_bytes: int | None = None,
 ) -> Op[protocol.ConfigureReply, dict[str, Any]]:
-    """Change this queue's settings; None leaves a setting as it is.
-
-    ``maxsize`` / ``max_bytes``: the most messages / body bytes it holds
-    in every state (0: unlimited; ``max_bytes`` 0: the broker's
-    ``--max-queue-bytes``). Kept in the journal. Returns the settings now
-    in force.
-    """
+    """Change this queue's limits, delivery limit and default lease (None:
+    unchanged); returns the settings in force (see docs/usage.md)."""
     call = calls.configure(
         queue, max_deliveries=max_deliveries, lease=lease, maxsize=maxsize, max_bytes=max_bytes
     )
@@ -154,9 +138,8 @@ def configure(
 
 
 def delete(queue: str) -> Op[protocol.DeleteReply, int]:
-    """Delete this queue: every message it holds, in every state, and its
-    settings; returns how many messages went. (Using the name again
-    makes a new, empty queue.)"""
+    """Delete this queue: every message in every state, and its settings;
+    returns how many messages went."""
     return _op(protocol.DeleteReply, protocol.Delete, _count, queue=queue)
 
 
@@ -186,14 +169,12 @@ def empty(stats: dict[str, Any]) -> bool:
 
 
 def subscribe(queue: str, topic: str) -> Op[protocol.SubscribeReply, None]:
-    """From now on, get a copy of every publish to ``topic``, kept in the
-    journal until :meth:`unsubscribe` or :meth:`delete` (durable)."""
+    """From now on, get a copy of every publish to ``topic`` (durable)."""
     return Op(calls.subscribe(topic, queue), _nothing)
 
 
 def unsubscribe(queue: str, topic: str) -> Op[protocol.UnsubscribeReply, bool]:
-    """End the subscription to ``topic``; False if there was none. The
-    copies already in this queue stay."""
+    """End the subscription to ``topic``; False if there was none."""
     found = attrgetter("found")
     return _op(protocol.UnsubscribeReply, protocol.Unsubscribe, found, topic=topic, queue=queue)
 
@@ -201,12 +182,9 @@ def unsubscribe(queue: str, topic: str) -> Op[protocol.UnsubscribeReply, bool]:
 def task_done(queue: str, n: int = 1) -> Op[protocol.TaskDoneReply, None]:
     """A message taken by :meth:`get` was handled (as :meth:`queue.Queue.task_done`).
 
-    The count is the broker's, per queue: each put adds a task; this takes
-    ``n`` away. More than there are raises InvalidRequest (a ValueError).
-    An acked :meth:`reserve` counts as its task_done already. Never sent
-    again after a lost connection (it could count twice): raises
-    ConnectionLost. (Async: it runs shielded.) But sent again when a
-    stopping broker refused it: it did not count then.
+    Never sent again after a lost connection (it could count twice: it
+    raises ConnectionLost), but sent again when a stopping broker refused
+    it (it did not count then).
     """
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise InvalidRequest(f"task_done needs a whole number n >= 1, not {n!r}")
@@ -220,10 +198,8 @@ def task_done(queue: str, n: int = 1) -> Op[protocol.TaskDoneReply, None]:
 def join(queue: str, timeout: float | None = None) -> Op[protocol.JoinReply, None]:
     """Block until every task of this queue is done (as :meth:`queue.Queue.join`).
 
-    ``timeout``: raise :class:`~brokerq.JoinTimeout` (a TimeoutError)
-    after that many seconds (None: wait for ever; 0: only look). (Async:
-    cancellable; a cancelled join changes nothing in the broker.) After a
-    lost connection it asks again with what is left of its timeout.
+    ``timeout``: raise :class:`~brokerq.JoinTimeout` after that many
+    seconds (None: wait for ever; 0: only look).
     """
     protocol.validate_timeout(timeout)
     fields = {"queue": queue, "timeout": timeout}
@@ -231,9 +207,8 @@ def join(queue: str, timeout: float | None = None) -> Op[protocol.JoinReply, Non
 
 
 def unfinished_tasks(stats: dict[str, Any]) -> int:
-    """The broker's count of this queue's unfinished tasks (a snapshot, as
-    :attr:`queue.Queue.unfinished_tasks`; a method of the async queue).
-    A broker from before task_done has none: it says so, not KeyError."""
+    """The broker's count of this queue's unfinished tasks (a snapshot; a
+    broker from before task_done has none: say so, not KeyError)."""
     count = stats.get("unfinished_tasks")
     if not isinstance(count, int):
         raise BrokerqError(
@@ -285,11 +260,8 @@ def publish(
 ) -> Op[protocol.PublishReply, int]:
     """Send a copy of ``body`` to every subscriber of ``topic``; return how many.
 
-    Each queue subscribed to the topic gets it as an ordinary message
-    (``priority`` and ``ttl`` as for :meth:`Queue.put`) unless it is full:
-    a publish never waits (async: it runs shielded). Each live subscriber
-    is sent it. Retried after a lost connection like a put, without a
-    second copy.
+    Each queue subscribed gets it as a message (``priority`` and ``ttl``
+    as for :meth:`Queue.put`) unless it is full: a publish never waits.
     """
     protocol.validate_queue_name(topic, what="topic", for_put=True)
     data = calls.as_bytes(body)

@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Self, TypeVar
 
 from .. import protocol
@@ -43,6 +44,7 @@ def _count_fork() -> None:
 os.register_at_fork(after_in_child=_count_fork)
 
 
+@dataclass(slots=True, eq=False)
 class _Lane:
     """One thread's use of a :class:`Client`: a connection, a put window, and
     whether a call of the thread runs on them (``busy``).
@@ -55,15 +57,12 @@ class _Lane:
     lanes in use are always the first of the chain, since their calls nest.
     """
 
-    __slots__ = ("busy", "conn", "inner", "streams", "window")
-
-    def __init__(self) -> None:
-        self.busy = False
-        self.conn: Connection | None = None
-        self.window: calls.PutWindow | None = None
-        self.inner: _Lane | None = None
-        #: The thread's streams (prefetch), by queue, mode and lease; never a nested lane's.
-        self.streams: dict[tuple[str, str, float | None], _Streamed] | None = None
+    busy: bool = False
+    conn: Connection | None = None
+    window: calls.PutWindow | None = None
+    inner: _Lane | None = None
+    #: The thread's streams (prefetch), by queue, mode and lease; never a nested lane's.
+    streams: dict[tuple[str, str, float | None], _Streamed] | None = None
 
     def free(self) -> _Lane:
         """The first lane of the chain from this one that no call is using."""
@@ -79,15 +78,13 @@ class _Lane:
         return lane
 
 
+@dataclass(slots=True, eq=False)
 class _Streamed:
     """A stream of one thread: its sans-IO state, its connection once open."""
 
-    __slots__ = ("conn", "state", "unsupported")
-
-    def __init__(self, state: prefetch.Prefetch) -> None:
-        self.state = state
-        self.conn: Connection | None = None
-        self.unsupported = False  # the broker does not know consume
+    state: prefetch.Prefetch
+    conn: Connection | None = None
+    unsupported: bool = False  # the broker does not know consume
 
 
 class Lanes:

@@ -94,16 +94,14 @@ class Streaming(Lanes):
             reply = self._stream_request(streamed, conn, streamed.state.consume())
         except LocalProtocolError:
             streamed.unsupported = True
-            reply = None
+            streamed.conn = None
+            conn.close()
+            return None
         except BaseException:
             streamed.conn = None
             streamed.state.lost()
             conn.close()
             raise
-        if reply is None:
-            streamed.conn = None
-            conn.close()
-            return None
         streamed.state.opened(reply)
         return conn
 
