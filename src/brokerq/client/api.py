@@ -111,9 +111,6 @@ def _op(
     return Op(Call(expect, kind, 0, fields), result)
 
 
-# -- Queue -------------------------------------------------------------------
-
-
 def kick(queue: str, n: int = 1) -> Op[protocol.KickReply, int]:
     """Up to ``n`` buried messages back to ready (on ``<q>:dead``, to
     ``<q>``); returns how many moved."""
@@ -218,9 +215,6 @@ def unfinished_tasks(stats: dict[str, Any]) -> int:
     return count
 
 
-# -- Message -----------------------------------------------------------------
-
-
 def ack(msg_id: int, attempt: int) -> Op[protocol.AckReply, None]:
     """Done with it: the message is gone for good. LeaseLost if the lease ran out."""
     return Op(calls.ack(msg_id, attempt), _nothing)
@@ -244,9 +238,6 @@ def touch(msg_id: int, attempt: int, lease: float | None = None) -> Op[protocol.
     protocol.validate_lease(lease)
     call = calls.verb(protocol.TouchReply, protocol.Touch, msg_id, attempt, lease=lease)
     return Op(call, attrgetter("lease"))
-
-
-# -- Client ------------------------------------------------------------------
 
 
 def publish(

@@ -117,14 +117,11 @@ def put_many(
     fields = {"queue": queue} | options.fields()
     if isinstance(bodies, str | bytes | bytearray | memoryview) or not hasattr(bodies, "__iter__"):
         raise InvalidRequest(f"put_many takes an iterable of bodies, not {type(bodies).__name__}")
+    data = [b if type(b) is bytes else as_bytes(b) for b in bodies]
+    expect, kind = protocol.PutManyReply, protocol.PutMany
     return [
-        Call(
-            protocol.PutManyReply,
-            protocol.PutMany,
-            options.timeout,
-            fields | {"bodies": chunk, "keys": keys(len(chunk))},
-        )
-        for chunk in chunks([b if type(b) is bytes else as_bytes(b) for b in bodies], limit)
+        Call(expect, kind, options.timeout, fields | {"bodies": chunk, "keys": keys(len(chunk))})
+        for chunk in chunks(data, limit)
     ]
 
 

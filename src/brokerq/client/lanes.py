@@ -103,8 +103,7 @@ class Lanes:
         self.timeout, self.starts_broker = calls.client_timeout(timeout)
         self.put_window = calls.put_window(put_window)
         self.prefetch = calls.prefetch(prefetch)
-        #: How long a connection spins for a reply before it sleeps, in
-        #: seconds (``$BROKERQ_SPIN_US``, checked here as the others are).
+        #: The reply spin, in seconds (``$BROKERQ_SPIN_US``, checked here as the others are).
         self.spin = spin_from_environment()
         self._closed = False
         self._reset()

@@ -69,8 +69,7 @@ class Spinner:
         sock.setblocking(False)
         self.sock = sock
         self.spin = spin
-        #: A moving average of how long a read that found nothing waited
-        #: for its data (seconds). It spins only while this is under ``spin``.
+        #: A moving average of how long a read that found nothing waited (seconds).
         self.typical_wait = 0.0
         self.poller = select.poll()
         self.poller.register(sock, _POLLIN)
@@ -183,7 +182,6 @@ class Connection:
                 self.close()
                 # An upgrade: the broker still running is older than this
                 # client. Ask it to finish and exit; the next one is ours.
-                # (Without spawn, stop() retires it without starting another.)
                 older = calls.broker_to_retire(socket_path, exc, may_retire=spawn)
                 retire_older_broker(socket_path, older, deadline)
             except BaseException:
