@@ -23,21 +23,10 @@ from ..errors import (
     VersionMismatch,
     from_code,
 )
-from .window import (
-    DEFAULT_TIMEOUT,
-    PREFETCH_VARIABLE,
-    PUT_WINDOW_VARIABLE,
-    PutKeys,
-    PutWindow,
-    Unacknowledged,
-    client_timeout,
-    prefetch,
-    put_window,
-)
+from .window import DEFAULT_TIMEOUT, PutKeys, PutWindow, client_timeout, prefetch, put_window
 from .wire import (
     CLOSING_CODES,
     Attempts,
-    BrokerStopping,
     Call,
     ConnectionLost,
     Wire,
@@ -47,10 +36,9 @@ from .wire import (
     unreachable,
 )
 
-__all__ = ["CLOSING_CODES", "DEFAULT_TIMEOUT", "PREFETCH_VARIABLE", "PUT_WINDOW_VARIABLE"]
-__all__ += ["Attempts", "BrokerStopping", "Call", "ConnectionLost", "PutKeys", "PutWindow"]
-__all__ += ["Unacknowledged", "Wire", "client_timeout", "closed_client"]
-__all__ += ["closed_subscription", "not_stopped", "prefetch", "put_window", "unreachable"]
+__all__ = ["CLOSING_CODES", "DEFAULT_TIMEOUT", "Attempts", "Call", "ConnectionLost"]
+__all__ += ["PutKeys", "PutWindow", "Wire", "client_timeout", "closed_client", "not_stopped"]
+__all__ += ["prefetch", "put_window", "unreachable"]
 
 Body = bytes | bytearray | memoryview | str
 R = TypeVar("R", bound=protocol.Reply)

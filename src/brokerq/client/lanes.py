@@ -27,7 +27,6 @@ from .calls import Call, ConnectionLost
 from .sockio import Connection, spin_from_environment, stop_unopened, wait_stopped
 
 R = TypeVar("R", bound=protocol.Reply)
-
 T = TypeVar("T")
 
 #: How many forks this process is from the one that imported this module: a
