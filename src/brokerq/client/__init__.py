@@ -1,11 +1,8 @@
 """The client wing: one set of request rules, two drivers.
 
-The rules are sans-IO (no sockets, no clock, neither trio nor anyio):
-:mod:`.calls`, :mod:`.wire`, :mod:`.window`, :mod:`.prefetch`, :mod:`.api`.
-The drivers connect, move the bytes and wait: the blocking one is
-:mod:`.sockio`, :mod:`.lanes`, :mod:`.streaming` and :mod:`.blocking`; the
-async one (anyio) :mod:`.pool`, :mod:`.async_streams` and
-:mod:`.asynchronous`. ``brokerq.client`` was the blocking client's module
+The rules are sans-IO (calls, wire, window, prefetch, api); the drivers,
+blocking and async, connect, move the bytes and wait (see
+docs/architecture.md). ``brokerq.client`` was the blocking client's module
 before the wings: its names still resolve here. Importing this package
 loads neither trio nor anyio.
 """

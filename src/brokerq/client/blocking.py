@@ -1,10 +1,7 @@
 """The blocking client's public face: Client, Queue, Message, Subscription, connect.
 
 Timeouts follow the stdlib :mod:`queue` contract (None: for ever, 0: the
-``_nowait`` form, raising :class:`~brokerq.Empty`); a reply gets the
-client's ``timeout`` as a grace beyond the request's own. The core (lanes
-per thread, fork, reentrancy, the put window) is :mod:`.lanes`; streams are
-:mod:`.streaming`'s; the requests are :mod:`.api`'s.
+``_nowait`` form). The core is :mod:`.lanes`; streams are :mod:`.streaming`'s.
 """
 
 from __future__ import annotations
@@ -38,16 +35,11 @@ class Client(Streaming):
     """A broker, named by its socket path; spawned on first use if needed.
 
     ``timeout`` is the deadline for connecting (and spawning a broker), and
-    the grace a reply gets beyond its request's own timeout.
-
-    ``put_window`` (None: ``$BROKERQ_PUT_WINDOW``, else 0): with N > 0, a
-    put returns 0 without waiting for its reply, while fewer than N of the
-    thread's puts are unacknowledged; :meth:`flush` (or any other request
-    of the thread) reads their replies. See docs/usage.md, "Pipelined puts".
-
-    ``prefetch`` (None: ``$BROKERQ_PREFETCH``, else 0): with N > 0, the
-    broker sends a thread that gets from a queue up to N of its messages
-    ahead, on a stream of their own. See docs/usage.md, "Prefetching consumers".
+    the grace a reply gets beyond its request's own timeout. ``put_window``
+    (None: ``$BROKERQ_PUT_WINDOW``): up to N puts a thread sends without
+    waiting for their replies (docs/usage.md, "Pipelined puts").
+    ``prefetch`` (None: ``$BROKERQ_PREFETCH``): up to N messages the broker
+    sends a consuming thread ahead (docs/usage.md, "Prefetching consumers").
     """
 
     def queue(self, name: str, **settings: Any) -> Queue:

@@ -1,10 +1,8 @@
 """What the blocking and the async client share: requests and replies, sans-IO.
 
-The requests the drivers make themselves (puts, gets, lease verbs, the
-handshake) are built here, their arguments checked; the others, with their
-results, are :mod:`.api`'s ops. The names of :mod:`.wire` (a connection's
-rules) and :mod:`.window` (a client's settings, its put window) are
-re-exported, so that ``calls`` is the one name the drivers need.
+The requests the drivers make themselves are built here, their arguments
+checked (the others are :mod:`.api`'s ops); the names of :mod:`.wire` and
+:mod:`.window` are re-exported, so that ``calls`` is the one name the drivers need.
 """
 
 from __future__ import annotations
@@ -197,12 +195,9 @@ SUBSCRIBE, DROP, RECEIVE = "subscribe", "drop", "receive"
 
 
 class LiveEvents:
-    """A live subscription to ``topic``, sans-IO: its request, the bodies its
-    connection brought, in order, and whether it is closed.
-
-    An error with id 0 (``overflow``: the broker dropped this slow
-    subscriber) ends the feed: the bodies before it come first, then it is
-    raised once, then the subscription is closed.
+    """A live subscription to ``topic``, sans-IO. An error with id 0
+    (``overflow``: the broker dropped this slow subscriber) ends the feed:
+    the bodies before it come first, then it is raised once, then it is closed.
     """
 
     def __init__(self, topic: str) -> None:

@@ -1,10 +1,8 @@
 """The blocking client's core: lanes, put windows, retries; safe across threads and fork.
 
-Each thread of a :class:`~brokerq.Client` has a lane: a connection opened
-lazily (so a ``get`` blocked in one thread never holds up a ``put`` in
-another), and a put window. After ``os.fork()`` the child opens fresh
-connections instead of sharing its parent's sockets. Calls are reentrant,
-as ``queue.SimpleQueue.put`` is (see :class:`_Lane`).
+Each thread has a lane: a connection opened lazily (so a ``get`` blocked in
+one thread never holds up a ``put`` in another), and a put window. A forked
+child opens fresh connections. Calls are reentrant (see :class:`_Lane`).
 """
 
 from __future__ import annotations
@@ -48,12 +46,11 @@ class _Lane:
     """One thread's use of a :class:`Client`: a connection, a put window, and
     whether a call of the thread runs on them (``busy``).
 
-    A call that finds the thread's lane busy runs inside another call of
-    the thread (from a ``__del__``, a signal handler), and must not touch
-    that call's connection or window: it takes the first lane nested in it
-    that is not busy (:meth:`free`), with a connection of its own, kept
-    for the next such call, and no window (it is answered at once). The
-    lanes in use are always the first of the chain, since their calls nest.
+    A call that finds it busy runs inside another call of the thread (from a
+    ``__del__``, a signal handler), and must not touch that call's connection
+    or window: it takes the first nested lane not busy (:meth:`free`), with a
+    connection of its own and no window. The lanes in use are always the
+    first of the chain, since their calls nest.
     """
 
     busy: bool = False
@@ -144,11 +141,8 @@ class Lanes:
         return f"<brokerq.Client {self.socket_path!r}{' closed' if self._closed else ''}>"
 
     def close(self) -> None:
-        """Close every connection of this client; using it afterwards raises.
-
-        First flushes this thread's put window (closing all the same if that
-        raises); puts other threads left unflushed are dropped, unacknowledged.
-        """
+        """Close every connection of this client, after flushing this thread's
+        put window (other threads' unflushed puts are dropped, unacknowledged)."""
         try:
             if not self._closed:
                 self._flush_window()
@@ -160,12 +154,8 @@ class Lanes:
 
     def flush(self) -> None:
         """Wait until every put this thread sent in its put window is acknowledged.
-
-        An error reply to one of them (``Full``, say) is raised here, after
-        the replies before it; the puts after it stay in the window for the
-        next flush. A lost connection sends the unacknowledged puts again,
-        same keys, in order, on a new one.
-        """
+        An error reply to one (``Full``, say) is raised here, after the replies
+        before it; the puts after it stay in the window for the next flush."""
         if self._closed:
             raise calls.closed_client()
         self._flush_window()
@@ -177,10 +167,8 @@ class Lanes:
             pass
 
     def send_put(self, call: Call[protocol.PutReply] | Call[protocol.PutManyReply]) -> None:
-        """Send a put in this thread's window, without reading its reply; first,
-        if the window is full, read replies until a slot is free (an error
-        reply read on the way is raised: this put is then not sent). Inside
-        another call of this thread, it is made at once (:meth:`run`)."""
+        """Send a put in this thread's window, first reading replies until a
+        slot is free (an error read on the way is raised: this put is not sent)."""
         lane = self._lane()
         if lane.busy:
             made: Call[Any] = call  # (either kind of put)
@@ -202,10 +190,8 @@ class Lanes:
     def _read_window(
         self, lane: _Lane, window: calls.PutWindow, keep: int | None, began: float
     ) -> None:
-        """Send the window's unsent puts on the connection of ``lane`` (held by
-        the caller), then (unless ``keep`` is None) read replies until at most
-        ``keep`` are unacknowledged, sending them all again after a lost
-        connection (as long as :meth:`~.window.PutWindow.lost` allows)."""
+        """Send the window's unsent puts, then read replies until at most ``keep``
+        (None: any number) are unacknowledged, resending after a lost connection."""
         while True:
             conn = self._lane_connection(lane)
             try:

@@ -1,14 +1,11 @@
 """A client's side of a stream (``prefetch``), sans-IO: both clients drive it.
 
-A client with a prefetch of N opens a stream for a queue (a ``consume``
-request, on a connection of its own); the broker then sends up to N
-``delivery`` frames unasked. The driver sends the ``taken`` frame of what
-it hands out **before** it gives it to the application: on a Unix socket
-a send that completed is in the broker's receive queue, so the broker
-applies it even if this process is killed the next moment. What is
-buffered and not taken stays the broker's: a closed connection gives it
-back. In reserve mode the lease starts at the ``taken``, so a buffered
-message is never handed out with a lease that ran out meanwhile.
+The broker sends a stream up to N ``delivery`` frames unasked. The driver
+sends the ``taken`` frame of what it hands out **before** it gives it to the
+application: a send that completed on a Unix socket is in the broker's
+receive queue, so the broker applies it even if this process is killed the
+next moment. What is buffered and not taken stays the broker's. In reserve
+mode the lease starts at the ``taken``, so it never ran out in the buffer.
 """
 
 from __future__ import annotations
@@ -111,12 +108,9 @@ class Prefetch:
 
 
 class Taking:
-    """One take from a stream (a prefetching get, get_many or reserve).
-
-    With nothing buffered, a take with ``timeout`` 0 first syncs: a ping,
-    since every delivery made before the broker handled it comes ahead of
-    its reply, so nothing already in the queue is missed.
-    """
+    """One take from a stream. With nothing buffered, a take with ``timeout``
+    0 first syncs (a ping: every delivery made before the broker handled it
+    comes ahead of its reply), so nothing already in the queue is missed."""
 
     __slots__ = ("attempts", "deadline", "grace", "start", "state", "synced", "timeout")
 

@@ -2,14 +2,12 @@
 short adaptive spin before sleeping when it is about to be.
 
 Not ``sock.settimeout(t)``: CPython would poll() before every recv() and
-send(), two syscalls where one would do. The socket stays non-blocking: a
-read is tried first, and only if nothing is there does the caller wait.
-
-Why spin? A reply often comes back within tens of microseconds, while
-sleeping and waking again costs about as much. So :class:`Spinner` tries
-the read again for up to ``spin`` seconds, yielding the CPU between tries,
-but only while this connection's late replies have come, on a moving
-average, within the spin: an idle consumer burns no CPU.
+send(), two syscalls where one would do. Why spin? A reply often comes back
+within tens of microseconds, while sleeping and waking again costs about as
+much. So :class:`Spinner` tries the read again for up to ``spin`` seconds,
+yielding the CPU between tries, but only while this connection's late
+replies have come, on a moving average, within the spin: an idle consumer
+burns no CPU.
 """
 
 from __future__ import annotations
@@ -219,10 +217,8 @@ class Connection:
 
     def _interrupted(self, exc: BaseException, wait: float | None) -> BaseException:
         """An exchange was interrupted by ``exc``: close the connection, whose
-        replies would be out of step from then on, and return what to raise:
-        BrokerUnavailable for a timeout, ConnectionLost for a broken socket,
-        else ``exc``; but RemoteProtocolError (never retried) if another
-        request found the connection out of step meanwhile."""
+        replies would be out of step from then on, and return what to raise
+        (RemoteProtocolError, never retried, if it went out of step meanwhile)."""
         self.close()
         if isinstance(exc, RemoteProtocolError) and self.wire.failure is None:
             self.wire.failure = exc  # a frame that cannot be read: out of step too

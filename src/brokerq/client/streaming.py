@@ -23,11 +23,9 @@ class Streaming(Lanes):
     def take_streamed(
         self, queue: str, mode: str, n: int, timeout: float | None, lease: float | None = None
     ) -> tuple[_Streamed, list[protocol.StreamDelivery]] | None:
-        """Up to ``n`` messages of ``queue`` from this thread's stream (opened
-        on first use), waiting up to ``timeout`` for the first; raises Empty.
-        None means: make a plain request instead, as inside another call of
-        this thread (which must not touch the stream of the call it
-        interrupted), or with a broker too old to stream."""
+        """Up to ``n`` messages of ``queue`` from this thread's stream, waiting up
+        to ``timeout`` for the first. None: make a plain request instead (inside
+        another call of the thread, or with a broker too old to stream)."""
         protocol.validate_timeout(timeout)
         lane = self._lane()
         if lane.busy:
@@ -106,11 +104,9 @@ class Streaming(Lanes):
         return conn
 
     def _stream_request(self, streamed: _Streamed, conn: Connection, call: Call[R]) -> R:
-        """One request on a stream's connection: the deliveries that come
-        before its reply go to the buffer, and so do those read with it
-        (they are in no socket any more, so a later wait on the socket would
-        not see them, and with the stream's credit spent the broker sends
-        nothing more)."""
+        """One request on a stream's connection; the deliveries read with its
+        reply go to the buffer now (a later wait on the socket would not see
+        them, and with the stream's credit spent the broker sends no more)."""
         state = streamed.state
         request_id = conn.wire.encode(call.kind, call.fields)
         if call.kind is protocol.Consume:
@@ -145,12 +141,10 @@ class Streaming(Lanes):
     def settle_streamed(
         self, streamed: _Streamed, held: Connection | None, handed_at: float, call: Call[R]
     ) -> R:
-        """A lease verb of a message reserved from a stream: on that stream's
-        connection (``held`` when it was handed out), behind the ``taken``
-        that started the lease, when this thread owns it and is in no other
-        call; else as a plain request, which may find the broker has not
-        read the ``taken`` yet: a LeaseLost is then asked again for up to
-        the client's timeout."""
+        """A lease verb of a message reserved from a stream: on the stream's
+        connection (``held``) when this thread owns it and is in no other call;
+        else as a plain request, asked again after a LeaseLost (the broker may
+        not have read the ``taken`` yet) for up to the client's timeout."""
         lane = self._lane()
         conn = streamed.conn
         owned = lane.streams is not None and streamed in lane.streams.values()
@@ -172,12 +166,8 @@ class Streaming(Lanes):
 
 class Subscription:
     """A live subscription to a topic: the publishes made while it is open.
-
-    It has a connection of its own. If the broker goes away, it reconnects
-    and subscribes again; publishes made in between are missed. A
-    subscriber that reads too slowly is dropped by the broker: :meth:`get`
-    then raises :class:`~brokerq.errors.SubscriberOverflow` (after the
-    publishes that came before it), and the subscription is closed.
+    If the broker goes away, it subscribes again on a new connection. One
+    that reads too slowly is dropped: :meth:`get` then raises SubscriberOverflow.
     """
 
     def __init__(self, client: Lanes, topic: str) -> None:

@@ -1,7 +1,4 @@
-"""A client's settings (checked, with their environment variables), its put
-keys (which let a put be sent again without a second copy), and the put
-window of a blocking client (``put_window``), sans-IO.
-"""
+"""A client's settings, its put keys and the put window of a blocking client, sans-IO."""
 
 from __future__ import annotations
 
@@ -87,11 +84,8 @@ class Unacknowledged:
 
 
 class PutWindow:
-    """The puts of one thread sent without waiting for their replies, in order.
-
-    The first :attr:`sent` went out on the connection :attr:`conn`; a new
-    connection (after a lost one) gets every one again, with its key.
-    """
+    """The puts of one thread sent without waiting for their replies, in order:
+    the first :attr:`sent` went out on :attr:`conn`, a new connection gets all again."""
 
     def __init__(self, grace: float) -> None:
         self.grace = grace

@@ -59,12 +59,9 @@ class Call(Generic[R]):
 
 
 class Attempts:
-    """The deadlines of one call and of its retries after a lost connection.
-
-    The exchange may take the call's ``wait`` plus ``grace`` (the client's
-    timeout; no deadline for a call that may wait for ever). After a lost
-    connection it may be sent again until that deadline (without one, for
-    ``grace`` from the loss), a get asking for what is left of its timeout.
+    """The deadlines of one call and of its retries after a lost connection:
+    the call's ``wait`` plus ``grace`` (the client's timeout; without a
+    ``wait``, ``grace`` from the loss), a get asking for what is left of its timeout.
     """
 
     def __init__(self, call: Call[Any], grace: float, now: float) -> None:
@@ -113,11 +110,8 @@ class Attempts:
 
 class Wire:
     """The sans-IO half of a connection: request ids, frames out, replies in.
-
-    A reply to another request, or of the wrong kind, puts the connection
-    out of step for good: :meth:`check` closes it and raises
-    RemoteProtocolError, kept in :attr:`failure` so that every other
-    request waiting on it fails at once too (:meth:`out_of_step`).
+    A reply to another request, or of the wrong kind, puts it out of step for
+    good: every request waiting on it fails at once too (:meth:`out_of_step`).
     """
 
     def __init__(self, socket_path: str) -> None:
