@@ -1,21 +1,20 @@
 """The client's API, once for both drivers: what each method asks, and what it returns.
 
-Each function here is one method of :class:`brokerq.Queue`,
-:class:`brokerq.Message` or :class:`brokerq.Client` (and of their async
-twins), sans-IO: it checks the arguments and returns an :class:`Op`, the
-request to make (a :class:`~.calls.Call`) with the function that turns its
-reply into the method's result. A driver's method is one line that runs the
-op (``self.client.do(api.kick(self.name, n))``, awaited in the async
-driver), and takes its docstring from here (:func:`like`), so that both
-flavours say the same.
+Each function here is a method of Queue, Message or Client (blocking and
+async): it checks the arguments and returns an :class:`Op`. A driver's method
+runs the op and takes its docstring from here, so that both say the same.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from dataclasses import dataclass
+from operator import attrgetter
 from typing import Any, Generic, TypeVar
 
 from .. import protocol
+from ..errors import BrokerqError, InvalidRequest
 from . import calls
 from .calls import Call
 
@@ -24,32 +23,27 @@ T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+@dataclass(slots=True)
 class Op(Generic[R, T]):
     """A request to make and what its reply returns (``result``)."""
 
-    __slots__ = ("call", "result")
-
-    def __init__(self, call: Call[R], result: Callable[[R], T]) -> None:
-        self.call = call
-        self.result = result
+    call: Call[R]
+    result: Callable[[R], T]
 
 
-def like(shared: Callable[..., Any] | str) -> Callable[[F], F]:
-    """A driver's method, with the docstring of the ``shared`` op (or of
-    :data:`DOCS`, by name)."""
-    doc = DOCS[shared] if isinstance(shared, str) else shared.__doc__
+def like(name: str) -> Callable[[F], F]:
+    """A driver's method, with the docstring of :data:`DOCS` ``name``."""
 
     def document(method: F) -> F:
-        method.__doc__ = doc
+        method.__doc__ = DOCS[name]
         return method
 
     return document
 
 
 def document(cls: type, **ops: Callable[..., Any]) -> None:
-    """Give each public method of a driver's ``cls`` that has no docstring
-    the shared one: its op's here (the function of the same name, or as
-    ``ops`` names it), or its entry in :data:`DOCS`."""
+    """Give each public method of ``cls`` without a docstring the shared one:
+    its entry in :data:`DOCS`, else its op's here (by name, or as ``ops`` says)."""
     for name, member in list(vars(cls).items()):
         method = member.fget if isinstance(member, property) else member
         if name.startswith("_") or not callable(method) or method.__doc__:
@@ -61,43 +55,26 @@ def document(cls: type, **ops: Callable[..., Any]) -> None:
             method.__doc__ = doc
 
 
-#: The docstrings of the methods each driver writes its own way (what they
-#: ask depends on the driver: a put window, a stream, a cancellation).
+#: The docstrings of the methods each driver writes its own way.
 DOCS = {
     "put": """Enqueue ``body`` (str is sent as UTF-8); return its message id.
 
-    With the client's ``put_window`` above 0 (blocking client), it is sent
-    without waiting for the reply and returns 0: it is acknowledged only
-    once :meth:`flush` (or another request of this thread) returns. An
-    exception raised here may be the error of an earlier windowed put,
-    read while waiting for room in the window: this put was then not
-    sent. See docs/usage.md, "Pipelined puts".
-
-    ``priority``: higher is delivered first, FIFO within a priority.
-    ``delay``: seconds before it can be delivered. ``ttl``: seconds after
-    which it is dropped if still waiting (ready or delayed).
-    ``timeout``: on a queue at its ``maxsize``/``max_bytes``, how long to
-    wait for room (None: for ever, 0: not at all); then raises Full.
-
-    Exactly once: if the broker dies before it answers, the put is sent
-    again with the same key, and the broker drops the copy if the first
-    one got through. (Async: a put cancelled while it waits for room is
-    withdrawn, or returns its id if it was made: see the module docstring
-    of :mod:`brokerq.async_client`.)
+    ``priority``: higher is delivered first. ``delay``: seconds before it
+    is ready. ``ttl``: seconds after which it is dropped if still waiting.
+    ``timeout``: on a full queue, how long to wait for room (None: for
+    ever), then Full. Exactly once, even when sent again. Under a
+    ``put_window`` it returns 0 (docs/usage.md, "Pipelined puts").
     """,
     "put_nowait": """``put(body, timeout=0)``: raises Full at once if the queue is full.""",
     "put_many": """Enqueue several bodies in order, in as few frames as fit; return their ids.
 
-    ``priority``, ``delay``, ``ttl`` and ``timeout`` as for :meth:`put`.
-    Every size is checked before anything is sent. Under the client's
-    ``put_window``, each of its frames is a put of the window (sent,
-    not yet acknowledged) and it returns a 0 per body (see :meth:`put`).
+    Options as for :meth:`put`; every size is checked before anything is
+    sent. Under the client's ``put_window`` it returns a 0 per body.
     """,
     "get": """Remove and return the next body, waiting up to ``timeout`` seconds.
 
     ``None`` waits for ever; ``0`` does not wait. Raises Empty on timeout.
-    (Async: a cancelled get loses no message; see the module docstring of
-    :mod:`brokerq.async_client`.)
+    (Async: a cancelled get loses no message.)
     """,
     "get_nowait": """``get(timeout=0)``: raises Empty at once if no message is ready.""",
     "get_many": """Up to ``n`` bodies: waits (up to ``timeout``) for the first only,
@@ -105,23 +82,14 @@ DOCS = {
     "reserve": """Lease the next message: it stays the broker's until acked.
 
     Waits up to ``timeout`` (as :meth:`get`). If the lease (``lease``
-    seconds, else the queue's default) runs out, or this client's
-    connection closes, before :meth:`Message.ack`, the message is
-    delivered again (at-least-once). Use it as a context manager to ack
-    on success and release on an exception (async: ``msg = await
-    q.reserve()``, or ``async with q.reserve() as msg:``).
+    seconds, else the queue's) runs out before :meth:`Message.ack`, it is
+    delivered again (at-least-once).
     """,
     "ping": """Round-trip time to the broker, in seconds (connecting is not counted).""",
     "stop": """Ask the broker to exit and wait until it has; never spawns one.
 
-    Returns False if no broker was running. Raises BrokerUnavailable if
-    the broker still holds its lock after the client's ``timeout``.
-    Flushes this thread's put window first (blocking client).
-
-    Clients waiting on the broker (a ``get``, a live subscription,
-    ``brokerq consume``) reconnect, and the first of them starts a new
-    broker once this one has exited: this returns all the same (it
-    waits for this broker, not for none to run). To stop for good, stop
+    Returns False if no broker was running. Clients waiting on the broker
+    reconnect, and the first starts a new one: to stop for good, stop
     those clients first.
     """,
     "live_get": """The next publish's body, waiting up to ``timeout`` (None: for
@@ -129,25 +97,25 @@ DOCS = {
 }
 
 
-def _count(reply: protocol.KickReply | protocol.DeleteReply | protocol.PurgeReply) -> int:
-    return reply.count
+_count, _stats = attrgetter("count"), attrgetter("stats")
 
 
 def _nothing(reply: protocol.Reply) -> None:
     return None
 
 
-def _stats(reply: protocol.StatsReply) -> dict[str, Any]:
-    return reply.stats
-
-
-# -- Queue -------------------------------------------------------------------
+def _op(
+    expect: type[R], kind: type[protocol.Request], result: Callable[[R], T], **fields: Any
+) -> Op[R, T]:
+    """An op whose request never waits in the broker."""
+    return Op(Call(expect, kind, 0, fields), result)
 
 
 def kick(queue: str, n: int = 1) -> Op[protocol.KickReply, int]:
-    """Return up to ``n`` buried messages to ready; on ``<q>:dead``, move
-    them back to ``<q>``. Returns how many moved."""
-    return Op(calls.kick(queue, n), _count)
+    """Up to ``n`` buried messages back to ready (on ``<q>:dead``, to
+    ``<q>``); returns how many moved."""
+    protocol.validate_count(n, "kick's n")
+    return _op(protocol.KickReply, protocol.Kick, _count, queue=queue, n=n)
 
 
 def configure(
@@ -158,40 +126,33 @@ def configure(
     maxsize: int | None = None,
     max_bytes: int | None = None,
 ) -> Op[protocol.ConfigureReply, dict[str, Any]]:
-    """Change this queue's settings; None leaves a setting as it is.
-
-    ``maxsize`` / ``max_bytes``: the most messages / body bytes it holds
-    in every state (``maxsize`` 0: unlimited; ``max_bytes`` 0: the
-    broker's ``--max-queue-bytes``, unlimited by default); a put on a
-    full queue waits for room.
-    Kept in the journal. Returns the settings now in force.
-    """
+    """Change this queue's limits, delivery limit and default lease (None:
+    unchanged); returns the settings in force (see docs/usage.md)."""
     call = calls.configure(
         queue, max_deliveries=max_deliveries, lease=lease, maxsize=maxsize, max_bytes=max_bytes
     )
-    return Op(call, lambda reply: reply.config)
+    return Op(call, attrgetter("config"))
 
 
 def delete(queue: str) -> Op[protocol.DeleteReply, int]:
-    """Delete this queue: every message it holds, in every state, and its
-    settings; returns how many messages went. (Using the name again
-    makes a new, empty queue.)"""
-    return Op(calls.delete(queue), _count)
+    """Delete this queue: every message in every state, and its settings;
+    returns how many messages went."""
+    return _op(protocol.DeleteReply, protocol.Delete, _count, queue=queue)
 
 
 def peek(queue: str) -> Op[protocol.PeekReply, bytes]:
     """The body at the head, not removed. Raises Empty if none is ready."""
-    return Op(calls.peek(queue), lambda reply: reply.body)
+    return _op(protocol.PeekReply, protocol.Peek, attrgetter("body"), queue=queue)
 
 
 def purge(queue: str) -> Op[protocol.PurgeReply, int]:
     """Remove every ready message; return how many."""
-    return Op(calls.purge(queue), _count)
+    return _op(protocol.PurgeReply, protocol.Purge, _count, queue=queue)
 
 
 def stats(queue: str) -> Op[protocol.StatsReply, dict[str, Any]]:
     """Depth, bytes, waiters and totals of this queue (see docs/usage.md)."""
-    return Op(calls.stats(queue), _stats)
+    return _op(protocol.StatsReply, protocol.Stats, _stats, queue=queue)
 
 
 def qsize(stats: dict[str, Any]) -> int:
@@ -205,53 +166,53 @@ def empty(stats: dict[str, Any]) -> bool:
 
 
 def subscribe(queue: str, topic: str) -> Op[protocol.SubscribeReply, None]:
-    """From now on, get a copy of every publish to ``topic``, kept in the
-    journal until :meth:`unsubscribe` or :meth:`delete` (durable)."""
+    """From now on, get a copy of every publish to ``topic`` (durable)."""
     return Op(calls.subscribe(topic, queue), _nothing)
 
 
 def unsubscribe(queue: str, topic: str) -> Op[protocol.UnsubscribeReply, bool]:
-    """End the subscription to ``topic``; False if there was none. The
-    copies already in this queue stay."""
-    return Op(calls.unsubscribe(topic, queue), lambda reply: reply.found)
+    """End the subscription to ``topic``; False if there was none."""
+    found = attrgetter("found")
+    return _op(protocol.UnsubscribeReply, protocol.Unsubscribe, found, topic=topic, queue=queue)
 
 
 def task_done(queue: str, n: int = 1) -> Op[protocol.TaskDoneReply, None]:
     """A message taken by :meth:`get` was handled (as :meth:`queue.Queue.task_done`).
 
-    The count is the broker's, per queue, shared by every process: each
-    put adds a task; this takes ``n`` away (``n`` > 1: that many at
-    once, for a :meth:`get_many` batch). Calling it more times than
-    there are tasks raises InvalidRequest, a ValueError, as the stdlib
-    does. An acked :meth:`reserve` counts as its task_done already.
-    Never sent again after a lost connection (a retry whose first try
-    got through would count twice): raises ConnectionLost (a
-    BrokerUnavailable), as the lease verbs do. (Async: it runs shielded.)
+    Never sent again after a lost connection (it could count twice: it
+    raises ConnectionLost), but sent again when a stopping broker refused
+    it (it did not count then).
     """
-    return Op(calls.task_done(queue, n), _nothing)
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise InvalidRequest(f"task_done needs a whole number n >= 1, not {n!r}")
+    fields = {"queue": queue, "n": n}
+    call = Call(
+        protocol.TaskDoneReply, protocol.TaskDone, 0, fields, retry=False, resend_refused=True
+    )
+    return Op(call, _nothing)
 
 
 def join(queue: str, timeout: float | None = None) -> Op[protocol.JoinReply, None]:
     """Block until every task of this queue is done (as :meth:`queue.Queue.join`).
 
-    Returns once the broker's count of unfinished tasks (put, not yet
-    task_done, acked or otherwise settled) is 0. ``timeout``: raise
-    :class:`~brokerq.JoinTimeout` (a TimeoutError) after that many
-    seconds (None: wait for ever; 0: only look). After a lost connection
-    it asks again with what is left of its timeout, as :meth:`get` does.
-    (Async: cancellable; a cancelled join changes nothing in the broker.)
+    ``timeout``: raise :class:`~brokerq.JoinTimeout` after that many
+    seconds (None: wait for ever; 0: only look).
     """
-    return Op(calls.join(queue, timeout), _nothing)
+    protocol.validate_timeout(timeout)
+    fields = {"queue": queue, "timeout": timeout}
+    return Op(Call(protocol.JoinReply, protocol.Join, timeout, fields), _nothing)
 
 
 def unfinished_tasks(stats: dict[str, Any]) -> int:
-    """The broker's count of this queue's unfinished tasks (a snapshot,
-    read from its stats, as :attr:`queue.Queue.unfinished_tasks`; a
-    method of the async queue, since reading it talks to the broker)."""
-    return calls.unfinished_tasks(stats)
-
-
-# -- Message -----------------------------------------------------------------
+    """The broker's count of this queue's unfinished tasks (a snapshot; a
+    broker from before task_done has none: say so, not KeyError)."""
+    count = stats.get("unfinished_tasks")
+    if not isinstance(count, int):
+        raise BrokerqError(
+            "the broker does not count unfinished tasks: it is older than this client "
+            "(`brokerq stop` it; the next one started does)"
+        )
+    return count
 
 
 def ack(msg_id: int, attempt: int) -> Op[protocol.AckReply, None]:
@@ -261,20 +222,22 @@ def ack(msg_id: int, attempt: int) -> Op[protocol.AckReply, None]:
 
 def release(msg_id: int, attempt: int, delay: float = 0) -> Op[protocol.ReleaseReply, None]:
     """Give it back for redelivery: now (to its place at the head) or after ``delay`` s."""
-    return Op(calls.release(msg_id, attempt, delay), _nothing)
+    if not protocol.is_number(delay) or not 0 <= delay < math.inf:
+        raise InvalidRequest(f"delay must be a number of seconds >= 0, not {delay!r}")
+    call = calls.verb(protocol.ReleaseReply, protocol.Release, msg_id, attempt, delay=float(delay))
+    return Op(call, _nothing)
 
 
 def bury(msg_id: int, attempt: int) -> Op[protocol.BuryReply, None]:
     """Set it aside: kept, not delivered, until kicked (``Queue.kick``)."""
-    return Op(calls.bury(msg_id, attempt), _nothing)
+    return Op(calls.verb(protocol.BuryReply, protocol.Bury, msg_id, attempt), _nothing)
 
 
 def touch(msg_id: int, attempt: int, lease: float | None = None) -> Op[protocol.TouchReply, float]:
     """Extend the lease (by its length, or ``lease`` seconds from now)."""
-    return Op(calls.touch(msg_id, attempt, lease), lambda reply: reply.lease)
-
-
-# -- Client ------------------------------------------------------------------
+    protocol.validate_lease(lease)
+    call = calls.verb(protocol.TouchReply, protocol.Touch, msg_id, attempt, lease=lease)
+    return Op(call, attrgetter("lease"))
 
 
 def publish(
@@ -288,22 +251,23 @@ def publish(
 ) -> Op[protocol.PublishReply, int]:
     """Send a copy of ``body`` to every subscriber of ``topic``; return how many.
 
-    Each queue subscribed to the topic (:meth:`Queue.subscribe`) gets it
-    as an ordinary message (with ``priority`` and ``ttl`` as for
-    :meth:`Queue.put`), unless it is full: a publish never waits (async:
-    it runs shielded). Each live subscriber (:meth:`subscribe`) is sent
-    it. 0 means nobody subscribes: the message went nowhere. Retried after
-    a lost connection like a put, without a second copy in any queue.
+    Each queue subscribed gets it as a message (``priority`` and ``ttl``
+    as for :meth:`Queue.put`) unless it is full: a publish never waits.
     """
-    call = calls.publish(topic, body, limit, keys, priority=priority, ttl=ttl)
+    protocol.validate_queue_name(topic, what="topic", for_put=True)
+    data = calls.as_bytes(body)
+    calls.check_size(data, limit)
+    fields = {"topic": topic, "body": data, "key": keys(1)[0], "priority": int(priority)}
+    fields["ttl"] = None if ttl is None else float(ttl)
+    call = Call(protocol.PublishReply, protocol.Publish, 0, fields)
     return Op(call, lambda reply: reply.copies + reply.live)
 
 
 def broker_stats() -> Op[protocol.StatsReply, dict[str, Any]]:
     """The broker's stats: pid, version, uptime, connections, totals."""
-    return Op(calls.stats(), _stats)
+    return _op(protocol.StatsReply, protocol.Stats, _stats)
 
 
 def queues() -> Op[protocol.QueuesReply, list[str]]:
     """The names of every queue the broker holds."""
-    return Op(calls.queues(), lambda reply: reply.names)
+    return _op(protocol.QueuesReply, protocol.Queues, attrgetter("names"))

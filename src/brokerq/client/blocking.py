@@ -1,25 +1,7 @@
-"""The blocking client: its public face (Client, Queue, Message, Subscription, connect).
+"""The blocking client's public face: Client, Queue, Message, Subscription, connect.
 
-A :class:`Client` names a broker by its socket path and opens connections
-lazily, one per thread, so a ``get`` blocked in one thread never holds up a
-``put`` in another (as with :class:`queue.Queue`). After ``os.fork()`` the
-child opens fresh connections instead of sharing its parent's sockets.
-
-Timeouts follow the stdlib :mod:`queue` contract: ``timeout=None`` waits
-for ever, ``0`` is the ``_nowait`` form, and running out raises
-:class:`~brokerq.Empty`. The socket's own deadline is derived from the
-request's: the broker has the request's timeout to answer, plus the
-client's ``timeout`` (the connect/spawn deadline) as a grace for the reply.
-
-With a ``put_window`` of N, a put is sent without waiting for its reply
-(up to N per thread unread), and the replies are read by :meth:`Client.flush`,
-by the put that finds the window full, or by any other request of the
-thread, which flushes first (see docs/usage.md, "Pipelined puts").
-
-Calls are reentrant, as ``queue.SimpleQueue.put`` is (a call made from a
-``__del__`` or a signal handler inside another one never touches its
-connection or put window): see :mod:`.lanes`, the client's core, and
-:mod:`.streaming`, its streams; the requests are :mod:`.api`'s.
+Timeouts follow the stdlib :mod:`queue` contract (None: for ever, 0: the
+``_nowait`` form). The core is :mod:`.lanes`; streams are :mod:`.streaming`'s.
 """
 
 from __future__ import annotations
@@ -32,28 +14,16 @@ from collections.abc import Iterable
 from typing import Any, TypeVar
 
 from .. import protocol
-from ..errors import (
-    BrokerqError,
-)
-from ..spawn import (
-    resolve_socket_path,
-)
+from ..errors import BrokerqError
+from ..spawn import resolve_socket_path
 from . import api, calls
 from .calls import Body, ConnectionLost
 from .lanes import _Streamed
 from .sockio import Connection
 from .streaming import Streaming, Subscription
 
-__all__ = [
-    "Body",
-    "Client",
-    "Connection",
-    "ConnectionLost",
-    "Message",
-    "Queue",
-    "Subscription",
-    "connect",
-]
+__all__ = ["Body", "Client", "Connection", "ConnectionLost", "Message", "Queue", "Subscription"]
+__all__ += ["connect"]
 
 R = TypeVar("R", bound=protocol.Reply)
 T = TypeVar("T")
@@ -65,25 +35,16 @@ class Client(Streaming):
     """A broker, named by its socket path; spawned on first use if needed.
 
     ``timeout`` is the deadline for connecting (and spawning a broker), and
-    the grace a reply gets beyond its request's own timeout.
-
-    ``put_window`` (None: ``$BROKERQ_PUT_WINDOW``, else 0): with N > 0,
-    :meth:`Queue.put` sends its put and returns 0 without waiting for the
-    reply, as long as fewer than N of this thread's puts are unacknowledged;
-    :meth:`flush` (or any other request of the thread, or :meth:`close`)
-    reads their replies. See docs/usage.md, "Pipelined puts".
-
-    ``prefetch`` (None: ``$BROKERQ_PREFETCH``, else 0): with N > 0, the
-    first :meth:`Queue.get` (``get_many``, ``reserve``) of a queue in a
-    thread opens a stream on a connection of its own, and the broker sends
-    the thread up to N of the queue's messages ahead, as they arrive. See
-    docs/usage.md, "Prefetching consumers".
+    the grace a reply gets beyond its request's own timeout. ``put_window``
+    (None: ``$BROKERQ_PUT_WINDOW``): up to N puts a thread sends without
+    waiting for their replies (docs/usage.md, "Pipelined puts").
+    ``prefetch`` (None: ``$BROKERQ_PREFETCH``): up to N messages the broker
+    sends a consuming thread ahead (docs/usage.md, "Prefetching consumers").
     """
 
     def queue(self, name: str, **settings: Any) -> Queue:
-        """The queue ``name``; settings given here (``maxsize``, ``max_bytes``,
-        ``max_deliveries``, ``lease``) are applied to it, new or not (see
-        Queue.configure)."""
+        """The queue ``name``; settings given here are applied to it, new or
+        not (see :meth:`Queue.configure`)."""
         q = Queue(name, client=self)
         if any(value is not None for value in settings.values()):
             q.configure(**settings)
@@ -96,12 +57,9 @@ class Client(Streaming):
         return self.do(api.publish(topic, body, limit, self.next_keys, priority=priority, ttl=ttl))
 
     def subscribe(self, topic: str) -> Subscription:
-        """A live subscription to ``topic``, in effect when this returns.
-
-        Iterate over it (or call :meth:`Subscription.get`) for the body of
-        each publish made while it is open; close it (or use it as a context
-        manager) to end it. It has a connection of its own.
-        """
+        """A live subscription to ``topic``, in effect when this returns:
+        iterate over it (or :meth:`Subscription.get`) for the body of each
+        publish made while it is open; close it to end it."""
         return Subscription(self, topic)
 
     @property
@@ -118,11 +76,8 @@ class Client(Streaming):
 
 class Queue:
     """A named queue of a broker; like :class:`queue.Queue`, across processes.
-
     ``Queue("jobs")`` uses the default broker (``$BROKERQ_SOCKET`` or the
-    per-user path), spawning it on first use; ``client.queue("jobs")`` uses
-    an explicit one.
-    """
+    per-user path), spawning it on first use."""
 
     def __init__(
         self,
@@ -149,9 +104,8 @@ class Queue:
     ) -> int:
         options = calls.PutOptions(priority, delay, ttl, timeout)
         client = self.client
-        call = calls.put(
-            self.name, body, client.connection().max_message_size, client.next_keys, options
-        )
+        limit = client.connection().max_message_size
+        call = calls.put(self.name, body, limit, client.next_keys, options)
         if client.put_window > 0:
             client.send_put(call)
             return 0
@@ -267,10 +221,8 @@ class Queue:
 class Message:
     """A reserved message: ``body``, ``id`` (what put returned), ``attempt``
     (1 on the first delivery), and the verbs that end or extend its lease.
-
-    As a context manager it acks when the block exits cleanly and releases
-    the message (for redelivery) when it exits with an exception, unless
-    the block already settled it.
+    As a context manager it acks on a clean exit and releases on an
+    exception, unless the block already settled it.
     """
 
     def __init__(self, queue: Queue, msg_id: int, body: bytes, attempt: int, lease: float) -> None:
@@ -318,9 +270,8 @@ class Message:
 
 
 class StreamedMessage(Message):
-    """A reserved message that came prefetched (``prefetch``): its lease
-    began when it was handed out, and its verbs go on its stream's
-    connection, behind the ``taken`` that began it."""
+    """A reserved message that came prefetched: its lease began when it was
+    handed out, and its verbs go behind the ``taken`` that began it."""
 
     def __init__(
         self, queue: Queue, delivery: protocol.StreamDelivery, streamed: _Streamed
@@ -363,9 +314,8 @@ def connect(
     prefetch: int | None = None,
 ) -> Client:
     """A client of the broker at ``socket`` (default: ``$BROKERQ_SOCKET`` or the
-    per-user path). Connects (spawning the broker if none runs) right away, so
-    a broker that cannot be reached fails here rather than at the first put.
-    ``put_window``, ``prefetch``: see :class:`Client`."""
+    per-user path), connected (spawning the broker if none runs) right away,
+    so a broker that cannot be reached fails here rather than at the first put."""
     client = Client(socket, timeout, put_window=put_window, prefetch=prefetch)
     try:
         client.connection()

@@ -1,20 +1,12 @@
 """What the blocking and the async client share: requests and replies, sans-IO.
 
-Neither client builds a request or judges a reply by itself. This module
-turns each operation's arguments into a :class:`Call` (the request kind, its
-fields, the reply it expects, how long the broker may take by the request's
-own terms, whether it may be sent again), checking arguments on the way
-(bodies, sizes, timeouts). Beside it, :mod:`.wire` holds a connection's
-rules (:class:`Wire`: request ids, frames, the check of each reply;
-:class:`Attempts`: the deadlines of a call and of its retries after a lost
-connection), and :mod:`.window` a client's settings and its put window;
-their names are re-exported here, so that ``calls`` is the one name the
-drivers need. It does no I/O and imports neither trio nor anyio.
+The requests the drivers make themselves are built here, their arguments
+checked (the others are :mod:`.api`'s ops); the names of :mod:`.wire` and
+:mod:`.window` are re-exported, so that ``calls`` is the one name the drivers need.
 """
 
 from __future__ import annotations
 
-import math
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -29,21 +21,10 @@ from ..errors import (
     VersionMismatch,
     from_code,
 )
-from .window import (
-    DEFAULT_TIMEOUT,
-    PREFETCH_VARIABLE,
-    PUT_WINDOW_VARIABLE,
-    PutKeys,
-    PutWindow,
-    Unacknowledged,
-    client_timeout,
-    prefetch,
-    put_window,
-)
+from .window import DEFAULT_TIMEOUT, PutKeys, PutWindow, client_timeout, prefetch, put_window
 from .wire import (
     CLOSING_CODES,
     Attempts,
-    BrokerStopping,
     Call,
     ConnectionLost,
     Wire,
@@ -53,27 +34,9 @@ from .wire import (
     unreachable,
 )
 
-__all__ = [
-    "CLOSING_CODES",
-    "DEFAULT_TIMEOUT",
-    "PREFETCH_VARIABLE",
-    "PUT_WINDOW_VARIABLE",
-    "Attempts",
-    "BrokerStopping",
-    "Call",
-    "ConnectionLost",
-    "PutKeys",
-    "PutWindow",
-    "Unacknowledged",
-    "Wire",
-    "client_timeout",
-    "closed_client",
-    "closed_subscription",
-    "not_stopped",
-    "prefetch",
-    "put_window",
-    "unreachable",
-]
+__all__ = ["CLOSING_CODES", "DEFAULT_TIMEOUT", "Attempts", "Call", "ConnectionLost"]
+__all__ += ["PutKeys", "PutWindow", "Wire", "client_timeout", "closed_client", "not_stopped"]
+__all__ += ["prefetch", "put_window", "unreachable"]
 
 Body = bytes | bytearray | memoryview | str
 R = TypeVar("R", bound=protocol.Reply)
@@ -82,9 +45,6 @@ KeySource = Callable[[int], list[bytes]]
 #: What one body adds to a put_many frame beyond its bytes: its bin header
 #: and its 16-byte key with its own header, rounded up.
 PER_BODY = 32
-
-
-# -- calls -----------------------------------------------------------------
 
 
 def as_bytes(body: Body) -> bytes:
@@ -110,10 +70,8 @@ class PutOptions:
     timeout: float | None = None
 
     def fields(self) -> dict[str, Any]:
-        """The request fields beside the bodies and keys (the wire omits defaults).
-
-        Arguments of the wrong type are refused here (InvalidRequest), not
-        converted: ``priority=1.5`` is a mistake to report, not a 1."""
+        """The request fields beside the bodies and keys. Arguments of the wrong
+        type are refused, not converted: ``priority=1.5`` is a mistake, not a 1."""
         protocol.validate_timeout(self.timeout)
         if isinstance(self.priority, bool) or not isinstance(self.priority, int):
             raise InvalidRequest(f"priority must be a whole number, not {self.priority!r}")
@@ -131,8 +89,6 @@ class PutOptions:
 def put(
     queue: str, body: Body, limit: int, keys: KeySource, options: PutOptions
 ) -> Call[protocol.PutReply]:
-    """A put of ``body``, checked against the broker's body ``limit``; ``keys``
-    gives its put key."""
     data = as_bytes(body)
     check_size(data, limit)
     fields = {"queue": queue, "body": data} | options.fields()
@@ -143,24 +99,20 @@ def put(
 def put_many(
     queue: str, bodies: Iterable[Body], limit: int, keys: KeySource, options: PutOptions
 ) -> list[Call[protocol.PutManyReply]]:
-    """One put_many request per frame's worth of bodies; every size is checked
-    before any request is made."""
+    """One put_many request per frame's worth of bodies, every size checked first."""
     fields = {"queue": queue} | options.fields()
     if isinstance(bodies, str | bytes | bytearray | memoryview) or not hasattr(bodies, "__iter__"):
         raise InvalidRequest(f"put_many takes an iterable of bodies, not {type(bodies).__name__}")
+    data = [b if type(b) is bytes else as_bytes(b) for b in bodies]
+    expect, kind = protocol.PutManyReply, protocol.PutMany
     return [
-        Call(
-            protocol.PutManyReply,
-            protocol.PutMany,
-            options.timeout,
-            fields | {"bodies": chunk, "keys": keys(len(chunk))},
-        )
-        for chunk in chunks([b if type(b) is bytes else as_bytes(b) for b in bodies], limit)
+        Call(expect, kind, options.timeout, fields | {"bodies": chunk, "keys": keys(len(chunk))})
+        for chunk in chunks(data, limit)
     ]
 
 
 def chunks(bodies: list[bytes], limit: int) -> list[list[bytes]]:
-    """Split ``bodies`` into runs whose frames fit; raise if one body never fits."""
+    """Split ``bodies`` into runs whose frames fit."""
     sizes = [len(body) for body in bodies]
     if sum(sizes) + PER_BODY * len(sizes) <= limit:
         return [bodies] if bodies else []  # one frame: the usual batch
@@ -189,12 +141,8 @@ def get_many(queue: str, n: int, timeout: float | None) -> Call[protocol.GetMany
     protocol.validate_timeout(timeout)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise InvalidRequest(f"get_many needs a whole number n >= 1, not {n!r}")
-    return Call(
-        protocol.GetManyReply,
-        protocol.GetMany,
-        timeout,
-        {"queue": queue, "n": n, "timeout": timeout},
-    )
+    fields = {"queue": queue, "n": n, "timeout": timeout}
+    return Call(protocol.GetManyReply, protocol.GetMany, timeout, fields)
 
 
 def reserve(queue: str, timeout: float | None, lease: float | None) -> Call[protocol.ReserveReply]:
@@ -202,11 +150,6 @@ def reserve(queue: str, timeout: float | None, lease: float | None) -> Call[prot
     protocol.validate_lease(lease)
     fields = {"queue": queue, "timeout": timeout, "lease": lease}
     return Call(protocol.ReserveReply, protocol.Reserve, timeout, fields)
-
-
-def kick(queue: str, n: int) -> Call[protocol.KickReply]:
-    protocol.validate_count(n, "kick's n")
-    return Call(protocol.KickReply, protocol.Kick, 0, {"queue": queue, "n": n})
 
 
 def configure(
@@ -218,78 +161,15 @@ def configure(
     max_bytes: int | None = None,
 ) -> Call[protocol.ConfigureReply]:
     protocol.validate_lease(lease)
-    for name, value in (
-        ("max_deliveries", max_deliveries),
-        ("maxsize", maxsize),
-        ("max_bytes", max_bytes),
-    ):
-        if value is not None:
-            protocol.validate_count(value, name)
-    settings = {
-        "max_deliveries": max_deliveries,
-        "lease": lease,
-        "maxsize": maxsize,
-        "max_bytes": max_bytes,
-    }
-    return Call(protocol.ConfigureReply, protocol.Configure, 0, {"queue": queue} | settings)
+    fields = {"queue": queue, "max_deliveries": max_deliveries, "lease": lease}
+    fields |= {"maxsize": maxsize, "max_bytes": max_bytes}
+    for name in ("max_deliveries", "maxsize", "max_bytes"):
+        if fields[name] is not None:
+            protocol.validate_count(fields[name], name)
+    return Call(protocol.ConfigureReply, protocol.Configure, 0, fields)
 
 
-def delete(queue: str) -> Call[protocol.DeleteReply]:
-    return Call(protocol.DeleteReply, protocol.Delete, 0, {"queue": queue})
-
-
-def peek(queue: str) -> Call[protocol.PeekReply]:
-    return Call(protocol.PeekReply, protocol.Peek, 0, {"queue": queue})
-
-
-def purge(queue: str) -> Call[protocol.PurgeReply]:
-    return Call(protocol.PurgeReply, protocol.Purge, 0, {"queue": queue})
-
-
-def stats(queue: str | None = None) -> Call[protocol.StatsReply]:
-    """The stats of ``queue``, or of the broker."""
-    return Call(protocol.StatsReply, protocol.Stats, 0, {} if queue is None else {"queue": queue})
-
-
-def queues() -> Call[protocol.QueuesReply]:
-    return Call(protocol.QueuesReply, protocol.Queues, 0)
-
-
-def task_done(queue: str, n: int = 1) -> Call[protocol.TaskDoneReply]:
-    """``n`` tasks of ``queue`` are done. Never sent again after a lost
-    connection: it is not idempotent (a first try that got through and a
-    second would count twice), so the caller gets ConnectionLost, as for a
-    lease verb. But sent again when a stopping broker refused it: it did
-    not count then."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise InvalidRequest(f"task_done needs a whole number n >= 1, not {n!r}")
-    fields = {"queue": queue, "n": n}
-    return Call(
-        protocol.TaskDoneReply, protocol.TaskDone, 0, fields, retry=False, resend_refused=True
-    )
-
-
-def join(queue: str, timeout: float | None) -> Call[protocol.JoinReply]:
-    """Wait until ``queue`` has no unfinished task (JoinTimeout after
-    ``timeout``). Sent again after a lost connection with what is left of
-    its timeout, as a get is: it changes nothing."""
-    protocol.validate_timeout(timeout)
-    return Call(protocol.JoinReply, protocol.Join, timeout, {"queue": queue, "timeout": timeout})
-
-
-def unfinished_tasks(stats: dict[str, Any]) -> int:
-    """The ``unfinished_tasks`` of a queue's stats; a broker from before
-    task_done has none, which says so instead of a KeyError."""
-    count = stats.get("unfinished_tasks")
-    if not isinstance(count, int):
-        raise BrokerqError(
-            "the broker does not count unfinished tasks: it is older than this client "
-            "(`brokerq stop` it; the next one started does)"
-        )
-    return count
-
-
-def _verb(
+def verb(
     expect: type[R], kind: type[protocol.Request], msg_id: int, attempt: int, **extra: Any
 ) -> Call[R]:
     """A lease verb: never waits, never sent again (the lease may have ended)."""
@@ -299,62 +179,15 @@ def _verb(
 def ack(msg_id: int, attempt: int, *, as_get: bool = False) -> Call[protocol.AckReply]:
     """``as_get``: the ack of a get made of a reserve and an ack, which leaves
     the message's task for a task_done, as a get does."""
-    return _verb(protocol.AckReply, protocol.Ack, msg_id, attempt, as_get=as_get)
-
-
-def release(msg_id: int, attempt: int, delay: float = 0) -> Call[protocol.ReleaseReply]:
-    if not protocol.is_number(delay) or not 0 <= delay < math.inf:
-        raise InvalidRequest(f"delay must be a number of seconds >= 0, not {delay!r}")
-    return _verb(protocol.ReleaseReply, protocol.Release, msg_id, attempt, delay=float(delay))
-
-
-def bury(msg_id: int, attempt: int) -> Call[protocol.BuryReply]:
-    return _verb(protocol.BuryReply, protocol.Bury, msg_id, attempt)
-
-
-def touch(msg_id: int, attempt: int, lease: float | None = None) -> Call[protocol.TouchReply]:
-    protocol.validate_lease(lease)
-    return _verb(protocol.TouchReply, protocol.Touch, msg_id, attempt, lease=lease)
-
-
-# -- topics ------------------------------------------------------------------
-
-
-def publish(
-    topic: str,
-    body: Body,
-    limit: int,
-    keys: KeySource,
-    *,
-    priority: int = 0,
-    ttl: float | None = None,
-) -> Call[protocol.PublishReply]:
-    """A publish of ``body``, with a key so that a retry makes no second copy."""
-    protocol.validate_queue_name(topic, what="topic", for_put=True)
-    data = as_bytes(body)
-    check_size(data, limit)
-    fields = {
-        "topic": topic,
-        "body": data,
-        "key": keys(1)[0],
-        "priority": int(priority),
-        "ttl": None if ttl is None else float(ttl),
-    }
-    return Call(protocol.PublishReply, protocol.Publish, 0, fields)
+    return verb(protocol.AckReply, protocol.Ack, msg_id, attempt, as_get=as_get)
 
 
 def subscribe(topic: str, queue: str | None = None) -> Call[protocol.SubscribeReply]:
-    """``queue`` subscribes to ``topic`` (durable), or, without one, the
-    connection does (live: see :class:`LiveEvents`; never sent again, since
-    a live subscription belongs to one connection)."""
+    """Without a ``queue``, the connection subscribes (live): never sent
+    again, since a live subscription belongs to one connection."""
     protocol.validate_queue_name(topic, what="topic", for_put=True)
     fields = {"topic": topic, "queue": queue}
     return Call(protocol.SubscribeReply, protocol.Subscribe, 0, fields, retry=queue is not None)
-
-
-def unsubscribe(topic: str, queue: str | None = None) -> Call[protocol.UnsubscribeReply]:
-    fields = {"topic": topic, "queue": queue}
-    return Call(protocol.UnsubscribeReply, protocol.Unsubscribe, 0, fields)
 
 
 #: What a live subscription's get does next (:meth:`LiveEvents.step`).
@@ -362,15 +195,9 @@ SUBSCRIBE, DROP, RECEIVE = "subscribe", "drop", "receive"
 
 
 class LiveEvents:
-    """A live subscription to ``topic``, sans-IO: its request, what its
-    connection brought, in order, and whether it is closed.
-
-    :meth:`take` sorts the frames received: each ``event``'s body is kept,
-    the first other frame (the reply to the subscription's request) is
-    returned. An error with id 0 (``overflow``: the broker dropped this
-    slow subscriber) ends the feed; :meth:`next_body` still returns the
-    bodies that came before it, then raises it once; after that the
-    subscription is closed (:meth:`step`).
+    """A live subscription to ``topic``, sans-IO. An error with id 0
+    (``overflow``: the broker dropped this slow subscriber) ends the feed:
+    the bodies before it come first, then it is raised once, then it is closed.
     """
 
     def __init__(self, topic: str) -> None:
@@ -383,7 +210,7 @@ class LiveEvents:
         self.overflowed = False
 
     def take(self, wire: Wire) -> protocol.AnyReply | None:
-        """Take in every whole frame received; None once all are taken."""
+        """Keep each event's body; return the first other frame (the reply)."""
         while self.error is None and (frame := wire.next_reply()) is not None:
             if isinstance(frame, protocol.Event):
                 self.bodies.append(frame.body)
@@ -393,25 +220,15 @@ class LiveEvents:
                 return frame
         return None
 
-    def next_body(self) -> bytes | None:
-        """The oldest body received; None if there is none (yet). Raises the
-        error that ended the feed once every body before it was taken."""
+    def step(self, wire: Wire | None) -> bytes | str:
+        """What a get does next, ``wire`` being its connection's (None: none):
+        return a body, :data:`SUBSCRIBE` on a new connection, :data:`DROP` the
+        connection (dropped by the broker), or :data:`RECEIVE` more."""
         if self.bodies:
             return self.bodies.popleft()
-        if self.error is not None:
+        if self.error is not None:  # (raised once, after the bodies before it)
             error, self.error = self.error, None
             raise error
-        return None
-
-    def step(self, wire: Wire | None) -> bytes | str:
-        """What a get does next, ``wire`` being its connection's (None: it has
-        none): return a body; :data:`SUBSCRIBE` on a new connection;
-        :data:`DROP`, close the connection (the broker dropped this slow
-        subscriber: the bodies before come next, then the error); or
-        :data:`RECEIVE` more. Raises once the subscription is closed."""
-        body = self.next_body()
-        if body is not None:
-            return body
         if self.closed:
             raise closed_subscription(self.topic, self.overflowed)
         if wire is None:
@@ -440,41 +257,33 @@ def hello() -> Call[protocol.HelloReply]:
 
 
 def older_broker(exc: VersionMismatch) -> int | None:
-    """The version of a broker older than this client, which the client may
-    retire (:func:`retirement`); None if the broker is newer or did not say."""
+    """The version of a broker older than this client (to retire), else None."""
     theirs = exc.broker_version
     return theirs if theirs is not None and theirs < protocol.PROTOCOL_VERSION else None
 
 
 def broker_to_retire(socket_path: str, exc: VersionMismatch, *, may_retire: bool) -> int:
-    """Judge a ``version`` error to a hello: the protocol version of an older
-    broker to retire now (an upgrade), else raise: :func:`newer_broker`'s
-    error for a newer broker, ``exc`` itself when it may not be retired here
-    (a client that must not start a broker, as ``stop``)."""
+    """Judge a ``version`` error to a hello: the version of an older broker to
+    retire now (an upgrade), else raise (a newer broker, or one that may not
+    be retired here: a client that must not start a broker, as ``stop``)."""
     older = older_broker(exc)
     if older is None:
-        raise newer_broker(socket_path, exc) from None
+        if exc.broker_version is not None:  # (else it did not say: as it is)
+            exc = VersionMismatch(
+                f"the broker at {socket_path} speaks protocol {exc.broker_version}, this client "
+                f"speaks {protocol.PROTOCOL_VERSION}: upgrade brokerq here, or stop that broker",
+                exc.broker_version,
+            )
+        raise exc from None
     if not may_retire:
         raise exc
     return older
 
 
 def retirement(version: int) -> bytes:
-    """What asks a broker of an older protocol ``version`` to exit: ``hello``
-    in its version, then ``stop``. Every version keeps these two requests'
-    shape (docs/protocol.md, "Versioning rules"), for exactly this."""
+    """``hello`` in an older ``version``, then ``stop``: every version keeps
+    these two requests' shape (docs/protocol.md, "Versioning rules") for this."""
     out = bytearray()
     protocol.append_frame(out, protocol.Hello(id=1, version=version, client="brokerq upgrade"))
     protocol.append_frame(out, protocol.Stop(id=2))
     return bytes(out)
-
-
-def newer_broker(socket_path: str, exc: VersionMismatch) -> VersionMismatch:
-    """The error for a broker that speaks a version this client does not know."""
-    if exc.broker_version is None:
-        return exc
-    return VersionMismatch(
-        f"the broker at {socket_path} speaks protocol {exc.broker_version}, this client "
-        f"speaks {protocol.PROTOCOL_VERSION}: upgrade brokerq here, or stop that broker",
-        exc.broker_version,
-    )

@@ -1,19 +1,8 @@
 """The blocking client's core: lanes, put windows, retries; safe across threads and fork.
 
-Each thread of a :class:`~brokerq.Client` has a lane: a connection opened
-lazily (so a ``get`` blocked in one thread never holds up a ``put`` in
-another), and a put window (``put_window``: see :meth:`Lanes.send_put`).
-After ``os.fork()`` the child opens fresh connections instead of sharing
-its parent's sockets.
-
-Calls are reentrant, as ``queue.SimpleQueue.put`` is: a call made while
-the same thread is inside another one (from a ``__del__`` the garbage
-collector runs, or a signal handler) never touches the connection or the
-put window of the call it interrupted. Each thread has a :class:`_Lane`:
-its connection, its window, and whether a call runs on them; a call that
-finds it in use takes the lane nested in it, with a connection of its own
-(opened once, kept for the next such call), and no window: it is sent and
-answered at once.
+Each thread has a lane: a connection opened lazily (so a ``get`` blocked in
+one thread never holds up a ``put`` in another), and a put window. A forked
+child opens fresh connections. Calls are reentrant (see :class:`_Lane`).
 """
 
 from __future__ import annotations
@@ -22,6 +11,8 @@ import contextlib
 import os
 import threading
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, Self, TypeVar
 
 from .. import protocol
@@ -34,7 +25,6 @@ from .calls import Call, ConnectionLost
 from .sockio import Connection, spin_from_environment, stop_unopened, wait_stopped
 
 R = TypeVar("R", bound=protocol.Reply)
-
 T = TypeVar("T")
 
 #: How many forks this process is from the one that imported this module: a
@@ -51,26 +41,24 @@ def _count_fork() -> None:
 os.register_at_fork(after_in_child=_count_fork)
 
 
+@dataclass(slots=True, eq=False)
 class _Lane:
     """One thread's use of a :class:`Client`: a connection, a put window, and
     whether a call of the thread runs on them (``busy``).
 
-    A call that finds the thread's lane busy runs inside another call of
-    the thread (from a ``__del__``, a signal handler): it takes the first
-    lane nested in it that is not (:meth:`free`), with a connection of its
-    own, opened on first use and kept for the next such call, and no window.
-    The lanes in use are always the first of the chain, since their calls nest.
+    A call that finds it busy runs inside another call of the thread (from a
+    ``__del__``, a signal handler), and must not touch that call's connection
+    or window: it takes the first nested lane not busy (:meth:`free`), with a
+    connection of its own and no window. The lanes in use are always the
+    first of the chain, since their calls nest.
     """
 
-    __slots__ = ("busy", "conn", "inner", "streams", "window")
-
-    def __init__(self) -> None:
-        self.busy = False
-        self.conn: Connection | None = None
-        self.window: calls.PutWindow | None = None
-        self.inner: _Lane | None = None
-        #: The thread's streams (prefetch), by queue, mode and lease; never a nested lane's.
-        self.streams: dict[tuple[str, str, float | None], _Streamed] | None = None
+    busy: bool = False
+    conn: Connection | None = None
+    window: calls.PutWindow | None = None
+    inner: _Lane | None = None
+    #: The thread's streams (prefetch), by queue, mode and lease; never a nested lane's.
+    streams: dict[tuple[str, str, float | None], _Streamed] | None = None
 
     def free(self) -> _Lane:
         """The first lane of the chain from this one that no call is using."""
@@ -86,15 +74,13 @@ class _Lane:
         return lane
 
 
+@dataclass(slots=True, eq=False)
 class _Streamed:
     """A stream of one thread: its sans-IO state, its connection once open."""
 
-    __slots__ = ("conn", "state", "unsupported")
-
-    def __init__(self, state: prefetch.Prefetch) -> None:
-        self.state = state
-        self.conn: Connection | None = None
-        self.unsupported = False  # the broker does not know consume
+    state: prefetch.Prefetch
+    conn: Connection | None = None
+    unsupported: bool = False  # the broker does not know consume
 
 
 class Lanes:
@@ -113,8 +99,7 @@ class Lanes:
         self.timeout, self.starts_broker = calls.client_timeout(timeout)
         self.put_window = calls.put_window(put_window)
         self.prefetch = calls.prefetch(prefetch)
-        #: How long a connection spins for a reply before it sleeps, in
-        #: seconds (``$BROKERQ_SPIN_US``, checked here as the others are).
+        #: The reply spin, in seconds (``$BROKERQ_SPIN_US``, checked here as the others are).
         self.spin = spin_from_environment()
         self._closed = False
         self._reset()
@@ -129,7 +114,6 @@ class Lanes:
         self._keys = calls.PutKeys()
 
     def _lane(self) -> _Lane:
-        """This thread's lane (in a forked child, after forgetting the parent's)."""
         if _forks != self._fork:
             self._forked()
         try:
@@ -141,8 +125,7 @@ class Lanes:
 
     def _forked(self) -> None:
         """A forked child must not talk over its parent's sockets. Closing our
-        copies sends nothing, so the parent's connections live on; its
-        windows and put keys are the parent's too."""
+        copies sends nothing: the parent's connections live on."""
         stale = self._connections
         self._reset()
         for conn in stale:
@@ -158,15 +141,8 @@ class Lanes:
         return f"<brokerq.Client {self.socket_path!r}{' closed' if self._closed else ''}>"
 
     def close(self) -> None:
-        """Close every connection of this client; using it afterwards raises.
-
-        First flushes this thread's put window (:meth:`flush`); if that
-        raises, the connections are closed all the same and the error
-        propagates. Puts other threads left unflushed are dropped with
-        their connections, unacknowledged. Inside another call of this
-        thread (a ``__del__``, a signal handler) it flushes nothing (the
-        window is that call's), and that call fails: the client is closed.
-        """
+        """Close every connection of this client, after flushing this thread's
+        put window (other threads' unflushed puts are dropped, unacknowledged)."""
         try:
             if not self._closed:
                 self._flush_window()
@@ -178,42 +154,21 @@ class Lanes:
 
     def flush(self) -> None:
         """Wait until every put this thread sent in its put window is acknowledged.
-
-        Reads the reply of each, in order; once it returns, they hold as
-        puts that returned do (durable per ``--fsync``, surviving a broker
-        crash). An error reply to one of them (``Full``, say) is raised
-        here, after the replies before it; the puts after it were still
-        made, and stay in the window for the next flush. A lost connection
-        sends the unacknowledged puts again, same keys, in order, on a new
-        one, within the client's ``timeout``. Nothing to do without a
-        window (``put_window`` 0), or inside another call of this thread (a
-        ``__del__``, a signal handler): the puts of such a call are never
-        windowed, and the window is the interrupted call's to read.
-        """
+        An error reply to one (``Full``, say) is raised here, after the replies
+        before it; the puts after it stay in the window for the next flush."""
         if self._closed:
             raise calls.closed_client()
         self._flush_window()
 
     def _flush_window(self) -> None:
-        """Flush this thread's window, if it holds anything and no call of
-        the thread is using it."""
-        lane = self._lane()
-        window = lane.window
-        if window is not None and window.pending and not lane.busy:
-            lane.busy = True
-            try:
-                self._read_window(lane, window, 0, time.monotonic())
-            finally:
-                lane.busy = False
+        """Flush this thread's window, unless a call of the thread is using it
+        (then the lane taken is a nested one, which has no window)."""
+        with self._holding():
+            pass
 
     def send_put(self, call: Call[protocol.PutReply] | Call[protocol.PutManyReply]) -> None:
-        """Send a put in this thread's window, without reading its reply;
-        first, if the window is full, read replies until a put's slot is free
-        (raising an error reply read on the way: this put is then not sent).
-
-        Inside another call of this thread, it goes around the window: it is
-        made at once (:meth:`run`) on a connection of its own, acknowledged
-        (or raising its error) when this returns."""
+        """Send a put in this thread's window, first reading replies until a
+        slot is free (an error read on the way is raised: this put is not sent)."""
         lane = self._lane()
         if lane.busy:
             made: Call[Any] = call  # (either kind of put)
@@ -235,12 +190,8 @@ class Lanes:
     def _read_window(
         self, lane: _Lane, window: calls.PutWindow, keep: int | None, began: float
     ) -> None:
-        """Send the window's puts not yet sent on the connection of ``lane``
-        (which the caller holds), then (unless ``keep`` is None) read replies
-        until ``keep`` puts at most are unacknowledged. After a lost
-        connection, every unacknowledged put is sent again on a new one
-        (Attempts decides until when); an error reply is raised once its
-        put has left the window."""
+        """Send the window's unsent puts, then read replies until at most ``keep``
+        (None: any number) are unacknowledged, resending after a lost connection."""
         while True:
             conn = self._lane_connection(lane)
             try:
@@ -262,8 +213,8 @@ class Lanes:
                     raise
 
     def connection(self, *, spawn: bool = True) -> Connection:
-        """This thread's connection, opened (and the broker spawned) on demand;
-        inside another call of the thread, the one its nested calls use."""
+        """This thread's connection (its nested calls' inside another of its
+        calls), opened (and the broker spawned) on demand."""
         lane = self._lane()
         if lane.busy:
             lane = lane.free()
@@ -277,8 +228,7 @@ class Lanes:
             lane.busy = False
 
     def _dial(self, timeout: float | None = None, *, spawn: bool = True) -> Connection:
-        """A new connection (within ``timeout``, else the client's); it
-        spawns a broker only if asked to and this client starts brokers."""
+        """A new connection (within ``timeout``, else the client's)."""
         return Connection(
             self.socket_path,
             self.timeout if timeout is None else timeout,
@@ -287,7 +237,7 @@ class Lanes:
         )
 
     def _lane_connection(self, lane: _Lane, spawn: bool = True) -> Connection:
-        """The connection of ``lane``, which the caller holds, opened on demand."""
+        """The connection of ``lane`` (held by the caller), opened on demand."""
         conn = lane.conn
         if conn is None or conn.closed:
             if self._closed:
@@ -313,32 +263,19 @@ class Lanes:
         retry: bool = True,
         **fields: Any,
     ) -> R:
-        """One request on this thread's connection, retried if the broker dies
-        or stops.
-
-        ``wait`` is how long the broker may take by the request's own terms
-        (a get's timeout; 0 for requests that never wait); the reply gets
-        the client's ``timeout`` on top. If the connection is lost before
-        the reply, or a stopping broker refuses the request (it was not
-        carried out), the request is sent again on a new connection (which
-        waits for a stopping broker to exit, and starts a new broker if
-        needed) until that deadline passes: puts
-        carry a key, so a retried put is never enqueued twice; a retried
-        get or reserve asks again with what is left of its timeout.
-        """
+        """One request on this thread's connection, sent again on a new one
+        after a lost connection or a stopping broker's refusal, within
+        ``wait`` plus the client's timeout (:class:`~.wire.Attempts`)."""
         return self.run(Call(expect, kind, wait, fields, retry))
 
     def run(self, call: Call[R]) -> R:
-        """:meth:`call`, for a request built by :mod:`brokerq.client.calls`.
-
-        Flushes this thread's put window first: the reply read next is this
-        call's. Inside another call of this thread (a ``__del__``, a signal
-        handler), it runs on a nested lane: another connection, no window."""
+        """:meth:`call`, for a request built by :mod:`.calls`. Flushes this
+        thread's put window first: the reply read next is this call's."""
         lane = self._lane()
         if lane.busy:
             lane = lane.free()
         lane.busy = True
-        try:  # (inline, not self._take(): this is every request's path)
+        try:  # (inline, not self._holding(): this is every request's path)
             window = lane.window
             if window is not None and window.pending:
                 self._read_window(lane, window, 0, time.monotonic())
@@ -356,10 +293,10 @@ class Lanes:
         finally:
             lane.busy = False
 
-    def _take(self) -> _Lane:
+    @contextlib.contextmanager
+    def _holding(self) -> Iterator[_Lane]:
         """A lane for one call, as :meth:`run` takes it: the thread's (its
-        window flushed), or inside another call a nested one. The caller
-        sets its ``busy`` back to False when done."""
+        window flushed), or inside another call a nested one."""
         lane = self._lane()
         if lane.busy:
             lane = lane.free()
@@ -368,37 +305,30 @@ class Lanes:
             window = lane.window
             if window is not None and window.pending:
                 self._read_window(lane, window, 0, time.monotonic())
-        except BaseException:
+            yield lane
+        finally:
             lane.busy = False
-            raise
-        return lane
 
     def next_keys(self, n: int) -> list[bytes]:
-        """``n`` fresh put keys: unique to this client (and process), 16 bytes each."""
         if _forks != self._fork:
             self._forked()  # a child's keys have a prefix of their own
         return self._keys.take(n)
 
     def do(self, op: Op[R, T]) -> T:
-        """Run ``op`` (:mod:`.api`): its request, and what its reply returns."""
         return op.result(self.run(op.call))
 
     @api.like("ping")
     def ping(self) -> float:
-        lane = self._take()
-        try:
+        with self._holding() as lane:
             conn = self._lane_connection(lane)  # connecting (or spawning) is not part of the trip
             start = time.perf_counter()
             ping = calls.ping()
             conn.request(ping.expect, ping.kind, self.timeout)
             return time.perf_counter() - start
-        finally:
-            lane.busy = False
 
     @api.like("stop")
     def stop(self) -> bool:
-        lane = self._take()
-        try:
+        with self._holding() as lane:
             if lane.conn is not None:
                 # A fresh connection: one opened earlier may be to a broker
                 # gone since, which would leave the one now serving running.
@@ -415,8 +345,6 @@ class Lanes:
                 pass  # it went before it could answer: that is what we asked for
             finally:
                 conn.close()
-        finally:
-            lane.busy = False
         pause("client.stop_sent")
         wait_stopped(self.socket_path, conn.broker_pid, deadline, self.timeout)
         return True

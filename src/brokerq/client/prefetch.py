@@ -1,26 +1,11 @@
 """A client's side of a stream (``prefetch``), sans-IO: both clients drive it.
 
-A client with a prefetch of N opens a stream for a queue (a ``consume``
-request, on a connection of its own) the first time it gets (or
-reserves) from it. The broker then sends it ``delivery`` frames unasked,
-up to N it has not taken. :class:`Prefetch` keeps what came in order
-(:meth:`Prefetch.take` sorts the frames received: deliveries to the
-buffer, the first other frame returned as the reply it is), and hands
-them out (:meth:`Prefetch.hand_out`) together with the ``taken`` frame
-that the driver sends **before** it gives them to the application: on a
-Unix socket a send that completed is in the broker's receive queue, so
-the broker applies it even if this process is killed the next moment,
-and a message handed out never comes back (get mode), or comes back only
-as a lease that ends (reserve mode). What is buffered and not taken stays
-the broker's: a connection that closes (a killed process, ``close``) gives
-it back, to its place.
-
-In reserve mode the lease starts at the ``taken`` (the broker leases the
-message when it reads it), so a buffered message can never be handed out
-with a lease that ran out meanwhile: :meth:`Prefetch.lease_expires` is
-counted from the hand-out, a little ahead of the broker's clock.
-
-It imports neither trio nor anyio, and does no I/O.
+The broker sends a stream up to N ``delivery`` frames unasked. The driver
+sends the ``taken`` frame of what it hands out **before** it gives it to the
+application: a send that completed on a Unix socket is in the broker's
+receive queue, so the broker applies it even if this process is killed the
+next moment. What is buffered and not taken stays the broker's. In reserve
+mode the lease starts at the ``taken``, so it never ran out in the buffer.
 """
 
 from __future__ import annotations
@@ -63,17 +48,14 @@ class Prefetch:
         )
 
     def consume(self) -> Call[protocol.ConsumeReply]:
-        """The consume request that opens the stream (never sent again as
-        it is: a new connection opens a new stream)."""
+        """The consume request (never sent again: a new connection opens a new stream)."""
         fields: dict[str, Any] = {"queue": self.queue, "prefetch": self.prefetch}
         if self.mode != "get":
-            fields["mode"] = self.mode
-            fields["lease"] = self.lease
+            fields |= {"mode": self.mode, "lease": self.lease}
         return Call(protocol.ConsumeReply, protocol.Consume, 0, fields, retry=False)
 
     def opening(self, request_id: int) -> None:
-        """The consume request was encoded with ``request_id``: deliveries
-        carrying it are this stream's from now on (one may come before the reply)."""
+        """Deliveries carrying ``request_id`` are this stream's (one may come before the reply)."""
         self.stream_id = request_id
         self.buffer.clear()
         self._taken_one = protocol.encode_frame(protocol.Taken(id=request_id))
@@ -82,16 +64,14 @@ class Prefetch:
         self.lease_length = reply.lease
 
     def lost(self) -> None:
-        """The connection is gone: what was buffered is the broker's (it gives
-        it back), and the stream must be opened again."""
+        """The connection is gone: what was buffered went back to the broker."""
         self.stream_id = 0
         self.buffer.clear()
 
     def take(self, wire: Wire) -> protocol.AnyReply | None:
         """Take in every whole frame received: this stream's deliveries go to
-        the buffer; the first other frame is returned (the reply to the
-        request outstanding, if any). An error with id 0 (the broker ends the
-        connection) is raised at once: what was buffered goes back."""
+        the buffer; the first other frame is returned (a reply). An error
+        with id 0 (the broker ends the connection) is raised at once."""
         buffer = self.buffer
         stream_id = self.stream_id
         while (frame := wire.next_reply()) is not None:
@@ -118,30 +98,19 @@ class Prefetch:
 
     def handed(self, count: int) -> None:
         """The ``taken`` of the first ``count`` was sent: they are the caller's."""
-        buffer = self.buffer
         for _ in range(count):
-            buffer.popleft()
+            self.buffer.popleft()
 
     def lease_expires(self, now: float) -> float:
-        """When the lease of a message handed out ``now`` runs out, as this
-        client counts it (the broker starts it when it reads the taken,
-        later than ``now``)."""
+        """When the lease of a message handed out ``now`` runs out (a little
+        ahead of the broker, which starts it when it reads the taken)."""
         return now + self.lease_length
 
 
 class Taking:
-    """One take from a stream (a prefetching get, get_many or reserve), sans-IO:
-    its deadline, and what to do next (:meth:`next`).
-
-    What is buffered is handed out at once. With nothing buffered, a take
-    with ``timeout`` 0 first syncs: a ping on the stream's connection, since
-    every delivery made before the broker handled it comes ahead of its
-    reply, so that nothing already in the queue is missed; then it is
-    Empty. Another waits for a delivery until its deadline. After a lost
-    connection the stream is opened again on a new one (what was buffered
-    went back to the broker), as a get is sent again, until the call's
-    deadline (:class:`~.wire.Attempts`, :meth:`lost`).
-    """
+    """One take from a stream. With nothing buffered, a take with ``timeout``
+    0 first syncs (a ping: every delivery made before the broker handled it
+    comes ahead of its reply), so nothing already in the queue is missed."""
 
     __slots__ = ("attempts", "deadline", "grace", "start", "state", "synced", "timeout")
 
@@ -157,8 +126,7 @@ class Taking:
         self.synced = False
 
     def next(self, now: float) -> str:
-        """:data:`HAND_OUT`, :data:`SYNC` or :data:`WAIT` (until :attr:`deadline`);
-        raises Empty when the take is over."""
+        """:data:`HAND_OUT`, :data:`SYNC` or :data:`WAIT`; Empty when the take is over."""
         if self.state.buffer:
             return HAND_OUT
         if self.timeout == 0 or (self.deadline is not None and now >= self.deadline):

@@ -1,22 +1,13 @@
 """The blocking client's socket I/O: one syscall when the data is there, a
 short adaptive spin before sleeping when it is about to be.
 
-Why not ``sock.settimeout(t)`` and ``sock.recv``? A socket with a timeout
-makes CPython poll() before every recv() and send(), two syscalls where
-one would do. Here the socket stays non-blocking: a read is tried first,
-and only if nothing is there does the caller wait, with ``poll``.
-
-Why spin? On a small machine a reply often comes back within tens of
-microseconds, while putting the process to sleep and waking it again
-costs about as much (a broker on another CPU wakes us with an IPI, or we
-queue behind it on the same one). So before sleeping, :class:`Spinner`
-tries the read again for up to ``spin`` microseconds, yielding the CPU
-between tries (``sched_yield``: a broker waiting to run on this CPU gets
-it). The spin adapts: it is tried only while the replies of this
-connection that were not there at once have come, on a moving average,
-within the spin. A consumer waiting on an empty queue, a large batch, or a
-broker on a busy machine make that average long, and the connection
-sleeps at once; an idle consumer burns no CPU. ``BROKERQ_SPIN_US=0`` turns it off.
+Not ``sock.settimeout(t)``: CPython would poll() before every recv() and
+send(), two syscalls where one would do. Why spin? A reply often comes back
+within tens of microseconds, while sleeping and waking again costs about as
+much. So :class:`Spinner` tries the read again for up to ``spin`` seconds,
+yielding the CPU between tries, but only while this connection's late
+replies have come, on a moving average, within the spin: an idle consumer
+burns no CPU.
 """
 
 from __future__ import annotations
@@ -39,25 +30,20 @@ R = TypeVar("R", bound=protocol.Reply)
 
 #: Default upper bound of a spin, in microseconds (``BROKERQ_SPIN_US``).
 DEFAULT_SPIN_US: Final = 100
-#: Bytes one read may take.
 RECEIVE_BUFFER: Final = 256 * 1024
 #: Weight of the latest wait in the moving average that decides whether to spin.
 WEIGHT: Final = 0.125
 
 _POLLIN: Final = select.POLLIN
 _POLLOUT: Final = select.POLLOUT
-
-
 #: The longest spin ``BROKERQ_SPIN_US`` may ask for, in microseconds.
 MAX_SPIN_US: Final = 10_000
 
 
 def spin_from_environment() -> float:
     """The spin bound in seconds from ``BROKERQ_SPIN_US`` (unset or empty: 100 µs).
-
-    Raises InvalidRequest for a value that is not a number of microseconds
-    from 0 to :data:`MAX_SPIN_US`, as a bad ``BROKERQ_PUT_WINDOW`` does: a
-    setting that is quietly ignored is a setting the user thinks is on."""
+    A bad value raises InvalidRequest: a setting quietly ignored is one the
+    user thinks is on."""
     raw = os.environ.get("BROKERQ_SPIN_US", "").strip()
     if not raw:
         return DEFAULT_SPIN_US / 1e6
@@ -81,8 +67,7 @@ class Spinner:
         sock.setblocking(False)
         self.sock = sock
         self.spin = spin
-        #: A moving average of how long a read that found nothing waited
-        #: for its data (seconds). It spins only while this is under ``spin``.
+        #: A moving average of how long a read that found nothing waited (seconds).
         self.typical_wait = 0.0
         self.poller = select.poll()
         self.poller.register(sock, _POLLIN)
@@ -102,8 +87,7 @@ class Spinner:
 
         ``take``: while the send waits, what arrives is read and handed to
         it. A client that pipelines must read as it sends: a broker whose
-        replies go unread stops reading, and both would wait for ever.
-        """
+        replies go unread stops reading, and both would wait for ever."""
         sock = self.sock
         try:
             sent = sock.send(data)
@@ -133,38 +117,27 @@ class Spinner:
         except BlockingIOError:
             pass
         start = time.perf_counter()
-        if self.typical_wait < self.spin and (deadline is None or deadline > time.monotonic()):
-            end = start + self.spin
-            yield_cpu = os.sched_yield
-            while True:
-                yield_cpu()
-                try:
-                    data = self._recv()
-                except BlockingIOError:
-                    if time.perf_counter() < end:
-                        continue
-                    break
-                self._learn(time.perf_counter() - start)
-                return data
+        end = start + self.spin
+        spin = self.typical_wait < self.spin and (deadline is None or deadline > time.monotonic())
         while True:
-            self._sleep(deadline)
+            if spin:  # (then sleep, once the spin is over)
+                os.sched_yield()
+                spin = time.perf_counter() < end
+            else:
+                self._sleep(deadline)
             try:
                 data = self._recv()
             except BlockingIOError:
                 continue
-            self._learn(time.perf_counter() - start)
+            self.typical_wait += (time.perf_counter() - start - self.typical_wait) * WEIGHT
             return data
 
     def _recv(self) -> bytes:
         n = self.sock.recv_into(self.buffer)
         return bytes(self.view[:n])
 
-    def _learn(self, waited: float) -> None:
-        self.typical_wait += (waited - self.typical_wait) * WEIGHT
-
     def _sleep(self, deadline: float | None) -> int:
-        """Wait until the socket is ready as registered; return the events.
-        TimeoutError at ``deadline``."""
+        """Wait until the socket is ready as registered; return the events."""
         if deadline is None:
             return self.poller.poll()[0][1]
         left = deadline - time.monotonic()
@@ -174,16 +147,12 @@ class Spinner:
         return ready[0][1]
 
 
-# -- a connection -------------------------------------------------------------
-
-
 class Connection:
     """One socket to the broker, greeted, used by one thread at a time."""
 
     def __init__(
         self, socket_path: str, timeout: float, *, spawn: bool = True, spin: float | None = None
     ) -> None:
-        """``spin``: the reply spin in seconds (None: ``$BROKERQ_SPIN_US``, sockio)."""
         spin = spin_from_environment() if spin is None else spin
         deadline = time.monotonic() + timeout
         self.socket_path = socket_path
@@ -211,7 +180,6 @@ class Connection:
                 self.close()
                 # An upgrade: the broker still running is older than this
                 # client. Ask it to finish and exit; the next one is ours.
-                # (Without spawn, stop() retires it without starting another.)
                 older = calls.broker_to_retire(socket_path, exc, may_retire=spawn)
                 retire_older_broker(socket_path, older, deadline)
             except BaseException:
@@ -229,12 +197,8 @@ class Connection:
     def request(
         self, expect: type[R], kind: type[protocol.Request], wait: float | None, **fields: Any
     ) -> R:
-        """Send one request and return its reply (of type ``expect``).
-
-        ``wait`` bounds the whole exchange (None: no bound). A broken or
-        timed-out connection is closed and raises BrokerUnavailable; an
-        error reply raises the matching :class:`~brokerq.BrokerqError`.
-        """
+        """Send one request and return its reply; ``wait`` bounds the whole
+        exchange (None: no bound)."""
         request_id = self.wire.encode(kind, fields)
         deadline = None if wait is None else time.monotonic() + wait
         try:  # (inline, not self.exchange: a generator per request costs a microsecond)
@@ -246,7 +210,6 @@ class Connection:
 
     @contextlib.contextmanager
     def exchange(self, wait: float | None) -> Iterator[None]:
-        """Around socket I/O, as in :meth:`request` (see :meth:`_interrupted`)."""
         try:
             yield
         except BaseException as exc:
@@ -254,11 +217,8 @@ class Connection:
 
     def _interrupted(self, exc: BaseException, wait: float | None) -> BaseException:
         """An exchange was interrupted by ``exc``: close the connection, whose
-        replies would be out of step from then on, and return what to raise:
-        BrokerUnavailable for a timeout, ConnectionLost for a broken socket,
-        else ``exc`` itself; but RemoteProtocolError, never retried, if
-        another request on this connection found it out of step (and
-        closed it) meanwhile."""
+        replies would be out of step from then on, and return what to raise
+        (RemoteProtocolError, never retried, if it went out of step meanwhile)."""
         self.close()
         if isinstance(exc, RemoteProtocolError) and self.wire.failure is None:
             self.wire.failure = exc  # a frame that cannot be read: out of step too
@@ -275,25 +235,19 @@ class Connection:
         return error
 
     def read_reply(self, deadline: float | None) -> protocol.AnyReply:
-        """The next reply, received by ``deadline`` (else TimeoutError)."""
-        while True:
-            reply = self.wire.next_reply()
-            if reply is not None:
-                return reply
+        while (reply := self.wire.next_reply()) is None:
             self.wire.feed(self.io.receive(deadline))
+        return reply
 
     def send_reading(self, data: bytes | bytearray, deadline: float | None) -> None:
-        """Send all of ``data`` by ``deadline``, taking in whatever the broker
-        sends meanwhile (replies to earlier requests, left in :attr:`wire`
-        to be read in order). A client that pipelines must: a broker whose
-        replies are not read stops reading, and both would wait for ever."""
+        """Send all of ``data``, taking in the replies the broker sends
+        meanwhile (see :meth:`Spinner.send_all`), to be read in order."""
         self.io.send_all(data, deadline, self.wire.feed)
 
 
 def retire_older_broker(socket_path: str, version: int, deadline: float) -> None:
     """Ask the broker at ``socket_path``, which speaks the older protocol
-    ``version``, to stop (it answers its clients, syncs its journal and
-    exits), and wait until it holds its lock no more (:func:`still_running`)."""
+    ``version``, to stop, and wait until it holds its lock no more."""
     start = time.monotonic()
     try:
         sock = connect_or_spawn(socket_path, deadline, spawn=False)
@@ -309,9 +263,7 @@ def retire_older_broker(socket_path: str, version: int, deadline: float) -> None
 
 
 def wait_stopped(socket_path: str, pid: int | None, deadline: float, waited: float) -> None:
-    """Wait until the broker ``pid`` holds the lock of ``socket_path`` no
-    more (:func:`still_running`); past ``deadline``, raise that it did not
-    stop within ``waited`` seconds."""
+    """Wait until the broker ``pid`` holds the lock of ``socket_path`` no more."""
     while still_running(socket_path, pid):
         if time.monotonic() > deadline:
             raise calls.not_stopped(socket_path, waited)
@@ -322,9 +274,7 @@ def stop_unopened(
     socket_path: str, exc: VersionMismatch | BrokerUnavailable, timeout: float
 ) -> bool:
     """``stop`` found no broker to connect to (``exc``): True if it was an
-    older broker, now retired (without starting another); False if none is
-    running. Else raises ``exc``: a newer broker, or one that holds its
-    lock but does not answer."""
+    older broker, now retired; False if none is running; else raise ``exc``."""
     if isinstance(exc, VersionMismatch):
         older = calls.older_broker(exc)
         if older is not None:

@@ -1,9 +1,5 @@
-"""The blocking client's streams (``prefetch``) and live subscriptions.
-
-A stream is opened on a connection of its own, per thread, queue and mode
-(:mod:`.prefetch` holds its rules); a live subscription too
-(:class:`Subscription`, with :class:`~.calls.LiveEvents`).
-"""
+"""The blocking client's streams (``prefetch``: :mod:`.prefetch` holds
+their rules) and live subscriptions, each on a connection of its own."""
 
 from __future__ import annotations
 
@@ -12,11 +8,8 @@ from collections.abc import Iterator
 from typing import TypeVar
 
 from .. import protocol
-from ..errors import (
-    LeaseLost,
-    LocalProtocolError,
-)
-from . import calls, prefetch
+from ..errors import LeaseLost, LocalProtocolError
+from . import api, calls, prefetch
 from .calls import Call, ConnectionLost
 from .lanes import Lanes, _Streamed
 from .sockio import Connection
@@ -30,16 +23,9 @@ class Streaming(Lanes):
     def take_streamed(
         self, queue: str, mode: str, n: int, timeout: float | None, lease: float | None = None
     ) -> tuple[_Streamed, list[protocol.StreamDelivery]] | None:
-        """Up to ``n`` messages of ``queue`` from this thread's stream (opened
-        on first use), waiting up to ``timeout`` for the first; raises Empty.
-
-        None means: make a plain request instead. So it is inside another
-        call of this thread (a ``__del__``, a signal handler), which must
-        not touch the stream of the call it interrupted, and with a broker
-        too old to stream. The thread's put window is flushed first, as
-        before any request. The ``taken`` of what it returns was sent
-        before it returns (see :mod:`brokerq.client.prefetch`).
-        """
+        """Up to ``n`` messages of ``queue`` from this thread's stream, waiting up
+        to ``timeout`` for the first. None: make a plain request instead (inside
+        another call of the thread, or with a broker too old to stream)."""
         protocol.validate_timeout(timeout)
         lane = self._lane()
         if lane.busy:
@@ -49,9 +35,7 @@ class Streaming(Lanes):
             window = lane.window
             if window is not None and window.pending:
                 self._read_window(lane, window, 0, time.monotonic())
-            streams = lane.streams
-            if streams is None:
-                streams = lane.streams = {}
+            streams = lane.streams = {} if lane.streams is None else lane.streams
             key = (queue, mode, lease)
             streamed = streams.get(key)
             if streamed is None:
@@ -67,8 +51,6 @@ class Streaming(Lanes):
     def _take_streamed(
         self, streamed: _Streamed, n: int, timeout: float | None
     ) -> list[protocol.StreamDelivery] | None:
-        """:meth:`take_streamed` on a lane the caller holds, as
-        :class:`~.prefetch.Taking` says."""
         state = streamed.state
         take = prefetch.Taking(state, timeout, self.timeout, time.monotonic())
         while True:
@@ -99,8 +81,7 @@ class Streaming(Lanes):
 
     def _open_stream(self, streamed: _Streamed) -> Connection | None:
         """A new connection with the stream open on it; None if the broker
-        does not know ``consume`` (older than this client: the queue is
-        then read with plain requests)."""
+        does not know ``consume`` (then plain requests read the queue)."""
         conn = self._dial()
         self._connections.append(conn)
         if self._closed:
@@ -111,28 +92,21 @@ class Streaming(Lanes):
             reply = self._stream_request(streamed, conn, streamed.state.consume())
         except LocalProtocolError:
             streamed.unsupported = True
-            reply = None
+            streamed.conn = None
+            conn.close()
+            return None
         except BaseException:
             streamed.conn = None
             streamed.state.lost()
             conn.close()
             raise
-        if reply is None:
-            streamed.conn = None
-            conn.close()
-            return None
         streamed.state.opened(reply)
         return conn
 
     def _stream_request(self, streamed: _Streamed, conn: Connection, call: Call[R]) -> R:
-        """One request on a stream's connection: the deliveries that come
-        before its reply go to the buffer, and so do those read with it.
-
-        (The deliveries read in the same receive as the reply must be taken
-        in now: they are in no socket any more, so a later wait on the
-        socket would not see them, and with the stream's credit spent the
-        broker sends nothing more. The consume reply and its first
-        deliveries often come in one read.)"""
+        """One request on a stream's connection; the deliveries read with its
+        reply go to the buffer now (a later wait on the socket would not see
+        them, and with the stream's credit spent the broker sends no more)."""
         state = streamed.state
         request_id = conn.wire.encode(call.kind, call.fields)
         if call.kind is protocol.Consume:
@@ -149,8 +123,7 @@ class Streaming(Lanes):
     def _receive_streamed(
         self, streamed: _Streamed, conn: Connection, deadline: float | None
     ) -> bool:
-        """Take in what the broker sends, waiting until ``deadline`` for
-        something (0: only what has come); False if nothing came."""
+        """Take in what the broker sends by ``deadline``; False if nothing came."""
         try:
             data = conn.io.receive(deadline)
         except TimeoutError:
@@ -168,23 +141,14 @@ class Streaming(Lanes):
     def settle_streamed(
         self, streamed: _Streamed, held: Connection | None, handed_at: float, call: Call[R]
     ) -> R:
-        """A lease verb of a message reserved from a stream: on that stream's
-        connection, after the ``taken`` that started the lease, when this
-        thread owns it and is in no other call; else (another thread, or
-        the stream's connection gone) as a plain request, which may, just
-        after the hand-out, find the broker has not read the ``taken`` yet:
-        a LeaseLost then is asked again for up to the client's timeout.
-        ``held``: the stream's connection when the message was handed out."""
+        """A lease verb of a message reserved from a stream: on the stream's
+        connection (``held``) when this thread owns it and is in no other call;
+        else as a plain request, asked again after a LeaseLost (the broker may
+        not have read the ``taken`` yet) for up to the client's timeout."""
         lane = self._lane()
         conn = streamed.conn
-        if (
-            not lane.busy
-            and lane.streams is not None
-            and streamed in lane.streams.values()
-            and conn is held
-            and conn is not None
-            and not conn.closed
-        ):
+        owned = lane.streams is not None and streamed in lane.streams.values()
+        if owned and not lane.busy and conn is held and conn is not None and not conn.closed:
             lane.busy = True
             try:
                 return self._stream_request(streamed, conn, call)
@@ -202,14 +166,8 @@ class Streaming(Lanes):
 
 class Subscription:
     """A live subscription to a topic: the publishes made while it is open.
-
-    It has a connection of its own. If the broker goes away (crashed or
-    stopped), it reconnects (spawning a broker if need be) and subscribes
-    again; publishes made in between are missed, as for any live
-    subscriber (a queue subscription misses nothing). A subscriber that
-    reads too slowly is dropped by the broker: :meth:`get` then raises
-    :class:`~brokerq.errors.SubscriberOverflow` (after the publishes that
-    came before it), and the subscription is closed.
+    If the broker goes away, it subscribes again on a new connection. One
+    that reads too slowly is dropped: :meth:`get` then raises SubscriberOverflow.
     """
 
     def __init__(self, client: Lanes, topic: str) -> None:
@@ -240,9 +198,8 @@ class Subscription:
             self._conn = None
 
     def _subscribe(self) -> None:
-        """Connect and subscribe; events that come before the reply are kept.
-        A connection lost before the reply (or a stopping broker's refusal)
-        is tried again on a new one, within the client's timeout."""
+        """Connect and subscribe (again after a lost connection, within the
+        client's timeout); events that come before the reply are kept."""
         timeout = self.client.timeout
         give_up = time.monotonic() + timeout
         while True:
@@ -257,16 +214,14 @@ class Subscription:
                     while (reply := self._live.take(conn.wire)) is None:
                         conn.wire.feed(conn.io.receive(deadline))
                     conn.wire.check(call.expect, request_id, reply, conn.close)
+                self._conn = conn
+                return
             except ConnectionLost:
                 if time.monotonic() >= give_up:
                     raise
-                continue
-            self._conn = conn
-            return
 
+    @api.like("live_get")
     def get(self, timeout: float | None = None) -> bytes:
-        """The next publish's body, waiting up to ``timeout`` (None: for
-        ever; 0: not at all); raises Empty if none came."""
         protocol.validate_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:

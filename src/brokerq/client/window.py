@@ -1,11 +1,4 @@
-"""A client's settings and its put window, sans-IO.
-
-:func:`client_timeout`, :func:`put_window` and :func:`prefetch` check a
-client's options (and read their environment variables);
-:class:`PutKeys` makes the keys that let a put be sent again without a
-second copy; :class:`PutWindow` keeps the puts a blocking client sent
-without waiting for their replies (``put_window``).
-"""
+"""A client's settings, its put keys and the put window of a blocking client, sans-IO."""
 
 from __future__ import annotations
 
@@ -15,13 +8,10 @@ import os
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
 
 from .. import protocol
 from ..errors import InvalidRequest
 from .wire import Attempts, Call, Wire, refused
-
-# -- put keys ----------------------------------------------------------------
 
 
 class PutKeys:
@@ -36,15 +26,11 @@ class PutKeys:
         return [prefix + next(counter).to_bytes(8, "big") for _ in range(n)]
 
 
-# -- the put window ----------------------------------------------------------
-
 PUT_WINDOW_VARIABLE = "BROKERQ_PUT_WINDOW"
 
 
 def put_window(value: int | None) -> int:
-    """The put window of a client: ``value``, or with None ``$BROKERQ_PUT_WINDOW``
-    (unset or empty: 0, off). Raises InvalidRequest (a ValueError) for a
-    negative or malformed one."""
+    """``value``, or with None ``$BROKERQ_PUT_WINDOW`` (unset or empty: 0, off)."""
     return _count_setting(value, "put_window", PUT_WINDOW_VARIABLE, "puts")
 
 
@@ -54,12 +40,8 @@ DEFAULT_TIMEOUT = 10.0
 
 def client_timeout(timeout: float) -> tuple[float, bool]:
     """A client's ``timeout`` as (the grace every reply gets, whether it may
-    start a broker). Raises InvalidRequest for a negative or non-number one.
-
-    0 is the ``_nowait`` form of connecting, as for a get: the client uses a
-    broker only if one is already running, and never starts one or waits
-    for one to start; its replies get the default grace.
-    """
+    start a broker). 0 is the ``_nowait`` form of connecting: only a broker
+    already running is used; its replies get the default grace."""
     if not protocol.is_number(timeout) or not 0 <= timeout < math.inf:
         raise InvalidRequest(
             f"timeout must be a number of seconds >= 0 (0: only a running broker), not {timeout!r}"
@@ -73,14 +55,12 @@ PREFETCH_VARIABLE = "BROKERQ_PREFETCH"
 
 
 def prefetch(value: int | None) -> int:
-    """The prefetch of a client: ``value``, or with None ``$BROKERQ_PREFETCH``
-    (unset or empty: 0, off). Raises InvalidRequest (a ValueError) for a
-    negative or malformed one, as :func:`put_window` does."""
+    """``value``, or with None ``$BROKERQ_PREFETCH`` (unset or empty: 0, off)."""
     return _count_setting(value, "prefetch", PREFETCH_VARIABLE, "messages")
 
 
 def _count_setting(value: int | None, name: str, variable: str, unit: str) -> int:
-    """An opt-in count of a client (0: off): ``value``, else the environment's."""
+    """An opt-in count (0: off): ``value``, else the environment's; InvalidRequest if bad."""
     if value is None:
         name, raw = variable, os.environ.get(variable, "").strip()
         try:
@@ -96,25 +76,16 @@ def _count_setting(value: int | None, name: str, variable: str, unit: str) -> in
 
 @dataclass(slots=True)
 class Unacknowledged:
-    """A put sent in a window whose reply has not been read: its call, its
-    :class:`Attempts` (the fields it is sent with, its deadlines), and the
-    id of the request that last carried it."""
+    """A put (or put_many) sent in a window whose reply has not been read,
+    and the id of the request that last carried it."""
 
-    call: Call[Any]  # a put or a put_many
     attempts: Attempts
     request_id: int = 0
 
 
 class PutWindow:
-    """The puts of one thread sent without waiting for their replies (sans-IO).
-
-    Its puts are in the order they were made; the first :attr:`sent` of
-    them went out on the connection :attr:`conn` (any object the client
-    uses for one), the rest are still to be sent there. A new connection
-    (after a lost one) has none of them: :meth:`encode_unsent` then
-    encodes every one of them again, in order, with its key. Replies come
-    in the same order: :meth:`answered` takes the first put's.
-    """
+    """The puts of one thread sent without waiting for their replies, in order:
+    the first :attr:`sent` went out on :attr:`conn`, a new connection gets all again."""
 
     def __init__(self, grace: float) -> None:
         self.grace = grace
@@ -127,19 +98,17 @@ class PutWindow:
         return len(self.pending)
 
     def add(self, call: Call[protocol.PutReply] | Call[protocol.PutManyReply], now: float) -> None:
-        """A put (or one frame of a put_many) made now, to be sent (:meth:`encode_unsent`)."""
         attempts = Attempts(call, self.grace, now)
         if attempts.deadline is None or self._latest is None:
             self._latest = None
         else:
             self._latest = max(self._latest, attempts.deadline)
-        self.pending.append(Unacknowledged(call, attempts))
+        self.pending.append(Unacknowledged(attempts))
 
     def encode_unsent(self, conn: object, wire: Wire, now: float) -> bytes | bytearray:
-        """The frames of the puts not yet sent on ``conn`` (every put, if
-        ``conn`` is not the one they went out on), encoded on ``wire``.
-        They count as sent from now on: if sending fails, the connection
-        is lost or closed, and a new one gets them all again."""
+        """The frames of the puts not yet sent on ``conn``, encoded on ``wire``.
+        They count as sent from now on: if sending fails, the connection is
+        lost or closed, and a new one gets them all again."""
         if conn is not self.conn:
             self.conn = conn
             self.sent = 0
@@ -147,19 +116,19 @@ class PutWindow:
         if unsent == 0:
             return b""
         entries = list(itertools.islice(reversed(self.pending), unsent))
-        entries.reverse()
+        entries.reverse()  # (the last ``unsent``, without walking the whole window)
         out = bytearray()
         for entry in entries:
-            entry.request_id = wire.encode(entry.call.kind, entry.attempts.fields)
+            entry.request_id = wire.encode(entry.attempts.call.kind, entry.attempts.fields)
             entry.attempts.start(now)
             out += wire.out
         self.sent = len(self.pending)
         return out
 
     def send_deadline(self, now: float) -> float | None:
-        """How long sending may block: the broker reads on once it has
-        answered the puts ahead, so the latest of their reply deadlines, and
-        at least ``grace`` from now (None: no bound, a put may wait for ever)."""
+        """How long sending may block: the broker reads on once it has answered
+        the puts ahead, so the latest of their reply deadlines, and at least
+        ``grace`` from now (None: no bound)."""
         return None if self._latest is None else max(self._latest, now + self.grace)
 
     def reply_deadline(self, now: float) -> float | None:
@@ -170,23 +139,20 @@ class PutWindow:
         self, reply: protocol.AnyReply, wire: Wire, close: Callable[[], None]
     ) -> protocol.Reply:
         """The reply to the first put: it leaves the window (acknowledged, or
-        answered with an error, which this raises as :meth:`Wire.check` does).
-        Refused by a stopping broker, it was not carried out: it stays, to
-        be sent again, and the window is lost as with its connection
-        (:class:`BrokerStopping`)."""
+        its error raised, as :meth:`Wire.check` does), unless a stopping
+        broker refused it: not carried out, it stays, to be sent again."""
         head = self.pending[0]
         if reply.id == head.request_id and not refused(reply):
             self.pending.popleft()
             self.sent -= 1
             if not self.pending:
                 self._latest = 0.0
-        expect: type[protocol.Reply] = head.call.expect
+        expect: type[protocol.Reply] = head.attempts.call.expect
         return wire.check(expect, head.request_id, reply, close)
 
     def lost(self, began: float, now: float) -> bool:
         """The connection was lost (the caller began to wait at ``began``):
-        may every put be sent again? Each gets its timeout's remainder, as
-        :meth:`Attempts.again` says."""
+        may every put be sent again (:meth:`Attempts.again`)?"""
         self.conn = None
         self.sent = 0
         allowed = True
@@ -194,9 +160,3 @@ class PutWindow:
             entry.attempts.retry_from(began)
             allowed = entry.attempts.again(now) and allowed
         return allowed
-
-    def clear(self) -> None:
-        self.pending.clear()
-        self.conn = None
-        self.sent = 0
-        self._latest = 0.0

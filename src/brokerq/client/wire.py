@@ -1,10 +1,6 @@
-"""One connection's rules, sans-IO: a request (:class:`Call`), its frames
-and the judging of its reply (:class:`Wire`), and the deadlines of its
-attempts after a lost connection (:class:`Attempts`), including the
-survival of a broker's stop (:class:`BrokerStopping`).
-
-It does no I/O and imports neither trio nor anyio: the drivers (blocking,
-asynchronous) bring the sockets and the clock.
+"""One connection's rules, sans-IO: a request (:class:`Call`), its frames and
+the judging of its reply (:class:`Wire`), and the deadlines of its attempts
+(:class:`Attempts`). The drivers bring the sockets and the clock.
 """
 
 from __future__ import annotations
@@ -25,8 +21,7 @@ from ..errors import (
 )
 from ..errors import ConnectionLost as _ConnectionLost
 
-#: The clients import it from here; it is brokerq.ConnectionLost (errors.py).
-ConnectionLost = _ConnectionLost
+ConnectionLost = _ConnectionLost  # (the clients import brokerq.ConnectionLost from here)
 
 R = TypeVar("R", bound=protocol.Reply)
 
@@ -37,34 +32,20 @@ CLOSING_CODES = frozenset(
 
 
 class BrokerStopping(ConnectionLost, ShuttingDown):
-    """The broker answered ``shutting_down``: it is stopping, did not carry
-    the request out, and closes the connection.
-
-    To the clients it is a lost connection (a stop is no worse than a
-    crash): a request that a lost connection sends again is sent again, on
-    a new connection, which waits for the stopping broker to exit and
-    starts the next one if no other client did. One that is not sent again
-    raises this, a :class:`~brokerq.ShuttingDown` as before. Since the
-    request was not carried out, a ``task_done`` is sent again too
-    (:attr:`Call.resend_refused`).
-    """
-
-
-# -- calls -----------------------------------------------------------------
+    """The broker answered ``shutting_down``: it is stopping and did not carry
+    the request out. To the clients it is a lost connection (a stop is no
+    worse than a crash); since the request was not carried out, even a
+    ``task_done`` is sent again."""
 
 
 @dataclass(frozen=True, slots=True)
 class Call(Generic[R]):
     """One request to make: what to send, what to expect back, how long it may take.
 
-    ``wait`` is how long the broker may take by the request's own terms (a
-    get's timeout; None for ever; 0 for requests that never wait). The
-    reply gets the client's timeout on top. ``retry``: whether a lost
-    connection sends it again (not for lease verbs). ``resend_refused``:
-    whether one that ``retry`` says not to send again is sent again all the
-    same when the broker refused it because it is stopping
-    (:class:`BrokerStopping`: it was not carried out).
-    """
+    ``wait``: how long the broker may take by the request's own terms (a
+    get's timeout; None: for ever; 0: never waits). ``retry``: whether a
+    lost connection sends it again; ``resend_refused``: whether a
+    :class:`BrokerStopping` refusal does all the same."""
 
     expect: type[R]
     kind: type[protocol.Request]
@@ -74,21 +55,13 @@ class Call(Generic[R]):
     resend_refused: bool = False
 
     def with_timeout(self, timeout: float | None) -> Call[R]:
-        """The same request with another ``timeout`` (0: it never waits in the broker)."""
         return replace(self, wait=timeout, fields={**self.fields, "timeout": timeout})
 
 
-# -- deadlines ---------------------------------------------------------------
-
-
 class Attempts:
-    """The deadlines of one call and of its retries after a lost connection.
-
-    The exchange may take the call's ``wait`` plus ``grace`` (the client's
-    timeout); a call that may wait for ever has no deadline. After a lost
-    connection the call may be sent again until that deadline (or, without
-    one, for ``grace`` counted from the loss); a retried get or reserve
-    asks with what is left of its own timeout (:attr:`fields`).
+    """The deadlines of one call and of its retries after a lost connection:
+    the call's ``wait`` plus ``grace`` (the client's timeout; without a
+    ``wait``, ``grace`` from the loss), a get asking for what is left of its timeout.
     """
 
     def __init__(self, call: Call[Any], grace: float, now: float) -> None:
@@ -102,17 +75,15 @@ class Attempts:
         self.started = now
 
     def wait_from(self, now: float) -> float | None:
-        """The reply of a call sent earlier (a put in a window) is waited
-        for from ``now``: it gets its own deadline, and at least ``grace``
-        from now. Returns that deadline (None: no bound)."""
+        """The deadline (None: none) of the reply to a call sent earlier (a
+        put in a window), waited for from ``now``: at least ``grace`` from now."""
         if self.deadline is not None:
             self.deadline = max(self.deadline, now + self.grace)
         return self.deadline
 
     def retry_from(self, began: float) -> None:
         """The caller began to wait for this call, sent earlier, at ``began``:
-        after a lost connection it may be sent again until ``grace`` after
-        that at least (a call that may wait for ever counts from the loss)."""
+        it may be sent again until ``grace`` after that at least."""
         if self.retry_until is not None and self.deadline is not None:
             self.retry_until = max(self.retry_until, began + self.grace)
 
@@ -122,40 +93,25 @@ class Attempts:
         return None if self.deadline is None else max(self.deadline - now, 0.001)
 
     def again(self, now: float, cause: ConnectionLost | None = None) -> bool:
-        """The attempt lost its connection (``cause``: what said so; a
-        :class:`BrokerStopping` is a stopping broker's refusal of the
-        request, which may be sent again if the call allows it): may the
-        call be sent again?"""
-        stopping = isinstance(cause, BrokerStopping)
+        """The attempt lost its connection (``cause``: what said so, maybe a
+        :class:`BrokerStopping`): may the call be sent again?"""
         if self.deadline is None and (self.retry_until is None or now - self.started > self.grace):
             # No deadline of its own (it may wait for ever): reconnecting
             # may take the grace, counted from this loss.
             self.retry_until = now + self.grace
         assert self.retry_until is not None
-        if not (self.call.retry or (stopping and self.call.resend_refused)):
-            return False
-        if now >= self.retry_until:
+        resend = self.call.retry or (self.call.resend_refused and isinstance(cause, BrokerStopping))
+        if not resend or now >= self.retry_until:
             return False
         if self.request_deadline is not None:
             self.fields["timeout"] = max(0.0, self.request_deadline - now)
         return True
 
 
-# -- one connection's wire ---------------------------------------------------
-
-
 class Wire:
     """The sans-IO half of a connection: request ids, frames out, replies in.
-
-    :meth:`encode` a request, send the bytes, :meth:`feed` what arrives
-    until :meth:`next_reply` returns one, and :meth:`check` it.
-
-    A reply that answers another request than the one read for, or answers
-    it with the wrong kind, puts the connection out of step for good:
-    :meth:`check` closes it and raises RemoteProtocolError, and keeps that
-    error in :attr:`failure`, so that every other request still waiting on
-    the connection fails with it too (:meth:`out_of_step`), at once, instead
-    of reading on.
+    A reply to another request, or of the wrong kind, puts it out of step for
+    good: every request waiting on it fails at once too (:meth:`out_of_step`).
     """
 
     def __init__(self, socket_path: str) -> None:
@@ -198,12 +154,9 @@ class Wire:
     def check(
         self, expect: type[R], request_id: int, reply: protocol.AnyReply, close: Callable[[], None]
     ) -> R:
-        """Return ``reply`` if it answers request ``request_id`` as expected, else raise.
-
-        An error reply raises its :class:`~brokerq.BrokerqError`; a reply
-        that is not what was asked for raises RemoteProtocolError. ``close``
-        is called first whenever the connection cannot be used any more.
-        """
+        """Return ``reply`` if it answers request ``request_id`` as expected,
+        else raise its error (or RemoteProtocolError), calling ``close``
+        first if the connection cannot be used any more."""
         if reply.id != request_id and not (isinstance(reply, protocol.Error) and reply.id == 0):
             self.fail(f"reply id {reply.id} does not match request {request_id}", close)
         if isinstance(reply, protocol.Error):
@@ -219,16 +172,14 @@ class Wire:
         return reply
 
     def fail(self, message: str, close: Callable[[], None]) -> NoReturn:
-        """The connection is out of step: keep why (:attr:`failure`), close
-        it, and raise RemoteProtocolError."""
+        """The connection is out of step: keep why, close it, and raise."""
         self.failure = RemoteProtocolError(message)
         close()
         raise self.failure
 
     def out_of_step(self) -> RemoteProtocolError | None:
-        """What a request still waiting on this connection raises once it
-        went out of step (a new error, with the first one's message); None
-        if it did not."""
+        """What a request still waiting raises once the connection went out of
+        step (a new error, with the first one's message); None if it did not."""
         if self.failure is None:
             return None
         return RemoteProtocolError(f"the connection went out of step: {self.failure}")
@@ -248,7 +199,6 @@ def refused(reply: protocol.AnyReply) -> bool:
 
 
 def unreachable(socket_path: str, exc: OSError) -> BrokerUnavailable:
-    """What connecting raises for an OSError (never a bare OSError out of the API)."""
     return BrokerUnavailable(f"cannot reach the broker at {socket_path}: {exc}")
 
 
@@ -262,8 +212,7 @@ def closed_client() -> BrokerqError:
 
 def closed_subscription(topic: str, overflowed: bool) -> BrokerqError:
     """What a closed live subscription raises: closed by its owner, or
-    dropped by the broker for reading too slowly (said once, as
-    SubscriberOverflow, then this)."""
+    dropped by the broker (said once as SubscriberOverflow, then this)."""
     if overflowed:
         return BrokerqError(
             f"the subscription to {topic!r} was dropped by the broker for reading too slowly;"
