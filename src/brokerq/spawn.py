@@ -34,8 +34,6 @@ if TYPE_CHECKING:
 #: Python accepts at most 107 bytes for an AF_UNIX path on Linux (sun_path is
 #: 108 with the NUL); BSD and macOS allow 103.
 MAX_SOCKET_PATH = 107 if sys.platform.startswith("linux") else 103
-#: connect() errors that mean "no broker is listening here (yet)".
-_NOT_LISTENING = frozenset({errno.ENOENT, errno.ECONNREFUSED})
 #: The listen backlog asked for: the kernel caps it (``net.core.somaxconn``),
 #: so this means "as many as the system allows", and a burst of connects
 #: waits in the backlog while the broker is busy rather than failing.
@@ -230,8 +228,8 @@ def _try_connect(socket_path: str, timeout: float) -> socket.socket | object | N
         sock.close()
         if exc.errno == errno.EAGAIN:
             return BUSY
-        if exc.errno in _NOT_LISTENING or isinstance(exc, TimeoutError):
-            return None
+        if exc.errno in (errno.ENOENT, errno.ECONNREFUSED) or isinstance(exc, TimeoutError):
+            return None  # no broker is listening here (yet)
         if exc.errno in (errno.EACCES, errno.EPERM):
             raise PermissionDenied(f"cannot connect to {socket_path}: {exc.strerror}") from exc
         raise BrokerUnavailable(f"cannot connect to {socket_path}: {exc}") from exc

@@ -1,9 +1,5 @@
-"""The ``brokerq`` command: the queue from the shell.
-
-The group and what its commands share are in group.py; the commands are in
-messages.py (put, get, peek, join, ...), topics.py, admin.py (queues,
-stats, ping, stop, ...) and consume.py.
-"""
+"""The ``brokerq`` command: the group in group.py, the commands in messages.py,
+topics.py, admin.py and consume.py."""
 
 from __future__ import annotations
 

@@ -1,16 +1,12 @@
 """``brokerq consume``: run a command once per message, and the runner behind it.
 
-``jobs`` worker threads each loop: reserve a message (each on its own
-connection, so the lease is the thread's), run the command with the body on
-its stdin, renew the lease (``touch``) every third of its length while the
-command runs, then settle the message by the result (see the command's help).
-
-The thread in :meth:`Consumer.run` only waits for the workers and carries
-out :meth:`Consumer.stop` and :meth:`Consumer.kill`, which just set flags
-and wake it, so they are safe in a signal handler (:func:`stop_on_signals`).
-A message a reserve still brings after a stop is released at once. Each
-command runs in its own process group, so a Ctrl-C at the terminal reaches
-only ``consume``.
+``jobs`` worker threads each reserve a message (each on its own connection,
+so the lease is the thread's), run the command, renew the lease every third
+of its length meanwhile, then settle the message by the result. The thread
+in :meth:`Consumer.run` only waits for them and carries out ``stop`` and
+``kill``, which just set flags and wake it, so they are safe in a signal
+handler. Each command runs in its own process group, so a Ctrl-C at the
+terminal reaches only ``consume``.
 """
 
 from __future__ import annotations
@@ -42,8 +38,7 @@ POLL = 0.5
 KILL_AFTER = 3.0
 LOG_PREFIX = "brokerq consume: "
 
-#: What a command came to: its exit status (negative: the signal that
-#: ended it), or why it could not start.
+#: A command's exit status (negative: the signal that ended it), or why it could not start.
 Status = int | str
 
 
@@ -54,11 +49,8 @@ def _stderr(line: str) -> None:
 
 @dataclasses.dataclass(eq=False)
 class Consumer:
-    """Runs ``command`` for each message of ``queue``, up to ``jobs`` at once.
-
-    The options are the command's; ``log`` gets one line per failure;
-    ``acked``, ``released`` and ``buried`` count the outcomes.
-    """
+    """Runs ``command`` for each message of ``queue``, up to ``jobs`` at once (the
+    options are the command's); ``acked``, ``released`` and ``buried`` count outcomes."""
 
     queue: Queue
     command: Sequence[str]
@@ -248,10 +240,8 @@ class Consumer:
                 _signal_group(proc, signal.SIGTERM)
         try:
             while True:
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     return proc.wait(timeout=interval)
-                except subprocess.TimeoutExpired:
-                    pass
                 try:
                     msg.touch()
                 except BrokerqError as exc:

@@ -1,7 +1,5 @@
-"""The ``brokerq`` group: its options, its exit statuses (see its help), and
-what the commands share. Library errors become exit codes here, at the
-edge, and nowhere else.
-"""
+"""The ``brokerq`` group and what its commands share. Library errors become
+exit codes here, at the edge, and nowhere else."""
 
 from __future__ import annotations
 
@@ -156,7 +154,7 @@ def cli(ctx: click.Context, socket: str | None, connect_timeout: float) -> None:
 
 
 def _serve_command() -> click.Command:
-    """``serve``, made on demand: its options are the broker's (daemon.py)."""
+    """Made on demand: its options are the broker's (daemon.py)."""
     from ..broker.daemon import broker_options
     from ..broker.daemon import run as run_broker
 
@@ -191,16 +189,13 @@ def bodies(messages: tuple[str, ...], null: bool) -> Iterator[bytes]:
     if messages.count("-") > 1:
         raise click.UsageError("'-' (all of stdin, as one message) may be given once.")
     if not messages:
-        return _stdin_records() if null else _stdin_lines()
+        if null:
+            return _stdin_records()
+        return (line.removesuffix(b"\n") for line in sys.stdin.buffer)
     return (
         sys.stdin.buffer.read() if m == "-" else m.encode("utf-8", "surrogateescape")
         for m in messages
     )
-
-
-def _stdin_lines() -> Iterator[bytes]:
-    for line in sys.stdin.buffer:
-        yield line.removesuffix(b"\n")
 
 
 def _stdin_records() -> Iterator[bytes]:
