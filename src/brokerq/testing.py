@@ -75,7 +75,31 @@ def private_broker(
         client.connection()
         yield client
     finally:
-        _tear_down(directory, socket_path, proc, client, timeout)
+        deadline = time.monotonic() + timeout
+        try:
+            if client is not None:
+                client.close()
+            # The client brokerq.Queue(name) made for this socket, if any: a
+            # test suite that uses it must not leak one socket per test.
+            with _client_module._shared_lock:
+                shared = _client_module._shared.pop(socket_path, None)
+            if shared is not None:
+                shared.close()
+            if proc is not None or broker_running(socket_path):
+                # A fresh client: the test may have closed its own. Whichever
+                # broker serves the socket now (ours, or one a client spawned
+                # after the test stopped ours) is asked to exit and waited for.
+                # One that does not answer (stopped with SIGSTOP, say) is killed below.
+                with contextlib.suppress(BrokerqError), Client(socket_path, timeout) as stopper:
+                    stopper.stop()
+            if proc is not None:
+                try:
+                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    _kill_and_wait(proc)
+            _kill_lock_holder(socket_path)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def _start_broker(socket_path: str, options: list[str], timeout: float) -> subprocess.Popen[bytes]:
@@ -100,35 +124,6 @@ def _kill_and_wait(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-def _tear_down(
-    directory: str,
-    socket_path: str,
-    proc: subprocess.Popen[bytes] | None,
-    client: Client | None,
-    timeout: float,
-) -> None:
-    deadline = time.monotonic() + timeout
-    try:
-        if client is not None:
-            client.close()
-        _close_shared_client(socket_path)
-        if proc is not None or broker_running(socket_path):
-            # A fresh client: the test may have closed its own. Whichever
-            # broker serves the socket now (ours, or one a client spawned
-            # after the test stopped ours) is asked to exit and waited for.
-            # One that does not answer (stopped with SIGSTOP, say) is killed below.
-            with contextlib.suppress(BrokerqError), Client(socket_path, timeout) as stopper:
-                stopper.stop()
-        if proc is not None:
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _kill_and_wait(proc)
-        _kill_lock_holder(socket_path)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
 def _kill_lock_holder(socket_path: str) -> None:
     """The last resort for a broker that is not our child and did not stop:
     SIGKILL the pid in its lock file while it holds the lock."""
@@ -141,15 +136,6 @@ def _kill_lock_holder(socket_path: str) -> None:
         if time.monotonic() > deadline:
             raise BrokerUnavailable(f"the broker at {socket_path} (pid {pid}) does not exit")
         time.sleep(0.01)
-
-
-def _close_shared_client(socket_path: str) -> None:
-    """Close the client ``brokerq.Queue(name)`` made for this socket, if any,
-    so a test suite that uses it does not leak one socket per test."""
-    with _client_module._shared_lock:
-        client = _client_module._shared.pop(socket_path, None)
-    if client is not None:
-        client.close()
 
 
 def queue_name_for(test_name: str) -> str:
