@@ -175,8 +175,8 @@ def try_lock(fd: int) -> bool:
 
 
 def take_spawn_lock(socket_path: str) -> int | None:
-    """The locked lock fd if no broker exists (the caller must spawn one), else
-    None. The pid in the file, of a broker gone, is cleared."""
+    """The locked lock fd if no broker exists (the caller must spawn one; the
+    gone broker's pid in the file is cleared), else None."""
     fd = open_lock(socket_path)
     if not try_lock(fd):
         os.close(fd)
@@ -218,8 +218,7 @@ def still_running(socket_path: str, pid: int | None) -> bool:
 
 
 def _try_connect(socket_path: str, timeout: float) -> socket.socket | object | None:
-    """A connected socket; :data:`BUSY` if the broker's backlog is full; None
-    if nothing listens at the path (yet)."""
+    """A connected socket, :data:`BUSY`, or None if nothing listens (yet)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(max(timeout, 0.001))
@@ -329,15 +328,14 @@ def spawn_broker(socket_path: str, lock_fd: int, deadline: float) -> int:
 def launch(
     socket_path: str, args: list[str], pass_fds: tuple[int, ...] = (), **popen: Any
 ) -> tuple[subprocess.Popen[bytes], int]:
-    """Start the broker program for ``socket_path`` with ``args``, its stderr
-    to ``<socket>.log``; return it and the pipe on which it says READY."""
+    """Start the broker for ``socket_path``, its stderr to ``<socket>.log``;
+    return it and the pipe on which it says READY."""
     import subprocess
 
-    program = _broker_program()
     log_flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
     log_fd = os.open(log_path(socket_path), log_flags, 0o600)
     ready_r, ready_w = os.pipe()
-    command = [program, socket_path, *args, "--ready-fd", str(ready_w)]
+    command = [_broker_program(), socket_path, *args, "--ready-fd", str(ready_w)]
     try:
         proc = subprocess.Popen(
             command,

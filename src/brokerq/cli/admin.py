@@ -1,5 +1,4 @@
-"""The commands about the broker: queues, topics, stats, ping, stop (and
-``serve``, made on demand by the group)."""
+"""The commands about the broker: queues, topics, stats, ping, stop."""
 
 from __future__ import annotations
 
@@ -46,9 +45,7 @@ def topics(state: State) -> None:
 def stats(state: State, queue: str | None, as_json: bool, as_prom: bool) -> None:
     """Print the stats of QUEUE, or of the broker with tables of its queues and topics."""
     if as_json and as_prom:
-        raise click.UsageError(
-            "--json and --prom are mutually exclusive.", click.get_current_context()
-        )
+        raise click.UsageError("--json and --prom are mutually exclusive.")
     data: dict[str, Any]
     if queue is not None:
         data = state.queue(queue).stats()
