@@ -105,20 +105,17 @@ def _command_options() -> list[click.Parameter]:
         if state is not None and value is not None:
             setattr(state, str(param.name), value)  # socket, connect_timeout
 
+    option = functools.partial(click.Option, expose_value=False, callback=set_state)
     return [
-        click.Option(
+        option(
             ["--socket"],
             metavar="PATH",
-            expose_value=False,
-            callback=set_state,
             help="The broker's socket, as before the command (this one wins).",
         ),
-        click.Option(
+        option(
             ["--connect-timeout"],
             type=click.FloatRange(min=0),
             metavar="SECONDS",
-            expose_value=False,
-            callback=set_state,
             help="As before the command (this one wins).",
         ),
     ]
