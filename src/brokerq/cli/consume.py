@@ -19,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -299,29 +299,6 @@ def _describe(status: Status) -> str:
         return f"killed by signal {-status}"
 
 
-@contextlib.contextmanager
-def stop_on_signals(consumer: Consumer) -> Iterator[None]:
-    """Within: SIGINT or SIGTERM stops ``consumer``, the next one kills its
-    commands (see :meth:`Consumer.kill`). Only in the main thread."""
-
-    signals = 0
-
-    def handle(signum: int, frame: FrameType | None) -> None:
-        nonlocal signals
-        signals += 1
-        if signals == 1:
-            consumer.stop()
-        else:
-            consumer.kill()
-
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 @cli.command()
 @click.argument("queue")
 @click.argument("command", nargs=-1, required=True, metavar="-- CMD [ARG]...")
@@ -389,5 +366,19 @@ def consume(state: State, /, queue: str, command: tuple[str, ...], **options: An
     if shutil.which(command[0]) is None:
         raise click.UsageError(f"{command[0]}: command not found")
     consumer = Consumer(state.queue(queue), command, **options)
-    with stop_on_signals(consumer):
+    signals = 0  # the first SIGINT or SIGTERM stops consumer, the next ones kill
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            consumer.stop()
+        else:
+            consumer.kill()
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
         consumer.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
