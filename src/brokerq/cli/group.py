@@ -198,15 +198,13 @@ def bodies(messages: tuple[str, ...], null: bool) -> Iterator[bytes]:
 def _stdin_records() -> Iterator[bytes]:
     """Stdin's records, each ended by a NUL (the last may lack it), as they come."""
     stdin = cast("io.BufferedReader", sys.stdin.buffer)  # (or click's BytesIO)
-    pending = bytearray()
-    start = 0  # of the next record in pending
+    pending = bytearray()  # the start of a record whose NUL has not come yet
     while chunk := stdin.read1(1 << 16):
-        searched = len(pending)
-        pending += chunk
-        while (end := pending.find(b"\0", searched)) >= 0:
-            yield bytes(pending[start:end])
-            start = searched = end + 1
-        del pending[:start]
-        start = 0
+        first, *rest = chunk.split(b"\0")
+        pending += first
+        if rest:
+            yield bytes(pending)
+            yield from rest[:-1]
+            pending = bytearray(rest[-1])
     if pending:
         yield bytes(pending)
