@@ -423,9 +423,15 @@ def publish_socket(socket_path: str, backlog: int = LISTEN_BACKLOG) -> socket.so
     try:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp_name, dir_fd=dir_fd)
+        bindable = os.path.join(directory, temp_name)
+        if len(os.fsencode(bindable)) > MAX_SOCKET_PATH:
+            # The temporary name may be longer than the socket's: /proc names it short.
+            if not os.path.isdir(f"/proc/self/fd/{dir_fd}"):
+                check_path_length(bindable)  # raises: no short way to name it here
+            bindable = f"/proc/self/fd/{dir_fd}/{temp_name}"
         old_umask = os.umask(0o177)
         try:
-            sock.bind(_bindable(directory, temp_name, dir_fd))
+            sock.bind(bindable)
         finally:
             os.umask(old_umask)
         pause("broker.bound")
@@ -441,18 +447,6 @@ def publish_socket(socket_path: str, backlog: int = LISTEN_BACKLOG) -> socket.so
         os.close(dir_fd)
     close_in_forked_children(sock)
     return sock
-
-
-def _bindable(directory: str, name: str, dir_fd: int) -> str:
-    """A path ``bind()`` accepts for ``directory/name``, which may be longer
-    than the socket's own: on Linux ``/proc/self/fd/<dir_fd>/name`` is short."""
-    full = os.path.join(directory, name)
-    if len(os.fsencode(full)) <= MAX_SOCKET_PATH:
-        return full
-    if os.path.isdir(f"/proc/self/fd/{dir_fd}"):
-        return f"/proc/self/fd/{dir_fd}/{name}"
-    check_path_length(full)  # raises: no short way to name the directory here
-    return full
 
 
 def file_identity(path: str) -> tuple[int, int] | None:
