@@ -1,5 +1,4 @@
-"""``python -m brokerq`` works like the ``brokerq`` command (``main`` names
-the program ``brokerq``, so its help and errors read the same)."""
+"""``python -m brokerq`` works like the ``brokerq`` command, help and errors alike."""
 
 from .cli import main
 

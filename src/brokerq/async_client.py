@@ -1,6 +1,5 @@
-"""The async client's old path: ``brokerq.async_client`` is
-:mod:`brokerq.client.asynchronous` itself (the same module object, so
-what is patched or imported through either name is the same)."""
+"""The old path of :mod:`brokerq.client.asynchronous`: the same module object,
+so what is patched or imported through either name is the same."""
 
 import sys
 from typing import TYPE_CHECKING

@@ -1,6 +1,5 @@
-"""``brokerq consume``'s runner at its old path: ``brokerq.consume`` is
-:mod:`brokerq.cli.consume` itself (the same module object, so what is
-patched or imported through either name is the same)."""
+"""The old path of :mod:`brokerq.cli.consume`: the same module object, so what
+is patched or imported through either name is the same."""
 
 import sys
 

@@ -1,10 +1,8 @@
 """A demo of brokerq: ``python -m brokerq.demo``.
 
 One producer and two consumer processes share the queue ``jobs`` through a
-broker that none of them was told to start: the first process to connect
-finds no broker and spawns one. Everything runs on a private socket in a
-fresh temporary directory, which is stopped and removed at the end, so the
-demo never touches your default broker.
+broker that the first of them to connect spawns, on a private socket in a
+fresh temporary directory, stopped and removed at the end.
 """
 
 from __future__ import annotations

@@ -1,19 +1,16 @@
-"""Named pause points, so that tests can force races (every spawn race, and
-those of a put that waits for room). **For tests only.**
+"""Named pause points, so that tests can force races. **For tests only.**
 
 ``BROKERQ_TEST_PAUSE`` names points and a FIFO for each, comma separated
-(``client.connect_failed=/tmp/bqX/p1,broker.bound=/tmp/bqX/p2``); it is read
-once, at import, and a spawned broker inherits it with every ``BROKERQ_*``
-variable. Unset, :func:`pause` costs one test of an empty dict. The first
-time a process reaches a named point (later passes go straight on) it opens
+(``client.locked=/tmp/bqX/p1,broker.bound=/tmp/bqX/p2``), read once at
+import (a spawned broker inherits it); unset, :func:`pause` costs one test
+of an empty dict. The first time a process reaches a named point it opens
 the FIFO read-write (so the open never blocks), appends ``<pid> <point>\\n``
-to ``<fifo>.reached`` (the test waits for that line), and blocks reading one
-byte: ``x`` makes it exit there with status 1 (a crash at that point), ``f``
-makes it fork a helper child that keeps every descriptor not closed at fork
-(it appends ``<pid> <point>:helper\\n`` and sleeps until killed) and then
-wait for the next byte; any other byte lets it go on.
+to ``<fifo>.reached``, and blocks reading one byte: ``x`` makes it exit 1
+there (a crash), ``f`` makes it fork a helper child that keeps every
+descriptor not closed at fork (it appends ``<pid> <point>:helper\\n`` and
+sleeps until killed) then wait for the next byte; any other lets it go on.
 
-The points, in brokerq.spawn, the broker wing and the blocking client:
+The points:
 
 ``client.connected``: connect() succeeded; no hello sent yet.
 ``client.connect_failed``: connect() did not; the lock not tried yet.
@@ -41,8 +38,6 @@ import signal
 import sys
 
 ENV = "BROKERQ_TEST_PAUSE"
-
-
 _PAIRS = (item.strip().partition("=") for item in os.environ.get(ENV, "").split(","))
 _POINTS = {name: path for name, sep, path in _PAIRS if sep and name and path}
 

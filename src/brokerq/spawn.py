@@ -1,17 +1,13 @@
-"""Finding a broker, and starting one when none runs, without races.
+"""Finding a broker, and starting one when none runs, without races
+(docs/design.md section 3).
 
-The rules (docs/design.md section 3 tells the story): the broker holds an
-exclusive ``flock`` on ``<socket>.lock`` for its whole life, so a broker
-exists if and only if that lock is held (the kernel drops it when the broker
-dies, even by SIGKILL). Only the lock holder creates, replaces or unlinks the
-socket; clients never delete it. A client (:func:`connect_or_spawn`) that
-finds nothing listening tries the lock: busy means a broker is starting,
-serving or exiting (back off and connect again); taken means none exists, so
-it starts ``local-queue-broker``, hands it the locked descriptor and waits
-for it to say ``READY``.
-
-Plain blocking code, run by every client: what only spawning needs
-(subprocess, shutil, random) is imported when it is needed.
+The broker holds an exclusive ``flock`` on ``<socket>.lock`` for its whole
+life, so a broker exists if and only if that lock is held (the kernel drops
+it even on SIGKILL). Only the lock holder creates, replaces or unlinks the
+socket. A client that finds nothing listening tries the lock: busy means a
+broker is starting, serving or exiting (connect again); taken means none
+exists, so it starts one, hands it the locked descriptor and waits for
+``READY``. Run by every client: what only spawning needs is imported late.
 """
 
 from __future__ import annotations
@@ -38,22 +34,17 @@ if TYPE_CHECKING:
 #: Python accepts at most 107 bytes for an AF_UNIX path on Linux (sun_path is
 #: 108 with the NUL); BSD and macOS allow 103.
 MAX_SOCKET_PATH = 107 if sys.platform.startswith("linux") else 103
-#: connect() errors that mean "no broker is listening here (yet)".
-_NOT_LISTENING = frozenset({errno.ENOENT, errno.ECONNREFUSED})
 #: The listen backlog asked for: the kernel caps it (``net.core.somaxconn``),
 #: so this means "as many as the system allows", and a burst of connects
 #: waits in the backlog while the broker is busy rather than failing.
 LISTEN_BACKLOG = max(socket.SOMAXCONN, 65535)
-
-
 #: What :func:`_try_connect` returns when connect() said EAGAIN: a broker
 #: listens, its backlog full for a moment; connect again, never spawn.
 BUSY = object()
 
 
 def _unsafe(directory: str) -> str | None:
-    """Why ``directory`` is not private (a real directory of this user, no
-    permissions for group or others), or None if it is."""
+    """Why ``directory`` is not private (this user's real directory, mode 0700), or None."""
     try:
         st = os.lstat(directory)
     except OSError as exc:
@@ -70,13 +61,9 @@ def _unsafe(directory: str) -> str | None:
 
 
 def default_socket_path() -> str:
-    """``$XDG_RUNTIME_DIR/brokerq/broker.sock`` if that directory is
-    trusted and the path fits a socket address, else
-    ``/tmp/brokerq-<euid>/broker.sock``.
-
-    Trusted: an absolute path (the XDG spec ignores a relative one) to a
-    private directory; after ``sudo`` or ``su`` it may still name the first
-    user's directory, which is not ours."""
+    """``$XDG_RUNTIME_DIR/brokerq/broker.sock`` if that directory is absolute
+    (the XDG spec ignores a relative one) and private (after ``sudo`` it may
+    be another user's) and the path fits, else ``/tmp/brokerq-<euid>/broker.sock``."""
     runtime = os.environ.get("XDG_RUNTIME_DIR", "")
     if os.path.isabs(runtime) and _unsafe(runtime) is None:
         path = normalise_path(os.path.join(runtime, "brokerq", "broker.sock"))
@@ -94,10 +81,8 @@ def resolve_socket_path(socket_path: str | os.PathLike[str] | None) -> str:
 
 
 def normalise_path(path: str) -> str:
-    """``path`` made absolute and normalised lexically (protocol.md 10.1):
-    ``os.path.abspath``, and a leading ``//`` folded to ``/``, as Linux and
-    the C client read it (two spellings of one path must name one broker
-    and one ``--data-dir`` journal)."""
+    """``os.path.abspath``, and a leading ``//`` folded to ``/`` (protocol.md
+    10.1): two spellings of one path must name one broker and one journal."""
     path = os.path.abspath(path)
     if path.startswith("//"):
         path = "/" + path.lstrip("/")
@@ -121,14 +106,16 @@ def check_path_length(socket_path: str) -> None:
         )
 
 
-def ensure_socket_dir(socket_path: str, *, create: bool = True) -> None:
-    """Create the socket's directory (mode 0700) or check that it is private.
+def check_socket_path(socket_path: str, *, create: bool = True) -> None:
+    """Check the path's length, and create the socket's directory (mode 0700)
+    or check that it is private, before a client or a broker touches the path.
 
     Anything else is refused, never chmod-ed or chown-ed: a directory
     someone else prepared is the very attack (squatting in /tmp) this guards
     against. ``create`` False (``stop``) creates nothing: a missing
     directory means no broker runs there.
     """
+    check_path_length(socket_path)
     directory = os.path.dirname(socket_path)
     if not create and not os.path.lexists(directory):
         raise BrokerUnavailable(f"no broker is running at {socket_path}")
@@ -143,16 +130,8 @@ def ensure_socket_dir(socket_path: str, *, create: bool = True) -> None:
             why = f"its parent {os.path.dirname(directory)} does not exist"
         error = PermissionDenied if isinstance(exc, PermissionError) else BrokerUnavailable
         raise error(f"cannot create the socket directory {directory}: {why}") from exc
-    problem = _unsafe(directory)
-    if problem:
+    if problem := _unsafe(directory):
         raise PermissionDenied(f"unsafe socket directory {directory}: it {problem}")
-
-
-def check_socket_path(socket_path: str, *, create: bool = True) -> None:
-    """Everything a client or a broker checks before touching a socket path
-    (``create``: as for :func:`ensure_socket_dir`)."""
-    check_path_length(socket_path)
-    ensure_socket_dir(socket_path, create=create)
 
 
 def peer_uid(sock: socket.socket) -> int:
@@ -162,16 +141,12 @@ def peer_uid(sock: socket.socket) -> int:
         if sys.platform.startswith("openbsd"):  # pragma: no cover - uid, gid, pid there
             return int(struct.unpack("3i", creds)[0])
         return int(struct.unpack("3i", creds)[1])
-    return _getpeereid(sock.fileno())  # pragma: no cover - BSD and macOS
-
-
-def _getpeereid(fd: int) -> int:  # pragma: no cover - BSD and macOS
-    import ctypes
+    import ctypes  # pragma: no cover - BSD and macOS: getpeereid
     import ctypes.util
 
     libc = ctypes.CDLL(ctypes.util.find_library("c"), use_errno=True)
     uid, gid = ctypes.c_uint32(), ctypes.c_uint32()
-    if libc.getpeereid(fd, ctypes.byref(uid), ctypes.byref(gid)) != 0:
+    if libc.getpeereid(sock.fileno(), ctypes.byref(uid), ctypes.byref(gid)) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
     return uid.value
@@ -200,8 +175,8 @@ def try_lock(fd: int) -> bool:
 
 
 def take_spawn_lock(socket_path: str) -> int | None:
-    """The locked lock fd if no broker exists (the caller must spawn one), else
-    None. The pid in the file, of a broker gone, is cleared."""
+    """The locked lock fd if no broker exists (the caller must spawn one; the
+    gone broker's pid in the file is cleared), else None."""
     fd = open_lock(socket_path)
     if not try_lock(fd):
         os.close(fd)
@@ -236,17 +211,14 @@ def still_running(socket_path: str, pid: int | None) -> bool:
     """True while the broker ``pid`` (None: any process) holds the lock of
     ``socket_path``. So waiting for a stop is not defeated by a client that
     starts the next broker at once: the lock file names that one then."""
-    if not broker_running(socket_path):
-        return False
-    return pid is None or lock_holder_pid(socket_path) == pid
+    return broker_running(socket_path) and (pid is None or lock_holder_pid(socket_path) == pid)
 
 
 # -- connecting and spawning -----------------------------------------------
 
 
 def _try_connect(socket_path: str, timeout: float) -> socket.socket | object | None:
-    """A connected socket; :data:`BUSY` if the broker's backlog is full; None
-    if nothing listens at the path (yet)."""
+    """A connected socket, :data:`BUSY`, or None if nothing listens (yet)."""
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         sock.settimeout(max(timeout, 0.001))
@@ -255,8 +227,8 @@ def _try_connect(socket_path: str, timeout: float) -> socket.socket | object | N
         sock.close()
         if exc.errno == errno.EAGAIN:
             return BUSY
-        if exc.errno in _NOT_LISTENING or isinstance(exc, TimeoutError):
-            return None
+        if exc.errno in (errno.ENOENT, errno.ECONNREFUSED) or isinstance(exc, TimeoutError):
+            return None  # no broker is listening here (yet)
         if exc.errno in (errno.EACCES, errno.EPERM):
             raise PermissionDenied(f"cannot connect to {socket_path}: {exc.strerror}") from exc
         raise BrokerUnavailable(f"cannot connect to {socket_path}: {exc}") from exc
@@ -309,7 +281,7 @@ def connect_or_spawn(socket_path: str, deadline: float, *, spawn: bool = True) -
         delay = min(delay * 2, 0.05)
 
 
-def broker_command() -> list[str]:
+def _broker_program() -> str:
     """``$BROKERQ_BROKER``, else ``local-queue-broker`` beside this Python, else
     on PATH; as an absolute path (protocol.md 10.4: the broker starts in ``/``
     with a PATH of its own, so a bare name or a relative path is resolved here)."""
@@ -322,30 +294,24 @@ def broker_command() -> list[str]:
             raise BrokerUnavailable(
                 f"cannot start a broker: BROKERQ_BROKER={configured!r} is not an executable"
             )
-        return [os.path.abspath(found)]
+        return os.path.abspath(found)
     path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", os.defpath)])
-    found = shutil.which("local-queue-broker", path=path)
-    if found:
-        return [os.path.abspath(found)]
+    if found := shutil.which("local-queue-broker", path=path):
+        return os.path.abspath(found)
     raise BrokerUnavailable(
         "cannot start a broker: no local-queue-broker program beside "
         f"{sys.executable} or on PATH (set BROKERQ_BROKER to its path)"
     )
 
 
-def broker_environment() -> dict[str, str]:
-    """What a spawned broker inherits: ``BROKERQ_*`` and a default PATH, no more."""
-    env = {k: v for k, v in os.environ.items() if k.startswith("BROKERQ_")}
-    env["PATH"] = os.defpath
-    return env
-
-
 def spawn_broker(socket_path: str, lock_fd: int, deadline: float) -> int:
-    """Start a broker that inherits ``lock_fd`` (locked); return its pid once READY."""
+    """Start a broker that inherits ``lock_fd`` (locked); return its pid once READY.
+    It inherits ``BROKERQ_*`` and a default PATH, no more."""
     import subprocess
 
+    env = {k: v for k, v in os.environ.items() if k.startswith("BROKERQ_")}
+    env["PATH"] = os.defpath
     args = ["--daemon", "--lock-fd", str(lock_fd)]
-    env = broker_environment()
     launcher, ready = launch(
         socket_path, args, (lock_fd,), start_new_session=True, cwd="/", env=env
     )
@@ -362,15 +328,14 @@ def spawn_broker(socket_path: str, lock_fd: int, deadline: float) -> int:
 def launch(
     socket_path: str, args: list[str], pass_fds: tuple[int, ...] = (), **popen: Any
 ) -> tuple[subprocess.Popen[bytes], int]:
-    """Start the broker program for ``socket_path`` with ``args``, its stderr
-    to ``<socket>.log``; return it and the pipe on which it says READY."""
+    """Start the broker for ``socket_path``, its stderr to ``<socket>.log``;
+    return it and the pipe on which it says READY."""
     import subprocess
 
-    program = broker_command()
     log_flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC | os.O_NOFOLLOW
     log_fd = os.open(log_path(socket_path), log_flags, 0o600)
     ready_r, ready_w = os.pipe()
-    command = [*program, socket_path, *args, "--ready-fd", str(ready_w)]
+    command = [_broker_program(), socket_path, *args, "--ready-fd", str(ready_w)]
     try:
         proc = subprocess.Popen(
             command,
@@ -458,9 +423,15 @@ def publish_socket(socket_path: str, backlog: int = LISTEN_BACKLOG) -> socket.so
     try:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(temp_name, dir_fd=dir_fd)
+        bindable = os.path.join(directory, temp_name)
+        if len(os.fsencode(bindable)) > MAX_SOCKET_PATH:
+            # The temporary name may be longer than the socket's: /proc names it short.
+            if not os.path.isdir(f"/proc/self/fd/{dir_fd}"):
+                check_path_length(bindable)  # raises: no short way to name it here
+            bindable = f"/proc/self/fd/{dir_fd}/{temp_name}"
         old_umask = os.umask(0o177)
         try:
-            sock.bind(_bindable(directory, temp_name, dir_fd))
+            sock.bind(bindable)
         finally:
             os.umask(old_umask)
         pause("broker.bound")
@@ -476,18 +447,6 @@ def publish_socket(socket_path: str, backlog: int = LISTEN_BACKLOG) -> socket.so
         os.close(dir_fd)
     close_in_forked_children(sock)
     return sock
-
-
-def _bindable(directory: str, name: str, dir_fd: int) -> str:
-    """A path ``bind()`` accepts for ``directory/name``, which may be longer
-    than the socket's own: on Linux ``/proc/self/fd/<dir_fd>/name`` is short."""
-    full = os.path.join(directory, name)
-    if len(os.fsencode(full)) <= MAX_SOCKET_PATH:
-        return full
-    if os.path.isdir(f"/proc/self/fd/{dir_fd}"):
-        return f"/proc/self/fd/{dir_fd}/{name}"
-    check_path_length(full)  # raises: no short way to name the directory here
-    return full
 
 
 def file_identity(path: str) -> tuple[int, int] | None:

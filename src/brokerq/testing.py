@@ -1,12 +1,6 @@
-"""Private brokers for your own tests: a context manager and a pytest plugin
-(docs/usage.md, "Testing with brokerq").
-
-:func:`private_broker` starts a broker of its own in a fresh, short
-directory under ``/tmp`` (pytest's ``tmp_path`` is often too long for a
-socket path), yields a connected :class:`~brokerq.Client`, then stops the
-broker, makes sure its process is gone and removes the directory. The
-plugin is opt-in (``pytest_plugins = ["brokerq.testing"]``); importing this
-module never needs pytest: the fixtures are only defined when it is there.
+"""Private brokers for your own tests: a context manager and an opt-in pytest
+plugin (docs/usage.md, "Testing with brokerq"). Importing this module never
+needs pytest: the fixtures are only defined when it is there.
 
 PYTEST_DONT_REWRITE: this module has no asserts for pytest to rewrite, and a
 conftest.py may import it before pytest loads it as a plugin (pytest would
@@ -33,9 +27,9 @@ from .spawn import broker_running, launch, lock_holder_pid, wait_ready
 
 __all__ = ["private_broker"]
 
-#: The temporary directories' prefix, under ``/tmp``.
+#: The temporary directories' prefix, under ``/tmp`` (pytest's ``tmp_path`` is
+#: often too long for a socket path).
 DIR_PREFIX = "brokerq-test-"
-#: The socket's name in its directory.
 SOCKET_NAME = "broker.sock"
 
 
@@ -51,22 +45,16 @@ def private_broker(
     log_level: str | None = None,
     timeout: float = DEFAULT_TIMEOUT,
 ) -> Iterator[Client]:
-    """Run a broker of its own for the ``with`` block; yield a client of it.
+    """Run a broker of its own, a child serving ``<dir>/broker.sock`` in a new
+    directory under /tmp, for the ``with`` block; yield a client of it.
 
-    The broker serves ``<dir>/broker.sock`` in a new directory under /tmp,
-    runs as a child of this process, and takes its options from the
-    arguments only, never from the ``BROKERQ_*`` environment (which it does
-    not get). ``journal`` False keeps messages in memory only; True writes
-    ``<dir>/broker.sock.journal``, fsynced per ``fsync``. ``idle_exit``'s 10
-    minutes outlast any test, and let a broker orphaned by a killed test run
-    go by itself. The others are the broker's options of those names (None:
-    its default); ``timeout`` is the client's, and how long starting or
-    stopping the broker may take.
-
-    When the block ends, however it ends, the client is closed, whatever
-    broker serves the socket (one a client spawned after the test stopped
-    this one too) is stopped, or killed if it does not exit within
-    ``timeout``, and the directory is removed.
+    It takes its options from the arguments only (the broker's options of
+    those names; None: its default), never from the ``BROKERQ_*``
+    environment. ``idle_exit``'s 10 minutes outlast any test, and let a
+    broker orphaned by a killed test run go by itself. ``timeout`` is the
+    client's, and how long starting or stopping the broker may take. When
+    the block ends, however it ends, whatever broker serves the socket is
+    stopped (or killed) and the directory removed.
     """
     named = {
         "--idle-exit": repr(float(idle_exit)),
@@ -87,13 +75,36 @@ def private_broker(
         client.connection()
         yield client
     finally:
-        _tear_down(directory, socket_path, proc, client, timeout)
+        deadline = time.monotonic() + timeout
+        try:
+            if client is not None:
+                client.close()
+            # The client brokerq.Queue(name) made for this socket, if any: a
+            # test suite that uses it must not leak one socket per test.
+            with _client_module._shared_lock:
+                shared = _client_module._shared.pop(socket_path, None)
+            if shared is not None:
+                shared.close()
+            if proc is not None or broker_running(socket_path):
+                # A fresh client: the test may have closed its own. Whichever
+                # broker serves the socket now (ours, or one a client spawned
+                # after the test stopped ours) is asked to exit and waited for.
+                # One that does not answer (stopped with SIGSTOP, say) is killed below.
+                with contextlib.suppress(BrokerqError), Client(socket_path, timeout) as stopper:
+                    stopper.stop()
+            if proc is not None:
+                try:
+                    proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    _kill_and_wait(proc)
+            _kill_lock_holder(socket_path)
+        finally:
+            shutil.rmtree(directory, ignore_errors=True)
 
 
 def _start_broker(socket_path: str, options: list[str], timeout: float) -> subprocess.Popen[bytes]:
-    """Start ``local-queue-broker`` as a child, in the foreground (it takes
-    the lock itself: the directory is new); return once it says READY. Its
-    environment has no ``BROKERQ_*`` variables, so only ``options`` configure it."""
+    """Start the broker as a child, in the foreground (it takes the lock itself:
+    the directory is new), without the ``BROKERQ_*`` variables; return once READY."""
     deadline = time.monotonic() + timeout
     env = {k: v for k, v in os.environ.items() if not k.startswith("BROKERQ_")}
     proc, ready = launch(socket_path, options, env=env)
@@ -113,39 +124,9 @@ def _kill_and_wait(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
-def _tear_down(
-    directory: str,
-    socket_path: str,
-    proc: subprocess.Popen[bytes] | None,
-    client: Client | None,
-    timeout: float,
-) -> None:
-    """Stop the broker, make sure no process of it is left, remove the directory."""
-    deadline = time.monotonic() + timeout
-    try:
-        if client is not None:
-            client.close()
-        _close_shared_client(socket_path)
-        if proc is not None or broker_running(socket_path):
-            # A fresh client: the test may have closed its own. Whichever
-            # broker serves the socket now (ours, or one a client spawned
-            # after the test stopped ours) is asked to exit and waited for.
-            # One that does not answer (stopped with SIGSTOP, say) is killed below.
-            with contextlib.suppress(BrokerqError), Client(socket_path, timeout) as stopper:
-                stopper.stop()
-        if proc is not None:
-            try:
-                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                _kill_and_wait(proc)
-        _kill_lock_holder(socket_path)
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-
-
 def _kill_lock_holder(socket_path: str) -> None:
     """The last resort for a broker that is not our child and did not stop:
-    SIGKILL the pid it wrote into its lock file, while it holds the lock."""
+    SIGKILL the pid in its lock file while it holds the lock."""
     deadline = time.monotonic() + 5
     while broker_running(socket_path):
         pid = lock_holder_pid(socket_path)
@@ -155,15 +136,6 @@ def _kill_lock_holder(socket_path: str) -> None:
         if time.monotonic() > deadline:
             raise BrokerUnavailable(f"the broker at {socket_path} (pid {pid}) does not exit")
         time.sleep(0.01)
-
-
-def _close_shared_client(socket_path: str) -> None:
-    """Close the client ``brokerq.Queue(name)`` made for this socket, if any,
-    so a test suite that uses it does not leak one socket per test."""
-    with _client_module._shared_lock:
-        client = _client_module._shared.pop(socket_path, None)
-    if client is not None:
-        client.close()
 
 
 def queue_name_for(test_name: str) -> str:
@@ -182,11 +154,8 @@ else:
 
     @pytest.fixture
     def brokerq_options() -> dict[str, Any]:
-        """Keyword arguments of :func:`private_broker` for ``brokerq_client``.
-
-        Empty by default; override this fixture (in a conftest.py or a test
-        module) to set broker options, e.g. ``{"journal": True}``.
-        """
+        """Keyword arguments of :func:`private_broker` for ``brokerq_client``;
+        override this fixture to set broker options, e.g. ``{"journal": True}``."""
         return {}
 
     @pytest.fixture
@@ -194,11 +163,8 @@ else:
         brokerq_options: dict[str, Any], monkeypatch: pytest.MonkeyPatch
     ) -> Iterator[Client]:
         """A client of a fresh private broker, stopped and removed after the test.
-
-        ``BROKERQ_SOCKET`` names its socket during the test, so code that uses
-        the default broker (``brokerq.Queue("jobs")``, the ``brokerq``
-        command in a subprocess) reaches this broker and not your own.
-        """
+        ``BROKERQ_SOCKET`` names its socket meanwhile, so code that uses the
+        default broker (``brokerq.Queue``, the command) reaches this one."""
         with private_broker(**brokerq_options) as client:
             monkeypatch.setenv("BROKERQ_SOCKET", client.socket_path)
             yield client

@@ -1,9 +1,5 @@
-"""The ``brokerq`` command: the queue from the shell.
-
-The group and what its commands share are in group.py; the commands are in
-messages.py (put, get, peek, join, ...), topics.py, admin.py (queues,
-stats, ping, stop, ...) and consume.py.
-"""
+"""The ``brokerq`` command: the group in group.py, the commands in messages.py,
+topics.py, admin.py and consume.py."""
 
 from __future__ import annotations
 
@@ -23,16 +19,12 @@ def main() -> None:
         cli(prog_name="brokerq")
     except SystemExit as exc:
         if exc.code == EXIT_INTERRUPTED:
-            _die_of_sigint()
+            # End as a process killed by SIGINT: a shell that ran this command
+            # then stops too (bash goes on with a loop whose command exited 130
+            # by itself, taking Ctrl-C as handled), and shows status 130.
+            for stream in (sys.stdout, sys.stderr):
+                with contextlib.suppress(Exception):
+                    stream.flush()
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGINT)
         raise
-
-
-def _die_of_sigint() -> None:
-    """End as a process killed by SIGINT: a shell that ran this command
-    then stops too (bash goes on with a loop whose command exited 130 by
-    itself, taking Ctrl-C as handled), and shows status 130."""
-    for stream in (sys.stdout, sys.stderr):
-        with contextlib.suppress(Exception):
-            stream.flush()
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGINT)

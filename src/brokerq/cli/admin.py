@@ -1,5 +1,4 @@
-"""The commands about the broker: queues, topics, stats, ping, stop (and
-``serve``, made on demand by the group)."""
+"""The commands about the broker: queues, topics, stats, ping, stop."""
 
 from __future__ import annotations
 
@@ -46,28 +45,24 @@ def topics(state: State) -> None:
 def stats(state: State, queue: str | None, as_json: bool, as_prom: bool) -> None:
     """Print the stats of QUEUE, or of the broker with tables of its queues and topics."""
     if as_json and as_prom:
-        raise click.UsageError(
-            "--json and --prom are mutually exclusive.", click.get_current_context()
-        )
-    data: dict[str, Any]
+        raise click.UsageError("--json and --prom are mutually exclusive.")
+    rows: list[dict[str, Any]] | None = None  # the queues' stats, with the broker's
     if queue is not None:
         data = state.queue(queue).stats()
     else:
         data = state.client.stats()
-        data["queue_stats"] = [state.queue(n).stats() for n in state.client.queues()]
+        rows = [state.queue(n).stats() for n in state.client.queues()]
     if as_prom:
         from ..broker.prometheus import format_prometheus
 
-        if queue is not None:
-            click.echo(format_prometheus(None, [data]), nl=False)
-        else:
-            click.echo(format_prometheus(data, data.pop("queue_stats")), nl=False)
+        prom = format_prometheus(None, [data]) if rows is None else format_prometheus(data, rows)
+        click.echo(prom, nl=False)
     elif as_json:
         import json
 
-        click.echo(json.dumps(data, indent=2, sort_keys=True))
+        whole = data if rows is None else {**data, "queue_stats": rows}
+        click.echo(json.dumps(whole, indent=2, sort_keys=True))
     else:
-        rows = data.pop("queue_stats", None)
         topic_rows = _topic_rows(data.pop("topics", {}))
         width = max(len(k) for k in data)
         for key, value in data.items():

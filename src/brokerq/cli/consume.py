@@ -1,16 +1,12 @@
 """``brokerq consume``: run a command once per message, and the runner behind it.
 
-``jobs`` worker threads each loop: reserve a message (each on its own
-connection, so the lease is the thread's), run the command with the body on
-its stdin, renew the lease (``touch``) every third of its length while the
-command runs, then settle the message by the result (see the command's help).
-
-The thread in :meth:`Consumer.run` only waits for the workers and carries
-out :meth:`Consumer.stop` and :meth:`Consumer.kill`, which just set flags
-and wake it, so they are safe in a signal handler (:func:`stop_on_signals`).
-A message a reserve still brings after a stop is released at once. Each
-command runs in its own process group, so a Ctrl-C at the terminal reaches
-only ``consume``.
+``jobs`` worker threads each reserve a message (each on its own connection,
+so the lease is the thread's), run the command, renew the lease every third
+of its length meanwhile, then settle the message by the result. The thread
+in :meth:`Consumer.run` only waits for them and carries out ``stop`` and
+``kill``, which just set flags and wake it, so they are safe in a signal
+handler. Each command runs in its own process group, so a Ctrl-C at the
+terminal reaches only ``consume``.
 """
 
 from __future__ import annotations
@@ -23,7 +19,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import TYPE_CHECKING, Any
 
@@ -42,8 +38,7 @@ POLL = 0.5
 KILL_AFTER = 3.0
 LOG_PREFIX = "brokerq consume: "
 
-#: What a command came to: its exit status (negative: the signal that
-#: ended it), or why it could not start.
+#: A command's exit status (negative: the signal that ended it), or why it could not start.
 Status = int | str
 
 
@@ -54,11 +49,8 @@ def _stderr(line: str) -> None:
 
 @dataclasses.dataclass(eq=False)
 class Consumer:
-    """Runs ``command`` for each message of ``queue``, up to ``jobs`` at once.
-
-    The options are the command's; ``log`` gets one line per failure;
-    ``acked``, ``released`` and ``buried`` count the outcomes.
-    """
+    """Runs ``command`` for each message of ``queue``, up to ``jobs`` at once (the
+    options are the command's); ``acked``, ``released`` and ``buried`` count outcomes."""
 
     queue: Queue
     command: Sequence[str]
@@ -248,10 +240,8 @@ class Consumer:
                 _signal_group(proc, signal.SIGTERM)
         try:
             while True:
-                try:
+                with contextlib.suppress(subprocess.TimeoutExpired):
                     return proc.wait(timeout=interval)
-                except subprocess.TimeoutExpired:
-                    pass
                 try:
                     msg.touch()
                 except BrokerqError as exc:
@@ -307,29 +297,6 @@ def _describe(status: Status) -> str:
         return f"killed by {signal.Signals(-status).name}"
     except ValueError:
         return f"killed by signal {-status}"
-
-
-@contextlib.contextmanager
-def stop_on_signals(consumer: Consumer) -> Iterator[None]:
-    """Within: SIGINT or SIGTERM stops ``consumer``, the next one kills its
-    commands (see :meth:`Consumer.kill`). Only in the main thread."""
-
-    signals = 0
-
-    def handle(signum: int, frame: FrameType | None) -> None:
-        nonlocal signals
-        signals += 1
-        if signals == 1:
-            consumer.stop()
-        else:
-            consumer.kill()
-
-    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
 
 
 @cli.command()
@@ -399,5 +366,19 @@ def consume(state: State, /, queue: str, command: tuple[str, ...], **options: An
     if shutil.which(command[0]) is None:
         raise click.UsageError(f"{command[0]}: command not found")
     consumer = Consumer(state.queue(queue), command, **options)
-    with stop_on_signals(consumer):
+    signals = 0  # the first SIGINT or SIGTERM stops consumer, the next ones kill
+
+    def handle(signum: int, frame: FrameType | None) -> None:
+        nonlocal signals
+        signals += 1
+        if signals == 1:
+            consumer.stop()
+        else:
+            consumer.kill()
+
+    previous = {sig: signal.signal(sig, handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
         consumer.run()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)

@@ -1,7 +1,5 @@
-"""The ``brokerq`` group: its options, its exit statuses (see its help), and
-what the commands share. Library errors become exit codes here, at the
-edge, and nowhere else.
-"""
+"""The ``brokerq`` group and what its commands share. Library errors become
+exit codes here, at the edge, and nowhere else."""
 
 from __future__ import annotations
 
@@ -107,20 +105,17 @@ def _command_options() -> list[click.Parameter]:
         if state is not None and value is not None:
             setattr(state, str(param.name), value)  # socket, connect_timeout
 
+    option = functools.partial(click.Option, expose_value=False, callback=set_state)
     return [
-        click.Option(
+        option(
             ["--socket"],
             metavar="PATH",
-            expose_value=False,
-            callback=set_state,
             help="The broker's socket, as before the command (this one wins).",
         ),
-        click.Option(
+        option(
             ["--connect-timeout"],
             type=click.FloatRange(min=0),
             metavar="SECONDS",
-            expose_value=False,
-            callback=set_state,
             help="As before the command (this one wins).",
         ),
     ]
@@ -156,7 +151,7 @@ def cli(ctx: click.Context, socket: str | None, connect_timeout: float) -> None:
 
 
 def _serve_command() -> click.Command:
-    """``serve``, made on demand: its options are the broker's (daemon.py)."""
+    """Made on demand: its options are the broker's (daemon.py)."""
     from ..broker.daemon import broker_options
     from ..broker.daemon import run as run_broker
 
@@ -191,30 +186,25 @@ def bodies(messages: tuple[str, ...], null: bool) -> Iterator[bytes]:
     if messages.count("-") > 1:
         raise click.UsageError("'-' (all of stdin, as one message) may be given once.")
     if not messages:
-        return _stdin_records() if null else _stdin_lines()
+        if null:
+            return _stdin_records()
+        return (line.removesuffix(b"\n") for line in sys.stdin.buffer)
     return (
         sys.stdin.buffer.read() if m == "-" else m.encode("utf-8", "surrogateescape")
         for m in messages
     )
 
 
-def _stdin_lines() -> Iterator[bytes]:
-    for line in sys.stdin.buffer:
-        yield line.removesuffix(b"\n")
-
-
 def _stdin_records() -> Iterator[bytes]:
     """Stdin's records, each ended by a NUL (the last may lack it), as they come."""
     stdin = cast("io.BufferedReader", sys.stdin.buffer)  # (or click's BytesIO)
-    pending = bytearray()
-    start = 0  # of the next record in pending
+    pending = bytearray()  # the start of a record whose NUL has not come yet
     while chunk := stdin.read1(1 << 16):
-        searched = len(pending)
-        pending += chunk
-        while (end := pending.find(b"\0", searched)) >= 0:
-            yield bytes(pending[start:end])
-            start = searched = end + 1
-        del pending[:start]
-        start = 0
+        first, *rest = chunk.split(b"\0")
+        pending += first
+        if rest:
+            yield bytes(pending)
+            yield from rest[:-1]
+            pending = bytearray(rest[-1])
     if pending:
         yield bytes(pending)

@@ -13,7 +13,7 @@ from typing import Any, BinaryIO
 import click
 
 from ..client import calls
-from ..client.blocking import Client, Message
+from ..client.blocking import Message
 from ..errors import BrokerqError, BrokerUnavailable, Empty, JoinTimeout, LeaseLost
 from .group import State, bodies, cli, count, null_option, pass_state, seconds
 
@@ -89,7 +89,13 @@ def get(
                 raise Empty(f"no message on {queue!r} within {timeout:g} s") from None
             with interrupts.held():
                 _write_all(out, _json_line(message) if as_json else message.body + end)
-                _ack_as_get(state.client, message)
+                # Taken off its queue as a get does (its task left for a task_done).
+                try:
+                    state.client.run(calls.ack(message.id, message.attempt, as_get=True))
+                except (LeaseLost, BrokerUnavailable) as exc:
+                    raise BrokerqError(
+                        f"message {message.id} was printed, but may be delivered again: {exc}"
+                    ) from exc
 
 
 def _json_line(message: Message) -> bytes:
@@ -114,17 +120,6 @@ def _write_all(out: BinaryIO, data: bytes) -> None:
     while view:
         view = view[out.write(view) :]
     out.flush()
-
-
-def _ack_as_get(client: Client, message: Message) -> None:
-    """Take a printed message off its queue as a get does (its task left
-    for a task_done): the ack of the async client's get."""
-    try:
-        client.run(calls.ack(message.id, message.attempt, as_get=True))
-    except (LeaseLost, BrokerUnavailable) as exc:
-        raise BrokerqError(
-            f"message {message.id} was printed, but may be delivered again: {exc}"
-        ) from exc
 
 
 class _Interrupts:
