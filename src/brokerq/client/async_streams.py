@@ -10,14 +10,9 @@ from typing import Any, TypeVar
 import anyio
 
 from .. import protocol
-from ..errors import (
-    BrokerqError,
-    BrokerUnavailable,
-    LocalProtocolError,
-    VersionMismatch,
-)
+from ..errors import BrokerqError, BrokerUnavailable, LocalProtocolError, VersionMismatch
 from ..spawn import still_running
-from . import calls, prefetch
+from . import api, calls, prefetch
 from .calls import Call, ConnectionLost
 from .pool import _STREAM_ERRORS, RECEIVE_SIZE, AsyncConnection, Pool
 from .sockio import stop_unopened
@@ -117,22 +112,18 @@ class AsyncStreams(Pool["_AsyncStreamed"]):
         returned (as the module doc says of shielded requests).
         """
         protocol.validate_timeout(timeout)
-        if self._closed:
-            raise calls.closed_client()
-        key = (queue, mode, lease)
-        streamed = self._streams.get(key)
-        if streamed is None:
+        self._check_open()
+        if (streamed := self._streams.get((queue, mode, lease))) is None:
             state = prefetch.Prefetch(queue, self.prefetch, mode, lease)
-            streamed = self._streams[key] = _AsyncStreamed(state)
+            streamed = self._streams[queue, mode, lease] = _AsyncStreamed(state)
         state = streamed.state
         take = prefetch.Taking(state, timeout, self.timeout, anyio.current_time())
         while True:
             if streamed.unsupported:
                 return None
             try:
-                conn = streamed.conn
-                if conn is None or conn.broken:
-                    conn = await self._open_stream(streamed)
+                if streamed.conn is None or streamed.conn.broken:
+                    await self._open_stream(streamed)
                     continue
                 step = take.next(anyio.current_time())
                 if step is prefetch.HAND_OUT:
@@ -155,14 +146,14 @@ class AsyncStreams(Pool["_AsyncStreamed"]):
                 if not take.lost(anyio.current_time()):
                     raise
 
-    async def _open_stream(self, streamed: _AsyncStreamed) -> AsyncConnection:
+    async def _open_stream(self, streamed: _AsyncStreamed) -> None:
         conn = await self._dial()
         if self._closed:
             await conn.aclose()
             raise calls.closed_client()
         if streamed.conn is not None and not streamed.conn.broken:
             await conn.aclose()  # another task opened it meanwhile
-            return streamed.conn
+            return
         streamed.conn = conn
         streamed.replies.clear()
         try:
@@ -171,9 +162,8 @@ class AsyncStreams(Pool["_AsyncStreamed"]):
         except LocalProtocolError:  # a broker that does not know consume
             streamed.unsupported = True
             await streamed.lose()
-            return conn
+            return
         streamed.state.opened(reply)
-        return conn
 
     async def _stream_request(self, streamed: _AsyncStreamed, call: Call[R]) -> R:
         """One request on a stream's connection: sent, then its reply read
@@ -194,7 +184,6 @@ class AsyncStreams(Pool["_AsyncStreamed"]):
         return conn.wire.check(call.expect, request_id, reply, conn._break)
 
     async def ping(self) -> float:
-        """Round-trip time to the broker, in seconds (connecting is not counted)."""
         conn = await self._acquire()
         try:
             with anyio.CancelScope(shield=True):
@@ -206,15 +195,7 @@ class AsyncStreams(Pool["_AsyncStreamed"]):
         return elapsed
 
     async def stop(self) -> bool:
-        """Ask the broker to exit and wait until it has; never spawns one.
-
-        Returns False if no broker was running. Raises BrokerUnavailable if
-        the broker still holds its lock after the client's ``timeout``. As
-        :meth:`brokerq.Client.stop`, it waits for this broker to exit, not
-        for none to run: waiting clients reconnect and start the next one.
-        """
-        if self._closed:
-            raise calls.closed_client()
+        self._check_open()
         try:
             conn = await self._dial(spawn=False)
         except (VersionMismatch, BrokerUnavailable) as exc:
@@ -234,6 +215,9 @@ class AsyncStreams(Pool["_AsyncStreamed"]):
                 raise calls.not_stopped(self.socket_path, self.timeout)
             await anyio.sleep(0.005)
         return True
+
+
+api.document(AsyncStreams)
 
 
 class AsyncSubscription:
@@ -260,17 +244,13 @@ class AsyncSubscription:
     def __await__(self) -> Generator[Any, None, AsyncSubscription]:
         return self._start().__await__()
 
-    async def __aenter__(self) -> AsyncSubscription:
-        return await self._start()
+    __aenter__ = _start
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
     def __aiter__(self) -> AsyncSubscription:
         return self
-
-    async def __anext__(self) -> bytes:
-        return await self.get()
 
     async def aclose(self) -> None:
         """End the subscription (closing its connection)."""
@@ -293,31 +273,17 @@ class AsyncSubscription:
                     raise
 
     async def _subscribe_once(self, timeout: float) -> None:
-        if self.client._closed:
-            raise calls.closed_client()
+        self.client._check_open()
         conn = await self.client._dial(timeout)
         try:
-            call = self._live.call
-            request_id = conn.wire.encode(call.kind, call.fields)
-            with anyio.fail_after(self.client.timeout):
-                await conn.stream.send(bytes(conn.wire.out))
-                while (reply := self._live.take(conn.wire)) is None:
-                    conn.wire.feed(await conn.stream.receive(RECEIVE_SIZE))
-            conn.wire.check(call.expect, request_id, reply, conn._break)
-        except TimeoutError as exc:
-            await conn.aclose()
-            raise conn.wire.timed_out(self.client.timeout) from exc
-        except _STREAM_ERRORS as exc:
-            await conn.aclose()
-            raise conn.wire.lost(exc) from exc
+            await conn.request(self._live.call, self.client.timeout, take=self._live.take)
         except BaseException:
             await conn.aclose()
             raise
         self._conn = conn
 
+    @api.like("live_get")
     async def get(self, timeout: float | None = None) -> bytes:
-        """The next publish's body, waiting up to ``timeout`` (None: for ever;
-        0: only what has arrived); raises Empty if none came."""
         protocol.validate_timeout(timeout)
         deadline = None if timeout is None else anyio.current_time() + timeout
         while True:
@@ -344,3 +310,5 @@ class AsyncSubscription:
                     await conn.aclose()
             if scope.cancelled_caught:
                 raise self._live.empty(timeout)
+
+    __anext__ = get

@@ -12,58 +12,46 @@
 Requests are built and replies judged by :mod:`.calls` and :mod:`.api`, as
 in the blocking client; a broker is found or spawned by the blocking
 :func:`~brokerq.spawn.connect_or_spawn`, run in a worker thread. Each
-request has a connection of the client's pool to itself until its reply is
-read (see :mod:`.pool`, "Connections").
+request has a pooled connection to itself until its reply is read (see
+:mod:`.pool`). A client belongs to one event loop; share it between the
+tasks of that loop.
 
 Cancellation
 ------------
-No message is lost to a cancelled call, and none is taken twice:
+No message is lost to a cancelled call, and none is taken twice
+(docs/usage.md, "Async client", says it in full):
 
 * Requests that never wait in the broker (``get_nowait``, ``peek``,
-  ``stats``, the lease verbs, a put with room, ...) run shielded from
-  cancellation, bounded by the client's ``timeout``: they finish at once
-  anyway. A cancellation takes effect at the caller's next checkpoint, after
-  the result was returned, so a body that was taken is in the caller's hands.
-* A ``get`` that waits (``timeout`` not 0) first asks without waiting
-  (shielded, as above). If nothing is ready, it waits on the wire as
-  ``reserve`` then ``ack``: a cancellation while it waits, or after the
-  broker sent the message but before the reply was read, closes the
-  connection, and the broker puts the message back in its place (its
-  attempt count goes up by one: a message whose waiting gets are cancelled
-  ``max_deliveries`` times after hand-over moves to the dead letters, as an
-  unacked reserve would). Once the reserve's reply is read, the ``ack``
-  runs shielded, bounded by the client's ``timeout``, and the body is
-  returned. (The ack says ``as_get``: the message's task stays unfinished
-  for the caller's ``task_done``, as after a plain get.) A plain ``get`` on
-  the wire could not do this: the broker removes the message when it sends
-  it, so a cancelled get would lose it.
-* ``get_many(n)`` that waits takes its first message as ``get`` does, then
+  ``stats``, the lease verbs, a put with room, ...) run shielded, bounded
+  by the client's ``timeout``: they finish at once anyway, and the
+  cancellation takes effect at the caller's next checkpoint, with a body
+  that was taken in the caller's hands.
+* A ``get`` that waits first asks without waiting (shielded), then waits
+  on the wire as ``reserve``: cancelled before its reply is read, it closes
+  the connection, and the broker puts the message back in its place (its
+  attempt count up by one, as for an unacked reserve). Once the reply is
+  read, the ``ack`` (``as_get``: the task stays for ``task_done``) runs
+  shielded. A plain ``get`` could not do this: the broker removes the
+  message as it sends it. ``get_many(n)`` takes its first message so, then
   the rest with a shielded ``get_many(n - 1, timeout=0)``.
-* A ``reserve`` that waits is cancellable: a cancelled one closes its
-  connection, which gives back any message it was sent.
-* A ``put`` (or ``put_many``) with a ``timeout`` other than 0 is first sent
-  without waiting (shielded). Only if the queue is full is it sent again
-  with the same key, to wait for room, cancellably. A cancellation then
-  shuts down the sending side of its connection and reads, shielded and
-  bounded by the client's ``timeout``, until the broker answers or closes
-  (docs/protocol.md, section 4): the broker withdraws a put still waiting,
-  and closes, and the call raises the cancellation: the message is not in
-  the queue and never will be. A put the broker admitted first (room came
-  at that very moment) has its reply written before the close: the call
-  returns its id (ids) as if not cancelled, and the cancellation takes
-  effect at the caller's next checkpoint. So a call that raised the
-  cancellation can be made again without enqueueing twice. If the broker
-  does not say which in time (or the connection breaks), the call raises
-  BrokerUnavailable: the put may have been made. A ``put_many`` of several
-  frames keeps the frames made before the one that was cancelled.
+* A ``reserve`` that waits is cancellable: its connection closes, which
+  gives back any message it was sent.
+* A ``put`` (``put_many``) that may wait is first sent without waiting
+  (shielded); only if the queue is full is it sent again, with the same
+  key, to wait for room, cancellably. A cancellation then shuts down the
+  sending side of its connection and reads, shielded, until the broker
+  answers or closes (docs/protocol.md, section 4): a put still waiting is
+  withdrawn, and the call raises the cancellation; a put admitted first
+  returns its id(s), and the cancellation takes effect at the next
+  checkpoint. So a put made again after a cancellation is never enqueued
+  twice. No answer in time (or a broken connection): BrokerUnavailable,
+  the put may have been made. A ``put_many`` of several frames keeps those
+  made before the cancelled one.
 
-Shielding covers anyio's (and trio's) cancel scopes. Under asyncio, a bare
-``task.cancel()`` (``asyncio.timeout``, ``wait_for``) is not held off by a
-shield, and a put made as it came returns its id and so spends it (it is
-not raised again at the next checkpoint, as a cancel scope's is); use
-anyio's ``move_on_after`` / ``fail_after`` around brokerq calls.
-
-A client belongs to one event loop; share it between the tasks of that loop.
+Shields hold off anyio's (and trio's) cancel scopes, not a bare asyncio
+``task.cancel()`` (``asyncio.timeout``, ``wait_for``): a put made as it
+came then returns its id and spends the cancellation. Use anyio's
+``move_on_after`` / ``fail_after`` around brokerq calls.
 """
 
 from __future__ import annotations
@@ -73,27 +61,20 @@ import os
 import time
 import weakref
 from collections.abc import Generator, Iterable
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 
 from .. import protocol
-from ..errors import (
-    BrokerqError,
-    Empty,
-)
+from ..errors import BrokerqError, Empty
 from ..protocol import GetManyReply, ReserveReply
 from . import api, calls
+from .api import R, T
 from .async_streams import AsyncStreams, AsyncSubscription, _AsyncStreamed
 from .calls import Body, Call
-from .pool import AsyncConnection, _left
+from .pool import DEFAULT_TIMEOUT, AsyncConnection, _left
 
 __all__ = ["AsyncClient", "AsyncMessage", "AsyncQueue", "AsyncSubscription", "open_async_client"]
-
-R = TypeVar("R", bound=protocol.Reply)
-T = TypeVar("T")
-
-DEFAULT_TIMEOUT = calls.DEFAULT_TIMEOUT
 
 
 class AsyncClient(AsyncStreams):
@@ -132,15 +113,8 @@ class AsyncClient(AsyncStreams):
         )
 
     def subscribe(self, topic: str) -> AsyncSubscription:
-        """A live subscription to ``topic``, on a connection of its own::
-
-            async with client.subscribe("events") as events:
-                async for body in events:
-                    ...
-
-        (or ``events = await client.subscribe("events")``, then
-        ``await events.aclose()``). It is in effect once entered or awaited.
-        """
+        """A live subscription to ``topic``, on a connection of its own, in
+        effect once entered (``async with``) or awaited (docs/usage.md, "Topics")."""
         return AsyncSubscription(self, topic)
 
     async def stats(self) -> dict[str, Any]:
@@ -396,8 +370,7 @@ class AsyncMessage:
         keep = False
         try:
             with anyio.CancelScope(shield=True):
-                if client._closed:
-                    raise calls.closed_client()
+                client._check_open()
                 reply = await conn.request(call, client.timeout)
             keep = not settles
         finally:
@@ -408,19 +381,18 @@ class AsyncMessage:
         return reply
 
     async def _do(self, op: api.Op[R, T], *, settles: bool = True) -> T:
-        return op.result(await self._verb(op.call, settles=settles))
+        result = op.result(await self._verb(op.call, settles=settles))
+        self.settled = self.settled or settles
+        return result
 
     async def ack(self) -> None:
         await self._do(api.ack(self.id, self.attempt))
-        self.settled = True
 
     async def release(self, delay: float = 0) -> None:
         await self._do(api.release(self.id, self.attempt, delay))
-        self.settled = True
 
     async def bury(self) -> None:
         await self._do(api.bury(self.id, self.attempt))
-        self.settled = True
 
     async def touch(self, lease: float | None = None) -> None:
         touched = await self._do(api.touch(self.id, self.attempt, lease), settles=False)
@@ -449,8 +421,7 @@ class AsyncStreamedMessage(AsyncMessage):
         client = self.queue.client
         streamed = self._streamed
         with anyio.CancelScope(shield=True):
-            if client._closed:
-                raise calls.closed_client()
+            client._check_open()
             if streamed.conn is self._stream_conn and streamed.conn is not None:
                 reply = await client._stream_request(streamed, call)
             else:

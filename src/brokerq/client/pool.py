@@ -1,29 +1,21 @@
 """The async client's core: connections (:class:`AsyncConnection`), the
 pool, and the calls run on it, with their retries and the rules of
-cancellation (see the module docstring of :mod:`.asynchronous`).
+cancellation (see :mod:`.asynchronous`).
 
-Connections
------------
-A client keeps a small pool of connections. Each request takes an idle one
-(or opens a new one) and gives it back when its exchange is done, so a get
-waiting in one task never holds up a put in another. A reserved message
-keeps the connection it came on until it is acked, released or buried, since
-the broker ends the leases of a connection that closes. A connection whose
-exchange did not finish (cancelled, timed out, broken) is closed, never
-reused: its replies would be out of step with its requests. One whose
-reply came out of step (another request's id: RemoteProtocolError) is
-closed at once.
-
-So a request has its connection to itself until its reply is read, and
-nothing can send on it mid-exchange: a ``__del__`` or a signal handler
-that runs during a request cannot await a call of its own, and a task it
-starts takes another connection. (The blocking client has to see to that
-itself: see :mod:`brokerq.client`.)
+Each request has a pooled connection to itself until its reply is read
+(docs/usage.md, "Async client", "Tasks"), so nothing can send on it
+mid-exchange: a ``__del__`` or signal handler cannot await a call, and a
+task it starts takes another connection. A reserved message keeps its
+connection until settled: the broker ends a closed connection's leases. A
+connection whose exchange did not finish, or whose reply came out of step
+(RemoteProtocolError), is closed, never reused: its replies would be out of
+step with its requests.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
 import threading
@@ -35,12 +27,7 @@ import anyio
 from anyio.abc import UNIXSocketStream
 
 from .. import protocol
-from ..errors import (
-    BrokerUnavailable,
-    Full,
-    LeaseLost,
-    VersionMismatch,
-)
+from ..errors import BrokerUnavailable, Full, LeaseLost, VersionMismatch
 from ..protocol import HelloReply, ReserveReply
 from ..spawn import connect_or_spawn, resolve_socket_path
 from . import calls
@@ -168,24 +155,24 @@ class AsyncConnection:
         limit: float | None,
         fields: dict[str, Any] | None = None,
         withdrawal: _Withdrawal[R] | None = None,
+        take: Callable[[calls.Wire], protocol.AnyReply | None] = calls.Wire.next_reply,
     ) -> R:
-        """Send ``call`` (with ``fields`` instead of its own, if given); return its reply.
+        """Send ``call`` (with ``fields`` instead of its own, if given); return
+        its reply, read off the wire by ``take`` (a subscription's keeps the
+        events that come first).
 
-        ``limit`` bounds the exchange (None: no bound); past it the
-        connection breaks and BrokerUnavailable is raised. An exchange that
-        does not finish, for whatever reason, leaves the connection broken.
-        A reply that puts it out of step (another request's id, or the wrong
-        kind: RemoteProtocolError), or an error after which the broker
-        closes it, closes it here and now, wherever it would have gone next.
-        With a ``withdrawal`` (a put waiting for room), a cancellation is
-        raised only once the broker has withdrawn the put or made it (see
-        :meth:`_withdraw`; a put made is left in ``withdrawal.made``).
+        ``limit`` bounds the exchange (None: no bound; past it,
+        BrokerUnavailable). An exchange that does not finish leaves the
+        connection broken; a reply that puts it out of step (another
+        request's id, or the wrong kind: RemoteProtocolError), or an error
+        after which the broker closes it, closes it here and now. With a
+        ``withdrawal`` (a put waiting for room), see :meth:`_withdraw`.
         """
         request_id = self.wire.encode(call.kind, call.fields if fields is None else fields)
         try:
             with anyio.fail_after(limit):
                 await self.stream.send(bytes(self.wire.out))
-                while (reply := self.wire.next_reply()) is None:
+                while (reply := take(self.wire)) is None:
                     self.wire.feed(await self.stream.receive(RECEIVE_SIZE))
         except TimeoutError as exc:
             self.broken = True
@@ -205,21 +192,18 @@ class AsyncConnection:
                 await self.aclose()
 
     async def _withdraw(self, call: Call[R], request_id: int, timeout: float) -> R | None:
-        """The put ``request_id``, which may be waiting for room, was cancelled:
-        shut down this connection's sending side and read, shielded and for
-        up to ``timeout``, until the broker answers or closes; then close.
+        """The put ``request_id``, maybe waiting for room, was cancelled: shut
+        down the sending side and read, shielded, for up to ``timeout``.
 
         The broker withdraws a put still waiting when it reads the end of
-        the stream, and closes without a reply; a put it made before that
-        (room came at that very moment) has its reply written before the
-        close (docs/protocol.md, section 4, "End of a connection"). Returns
-        that reply, or None if the put was withdrawn, or refused (``full``,
-        ``shutting_down``), or never sent whole. Raises another error reply;
-        raises BrokerUnavailable if the broker did not say which, in time or
-        before the connection broke: then it may have been made. The
-        connection is closed here, shielded: closing it again is no
-        checkpoint, so the caller's cleanup (:meth:`AsyncClient._release`)
-        cannot replace that error with the cancellation.
+        the stream, and closes without a reply; a put made just before has
+        its reply written first (docs/protocol.md, section 4, "End of a
+        connection"). Returns that reply, or None if the put was withdrawn,
+        refused (``full``, ``shutting_down``) or never sent whole; raises
+        BrokerUnavailable if the broker did not say which: it may have been
+        made. The connection is closed here, shielded, so that closing it
+        again (:meth:`Pool._release`) is no checkpoint whose cancellation
+        would replace that error.
         """
         reply: protocol.AnyReply | None = None
         with anyio.CancelScope(shield=True):
@@ -249,16 +233,13 @@ class AsyncConnection:
         return self.wire.check(call.expect, request_id, reply, self._break)
 
 
+@dataclasses.dataclass(slots=True)
 class _Withdrawal(Generic[R]):
-    """How a put that waits for room meets a cancellation: within
-    ``timeout`` the broker says whether it withdrew the put, or made it
-    (``made``, its reply). See :meth:`AsyncConnection._withdraw`."""
+    """How a put waiting for room meets a cancellation: within ``timeout``
+    the broker withdraws it, or made it (``made``, its reply)."""
 
-    __slots__ = ("made", "timeout")
-
-    def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
-        self.made: R | None = None
+    timeout: float
+    made: R | None = None
 
 
 class Held(Protocol):
@@ -313,36 +294,36 @@ class Pool(Generic[S]):
         """Close every connection; requests still running end with BrokerqError,
         and using the client afterwards raises it."""
         self._closed = True
-        connections = list(self._open)
+        streams = [s.conn for s in self._streams.values() if s.conn is not None]
+        connections = [*self._open, *streams]
         self._open.clear()
         self._idle.clear()
-        streams, self._streams = list(self._streams.values()), {}
-        connections += [s.conn for s in streams if s.conn is not None]
+        self._streams.clear()
         for conn in connections:
             await conn.aclose()
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise calls.closed_client()
 
     # -- the pool ----------------------------------------------------------
 
     async def _dial(self, timeout: float | None = None, *, spawn: bool = True) -> AsyncConnection:
         """A new connection (within ``timeout``, else the client's); it
         spawns a broker only if asked to and this client starts brokers."""
+        timeout = self.timeout if timeout is None else timeout
         return await AsyncConnection.open(
-            self.socket_path,
-            self.timeout if timeout is None else timeout,
-            spawn=spawn and self.starts_broker,
+            self.socket_path, timeout, spawn=spawn and self.starts_broker
         )
 
     async def _acquire(self, *, spawn: bool = True) -> AsyncConnection:
         """An idle connection, else a new one (connecting, or spawning, now)."""
-        while True:
-            if self._closed:
-                raise calls.closed_client()
-            if not self._idle:
-                break
+        while self._idle:  # (a closed client has none)
             conn = self._idle.pop()
             if not conn.broken:
                 return conn
             await self._discard(conn)
+        self._check_open()
         conn = await self._dial(spawn=spawn)
         if self._closed:
             await conn.aclose()
@@ -411,7 +392,7 @@ class Pool(Generic[S]):
                 await self._release(conn)
 
     async def _take(self, reserve: Call[ReserveReply]) -> ReserveReply:
-        """A get that waits, done as reserve then ack (see the module docstring)."""
+        """A get that waits, done as reserve then ack (see :mod:`.asynchronous`)."""
 
         async def ack(conn: AsyncConnection, reply: ReserveReply) -> None:
             with anyio.CancelScope(shield=True):
@@ -438,24 +419,20 @@ class Pool(Generic[S]):
 
     async def _put(self, call: Call[R]) -> R:
         """A put that may wait for room: first sent without waiting (shielded);
-        only if the queue is full, sent again with the same key to wait."""
+        only if the queue is full, sent again with the same key to wait,
+        cancellably. A cancellation is raised only once the broker has
+        withdrawn the put; if it made the put first, its reply is returned,
+        and the cancellation takes effect at the caller's next checkpoint."""
         if call.wait == 0:
             return await self._run(call)
         start = anyio.current_time()
-        try:
+        with contextlib.suppress(Full):
             return await self._run(call.with_timeout(0))
-        except Full:
-            pass
-        return await self._wait_for_room(call.with_timeout(_left(call.wait, start)))
-
-    async def _wait_for_room(self, call: Call[R]) -> R:
-        """A put sent to wait for room, cancellably: a cancellation is raised
-        only once the broker has withdrawn the put; if the broker made it
-        first, its reply is returned instead, and the cancellation takes
-        effect at the caller's next checkpoint (see the module docstring)."""
         withdrawal: _Withdrawal[R] = _Withdrawal(self.timeout)
         try:
-            return await self._attempts(call, None, withdrawal)
+            return await self._attempts(
+                call.with_timeout(_left(call.wait, start)), None, withdrawal
+            )
         except anyio.get_cancelled_exc_class():
             if withdrawal.made is None:
                 raise
