@@ -55,14 +55,13 @@ class _AsyncStreamed:
         """Read frames until ``done()`` or ``deadline`` (then return; with
         ``strict`` raise BrokerUnavailable), or wait while another task reads."""
         while not done():
+            conn = self.conn
             left = None if deadline is None else deadline - anyio.current_time()
             if left is not None and left <= 0:
-                conn = self.conn
                 if strict and conn is not None:  # a reply that did not come in time
                     await self.lose()
                     raise conn.wire.timed_out(left)
                 return
-            conn = self.conn
             if conn is None or conn.broken:
                 raise ConnectionLost("the stream's connection was lost")
             if self.reading:
@@ -73,8 +72,7 @@ class _AsyncStreamed:
             self.reading = True
             try:
                 with anyio.move_on_after(left):
-                    data = await conn.stream.receive(RECEIVE_SIZE)
-                    conn.wire.feed(data)
+                    conn.wire.feed(await conn.stream.receive(RECEIVE_SIZE))
                     while (frame := self.state.take(conn.wire)) is not None:
                         self.replies[frame.id] = frame
             except _STREAM_ERRORS as exc:
@@ -105,12 +103,8 @@ class AsyncStreams(Pool["_AsyncStreamed"]):
     ) -> tuple[_AsyncStreamed, list[protocol.StreamDelivery]] | None:
         """Up to ``n`` messages of ``queue`` from its stream (opened on first
         use), waiting up to ``timeout`` for the first; raises Empty. None: the
-        broker does not stream (older than this client): ask plainly.
-
-        Cancellable while it waits: nothing is taken then. The ``taken`` is
-        sent shielded and nothing awaits after it, so what it took is
-        returned (as the module doc says of shielded requests).
-        """
+        broker does not stream: ask plainly. Cancellable while it waits; the
+        ``taken`` is sent shielded and nothing awaits after it."""
         protocol.validate_timeout(timeout)
         self._check_open()
         if (streamed := self._streams.get((queue, mode, lease))) is None:
@@ -221,11 +215,8 @@ api.document(AsyncStreams)
 
 
 class AsyncSubscription:
-    """A live subscription to a topic, for async code (see
-    :class:`brokerq.Subscription`): iterate with ``async for``, or await
-    :meth:`get`. Reading is cancellable at any point: a publish is either
-    returned or kept for the next read.
-    """
+    """A live subscription to a topic (see :class:`brokerq.Subscription`).
+    Reading is cancellable at any point: a publish is returned or kept."""
 
     def __init__(self, client: Pool[Any], topic: str) -> None:
         self.client = client
@@ -264,23 +255,16 @@ class AsyncSubscription:
         A connection lost before the reply (or a stopping broker's refusal)
         is tried again on a new one, within the client's timeout."""
         give_up = time.monotonic() + self.client.timeout
-        while True:
+        while self._conn is None:
+            self.client._check_open()
+            conn = await self.client._dial(max(give_up - time.monotonic(), 0.001))
             try:
-                await self._subscribe_once(max(give_up - time.monotonic(), 0.001))
-                return
-            except ConnectionLost:
-                if time.monotonic() >= give_up:
+                await conn.request(self._live.call, self.client.timeout, take=self._live.take)
+                self._conn = conn
+            except BaseException as exc:
+                await conn.aclose()
+                if not isinstance(exc, ConnectionLost) or time.monotonic() >= give_up:
                     raise
-
-    async def _subscribe_once(self, timeout: float) -> None:
-        self.client._check_open()
-        conn = await self.client._dial(timeout)
-        try:
-            await conn.request(self._live.call, self.client.timeout, take=self._live.take)
-        except BaseException:
-            await conn.aclose()
-            raise
-        self._conn = conn
 
     @api.like("live_get")
     async def get(self, timeout: float | None = None) -> bytes:

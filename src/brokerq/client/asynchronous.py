@@ -1,56 +1,38 @@
-"""The async client: anyio, so it runs under trio and asyncio alike.
-
-::
-
-    async with brokerq.open_async_client() as client:
-        jobs = client.queue("jobs")
-        await jobs.put(b"resize 1.png")
-        body = await jobs.get(timeout=5)
-        async with jobs.reserve(timeout=5) as msg:
-            await handle(msg.body)
+"""The async client: anyio, so it runs under trio and asyncio alike
+(docs/usage.md, "Async client").
 
 Requests are built and replies judged by :mod:`.calls` and :mod:`.api`, as
-in the blocking client; a broker is found or spawned by the blocking
-:func:`~brokerq.spawn.connect_or_spawn`, run in a worker thread. Each
-request has a pooled connection to itself until its reply is read (see
-:mod:`.pool`). A client belongs to one event loop; share it between the
-tasks of that loop.
+in the blocking client; a broker is found or spawned in a worker thread.
+Each request has a pooled connection to itself (:mod:`.pool`). A client
+belongs to one event loop; share it between the tasks of that loop.
 
 Cancellation
 ------------
-No message is lost to a cancelled call, and none is taken twice
-(docs/usage.md, "Async client", says it in full):
+No message is lost to a cancelled call, and none is taken twice:
 
-* Requests that never wait in the broker (``get_nowait``, ``peek``,
-  ``stats``, the lease verbs, a put with room, ...) run shielded, bounded
-  by the client's ``timeout``: they finish at once anyway, and the
-  cancellation takes effect at the caller's next checkpoint, with a body
-  that was taken in the caller's hands.
-* A ``get`` that waits first asks without waiting (shielded), then waits
-  on the wire as ``reserve``: cancelled before its reply is read, it closes
-  the connection, and the broker puts the message back in its place (its
-  attempt count up by one, as for an unacked reserve). Once the reply is
-  read, the ``ack`` (``as_get``: the task stays for ``task_done``) runs
-  shielded. A plain ``get`` could not do this: the broker removes the
-  message as it sends it. ``get_many(n)`` takes its first message so, then
+* Requests that never wait in the broker run shielded, bounded by the
+  client's ``timeout``: they finish at once anyway, and a body taken is
+  returned before the cancellation takes effect, at the next checkpoint.
+* A ``get`` that waits, if nothing is ready at once, waits as ``reserve``,
+  then sends a shielded ``ack`` (``as_get``: the task stays for
+  ``task_done``). Cancelled before the reply is read, its connection
+  closes and the broker puts the message back; a plain ``get`` would lose
+  it, as the broker removes a message when it sends it. ``get_many`` takes
   the rest with a shielded ``get_many(n - 1, timeout=0)``.
 * A ``reserve`` that waits is cancellable: its connection closes, which
   gives back any message it was sent.
-* A ``put`` (``put_many``) that may wait is first sent without waiting
-  (shielded); only if the queue is full is it sent again, with the same
-  key, to wait for room, cancellably. A cancellation then shuts down the
-  sending side of its connection and reads, shielded, until the broker
-  answers or closes (docs/protocol.md, section 4): a put still waiting is
-  withdrawn, and the call raises the cancellation; a put admitted first
-  returns its id(s), and the cancellation takes effect at the next
-  checkpoint. So a put made again after a cancellation is never enqueued
-  twice. No answer in time (or a broken connection): BrokerUnavailable,
-  the put may have been made. A ``put_many`` of several frames keeps those
-  made before the cancelled one.
+* A ``put`` that waits for room (sent first without waiting, shielded, then
+  again with the same key) is withdrawn when cancelled: the client shuts
+  down its sending side and reads, shielded, until the broker answers or
+  closes (docs/protocol.md, section 4). The call raises the cancellation
+  if the put was withdrawn, returns its id if the broker made it first,
+  and raises BrokerUnavailable if it cannot tell: so a put made again
+  after a cancellation is never enqueued twice. A ``put_many`` keeps the
+  frames made before the cancelled one.
 
 Shields hold off anyio's (and trio's) cancel scopes, not a bare asyncio
-``task.cancel()`` (``asyncio.timeout``, ``wait_for``): a put made as it
-came then returns its id and spends the cancellation. Use anyio's
+``task.cancel()`` (``asyncio.timeout``, ``wait_for``), under which a put
+made as it came returns its id and spends the cancellation: use anyio's
 ``move_on_after`` / ``fail_after`` around brokerq calls.
 """
 
@@ -79,11 +61,7 @@ __all__ = ["AsyncClient", "AsyncMessage", "AsyncQueue", "AsyncSubscription", "op
 
 class AsyncClient(AsyncStreams):
     """A broker, named by its socket path; spawned on first use if needed.
-
-    ``timeout`` is the deadline for connecting (and spawning a broker), the
-    grace a reply gets beyond its request's own timeout, and the bound of a
-    shielded request. ``async with`` connects at once and closes at the end.
-    """
+    ``async with`` connects at once and closes at the end."""
 
     def queue(
         self,
@@ -325,14 +303,9 @@ class Reserving:
 
 class AsyncMessage:
     """A reserved message: ``body``, ``id``, ``attempt``, ``lease_expires``,
-    and the awaited verbs that end or extend its lease.
-
-    It holds the connection its lease came on until it is acked, released or
-    buried (a message dropped unsettled lets go of it when collected; its
-    lease then runs out, or ends when that connection closes). The verbs are
-    never cancelled half-way (they run shielded, bounded by the client's
-    timeout) and never sent again after a lost connection.
-    """
+    and the awaited verbs that end or extend its lease: shielded, and never
+    sent again after a lost connection. It holds the connection its lease
+    came on until settled, or collected (then its lease runs out)."""
 
     def __init__(self, queue: AsyncQueue, reply: ReserveReply, conn: AsyncConnection) -> None:
         self.queue = queue
@@ -440,8 +413,6 @@ def open_async_client(
     *,
     prefetch: int | None = None,
 ) -> AsyncClient:
-    """An async client of the broker at ``socket`` (default: ``$BROKERQ_SOCKET``
-    or the per-user path). ``async with open_async_client() as client:``
-    connects (spawning the broker if none runs) on entry and closes on exit.
-    ``prefetch``: see :class:`brokerq.Client` (None: ``$BROKERQ_PREFETCH``)."""
+    """An async client of the broker at ``socket``, with ``timeout`` and
+    ``prefetch`` as for :func:`brokerq.connect`; ``async with`` connects."""
     return AsyncClient(socket, timeout, prefetch=prefetch)

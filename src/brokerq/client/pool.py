@@ -1,21 +1,15 @@
-"""The async client's core: connections (:class:`AsyncConnection`), the
-pool, and the calls run on it, with their retries and the rules of
-cancellation (see :mod:`.asynchronous`).
+"""The async client's core: connections, the pool, and the calls run on
+it, with their retries and rules of cancellation (:mod:`.asynchronous`).
 
-Each request has a pooled connection to itself until its reply is read
-(docs/usage.md, "Async client", "Tasks"), so nothing can send on it
-mid-exchange: a ``__del__`` or signal handler cannot await a call, and a
-task it starts takes another connection. A reserved message keeps its
-connection until settled: the broker ends a closed connection's leases. A
-connection whose exchange did not finish, or whose reply came out of step
-(RemoteProtocolError), is closed, never reused: its replies would be out of
-step with its requests.
+Each request has a connection to itself until its reply is read, so
+nothing sends on it mid-exchange (docs/usage.md, "Async client", "Tasks").
+One whose exchange did not finish, or whose reply came out of step, is
+closed, never reused: its replies would be out of step with its requests.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import os
 import socket
 import threading
@@ -44,48 +38,35 @@ MAX_IDLE = 4
 #: allocates ``n`` bytes each time; past 128 KiB glibc maps and unmaps them,
 #: several times the cost of a 64 KiB receive.
 RECEIVE_SIZE = 64 * 1024
-_STREAM_ERRORS = (
-    OSError,
-    anyio.BrokenResourceError,
-    anyio.ClosedResourceError,
-    anyio.EndOfStream,
-)
+_STREAM_ERRORS = (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream)
 
 
-class _Dialer:
-    """``connect_or_spawn`` in a worker thread, which the caller may abandon.
+async def _connect(socket_path: str, deadline: float, spawn: bool) -> socket.socket:
+    """``connect_or_spawn`` in a worker thread, which the caller may abandon:
+    the connect (and spawn) runs on to its own deadline, and the socket it
+    then returns is closed, not leaked."""
+    lock = threading.Lock()
+    abandoned = False
+    connected: list[socket.socket] = []
 
-    The blocking connect (and spawn) runs on to its own deadline when the
-    caller is cancelled; the socket it then returns is closed, not leaked.
-    """
-
-    def __init__(self, socket_path: str, deadline: float, spawn: bool) -> None:
-        self.socket_path = socket_path
-        self.deadline = deadline
-        self.spawn = spawn
-        self.lock = threading.Lock()
-        self.abandoned = False
-        self.sock: socket.socket | None = None
-
-    def _connect(self) -> socket.socket:
-        sock = connect_or_spawn(self.socket_path, self.deadline, spawn=self.spawn)
-        with self.lock:
-            if self.abandoned:
+    def connect() -> socket.socket:
+        sock = connect_or_spawn(socket_path, deadline, spawn=spawn)
+        with lock:
+            connected.append(sock)
+            if abandoned:
                 sock.close()
-            self.sock = sock
         return sock
 
-    async def dial(self) -> socket.socket:
-        try:
-            return await anyio.to_thread.run_sync(self._connect, abandon_on_cancel=True)
-        except OSError as exc:
-            raise calls.unreachable(self.socket_path, exc) from exc
-        except BaseException:
-            with self.lock:
-                self.abandoned = True
-                if self.sock is not None:
-                    self.sock.close()
-            raise
+    try:
+        return await anyio.to_thread.run_sync(connect, abandon_on_cancel=True)
+    except OSError as exc:
+        raise calls.unreachable(socket_path, exc) from exc
+    except BaseException:
+        with lock:
+            abandoned = True
+            for sock in connected:
+                sock.close()
+        raise
 
 
 class AsyncConnection:
@@ -107,7 +88,7 @@ class AsyncConnection:
         deadline = time.monotonic() + timeout
         hello = calls.hello()
         while True:
-            sock = await _Dialer(socket_path, deadline, spawn).dial()
+            sock = await _connect(socket_path, deadline, spawn)
             try:
                 sock.setblocking(False)
                 stream = await UNIXSocketStream.from_socket(sock)
@@ -154,19 +135,18 @@ class AsyncConnection:
         call: Call[R],
         limit: float | None,
         fields: dict[str, Any] | None = None,
-        withdrawal: _Withdrawal[R] | None = None,
+        withdraw: float | None = None,
         take: Callable[[calls.Wire], protocol.AnyReply | None] = calls.Wire.next_reply,
     ) -> R:
         """Send ``call`` (with ``fields`` instead of its own, if given); return
-        its reply, read off the wire by ``take`` (a subscription's keeps the
-        events that come first).
+        its reply, read by ``take`` (a subscription's keeps earlier events).
 
-        ``limit`` bounds the exchange (None: no bound; past it,
-        BrokerUnavailable). An exchange that does not finish leaves the
-        connection broken; a reply that puts it out of step (another
-        request's id, or the wrong kind: RemoteProtocolError), or an error
-        after which the broker closes it, closes it here and now. With a
-        ``withdrawal`` (a put waiting for room), see :meth:`_withdraw`.
+        ``limit`` bounds the exchange (None: no bound). An exchange that does
+        not finish leaves the connection broken; a reply out of step, or an
+        error after which the broker closes it, closes it at once. With
+        ``withdraw`` (a put waiting for room), a cancelled put is withdrawn
+        (:meth:`_withdraw`), or its reply returned if it was made first: the
+        cancellation then takes effect at the caller's next checkpoint.
         """
         request_id = self.wire.encode(call.kind, call.fields if fields is None else fields)
         try:
@@ -182,9 +162,12 @@ class AsyncConnection:
             raise self.wire.lost(exc) from exc
         except BaseException as exc:  # cancelled, or a reply that cannot be read
             self.broken = True
-            if withdrawal is not None and isinstance(exc, anyio.get_cancelled_exc_class()):
-                withdrawal.made = await self._withdraw(call, request_id, withdrawal.timeout)
-            raise
+            if withdraw is None or not isinstance(exc, anyio.get_cancelled_exc_class()):
+                raise
+            made = await self._withdraw(call, request_id, withdraw)
+            if made is None:
+                raise
+            return made
         try:
             return self.wire.check(call.expect, request_id, reply, self._break)
         finally:
@@ -192,18 +175,13 @@ class AsyncConnection:
                 await self.aclose()
 
     async def _withdraw(self, call: Call[R], request_id: int, timeout: float) -> R | None:
-        """The put ``request_id``, maybe waiting for room, was cancelled: shut
-        down the sending side and read, shielded, for up to ``timeout``.
-
-        The broker withdraws a put still waiting when it reads the end of
-        the stream, and closes without a reply; a put made just before has
-        its reply written first (docs/protocol.md, section 4, "End of a
-        connection"). Returns that reply, or None if the put was withdrawn,
-        refused (``full``, ``shutting_down``) or never sent whole; raises
-        BrokerUnavailable if the broker did not say which: it may have been
-        made. The connection is closed here, shielded, so that closing it
-        again (:meth:`Pool._release`) is no checkpoint whose cancellation
-        would replace that error.
+        """Shut down the sending side and read, shielded, for up to ``timeout``:
+        the broker withdraws a put still waiting and closes without a reply;
+        a put made first has its reply written before (docs/protocol.md,
+        section 4). Returns that reply, or None (withdrawn, refused, or never
+        sent whole); raises BrokerUnavailable if the broker did not say. The
+        connection is closed here, shielded, so that closing it again is no
+        checkpoint whose cancellation would replace that error or reply.
         """
         reply: protocol.AnyReply | None = None
         with anyio.CancelScope(shield=True):
@@ -224,22 +202,10 @@ class AsyncConnection:
                 ) from exc
             finally:
                 await self.aclose()
-        if reply is None or (
-            isinstance(reply, protocol.Error)
-            and reply.id == request_id
-            and reply.code in ("full", "shutting_down")
-        ):
+        refused = isinstance(reply, protocol.Error) and reply.code in ("full", "shutting_down")
+        if reply is None or (refused and reply.id == request_id):
             return None
         return self.wire.check(call.expect, request_id, reply, self._break)
-
-
-@dataclasses.dataclass(slots=True)
-class _Withdrawal(Generic[R]):
-    """How a put waiting for room meets a cancellation: within ``timeout``
-    the broker withdraws it, or made it (``made``, its reply)."""
-
-    timeout: float
-    made: R | None = None
 
 
 class Held(Protocol):
@@ -306,8 +272,6 @@ class Pool(Generic[S]):
         if self._closed:
             raise calls.closed_client()
 
-    # -- the pool ----------------------------------------------------------
-
     async def _dial(self, timeout: float | None = None, *, spawn: bool = True) -> AsyncConnection:
         """A new connection (within ``timeout``, else the client's); it
         spawns a broker only if asked to and this client starts brokers."""
@@ -359,8 +323,6 @@ class Pool(Generic[S]):
         for conn in stale:
             await self._discard(conn)
 
-    # -- running calls -----------------------------------------------------
-
     async def _run(self, call: Call[R], then: Then[R] | None = None) -> R:
         """Run ``call`` (shielded if it never waits), retrying on a lost connection.
 
@@ -372,14 +334,14 @@ class Pool(Generic[S]):
         return reply  # noqa: RET504 (mypy: a cancel scope may swallow the return)
 
     async def _attempts(
-        self, call: Call[R], then: Then[R] | None, withdrawal: _Withdrawal[R] | None = None
+        self, call: Call[R], then: Then[R] | None, withdraw: float | None = None
     ) -> R:
         attempts = calls.Attempts(call, self.timeout, anyio.current_time())
         while True:
             conn = await self._acquire()
             try:
                 limit = attempts.start(anyio.current_time())
-                reply = await conn.request(call, limit, attempts.fields, withdrawal)
+                reply = await conn.request(call, limit, attempts.fields, withdraw)
                 if then is not None:
                     await then(conn, reply)
                 return reply
@@ -420,23 +382,13 @@ class Pool(Generic[S]):
     async def _put(self, call: Call[R]) -> R:
         """A put that may wait for room: first sent without waiting (shielded);
         only if the queue is full, sent again with the same key to wait,
-        cancellably. A cancellation is raised only once the broker has
-        withdrawn the put; if it made the put first, its reply is returned,
-        and the cancellation takes effect at the caller's next checkpoint."""
+        cancellably, with a withdrawal (see :meth:`AsyncConnection.request`)."""
         if call.wait == 0:
             return await self._run(call)
         start = anyio.current_time()
         with contextlib.suppress(Full):
             return await self._run(call.with_timeout(0))
-        withdrawal: _Withdrawal[R] = _Withdrawal(self.timeout)
-        try:
-            return await self._attempts(
-                call.with_timeout(_left(call.wait, start)), None, withdrawal
-            )
-        except anyio.get_cancelled_exc_class():
-            if withdrawal.made is None:
-                raise
-            return withdrawal.made
+        return await self._attempts(call.with_timeout(_left(call.wait, start)), None, self.timeout)
 
     async def _limit(self) -> int:
         """The broker's body limit (connecting first if no connection told it yet)."""
