@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Generator
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 
@@ -14,10 +14,8 @@ from ..errors import BrokerqError, BrokerUnavailable, LocalProtocolError, Versio
 from ..spawn import still_running
 from . import api, calls, prefetch
 from .calls import Call, ConnectionLost
-from .pool import _STREAM_ERRORS, RECEIVE_SIZE, AsyncConnection, Pool
+from .pool import _STREAM_ERRORS, RECEIVE_SIZE, AsyncConnection, Pool, R
 from .sockio import stop_unopened
-
-R = TypeVar("R", bound=protocol.Reply)
 
 
 class _AsyncStreamed:

@@ -1,39 +1,30 @@
 """The async client: anyio, so it runs under trio and asyncio alike
-(docs/usage.md, "Async client").
+(docs/usage.md, "Async client"). Requests are built and replies judged by
+:mod:`.calls` and :mod:`.api`, as in the blocking client; each has a pooled
+connection to itself (:mod:`.pool`). A client belongs to one event loop.
 
-Requests are built and replies judged by :mod:`.calls` and :mod:`.api`, as
-in the blocking client; a broker is found or spawned in a worker thread.
-Each request has a pooled connection to itself (:mod:`.pool`). A client
-belongs to one event loop; share it between the tasks of that loop.
-
-Cancellation
-------------
-No message is lost to a cancelled call, and none is taken twice:
+Cancellation never loses a message, nor takes one twice:
 
 * Requests that never wait in the broker run shielded, bounded by the
-  client's ``timeout``: they finish at once anyway, and a body taken is
-  returned before the cancellation takes effect, at the next checkpoint.
+  client's ``timeout``: a body taken is returned, and the cancellation
+  takes effect at the next checkpoint.
 * A ``get`` that waits, if nothing is ready at once, waits as ``reserve``,
   then sends a shielded ``ack`` (``as_get``: the task stays for
-  ``task_done``). Cancelled before the reply is read, its connection
-  closes and the broker puts the message back; a plain ``get`` would lose
-  it, as the broker removes a message when it sends it. ``get_many`` takes
-  the rest with a shielded ``get_many(n - 1, timeout=0)``.
-* A ``reserve`` that waits is cancellable: its connection closes, which
-  gives back any message it was sent.
-* A ``put`` that waits for room (sent first without waiting, shielded, then
-  again with the same key) is withdrawn when cancelled: the client shuts
-  down its sending side and reads, shielded, until the broker answers or
-  closes (docs/protocol.md, section 4). The call raises the cancellation
-  if the put was withdrawn, returns its id if the broker made it first,
-  and raises BrokerUnavailable if it cannot tell: so a put made again
-  after a cancellation is never enqueued twice. A ``put_many`` keeps the
-  frames made before the cancelled one.
+  ``task_done``). Cancelled before the reply is read, its connection closes
+  and the broker puts the message back: a plain ``get`` would lose it, as
+  the broker removes a message when it sends it. A waiting ``reserve`` is
+  cancelled the same way.
+* A ``put`` waiting for room (sent first without waiting, then again with
+  the same key) is withdrawn when cancelled: the client shuts down its
+  sending side and reads, shielded, until the broker answers or closes
+  (docs/protocol.md, section 4). It raises the cancellation if the put was
+  withdrawn, returns its id if it was made first, and raises
+  BrokerUnavailable if the broker did not say: so a put made again after
+  a cancellation is never enqueued twice.
 
-Shields hold off anyio's (and trio's) cancel scopes, not a bare asyncio
-``task.cancel()`` (``asyncio.timeout``, ``wait_for``), under which a put
-made as it came returns its id and spends the cancellation: use anyio's
-``move_on_after`` / ``fail_after`` around brokerq calls.
+Shields hold off anyio's and trio's cancel scopes, not a bare asyncio
+``task.cancel()``, under which a put made as it came returns its id and
+spends the cancellation: use ``anyio.move_on_after`` / ``fail_after``.
 """
 
 from __future__ import annotations
@@ -308,14 +299,19 @@ class AsyncMessage:
     came on until settled, or collected (then its lease runs out)."""
 
     def __init__(self, queue: AsyncQueue, reply: ReserveReply, conn: AsyncConnection) -> None:
+        self._took(queue, reply, time.monotonic() + reply.lease)
+        self._conn: AsyncConnection | None = conn
+        self._unpin = weakref.finalize(self, queue.client._recycle, conn)
+
+    def _took(
+        self, queue: AsyncQueue, reply: ReserveReply | protocol.StreamDelivery, expires: float
+    ) -> None:
         self.queue = queue
         self.id = reply.msg_id
         self.body = reply.body
         self.attempt = reply.attempt
-        self.lease_expires = time.monotonic() + reply.lease
+        self.lease_expires = expires
         self.settled = False
-        self._conn: AsyncConnection | None = conn
-        self._unpin = weakref.finalize(self, queue.client._recycle, conn)
 
     def __repr__(self) -> str:
         return f"<brokerq.AsyncMessage {self.id} attempt {self.attempt} of {self.queue.name!r}>"
@@ -380,12 +376,7 @@ class AsyncStreamedMessage(AsyncMessage):
     def __init__(
         self, queue: AsyncQueue, delivery: protocol.StreamDelivery, streamed: _AsyncStreamed
     ) -> None:
-        self.queue = queue
-        self.id = delivery.msg_id
-        self.body = delivery.body
-        self.attempt = delivery.attempt
-        self.lease_expires = streamed.state.lease_expires(time.monotonic())
-        self.settled = False
+        self._took(queue, delivery, streamed.state.lease_expires(time.monotonic()))
         self._conn = None
         self._streamed = streamed
         self._stream_conn = streamed.conn

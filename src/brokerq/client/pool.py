@@ -99,20 +99,18 @@ class AsyncConnection:
             try:
                 reply = await conn.request(hello, max(deadline - time.monotonic(), 0.001))
                 break
-            except ConnectionLost:
-                # A broker that died (or idled out) just after accepting us:
-                # connect again, which finds or starts the next one.
+            except BaseException as exc:
                 await conn.aclose()
-                if time.monotonic() >= deadline:
+                if isinstance(exc, VersionMismatch):
+                    # An upgrade: retire the older broker (as the blocking client does).
+                    older = calls.broker_to_retire(socket_path, exc, may_retire=spawn)
+                    await anyio.to_thread.run_sync(
+                        retire_older_broker, socket_path, older, deadline
+                    )
+                # Lost (a broker that died or idled out just after accepting us):
+                # connect again, which finds or starts the next one. Else raise.
+                elif not isinstance(exc, ConnectionLost) or time.monotonic() >= deadline:
                     raise
-            except VersionMismatch as exc:
-                await conn.aclose()
-                # An upgrade: retire the older broker (as the blocking client does).
-                older = calls.broker_to_retire(socket_path, exc, may_retire=spawn)
-                await anyio.to_thread.run_sync(retire_older_broker, socket_path, older, deadline)
-            except BaseException:
-                await conn.aclose()
-                raise
         conn.wire.greeted(reply)
         return conn
 
@@ -138,15 +136,13 @@ class AsyncConnection:
         withdraw: float | None = None,
         take: Callable[[calls.Wire], protocol.AnyReply | None] = calls.Wire.next_reply,
     ) -> R:
-        """Send ``call`` (with ``fields`` instead of its own, if given); return
-        its reply, read by ``take`` (a subscription's keeps earlier events).
+        """Send ``call`` (with ``fields`` instead of its own, if given) and
+        return its reply, read by ``take``, within ``limit`` (None: no bound).
 
-        ``limit`` bounds the exchange (None: no bound). An exchange that does
-        not finish leaves the connection broken; a reply out of step, or an
-        error after which the broker closes it, closes it at once. With
-        ``withdraw`` (a put waiting for room), a cancelled put is withdrawn
-        (:meth:`_withdraw`), or its reply returned if it was made first: the
-        cancellation then takes effect at the caller's next checkpoint.
+        An exchange that does not finish leaves the connection broken; a
+        reply out of step, or an error after which the broker closes it,
+        closes it at once. With ``withdraw``, a cancelled put is withdrawn
+        (:meth:`_withdraw`), or its reply returned if it was made first.
         """
         request_id = self.wire.encode(call.kind, call.fields if fields is None else fields)
         try:
@@ -242,8 +238,7 @@ class Pool(Generic[S]):
         self._keys = calls.PutKeys()
 
     def __repr__(self) -> str:
-        state = " closed" if self._closed else ""
-        return f"<brokerq.AsyncClient {self.socket_path!r}{state}>"
+        return f"<brokerq.AsyncClient {self.socket_path!r}{' closed' if self._closed else ''}>"
 
     async def __aenter__(self) -> Self:
         try:
@@ -260,8 +255,7 @@ class Pool(Generic[S]):
         """Close every connection; requests still running end with BrokerqError,
         and using the client afterwards raises it."""
         self._closed = True
-        streams = [s.conn for s in self._streams.values() if s.conn is not None]
-        connections = [*self._open, *streams]
+        connections = [*self._open, *(s.conn for s in self._streams.values() if s.conn is not None)]
         self._open.clear()
         self._idle.clear()
         self._streams.clear()
@@ -324,18 +318,13 @@ class Pool(Generic[S]):
             await self._discard(conn)
 
     async def _run(self, call: Call[R], then: Then[R] | None = None) -> R:
-        """Run ``call`` (shielded if it never waits), retrying on a lost connection.
-
-        ``then`` runs on the same connection after the reply, before it is
-        given back (the ack of a get done as reserve + ack).
-        """
+        """Run ``call`` (shielded if it never waits), retrying on a lost connection;
+        ``then`` runs on its connection after the reply (a get's ack, say)."""
         with anyio.CancelScope(shield=call.wait == 0):
-            reply = await self._attempts(call, then)
+            reply = await self._attempts(call, then, None)
         return reply  # noqa: RET504 (mypy: a cancel scope may swallow the return)
 
-    async def _attempts(
-        self, call: Call[R], then: Then[R] | None, withdraw: float | None = None
-    ) -> R:
+    async def _attempts(self, call: Call[R], then: Then[R] | None, withdraw: float | None) -> R:
         attempts = calls.Attempts(call, self.timeout, anyio.current_time())
         while True:
             conn = await self._acquire()
@@ -357,14 +346,12 @@ class Pool(Generic[S]):
         """A get that waits, done as reserve then ack (see :mod:`.asynchronous`)."""
 
         async def ack(conn: AsyncConnection, reply: ReserveReply) -> None:
-            with anyio.CancelScope(shield=True):
-                try:
-                    ack = calls.ack(reply.msg_id, reply.attempt, as_get=True)  # task_done's
+            ack = calls.ack(reply.msg_id, reply.attempt, as_get=True)  # task_done's
+            try:
+                with anyio.CancelScope(shield=True):
                     await conn.request(ack, self.timeout)
-                except LeaseLost as exc:  # it went back to the queue: ask again
-                    raise ConnectionLost(
-                        f"the lease of a get ran out before its ack: {exc}"
-                    ) from exc
+            except LeaseLost as exc:  # it went back to the queue: ask again
+                raise ConnectionLost(f"the lease of a get ran out before its ack: {exc}") from exc
 
         return await self._run(reserve, ack)
 
@@ -381,8 +368,8 @@ class Pool(Generic[S]):
 
     async def _put(self, call: Call[R]) -> R:
         """A put that may wait for room: first sent without waiting (shielded);
-        only if the queue is full, sent again with the same key to wait,
-        cancellably, with a withdrawal (see :meth:`AsyncConnection.request`)."""
+        only if the queue is full, again with the same key to wait, withdrawn
+        if cancelled (see :meth:`AsyncConnection.request`)."""
         if call.wait == 0:
             return await self._run(call)
         start = anyio.current_time()
