@@ -63,9 +63,8 @@ class _AsyncStreamed:
             if conn is None or conn.broken:
                 raise ConnectionLost("the stream's connection was lost")
             if self.reading:
-                arrived = self.arrived
                 with anyio.move_on_after(left):
-                    await arrived.wait()
+                    await self.arrived.wait()
                 continue
             self.reading = True
             try:
@@ -168,11 +167,9 @@ class AsyncStreams(Pool["_AsyncStreamed"]):
             if call.kind is protocol.Consume:
                 streamed.state.opening(request_id)
             await streamed.send(bytes(conn.wire.out), self.timeout)
-        replies = streamed.replies
-        await streamed.pump(
-            lambda: request_id in replies, anyio.current_time() + self.timeout, strict=True
-        )
-        reply = replies.pop(request_id)
+        deadline = anyio.current_time() + self.timeout
+        await streamed.pump(lambda: request_id in streamed.replies, deadline, strict=True)
+        reply = streamed.replies.pop(request_id)
         return conn.wire.check(call.expect, request_id, reply, conn._break)
 
     async def ping(self) -> float:
@@ -249,9 +246,9 @@ class AsyncSubscription:
             await conn.aclose()
 
     async def _subscribe(self) -> None:
-        """Connect and subscribe; events that come before the reply are kept.
-        A connection lost before the reply (or a stopping broker's refusal)
-        is tried again on a new one, within the client's timeout."""
+        """Connect and subscribe (keeping events that come before the reply); a
+        lost connection or a stopping broker's refusal is tried again, within
+        the client's timeout."""
         give_up = time.monotonic() + self.client.timeout
         while self._conn is None:
             self.client._check_open()
@@ -275,22 +272,21 @@ class AsyncSubscription:
                 return step
             if step is calls.SUBSCRIBE:
                 await self._subscribe()
-                continue
-            if step is calls.DROP:
+            elif step is calls.DROP:
                 await self.aclose()
-                continue
-            assert conn is not None
-            # A read that finds data waiting returns at once, so a floor of
-            # 1 ms lets timeout=0 take what has arrived.
-            left = None if deadline is None else max(0.001, deadline - anyio.current_time())
-            with anyio.move_on_after(left) as scope:
-                try:
-                    conn.wire.feed(await conn.stream.receive(RECEIVE_SIZE))
-                except _STREAM_ERRORS:
-                    # The broker went away: subscribe again on a new connection.
-                    self._conn = None
-                    await conn.aclose()
-            if scope.cancelled_caught:
-                raise self._live.empty(timeout)
+            else:
+                assert conn is not None
+                # A read that finds data waiting returns at once, so a floor of
+                # 1 ms lets timeout=0 take what has arrived.
+                left = None if deadline is None else max(0.001, deadline - anyio.current_time())
+                with anyio.move_on_after(left) as scope:
+                    try:
+                        conn.wire.feed(await conn.stream.receive(RECEIVE_SIZE))
+                    except _STREAM_ERRORS:
+                        # The broker went away: subscribe again on a new connection.
+                        self._conn = None
+                        await conn.aclose()
+                if scope.cancelled_caught:
+                    raise self._live.empty(timeout)
 
     __anext__ = get

@@ -3,28 +3,18 @@
 :mod:`.calls` and :mod:`.api`, as in the blocking client; each has a pooled
 connection to itself (:mod:`.pool`). A client belongs to one event loop.
 
-Cancellation never loses a message, nor takes one twice:
-
-* Requests that never wait in the broker run shielded, bounded by the
-  client's ``timeout``: a body taken is returned, and the cancellation
-  takes effect at the next checkpoint.
-* A ``get`` that waits, if nothing is ready at once, waits as ``reserve``,
-  then sends a shielded ``ack`` (``as_get``: the task stays for
-  ``task_done``). Cancelled before the reply is read, its connection closes
-  and the broker puts the message back: a plain ``get`` would lose it, as
-  the broker removes a message when it sends it. A waiting ``reserve`` is
-  cancelled the same way.
-* A ``put`` waiting for room (sent first without waiting, then again with
-  the same key) is withdrawn when cancelled: the client shuts down its
-  sending side and reads, shielded, until the broker answers or closes
-  (docs/protocol.md, section 4). It raises the cancellation if the put was
-  withdrawn, returns its id if it was made first, and raises
-  BrokerUnavailable if the broker did not say: so a put made again after
-  a cancellation is never enqueued twice.
-
+A cancelled call loses no message, nor takes one twice (docs/usage.md,
+"Cancellation"). Requests that never wait in the broker run shielded,
+bounded by the client's ``timeout``: a body taken is returned first. A
+``get`` that waits does so as ``reserve``, whose message goes back when a
+cancellation closes its connection (a plain ``get``'s would be lost: the
+broker removes a message as it sends it), then a shielded ``ack``
+(``as_get``: the task stays for ``task_done``). A ``put`` waiting for room
+is withdrawn when cancelled, or returns its id if the broker made it first
+(:meth:`.pool.AsyncConnection.request`), so it is never enqueued twice.
 Shields hold off anyio's and trio's cancel scopes, not a bare asyncio
-``task.cancel()``, under which a put made as it came returns its id and
-spends the cancellation: use ``anyio.move_on_after`` / ``fail_after``.
+``task.cancel()`` (a put made as it came would spend it): use
+``anyio.move_on_after`` / ``fail_after`` around brokerq calls.
 """
 
 from __future__ import annotations
@@ -40,7 +30,7 @@ import anyio
 
 from .. import protocol
 from ..errors import BrokerqError, Empty
-from ..protocol import GetManyReply, ReserveReply
+from ..protocol import GetManyReply, ReserveReply, StreamDelivery
 from . import api, calls
 from .api import R, T
 from .async_streams import AsyncStreams, AsyncSubscription, _AsyncStreamed
@@ -303,14 +293,12 @@ class AsyncMessage:
         self._conn: AsyncConnection | None = conn
         self._unpin = weakref.finalize(self, queue.client._recycle, conn)
 
-    def _took(
-        self, queue: AsyncQueue, reply: ReserveReply | protocol.StreamDelivery, expires: float
-    ) -> None:
+    def _took(self, queue: AsyncQueue, reply: ReserveReply | StreamDelivery, until: float) -> None:
         self.queue = queue
         self.id = reply.msg_id
         self.body = reply.body
         self.attempt = reply.attempt
-        self.lease_expires = expires
+        self.lease_expires = until
         self.settled = False
 
     def __repr__(self) -> str:
@@ -374,7 +362,7 @@ class AsyncStreamedMessage(AsyncMessage):
     ``taken`` that began it (see :class:`brokerq.client.StreamedMessage`)."""
 
     def __init__(
-        self, queue: AsyncQueue, delivery: protocol.StreamDelivery, streamed: _AsyncStreamed
+        self, queue: AsyncQueue, delivery: StreamDelivery, streamed: _AsyncStreamed
     ) -> None:
         self._took(queue, delivery, streamed.state.lease_expires(time.monotonic()))
         self._conn = None
@@ -383,11 +371,10 @@ class AsyncStreamedMessage(AsyncMessage):
 
     async def _verb(self, call: Call[R], *, settles: bool) -> R:
         client = self.queue.client
-        streamed = self._streamed
         with anyio.CancelScope(shield=True):
             client._check_open()
-            if streamed.conn is self._stream_conn and streamed.conn is not None:
-                reply = await client._stream_request(streamed, call)
+            if self._streamed.conn is self._stream_conn and self._stream_conn is not None:
+                reply = await client._stream_request(self._streamed, call)
             else:
                 reply = await client._run(call)  # its connection is gone: so is the lease
         return reply

@@ -41,9 +41,9 @@ RECEIVE_SIZE = 64 * 1024
 _STREAM_ERRORS = (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream)
 
 
-async def _connect(socket_path: str, deadline: float, spawn: bool) -> socket.socket:
-    """``connect_or_spawn`` in a worker thread, which the caller may abandon:
-    the connect (and spawn) runs on to its own deadline, and the socket it
+async def _connect(socket_path: str, deadline: float, spawn: bool) -> UNIXSocketStream:
+    """A stream from ``connect_or_spawn``, run in a worker thread which the
+    caller may abandon: it runs on to its own deadline, and the socket it
     then returns is closed, not leaked."""
     lock = threading.Lock()
     abandoned = False
@@ -58,14 +58,16 @@ async def _connect(socket_path: str, deadline: float, spawn: bool) -> socket.soc
         return sock
 
     try:
-        return await anyio.to_thread.run_sync(connect, abandon_on_cancel=True)
-    except OSError as exc:
-        raise calls.unreachable(socket_path, exc) from exc
-    except BaseException:
+        sock = await anyio.to_thread.run_sync(connect, abandon_on_cancel=True)
+        sock.setblocking(False)
+        return await UNIXSocketStream.from_socket(sock)
+    except BaseException as exc:
         with lock:
             abandoned = True
             for sock in connected:
                 sock.close()
+        if isinstance(exc, OSError) and not connected:  # connecting failed
+            raise calls.unreachable(socket_path, exc) from exc
         raise
 
 
@@ -88,13 +90,7 @@ class AsyncConnection:
         deadline = time.monotonic() + timeout
         hello = calls.hello()
         while True:
-            sock = await _connect(socket_path, deadline, spawn)
-            try:
-                sock.setblocking(False)
-                stream = await UNIXSocketStream.from_socket(sock)
-            except BaseException:
-                sock.close()
-                raise
+            stream = await _connect(socket_path, deadline, spawn)
             conn = cls(stream, calls.Wire(socket_path))
             try:
                 reply = await conn.request(hello, max(deadline - time.monotonic(), 0.001))
@@ -150,20 +146,17 @@ class AsyncConnection:
                 await self.stream.send(bytes(self.wire.out))
                 while (reply := take(self.wire)) is None:
                     self.wire.feed(await self.stream.receive(RECEIVE_SIZE))
-        except TimeoutError as exc:
+        except BaseException as exc:  # (or cancelled, or a reply that cannot be read)
             self.broken = True
-            raise self.wire.timed_out(limit) from exc
-        except _STREAM_ERRORS as exc:
-            self.broken = True
-            raise self.wire.lost(exc) from exc
-        except BaseException as exc:  # cancelled, or a reply that cannot be read
-            self.broken = True
-            if withdraw is None or not isinstance(exc, anyio.get_cancelled_exc_class()):
-                raise
-            made = await self._withdraw(call, request_id, withdraw)
-            if made is None:
-                raise
-            return made
+            if isinstance(exc, TimeoutError):
+                raise self.wire.timed_out(limit) from exc
+            if isinstance(exc, _STREAM_ERRORS):
+                raise self.wire.lost(exc) from exc
+            if withdraw is not None and isinstance(exc, anyio.get_cancelled_exc_class()):
+                made = await self._withdraw(call, request_id, withdraw)
+                if made is not None:
+                    return made
+            raise
         try:
             return self.wire.check(call.expect, request_id, reply, self._break)
         finally:
@@ -226,7 +219,6 @@ class Pool(Generic[S]):
     ) -> None:
         self.socket_path = resolve_socket_path(socket)
         self.timeout, self.starts_broker = calls.client_timeout(timeout)
-        #: See :class:`brokerq.Client`: the first get or reserve of a queue opens a stream.
         self.prefetch = calls.prefetch(prefetch)
         #: The streams, by queue, mode and lease (:mod:`.async_streams`).
         self._streams: dict[tuple[str, str, float | None], S] = {}
@@ -267,8 +259,7 @@ class Pool(Generic[S]):
             raise calls.closed_client()
 
     async def _dial(self, timeout: float | None = None, *, spawn: bool = True) -> AsyncConnection:
-        """A new connection (within ``timeout``, else the client's); it
-        spawns a broker only if asked to and this client starts brokers."""
+        """A new connection, within ``timeout`` (None: the client's)."""
         timeout = self.timeout if timeout is None else timeout
         return await AsyncConnection.open(
             self.socket_path, timeout, spawn=spawn and self.starts_broker
