@@ -4,95 +4,21 @@ on a connection of its own (:mod:`.prefetch` holds a stream's rules)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator
+from collections.abc import Generator
 from typing import Any
 
 import anyio
 
 from .. import protocol
-from ..errors import BrokerqError, BrokerUnavailable, LocalProtocolError, VersionMismatch
+from ..errors import BrokerUnavailable, LocalProtocolError, VersionMismatch
 from ..spawn import still_running
 from . import api, calls, prefetch
 from .calls import Call, ConnectionLost
-from .pool import _STREAM_ERRORS, RECEIVE_SIZE, AsyncConnection, Pool, R
+from .pool import _STREAM_ERRORS, RECEIVE_SIZE, AsyncConnection, Pool, R, _AsyncStreamed
 from .sockio import stop_unopened
 
 
-class _AsyncStreamed:
-    """A stream of an async client: its sans-IO state, its connection, and
-    the replies read for requests of other tasks. One task at a time reads
-    the connection (:meth:`pump`), for every task waiting on it."""
-
-    def __init__(self, state: prefetch.Prefetch) -> None:
-        self.state = state
-        self.conn: AsyncConnection | None = None
-        self.send_lock = anyio.Lock()
-        self.replies: dict[int, protocol.AnyReply] = {}
-        self.reading = False
-        self.arrived = anyio.Event()
-        self.unsupported = False
-
-    async def send(self, data: bytes, timeout: float) -> None:
-        """Send on the stream's connection (the caller holds ``send_lock``)."""
-        conn = self.conn
-        if conn is None or conn.broken:
-            raise ConnectionLost("the stream's connection was lost")
-        try:
-            with anyio.fail_after(timeout):
-                await conn.stream.send(data)
-        except TimeoutError as exc:
-            await self.lose()
-            raise conn.wire.timed_out(timeout) from exc
-        except _STREAM_ERRORS as exc:
-            await self.lose()
-            raise conn.wire.lost(exc) from exc
-
-    async def pump(
-        self, done: Callable[[], bool], deadline: float | None, *, strict: bool = False
-    ) -> None:
-        """Read frames until ``done()`` or ``deadline`` (then return; with
-        ``strict`` raise BrokerUnavailable), or wait while another task reads."""
-        while not done():
-            conn = self.conn
-            left = None if deadline is None else deadline - anyio.current_time()
-            if left is not None and left <= 0:
-                if strict and conn is not None:  # a reply that did not come in time
-                    await self.lose()
-                    raise conn.wire.timed_out(left)
-                return
-            if conn is None or conn.broken:
-                raise ConnectionLost("the stream's connection was lost")
-            if self.reading:
-                with anyio.move_on_after(left):
-                    await self.arrived.wait()
-                continue
-            self.reading = True
-            try:
-                with anyio.move_on_after(left):
-                    conn.wire.feed(await conn.stream.receive(RECEIVE_SIZE))
-                    while (frame := self.state.take(conn.wire)) is not None:
-                        self.replies[frame.id] = frame
-            except _STREAM_ERRORS as exc:
-                await self.lose()
-                raise conn.wire.lost(exc) from exc
-            except BrokerqError:  # an error with id 0: the broker ends the connection
-                await self.lose()
-                raise
-            finally:
-                self.reading = False
-                arrived, self.arrived = self.arrived, anyio.Event()
-                arrived.set()
-
-    async def lose(self) -> None:
-        """The connection is gone (or unusable): what was buffered is the broker's."""
-        conn, self.conn = self.conn, None
-        self.state.lost()
-        self.replies.clear()
-        if conn is not None:
-            await conn.aclose()
-
-
-class AsyncStreams(Pool["_AsyncStreamed"]):
+class AsyncStreams(Pool):
     """:class:`Pool` with streams: the client's prefetch (see :mod:`.prefetch`)."""
 
     async def _take_streamed(
@@ -213,7 +139,7 @@ class AsyncSubscription:
     """A live subscription to a topic (see :class:`brokerq.Subscription`).
     Reading is cancellable at any point: a publish is returned or kept."""
 
-    def __init__(self, client: Pool[Any], topic: str) -> None:
+    def __init__(self, client: Pool, topic: str) -> None:
         self.client = client
         self.topic = topic
         self._live = calls.LiveEvents(topic)
@@ -223,8 +149,7 @@ class AsyncSubscription:
         return f"<brokerq.AsyncSubscription {self.topic!r} at {self.client.socket_path!r}>"
 
     async def _start(self) -> AsyncSubscription:
-        if self._conn is None:
-            await self._subscribe()
+        await self._subscribe()  # (if not subscribed yet)
         return self
 
     def __await__(self) -> Generator[Any, None, AsyncSubscription]:

@@ -33,9 +33,9 @@ from ..errors import BrokerqError, Empty
 from ..protocol import GetManyReply, ReserveReply, StreamDelivery
 from . import api, calls
 from .api import R, T
-from .async_streams import AsyncStreams, AsyncSubscription, _AsyncStreamed
-from .calls import Body, Call
-from .pool import DEFAULT_TIMEOUT, AsyncConnection, _left
+from .async_streams import AsyncStreams, AsyncSubscription
+from .calls import DEFAULT_TIMEOUT, Body, Call
+from .pool import AsyncConnection, _AsyncStreamed, _left
 
 __all__ = ["AsyncClient", "AsyncMessage", "AsyncQueue", "AsyncSubscription", "open_async_client"]
 
@@ -143,9 +143,8 @@ class AsyncQueue:
         await self._configured()
         options = calls.PutOptions(priority, delay, ttl, timeout)
         limit = await self.client._limit()
-        requests = calls.put_many(self.name, bodies, limit, self.client._keys.take, options)
         ids: list[int] = []
-        for call in requests:
+        for call in calls.put_many(self.name, bodies, limit, self.client._keys.take, options):
             ids += (await self.client._put(call)).msg_ids
         return ids
 
@@ -188,8 +187,7 @@ class AsyncQueue:
             if call.wait == 0:
                 raise
         lease = max(self.client.timeout, 1.0)  # long enough for the ack
-        reserve = calls.reserve(self.name, _left(call.wait, start), lease)
-        return await self.client._take(reserve)
+        return await self.client._take(calls.reserve(self.name, _left(call.wait, start), lease))
 
     def reserve(self, timeout: float | None = None, lease: float | None = None) -> Reserving:
         return Reserving(self, calls.reserve(self.name, timeout, lease))

@@ -1,10 +1,9 @@
-"""The async client's core: connections, the pool, and the calls run on
-it, with their retries and rules of cancellation (:mod:`.asynchronous`).
-
-Each request has a connection to itself until its reply is read, so
-nothing sends on it mid-exchange (docs/usage.md, "Async client", "Tasks").
-One whose exchange did not finish, or whose reply came out of step, is
-closed, never reused: its replies would be out of step with its requests.
+"""The async client's core: connections (and a stream's, for
+:mod:`.async_streams`), the pool, and the calls run on it, with their
+retries and rules of cancellation (:mod:`.asynchronous`). Each request has
+a connection to itself until its reply is read (docs/usage.md, "Async
+client", "Tasks"); one whose exchange did not finish is closed, never
+reused: its replies would be out of step with its requests.
 """
 
 from __future__ import annotations
@@ -15,23 +14,22 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Generic, Protocol, Self, TypeVar
+from typing import Any, Self, TypeVar
 
 import anyio
 from anyio.abc import UNIXSocketStream
 
 from .. import protocol
-from ..errors import BrokerUnavailable, Full, LeaseLost, VersionMismatch
+from ..errors import BrokerqError, BrokerUnavailable, Full, LeaseLost, VersionMismatch
 from ..protocol import HelloReply, ReserveReply
 from ..spawn import connect_or_spawn, resolve_socket_path
-from . import calls
+from . import calls, prefetch
 from .calls import Call, ConnectionLost
 from .sockio import retire_older_broker
 
 R = TypeVar("R", bound=protocol.Reply)
 Then = Callable[["AsyncConnection", R], Awaitable[None]]
 
-DEFAULT_TIMEOUT = calls.DEFAULT_TIMEOUT
 #: Idle connections a client keeps for reuse; more are closed when given back.
 MAX_IDLE = 4
 #: Bytes one receive may take: anyio receives with ``recv(n)``, which
@@ -88,12 +86,11 @@ class AsyncConnection:
     async def open(cls, socket_path: str, timeout: float, *, spawn: bool = True) -> AsyncConnection:
         """Connect to the broker (spawning one if need be) and greet it."""
         deadline = time.monotonic() + timeout
-        hello = calls.hello()
         while True:
             stream = await _connect(socket_path, deadline, spawn)
             conn = cls(stream, calls.Wire(socket_path))
             try:
-                reply = await conn.request(hello, max(deadline - time.monotonic(), 0.001))
+                reply = await conn.request(calls.hello(), max(deadline - time.monotonic(), 0.001))
                 break
             except BaseException as exc:
                 await conn.aclose()
@@ -165,13 +162,12 @@ class AsyncConnection:
 
     async def _withdraw(self, call: Call[R], request_id: int, timeout: float) -> R | None:
         """Shut down the sending side and read, shielded, for up to ``timeout``:
-        the broker withdraws a put still waiting and closes without a reply;
-        a put made first has its reply written before (docs/protocol.md,
-        section 4). Returns that reply, or None (withdrawn, refused, or never
-        sent whole); raises BrokerUnavailable if the broker did not say. The
-        connection is closed here, shielded, so that closing it again is no
-        checkpoint whose cancellation would replace that error or reply.
-        """
+        the broker withdraws a put still waiting and closes without a reply,
+        or writes the reply of a put made first (docs/protocol.md, section 4).
+        Returns that reply, or None (withdrawn, refused, or never sent whole);
+        raises BrokerUnavailable if the broker did not say. Closed here,
+        shielded, the connection's next close is no checkpoint whose
+        cancellation would replace that error or reply."""
         reply: protocol.AnyReply | None = None
         with anyio.CancelScope(shield=True):
             try:
@@ -197,23 +193,88 @@ class AsyncConnection:
         return self.wire.check(call.expect, request_id, reply, self._break)
 
 
-class Held(Protocol):
-    """What holds a connection of its own beside the pool (a stream)."""
+class _AsyncStreamed:
+    """A stream of an async client: its sans-IO state, its connection, and
+    the replies read for requests of other tasks. One task at a time reads
+    the connection (:meth:`pump`), for every task waiting on it."""
 
-    conn: AsyncConnection | None
+    def __init__(self, state: prefetch.Prefetch) -> None:
+        self.state = state
+        self.conn: AsyncConnection | None = None
+        self.send_lock = anyio.Lock()
+        self.replies: dict[int, protocol.AnyReply] = {}
+        self.reading = False
+        self.arrived = anyio.Event()
+        self.unsupported = False
+
+    async def send(self, data: bytes, timeout: float) -> None:
+        """Send on the stream's connection (the caller holds ``send_lock``)."""
+        conn = self.conn
+        if conn is None or conn.broken:
+            raise ConnectionLost("the stream's connection was lost")
+        try:
+            with anyio.fail_after(timeout):
+                await conn.stream.send(data)
+        except TimeoutError as exc:
+            await self.lose()
+            raise conn.wire.timed_out(timeout) from exc
+        except _STREAM_ERRORS as exc:
+            await self.lose()
+            raise conn.wire.lost(exc) from exc
+
+    async def pump(
+        self, done: Callable[[], bool], deadline: float | None, *, strict: bool = False
+    ) -> None:
+        """Read frames until ``done()`` or ``deadline`` (then return; with
+        ``strict`` raise BrokerUnavailable), or wait while another task reads."""
+        while not done():
+            conn = self.conn
+            left = None if deadline is None else deadline - anyio.current_time()
+            if left is not None and left <= 0:
+                if strict and conn is not None:  # a reply that did not come in time
+                    await self.lose()
+                    raise conn.wire.timed_out(left)
+                return
+            if conn is None or conn.broken:
+                raise ConnectionLost("the stream's connection was lost")
+            if self.reading:
+                with anyio.move_on_after(left):
+                    await self.arrived.wait()
+                continue
+            self.reading = True
+            try:
+                with anyio.move_on_after(left):
+                    conn.wire.feed(await conn.stream.receive(RECEIVE_SIZE))
+                    while (frame := self.state.take(conn.wire)) is not None:
+                        self.replies[frame.id] = frame
+            except _STREAM_ERRORS as exc:
+                await self.lose()
+                raise conn.wire.lost(exc) from exc
+            except BrokerqError:  # an error with id 0: the broker ends the connection
+                await self.lose()
+                raise
+            finally:
+                self.reading = False
+                arrived, self.arrived = self.arrived, anyio.Event()
+                arrived.set()
+
+    async def lose(self) -> None:
+        """The connection is gone (or unusable): what was buffered is the broker's."""
+        conn, self.conn = self.conn, None
+        self.state.lost()
+        self.replies.clear()
+        if conn is not None:
+            await conn.aclose()
 
 
-S = TypeVar("S", bound=Held)
-
-
-class Pool(Generic[S]):
+class Pool:
     """The core of an :class:`~brokerq.AsyncClient`: its pool of connections
     and the calls run on it."""
 
     def __init__(
         self,
         socket: str | os.PathLike[str] | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
+        timeout: float = calls.DEFAULT_TIMEOUT,
         *,
         prefetch: int | None = None,
     ) -> None:
@@ -221,7 +282,7 @@ class Pool(Generic[S]):
         self.timeout, self.starts_broker = calls.client_timeout(timeout)
         self.prefetch = calls.prefetch(prefetch)
         #: The streams, by queue, mode and lease (:mod:`.async_streams`).
-        self._streams: dict[tuple[str, str, float | None], S] = {}
+        self._streams: dict[tuple[str, str, float | None], _AsyncStreamed] = {}
         #: The broker's body limit, from the latest connection's hello.
         self.max_message_size: int | None = None
         self._closed = False
@@ -261,9 +322,8 @@ class Pool(Generic[S]):
     async def _dial(self, timeout: float | None = None, *, spawn: bool = True) -> AsyncConnection:
         """A new connection, within ``timeout`` (None: the client's)."""
         timeout = self.timeout if timeout is None else timeout
-        return await AsyncConnection.open(
-            self.socket_path, timeout, spawn=spawn and self.starts_broker
-        )
+        spawn = spawn and self.starts_broker
+        return await AsyncConnection.open(self.socket_path, timeout, spawn=spawn)
 
     async def _acquire(self, *, spawn: bool = True) -> AsyncConnection:
         """An idle connection, else a new one (connecting, or spawning, now)."""
@@ -377,5 +437,4 @@ class Pool(Generic[S]):
 
 
 def _left(timeout: float | None, start: float) -> float | None:
-    """What is left of ``timeout`` seconds counted from ``start``."""
     return None if timeout is None else max(0.0, timeout - (anyio.current_time() - start))
