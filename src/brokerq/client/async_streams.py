@@ -24,10 +24,9 @@ class AsyncStreams(Pool):
     async def _take_streamed(
         self, queue: str, mode: str, n: int, timeout: float | None, lease: float | None = None
     ) -> tuple[_AsyncStreamed, list[protocol.StreamDelivery]] | None:
-        """Up to ``n`` messages of ``queue`` from its stream (opened on first
-        use), waiting up to ``timeout`` for the first; raises Empty. None: the
-        broker does not stream: ask plainly. Cancellable while it waits; the
-        ``taken`` is sent shielded and nothing awaits after it."""
+        """Up to ``n`` messages of ``queue`` from its stream, waiting up to
+        ``timeout`` for the first (raises Empty); None: the broker does not stream.
+        Cancellable while it waits; the ``taken`` is sent shielded, and last."""
         protocol.validate_timeout(timeout)
         self._check_open()
         if (streamed := self._streams.get((queue, mode, lease))) is None:
@@ -83,8 +82,7 @@ class AsyncStreams(Pool):
         streamed.state.opened(reply)
 
     async def _stream_request(self, streamed: _AsyncStreamed, call: Call[R]) -> R:
-        """One request on a stream's connection: sent, then its reply read
-        by whichever task reads the connection (deliveries go to the buffer)."""
+        """A request on a stream's connection: its reply is read by whichever task reads."""
         conn = streamed.conn
         if conn is None or conn.broken:
             raise ConnectionLost(f"the stream's connection to {self.socket_path} was lost")
@@ -171,9 +169,8 @@ class AsyncSubscription:
             await conn.aclose()
 
     async def _subscribe(self) -> None:
-        """Connect and subscribe (keeping events that come before the reply); a
-        lost connection or a stopping broker's refusal is tried again, within
-        the client's timeout."""
+        """Connect and subscribe (keeping events that come before the reply), again
+        after a lost connection or a stopping broker's refusal, within the timeout."""
         give_up = time.monotonic() + self.client.timeout
         while self._conn is None:
             self.client._check_open()

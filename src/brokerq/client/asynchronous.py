@@ -10,11 +10,11 @@ bounded by the client's ``timeout``: a body taken is returned first. A
 cancellation closes its connection (a plain ``get``'s would be lost: the
 broker removes a message as it sends it), then a shielded ``ack``
 (``as_get``: the task stays for ``task_done``). A ``put`` waiting for room
-is withdrawn when cancelled, or returns its id if the broker made it first
-(:meth:`.pool.AsyncConnection.request`), so it is never enqueued twice.
-Shields hold off anyio's and trio's cancel scopes, not a bare asyncio
+is withdrawn when cancelled, or returns its id if the broker made it first:
+made again, it is never enqueued twice (:meth:`.pool.AsyncConnection.request`).
+Shields hold off anyio's and trio's cancel scopes, not asyncio's
 ``task.cancel()`` (a put made as it came would spend it): use
-``anyio.move_on_after`` / ``fail_after`` around brokerq calls.
+``anyio.move_on_after`` / ``fail_after``.
 """
 
 from __future__ import annotations
@@ -84,8 +84,7 @@ class AsyncClient(AsyncStreams):
 
 
 class AsyncQueue:
-    """A named queue of a broker, for async code: the methods of
-    :class:`brokerq.Queue`, awaited."""
+    """A named queue, for async code: the methods of :class:`brokerq.Queue`, awaited."""
 
     def __init__(self, name: str, client: AsyncClient, settings: dict[str, Any]) -> None:
         protocol.validate_queue_name(name)
@@ -99,12 +98,11 @@ class AsyncQueue:
 
     async def _configured(self) -> None:
         """Apply the settings given to ``client.queue()``, once, before anything else."""
-        if self._settings is None:
-            return
-        async with self._settings_lock:
-            if self._settings is not None:
-                await self.client._run(calls.configure(self.name, **self._settings))
-                self._settings = None
+        if self._settings is not None:
+            async with self._settings_lock:
+                if self._settings is not None:
+                    await self.client._run(calls.configure(self.name, **self._settings))
+                    self._settings = None
 
     async def _run(self, call: Call[R]) -> R:
         await self._configured()
@@ -247,8 +245,7 @@ class AsyncQueue:
 
 
 class Reserving:
-    """What :meth:`AsyncQueue.reserve` returns: await it for an
-    :class:`AsyncMessage`, or use it with ``async with``."""
+    """What :meth:`AsyncQueue.reserve` returns: awaited, or with ``async with``."""
 
     def __init__(self, queue: AsyncQueue, call: Call[ReserveReply]) -> None:
         self.queue = queue
@@ -281,10 +278,9 @@ class Reserving:
 
 
 class AsyncMessage:
-    """A reserved message: ``body``, ``id``, ``attempt``, ``lease_expires``,
-    and the awaited verbs that end or extend its lease: shielded, and never
-    sent again after a lost connection. It holds the connection its lease
-    came on until settled, or collected (then its lease runs out)."""
+    """A reserved message (``body``, ``id``, ``attempt``, ``lease_expires``): its
+    verbs run shielded, never sent again after a lost connection. It holds the
+    connection its lease came on until settled or collected (then the lease runs out)."""
 
     def __init__(self, queue: AsyncQueue, reply: ReserveReply, conn: AsyncConnection) -> None:
         self._took(queue, reply, time.monotonic() + reply.lease)
@@ -355,14 +351,11 @@ class AsyncMessage:
 
 
 class AsyncStreamedMessage(AsyncMessage):
-    """A reserved message that came prefetched: its lease began when it was
-    handed out, and its verbs go on its stream's connection, behind the
-    ``taken`` that began it (see :class:`brokerq.client.StreamedMessage`)."""
+    """Prefetched: its lease began when handed out, and its verbs go on its stream's
+    connection, behind the ``taken`` (:class:`brokerq.client.StreamedMessage`)."""
 
-    def __init__(
-        self, queue: AsyncQueue, delivery: StreamDelivery, streamed: _AsyncStreamed
-    ) -> None:
-        self._took(queue, delivery, streamed.state.lease_expires(time.monotonic()))
+    def __init__(self, queue: AsyncQueue, taken: StreamDelivery, streamed: _AsyncStreamed) -> None:
+        self._took(queue, taken, streamed.state.lease_expires(time.monotonic()))
         self._conn = None
         self._streamed = streamed
         self._stream_conn = streamed.conn

@@ -40,9 +40,8 @@ _STREAM_ERRORS = (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError,
 
 
 async def _connect(socket_path: str, deadline: float, spawn: bool) -> UNIXSocketStream:
-    """A stream from ``connect_or_spawn``, run in a worker thread which the
-    caller may abandon: it runs on to its own deadline, and the socket it
-    then returns is closed, not leaked."""
+    """A stream from ``connect_or_spawn``, run in a thread the caller may abandon:
+    it runs on to its deadline, and the socket it then returns is closed."""
     lock = threading.Lock()
     abandoned = False
     connected: list[socket.socket] = []
@@ -87,8 +86,7 @@ class AsyncConnection:
         """Connect to the broker (spawning one if need be) and greet it."""
         deadline = time.monotonic() + timeout
         while True:
-            stream = await _connect(socket_path, deadline, spawn)
-            conn = cls(stream, calls.Wire(socket_path))
+            conn = cls(await _connect(socket_path, deadline, spawn), calls.Wire(socket_path))
             try:
                 reply = await conn.request(calls.hello(), max(deadline - time.monotonic(), 0.001))
                 break
@@ -131,12 +129,10 @@ class AsyncConnection:
     ) -> R:
         """Send ``call`` (with ``fields`` instead of its own, if given) and
         return its reply, read by ``take``, within ``limit`` (None: no bound).
-
-        An exchange that does not finish leaves the connection broken; a
-        reply out of step, or an error after which the broker closes it,
-        closes it at once. With ``withdraw``, a cancelled put is withdrawn
-        (:meth:`_withdraw`), or its reply returned if it was made first.
-        """
+        An exchange that does not finish leaves the connection broken; a reply
+        out of step, or an error after which the broker closes it, closes it.
+        With ``withdraw``, a cancelled put is withdrawn (:meth:`_withdraw`),
+        or its reply returned if it was made first."""
         request_id = self.wire.encode(call.kind, call.fields if fields is None else fields)
         try:
             with anyio.fail_after(limit):
@@ -268,8 +264,7 @@ class _AsyncStreamed:
 
 
 class Pool:
-    """The core of an :class:`~brokerq.AsyncClient`: its pool of connections
-    and the calls run on it."""
+    """The core of an :class:`~brokerq.AsyncClient`: its pool, and the calls run on it."""
 
     def __init__(
         self,
@@ -418,9 +413,8 @@ class Pool:
         return reply, holder[0]
 
     async def _put(self, call: Call[R]) -> R:
-        """A put that may wait for room: first sent without waiting (shielded);
-        only if the queue is full, again with the same key to wait, withdrawn
-        if cancelled (see :meth:`AsyncConnection.request`)."""
+        """A put that may wait for room: sent first without waiting (shielded),
+        and only if the queue is full again, with the same key, to wait."""
         if call.wait == 0:
             return await self._run(call)
         start = anyio.current_time()
