@@ -7,14 +7,14 @@ A cancelled call loses no message, nor takes one twice (docs/usage.md,
 "Cancellation"). Requests that never wait in the broker run shielded,
 bounded by the client's ``timeout``: a body taken is returned first. A
 ``get`` that waits does so as ``reserve``, whose message goes back when a
-cancellation closes its connection (a plain ``get``'s would be lost: the
-broker removes a message as it sends it), then a shielded ``ack``
-(``as_get``: the task stays for ``task_done``). A ``put`` waiting for room
-is withdrawn when cancelled, or returns its id if the broker made it first:
-made again, it is never enqueued twice (:meth:`.pool.AsyncConnection.request`).
-Shields hold off anyio's and trio's cancel scopes, not asyncio's
-``task.cancel()`` (a put made as it came would spend it): use
-``anyio.move_on_after`` / ``fail_after``.
+cancellation closes its connection, as a waiting ``reserve``'s does (a plain
+``get``'s would be lost: the broker removes a message as it sends it), then
+a shielded ``ack`` (``as_get``: the task stays for ``task_done``). A ``put``
+waiting for room is withdrawn when cancelled, or returns its id if the broker
+made it first: made again, it is never enqueued twice (see
+:meth:`.pool.AsyncConnection.request`). Shields hold off anyio's and trio's
+cancel scopes, not asyncio's ``task.cancel()`` (a put made as it came would
+spend it): use ``anyio.move_on_after`` / ``fail_after``.
 """
 
 from __future__ import annotations

@@ -1,9 +1,8 @@
-"""The async client's core: connections (and a stream's, for
-:mod:`.async_streams`), the pool, and the calls run on it, with their
-retries and rules of cancellation (:mod:`.asynchronous`). Each request has
-a connection to itself until its reply is read (docs/usage.md, "Async
-client", "Tasks"); one whose exchange did not finish is closed, never
-reused: its replies would be out of step with its requests.
+"""The async client's core: connections (a stream's too, for :mod:`.async_streams`),
+the pool, and the calls run on it, with their retries and rules of cancellation
+(:mod:`.asynchronous`). A request has a connection to itself until its reply is
+read (docs/usage.md, "Tasks"); one whose exchange did not finish is closed,
+never reused: its replies would be out of step with its requests.
 """
 
 from __future__ import annotations
@@ -127,12 +126,11 @@ class AsyncConnection:
         withdraw: float | None = None,
         take: Callable[[calls.Wire], protocol.AnyReply | None] = calls.Wire.next_reply,
     ) -> R:
-        """Send ``call`` (with ``fields`` instead of its own, if given) and
-        return its reply, read by ``take``, within ``limit`` (None: no bound).
-        An exchange that does not finish leaves the connection broken; a reply
-        out of step, or an error after which the broker closes it, closes it.
-        With ``withdraw``, a cancelled put is withdrawn (:meth:`_withdraw`),
-        or its reply returned if it was made first."""
+        """Send ``call`` (``fields`` instead of its own, if given); return its reply,
+        read by ``take``, within ``limit`` (None: no bound). An unfinished exchange
+        breaks the connection; a reply out of step, or an error after which the
+        broker closes it, closes it. With ``withdraw``, a cancelled put is withdrawn
+        (:meth:`_withdraw`), or its reply returned if it was made first."""
         request_id = self.wire.encode(call.kind, call.fields if fields is None else fields)
         try:
             with anyio.fail_after(limit):
@@ -157,13 +155,12 @@ class AsyncConnection:
                 await self.aclose()
 
     async def _withdraw(self, call: Call[R], request_id: int, timeout: float) -> R | None:
-        """Shut down the sending side and read, shielded, for up to ``timeout``:
-        the broker withdraws a put still waiting and closes without a reply,
-        or writes the reply of a put made first (docs/protocol.md, section 4).
-        Returns that reply, or None (withdrawn, refused, or never sent whole);
-        raises BrokerUnavailable if the broker did not say. Closed here,
-        shielded, the connection's next close is no checkpoint whose
-        cancellation would replace that error or reply."""
+        """Shut down the sending side and read, shielded, up to ``timeout``: the
+        broker withdraws a put still waiting and closes, or writes the reply of a
+        put made first (docs/protocol.md, section 4). Returns that reply, or None
+        (withdrawn, refused, never sent whole); raises BrokerUnavailable if not
+        told. Closed here, shielded, the connection's next close is no checkpoint
+        whose cancellation would replace that error or reply."""
         reply: protocol.AnyReply | None = None
         with anyio.CancelScope(shield=True):
             try:
@@ -190,9 +187,8 @@ class AsyncConnection:
 
 
 class _AsyncStreamed:
-    """A stream of an async client: its sans-IO state, its connection, and
-    the replies read for requests of other tasks. One task at a time reads
-    the connection (:meth:`pump`), for every task waiting on it."""
+    """A stream of an async client: its sans-IO state, its connection, and the
+    replies read for other tasks: one task at a time reads (:meth:`pump`) for all."""
 
     def __init__(self, state: prefetch.Prefetch) -> None:
         self.state = state
