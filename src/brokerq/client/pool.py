@@ -89,17 +89,16 @@ class AsyncConnection:
             try:
                 reply = await conn.request(calls.hello(), max(deadline - time.monotonic(), 0.001))
                 break
+            except VersionMismatch as exc:
+                await conn.aclose()
+                # An upgrade: retire the older broker (as the blocking client does).
+                older = calls.broker_to_retire(socket_path, exc, may_retire=spawn)
+                await anyio.to_thread.run_sync(retire_older_broker, socket_path, older, deadline)
             except BaseException as exc:
                 await conn.aclose()
-                if isinstance(exc, VersionMismatch):
-                    # An upgrade: retire the older broker (as the blocking client does).
-                    older = calls.broker_to_retire(socket_path, exc, may_retire=spawn)
-                    await anyio.to_thread.run_sync(
-                        retire_older_broker, socket_path, older, deadline
-                    )
                 # Lost (a broker that died or idled out just after accepting us):
                 # connect again, which finds or starts the next one. Else raise.
-                elif not isinstance(exc, ConnectionLost) or time.monotonic() >= deadline:
+                if not isinstance(exc, ConnectionLost) or time.monotonic() >= deadline:
                     raise
         conn.wire.greeted(reply)
         return conn
