@@ -4,135 +4,42 @@ on a connection of its own (:mod:`.prefetch` holds a stream's rules)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Generator
-from typing import Any, TypeVar
+from collections.abc import Generator
+from typing import Any
 
 import anyio
 
 from .. import protocol
-from ..errors import (
-    BrokerqError,
-    BrokerUnavailable,
-    LocalProtocolError,
-    VersionMismatch,
-)
+from ..errors import BrokerUnavailable, LocalProtocolError, VersionMismatch
 from ..spawn import still_running
-from . import calls, prefetch
+from . import api, calls, prefetch
 from .calls import Call, ConnectionLost
-from .pool import _STREAM_ERRORS, RECEIVE_SIZE, AsyncConnection, Pool
+from .pool import _STREAM_ERRORS, RECEIVE_SIZE, AsyncConnection, Pool, R, _AsyncStreamed
 from .sockio import stop_unopened
 
-R = TypeVar("R", bound=protocol.Reply)
 
-
-class _AsyncStreamed:
-    """A stream of an async client: its sans-IO state, its connection, and
-    the replies read for requests of other tasks. One task at a time reads
-    the connection (:meth:`pump`), for every task waiting on it."""
-
-    def __init__(self, state: prefetch.Prefetch) -> None:
-        self.state = state
-        self.conn: AsyncConnection | None = None
-        self.send_lock = anyio.Lock()
-        self.replies: dict[int, protocol.AnyReply] = {}
-        self.reading = False
-        self.arrived = anyio.Event()
-        self.unsupported = False
-
-    async def send(self, data: bytes, timeout: float) -> None:
-        """Send on the stream's connection (the caller holds ``send_lock``)."""
-        conn = self.conn
-        if conn is None or conn.broken:
-            raise ConnectionLost("the stream's connection was lost")
-        try:
-            with anyio.fail_after(timeout):
-                await conn.stream.send(data)
-        except TimeoutError as exc:
-            await self.lose()
-            raise conn.wire.timed_out(timeout) from exc
-        except _STREAM_ERRORS as exc:
-            await self.lose()
-            raise conn.wire.lost(exc) from exc
-
-    async def pump(
-        self, done: Callable[[], bool], deadline: float | None, *, strict: bool = False
-    ) -> None:
-        """Read frames until ``done()`` or ``deadline`` (then return; with
-        ``strict`` raise BrokerUnavailable), or wait while another task reads."""
-        while not done():
-            left = None if deadline is None else deadline - anyio.current_time()
-            if left is not None and left <= 0:
-                conn = self.conn
-                if strict and conn is not None:  # a reply that did not come in time
-                    await self.lose()
-                    raise conn.wire.timed_out(left)
-                return
-            conn = self.conn
-            if conn is None or conn.broken:
-                raise ConnectionLost("the stream's connection was lost")
-            if self.reading:
-                arrived = self.arrived
-                with anyio.move_on_after(left):
-                    await arrived.wait()
-                continue
-            self.reading = True
-            try:
-                with anyio.move_on_after(left):
-                    data = await conn.stream.receive(RECEIVE_SIZE)
-                    conn.wire.feed(data)
-                    while (frame := self.state.take(conn.wire)) is not None:
-                        self.replies[frame.id] = frame
-            except _STREAM_ERRORS as exc:
-                await self.lose()
-                raise conn.wire.lost(exc) from exc
-            except BrokerqError:  # an error with id 0: the broker ends the connection
-                await self.lose()
-                raise
-            finally:
-                self.reading = False
-                arrived, self.arrived = self.arrived, anyio.Event()
-                arrived.set()
-
-    async def lose(self) -> None:
-        """The connection is gone (or unusable): what was buffered is the broker's."""
-        conn, self.conn = self.conn, None
-        self.state.lost()
-        self.replies.clear()
-        if conn is not None:
-            await conn.aclose()
-
-
-class AsyncStreams(Pool["_AsyncStreamed"]):
+class AsyncStreams(Pool):
     """:class:`Pool` with streams: the client's prefetch (see :mod:`.prefetch`)."""
 
     async def _take_streamed(
         self, queue: str, mode: str, n: int, timeout: float | None, lease: float | None = None
     ) -> tuple[_AsyncStreamed, list[protocol.StreamDelivery]] | None:
-        """Up to ``n`` messages of ``queue`` from its stream (opened on first
-        use), waiting up to ``timeout`` for the first; raises Empty. None: the
-        broker does not stream (older than this client): ask plainly.
-
-        Cancellable while it waits: nothing is taken then. The ``taken`` is
-        sent shielded and nothing awaits after it, so what it took is
-        returned (as the module doc says of shielded requests).
-        """
+        """Up to ``n`` messages of ``queue`` from its stream, waiting up to
+        ``timeout`` for the first (raises Empty); None: the broker does not stream.
+        Cancellable while it waits; the ``taken`` is sent shielded, and last."""
         protocol.validate_timeout(timeout)
-        if self._closed:
-            raise calls.closed_client()
-        key = (queue, mode, lease)
-        streamed = self._streams.get(key)
-        if streamed is None:
+        self._check_open()
+        if (streamed := self._streams.get((queue, mode, lease))) is None:
             state = prefetch.Prefetch(queue, self.prefetch, mode, lease)
-            streamed = self._streams[key] = _AsyncStreamed(state)
+            streamed = self._streams[queue, mode, lease] = _AsyncStreamed(state)
         state = streamed.state
         take = prefetch.Taking(state, timeout, self.timeout, anyio.current_time())
         while True:
             if streamed.unsupported:
                 return None
             try:
-                conn = streamed.conn
-                if conn is None or conn.broken:
-                    conn = await self._open_stream(streamed)
+                if streamed.conn is None or streamed.conn.broken:
+                    await self._open_stream(streamed)
                     continue
                 step = take.next(anyio.current_time())
                 if step is prefetch.HAND_OUT:
@@ -155,14 +62,14 @@ class AsyncStreams(Pool["_AsyncStreamed"]):
                 if not take.lost(anyio.current_time()):
                     raise
 
-    async def _open_stream(self, streamed: _AsyncStreamed) -> AsyncConnection:
+    async def _open_stream(self, streamed: _AsyncStreamed) -> None:
         conn = await self._dial()
         if self._closed:
             await conn.aclose()
             raise calls.closed_client()
         if streamed.conn is not None and not streamed.conn.broken:
             await conn.aclose()  # another task opened it meanwhile
-            return streamed.conn
+            return
         streamed.conn = conn
         streamed.replies.clear()
         try:
@@ -171,13 +78,11 @@ class AsyncStreams(Pool["_AsyncStreamed"]):
         except LocalProtocolError:  # a broker that does not know consume
             streamed.unsupported = True
             await streamed.lose()
-            return conn
+            return
         streamed.state.opened(reply)
-        return conn
 
     async def _stream_request(self, streamed: _AsyncStreamed, call: Call[R]) -> R:
-        """One request on a stream's connection: sent, then its reply read
-        by whichever task reads the connection (deliveries go to the buffer)."""
+        """A request on a stream's connection: its reply is read by whichever task reads."""
         conn = streamed.conn
         if conn is None or conn.broken:
             raise ConnectionLost(f"the stream's connection to {self.socket_path} was lost")
@@ -186,15 +91,12 @@ class AsyncStreams(Pool["_AsyncStreamed"]):
             if call.kind is protocol.Consume:
                 streamed.state.opening(request_id)
             await streamed.send(bytes(conn.wire.out), self.timeout)
-        replies = streamed.replies
-        await streamed.pump(
-            lambda: request_id in replies, anyio.current_time() + self.timeout, strict=True
-        )
-        reply = replies.pop(request_id)
+        deadline = anyio.current_time() + self.timeout
+        await streamed.pump(lambda: request_id in streamed.replies, deadline, strict=True)
+        reply = streamed.replies.pop(request_id)
         return conn.wire.check(call.expect, request_id, reply, conn._break)
 
     async def ping(self) -> float:
-        """Round-trip time to the broker, in seconds (connecting is not counted)."""
         conn = await self._acquire()
         try:
             with anyio.CancelScope(shield=True):
@@ -206,15 +108,7 @@ class AsyncStreams(Pool["_AsyncStreamed"]):
         return elapsed
 
     async def stop(self) -> bool:
-        """Ask the broker to exit and wait until it has; never spawns one.
-
-        Returns False if no broker was running. Raises BrokerUnavailable if
-        the broker still holds its lock after the client's ``timeout``. As
-        :meth:`brokerq.Client.stop`, it waits for this broker to exit, not
-        for none to run: waiting clients reconnect and start the next one.
-        """
-        if self._closed:
-            raise calls.closed_client()
+        self._check_open()
         try:
             conn = await self._dial(spawn=False)
         except (VersionMismatch, BrokerUnavailable) as exc:
@@ -236,14 +130,14 @@ class AsyncStreams(Pool["_AsyncStreamed"]):
         return True
 
 
-class AsyncSubscription:
-    """A live subscription to a topic, for async code (see
-    :class:`brokerq.Subscription`): iterate with ``async for``, or await
-    :meth:`get`. Reading is cancellable at any point: a publish is either
-    returned or kept for the next read.
-    """
+api.document(AsyncStreams)
 
-    def __init__(self, client: Pool[Any], topic: str) -> None:
+
+class AsyncSubscription:
+    """A live subscription to a topic (see :class:`brokerq.Subscription`).
+    Reading is cancellable at any point: a publish is returned or kept."""
+
+    def __init__(self, client: Pool, topic: str) -> None:
         self.client = client
         self.topic = topic
         self._live = calls.LiveEvents(topic)
@@ -253,24 +147,19 @@ class AsyncSubscription:
         return f"<brokerq.AsyncSubscription {self.topic!r} at {self.client.socket_path!r}>"
 
     async def _start(self) -> AsyncSubscription:
-        if self._conn is None:
-            await self._subscribe()
+        await self._subscribe()  # (if not subscribed yet)
         return self
 
     def __await__(self) -> Generator[Any, None, AsyncSubscription]:
         return self._start().__await__()
 
-    async def __aenter__(self) -> AsyncSubscription:
-        return await self._start()
+    __aenter__ = _start
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
     def __aiter__(self) -> AsyncSubscription:
         return self
-
-    async def __anext__(self) -> bytes:
-        return await self.get()
 
     async def aclose(self) -> None:
         """End the subscription (closing its connection)."""
@@ -280,44 +169,22 @@ class AsyncSubscription:
             await conn.aclose()
 
     async def _subscribe(self) -> None:
-        """Connect and subscribe; events that come before the reply are kept.
-        A connection lost before the reply (or a stopping broker's refusal)
-        is tried again on a new one, within the client's timeout."""
+        """Connect and subscribe (keeping events that come before the reply), again
+        after a lost connection or a stopping broker's refusal, within the timeout."""
         give_up = time.monotonic() + self.client.timeout
-        while True:
+        while self._conn is None:
+            self.client._check_open()
+            conn = await self.client._dial(max(give_up - time.monotonic(), 0.001))
             try:
-                await self._subscribe_once(max(give_up - time.monotonic(), 0.001))
-                return
-            except ConnectionLost:
-                if time.monotonic() >= give_up:
+                await conn.request(self._live.call, self.client.timeout, take=self._live.take)
+                self._conn = conn
+            except BaseException as exc:
+                await conn.aclose()
+                if not isinstance(exc, ConnectionLost) or time.monotonic() >= give_up:
                     raise
 
-    async def _subscribe_once(self, timeout: float) -> None:
-        if self.client._closed:
-            raise calls.closed_client()
-        conn = await self.client._dial(timeout)
-        try:
-            call = self._live.call
-            request_id = conn.wire.encode(call.kind, call.fields)
-            with anyio.fail_after(self.client.timeout):
-                await conn.stream.send(bytes(conn.wire.out))
-                while (reply := self._live.take(conn.wire)) is None:
-                    conn.wire.feed(await conn.stream.receive(RECEIVE_SIZE))
-            conn.wire.check(call.expect, request_id, reply, conn._break)
-        except TimeoutError as exc:
-            await conn.aclose()
-            raise conn.wire.timed_out(self.client.timeout) from exc
-        except _STREAM_ERRORS as exc:
-            await conn.aclose()
-            raise conn.wire.lost(exc) from exc
-        except BaseException:
-            await conn.aclose()
-            raise
-        self._conn = conn
-
+    @api.like("live_get")
     async def get(self, timeout: float | None = None) -> bytes:
-        """The next publish's body, waiting up to ``timeout`` (None: for ever;
-        0: only what has arrived); raises Empty if none came."""
         protocol.validate_timeout(timeout)
         deadline = None if timeout is None else anyio.current_time() + timeout
         while True:
@@ -327,20 +194,21 @@ class AsyncSubscription:
                 return step
             if step is calls.SUBSCRIBE:
                 await self._subscribe()
-                continue
-            if step is calls.DROP:
+            elif step is calls.DROP:
                 await self.aclose()
-                continue
-            assert conn is not None
-            # A read that finds data waiting returns at once, so a floor of
-            # 1 ms lets timeout=0 take what has arrived.
-            left = None if deadline is None else max(0.001, deadline - anyio.current_time())
-            with anyio.move_on_after(left) as scope:
-                try:
-                    conn.wire.feed(await conn.stream.receive(RECEIVE_SIZE))
-                except _STREAM_ERRORS:
-                    # The broker went away: subscribe again on a new connection.
-                    self._conn = None
-                    await conn.aclose()
-            if scope.cancelled_caught:
-                raise self._live.empty(timeout)
+            else:
+                assert conn is not None
+                # A read that finds data waiting returns at once, so a floor of
+                # 1 ms lets timeout=0 take what has arrived.
+                left = None if deadline is None else max(0.001, deadline - anyio.current_time())
+                with anyio.move_on_after(left) as scope:
+                    try:
+                        conn.wire.feed(await conn.stream.receive(RECEIVE_SIZE))
+                    except _STREAM_ERRORS:
+                        # The broker went away: subscribe again on a new connection.
+                        self._conn = None
+                        await conn.aclose()
+                if scope.cancelled_caught:
+                    raise self._live.empty(timeout)
+
+    __anext__ = get

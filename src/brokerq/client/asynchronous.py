@@ -1,69 +1,20 @@
-"""The async client: anyio, so it runs under trio and asyncio alike.
+"""The async client: anyio, so it runs under trio and asyncio alike
+(docs/usage.md, "Async client"). Requests are built and replies judged by
+:mod:`.calls` and :mod:`.api`, as in the blocking client; each has a pooled
+connection to itself (:mod:`.pool`). A client belongs to one event loop.
 
-::
-
-    async with brokerq.open_async_client() as client:
-        jobs = client.queue("jobs")
-        await jobs.put(b"resize 1.png")
-        body = await jobs.get(timeout=5)
-        async with jobs.reserve(timeout=5) as msg:
-            await handle(msg.body)
-
-Requests are built and replies judged by :mod:`.calls` and :mod:`.api`, as
-in the blocking client; a broker is found or spawned by the blocking
-:func:`~brokerq.spawn.connect_or_spawn`, run in a worker thread. Each
-request has a connection of the client's pool to itself until its reply is
-read (see :mod:`.pool`, "Connections").
-
-Cancellation
-------------
-No message is lost to a cancelled call, and none is taken twice:
-
-* Requests that never wait in the broker (``get_nowait``, ``peek``,
-  ``stats``, the lease verbs, a put with room, ...) run shielded from
-  cancellation, bounded by the client's ``timeout``: they finish at once
-  anyway. A cancellation takes effect at the caller's next checkpoint, after
-  the result was returned, so a body that was taken is in the caller's hands.
-* A ``get`` that waits (``timeout`` not 0) first asks without waiting
-  (shielded, as above). If nothing is ready, it waits on the wire as
-  ``reserve`` then ``ack``: a cancellation while it waits, or after the
-  broker sent the message but before the reply was read, closes the
-  connection, and the broker puts the message back in its place (its
-  attempt count goes up by one: a message whose waiting gets are cancelled
-  ``max_deliveries`` times after hand-over moves to the dead letters, as an
-  unacked reserve would). Once the reserve's reply is read, the ``ack``
-  runs shielded, bounded by the client's ``timeout``, and the body is
-  returned. (The ack says ``as_get``: the message's task stays unfinished
-  for the caller's ``task_done``, as after a plain get.) A plain ``get`` on
-  the wire could not do this: the broker removes the message when it sends
-  it, so a cancelled get would lose it.
-* ``get_many(n)`` that waits takes its first message as ``get`` does, then
-  the rest with a shielded ``get_many(n - 1, timeout=0)``.
-* A ``reserve`` that waits is cancellable: a cancelled one closes its
-  connection, which gives back any message it was sent.
-* A ``put`` (or ``put_many``) with a ``timeout`` other than 0 is first sent
-  without waiting (shielded). Only if the queue is full is it sent again
-  with the same key, to wait for room, cancellably. A cancellation then
-  shuts down the sending side of its connection and reads, shielded and
-  bounded by the client's ``timeout``, until the broker answers or closes
-  (docs/protocol.md, section 4): the broker withdraws a put still waiting,
-  and closes, and the call raises the cancellation: the message is not in
-  the queue and never will be. A put the broker admitted first (room came
-  at that very moment) has its reply written before the close: the call
-  returns its id (ids) as if not cancelled, and the cancellation takes
-  effect at the caller's next checkpoint. So a call that raised the
-  cancellation can be made again without enqueueing twice. If the broker
-  does not say which in time (or the connection breaks), the call raises
-  BrokerUnavailable: the put may have been made. A ``put_many`` of several
-  frames keeps the frames made before the one that was cancelled.
-
-Shielding covers anyio's (and trio's) cancel scopes. Under asyncio, a bare
-``task.cancel()`` (``asyncio.timeout``, ``wait_for``) is not held off by a
-shield, and a put made as it came returns its id and so spends it (it is
-not raised again at the next checkpoint, as a cancel scope's is); use
-anyio's ``move_on_after`` / ``fail_after`` around brokerq calls.
-
-A client belongs to one event loop; share it between the tasks of that loop.
+A cancelled call loses no message, nor takes one twice (docs/usage.md,
+"Cancellation"). Requests that never wait in the broker run shielded,
+bounded by the client's ``timeout``: a body taken is returned first. A
+``get`` that waits does so as ``reserve``, whose message goes back when a
+cancellation closes its connection, as a waiting ``reserve``'s does (a plain
+``get``'s would be lost: the broker removes a message as it sends it), then
+a shielded ``ack`` (``as_get``: the task stays for ``task_done``). A ``put``
+waiting for room is withdrawn when cancelled, or returns its id if the broker
+made it first: made again, it is never enqueued twice (see
+:meth:`.pool.AsyncConnection.request`). Shields hold off anyio's and trio's
+cancel scopes, not asyncio's ``task.cancel()`` (a put made as it came would
+spend it): use ``anyio.move_on_after`` / ``fail_after``.
 """
 
 from __future__ import annotations
@@ -73,36 +24,25 @@ import os
 import time
 import weakref
 from collections.abc import Generator, Iterable
-from typing import Any, TypeVar
+from typing import Any
 
 import anyio
 
 from .. import protocol
-from ..errors import (
-    BrokerqError,
-    Empty,
-)
-from ..protocol import GetManyReply, ReserveReply
+from ..errors import BrokerqError, Empty
+from ..protocol import GetManyReply, ReserveReply, StreamDelivery
 from . import api, calls
-from .async_streams import AsyncStreams, AsyncSubscription, _AsyncStreamed
-from .calls import Body, Call
-from .pool import AsyncConnection, _left
+from .api import R, T
+from .async_streams import AsyncStreams, AsyncSubscription
+from .calls import DEFAULT_TIMEOUT, Body, Call
+from .pool import AsyncConnection, _AsyncStreamed, _left
 
 __all__ = ["AsyncClient", "AsyncMessage", "AsyncQueue", "AsyncSubscription", "open_async_client"]
-
-R = TypeVar("R", bound=protocol.Reply)
-T = TypeVar("T")
-
-DEFAULT_TIMEOUT = calls.DEFAULT_TIMEOUT
 
 
 class AsyncClient(AsyncStreams):
     """A broker, named by its socket path; spawned on first use if needed.
-
-    ``timeout`` is the deadline for connecting (and spawning a broker), the
-    grace a reply gets beyond its request's own timeout, and the bound of a
-    shielded request. ``async with`` connects at once and closes at the end.
-    """
+    ``async with`` connects at once and closes at the end."""
 
     def queue(
         self,
@@ -132,15 +72,8 @@ class AsyncClient(AsyncStreams):
         )
 
     def subscribe(self, topic: str) -> AsyncSubscription:
-        """A live subscription to ``topic``, on a connection of its own::
-
-            async with client.subscribe("events") as events:
-                async for body in events:
-                    ...
-
-        (or ``events = await client.subscribe("events")``, then
-        ``await events.aclose()``). It is in effect once entered or awaited.
-        """
+        """A live subscription to ``topic``, on a connection of its own, in
+        effect once entered (``async with``) or awaited (docs/usage.md, "Topics")."""
         return AsyncSubscription(self, topic)
 
     async def stats(self) -> dict[str, Any]:
@@ -151,8 +84,7 @@ class AsyncClient(AsyncStreams):
 
 
 class AsyncQueue:
-    """A named queue of a broker, for async code: the methods of
-    :class:`brokerq.Queue`, awaited."""
+    """A named queue, for async code: the methods of :class:`brokerq.Queue`, awaited."""
 
     def __init__(self, name: str, client: AsyncClient, settings: dict[str, Any]) -> None:
         protocol.validate_queue_name(name)
@@ -166,12 +98,11 @@ class AsyncQueue:
 
     async def _configured(self) -> None:
         """Apply the settings given to ``client.queue()``, once, before anything else."""
-        if self._settings is None:
-            return
-        async with self._settings_lock:
-            if self._settings is not None:
-                await self.client._run(calls.configure(self.name, **self._settings))
-                self._settings = None
+        if self._settings is not None:
+            async with self._settings_lock:
+                if self._settings is not None:
+                    await self.client._run(calls.configure(self.name, **self._settings))
+                    self._settings = None
 
     async def _run(self, call: Call[R]) -> R:
         await self._configured()
@@ -210,9 +141,8 @@ class AsyncQueue:
         await self._configured()
         options = calls.PutOptions(priority, delay, ttl, timeout)
         limit = await self.client._limit()
-        requests = calls.put_many(self.name, bodies, limit, self.client._keys.take, options)
         ids: list[int] = []
-        for call in requests:
+        for call in calls.put_many(self.name, bodies, limit, self.client._keys.take, options):
             ids += (await self.client._put(call)).msg_ids
         return ids
 
@@ -255,8 +185,7 @@ class AsyncQueue:
             if call.wait == 0:
                 raise
         lease = max(self.client.timeout, 1.0)  # long enough for the ack
-        reserve = calls.reserve(self.name, _left(call.wait, start), lease)
-        return await self.client._take(reserve)
+        return await self.client._take(calls.reserve(self.name, _left(call.wait, start), lease))
 
     def reserve(self, timeout: float | None = None, lease: float | None = None) -> Reserving:
         return Reserving(self, calls.reserve(self.name, timeout, lease))
@@ -316,8 +245,7 @@ class AsyncQueue:
 
 
 class Reserving:
-    """What :meth:`AsyncQueue.reserve` returns: await it for an
-    :class:`AsyncMessage`, or use it with ``async with``."""
+    """What :meth:`AsyncQueue.reserve` returns: awaited, or with ``async with``."""
 
     def __init__(self, queue: AsyncQueue, call: Call[ReserveReply]) -> None:
         self.queue = queue
@@ -350,25 +278,22 @@ class Reserving:
 
 
 class AsyncMessage:
-    """A reserved message: ``body``, ``id``, ``attempt``, ``lease_expires``,
-    and the awaited verbs that end or extend its lease.
-
-    It holds the connection its lease came on until it is acked, released or
-    buried (a message dropped unsettled lets go of it when collected; its
-    lease then runs out, or ends when that connection closes). The verbs are
-    never cancelled half-way (they run shielded, bounded by the client's
-    timeout) and never sent again after a lost connection.
-    """
+    """A reserved message (``body``, ``id``, ``attempt``, ``lease_expires``): its
+    verbs run shielded, never sent again after a lost connection. It holds the
+    connection its lease came on until settled or collected (then the lease runs out)."""
 
     def __init__(self, queue: AsyncQueue, reply: ReserveReply, conn: AsyncConnection) -> None:
+        self._took(queue, reply, time.monotonic() + reply.lease)
+        self._conn: AsyncConnection | None = conn
+        self._unpin = weakref.finalize(self, queue.client._recycle, conn)
+
+    def _took(self, queue: AsyncQueue, reply: ReserveReply | StreamDelivery, until: float) -> None:
         self.queue = queue
         self.id = reply.msg_id
         self.body = reply.body
         self.attempt = reply.attempt
-        self.lease_expires = time.monotonic() + reply.lease
+        self.lease_expires = until
         self.settled = False
-        self._conn: AsyncConnection | None = conn
-        self._unpin = weakref.finalize(self, queue.client._recycle, conn)
 
     def __repr__(self) -> str:
         return f"<brokerq.AsyncMessage {self.id} attempt {self.attempt} of {self.queue.name!r}>"
@@ -396,8 +321,7 @@ class AsyncMessage:
         keep = False
         try:
             with anyio.CancelScope(shield=True):
-                if client._closed:
-                    raise calls.closed_client()
+                client._check_open()
                 reply = await conn.request(call, client.timeout)
             keep = not settles
         finally:
@@ -408,19 +332,18 @@ class AsyncMessage:
         return reply
 
     async def _do(self, op: api.Op[R, T], *, settles: bool = True) -> T:
-        return op.result(await self._verb(op.call, settles=settles))
+        result = op.result(await self._verb(op.call, settles=settles))
+        self.settled = self.settled or settles
+        return result
 
     async def ack(self) -> None:
         await self._do(api.ack(self.id, self.attempt))
-        self.settled = True
 
     async def release(self, delay: float = 0) -> None:
         await self._do(api.release(self.id, self.attempt, delay))
-        self.settled = True
 
     async def bury(self) -> None:
         await self._do(api.bury(self.id, self.attempt))
-        self.settled = True
 
     async def touch(self, lease: float | None = None) -> None:
         touched = await self._do(api.touch(self.id, self.attempt, lease), settles=False)
@@ -428,31 +351,21 @@ class AsyncMessage:
 
 
 class AsyncStreamedMessage(AsyncMessage):
-    """A reserved message that came prefetched: its lease began when it was
-    handed out, and its verbs go on its stream's connection, behind the
-    ``taken`` that began it (see :class:`brokerq.client.StreamedMessage`)."""
+    """Prefetched: its lease began when handed out, and its verbs go on its stream's
+    connection, behind the ``taken`` (:class:`brokerq.client.StreamedMessage`)."""
 
-    def __init__(
-        self, queue: AsyncQueue, delivery: protocol.StreamDelivery, streamed: _AsyncStreamed
-    ) -> None:
-        self.queue = queue
-        self.id = delivery.msg_id
-        self.body = delivery.body
-        self.attempt = delivery.attempt
-        self.lease_expires = streamed.state.lease_expires(time.monotonic())
-        self.settled = False
+    def __init__(self, queue: AsyncQueue, taken: StreamDelivery, streamed: _AsyncStreamed) -> None:
+        self._took(queue, taken, streamed.state.lease_expires(time.monotonic()))
         self._conn = None
         self._streamed = streamed
         self._stream_conn = streamed.conn
 
     async def _verb(self, call: Call[R], *, settles: bool) -> R:
         client = self.queue.client
-        streamed = self._streamed
         with anyio.CancelScope(shield=True):
-            if client._closed:
-                raise calls.closed_client()
-            if streamed.conn is self._stream_conn and streamed.conn is not None:
-                reply = await client._stream_request(streamed, call)
+            client._check_open()
+            if self._streamed.conn is self._stream_conn and self._stream_conn is not None:
+                reply = await client._stream_request(self._streamed, call)
             else:
                 reply = await client._run(call)  # its connection is gone: so is the lease
         return reply
@@ -469,8 +382,6 @@ def open_async_client(
     *,
     prefetch: int | None = None,
 ) -> AsyncClient:
-    """An async client of the broker at ``socket`` (default: ``$BROKERQ_SOCKET``
-    or the per-user path). ``async with open_async_client() as client:``
-    connects (spawning the broker if none runs) on entry and closes on exit.
-    ``prefetch``: see :class:`brokerq.Client` (None: ``$BROKERQ_PREFETCH``)."""
+    """An async client of the broker at ``socket``, with ``timeout`` and
+    ``prefetch`` as for :func:`brokerq.connect`; ``async with`` connects."""
     return AsyncClient(socket, timeout, prefetch=prefetch)

@@ -1,24 +1,8 @@
-"""The async client's core: connections (:class:`AsyncConnection`), the
-pool, and the calls run on it, with their retries and the rules of
-cancellation (see the module docstring of :mod:`.asynchronous`).
-
-Connections
------------
-A client keeps a small pool of connections. Each request takes an idle one
-(or opens a new one) and gives it back when its exchange is done, so a get
-waiting in one task never holds up a put in another. A reserved message
-keeps the connection it came on until it is acked, released or buried, since
-the broker ends the leases of a connection that closes. A connection whose
-exchange did not finish (cancelled, timed out, broken) is closed, never
-reused: its replies would be out of step with its requests. One whose
-reply came out of step (another request's id: RemoteProtocolError) is
-closed at once.
-
-So a request has its connection to itself until its reply is read, and
-nothing can send on it mid-exchange: a ``__del__`` or a signal handler
-that runs during a request cannot await a call of its own, and a task it
-starts takes another connection. (The blocking client has to see to that
-itself: see :mod:`brokerq.client`.)
+"""The async client's core: connections (a stream's too, for :mod:`.async_streams`),
+the pool, and the calls run on it, with their retries and rules of cancellation
+(:mod:`.asynchronous`). A request has a connection to itself until its reply is
+read (docs/usage.md, "Tasks"); one whose exchange did not finish is closed,
+never reused: its replies would be out of step with its requests.
 """
 
 from __future__ import annotations
@@ -29,76 +13,58 @@ import socket
 import threading
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any, Generic, Protocol, Self, TypeVar
+from typing import Any, Self, TypeVar
 
 import anyio
 from anyio.abc import UNIXSocketStream
 
 from .. import protocol
-from ..errors import (
-    BrokerUnavailable,
-    Full,
-    LeaseLost,
-    VersionMismatch,
-)
+from ..errors import BrokerqError, BrokerUnavailable, Full, LeaseLost, VersionMismatch
 from ..protocol import HelloReply, ReserveReply
 from ..spawn import connect_or_spawn, resolve_socket_path
-from . import calls
+from . import calls, prefetch
 from .calls import Call, ConnectionLost
 from .sockio import retire_older_broker
 
 R = TypeVar("R", bound=protocol.Reply)
 Then = Callable[["AsyncConnection", R], Awaitable[None]]
 
-DEFAULT_TIMEOUT = calls.DEFAULT_TIMEOUT
 #: Idle connections a client keeps for reuse; more are closed when given back.
 MAX_IDLE = 4
 #: Bytes one receive may take: anyio receives with ``recv(n)``, which
 #: allocates ``n`` bytes each time; past 128 KiB glibc maps and unmaps them,
 #: several times the cost of a 64 KiB receive.
 RECEIVE_SIZE = 64 * 1024
-_STREAM_ERRORS = (
-    OSError,
-    anyio.BrokenResourceError,
-    anyio.ClosedResourceError,
-    anyio.EndOfStream,
-)
+_STREAM_ERRORS = (OSError, anyio.BrokenResourceError, anyio.ClosedResourceError, anyio.EndOfStream)
 
 
-class _Dialer:
-    """``connect_or_spawn`` in a worker thread, which the caller may abandon.
+async def _connect(socket_path: str, deadline: float, spawn: bool) -> UNIXSocketStream:
+    """A stream from ``connect_or_spawn``, run in a thread the caller may abandon:
+    it runs on to its deadline, and the socket it then returns is closed."""
+    lock = threading.Lock()
+    abandoned = False
+    connected: list[socket.socket] = []
 
-    The blocking connect (and spawn) runs on to its own deadline when the
-    caller is cancelled; the socket it then returns is closed, not leaked.
-    """
-
-    def __init__(self, socket_path: str, deadline: float, spawn: bool) -> None:
-        self.socket_path = socket_path
-        self.deadline = deadline
-        self.spawn = spawn
-        self.lock = threading.Lock()
-        self.abandoned = False
-        self.sock: socket.socket | None = None
-
-    def _connect(self) -> socket.socket:
-        sock = connect_or_spawn(self.socket_path, self.deadline, spawn=self.spawn)
-        with self.lock:
-            if self.abandoned:
+    def connect() -> socket.socket:
+        sock = connect_or_spawn(socket_path, deadline, spawn=spawn)
+        with lock:
+            connected.append(sock)
+            if abandoned:
                 sock.close()
-            self.sock = sock
         return sock
 
-    async def dial(self) -> socket.socket:
-        try:
-            return await anyio.to_thread.run_sync(self._connect, abandon_on_cancel=True)
-        except OSError as exc:
-            raise calls.unreachable(self.socket_path, exc) from exc
-        except BaseException:
-            with self.lock:
-                self.abandoned = True
-                if self.sock is not None:
-                    self.sock.close()
-            raise
+    try:
+        sock = await anyio.to_thread.run_sync(connect, abandon_on_cancel=True)
+        sock.setblocking(False)
+        return await UNIXSocketStream.from_socket(sock)
+    except BaseException as exc:
+        with lock:
+            abandoned = True
+            for sock in connected:
+                sock.close()
+        if isinstance(exc, OSError) and not connected:  # connecting failed
+            raise calls.unreachable(socket_path, exc) from exc
+        raise
 
 
 class AsyncConnection:
@@ -118,33 +84,22 @@ class AsyncConnection:
     async def open(cls, socket_path: str, timeout: float, *, spawn: bool = True) -> AsyncConnection:
         """Connect to the broker (spawning one if need be) and greet it."""
         deadline = time.monotonic() + timeout
-        hello = calls.hello()
         while True:
-            sock = await _Dialer(socket_path, deadline, spawn).dial()
+            conn = cls(await _connect(socket_path, deadline, spawn), calls.Wire(socket_path))
             try:
-                sock.setblocking(False)
-                stream = await UNIXSocketStream.from_socket(sock)
-            except BaseException:
-                sock.close()
-                raise
-            conn = cls(stream, calls.Wire(socket_path))
-            try:
-                reply = await conn.request(hello, max(deadline - time.monotonic(), 0.001))
+                reply = await conn.request(calls.hello(), max(deadline - time.monotonic(), 0.001))
                 break
-            except ConnectionLost:
-                # A broker that died (or idled out) just after accepting us:
-                # connect again, which finds or starts the next one.
-                await conn.aclose()
-                if time.monotonic() >= deadline:
-                    raise
             except VersionMismatch as exc:
                 await conn.aclose()
                 # An upgrade: retire the older broker (as the blocking client does).
                 older = calls.broker_to_retire(socket_path, exc, may_retire=spawn)
                 await anyio.to_thread.run_sync(retire_older_broker, socket_path, older, deadline)
-            except BaseException:
+            except BaseException as exc:
                 await conn.aclose()
-                raise
+                # Lost (a broker that died or idled out just after accepting us):
+                # connect again, which finds or starts the next one. Else raise.
+                if not isinstance(exc, ConnectionLost) or time.monotonic() >= deadline:
+                    raise
         conn.wire.greeted(reply)
         return conn
 
@@ -167,36 +122,30 @@ class AsyncConnection:
         call: Call[R],
         limit: float | None,
         fields: dict[str, Any] | None = None,
-        withdrawal: _Withdrawal[R] | None = None,
+        withdraw: float | None = None,
+        take: Callable[[calls.Wire], protocol.AnyReply | None] = calls.Wire.next_reply,
     ) -> R:
-        """Send ``call`` (with ``fields`` instead of its own, if given); return its reply.
-
-        ``limit`` bounds the exchange (None: no bound); past it the
-        connection breaks and BrokerUnavailable is raised. An exchange that
-        does not finish, for whatever reason, leaves the connection broken.
-        A reply that puts it out of step (another request's id, or the wrong
-        kind: RemoteProtocolError), or an error after which the broker
-        closes it, closes it here and now, wherever it would have gone next.
-        With a ``withdrawal`` (a put waiting for room), a cancellation is
-        raised only once the broker has withdrawn the put or made it (see
-        :meth:`_withdraw`; a put made is left in ``withdrawal.made``).
-        """
+        """Send ``call`` (``fields`` instead of its own, if given); return its reply,
+        read by ``take``, within ``limit`` (None: no bound). An unfinished exchange
+        breaks the connection; a reply out of step, or an error after which the
+        broker closes it, closes it. With ``withdraw``, a cancelled put is withdrawn
+        (:meth:`_withdraw`), or its reply returned if it was made first."""
         request_id = self.wire.encode(call.kind, call.fields if fields is None else fields)
         try:
             with anyio.fail_after(limit):
                 await self.stream.send(bytes(self.wire.out))
-                while (reply := self.wire.next_reply()) is None:
+                while (reply := take(self.wire)) is None:
                     self.wire.feed(await self.stream.receive(RECEIVE_SIZE))
-        except TimeoutError as exc:
+        except BaseException as exc:  # (or cancelled, or a reply that cannot be read)
             self.broken = True
-            raise self.wire.timed_out(limit) from exc
-        except _STREAM_ERRORS as exc:
-            self.broken = True
-            raise self.wire.lost(exc) from exc
-        except BaseException as exc:  # cancelled, or a reply that cannot be read
-            self.broken = True
-            if withdrawal is not None and isinstance(exc, anyio.get_cancelled_exc_class()):
-                withdrawal.made = await self._withdraw(call, request_id, withdrawal.timeout)
+            if isinstance(exc, TimeoutError):
+                raise self.wire.timed_out(limit) from exc
+            if isinstance(exc, _STREAM_ERRORS):
+                raise self.wire.lost(exc) from exc
+            if withdraw is not None and isinstance(exc, anyio.get_cancelled_exc_class()):
+                made = await self._withdraw(call, request_id, withdraw)
+                if made is not None:
+                    return made
             raise
         try:
             return self.wire.check(call.expect, request_id, reply, self._break)
@@ -205,22 +154,12 @@ class AsyncConnection:
                 await self.aclose()
 
     async def _withdraw(self, call: Call[R], request_id: int, timeout: float) -> R | None:
-        """The put ``request_id``, which may be waiting for room, was cancelled:
-        shut down this connection's sending side and read, shielded and for
-        up to ``timeout``, until the broker answers or closes; then close.
-
-        The broker withdraws a put still waiting when it reads the end of
-        the stream, and closes without a reply; a put it made before that
-        (room came at that very moment) has its reply written before the
-        close (docs/protocol.md, section 4, "End of a connection"). Returns
-        that reply, or None if the put was withdrawn, or refused (``full``,
-        ``shutting_down``), or never sent whole. Raises another error reply;
-        raises BrokerUnavailable if the broker did not say which, in time or
-        before the connection broke: then it may have been made. The
-        connection is closed here, shielded: closing it again is no
-        checkpoint, so the caller's cleanup (:meth:`AsyncClient._release`)
-        cannot replace that error with the cancellation.
-        """
+        """Shut down the sending side and read, shielded, up to ``timeout``: the
+        broker withdraws a put still waiting and closes, or writes the reply of a
+        put made first (docs/protocol.md, section 4). Returns that reply, or None
+        (withdrawn, refused, never sent whole); raises BrokerUnavailable if not
+        told. Closed here, shielded, the connection's next close is no checkpoint
+        whose cancellation would replace that error or reply."""
         reply: protocol.AnyReply | None = None
         with anyio.CancelScope(shield=True):
             try:
@@ -240,53 +179,100 @@ class AsyncConnection:
                 ) from exc
             finally:
                 await self.aclose()
-        if reply is None or (
-            isinstance(reply, protocol.Error)
-            and reply.id == request_id
-            and reply.code in ("full", "shutting_down")
-        ):
+        refused = isinstance(reply, protocol.Error) and reply.code in ("full", "shutting_down")
+        if reply is None or (refused and reply.id == request_id):
             return None
         return self.wire.check(call.expect, request_id, reply, self._break)
 
 
-class _Withdrawal(Generic[R]):
-    """How a put that waits for room meets a cancellation: within
-    ``timeout`` the broker says whether it withdrew the put, or made it
-    (``made``, its reply). See :meth:`AsyncConnection._withdraw`."""
+class _AsyncStreamed:
+    """A stream of an async client: its sans-IO state, its connection, and the
+    replies read for other tasks: one task at a time reads (:meth:`pump`) for all."""
 
-    __slots__ = ("made", "timeout")
+    def __init__(self, state: prefetch.Prefetch) -> None:
+        self.state = state
+        self.conn: AsyncConnection | None = None
+        self.send_lock = anyio.Lock()
+        self.replies: dict[int, protocol.AnyReply] = {}
+        self.reading = False
+        self.arrived = anyio.Event()
+        self.unsupported = False
 
-    def __init__(self, timeout: float) -> None:
-        self.timeout = timeout
-        self.made: R | None = None
+    async def send(self, data: bytes, timeout: float) -> None:
+        """Send on the stream's connection (the caller holds ``send_lock``)."""
+        conn = self.conn
+        if conn is None or conn.broken:
+            raise ConnectionLost("the stream's connection was lost")
+        try:
+            with anyio.fail_after(timeout):
+                await conn.stream.send(data)
+        except TimeoutError as exc:
+            await self.lose()
+            raise conn.wire.timed_out(timeout) from exc
+        except _STREAM_ERRORS as exc:
+            await self.lose()
+            raise conn.wire.lost(exc) from exc
+
+    async def pump(
+        self, done: Callable[[], bool], deadline: float | None, *, strict: bool = False
+    ) -> None:
+        """Read frames until ``done()`` or ``deadline`` (then return; with
+        ``strict`` raise BrokerUnavailable), or wait while another task reads."""
+        while not done():
+            conn = self.conn
+            left = None if deadline is None else deadline - anyio.current_time()
+            if left is not None and left <= 0:
+                if strict and conn is not None:  # a reply that did not come in time
+                    await self.lose()
+                    raise conn.wire.timed_out(left)
+                return
+            if conn is None or conn.broken:
+                raise ConnectionLost("the stream's connection was lost")
+            if self.reading:
+                with anyio.move_on_after(left):
+                    await self.arrived.wait()
+                continue
+            self.reading = True
+            try:
+                with anyio.move_on_after(left):
+                    conn.wire.feed(await conn.stream.receive(RECEIVE_SIZE))
+                    while (frame := self.state.take(conn.wire)) is not None:
+                        self.replies[frame.id] = frame
+            except _STREAM_ERRORS as exc:
+                await self.lose()
+                raise conn.wire.lost(exc) from exc
+            except BrokerqError:  # an error with id 0: the broker ends the connection
+                await self.lose()
+                raise
+            finally:
+                self.reading = False
+                arrived, self.arrived = self.arrived, anyio.Event()
+                arrived.set()
+
+    async def lose(self) -> None:
+        """The connection is gone (or unusable): what was buffered is the broker's."""
+        conn, self.conn = self.conn, None
+        self.state.lost()
+        self.replies.clear()
+        if conn is not None:
+            await conn.aclose()
 
 
-class Held(Protocol):
-    """What holds a connection of its own beside the pool (a stream)."""
-
-    conn: AsyncConnection | None
-
-
-S = TypeVar("S", bound=Held)
-
-
-class Pool(Generic[S]):
-    """The core of an :class:`~brokerq.AsyncClient`: its pool of connections
-    and the calls run on it."""
+class Pool:
+    """The core of an :class:`~brokerq.AsyncClient`: its pool, and the calls run on it."""
 
     def __init__(
         self,
         socket: str | os.PathLike[str] | None = None,
-        timeout: float = DEFAULT_TIMEOUT,
+        timeout: float = calls.DEFAULT_TIMEOUT,
         *,
         prefetch: int | None = None,
     ) -> None:
         self.socket_path = resolve_socket_path(socket)
         self.timeout, self.starts_broker = calls.client_timeout(timeout)
-        #: See :class:`brokerq.Client`: the first get or reserve of a queue opens a stream.
         self.prefetch = calls.prefetch(prefetch)
         #: The streams, by queue, mode and lease (:mod:`.async_streams`).
-        self._streams: dict[tuple[str, str, float | None], S] = {}
+        self._streams: dict[tuple[str, str, float | None], _AsyncStreamed] = {}
         #: The broker's body limit, from the latest connection's hello.
         self.max_message_size: int | None = None
         self._closed = False
@@ -295,8 +281,7 @@ class Pool(Generic[S]):
         self._keys = calls.PutKeys()
 
     def __repr__(self) -> str:
-        state = " closed" if self._closed else ""
-        return f"<brokerq.AsyncClient {self.socket_path!r}{state}>"
+        return f"<brokerq.AsyncClient {self.socket_path!r}{' closed' if self._closed else ''}>"
 
     async def __aenter__(self) -> Self:
         try:
@@ -313,36 +298,31 @@ class Pool(Generic[S]):
         """Close every connection; requests still running end with BrokerqError,
         and using the client afterwards raises it."""
         self._closed = True
-        connections = list(self._open)
+        connections = [*self._open, *(s.conn for s in self._streams.values() if s.conn is not None)]
         self._open.clear()
         self._idle.clear()
-        streams, self._streams = list(self._streams.values()), {}
-        connections += [s.conn for s in streams if s.conn is not None]
+        self._streams.clear()
         for conn in connections:
             await conn.aclose()
 
-    # -- the pool ----------------------------------------------------------
+    def _check_open(self) -> None:
+        if self._closed:
+            raise calls.closed_client()
 
     async def _dial(self, timeout: float | None = None, *, spawn: bool = True) -> AsyncConnection:
-        """A new connection (within ``timeout``, else the client's); it
-        spawns a broker only if asked to and this client starts brokers."""
-        return await AsyncConnection.open(
-            self.socket_path,
-            self.timeout if timeout is None else timeout,
-            spawn=spawn and self.starts_broker,
-        )
+        """A new connection, within ``timeout`` (None: the client's)."""
+        timeout = self.timeout if timeout is None else timeout
+        spawn = spawn and self.starts_broker
+        return await AsyncConnection.open(self.socket_path, timeout, spawn=spawn)
 
     async def _acquire(self, *, spawn: bool = True) -> AsyncConnection:
         """An idle connection, else a new one (connecting, or spawning, now)."""
-        while True:
-            if self._closed:
-                raise calls.closed_client()
-            if not self._idle:
-                break
+        while self._idle:  # (a closed client has none)
             conn = self._idle.pop()
             if not conn.broken:
                 return conn
             await self._discard(conn)
+        self._check_open()
         conn = await self._dial(spawn=spawn)
         if self._closed:
             await conn.aclose()
@@ -378,27 +358,20 @@ class Pool(Generic[S]):
         for conn in stale:
             await self._discard(conn)
 
-    # -- running calls -----------------------------------------------------
-
     async def _run(self, call: Call[R], then: Then[R] | None = None) -> R:
-        """Run ``call`` (shielded if it never waits), retrying on a lost connection.
-
-        ``then`` runs on the same connection after the reply, before it is
-        given back (the ack of a get done as reserve + ack).
-        """
+        """Run ``call`` (shielded if it never waits), retrying on a lost connection;
+        ``then`` runs on its connection after the reply (a get's ack, say)."""
         with anyio.CancelScope(shield=call.wait == 0):
-            reply = await self._attempts(call, then)
+            reply = await self._attempts(call, then, None)
         return reply  # noqa: RET504 (mypy: a cancel scope may swallow the return)
 
-    async def _attempts(
-        self, call: Call[R], then: Then[R] | None, withdrawal: _Withdrawal[R] | None = None
-    ) -> R:
+    async def _attempts(self, call: Call[R], then: Then[R] | None, withdraw: float | None) -> R:
         attempts = calls.Attempts(call, self.timeout, anyio.current_time())
         while True:
             conn = await self._acquire()
             try:
                 limit = attempts.start(anyio.current_time())
-                reply = await conn.request(call, limit, attempts.fields, withdrawal)
+                reply = await conn.request(call, limit, attempts.fields, withdraw)
                 if then is not None:
                     await then(conn, reply)
                 return reply
@@ -411,17 +384,15 @@ class Pool(Generic[S]):
                 await self._release(conn)
 
     async def _take(self, reserve: Call[ReserveReply]) -> ReserveReply:
-        """A get that waits, done as reserve then ack (see the module docstring)."""
+        """A get that waits, done as reserve then ack (see :mod:`.asynchronous`)."""
 
         async def ack(conn: AsyncConnection, reply: ReserveReply) -> None:
-            with anyio.CancelScope(shield=True):
-                try:
-                    ack = calls.ack(reply.msg_id, reply.attempt, as_get=True)  # task_done's
+            ack = calls.ack(reply.msg_id, reply.attempt, as_get=True)  # task_done's
+            try:
+                with anyio.CancelScope(shield=True):
                     await conn.request(ack, self.timeout)
-                except LeaseLost as exc:  # it went back to the queue: ask again
-                    raise ConnectionLost(
-                        f"the lease of a get ran out before its ack: {exc}"
-                    ) from exc
+            except LeaseLost as exc:  # it went back to the queue: ask again
+                raise ConnectionLost(f"the lease of a get ran out before its ack: {exc}") from exc
 
         return await self._run(reserve, ack)
 
@@ -437,29 +408,14 @@ class Pool(Generic[S]):
         return reply, holder[0]
 
     async def _put(self, call: Call[R]) -> R:
-        """A put that may wait for room: first sent without waiting (shielded);
-        only if the queue is full, sent again with the same key to wait."""
+        """A put that may wait for room: sent first without waiting (shielded),
+        and only if the queue is full again, with the same key, to wait."""
         if call.wait == 0:
             return await self._run(call)
         start = anyio.current_time()
-        try:
+        with contextlib.suppress(Full):
             return await self._run(call.with_timeout(0))
-        except Full:
-            pass
-        return await self._wait_for_room(call.with_timeout(_left(call.wait, start)))
-
-    async def _wait_for_room(self, call: Call[R]) -> R:
-        """A put sent to wait for room, cancellably: a cancellation is raised
-        only once the broker has withdrawn the put; if the broker made it
-        first, its reply is returned instead, and the cancellation takes
-        effect at the caller's next checkpoint (see the module docstring)."""
-        withdrawal: _Withdrawal[R] = _Withdrawal(self.timeout)
-        try:
-            return await self._attempts(call, None, withdrawal)
-        except anyio.get_cancelled_exc_class():
-            if withdrawal.made is None:
-                raise
-            return withdrawal.made
+        return await self._attempts(call.with_timeout(_left(call.wait, start)), None, self.timeout)
 
     async def _limit(self) -> int:
         """The broker's body limit (connecting first if no connection told it yet)."""
@@ -470,5 +426,4 @@ class Pool(Generic[S]):
 
 
 def _left(timeout: float | None, start: float) -> float | None:
-    """What is left of ``timeout`` seconds counted from ``start``."""
     return None if timeout is None else max(0.0, timeout - (anyio.current_time() - start))
