@@ -8,7 +8,7 @@ rules of the wings:
   modules, never the client wing or the top;
 * the **client wing** (``brokerq.client``) imports itself and the shared
   modules, never the broker wing or the top;
-* the **shared modules** (protocol, errors, spawn, pause, version) import
+* the **shared modules** (protocol, validation, errors, spawn, pause, version) import
   only each other;
 * the **top** (the public face, the CLI, ``brokerq.testing``, the demo)
   may import anything;
@@ -29,7 +29,9 @@ import pytest
 import brokerq
 
 PACKAGE = Path(brokerq.__file__).resolve().parent
-SHARED = {f"brokerq.{name}" for name in ("errors", "protocol", "spawn", "pause", "version")}
+SHARED = {
+    f"brokerq.{name}" for name in ("errors", "protocol", "validation", "spawn", "pause", "version")
+}
 WINGS = ("brokerq.broker", "brokerq.client")
 #: Third-party imports each part may make (the stdlib and msgspec: everyone).
 THIRD_PARTY = {

@@ -7,7 +7,7 @@ import struct
 import msgspec
 import pytest
 
-from brokerq import protocol
+from brokerq import protocol, validation
 from brokerq.errors import InvalidRequest, RemoteProtocolError
 from brokerq.protocol import (
     FrameReader,
@@ -168,15 +168,15 @@ def test_reader_compacts_its_buffer() -> None:
 
 @pytest.mark.parametrize("name", ["jobs", "a" * 255, "émoji ✓", "with space", "jobs:dead"])
 def test_valid_queue_names(name: str) -> None:
-    protocol.validate_queue_name(name)
+    validation.validate_queue_name(name)
 
 
 @pytest.mark.parametrize("name", ["", "a" * 256, "tab\there", "nl\n", "\x00"])
 def test_invalid_queue_names(name: str) -> None:
     with pytest.raises(InvalidRequest):
-        protocol.validate_queue_name(name)
+        validation.validate_queue_name(name)
 
 
 def test_colon_is_reserved_for_put() -> None:
     with pytest.raises(InvalidRequest, match="reserved"):
-        protocol.validate_queue_name("jobs:dead", for_put=True)
+        validation.validate_queue_name("jobs:dead", for_put=True)

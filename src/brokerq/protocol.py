@@ -7,13 +7,12 @@ same pieces: :class:`FrameReader`, the decoders, :func:`append_frame`.
 
 from __future__ import annotations
 
-import math
 import struct
 from typing import Any, Final, TypeAlias
 
 import msgspec
 
-from .errors import InvalidRequest, LocalProtocolError, RemoteProtocolError
+from .errors import LocalProtocolError, RemoteProtocolError
 
 PROTOCOL_VERSION: Final = 1
 HEADER: Final = struct.Struct(">I")
@@ -27,7 +26,6 @@ FRAME_OVERHEAD: Final = 64 * 1024
 MESSAGE_OVERHEAD: Final = 16
 #: The limit a client applies before the broker's ``hello`` reply tells it more.
 HANDSHAKE_FRAME_LIMIT: Final = 64 * 1024
-MAX_QUEUE_NAME_BYTES: Final = 255
 #: Bytes of publishes a broker holds for one live subscriber before dropping it.
 DEFAULT_SUBSCRIBER_BUFFER: Final = 8 * 1024 * 1024
 
@@ -89,6 +87,17 @@ class GetMany(QueueRequest, frozen=True, tag="get_many"):
 class Reserve(QueueRequest, frozen=True, tag="reserve"):  # a get, the broker's until acked
     timeout: float | None = None
     lease: float | None = None  # seconds (absent: the queue's), then it is delivered again
+
+
+class GetAny(Request, frozen=True, tag="get_any"):  # a get from the first of several queues
+    queues: list[str]  # in the order they are tried; parked on all when none has a message
+    timeout: float | None = None
+
+
+class ReserveAny(Request, frozen=True, tag="reserve_any"):  # a reserve from the first of several
+    queues: list[str]
+    timeout: float | None = None
+    lease: float | None = None
 
 
 class Ack(LeaseRequest, frozen=True, tag="ack"):
@@ -181,9 +190,9 @@ class Stop(Request, frozen=True, tag="stop"): ...
 
 # fmt: off
 AnyRequest: TypeAlias = (
-    Hello | Put | PutMany | Get | GetMany | Reserve | Ack | Release | Bury | Touch | Kick |
-    Configure | Delete | Peek | Purge | Stats | Queues | Publish | Subscribe | Unsubscribe |
-    TaskDone | Join | Consume | Taken | Cancel | Ping | Stop
+    Hello | Put | PutMany | Get | GetMany | Reserve | GetAny | ReserveAny | Ack | Release |
+    Bury | Touch | Kick | Configure | Delete | Peek | Purge | Stats | Queues | Publish |
+    Subscribe | Unsubscribe | TaskDone | Join | Consume | Taken | Cancel | Ping | Stop
 )
 # fmt: on
 
@@ -228,6 +237,20 @@ class ReserveReply(Reply, frozen=True, tag="reserve"):
     body: bytes
     attempt: int
     lease: float  # seconds until the lease runs out
+
+
+class GetAnyReply(Reply, frozen=True, tag="get_any"):
+    queue: str  # the queue it came from
+    msg_id: int
+    body: bytes
+
+
+class ReserveAnyReply(Reply, frozen=True, tag="reserve_any"):
+    queue: str
+    msg_id: int
+    body: bytes
+    attempt: int
+    lease: float
 
 
 class AckReply(Reply, frozen=True, tag="ack"): ...
@@ -325,7 +348,8 @@ class Error(Reply, frozen=True, tag="error"):
 
 # fmt: off
 AnyReply: TypeAlias = (
-    HelloReply | PutReply | PutManyReply | GetReply | GetManyReply | ReserveReply | AckReply |
+    HelloReply | PutReply | PutManyReply | GetReply | GetManyReply | ReserveReply | GetAnyReply |
+    ReserveAnyReply | AckReply |
     ReleaseReply | BuryReply | TouchReply | KickReply | ConfigureReply | DeleteReply |
     PeekReply | PurgeReply | StatsReply | QueuesReply | PublishReply | SubscribeReply |
     UnsubscribeReply | Event | TaskDoneReply | JoinReply | ConsumeReply | StreamDelivery |
@@ -434,45 +458,3 @@ class FrameReader:
         self._start = end
         with memoryview(buffer) as view:  # one copy, not a slice and then a copy
             return bytes(view[start + HEADER_SIZE : end])
-
-
-def is_number(value: object) -> bool:
-    """An int or a float, and not a bool (which Python counts as an int)."""
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def validate_count(value: object, what: str, *, least: int = 0) -> None:
-    """Raise InvalidRequest unless ``value`` is a whole number >= ``least``."""
-    if isinstance(value, bool) or not isinstance(value, int) or value < least:
-        raise InvalidRequest(f"{what} must be a whole number >= {least}, not {value!r}")
-
-
-def validate_timeout(timeout: float | None) -> None:
-    """Raise InvalidRequest unless ``timeout`` is None or a number >= 0 (not NaN)."""
-    if timeout is not None and not is_number(timeout):
-        raise InvalidRequest(f"timeout must be a number of seconds, not {timeout!r}")
-    if timeout is not None and not timeout >= 0:
-        raise InvalidRequest(f"timeout must be a number >= 0 (absent: for ever), not {timeout!r}")
-
-
-def validate_lease(lease: float | None) -> None:
-    """Raise InvalidRequest unless ``lease`` is None (the default) or a finite number > 0."""
-    if lease is not None and not (is_number(lease) and 0 < lease < math.inf):
-        raise InvalidRequest(
-            f"lease must be a finite number of seconds > 0 (or absent: the default), not {lease!r}"
-        )
-
-
-def validate_queue_name(name: str, *, for_put: bool = False, what: str = "queue") -> None:
-    """Raise InvalidRequest unless ``name`` is a usable queue (or topic) name.
-    A ``:`` is the broker's (``jobs:dead``): never put (or published) to."""
-    if not isinstance(name, str):
-        raise InvalidRequest(f"{what} name must be a str, not {type(name).__name__} {name!r}")
-    if not name:
-        raise InvalidRequest(f"{what} name is empty")
-    if len(name.encode("utf-8", "surrogatepass")) > MAX_QUEUE_NAME_BYTES:
-        raise InvalidRequest(f"{what} name is over {MAX_QUEUE_NAME_BYTES} bytes")
-    if not name.isprintable():
-        raise InvalidRequest(f"{what} name {name!r} has a non-printable character")
-    if for_put and ":" in name:
-        raise InvalidRequest(f"{what} name {name!r}: ':' is reserved to the broker")

@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Final
 
 import trio
 
-from .. import protocol
+from .. import protocol, validation
 from ..errors import BrokerqError, InvalidRequest, QueueFull, RemoteProtocolError
 from ..protocol import PROTOCOL_VERSION
 from ..version import __version__
@@ -220,7 +220,8 @@ class Connection(Deliveries):
         """Answer ``request`` without waiting, or return _BLOCK to park it."""
         core = self.core
         now = self.broker.clock()
-        protocol.validate_timeout(getattr(request, "timeout", None))  # (first, where there is one)
+        # First, for every request that has a timeout.
+        validation.validate_timeout(getattr(request, "timeout", None))
         match request:
             case protocol.Put(id=rid, queue=queue, body=body, key=key, timeout=timeout):
                 try:
@@ -238,7 +239,7 @@ class Connection(Deliveries):
                     return Delivery(protocol.Get, messages, rid)
                 return _BLOCK if timeout != 0 else empty(rid, queue)
             case protocol.Reserve(id=rid, queue=queue, timeout=timeout, lease=lease):
-                protocol.validate_lease(lease)
+                validation.validate_lease(lease)
                 if (msg := core.reserve_nowait(queue, now, lease, owner=self)) is not None:
                     lease_s = self._lease_left(msg, now)
                     return Delivery(protocol.Reserve, [msg], rid, lease_s, core.leases_of([msg]))
@@ -269,7 +270,7 @@ class Connection(Deliveries):
                 core.bury(msg_id, attempt)
                 return protocol.BuryReply(id=rid)
             case protocol.Touch(id=rid, msg_id=msg_id, attempt=attempt, lease=lease):
-                protocol.validate_lease(lease)
+                validation.validate_lease(lease)
                 expires = core.touch(msg_id, attempt, now, lease)
                 return protocol.TouchReply(id=rid, lease=expires - now)
             case protocol.Kick(id=rid, queue=queue, n=n):

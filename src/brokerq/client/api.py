@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Generic, TypeVar
 
-from .. import protocol
+from .. import protocol, validation
 from ..errors import BrokerqError, InvalidRequest
 from . import calls
 from .calls import Call
@@ -114,7 +114,7 @@ def _op(
 def kick(queue: str, n: int = 1) -> Op[protocol.KickReply, int]:
     """Up to ``n`` buried messages back to ready (on ``<q>:dead``, to
     ``<q>``); returns how many moved."""
-    protocol.validate_count(n, "kick's n")
+    validation.validate_count(n, "kick's n")
     return _op(protocol.KickReply, protocol.Kick, _count, queue=queue, n=n)
 
 
@@ -198,7 +198,7 @@ def join(queue: str, timeout: float | None = None) -> Op[protocol.JoinReply, Non
     ``timeout``: raise :class:`~brokerq.JoinTimeout` after that many
     seconds (None: wait for ever; 0: only look).
     """
-    protocol.validate_timeout(timeout)
+    validation.validate_timeout(timeout)
     fields = {"queue": queue, "timeout": timeout}
     return Op(Call(protocol.JoinReply, protocol.Join, timeout, fields), _nothing)
 
@@ -222,7 +222,7 @@ def ack(msg_id: int, attempt: int) -> Op[protocol.AckReply, None]:
 
 def release(msg_id: int, attempt: int, delay: float = 0) -> Op[protocol.ReleaseReply, None]:
     """Give it back for redelivery: now (to its place at the head) or after ``delay`` s."""
-    if not protocol.is_number(delay) or not 0 <= delay < math.inf:
+    if not validation.is_number(delay) or not 0 <= delay < math.inf:
         raise InvalidRequest(f"delay must be a number of seconds >= 0, not {delay!r}")
     call = calls.verb(protocol.ReleaseReply, protocol.Release, msg_id, attempt, delay=float(delay))
     return Op(call, _nothing)
@@ -235,7 +235,7 @@ def bury(msg_id: int, attempt: int) -> Op[protocol.BuryReply, None]:
 
 def touch(msg_id: int, attempt: int, lease: float | None = None) -> Op[protocol.TouchReply, float]:
     """Extend the lease (by its length, or ``lease`` seconds from now)."""
-    protocol.validate_lease(lease)
+    validation.validate_lease(lease)
     call = calls.verb(protocol.TouchReply, protocol.Touch, msg_id, attempt, lease=lease)
     return Op(call, attrgetter("lease"))
 
@@ -254,7 +254,7 @@ def publish(
     Each queue subscribed gets it as a message (``priority`` and ``ttl``
     as for :meth:`Queue.put`) unless it is full: a publish never waits.
     """
-    protocol.validate_queue_name(topic, what="topic", for_put=True)
+    validation.validate_queue_name(topic, what="topic", for_put=True)
     data = calls.as_bytes(body)
     calls.check_size(data, limit)
     fields = {"topic": topic, "body": data, "key": keys(1)[0], "priority": int(priority)}

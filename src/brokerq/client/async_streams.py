@@ -9,7 +9,7 @@ from typing import Any
 
 import anyio
 
-from .. import protocol
+from .. import protocol, validation
 from ..errors import BrokerUnavailable, LocalProtocolError, VersionMismatch
 from ..spawn import still_running
 from . import api, calls, prefetch
@@ -27,7 +27,7 @@ class AsyncStreams(Pool):
         """Up to ``n`` messages of ``queue`` from its stream, waiting up to
         ``timeout`` for the first (raises Empty); None: the broker does not stream.
         Cancellable while it waits; the ``taken`` is sent shielded, and last."""
-        protocol.validate_timeout(timeout)
+        validation.validate_timeout(timeout)
         self._check_open()
         if (streamed := self._streams.get((queue, mode, lease))) is None:
             state = prefetch.Prefetch(queue, self.prefetch, mode, lease)
@@ -185,7 +185,7 @@ class AsyncSubscription:
 
     @api.like("live_get")
     async def get(self, timeout: float | None = None) -> bytes:
-        protocol.validate_timeout(timeout)
+        validation.validate_timeout(timeout)
         deadline = None if timeout is None else anyio.current_time() + timeout
         while True:
             conn = self._conn

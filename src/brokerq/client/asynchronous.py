@@ -28,7 +28,7 @@ from typing import Any
 
 import anyio
 
-from .. import protocol
+from .. import validation
 from ..errors import BrokerqError, Empty
 from ..protocol import GetManyReply, ReserveReply, StreamDelivery
 from . import api, calls
@@ -87,7 +87,7 @@ class AsyncQueue:
     """A named queue, for async code: the methods of :class:`brokerq.Queue`, awaited."""
 
     def __init__(self, name: str, client: AsyncClient, settings: dict[str, Any]) -> None:
-        protocol.validate_queue_name(name)
+        validation.validate_queue_name(name)
         self.name = name
         self.client = client
         self._settings = settings or None

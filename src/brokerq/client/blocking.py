@@ -13,7 +13,7 @@ import time
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
-from .. import protocol
+from .. import protocol, validation
 from ..errors import BrokerqError
 from ..spawn import resolve_socket_path
 from . import api, calls
@@ -86,7 +86,7 @@ class Queue:
         client: Client | None = None,
         socket: str | os.PathLike[str] | None = None,
     ) -> None:
-        protocol.validate_queue_name(name)
+        validation.validate_queue_name(name)
         self.name = name
         self.client = client if client is not None else _shared_client(socket)
 

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from .. import protocol
+from .. import protocol, validation
 from ..errors import (
     BrokerqError,
     Empty,
@@ -72,11 +72,11 @@ class PutOptions:
     def fields(self) -> dict[str, Any]:
         """The request fields beside the bodies and keys. Arguments of the wrong
         type are refused, not converted: ``priority=1.5`` is a mistake, not a 1."""
-        protocol.validate_timeout(self.timeout)
+        validation.validate_timeout(self.timeout)
         if isinstance(self.priority, bool) or not isinstance(self.priority, int):
             raise InvalidRequest(f"priority must be a whole number, not {self.priority!r}")
         for name, value in (("delay", self.delay), ("ttl", self.ttl)):
-            if value is not None and not protocol.is_number(value):
+            if value is not None and not validation.is_number(value):
                 raise InvalidRequest(f"{name} must be a number of seconds, not {value!r}")
         return {
             "priority": self.priority,
@@ -133,12 +133,12 @@ def chunks(bodies: list[bytes], limit: int) -> list[list[bytes]]:
 
 
 def get(queue: str, timeout: float | None) -> Call[protocol.GetReply]:
-    protocol.validate_timeout(timeout)
+    validation.validate_timeout(timeout)
     return Call(protocol.GetReply, protocol.Get, timeout, {"queue": queue, "timeout": timeout})
 
 
 def get_many(queue: str, n: int, timeout: float | None) -> Call[protocol.GetManyReply]:
-    protocol.validate_timeout(timeout)
+    validation.validate_timeout(timeout)
     if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise InvalidRequest(f"get_many needs a whole number n >= 1, not {n!r}")
     fields = {"queue": queue, "n": n, "timeout": timeout}
@@ -146,8 +146,8 @@ def get_many(queue: str, n: int, timeout: float | None) -> Call[protocol.GetMany
 
 
 def reserve(queue: str, timeout: float | None, lease: float | None) -> Call[protocol.ReserveReply]:
-    protocol.validate_timeout(timeout)
-    protocol.validate_lease(lease)
+    validation.validate_timeout(timeout)
+    validation.validate_lease(lease)
     fields = {"queue": queue, "timeout": timeout, "lease": lease}
     return Call(protocol.ReserveReply, protocol.Reserve, timeout, fields)
 
@@ -160,12 +160,12 @@ def configure(
     maxsize: int | None = None,
     max_bytes: int | None = None,
 ) -> Call[protocol.ConfigureReply]:
-    protocol.validate_lease(lease)
+    validation.validate_lease(lease)
     fields = {"queue": queue, "max_deliveries": max_deliveries, "lease": lease}
     fields |= {"maxsize": maxsize, "max_bytes": max_bytes}
     for name in ("max_deliveries", "maxsize", "max_bytes"):
         if fields[name] is not None:
-            protocol.validate_count(fields[name], name)
+            validation.validate_count(fields[name], name)
     return Call(protocol.ConfigureReply, protocol.Configure, 0, fields)
 
 
@@ -185,7 +185,7 @@ def ack(msg_id: int, attempt: int, *, as_get: bool = False) -> Call[protocol.Ack
 def subscribe(topic: str, queue: str | None = None) -> Call[protocol.SubscribeReply]:
     """Without a ``queue``, the connection subscribes (live): never sent
     again, since a live subscription belongs to one connection."""
-    protocol.validate_queue_name(topic, what="topic", for_put=True)
+    validation.validate_queue_name(topic, what="topic", for_put=True)
     fields = {"topic": topic, "queue": queue}
     return Call(protocol.SubscribeReply, protocol.Subscribe, 0, fields, retry=queue is not None)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections import deque
 from typing import Any
 
-from .. import protocol
+from .. import protocol, validation
 from ..errors import Empty, from_code
 from .calls import Attempts, Call, Wire, get
 
@@ -29,7 +29,7 @@ class Prefetch:
     def __init__(self, queue: str, prefetch: int, mode: str, lease: float | None = None) -> None:
         if mode not in MODES:
             raise ValueError(f"mode is 'get' or 'reserve', not {mode!r}")
-        protocol.validate_lease(lease)
+        validation.validate_lease(lease)
         self.queue = queue
         self.prefetch = prefetch
         self.mode = mode

@@ -7,7 +7,7 @@ import time
 from collections.abc import Iterator
 from typing import TypeVar
 
-from .. import protocol
+from .. import protocol, validation
 from ..errors import LeaseLost, LocalProtocolError
 from . import api, calls, prefetch
 from .calls import Call, ConnectionLost
@@ -26,7 +26,7 @@ class Streaming(Lanes):
         """Up to ``n`` messages of ``queue`` from this thread's stream, waiting up
         to ``timeout`` for the first. None: make a plain request instead (inside
         another call of the thread, or with a broker too old to stream)."""
-        protocol.validate_timeout(timeout)
+        validation.validate_timeout(timeout)
         lane = self._lane()
         if lane.busy:
             return None
@@ -222,7 +222,7 @@ class Subscription:
 
     @api.like("live_get")
     def get(self, timeout: float | None = None) -> bytes:
-        protocol.validate_timeout(timeout)
+        validation.validate_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             conn = self._conn

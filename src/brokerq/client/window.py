@@ -9,7 +9,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from .. import protocol
+from .. import protocol, validation
 from ..errors import InvalidRequest
 from .wire import Attempts, Call, Wire, refused
 
@@ -42,7 +42,7 @@ def client_timeout(timeout: float) -> tuple[float, bool]:
     """A client's ``timeout`` as (the grace every reply gets, whether it may
     start a broker). 0 is the ``_nowait`` form of connecting: only a broker
     already running is used; its replies get the default grace."""
-    if not protocol.is_number(timeout) or not 0 <= timeout < math.inf:
+    if not validation.is_number(timeout) or not 0 <= timeout < math.inf:
         raise InvalidRequest(
             f"timeout must be a number of seconds >= 0 (0: only a running broker), not {timeout!r}"
         )

@@ -12,7 +12,7 @@ import heapq
 import math
 
 from ...errors import Full, InvalidRequest, LeaseLost
-from ...protocol import validate_queue_name
+from ...validation import validate_queue_name
 from .base import DEAD_SUFFIX, TIMER_RETRY_SECONDS, CoreBase
 from .records import DeleteRecord, MoveRecord, StateRecord
 from .state import Expiry, Lease, Message, Waiter

@@ -11,7 +11,8 @@ from typing import Any
 import msgspec
 
 from ...errors import Full, InvalidRequest, QueueFull
-from ...protocol import MESSAGE_OVERHEAD, validate_queue_name
+from ...protocol import MESSAGE_OVERHEAD
+from ...validation import validate_queue_name
 from .base import LIVE_OVERHEAD, CoreBase, config_record_of, put_record_of
 from .records import AttemptsRecord, DeleteRecord, DropQueueRecord, PutRecord
 from .state import Expiry, Joiner, Lease, Message, Putter, QueueState, Waiter

@@ -6,7 +6,7 @@ ready, as far as the journal knows, until the client says it was taken.
 from __future__ import annotations
 
 from ...errors import InvalidRequest
-from ...protocol import validate_lease, validate_queue_name
+from ...validation import validate_lease, validate_queue_name
 from .base import CoreBase
 from .records import AttemptsRecord, DeleteRecord
 from .state import Stream, Waiter

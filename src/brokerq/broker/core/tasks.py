@@ -9,7 +9,7 @@ that), and a 0 then must not turn into a debt that hides the next put from a joi
 from __future__ import annotations
 
 from ...errors import InvalidRequest
-from ...protocol import validate_queue_name
+from ...validation import validate_queue_name
 from .base import CoreBase
 from .records import UnfinishedRecord
 from .state import Joiner

@@ -3,7 +3,7 @@ queue (journaled, it outlives the broker), a *live* one a connection's token."""
 
 from __future__ import annotations
 
-from ...protocol import validate_queue_name
+from ...validation import validate_queue_name
 from .queues import Queues
 from .records import SubscribeRecord
 from .state import Waiter
