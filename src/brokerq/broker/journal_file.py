@@ -11,7 +11,10 @@ File format (version 1)::
     record   ...
     zero     any number of zero bytes (preallocated space): the zero tail
 
-The marker lets a reader find the records after a damaged one. Reading it
+The checksum covers the length, so a flipped length is caught too; the
+marker lets a reader find the records after a damaged one. A record never
+starts with a zero byte, so zero bytes where a record should start, with
+only zero bytes after them, are free space (the zero tail). Reading it
 back (docs/guarantees.md G7): a torn tail (nothing valid after a damaged
 record) is cut off; a damaged record with valid records after it refuses to
 start, unless ``repair`` truncates there.
