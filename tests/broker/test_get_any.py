@@ -130,6 +130,22 @@ def test_reserve_any_leases_with_the_queue_of_the_message_unless_asked(
     assert lease.expires_at == 8.0
 
 
+def test_a_multi_waiter_takes_its_turn_with_a_stream_and_is_served_once(
+    core: BrokerCore,
+) -> None:
+    """A queue with a stream (consume) hands messages round the line after
+    the put: the multi-waiter served there must leave its other queue too."""
+    stream, _ = core.consume("b", 5, now=0)
+    multi = core.wait_any(["a", "b"])
+    _, woken = core.put_many("b", [b"1", b"2", b"3"], now=0)
+    assert [m.body for m in multi.messages] == [b"2"]
+    assert [m.body for m in stream.held] == [b"1", b"3"]
+    assert woken.count(multi) == 1
+    _, woken = core.put_many("a", [b"x"], now=0)
+    assert woken == []
+    assert core.queue_stats("a", now=0)["ready"] == 1
+
+
 def test_a_reserve_any_lease_that_runs_out_redelivers(core: BrokerCore) -> None:
     core.put("b", b"job", now=0)
     msg = core.take_any(["a", "b"], now=0, lease=3.0, owner="w")
