@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable
 
 import anyio
 import pytest
-from conftest import Procs, gone, wait_until
+from conftest import Procs, gone, run_cli, wait_until
 
 import brokerq
 from brokerq import protocol
@@ -416,3 +416,16 @@ def test_an_async_get_any_waiting_while_the_broker_is_killed_is_sent_again(
             assert (await client.stats())["pid"] != first
 
     run(backend, main)
+
+
+def test_brokerq_get_of_several_queues_from_an_older_broker_says_so(
+    procs: Procs, socket_path: str
+) -> None:
+    older_broker(procs, socket_path)
+    with brokerq.connect(socket_path) as client:
+        client.queue("a").put(b"x")
+    several = run_cli("--socket", socket_path, "get", "a", "b", "--timeout", "1")
+    assert several.returncode == 1
+    assert b"does not support reserve_any (multi-queue wait)" in several.stderr
+    one = run_cli("--socket", socket_path, "get", "a", "--timeout", "1")  # as ever
+    assert (one.returncode, one.stdout) == (0, b"x\n")
