@@ -40,7 +40,7 @@ def test_help_names_the_program_brokerq() -> None:
     assert done.returncode == 0
     assert done.stdout.startswith(b"Usage: brokerq [OPTIONS] COMMAND [ARGS]...\n")
     sub = run_module("get", "--help")
-    assert sub.stdout.startswith(b"Usage: brokerq get [OPTIONS] QUEUE\n")
+    assert sub.stdout.startswith(b"Usage: brokerq get [OPTIONS] QUEUE [QUEUE...]\n")
 
 
 @pytest.mark.parametrize(

@@ -123,7 +123,7 @@ brokerq_reserved{{queue="mail"}} 0
 # TYPE brokerq_buried gauge
 brokerq_buried{{queue="jobs"}} 0
 brokerq_buried{{queue="mail"}} 2
-# HELP brokerq_waiters Requests (get, get_many, reserve) waiting on a queue{SUM}.
+# HELP brokerq_waiters Requests (gets and reserves of every kind) waiting on a queue{SUM}.
 # TYPE brokerq_waiters gauge
 brokerq_waiters{{queue="jobs"}} 0
 brokerq_waiters{{queue="mail"}} 0

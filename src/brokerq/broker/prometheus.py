@@ -43,7 +43,7 @@ ready gauge - ready Messages ready to be delivered.
 delayed gauge - delayed Messages delayed (put or released with a delay), not yet due.
 reserved gauge - reserved Messages under a lease.
 buried gauge - buried Messages buried, waiting for a kick.
-waiters gauge - waiters Requests (get, get_many, reserve) waiting on a queue.
+waiters gauge - waiters Requests (gets and reserves of every kind) waiting on a queue.
 putters gauge - putters Puts waiting for room in a full (bounded) queue.
 unfinished_tasks gauge - unfinished_tasks Messages put whose task is not done (task_done, ack, or
     gone).
