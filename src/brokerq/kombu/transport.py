@@ -26,6 +26,7 @@ import uuid
 from typing import Any, cast
 
 from kombu.transport import virtual
+from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.json import dumps, loads
 
 from ..client.blocking import Client, Queue, connect
@@ -74,6 +75,10 @@ class Channel(virtual.Channel):
         return self.connection.brokerq_client()
 
     # -- queues --------------------------------------------------------
+
+    def prepare_queue_arguments(self, arguments: Any, **kwargs: Any) -> Any:
+        """``Queue(message_ttl=..., max_priority=...)`` as the x- arguments, as AMQP's."""
+        return to_rabbitmq_queue_arguments(arguments, **kwargs)
 
     def _new_queue(self, queue: str, **kwargs: Any) -> None:
         """brokerq queues need no creating; their arguments are kept here."""
