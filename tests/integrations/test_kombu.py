@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -342,3 +343,69 @@ def test_urls_and_the_transport_path(socket_path: str, monkeypatch: pytest.Monke
         [sys.executable, "-c", script], capture_output=True, timeout=60, check=False
     )
     assert out.stdout == b"x\n", out.stderr.decode()
+
+
+def test_one_wait_on_all_the_consumed_queues(conn: Any, observer: brokerq.Client) -> None:
+    """A consumer of several queues waits on all of them with one request
+    parked in the broker (a waiter in each queue's line), not by polling."""
+    queues = [Queue(name) for name in ("first", "second", "third")]
+    got: list[Any] = []
+    errors: list[BaseException] = []
+
+    def consume() -> None:
+        try:
+            conn.drain_events(timeout=20)
+        except BaseException as exc:
+            errors.append(exc)
+
+    with Consumer(conn, queues, callbacks=[lambda body, m: got.append(m)]):
+        waiter = threading.Thread(target=consume)
+        waiter.start()
+        try:
+            wait_until(
+                lambda: all(observer.queue(q.name).stats()["waiters"] == 1 for q in queues),
+                what="a waiter on each queue",
+            )
+            observer.queue("third").put(b"raw bytes")  # not kombu's: its body, as bytes
+        finally:
+            waiter.join(timeout=30)
+    assert not errors
+    assert not waiter.is_alive()
+    assert [(m.delivery_info["routing_key"], m.body) for m in got] == [("third", b"raw bytes")]
+    got[0].ack()
+
+
+def test_an_auto_delete_queue_goes_with_its_consumer(url: str, observer: brokerq.Client) -> None:
+    exchange = Exchange("replies", type="direct")
+    with Connection(url) as conn:
+        q = Queue("reply-1", exchange, routing_key="reply-1", auto_delete=True)
+        with Consumer(conn, [q]):
+            assert "reply-1" in str(observer.stats()["topics"])
+    assert "reply-1" not in str(observer.stats()["topics"])  # the binding went with it
+
+
+def test_topic_names_and_matching() -> None:
+    from brokerq.kombu import routing
+
+    # (exchange, key) pairs that join to the same text get distinct topics
+    assert routing.direct_topic("a.b", "c") != routing.direct_topic("a", "b.c")
+    odd = "x:y%z\n"
+    assert routing.unescape(routing.escape(odd)) == odd
+    assert ":" not in routing.direct_topic(odd, odd)
+    assert routing.fanout_topic(odd).isprintable()
+    pattern = routing.pattern_of(routing.topic_binding("ex", "a.*"), "ex")
+    assert pattern == "a.*"
+    assert routing.pattern_of(routing.topic_binding("ex2", "a.*"), "ex") is None
+    cases = {
+        ("a.*", "a.b"): True,
+        ("a.*", "a.b.c"): False,
+        ("a.#", "a"): True,
+        ("a.#", "a.b.c"): True,
+        ("#.c", "a.b.c"): True,
+        ("#", ""): True,
+        ("*.b.#", "a.b"): True,
+        ("*", "a.b"): False,
+        ("a.b", "a.b"): True,
+    }
+    for (pattern, key), expected in cases.items():
+        assert routing.matches(pattern, key) is expected, (pattern, key)
