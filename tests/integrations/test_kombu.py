@@ -259,6 +259,19 @@ def test_a_killed_consumer_s_message_is_redelivered(
     q.close()
 
 
+def test_a_hung_consumer_s_lease_runs_out_after_the_visibility_timeout(url: str) -> None:
+    """A consumer still connected but stuck keeps its message until the
+    lease (``visibility_timeout``) runs out; then another consumer gets it."""
+    options = {"visibility_timeout": 0.5}
+    with Connection(url, transport_options=options) as hung, Connection(url) as other:
+        q = hung.SimpleQueue("stuck")
+        q.put("task")
+        assert q.get(timeout=5).payload == "task"  # never acked
+        m = other.SimpleQueue("stuck").get(timeout=10)
+        assert (m.payload, m.delivery_info["redelivered"]) == ("task", True)
+        m.ack()
+
+
 def test_prefetch_count_bounds_the_unacked(conn: Any, observer: brokerq.Client) -> None:
     q = Queue("bounded")
     q(conn.default_channel).declare()
@@ -309,21 +322,35 @@ def test_the_broker_stopped_mid_consume_is_reconnected_to(
     q.close()
 
 
-def test_the_hub_waits_on_the_socket(conn: Any) -> None:
+def test_the_hub_waits_on_the_socket(conn: Any, socket_path: str) -> None:
+    """kombu's event loop (a Celery worker's): the waiting socket is
+    registered with the hub; a broker that stops meanwhile is replaced."""
     from kombu.asynchronous import Hub
 
     hub = Hub()
     got: list[Any] = []
     q = Queue("hubbed")
+
+    def run_until(n: int) -> None:
+        deadline = time.monotonic() + 10
+        while len(got) < n and time.monotonic() < deadline:
+            hub.run_once()
+
     try:
         conn.register_with_event_loop(hub)
         with Consumer(conn, [q], callbacks=[lambda body, m: got.append(m)]):
             Producer(conn).publish("via the hub", routing_key="hubbed", declare=[q])
-            deadline = time.monotonic() + 10
-            while not got and time.monotonic() < deadline:
-                hub.run_once()
+            run_until(1)
             assert [m.payload for m in got] == ["via the hub"]
             got[0].ack()
+            with brokerq.connect(socket_path) as client:
+                pid = client.broker_pid
+            os.kill(pid, signal.SIGTERM)
+            wait_until(lambda: gone(pid), what="the broker's exit")
+            Producer(conn).publish("after a restart", routing_key="hubbed")
+            run_until(2)
+            assert [m.payload for m in got] == ["via the hub", "after a restart"]
+            got[1].ack()
     finally:
         hub.close()
 
