@@ -18,7 +18,10 @@ reserved is ever put again. A process that dies with messages unacked
 (SIGKILL, a crash) has its leases released by the broker when its
 connection closes, which is what makes Celery's ``acks_late`` truly
 at-least-once; a consumer hung while still connected holds them until the
-lease runs out (the transport option ``visibility_timeout``).
+lease runs out (the transport option ``visibility_timeout``). While a
+worker's event loop runs, it renews its leases (:meth:`QoS.renew`), so a
+long task, or one waiting for its ETA, is not delivered twice; a process
+hung, its loop stopped, renews nothing.
 
 ``prefetch_count`` (basic_qos) bounds the unacked reserved messages of the
 channel: :meth:`can_consume` is asked before each reserve, and a reserve
@@ -35,6 +38,7 @@ Unix socket), and keeps the bound exact.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from kombu.transport import virtual
@@ -52,6 +56,9 @@ class QoS(virtual.QoS):
         super().__init__(channel, prefetch_count)
         #: delivery tag → the reserved brokerq message it settles.
         self.leases: dict[str, Lease] = {}
+        #: The leases are this process's: a forked child (a Celery pool
+        #: process) that inherits them must not release them when it exits.
+        self.pid = os.getpid()
 
     def hold(self, delivery_tag: str, lease: Lease) -> None:
         """``lease`` is about to be delivered under ``delivery_tag``."""
@@ -74,6 +81,10 @@ class QoS(virtual.QoS):
         hands each to the next consumer. Returns no errors: a release that
         cannot reach the broker needs none, its lease ends anyway."""
         self._flush()
+        if os.getpid() != self.pid:
+            self._delivered.clear()
+            self.leases.clear()
+            return []
         for tag in list(self._delivered):
             lease = self.leases.pop(tag, None)
             if lease is not None:
@@ -84,6 +95,15 @@ class QoS(virtual.QoS):
         self._delivered.clear()
         self.leases.clear()
         return []
+
+    def renew(self, length: float) -> None:
+        """Extend every unacked lease to ``length`` seconds from now: called
+        from the event loop while it runs (see ``Transport.renew_leases``)."""
+        for lease in list(self.leases.values()):
+            try:
+                lease.touch(length)
+            except (LeaseLost, BrokerUnavailable) as exc:
+                logger.info("lease of %r not renewed: %s", lease, exc)
 
 
 def _settle(lease: Lease, verb: str) -> None:

@@ -301,6 +301,8 @@ class Transport(virtual.Transport):
             self.socket_path, self.connect_timeout, self.visibility_timeout, self.wait_bound
         )
         self._hub_fd: int | None = None
+        #: The hub's timer entry that renews the leases (register_with_event_loop).
+        self._renewal: Any = None
 
     @property
     def default_connection_params(self) -> dict[str, Any]:
@@ -322,6 +324,9 @@ class Transport(virtual.Transport):
         return super().establish_connection()
 
     def close_connection(self, connection: Any) -> None:
+        if self._renewal is not None:
+            self._renewal.cancel()
+            self._renewal = None
         try:
             super().close_connection(connection)
         finally:
@@ -394,6 +399,18 @@ class Transport(virtual.Transport):
 
         self.poller.forget = forget
         loop.on_tick.add(on_poll_start)
+        if self._renewal is not None:
+            self._renewal.cancel()
+        self._renewal = loop.call_repeatedly(self.visibility_timeout / 4, self.renew_leases)
+
+    def renew_leases(self) -> None:
+        """Renew every unacked lease of this connection, a quarter of the
+        visibility timeout at a time: a long task, or a task held for its
+        ETA or countdown, stays this worker's while the worker's loop runs
+        (a hung worker renews nothing, and its messages come back)."""
+        for channel in list(self.channels):
+            if channel._qos is not None:
+                channel._qos.renew(self.visibility_timeout)
 
     def deliver(self, reserved: Reserved) -> None:
         """Hand a reserved message to the channel consuming its queue; one
