@@ -67,13 +67,13 @@ class QoS(virtual.QoS):
     def ack(self, delivery_tag: str) -> None:
         lease = self.leases.pop(delivery_tag, None)
         if lease is not None:
-            _settle(lease, "ack")
+            settle(lease, "ack")
         super().ack(delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         lease = self.leases.pop(delivery_tag, None)
         if lease is not None:
-            _settle(lease, "release" if requeue else "bury")
+            settle(lease, "release" if requeue else "bury")
         self._quick_ack(delivery_tag)  # (not super(): it would put the message again)
 
     def restore_unacked(self) -> list[tuple[BaseException, Any]]:
@@ -89,7 +89,7 @@ class QoS(virtual.QoS):
             lease = self.leases.pop(tag, None)
             if lease is not None:
                 try:
-                    _settle(lease, "release")
+                    settle(lease, "release")
                 except BrokerqError as exc:
                     logger.debug("release of %r at restore: %s", lease, exc)
         self._delivered.clear()
@@ -106,7 +106,7 @@ class QoS(virtual.QoS):
                 logger.info("lease of %r not renewed: %s", lease, exc)
 
 
-def _settle(lease: Lease, verb: str) -> None:
+def settle(lease: Lease, verb: str) -> None:
     """Ack, release or bury ``lease``. A lease already lost (run out, or held
     by a broker that has since stopped) is not an error to raise into the
     consumer: the broker delivers the message again, as at-least-once says,
