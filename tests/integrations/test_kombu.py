@@ -137,8 +137,13 @@ def test_direct_exchange_routes_by_key(conn: Any) -> None:
     producer.publish("to red", routing_key="red")
     producer.publish("to blue", routing_key="blue")
     producer.publish("to nobody", routing_key="green")
-    assert [m.payload for m in drain(conn, [red], 1)] == ["to red"]
-    assert [m.payload for m in drain(conn, [blue], 1)] == ["to blue"]
+    assert [m.payload for m in drain(conn, [red], 1, no_ack=True)] == ["to red"]
+    assert [m.payload for m in drain(conn, [blue], 1, no_ack=True)] == ["to blue"]
+    assert nothing_comes(conn, [red, blue])
+    conn.default_channel.queue_unbind("red", "direct-x", "red")  # unsubscribed
+    conn.default_channel.queue_delete("blue")  # its subscription goes with it
+    producer.publish("to red again", routing_key="red")
+    producer.publish("to blue again", routing_key="blue")
     assert nothing_comes(conn, [red, blue])
 
 
