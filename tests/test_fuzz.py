@@ -8,7 +8,8 @@ Three parts, all on hypothesis:
    ``RemoteProtocolError``, never another exception; valid frames built
    from the protocol's Structs survive any split and decode back equal.
 2. **The core against a reference model** (:class:`CoreMachine`): puts,
-   gets, reserves, lease verbs, kicks, waiters, timers, undelivered
+   gets, reserves, get_any and reserve_any (waiters on several queues),
+   lease verbs, kicks, waiters, timers, undelivered
    replies and closed connections, driven in random order; after every
    step the core must agree with a model that is plain lists and dicts:
    FIFO within priority, fair handoff, no message lost or duplicated,
@@ -50,7 +51,7 @@ from hypothesis.stateful import (
 
 from brokerq import protocol
 from brokerq.broker.core import DEAD_SUFFIX, LIVE_OVERHEAD, BrokerCore
-from brokerq.broker.core.state import Lease, Message, Waiter
+from brokerq.broker.core.state import QUEUE_LEASE, Lease, Message, Waiter
 from brokerq.errors import LeaseLost, RemoteProtocolError
 from brokerq.protocol import FrameReader, InvalidRequestFrame
 
@@ -287,8 +288,13 @@ class MLease:
 class MWaiter:
     core: Waiter
     queue: str
-    lease: float | None
+    lease: float | None  # None: a get; 0.0 (QUEUE_LEASE): a reserve_any's, the queue's
     owner: str | None
+    queues: tuple[str, ...] = ()  # a wait_any's: it waits in each of these lines
+
+    @property
+    def lines(self) -> tuple[str, ...]:
+        return self.queues or (self.queue,)
 
 
 @dataclass(eq=False)
@@ -356,16 +362,23 @@ class CoreMachine(RuleBasedStateMachine):
         self.ready[queue].sort(key=self._key)
         served = []
         while self.ready[queue] and self.waiters[queue]:
-            waiter = self.waiters[queue].pop(0)
+            waiter = self._longest_waiter(queue)
             self._deliver(queue, self.ready[queue].pop(0), waiter)
             served.append(waiter)
         return served
+
+    def _longest_waiter(self, queue: str) -> MWaiter:
+        """Served, a waiter leaves every line it waits in (a wait_any's: several)."""
+        waiter = self.waiters[queue][0]
+        for line in waiter.lines:
+            self.waiters[line].remove(waiter)
+        return waiter
 
     def _deliver(self, queue: str, msg_id: int, waiter: MWaiter) -> None:
         self.counters[queue]["delivered_total"] += 1
         pending = Pending("get" if waiter.lease is None else "reserve", [msg_id], waiter=waiter)
         if waiter.lease is not None:
-            pending.leases.append(self._lease(msg_id, waiter.lease, waiter.owner))
+            pending.leases.append(self._lease(msg_id, waiter.lease or None, waiter.owner))
         self.pending.append(pending)
 
     def _end_lease(self, held: MLease, delay: float) -> list[MWaiter]:
@@ -422,7 +435,7 @@ class CoreMachine(RuleBasedStateMachine):
             if delay:
                 self.delayed[msg_id] = (self.now + delay, self._timer())
             elif handoff and self.waiters[queue]:
-                waiter = self.waiters[queue].pop(0)
+                waiter = self._longest_waiter(queue)
                 self._deliver(queue, msg_id, waiter)
                 served.append(waiter)
             else:
@@ -472,13 +485,50 @@ class CoreMachine(RuleBasedStateMachine):
         waiter = self.core.wait(queue, lease=lease, owner=owner)
         self.waiters[queue].append(MWaiter(waiter, queue, lease, owner))
 
+    @rule(
+        queues=st.lists(st.sampled_from(ALL_QUEUES), min_size=1, max_size=3, unique=True),
+        lease=st.sampled_from([None, QUEUE_LEASE, 1.0]),
+        owner=st.sampled_from(OWNERS),
+    )
+    def take_any(self, queues: list[str], lease: float | None, owner: str) -> None:
+        """get_any / reserve_any answered at once: the first queue in the list with a message."""
+        msg = self.core.take_any(queues, self.now, lease, owner)
+        first = next((q for q in queues if self.ready[q]), None)
+        if first is None:
+            assert msg is None
+            return
+        msg_id = self.ready[first].pop(0)
+        assert msg is not None
+        assert (msg.id, msg.queue) == (msg_id, first)
+        self.counters[first]["delivered_total"] += 1
+        if lease is None:
+            self.pending.append(Pending("get", [msg_id], [msg]))
+        else:
+            held = self._lease(msg_id, lease or None, owner)
+            self.pending.append(Pending("reserve", [msg_id], [msg], [held]))
+        self._after([], [])
+
+    @rule(
+        queues=st.lists(st.sampled_from(ALL_QUEUES), min_size=1, max_size=3, unique=True),
+        lease=st.sampled_from([None, QUEUE_LEASE, 1.0]),
+        owner=st.sampled_from(OWNERS),
+    )
+    def wait_any(self, queues: list[str], lease: float | None, owner: str) -> None:
+        if any(self.ready[q] for q in queues):
+            return  # only when nothing is ready on any (the core asserts it)
+        waiter = self.core.wait_any(queues, lease=lease, owner=owner)
+        model = MWaiter(waiter, queues[0], lease, owner, tuple(queues))
+        for queue in queues:
+            self.waiters[queue].append(model)
+
     @precondition(lambda self: any(self.waiters.values()))
     @rule(data=st.data())
     def cancel_wait(self, data: st.DataObject) -> None:
-        waiting = [w for q in ALL_QUEUES for w in self.waiters[q]]
+        waiting = list(dict.fromkeys(w for q in ALL_QUEUES for w in self.waiters[q]))
         waiter = data.draw(st.sampled_from(waiting))
         assert self.core.cancel_wait(waiter.core, self.now) == []
-        self.waiters[waiter.queue].remove(waiter)
+        for line in waiter.lines:
+            self.waiters[line].remove(waiter)
 
     # -- replies that carry messages --------------------------------------------
 

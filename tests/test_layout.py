@@ -10,6 +10,9 @@ rules of the wings:
   modules, never the broker wing or the top;
 * the **shared modules** (protocol, validation, errors, spawn, pause, version) import
   only each other;
+* the **integrations** (``brokerq.kombu``, the kombu transport) import
+  the client wing, the shared modules and the library they plug into,
+  never the broker wing or the top: they are clients like any other;
 * the **top** (the public face, the CLI, ``brokerq.testing``, the demo)
   may import anything;
 
@@ -33,12 +36,17 @@ SHARED = {
     f"brokerq.{name}" for name in ("errors", "protocol", "validation", "spawn", "pause", "version")
 }
 WINGS = ("brokerq.broker", "brokerq.client")
+#: Packages that plug brokerq into another library: clients of the broker.
+INTEGRATIONS = ("brokerq.kombu",)
 #: Third-party imports each part may make (the stdlib and msgspec: everyone).
 THIRD_PARTY = {
     "brokerq.broker": {"trio", "click"},  # (click: local-queue-broker's options)
     "brokerq.client": {"anyio"},
     "shared": set(),
+    "integrations": set(),
 }
+#: What each part may import of brokerq besides itself and the shared modules.
+MAY_IMPORT = {"integrations": {"brokerq.client"}}
 
 
 def module_name(path: Path) -> str:
@@ -72,6 +80,8 @@ def part_of(name: str) -> str:
     for wing in WINGS:
         if name == wing or name.startswith(wing + "."):
             return wing
+    if any(name == part or name.startswith(part + ".") for part in INTEGRATIONS):
+        return "integrations"
     return "top"
 
 
@@ -82,7 +92,7 @@ def brokerq_imports(name: str) -> set[str]:
 @pytest.mark.parametrize("name", [n for n in MODULES if part_of(n) != "top"])
 def test_a_module_imports_only_what_its_part_may(name: str) -> None:
     part = part_of(name)
-    allowed = {part, "shared"}
+    allowed = {part, "shared", *MAY_IMPORT.get(part, ())}
     wrong = {found for found in brokerq_imports(name) if part_of(found) not in allowed}
     assert not wrong, f"{name} ({part}) imports {sorted(wrong)}"
     outside = {found.split(".")[0] for found in imports_of(name) if not found.startswith("brokerq")}

@@ -103,6 +103,12 @@ class InternalError(BrokerqError, code="internal"):
     """The broker hit a bug; its log has the details."""
 
 
+class NotSupported(BrokerqError):
+    """The broker is older than this client and refused a request it does not
+    know (a ``bad_request`` to ``get_any``, say). Raised by the client, not sent
+    on the wire: restarting the broker (``brokerq stop``) brings this version's."""
+
+
 #: The exception a client raises for each wire code. ``bad_frame`` (the broker's
 #: RemoteProtocolError) means it judged *our* bytes bad, as ``bad_request`` does.
 # fmt: off

@@ -19,6 +19,7 @@ from ..protocol import PROTOCOL_VERSION
 from ..version import __version__
 from . import streaming
 from .core import limits
+from .core.state import QUEUE_LEASE
 from .delivery import SENT, Deliveries, Delivery, empty, join_timeout, put_options, shutting_down
 from .feeds import OVERFLOW_GRACE_SECONDS, LiveFeed
 from .journal import JournalFailed
@@ -31,7 +32,13 @@ __all__ = ["OVERFLOW_GRACE_SECONDS", "Connection"]
 
 _BLOCK: Final = object()
 _SETTINGS: Final = ("max_deliveries", "lease", "maxsize", "max_bytes")  # of a configure
-_TAKES: Final = (protocol.Get, protocol.GetMany, protocol.Reserve)
+_TAKES: Final = (
+    protocol.Get,
+    protocol.GetMany,
+    protocol.Reserve,
+    protocol.GetAny,
+    protocol.ReserveAny,
+)
 #: For a closing connection to write what it owes (a timeout's error, replies after fsync).
 TIMEOUT_GRACE_SECONDS: Final = 1.0
 
@@ -244,6 +251,16 @@ class Connection(Deliveries):
                     lease_s = self._lease_left(msg, now)
                     return Delivery(protocol.Reserve, [msg], rid, lease_s, core.leases_of([msg]))
                 return _BLOCK if timeout != 0 else empty(rid, queue)
+            case protocol.GetAny(id=rid, queues=queues, timeout=timeout):
+                if (msg := core.take_any(queues, now)) is not None:
+                    return Delivery(protocol.GetAny, [msg], rid)
+                return _BLOCK if timeout != 0 else empty(rid, queues)
+            case protocol.ReserveAny(id=rid, queues=queues, timeout=timeout, lease=lease):
+                validation.validate_lease(lease)
+                if (msg := core.take_any(queues, now, lease or QUEUE_LEASE, self)) is not None:
+                    lease_s = self._lease_left(msg, now)
+                    return Delivery(protocol.ReserveAny, [msg], rid, lease_s, core.leases_of([msg]))
+                return _BLOCK if timeout != 0 else empty(rid, queues)
             case protocol.GetMany(id=rid, queue=queue, n=n, timeout=timeout):
                 if n < 1:
                     raise InvalidRequest(f"get_many needs n >= 1, not {n}")

@@ -16,8 +16,8 @@ import trio
 
 from .. import protocol
 from ..pause import pause
-from ..protocol import Error, Get, GetMany, Reserve
-from .core.state import Lease, Message, Waiter
+from ..protocol import Error, Get, GetAny, GetMany, Reserve, ReserveAny
+from .core.state import QUEUE_LEASE, Lease, Message, Waiter
 from .replies import Replies
 from .unixstream import UnixStream
 from .wakeup import STREAM_GONE, PeerGone, Wakeup, wake_all
@@ -28,18 +28,22 @@ if TYPE_CHECKING:
 #: A parked request whose reply hand_over already wrote; or a ``taken``, which has no reply.
 SENT: Final = object()
 
+#: The requests that take one message: hand_over may write their reply.
+OneTake = Get | Reserve | GetAny | ReserveAny
+Take = OneTake | GetMany
+
 
 @dataclass(slots=True)
 class Delivery:
     """Messages taken off a queue for one reply, until that reply is written."""
 
-    kind: type[Get | GetMany | Reserve]
+    kind: type[Take]
     messages: list[Message]
     request_id: int
     lease_s: float = 0.0
     leases: list[Lease | None] | None = None  # a reserve's: what to undo if unsent
 
-    def reply(self) -> protocol.GetReply | protocol.GetManyReply | protocol.ReserveReply:
+    def reply(self) -> protocol.AnyReply:
         if self.kind is GetMany:
             ids, bodies = [m.id for m in self.messages], [m.body for m in self.messages]
             return protocol.GetManyReply(id=self.request_id, msg_ids=ids, bodies=bodies)
@@ -52,6 +56,19 @@ class Delivery:
                 attempt=msg.attempts,
                 lease=self.lease_s,
             )
+        if self.kind is ReserveAny:
+            return protocol.ReserveAnyReply(
+                id=self.request_id,
+                queue=msg.queue,
+                msg_id=msg.id,
+                body=msg.body,
+                attempt=msg.attempts,
+                lease=self.lease_s,
+            )
+        if self.kind is GetAny:
+            return protocol.GetAnyReply(
+                id=self.request_id, queue=msg.queue, msg_id=msg.id, body=msg.body
+            )
         return protocol.GetReply(id=self.request_id, msg_id=msg.id, body=msg.body)
 
 
@@ -59,7 +76,7 @@ class Deliveries(Replies):
     def __init__(self, broker: BrokerBase, stream: trio.abc.Stream) -> None:
         super().__init__(broker, stream)
         #: The get or reserve parked, and what hand_over wrote for it (and not yet).
-        self.parked: tuple[Get | Reserve, Waiter] | None = None
+        self.parked: tuple[OneTake, Waiter] | None = None
         self.handed: tuple[Delivery, bytes] | None = None
 
     async def _receive(self, *, idle: bool = False) -> bytes | bytearray:
@@ -141,13 +158,16 @@ class Deliveries(Replies):
                 token.scope = None
         return False
 
-    async def _wait_for_message(
-        self, request: Get | GetMany | Reserve
-    ) -> Delivery | Error | object:
+    async def _wait_for_message(self, request: Take) -> Delivery | Error | object:
         lease = None
         if isinstance(request, Reserve):
             lease = request.lease or self.core.queue_config(request.queue)["lease"]
-        waiter = self.core.wait(request.queue, Wakeup(), lease, owner=self)
+        if isinstance(request, GetAny | ReserveAny):
+            if isinstance(request, ReserveAny):
+                lease = request.lease or QUEUE_LEASE  # (then the queue's it comes from)
+            waiter = self.core.wait_any(request.queues, Wakeup(), lease, owner=self)
+        else:
+            waiter = self.core.wait(request.queue, Wakeup(), lease, owner=self)
         if not isinstance(request, GetMany):
             self.parked = (request, waiter)
         try:
@@ -164,7 +184,8 @@ class Deliveries(Replies):
             raise PeerGone
         if not waiter.served:
             self.core.cancel_wait(waiter, self.broker.clock())
-            return self._unserved(empty(request.id, request.queue))
+            names = request.queues if isinstance(request, GetAny | ReserveAny) else request.queue
+            return self._unserved(empty(request.id, names))
         messages = waiter.messages
         if isinstance(request, GetMany) and request.n > len(messages):
             room = self._batch_bytes() - sum(
@@ -173,11 +194,11 @@ class Deliveries(Replies):
             messages += self.core.get_nowait(request.queue, request.n - len(messages), room)
         return self._delivery_to(request, waiter)
 
-    def _delivery_to(self, request: Get | GetMany | Reserve, waiter: Waiter) -> Delivery:
+    def _delivery_to(self, request: Take, waiter: Waiter) -> Delivery:
         if waiter.lease is None:
             return Delivery(type(request), waiter.messages, request.id)
         lease_s = self._lease_left(waiter.messages[0], self.broker.clock())
-        return Delivery(Reserve, waiter.messages, request.id, lease_s, waiter.leases)
+        return Delivery(type(request), waiter.messages, request.id, lease_s, waiter.leases)
 
     def hand_over(self, waiter: Waiter) -> None:
         """Write the parked request's reply from the task that handed it a message,
@@ -234,7 +255,11 @@ def shutting_down(request_id: int) -> Error:
     return Error(id=request_id, code="shutting_down", message="the broker is stopping")
 
 
-def empty(request_id: int, queue: str) -> Error:
+def empty(request_id: int, queue: str | list[str]) -> Error:
+    """``queue``: a list for a get_any or reserve_any (every one of them was empty)."""
+    if isinstance(queue, list):
+        names = ", ".join(repr(name) for name in queue)
+        return Error(id=request_id, code="empty", message=f"queues {names} are empty")
     return Error(id=request_id, code="empty", message=f"queue {queue!r} is empty")
 
 

@@ -6,7 +6,7 @@ import contextlib
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 from typing import Any, BinaryIO
 
@@ -49,7 +49,7 @@ def put(state: State, /, queue: str, messages: tuple[str, ...], null: bool, **kw
 
 
 @cli.command()
-@click.argument("queue")
+@click.argument("queues", metavar="QUEUE [QUEUE...]", nargs=-1, required=True)
 @count(
     "-n", "count", default=1, show_default=True, help="How many messages to get, one after another."
 )
@@ -64,29 +64,39 @@ def put(state: State, /, queue: str, messages: tuple[str, ...], null: bool, **kw
 @null_option(output=True)
 @pass_state
 def get(
-    state: State, /, *, queue: str, count: int, timeout: float | None, as_json: bool, null: bool
+    state: State,
+    /,
+    *,
+    queues: tuple[str, ...],
+    count: int,
+    timeout: float | None,
+    as_json: bool,
+    null: bool,
 ) -> None:
     """Get messages from QUEUE and print each body on its own line.
 
-    Exits 3 if --timeout passes before the first message; 0 if at least one
-    message came. Each message is taken off QUEUE once it was written to
-    stdout: one that could not be (Ctrl-C, a closed pipe) stays on QUEUE.
+    With several queues, each message comes from the first of them that has
+    one, waiting on all at once when none has (--json says which). Exits 3
+    if --timeout passes before the first message; 0 if at least one message
+    came. Each message is taken off its queue once it was written to stdout:
+    one that could not be (Ctrl-C, a closed pipe) stays on its queue.
     """
     if as_json and null:
         raise click.UsageError("--json and -0/--null are mutually exclusive.")
     end = b"\0" if null else b"\n"
-    q = state.queue(queue)
+    reserve = _reserver(state, queues)
     out = sys.stdout.buffer
     deadline = None if timeout is None else time.monotonic() + timeout
     with _Interrupts() as interrupts:
         for got in range(count):
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             try:
-                message = q.reserve(timeout=remaining, lease=GET_LEASE)
+                message = reserve(remaining)
             except Empty:
                 if got:
                     return
-                raise Empty(f"no message on {queue!r} within {timeout:g} s") from None
+                names = ", ".join(map(repr, queues))
+                raise Empty(f"no message on {names} within {timeout:g} s") from None
             with interrupts.held():
                 _write_all(out, _json_line(message) if as_json else message.body + end)
                 # Taken off its queue as a get does (its task left for a task_done).
@@ -96,6 +106,16 @@ def get(
                     raise BrokerqError(
                         f"message {message.id} was printed, but may be delivered again: {exc}"
                     ) from exc
+
+
+def _reserver(state: State, queues: tuple[str, ...]) -> Callable[[float | None], Message]:
+    """How ``get`` takes its next message, within a timeout: a reserve of its
+    one queue, as ever (so it runs against any broker), or of several at once."""
+    if len(queues) == 1:
+        q = state.queue(queues[0])
+        return lambda timeout: q.reserve(timeout=timeout, lease=GET_LEASE)
+    calls.queue_list(queues)  # (a name twice, or too many: refused before connecting)
+    return lambda timeout: state.client.reserve_any(queues, timeout=timeout, lease=GET_LEASE)
 
 
 def _json_line(message: Message) -> bytes:

@@ -8,7 +8,7 @@ runs the op and takes its docstring from here, so that both say the same.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from operator import attrgetter
 from typing import Any, Generic, TypeVar
@@ -21,6 +21,7 @@ from .calls import Call
 R = TypeVar("R", bound=protocol.Reply)
 T = TypeVar("T")
 F = TypeVar("F", bound=Callable[..., Any])
+NamedBody = tuple[str, bytes]
 
 
 @dataclass(slots=True)
@@ -85,6 +86,19 @@ DOCS = {
     seconds, else the queue's) runs out before :meth:`Message.ack`, it is
     delivered again (at-least-once).
     """,
+    "get_any": """Remove and return ``(queue name, body)`` of the next message of
+    any of ``queues``, waiting up to ``timeout`` seconds (as :meth:`Queue.get`).
+
+    The first queue in the list that has a message ready gives it (the list
+    is an order of priority); if none has, it waits on all of them at once,
+    in each queue's line of waiters (docs/usage.md, "Waiting on several
+    queues"). Raises Empty on timeout, NotSupported from an older broker.
+    """,
+    "reserve_any": """Lease the next message of any of ``queues`` (the first that
+    has one, as :meth:`get_any`): a Message whose ``queue`` is the Queue it
+    came from, to ack, release, bury or touch as one from :meth:`Queue.reserve`.
+    ``lease``: seconds (None: the lease of the queue it came from).
+    """,
     "ping": """Round-trip time to the broker, in seconds (connecting is not counted).""",
     "stop": """Ask the broker to exit and wait until it has; never spawns one.
 
@@ -109,6 +123,15 @@ def _op(
 ) -> Op[R, T]:
     """An op whose request never waits in the broker."""
     return Op(Call(expect, kind, 0, fields), result)
+
+
+def named_body(reply: protocol.GetAnyReply | protocol.ReserveAnyReply) -> NamedBody:
+    """What :meth:`Client.get_any` returns: the queue's name, and the body."""
+    return reply.queue, reply.body
+
+
+def get_any(queues: Iterable[str], timeout: float | None) -> Op[protocol.GetAnyReply, NamedBody]:
+    return Op(calls.get_any(queues, timeout), named_body)
 
 
 def kick(queue: str, n: int = 1) -> Op[protocol.KickReply, int]:

@@ -30,7 +30,7 @@ import anyio
 
 from .. import validation
 from ..errors import BrokerqError, Empty
-from ..protocol import GetManyReply, ReserveReply, StreamDelivery
+from ..protocol import GetAnyReply, GetManyReply, ReserveAnyReply, ReserveReply, StreamDelivery
 from . import api, calls
 from .api import R, T
 from .async_streams import AsyncStreams, AsyncSubscription
@@ -70,6 +70,31 @@ class AsyncClient(AsyncStreams):
         return await self.do(
             api.publish(topic, body, limit, self._keys.take, priority=priority, ttl=ttl)
         )
+
+    async def get_any(
+        self, queues: Iterable[str], timeout: float | None = None
+    ) -> tuple[str, bytes]:
+        call = calls.get_any(queues, timeout)
+        with calls.supported("get_any", "multi-queue wait"):
+            return api.named_body(await self._get_any(call))
+
+    async def _get_any(self, call: Call[GetAnyReply]) -> GetAnyReply | ReserveAnyReply:
+        """A get_any as :meth:`AsyncQueue._get` makes a get: without waiting,
+        shielded; then, if it may wait, by reserve_any and a shielded ack."""
+        start = anyio.current_time()
+        try:
+            return await self._run(call.with_timeout(0))
+        except Empty:
+            if call.wait == 0:
+                raise
+        lease = max(self.timeout, 1.0)  # long enough for the ack
+        wait = _left(call.wait, start)
+        return await self._take(calls.reserve_any(call.fields["queues"], wait, lease))
+
+    def reserve_any(
+        self, queues: Iterable[str], timeout: float | None = None, lease: float | None = None
+    ) -> ReservingAny:
+        return ReservingAny(self, calls.reserve_any(queues, timeout, lease))
 
     def subscribe(self, topic: str) -> AsyncSubscription:
         """A live subscription to ``topic``, on a connection of its own, in
@@ -244,13 +269,33 @@ class AsyncQueue:
         return await self._do(api.unsubscribe(self.name, topic))
 
 
-class Reserving:
+class _Reservation:
+    """A reserve to make: awaited for its message, or with ``async with``
+    (acked on a clean exit, released on an exception, as a Message is)."""
+
+    message: AsyncMessage | None = None
+
+    async def _reserve(self) -> AsyncMessage:
+        raise NotImplementedError
+
+    def __await__(self) -> Generator[Any, None, AsyncMessage]:
+        return self._reserve().__await__()
+
+    async def __aenter__(self) -> AsyncMessage:
+        self.message = await self._reserve()
+        return self.message
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        assert self.message is not None
+        await self.message.__aexit__(exc_type)
+
+
+class Reserving(_Reservation):
     """What :meth:`AsyncQueue.reserve` returns: awaited, or with ``async with``."""
 
     def __init__(self, queue: AsyncQueue, call: Call[ReserveReply]) -> None:
         self.queue = queue
         self.call = call
-        self.message: AsyncMessage | None = None
 
     async def _reserve(self) -> AsyncMessage:
         queue = self.queue
@@ -265,16 +310,19 @@ class Reserving:
         reply, conn = await queue.client._reserve(self.call)
         return AsyncMessage(queue, reply, conn)
 
-    def __await__(self) -> Generator[Any, None, AsyncMessage]:
-        return self._reserve().__await__()
 
-    async def __aenter__(self) -> AsyncMessage:
-        self.message = await self._reserve()
-        return self.message
+class ReservingAny(_Reservation):
+    """What :meth:`AsyncClient.reserve_any` returns: awaited, or with ``async with``.
+    Its message's ``queue`` is the :class:`AsyncQueue` of the queue it came from."""
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
-        assert self.message is not None
-        await self.message.__aexit__(exc_type)
+    def __init__(self, client: AsyncClient, call: Call[ReserveAnyReply]) -> None:
+        self.client = client
+        self.call = call
+
+    async def _reserve(self) -> AsyncMessage:
+        with calls.supported("reserve_any", "multi-queue wait"):
+            reply, conn = await self.client._reserve(self.call)
+        return AsyncMessage(self.client.queue(reply.queue), reply, conn)
 
 
 class AsyncMessage:
@@ -282,12 +330,19 @@ class AsyncMessage:
     verbs run shielded, never sent again after a lost connection. It holds the
     connection its lease came on until settled or collected (then the lease runs out)."""
 
-    def __init__(self, queue: AsyncQueue, reply: ReserveReply, conn: AsyncConnection) -> None:
+    def __init__(
+        self, queue: AsyncQueue, reply: ReserveReply | ReserveAnyReply, conn: AsyncConnection
+    ) -> None:
         self._took(queue, reply, time.monotonic() + reply.lease)
         self._conn: AsyncConnection | None = conn
         self._unpin = weakref.finalize(self, queue.client._recycle, conn)
 
-    def _took(self, queue: AsyncQueue, reply: ReserveReply | StreamDelivery, until: float) -> None:
+    def _took(
+        self,
+        queue: AsyncQueue,
+        reply: ReserveReply | ReserveAnyReply | StreamDelivery,
+        until: float,
+    ) -> None:
         self.queue = queue
         self.id = reply.msg_id
         self.body = reply.body

@@ -50,6 +50,20 @@ class Client(Streaming):
             q.configure(**settings)
         return q
 
+    def get_any(self, queues: Iterable[str], timeout: float | None = None) -> tuple[str, bytes]:
+        with calls.supported("get_any", "multi-queue wait"):
+            return self.do(api.get_any(queues, timeout))
+
+    def reserve_any(
+        self, queues: Iterable[str], timeout: float | None = None, lease: float | None = None
+    ) -> Message:
+        call = calls.reserve_any(queues, timeout, lease)
+        with calls.supported("reserve_any", "multi-queue wait"):
+            reply = self.run(call)
+        return Message(
+            self.queue(reply.queue), reply.msg_id, reply.body, reply.attempt, reply.lease
+        )
+
     def publish(
         self, topic: str, body: Body, *, priority: int = 0, ttl: float | None = None
     ) -> int:

@@ -7,8 +7,9 @@ checked (the others are :mod:`.api`'s ops); the names of :mod:`.wire` and
 
 from __future__ import annotations
 
+import contextlib
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -17,7 +18,9 @@ from ..errors import (
     BrokerqError,
     Empty,
     InvalidRequest,
+    LocalProtocolError,
     MessageTooLarge,
+    NotSupported,
     VersionMismatch,
     from_code,
 )
@@ -150,6 +153,45 @@ def reserve(queue: str, timeout: float | None, lease: float | None) -> Call[prot
     validation.validate_lease(lease)
     fields = {"queue": queue, "timeout": timeout, "lease": lease}
     return Call(protocol.ReserveReply, protocol.Reserve, timeout, fields)
+
+
+def queue_list(queues: Iterable[str]) -> list[str]:
+    """The names of a multi-queue wait, in their order (the order of priority).
+    A lone str is refused: iterated, it would be a wait on each of its letters."""
+    if isinstance(queues, str | bytes) or not hasattr(queues, "__iter__"):
+        raise InvalidRequest(f"queues is an iterable of names, not {type(queues).__name__}")
+    names = list(queues)
+    validation.validate_queue_list(names)
+    return names
+
+
+def get_any(queues: Iterable[str], timeout: float | None) -> Call[protocol.GetAnyReply]:
+    validation.validate_timeout(timeout)
+    fields = {"queues": queue_list(queues), "timeout": timeout}
+    return Call(protocol.GetAnyReply, protocol.GetAny, timeout, fields)
+
+
+def reserve_any(
+    queues: Iterable[str], timeout: float | None, lease: float | None
+) -> Call[protocol.ReserveAnyReply]:
+    validation.validate_timeout(timeout)
+    validation.validate_lease(lease)
+    fields = {"queues": queue_list(queues), "timeout": timeout, "lease": lease}
+    return Call(protocol.ReserveAnyReply, protocol.ReserveAny, timeout, fields)
+
+
+@contextlib.contextmanager
+def supported(op: str, feature: str) -> Iterator[None]:
+    """Raise :class:`NotSupported` for the ``bad_request`` that a broker older
+    than ``op`` answers it with (it does not know the op). The client checks
+    every argument first, so from a broker that knows it, this never comes."""
+    try:
+        yield
+    except LocalProtocolError as exc:
+        raise NotSupported(
+            f"the broker does not support {op} ({feature}): it is older than this client; "
+            "restart it (brokerq stop) to run this version"
+        ) from exc
 
 
 def configure(

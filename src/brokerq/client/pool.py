@@ -20,13 +20,15 @@ from anyio.abc import UNIXSocketStream
 
 from .. import protocol
 from ..errors import BrokerqError, BrokerUnavailable, Full, LeaseLost, VersionMismatch
-from ..protocol import HelloReply, ReserveReply
+from ..protocol import HelloReply, ReserveAnyReply, ReserveReply
 from ..spawn import connect_or_spawn, resolve_socket_path
 from . import calls, prefetch
 from .calls import Call, ConnectionLost
 from .sockio import retire_older_broker
 
 R = TypeVar("R", bound=protocol.Reply)
+#: A reserve's reply: of one queue, or of the first of several.
+Reserved = TypeVar("Reserved", ReserveReply, ReserveAnyReply)
 Then = Callable[["AsyncConnection", R], Awaitable[None]]
 
 #: Idle connections a client keeps for reuse; more are closed when given back.
@@ -383,10 +385,10 @@ class Pool:
             finally:
                 await self._release(conn)
 
-    async def _take(self, reserve: Call[ReserveReply]) -> ReserveReply:
+    async def _take(self, reserve: Call[Reserved]) -> Reserved:
         """A get that waits, done as reserve then ack (see :mod:`.asynchronous`)."""
 
-        async def ack(conn: AsyncConnection, reply: ReserveReply) -> None:
+        async def ack(conn: AsyncConnection, reply: Reserved) -> None:
             ack = calls.ack(reply.msg_id, reply.attempt, as_get=True)  # task_done's
             try:
                 with anyio.CancelScope(shield=True):
@@ -396,11 +398,11 @@ class Pool:
 
         return await self._run(reserve, ack)
 
-    async def _reserve(self, call: Call[ReserveReply]) -> tuple[ReserveReply, AsyncConnection]:
+    async def _reserve(self, call: Call[Reserved]) -> tuple[Reserved, AsyncConnection]:
         """A reserve, and the connection that now holds its lease."""
         holder: list[AsyncConnection] = []
 
-        async def pin(conn: AsyncConnection, reply: ReserveReply) -> None:
+        async def pin(conn: AsyncConnection, reply: Reserved) -> None:
             conn.pinned = True
             holder.append(conn)
 

@@ -116,8 +116,9 @@ class CoreBase:
             self._prefetched[msg.id] = msg
             q.prefetched += 1
             return
-        if waiter.lease is not None:
-            lease = self._lease(q, msg, now, waiter.lease, waiter.owner, journaled=journaled)
+        if waiter.lease is not None:  # (QUEUE_LEASE, 0.0: the queue's lease, as None)
+            length = waiter.lease or None
+            lease = self._lease(q, msg, now, length, waiter.owner, journaled=journaled)
             waiter.leases.append(lease)
         else:
             if not journaled:
@@ -136,8 +137,18 @@ class CoreBase:
                 q.waiters.move_to_end(waiter)  # round robin: to the back of the line
             else:
                 del q.waiters[waiter]
+                if waiter.queues:
+                    self._leave_lines(waiter)
             served.append(waiter)
         return served
+
+    def _leave_lines(self, waiter: Waiter) -> None:
+        """A waiter on several queues, served, cancelled or gone, leaves every
+        line it waits in: no other queue may hand it a message too."""
+        for name in waiter.queues:
+            q = self._queues.get(name)
+            if q is not None:
+                q.waiters.pop(waiter, None)
 
     def _make_ready(self, q: QueueState, msg: Message, now: float) -> list[Waiter]:
         q.ready.insert(msg)

@@ -12,7 +12,7 @@ import msgspec
 
 from ...errors import Full, InvalidRequest, QueueFull
 from ...protocol import MESSAGE_OVERHEAD
-from ...validation import validate_queue_name
+from ...validation import validate_queue_list, validate_queue_name
 from .base import LIVE_OVERHEAD, CoreBase, config_record_of, put_record_of
 from .records import AttemptsRecord, DeleteRecord, DropQueueRecord, PutRecord
 from .state import Expiry, Joiner, Lease, Message, Putter, QueueState, Waiter
@@ -117,6 +117,8 @@ class Queues(CoreBase):
                 self._add_timer(expires_at, Expiry(msg))
         for msg, waiter in zip(messages, waiters, strict=False):  # the handoffs the record names
             del q.waiters[waiter]
+            if waiter.queues:
+                self._leave_lines(waiter)
             self._deliver(q, msg, waiter, now, journaled=True)
         if delay:  # (then no waiter was handed anything)
             for msg in messages:
@@ -250,9 +252,41 @@ class Queues(CoreBase):
         q.waiters[waiter] = None
         return waiter
 
+    def take_any(
+        self, names: list[str], now: float, lease: float | None = None, owner: object = None
+    ) -> Message | None:
+        """A get_any (``lease`` None) or reserve_any (QUEUE_LEASE: the queue's):
+        the head of the first of ``names`` with a message ready, or None."""
+        validate_queue_list(names)
+        for name in names:
+            q = self._queues.get(name)
+            if q is not None and q.ready:
+                if lease is None:
+                    return self.get_nowait(name)[0]
+                return self.reserve_nowait(name, now, lease or None, owner)
+        return None
+
+    def wait_any(
+        self,
+        names: list[str],
+        token: object = None,
+        lease: float | None = None,
+        owner: object = None,
+    ) -> Waiter:
+        """Park a get_any or reserve_any at the back of each of its queues' lines."""
+        validate_queue_list(names)
+        lines = [self._queue(name) for name in names]
+        assert not any(q.ready for q in lines), "wait_any() while messages are ready"
+        waiter = Waiter(names[0], token, lease, owner, tuple(names))
+        for q in lines:
+            q.waiters[waiter] = None
+        return waiter
+
     def cancel_wait(self, waiter: Waiter, now: float) -> list[Waiter]:
         """Withdraw a waiter; messages already handed to it go back to the head."""
         self._queue(waiter.queue).waiters.pop(waiter, None)
+        if waiter.queues:
+            self._leave_lines(waiter)
         messages, waiter.messages = waiter.messages, []
         # The leases handed to this waiter, not those the messages hold now:
         # one may have run out and the message gone to another consumer since.
@@ -422,12 +456,12 @@ class Queues(CoreBase):
 
     def all_waiters(self) -> list[Waiter | Putter | Joiner]:
         """Every parked dequeuer, put and join (a stopping broker wakes them)."""
-        parked: list[Waiter | Putter | Joiner] = []
+        parked: dict[Waiter | Putter | Joiner, None] = {}  # (one waiting on several: once)
         for q in self._queues.values():
-            parked += [*q.waiters, *q.putters]
+            parked.update(dict.fromkeys([*q.waiters, *q.putters]))
         for joiners in self._joiners.values():
-            parked += joiners
-        return parked
+            parked.update(dict.fromkeys(joiners))
+        return list(parked)
 
     def snapshot_size(self) -> int:
         """Roughly the bytes a snapshot takes."""

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict, deque
 from dataclasses import KW_ONLY, dataclass, field
-from typing import Any
+from typing import Any, Final
 
 from .ready import ReadyList
 
@@ -53,14 +53,23 @@ class Putter:
     ids: list[int] | None = field(default=None, init=False)
 
 
+#: A parked reserve_any's ``lease`` when its request named none: the lease of the
+#: queue the message comes from, known only then (a lease asked for is > 0).
+QUEUE_LEASE: Final = 0.0
+
+
 @dataclass(slots=True, eq=False)
 class Waiter:
-    """A dequeuer parked until a message is handed to it; ``lease``: None for a get."""
+    """A dequeuer parked until a message is handed to it; ``lease``: None for a get.
+    ``queues``: a get_any's or reserve_any's, in priority order (``queue`` is the
+    first), in each of whose lines it waits; empty for one queue's waiter, which
+    so costs the hot path one falsy test (see CoreBase._leave_lines)."""
 
     queue: str
     token: object = None
     lease: float | None = None
     owner: object = None
+    queues: tuple[str, ...] = ()
     messages: list[Message] = field(default_factory=list, init=False)
     #: For a reserve: the lease each message was handed with (to undo exactly that).
     leases: list[Lease | None] = field(default_factory=list, init=False)

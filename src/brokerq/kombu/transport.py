@@ -1,0 +1,397 @@
+"""The kombu transport: brokerq as the broker of kombu (and so of Celery).
+
+What kombu asks of a transport, mapped onto brokerq's own features:
+
+* queues are brokerq queues; a message is kombu's message (body,
+  headers, properties) as JSON, put with brokerq ``priority`` (kombu's
+  0-9, higher first, as AMQP; clamped by the queue's ``x-max-priority``)
+  and ``ttl`` (the message's ``expiration`` and the queue's
+  ``x-message-ttl``, in ms, whichever is shorter; the queue's arguments
+  are known where the queue was declared in this process);
+* consuming is reserving, one request waiting on all the consumed queues
+  at once (:mod:`.poller`); acks, rejects and requeues settle the lease
+  (:mod:`.qos`); ``visibility_timeout`` (seconds, default 3600) is the
+  lease's length;
+* exchanges are brokerq topics, their bindings durable subscriptions kept
+  in the broker's journal (:mod:`.routing`);
+* the URL names the broker's socket: ``brokerq://`` the default one (as
+  ``brokerq.connect()``), ``brokerq:///abs/path/to/broker.sock`` that
+  one; the broker is spawned, as by every client, if none runs.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from typing import Any, cast
+
+from kombu.transport import virtual
+from kombu.utils.json import dumps, loads
+
+from ..client.blocking import Client, Queue, connect
+from ..client.blocking import Message as Lease
+from ..errors import (
+    BrokerUnavailable,
+    ConnectionLost,
+    Empty,
+    Full,
+    InvalidRequest,
+    LeaseLost,
+    LocalProtocolError,
+    MessageTooLarge,
+    PermissionDenied,
+    RemoteProtocolError,
+    VersionMismatch,
+)
+from ..spawn import resolve_socket_path
+from ..version import __version__
+from . import routing
+from .poller import Poller, Reserved
+from .qos import QoS, _settle
+
+#: kombu's default lease, as Redis's and SQS's ``visibility_timeout``.
+DEFAULT_VISIBILITY_TIMEOUT = 3600.0
+#: How long one waiting reserve waits in the broker before it is asked again
+#: with the queues consumed by then (see :mod:`.poller`).
+DEFAULT_WAIT_BOUND = 1.0
+
+
+class Channel(virtual.Channel):
+    """A kombu channel: queues, bindings and publishes through the
+    connection's brokerq client; consuming through its poller."""
+
+    QoS = QoS
+    supports_fanout = True
+    connection: Transport
+
+    def __init__(self, connection: Transport, **kwargs: Any) -> None:
+        super().__init__(connection, **kwargs)
+        #: Queues consumed with ``no_ack``: their messages are acked as they come.
+        self.no_ack_queues: set[str] = set()
+
+    @property
+    def client(self) -> Client:
+        return self.connection.brokerq_client()
+
+    # -- queues --------------------------------------------------------
+
+    def _new_queue(self, queue: str, **kwargs: Any) -> None:
+        """brokerq queues need no creating; their arguments are kept here."""
+        self.connection.queue_arguments[queue] = dict(kwargs.get("arguments") or {})
+
+    def _has_queue(self, queue: str, **kwargs: Any) -> bool:
+        return queue in self.connection.queue_arguments or queue in self.client.queues()
+
+    def _size(self, queue: str) -> int:
+        return self.client.queue(queue).qsize()
+
+    def _purge(self, queue: str) -> int:
+        return self.client.queue(queue).purge()
+
+    def queue_delete(
+        self, queue: str, if_unused: bool = False, if_empty: bool = False, **kwargs: Any
+    ) -> int | None:
+        """The queue's messages, settings and subscriptions (its bindings,
+        made anywhere) go: brokerq's ``Queue.delete`` drops them all."""
+        if if_empty and self._size(queue):
+            return None
+        count = self.client.queue(queue).delete()
+        self.state.queue_bindings_delete(queue)
+        self.connection.queue_arguments.pop(queue, None)
+        return count
+
+    # -- bindings: subscriptions ---------------------------------------
+
+    def _binding_topic(self, exchange: str, routing_key: str) -> str:
+        kind = self.typeof(exchange).type
+        if kind == "fanout":
+            return routing.fanout_topic(exchange)
+        if kind == "topic":
+            return routing.topic_binding(exchange, routing_key)
+        return routing.direct_topic(exchange, routing_key)
+
+    def _queue_bind(self, exchange: str, routing_key: str, pattern: Any, queue: str) -> None:
+        self.client.queue(queue).subscribe(self._binding_topic(exchange, routing_key))
+
+    def queue_unbind(
+        self,
+        queue: str,
+        exchange: str | None = None,
+        routing_key: str = "",
+        arguments: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        super().queue_unbind(queue, exchange, routing_key, arguments, **kwargs)
+        exchange = exchange or "amq.direct"
+        self.client.queue(queue).unsubscribe(self._binding_topic(exchange, routing_key))
+
+    # -- publishing ----------------------------------------------------
+
+    def basic_publish(
+        self, message: dict[str, Any], exchange: str, routing_key: str, **kwargs: Any
+    ) -> None:
+        self._inplace_augment_message(message, exchange, routing_key)
+        if not exchange:  # the anonymous exchange: the routing key is the queue
+            self._put(routing_key, message)
+            return
+        kind = self.typeof(exchange).type
+        if kind == "topic":
+            for queue in self._topic_queues(exchange, routing_key):
+                self._put(queue, message)
+            return
+        if kind not in ("direct", "fanout"):
+            raise NotImplementedError(f"brokerq has no {kind!r} exchanges")
+        priority, ttl = self._put_options(message, None)
+        topic = self._binding_topic(exchange, routing_key)
+        self.client.publish(topic, dumps(message), priority=priority, ttl=ttl)
+
+    def _topic_queues(self, exchange: str, routing_key: str) -> list[str]:
+        """The queues bound to topic exchange ``exchange`` by a pattern that
+        matches ``routing_key``, from the bindings the broker holds: each once."""
+        queues: dict[str, None] = {}
+        for topic, info in self.client.stats().get("topics", {}).items():
+            pattern = routing.pattern_of(topic, exchange)
+            if pattern is not None and routing.matches(routing.unescape(pattern), routing_key):
+                queues.update(dict.fromkeys(info.get("queues", ())))
+        return list(queues)
+
+    def _put(self, queue: str, message: dict[str, Any], **kwargs: Any) -> None:
+        priority, ttl = self._put_options(message, queue)
+        self.client.queue(queue).put(dumps(message), priority=priority, ttl=ttl)
+
+    def _put_options(self, message: dict[str, Any], queue: str | None) -> tuple[int, float | None]:
+        """brokerq's priority and ttl for ``message`` (put to ``queue``; None:
+        published, to queues unknown here, so only the message's own)."""
+        args = self.connection.queue_arguments.get(queue, {}) if queue else {}
+        props = message.get("properties") or {}
+        top = args.get("x-max-priority")
+        top = self.max_priority if top is None else min(int(top), self.max_priority)
+        try:
+            priority = max(min(int(props.get("priority") or 0), top), self.min_priority)
+        except (TypeError, ValueError):
+            priority = self.default_priority
+        given = (props.get("expiration"), args.get("x-message-ttl"))
+        ttls = [float(ms) / 1000 for ms in given if ms is not None]
+        # (an expiration of 0 is "now or never": the least brokerq allows)
+        return priority, max(min(ttls), 0.001) if ttls else None
+
+    # -- consuming -----------------------------------------------------
+
+    def basic_consume(
+        self, queue: str, no_ack: bool, callback: Any, consumer_tag: str, **kwargs: Any
+    ) -> Any:
+        super().basic_consume(queue, no_ack, callback, consumer_tag, **kwargs)
+        self.connection.consumers_of[queue] = self
+        if no_ack:
+            self.no_ack_queues.add(queue)
+        else:
+            self.no_ack_queues.discard(queue)
+        return consumer_tag
+
+    def basic_cancel(self, consumer_tag: str) -> None:
+        queue = self._tag_to_queue.get(consumer_tag)
+        super().basic_cancel(consumer_tag)
+        if queue is not None and self.connection.consumers_of.get(queue) is self:
+            del self.connection.consumers_of[queue]
+            self.no_ack_queues.discard(queue)
+
+    def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
+        """One message now, or None: a ``get`` with ``no_ack``, else a reserve."""
+        q = self.client.queue(queue)
+        try:
+            if no_ack:
+                return self.Message(loads(q.get(timeout=0)), channel=self)
+            lease = q.reserve(timeout=0, lease=self.connection.visibility_timeout)
+        except Empty:
+            return None
+        payload = self.connection.payload_of(lease)
+        message = self.Message(payload, channel=self)
+        self.qos.hold(message.delivery_tag, lease)
+        self.qos.append(message, message.delivery_tag)
+        return message
+
+    def _get(self, queue: str, timeout: float | None = None) -> Any:
+        raise NotImplementedError("brokerq channels consume through the transport's poller")
+
+
+class Transport(virtual.Transport):
+    """brokerq as a kombu transport (see the module doc)."""
+
+    Channel = Channel
+    driver_type = "brokerq"
+    driver_name = "brokerq"
+    implements = virtual.Transport.implements.extend(
+        asynchronous=True, exchange_type=frozenset(["direct", "topic", "fanout"])
+    )
+    #: kombu's and Celery's retry logic reconnects on these.
+    #: (cast: kombu's base class declares a tuple of one)
+    connection_errors = cast(
+        "tuple[Any]",
+        (
+            *virtual.Transport.connection_errors,
+            BrokerUnavailable,
+            ConnectionLost,
+            RemoteProtocolError,
+            VersionMismatch,
+            OSError,
+        ),
+    )
+    #: These fail the one operation, and the connection goes on.
+    channel_errors = cast(
+        "tuple[Any]",
+        (
+            *virtual.Transport.channel_errors,
+            InvalidRequest,
+            LeaseLost,
+            LocalProtocolError,
+            MessageTooLarge,
+            Full,
+            PermissionDenied,
+        ),
+    )
+
+    def __init__(self, client: Any, **kwargs: Any) -> None:
+        super().__init__(client, **kwargs)
+        options = client.transport_options
+        self.visibility_timeout = float(
+            options.get("visibility_timeout", DEFAULT_VISIBILITY_TIMEOUT)
+        )
+        self.wait_bound = float(options.get("wait_bound", DEFAULT_WAIT_BOUND))
+        self.connect_timeout = float(client.connect_timeout or 10.0)
+        #: How long after its own timeout an answer may take to come.
+        self.grace = self.connect_timeout
+        #: The arguments of the queues declared in this process (x-message-ttl ...).
+        self.queue_arguments: dict[str, dict[str, Any]] = {}
+        #: The channel consuming each queue (kombu keeps one callback per queue).
+        self.consumers_of: dict[str, Channel] = {}
+        self._client: Client | None = None
+        path = client.virtual_host  # brokerq:///abs/path: "abs/path"; brokerq://: "/" or None
+        #: The broker's socket: the URL's path, else the default (as ``brokerq.connect()``'s).
+        self.socket_path = resolve_socket_path(
+            None if not path or path == "/" else "/" + path.lstrip("/")
+        )
+        self.poller = Poller(
+            self.socket_path, self.connect_timeout, self.visibility_timeout, self.wait_bound
+        )
+        self._hub_fd: int | None = None
+
+    def driver_version(self) -> str:
+        return __version__
+
+    def brokerq_client(self) -> Client:
+        """The blocking brokerq client the channels share (connected, and the
+        broker spawned, on first use; it reconnects by itself)."""
+        if self._client is None:
+            self._client = connect(self.socket_path, timeout=self.connect_timeout)
+        return self._client
+
+    def establish_connection(self) -> Any:
+        self.brokerq_client()
+        return super().establish_connection()
+
+    def close_connection(self, connection: Any) -> None:
+        try:
+            super().close_connection(connection)
+        finally:
+            self.poller.close()
+            if self._client is not None:
+                self._client.close()
+                self._client = None
+
+    # -- waiting for messages -----------------------------------------
+
+    def consumable_queues(self) -> list[str]:
+        """The queues consumed by a channel that may take one more message
+        (its prefetch_count not reached), in the order they were consumed."""
+        return [
+            queue
+            for queue, channel in self.consumers_of.items()
+            if not channel.closed and channel.qos.can_consume()
+        ]
+
+    def drain_events(self, connection: Any, timeout: float | None = None, **kwargs: Any) -> None:
+        """Wait for one message on any consumed queue and deliver it (kombu's
+        ``Connection.drain_events``, for code without a hub); socket.timeout
+        after ``timeout``. With nothing that may be consumed (no consumer,
+        or every prefetch_count reached), nothing can come: it waits out
+        the timeout (at once with None, rather than for ever)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            self.brokerq_client()
+            left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
+            self.poller.start(self.consumable_queues(), left)
+            if self.poller.waiting is None:
+                if timeout:
+                    time.sleep(timeout)
+                raise TimeoutError("nothing is consumed")
+            # The request ends in the broker by the deadline: its answer
+            # comes then; the connect timeout is the grace for it to come.
+            reserved = self.poller.wait(None if deadline is None else deadline + self.grace)
+            if reserved is not None:
+                self.deliver(reserved)
+                return
+            if self.poller.waiting is not None:  # no answer within the grace
+                self.poller.close()
+                raise BrokerUnavailable(f"the broker at {self.socket_path} does not answer")
+            if deadline is not None and time.monotonic() >= deadline:
+                raise TimeoutError("timed out")
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        """Wait in kombu's hub: at each poll start a reserve is sent if none
+        waits and some channel may consume; the socket is registered with
+        the hub, and its reply read (and delivered) when it is readable."""
+
+        def forget(fd: int) -> None:
+            if self._hub_fd == fd:
+                loop.remove_reader(fd)
+                self._hub_fd = None
+
+        def on_readable(fd: int) -> None:
+            reserved = self.poller.read()
+            if reserved is not None:
+                self.deliver(reserved)
+
+        def on_poll_start() -> None:
+            self.poller.start(self.consumable_queues())
+            fd = self.poller.fileno()
+            if fd is not None and fd != self._hub_fd:
+                if self._hub_fd is not None:
+                    loop.remove_reader(self._hub_fd)
+                loop.add_reader(fd, on_readable, fd)
+                self._hub_fd = fd
+
+        self.poller.forget = forget
+        loop.on_tick.add(on_poll_start)
+
+    def deliver(self, reserved: Reserved) -> None:
+        """Hand a reserved message to the channel consuming its queue; one
+        no longer consumed goes back to the queue (released)."""
+        lease = Lease(
+            Queue(reserved.queue, client=self.brokerq_client()),
+            reserved.msg_id,
+            reserved.body,
+            reserved.attempt,
+            reserved.lease,
+        )
+        channel = self.consumers_of.get(reserved.queue)
+        if channel is None or channel.closed:
+            _settle(lease, "release")
+            return
+        payload = self.payload_of(lease)
+        tag = payload["properties"]["delivery_tag"]
+        if reserved.queue in channel.no_ack_queues:
+            _settle(lease, "ack")
+        else:
+            channel.qos.hold(tag, lease)
+        self._deliver(payload, reserved.queue)
+
+    def payload_of(self, lease: Lease) -> dict[str, Any]:
+        """kombu's message from a reserved one, with a delivery tag of its
+        own (each delivery has its own lease: a redelivery, a new tag)."""
+        payload: dict[str, Any] = loads(lease.body)
+        props = payload.setdefault("properties", {})
+        props["delivery_tag"] = uuid.uuid4().hex
+        redelivered = lease.attempt > 1
+        payload["redelivered"] = redelivered
+        props.setdefault("delivery_info", {})["redelivered"] = redelivered
+        return payload
