@@ -23,9 +23,10 @@ import os
 import time
 from typing import Any
 
-import brokerq.kombu  # noqa: F401 - registers the "brokerq" transport with kombu
 from celery import Celery
 from kombu import Exchange, Queue
+
+import brokerq.kombu  # noqa: F401 - registers the "brokerq" transport with kombu
 
 SOCKET = os.environ.get("CELERY_BROKERQ_SOCKET", "")
 
