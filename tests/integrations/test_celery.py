@@ -339,3 +339,17 @@ def test_acks_late_task_of_a_killed_worker_runs_again_on_another(
     finally:
         for worker in workers:
             worker.stop()
+
+
+def test_workers_and_producers_carry_on_after_a_broker_crash(
+    tasks: ModuleType, cluster: Cluster, shared_workers: dict[str, Worker]
+) -> None:
+    """The broker is SIGKILLed under running workers: the next client starts
+    another, which replays the journal, and everyone reconnects by itself.
+    (Last in the module: it changes the broker under the shared workers.)"""
+    assert tasks.add.apply_async((1, 1), queue="solo").get(timeout=RESULT_TIMEOUT) == 2
+    assert kill_brokers(cluster.directory), "no broker was running"
+    results = [tasks.add.apply_async((i, 1), queue=pool) for pool in POOLS for i in range(3)]
+    assert [r.get(timeout=RESULT_TIMEOUT) for r in results] == [1, 2, 3] * 2
+    for worker in shared_workers.values():
+        assert worker.proc.poll() is None, f"{worker.name} exited"
