@@ -28,7 +28,9 @@ backend. Each figure's ratio brokerq / redis is printed beside it:
 throughput above 1 and latency below 1 mean brokerq is faster. The ratio is
 the claim (../shared/bench/README.md: the same machine, the same run);
 the absolute figures are context. JSON goes to
-``bench-results/celery-<date>-<time>.json``.
+``bench-results/celery-<date>-<time>.json``, with the longest gap between
+two consecutive task starts of the throughput phase (a worker that
+stalled, waiting out a poll instead of being woken, shows there).
 
 Every process started here (brokers, redis-server, workers and their pool
 children) is ended by its pid, and every directory removed, also on an
@@ -40,6 +42,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import itertools
 import json
 import math
 import os
@@ -284,6 +287,7 @@ def measure(broker_url: str, pool: str, n: int, m: int) -> dict[str, float]:
             enqueued = time.time() - start
             record.wait(WARM_UP + n, PHASE_TIMEOUT, "the throughput tasks")
             burst = record.times(WARM_UP, WARM_UP + n)
+            starts = sorted(started for _, started, _ in burst)
 
             done = WARM_UP + n
             for _ in range(m):
@@ -300,6 +304,8 @@ def measure(broker_url: str, pool: str, n: int, m: int) -> dict[str, float]:
         "finished_per_s": n / (max(t[2] for t in burst) - start),
         "latency_p50_ms": 1000 * statistics.median(waits),
         "latency_p99_ms": 1000 * percentile(waits, 0.99),
+        # Not in the table: a stall (a wait for a poll's timeout) shows here.
+        "longest_start_gap_ms": 1000 * max(b - a for a, b in itertools.pairwise(starts)),
     }
 
 
