@@ -48,6 +48,8 @@ class Delivery:
             ids, bodies = [m.id for m in self.messages], [m.body for m in self.messages]
             return protocol.GetManyReply(id=self.request_id, msg_ids=ids, bodies=bodies)
         (msg,) = self.messages
+        if self.kind is Get:
+            return protocol.GetReply(id=self.request_id, msg_id=msg.id, body=msg.body)
         if self.kind is Reserve:
             return protocol.ReserveReply(
                 id=self.request_id,
@@ -65,17 +67,15 @@ class Delivery:
                 attempt=msg.attempts,
                 lease=self.lease_s,
             )
-        if self.kind is GetAny:
-            return protocol.GetAnyReply(
-                id=self.request_id, queue=msg.queue, msg_id=msg.id, body=msg.body
-            )
-        return protocol.GetReply(id=self.request_id, msg_id=msg.id, body=msg.body)
+        return protocol.GetAnyReply(
+            id=self.request_id, queue=msg.queue, msg_id=msg.id, body=msg.body
+        )
 
 
 class Deliveries(Replies):
     def __init__(self, broker: BrokerBase, stream: trio.abc.Stream) -> None:
         super().__init__(broker, stream)
-        #: The get or reserve parked, and what hand_over wrote for it (and not yet).
+        #: The get or reserve (or get_any, reserve_any) parked, and what hand_over wrote for it.
         self.parked: tuple[OneTake, Waiter] | None = None
         self.handed: tuple[Delivery, bytes] | None = None
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Final
 
 from .. import protocol
+from ..client import calls
 from ..client.sockio import Connection
 from ..errors import ConnectionLost, Empty, RemoteProtocolError
 from ..validation import MAX_QUEUES_PER_WAIT
@@ -96,25 +97,27 @@ class Poller:
         if self.waiting is not None or not queues:
             return
         wait = self.wait_bound if bound is None else max(min(bound, self.wait_bound), 0.0)
-        if self.conn is None:
-            self.conn = Connection(self.socket_path, self.connect_timeout, spin=0.0)
-        conn = self.conn
         order = self._ordered(queues)[:MAX_QUEUES_PER_WAIT]
-        expect: type[protocol.ReserveReply] | type[protocol.ReserveAnyReply]
-        if len(order) == 1:
-            expect = protocol.ReserveReply
-            fields = {"queue": order[0], "timeout": wait, "lease": self.lease}
-            request_id = conn.wire.encode(protocol.Reserve, fields)
+        call: calls.Call[protocol.ReserveReply] | calls.Call[protocol.ReserveAnyReply]
+        if len(order) == 1:  # (a plain reserve: an older broker serves it too)
+            call = calls.reserve(order[0], wait, self.lease)
         else:
-            expect = protocol.ReserveAnyReply
-            fields = {"queues": order, "timeout": wait, "lease": self.lease}
-            request_id = conn.wire.encode(protocol.ReserveAny, fields)
-        try:
-            conn.io.send_all(conn.wire.out, time.monotonic() + self.connect_timeout)
-        except (OSError, TimeoutError) as exc:
-            self._lost(exc)
-            return
-        self.waiting = _Waiting(request_id, order, expect)
+            call = calls.reserve_any(order, wait, self.lease)
+        fresh = self.conn is None
+        while True:
+            if self.conn is None:
+                self.conn = Connection(self.socket_path, self.connect_timeout, spin=0.0)
+            conn = self.conn
+            request_id = conn.wire.encode(call.kind, call.fields)
+            try:
+                conn.io.send_all(conn.wire.out, time.monotonic() + self.connect_timeout)
+                break
+            except (OSError, TimeoutError) as exc:
+                self._lost(exc)
+                if fresh:  # (a connection just made that fails: the broker's trouble)
+                    raise conn.wire.lost(exc) from exc
+                fresh = True  # an old connection found dead: once more, on a new one
+        self.waiting = _Waiting(request_id, order, call.expect)
 
     def _ordered(self, queues: list[str]) -> list[str]:
         unique = list(dict.fromkeys(queues))
@@ -141,7 +144,8 @@ class Poller:
             if reply is None:
                 return None
             self.waiting = None
-            got = conn.wire.check(waiting.expect, waiting.request_id, reply, conn.close)
+            with calls.supported("reserve_any", "multi-queue wait"):
+                got = conn.wire.check(waiting.expect, waiting.request_id, reply, conn.close)
         except Empty:
             return None
         except (OSError, ConnectionLost, RemoteProtocolError) as exc:

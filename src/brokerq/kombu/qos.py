@@ -23,6 +23,13 @@ lease runs out (the transport option ``visibility_timeout``).
 ``prefetch_count`` (basic_qos) bounds the unacked reserved messages of the
 channel: :meth:`can_consume` is asked before each reserve, and a reserve
 asks for one message, so a channel never holds more leases than that.
+Why not brokerq's prefetch streams (``prefetch=N``), which send a consumer
+N messages ahead? A stream is per queue, where a kombu consumer waits on
+many at once; and a message it has sent ahead is leased to this process
+but not yet handed to kombu, so the process would hold more leased
+messages than ``prefetch_count`` says, out of other workers' reach. One
+waiting reserve costs a round trip per message (tens of microseconds on a
+Unix socket), and keeps the bound exact.
 """
 
 from __future__ import annotations

@@ -21,16 +21,20 @@ What kombu asks of a transport, mapped onto brokerq's own features:
 
 from __future__ import annotations
 
+import base64
+import logging
 import time
 import uuid
 from typing import Any, cast
 
 from kombu.transport import virtual
+from kombu.transport.base import to_rabbitmq_queue_arguments
 from kombu.utils.json import dumps, loads
 
 from ..client.blocking import Client, Queue, connect
 from ..client.blocking import Message as Lease
 from ..errors import (
+    BrokerqError,
     BrokerUnavailable,
     ConnectionLost,
     Empty,
@@ -48,6 +52,8 @@ from ..version import __version__
 from . import routing
 from .poller import Poller, Reserved
 from .qos import QoS, _settle
+
+logger = logging.getLogger(__name__)
 
 #: kombu's default lease, as Redis's and SQS's ``visibility_timeout``.
 DEFAULT_VISIBILITY_TIMEOUT = 3600.0
@@ -75,9 +81,15 @@ class Channel(virtual.Channel):
 
     # -- queues --------------------------------------------------------
 
+    def prepare_queue_arguments(self, arguments: Any, **kwargs: Any) -> Any:
+        """``Queue(message_ttl=..., max_priority=...)`` as the x- arguments, as AMQP's."""
+        return to_rabbitmq_queue_arguments(arguments, **kwargs)
+
     def _new_queue(self, queue: str, **kwargs: Any) -> None:
         """brokerq queues need no creating; their arguments are kept here."""
         self.connection.queue_arguments[queue] = dict(kwargs.get("arguments") or {})
+        if kwargs.get("auto_delete"):
+            self.connection.auto_delete.add(queue)
 
     def _has_queue(self, queue: str, **kwargs: Any) -> bool:
         return queue in self.connection.queue_arguments or queue in self.client.queues()
@@ -194,6 +206,19 @@ class Channel(virtual.Channel):
         if queue is not None and self.connection.consumers_of.get(queue) is self:
             del self.connection.consumers_of[queue]
             self.no_ack_queues.discard(queue)
+            if queue in self.connection.auto_delete:
+                self._auto_delete(queue)
+
+    def _auto_delete(self, queue: str) -> None:
+        """An ``auto_delete`` queue (declared so here) goes with its last
+        consumer, as in AMQP: Celery's reply queues, one per client, would
+        otherwise stay in the broker, subscribed, for ever. (Not after a
+        crash: nothing is left to delete it.)"""
+        self.connection.auto_delete.discard(queue)
+        try:
+            self.queue_delete(queue)
+        except BrokerqError as exc:
+            logger.info("auto_delete queue %r not deleted: %s", queue, exc)
 
     def basic_get(self, queue: str, no_ack: bool = False, **kwargs: Any) -> Any:
         """One message now, or None: a ``get`` with ``no_ack``, else a reserve."""
@@ -262,6 +287,8 @@ class Transport(virtual.Transport):
         self.grace = self.connect_timeout
         #: The arguments of the queues declared in this process (x-message-ttl ...).
         self.queue_arguments: dict[str, dict[str, Any]] = {}
+        #: The auto_delete queues declared in this process (deleted with their consumer).
+        self.auto_delete: set[str] = set()
         #: The channel consuming each queue (kombu keeps one callback per queue).
         self.consumers_of: dict[str, Channel] = {}
         self._client: Client | None = None
@@ -274,6 +301,11 @@ class Transport(virtual.Transport):
             self.socket_path, self.connect_timeout, self.visibility_timeout, self.wait_bound
         )
         self._hub_fd: int | None = None
+
+    @property
+    def default_connection_params(self) -> dict[str, Any]:
+        """No host: a brokerq broker is a socket path (kombu would warn of "localhost")."""
+        return {"hostname": None, "port": None}
 
     def driver_version(self) -> str:
         return __version__
@@ -388,10 +420,32 @@ class Transport(virtual.Transport):
     def payload_of(self, lease: Lease) -> dict[str, Any]:
         """kombu's message from a reserved one, with a delivery tag of its
         own (each delivery has its own lease: a redelivery, a new tag)."""
-        payload: dict[str, Any] = loads(lease.body)
-        props = payload.setdefault("properties", {})
+        payload = kombu_message(lease.body, lease.queue.name)
+        props = payload["properties"]
         props["delivery_tag"] = uuid.uuid4().hex
         redelivered = lease.attempt > 1
         payload["redelivered"] = redelivered
         props.setdefault("delivery_info", {})["redelivered"] = redelivered
         return payload
+
+
+def kombu_message(body: bytes, queue: str) -> dict[str, Any]:
+    """kombu's message put as JSON by this transport, or, for any other body
+    (put by ``brokerq put``, say), that body as a message's raw bytes."""
+    try:
+        payload = loads(body)
+    except ValueError:
+        payload = None
+    if isinstance(payload, dict) and isinstance(payload.get("properties"), dict):
+        return payload
+    return {
+        "body": base64.b64encode(body).decode("ascii"),
+        "content-type": "application/data",
+        "content-encoding": "binary",
+        "headers": {},
+        "properties": {
+            "body_encoding": "base64",
+            "delivery_info": {"exchange": "", "routing_key": queue},
+            "priority": 0,
+        },
+    }
