@@ -14,7 +14,7 @@ Every worker is ended by its pid: SIGTERM (Celery's warm shutdown), then
 SIGKILL to it and to its pool children after a bound. A failing test
 shows the logs of the workers. Without Celery installed the module is
 skipped, with how to install it; under CI (``CI=true``) that is a failure,
-since CI must run these tests.
+since CI must run these tests (tests/integrations/extras.py).
 """
 
 from __future__ import annotations
@@ -35,14 +35,10 @@ from typing import Any
 
 import pytest
 from conftest import BIN, kill_brokers, reap_children, wait_until
+from extras import require
 
-try:
-    import celery
-except ImportError:  # pragma: no cover - depends on the environment
-    HOW = "Celery is not installed: pip install celery, and brokerq's kombu extra"
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"{HOW} (CI must run the Celery tests)", pytrace=False)
-    pytest.skip(HOW, allow_module_level=True)
+require("kombu", "kombu")
+celery = require("celery", "test")  # the test extra has Celery
 
 HERE = Path(__file__).resolve().parent
 CELERY = str(BIN / "celery")
