@@ -228,8 +228,7 @@ def test_countdown_and_eta_hold_a_task_back(
     later = tasks.now.apply_async(countdown=1.5)
     eta = datetime.datetime.now(datetime.UTC) + datetime.timedelta(seconds=1.5)
     at_eta = tasks.now.apply_async(eta=eta)
-    at_once = tasks.now.apply_async()
-    assert at_once.get(timeout=RESULT_TIMEOUT) < sent + 1.5
+    # (only lower bounds: when a task may run, never how soon it must)
     assert later.get(timeout=RESULT_TIMEOUT) >= sent + 1.5
     assert at_eta.get(timeout=RESULT_TIMEOUT) >= eta.timestamp()
 
