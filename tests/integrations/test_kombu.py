@@ -137,8 +137,13 @@ def test_direct_exchange_routes_by_key(conn: Any) -> None:
     producer.publish("to red", routing_key="red")
     producer.publish("to blue", routing_key="blue")
     producer.publish("to nobody", routing_key="green")
-    assert [m.payload for m in drain(conn, [red], 1)] == ["to red"]
-    assert [m.payload for m in drain(conn, [blue], 1)] == ["to blue"]
+    assert [m.payload for m in drain(conn, [red], 1, no_ack=True)] == ["to red"]
+    assert [m.payload for m in drain(conn, [blue], 1, no_ack=True)] == ["to blue"]
+    assert nothing_comes(conn, [red, blue])
+    conn.default_channel.queue_unbind("red", "direct-x", "red")  # unsubscribed
+    conn.default_channel.queue_delete("blue")  # its subscription goes with it
+    producer.publish("to red again", routing_key="red")
+    producer.publish("to blue again", routing_key="blue")
     assert nothing_comes(conn, [red, blue])
 
 
@@ -270,6 +275,33 @@ def test_a_hung_consumer_s_lease_runs_out_after_the_visibility_timeout(url: str)
         m = other.SimpleQueue("stuck").get(timeout=10)
         assert (m.payload, m.delivery_info["redelivered"]) == ("task", True)
         m.ack()
+
+
+def test_the_hub_renews_its_leases_while_it_runs(url: str) -> None:
+    """A worker whose loop runs keeps its unacked message past the
+    visibility timeout (a long task, an ETA); stopped, it loses it."""
+    from kombu.asynchronous import Hub
+
+    hub = Hub()
+    got: list[Any] = []
+    options = {"visibility_timeout": 0.4}
+    with Connection(url, transport_options=options) as worker, Connection(url) as other:
+        try:
+            worker.register_with_event_loop(hub)
+            q = Queue("long")
+            with Consumer(worker, [q], callbacks=[lambda body, m: got.append(m)]) as consumer:
+                consumer.qos(prefetch_count=1)  # (no reserve waits once it holds one)
+                Producer(worker).publish("eta", routing_key="long", declare=[q])
+                end = time.monotonic() + 1.5  # over three visibility timeouts
+                while time.monotonic() < end:
+                    hub.run_once()
+                assert [m.payload for m in got] == ["eta"]
+                assert nothing_comes(other, [q], wait=0.1)  # still the worker's
+                m = other.SimpleQueue("long").get(timeout=10)  # the loop stopped
+                assert (m.payload, m.delivery_info["redelivered"]) == ("eta", True)
+                m.ack()
+        finally:
+            hub.close()
 
 
 def test_prefetch_count_bounds_the_unacked(conn: Any, observer: brokerq.Client) -> None:

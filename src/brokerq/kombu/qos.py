@@ -18,7 +18,10 @@ reserved is ever put again. A process that dies with messages unacked
 (SIGKILL, a crash) has its leases released by the broker when its
 connection closes, which is what makes Celery's ``acks_late`` truly
 at-least-once; a consumer hung while still connected holds them until the
-lease runs out (the transport option ``visibility_timeout``).
+lease runs out (the transport option ``visibility_timeout``). While a
+worker's event loop runs, it renews its leases (:meth:`QoS.renew`), so a
+long task, or one waiting for its ETA, is not delivered twice; a process
+hung, its loop stopped, renews nothing.
 
 ``prefetch_count`` (basic_qos) bounds the unacked reserved messages of the
 channel: :meth:`can_consume` is asked before each reserve, and a reserve
@@ -35,6 +38,7 @@ Unix socket), and keeps the bound exact.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 from kombu.transport import virtual
@@ -52,6 +56,9 @@ class QoS(virtual.QoS):
         super().__init__(channel, prefetch_count)
         #: delivery tag → the reserved brokerq message it settles.
         self.leases: dict[str, Lease] = {}
+        #: The leases are this process's: a forked child (a Celery pool
+        #: process) that inherits them must not release them when it exits.
+        self.pid = os.getpid()
 
     def hold(self, delivery_tag: str, lease: Lease) -> None:
         """``lease`` is about to be delivered under ``delivery_tag``."""
@@ -60,13 +67,13 @@ class QoS(virtual.QoS):
     def ack(self, delivery_tag: str) -> None:
         lease = self.leases.pop(delivery_tag, None)
         if lease is not None:
-            _settle(lease, "ack")
+            settle(lease, "ack")
         super().ack(delivery_tag)
 
     def reject(self, delivery_tag: str, requeue: bool = False) -> None:
         lease = self.leases.pop(delivery_tag, None)
         if lease is not None:
-            _settle(lease, "release" if requeue else "bury")
+            settle(lease, "release" if requeue else "bury")
         self._quick_ack(delivery_tag)  # (not super(): it would put the message again)
 
     def restore_unacked(self) -> list[tuple[BaseException, Any]]:
@@ -74,19 +81,32 @@ class QoS(virtual.QoS):
         hands each to the next consumer. Returns no errors: a release that
         cannot reach the broker needs none, its lease ends anyway."""
         self._flush()
+        if os.getpid() != self.pid:
+            self._delivered.clear()
+            self.leases.clear()
+            return []
         for tag in list(self._delivered):
             lease = self.leases.pop(tag, None)
             if lease is not None:
                 try:
-                    _settle(lease, "release")
+                    settle(lease, "release")
                 except BrokerqError as exc:
                     logger.debug("release of %r at restore: %s", lease, exc)
         self._delivered.clear()
         self.leases.clear()
         return []
 
+    def renew(self, length: float) -> None:
+        """Extend every unacked lease to ``length`` seconds from now: called
+        from the event loop while it runs (see ``Transport.renew_leases``)."""
+        for lease in list(self.leases.values()):
+            try:
+                lease.touch(length)
+            except (LeaseLost, BrokerUnavailable) as exc:
+                logger.info("lease of %r not renewed: %s", lease, exc)
 
-def _settle(lease: Lease, verb: str) -> None:
+
+def settle(lease: Lease, verb: str) -> None:
     """Ack, release or bury ``lease``. A lease already lost (run out, or held
     by a broker that has since stopped) is not an error to raise into the
     consumer: the broker delivers the message again, as at-least-once says,

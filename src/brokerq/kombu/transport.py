@@ -7,11 +7,19 @@ What kombu asks of a transport, mapped onto brokerq's own features:
   0-9, higher first, as AMQP; clamped by the queue's ``x-max-priority``)
   and ``ttl`` (the message's ``expiration`` and the queue's
   ``x-message-ttl``, in ms, whichever is shorter; the queue's arguments
-  are known where the queue was declared in this process);
+  are known where the queue was declared in this process, and apply to
+  puts: the anonymous exchange and topic exchanges; a direct or fanout
+  exchange's publish is one brokerq publish to every bound queue, with
+  the message's own priority and expiration); a body put by anything
+  else (``brokerq put``) is delivered as a message of raw bytes;
 * consuming is reserving, one request waiting on all the consumed queues
   at once (:mod:`.poller`); acks, rejects and requeues settle the lease
-  (:mod:`.qos`); ``visibility_timeout`` (seconds, default 3600) is the
-  lease's length;
+  (:mod:`.qos`); ``visibility_timeout`` (a transport option, seconds,
+  default 3600) is the lease's length; ``wait_bound`` (default 1 s) how
+  long one waiting request stays parked before it is sent again with the
+  queues consumed by then;
+* ``auto_delete`` queues are deleted with their last consumer in the
+  process that declared them (Celery's reply queues);
 * exchanges are brokerq topics, their bindings durable subscriptions kept
   in the broker's journal (:mod:`.routing`);
 * the URL names the broker's socket: ``brokerq://`` the default one (as
@@ -51,7 +59,7 @@ from ..spawn import resolve_socket_path
 from ..version import __version__
 from . import routing
 from .poller import Poller, Reserved
-from .qos import QoS, _settle
+from .qos import QoS, settle
 
 logger = logging.getLogger(__name__)
 
@@ -301,6 +309,8 @@ class Transport(virtual.Transport):
             self.socket_path, self.connect_timeout, self.visibility_timeout, self.wait_bound
         )
         self._hub_fd: int | None = None
+        #: The hub's timer entry that renews the leases (register_with_event_loop).
+        self._renewal: Any = None
 
     @property
     def default_connection_params(self) -> dict[str, Any]:
@@ -322,6 +332,9 @@ class Transport(virtual.Transport):
         return super().establish_connection()
 
     def close_connection(self, connection: Any) -> None:
+        if self._renewal is not None:
+            self._renewal.cancel()
+            self._renewal = None
         try:
             super().close_connection(connection)
         finally:
@@ -394,6 +407,18 @@ class Transport(virtual.Transport):
 
         self.poller.forget = forget
         loop.on_tick.add(on_poll_start)
+        if self._renewal is not None:
+            self._renewal.cancel()
+        self._renewal = loop.call_repeatedly(self.visibility_timeout / 4, self.renew_leases)
+
+    def renew_leases(self) -> None:
+        """Renew every unacked lease of this connection, a quarter of the
+        visibility timeout at a time: a long task, or a task held for its
+        ETA or countdown, stays this worker's while the worker's loop runs
+        (a hung worker renews nothing, and its messages come back)."""
+        for channel in list(self.channels):
+            if channel._qos is not None:
+                channel._qos.renew(self.visibility_timeout)
 
     def deliver(self, reserved: Reserved) -> None:
         """Hand a reserved message to the channel consuming its queue; one
@@ -407,12 +432,12 @@ class Transport(virtual.Transport):
         )
         channel = self.consumers_of.get(reserved.queue)
         if channel is None or channel.closed:
-            _settle(lease, "release")
+            settle(lease, "release")
             return
         payload = self.payload_of(lease)
         tag = payload["properties"]["delivery_tag"]
         if reserved.queue in channel.no_ack_queues:
-            _settle(lease, "ack")
+            settle(lease, "ack")
         else:
             channel.qos.hold(tag, lease)
         self._deliver(payload, reserved.queue)
