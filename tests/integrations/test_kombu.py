@@ -387,6 +387,45 @@ def test_the_hub_waits_on_the_socket(conn: Any, socket_path: str) -> None:
         hub.close()
 
 
+def test_a_channel_given_room_by_an_ack_is_waited_on_at_once(url: str) -> None:
+    """A channel at its prefetch_count leaves the wait; the ack that makes
+    room starts its own wait at once, not after another channel's parked
+    request (here bound to 60 s) comes back: each consuming channel has its
+    own poller (a Celery prefork worker stalled a second at a time without)."""
+    from kombu.asynchronous import Hub
+
+    hub = Hub()
+    got: list[Any] = []
+    tasks, control = Queue("tasks"), Queue("control")
+
+    def run_until(n: int) -> None:
+        deadline = time.monotonic() + 10
+        while len(got) < n and time.monotonic() < deadline:
+            hub.run_once()
+        assert len(got) >= n, f"{len(got)} of {n} messages within 10 s"
+
+    with Connection(url, transport_options={"wait_bound": 60}) as conn:
+        try:
+            conn.register_with_event_loop(hub)
+            Producer(conn).publish("one", routing_key="tasks", declare=[tasks, control])
+            Producer(conn).publish("two", routing_key="tasks")
+            with (
+                Consumer(conn.channel(), [tasks], callbacks=[lambda b, m: got.append(m)]) as a,
+                Consumer(conn.channel(), [control], callbacks=[lambda b, m: got.append(m)]),
+            ):
+                a.qos(prefetch_count=1)
+                run_until(1)
+                for _ in range(3):  # the control channel's request parks meanwhile
+                    hub.run_once()
+                assert len(got) == 1
+                got[0].ack()
+                run_until(2)
+                assert [m.payload for m in got] == ["one", "two"]
+                got[1].ack()
+        finally:
+            hub.close()
+
+
 def test_urls_and_the_transport_path(socket_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("BROKERQ_SOCKET", socket_path)  # "brokerq://": brokerq's default socket
     with Connection("brokerq://") as c:

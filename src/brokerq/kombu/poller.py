@@ -1,11 +1,21 @@
-"""The wait on all of a connection's consumed queues: one reserve, parked on them all.
+"""The wait on a channel's consumed queues: one reserve, parked on them all.
 
-A kombu connection consumes many queues (a Celery worker: its task queues,
-its broadcast queue, its remote-control queue). Rather than poll them in
-turn, the poller keeps ONE request waiting on all of them in the broker
-(``reserve_any``, the multi-queue wait; a single queue: a plain
+A kombu connection consumes many queues, on a few channels (a Celery
+worker: its task queues on one channel, its remote-control queue on
+another). Rather than poll them in turn, each consuming channel has a
+poller that keeps ONE request waiting on all of the channel's queues in the
+broker (``reserve_any``, the multi-queue wait; a single queue: a plain
 ``reserve``, which older brokers also serve), on a connection of its own,
 so that a message is handed over the moment it is put.
+
+Why one poller per channel, not one for the connection? A channel at its
+``prefetch_count`` must not be sent more, so its queues leave the wait; when
+an ack makes room, its wait must start at once. A poller shared with
+another channel would be parked then (a broker answers a connection's
+requests in order, behind the waiting one) and the channel's queues would
+wait for its bound: a Celery prefork worker stalled a second at a time.
+With one each, a channel's own poller is idle exactly when it may take
+more, as Redis's transport has a connection per channel for its BRPOP.
 
 Why its own socket, driven here with the client wing's sans-IO
 :class:`~brokerq.client.wire.Wire`, rather than the blocking client's
@@ -14,18 +24,18 @@ Why its own socket, driven here with the client wing's sans-IO
 is readable, never blocking in between; the blocking client only has the
 call that does both. So the request is split here: :meth:`Poller.start`
 sends, :meth:`Poller.read` reads whatever has come without blocking, and
-:meth:`Poller.wait` blocks for ``drain_events`` (code without a hub).
+:func:`wait_any` blocks for ``drain_events`` (code without a hub).
 
 The request waits at most ``wait_bound`` seconds in the broker: a reply
 (or its ``empty`` at the bound) ends it, and the next one asks again with
 the queues consumed by then, so a consumer added meanwhile is waited on
 soon. Messages do not wait for the bound: they are handed over at once.
-``drain_events(timeout)`` bounds its request by its timeout too, and
-reads the answer, so that no reserve is left waiting in the broker (to
-take a message nobody drains) once it has returned.
+``drain_events(timeout)`` bounds its requests by its timeout too, so that
+no reserve waits on in the broker long after it has returned.
 
-The leases of the messages reserved here belong to this connection: if
-the process dies, the broker releases them when the socket closes.
+The leases of the messages reserved here belong to the poller's
+connection: if the process dies, the broker releases them when the socket
+closes.
 """
 
 from __future__ import annotations
@@ -68,7 +78,7 @@ class _Waiting:
 
 
 class Poller:
-    """One connection, at most one reserve waiting on it (see the module doc)."""
+    """One channel's connection, at most one reserve waiting on it (see the module doc)."""
 
     def __init__(
         self, socket_path: str, connect_timeout: float, lease: float, wait_bound: float
@@ -155,22 +165,6 @@ class Poller:
         self.recent = [name for name in self.recent if name != queue] + [queue]
         return Reserved(queue, got.msg_id, got.body, got.attempt, got.lease)
 
-    def wait(self, deadline: float | None) -> Reserved | None:
-        """Block until the waiting reserve is answered, or ``deadline``
-        (monotonic; None: no bound) passes: the message, or None."""
-        while self.conn is not None and self.waiting is not None:
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                return None
-            poller = select.poll()
-            poller.register(self.conn.sock, select.POLLIN)
-            if not poller.poll(None if left is None else left * 1000 + 0.999):
-                continue
-            reserved = self.read()
-            if reserved is not None or self.waiting is None:
-                return reserved
-        return None
-
     def _lost(self, exc: BaseException) -> None:
         """The connection broke (the broker stopped, crashed or idled out):
         drop it; its leases go back in the broker. The next start reconnects."""
@@ -184,3 +178,23 @@ class Poller:
         if self.forget is not None and conn.sock.fileno() >= 0:
             self.forget(conn.sock.fileno())
         conn.close()
+
+
+def wait_any(pollers: list[Poller], deadline: float | None) -> Reserved | None:
+    """Block until a waiting reserve of ``pollers`` is answered, or
+    ``deadline`` (monotonic; None: no bound) passes: the message, or None
+    (also when a wait ended empty: the caller asks again). A second answer
+    that came meanwhile stays in its socket, read by the next call."""
+    while True:
+        waiting = {p.conn.sock.fileno(): p for p in pollers if p.conn and p.waiting}
+        left = None if deadline is None else deadline - time.monotonic()
+        if not waiting or (left is not None and left <= 0):
+            return None
+        poll = select.poll()
+        for fd in waiting:
+            poll.register(fd, select.POLLIN)
+        for fd, _ in poll.poll(None if left is None else left * 1000 + 0.999):
+            poller = waiting[fd]
+            reserved = poller.read()
+            if reserved is not None or poller.waiting is None:
+                return reserved

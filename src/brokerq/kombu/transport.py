@@ -58,7 +58,7 @@ from ..errors import (
 from ..spawn import resolve_socket_path
 from ..version import __version__
 from . import routing
-from .poller import Poller, Reserved
+from .poller import Poller, Reserved, wait_any
 from .qos import QoS, settle
 
 logger = logging.getLogger(__name__)
@@ -305,10 +305,11 @@ class Transport(virtual.Transport):
         self.socket_path = resolve_socket_path(
             None if not path or path == "/" else "/" + path.lstrip("/")
         )
-        self.poller = Poller(
-            self.socket_path, self.connect_timeout, self.visibility_timeout, self.wait_bound
-        )
-        self._hub_fd: int | None = None
+        #: Each consuming channel's poller (see :mod:`.poller`: why one each).
+        self.pollers: dict[Channel, Poller] = {}
+        #: The hub, once registered with it, and the fd it watches for each poller.
+        self._loop: Any = None
+        self._hub_fds: dict[Poller, int] = {}
         #: The hub's timer entry that renews the leases (register_with_event_loop).
         self._renewal: Any = None
 
@@ -338,21 +339,42 @@ class Transport(virtual.Transport):
         try:
             super().close_connection(connection)
         finally:
-            self.poller.close()
+            for poller in self.pollers.values():
+                poller.close()
+            self.pollers.clear()
             if self._client is not None:
                 self._client.close()
                 self._client = None
 
     # -- waiting for messages -----------------------------------------
 
-    def consumable_queues(self) -> list[str]:
-        """The queues consumed by a channel that may take one more message
-        (its prefetch_count not reached), in the order they were consumed."""
-        return [
-            queue
-            for queue, channel in self.consumers_of.items()
-            if not channel.closed and channel.qos.can_consume()
-        ]
+    def waits(self) -> list[tuple[Poller, list[str]]]:
+        """Each channel that may take one more message (its prefetch_count not
+        reached), with its poller and its consumed queues in the order they
+        were consumed; the pollers of closed channels are closed (their
+        leases go back)."""
+        for channel in [c for c in self.pollers if c.closed]:
+            self.pollers.pop(channel).close()
+        queues_of: dict[Channel, list[str]] = {}
+        for queue, channel in self.consumers_of.items():
+            if not channel.closed and channel.qos.can_consume():
+                queues_of.setdefault(channel, []).append(queue)
+        return [(self._poller_of(channel), queues) for channel, queues in queues_of.items()]
+
+    def _poller_of(self, channel: Any) -> Poller:  # (a Channel; the name is kombu's here)
+        poller = self.pollers.get(channel)
+        if poller is None:
+            poller = Poller(
+                self.socket_path, self.connect_timeout, self.visibility_timeout, self.wait_bound
+            )
+            poller.forget = lambda fd: self._unwatch(poller, fd)
+            self.pollers[channel] = poller
+        return poller
+
+    def _unwatch(self, poller: Poller, fd: int) -> None:  # (its socket is about to close)
+        if self._hub_fds.get(poller) == fd:
+            del self._hub_fds[poller]
+            self._loop.remove_reader(fd)
 
     def drain_events(self, connection: Any, timeout: float | None = None, **kwargs: Any) -> None:
         """Wait for one message on any consumed queue and deliver it (kombu's
@@ -364,48 +386,50 @@ class Transport(virtual.Transport):
         while True:
             self.brokerq_client()
             left = None if deadline is None else max(deadline - time.monotonic(), 0.0)
-            self.poller.start(self.consumable_queues(), left)
-            if self.poller.waiting is None:
+            for poller, queues in self.waits():
+                poller.start(queues, left)
+            waiting = [poller for poller in self.pollers.values() if poller.waiting is not None]
+            if not waiting:
                 if timeout:
                     time.sleep(timeout)
                 raise TimeoutError("nothing is consumed")
-            # The request ends in the broker by the deadline: its answer
-            # comes then; the connect timeout is the grace for it to come.
-            reserved = self.poller.wait(None if deadline is None else deadline + self.grace)
+            # The requests end in the broker by the deadline: their answers
+            # come then; the connect timeout is the grace for them to come.
+            reserved = wait_any(waiting, None if deadline is None else deadline + self.grace)
             if reserved is not None:
                 self.deliver(reserved)
                 return
-            if self.poller.waiting is not None:  # no answer within the grace
-                self.poller.close()
+            now, stuck = time.monotonic(), [p for p in waiting if p.waiting is not None]
+            if stuck and deadline is not None and now >= deadline + self.grace:
+                for poller in stuck:  # no answer within the grace
+                    poller.close()
                 raise BrokerUnavailable(f"the broker at {self.socket_path} does not answer")
-            if deadline is not None and time.monotonic() >= deadline:
+            if deadline is not None and now >= deadline:
                 raise TimeoutError("timed out")
 
     def register_with_event_loop(self, connection: Any, loop: Any) -> None:
-        """Wait in kombu's hub: at each poll start a reserve is sent if none
-        waits and some channel may consume; the socket is registered with
-        the hub, and its reply read (and delivered) when it is readable."""
+        """Wait in kombu's hub: at each poll start, each channel that may
+        consume and has no reserve waiting sends one; each poller's socket is
+        registered with the hub, and its reply read (and delivered) when it
+        is readable."""
 
-        def forget(fd: int) -> None:
-            if self._hub_fd == fd:
-                loop.remove_reader(fd)
-                self._hub_fd = None
-
-        def on_readable(fd: int) -> None:
-            reserved = self.poller.read()
+        def on_readable(poller: Poller) -> None:
+            reserved = poller.read()
             if reserved is not None:
                 self.deliver(reserved)
 
         def on_poll_start() -> None:
-            self.poller.start(self.consumable_queues())
-            fd = self.poller.fileno()
-            if fd is not None and fd != self._hub_fd:
-                if self._hub_fd is not None:
-                    loop.remove_reader(self._hub_fd)
-                loop.add_reader(fd, on_readable, fd)
-                self._hub_fd = fd
+            for poller, queues in self.waits():
+                poller.start(queues)
+                fd = poller.fileno()
+                if fd is not None and self._hub_fds.get(poller) != fd:
+                    old = self._hub_fds.pop(poller, None)
+                    if old is not None:
+                        loop.remove_reader(old)
+                    loop.add_reader(fd, on_readable, poller)
+                    self._hub_fds[poller] = fd
 
-        self.poller.forget = forget
+        self._loop = loop
         loop.on_tick.add(on_poll_start)
         if self._renewal is not None:
             self._renewal.cancel()
