@@ -272,3 +272,19 @@ def test_a_forked_child_gets_its_own_connection(client: brokerq.nats.NatsClient)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert q.get(timeout=5) == b"from child"
+
+
+def test_a_full_queue_refuses_a_put_until_the_timeout_and_drops_none(
+    client: brokerq.nats.NatsClient,
+) -> None:
+    q = client.queue("bounded", maxsize=2)
+    q.put(b"1")
+    q.put(b"2")
+    with pytest.raises(brokerq.Full):
+        q.put_nowait(b"3")
+    with pytest.raises(brokerq.Full):
+        q.put(b"3", timeout=0.3)
+    assert q.get(timeout=5) == b"1"
+    q.put(b"3", timeout=5)  # room again
+    assert q.get_many(5, timeout=5) == [b"2", b"3"]
+    assert q.stats()["maxsize"] == 2
