@@ -198,12 +198,13 @@ class AsyncNatsClient:
 
     async def stats(self) -> dict[str, Any]:
         account = await self.js.account_info()
+        version = self.nc.connected_server_version
         return {
             "backend": "nats",
             "url": self.url,
             "queues": len(await self.queues()),
             "bytes": account.storage,
-            "server_version": str(self.nc.connected_server_version),
+            "server_version": f"{version.major}.{version.minor}.{version.patch}",
         }
 
 
