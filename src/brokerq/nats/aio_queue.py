@@ -26,7 +26,7 @@ from nats.js import JetStreamContext
 
 from .. import validation
 from ..client.calls import Body, as_bytes
-from ..errors import Empty, Full, InvalidRequest, LeaseLost, NotSupported
+from ..errors import BrokerUnavailable, Empty, Full, InvalidRequest, LeaseLost, NotSupported
 from . import naming, rules
 from .failures import translate_errors
 
@@ -53,14 +53,23 @@ BACKEND = "the NATS backend"
 #: lease is counted from then, so that a verb this side still lets through
 #: finds the lease alive on the server too.
 RECEIPT_MARGIN = 0.1
+#: How long one attempt of a put waits for its PubAck before it is sent
+#: again (with its key: a duplicate is dropped): a put sent to a server
+#: that just died, or to a leader being replaced, is soon sent again.
+ATTEMPT_TIMEOUT = 2.0
 #: How long a no-wait get asks the server (a pull request needs a deadline).
 NOWAIT_WAIT = 0.2
 #: Errors after which a put is sent again with the same key (deduplicated):
 #: no answer (a reconnect, a leader election), or no stream leader just now.
-_RETRY = (
-    nats.errors.TimeoutError,
+_NO_STREAM = (
     nats.errors.NoRespondersError,
+    nats.js.errors.NoStreamResponseError,  # (nats-py's name for no responders to a publish)
+)
+_RETRY = (
+    TimeoutError,  # (nats-py's too)
+    BrokerUnavailable,  # (no answer, as the client's methods raise it)
     nats.js.errors.ServiceUnavailableError,
+    *_NO_STREAM,
 )
 
 #: JetStream's error codes for a stream at its limits (messages, bytes).
@@ -153,19 +162,27 @@ class AsyncNatsQueue:
         # For an answer: the client's timeout, as the local client's attempts.
         answer_by = time.monotonic() + self.client.timeout + (timeout or 0)
         headers = rules.put_headers(self.client.next_key(), time.time(), delay, ttl)
+        await self._settings()
         while True:
             try:
-                await self._settings()
-                ack = await self.client.js.publish(naming.subject(self.name), data, headers=headers)
+                # (made again if it was deleted; bounded: no stream answers
+                # while its leader is being replaced)
+                await asyncio.wait_for(self.client.ensure(self.name), ATTEMPT_TIMEOUT)
+                ack = await self.client.js.publish(
+                    naming.subject(self.name),
+                    data,
+                    headers=headers,
+                    timeout=min(self.client.timeout, ATTEMPT_TIMEOUT),
+                )
                 return int(ack.seq)
-            except (*_RETRY, nats.js.errors.APIError) as exc:
+            except (*_RETRY, nats.js.errors.Error) as exc:
                 if _is_full(exc):
                     left = _left(deadline)
                     if left is not None and left <= 0:
                         raise Full(f"queue {self.name!r} stayed full until the timeout") from exc
                 elif not isinstance(exc, _RETRY) or time.monotonic() >= answer_by:
                     raise
-                if isinstance(exc, nats.errors.NoRespondersError):
+                if isinstance(exc, _NO_STREAM):
                     self.client.forget(self.name)  # deleted meanwhile? made again
                 # Sent again with the same key: a duplicate is dropped. A full
                 # queue is waited on, as the local put waits for room.
