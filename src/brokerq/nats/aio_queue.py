@@ -135,10 +135,20 @@ class AsyncNatsQueue:
         return f"<brokerq.nats.AsyncNatsQueue {self.name!r} at {self.client.url!r}>"
 
     async def _settings(self) -> QueueSettings:
-        if self.pending_settings:
-            settings, self.pending_settings = self.pending_settings, {}
-            await self.configure(**settings)
-        return await self.client.ensure(self.name)
+        """The queue's settings, its stream and consumer made first if need be
+        (and the settings given to ``client.queue`` applied). Tried again for
+        the client's timeout: a cluster electing its leaders answers nothing."""
+        give_up = time.monotonic() + self.client.timeout
+        while True:
+            try:
+                if self.pending_settings:
+                    await self.configure(**self.pending_settings)
+                    self.pending_settings = {}  # (only once they hold)
+                return await asyncio.wait_for(self.client.ensure(self.name), ATTEMPT_TIMEOUT)
+            except (TimeoutError, BrokerUnavailable) as exc:
+                if time.monotonic() >= give_up:
+                    raise BrokerUnavailable(f"NATS did not answer in time: {exc!r}") from exc
+                await asyncio.sleep(0.1)
 
     def drop_subscription(self) -> None:
         self._psub = None
@@ -162,12 +172,9 @@ class AsyncNatsQueue:
         # For an answer: the client's timeout, as the local client's attempts.
         answer_by = time.monotonic() + self.client.timeout + (timeout or 0)
         headers = rules.put_headers(self.client.next_key(), time.time(), delay, ttl)
-        await self._settings()
         while True:
             try:
-                # (made again if it was deleted; bounded: no stream answers
-                # while its leader is being replaced)
-                await asyncio.wait_for(self.client.ensure(self.name), ATTEMPT_TIMEOUT)
+                await self._settings()  # (made again if it was deleted meanwhile)
                 ack = await self.client.js.publish(
                     naming.subject(self.name),
                     data,
