@@ -141,9 +141,13 @@ class AsyncNatsQueue:
         give_up = time.monotonic() + self.client.timeout
         while True:
             try:
-                if self.pending_settings:
-                    await self.configure(**self.pending_settings)
-                    self.pending_settings = {}  # (only once they hold)
+                pending, self.pending_settings = self.pending_settings, {}
+                if pending:
+                    try:
+                        await self.configure(**pending)
+                    except BaseException:
+                        self.pending_settings = pending | self.pending_settings  # (next time)
+                        raise
                 return await asyncio.wait_for(self.client.ensure(self.name), ATTEMPT_TIMEOUT)
             except (TimeoutError, BrokerUnavailable) as exc:
                 if time.monotonic() >= give_up:
