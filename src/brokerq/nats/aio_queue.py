@@ -65,6 +65,8 @@ _NO_STREAM = (
     nats.errors.NoRespondersError,
     nats.js.errors.NoStreamResponseError,  # (nats-py's name for no responders to a publish)
 )
+#: A pull's errors while a consumer has no leader.
+_NO_LEADER = (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError)
 _RETRY = (
     TimeoutError,  # (nats-py's too)
     BrokerUnavailable,  # (no answer, as the client's methods raise it)
@@ -281,10 +283,15 @@ class AsyncNatsQueue:
                 try:
                     (msg,) = await (await self._subscription()).fetch(1, timeout=wait)
                     return msg, max(asked, time.monotonic() - RECEIPT_MARGIN)
-                except nats.errors.TimeoutError:
+                except (nats.errors.TimeoutError, *_NO_LEADER) as exc:
+                    # Nothing came, or no consumer leader answers just now (one
+                    # is being elected): as the local get through a reconnect,
+                    # wait on until the deadline.
                     left = _left(deadline)
                     if left is not None and left <= 0:
                         raise Empty(f"queue {self.name!r} is empty") from None
+                    if isinstance(exc, _NO_LEADER):
+                        await asyncio.sleep(0.05 if left is None else min(0.05, left))
         finally:
             self._pulling.release()
 
