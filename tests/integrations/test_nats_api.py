@@ -204,7 +204,18 @@ def test_what_cannot_hold_is_refused_naming_feature_and_backend(
     with pytest.raises(brokerq.NotSupported, match="bury is not supported by the NATS backend"):
         m.bury()
     m.ack()
-    for call in (q.task_done, q.join, lambda: q.subscribe("t"), q.kick):
+    for call in (
+        q.task_done,
+        q.join,
+        lambda: q.subscribe("t"),
+        q.kick,
+        lambda: q.unfinished_tasks,
+        lambda: client.get_any(["refused"], timeout=0),
+        lambda: client.reserve_any(["refused"], timeout=0),
+        client.ping,
+        client.stop,
+        lambda: client.broker_pid,
+    ):
         with pytest.raises(brokerq.NotSupported, match="NATS backend"):
             call()
 
@@ -223,9 +234,21 @@ def test_async_client_under_asyncio(server: NatsServer) -> None:
             assert isinstance(c, brokerq.nats.AsyncNatsClient)
             q = c.queue("async")
             await q.put(b"x")
-            async with await q.reserve(timeout=5) as m:
+            async with q.reserve(timeout=5) as m:  # as the local AsyncQueue's
                 assert m.body == b"x"
+            await q.put(b"y")
+            m = await q.reserve(timeout=5)
+            assert (m.body, m.attempt) == (b"y", 1)
+            await m.release()
+            assert await q.get(timeout=5) == b"y"
             assert await q.empty()
+            async with c.subscribe("async-news") as sub:
+                await c.publish("async-news", b"hello")
+                assert await sub.get(timeout=5) == b"hello"
+            with pytest.raises(brokerq.NotSupported, match="NATS backend"):
+                await q.unfinished_tasks()
+            with pytest.raises(brokerq.NotSupported, match=r"get_any .* NATS backend"):
+                await c.get_any(["async"], timeout=0)
             await q.delete()
 
     asyncio.run(main())

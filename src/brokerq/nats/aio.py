@@ -12,7 +12,7 @@ import itertools
 import json
 import logging
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Generator
 from typing import Any
 
 import nats
@@ -34,7 +34,8 @@ from .. import validation
 from ..client.calls import Body, as_bytes
 from ..errors import BrokerUnavailable, Empty, InvalidRequest, NotSupported
 from . import naming, rules
-from .aio_queue import AsyncNatsMessage, AsyncNatsQueue, QueueSettings
+from .aio_message import AsyncNatsMessage
+from .aio_queue import AsyncNatsQueue, QueueSettings
 from .failures import translate_errors
 
 __all__ = ["AsyncNatsClient", "AsyncNatsMessage", "AsyncNatsQueue", "AsyncNatsSubscription"]
@@ -201,12 +202,17 @@ class AsyncNatsClient:
         await self.nc.flush(timeout=round(self.timeout) or 1)
         return 0
 
-    async def subscribe(self, topic: str) -> AsyncNatsSubscription:
-        """A live subscription to ``topic``, in effect when this returns."""
+    def subscribe(self, topic: str) -> AsyncNatsSubscription:
+        """A live subscription to ``topic``, in effect once entered (``async
+        with``) or awaited, as the local AsyncClient's."""
         validation.validate_queue_name(topic, what="topic")
-        handle = await self.nc.subscribe(naming.topic_subject(topic))
-        await self.nc.flush(timeout=round(self.timeout) or 1)
-        return AsyncNatsSubscription(topic, handle)
+        return AsyncNatsSubscription(self, topic)
+
+    async def get_any(self, queues: Any, timeout: float | None = None) -> tuple[str, bytes]:
+        raise NotSupported(f"get_any (a wait on several queues) is not supported by {BACKEND}")
+
+    def reserve_any(self, queues: Any, timeout: float | None = None, lease: Any = None) -> Any:
+        raise NotSupported(f"reserve_any (a wait on several queues) is not supported by {BACKEND}")
 
     async def queues(self) -> list[str]:
         names = await self.js.streams_info()
@@ -229,11 +235,25 @@ class AsyncNatsClient:
 class AsyncNatsSubscription:
     """A live topic subscription on core NATS: what is published while it is open."""
 
-    def __init__(self, topic: str, handle: NatsSubscriptionHandle) -> None:
+    def __init__(self, client: AsyncNatsClient, topic: str) -> None:
+        self.client = client
         self.topic = topic
-        self._handle = handle
+        self._handle: NatsSubscriptionHandle | None = None
+
+    async def start(self) -> AsyncNatsSubscription:
+        """Subscribe (once): in effect when this returns."""
+        if self._handle is None:
+            nc = self.client.nc
+            self._handle = await nc.subscribe(naming.topic_subject(self.topic))
+            await nc.flush(timeout=round(self.client.timeout) or 1)
+        return self
+
+    def __await__(self) -> Generator[Any, None, AsyncNatsSubscription]:
+        return self.start().__await__()
 
     async def get(self, timeout: float | None = None) -> bytes:
+        await self.start()
+        assert self._handle is not None
         try:
             # (nats-py waits for ever on 0: a no-wait get asks for a moment)
             wait = 1e9 if timeout is None else max(timeout, 0.001)
@@ -250,10 +270,12 @@ class AsyncNatsSubscription:
             yield await self.get()
 
     async def aclose(self) -> None:
-        await self._handle.unsubscribe()
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            await handle.unsubscribe()
 
     async def __aenter__(self) -> AsyncNatsSubscription:
-        return self
+        return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()

@@ -12,7 +12,6 @@ publish is dropped as a duplicate). What cannot hold raises NotSupported.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from collections.abc import Iterable
@@ -26,8 +25,9 @@ from nats.js import JetStreamContext
 
 from .. import validation
 from ..client.calls import Body, as_bytes
-from ..errors import BrokerUnavailable, Empty, Full, InvalidRequest, LeaseLost, NotSupported
+from ..errors import BrokerUnavailable, Empty, Full, InvalidRequest
 from . import naming, rules
+from .aio_message import AsyncNatsMessage, NatsReserving, not_supported
 from .failures import translate_errors
 
 
@@ -48,7 +48,6 @@ class QueueHost(Protocol):
     def forget(self, name: str) -> None: ...
 
 
-BACKEND = "the NATS backend"
 #: How long a delivery may take to come from the server, at most: its
 #: lease is counted from then, so that a verb this side still lets through
 #: finds the lease alive on the server too.
@@ -81,10 +80,6 @@ _FULL_CODES = frozenset({10077, 10078})
 def _is_full(exc: Exception) -> bool:
     """JetStream's refusal of a put to a stream at its max_msgs or max_bytes."""
     return getattr(exc, "err_code", None) in _FULL_CODES
-
-
-def not_supported(feature: str, why: str) -> NotSupported:
-    return NotSupported(f"{feature} is not supported by {BACKEND} ({why})")
 
 
 @dataclass
@@ -212,7 +207,7 @@ class AsyncNatsQueue:
         """Nothing to wait for: every put returned once the stream had it."""
 
     async def get(self, timeout: float | None = None) -> bytes:
-        msg = await self.reserve(timeout)
+        msg = await self.reserve_message(timeout)
         await msg.ack()
         return msg.body
 
@@ -232,7 +227,12 @@ class AsyncNatsQueue:
                 break
         return bodies
 
-    async def reserve(
+    def reserve(self, timeout: float | None = None, lease: float | None = None) -> NatsReserving:
+        """A reserve to make, as the local AsyncQueue's: awaited for its
+        message, or ``async with`` (acked on a clean exit, released on an exception)."""
+        return NatsReserving(self.reserve_message(timeout, lease))
+
+    async def reserve_message(
         self, timeout: float | None = None, lease: float | None = None
     ) -> AsyncNatsMessage:
         settings = await self._settings()
@@ -413,70 +413,11 @@ class AsyncNatsQueue:
     async def join(self, timeout: float | None = None) -> None:
         raise not_supported("join", "JetStream keeps no count of unfinished tasks")
 
+    async def unfinished_tasks(self) -> int:
+        raise not_supported("unfinished_tasks", "JetStream keeps no count of unfinished tasks")
+
     async def subscribe(self, topic: str) -> None:
         raise not_supported("a queue's durable subscription", "not built yet")
 
     async def unsubscribe(self, topic: str) -> bool:
         raise not_supported("a queue's durable subscription", "not built yet")
-
-
-@translate_errors
-class AsyncNatsMessage:
-    """A reserved message: its lease is the consumer's ack wait."""
-
-    def __init__(
-        self, queue: AsyncNatsQueue, msg: Msg, attempt: int, lease: float, since: float
-    ) -> None:
-        self.queue = queue
-        self._msg = msg
-        self.id = int(msg.metadata.sequence.stream)
-        self.body = bytes(msg.data)
-        self.attempt = attempt
-        self.lease = lease
-        self.lease_expires = since + lease  # (since: see AsyncNatsQueue._pull)
-        self.settled = False
-
-    def __repr__(self) -> str:
-        where = f"attempt {self.attempt} of {self.queue.name!r}"
-        return f"<brokerq.nats.AsyncNatsMessage {self.id} {where}>"
-
-    def _check_lease(self) -> None:
-        """A verb after the lease ran out: the message may be another's now."""
-        if time.monotonic() >= self.lease_expires:
-            raise LeaseLost(f"the lease of message {self.id} of {self.queue.name!r} ran out")
-
-    async def ack(self) -> None:
-        self._check_lease()
-        await self._msg.ack_sync(timeout=self.queue.client.timeout)
-        self.settled = True
-
-    async def release(self, delay: float = 0) -> None:
-        self._check_lease()
-        await self._msg.nak(delay=delay or None)
-        self.settled = True
-
-    async def bury(self) -> None:
-        raise not_supported("bury", "not built yet: release it, or let it reach its dead letters")
-
-    async def touch(self, lease: float | None = None) -> None:
-        if lease is not None and lease != self.lease:
-            raise not_supported(
-                "touch with another lease", f"the lease is the consumer's ack wait, {self.lease} s"
-            )
-        self._check_lease()
-        sent = time.monotonic()
-        await self._msg.in_progress()
-        self.lease_expires = sent + self.lease
-
-    async def __aenter__(self) -> AsyncNatsMessage:
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
-        if self.settled:
-            return
-        if exc_type is None:
-            await self.ack()
-            return
-        # An unreleased message comes back anyway when its lease runs out.
-        with contextlib.suppress(Exception):
-            await self.release()
