@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import json
 import logging
+import time
 import uuid
 from collections.abc import AsyncIterator, Generator
 from typing import Any
@@ -46,6 +47,9 @@ _log = logging.getLogger("brokerq.nats")
 #: a put retried after a lost connection is long done by then.
 DUPLICATE_WINDOW = 120.0
 DEFAULT_TIMEOUT = 10.0
+#: How long a queue's settings are taken as read: another client's
+#: configure (max_deliveries, lease) is seen within this.
+SETTINGS_TTL = 10.0
 
 
 async def _log_error(exc: Exception) -> None:
@@ -80,7 +84,8 @@ class AsyncNatsClient:
         self._nc: NatsConnection | None = None
         self._js: JetStreamContext | None = None
         self._queues: dict[str, AsyncNatsQueue] = {}
-        self._ready: dict[str, QueueSettings] = {}
+        #: Each queue's settings as last read, and when (monotonic).
+        self._ready: dict[str, tuple[QueueSettings, float]] = {}
         # A put's key: this client's id and a count, unique across clients
         # and processes, the same on every attempt of that put.
         self._client_id = uuid.uuid4().hex
@@ -146,8 +151,8 @@ class AsyncNatsClient:
         """The stream and consumer of queue ``name``, made if missing (idempotent:
         every client makes them with the same config), and its settings."""
         known = self._ready.get(name)
-        if known is not None:
-            return known
+        if known is not None and time.monotonic() - known[1] < SETTINGS_TTL:
+            return known[0]
         stream = naming.stream_name(name)
         try:
             info = await self.js.stream_info(stream)
@@ -178,7 +183,7 @@ class AsyncNatsClient:
                 ),
             )
         settings.lease = float(consumer.config.ack_wait or rules.DEFAULT_LEASE)
-        self._ready[name] = settings
+        self._ready[name] = (settings, time.monotonic())
         return settings
 
     def forget(self, name: str) -> None:

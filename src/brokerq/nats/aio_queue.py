@@ -322,8 +322,8 @@ class AsyncNatsQueue:
         max_bytes: int | None = None,
     ) -> dict[str, Any]:
         """Stored in the stream (max_deliveries, maxsize, max_bytes) and its
-        consumer (lease), so every client sees them; another client's
-        cached settings catch up when it next opens the queue."""
+        consumer (lease), so every client sees them: another client reads
+        them again within ``SETTINGS_TTL`` (10 s)."""
         validation.validate_lease(lease)
         js = self.client.js
         await self.client.ensure(self.name)
