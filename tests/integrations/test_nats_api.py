@@ -397,3 +397,18 @@ def test_a_command_nats_lacks_says_so_in_one_line(
         f"brokerq: {feature} is not supported by the NATS backend".encode()
     )
     assert done.stderr.count(b"\n") == 1
+
+
+def test_get_many_in_batches_returns_each_message_once(client: brokerq.nats.NatsClient) -> None:
+    q = client.queue("batches")
+    sent = [f"m{i}".encode() for i in range(250)]
+    q.put_many(sent)
+    got: list[bytes] = []
+    while len(got) < len(sent):
+        batch = q.get_many(100, timeout=5)
+        assert 1 <= len(batch) <= 100
+        got += batch
+    assert got == sent  # in order, each once
+    assert q.stats()["reserved"] == 0
+    with pytest.raises(brokerq.Empty):
+        q.get_many(10, timeout=0.2)

@@ -216,15 +216,25 @@ class AsyncNatsQueue:
 
     async def get_many(self, n: int, timeout: float | None = None) -> list[bytes]:
         """Up to ``n`` bodies: waits (up to ``timeout``) for the first, then
-        takes what is there now, as the local get_many."""
+        takes what is there now, as the local get_many: the rest in one pull
+        batch, acked together. One whose ack fails is not returned (it comes
+        back after its lease): never a body returned unacked, or acked unreturned."""
         if not isinstance(n, int) or n < 1:
             raise InvalidRequest(f"get_many needs n >= 1, not {n!r}")
         bodies = [await self.get(timeout)]
+        settings = await self._settings()
         while len(bodies) < n:
-            try:
-                bodies.append(await self.get(timeout=0))
-            except Empty:
+            fetched = await self._pull_batch(n - len(bodies))
+            if not fetched:
                 break
+            taken = [msg for msg in fetched if await self._deliverable(msg, settings)]
+            acks = [msg.ack_sync(timeout=self.client.timeout) for msg in taken]
+            done = await asyncio.gather(*acks, return_exceptions=True)
+            bodies += [
+                bytes(m.data)
+                for m, d in zip(taken, done, strict=True)
+                if not isinstance(d, BaseException)
+            ]
         return bodies
 
     def reserve(self, timeout: float | None = None, lease: float | None = None) -> NatsReserving:
@@ -245,23 +255,35 @@ class AsyncNatsQueue:
         deadline = _deadline(timeout)
         while True:
             msg, asked = await self._pull(deadline)
-            meta = msg.metadata
-            verdict = rules.judge(
-                msg.headers,
-                meta.num_delivered,
-                settings.max_deliveries,
-                time.time(),
-                dead_letters=not self.name.endswith(naming.DEAD_SUFFIX),
-            )
-            if verdict.action is rules.Action.DELIVER:
-                attempt = rules.attempt(msg.headers, meta.num_delivered)
+            if await self._deliverable(msg, settings):
+                attempt = rules.attempt(msg.headers, msg.metadata.num_delivered)
                 return AsyncNatsMessage(self, msg, attempt, settings.lease, asked)
-            if verdict.action is rules.Action.DEFER:
-                await msg.nak(delay=verdict.delay)
-            elif verdict.action is rules.Action.EXPIRE:
-                await msg.ack_sync(timeout=self.client.timeout)
-            else:
-                await self._dead_letter(msg)
+
+    async def _deliverable(self, msg: Msg, settings: QueueSettings) -> bool:
+        """Whether ``msg`` goes to the caller; if not, what rules.judge says is done
+        with it (deferred, dropped as expired, or moved to the dead letters)."""
+        verdict = rules.judge(
+            msg.headers,
+            msg.metadata.num_delivered,
+            settings.max_deliveries,
+            time.time(),
+            dead_letters=not self.name.endswith(naming.DEAD_SUFFIX),
+        )
+        if verdict.action is rules.Action.DEFER:
+            await msg.nak(delay=verdict.delay)
+        elif verdict.action is rules.Action.EXPIRE:
+            await msg.ack_sync(timeout=self.client.timeout)
+        elif verdict.action is rules.Action.DEAD:
+            await self._dead_letter(msg)
+        return verdict.action is rules.Action.DELIVER
+
+    async def _pull_batch(self, n: int) -> list[Msg]:
+        """Up to ``n`` messages there now (none: an empty list), in one pull."""
+        async with self._pulling:
+            try:
+                return await (await self._subscription()).fetch(n, timeout=NOWAIT_WAIT)
+            except (nats.errors.TimeoutError, *_NO_LEADER):
+                return []
 
     async def _pull(self, deadline: float | None) -> tuple[Msg, float]:
         """One message from the consumer, waiting until ``deadline`` (None: for
