@@ -412,3 +412,13 @@ def test_get_many_in_batches_returns_each_message_once(client: brokerq.nats.Nats
     assert q.stats()["reserved"] == 0
     with pytest.raises(brokerq.Empty):
         q.get_many(10, timeout=0.2)
+
+
+def test_put_many_on_a_full_queue_puts_what_fits_then_raises_full(
+    client: brokerq.nats.NatsClient,
+) -> None:
+    q = client.queue("bounded-many", maxsize=3)
+    with pytest.raises(brokerq.Full):
+        q.put_many([b"1", b"2", b"3", b"4", b"5"], timeout=0.3)
+    assert q.get_many(10, timeout=5) == [b"1", b"2", b"3"]
+    assert q.put_many([b"4", b"5"], timeout=5) == [4, 5]

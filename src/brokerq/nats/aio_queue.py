@@ -163,16 +163,26 @@ class AsyncNatsQueue:
         ttl: float | None = None,
         timeout: float | None = None,
     ) -> int:
+        (data,) = self._checked([body], priority, delay, ttl)
+        headers = rules.put_headers(self.client.next_key(), time.time(), delay, ttl)
+        return await self._put_keyed(data, headers, timeout)
+
+    def _checked(
+        self, bodies: list[Body], priority: int, delay: float, ttl: float | None
+    ) -> list[bytes]:
         validation.validate_queue_name(self.name, for_put=True)
         if priority:
             raise not_supported("priority", "JetStream has no priority order")
-        data = as_bytes(body)  # (a str is UTF-8, as the local put's)
         if delay < 0 or (ttl is not None and ttl <= 0):
             raise InvalidRequest("delay must be >= 0 and ttl > 0")
-        deadline = _deadline(timeout)  # for room in a full queue
-        # For an answer: the client's timeout, as the local client's attempts.
+        return [as_bytes(body) for body in bodies]  # (a str is UTF-8, as the local put's)
+
+    async def _put_keyed(self, data: bytes, headers: dict[str, str], timeout: float | None) -> int:
+        """Publish until acknowledged: sent again under the same key (a
+        duplicate is dropped) while no answer comes, for the client's timeout;
+        a full queue waited on until ``timeout``, as the local put waits for room."""
+        deadline = _deadline(timeout)
         answer_by = time.monotonic() + self.client.timeout + (timeout or 0)
-        headers = rules.put_headers(self.client.next_key(), time.time(), delay, ttl)
         while True:
             try:
                 await self._settings()  # (made again if it was deleted meanwhile)
@@ -192,16 +202,37 @@ class AsyncNatsQueue:
                     raise
                 if isinstance(exc, _NO_STREAM):
                     self.client.forget(self.name)  # deleted meanwhile? made again
-                # Sent again with the same key: a duplicate is dropped. A full
-                # queue is waited on, as the local put waits for room.
                 await asyncio.sleep(0.05)
 
     async def put_nowait(self, body: Body, **options: Any) -> int:
         return await self.put(body, timeout=0, **options)
 
-    async def put_many(self, bodies: Iterable[Body], **options: Any) -> list[int]:
-        """Each put acknowledged in turn, in order (JetStream's publish is one message)."""
-        return [await self.put(body, **options) for body in list(bodies)]
+    async def put_many(
+        self,
+        bodies: Iterable[Body],
+        *,
+        priority: int = 0,
+        delay: float = 0,
+        ttl: float | None = None,
+        timeout: float | None = None,
+    ) -> list[int]:
+        """The puts sent together (JetStream's async publish), each under its
+        own key, then their acks awaited; one not acknowledged (full, no
+        answer) is put again under its key as :meth:`put` does. Not atomic:
+        a failure leaves the ones before it put."""
+        items = self._checked(list(bodies), priority, delay, ttl)
+        now = time.time()
+        keyed = [(d, rules.put_headers(self.client.next_key(), now, delay, ttl)) for d in items]
+        await self._settings()
+        subject = naming.subject(self.name)
+        js = self.client.js
+        sent = [await js.publish_async(subject, d, headers=h) for d, h in keyed]
+        acks = [asyncio.wait_for(ack, ATTEMPT_TIMEOUT) for ack in sent]
+        done = await asyncio.gather(*acks, return_exceptions=True)
+        return [
+            await self._put_keyed(d, h, timeout) if isinstance(ack, BaseException) else int(ack.seq)
+            for (d, h), ack in zip(keyed, done, strict=True)
+        ]
 
     async def flush(self) -> None:
         """Nothing to wait for: every put returned once the stream had it."""
