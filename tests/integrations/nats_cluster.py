@@ -107,18 +107,12 @@ class Cluster:
             f"nats://127.0.0.1:{other.route_port}" for other in self.nodes if other is not node
         )
         os.makedirs(node.store, exist_ok=True)
+        args = [self.binary, "--jetstream", "--store_dir", node.store]
+        args += ["--server_name", node.name, "--addr", "127.0.0.1", "--port", str(node.port)]
+        args += ["--cluster_name", "bq-test", "--cluster", f"nats://127.0.0.1:{node.route_port}"]
+        args += ["--routes", routes]
         node.proc = subprocess.Popen(
-            [
-                self.binary,
-                "--jetstream",
-                "--store_dir", node.store,
-                "--server_name", node.name,
-                "--addr", "127.0.0.1",
-                "--port", str(node.port),
-                "--cluster_name", "bq-test",
-                "--cluster", f"nats://127.0.0.1:{node.route_port}",
-                "--routes", routes,
-            ],  # fmt: skip
+            args,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
