@@ -10,7 +10,8 @@ rules of the wings:
   modules, never the broker wing or the top;
 * the **shared modules** (protocol, validation, errors, spawn, pause, version) import
   only each other;
-* the **integrations** (``brokerq.kombu``, the kombu transport) import
+* the **integrations** (``brokerq.kombu``, the kombu transport;
+  ``brokerq.nats``, the queue API on NATS JetStream) import
   the client wing, the shared modules and the library they plug into,
   never the broker wing or the top: they are clients like any other;
 * the **top** (the public face, the CLI, ``brokerq.testing``, the demo)
@@ -37,7 +38,7 @@ SHARED = {
 }
 WINGS = ("brokerq.broker", "brokerq.client")
 #: Packages that plug brokerq into another library: clients of the broker.
-INTEGRATIONS = ("brokerq.kombu",)
+INTEGRATIONS = ("brokerq.kombu", "brokerq.nats")
 #: Third-party imports each part may make (the stdlib and msgspec: everyone).
 THIRD_PARTY = {
     "brokerq.broker": {"trio", "click"},  # (click: local-queue-broker's options)
@@ -107,18 +108,25 @@ def test_a_module_imports_only_what_its_part_may(name: str) -> None:
 CLIENT_SANS_IO = {
     f"brokerq.client.{name}" for name in ("calls", "wire", "window", "prefetch", "api")
 }
-SANS_IO_MODULES = CLIENT_SANS_IO | {
-    name
-    for name in MODULES
-    if name == "brokerq.broker.core" or name.startswith("brokerq.broker.core.")
-}
+#: The NATS backend's pure rules: names, and what a consumer does with a message.
+NATS_SANS_IO = {"brokerq.nats.naming", "brokerq.nats.rules"}
+SANS_IO_MODULES = (
+    CLIENT_SANS_IO
+    | NATS_SANS_IO
+    | {
+        name
+        for name in MODULES
+        if name == "brokerq.broker.core" or name.startswith("brokerq.broker.core.")
+    }
+)
 
 
 def test_the_sans_io_cores_are_where_the_layout_says() -> None:
     """The sets checked below are not empty: a core moved or renamed fails
     here instead of leaving the check with nothing to check."""
     assert not CLIENT_SANS_IO - MODULES.keys(), sorted(CLIENT_SANS_IO - MODULES.keys())
-    broker_core = SANS_IO_MODULES - CLIENT_SANS_IO
+    assert not NATS_SANS_IO - MODULES.keys(), sorted(NATS_SANS_IO - MODULES.keys())
+    broker_core = SANS_IO_MODULES - CLIENT_SANS_IO - NATS_SANS_IO
     assert "brokerq.broker.core" in broker_core
     assert len(broker_core) > 1, "brokerq.broker.core is a folder of modules"
 

@@ -1,0 +1,237 @@
+"""The NATS backend's async client (asyncio, on nats-py): streams, topics, stats.
+
+A queue is a JetStream stream with one durable pull consumer (naming.py);
+the queue's own verbs are in :mod:`.aio_queue`. nats-py runs under asyncio
+only, so this client refuses to start under trio rather than fail later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import json
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+import nats
+import nats.errors
+import nats.js.errors
+from nats.aio.client import Client as NatsConnection
+from nats.aio.subscription import Subscription as NatsSubscriptionHandle
+from nats.js import JetStreamContext
+from nats.js.api import (
+    AckPolicy,
+    ConsumerConfig,
+    DiscardPolicy,
+    RetentionPolicy,
+    StorageType,
+    StreamConfig,
+)
+
+from .. import validation
+from ..errors import BrokerUnavailable, Empty, NotSupported
+from . import naming, rules
+from .aio_queue import AsyncNatsMessage, AsyncNatsQueue, QueueSettings
+
+__all__ = ["AsyncNatsClient", "AsyncNatsMessage", "AsyncNatsQueue", "AsyncNatsSubscription"]
+
+BACKEND = "the NATS backend"
+#: JetStream drops a second put with the same key within this window (seconds):
+#: a put retried after a lost connection is long done by then.
+DUPLICATE_WINDOW = 120.0
+DEFAULT_TIMEOUT = 10.0
+
+
+def _refuse_trio() -> None:
+    """nats-py needs a running asyncio loop: say so plainly under trio."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        raise NotSupported(
+            "the NATS backend runs under asyncio only (nats-py): "
+            "use the blocking client (brokerq.connect) or run this under asyncio"
+        ) from None
+
+
+class AsyncNatsClient:
+    """A NATS server (or cluster) as a brokerq client: ``async with`` connects."""
+
+    def __init__(self, url: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.url = url
+        self.timeout = timeout
+        self._nc: NatsConnection | None = None
+        self._js: JetStreamContext | None = None
+        self._queues: dict[str, AsyncNatsQueue] = {}
+        self._ready: dict[str, QueueSettings] = {}
+        # A put's key: this client's id and a count, unique across clients
+        # and processes, the same on every attempt of that put.
+        self._client_id = uuid.uuid4().hex
+        self._counter = itertools.count(1)
+
+    def __repr__(self) -> str:
+        return f"<brokerq.nats.AsyncNatsClient {self.url!r}>"
+
+    async def connect(self) -> AsyncNatsClient:
+        _refuse_trio()
+        if self._nc is None:
+            try:
+                self._nc = await nats.connect(
+                    self.url,
+                    connect_timeout=max(1, round(self.timeout)),
+                    max_reconnect_attempts=-1,  # a restarted server or a new leader: go on
+                    allow_reconnect=True,
+                )
+            except (OSError, nats.errors.Error) as exc:
+                raise BrokerUnavailable(f"cannot reach NATS at {self.url}: {exc}") from exc
+            self._js = self._nc.jetstream(timeout=self.timeout)
+        return self
+
+    async def __aenter__(self) -> AsyncNatsClient:
+        return await self.connect()
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    async def aclose(self) -> None:
+        nc, self._nc, self._js = self._nc, None, None
+        if nc is not None:
+            await nc.close()
+
+    @property
+    def js(self) -> JetStreamContext:
+        if self._js is None:
+            raise BrokerUnavailable(f"not connected to {self.url}: use `async with` or connect()")
+        return self._js
+
+    @property
+    def nc(self) -> NatsConnection:
+        if self._nc is None:
+            raise BrokerUnavailable(f"not connected to {self.url}: use `async with` or connect()")
+        return self._nc
+
+    def next_key(self) -> str:
+        return f"{self._client_id}-{next(self._counter)}"
+
+    def queue(self, name: str, **settings: Any) -> AsyncNatsQueue:
+        """The queue ``name``; settings given are applied on its first use
+        (see :meth:`AsyncNatsQueue.configure`)."""
+        validation.validate_queue_name(name)
+        q = self._queues.get(name)
+        if q is None:
+            q = self._queues[name] = AsyncNatsQueue(name, self)
+        if any(value is not None for value in settings.values()):
+            q.pending_settings.update(settings)
+        return q
+
+    async def ensure(self, name: str) -> QueueSettings:
+        """The stream and consumer of queue ``name``, made if missing (idempotent:
+        every client makes them with the same config), and its settings."""
+        known = self._ready.get(name)
+        if known is not None:
+            return known
+        stream = naming.stream_name(name)
+        try:
+            info = await self.js.stream_info(stream)
+        except nats.js.errors.NotFoundError:
+            config = StreamConfig(
+                name=stream,
+                subjects=[naming.subject(name)],
+                retention=RetentionPolicy.WORK_QUEUE,
+                storage=StorageType.FILE,
+                discard=DiscardPolicy.NEW,  # a full queue refuses a put, never drops one
+                duplicate_window=DUPLICATE_WINDOW,
+                description=json.dumps({"max_deliveries": rules.DEFAULT_MAX_DELIVERIES}),
+            )
+            info = await self.js.add_stream(config)
+        settings = QueueSettings.from_description(info.config.description)
+        try:
+            consumer = await self.js.consumer_info(stream, naming.CONSUMER)
+        except nats.js.errors.NotFoundError:
+            consumer = await self.js.add_consumer(
+                stream,
+                ConsumerConfig(
+                    durable_name=naming.CONSUMER,
+                    ack_policy=AckPolicy.EXPLICIT,
+                    ack_wait=rules.DEFAULT_LEASE,
+                    max_deliver=-1,  # the dead-letter move is ours (aio_queue.py)
+                    max_ack_pending=-1,
+                ),
+            )
+        settings.lease = float(consumer.config.ack_wait or rules.DEFAULT_LEASE)
+        self._ready[name] = settings
+        return settings
+
+    def forget(self, name: str) -> None:
+        """Drop what this client knows of ``name``'s stream (deleted, reconfigured)."""
+        self._ready.pop(name, None)
+        q = self._queues.get(name)
+        if q is not None:
+            q.drop_subscription()
+
+    async def publish(
+        self, topic: str, body: bytes, *, priority: int = 0, ttl: float | None = None
+    ) -> int:
+        """A live publish on core NATS: to the subscriptions open now, none kept.
+        Returns 0: NATS does not say how many subscribers it reached."""
+        validation.validate_queue_name(topic, for_put=True, what="topic")
+        if priority:
+            raise NotSupported(f"priority is not supported by {BACKEND} (publish)")
+        if ttl is not None:
+            raise NotSupported(f"a publish's ttl is not supported by {BACKEND}")
+        await self.nc.publish(naming.topic_subject(topic), bytes(body))
+        await self.nc.flush(timeout=round(self.timeout) or 1)
+        return 0
+
+    async def subscribe(self, topic: str) -> AsyncNatsSubscription:
+        """A live subscription to ``topic``, in effect when this returns."""
+        validation.validate_queue_name(topic, what="topic")
+        handle = await self.nc.subscribe(naming.topic_subject(topic))
+        await self.nc.flush(timeout=round(self.timeout) or 1)
+        return AsyncNatsSubscription(topic, handle)
+
+    async def queues(self) -> list[str]:
+        names = await self.js.streams_info()
+        found = (naming.queue_of_stream(info.config.name or "") for info in names)
+        return sorted(name for name in found if name is not None)
+
+    async def stats(self) -> dict[str, Any]:
+        account = await self.js.account_info()
+        return {
+            "backend": "nats",
+            "url": self.url,
+            "queues": len(await self.queues()),
+            "bytes": account.storage,
+            "server_version": str(self.nc.connected_server_version),
+        }
+
+
+class AsyncNatsSubscription:
+    """A live topic subscription on core NATS: what is published while it is open."""
+
+    def __init__(self, topic: str, handle: NatsSubscriptionHandle) -> None:
+        self.topic = topic
+        self._handle = handle
+
+    async def get(self, timeout: float | None = None) -> bytes:
+        try:
+            msg = await self._handle.next_msg(timeout=timeout if timeout else 1e9)
+        except nats.errors.TimeoutError:
+            raise Empty(f"nothing published on {self.topic!r} within {timeout} s") from None
+        return bytes(msg.data)
+
+    def __aiter__(self) -> AsyncIterator[bytes]:
+        return self._iterate()
+
+    async def _iterate(self) -> AsyncIterator[bytes]:
+        while True:
+            yield await self.get()
+
+    async def aclose(self) -> None:
+        await self._handle.unsubscribe()
+
+    async def __aenter__(self) -> AsyncNatsSubscription:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()

@@ -1,0 +1,422 @@
+"""A queue on JetStream: put, get, reserve and the lease verbs, async.
+
+Every verb keeps the local broker's guarantees where JetStream gives them
+(docs/nats.md): a put returns once the stream (with replicas, its quorum)
+has it, under a key that drops a retried put; a reserved message comes
+back when its lease (the consumer's ack wait) runs out; a message past
+``max_deliveries`` moves to ``<queue>:dead`` (publish under a fixed id,
+then ack: a client dying between the two leaves a redelivery whose
+publish is dropped as a duplicate). What cannot hold raises NotSupported.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import nats.errors
+import nats.js.errors
+from nats.aio.msg import Msg
+from nats.js import JetStreamContext
+
+from .. import validation
+from ..errors import Empty, InvalidRequest, LeaseLost, NotSupported, QueueFull
+from . import naming, rules
+
+
+class QueueHost(Protocol):
+    """What a queue needs of its client (:class:`brokerq.nats.AsyncNatsClient`),
+    named here so this module does not import the client's."""
+
+    url: str
+    timeout: float
+
+    @property
+    def js(self) -> JetStreamContext: ...
+
+    def next_key(self) -> str: ...
+
+    async def ensure(self, name: str) -> QueueSettings: ...
+
+    def forget(self, name: str) -> None: ...
+
+
+BACKEND = "the NATS backend"
+#: How long a no-wait get asks the server (a pull request needs a deadline).
+NOWAIT_WAIT = 0.2
+#: Errors after which a put is sent again with the same key (deduplicated).
+_RETRY = (
+    nats.errors.TimeoutError,
+    nats.errors.ConnectionClosedError,
+    nats.js.errors.ServiceUnavailableError,
+)
+
+
+def not_supported(feature: str, why: str) -> NotSupported:
+    return NotSupported(f"{feature} is not supported by {BACKEND} ({why})")
+
+
+@dataclass
+class QueueSettings:
+    """A queue's settings every client shares: max_deliveries lives in the
+    stream's description (servers before 2.10 have no metadata), the lease
+    is the consumer's ack wait."""
+
+    max_deliveries: int = rules.DEFAULT_MAX_DELIVERIES
+    lease: float = rules.DEFAULT_LEASE
+
+    @classmethod
+    def from_description(cls, text: str | None) -> QueueSettings:
+        try:
+            found = json.loads(text or "{}")
+            return cls(max_deliveries=int(found["max_deliveries"]))
+        except (ValueError, KeyError, TypeError):
+            return cls()
+
+
+def _deadline(timeout: float | None) -> float | None:
+    validation_timeout(timeout)
+    return None if timeout is None else time.monotonic() + timeout
+
+
+def validation_timeout(timeout: float | None) -> None:
+    if timeout is not None and not (isinstance(timeout, int | float) and timeout >= 0):
+        raise InvalidRequest(f"timeout must be None or a number >= 0, not {timeout!r}")
+
+
+def _left(deadline: float | None) -> float | None:
+    return None if deadline is None else deadline - time.monotonic()
+
+
+class AsyncNatsQueue:
+    """A named queue on JetStream; the local AsyncQueue's names."""
+
+    def __init__(self, name: str, client: QueueHost) -> None:
+        self.name = name
+        self.client = client
+        self.stream = naming.stream_name(name)
+        self.pending_settings: dict[str, Any] = {}
+        self._psub: JetStreamContext.PullSubscription | None = None
+        # One pull at a time per queue and client: a message a timed-out pull
+        # brought in late waits in the subscription for the next one.
+        self._pulling = asyncio.Lock()
+
+    def __repr__(self) -> str:
+        return f"<brokerq.nats.AsyncNatsQueue {self.name!r} at {self.client.url!r}>"
+
+    async def _settings(self) -> QueueSettings:
+        if self.pending_settings:
+            settings, self.pending_settings = self.pending_settings, {}
+            await self.configure(**settings)
+        return await self.client.ensure(self.name)
+
+    def drop_subscription(self) -> None:
+        self._psub = None
+
+    async def put(
+        self,
+        body: bytes,
+        *,
+        priority: int = 0,
+        delay: float = 0,
+        ttl: float | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        validation.validate_queue_name(self.name, for_put=True)
+        if priority:
+            raise not_supported("priority", "JetStream has no priority order")
+        if not isinstance(body, bytes | bytearray | memoryview):
+            raise InvalidRequest(f"a body is bytes, not {type(body).__name__}")
+        if delay < 0 or (ttl is not None and ttl <= 0):
+            raise InvalidRequest("delay must be >= 0 and ttl > 0")
+        deadline = _deadline(timeout)
+        await self._settings()
+        headers = rules.put_headers(self.client.next_key(), time.time(), delay, ttl)
+        while True:
+            try:
+                ack = await self.client.js.publish(
+                    naming.subject(self.name), bytes(body), headers=headers
+                )
+                return int(ack.seq)
+            except _RETRY:
+                left = _left(deadline)
+                if left is not None and left <= 0:
+                    raise
+                await asyncio.sleep(0.05)  # the same key again: a duplicate is dropped
+            except nats.js.errors.APIError as exc:
+                if "maximum" not in str(exc).lower():
+                    raise
+                left = _left(deadline)
+                if left is not None and left <= 0:
+                    raise QueueFull(f"queue {self.name!r} is full") from exc
+                await asyncio.sleep(min(0.05, left or 0.05))  # wait for room, as the local put
+
+    async def put_nowait(self, body: bytes, **options: Any) -> int:
+        return await self.put(body, timeout=0, **options)
+
+    async def put_many(self, bodies: list[bytes], **options: Any) -> list[int]:
+        """Each put acknowledged in turn, in order (JetStream's publish is one message)."""
+        return [await self.put(body, **options) for body in bodies]
+
+    async def flush(self) -> None:
+        """Nothing to wait for: every put returned once the stream had it."""
+
+    async def get(self, timeout: float | None = None) -> bytes:
+        msg = await self.reserve(timeout)
+        await msg.ack()
+        return msg.body
+
+    async def get_nowait(self) -> bytes:
+        return await self.get(timeout=0)
+
+    async def get_many(self, n: int, timeout: float | None = None) -> list[bytes]:
+        """Up to ``n`` bodies: waits (up to ``timeout``) for the first, then
+        takes what is there now, as the local get_many."""
+        if not isinstance(n, int) or n < 1:
+            raise InvalidRequest(f"get_many needs n >= 1, not {n!r}")
+        bodies = [await self.get(timeout)]
+        while len(bodies) < n:
+            try:
+                bodies.append(await self.get(timeout=0))
+            except Empty:
+                break
+        return bodies
+
+    async def reserve(
+        self, timeout: float | None = None, lease: float | None = None
+    ) -> AsyncNatsMessage:
+        settings = await self._settings()
+        if lease is not None and lease != settings.lease:
+            raise not_supported(
+                "a per-reserve lease",
+                f"every reserve of a queue shares its consumer's ack wait; "
+                f"set it with configure(lease=...), now {settings.lease} s",
+            )
+        deadline = _deadline(timeout)
+        while True:
+            msg = await self._pull(deadline)
+            meta = msg.metadata
+            verdict = rules.judge(
+                msg.headers,
+                meta.num_delivered,
+                settings.max_deliveries,
+                time.time(),
+                dead_letters=not self.name.endswith(naming.DEAD_SUFFIX),
+            )
+            if verdict.action is rules.Action.DELIVER:
+                attempt = rules.attempt(msg.headers, meta.num_delivered)
+                return AsyncNatsMessage(self, msg, attempt, settings.lease)
+            if verdict.action is rules.Action.DEFER:
+                await msg.nak(delay=verdict.delay)
+            elif verdict.action is rules.Action.EXPIRE:
+                await msg.ack_sync(timeout=self.client.timeout)
+            else:
+                await self._dead_letter(msg)
+
+    async def _pull(self, deadline: float | None) -> Msg:
+        """One message from the consumer, waiting until ``deadline`` (None: for ever)."""
+        left = _left(deadline)
+        try:
+            await asyncio.wait_for(
+                self._pulling.acquire(), None if left is None else max(left, 0.001)
+            )
+        except TimeoutError:
+            raise Empty(f"queue {self.name!r} is empty") from None
+        try:
+            while True:
+                left = _left(deadline)
+                wait = NOWAIT_WAIT if left is not None and left <= 0 else rules.fetch_wait(left)
+                try:
+                    (msg,) = await (await self._subscription()).fetch(1, timeout=wait)
+                    return msg
+                except nats.errors.TimeoutError:
+                    left = _left(deadline)
+                    if left is not None and left <= 0:
+                        raise Empty(f"queue {self.name!r} is empty") from None
+        finally:
+            self._pulling.release()
+
+    async def _subscription(self) -> JetStreamContext.PullSubscription:
+        if self._psub is None:
+            self._psub = await self.client.js.pull_subscribe_bind(
+                durable=naming.CONSUMER, stream=self.stream
+            )
+        return self._psub
+
+    async def _dead_letter(self, msg: Msg) -> None:
+        """Move ``msg`` to ``<queue>:dead``: publish under an id fixed by its
+        stream sequence, then ack. Dying between the two leaves the message
+        here, redelivered, and its second publish dropped as a duplicate."""
+        dead = self.name + naming.DEAD_SUFFIX
+        await self.client.ensure(dead)
+        headers = {k: v for k, v in (msg.headers or {}).items() if k != rules.MSG_ID}
+        headers[rules.MSG_ID] = naming.dead_letter_id(self.stream, msg.metadata.sequence.stream)
+        await self.client.js.publish(naming.subject(dead), msg.data, headers=headers)
+        await msg.ack_sync(timeout=self.client.timeout)
+
+    async def configure(
+        self,
+        *,
+        max_deliveries: int | None = None,
+        lease: float | None = None,
+        maxsize: int | None = None,
+        max_bytes: int | None = None,
+    ) -> dict[str, Any]:
+        """Stored in the stream (max_deliveries, maxsize, max_bytes) and its
+        consumer (lease), so every client sees them; another client's
+        cached settings catch up when it next opens the queue."""
+        validation.validate_lease(lease)
+        js = self.client.js
+        await self.client.ensure(self.name)
+        info = await js.stream_info(self.stream)
+        config = info.config
+        settings = QueueSettings.from_description(config.description)
+        if max_deliveries is not None:
+            if not isinstance(max_deliveries, int) or max_deliveries < 1:
+                raise InvalidRequest(f"max_deliveries must be >= 1, not {max_deliveries!r}")
+            settings.max_deliveries = max_deliveries
+        config.description = json.dumps({"max_deliveries": settings.max_deliveries})
+        if maxsize is not None:
+            config.max_msgs = maxsize or -1
+        if max_bytes is not None:
+            config.max_bytes = max_bytes or -1
+        await js.update_stream(config)
+        if lease is not None:
+            consumer = await js.consumer_info(self.stream, naming.CONSUMER)
+            consumer.config.ack_wait = lease
+            await js.add_consumer(self.stream, consumer.config)
+        self.client.forget(self.name)
+        return await self.stats()
+
+    async def stats(self) -> dict[str, Any]:
+        """The local stats' keys that have a meaning here (docs/nats.md)."""
+        settings = await self._settings()
+        stream = await self.client.js.stream_info(self.stream)
+        consumer = await self.client.js.consumer_info(self.stream, naming.CONSUMER)
+        return {
+            "name": self.name,
+            "ready": consumer.num_pending or 0,
+            "reserved": consumer.num_ack_pending or 0,
+            "waiters": consumer.num_waiting or 0,
+            "bytes": stream.state.bytes,
+            "messages": stream.state.messages,
+            "put_total": stream.state.last_seq,
+            "redelivered": consumer.num_redelivered or 0,
+            "max_deliveries": settings.max_deliveries,
+            "lease": settings.lease,
+            "maxsize": None if (stream.config.max_msgs or -1) < 0 else stream.config.max_msgs,
+            "max_bytes": None if (stream.config.max_bytes or -1) < 0 else stream.config.max_bytes,
+        }
+
+    async def qsize(self) -> int:
+        return int((await self.stats())["ready"])
+
+    async def empty(self) -> bool:
+        return await self.qsize() == 0
+
+    async def purge(self) -> int:
+        """Drops every message of the queue, reserved ones too (JetStream
+        purges a stream whole); returns how many."""
+        await self._settings()
+        count = (await self.client.js.stream_info(self.stream)).state.messages
+        await self.client.js.purge_stream(self.stream)
+        return int(count)
+
+    async def peek(self) -> bytes:
+        """The oldest message's body, not taken (it may be reserved just now:
+        JetStream keeps no separate ready list)."""
+        await self._settings()
+        state = (await self.client.js.stream_info(self.stream)).state
+        if state.messages == 0:
+            raise Empty(f"queue {self.name!r} is empty")
+        try:
+            found = await self.client.js.get_msg(self.stream, seq=state.first_seq)
+        except nats.js.errors.NotFoundError:
+            raise Empty(f"queue {self.name!r} is empty") from None
+        return bytes(found.data or b"")
+
+    async def delete(self) -> int:
+        try:
+            count = (await self.client.js.stream_info(self.stream)).state.messages
+            await self.client.js.delete_stream(self.stream)
+        except nats.js.errors.NotFoundError:
+            count = 0
+        self.client.forget(self.name)
+        return int(count)
+
+    async def kick(self, n: int = 1) -> int:
+        raise not_supported("kick", "buried messages are not built yet")
+
+    async def task_done(self, n: int = 1) -> None:
+        raise not_supported("task_done", "JetStream keeps no count of unfinished tasks")
+
+    async def join(self, timeout: float | None = None) -> None:
+        raise not_supported("join", "JetStream keeps no count of unfinished tasks")
+
+    async def subscribe(self, topic: str) -> None:
+        raise not_supported("a queue's durable subscription", "not built yet")
+
+    async def unsubscribe(self, topic: str) -> bool:
+        raise not_supported("a queue's durable subscription", "not built yet")
+
+
+class AsyncNatsMessage:
+    """A reserved message: its lease is the consumer's ack wait."""
+
+    def __init__(self, queue: AsyncNatsQueue, msg: Msg, attempt: int, lease: float) -> None:
+        self.queue = queue
+        self._msg = msg
+        self.id = int(msg.metadata.sequence.stream)
+        self.body = bytes(msg.data)
+        self.attempt = attempt
+        self.lease = lease
+        self.lease_expires = time.monotonic() + lease
+        self.settled = False
+
+    def __repr__(self) -> str:
+        where = f"attempt {self.attempt} of {self.queue.name!r}"
+        return f"<brokerq.nats.AsyncNatsMessage {self.id} {where}>"
+
+    def _check_lease(self) -> None:
+        """A verb after the lease ran out: the message may be another's now."""
+        if time.monotonic() >= self.lease_expires:
+            raise LeaseLost(f"the lease of message {self.id} of {self.queue.name!r} ran out")
+
+    async def ack(self) -> None:
+        self._check_lease()
+        await self._msg.ack_sync(timeout=self.queue.client.timeout)
+        self.settled = True
+
+    async def release(self, delay: float = 0) -> None:
+        self._check_lease()
+        await self._msg.nak(delay=delay or None)
+        self.settled = True
+
+    async def bury(self) -> None:
+        raise not_supported("bury", "not built yet: release it, or let it reach its dead letters")
+
+    async def touch(self, lease: float | None = None) -> None:
+        if lease is not None and lease != self.lease:
+            raise not_supported(
+                "touch with another lease", f"the lease is the consumer's ack wait, {self.lease} s"
+            )
+        self._check_lease()
+        await self._msg.in_progress()
+        self.lease_expires = time.monotonic() + self.lease
+
+    async def __aenter__(self) -> AsyncNatsMessage:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if self.settled:
+            return
+        if exc_type is None:
+            await self.ack()
+            return
+        # An unreleased message comes back anyway when its lease runs out.
+        with contextlib.suppress(Exception):
+            await self.release()

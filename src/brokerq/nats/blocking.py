@@ -1,0 +1,287 @@
+"""The NATS backend's blocking client: the async one, run on a loop thread.
+
+nats-py is asyncio-only, so each :class:`NatsClient` runs one asyncio loop
+in a daemon thread and every call waits for its coroutine there
+(``run_coroutine_threadsafe(...).result()``): one connection per client,
+shared by its threads, as the local client shares its broker. A forked
+child cannot use its parent's loop thread (it does not exist there): the
+first call in a child makes a new loop and a new connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import threading
+from collections.abc import Awaitable, Callable, Iterable, Iterator
+from typing import Any, TypeVar
+
+from ..errors import BrokerqError
+from .aio import DEFAULT_TIMEOUT, AsyncNatsClient, AsyncNatsSubscription
+from .aio_queue import AsyncNatsMessage, AsyncNatsQueue
+
+__all__ = ["NatsClient", "NatsMessage", "NatsQueue", "NatsSubscription", "connect"]
+
+T = TypeVar("T")
+
+
+class _Loop:
+    """An asyncio loop in a daemon thread, and the async client living on it."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        self.pid = os.getpid()
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, daemon=True, name="brokerq-nats"
+        )
+        self.thread.start()
+        self.client = AsyncNatsClient(url, timeout)
+
+    def run(self, coro: Awaitable[T], wait: float | None) -> T:
+        async def call() -> T:
+            return await coro
+
+        return asyncio.run_coroutine_threadsafe(call(), self.loop).result(wait)
+
+    def stop(self) -> None:
+        with contextlib.suppress(Exception):
+            self.run(self.client.aclose(), self.client.timeout)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(self.client.timeout)
+        if not self.thread.is_alive():
+            self.loop.close()
+
+
+class NatsClient:
+    """A NATS server as a blocking brokerq client (``brokerq.connect("nats://...")``)."""
+
+    def __init__(self, url: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.url = url
+        self.timeout = timeout
+        self._lock = threading.Lock()
+        self._loop: _Loop | None = None
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"<brokerq.nats.NatsClient {self.url!r}>"
+
+    def _current(self) -> _Loop:
+        with self._lock:
+            if self._closed:
+                raise BrokerqError(f"{self!r} is closed")
+            if self._loop is None or self._loop.pid != os.getpid():
+                # (in a forked child the parent's loop thread is gone: start afresh)
+                self._loop = _Loop(self.url, self.timeout)
+                self._loop.run(self._loop.client.connect(), self.timeout + 5)
+            return self._loop
+
+    def call(self, step: Callable[[AsyncNatsClient], Awaitable[T]], timeout: float | None = 0) -> T:
+        """Run ``step(async client)`` on the loop; wait for it ``timeout`` (the
+        call's own, None: for ever) plus this client's grace."""
+        loop = self._current()
+        wait = None if timeout is None else timeout + self.timeout + 5
+        return loop.run(step(loop.client), wait)
+
+    def connect(self) -> NatsClient:
+        self._current()
+        return self
+
+    def close(self) -> None:
+        with self._lock:
+            loop, self._loop, self._closed = self._loop, None, True
+        if loop is not None and loop.pid == os.getpid():
+            loop.stop()
+
+    def __enter__(self) -> NatsClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def queue(self, name: str, **settings: Any) -> NatsQueue:
+        q = NatsQueue(name, self)
+        if any(value is not None for value in settings.values()):
+            q.configure(**settings)
+        return q
+
+    def publish(
+        self, topic: str, body: bytes, *, priority: int = 0, ttl: float | None = None
+    ) -> int:
+        return self.call(lambda c: c.publish(topic, body, priority=priority, ttl=ttl))
+
+    def subscribe(self, topic: str) -> NatsSubscription:
+        return NatsSubscription(self, self.call(lambda c: c.subscribe(topic)))
+
+    def stats(self) -> dict[str, Any]:
+        return self.call(lambda c: c.stats())
+
+    def queues(self) -> list[str]:
+        return self.call(lambda c: c.queues())
+
+
+class NatsQueue:
+    """A queue on JetStream, with the local Queue's methods (docs/nats.md)."""
+
+    def __init__(self, name: str, client: NatsClient) -> None:
+        self.name = name
+        self.client = client
+
+    def __repr__(self) -> str:
+        return f"<brokerq.nats.NatsQueue {self.name!r} at {self.client.url!r}>"
+
+    def _call(self, step: Callable[[AsyncNatsQueue], Awaitable[T]], timeout: float | None = 0) -> T:
+        return self.client.call(lambda c: step(c.queue(self.name)), timeout)
+
+    def put(
+        self,
+        body: bytes,
+        *,
+        priority: int = 0,
+        delay: float = 0,
+        ttl: float | None = None,
+        timeout: float | None = None,
+    ) -> int:
+        return self._call(
+            lambda q: q.put(body, priority=priority, delay=delay, ttl=ttl, timeout=timeout),
+            timeout or 0,
+        )
+
+    def put_nowait(self, body: bytes, **options: Any) -> int:
+        return self.put(body, timeout=0, **options)
+
+    def put_many(self, bodies: Iterable[bytes], **options: Any) -> list[int]:
+        items = list(bodies)
+        return self._call(lambda q: q.put_many(items, **options), options.get("timeout") or 0)
+
+    def flush(self) -> None:
+        """Nothing to wait for: every put returned once the stream had it."""
+
+    def get(self, timeout: float | None = None) -> bytes:
+        return self._call(lambda q: q.get(timeout), timeout)
+
+    def get_nowait(self) -> bytes:
+        return self.get(timeout=0)
+
+    def get_many(self, n: int, timeout: float | None = None) -> list[bytes]:
+        return self._call(lambda q: q.get_many(n, timeout), timeout)
+
+    def reserve(self, timeout: float | None = None, lease: float | None = None) -> NatsMessage:
+        return NatsMessage(self, self._call(lambda q: q.reserve(timeout, lease), timeout))
+
+    def configure(self, **settings: Any) -> dict[str, Any]:
+        return self._call(lambda q: q.configure(**settings))
+
+    def stats(self) -> dict[str, Any]:
+        return self._call(lambda q: q.stats())
+
+    def qsize(self) -> int:
+        return self._call(lambda q: q.qsize())
+
+    def empty(self) -> bool:
+        return self._call(lambda q: q.empty())
+
+    def purge(self) -> int:
+        return self._call(lambda q: q.purge())
+
+    def peek(self) -> bytes:
+        return self._call(lambda q: q.peek())
+
+    def delete(self) -> int:
+        return self._call(lambda q: q.delete())
+
+    def kick(self, n: int = 1) -> int:
+        return self._call(lambda q: q.kick(n))
+
+    def task_done(self, n: int = 1) -> None:
+        self._call(lambda q: q.task_done(n))
+
+    def join(self, timeout: float | None = None) -> None:
+        self._call(lambda q: q.join(timeout), timeout)
+
+    def subscribe(self, topic: str) -> None:
+        self._call(lambda q: q.subscribe(topic))
+
+    def unsubscribe(self, topic: str) -> bool:
+        return self._call(lambda q: q.unsubscribe(topic))
+
+
+class NatsMessage:
+    """A reserved message: ``body``, ``id`` (the stream sequence), ``attempt``,
+    and the lease verbs; a context manager as the local Message."""
+
+    def __init__(self, queue: NatsQueue, inner: AsyncNatsMessage) -> None:
+        self.queue = queue
+        self._inner = inner
+        self.id = inner.id
+        self.body = inner.body
+        self.attempt = inner.attempt
+
+    def __repr__(self) -> str:
+        return f"<brokerq.nats.NatsMessage {self.id} attempt {self.attempt} of {self.queue.name!r}>"
+
+    @property
+    def settled(self) -> bool:
+        return self._inner.settled
+
+    @property
+    def lease_expires(self) -> float:
+        return self._inner.lease_expires
+
+    def _do(self, step: Callable[[AsyncNatsMessage], Awaitable[None]]) -> None:
+        self.queue.client.call(lambda _c: step(self._inner))
+
+    def ack(self) -> None:
+        self._do(lambda m: m.ack())
+
+    def release(self, delay: float = 0) -> None:
+        self._do(lambda m: m.release(delay))
+
+    def bury(self) -> None:
+        self._do(lambda m: m.bury())
+
+    def touch(self, lease: float | None = None) -> None:
+        self._do(lambda m: m.touch(lease))
+
+    def __enter__(self) -> NatsMessage:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if self.settled:
+            return
+        if exc_type is None:
+            self.ack()
+            return
+        # An unreleased message comes back anyway when its lease runs out.
+        with contextlib.suppress(BrokerqError):
+            self.release()
+
+
+class NatsSubscription:
+    """A live topic subscription (core NATS): iterate, or :meth:`get`; close to end it."""
+
+    def __init__(self, client: NatsClient, inner: AsyncNatsSubscription) -> None:
+        self.client = client
+        self._inner = inner
+
+    def get(self, timeout: float | None = None) -> bytes:
+        return self.client.call(lambda _c: self._inner.get(timeout), timeout)
+
+    def __iter__(self) -> Iterator[bytes]:
+        while True:
+            yield self.get()
+
+    def close(self) -> None:
+        self.client.call(lambda _c: self._inner.aclose())
+
+    def __enter__(self) -> NatsSubscription:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def connect(url: str, timeout: float = DEFAULT_TIMEOUT) -> NatsClient:
+    """A client of the NATS server at ``url``, connected now, so a server that
+    cannot be reached fails here rather than at the first put."""
+    return NatsClient(url, timeout).connect()

@@ -1,0 +1,73 @@
+"""Queue names onto JetStream names: pure, reversible, no I/O.
+
+A brokerq queue name is any printable string (``jobs``, ``jobs:dead``,
+``mail.out``); a stream name may not hold ``.``, ``*``, ``>``, spaces or path
+separators, and a subject's tokens are split on ``.``. So every name is
+escaped the same way for both: letters, digits and ``-`` stay, every other
+UTF-8 byte becomes ``_XX`` (its hex, ``_`` itself included). The escape is
+reversible, so two queue names never share a stream.
+"""
+
+from __future__ import annotations
+
+import string
+
+#: The bytes kept as they are (ASCII letters, digits, '-'): safe in stream names and subjects.
+_KEPT = frozenset((string.ascii_letters + string.digits + "-").encode())
+
+#: The one durable pull consumer of each queue's stream: every reserve of every client shares it.
+CONSUMER = "bq"
+
+#: The suffix of a queue's dead letters, as the local broker's (``jobs:dead``).
+DEAD_SUFFIX = ":dead"
+
+
+def escape(name: str) -> str:
+    """``name`` as a token safe in stream names and subjects (``a.b`` -> ``a_2Eb``)."""
+    return "".join(chr(b) if b in _KEPT else f"_{b:02X}" for b in name.encode("utf-8"))
+
+
+def unescape(token: str) -> str:
+    """The name :func:`escape` made ``token`` from."""
+    out = bytearray()
+    i = 0
+    while i < len(token):
+        if token[i] == "_":
+            out.append(int(token[i + 1 : i + 3], 16))
+            i += 3
+        else:
+            out.append(ord(token[i]))
+            i += 1
+    return out.decode("utf-8")
+
+
+def stream_name(queue: str) -> str:
+    """The stream that holds ``queue``'s messages."""
+    return f"BQ_{escape(queue)}"
+
+
+def subject(queue: str) -> str:
+    """The subject ``queue``'s messages are published on (its stream's only subject)."""
+    return f"bq.q.{escape(queue)}"
+
+
+def queue_of_stream(stream: str) -> str | None:
+    """The queue a stream holds, or None for a stream that is not one of ours."""
+    if not stream.startswith("BQ_"):
+        return None
+    try:
+        return unescape(stream[3:])
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
+def topic_subject(topic: str) -> str:
+    """The core NATS subject of a live topic (publish/subscribe: no stream)."""
+    return f"bq.t.{escape(topic)}"
+
+
+def dead_letter_id(stream: str, seq: int) -> str:
+    """The ``Nats-Msg-Id`` of the dead-letter copy of ``stream``'s message ``seq``:
+    the same on every attempt of the move, so a move retried after a client
+    died between its publish and its ack is dropped as a duplicate."""
+    return f"dead-{stream}-{seq}"

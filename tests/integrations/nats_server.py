@@ -1,0 +1,79 @@
+"""A nats-server of a test's own: a free loopback port, its own storage dir, ended by pid.
+
+``start_server()`` returns a :class:`NatsServer` (``.url``, ``.pid``,
+``.stop()``) once the server answers on its port; ``stop()`` ends it by
+pid and removes its storage directory. Where nats-server is missing, the
+caller skips (or, under CI, fails) with :data:`INSTALL_HINT`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass
+
+INSTALL_HINT = "nats-server is not installed: `apt-get install nats-server` (Debian) or see nats.io"
+
+
+def server_binary() -> str | None:
+    return shutil.which("nats-server") or (
+        "/usr/sbin/nats-server" if os.path.exists("/usr/sbin/nats-server") else None
+    )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class NatsServer:
+    url: str
+    port: int
+    pid: int
+    store_dir: str
+    process: subprocess.Popen[bytes]
+
+    def stop(self) -> None:
+        """End the server by its pid (SIGTERM, then SIGKILL), and remove its storage."""
+        if self.process.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                os.kill(self.pid, signal.SIGKILL)
+                self.process.wait(10)
+        shutil.rmtree(self.store_dir, ignore_errors=True)
+
+
+def start_server(port: int | None = None, timeout: float = 20.0) -> NatsServer:
+    """A JetStream-enabled nats-server on 127.0.0.1:``port`` (None: a free one)."""
+    binary = server_binary()
+    if binary is None:
+        raise FileNotFoundError(INSTALL_HINT)
+    port = port or free_port()
+    store_dir = tempfile.mkdtemp(dir="/tmp", prefix="bq-nats-")
+    process = subprocess.Popen(
+        [binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", store_dir],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    server = NatsServer(f"nats://127.0.0.1:{port}", port, process.pid, store_dir, process)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            server.stop()
+            raise RuntimeError(f"nats-server exited with status {process.returncode}")
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                return server
+        except OSError:
+            time.sleep(0.05)
+    server.stop()
+    raise TimeoutError(f"nats-server did not listen on port {port} within {timeout} s")
