@@ -10,13 +10,21 @@ there starts one. Importing this package loads the blocking client only
     jobs = brokerq.Queue("jobs")          # default broker, spawned on demand
     jobs.put(b"resize 1.png")
     body = jobs.get(timeout=5)            # raises brokerq.Empty on timeout
+
+A ``nats://`` URL instead of a socket path (or ``$BROKERQ_URL`` when the
+code names none) gives the same API on NATS JetStream (:mod:`brokerq.nats`,
+docs/nats.md), for work that spans machines; brokerq.nats and nats-py are
+imported only then.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from typing import TYPE_CHECKING, Any
 
-from .client.blocking import Client, Message, Queue, Subscription, connect
+from .client import blocking as _local
+from .client.blocking import Client, Message, Subscription
 from .errors import (
     BrokerBusy,
     BrokerqError,
@@ -48,13 +56,111 @@ if TYPE_CHECKING:
         AsyncMessage,
         AsyncQueue,
         AsyncSubscription,
-        open_async_client,
     )
+    from .nats import AsyncNatsClient, NatsClient, NatsQueue
 
 #: Names of the async client (brokerq.client.asynchronous), imported (with anyio) on first use.
-_ASYNC_NAMES = frozenset(
-    {"AsyncClient", "AsyncMessage", "AsyncQueue", "AsyncSubscription", "open_async_client"}
-)
+_ASYNC_NAMES = frozenset({"AsyncClient", "AsyncMessage", "AsyncQueue", "AsyncSubscription"})
+
+#: The URL schemes of the NATS backend.
+_NATS_SCHEMES = ("nats://", "tls://")
+
+
+def _nats_url(socket: str | os.PathLike[str] | None) -> str | None:
+    """The NATS URL a call selects, or None for the local broker.
+
+    A ``socket`` named explicitly wins: a ``nats://`` URL there is NATS, a
+    path the local broker. With none named, ``$BROKERQ_URL`` (when set)
+    selects NATS, before ``$BROKERQ_SOCKET``: one variable moves an
+    application that names no broker.
+    """
+    if socket is not None:
+        text = os.fspath(socket)
+        return text if text.startswith(_NATS_SCHEMES) else None
+    url = os.environ.get("BROKERQ_URL")
+    if not url:
+        return None
+    if not url.startswith(_NATS_SCHEMES):
+        raise InvalidRequest(f"BROKERQ_URL must be a nats:// or tls:// URL, not {url!r}")
+    return url
+
+
+def _refuse_streaming(put_window: int | None, prefetch: int | None) -> None:
+    """The put window and prefetch are not built on NATS: say so rather than differ."""
+    for name, value in (("put_window", put_window), ("prefetch", prefetch)):
+        if value:
+            raise NotSupported(f"{name} is not supported by the NATS backend (not built yet)")
+
+
+def connect(
+    socket: str | os.PathLike[str] | None = None,
+    timeout: float = _local.DEFAULT_TIMEOUT,
+    *,
+    put_window: int | None = None,
+    prefetch: int | None = None,
+) -> Client | NatsClient:
+    """A blocking client, connected now: of the local broker at ``socket`` (a
+    path; default ``$BROKERQ_SOCKET`` or the per-user path), or of NATS when
+    ``socket`` is a ``nats://`` URL or, naming none, ``$BROKERQ_URL`` is set."""
+    url = _nats_url(socket)
+    if url is None:
+        return _local.connect(socket, timeout, put_window=put_window, prefetch=prefetch)
+    _refuse_streaming(put_window, prefetch)
+    from . import nats
+
+    return nats.connect(url, timeout)
+
+
+def open_async_client(
+    socket: str | os.PathLike[str] | None = None,
+    timeout: float = _local.DEFAULT_TIMEOUT,
+    *,
+    prefetch: int | None = None,
+) -> AsyncClient | AsyncNatsClient:
+    """An async client (``async with`` connects), routed as :func:`connect`.
+    The NATS one runs under asyncio only (nats-py)."""
+    url = _nats_url(socket)
+    if url is None:
+        from .client import asynchronous
+
+        return asynchronous.open_async_client(socket, timeout, prefetch=prefetch)
+    _refuse_streaming(None, prefetch)
+    from . import nats
+
+    return nats.AsyncNatsClient(url, timeout)
+
+
+class Queue(_local.Queue):
+    """A named queue (see :class:`brokerq.client.Queue`). ``Queue(name)`` with
+    no client or socket, while ``$BROKERQ_URL`` is set, is a queue on NATS
+    (a :class:`brokerq.nats.NatsQueue` of one shared client per URL)."""
+
+    def __new__(
+        cls,
+        name: str,
+        *,
+        client: Client | None = None,
+        socket: str | os.PathLike[str] | None = None,
+    ) -> Any:
+        url = None if client is not None else _nats_url(socket)
+        if url is None:
+            return super().__new__(cls)
+        return _nats_queue(url, name)
+
+
+_nats_clients: dict[str, NatsClient] = {}
+_nats_clients_lock = threading.Lock()
+
+
+def _nats_queue(url: str, name: str) -> NatsQueue:
+    """One client per URL for ``Queue(name)`` without a client, as the local one per path."""
+    from . import nats
+
+    with _nats_clients_lock:
+        client = _nats_clients.get(url)
+        if client is None or client.closed:
+            client = _nats_clients[url] = nats.NatsClient(url)
+    return client.queue(name)
 
 
 def __getattr__(name: str) -> Any:

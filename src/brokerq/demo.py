@@ -22,7 +22,7 @@ DONE = b"<done>"
 
 
 def producer(socket_path: str) -> None:
-    client = brokerq.connect(socket_path)
+    client = brokerq.client.connect(socket_path)
     jobs = client.queue("jobs")
     say("producer", f"connected to broker pid {client.broker_pid}")
     for n in range(1, JOBS + 1):
@@ -34,7 +34,7 @@ def producer(socket_path: str) -> None:
 
 
 def consumer(socket_path: str, name: str) -> None:
-    client = brokerq.connect(socket_path)
+    client = brokerq.client.connect(socket_path)
     jobs = client.queue("jobs")
     say(name, f"connected to broker pid {client.broker_pid}, waiting for jobs")
     handled = 0
@@ -65,7 +65,7 @@ def main() -> int:
         ]
         workers.append(subprocess.Popen([*me, "producer", socket_path]))
         codes = [w.wait(timeout=60) for w in workers]
-        with brokerq.connect(socket_path) as client:
+        with brokerq.client.connect(socket_path) as client:
             stats = client.queue("jobs").stats()
             print(
                 f"Broker pid {client.broker_pid} served them all: "

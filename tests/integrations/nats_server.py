@@ -52,6 +52,18 @@ class NatsServer:
         shutil.rmtree(self.store_dir, ignore_errors=True)
 
 
+def require_server() -> str:
+    """The nats-server binary, or skip the calling test (fail it under ``CI=true``)."""
+    import pytest
+
+    binary = server_binary()
+    if binary is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true and {INSTALL_HINT}", pytrace=False)
+        pytest.skip(INSTALL_HINT)
+    return binary
+
+
 def start_server(port: int | None = None, timeout: float = 20.0) -> NatsServer:
     """A JetStream-enabled nats-server on 127.0.0.1:``port`` (None: a free one)."""
     binary = server_binary()

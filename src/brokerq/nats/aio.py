@@ -30,6 +30,7 @@ from nats.js.api import (
 )
 
 from .. import validation
+from ..client.calls import Body, as_bytes
 from ..errors import BrokerUnavailable, Empty, NotSupported
 from . import naming, rules
 from .aio_queue import AsyncNatsMessage, AsyncNatsQueue, QueueSettings
@@ -170,7 +171,7 @@ class AsyncNatsClient:
             q.drop_subscription()
 
     async def publish(
-        self, topic: str, body: bytes, *, priority: int = 0, ttl: float | None = None
+        self, topic: str, body: Body, *, priority: int = 0, ttl: float | None = None
     ) -> int:
         """A live publish on core NATS: to the subscriptions open now, none kept.
         Returns 0: NATS does not say how many subscribers it reached."""
@@ -179,7 +180,7 @@ class AsyncNatsClient:
             raise NotSupported(f"priority is not supported by {BACKEND} (publish)")
         if ttl is not None:
             raise NotSupported(f"a publish's ttl is not supported by {BACKEND}")
-        await self.nc.publish(naming.topic_subject(topic), bytes(body))
+        await self.nc.publish(naming.topic_subject(topic), as_bytes(body))
         await self.nc.flush(timeout=round(self.timeout) or 1)
         return 0
 
@@ -215,7 +216,9 @@ class AsyncNatsSubscription:
 
     async def get(self, timeout: float | None = None) -> bytes:
         try:
-            msg = await self._handle.next_msg(timeout=timeout if timeout else 1e9)
+            # (nats-py waits for ever on 0: a no-wait get asks for a moment)
+            wait = 1e9 if timeout is None else max(timeout, 0.001)
+            msg = await self._handle.next_msg(timeout=wait)
         except nats.errors.TimeoutError:
             raise Empty(f"nothing published on {self.topic!r} within {timeout} s") from None
         return bytes(msg.data)

@@ -24,6 +24,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from .. import validation
+from ..client.calls import Body, as_bytes
 from ..errors import Empty, InvalidRequest, LeaseLost, NotSupported, QueueFull
 from . import naming, rules
 
@@ -119,7 +120,7 @@ class AsyncNatsQueue:
 
     async def put(
         self,
-        body: bytes,
+        body: Body,
         *,
         priority: int = 0,
         delay: float = 0,
@@ -129,8 +130,7 @@ class AsyncNatsQueue:
         validation.validate_queue_name(self.name, for_put=True)
         if priority:
             raise not_supported("priority", "JetStream has no priority order")
-        if not isinstance(body, bytes | bytearray | memoryview):
-            raise InvalidRequest(f"a body is bytes, not {type(body).__name__}")
+        data = as_bytes(body)  # (a str is UTF-8, as the local put's)
         if delay < 0 or (ttl is not None and ttl <= 0):
             raise InvalidRequest("delay must be >= 0 and ttl > 0")
         deadline = _deadline(timeout)
@@ -138,9 +138,7 @@ class AsyncNatsQueue:
         headers = rules.put_headers(self.client.next_key(), time.time(), delay, ttl)
         while True:
             try:
-                ack = await self.client.js.publish(
-                    naming.subject(self.name), bytes(body), headers=headers
-                )
+                ack = await self.client.js.publish(naming.subject(self.name), data, headers=headers)
                 return int(ack.seq)
             except _RETRY:
                 left = _left(deadline)
@@ -155,10 +153,10 @@ class AsyncNatsQueue:
                     raise QueueFull(f"queue {self.name!r} is full") from exc
                 await asyncio.sleep(min(0.05, left or 0.05))  # wait for room, as the local put
 
-    async def put_nowait(self, body: bytes, **options: Any) -> int:
+    async def put_nowait(self, body: Body, **options: Any) -> int:
         return await self.put(body, timeout=0, **options)
 
-    async def put_many(self, bodies: list[bytes], **options: Any) -> list[int]:
+    async def put_many(self, bodies: list[Body], **options: Any) -> list[int]:
         """Each put acknowledged in turn, in order (JetStream's publish is one message)."""
         return [await self.put(body, **options) for body in bodies]
 

@@ -17,6 +17,8 @@ import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
+from .. import validation
+from ..client.calls import Body
 from ..errors import BrokerqError
 from .aio import DEFAULT_TIMEOUT, AsyncNatsClient, AsyncNatsSubscription
 from .aio_queue import AsyncNatsMessage, AsyncNatsQueue
@@ -83,6 +85,10 @@ class NatsClient:
         wait = None if timeout is None else timeout + self.timeout + 5
         return loop.run(step(loop.client), wait)
 
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
     def connect(self) -> NatsClient:
         self._current()
         return self
@@ -124,6 +130,7 @@ class NatsQueue:
     """A queue on JetStream, with the local Queue's methods (docs/nats.md)."""
 
     def __init__(self, name: str, client: NatsClient) -> None:
+        validation.validate_queue_name(name)
         self.name = name
         self.client = client
 
@@ -135,7 +142,7 @@ class NatsQueue:
 
     def put(
         self,
-        body: bytes,
+        body: Body,
         *,
         priority: int = 0,
         delay: float = 0,
@@ -147,10 +154,10 @@ class NatsQueue:
             timeout or 0,
         )
 
-    def put_nowait(self, body: bytes, **options: Any) -> int:
+    def put_nowait(self, body: Body, **options: Any) -> int:
         return self.put(body, timeout=0, **options)
 
-    def put_many(self, bodies: Iterable[bytes], **options: Any) -> list[int]:
+    def put_many(self, bodies: Iterable[Body], **options: Any) -> list[int]:
         items = list(bodies)
         return self._call(lambda q: q.put_many(items, **options), options.get("timeout") or 0)
 

@@ -1,0 +1,274 @@
+"""The queue API on NATS JetStream (brokerq.nats), against a real nats-server
+of this module's own: what holds as on the local broker, and what is refused."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import pytest
+from extras import require
+from nats_server import NatsServer, require_server, start_server
+
+import brokerq
+
+nats = require("nats", "nats")
+import brokerq.nats  # noqa: E402
+from brokerq.nats import naming  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def server() -> Iterator[NatsServer]:
+    require_server()
+    handle = start_server()
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+@pytest.fixture
+def client(server: NatsServer) -> Iterator[brokerq.nats.NatsClient]:
+    with brokerq.nats.connect(server.url) as c:
+        yield c
+        for name in c.queues():
+            c.queue(name).delete()
+
+
+def test_put_get_in_order_and_empty(client: brokerq.nats.NatsClient) -> None:
+    q = client.queue("jobs")
+    ids = [q.put(b"a"), q.put("b")]
+    assert ids[1] == ids[0] + 1  # put ids are the stream's sequence
+    assert q.qsize() == 2
+    assert q.get(timeout=5) == b"a"
+    assert q.get_nowait() == b"b"
+    with pytest.raises(brokerq.Empty):
+        q.get_nowait()
+    with pytest.raises(brokerq.Empty):
+        q.get(timeout=0.3)
+    assert q.empty()
+
+
+def test_reserve_release_ack_count_attempts(client: brokerq.nats.NatsClient) -> None:
+    q = client.queue("jobs")
+    q.put(b"x")
+    m = q.reserve(timeout=5)
+    assert (m.body, m.attempt) == (b"x", 1)
+    assert q.stats()["reserved"] == 1
+    m.release()
+    m = q.reserve(timeout=5)
+    assert m.attempt == 2
+    with m:
+        pass  # a clean exit acks
+    assert m.settled
+    assert q.stats()["reserved"] == 0
+    with pytest.raises(brokerq.Empty):
+        q.get(timeout=0.3)
+
+
+def test_a_lease_that_runs_out_redelivers(client: brokerq.nats.NatsClient) -> None:
+    q = client.queue("leased", lease=1.0)
+    q.put(b"x")
+    first = q.reserve(timeout=5)
+    again = q.reserve(timeout=5)  # not acked: back after the lease
+    assert (again.body, again.attempt) == (b"x", 2)
+    with pytest.raises(brokerq.LeaseLost):
+        first.ack()
+    again.ack()
+    with pytest.raises(brokerq.Empty):
+        q.get(timeout=1.5)
+
+
+def test_touch_keeps_the_lease(client: brokerq.nats.NatsClient) -> None:
+    q = client.queue("touched", lease=1.0)
+    q.put(b"x")
+    m = q.reserve(timeout=5)
+    for _ in range(3):
+        time.sleep(0.5)
+        m.touch()
+    with pytest.raises(brokerq.Empty):
+        q.get(timeout=0.1)  # still leased after 1.5 s
+    m.ack()
+
+
+def test_a_retried_put_with_the_same_key_is_dropped(server: NatsServer) -> None:
+    async def main() -> None:
+        async with brokerq.nats.AsyncNatsClient(server.url) as c:
+            q = c.queue("dedupe")
+            await c.ensure("dedupe")
+            headers = {"Nats-Msg-Id": "the-same-key"}
+            first = await c.js.publish(naming.subject("dedupe"), b"x", headers=headers)
+            second = await c.js.publish(naming.subject("dedupe"), b"x", headers=headers)
+            assert second.duplicate
+            assert second.seq == first.seq
+            assert await q.qsize() == 1
+            await q.delete()
+
+    asyncio.run(main())
+
+
+def test_after_max_deliveries_a_message_moves_to_its_dead_letters(
+    client: brokerq.nats.NatsClient,
+) -> None:
+    q = client.queue("jobs", max_deliveries=2)
+    q.put(b"bad")
+    for attempt in (1, 2):
+        m = q.reserve(timeout=5)
+        assert m.attempt == attempt
+        m.release()
+    with pytest.raises(brokerq.Empty):
+        q.get(timeout=0.5)
+    dead = client.queue("jobs:dead")
+    assert dead.get(timeout=5) == b"bad"
+    assert dead.qsize() == 0
+
+
+def test_a_client_dying_mid_move_neither_loses_nor_doubles(server: NatsServer) -> None:
+    """The move's first half (the dead-letter publish) made, its ack never
+    sent: the message comes back, is moved again, and the second publish
+    is dropped as a duplicate: one dead letter."""
+
+    async def main() -> None:
+        async with brokerq.nats.AsyncNatsClient(server.url) as c:
+            q = c.queue("midmove", max_deliveries=1, lease=1.0)
+            await q.put(b"x")
+            await q.reserve(timeout=5)  # reserved, then abandoned
+            await asyncio.sleep(1.2)  # its lease runs out: the next delivery is its 2nd
+            psub = await c.js.pull_subscribe_bind(
+                durable=naming.CONSUMER, stream=naming.stream_name("midmove")
+            )
+            (raw,) = await psub.fetch(1, timeout=5)
+            await c.ensure("midmove:dead")
+            dead_id = naming.dead_letter_id(raw.metadata.stream, raw.metadata.sequence.stream)
+            await c.js.publish(
+                naming.subject("midmove:dead"), raw.data, headers={"Nats-Msg-Id": dead_id}
+            )
+            # ... and the client dies here: no ack. Its lease runs out.
+            await psub.unsubscribe()
+            with pytest.raises(brokerq.Empty):
+                await q.get(timeout=2.5)  # the redelivery is moved, not delivered
+            dead = c.queue("midmove:dead")
+            assert await dead.qsize() == 1
+            assert await dead.get(timeout=1) == b"x"
+            await q.delete()
+            await dead.delete()
+
+    asyncio.run(main())
+
+
+def test_delay_and_ttl(client: brokerq.nats.NatsClient) -> None:
+    q = client.queue("timed")
+    q.put(b"later", delay=1.0)
+    with pytest.raises(brokerq.Empty):
+        q.get(timeout=0.3)
+    started = time.monotonic()
+    m = q.reserve(timeout=5)
+    assert m.body == b"later"
+    assert m.attempt == 1  # its deferral was no attempt
+    assert time.monotonic() - started > 0.3
+    m.ack()
+    q.put(b"gone", ttl=0.2)
+    time.sleep(0.4)
+    with pytest.raises(brokerq.Empty):
+        q.get(timeout=0.5)
+
+
+def test_many_peek_purge_stats(client: brokerq.nats.NatsClient) -> None:
+    q = client.queue("many")
+    assert q.put_many([b"1", b"2", b"3"]) == [1, 2, 3]
+    assert q.peek() == b"1"
+    assert q.get_many(2, timeout=5) == [b"1", b"2"]
+    stats = q.stats()
+    assert (stats["name"], stats["ready"], stats["reserved"]) == ("many", 1, 0)
+    assert stats["max_deliveries"] == 20
+    assert q.purge() == 1
+    assert q.empty()
+    assert "many" in client.queues()
+
+
+def test_what_cannot_hold_is_refused_naming_feature_and_backend(
+    client: brokerq.nats.NatsClient,
+) -> None:
+    q = client.queue("refused")
+    with pytest.raises(brokerq.NotSupported, match="priority is not supported by the NATS"):
+        q.put(b"x", priority=1)
+    q.put(b"x")
+    with pytest.raises(brokerq.NotSupported, match=r"per-reserve lease .* NATS backend"):
+        q.reserve(timeout=5, lease=99)
+    m = q.reserve(timeout=5)
+    with pytest.raises(brokerq.NotSupported, match="bury is not supported by the NATS backend"):
+        m.bury()
+    m.ack()
+    for call in (q.task_done, q.join, lambda: q.subscribe("t"), q.kick):
+        with pytest.raises(brokerq.NotSupported, match="NATS backend"):
+            call()
+
+
+def test_live_publish_and_subscribe(client: brokerq.nats.NatsClient) -> None:
+    with client.subscribe("news") as sub:
+        client.publish("news", b"hello")
+        assert sub.get(timeout=5) == b"hello"
+        with pytest.raises(brokerq.Empty):
+            sub.get(timeout=0.1)
+
+
+def test_async_client_under_asyncio(server: NatsServer) -> None:
+    async def main() -> None:
+        async with brokerq.open_async_client(server.url) as c:
+            assert isinstance(c, brokerq.nats.AsyncNatsClient)
+            q = c.queue("async")
+            await q.put(b"x")
+            async with await q.reserve(timeout=5) as m:
+                assert m.body == b"x"
+            assert await q.empty()
+            await q.delete()
+
+    asyncio.run(main())
+
+
+def test_async_client_under_trio_says_asyncio_only(server: NatsServer) -> None:
+    import trio
+
+    async def main() -> None:
+        with pytest.raises(brokerq.NotSupported, match="asyncio only"):
+            await brokerq.nats.AsyncNatsClient(server.url).connect()
+
+    trio.run(main)
+
+
+def test_brokerq_url_routes_code_that_names_no_broker(
+    server: NatsServer, monkeypatch: pytest.MonkeyPatch, socket_path: str
+) -> None:
+    monkeypatch.setenv("BROKERQ_URL", server.url)
+    with brokerq.connect() as c:
+        assert isinstance(c, brokerq.nats.NatsClient)
+    q = brokerq.Queue("routed")
+    assert isinstance(q, brokerq.nats.NatsQueue)
+    q.put(b"x")
+    assert q.get(timeout=5) == b"x"
+    q.delete()
+    # A socket named explicitly wins over BROKERQ_URL.
+    local = brokerq.Queue("routed", socket=socket_path)
+    assert isinstance(local, brokerq.Queue)
+    assert not isinstance(local, brokerq.nats.NatsQueue)
+    with pytest.raises(brokerq.NotSupported, match="prefetch is not supported by the NATS"):
+        brokerq.connect(prefetch=4)
+    local.client.close()
+
+
+def test_a_forked_child_gets_its_own_connection(client: brokerq.nats.NatsClient) -> None:
+    import os
+
+    q = client.queue("forked")
+    q.put(b"from parent")
+    pid = os.fork()
+    if pid == 0:  # the child: the parent's loop thread is not here
+        try:
+            code = 0 if q.get(timeout=5) == b"from parent" and q.put(b"from child") else 1
+        except BaseException:
+            code = 2
+        os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert q.get(timeout=5) == b"from child"

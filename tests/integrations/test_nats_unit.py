@@ -1,0 +1,85 @@
+"""The NATS backend's pure rules (brokerq.nats.naming, brokerq.nats.rules):
+names, escapes, and what a consumer does with a fetched message. No server."""
+
+from __future__ import annotations
+
+import pytest
+from extras import require
+from hypothesis import given
+from hypothesis import strategies as st
+
+require("nats", "nats")  # (brokerq.nats's package imports nats-py; these modules do not)
+from brokerq.nats import naming, rules  # noqa: E402
+from brokerq.nats.aio_queue import QueueSettings  # noqa: E402
+
+NOW = 1_000_000.0
+
+
+@given(st.text(min_size=1))
+def test_escape_is_reversible_and_safe(name: str) -> None:
+    token = naming.escape(name)
+    assert naming.unescape(token) == name
+    assert not set(token) & set(". *>/\\\t\n")
+
+
+def test_names() -> None:
+    assert naming.stream_name("jobs") == "BQ_jobs"
+    assert naming.stream_name("jobs:dead") == "BQ_jobs_3Adead"
+    assert naming.subject("mail.out") == "bq.q.mail_2Eout"
+    assert naming.escape("a_b") == "a_5Fb"  # '_' escaped too: no two names meet
+    assert naming.queue_of_stream("BQ_jobs_3Adead") == "jobs:dead"
+    assert naming.queue_of_stream("ORDERS") is None
+    assert naming.queue_of_stream("BQ__ZZ") is None
+    assert naming.dead_letter_id("BQ_jobs", 7) == "dead-BQ_jobs-7"
+
+
+def test_put_headers_carry_the_key_and_absolute_times() -> None:
+    assert rules.put_headers("k", NOW, 0, None) == {"Nats-Msg-Id": "k"}
+    headers = rules.put_headers("k", NOW, 5, 10)
+    assert float(headers[rules.NOT_BEFORE]) == NOW + 5
+    assert float(headers[rules.EXPIRES]) == NOW + 15  # the ttl counts from when it is due
+
+
+def test_a_plain_message_is_delivered_until_max_deliveries_then_dead() -> None:
+    assert rules.judge({}, 1, 3, NOW).action is rules.Action.DELIVER
+    assert rules.judge(None, 3, 3, NOW).action is rules.Action.DELIVER
+    assert rules.judge(None, 4, 3, NOW).action is rules.Action.DEAD
+    # A dead-letter queue's own messages never move on.
+    assert rules.judge(None, 99, 3, NOW, dead_letters=False).action is rules.Action.DELIVER
+
+
+def test_a_message_not_yet_due_is_deferred_for_the_rest_of_its_delay() -> None:
+    headers = rules.put_headers("k", NOW, 5, None)
+    verdict = rules.judge(headers, 1, 3, NOW + 1)
+    assert verdict == rules.Verdict(rules.Action.DEFER, 4.0)
+    # Deferred, never dead-lettered, however often it was seen early.
+    assert rules.judge(headers, 50, 3, NOW + 1).action is rules.Action.DEFER
+    # Once due: its deferral is no attempt.
+    assert rules.judge(headers, 2, 1, NOW + 6).action is rules.Action.DELIVER
+    assert rules.attempt(headers, 2) == 1
+    assert rules.attempt(headers, 1) == 1
+    assert rules.attempt({}, 2) == 2
+
+
+def test_an_expired_message_is_dropped_before_anything_else() -> None:
+    headers = rules.put_headers("k", NOW, 0, 1)
+    assert rules.judge(headers, 1, 3, NOW + 0.5).action is rules.Action.DELIVER
+    assert rules.judge(headers, 99, 3, NOW + 2).action is rules.Action.EXPIRE
+
+
+def test_headers_not_ours_are_ignored() -> None:
+    headers = {rules.NOT_BEFORE: "soon", rules.EXPIRES: ""}
+    assert rules.judge(headers, 1, 3, NOW).action is rules.Action.DELIVER
+
+
+@pytest.mark.parametrize(
+    ("remaining", "wait"), [(None, 5.0), (2.0, 2.0), (60.0, 5.0), (0.0, 0.001)]
+)
+def test_a_wait_is_a_loop_of_bounded_pulls(remaining: float | None, wait: float) -> None:
+    assert rules.fetch_wait(remaining) == wait
+
+
+def test_settings_read_from_the_stream_description() -> None:
+    assert QueueSettings.from_description('{"max_deliveries": 4}').max_deliveries == 4
+    assert QueueSettings.from_description(None).max_deliveries == rules.DEFAULT_MAX_DELIVERIES
+    assert QueueSettings.from_description("a user's words").max_deliveries == 20
