@@ -4,8 +4,12 @@ of this module's own: what holds as on the local broker, and what is refused."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from extras import require
@@ -258,8 +262,6 @@ def test_brokerq_url_routes_code_that_names_no_broker(
 
 
 def test_a_forked_child_gets_its_own_connection(client: brokerq.nats.NatsClient) -> None:
-    import os
-
     q = client.queue("forked")
     q.put(b"from parent")
     pid = os.fork()
@@ -272,3 +274,50 @@ def test_a_forked_child_gets_its_own_connection(client: brokerq.nats.NatsClient)
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert q.get(timeout=5) == b"from child"
+
+
+def test_a_full_queue_refuses_a_put_until_the_timeout_and_drops_none(
+    client: brokerq.nats.NatsClient,
+) -> None:
+    q = client.queue("bounded", maxsize=2)
+    q.put(b"1")
+    q.put(b"2")
+    with pytest.raises(brokerq.Full):
+        q.put_nowait(b"3")
+    with pytest.raises(brokerq.Full):
+        q.put(b"3", timeout=0.3)
+    assert q.get(timeout=5) == b"1"
+    q.put(b"3", timeout=5)  # room again
+    assert q.get_many(5, timeout=5) == [b"2", b"3"]
+    assert q.stats()["maxsize"] == 2
+
+
+def docs_example() -> str:
+    """The producer and consumer of docs/nats.md, "The same code on both"."""
+    text = (Path(__file__).resolve().parents[2] / "docs" / "nats.md").read_text()
+    section = text.split("## The same code on both", 1)[1]
+    return section.split("```python\n", 1)[1].split("```", 1)[0]
+
+
+def test_the_docs_example_runs_unchanged_on_a_socket_and_on_nats(
+    server: NatsServer, socket_path: str
+) -> None:
+    """The application code of docs/nats.md, as written, against the local
+    broker (BROKERQ_SOCKET) and against NATS (BROKERQ_URL): the same output."""
+    code = docs_example()
+    outputs = []
+    for env in ({"BROKERQ_SOCKET": socket_path}, {"BROKERQ_URL": server.url}):
+        done = subprocess.run(
+            [sys.executable, "-c", code],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        outputs.append(done.stdout)
+    assert outputs[0] == outputs[1] == "['photo-0.png', 'photo-1.png', 'photo-2.png']\n"
+    with brokerq.nats.connect(server.url) as c:
+        assert c.queue("resize").empty()
+        c.queue("resize").delete()

@@ -83,3 +83,19 @@ def test_settings_read_from_the_stream_description() -> None:
     assert QueueSettings.from_description('{"max_deliveries": 4}').max_deliveries == 4
     assert QueueSettings.from_description(None).max_deliveries == rules.DEFAULT_MAX_DELIVERIES
     assert QueueSettings.from_description("a user's words").max_deliveries == 20
+
+
+def test_import_brokerq_loads_neither_brokerq_nats_nor_nats_py() -> None:
+    """The NATS backend is imported on first use of a nats:// URL, not before."""
+    import subprocess
+    import sys
+
+    check = (
+        "import sys, brokerq\n"
+        "print(sorted(m for m in sys.modules if m.partition('.')[0] == 'nats'"
+        " or m.startswith('brokerq.nats')))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", check], capture_output=True, text=True, timeout=60, check=True
+    )
+    assert done.stdout.strip() == "[]"

@@ -25,7 +25,7 @@ from nats.js import JetStreamContext
 
 from .. import validation
 from ..client.calls import Body, as_bytes
-from ..errors import Empty, InvalidRequest, LeaseLost, NotSupported, QueueFull
+from ..errors import Empty, Full, InvalidRequest, LeaseLost, NotSupported
 from . import naming, rules
 
 
@@ -55,6 +55,14 @@ _RETRY = (
     nats.errors.ConnectionClosedError,
     nats.js.errors.ServiceUnavailableError,
 )
+
+#: JetStream's error codes for a stream at its limits (messages, bytes).
+_FULL_CODES = frozenset({10077, 10078})
+
+
+def _is_full(exc: Exception) -> bool:
+    """JetStream's refusal of a put to a stream at its max_msgs or max_bytes."""
+    return getattr(exc, "err_code", None) in _FULL_CODES
 
 
 def not_supported(feature: str, why: str) -> NotSupported:
@@ -140,18 +148,18 @@ class AsyncNatsQueue:
             try:
                 ack = await self.client.js.publish(naming.subject(self.name), data, headers=headers)
                 return int(ack.seq)
-            except _RETRY:
-                left = _left(deadline)
-                if left is not None and left <= 0:
-                    raise
-                await asyncio.sleep(0.05)  # the same key again: a duplicate is dropped
-            except nats.js.errors.APIError as exc:
-                if "maximum" not in str(exc).lower():
+            except (*_RETRY, nats.js.errors.APIError) as exc:
+                full = _is_full(exc)
+                if not full and not isinstance(exc, _RETRY):
                     raise
                 left = _left(deadline)
                 if left is not None and left <= 0:
-                    raise QueueFull(f"queue {self.name!r} is full") from exc
-                await asyncio.sleep(min(0.05, left or 0.05))  # wait for room, as the local put
+                    if full:
+                        raise Full(f"queue {self.name!r} stayed full until the timeout") from exc
+                    raise
+                # Sent again with the same key: a duplicate is dropped; a full
+                # queue is waited on, as the local put waits for room.
+                await asyncio.sleep(0.05 if left is None else min(0.05, left))
 
     async def put_nowait(self, body: Body, **options: Any) -> int:
         return await self.put(body, timeout=0, **options)
@@ -306,8 +314,9 @@ class AsyncNatsQueue:
             "redelivered": consumer.num_redelivered or 0,
             "max_deliveries": settings.max_deliveries,
             "lease": settings.lease,
-            "maxsize": None if (stream.config.max_msgs or -1) < 0 else stream.config.max_msgs,
-            "max_bytes": None if (stream.config.max_bytes or -1) < 0 else stream.config.max_bytes,
+            # 0: no limit, as the local stats say it
+            "maxsize": max(0, stream.config.max_msgs or 0),
+            "max_bytes": max(0, stream.config.max_bytes or 0),
         }
 
     async def qsize(self) -> int:
