@@ -252,6 +252,7 @@ def test_brokerq_url_routes_code_that_names_no_broker(
     q.put(b"x")
     assert q.get(timeout=5) == b"x"
     q.delete()
+    q.client.close()  # (the shared client of Queue(name) for this URL)
     # A socket named explicitly wins over BROKERQ_URL.
     local = brokerq.Queue("routed", socket=socket_path)
     assert isinstance(local, brokerq.Queue)
@@ -321,3 +322,30 @@ def test_the_docs_example_runs_unchanged_on_a_socket_and_on_nats(
     with brokerq.nats.connect(server.url) as c:
         assert c.queue("resize").empty()
         c.queue("resize").delete()
+
+
+def test_the_commands_run_on_nats_with_url_and_refuse_what_it_lacks(
+    server: NatsServer, socket_path: str
+) -> None:
+    from conftest import run_cli
+
+    env = {"BROKERQ_URL": server.url}
+    done = run_cli("put", "clijobs", "a", "b", env=env)
+    assert (done.returncode, done.stdout) == (0, b"1\n2\n"), done.stderr
+    done = run_cli("get", "clijobs", env=env)
+    assert (done.returncode, done.stdout) == (0, b"a\n"), done.stderr
+    # --url after the command, without the variable, works the same.
+    done = run_cli("get", "clijobs", "--json", "--url", server.url)
+    assert done.stdout == b'{"id": 2, "queue": "clijobs", "attempt": 1, "body": "b"}\n'
+    done = run_cli("get", "clijobs", "--timeout", "0.3", env=env)
+    assert done.returncode == 3
+    done = run_cli("ping", env=env)
+    assert done.returncode == 1
+    assert done.stderr == b"brokerq: ping is not supported by the NATS backend\n"
+    assert run_cli("delete", "clijobs", env=env).stdout == b"0\n"
+    # A --socket given explicitly wins over BROKERQ_URL: the local broker.
+    done = run_cli("--socket", socket_path, "put", "clijobs", "local", env=env)
+    assert done.returncode == 0, done.stderr
+    with brokerq.nats.connect(server.url) as c:
+        assert "clijobs" not in c.queues()
+    assert run_cli("get", "clijobs", "--socket", socket_path, env=env).stdout == b"local\n"

@@ -99,3 +99,16 @@ def test_import_brokerq_loads_neither_brokerq_nats_nor_nats_py() -> None:
         [sys.executable, "-c", check], capture_output=True, text=True, timeout=60, check=True
     )
     assert done.stdout.strip() == "[]"
+
+
+def test_nats_errors_become_brokerq_errors() -> None:
+    import nats.errors
+
+    import brokerq
+    from brokerq.nats.failures import brokerq_error
+
+    lost = brokerq_error(nats.errors.ConnectionClosedError())
+    assert isinstance(lost, brokerq.ConnectionLost)
+    assert isinstance(brokerq_error(nats.errors.TimeoutError()), brokerq.BrokerUnavailable)
+    assert isinstance(brokerq_error(nats.errors.MaxPayloadError()), brokerq.MessageTooLarge)
+    assert type(brokerq_error(nats.errors.BadSubjectError())) is brokerq.BrokerqError

@@ -100,8 +100,9 @@ def _table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
 @pass_state
 def ping(state: State) -> None:
     """Check that a broker answers (starting one if none runs)."""
-    rtt = state.client.ping()
-    conn = state.client.connection()
+    client = state.local_client("ping")
+    rtt = client.ping()
+    conn = client.connection()
     click.echo(f"pong from {conn.server} (pid {conn.broker_pid}) in {rtt * 1000:.2f} ms")
 
 
@@ -113,5 +114,6 @@ def stop(state: State) -> None:
     If none is running, says so on stderr and exits 0. The messages stay in
     its journal; waiting consumers start the next broker.
     """
-    if not state.client.stop():
-        click.echo(f"brokerq: no broker is running at {state.client.socket_path}", err=True)
+    client = state.local_client("stop")
+    if not client.stop():
+        click.echo(f"brokerq: no broker is running at {client.socket_path}", err=True)

@@ -365,7 +365,7 @@ def consume(state: State, /, queue: str, command: tuple[str, ...], **options: An
 
     if shutil.which(command[0]) is None:
         raise click.UsageError(f"{command[0]}: command not found")
-    consumer = Consumer(state.queue(queue), command, **options)
+    consumer = Consumer(state.local_client("consume").queue(queue), command, **options)
     signals = 0  # the first SIGINT or SIGTERM stops consumer, the next ones kill
 
     def handle(signum: int, frame: FrameType | None) -> None:

@@ -9,14 +9,17 @@ import io
 import signal
 import sys
 from collections.abc import Callable, Iterator
-from typing import Any, cast
+from typing import TYPE_CHECKING, Any, cast
 
 import click
 from click.decorators import FC
 
 from ..client.blocking import Client, Queue
-from ..errors import BrokerqError, Empty, Full, InvalidRequest, JoinTimeout
+from ..errors import BrokerqError, Empty, Full, InvalidRequest, JoinTimeout, NotSupported
 from ..version import __version__
+
+if TYPE_CHECKING:
+    from ..nats import NatsClient, NatsQueue
 
 EXIT_ERROR = 1
 EXIT_USAGE = 2  # click's own, for options it refuses itself
@@ -61,19 +64,39 @@ class _Group(click.Group):
 
 @dataclasses.dataclass
 class State:
-    """What every command shares: the socket path and a lazily made client."""
+    """What every command shares: the socket path or NATS URL, and a lazily made client."""
 
     socket: str | None
     connect_timeout: float
+    url: str | None = None
+    #: --socket was given on the command line: it wins over --url / BROKERQ_URL.
+    socket_given: bool = False
+
+    @property
+    def nats_url(self) -> str | None:
+        """The NATS URL the command runs against, or None for the local broker."""
+        return None if self.socket_given else self.url
 
     @functools.cached_property
-    def client(self) -> Client:
+    def client(self) -> Client | NatsClient:
+        if self.nats_url is not None:
+            from ..nats import NatsClient
+
+            return NatsClient(self.nats_url, max(self.connect_timeout, 1.0))
         # No put window, whatever BROKERQ_PUT_WINDOW says: `put` prints each
         # message's id, which a windowed put does not know. No prefetch
         # either: `get -n 1` would take 64 to hand out one.
         return Client(self.socket, self.connect_timeout, put_window=0, prefetch=0)
 
-    def queue(self, name: str) -> Queue:
+    def local_client(self, feature: str) -> Client:
+        """The local broker's client, for a command NATS cannot run: there,
+        one line naming the feature and the backend (exit status 1)."""
+        client = self.client
+        if not isinstance(client, Client):
+            raise NotSupported(f"{feature} is not supported by the NATS backend")
+        return client
+
+    def queue(self, name: str) -> Queue | NatsQueue:
         return self.client.queue(name)
 
     def close(self) -> None:
@@ -103,7 +126,9 @@ def _command_options() -> list[click.Parameter]:
     def set_state(ctx: click.Context, param: click.Parameter, value: Any) -> None:
         state = ctx.find_object(State)
         if state is not None and value is not None:
-            setattr(state, str(param.name), value)  # socket, connect_timeout
+            setattr(state, str(param.name), value)  # socket, url, connect_timeout
+            if param.name == "socket":
+                state.socket_given = True
 
     option = functools.partial(click.Option, expose_value=False, callback=set_state)
     return [
@@ -111,6 +136,11 @@ def _command_options() -> list[click.Parameter]:
             ["--socket"],
             metavar="PATH",
             help="The broker's socket, as before the command (this one wins).",
+        ),
+        option(
+            ["--url"],
+            metavar="URL",
+            help="A NATS server's URL, as before the command (this one wins).",
         ),
         option(
             ["--connect-timeout"],
@@ -128,6 +158,13 @@ def _command_options() -> list[click.Parameter]:
     metavar="PATH",
     help="The broker's socket [env: BROKERQ_SOCKET; default: the per-user path].",
 )
+@click.option(
+    "--url",
+    envvar="BROKERQ_URL",
+    metavar="URL",
+    help="A NATS server to use instead of a local broker, nats://host:4222 "
+    "[env: BROKERQ_URL; a --socket given here wins].",
+)
 @seconds(
     "--connect-timeout",
     default=10.0,
@@ -138,15 +175,17 @@ def _command_options() -> list[click.Parameter]:
 )
 @click.version_option(__version__, prog_name="brokerq")
 @click.pass_context
-def cli(ctx: click.Context, socket: str | None, connect_timeout: float) -> None:
+def cli(ctx: click.Context, socket: str | None, url: str | None, connect_timeout: float) -> None:
     """A local message queue: name a socket, enqueue, dequeue.
 
     Every command but `stop` starts a broker for the socket if none runs.
+    With --url (or BROKERQ_URL) the commands run on NATS JetStream instead.
 
     Exit status: 0 ok, 1 error, 2 usage error, 3 timed out, empty or full;
     Ctrl-C ends a command as SIGINT does (status 130).
     """
-    state = ctx.obj = State(socket, connect_timeout)
+    given = ctx.get_parameter_source("socket") is click.core.ParameterSource.COMMANDLINE
+    state = ctx.obj = State(socket, connect_timeout, url, socket_given=given)
     ctx.call_on_close(state.close)
 
 

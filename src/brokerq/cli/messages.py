@@ -8,7 +8,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from types import FrameType
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import click
 
@@ -16,6 +16,9 @@ from ..client import calls
 from ..client.blocking import Message
 from ..errors import BrokerqError, BrokerUnavailable, Empty, JoinTimeout, LeaseLost
 from .group import State, bodies, cli, count, null_option, pass_state, seconds
+
+if TYPE_CHECKING:
+    from ..nats import NatsMessage
 
 #: The lease of a message ``get`` takes: it is acked once written to
 #: stdout, which may wait for a slow reader of a full pipe. A get that
@@ -101,24 +104,34 @@ def get(
                 _write_all(out, _json_line(message) if as_json else message.body + end)
                 # Taken off its queue as a get does (its task left for a task_done).
                 try:
-                    state.client.run(calls.ack(message.id, message.attempt, as_get=True))
+                    if isinstance(message, Message):
+                        client = state.local_client("get")
+                        client.run(calls.ack(message.id, message.attempt, as_get=True))
+                    else:  # NATS: the queue's lease, as long as a reserve's
+                        message.ack()
                 except (LeaseLost, BrokerUnavailable) as exc:
                     raise BrokerqError(
                         f"message {message.id} was printed, but may be delivered again: {exc}"
                     ) from exc
 
 
-def _reserver(state: State, queues: tuple[str, ...]) -> Callable[[float | None], Message]:
+def _reserver(
+    state: State, queues: tuple[str, ...]
+) -> Callable[[float | None], Message | NatsMessage]:
     """How ``get`` takes its next message, within a timeout: a reserve of its
-    one queue, as ever (so it runs against any broker), or of several at once."""
+    one queue, as ever (so it runs against any broker), or of several at once.
+    On NATS a reserve has the queue's lease (one consumer, one ack wait)."""
     if len(queues) == 1:
         q = state.queue(queues[0])
+        if state.nats_url is not None:
+            return lambda timeout: q.reserve(timeout=timeout)
         return lambda timeout: q.reserve(timeout=timeout, lease=GET_LEASE)
     calls.queue_list(queues)  # (a name twice, or too many: refused before connecting)
-    return lambda timeout: state.client.reserve_any(queues, timeout=timeout, lease=GET_LEASE)
+    client = state.local_client("get from several queues")
+    return lambda timeout: client.reserve_any(queues, timeout=timeout, lease=GET_LEASE)
 
 
-def _json_line(message: Message) -> bytes:
+def _json_line(message: Message | NatsMessage) -> bytes:
     """``get --json``'s line: the body as text if it is UTF-8, else in base64
     under another key (so that it is not taken for text)."""
     import base64

@@ -34,6 +34,7 @@ from ..client.calls import Body, as_bytes
 from ..errors import BrokerUnavailable, Empty, NotSupported
 from . import naming, rules
 from .aio_queue import AsyncNatsMessage, AsyncNatsQueue, QueueSettings
+from .failures import translate_errors
 
 __all__ = ["AsyncNatsClient", "AsyncNatsMessage", "AsyncNatsQueue", "AsyncNatsSubscription"]
 
@@ -55,6 +56,7 @@ def _refuse_trio() -> None:
         ) from None
 
 
+@translate_errors
 class AsyncNatsClient:
     """A NATS server (or cluster) as a brokerq client: ``async with`` connects."""
 
@@ -198,15 +200,17 @@ class AsyncNatsClient:
 
     async def stats(self) -> dict[str, Any]:
         account = await self.js.account_info()
+        version = self.nc.connected_server_version
         return {
             "backend": "nats",
             "url": self.url,
             "queues": len(await self.queues()),
             "bytes": account.storage,
-            "server_version": str(self.nc.connected_server_version),
+            "server_version": f"{version.major}.{version.minor}.{version.patch}",
         }
 
 
+@translate_errors
 class AsyncNatsSubscription:
     """A live topic subscription on core NATS: what is published while it is open."""
 

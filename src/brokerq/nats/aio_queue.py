@@ -27,6 +27,7 @@ from .. import validation
 from ..client.calls import Body, as_bytes
 from ..errors import Empty, Full, InvalidRequest, LeaseLost, NotSupported
 from . import naming, rules
+from .failures import translate_errors
 
 
 class QueueHost(Protocol):
@@ -47,12 +48,17 @@ class QueueHost(Protocol):
 
 
 BACKEND = "the NATS backend"
+#: How long a delivery may take to come from the server, at most: its
+#: lease is counted from then, so that a verb this side still lets through
+#: finds the lease alive on the server too.
+RECEIPT_MARGIN = 0.1
 #: How long a no-wait get asks the server (a pull request needs a deadline).
 NOWAIT_WAIT = 0.2
-#: Errors after which a put is sent again with the same key (deduplicated).
+#: Errors after which a put is sent again with the same key (deduplicated):
+#: no answer (a reconnect, a leader election), or no stream leader just now.
 _RETRY = (
     nats.errors.TimeoutError,
-    nats.errors.ConnectionClosedError,
+    nats.errors.NoRespondersError,
     nats.js.errors.ServiceUnavailableError,
 )
 
@@ -101,6 +107,7 @@ def _left(deadline: float | None) -> float | None:
     return None if deadline is None else deadline - time.monotonic()
 
 
+@translate_errors
 class AsyncNatsQueue:
     """A named queue on JetStream; the local AsyncQueue's names."""
 
@@ -141,25 +148,27 @@ class AsyncNatsQueue:
         data = as_bytes(body)  # (a str is UTF-8, as the local put's)
         if delay < 0 or (ttl is not None and ttl <= 0):
             raise InvalidRequest("delay must be >= 0 and ttl > 0")
-        deadline = _deadline(timeout)
-        await self._settings()
+        deadline = _deadline(timeout)  # for room in a full queue
+        # For an answer: the client's timeout, as the local client's attempts.
+        answer_by = time.monotonic() + self.client.timeout + (timeout or 0)
         headers = rules.put_headers(self.client.next_key(), time.time(), delay, ttl)
         while True:
             try:
+                await self._settings()
                 ack = await self.client.js.publish(naming.subject(self.name), data, headers=headers)
                 return int(ack.seq)
             except (*_RETRY, nats.js.errors.APIError) as exc:
-                full = _is_full(exc)
-                if not full and not isinstance(exc, _RETRY):
-                    raise
-                left = _left(deadline)
-                if left is not None and left <= 0:
-                    if full:
+                if _is_full(exc):
+                    left = _left(deadline)
+                    if left is not None and left <= 0:
                         raise Full(f"queue {self.name!r} stayed full until the timeout") from exc
+                elif not isinstance(exc, _RETRY) or time.monotonic() >= answer_by:
                     raise
-                # Sent again with the same key: a duplicate is dropped; a full
+                if isinstance(exc, nats.errors.NoRespondersError):
+                    self.client.forget(self.name)  # deleted meanwhile? made again
+                # Sent again with the same key: a duplicate is dropped. A full
                 # queue is waited on, as the local put waits for room.
-                await asyncio.sleep(0.05 if left is None else min(0.05, left))
+                await asyncio.sleep(0.05)
 
     async def put_nowait(self, body: Body, **options: Any) -> int:
         return await self.put(body, timeout=0, **options)
@@ -204,7 +213,7 @@ class AsyncNatsQueue:
             )
         deadline = _deadline(timeout)
         while True:
-            msg = await self._pull(deadline)
+            msg, asked = await self._pull(deadline)
             meta = msg.metadata
             verdict = rules.judge(
                 msg.headers,
@@ -215,7 +224,7 @@ class AsyncNatsQueue:
             )
             if verdict.action is rules.Action.DELIVER:
                 attempt = rules.attempt(msg.headers, meta.num_delivered)
-                return AsyncNatsMessage(self, msg, attempt, settings.lease)
+                return AsyncNatsMessage(self, msg, attempt, settings.lease, asked)
             if verdict.action is rules.Action.DEFER:
                 await msg.nak(delay=verdict.delay)
             elif verdict.action is rules.Action.EXPIRE:
@@ -223,8 +232,11 @@ class AsyncNatsQueue:
             else:
                 await self._dead_letter(msg)
 
-    async def _pull(self, deadline: float | None) -> Msg:
-        """One message from the consumer, waiting until ``deadline`` (None: for ever)."""
+    async def _pull(self, deadline: float | None) -> tuple[Msg, float]:
+        """One message from the consumer, waiting until ``deadline`` (None: for
+        ever), and when its lease began at the latest: the server sent it
+        after the pull was asked for and (the network's lag allowed for)
+        before it came."""
         left = _left(deadline)
         try:
             await asyncio.wait_for(
@@ -236,9 +248,10 @@ class AsyncNatsQueue:
             while True:
                 left = _left(deadline)
                 wait = NOWAIT_WAIT if left is not None and left <= 0 else rules.fetch_wait(left)
+                asked = time.monotonic()
                 try:
                     (msg,) = await (await self._subscription()).fetch(1, timeout=wait)
-                    return msg
+                    return msg, max(asked, time.monotonic() - RECEIPT_MARGIN)
                 except nats.errors.TimeoutError:
                     left = _left(deadline)
                     if left is not None and left <= 0:
@@ -371,17 +384,20 @@ class AsyncNatsQueue:
         raise not_supported("a queue's durable subscription", "not built yet")
 
 
+@translate_errors
 class AsyncNatsMessage:
     """A reserved message: its lease is the consumer's ack wait."""
 
-    def __init__(self, queue: AsyncNatsQueue, msg: Msg, attempt: int, lease: float) -> None:
+    def __init__(
+        self, queue: AsyncNatsQueue, msg: Msg, attempt: int, lease: float, since: float
+    ) -> None:
         self.queue = queue
         self._msg = msg
         self.id = int(msg.metadata.sequence.stream)
         self.body = bytes(msg.data)
         self.attempt = attempt
         self.lease = lease
-        self.lease_expires = time.monotonic() + lease
+        self.lease_expires = since + lease  # (since: see AsyncNatsQueue._pull)
         self.settled = False
 
     def __repr__(self) -> str:
@@ -412,8 +428,9 @@ class AsyncNatsMessage:
                 "touch with another lease", f"the lease is the consumer's ack wait, {self.lease} s"
             )
         self._check_lease()
+        sent = time.monotonic()
         await self._msg.in_progress()
-        self.lease_expires = time.monotonic() + self.lease
+        self.lease_expires = sent + self.lease
 
     async def __aenter__(self) -> AsyncNatsMessage:
         return self

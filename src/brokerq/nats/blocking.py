@@ -11,6 +11,7 @@ first call in a child makes a new loop and a new connection.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import os
 import threading
@@ -19,7 +20,7 @@ from typing import Any, TypeVar
 
 from .. import validation
 from ..client.calls import Body
-from ..errors import BrokerqError
+from ..errors import BrokerqError, BrokerUnavailable
 from .aio import DEFAULT_TIMEOUT, AsyncNatsClient, AsyncNatsSubscription
 from .aio_queue import AsyncNatsMessage, AsyncNatsQueue
 
@@ -41,10 +42,21 @@ class _Loop:
         self.client = AsyncNatsClient(url, timeout)
 
     def run(self, coro: Awaitable[T], wait: float | None) -> T:
+        """``coro``'s result, run on the loop; cancelled there if this thread
+        stops waiting (a timeout, Ctrl-C), so no pull goes on for nobody."""
+
         async def call() -> T:
             return await coro
 
-        return asyncio.run_coroutine_threadsafe(call(), self.loop).result(wait)
+        future = asyncio.run_coroutine_threadsafe(call(), self.loop)
+        try:
+            return future.result(wait)
+        except concurrent.futures.TimeoutError:
+            future.cancel()
+            raise BrokerUnavailable(f"NATS did not answer within {wait} s") from None
+        except BaseException:
+            future.cancel()
+            raise
 
     def stop(self) -> None:
         with contextlib.suppress(Exception):

@@ -1,0 +1,60 @@
+"""nats-py's exceptions as brokerq's: a caller catches the same errors on both backends.
+
+A timeout or a lost connection is :class:`~brokerq.BrokerUnavailable` /
+:class:`~brokerq.ConnectionLost` (the request may or may not have taken
+effect, as on the local broker: a put is then retried with its key by
+:mod:`.aio_queue` itself); a body over the server's max_payload is
+:class:`~brokerq.MessageTooLarge`; any other JetStream refusal is a
+:class:`~brokerq.BrokerqError` that says what the server said.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import nats.errors
+
+from ..errors import BrokerqError, BrokerUnavailable, ConnectionLost, MessageTooLarge
+
+C = TypeVar("C", bound=type)
+
+_LOST = (
+    nats.errors.ConnectionClosedError,
+    nats.errors.NoServersError,
+    nats.errors.StaleConnectionError,
+    nats.errors.ConnectionReconnectingError,
+    nats.errors.ConnectionDrainingError,
+)
+
+
+def brokerq_error(exc: nats.errors.Error) -> BrokerqError:
+    """The brokerq exception that says what ``exc`` means to a caller."""
+    if isinstance(exc, _LOST):
+        return ConnectionLost(f"the connection to NATS was lost: {exc}")
+    if isinstance(exc, nats.errors.TimeoutError):
+        return BrokerUnavailable(f"NATS did not answer in time: {exc}")
+    if isinstance(exc, nats.errors.MaxPayloadError):
+        return MessageTooLarge(f"the body is over the NATS server's max_payload: {exc}")
+    return BrokerqError(f"NATS refused the request: {exc}")
+
+
+def _translating(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    @functools.wraps(method)
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await method(*args, **kwargs)
+        except nats.errors.Error as exc:
+            raise brokerq_error(exc) from exc
+
+    return call
+
+
+def translate_errors(cls: C) -> C:
+    """Wrap every public coroutine method of ``cls`` so that it raises brokerq's errors."""
+    for name, member in list(vars(cls).items()):
+        if not name.startswith("_") and inspect.iscoroutinefunction(member):
+            setattr(cls, name, _translating(member))
+    return cls
