@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
-from conftest import wait_until
+from conftest import run_cli, wait_until
 from extras import require
 from nats_cluster import require_nats_server
 
@@ -249,6 +249,28 @@ def test_brokerq_url_selects_nats_for_code(
         client.queue(queue).put(b"from code")
     with connect(nats_url) as client:
         assert client.queue(queue).get(timeout=5) == b"from code"
+    assert not os.path.exists(os.path.join(sock_dir, "brokerq")), "a local broker was used"
+
+
+def test_brokerq_url_and_url_option_select_nats_for_commands(
+    nats_url: str, sock_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queue = "cli" + uuid.uuid4().hex[:8]
+    monkeypatch.setenv("XDG_RUNTIME_DIR", sock_dir)  # as above
+    monkeypatch.setenv("BROKERQ_URL", nats_url)
+    put = run_cli("put", queue, "from code")
+    assert put.returncode == 0, put.stderr
+    put = run_cli("put", queue, "from the command line")
+    assert put.returncode == 0, put.stderr
+    got = run_cli("get", "-n", "2", "--timeout", "5", queue)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == b"from code\nfrom the command line\n"
+    # --url, without the environment variable
+    monkeypatch.delenv("BROKERQ_URL")
+    put = run_cli("--url", nats_url, "put", queue, "by --url")
+    assert put.returncode == 0, put.stderr
+    with connect(nats_url) as client:
+        assert client.queue(queue).get(timeout=5) == b"by --url"
     assert not os.path.exists(os.path.join(sock_dir, "brokerq")), "a local broker was used"
 
 
