@@ -258,13 +258,12 @@ def test_brokerq_url_and_url_option_select_nats_for_commands(
     queue = "cli" + uuid.uuid4().hex[:8]
     monkeypatch.setenv("XDG_RUNTIME_DIR", sock_dir)  # as above
     monkeypatch.setenv("BROKERQ_URL", nats_url)
-    put = run_cli("put", queue, "from code")
-    assert put.returncode == 0, put.stderr
-    put = run_cli("put", queue, "from the command line")
-    assert put.returncode == 0, put.stderr
+    for body in ("first", "second"):
+        put = run_cli("put", queue, body)
+        assert put.returncode == 0, put.stderr
     got = run_cli("get", "-n", "2", "--timeout", "5", queue)
     assert got.returncode == 0, got.stderr
-    assert got.stdout == b"from code\nfrom the command line\n"
+    assert got.stdout == b"first\nsecond\n"
     # --url, without the environment variable
     monkeypatch.delenv("BROKERQ_URL")
     put = run_cli("--url", nats_url, "put", queue, "by --url")
@@ -281,7 +280,11 @@ def test_an_explicit_socket_wins_over_brokerq_url(
     with brokerq.connect(socket_path) as client:
         assert isinstance(client, brokerq.Client)
         client.queue("jobs").put(b"local")
-        assert client.queue("jobs").get(timeout=5) == b"local"
+        put = run_cli("--socket", socket_path, "put", "jobs", "local too")
+        assert put.returncode == 0, put.stderr
+        assert client.queue("jobs").get_many(2, timeout=5) == [b"local", b"local too"]
+    with connect(nats_url) as client, pytest.raises(brokerq.Empty):
+        client.queue("jobs").get_nowait()
 
 
 def _bury(q: Any) -> None:
