@@ -9,9 +9,12 @@ install --no-deps -e .``), and ``nats-server`` (Debian: /usr/sbin).
 This starts a nats-server of its own (JetStream, file storage, a fresh
 ``/tmp`` directory, a free loopback port) and a local broker of its own
 (benchlib.Broker: its defaults, journal included). Each workload runs on
-three backends, each time on a fresh queue:
+four backends, each time on a fresh queue:
 
-* ``brokerq-nats``: the brokerq API (``brokerq.connect(nats_url)``);
+* ``brokerq-nats``: the blocking brokerq API (``brokerq.connect(nats_url)``:
+  its calls cross to the event loop nats-py needs, in a thread of its own);
+* ``brokerq-nats-async``: the async brokerq API under asyncio
+  (``brokerq.open_async_client(nats_url)``: no thread to cross);
 * ``nats-py``: nats-py itself, on the stream and consumer brokerq makes
   for the queue, doing what the workload asks with the same guarantees: a
   put is a JetStream publish with a ``Nats-Msg-Id`` awaited until its
@@ -27,8 +30,8 @@ with four of each; ``batches`` one producer with ``put_many`` of B, one
 consumer with ``get_many(B)``. The figure is messages/s: N over the time
 from the first process's start until the last consumer took its last
 message. The ratios are brokerq's layer cost, nats-py's messages/s over
-brokerq-nats's (the time brokerq takes for what nats-py does in 1; the
-target is at most 1.2x), and local / brokerq-nats (what leaving the machine
+brokerq's, for each brokerq client (the time brokerq takes for what
+nats-py does in 1; the target is at most 1.2x), and local / brokerq-nats (what leaving the machine
 costs, or saves). The ratios are
 the claim (../shared/bench/README.md: one machine, one run); the absolute
 figures are context. JSON goes to ``bench-results/nats-<date>-<time>.json``.
@@ -75,7 +78,7 @@ BODY = benchlib.BODY
 START_TIMEOUT = 30.0
 PHASE_TIMEOUT = 300.0
 STOP_TIMEOUT = 10.0
-BACKENDS = ["brokerq-nats", "nats-py", "local"]
+BACKENDS = ["brokerq-nats", "brokerq-nats-async", "nats-py", "local"]
 #: name: (producers, consumers, batch or 0)
 WORKLOADS = {"1P+1C": (1, 1, False), "4P+4C": (4, 4, False), "batches": (1, 1, True)}
 
@@ -88,6 +91,8 @@ def role_main(backend: str, target: str, queue: str, role: str, *, count: int, b
     go (a line on stdin), do the work, print one JSON line of its times."""
     if backend == "nats-py":
         start, end = asyncio.run(direct(target, queue, role, count, batch))
+    elif backend == "brokerq-nats-async":
+        start, end = asyncio.run(with_brokerq_async(target, queue, role, count, batch))
     else:
         start, end = with_brokerq(target, queue, role, count, batch)
     print(json.dumps({"start": start, "end": end}), flush=True)
@@ -117,6 +122,31 @@ def with_brokerq(target: str, queue: str, role: str, count: int, batch: int) -> 
             else:
                 with q.reserve(timeout=PHASE_TIMEOUT):
                     done += 1
+        return start, time.time()
+
+
+async def with_brokerq_async(
+    target: str, queue: str, role: str, count: int, batch: int
+) -> tuple[float, float]:
+    async with brokerq.open_async_client(target) as client:
+        q = client.queue(queue)
+        await q.stats()
+        start = go()
+        done = 0
+        while done < count:
+            n = min(batch or 1, count - done)
+            if role == "producer" and batch:
+                await q.put_many([BODY] * n)
+                done += n
+            elif role == "producer":
+                await q.put(BODY)
+                done += 1
+            elif batch:
+                done += len(await q.get_many(n, timeout=PHASE_TIMEOUT))
+            else:
+                msg = await q.reserve(timeout=PHASE_TIMEOUT)
+                await msg.ack()
+                done += 1
         return start, time.time()
 
 
@@ -278,16 +308,22 @@ def git_commit() -> str:
 
 def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     rows = [
-        "| workload | brokerq-nats msg/s | nats-py msg/s | local msg/s "
-        "| brokerq layer cost (nats-py / brokerq-nats, target <= 1.2x) | local / brokerq-nats |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| workload | brokerq-nats msg/s | brokerq-nats-async msg/s | nats-py msg/s | local msg/s "
+        "| layer cost, blocking | layer cost, async | local / brokerq-nats |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for workload, by_backend in results.items():
-        ours, direct_, local = (by_backend.get(b, {}).get("msgs_per_s", math.nan) for b in BACKENDS)
-        rows.append(
-            f"| {workload} | {ours:,.0f} | {direct_:,.0f} | {local:,.0f} "
-            f"| {direct_ / ours:.2f}x | {local / ours:.2f}x |"
+        ours, ours_async, direct_, local = (
+            by_backend.get(b, {}).get("msgs_per_s", math.nan) for b in BACKENDS
         )
+        rows.append(
+            f"| {workload} | {ours:,.0f} | {ours_async:,.0f} | {direct_:,.0f} | {local:,.0f} "
+            f"| {direct_ / ours:.2f}x | {direct_ / ours_async:.2f}x | {local / ours:.2f}x |"
+        )
+    rows.append(
+        "\nlayer cost: nats-py's msg/s over brokerq's (the time brokerq takes for "
+        "what nats-py does in 1; target <= 1.2x)"
+    )
     return "\n".join(rows)
 
 
@@ -306,7 +342,8 @@ def main() -> None:
     load_before = os.getloadavg()
     results: dict[str, dict[str, dict[str, float]]] = {w: {} for w in WORKLOADS}
     with nats_server() as url, benchlib.Broker() as broker:
-        targets = {"brokerq-nats": url, "nats-py": url, "local": broker.socket_path}
+        targets = {"local": broker.socket_path}
+        targets |= {"brokerq-nats": url, "brokerq-nats-async": url, "nats-py": url}
         for workload in WORKLOADS:
             for backend in BACKENDS:
                 print(f"{workload} on {backend} ...", file=sys.stderr, flush=True)
@@ -324,6 +361,8 @@ def main() -> None:
             w: {
                 "layer_cost_nats_py_over_brokerq_nats": r["nats-py"]["msgs_per_s"]
                 / r["brokerq-nats"]["msgs_per_s"],
+                "layer_cost_nats_py_over_brokerq_nats_async": r["nats-py"]["msgs_per_s"]
+                / r["brokerq-nats-async"]["msgs_per_s"],
                 "local_over_brokerq_nats": r["local"]["msgs_per_s"]
                 / r["brokerq-nats"]["msgs_per_s"],
             }
