@@ -349,3 +349,28 @@ def test_the_commands_run_on_nats_with_url_and_refuse_what_it_lacks(
     with brokerq.nats.connect(server.url) as c:
         assert "clijobs" not in c.queues()
     assert run_cli("get", "clijobs", "--socket", socket_path, env=env).stdout == b"local\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "feature"),
+    [
+        (["stop"], "stop"),
+        (["serve"], "serve"),
+        (["topics"], "topics"),
+        (["consume", "jobs", "--", "true"], "consume"),
+        (["get", "a", "b"], "get from several queues"),
+        (["kick", "jobs"], "kick"),
+        (["subscribe", "news", "--queue", "jobs"], "a queue's durable subscription"),
+    ],
+)
+def test_a_command_nats_lacks_says_so_in_one_line(
+    server: NatsServer, args: list[str], feature: str
+) -> None:
+    from conftest import run_cli
+
+    done = run_cli(*args, env={"BROKERQ_URL": server.url})
+    assert done.returncode == 1
+    assert done.stderr.startswith(
+        f"brokerq: {feature} is not supported by the NATS backend".encode()
+    )
+    assert done.stderr.count(b"\n") == 1

@@ -112,3 +112,13 @@ def test_nats_errors_become_brokerq_errors() -> None:
     assert isinstance(brokerq_error(nats.errors.TimeoutError()), brokerq.BrokerUnavailable)
     assert isinstance(brokerq_error(nats.errors.MaxPayloadError()), brokerq.MessageTooLarge)
     assert type(brokerq_error(nats.errors.BadSubjectError())) is brokerq.BrokerqError
+
+
+def test_the_url_names_servers_and_replicas() -> None:
+    assert naming.parse_url("nats://h:4222") == (["nats://h:4222"], 1)
+    cluster = "nats://a:1,nats://b:2, nats://c:3?replicas=3"
+    assert naming.parse_url(cluster) == (["nats://a:1", "nats://b:2", "nats://c:3"], 3)
+    with pytest.raises(ValueError, match="replicas must be 1 to 5"):
+        naming.parse_url("nats://h:4222?replicas=7")
+    with pytest.raises(ValueError, match="unknown option"):
+        naming.parse_url("nats://h:4222?replica=3")

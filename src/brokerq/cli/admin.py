@@ -28,7 +28,7 @@ def topics(state: State) -> None:
     """List the topics that have subscribers, with their subscribers and counts.
 
     With none, the table's header alone."""
-    rows = _topic_rows(state.client.stats().get("topics", {}))
+    rows = _topic_rows(state.local_client("topics").stats().get("topics", {}))
     click.echo(_table(rows, TOPIC_COLUMNS))
 
 

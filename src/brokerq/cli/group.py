@@ -199,6 +199,8 @@ def _serve_command() -> click.Command:
     @pass_state
     def serve(state: State, /, **options: Any) -> None:
         """Run a broker for --socket in the foreground (as local-queue-broker)."""
+        if state.nats_url is not None:
+            raise NotSupported("serve is not supported by the NATS backend (run nats-server)")
         sys.exit(run_broker(state.socket, **options))
 
     return serve

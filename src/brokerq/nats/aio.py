@@ -31,7 +31,7 @@ from nats.js.api import (
 
 from .. import validation
 from ..client.calls import Body, as_bytes
-from ..errors import BrokerUnavailable, Empty, NotSupported
+from ..errors import BrokerUnavailable, Empty, InvalidRequest, NotSupported
 from . import naming, rules
 from .aio_queue import AsyncNatsMessage, AsyncNatsQueue, QueueSettings
 from .failures import translate_errors
@@ -58,10 +58,15 @@ def _refuse_trio() -> None:
 
 @translate_errors
 class AsyncNatsClient:
-    """A NATS server (or cluster) as a brokerq client: ``async with`` connects."""
+    """A NATS server (or cluster) as a brokerq client: ``async with`` connects.
+    ``url``: see :func:`brokerq.nats.naming.parse_url` (servers, replicas)."""
 
     def __init__(self, url: str, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.url = url
+        try:
+            self._servers, self.replicas = naming.parse_url(url)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
         self.timeout = timeout
         self._nc: NatsConnection | None = None
         self._js: JetStreamContext | None = None
@@ -80,7 +85,7 @@ class AsyncNatsClient:
         if self._nc is None:
             try:
                 self._nc = await nats.connect(
-                    self.url,
+                    self._servers,
                     connect_timeout=max(1, round(self.timeout)),
                     max_reconnect_attempts=-1,  # a restarted server or a new leader: go on
                     allow_reconnect=True,
@@ -144,6 +149,7 @@ class AsyncNatsClient:
                 storage=StorageType.FILE,
                 discard=DiscardPolicy.NEW,  # a full queue refuses a put, never drops one
                 duplicate_window=DUPLICATE_WINDOW,
+                num_replicas=self.replicas,  # a put is acknowledged by their quorum
                 description=json.dumps({"max_deliveries": rules.DEFAULT_MAX_DELIVERIES}),
             )
             info = await self.js.add_stream(config)

@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -173,9 +174,9 @@ class AsyncNatsQueue:
     async def put_nowait(self, body: Body, **options: Any) -> int:
         return await self.put(body, timeout=0, **options)
 
-    async def put_many(self, bodies: list[Body], **options: Any) -> list[int]:
+    async def put_many(self, bodies: Iterable[Body], **options: Any) -> list[int]:
         """Each put acknowledged in turn, in order (JetStream's publish is one message)."""
-        return [await self.put(body, **options) for body in bodies]
+        return [await self.put(body, **options) for body in list(bodies)]
 
     async def flush(self) -> None:
         """Nothing to wait for: every put returned once the stream had it."""

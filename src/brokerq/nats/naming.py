@@ -71,3 +71,24 @@ def dead_letter_id(stream: str, seq: int) -> str:
     the same on every attempt of the move, so a move retried after a client
     died between its publish and its ack is dropped as a duplicate."""
     return f"dead-{stream}-{seq}"
+
+
+def parse_url(url: str) -> tuple[list[str], int]:
+    """The servers and stream replicas a brokerq NATS URL names.
+
+    ``nats://a:4222,nats://b:4222,nats://c:4222?replicas=3``: the servers of
+    a cluster (any one will do to connect; the client learns the rest), and
+    the replicas of the streams this client makes (1 by default; 3 or 5 on a
+    cluster, so a put is acknowledged by a quorum and survives a node's loss).
+    """
+    from urllib.parse import parse_qs
+
+    servers, _, query = url.partition("?")
+    options = parse_qs(query)
+    unknown = set(options) - {"replicas"}
+    if unknown:
+        raise ValueError(f"unknown option(s) in the NATS URL: {', '.join(sorted(unknown))}")
+    replicas = int(options.get("replicas", ["1"])[-1])
+    if not 1 <= replicas <= 5:
+        raise ValueError(f"replicas must be 1 to 5 (JetStream's limit), not {replicas}")
+    return [s.strip() for s in servers.split(",") if s.strip()], replicas
