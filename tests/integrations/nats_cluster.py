@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+import nats_server
 import pytest
 
 INSTALL_HINT = (
@@ -31,18 +32,12 @@ INSTALL_HINT = (
 )
 
 
-def nats_server_binary() -> str | None:
-    """The nats-server executable, or None. Debian installs it in /usr/sbin,
-    which is not on every user's PATH."""
-    return shutil.which("nats-server") or shutil.which("nats-server", path="/usr/sbin")
-
-
 def require_nats_server() -> str:
     """The nats-server executable; when it is missing, skip the calling test
     module saying how to install it, or fail it under ``CI=true`` (CI installs
     it: a missing server there must not turn into a green run that tested
     nothing)."""
-    binary = nats_server_binary()
+    binary = nats_server.server_binary()
     if binary is not None:
         return binary
     if os.environ.get("CI") == "true":

@@ -333,3 +333,17 @@ def test_what_nats_cannot_do_is_refused_naming_feature_and_backend(
         assert q.get(timeout=5) == b"job"
         with pytest.raises(brokerq.Empty):
             q.get_nowait()
+
+
+def test_a_missing_nats_server_skips_saying_how_to_install_and_fails_under_ci(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import nats_server
+
+    monkeypatch.setattr(nats_server, "server_binary", lambda: None)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install nats-server"):
+        require_nats_server()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true and nats-server is not installed"):
+        require_nats_server()
