@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import json
+import logging
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -39,10 +40,17 @@ from .failures import translate_errors
 __all__ = ["AsyncNatsClient", "AsyncNatsMessage", "AsyncNatsQueue", "AsyncNatsSubscription"]
 
 BACKEND = "the NATS backend"
+_log = logging.getLogger("brokerq.nats")
 #: JetStream drops a second put with the same key within this window (seconds):
 #: a put retried after a lost connection is long done by then.
 DUPLICATE_WINDOW = 120.0
 DEFAULT_TIMEOUT = 10.0
+
+
+async def _log_error(exc: Exception) -> None:
+    """nats-py's own reports (a server gone, a reconnect): logged, not printed
+    (nats-py prints them to stderr by default); a request that fails raises."""
+    _log.debug("nats: %s", exc)
 
 
 def _refuse_trio() -> None:
@@ -89,6 +97,7 @@ class AsyncNatsClient:
                     connect_timeout=max(1, round(self.timeout)),
                     max_reconnect_attempts=-1,  # a restarted server or a new leader: go on
                     allow_reconnect=True,
+                    error_cb=_log_error,
                 )
             except (OSError, nats.errors.Error) as exc:
                 raise BrokerUnavailable(f"cannot reach NATS at {self.url}: {exc}") from exc

@@ -26,7 +26,7 @@ from nats.js import JetStreamContext
 
 from .. import validation
 from ..client.calls import Body, as_bytes
-from ..errors import Empty, Full, InvalidRequest, LeaseLost, NotSupported
+from ..errors import BrokerUnavailable, Empty, Full, InvalidRequest, LeaseLost, NotSupported
 from . import naming, rules
 from .failures import translate_errors
 
@@ -53,14 +53,23 @@ BACKEND = "the NATS backend"
 #: lease is counted from then, so that a verb this side still lets through
 #: finds the lease alive on the server too.
 RECEIPT_MARGIN = 0.1
+#: How long one attempt of a put waits for its PubAck before it is sent
+#: again (with its key: a duplicate is dropped): a put sent to a server
+#: that just died, or to a leader being replaced, is soon sent again.
+ATTEMPT_TIMEOUT = 2.0
 #: How long a no-wait get asks the server (a pull request needs a deadline).
 NOWAIT_WAIT = 0.2
 #: Errors after which a put is sent again with the same key (deduplicated):
 #: no answer (a reconnect, a leader election), or no stream leader just now.
-_RETRY = (
-    nats.errors.TimeoutError,
+_NO_STREAM = (
     nats.errors.NoRespondersError,
+    nats.js.errors.NoStreamResponseError,  # (nats-py's name for no responders to a publish)
+)
+_RETRY = (
+    TimeoutError,  # (nats-py's too)
+    BrokerUnavailable,  # (no answer, as the client's methods raise it)
     nats.js.errors.ServiceUnavailableError,
+    *_NO_STREAM,
 )
 
 #: JetStream's error codes for a stream at its limits (messages, bytes).
@@ -126,10 +135,24 @@ class AsyncNatsQueue:
         return f"<brokerq.nats.AsyncNatsQueue {self.name!r} at {self.client.url!r}>"
 
     async def _settings(self) -> QueueSettings:
-        if self.pending_settings:
-            settings, self.pending_settings = self.pending_settings, {}
-            await self.configure(**settings)
-        return await self.client.ensure(self.name)
+        """The queue's settings, its stream and consumer made first if need be
+        (and the settings given to ``client.queue`` applied). Tried again for
+        the client's timeout: a cluster electing its leaders answers nothing."""
+        give_up = time.monotonic() + self.client.timeout
+        while True:
+            try:
+                pending, self.pending_settings = self.pending_settings, {}
+                if pending:
+                    try:
+                        await self.configure(**pending)
+                    except BaseException:
+                        self.pending_settings = pending | self.pending_settings  # (next time)
+                        raise
+                return await asyncio.wait_for(self.client.ensure(self.name), ATTEMPT_TIMEOUT)
+            except (TimeoutError, BrokerUnavailable) as exc:
+                if time.monotonic() >= give_up:
+                    raise BrokerUnavailable(f"NATS did not answer in time: {exc!r}") from exc
+                await asyncio.sleep(0.1)
 
     def drop_subscription(self) -> None:
         self._psub = None
@@ -155,17 +178,22 @@ class AsyncNatsQueue:
         headers = rules.put_headers(self.client.next_key(), time.time(), delay, ttl)
         while True:
             try:
-                await self._settings()
-                ack = await self.client.js.publish(naming.subject(self.name), data, headers=headers)
+                await self._settings()  # (made again if it was deleted meanwhile)
+                ack = await self.client.js.publish(
+                    naming.subject(self.name),
+                    data,
+                    headers=headers,
+                    timeout=min(self.client.timeout, ATTEMPT_TIMEOUT),
+                )
                 return int(ack.seq)
-            except (*_RETRY, nats.js.errors.APIError) as exc:
+            except (*_RETRY, nats.js.errors.Error) as exc:
                 if _is_full(exc):
                     left = _left(deadline)
                     if left is not None and left <= 0:
                         raise Full(f"queue {self.name!r} stayed full until the timeout") from exc
                 elif not isinstance(exc, _RETRY) or time.monotonic() >= answer_by:
                     raise
-                if isinstance(exc, nats.errors.NoRespondersError):
+                if isinstance(exc, _NO_STREAM):
                     self.client.forget(self.name)  # deleted meanwhile? made again
                 # Sent again with the same key: a duplicate is dropped. A full
                 # queue is waited on, as the local put waits for room.
