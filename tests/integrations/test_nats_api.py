@@ -204,7 +204,18 @@ def test_what_cannot_hold_is_refused_naming_feature_and_backend(
     with pytest.raises(brokerq.NotSupported, match="bury is not supported by the NATS backend"):
         m.bury()
     m.ack()
-    for call in (q.task_done, q.join, lambda: q.subscribe("t"), q.kick):
+    for call in (
+        q.task_done,
+        q.join,
+        lambda: q.subscribe("t"),
+        q.kick,
+        lambda: q.unfinished_tasks,
+        lambda: client.get_any(["refused"], timeout=0),
+        lambda: client.reserve_any(["refused"], timeout=0),
+        client.ping,
+        client.stop,
+        lambda: client.broker_pid,
+    ):
         with pytest.raises(brokerq.NotSupported, match="NATS backend"):
             call()
 
@@ -223,9 +234,21 @@ def test_async_client_under_asyncio(server: NatsServer) -> None:
             assert isinstance(c, brokerq.nats.AsyncNatsClient)
             q = c.queue("async")
             await q.put(b"x")
-            async with await q.reserve(timeout=5) as m:
+            async with q.reserve(timeout=5) as m:  # as the local AsyncQueue's
                 assert m.body == b"x"
+            await q.put(b"y")
+            m = await q.reserve(timeout=5)
+            assert (m.body, m.attempt) == (b"y", 1)
+            await m.release()
+            assert await q.get(timeout=5) == b"y"
             assert await q.empty()
+            async with c.subscribe("async-news") as sub:
+                await c.publish("async-news", b"hello")
+                assert await sub.get(timeout=5) == b"hello"
+            with pytest.raises(brokerq.NotSupported, match="NATS backend"):
+                await q.unfinished_tasks()
+            with pytest.raises(brokerq.NotSupported, match=r"get_any .* NATS backend"):
+                await c.get_any(["async"], timeout=0)
             await q.delete()
 
     asyncio.run(main())
@@ -374,3 +397,28 @@ def test_a_command_nats_lacks_says_so_in_one_line(
         f"brokerq: {feature} is not supported by the NATS backend".encode()
     )
     assert done.stderr.count(b"\n") == 1
+
+
+def test_get_many_in_batches_returns_each_message_once(client: brokerq.nats.NatsClient) -> None:
+    q = client.queue("batches")
+    sent = [f"m{i}".encode() for i in range(250)]
+    q.put_many(sent)
+    got: list[bytes] = []
+    while len(got) < len(sent):
+        batch = q.get_many(100, timeout=5)
+        assert 1 <= len(batch) <= 100
+        got += batch
+    assert got == sent  # in order, each once
+    assert q.stats()["reserved"] == 0
+    with pytest.raises(brokerq.Empty):
+        q.get_many(10, timeout=0.2)
+
+
+def test_put_many_on_a_full_queue_puts_what_fits_then_raises_full(
+    client: brokerq.nats.NatsClient,
+) -> None:
+    q = client.queue("bounded-many", maxsize=3)
+    with pytest.raises(brokerq.Full):
+        q.put_many([b"1", b"2", b"3", b"4", b"5"], timeout=0.3)
+    assert q.get_many(10, timeout=5) == [b"1", b"2", b"3"]
+    assert q.put_many([b"4", b"5"], timeout=5) == [4, 5]

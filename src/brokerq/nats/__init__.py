@@ -10,7 +10,8 @@ Needs nats-py: ``pip install 'brokerq[nats]'``.
 from __future__ import annotations
 
 from .aio import AsyncNatsClient, AsyncNatsSubscription
-from .aio_queue import AsyncNatsMessage, AsyncNatsQueue
+from .aio_message import AsyncNatsMessage
+from .aio_queue import AsyncNatsQueue
 from .blocking import NatsClient, NatsMessage, NatsQueue, NatsSubscription, connect
 
 __all__ = [

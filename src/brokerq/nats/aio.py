@@ -11,8 +11,9 @@ import asyncio
 import itertools
 import json
 import logging
+import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Generator
 from typing import Any
 
 import nats
@@ -34,7 +35,8 @@ from .. import validation
 from ..client.calls import Body, as_bytes
 from ..errors import BrokerUnavailable, Empty, InvalidRequest, NotSupported
 from . import naming, rules
-from .aio_queue import AsyncNatsMessage, AsyncNatsQueue, QueueSettings
+from .aio_message import AsyncNatsMessage
+from .aio_queue import AsyncNatsQueue, QueueSettings
 from .failures import translate_errors
 
 __all__ = ["AsyncNatsClient", "AsyncNatsMessage", "AsyncNatsQueue", "AsyncNatsSubscription"]
@@ -45,6 +47,9 @@ _log = logging.getLogger("brokerq.nats")
 #: a put retried after a lost connection is long done by then.
 DUPLICATE_WINDOW = 120.0
 DEFAULT_TIMEOUT = 10.0
+#: How long a queue's settings are taken as read: another client's
+#: configure (max_deliveries, lease) is seen within this.
+SETTINGS_TTL = 10.0
 
 
 async def _log_error(exc: Exception) -> None:
@@ -79,7 +84,8 @@ class AsyncNatsClient:
         self._nc: NatsConnection | None = None
         self._js: JetStreamContext | None = None
         self._queues: dict[str, AsyncNatsQueue] = {}
-        self._ready: dict[str, QueueSettings] = {}
+        #: Each queue's settings as last read, and when (monotonic).
+        self._ready: dict[str, tuple[QueueSettings, float]] = {}
         # A put's key: this client's id and a count, unique across clients
         # and processes, the same on every attempt of that put.
         self._client_id = uuid.uuid4().hex
@@ -145,8 +151,8 @@ class AsyncNatsClient:
         """The stream and consumer of queue ``name``, made if missing (idempotent:
         every client makes them with the same config), and its settings."""
         known = self._ready.get(name)
-        if known is not None:
-            return known
+        if known is not None and time.monotonic() - known[1] < SETTINGS_TTL:
+            return known[0]
         stream = naming.stream_name(name)
         try:
             info = await self.js.stream_info(stream)
@@ -177,7 +183,7 @@ class AsyncNatsClient:
                 ),
             )
         settings.lease = float(consumer.config.ack_wait or rules.DEFAULT_LEASE)
-        self._ready[name] = settings
+        self._ready[name] = (settings, time.monotonic())
         return settings
 
     def forget(self, name: str) -> None:
@@ -201,12 +207,17 @@ class AsyncNatsClient:
         await self.nc.flush(timeout=round(self.timeout) or 1)
         return 0
 
-    async def subscribe(self, topic: str) -> AsyncNatsSubscription:
-        """A live subscription to ``topic``, in effect when this returns."""
+    def subscribe(self, topic: str) -> AsyncNatsSubscription:
+        """A live subscription to ``topic``, in effect once entered (``async
+        with``) or awaited, as the local AsyncClient's."""
         validation.validate_queue_name(topic, what="topic")
-        handle = await self.nc.subscribe(naming.topic_subject(topic))
-        await self.nc.flush(timeout=round(self.timeout) or 1)
-        return AsyncNatsSubscription(topic, handle)
+        return AsyncNatsSubscription(self, topic)
+
+    async def get_any(self, queues: Any, timeout: float | None = None) -> tuple[str, bytes]:
+        raise NotSupported(f"get_any (a wait on several queues) is not supported by {BACKEND}")
+
+    def reserve_any(self, queues: Any, timeout: float | None = None, lease: Any = None) -> Any:
+        raise NotSupported(f"reserve_any (a wait on several queues) is not supported by {BACKEND}")
 
     async def queues(self) -> list[str]:
         names = await self.js.streams_info()
@@ -229,11 +240,25 @@ class AsyncNatsClient:
 class AsyncNatsSubscription:
     """A live topic subscription on core NATS: what is published while it is open."""
 
-    def __init__(self, topic: str, handle: NatsSubscriptionHandle) -> None:
+    def __init__(self, client: AsyncNatsClient, topic: str) -> None:
+        self.client = client
         self.topic = topic
-        self._handle = handle
+        self._handle: NatsSubscriptionHandle | None = None
+
+    async def start(self) -> AsyncNatsSubscription:
+        """Subscribe (once): in effect when this returns."""
+        if self._handle is None:
+            nc = self.client.nc
+            self._handle = await nc.subscribe(naming.topic_subject(self.topic))
+            await nc.flush(timeout=round(self.client.timeout) or 1)
+        return self
+
+    def __await__(self) -> Generator[Any, None, AsyncNatsSubscription]:
+        return self.start().__await__()
 
     async def get(self, timeout: float | None = None) -> bytes:
+        await self.start()
+        assert self._handle is not None
         try:
             # (nats-py waits for ever on 0: a no-wait get asks for a moment)
             wait = 1e9 if timeout is None else max(timeout, 0.001)
@@ -250,10 +275,12 @@ class AsyncNatsSubscription:
             yield await self.get()
 
     async def aclose(self) -> None:
-        await self._handle.unsubscribe()
+        handle, self._handle = self._handle, None
+        if handle is not None:
+            await handle.unsubscribe()
 
     async def __aenter__(self) -> AsyncNatsSubscription:
-        return self
+        return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()

@@ -12,7 +12,6 @@ publish is dropped as a duplicate). What cannot hold raises NotSupported.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import time
 from collections.abc import Iterable
@@ -26,8 +25,9 @@ from nats.js import JetStreamContext
 
 from .. import validation
 from ..client.calls import Body, as_bytes
-from ..errors import BrokerUnavailable, Empty, Full, InvalidRequest, LeaseLost, NotSupported
+from ..errors import BrokerUnavailable, Empty, Full, InvalidRequest
 from . import naming, rules
+from .aio_message import AsyncNatsMessage, NatsReserving, not_supported
 from .failures import translate_errors
 
 
@@ -48,7 +48,6 @@ class QueueHost(Protocol):
     def forget(self, name: str) -> None: ...
 
 
-BACKEND = "the NATS backend"
 #: How long a delivery may take to come from the server, at most: its
 #: lease is counted from then, so that a verb this side still lets through
 #: finds the lease alive on the server too.
@@ -65,6 +64,8 @@ _NO_STREAM = (
     nats.errors.NoRespondersError,
     nats.js.errors.NoStreamResponseError,  # (nats-py's name for no responders to a publish)
 )
+#: A pull's errors while a consumer has no leader.
+_NO_LEADER = (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError)
 _RETRY = (
     TimeoutError,  # (nats-py's too)
     BrokerUnavailable,  # (no answer, as the client's methods raise it)
@@ -79,10 +80,6 @@ _FULL_CODES = frozenset({10077, 10078})
 def _is_full(exc: Exception) -> bool:
     """JetStream's refusal of a put to a stream at its max_msgs or max_bytes."""
     return getattr(exc, "err_code", None) in _FULL_CODES
-
-
-def not_supported(feature: str, why: str) -> NotSupported:
-    return NotSupported(f"{feature} is not supported by {BACKEND} ({why})")
 
 
 @dataclass
@@ -166,16 +163,26 @@ class AsyncNatsQueue:
         ttl: float | None = None,
         timeout: float | None = None,
     ) -> int:
+        (data,) = self._checked([body], priority, delay, ttl)
+        headers = rules.put_headers(self.client.next_key(), time.time(), delay, ttl)
+        return await self._put_keyed(data, headers, timeout)
+
+    def _checked(
+        self, bodies: list[Body], priority: int, delay: float, ttl: float | None
+    ) -> list[bytes]:
         validation.validate_queue_name(self.name, for_put=True)
         if priority:
             raise not_supported("priority", "JetStream has no priority order")
-        data = as_bytes(body)  # (a str is UTF-8, as the local put's)
         if delay < 0 or (ttl is not None and ttl <= 0):
             raise InvalidRequest("delay must be >= 0 and ttl > 0")
-        deadline = _deadline(timeout)  # for room in a full queue
-        # For an answer: the client's timeout, as the local client's attempts.
+        return [as_bytes(body) for body in bodies]  # (a str is UTF-8, as the local put's)
+
+    async def _put_keyed(self, data: bytes, headers: dict[str, str], timeout: float | None) -> int:
+        """Publish until acknowledged: sent again under the same key (a
+        duplicate is dropped) while no answer comes, for the client's timeout;
+        a full queue waited on until ``timeout``, as the local put waits for room."""
+        deadline = _deadline(timeout)
         answer_by = time.monotonic() + self.client.timeout + (timeout or 0)
-        headers = rules.put_headers(self.client.next_key(), time.time(), delay, ttl)
         while True:
             try:
                 await self._settings()  # (made again if it was deleted meanwhile)
@@ -195,22 +202,43 @@ class AsyncNatsQueue:
                     raise
                 if isinstance(exc, _NO_STREAM):
                     self.client.forget(self.name)  # deleted meanwhile? made again
-                # Sent again with the same key: a duplicate is dropped. A full
-                # queue is waited on, as the local put waits for room.
                 await asyncio.sleep(0.05)
 
     async def put_nowait(self, body: Body, **options: Any) -> int:
         return await self.put(body, timeout=0, **options)
 
-    async def put_many(self, bodies: Iterable[Body], **options: Any) -> list[int]:
-        """Each put acknowledged in turn, in order (JetStream's publish is one message)."""
-        return [await self.put(body, **options) for body in list(bodies)]
+    async def put_many(
+        self,
+        bodies: Iterable[Body],
+        *,
+        priority: int = 0,
+        delay: float = 0,
+        ttl: float | None = None,
+        timeout: float | None = None,
+    ) -> list[int]:
+        """The puts sent together (JetStream's async publish), each under its
+        own key, then their acks awaited; one not acknowledged (full, no
+        answer) is put again under its key as :meth:`put` does. Not atomic:
+        a failure leaves the ones before it put."""
+        items = self._checked(list(bodies), priority, delay, ttl)
+        now = time.time()
+        keyed = [(d, rules.put_headers(self.client.next_key(), now, delay, ttl)) for d in items]
+        await self._settings()
+        subject = naming.subject(self.name)
+        js = self.client.js
+        sent = [await js.publish_async(subject, d, headers=h) for d, h in keyed]
+        acks = [asyncio.wait_for(ack, ATTEMPT_TIMEOUT) for ack in sent]
+        done = await asyncio.gather(*acks, return_exceptions=True)
+        return [
+            await self._put_keyed(d, h, timeout) if isinstance(ack, BaseException) else int(ack.seq)
+            for (d, h), ack in zip(keyed, done, strict=True)
+        ]
 
     async def flush(self) -> None:
         """Nothing to wait for: every put returned once the stream had it."""
 
     async def get(self, timeout: float | None = None) -> bytes:
-        msg = await self.reserve(timeout)
+        msg = await self.reserve_message(timeout)
         await msg.ack()
         return msg.body
 
@@ -219,18 +247,33 @@ class AsyncNatsQueue:
 
     async def get_many(self, n: int, timeout: float | None = None) -> list[bytes]:
         """Up to ``n`` bodies: waits (up to ``timeout``) for the first, then
-        takes what is there now, as the local get_many."""
+        takes what is there now, as the local get_many: the rest in one pull
+        batch, acked together. One whose ack fails is not returned (it comes
+        back after its lease): never a body returned unacked, or acked unreturned."""
         if not isinstance(n, int) or n < 1:
             raise InvalidRequest(f"get_many needs n >= 1, not {n!r}")
         bodies = [await self.get(timeout)]
+        settings = await self._settings()
         while len(bodies) < n:
-            try:
-                bodies.append(await self.get(timeout=0))
-            except Empty:
+            fetched = await self._pull_batch(n - len(bodies))
+            if not fetched:
                 break
+            taken = [msg for msg in fetched if await self._deliverable(msg, settings)]
+            acks = [msg.ack_sync(timeout=self.client.timeout) for msg in taken]
+            done = await asyncio.gather(*acks, return_exceptions=True)
+            bodies += [
+                bytes(m.data)
+                for m, d in zip(taken, done, strict=True)
+                if not isinstance(d, BaseException)
+            ]
         return bodies
 
-    async def reserve(
+    def reserve(self, timeout: float | None = None, lease: float | None = None) -> NatsReserving:
+        """A reserve to make, as the local AsyncQueue's: awaited for its
+        message, or ``async with`` (acked on a clean exit, released on an exception)."""
+        return NatsReserving(self.reserve_message(timeout, lease))
+
+    async def reserve_message(
         self, timeout: float | None = None, lease: float | None = None
     ) -> AsyncNatsMessage:
         settings = await self._settings()
@@ -243,23 +286,35 @@ class AsyncNatsQueue:
         deadline = _deadline(timeout)
         while True:
             msg, asked = await self._pull(deadline)
-            meta = msg.metadata
-            verdict = rules.judge(
-                msg.headers,
-                meta.num_delivered,
-                settings.max_deliveries,
-                time.time(),
-                dead_letters=not self.name.endswith(naming.DEAD_SUFFIX),
-            )
-            if verdict.action is rules.Action.DELIVER:
-                attempt = rules.attempt(msg.headers, meta.num_delivered)
+            if await self._deliverable(msg, settings):
+                attempt = rules.attempt(msg.headers, msg.metadata.num_delivered)
                 return AsyncNatsMessage(self, msg, attempt, settings.lease, asked)
-            if verdict.action is rules.Action.DEFER:
-                await msg.nak(delay=verdict.delay)
-            elif verdict.action is rules.Action.EXPIRE:
-                await msg.ack_sync(timeout=self.client.timeout)
-            else:
-                await self._dead_letter(msg)
+
+    async def _deliverable(self, msg: Msg, settings: QueueSettings) -> bool:
+        """Whether ``msg`` goes to the caller; if not, what rules.judge says is done
+        with it (deferred, dropped as expired, or moved to the dead letters)."""
+        verdict = rules.judge(
+            msg.headers,
+            msg.metadata.num_delivered,
+            settings.max_deliveries,
+            time.time(),
+            dead_letters=not self.name.endswith(naming.DEAD_SUFFIX),
+        )
+        if verdict.action is rules.Action.DEFER:
+            await msg.nak(delay=verdict.delay)
+        elif verdict.action is rules.Action.EXPIRE:
+            await msg.ack_sync(timeout=self.client.timeout)
+        elif verdict.action is rules.Action.DEAD:
+            await self._dead_letter(msg)
+        return verdict.action is rules.Action.DELIVER
+
+    async def _pull_batch(self, n: int) -> list[Msg]:
+        """Up to ``n`` messages there now (none: an empty list), in one pull."""
+        async with self._pulling:
+            try:
+                return await (await self._subscription()).fetch(n, timeout=NOWAIT_WAIT)
+            except (nats.errors.TimeoutError, *_NO_LEADER):
+                return []
 
     async def _pull(self, deadline: float | None) -> tuple[Msg, float]:
         """One message from the consumer, waiting until ``deadline`` (None: for
@@ -281,10 +336,15 @@ class AsyncNatsQueue:
                 try:
                     (msg,) = await (await self._subscription()).fetch(1, timeout=wait)
                     return msg, max(asked, time.monotonic() - RECEIPT_MARGIN)
-                except nats.errors.TimeoutError:
+                except (nats.errors.TimeoutError, *_NO_LEADER) as exc:
+                    # Nothing came, or no consumer leader answers just now (one
+                    # is being elected): as the local get through a reconnect,
+                    # wait on until the deadline.
                     left = _left(deadline)
                     if left is not None and left <= 0:
                         raise Empty(f"queue {self.name!r} is empty") from None
+                    if isinstance(exc, _NO_LEADER):
+                        await asyncio.sleep(0.05 if left is None else min(0.05, left))
         finally:
             self._pulling.release()
 
@@ -315,8 +375,8 @@ class AsyncNatsQueue:
         max_bytes: int | None = None,
     ) -> dict[str, Any]:
         """Stored in the stream (max_deliveries, maxsize, max_bytes) and its
-        consumer (lease), so every client sees them; another client's
-        cached settings catch up when it next opens the queue."""
+        consumer (lease), so every client sees them: another client reads
+        them again within ``SETTINGS_TTL`` (10 s)."""
         validation.validate_lease(lease)
         js = self.client.js
         await self.client.ensure(self.name)
@@ -406,70 +466,11 @@ class AsyncNatsQueue:
     async def join(self, timeout: float | None = None) -> None:
         raise not_supported("join", "JetStream keeps no count of unfinished tasks")
 
+    async def unfinished_tasks(self) -> int:
+        raise not_supported("unfinished_tasks", "JetStream keeps no count of unfinished tasks")
+
     async def subscribe(self, topic: str) -> None:
         raise not_supported("a queue's durable subscription", "not built yet")
 
     async def unsubscribe(self, topic: str) -> bool:
         raise not_supported("a queue's durable subscription", "not built yet")
-
-
-@translate_errors
-class AsyncNatsMessage:
-    """A reserved message: its lease is the consumer's ack wait."""
-
-    def __init__(
-        self, queue: AsyncNatsQueue, msg: Msg, attempt: int, lease: float, since: float
-    ) -> None:
-        self.queue = queue
-        self._msg = msg
-        self.id = int(msg.metadata.sequence.stream)
-        self.body = bytes(msg.data)
-        self.attempt = attempt
-        self.lease = lease
-        self.lease_expires = since + lease  # (since: see AsyncNatsQueue._pull)
-        self.settled = False
-
-    def __repr__(self) -> str:
-        where = f"attempt {self.attempt} of {self.queue.name!r}"
-        return f"<brokerq.nats.AsyncNatsMessage {self.id} {where}>"
-
-    def _check_lease(self) -> None:
-        """A verb after the lease ran out: the message may be another's now."""
-        if time.monotonic() >= self.lease_expires:
-            raise LeaseLost(f"the lease of message {self.id} of {self.queue.name!r} ran out")
-
-    async def ack(self) -> None:
-        self._check_lease()
-        await self._msg.ack_sync(timeout=self.queue.client.timeout)
-        self.settled = True
-
-    async def release(self, delay: float = 0) -> None:
-        self._check_lease()
-        await self._msg.nak(delay=delay or None)
-        self.settled = True
-
-    async def bury(self) -> None:
-        raise not_supported("bury", "not built yet: release it, or let it reach its dead letters")
-
-    async def touch(self, lease: float | None = None) -> None:
-        if lease is not None and lease != self.lease:
-            raise not_supported(
-                "touch with another lease", f"the lease is the consumer's ack wait, {self.lease} s"
-            )
-        self._check_lease()
-        sent = time.monotonic()
-        await self._msg.in_progress()
-        self.lease_expires = sent + self.lease
-
-    async def __aenter__(self) -> AsyncNatsMessage:
-        return self
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
-        if self.settled:
-            return
-        if exc_type is None:
-            await self.ack()
-            return
-        # An unreleased message comes back anyway when its lease runs out.
-        with contextlib.suppress(Exception):
-            await self.release()

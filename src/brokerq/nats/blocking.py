@@ -20,9 +20,10 @@ from typing import Any, TypeVar
 
 from .. import validation
 from ..client.calls import Body
-from ..errors import BrokerqError, BrokerUnavailable
+from ..errors import BrokerqError, BrokerUnavailable, NotSupported
 from .aio import DEFAULT_TIMEOUT, AsyncNatsClient, AsyncNatsSubscription
-from .aio_queue import AsyncNatsMessage, AsyncNatsQueue
+from .aio_message import AsyncNatsMessage
+from .aio_queue import AsyncNatsQueue
 
 __all__ = ["NatsClient", "NatsMessage", "NatsQueue", "NatsSubscription", "connect"]
 
@@ -129,13 +130,38 @@ class NatsClient:
         return self.call(lambda c: c.publish(topic, body, priority=priority, ttl=ttl))
 
     def subscribe(self, topic: str) -> NatsSubscription:
-        return NatsSubscription(self, self.call(lambda c: c.subscribe(topic)))
+        return NatsSubscription(self, self.call(lambda c: c.subscribe(topic).start()))
 
     def stats(self) -> dict[str, Any]:
         return self.call(lambda c: c.stats())
 
     def queues(self) -> list[str]:
         return self.call(lambda c: c.queues())
+
+    def flush(self) -> None:
+        """Nothing to wait for: every put returned once the stream had it."""
+
+    def get_any(self, queues: Iterable[str], timeout: float | None = None) -> tuple[str, bytes]:
+        raise _lacks("get_any (a wait on several queues)")
+
+    def reserve_any(
+        self, queues: Iterable[str], timeout: float | None = None, lease: float | None = None
+    ) -> NatsMessage:
+        raise _lacks("reserve_any (a wait on several queues)")
+
+    def ping(self) -> float:
+        raise _lacks("ping")
+
+    def stop(self) -> bool:
+        raise _lacks("stop (the server is not brokerq's to stop)")
+
+    @property
+    def broker_pid(self) -> int:
+        raise _lacks("broker_pid (no broker process of brokerq's)")
+
+
+def _lacks(feature: str) -> NotSupported:
+    return NotSupported(f"{feature} is not supported by the NATS backend")
 
 
 class NatsQueue:
@@ -186,7 +212,7 @@ class NatsQueue:
         return self._call(lambda q: q.get_many(n, timeout), timeout)
 
     def reserve(self, timeout: float | None = None, lease: float | None = None) -> NatsMessage:
-        return NatsMessage(self, self._call(lambda q: q.reserve(timeout, lease), timeout))
+        return NatsMessage(self, self._call(lambda q: q.reserve_message(timeout, lease), timeout))
 
     def configure(self, **settings: Any) -> dict[str, Any]:
         return self._call(lambda q: q.configure(**settings))
@@ -223,6 +249,10 @@ class NatsQueue:
 
     def unsubscribe(self, topic: str) -> bool:
         return self._call(lambda q: q.unsubscribe(topic))
+
+    @property
+    def unfinished_tasks(self) -> int:
+        return self._call(lambda q: q.unfinished_tasks())
 
 
 class NatsMessage:

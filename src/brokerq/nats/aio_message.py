@@ -1,0 +1,119 @@
+"""A reserved message on JetStream, and the reserve that yields it.
+
+Its lease is the consumer's ack wait, counted here from no later than the
+server counts it (see ``AsyncNatsQueue._pull``), so a verb let through
+finds the lease alive; one after it ran out raises LeaseLost and is not
+sent (the message may be another consumer's by then).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Coroutine, Generator
+from typing import Any, Protocol
+
+from nats.aio.msg import Msg
+
+from ..errors import LeaseLost, NotSupported
+from .failures import translate_errors
+
+BACKEND = "the NATS backend"
+
+
+class _Client(Protocol):
+    timeout: float
+
+
+class MessageHome(Protocol):
+    """What a message needs of its queue (:class:`brokerq.nats.AsyncNatsQueue`)."""
+
+    name: str
+
+    @property
+    def client(self) -> _Client: ...
+
+
+def not_supported(feature: str, why: str) -> NotSupported:
+    return NotSupported(f"{feature} is not supported by {BACKEND} ({why})")
+
+
+@translate_errors
+class AsyncNatsMessage:
+    """A reserved message: its lease is the consumer's ack wait."""
+
+    def __init__(
+        self, queue: MessageHome, msg: Msg, attempt: int, lease: float, since: float
+    ) -> None:
+        self.queue = queue
+        self._msg = msg
+        self.id = int(msg.metadata.sequence.stream)
+        self.body = bytes(msg.data)
+        self.attempt = attempt
+        self.lease = lease
+        self.lease_expires = since + lease  # (since: see AsyncNatsQueue._pull)
+        self.settled = False
+
+    def __repr__(self) -> str:
+        where = f"attempt {self.attempt} of {self.queue.name!r}"
+        return f"<brokerq.nats.AsyncNatsMessage {self.id} {where}>"
+
+    def _check_lease(self) -> None:
+        """A verb after the lease ran out: the message may be another's now."""
+        if time.monotonic() >= self.lease_expires:
+            raise LeaseLost(f"the lease of message {self.id} of {self.queue.name!r} ran out")
+
+    async def ack(self) -> None:
+        self._check_lease()
+        await self._msg.ack_sync(timeout=self.queue.client.timeout)
+        self.settled = True
+
+    async def release(self, delay: float = 0) -> None:
+        self._check_lease()
+        await self._msg.nak(delay=delay or None)
+        self.settled = True
+
+    async def bury(self) -> None:
+        raise not_supported("bury", "not built yet: release it, or let it reach its dead letters")
+
+    async def touch(self, lease: float | None = None) -> None:
+        if lease is not None and lease != self.lease:
+            raise not_supported(
+                "touch with another lease", f"the lease is the consumer's ack wait, {self.lease} s"
+            )
+        self._check_lease()
+        sent = time.monotonic()
+        await self._msg.in_progress()
+        self.lease_expires = sent + self.lease
+
+    async def __aenter__(self) -> AsyncNatsMessage:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        if self.settled:
+            return
+        if exc_type is None:
+            await self.ack()
+            return
+        # An unreleased message comes back anyway when its lease runs out.
+        with contextlib.suppress(Exception):
+            await self.release()
+
+
+class NatsReserving:
+    """What :meth:`AsyncNatsQueue.reserve` returns: awaited, or with ``async with``."""
+
+    def __init__(self, reserving: Coroutine[Any, Any, AsyncNatsMessage]) -> None:
+        self._reserving = reserving
+        self.message: AsyncNatsMessage | None = None
+
+    def __await__(self) -> Generator[Any, None, AsyncNatsMessage]:
+        return self._reserving.__await__()
+
+    async def __aenter__(self) -> AsyncNatsMessage:
+        self.message = await self._reserving
+        return self.message
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
+        assert self.message is not None
+        await self.message.__aexit__(exc_type)
