@@ -19,8 +19,8 @@ four backends, each time on a fresh queue:
   for the queue, doing what the workload asks with the same guarantees: a
   put is a JetStream publish with a ``Nats-Msg-Id`` awaited until its
   PubAck, a take is a pull and a double ack (``ack_sync``). In batches it
-  does what a nats-py user would: the batch's publishes in flight together
-  (all awaited) and one pull of the batch;
+  does what a nats-py user would: the batch's async publishes, then every
+  PubAck awaited; one pull of the batch, its double acks together;
 * ``local``: the brokerq API on the local broker's socket.
 
 Workloads (every producer and consumer is a process of its own, connected
@@ -165,17 +165,23 @@ async def direct(url: str, queue: str, role: str, count: int, batch: int) -> tup
         done = 0
         while done < count:
             n = min(batch or 1, count - done)
-            if role == "producer":
+            if role == "producer" and batch:
+                # nats-py's way to batch: async publishes, then every PubAck.
                 keys = [f"{prefix}-{done + i}" for i in range(n)]
-                await asyncio.gather(
-                    *(js.publish(subject, BODY, headers={"Nats-Msg-Id": key}) for key in keys)
-                )
+                acks = [
+                    await js.publish_async(subject, BODY, headers={"Nats-Msg-Id": key})
+                    for key in keys
+                ]
+                await asyncio.gather(*acks)
                 done += n
+            elif role == "producer":
+                await js.publish(subject, BODY, headers={"Nats-Msg-Id": f"{prefix}-{done}"})
+                done += 1
             else:
                 with contextlib.suppress(nats.errors.TimeoutError):
-                    for msg in await psub.fetch(n, timeout=5):
-                        await msg.ack_sync()
-                        done += 1
+                    msgs = await psub.fetch(n, timeout=5)
+                    await asyncio.gather(*(msg.ack_sync() for msg in msgs))
+                    done += len(msgs)
         return start, time.time()
     finally:
         await nc.close()
