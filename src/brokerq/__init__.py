@@ -24,7 +24,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from .client import blocking as _local
-from .client.blocking import Client, Message, Subscription
+from .client.blocking import Client, Message, Queue, Subscription
 from .errors import (
     BrokerBusy,
     BrokerqError,
@@ -111,7 +111,7 @@ def connect(
     return nats.connect(url, timeout)
 
 
-def open_async_client(
+def _open_async_client(
     socket: str | os.PathLike[str] | None = None,
     timeout: float = _local.DEFAULT_TIMEOUT,
     *,
@@ -130,23 +130,19 @@ def open_async_client(
     return nats.AsyncNatsClient(url, timeout)
 
 
-class Queue(_local.Queue):
-    """A named queue (see :class:`brokerq.client.Queue`). ``Queue(name)`` with
-    no client or socket, while ``$BROKERQ_URL`` is set, is a queue on NATS
-    (a :class:`brokerq.nats.NatsQueue` of one shared client per URL)."""
+if TYPE_CHECKING:
+    open_async_client = _open_async_client  # (at run time: __getattr__, loading anyio)
 
-    def __new__(
-        cls,
-        name: str,
-        *,
-        client: Client | None = None,
-        socket: str | os.PathLike[str] | None = None,
-    ) -> Any:
-        url = None if client is not None else _nats_url(socket)
-        if url is None:
-            return super().__new__(cls)
-        return _nats_queue(url, name)
 
+def _route_queue(name: str, socket: str | os.PathLike[str] | None) -> NatsQueue | None:
+    """``Queue(name)`` with no client: on NATS when ``socket`` is a ``nats://``
+    URL or, naming none, ``$BROKERQ_URL`` is set (the hook of
+    brokerq.client.blocking.Queue); None: the local broker."""
+    url = _nats_url(socket)
+    return None if url is None else _nats_queue(url, name)
+
+
+_local.queue_router = _route_queue
 
 _nats_clients: dict[str, NatsClient] = {}
 _nats_clients_lock = threading.Lock()
@@ -164,6 +160,11 @@ def _nats_queue(url: str, name: str) -> NatsQueue:
 
 
 def __getattr__(name: str) -> Any:
+    if name == "open_async_client":
+        # (the async client's module, and anyio, on first use of the name, as before)
+        from .client import asynchronous as _async_client  # noqa: F401
+
+        return _open_async_client
     if name in _ASYNC_NAMES:
         from .client import asynchronous as async_client
 

@@ -283,6 +283,13 @@ def test_brokerq_url_routes_code_that_names_no_broker(
     with pytest.raises(brokerq.NotSupported, match="prefetch is not supported by the NATS"):
         brokerq.connect(prefetch=4)
     local.client.close()
+    # A nats:// URL as the socket: NATS, whatever the environment says.
+    monkeypatch.delenv("BROKERQ_URL")
+    named = brokerq.Queue("routed", socket=server.url)
+    assert isinstance(named, brokerq.nats.NatsQueue)
+    assert named.qsize() == 0
+    named.delete()
+    named.client.close()
 
 
 def test_a_forked_child_gets_its_own_connection(client: brokerq.nats.NatsClient) -> None:

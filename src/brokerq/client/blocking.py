@@ -10,7 +10,7 @@ import contextlib
 import os
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from .. import protocol, validation
@@ -88,10 +88,29 @@ class Client(Streaming):
         return self.do(api.queues())
 
 
+#: Set by ``brokerq`` (the top) to send ``Queue(name)`` elsewhere: given the
+#: name and the socket argument, it returns another backend's queue (a
+#: ``nats://`` URL, or ``$BROKERQ_URL``: brokerq.nats) or None for this
+#: broker's. A hook, so that this wing imports no other backend.
+queue_router: Callable[[str, Any], Any] | None = None
+
+
 class Queue:
     """A named queue of a broker; like :class:`queue.Queue`, across processes.
     ``Queue("jobs")`` uses the default broker (``$BROKERQ_SOCKET`` or the
     per-user path), spawning it on first use."""
+
+    def __new__(
+        cls,
+        name: str,
+        *,
+        client: Client | None = None,
+        socket: str | os.PathLike[str] | None = None,
+    ) -> Any:
+        routed = None
+        if client is None and queue_router is not None:
+            routed = queue_router(name, socket)
+        return super().__new__(cls) if routed is None else routed
 
     def __init__(
         self,
