@@ -1,0 +1,349 @@
+"""The queue API both backends share, one test body each, run against the
+local broker (a socket path) and against NATS JetStream (a nats:// URL).
+
+The same assertions hold on both, so a user moving an application from one
+to the other by changing its target meets no silent difference; what the
+NATS backend cannot do is refused with NotSupported (tested at the end).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from conftest import run_cli, wait_until
+from extras import require
+from nats_cluster import require_nats_server
+
+import brokerq
+
+require("nats", "nats")
+require_nats_server()
+from nats_server import start_server  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def nats_url() -> Iterator[str]:
+    """One nats-server for the module; each test uses queues of its own."""
+    server = start_server()
+    try:
+        yield server.url
+    finally:
+        server.stop()
+
+
+@pytest.fixture(params=["local", "nats"])
+def backend(request: pytest.FixtureRequest) -> str:
+    """Which backend the test runs on (overrides conftest's anyio backend)."""
+    return str(request.param)
+
+
+@pytest.fixture
+def target(backend: str, request: pytest.FixtureRequest) -> str:
+    """What ``brokerq.connect`` is given: a socket path or a NATS URL."""
+    if backend == "local":
+        return str(request.getfixturevalue("socket_path"))
+    return str(request.getfixturevalue("nats_url"))
+
+
+def connect(target: str) -> brokerq.Client:
+    """``brokerq.connect(target)``, checked to have picked the backend the
+    target names (a URL taken for a socket path would spawn a local broker
+    and test it twice)."""
+    client = brokerq.connect(target)
+    is_nats = type(client).__module__.startswith("brokerq.nats")
+    if is_nats != target.startswith("nats://"):
+        client.close()
+        raise AssertionError(f"brokerq.connect({target!r}) gave {client!r}")
+    return client
+
+
+@pytest.fixture
+def client(target: str) -> Iterator[brokerq.Client]:
+    with connect(target) as c:
+        yield c
+
+
+@pytest.fixture
+def q(client: brokerq.Client) -> brokerq.Queue:
+    """A queue of this test alone (the NATS server is shared by the module)."""
+    return client.queue("t" + uuid.uuid4().hex[:12])
+
+
+def drain(q: brokerq.Queue) -> list[bytes]:
+    got = []
+    while True:
+        try:
+            got.append(q.get_nowait())
+        except brokerq.Empty:
+            return got
+
+
+def test_put_then_get_in_fifo_order(q: brokerq.Queue) -> None:
+    ids = [q.put(b"m%d" % i) for i in range(20)]
+    assert all(isinstance(i, int) for i in ids)
+    assert [q.get(timeout=5) for _ in range(20)] == [b"m%d" % i for i in range(20)]
+
+
+def test_get_times_out_with_empty_and_get_nowait_does_not_wait(q: brokerq.Queue) -> None:
+    started = time.monotonic()
+    with pytest.raises(brokerq.Empty):
+        q.get(timeout=0.3)
+    assert time.monotonic() - started >= 0.25
+    with pytest.raises(brokerq.Empty):
+        q.get_nowait()
+    q.put(b"x")
+    assert wait_until(lambda: not q.empty(), 5, "the put to show")
+    assert q.get_nowait() == b"x"
+
+
+def test_put_many_and_get_many(q: brokerq.Queue) -> None:
+    ids = q.put_many([b"a", b"b", b"c", b"d", b"e"])
+    assert len(set(ids)) == 5
+    first = q.get_many(3, timeout=5)
+    assert first == [b"a", b"b", b"c"]
+    rest = q.get_many(10, timeout=1)
+    assert rest == [b"d", b"e"]
+    with pytest.raises(brokerq.Empty):
+        q.get_many(2, timeout=0.2)
+
+
+def test_reserve_then_ack_takes_it_for_good(q: brokerq.Queue) -> None:
+    q.configure(lease=1)
+    q.put(b"job")
+    msg = q.reserve(timeout=5)
+    assert (msg.body, msg.attempt) == (b"job", 1)
+    msg.ack()
+    time.sleep(1.5)  # past the lease: an acked message does not come back
+    with pytest.raises(brokerq.Empty):
+        q.get_nowait()
+
+
+def test_release_redelivers_with_the_next_attempt(q: brokerq.Queue) -> None:
+    q.put(b"job")
+    first = q.reserve(timeout=5)
+    first.release()
+    again = q.reserve(timeout=5)
+    assert (again.body, again.attempt) == (b"job", 2)
+    again.ack()
+
+
+def test_a_lease_running_out_redelivers(q: brokerq.Queue) -> None:
+    q.configure(lease=1)
+    q.put(b"job")
+    first = q.reserve(timeout=5)
+    assert first.attempt == 1
+    with pytest.raises(brokerq.Empty):
+        q.get_nowait()  # leased: not ready
+    again = q.reserve(timeout=10)  # once the lease has run out
+    assert (again.body, again.attempt) == (b"job", 2)
+    again.ack()
+
+
+def test_touch_keeps_the_lease(q: brokerq.Queue) -> None:
+    q.configure(lease=1)
+    q.put(b"job")
+    msg = q.reserve(timeout=5)
+    for _ in range(4):  # 2 s held, twice the lease, renewed every half lease
+        time.sleep(0.5)
+        msg.touch()
+    with pytest.raises(brokerq.Empty):
+        q.get_nowait()  # still leased: not redelivered
+    msg.ack()
+    with pytest.raises(brokerq.Empty):
+        q.get(timeout=1.5)
+
+
+def test_qsize_empty_purge_and_peek(q: brokerq.Queue) -> None:
+    assert q.empty()
+    assert q.qsize() == 0
+    q.put_many([b"a", b"b", b"c"])
+    wait_until(lambda: q.qsize() == 3, 5, "qsize 3")
+    assert not q.empty()
+    assert q.peek() == b"a"
+    assert q.qsize() == 3  # peek takes nothing
+    assert q.purge() == 3
+    assert q.empty()
+    with pytest.raises(brokerq.Empty):
+        q.get_nowait()
+
+
+def test_a_delayed_message_comes_once_due(q: brokerq.Queue) -> None:
+    q.put(b"later", delay=1)
+    q.put(b"now")
+    assert q.get(timeout=5) == b"now"
+    with pytest.raises(brokerq.Empty):
+        q.get_nowait()
+    started = time.monotonic()
+    assert q.get(timeout=10) == b"later"
+    assert time.monotonic() - started >= 0.5
+
+
+def test_an_expired_message_is_dropped(q: brokerq.Queue) -> None:
+    q.put(b"stale", ttl=0.3)
+    q.put(b"fresh")
+    time.sleep(0.8)
+    assert drain(q) == [b"fresh"]
+
+
+def test_past_max_deliveries_a_message_moves_to_dead(
+    client: brokerq.Client, q: brokerq.Queue
+) -> None:
+    q.configure(max_deliveries=2)
+    q.put(b"poison")
+    for attempt in (1, 2):
+        msg = q.reserve(timeout=5)
+        assert (msg.body, msg.attempt) == (b"poison", attempt)
+        msg.release()
+    # Not delivered a third time. (On NATS the move to :dead is made by the
+    # consumer that fetches it next: this get.)
+    with pytest.raises(brokerq.Empty):
+        q.get_nowait()
+    dead = client.queue(q.name + ":dead")
+    assert dead.get(timeout=10) == b"poison"
+    with pytest.raises(brokerq.Empty):
+        dead.get_nowait()  # moved once, not twice
+
+
+def producer(target: str, queue: str, n: int) -> None:
+    """An application's producer: it knows only where its broker is."""
+    with connect(target) as client:
+        jobs = client.queue(queue)
+        for i in range(n):
+            jobs.put(b"job %d" % i)
+
+
+def consumer(target: str, queue: str, n: int) -> list[bytes]:
+    """An application's consumer: reserve, work, ack (release on failure)."""
+    done = []
+    with connect(target) as client:
+        jobs = client.queue(queue)
+        while len(done) < n:
+            with jobs.reserve(timeout=10) as msg:
+                done.append(msg.body)
+    return done
+
+
+def test_the_same_application_code_runs_on_either_backend(target: str) -> None:
+    queue = "app" + uuid.uuid4().hex[:8]
+    producer(target, queue, 50)
+    assert consumer(target, queue, 50) == [b"job %d" % i for i in range(50)]
+    with connect(target) as client:
+        assert client.queue(queue).empty()
+
+
+def test_brokerq_url_selects_nats_for_code(
+    nats_url: str, sock_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queue = "url" + uuid.uuid4().hex[:8]
+    # Were the URL ignored, the default broker would be used: make that one
+    # this test's own (its runtime dir is the test's), not the user's.
+    monkeypatch.setenv("XDG_RUNTIME_DIR", sock_dir)
+    monkeypatch.setenv("BROKERQ_URL", nats_url)
+    with brokerq.connect() as client:
+        assert type(client).__module__.startswith("brokerq.nats"), client
+        client.queue(queue).put(b"from code")
+    with connect(nats_url) as client:
+        assert client.queue(queue).get(timeout=5) == b"from code"
+    assert not os.path.exists(os.path.join(sock_dir, "brokerq")), "a local broker was used"
+
+
+def test_brokerq_url_and_url_option_select_nats_for_commands(
+    nats_url: str, sock_dir: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    queue = "cli" + uuid.uuid4().hex[:8]
+    monkeypatch.setenv("XDG_RUNTIME_DIR", sock_dir)  # as above
+    monkeypatch.setenv("BROKERQ_URL", nats_url)
+    for body in ("first", "second"):
+        put = run_cli("put", queue, body)
+        assert put.returncode == 0, put.stderr
+    got = run_cli("get", "-n", "2", "--timeout", "5", queue)
+    assert got.returncode == 0, got.stderr
+    assert got.stdout == b"first\nsecond\n"
+    # --url, without the environment variable
+    monkeypatch.delenv("BROKERQ_URL")
+    put = run_cli("--url", nats_url, "put", queue, "by --url")
+    assert put.returncode == 0, put.stderr
+    with connect(nats_url) as client:
+        assert client.queue(queue).get(timeout=5) == b"by --url"
+    assert not os.path.exists(os.path.join(sock_dir, "brokerq")), "a local broker was used"
+
+
+def test_an_explicit_socket_wins_over_brokerq_url(
+    socket_path: str, nats_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BROKERQ_URL", nats_url)
+    with brokerq.connect(socket_path) as client:
+        assert isinstance(client, brokerq.Client)
+        client.queue("jobs").put(b"local")
+        put = run_cli("--socket", socket_path, "put", "jobs", "local too")
+        assert put.returncode == 0, put.stderr
+        assert client.queue("jobs").get_many(2, timeout=5) == [b"local", b"local too"]
+    with connect(nats_url) as client, pytest.raises(brokerq.Empty):
+        client.queue("jobs").get_nowait()
+
+
+def _bury(q: Any) -> None:
+    msg = q.reserve(timeout=5)
+    try:
+        msg.bury()
+    finally:
+        msg.release()  # refused: still reserved, so give it back
+
+
+def _touch_with_another_lease(q: Any) -> None:
+    with q.reserve(timeout=5) as msg:
+        msg.touch(lease=123)
+
+
+#: What the NATS backend refuses: (a word the refusal must name, the call).
+REFUSED: list[tuple[str, Callable[[Any, Any], object]]] = [
+    ("priority", lambda c, q: q.put(b"urgent", priority=5)),
+    ("priority", lambda c, q: q.put_many([b"urgent"], priority=5)),
+    ("priority", lambda c, q: c.publish("news", b"urgent", priority=5)),
+    ("ttl", lambda c, q: c.publish("news", b"soon stale", ttl=5)),
+    ("lease", lambda c, q: q.reserve(timeout=1, lease=123)),
+    ("lease", lambda c, q: _touch_with_another_lease(q)),
+    ("bury", lambda c, q: _bury(q)),
+    ("kick", lambda c, q: q.kick()),
+    ("task_done", lambda c, q: q.task_done()),
+    ("join", lambda c, q: q.join(timeout=1)),
+    ("subscription", lambda c, q: q.subscribe("news")),
+    ("subscription", lambda c, q: q.unsubscribe("news")),
+]
+
+
+@pytest.mark.parametrize(("feature", "call"), REFUSED, ids=[f for f, _ in REFUSED])
+def test_what_nats_cannot_do_is_refused_naming_feature_and_backend(
+    nats_url: str, feature: str, call: Callable[[Any, Any], object]
+) -> None:
+    with connect(nats_url) as client:
+        q = client.queue("no" + uuid.uuid4().hex[:8])
+        q.put(b"job")
+        with pytest.raises(brokerq.NotSupported) as refused:
+            call(client, q)
+        text = str(refused.value)
+        assert feature in text, text
+        assert "NATS" in text, text
+        # Refused means nothing happened: the queue holds its one message.
+        assert q.get(timeout=5) == b"job"
+        with pytest.raises(brokerq.Empty):
+            q.get_nowait()
+
+
+def test_a_missing_nats_server_skips_saying_how_to_install_and_fails_under_ci(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import nats_server
+
+    monkeypatch.setattr(nats_server, "server_binary", lambda: None)
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="apt-get install nats-server"):
+        require_nats_server()
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="CI=true and nats-server is not installed"):
+        require_nats_server()
