@@ -24,25 +24,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import nats_server
-import pytest
-
-INSTALL_HINT = (
-    "nats-server is not installed: apt-get install nats-server "
-    "(or see https://docs.nats.io/running-a-nats-service/introduction/installation)"
-)
-
-
-def require_nats_server() -> str:
-    """The nats-server executable; when it is missing, skip the calling test
-    module saying how to install it, or fail it under ``CI=true`` (CI installs
-    it: a missing server there must not turn into a green run that tested
-    nothing)."""
-    binary = nats_server.server_binary()
-    if binary is not None:
-        return binary
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true and {INSTALL_HINT}", pytrace=False)
-    pytest.skip(INSTALL_HINT, allow_module_level=True)
 
 
 def free_ports(n: int) -> list[int]:
@@ -77,7 +58,7 @@ class Cluster:
     """Three JetStream nodes routed to each other (``with Cluster() as c``)."""
 
     def __init__(self, size: int = 3) -> None:
-        self.binary = require_nats_server()
+        self.binary = nats_server.require_server()
         self.root = tempfile.mkdtemp(prefix="bqnc", dir="/tmp")
         ports = free_ports(2 * size)
         self.nodes = [

@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 from conftest import run_cli, wait_until
 from extras import require
-from nats_cluster import require_nats_server
+from nats_server import require_server
 
 import brokerq
 
 require("nats", "nats")
-require_nats_server()
+require_server()
 from nats_server import start_server  # noqa: E402
 
 
@@ -343,7 +343,7 @@ def test_a_missing_nats_server_skips_saying_how_to_install_and_fails_under_ci(
     monkeypatch.setattr(nats_server, "server_binary", lambda: None)
     monkeypatch.delenv("CI", raising=False)
     with pytest.raises(pytest.skip.Exception, match="apt-get install nats-server"):
-        require_nats_server()
+        require_server()
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="CI=true and nats-server is not installed"):
-        require_nats_server()
+        require_server()

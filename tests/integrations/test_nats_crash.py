@@ -31,12 +31,13 @@ from pathlib import Path
 import pytest
 from conftest import Procs, gone, wait_until
 from extras import require
-from nats_cluster import Cluster, require_nats_server
+from nats_cluster import Cluster
+from nats_server import require_server
 
 import brokerq
 
 require("nats", "nats")
-require_nats_server()
+require_server()
 from nats_server import start_server  # noqa: E402
 
 PRODUCER = textwrap.dedent(
