@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 require("nats", "nats")  # (brokerq.nats's package imports nats-py; these modules do not)
+from brokerq.errors import InvalidRequest  # noqa: E402
 from brokerq.nats import naming, rules  # noqa: E402
 from brokerq.nats.aio_queue import QueueSettings  # noqa: E402
 
@@ -31,6 +32,16 @@ def test_names() -> None:
     assert naming.queue_of_stream("ORDERS") is None
     assert naming.queue_of_stream("BQ__ZZ") is None
     assert naming.dead_letter_id("BQ_jobs", 7) == "dead-BQ_jobs-7"
+
+
+def test_a_name_too_long_for_a_stream_once_escaped_is_an_invalid_request() -> None:
+    """JetStream allows 255 characters; the escape triples a byte outside
+    [A-Za-z0-9-]: refused before the server would refuse it."""
+    assert naming.stream_name("j" * 252) == "BQ_" + "j" * 252
+    with pytest.raises(InvalidRequest, match="too long for the NATS backend"):
+        naming.stream_name("j" * 253)
+    with pytest.raises(InvalidRequest, match="has 363 characters"):
+        naming.stream_name("é" * 60)  # 120 bytes, each _XX
 
 
 def test_put_headers_carry_the_key_and_absolute_times() -> None:

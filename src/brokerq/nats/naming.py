@@ -12,11 +12,16 @@ from __future__ import annotations
 
 import string
 
+from ..errors import InvalidRequest
+
 #: The bytes kept as they are (ASCII letters, digits, '-'): safe in stream names and subjects.
 _KEPT = frozenset((string.ascii_letters + string.digits + "-").encode())
 
 #: The one durable pull consumer of each queue's stream: every reserve of every client shares it.
 CONSUMER = "bq"
+
+#: JetStream's longest stream name (its server refuses a longer one).
+MAX_STREAM_NAME = 255
 
 #: The suffix of a queue's dead letters, as the local broker's (``jobs:dead``).
 DEAD_SUFFIX = ":dead"
@@ -42,8 +47,16 @@ def unescape(token: str) -> str:
 
 
 def stream_name(queue: str) -> str:
-    """The stream that holds ``queue``'s messages."""
-    return f"BQ_{escape(queue)}"
+    """The stream that holds ``queue``'s messages. The escape makes a name up
+    to three times longer: one whose stream name would pass JetStream's
+    limit is refused here, as an InvalidRequest, not by the server."""
+    stream = f"BQ_{escape(queue)}"
+    if len(stream) > MAX_STREAM_NAME:
+        raise InvalidRequest(
+            f"queue name {queue!r} is too long for the NATS backend: escaped, its stream "
+            f"name has {len(stream)} characters, and JetStream allows {MAX_STREAM_NAME}"
+        )
+    return stream
 
 
 def subject(queue: str) -> str:
