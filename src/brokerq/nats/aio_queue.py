@@ -24,7 +24,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from .. import validation
-from ..client.calls import Body, as_bytes
+from ..client.calls import Body, PutOptions, as_bytes
 from ..errors import BrokerUnavailable, Empty, Full, InvalidRequest
 from . import naming, rules
 from .aio_message import AsyncNatsMessage, NatsReserving, not_supported
@@ -163,14 +163,15 @@ class AsyncNatsQueue:
         ttl: float | None = None,
         timeout: float | None = None,
     ) -> int:
-        (data,) = self._checked([body], priority, delay, ttl)
+        (data,) = self._checked([body], PutOptions(priority, delay, ttl, timeout))
         headers = rules.put_headers(self.client.next_key(), time.time(), delay, ttl)
         return await self._put_keyed(data, headers, timeout)
 
-    def _checked(
-        self, bodies: list[Body], priority: int, delay: float, ttl: float | None
-    ) -> list[bytes]:
+    def _checked(self, bodies: list[Body], options: PutOptions) -> list[bytes]:
+        """The local put's argument checks (types, timeout), then the NATS backend's."""
         validation.validate_queue_name(self.name, for_put=True)
+        options.fields()
+        priority, delay, ttl = options.priority, options.delay, options.ttl
         if priority:
             raise not_supported("priority", "JetStream has no priority order")
         if delay < 0 or (ttl is not None and ttl <= 0):
@@ -220,7 +221,7 @@ class AsyncNatsQueue:
         own key, then their acks awaited; one not acknowledged (full, no
         answer) is put again under its key as :meth:`put` does. Not atomic:
         a failure leaves the ones before it put."""
-        items = self._checked(list(bodies), priority, delay, ttl)
+        items = self._checked(list(bodies), PutOptions(priority, delay, ttl, timeout))
         now = time.time()
         keyed = [(d, rules.put_headers(self.client.next_key(), now, delay, ttl)) for d in items]
         await self._settings()
