@@ -22,6 +22,7 @@ reversible, and the names stay readable in ``brokerq stats``.
 
 from __future__ import annotations
 
+import urllib.parse
 from functools import lru_cache
 from typing import Final
 
@@ -67,19 +68,8 @@ def pattern_of(topic: str, exchange: str) -> str | None:
 
 
 def unescape(name: str) -> str:
-    """The inverse of :func:`escape`."""
-    if "%" not in name:
-        return name
-    raw = bytearray()
-    i = 0
-    while i < len(name):
-        if name[i] == "%":
-            raw.append(int(name[i + 1 : i + 3], 16))
-            i += 3
-        else:
-            raw += name[i].encode("utf-8", "surrogatepass")
-            i += 1
-    return raw.decode("utf-8", "surrogatepass")
+    """The inverse of :func:`escape` (the %XX of UTF-8 bytes, as URLs have them)."""
+    return urllib.parse.unquote(name, errors="surrogatepass")
 
 
 def matches(pattern: str, routing_key: str) -> bool:
