@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 require("nats", "nats")  # (brokerq.nats's package imports nats-py; these modules do not)
 from brokerq.errors import InvalidRequest  # noqa: E402
 from brokerq.nats import naming, rules  # noqa: E402
-from brokerq.nats.aio_queue import QueueSettings  # noqa: E402
+from brokerq.nats.aio_admin import QueueSettings  # noqa: E402
 
 NOW = 1_000_000.0
 

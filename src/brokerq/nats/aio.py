@@ -35,8 +35,9 @@ from .. import validation
 from ..client.calls import Body, as_bytes
 from ..errors import BrokerUnavailable, Empty, InvalidRequest, NotSupported
 from . import naming, rules
+from .aio_admin import QueueSettings
 from .aio_message import AsyncNatsMessage
-from .aio_queue import AsyncNatsQueue, QueueSettings
+from .aio_queue import AsyncNatsQueue
 from .failures import translate_errors
 
 __all__ = ["AsyncNatsClient", "AsyncNatsMessage", "AsyncNatsQueue", "AsyncNatsSubscription"]
