@@ -68,15 +68,24 @@ def require_server() -> str:
     return binary
 
 
-def start_server(port: int | None = None, timeout: float = 20.0) -> NatsServer:
-    """A JetStream-enabled nats-server on 127.0.0.1:``port`` (None: a free one)."""
+def start_server(
+    port: int | None = None, timeout: float = 20.0, config: str | None = None
+) -> NatsServer:
+    """A JetStream-enabled nats-server on 127.0.0.1:``port`` (None: a free one);
+    ``config``: the text of a configuration file to start it with."""
     binary = server_binary()
     if binary is None:
         raise FileNotFoundError(INSTALL_HINT)
     port = port or free_port()
     store_dir = tempfile.mkdtemp(dir="/tmp", prefix="bq-nats-")
+    args = [binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", store_dir]
+    if config is not None:
+        config_file = os.path.join(store_dir, "server.conf")
+        with open(config_file, "w") as f:
+            f.write(config)
+        args += ["-c", config_file]
     process = subprocess.Popen(
-        [binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", store_dir],
+        args,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )

@@ -1,17 +1,15 @@
-"""The NATS backend's blocking client: the async one, run on a loop thread.
+"""The NATS backend's blocking client: the async one, on a loop of its own.
 
-nats-py is asyncio-only, so each :class:`NatsClient` runs one asyncio loop
-in a daemon thread and every call waits for its coroutine there
-(``run_coroutine_threadsafe(...).result()``): one connection per client,
-shared by its threads, as the local client shares its broker. A forked
-child cannot use its parent's loop thread (it does not exist there): the
-first call in a child makes a new loop and a new connection.
+nats-py is asyncio-only, so each :class:`NatsClient` has one asyncio loop,
+run by the calling thread itself when it is free (:mod:`.driving`): one
+connection per client, shared by its threads, as the local client shares
+its broker. A forked child cannot use its parent's loop (its threads do
+not exist there): the first call in a child makes a new loop and a new
+connection.
 """
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures
 import contextlib
 import os
 import threading
@@ -20,10 +18,11 @@ from typing import Any, TypeVar
 
 from .. import validation
 from ..client.calls import Body
-from ..errors import BrokerqError, BrokerUnavailable, NotSupported
+from ..errors import BrokerqError, NotSupported
 from .aio import DEFAULT_TIMEOUT, AsyncNatsClient, AsyncNatsSubscription
 from .aio_message import AsyncNatsMessage
 from .aio_queue import AsyncNatsQueue
+from .driving import Driver
 
 __all__ = ["NatsClient", "NatsMessage", "NatsQueue", "NatsSubscription", "connect"]
 
@@ -31,41 +30,20 @@ T = TypeVar("T")
 
 
 class _Loop:
-    """An asyncio loop in a daemon thread, and the async client living on it."""
+    """The async client, and the loop it lives on (see :mod:`.driving`)."""
 
     def __init__(self, url: str, timeout: float) -> None:
         self.pid = os.getpid()
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(
-            target=self.loop.run_forever, daemon=True, name="brokerq-nats"
-        )
-        self.thread.start()
+        self.driver = Driver()
         self.client = AsyncNatsClient(url, timeout)
 
     def run(self, coro: Awaitable[T], wait: float | None) -> T:
-        """``coro``'s result, run on the loop; cancelled there if this thread
-        stops waiting (a timeout, Ctrl-C), so no pull goes on for nobody."""
-
-        async def call() -> T:
-            return await coro
-
-        future = asyncio.run_coroutine_threadsafe(call(), self.loop)
-        try:
-            return future.result(wait)
-        except concurrent.futures.TimeoutError:
-            future.cancel()
-            raise BrokerUnavailable(f"NATS did not answer within {wait} s") from None
-        except BaseException:
-            future.cancel()
-            raise
+        return self.driver.run(coro, wait)
 
     def stop(self) -> None:
         with contextlib.suppress(Exception):
             self.run(self.client.aclose(), self.client.timeout)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(self.client.timeout)
-        if not self.thread.is_alive():
-            self.loop.close()
+        self.driver.close(self.client.timeout)
 
 
 class NatsClient:
