@@ -101,6 +101,23 @@ def test_get_times_out_with_empty_and_get_nowait_does_not_wait(q: brokerq.Queue)
     assert q.get_nowait() == b"x"
 
 
+def test_a_put_after_a_no_wait_get_is_ready_for_every_consumer(
+    client: brokerq.Client, target: str
+) -> None:
+    """A get that found nothing leaves no request behind in the broker to
+    take the next put for nobody: another client gets that put at once."""
+    name = "nw" + uuid.uuid4().hex[:8]
+    mine = client.queue(name)
+    with connect(target) as other_client:
+        other = other_client.queue(name)
+        for i in range(30):
+            with pytest.raises(brokerq.Empty):
+                mine.get_nowait()
+            mine.put(b"%d" % i)
+            assert other.qsize() == 1
+            assert other.get(timeout=5) == b"%d" % i
+
+
 def test_put_many_and_get_many(q: brokerq.Queue) -> None:
     ids = q.put_many([b"a", b"b", b"c", b"d", b"e"])
     assert len(set(ids)) == 5

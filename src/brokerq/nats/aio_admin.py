@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import nats.js.errors
+from nats.aio.client import Client as NatsConnection
 from nats.js import JetStreamContext
 
 from .. import validation
@@ -48,6 +49,9 @@ class QueueHost(Protocol):
 
     @property
     def js(self) -> JetStreamContext: ...
+
+    @property
+    def nc(self) -> NatsConnection: ...
 
     def next_key(self) -> str: ...
 

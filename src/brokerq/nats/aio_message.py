@@ -1,7 +1,7 @@
 """A reserved message on JetStream, and the reserve that yields it.
 
 Its lease is the consumer's ack wait, counted here from no later than the
-server counts it (see ``AsyncNatsQueue._pull``), so a verb let through
+server counts it (see :mod:`.pulling`), so a verb let through
 finds the lease alive; one after it ran out raises LeaseLost and is not
 sent (the message may be another consumer's by then).
 """
@@ -51,7 +51,7 @@ class AsyncNatsMessage:
         self.body = bytes(msg.data)
         self.attempt = attempt
         self.lease = lease
-        self.lease_expires = since + lease  # (since: see AsyncNatsQueue._pull)
+        self.lease_expires = since + lease  # (since: see pulling.py)
         self.settled = False
 
     def __repr__(self) -> str:

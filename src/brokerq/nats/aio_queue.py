@@ -19,7 +19,6 @@ from typing import Any
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
-from nats.js import JetStreamContext
 
 from .. import validation
 from ..client.calls import Body, PutOptions, as_bytes
@@ -28,25 +27,18 @@ from . import naming, rules
 from .aio_admin import QueueAdmin, QueueHost, QueueSettings
 from .aio_message import AsyncNatsMessage, NatsReserving, not_supported
 from .failures import translate_errors
+from .pulling import NoLeader, Puller
 
-#: How long a delivery may take to come from the server, at most: its
-#: lease is counted from then, so that a verb this side still lets through
-#: finds the lease alive on the server too.
-RECEIPT_MARGIN = 0.1
 #: How long one attempt of a put waits for its PubAck before it is sent
 #: again (with its key: a duplicate is dropped): a put sent to a server
 #: that just died, or to a leader being replaced, is soon sent again.
 ATTEMPT_TIMEOUT = 2.0
-#: How long a no-wait get asks the server (a pull request needs a deadline).
-NOWAIT_WAIT = 0.2
 #: Errors after which a put is sent again with the same key (deduplicated):
 #: no answer (a reconnect, a leader election), or no stream leader just now.
 _NO_STREAM = (
     nats.errors.NoRespondersError,
     nats.js.errors.NoStreamResponseError,  # (nats-py's name for no responders to a publish)
 )
-#: A pull's errors while a consumer has no leader.
-_NO_LEADER = (nats.js.errors.ServiceUnavailableError, nats.errors.NoRespondersError)
 _RETRY = (
     TimeoutError,  # (nats-py's too)
     BrokerUnavailable,  # (no answer, as the client's methods raise it)
@@ -86,7 +78,7 @@ class AsyncNatsQueue(QueueAdmin):
         self.client = client
         self.stream = naming.stream_name(name)
         self.pending_settings: dict[str, Any] = {}
-        self._psub: JetStreamContext.PullSubscription | None = None
+        self._pulls: Puller | None = None
         # One pull at a time per queue and client: a message a timed-out pull
         # brought in late waits in the subscription for the next one.
         self._pulling = asyncio.Lock()
@@ -115,7 +107,7 @@ class AsyncNatsQueue(QueueAdmin):
                 await asyncio.sleep(0.1)
 
     def drop_subscription(self) -> None:
-        self._psub = None
+        self._pulls = None
 
     async def put(
         self,
@@ -276,48 +268,42 @@ class AsyncNatsQueue(QueueAdmin):
         """Up to ``n`` messages there now (none: an empty list), in one pull."""
         async with self._pulling:
             try:
-                return await (await self._subscription()).fetch(n, timeout=NOWAIT_WAIT)
-            except (nats.errors.TimeoutError, *_NO_LEADER):
+                return [msg for msg, _ in await self._puller().pull(n, None)]
+            except NoLeader:
                 return []
 
     async def _pull(self, deadline: float | None) -> tuple[Msg, float]:
         """One message from the consumer, waiting until ``deadline`` (None: for
-        ever), and when its lease began at the latest: the server sent it
-        after the pull was asked for and (the network's lag allowed for)
-        before it came."""
-        left = _left(deadline)
-        try:
-            await asyncio.wait_for(
-                self._pulling.acquire(), None if left is None else max(left, 0.001)
-            )
-        except TimeoutError:
-            raise Empty(f"queue {self.name!r} is empty") from None
+        ever), and the latest time its lease can have begun (see pulling.py)."""
+        if self._pulling.locked():
+            try:
+                async with asyncio.timeout(_left(deadline)):
+                    await self._pulling.acquire()
+            except TimeoutError:
+                raise Empty(f"queue {self.name!r} is empty") from None
+        else:
+            await self._pulling.acquire()
         try:
             while True:
                 left = _left(deadline)
-                wait = NOWAIT_WAIT if left is not None and left <= 0 else rules.fetch_wait(left)
-                asked = time.monotonic()
+                expires = None if left is not None and left <= 0 else rules.fetch_wait(left)
                 try:
-                    (msg,) = await (await self._subscription()).fetch(1, timeout=wait)
-                    return msg, max(asked, time.monotonic() - RECEIPT_MARGIN)
-                except (nats.errors.TimeoutError, *_NO_LEADER) as exc:
-                    # Nothing came, or no consumer leader answers just now (one
-                    # is being elected): as the local get through a reconnect,
-                    # wait on until the deadline.
-                    left = _left(deadline)
-                    if left is not None and left <= 0:
-                        raise Empty(f"queue {self.name!r} is empty") from None
-                    if isinstance(exc, _NO_LEADER):
-                        await asyncio.sleep(0.05 if left is None else min(0.05, left))
+                    got = await self._puller().pull(1, expires)
+                except NoLeader:
+                    got = []  # (a consumer leader being elected: wait on, as through a reconnect)
+                    await asyncio.sleep(0.05)
+                if got:
+                    return got[0]
+                left = _left(deadline)
+                if left is not None and left <= 0:
+                    raise Empty(f"queue {self.name!r} is empty")
         finally:
             self._pulling.release()
 
-    async def _subscription(self) -> JetStreamContext.PullSubscription:
-        if self._psub is None:
-            self._psub = await self.client.js.pull_subscribe_bind(
-                durable=naming.CONSUMER, stream=self.stream
-            )
-        return self._psub
+    def _puller(self) -> Puller:
+        if self._pulls is None:
+            self._pulls = Puller(self.client.nc, self.stream, naming.CONSUMER)
+        return self._pulls
 
     async def _dead_letter(self, msg: Msg) -> None:
         """Move ``msg`` to ``<queue>:dead``: publish under an id fixed by its
