@@ -85,13 +85,6 @@ def _nats_url(socket: str | os.PathLike[str] | None) -> str | None:
     return url
 
 
-def _refuse_streaming(put_window: int | None, prefetch: int | None) -> None:
-    """The put window and prefetch are not built on NATS: say so rather than differ."""
-    for name, value in (("put_window", put_window), ("prefetch", prefetch)):
-        if value:
-            raise NotSupported(f"{name} is not supported by the NATS backend (not built yet)")
-
-
 def connect(
     socket: str | os.PathLike[str] | None = None,
     timeout: float = _local.DEFAULT_TIMEOUT,
@@ -105,10 +98,9 @@ def connect(
     url = _nats_url(socket)
     if url is None:
         return _local.connect(socket, timeout, put_window=put_window, prefetch=prefetch)
-    _refuse_streaming(put_window, prefetch)
     from . import nats
 
-    return nats.connect(url, timeout)
+    return nats.connect(url, timeout, put_window=put_window, prefetch=prefetch)
 
 
 def _open_async_client(
@@ -124,10 +116,9 @@ def _open_async_client(
         from .client import asynchronous
 
         return asynchronous.open_async_client(socket, timeout, prefetch=prefetch)
-    _refuse_streaming(None, prefetch)
     from . import nats
 
-    return nats.AsyncNatsClient(url, timeout)
+    return nats.AsyncNatsClient(url, timeout, prefetch=prefetch)
 
 
 if TYPE_CHECKING:

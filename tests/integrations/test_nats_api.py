@@ -280,8 +280,9 @@ def test_brokerq_url_routes_code_that_names_no_broker(
     local = brokerq.Queue("routed", socket=socket_path)
     assert isinstance(local, brokerq.Queue)
     assert not isinstance(local, brokerq.nats.NatsQueue)
-    with pytest.raises(brokerq.NotSupported, match="prefetch is not supported by the NATS"):
-        brokerq.connect(prefetch=4)
+    with brokerq.connect(prefetch=4, put_window=8) as streaming:
+        assert isinstance(streaming, brokerq.nats.NatsClient)
+        assert (streaming.prefetch, streaming.put_window) == (4, 8)
     local.client.close()
     # A nats:// URL as the socket: NATS, whatever the environment says.
     monkeypatch.delenv("BROKERQ_URL")
@@ -429,3 +430,37 @@ def test_put_many_on_a_full_queue_puts_what_fits_then_raises_full(
         q.put_many([b"1", b"2", b"3", b"4", b"5"], timeout=0.3)
     assert q.get_many(10, timeout=5) == [b"1", b"2", b"3"]
     assert q.put_many([b"4", b"5"], timeout=5) == [4, 5]
+
+
+PREFETCHER = """
+import sys, time, brokerq
+client = brokerq.connect(sys.argv[1], prefetch=32)
+print(client.queue(sys.argv[2]).get(timeout=10).decode(), flush=True)
+time.sleep(60)  # (killed before this ends, holding what it prefetched)
+"""
+
+
+def test_a_killed_prefetching_consumer_loses_nothing_it_held(
+    client: brokerq.nats.NatsClient,
+) -> None:
+    """What a prefetch held and never handed out comes back once its lease
+    ends: each message is got once (the one handed out is gone for good)."""
+    q = client.queue("pfkill", lease=1)
+    q.put_many([b"%02d" % i for i in range(20)])
+    proc = subprocess.Popen(
+        [sys.executable, "-c", PREFETCHER, client.url, "pfkill"], stdout=subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline().strip()
+        assert first == b"00"
+        assert q.stats()["reserved"] == 19  # (held by the prefetch)
+    finally:
+        proc.kill()
+        proc.wait(10)
+    rest: list[bytes] = []
+    deadline = time.monotonic() + 15
+    while len(rest) < 19 and time.monotonic() < deadline:
+        rest += q.get_many(19, timeout=5)
+    assert [first, *sorted(rest)] == [b"%02d" % i for i in range(20)]
+    q.delete()

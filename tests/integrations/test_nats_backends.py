@@ -226,6 +226,50 @@ def test_past_max_deliveries_a_message_moves_to_dead(
         dead.get_nowait()  # moved once, not twice
 
 
+def test_a_put_window_returns_at_once_and_flush_acknowledges(target: str) -> None:
+    name = "pw" + uuid.uuid4().hex[:8]
+    with brokerq.connect(target, put_window=16) as client:
+        q = client.queue(name)
+        assert [q.put(b"%d" % i) for i in range(50)] == [0] * 50
+        client.flush()
+        assert q.qsize() == 50
+        q.put(b"last")  # (a get settles the thread's window first: it sees this put)
+        assert q.get_many(100, timeout=5) == [b"%d" % i for i in range(50)] + [b"last"]
+
+
+def test_a_refused_windowed_put_raises_from_the_flush_and_the_rest_stand(target: str) -> None:
+    name = "pwf" + uuid.uuid4().hex[:8]
+    with brokerq.connect(target, put_window=8) as client:
+        q = client.queue(name, maxsize=2)
+        for body in (b"a", b"b", b"c", b"d"):
+            q.put_nowait(body)
+        with pytest.raises(brokerq.Full):
+            client.flush()
+        with pytest.raises(brokerq.Full):
+            client.flush()
+        client.flush()
+        assert q.qsize() == 2
+        assert q.get_many(10, timeout=5) == [b"a", b"b"]
+
+
+def test_prefetching_consumers_take_every_message_once_in_order(target: str) -> None:
+    name = "pf" + uuid.uuid4().hex[:8]
+    with connect(target) as producer:
+        producer.queue(name).put_many([b"%03d" % i for i in range(100)])
+    with brokerq.connect(target, prefetch=16) as client:
+        q = client.queue(name)
+        got = [q.get(timeout=5) for _ in range(50)]
+        got += q.get_many(10, timeout=5)
+        assert got == [b"%03d" % i for i in range(60)]
+        with q.reserve(timeout=5) as msg:  # (locally a stream of its own: any message)
+            got.append(msg.body)
+    # What the closed client held went back at once, for the next consumer.
+    with connect(target) as other:
+        rest = other.queue(name).get_many(100, timeout=5)
+    assert sorted(got + rest) == [b"%03d" % i for i in range(100)]
+    assert len(got + rest) == 100
+
+
 def producer(target: str, queue: str, n: int) -> None:
     """An application's producer: it knows only where its broker is."""
     with connect(target) as client:

@@ -82,10 +82,12 @@ class State:
         if self.nats_url is not None:
             from ..nats import NatsClient
 
-            return NatsClient(self.nats_url, max(self.connect_timeout, 1.0))
-        # No put window, whatever BROKERQ_PUT_WINDOW says: `put` prints each
-        # message's id, which a windowed put does not know. No prefetch
-        # either: `get -n 1` would take 64 to hand out one.
+            return NatsClient(
+                self.nats_url, max(self.connect_timeout, 1.0), put_window=0, prefetch=0
+            )
+        # (No put window or prefetch on either backend, whatever the variables
+        # say: `put` prints each message's id, which a windowed put does not
+        # know, and `get -n 1` would take 64 to hand out one.)
         return Client(self.socket, self.connect_timeout, put_window=0, prefetch=0)
 
     def local_client(self, feature: str) -> Client:

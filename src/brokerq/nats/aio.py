@@ -32,6 +32,7 @@ from nats.js.api import (
 )
 
 from .. import validation
+from ..client import window
 from ..client.calls import Body, as_bytes
 from ..errors import BrokerUnavailable, Empty, InvalidRequest, NotSupported
 from . import naming, rules
@@ -75,8 +76,11 @@ class AsyncNatsClient:
     """A NATS server (or cluster) as a brokerq client: ``async with`` connects.
     ``url``: see :func:`brokerq.nats.naming.parse_url` (servers, replicas)."""
 
-    def __init__(self, url: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self, url: str, timeout: float = DEFAULT_TIMEOUT, *, prefetch: int | None = None
+    ) -> None:
         self.url = url
+        self.prefetch = window.prefetch(prefetch)
         try:
             self._servers, self.replicas = naming.parse_url(url)
         except ValueError as exc:
@@ -118,6 +122,9 @@ class AsyncNatsClient:
         await self.aclose()
 
     async def aclose(self) -> None:
+        if self._nc is not None:
+            for q in self._queues.values():
+                await q.aclose()
         nc, self._nc, self._js = self._nc, None, None
         if nc is not None:
             await nc.close()
@@ -151,9 +158,9 @@ class AsyncNatsClient:
     async def ensure(self, name: str) -> QueueSettings:
         """The stream and consumer of queue ``name``, made if missing (idempotent:
         every client makes them with the same config), and its settings."""
-        known = self._ready.get(name)
-        if known is not None and time.monotonic() - known[1] < SETTINGS_TTL:
-            return known[0]
+        known = self.known(name)
+        if known is not None:
+            return known
         stream = naming.stream_name(name)
         try:
             info = await self.js.stream_info(stream)
@@ -186,6 +193,13 @@ class AsyncNatsClient:
         settings.lease = float(consumer.config.ack_wait or rules.DEFAULT_LEASE)
         self._ready[name] = (settings, time.monotonic())
         return settings
+
+    def known(self, name: str) -> QueueSettings | None:
+        """Queue ``name``'s settings as read less than SETTINGS_TTL ago, or None."""
+        known = self._ready.get(name)
+        if known is not None and time.monotonic() - known[1] < SETTINGS_TTL:
+            return known[0]
+        return None
 
     def forget(self, name: str) -> None:
         """Drop what this client knows of ``name``'s stream (deleted, reconfigured)."""

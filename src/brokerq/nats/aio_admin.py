@@ -46,6 +46,8 @@ class QueueHost(Protocol):
 
     url: str
     timeout: float
+    #: Messages a queue takes ahead of its gets and reserves (0: none).
+    prefetch: int
 
     @property
     def js(self) -> JetStreamContext: ...
@@ -56,6 +58,8 @@ class QueueHost(Protocol):
     def next_key(self) -> str: ...
 
     async def ensure(self, name: str) -> QueueSettings: ...
+
+    def known(self, name: str) -> QueueSettings | None: ...
 
     def forget(self, name: str) -> None: ...
 

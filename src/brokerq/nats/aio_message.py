@@ -13,6 +13,7 @@ import time
 from collections.abc import Coroutine, Generator
 from typing import Any, Protocol
 
+from nats.aio.client import Client as NatsConnection
 from nats.aio.msg import Msg
 
 from ..errors import LeaseLost, NotSupported
@@ -23,6 +24,9 @@ BACKEND = "the NATS backend"
 
 class _Client(Protocol):
     timeout: float
+
+    @property
+    def nc(self) -> NatsConnection: ...
 
 
 class MessageHome(Protocol):
@@ -70,8 +74,17 @@ class AsyncNatsMessage:
 
     async def release(self, delay: float = 0) -> None:
         self._check_lease()
-        await self._msg.nak(delay=delay or None)
+        nak = b"-NAK" + (b' {"delay": %d}' % int(delay * 1e9) if delay else b"")
+        await self._confirmed(nak)
         self.settled = True
+
+    async def _confirmed(self, verb: bytes) -> None:
+        """Send an ack verb as a request: the server's reply says it took
+        effect (a released message is ready again; a lease renewed), as the
+        local broker's reply does, rather than a publish that may still be
+        on its way when this returns."""
+        client = self.queue.client
+        await client.nc.request(self._msg.reply, verb, timeout=client.timeout)
 
     async def bury(self) -> None:
         raise not_supported("bury", "not built yet: release it, or let it reach its dead letters")
@@ -83,7 +96,7 @@ class AsyncNatsMessage:
             )
         self._check_lease()
         sent = time.monotonic()
-        await self._msg.in_progress()
+        await self._confirmed(b"+WPI")
         self.lease_expires = sent + self.lease
 
     async def __aenter__(self) -> AsyncNatsMessage:

@@ -14,11 +14,13 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
+from nats.js.api import PubAck
 
 from .. import validation
 from ..client.calls import Body, PutOptions, as_bytes
@@ -33,6 +35,9 @@ from .pulling import NoLeader, Puller
 #: again (with its key: a duplicate is dropped): a put sent to a server
 #: that just died, or to a leader being replaced, is soon sent again.
 ATTEMPT_TIMEOUT = 2.0
+#: A message held by a prefetch is handed out only with this much of its
+#: lease left (seconds), so its ack or touch reaches the server in time.
+HELD_MARGIN = 1.0
 #: Errors after which a put is sent again with the same key (deduplicated):
 #: no answer (a reconnect, a leader election), or no stream leader just now.
 _NO_STREAM = (
@@ -69,6 +74,26 @@ def _left(deadline: float | None) -> float | None:
     return None if deadline is None else deadline - time.monotonic()
 
 
+@dataclass
+class SentPut:
+    """A put sent under its key, its PubAck still to come."""
+
+    queue: AsyncNatsQueue
+    data: bytes
+    headers: dict[str, str]
+    timeout: float | None
+    ack: asyncio.Future[PubAck]
+
+    async def settle(self) -> int:
+        """Its id once acknowledged. No PubAck in time (a lost connection, a
+        leader election), or a refusal: it is put again under its key as
+        :meth:`AsyncNatsQueue.put` puts (stored once; a full queue raises Full)."""
+        try:
+            return int((await asyncio.wait_for(self.ack, ATTEMPT_TIMEOUT)).seq)
+        except Exception:
+            return await self.queue._put_keyed(self.data, self.headers, self.timeout)
+
+
 @translate_errors
 class AsyncNatsQueue(QueueAdmin):
     """A named queue on JetStream; the local AsyncQueue's names."""
@@ -90,6 +115,9 @@ class AsyncNatsQueue(QueueAdmin):
         """The queue's settings, its stream and consumer made first if need be
         (and the settings given to ``client.queue`` applied). Tried again for
         the client's timeout: a cluster electing its leaders answers nothing."""
+        known = None if self.pending_settings else self.client.known(self.name)
+        if known is not None:
+            return known  # (the common case: no request, no task)
         give_up = time.monotonic() + self.client.timeout
         while True:
             try:
@@ -108,6 +136,12 @@ class AsyncNatsQueue(QueueAdmin):
 
     def drop_subscription(self) -> None:
         self._pulls = None
+
+    async def aclose(self) -> None:
+        """Give back what a prefetch holds, at once (the client is closing)."""
+        pulls, self._pulls = self._pulls, None
+        if pulls is not None:
+            await pulls.close()
 
     async def put(
         self,
@@ -159,6 +193,24 @@ class AsyncNatsQueue(QueueAdmin):
                 if isinstance(exc, _NO_STREAM):
                     self.client.forget(self.name)  # deleted meanwhile? made again
                 await asyncio.sleep(0.05)
+
+    async def put_sent(
+        self,
+        body: Body,
+        *,
+        priority: int = 0,
+        delay: float = 0,
+        ttl: float | None = None,
+        timeout: float | None = None,
+    ) -> SentPut:
+        """A put sent and not yet acknowledged (JetStream's async publish),
+        for a put window: :meth:`SentPut.settle` awaits its PubAck."""
+        (data,) = self._checked([body], PutOptions(priority, delay, ttl, timeout))
+        headers = rules.put_headers(self.client.next_key(), time.time(), delay, ttl)
+        await self._settings()
+        subject = naming.subject(self.name)
+        ack = await self.client.js.publish_async(subject, data, headers=headers)
+        return SentPut(self, data, headers, timeout, ack)
 
     async def put_nowait(self, body: Body, **options: Any) -> int:
         return await self.put(body, timeout=0, **options)
@@ -241,10 +293,18 @@ class AsyncNatsQueue(QueueAdmin):
             )
         deadline = _deadline(timeout)
         while True:
-            msg, asked = await self._pull(deadline)
+            called = time.monotonic()
+            msg, since = await self._pull(deadline)
+            if since < called - HELD_MARGIN:
+                # Held since an earlier pull (a prefetch): if its lease still has
+                # time, it begins again now, as the local prefetch's at hand-out.
+                if since + settings.lease - HELD_MARGIN <= time.monotonic():
+                    continue  # (the server gives it out again when its lease ends)
+                since = time.monotonic()
+                await msg.in_progress()
             if await self._deliverable(msg, settings):
                 attempt = rules.attempt(msg.headers, msg.metadata.num_delivered)
-                return AsyncNatsMessage(self, msg, attempt, settings.lease, asked)
+                return AsyncNatsMessage(self, msg, attempt, settings.lease, since)
 
     async def _deliverable(self, msg: Msg, settings: QueueSettings) -> bool:
         """Whether ``msg`` goes to the caller; if not, what rules.judge says is done
@@ -268,7 +328,8 @@ class AsyncNatsQueue(QueueAdmin):
         """Up to ``n`` messages there now (none: an empty list), in one pull."""
         async with self._pulling:
             try:
-                return [msg for msg, _ in await self._puller().pull(n, None)]
+                got = await self._puller().pull(n, None, self.client.prefetch)
+                return [msg for msg, _ in got]
             except NoLeader:
                 return []
 
@@ -288,7 +349,7 @@ class AsyncNatsQueue(QueueAdmin):
                 left = _left(deadline)
                 expires = None if left is not None and left <= 0 else rules.fetch_wait(left)
                 try:
-                    got = await self._puller().pull(1, expires)
+                    got = await self._puller().pull(1, expires, self.client.prefetch)
                 except NoLeader:
                     got = []  # (a consumer leader being elected: wait on, as through a reconnect)
                     await asyncio.sleep(0.05)

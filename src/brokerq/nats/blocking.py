@@ -17,12 +17,14 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from .. import validation
+from ..client import window
 from ..client.calls import Body
 from ..errors import BrokerqError, NotSupported
 from .aio import DEFAULT_TIMEOUT, AsyncNatsClient, AsyncNatsSubscription
 from .aio_message import AsyncNatsMessage
-from .aio_queue import AsyncNatsQueue
+from .aio_queue import AsyncNatsQueue, SentPut
 from .driving import Driver
+from .put_window import PutWindow
 
 __all__ = ["NatsClient", "NatsMessage", "NatsQueue", "NatsSubscription", "connect"]
 
@@ -30,15 +32,24 @@ T = TypeVar("T")
 
 
 class _Loop:
-    """The async client, and the loop it lives on (see :mod:`.driving`)."""
+    """The async client, the loop it lives on (see :mod:`.driving`), and
+    each thread's put window."""
 
-    def __init__(self, url: str, timeout: float) -> None:
+    def __init__(self, url: str, timeout: float, prefetch: int) -> None:
         self.pid = os.getpid()
         self.driver = Driver()
-        self.client = AsyncNatsClient(url, timeout)
+        self.client = AsyncNatsClient(url, timeout, prefetch=prefetch)
+        self._threads = threading.local()
 
     def run(self, coro: Awaitable[T], wait: float | None) -> T:
         return self.driver.run(coro, wait)
+
+    def window(self) -> PutWindow:
+        """The calling thread's put window."""
+        window: PutWindow | None = getattr(self._threads, "window", None)
+        if window is None:
+            window = self._threads.window = PutWindow()
+        return window
 
     def stop(self) -> None:
         with contextlib.suppress(Exception):
@@ -47,11 +58,24 @@ class _Loop:
 
 
 class NatsClient:
-    """A NATS server as a blocking brokerq client (``brokerq.connect("nats://...")``)."""
+    """A NATS server as a blocking brokerq client (``brokerq.connect("nats://...")``).
 
-    def __init__(self, url: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+    ``put_window`` and ``prefetch`` (None: ``$BROKERQ_PUT_WINDOW``,
+    ``$BROKERQ_PREFETCH``) as the local Client's: JetStream's async publish
+    (:mod:`.put_window`) and pull batches (:mod:`.pulling`)."""
+
+    def __init__(
+        self,
+        url: str,
+        timeout: float = DEFAULT_TIMEOUT,
+        *,
+        put_window: int | None = None,
+        prefetch: int | None = None,
+    ) -> None:
         self.url = url
         self.timeout = timeout
+        self.put_window = window.put_window(put_window)
+        self.prefetch = window.prefetch(prefetch)
         self._lock = threading.Lock()
         self._loop: _Loop | None = None
         self._closed = False
@@ -65,16 +89,38 @@ class NatsClient:
                 raise BrokerqError(f"{self!r} is closed")
             if self._loop is None or self._loop.pid != os.getpid():
                 # (in a forked child the parent's loop thread is gone: start afresh)
-                self._loop = _Loop(self.url, self.timeout)
+                self._loop = _Loop(self.url, self.timeout, self.prefetch)
                 self._loop.run(self._loop.client.connect(), self.timeout + 5)
             return self._loop
 
     def call(self, step: Callable[[AsyncNatsClient], Awaitable[T]], timeout: float | None = 0) -> T:
-        """Run ``step(async client)`` on the loop; wait for it ``timeout`` (the
-        call's own, None: for ever) plus this client's grace."""
+        """Run ``step(async client)`` on the loop, after this thread's windowed
+        puts are settled; wait for it ``timeout`` (the call's own, None: for
+        ever) plus this client's grace."""
         loop = self._current()
         wait = None if timeout is None else timeout + self.timeout + 5
+        window = loop.window()
+        if window:
+            loop.run(window.settle(), None)  # (each put's tries end within the client's timeout)
         return loop.run(step(loop.client), wait)
+
+    def put_windowed(self, send: Callable[[AsyncNatsClient], Awaitable[SentPut]]) -> int:
+        """A put under the window: sent once the window has room; returns 0."""
+        loop = self._current()
+        window = loop.window()
+
+        async def step() -> None:
+            await window.settle(keep=self.put_window - 1)
+            window.sent.append(await send(loop.client))
+
+        loop.run(step(), None)
+        return 0
+
+    def flush(self) -> None:
+        """Every windowed put of this thread acknowledged (or its error raised)."""
+        loop = self._loop
+        if loop is not None and loop.pid == os.getpid() and loop.window():
+            loop.run(loop.window().settle(), None)
 
     @property
     def closed(self) -> bool:
@@ -85,10 +131,15 @@ class NatsClient:
         return self
 
     def close(self) -> None:
-        with self._lock:
-            loop, self._loop, self._closed = self._loop, None, True
-        if loop is not None and loop.pid == os.getpid():
-            loop.stop()
+        """Flush this thread's windowed puts, then close (also when the flush raises)."""
+        try:
+            if not self._closed:
+                self.flush()
+        finally:
+            with self._lock:
+                loop, self._loop, self._closed = self._loop, None, True
+            if loop is not None and loop.pid == os.getpid():
+                loop.stop()
 
     def __enter__(self) -> NatsClient:
         return self
@@ -115,9 +166,6 @@ class NatsClient:
 
     def queues(self) -> list[str]:
         return self.call(lambda c: c.queues())
-
-    def flush(self) -> None:
-        """Nothing to wait for: every put returned once the stream had it."""
 
     def get_any(self, queues: Iterable[str], timeout: float | None = None) -> tuple[str, bytes]:
         raise _lacks("get_any (a wait on several queues)")
@@ -165,10 +213,11 @@ class NatsQueue:
         ttl: float | None = None,
         timeout: float | None = None,
     ) -> int:
-        return self._call(
-            lambda q: q.put(body, priority=priority, delay=delay, ttl=ttl, timeout=timeout),
-            timeout or 0,
-        )
+        options: dict[str, Any] = {"priority": priority, "delay": delay, "ttl": ttl}
+        options["timeout"] = timeout
+        if self.client.put_window > 0:
+            return self.client.put_windowed(lambda c: c.queue(self.name).put_sent(body, **options))
+        return self._call(lambda q: q.put(body, **options), timeout or 0)
 
     def put_nowait(self, body: Body, **options: Any) -> int:
         return self.put(body, timeout=0, **options)
@@ -178,7 +227,8 @@ class NatsQueue:
         return self._call(lambda q: q.put_many(items, **options), options.get("timeout") or 0)
 
     def flush(self) -> None:
-        """Nothing to wait for: every put returned once the stream had it."""
+        """``client.flush()``: this thread's windowed puts acknowledged."""
+        self.client.flush()
 
     def get(self, timeout: float | None = None) -> bytes:
         return self._call(lambda q: q.get(timeout), timeout)
@@ -308,7 +358,13 @@ class NatsSubscription:
         self.close()
 
 
-def connect(url: str, timeout: float = DEFAULT_TIMEOUT) -> NatsClient:
+def connect(
+    url: str,
+    timeout: float = DEFAULT_TIMEOUT,
+    *,
+    put_window: int | None = None,
+    prefetch: int | None = None,
+) -> NatsClient:
     """A client of the NATS server at ``url``, connected now, so a server that
     cannot be reached fails here rather than at the first put."""
-    return NatsClient(url, timeout).connect()
+    return NatsClient(url, timeout, put_window=put_window, prefetch=prefetch).connect()

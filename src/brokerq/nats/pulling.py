@@ -57,13 +57,26 @@ class Puller:
     async def _on_message(self, msg: Msg) -> None:
         self._arrived.put_nowait(msg)
 
-    async def pull(self, n: int, expires: float | None) -> list[tuple[Msg, float]]:
+    async def pull(self, n: int, expires: float | None, ahead: int = 0) -> list[tuple[Msg, float]]:
         """Up to ``n`` messages, each with the latest time its lease can have
         begun; ``expires``: how long the server may wait for them (None: no
-        wait, what is there now). An empty list: none came in time."""
+        wait, what is there now). An empty list: none came in time.
+
+        ``ahead`` (a prefetch): when nothing is held, first take up to that
+        many that are there now, in one no-wait request, and hold the rest
+        for the next pulls; only when there are none, wait as asked."""
         held = self._take_held(n)
         if held:
             return held
+        if ahead > n:
+            self._held.extend(await self._request(ahead, None))
+            held = self._take_held(n)
+            if held or expires is None:
+                return held
+        return await self._request(n, expires)
+
+    async def _request(self, n: int, expires: float | None) -> list[tuple[Msg, float]]:
+        """One pull request for up to ``n``, listened to until the server ends it."""
         if self._subscription is None:
             self._subscription = await self._nc.subscribe(self._inbox, cb=self._on_message)
         request: dict[str, object] = {"batch": n}
@@ -101,7 +114,8 @@ class Puller:
             self._unanswered_since = asked
 
     def _take_held(self, n: int) -> list[tuple[Msg, float]]:
-        """What earlier requests brought that nobody took yet: handed out first."""
+        """What earlier requests brought that nobody took yet (a prefetch's,
+        or a request's written off): handed out first, oldest first."""
         since = self._unanswered_since
         while since is not None and not self._arrived.empty():
             msg = self._arrived.get_nowait()
@@ -110,6 +124,12 @@ class Puller:
         return [self._held.popleft() for _ in range(min(n, len(self._held)))]
 
     async def close(self) -> None:
+        """Give back what is held (released at once, for other consumers), and stop listening."""
+        held, self._held = list(self._held), collections.deque()
+        for msg, _ in held:
+            await msg.nak()
+        if held:
+            await self._nc.flush()  # (the naks are in the server's hands before the close)
         subscription, self._subscription = self._subscription, None
         if subscription is not None:
             await subscription.unsubscribe()
