@@ -13,11 +13,12 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import nats.js.errors
+from nats.aio.client import Client as NatsConnection
 from nats.js import JetStreamContext
 
 from .. import validation
 from ..errors import Empty, InvalidRequest
-from . import naming, rules
+from . import naming, rules, topics
 from .failures import translate_errors
 
 
@@ -45,9 +46,13 @@ class QueueHost(Protocol):
 
     url: str
     timeout: float
+    replicas: int
 
     @property
     def js(self) -> JetStreamContext: ...
+
+    @property
+    def nc(self) -> NatsConnection: ...
 
     def next_key(self) -> str: ...
 
@@ -150,6 +155,7 @@ class QueueAdmin:
         return bytes(found.data or b"")
 
     async def delete(self) -> int:
+        await topics.forget_queue(self.client, self.name)  # (as the local delete: they end)
         try:
             count = (await self.client.js.stream_info(self.stream)).state.messages
             await self.client.js.delete_stream(self.stream)
