@@ -117,8 +117,12 @@ async def publish(host: TopicHost, topic: str, data: bytes, headers: Mapping[str
     ``put_many`` dying midway; it had not returned, so no publish was
     acknowledged, and no queue holds two copies."""
     queues = await subscribers(host, topic)
-    made = await asyncio.gather(*(copy(host, queue, data, headers) for queue in queues))
-    return sum(made)
+    copies = (copy(host, queue, data, headers) for queue in queues)
+    made = await asyncio.gather(*copies, return_exceptions=True)  # (each tried to its end)
+    failed = [outcome for outcome in made if isinstance(outcome, BaseException)]
+    if failed:
+        raise failed[0]
+    return sum(1 for outcome in made if outcome is True)
 
 
 async def copy(host: TopicHost, queue: str, data: bytes, headers: Mapping[str, str]) -> bool:
