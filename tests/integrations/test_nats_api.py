@@ -386,11 +386,8 @@ def test_the_commands_run_on_nats_with_url_and_refuse_what_it_lacks(
     [
         (["stop"], "stop"),
         (["serve"], "serve"),
-        (["topics"], "topics"),
-        (["consume", "jobs", "--", "true"], "consume"),
         (["get", "a", "b"], "get from several queues"),
         (["kick", "jobs"], "kick"),
-        (["subscribe", "news", "--queue", "jobs"], "a queue's durable subscription"),
     ],
 )
 def test_a_command_nats_lacks_says_so_in_one_line(

@@ -12,6 +12,7 @@ import sys
 import textwrap
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from conftest import Procs, gone, read_line, run_cli, wait_until
@@ -246,3 +247,30 @@ def test_the_topic_commands_run_under_url(server: NatsServer) -> None:
     assert done.stderr == b"brokerq: queue 'audit' does not subscribe to 'news'\n"
     assert run_cli("publish", "news", "three", env=env).stdout == b"0\n"
     assert run_cli("get", "audit", env=env).stdout == b"two\n"  # the copies stay
+
+
+def test_consume_runs_under_url_and_its_last_failure_goes_to_the_dead_letters(
+    server: NatsServer, tmp_path: Path
+) -> None:
+    env = {"BROKERQ_URL": server.url}
+    with brokerq.nats.connect(server.url) as c:
+        c.queue("work").put_many([b"a", b"b", b"c"])
+        c.queue("fails", max_deliveries=2).put(b"bad")
+    out = tmp_path / "out"
+    script = f'cat >> {out}; echo " $BROKERQ_ATTEMPT $BROKERQ_QUEUE $BROKERQ_URL" >> {out}'
+    done = run_cli("consume", "work", "--idle-exit", "0.5", "--", "sh", "-c", script, env=env)
+    assert (done.returncode, done.stderr) == (0, b""), done.stderr
+    assert out.read_text().splitlines() == [f"{body} 1 work {server.url}" for body in "abc"]
+    done = run_cli(
+        "consume", "fails", "--idle-exit", "1", "--retry-delay", "0.1", "--", "false", env=env
+    )
+    assert done.returncode == 0, done.stderr
+    assert b"released, to move to fails:dead when next fetched" in done.stderr
+    with brokerq.nats.connect(server.url) as c:
+        assert c.queue("fails:dead").get(timeout=5) == b"bad"
+        assert c.queue("fails").qsize() == 0
+    for refused in (["--lease", "99"], ["--max-attempts", "1"]):
+        done = run_cli("consume", "work", *refused, "--idle-exit", "0", "--", "true", env=env)
+        assert done.returncode == 1
+        assert b"is not supported by the NATS backend" in done.stderr
+        assert done.stderr.count(b"\n") == 1
