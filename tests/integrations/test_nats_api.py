@@ -207,7 +207,6 @@ def test_what_cannot_hold_is_refused_naming_feature_and_backend(
     for call in (
         q.task_done,
         q.join,
-        lambda: q.subscribe("t"),
         q.kick,
         lambda: q.unfinished_tasks,
         lambda: client.get_any(["refused"], timeout=0),
