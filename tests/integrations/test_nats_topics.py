@@ -48,12 +48,20 @@ def restart(server: NatsServer) -> NatsServer:
     process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     again = NatsServer(server.url, server.port, process.pid, server.store_dir, process)
     try:
-        with brokerq.nats.connect(again.url, timeout=10) as c:
-            wait_until(lambda: c.queues() is not None, 20, "the restarted server")
+        wait_until(lambda: _answers(again.url), 20, "the restarted server's JetStream")
     except BaseException:
         again.stop()
         raise
     return again
+
+
+def _answers(url: str) -> bool:
+    try:
+        with brokerq.nats.connect(url, timeout=2) as c:
+            c.queues()
+        return True
+    except brokerq.BrokerqError:
+        return False
 
 
 def name(prefix: str) -> str:
@@ -111,6 +119,9 @@ def test_a_copy_sent_again_under_its_key_is_dropped(server: NatsServer) -> None:
             assert await topics.publish(c, "t", b"x", headers) == 1
             assert await topics.publish(c, "t", b"x", headers) == 1  # (acknowledged: a duplicate)
             assert await q.get_many(10, timeout=2) == [b"x"]
+            assert await c.topics() == {"t": ["once"]}
+            assert await q.unsubscribe("t") is True
+            assert await c.topics() == {}
 
     asyncio.run(main())
 
