@@ -22,8 +22,8 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import Mapping
-from typing import Protocol
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Protocol, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -34,6 +34,8 @@ from nats.js.api import DEFAULT_PREFIX, DiscardPolicy, RetentionPolicy, StorageT
 from .. import validation
 from ..errors import BrokerqError, BrokerUnavailable
 from . import naming
+
+T = TypeVar("T")
 
 #: How long one attempt of a copy waits for its PubAck before it is sent
 #: again under its key (as a put's attempt: aio_queue.ATTEMPT_TIMEOUT).
@@ -74,16 +76,16 @@ async def subscribe(host: TopicHost, queue: str, topic: str) -> None:
     and this call never returned, so nothing was promised."""
     check_topic(topic)
     await _ensure_registry(host)
-    await host.js.publish(
-        naming.subscription_subject(topic, queue),
-        queue.encode(),
-        timeout=host.timeout,
-    )
+    record = naming.subscription_subject(topic, queue)
+    # (written again after no answer: the record is the same, one kept per subject)
+    await _answered(host, lambda: host.js.publish(record, queue.encode(), timeout=ATTEMPT_TIMEOUT))
 
 
 async def unsubscribe(host: TopicHost, queue: str, topic: str) -> bool:
     """Erase the record (one purge, so two racing calls cannot both find it);
-    whether there was one. The copies already in the queue stay."""
+    whether there was one. The copies already in the queue stay. (A purge
+    whose answer was lost, made again, finds nothing: False, the
+    subscription ended all the same.)"""
     check_topic(topic)
     return await _purge(host, naming.subscription_subject(topic, queue)) > 0
 
@@ -164,7 +166,7 @@ async def _ensure_registry(host: TopicHost) -> None:
     """Make the subscriptions' stream if missing (idempotent: every client
     makes it with the same config)."""
     try:
-        await host.js.stream_info(naming.SUBSCRIPTIONS_STREAM)
+        await _answered(host, lambda: host.js.stream_info(naming.SUBSCRIPTIONS_STREAM))
     except nats.js.errors.NotFoundError:
         await host.js.add_stream(
             StreamConfig(
@@ -183,7 +185,10 @@ async def _records(host: TopicHost, subjects: str) -> list[tuple[str, str]]:
     """The (topic, queue) of every record matching ``subjects`` (the server
     lists the matching subjects of a stream in its info)."""
     try:
-        info = await host.js.stream_info(naming.SUBSCRIPTIONS_STREAM, subjects_filter=subjects)
+        info = await _answered(
+            host,
+            lambda: host.js.stream_info(naming.SUBSCRIPTIONS_STREAM, subjects_filter=subjects),
+        )
     except nats.js.errors.NotFoundError:
         return []  # (nothing ever subscribed)
     found = (naming.parse_subscription(s) for s, n in (info.state.subjects or {}).items() if n)
@@ -195,10 +200,7 @@ async def _purge(host: TopicHost, subjects: str) -> int:
     (nats-py's purge_stream says only whether it succeeded.)"""
     request = json.dumps({"filter": subjects}).encode()
     subject = f"{DEFAULT_PREFIX}.STREAM.PURGE.{naming.SUBSCRIPTIONS_STREAM}"
-    try:
-        reply = await host.nc.request(subject, request, timeout=host.timeout)
-    except nats.errors.NoRespondersError as exc:
-        raise BrokerUnavailable(f"JetStream did not answer at {host.url}") from exc
+    reply = await _answered(host, lambda: host.nc.request(subject, request, ATTEMPT_TIMEOUT))
     answer = json.loads(reply.data)
     error = answer.get("error")
     if error is None:
@@ -206,3 +208,17 @@ async def _purge(host: TopicHost, subjects: str) -> int:
     if error.get("err_code") == 10059:  # stream not found: nothing ever subscribed
         return 0
     raise BrokerqError(f"NATS refused to erase subscriptions: {error.get('description')}")
+
+
+async def _answered(host: TopicHost, request: Callable[[], Awaitable[T]]) -> T:
+    """``request``, made again while no answer comes (a stream's leader being
+    elected, a reconnect), for the client's timeout, as a put is: each is a
+    read, or a write whose second time changes nothing more."""
+    give_up = time.monotonic() + host.timeout
+    while True:
+        try:
+            return await asyncio.wait_for(request(), ATTEMPT_TIMEOUT + 1)
+        except (*_NO_ANSWER, *_NO_STREAM) as exc:
+            if time.monotonic() >= give_up:
+                raise BrokerUnavailable(f"NATS did not answer in time: {exc!r}") from exc
+        await asyncio.sleep(0.05)
