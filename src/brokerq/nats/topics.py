@@ -147,18 +147,22 @@ async def copy(host: TopicHost, queue: str, data: bytes, headers: Mapping[str, s
             if isinstance(exc, _NO_STREAM) and await _deleted(host, queue):
                 await _purge(host, naming.queue_subscriptions(queue))
                 return False
-            if not isinstance(exc, _NO_ANSWER + _NO_STREAM) or time.monotonic() >= give_up:
+            if not isinstance(exc, _NO_ANSWER + _NO_STREAM):
                 raise
+            if time.monotonic() >= give_up:
+                raise BrokerUnavailable(f"queue {queue!r} took no copy in time: {exc!r}") from exc
         await asyncio.sleep(0.05)
 
 
 async def _deleted(host: TopicHost, queue: str) -> bool:
+    """Whether ``queue``'s stream is gone (no answer is not an answer: the copy
+    is tried again)."""
     try:
         await host.js.stream_info(naming.stream_name(queue))
     except nats.js.errors.NotFoundError:
         return True
     except (*_NO_ANSWER, *_NO_STREAM):
-        return False  # (no answer is not an answer: the copy is tried again)
+        pass
     return False
 
 
@@ -168,17 +172,16 @@ async def _ensure_registry(host: TopicHost) -> None:
     try:
         await _answered(host, lambda: host.js.stream_info(naming.SUBSCRIPTIONS_STREAM))
     except nats.js.errors.NotFoundError:
-        await host.js.add_stream(
-            StreamConfig(
-                name=naming.SUBSCRIPTIONS_STREAM,
-                subjects=[naming.SUBSCRIPTIONS_SUBJECTS],
-                retention=RetentionPolicy.LIMITS,
-                storage=StorageType.FILE,
-                max_msgs_per_subject=1,  # a subscription is there or not
-                discard=DiscardPolicy.OLD,
-                num_replicas=host.replicas,
-            )
+        config = StreamConfig(
+            name=naming.SUBSCRIPTIONS_STREAM,
+            subjects=[naming.SUBSCRIPTIONS_SUBJECTS],
+            retention=RetentionPolicy.LIMITS,
+            storage=StorageType.FILE,
+            max_msgs_per_subject=1,  # a subscription is there or not
+            discard=DiscardPolicy.OLD,
+            num_replicas=host.replicas,
         )
+        await _answered(host, lambda: host.js.add_stream(config))
 
 
 async def _records(host: TopicHost, subjects: str) -> list[tuple[str, str]]:
