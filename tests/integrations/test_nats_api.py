@@ -207,7 +207,6 @@ def test_what_cannot_hold_is_refused_naming_feature_and_backend(
     for call in (
         q.task_done,
         q.join,
-        lambda: q.subscribe("t"),
         q.kick,
         lambda: q.unfinished_tasks,
         lambda: client.get_any(["refused"], timeout=0),
@@ -387,11 +386,8 @@ def test_the_commands_run_on_nats_with_url_and_refuse_what_it_lacks(
     [
         (["stop"], "stop"),
         (["serve"], "serve"),
-        (["topics"], "topics"),
-        (["consume", "jobs", "--", "true"], "consume"),
         (["get", "a", "b"], "get from several queues"),
         (["kick", "jobs"], "kick"),
-        (["subscribe", "news", "--queue", "jobs"], "a queue's durable subscription"),
     ],
 )
 def test_a_command_nats_lacks_says_so_in_one_line(

@@ -34,6 +34,26 @@ def test_names() -> None:
     assert naming.dead_letter_id("BQ_jobs", 7) == "dead-BQ_jobs-7"
 
 
+@given(st.text(min_size=1), st.text(min_size=1))
+def test_a_subscription_subject_names_its_topic_and_queue_and_no_other(
+    topic: str, queue: str
+) -> None:
+    subject = naming.subscription_subject(topic, queue)
+    assert naming.parse_subscription(subject) == (topic, queue)
+    assert subject.count(".") == 3  # one token each: the filters' '*' match exactly one
+
+
+def test_subscription_names() -> None:
+    assert naming.subscription_subject("news.eu", "audit:x") == "bq.s.news_2Eeu.audit_3Ax"
+    assert naming.topic_subscriptions("news.eu") == "bq.s.news_2Eeu.*"
+    assert naming.queue_subscriptions("audit") == "bq.s.*.audit"
+    assert naming.SUBSCRIPTIONS_SUBJECTS == "bq.s.>"
+    # The subscriptions' stream is never taken for a queue's.
+    assert naming.queue_of_stream(naming.SUBSCRIPTIONS_STREAM) is None
+    for other in ("bq.q.jobs", "bq.s.a", "bq.s.a.b.c", "bq.s.a.Z_"):
+        assert naming.parse_subscription(other) is None
+
+
 def test_a_name_too_long_for_a_stream_once_escaped_is_an_invalid_request() -> None:
     """JetStream allows 255 characters; the escape triples a byte outside
     [A-Za-z0-9-]: refused before the server would refuse it."""

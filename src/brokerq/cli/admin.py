@@ -6,6 +6,7 @@ from typing import Any
 
 import click
 
+from ..client.blocking import Client
 from .group import State, cli, pass_state
 
 #: ``bytes`` counts the bodies in every state, the ready, delayed, reserved and buried.
@@ -27,9 +28,14 @@ def queues(state: State) -> None:
 def topics(state: State) -> None:
     """List the topics that have subscribers, with their subscribers and counts.
 
-    With none, the table's header alone."""
-    rows = _topic_rows(state.local_client("topics").stats().get("topics", {}))
-    click.echo(_table(rows, TOPIC_COLUMNS))
+    With none, the table's header alone. On NATS, the topics queues subscribe
+    to: the server neither lists live subscriptions nor counts publishes (`-`)."""
+    client = state.client
+    if isinstance(client, Client):
+        found = client.stats().get("topics", {})
+    else:
+        found = {topic: {"queues": queues} for topic, queues in client.topics().items()}
+    click.echo(_table(_topic_rows(found), TOPIC_COLUMNS))
 
 
 @cli.command()

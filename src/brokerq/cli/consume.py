@@ -7,6 +7,10 @@ in :meth:`Consumer.run` only waits for them and carries out ``stop`` and
 ``kill``, which just set flags and wake it, so they are safe in a signal
 handler. Each command runs in its own process group, so a Ctrl-C at the
 terminal reaches only ``consume``.
+
+Under ``--url`` the queue is on NATS, which has no bury: a message's last
+failed attempt is released instead, and the next reserve moves it to its
+dead letters (``QUEUE:dead``), as every delivery past ``max_deliveries`` is.
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..client.blocking import Message, Queue
-from ..errors import BrokerqError, Empty
+from ..errors import BrokerqError, Empty, NotSupported
 from .group import State, cli, count, pass_state, seconds
 
 if TYPE_CHECKING:  # (subprocess and tempfile: imported when consume runs)
     import subprocess
+
+    from ..nats import NatsMessage, NatsQueue
 
 #: The longest one reserve waits: how soon an idle worker notices a stop.
 POLL = 0.5
@@ -52,7 +58,7 @@ class Consumer:
     """Runs ``command`` for each message of ``queue``, up to ``jobs`` at once (the
     options are the command's); ``acked``, ``released`` and ``buried`` count outcomes."""
 
-    queue: Queue
+    queue: Queue | NatsQueue
     command: Sequence[str]
     _: dataclasses.KW_ONLY
     jobs: int = 1
@@ -105,6 +111,11 @@ class Consumer:
         the first broker error a worker met (which stops the others)."""
         configured = int(self.queue.stats()["max_deliveries"])
         self._limit = min(self.max_attempts or configured, configured)
+        if not isinstance(self.queue, Queue) and self._limit < configured:
+            raise NotSupported(
+                "--max-attempts below the queue's max_deliveries is not supported by the "
+                "NATS backend (it has no bury: configure max_deliveries instead)"
+            )
         workers = [
             threading.Thread(target=self._work, name=f"brokerq-consume-{i}", daemon=True)
             for i in range(self.jobs)
@@ -203,7 +214,7 @@ class Consumer:
             if time.monotonic() - self._last_busy >= self.idle_exit:
                 self._stopping = True
 
-    def _handle(self, msg: Message) -> None:
+    def _handle(self, msg: Message | NatsMessage) -> None:
         with self._lock:
             self._running += 1
         try:
@@ -216,9 +227,13 @@ class Consumer:
                 self._running -= 1
                 self._last_busy = time.monotonic()
 
-    def _run_command(self, msg: Message) -> Status:
+    def _run_command(self, msg: Message | NatsMessage) -> Status:
         """Run the command for ``msg``, keeping its lease alive; its status."""
-        env = dict(os.environ, BROKERQ_SOCKET=self.queue.client.socket_path)
+        env = dict(os.environ)
+        if isinstance(self.queue, Queue):
+            env["BROKERQ_SOCKET"] = self.queue.client.socket_path
+        else:
+            env["BROKERQ_URL"] = self.queue.client.url
         env.update(BROKERQ_QUEUE=self.queue.name, BROKERQ_MESSAGE_ID=str(msg.id))
         env["BROKERQ_ATTEMPT"] = str(msg.attempt)
         interval = max(0.01, (msg.lease_expires - time.monotonic()) / 3)
@@ -251,12 +266,16 @@ class Consumer:
             with self._lock:
                 self._procs.discard(proc)
 
-    def _settle(self, msg: Message, status: Status) -> None:
+    def _settle(self, msg: Message | NatsMessage, status: Status) -> None:
         what = f"message {msg.id} (attempt {msg.attempt} of {self._limit})"
         if status == 0:
             self._verb(msg, "ack", msg.ack)
         elif self._killing:
             self._log(f"{what}: {_describe(status)} while stopping; released")
+            self._verb(msg, "release", msg.release)
+        elif msg.attempt >= self._limit and not isinstance(self.queue, Queue):
+            dead = f"{self.queue.name}:dead"
+            self._log(f"{what}: {_describe(status)}; released, to move to {dead} when next fetched")
             self._verb(msg, "release", msg.release)
         elif msg.attempt >= self._limit:
             self._log(f"{what}: {_describe(status)}; buried")
@@ -265,7 +284,7 @@ class Consumer:
             self._log(f"{what}: {_describe(status)}; retry in {self.retry_delay:g} s")
             self._verb(msg, "release", lambda: msg.release(self.retry_delay))
 
-    def _verb(self, msg: Message, name: str, verb: Callable[[], None]) -> None:
+    def _verb(self, msg: Message | NatsMessage, name: str, verb: Callable[[], None]) -> None:
         try:
             verb()
         except BrokerqError as exc:
@@ -340,15 +359,17 @@ def consume(state: State, /, queue: str, command: tuple[str, ...], **options: An
     """Run CMD once for each message of QUEUE, up to N at a time.
 
     CMD gets the body on its stdin, and BROKERQ_MESSAGE_ID, BROKERQ_QUEUE,
-    BROKERQ_ATTEMPT (1 on the first delivery) and BROKERQ_SOCKET in its
-    environment; its output is consume's. consume itself prints nothing but
-    one line on stderr per failure.
+    BROKERQ_ATTEMPT (1 on the first delivery) and BROKERQ_SOCKET (under
+    --url: BROKERQ_URL) in its environment; its output is consume's.
+    consume itself prints nothing but one line on stderr per failure.
 
     CMD exiting 0 acks the message. A failure (another exit status, a
     signal, a command that cannot start) releases it for a retry after
     --retry-delay, or buries it if that was its last attempt (`brokerq kick
-    QUEUE` puts it back). Messages are reserved, and their leases renewed
-    while CMD runs, so if consume dies they are delivered again, not lost.
+    QUEUE` puts it back; on NATS, which has no bury, it is released and
+    moved to QUEUE:dead when next fetched). Messages are reserved, and
+    their leases renewed while CMD runs, so if consume dies they are
+    delivered again, not lost.
 
     SIGINT or SIGTERM stops taking messages, lets running commands finish
     and settles each by its result, then exits 0. A second signal (or the
@@ -365,7 +386,7 @@ def consume(state: State, /, queue: str, command: tuple[str, ...], **options: An
 
     if shutil.which(command[0]) is None:
         raise click.UsageError(f"{command[0]}: command not found")
-    consumer = Consumer(state.local_client("consume").queue(queue), command, **options)
+    consumer = Consumer(state.queue(queue), command, **options)
     signals = 0  # the first SIGINT or SIGTERM stops consumer, the next ones kill
 
     def handle(signum: int, frame: FrameType | None) -> None:

@@ -33,9 +33,9 @@ from nats.js.api import (
 
 from .. import validation
 from ..client import window
-from ..client.calls import Body, as_bytes
+from ..client.calls import Body, PutOptions, as_bytes
 from ..errors import BrokerUnavailable, Empty, InvalidRequest, NotSupported
-from . import naming, rules
+from . import naming, rules, topics
 from .aio_admin import QueueSettings
 from .aio_message import AsyncNatsMessage
 from .aio_queue import AsyncNatsQueue
@@ -211,16 +211,27 @@ class AsyncNatsClient:
     async def publish(
         self, topic: str, body: Body, *, priority: int = 0, ttl: float | None = None
     ) -> int:
-        """A live publish on core NATS: to the subscriptions open now, none kept.
-        Returns 0: NATS does not say how many subscribers it reached."""
-        validation.validate_queue_name(topic, for_put=True, what="topic")
+        """A copy in every subscribed queue, each acknowledged once stored
+        (:func:`brokerq.nats.topics.publish`), then a live publish on core
+        NATS to the subscriptions open now. Returns how many queues have a
+        copy: NATS does not say how many live subscribers it reached."""
+        topics.check_topic(topic)
+        PutOptions(priority, 0, ttl, None).fields()  # (the local publish's checks)
         if priority:
             raise NotSupported(f"priority is not supported by {BACKEND} (publish)")
-        if ttl is not None:
-            raise NotSupported(f"a publish's ttl is not supported by {BACKEND}")
-        await self.nc.publish(naming.topic_subject(topic), as_bytes(body))
+        if ttl is not None and ttl <= 0:
+            raise InvalidRequest(f"ttl must be > 0, not {ttl!r}")
+        data = as_bytes(body)
+        headers = rules.put_headers(self.next_key(), time.time(), 0, ttl)
+        copies = await topics.publish(self, topic, data, headers)
+        await self.nc.publish(naming.topic_subject(topic), data)
         await self.nc.flush(timeout=round(self.timeout) or 1)
-        return 0
+        return copies
+
+    async def topics(self) -> dict[str, list[str]]:
+        """Every topic a queue subscribes to, with those queues (live
+        subscriptions are core NATS ones: the server does not list them)."""
+        return await topics.table(self)
 
     def subscribe(self, topic: str) -> AsyncNatsSubscription:
         """A live subscription to ``topic``, in effect once entered (``async

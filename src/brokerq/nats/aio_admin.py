@@ -18,7 +18,7 @@ from nats.js import JetStreamContext
 
 from .. import validation
 from ..errors import Empty, InvalidRequest
-from . import naming, rules
+from . import naming, rules, topics
 from .failures import translate_errors
 
 
@@ -48,6 +48,7 @@ class QueueHost(Protocol):
     timeout: float
     #: Messages a queue takes ahead of its gets and reserves (0: none).
     prefetch: int
+    replicas: int
 
     @property
     def js(self) -> JetStreamContext: ...
@@ -158,6 +159,7 @@ class QueueAdmin:
         return bytes(found.data or b"")
 
     async def delete(self) -> int:
+        await topics.forget_queue(self.client, self.name)  # (as the local delete: they end)
         try:
             count = (await self.client.js.stream_info(self.stream)).state.messages
             await self.client.js.delete_stream(self.stream)

@@ -25,7 +25,7 @@ from nats.js.api import PubAck
 from .. import validation
 from ..client.calls import Body, PutOptions, as_bytes
 from ..errors import BrokerUnavailable, Empty, Full, InvalidRequest
-from . import naming, rules
+from . import naming, rules, topics
 from .aio_admin import QueueAdmin, QueueHost, QueueSettings
 from .aio_message import AsyncNatsMessage, NatsReserving, not_supported
 from .failures import translate_errors
@@ -390,7 +390,11 @@ class AsyncNatsQueue(QueueAdmin):
         raise not_supported("unfinished_tasks", "JetStream keeps no count of unfinished tasks")
 
     async def subscribe(self, topic: str) -> None:
-        raise not_supported("a queue's durable subscription", "not built yet")
+        """From now on, a copy of every publish to ``topic`` (see :mod:`.topics`)."""
+        topics.check_topic(topic)
+        await self._settings()  # (the queue made first: a copy needs somewhere to go)
+        await topics.subscribe(self.client, self.name, topic)
 
     async def unsubscribe(self, topic: str) -> bool:
-        raise not_supported("a queue's durable subscription", "not built yet")
+        """End that subscription; False if there was none. The copies stay."""
+        return await topics.unsubscribe(self.client, self.name, topic)

@@ -161,6 +161,10 @@ class NatsClient:
     def subscribe(self, topic: str) -> NatsSubscription:
         return NatsSubscription(self, self.call(lambda c: c.subscribe(topic).start()))
 
+    def topics(self) -> dict[str, list[str]]:
+        """Every topic a queue subscribes to, with those queues."""
+        return self.call(lambda c: c.topics())
+
     def stats(self) -> dict[str, Any]:
         return self.call(lambda c: c.stats())
 

@@ -79,6 +79,41 @@ def topic_subject(topic: str) -> str:
     return f"bq.t.{escape(topic)}"
 
 
+#: The stream of every queue's durable topic subscriptions: one message per
+#: (topic, queue) pair, on the subject :func:`subscription_subject` names.
+#: Not ``BQ_``-prefixed, so no queue is ever named after it.
+SUBSCRIPTIONS_STREAM = "BQSUBS"
+
+#: The subjects of :data:`SUBSCRIPTIONS_STREAM`.
+SUBSCRIPTIONS_SUBJECTS = "bq.s.>"
+
+
+def subscription_subject(topic: str, queue: str) -> str:
+    """The subject that records ``queue``'s durable subscription to ``topic``."""
+    return f"bq.s.{escape(topic)}.{escape(queue)}"
+
+
+def topic_subscriptions(topic: str) -> str:
+    """The subject filter matching every queue's subscription to ``topic``."""
+    return f"bq.s.{escape(topic)}.*"
+
+
+def queue_subscriptions(queue: str) -> str:
+    """The subject filter matching every subscription of ``queue``."""
+    return f"bq.s.*.{escape(queue)}"
+
+
+def parse_subscription(subject: str) -> tuple[str, str] | None:
+    """The (topic, queue) a subscription subject records, or None for another subject."""
+    parts = subject.split(".")
+    if len(parts) != 4 or parts[:2] != ["bq", "s"]:
+        return None
+    try:
+        return unescape(parts[2]), unescape(parts[3])
+    except (ValueError, UnicodeDecodeError):
+        return None
+
+
 def dead_letter_id(stream: str, seq: int) -> str:
     """The ``Nats-Msg-Id`` of the dead-letter copy of ``stream``'s message ``seq``:
     the same on every attempt of the move, so a move retried after a client
