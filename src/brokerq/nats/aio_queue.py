@@ -24,7 +24,7 @@ from nats.js import JetStreamContext
 from .. import validation
 from ..client.calls import Body, PutOptions, as_bytes
 from ..errors import BrokerUnavailable, Empty, Full, InvalidRequest
-from . import naming, rules
+from . import burial, naming, rules
 from .aio_admin import QueueAdmin, QueueHost, QueueSettings
 from .aio_message import AsyncNatsMessage, NatsReserving, not_supported
 from .failures import translate_errors
@@ -256,7 +256,10 @@ class AsyncNatsQueue(QueueAdmin):
 
     async def _deliverable(self, msg: Msg, settings: QueueSettings) -> bool:
         """Whether ``msg`` goes to the caller; if not, what rules.judge says is done
-        with it (deferred, dropped as expired, or moved to the dead letters)."""
+        with it (deferred, dropped as expired, or moved to the dead letters), or
+        its bury finished (a client died between the copy and the ack)."""
+        if await burial.finish_if_buried(self, msg):
+            return False
         verdict = rules.judge(
             msg.headers,
             msg.metadata.num_delivered,
@@ -331,7 +334,11 @@ class AsyncNatsQueue(QueueAdmin):
         await msg.ack_sync(timeout=self.client.timeout)
 
     async def kick(self, n: int = 1) -> int:
-        raise not_supported("kick", "buried messages are not built yet")
+        """Up to ``n`` buried messages back, the earliest buried first, each
+        put anew at the end of the queue (:func:`burial.kick`)."""
+        if self.name.endswith(naming.DEAD_SUFFIX):
+            raise not_supported("kick on a dead-letter queue", "not built yet: get and put them")
+        return await burial.kick(self, n, lambda data, headers: self._put_keyed(data, headers, 0))
 
     async def task_done(self, n: int = 1) -> None:
         raise not_supported("task_done", "JetStream keeps no count of unfinished tasks")
