@@ -287,14 +287,6 @@ def test_an_explicit_socket_wins_over_brokerq_url(
         client.queue("jobs").get_nowait()
 
 
-def _bury(q: Any) -> None:
-    msg = q.reserve(timeout=5)
-    try:
-        msg.bury()
-    finally:
-        msg.release()  # refused: still reserved, so give it back
-
-
 def _touch_with_another_lease(q: Any) -> None:
     with q.reserve(timeout=5) as msg:
         msg.touch(lease=123)
@@ -308,8 +300,7 @@ REFUSED: list[tuple[str, Callable[[Any, Any], object]]] = [
     ("ttl", lambda c, q: c.publish("news", b"soon stale", ttl=5)),
     ("lease", lambda c, q: q.reserve(timeout=1, lease=123)),
     ("lease", lambda c, q: _touch_with_another_lease(q)),
-    ("bury", lambda c, q: _bury(q)),
-    ("kick", lambda c, q: q.kick()),
+    ("kick on a dead-letter queue", lambda c, q: c.queue(q.name + ":dead").kick()),
     ("task_done", lambda c, q: q.task_done()),
     ("join", lambda c, q: q.join(timeout=1)),
     ("subscription", lambda c, q: q.subscribe("news")),
@@ -347,3 +338,63 @@ def test_a_missing_nats_server_skips_saying_how_to_install_and_fails_under_ci(
     monkeypatch.setenv("CI", "true")
     with pytest.raises(pytest.fail.Exception, match="CI=true and nats-server is not installed"):
         require_server()
+
+
+# Buried messages: bury and kick.
+
+
+def test_a_buried_message_waits_for_a_kick_the_earliest_buried_first(q: brokerq.Queue) -> None:
+    q.put_many([b"a", b"b", b"c"])
+    for body in (b"a", b"b"):
+        msg = q.reserve(timeout=5)
+        assert msg.body == body
+        msg.bury()
+    assert q.stats()["buried"] == 2
+    assert q.get(timeout=5) == b"c"
+    with pytest.raises(brokerq.Empty):
+        q.get(timeout=0.3)  # buried: not delivered
+    assert q.kick() == 1
+    assert q.get(timeout=5) == b"a"
+    assert q.kick(10) == 1
+    assert q.get(timeout=5) == b"b"
+    assert q.kick(10) == 0
+    stats = q.stats()
+    assert (stats["ready"], stats["reserved"], stats["buried"]) == (0, 0, 0)
+
+
+def test_a_buried_message_is_settled(q: brokerq.Queue) -> None:
+    q.put(b"x")
+    with q.reserve(timeout=5) as msg:
+        msg.bury()  # (no ack on the way out)
+    with pytest.raises(brokerq.LeaseLost):
+        msg.bury()  # once is all
+    q.put(b"y")
+    acked = q.reserve(timeout=5)
+    acked.ack()
+    with pytest.raises(brokerq.LeaseLost):
+        acked.bury()  # an acked message is not buried after all
+    assert q.stats()["buried"] == 1
+
+
+def test_purge_leaves_buried_messages_and_delete_removes_them(q: brokerq.Queue) -> None:
+    q.put_many([b"buried", b"ready"])
+    q.reserve(timeout=5).bury()
+    assert q.purge() == 1
+    assert q.stats()["buried"] == 1
+    assert q.delete() == 1
+    assert q.kick() == 0
+
+
+@pytest.mark.parametrize("n", [0, -1, 1.5, "2"])
+def test_a_kick_needs_a_count_of_one_or_more(q: brokerq.Queue, n: Any) -> None:
+    with pytest.raises(brokerq.InvalidRequest):
+        q.kick(n)
+
+
+def test_the_kick_command(q: brokerq.Queue, target: str) -> None:
+    q.put(b"x")
+    q.reserve(timeout=5).bury()
+    where = ["--url", target] if target.startswith("nats://") else ["--socket", target]
+    done = run_cli(*where, "kick", q.name, "-n", "5")
+    assert (done.returncode, done.stdout) == (0, b"1\n"), done.stderr
+    assert q.get(timeout=5) == b"x"
