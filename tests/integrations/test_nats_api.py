@@ -205,7 +205,6 @@ def test_what_cannot_hold_is_refused_naming_feature_and_backend(
         q.task_done,
         q.join,
         lambda: q.subscribe("t"),
-        client.queue("refused:dead").kick,
         lambda: q.unfinished_tasks,
         lambda: client.get_any(["refused"], timeout=0),
         lambda: client.reserve_any(["refused"], timeout=0),
@@ -386,7 +385,6 @@ def test_the_commands_run_on_nats_with_url_and_refuse_what_it_lacks(
         (["topics"], "topics"),
         (["consume", "jobs", "--", "true"], "consume"),
         (["get", "a", "b"], "get from several queues"),
-        (["kick", "jobs:dead"], "kick on a dead-letter queue"),
         (["subscribe", "news", "--queue", "jobs"], "a queue's durable subscription"),
     ],
 )

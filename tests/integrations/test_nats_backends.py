@@ -300,7 +300,6 @@ REFUSED: list[tuple[str, Callable[[Any, Any], object]]] = [
     ("ttl", lambda c, q: c.publish("news", b"soon stale", ttl=5)),
     ("lease", lambda c, q: q.reserve(timeout=1, lease=123)),
     ("lease", lambda c, q: _touch_with_another_lease(q)),
-    ("kick on a dead-letter queue", lambda c, q: c.queue(q.name + ":dead").kick()),
     ("task_done", lambda c, q: q.task_done()),
     ("join", lambda c, q: q.join(timeout=1)),
     ("subscription", lambda c, q: q.subscribe("news")),
@@ -398,3 +397,33 @@ def test_the_kick_command(q: brokerq.Queue, target: str) -> None:
     done = run_cli(*where, "kick", q.name, "-n", "5")
     assert (done.returncode, done.stdout) == (0, b"1\n"), done.stderr
     assert q.get(timeout=5) == b"x"
+
+
+def _dead_letters(client: brokerq.Client, q: brokerq.Queue, bodies: list[bytes]) -> brokerq.Queue:
+    """``bodies`` put to ``q`` (one delivery each) and failed into ``q:dead``."""
+    limited = client.queue(q.name, max_deliveries=1)
+    limited.put_many(bodies)
+    for _ in bodies:
+        limited.reserve(timeout=5).release()
+    with pytest.raises(brokerq.Empty):
+        limited.get(timeout=0.5)  # (on NATS the fetch after the last attempt moves them)
+    dead = client.queue(q.name + ":dead")
+    assert wait_until(lambda: dead.qsize() == len(bodies), 5, "the dead letters")
+    return dead
+
+
+def test_a_kick_on_dead_letters_sends_them_back_buried_first_attempts_reset(
+    client: brokerq.Client, q: brokerq.Queue
+) -> None:
+    dead = _dead_letters(client, q, [b"a", b"b", b"c"])
+    buried = dead.reserve(timeout=5)
+    assert buried.body == b"a"
+    buried.bury()
+    assert dead.kick(2) == 2  # the buried one first, then the next ready one
+    assert [q.get(timeout=5), q.get(timeout=5)] == [b"a", b"b"]
+    assert dead.kick(10) == 1
+    msg = q.reserve(timeout=5)
+    assert (msg.body, msg.attempt) == (b"c", 1)
+    msg.ack()
+    assert dead.kick() == 0
+    assert (dead.qsize(), dead.stats()["buried"]) == (0, 0)

@@ -171,6 +171,27 @@ def test_a_kicker_dying_after_deleting_the_original_leaves_it_buried(
         q.get(timeout=0.5)
 
 
+def test_a_kicker_of_dead_letters_dying_mid_bury_moves_each_once(
+    client: brokerq.nats.NatsClient, server: NatsServer, procs: Procs
+) -> None:
+    """A kick on ``q:dead`` buries a ready dead letter, then kicks it: cut
+    between that bury's copy and its ack, the next kick moves it once."""
+    q = client.queue("deadkick", max_deliveries=1)
+    dead = client.queue("deadkick:dead", lease=2.0)
+    q.put(b"x")
+    q.reserve(timeout=5).release()
+    with pytest.raises(brokerq.Empty):
+        q.get(timeout=0.5)  # (the fetch that moves it to its dead letters)
+    kill_at(procs, server.url, "deadkick:dead", "kick", "before-ack")
+    assert counts(dead) == (0, 1, 1)  # the original still leased, its copy buried
+    assert dead.kick(5) == 1
+    assert q.get(timeout=5) == b"x"
+    with pytest.raises(brokerq.Empty):
+        dead.get(timeout=2.5)  # past the lease: the original is gone
+    with pytest.raises(brokerq.Empty):
+        q.get(timeout=0.5)
+
+
 def test_two_clients_kicking_at_once_move_each_message_once(
     client: brokerq.nats.NatsClient, server: NatsServer
 ) -> None:

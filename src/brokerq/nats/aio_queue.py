@@ -335,10 +335,36 @@ class AsyncNatsQueue(QueueAdmin):
 
     async def kick(self, n: int = 1) -> int:
         """Up to ``n`` buried messages back, the earliest buried first, each
-        put anew at the end of the queue (:func:`burial.kick`)."""
-        if self.name.endswith(naming.DEAD_SUFFIX):
-            raise not_supported("kick on a dead-letter queue", "not built yet: get and put them")
-        return await burial.kick(self, n, lambda data, headers: self._put_keyed(data, headers, 0))
+        put anew at the end of the queue (:func:`burial.kick`). On
+        ``<name>:dead``, dead letters back to ``<name>``: the buried ones
+        first, then ready ones, each buried first, so that the move is
+        made of burial's two, each safe from a client dying in it."""
+        if not self.name.endswith(naming.DEAD_SUFFIX):
+            return await burial.kick(self, n, self._put_back)
+        target = AsyncNatsQueue(self.name[: -len(naming.DEAD_SUFFIX)], self.client)
+        kicked = 0
+        while True:
+            kicked += await burial.kick(self, n - kicked, target._put_back)
+            if kicked >= n or not await self._bury_ready(n - kicked):
+                return kicked
+
+    async def _put_back(self, data: bytes, headers: dict[str, str]) -> int:
+        """A kicked message's put: under its fixed key, ``Full`` if there is no room."""
+        return await self._put_keyed(data, headers, 0)
+
+    async def _bury_ready(self, n: int) -> int:
+        """Up to ``n`` ready messages buried now; how many were fetched for it
+        (those not due, or expired, are dealt with as a reserve would)."""
+        try:
+            await self.client.js.stream_info(self.stream)
+        except nats.js.errors.NotFoundError:
+            return 0  # (a kick does not make the queue)
+        settings = await self._settings()
+        fetched = await self._pull_batch(n)
+        for msg in fetched:
+            if await self._deliverable(msg, settings):
+                await burial.bury(self, msg)
+        return len(fetched)
 
     async def task_done(self, n: int = 1) -> None:
         raise not_supported("task_done", "JetStream keeps no count of unfinished tasks")
