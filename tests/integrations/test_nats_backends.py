@@ -385,9 +385,13 @@ def test_purge_leaves_buried_messages_and_delete_removes_them(q: brokerq.Queue) 
 
 
 @pytest.mark.parametrize("n", [0, -1, 1.5, "2"])
-def test_a_kick_needs_a_count_of_one_or_more(q: brokerq.Queue, n: Any) -> None:
+def test_a_kick_needs_a_count_of_one_or_more(
+    client: brokerq.Client, q: brokerq.Queue, n: Any
+) -> None:
     with pytest.raises(brokerq.InvalidRequest):
         q.kick(n)
+    with pytest.raises(brokerq.InvalidRequest):
+        client.queue(q.name + ":dead").kick(n)
 
 
 def test_the_kick_command(q: brokerq.Queue, target: str) -> None:

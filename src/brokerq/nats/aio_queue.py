@@ -339,6 +339,7 @@ class AsyncNatsQueue(QueueAdmin):
         ``<name>:dead``, dead letters back to ``<name>``: the buried ones
         first, then ready ones, each buried first, so that the move is
         made of burial's two, each safe from a client dying in it."""
+        burial.check_count(n)
         if not self.name.endswith(naming.DEAD_SUFFIX):
             return await burial.kick(self, n, self._put_back)
         target = AsyncNatsQueue(self.name[: -len(naming.DEAD_SUFFIX)], self.client)

@@ -136,14 +136,19 @@ def _same_message(copy: RawStreamMsg, headers: Mapping[str, str] | None, data: b
     return (copy.headers or {}).get(ORIGINAL_KEY) == key and (copy.data or b"") == bytes(data)
 
 
+def check_count(n: int) -> None:
+    """A kick's ``n``: an int, 1 or more (the local broker's rule)."""
+    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
+        raise InvalidRequest(f"kick needs n >= 1, not {n!r}")
+
+
 async def kick(home: Home, n: int, put: Put) -> int:
     """Put up to ``n`` buried messages back in the queue, the earliest buried
     first; returns how many this call moved. Two clients kicking at once may
     both take a copy: both put it under one id (one is dropped), and only the
     one whose delete of the copy succeeds counts it, while the other goes on
     to the next. A full queue ends the kick (``Full`` if it moved none)."""
-    if not isinstance(n, int) or isinstance(n, bool) or n < 1:
-        raise InvalidRequest(f"kick needs n >= 1, not {n!r}")
+    check_count(n)
     kicked, after = 0, 0
     while kicked < n:
         copy = await _next_copy(home.client.js, home.name, after)
