@@ -8,7 +8,6 @@ no library code knows of it); it writes ``stalled`` and the test kills it.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import sys
@@ -25,7 +24,6 @@ import brokerq
 
 require("nats", "nats")
 import brokerq.nats  # noqa: E402
-from brokerq.nats import naming  # noqa: E402
 
 HELPER = textwrap.dedent(
     """
@@ -54,13 +52,23 @@ HELPER = textwrap.dedent(
             await stall()  # kick: the original deleted, the copy not put back
         return done
 
+    real_delete_stream = JetStreamManager.delete_stream
+
+    async def delete_stream(self, name):
+        if stall_at == "before-buried-delete" and name.startswith("BB_"):
+            await stall()  # delete: the queue stream gone, the buried one not yet
+        return await real_delete_stream(self, name)
+
     if stall_at == "before-ack":
         Msg.ack_sync = ack_sync
     JetStreamManager.delete_msg = delete_msg
+    JetStreamManager.delete_stream = delete_stream
     with brokerq.connect(url) as client:
         q = client.queue(queue)
         if verb == "bury":
             q.reserve(timeout=10).bury()
+        elif verb == "delete":
+            q.delete()
         else:
             q.kick()
     """
@@ -86,7 +94,7 @@ def client(server: NatsServer) -> Iterator[brokerq.nats.NatsClient]:
 
 
 def kill_at(procs: Procs, url: str, queue: str, verb: str, stall_at: str) -> None:
-    """Run ``verb`` (bury or kick) on ``queue`` in a process of its own, and
+    """Run ``verb`` (bury, kick or delete) on ``queue`` in a process of its own, and
     SIGKILL it by pid once it stalls at ``stall_at``."""
     proc = procs(
         [sys.executable, "-c", HELPER, url, queue, verb], env={**os.environ, "STALL_AT": stall_at}
@@ -216,30 +224,24 @@ def test_two_clients_kicking_at_once_move_each_message_once(
     assert counts(q) == (0, 0, 0)
 
 
-def test_a_redelivery_under_a_reused_sequence_is_not_taken_for_buried(
-    server: NatsServer,
+def test_a_delete_cut_between_its_streams_mistakes_no_new_message_for_buried(
+    client: brokerq.nats.NatsClient, server: NatsServer, procs: Procs
 ) -> None:
-    """A queue deleted and made again starts its sequences at 1: a buried
-    copy left by a delete cut between its two streams names sequence 1 too,
-    and must not make the new message 1 vanish as buried."""
-
-    async def main() -> None:
-        async with brokerq.nats.AsyncNatsClient(server.url) as c:
-            q = c.queue("reused", lease=1.0)
-            await q.put(b"old")
-            await (await q.reserve(timeout=5)).bury()
-            await c.js.delete_stream(naming.stream_name("reused"))  # (the cut delete)
-            c.forget("reused")
-            assert await q.put(b"new") == 1
-            await (await q.reserve(timeout=5)).release()
-            again = await q.reserve(timeout=5)  # a redelivery of sequence 1
-            assert (again.body, again.attempt) == (b"new", 2)
-            await again.ack()
-            assert await q.kick() == 1  # the old copy is still buried
-            assert await q.get(timeout=5) == b"old"
-            assert await q.delete() == 0
-
-    asyncio.run(main())
+    """A queue made again starts its sequences at 1: a buried copy left by
+    a delete cut between its two streams names sequence 1 too, and must not
+    make the new message 1 vanish as buried; the next delete removes it."""
+    q = client.queue("reused")
+    q.put(b"old")
+    q.reserve(timeout=5).bury()
+    kill_at(procs, server.url, "reused", "delete", "before-buried-delete")
+    assert q.put(b"new") == 1
+    q.reserve(timeout=5).release()
+    again = q.reserve(timeout=5)  # a redelivery of sequence 1
+    assert (again.body, again.attempt) == (b"new", 2)
+    again.release()
+    assert q.stats()["buried"] == 1  # the old copy, left by the cut delete
+    assert q.delete() == 2
+    assert client.queues() == []
 
 
 def test_buried_messages_keep_their_headers_but_not_their_delay(
