@@ -8,6 +8,7 @@ no library code knows of it); it writes ``stalled`` and the test kills it.
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import sys
@@ -24,6 +25,7 @@ import brokerq
 
 require("nats", "nats")
 import brokerq.nats  # noqa: E402
+from brokerq.nats import naming  # noqa: E402
 
 HELPER = textwrap.dedent(
     """
@@ -272,3 +274,28 @@ def test_buried_streams_are_not_queues(client: brokerq.nats.NatsClient) -> None:
     assert client.queues() == []
     assert q.kick() == 0
     assert client.queues() == []  # a kick of nothing makes nothing
+
+
+def test_on_a_cluster_the_buried_stream_has_the_queues_replicas() -> None:
+    """A buried message survives a node's loss as its queue's messages do."""
+    from nats_cluster import Cluster
+
+    with Cluster() as cluster, brokerq.connect(cluster.url + "?replicas=3") as client:
+        q = client.queue("r3buried")
+        q.put(b"x")
+        q.reserve(timeout=10).bury()
+        buried = naming.buried_stream_name("r3buried")
+        assert asyncio.run(_replicas(cluster.urls, buried)) == 3
+        assert q.kick() == 1
+        assert q.get(timeout=10) == b"x"
+
+
+async def _replicas(urls: list[str], stream: str) -> int:
+    import nats
+
+    nc = await nats.connect(urls)
+    try:
+        info = await nc.jetstream().stream_info(stream)
+        return int(info.config.num_replicas or 1)
+    finally:
+        await nc.close()
