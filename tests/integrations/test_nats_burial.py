@@ -3,7 +3,8 @@ client SIGKILLed between the steps of each, by pid, at the point named.
 
 A helper process runs the verb with the step after that point stalled
 (the stall is the helper's own patch of nats-py, chosen by ``STALL_AT``:
-no library code knows of it); it writes ``stalled`` and the test kills it.
+no library code knows of it); it writes ``stalled`` and the test kills it
+(or, given ``GO_ON_WHEN``, lets it go on once that file exists).
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import signal
 import sys
 import textwrap
 import threading
+import time
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from conftest import Procs, gone, wait_until
@@ -36,10 +39,14 @@ HELPER = textwrap.dedent(
 
     url, queue, verb = sys.argv[1:4]
     stall_at = os.environ["STALL_AT"]
+    go_on_when = os.environ.get("GO_ON_WHEN")
 
     async def stall():
         os.write(1, b"stalled\\n")
-        await asyncio.sleep(3600)
+        for _ in range(36000):
+            if go_on_when and os.path.exists(go_on_when):
+                return
+            await asyncio.sleep(0.1)
 
     async def ack_sync(self, *args, **kwargs):
         await stall()  # bury: the copy is published, the ack never sent
@@ -54,6 +61,13 @@ HELPER = textwrap.dedent(
             await stall()  # kick: the original deleted, the copy not put back
         return done
 
+    real_get = JetStreamManager.get_msg
+
+    async def get_msg(self, stream, *args, **kwargs):
+        if stall_at == "before-lookup" and stream.startswith("BB_"):
+            await stall()  # a redelivery fetched, its buried copy not looked up yet
+        return await real_get(self, stream, *args, **kwargs)
+
     real_delete_stream = JetStreamManager.delete_stream
 
     async def delete_stream(self, name):
@@ -65,12 +79,17 @@ HELPER = textwrap.dedent(
         Msg.ack_sync = ack_sync
     JetStreamManager.delete_msg = delete_msg
     JetStreamManager.delete_stream = delete_stream
+    JetStreamManager.get_msg = get_msg
     with brokerq.connect(url) as client:
         q = client.queue(queue)
         if verb == "bury":
             q.reserve(timeout=10).bury()
         elif verb == "delete":
             q.delete()
+        elif verb == "reserve":
+            msg = q.reserve(timeout=10)
+            os.write(1, b"got %d %d\\n" % (msg.id, msg.attempt))
+            msg.ack()
         else:
             q.kick()
     """
@@ -144,6 +163,32 @@ def test_a_kick_before_the_redelivery_takes_the_original_out(
     with pytest.raises(brokerq.Empty):
         q.get(timeout=3)  # past the dead client's lease: nothing comes back
     assert counts(q) == (0, 0, 0)
+
+
+def test_a_redelivery_judged_after_a_kick_is_not_delivered_beside_the_kicked_copy(
+    client: brokerq.nats.NatsClient, server: NatsServer, procs: Procs, tmp_path: Path
+) -> None:
+    """A bury cut before its ack; its redelivery fetched by a consumer, and
+    a whole kick made before that consumer looks the copy up: it finds no
+    copy, and no original (the kick deleted it), so it drops the
+    redelivery, and takes the kicked copy next. Delivered once."""
+    q = client.queue("race", lease=1.0)
+    q.put(b"x")
+    kill_at(procs, server.url, "race", "bury", "before-ack")
+    time.sleep(1.2)  # the dead client's lease runs out
+    go_on = tmp_path / "go-on"
+    consumer = procs(
+        [sys.executable, "-c", HELPER, server.url, "race", "reserve"],
+        env={**os.environ, "STALL_AT": "before-lookup", "GO_ON_WHEN": str(go_on)},
+    )
+    assert consumer.stdout is not None
+    assert consumer.stdout.readline() == b"stalled\n"
+    assert q.kick() == 1  # the original deleted, the copy put back as message 2
+    go_on.touch()
+    assert consumer.stdout.readline() == b"got 2 1\n"  # the kicked copy, not the original
+    assert consumer.wait(10) == 0
+    with pytest.raises(brokerq.Empty):
+        q.get(timeout=1.5)
 
 
 def test_a_kicker_dying_before_deleting_the_copy_puts_it_back_once(

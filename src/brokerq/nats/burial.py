@@ -42,8 +42,10 @@ from . import naming, rules
 ORIGINAL_KEY = "Bq-Original-Key"
 #: As the queue stream's: a kick of one copy twice within it puts it once.
 DUPLICATE_WINDOW = 120.0
-#: JetStream's error code for a message to delete that is not there.
+#: JetStream's error codes for a message to delete that is not there, and
+#: for a stream that is not there.
 _NO_MESSAGE = 10057
+_NO_STREAM_CODE = 10059
 _NO_STREAM = (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError)
 
 #: A put to the queue under the given headers (its key among them), as
@@ -113,7 +115,11 @@ async def _make_stream(js: JetStreamContext, queue: str) -> None:
 async def finish_if_buried(home: Home, msg: Msg) -> bool:
     """Whether ``msg`` was buried already, by a client that died before its
     ack; if so the bury is finished here (acked, not delivered). Asked of
-    redeliveries only: a first delivery cannot have been buried yet."""
+    redeliveries only: a first delivery cannot have been buried yet.
+
+    A kick deletes such an original before its copy, so a redelivery
+    fetched before the kick and looked up after it finds no copy, but no
+    original either: it is dropped too, not delivered beside the kicked copy."""
     if msg.metadata.num_delivered <= 1:
         return False
     js = home.client.js
@@ -122,11 +128,21 @@ async def finish_if_buried(home: Home, msg: Msg) -> bool:
         copy = await js.get_msg(
             naming.buried_stream_name(home.name), subject=naming.buried_subject(home.name, seq)
         )
-    except nats.js.errors.NotFoundError:  # no such copy, or no buried stream
+        buried = _same_message(copy, msg.headers, msg.data)
+    except nats.js.errors.NotFoundError as exc:
+        if exc.err_code == _NO_STREAM_CODE:
+            return False  # never a bury, so never a kick: nothing more to ask
+        buried = not await _in_stream(js, naming.stream_name(home.name), seq)
+    if buried:
+        await msg.ack_sync(timeout=home.client.timeout)
+    return buried
+
+
+async def _in_stream(js: JetStreamContext, stream: str, seq: int) -> bool:
+    try:
+        await js.get_msg(stream, seq=seq)
+    except nats.js.errors.NotFoundError:
         return False
-    if not _same_message(copy, msg.headers, msg.data):
-        return False
-    await msg.ack_sync(timeout=home.client.timeout)
     return True
 
 
@@ -192,9 +208,8 @@ async def _kick_one(home: Home, copy: RawStreamMsg, seq: int, put: Put) -> int:
 
 async def _drop_original(js: JetStreamContext, queue: str, copy: RawStreamMsg) -> None:
     """Delete the original of ``copy`` if it is still in the queue: its bury
-    copied it, then died before the ack. (A redelivery of it fetched just
-    before this, and judged just after the copy is deleted, is delivered
-    beside the kicked copy: a crash and a kick racing a redelivery.)"""
+    copied it, then died before the ack. (A redelivery of it fetched before
+    this finds it gone: see :func:`finish_if_buried`.)"""
     stream = naming.stream_name(queue)
     seq = naming.buried_from(copy.subject or "")
     try:
