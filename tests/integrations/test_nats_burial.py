@@ -309,6 +309,44 @@ def test_buried_messages_keep_their_headers_but_not_their_delay(
     assert q.reserve(timeout=5).attempt == 2
 
 
+def test_a_kick_into_a_full_queue_moves_what_fits(client: brokerq.nats.NatsClient) -> None:
+    """JetStream refuses a put to a full stream (the local broker's kick
+    ignores the limits): the kick returns what it moved, Full if none."""
+    q = client.queue("full", maxsize=2)
+    q.put_many([b"a", b"b"])
+    for _ in range(2):
+        q.reserve(timeout=5).bury()
+    q.put(b"c")
+    assert q.kick(5) == 1
+    with pytest.raises(brokerq.Full):
+        q.kick(5)
+    assert counts(q) == (2, 0, 1)
+    assert q.get_many(5, timeout=5) == [b"c", b"a"]
+    dead = client.queue("full:dead")
+    assert dead.kick(5) == 0  # (nothing dead: and no dead-letter stream made for it)
+    assert client.queues() == ["full"]
+    assert q.kick(5) == 1
+    assert q.get(timeout=5) == b"b"
+
+
+def test_a_kick_of_dead_letters_into_a_full_queue_leaves_them_buried_first(
+    client: brokerq.nats.NatsClient,
+) -> None:
+    q = client.queue("fulldead", maxsize=1, max_deliveries=1)
+    q.put(b"a")
+    q.reserve(timeout=5).release()
+    with pytest.raises(brokerq.Empty):
+        q.get(timeout=0.5)  # (the fetch that moves it to its dead letters)
+    q.put(b"b")
+    dead = client.queue("fulldead:dead")
+    with pytest.raises(brokerq.Full):
+        dead.kick(5)
+    assert counts(dead) == (0, 0, 1)  # buried on the way: the first to go next time
+    assert q.get(timeout=5) == b"b"
+    assert dead.kick(5) == 1
+    assert q.get(timeout=5) == b"a"
+
+
 def test_buried_streams_are_not_queues(client: brokerq.nats.NatsClient) -> None:
     q = client.queue("listed")
     q.put(b"x")

@@ -345,7 +345,12 @@ class AsyncNatsQueue(QueueAdmin):
         target = AsyncNatsQueue(self.name[: -len(naming.DEAD_SUFFIX)], self.client)
         kicked = 0
         while True:
-            kicked += await burial.kick(self, n - kicked, target._put_back)
+            try:
+                kicked += await burial.kick(self, n - kicked, target._put_back)
+            except Full:  # (the ones buried for it stay buried here, first to go next time)
+                if not kicked:
+                    raise
+                return kicked
             if kicked >= n or not await self._bury_ready(n - kicked):
                 return kicked
 
