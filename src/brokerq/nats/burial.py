@@ -12,13 +12,15 @@ redelivery finds the copy (:func:`finish_if_buried`) and is acked instead
 of delivered. One buried copy, no delivery.
 
 ``kick``: (0) delete the original if it is still in the queue (a bury whose
-ack never came, not yet redelivered: else it would come back beside its
-kicked copy), (1) put the copy back under an id fixed by the copy's own,
+ack never came: else it would come back beside its kicked copy; one
+fetched already finds neither it nor its copy, and is dropped too),
+(1) put the copy back under an id fixed by the copy's own,
 (2) delete the copy. Dying after (0) leaves the copy buried, for the next
 kick; dying after (1) leaves the copy buried too, and a kick within the
 queue's duplicate window (2 minutes) puts it again under the same id, so
 it is dropped; a kick later than that puts it a second time: the one
-duplicate this allows (at-least-once, docs/nats.md).
+duplicate this allows (at-least-once, docs/nats.md). A kick on
+``<queue>:dead`` buries a ready dead letter, then kicks it: the same steps.
 """
 
 from __future__ import annotations
@@ -131,7 +133,7 @@ async def finish_if_buried(home: Home, msg: Msg) -> bool:
         buried = _same_message(copy, msg.headers, msg.data)
     except nats.js.errors.NotFoundError as exc:
         if exc.err_code == _NO_STREAM_CODE:
-            return False  # never a bury, so never a kick: nothing more to ask
+            return False  # nothing buried, so nothing kicked: no more to ask
         buried = not await _in_stream(js, naming.stream_name(home.name), seq)
     if buried:
         await msg.ack_sync(timeout=home.client.timeout)
@@ -139,6 +141,7 @@ async def finish_if_buried(home: Home, msg: Msg) -> bool:
 
 
 async def _in_stream(js: JetStreamContext, stream: str, seq: int) -> bool:
+    """Whether ``stream`` holds message ``seq`` (a work queue's: not acked yet)."""
     try:
         await js.get_msg(stream, seq=seq)
     except nats.js.errors.NotFoundError:
