@@ -200,14 +200,10 @@ def test_what_cannot_hold_is_refused_naming_feature_and_backend(
     q.put(b"x")
     with pytest.raises(brokerq.NotSupported, match=r"per-reserve lease .* NATS backend"):
         q.reserve(timeout=5, lease=99)
-    m = q.reserve(timeout=5)
-    with pytest.raises(brokerq.NotSupported, match="bury is not supported by the NATS backend"):
-        m.bury()
-    m.ack()
+    q.reserve(timeout=5).ack()
     for call in (
         q.task_done,
         q.join,
-        q.kick,
         lambda: q.unfinished_tasks,
         lambda: client.get_any(["refused"], timeout=0),
         lambda: client.reserve_any(["refused"], timeout=0),
@@ -387,7 +383,6 @@ def test_the_commands_run_on_nats_with_url_and_refuse_what_it_lacks(
         (["stop"], "stop"),
         (["serve"], "serve"),
         (["get", "a", "b"], "get from several queues"),
-        (["kick", "jobs"], "kick"),
     ],
 )
 def test_a_command_nats_lacks_says_so_in_one_line(

@@ -348,14 +348,6 @@ def test_an_explicit_socket_wins_over_brokerq_url(
         client.queue("jobs").get_nowait()
 
 
-def _bury(q: Any) -> None:
-    msg = q.reserve(timeout=5)
-    try:
-        msg.bury()
-    finally:
-        msg.release()  # refused: still reserved, so give it back
-
-
 def _touch_with_another_lease(q: Any) -> None:
     with q.reserve(timeout=5) as msg:
         msg.touch(lease=123)
@@ -368,8 +360,6 @@ REFUSED: list[tuple[str, Callable[[Any, Any], object]]] = [
     ("priority", lambda c, q: c.publish("news", b"urgent", priority=5)),
     ("lease", lambda c, q: q.reserve(timeout=1, lease=123)),
     ("lease", lambda c, q: _touch_with_another_lease(q)),
-    ("bury", lambda c, q: _bury(q)),
-    ("kick", lambda c, q: q.kick()),
     ("task_done", lambda c, q: q.task_done()),
     ("join", lambda c, q: q.join(timeout=1)),
 ]
@@ -487,3 +477,97 @@ def test_a_topic_with_the_broker_s_colon_is_refused(q: brokerq.Queue) -> None:
     for call in (q.subscribe, q.unsubscribe):
         with pytest.raises(brokerq.InvalidRequest):
             call("a:b")
+
+
+# Buried messages: bury and kick.
+
+
+def test_a_buried_message_waits_for_a_kick_the_earliest_buried_first(q: brokerq.Queue) -> None:
+    q.put_many([b"a", b"b", b"c"])
+    for body in (b"a", b"b"):
+        msg = q.reserve(timeout=5)
+        assert msg.body == body
+        msg.bury()
+    assert q.stats()["buried"] == 2
+    assert q.get(timeout=5) == b"c"
+    with pytest.raises(brokerq.Empty):
+        q.get(timeout=0.3)  # buried: not delivered
+    assert q.kick() == 1
+    assert q.get(timeout=5) == b"a"
+    assert q.kick(10) == 1
+    assert q.get(timeout=5) == b"b"
+    assert q.kick(10) == 0
+    stats = q.stats()
+    assert (stats["ready"], stats["reserved"], stats["buried"]) == (0, 0, 0)
+
+
+def test_a_buried_message_is_settled(q: brokerq.Queue) -> None:
+    q.put(b"x")
+    with q.reserve(timeout=5) as msg:
+        msg.bury()  # (no ack on the way out)
+    with pytest.raises(brokerq.LeaseLost):
+        msg.bury()  # once is all
+    q.put(b"y")
+    acked = q.reserve(timeout=5)
+    acked.ack()
+    with pytest.raises(brokerq.LeaseLost):
+        acked.bury()  # an acked message is not buried after all
+    assert q.stats()["buried"] == 1
+
+
+def test_purge_leaves_buried_messages_and_delete_removes_them(q: brokerq.Queue) -> None:
+    q.put_many([b"buried", b"ready"])
+    q.reserve(timeout=5).bury()
+    assert q.purge() == 1
+    assert q.stats()["buried"] == 1
+    assert q.delete() == 1
+    assert q.kick() == 0
+
+
+@pytest.mark.parametrize("n", [0, -1, 1.5, "2"])
+def test_a_kick_needs_a_count_of_one_or_more(
+    client: brokerq.Client, q: brokerq.Queue, n: Any
+) -> None:
+    with pytest.raises(brokerq.InvalidRequest):
+        q.kick(n)
+    with pytest.raises(brokerq.InvalidRequest):
+        client.queue(q.name + ":dead").kick(n)
+
+
+def test_the_kick_command(q: brokerq.Queue, target: str) -> None:
+    q.put(b"x")
+    q.reserve(timeout=5).bury()
+    where = ["--url", target] if target.startswith("nats://") else ["--socket", target]
+    done = run_cli(*where, "kick", q.name, "-n", "5")
+    assert (done.returncode, done.stdout) == (0, b"1\n"), done.stderr
+    assert q.get(timeout=5) == b"x"
+
+
+def _dead_letters(client: brokerq.Client, q: brokerq.Queue, bodies: list[bytes]) -> brokerq.Queue:
+    """``bodies`` put to ``q`` (one delivery each) and failed into ``q:dead``."""
+    limited = client.queue(q.name, max_deliveries=1)
+    limited.put_many(bodies)
+    for _ in bodies:
+        limited.reserve(timeout=5).release()
+    with pytest.raises(brokerq.Empty):
+        limited.get(timeout=0.5)  # (on NATS the fetch after the last attempt moves them)
+    dead = client.queue(q.name + ":dead")
+    assert wait_until(lambda: dead.qsize() == len(bodies), 5, "the dead letters")
+    return dead
+
+
+def test_a_kick_on_dead_letters_sends_them_back_buried_first_attempts_reset(
+    client: brokerq.Client, q: brokerq.Queue
+) -> None:
+    dead = _dead_letters(client, q, [b"a", b"b", b"c"])
+    buried = dead.reserve(timeout=5)
+    assert buried.body == b"a"
+    buried.bury()
+    assert dead.kick(2) == 2  # the buried one first, then the next ready one
+    assert [q.get(timeout=5), q.get(timeout=5)] == [b"a", b"b"]
+    assert dead.kick(10) == 1
+    msg = q.reserve(timeout=5)
+    assert (msg.body, msg.attempt) == (b"c", 1)
+    msg.ack()
+    assert dead.kick() == 0
+    assert (dead.qsize(), dead.stats()["buried"]) == (0, 0)

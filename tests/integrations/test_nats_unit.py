@@ -54,6 +54,21 @@ def test_subscription_names() -> None:
         assert naming.parse_subscription(other) is None
 
 
+def test_buried_names() -> None:
+    """A queue's buried copies: a stream that is not listed as a queue, a
+    subject per queue sequence, and a kick's id fixed by the copy's own."""
+    assert naming.buried_stream_name("jobs:dead") == "BB_jobs_3Adead"
+    assert naming.queue_of_stream(naming.buried_stream_name("jobs")) is None
+    assert naming.buried_subject("mail.out", 7) == "bq.b.mail_2Eout.7"
+    assert naming.buried_subjects("mail.out") == "bq.b.mail_2Eout.>"
+    assert naming.buried_from(naming.buried_subject("a.b.c", 42)) == 42
+    assert naming.kicked_id("buried-1f2e") == "kicked-buried-1f2e"
+    longest = "j" * 252
+    assert len(naming.buried_stream_name(longest)) == len(naming.stream_name(longest)) == 255
+    with pytest.raises(InvalidRequest):
+        naming.buried_stream_name("j" * 253)
+
+
 def test_a_name_too_long_for_a_stream_once_escaped_is_an_invalid_request() -> None:
     """JetStream allows 255 characters; the escape triples a byte outside
     [A-Za-z0-9-]: refused before the server would refuse it."""

@@ -18,7 +18,7 @@ from nats.js import JetStreamContext
 
 from .. import validation
 from ..errors import Empty, InvalidRequest
-from . import naming, rules, topics
+from . import burial, naming, rules, topics
 from .failures import translate_errors
 
 
@@ -123,6 +123,7 @@ class QueueAdmin:
             "bytes": stream.state.bytes,
             "messages": stream.state.messages,
             "put_total": stream.state.last_seq,
+            "buried": await burial.count(self.client.js, self.name),
             "redelivered": consumer.num_redelivered or 0,
             "max_deliveries": settings.max_deliveries,
             "lease": settings.lease,
@@ -159,11 +160,17 @@ class QueueAdmin:
         return bytes(found.data or b"")
 
     async def delete(self) -> int:
-        await topics.forget_queue(self.client, self.name)  # (as the local delete: they end)
+        """Its topic subscriptions end (as the local delete's), then the queue's
+        stream goes, then its buried messages' stream: a client dying between
+        the two leaves buried copies no redelivery or kick mistakes for a new
+        message of the same sequence (burial.py checks the key), and the next
+        delete removes them."""
+        await topics.forget_queue(self.client, self.name)
         try:
             count = (await self.client.js.stream_info(self.stream)).state.messages
             await self.client.js.delete_stream(self.stream)
         except nats.js.errors.NotFoundError:
             count = 0
+        count += await burial.delete(self.client.js, self.name)
         self.client.forget(self.name)
         return int(count)

@@ -15,8 +15,10 @@ from typing import Any, Protocol
 
 from nats.aio.client import Client as NatsConnection
 from nats.aio.msg import Msg
+from nats.js import JetStreamContext
 
 from ..errors import LeaseLost, NotSupported
+from . import burial
 from .failures import translate_errors
 
 BACKEND = "the NATS backend"
@@ -27,6 +29,9 @@ class _Client(Protocol):
 
     @property
     def nc(self) -> NatsConnection: ...
+
+    @property
+    def js(self) -> JetStreamContext: ...
 
 
 class MessageHome(Protocol):
@@ -87,7 +92,12 @@ class AsyncNatsMessage:
         await client.nc.request(self._msg.reply, verb, timeout=client.timeout)
 
     async def bury(self) -> None:
-        raise not_supported("bury", "not built yet: release it, or let it reach its dead letters")
+        """Set it aside until a kick (:mod:`.burial`: a copy, then the ack)."""
+        if self.settled:
+            raise LeaseLost(f"message {self.id} of {self.queue.name!r} was settled already")
+        self._check_lease()
+        await burial.bury(self.queue, self._msg)
+        self.settled = True
 
     async def touch(self, lease: float | None = None) -> None:
         if lease is not None and lease != self.lease:

@@ -25,7 +25,7 @@ from nats.js.api import PubAck
 from .. import validation
 from ..client.calls import Body, PutOptions, as_bytes
 from ..errors import BrokerUnavailable, Empty, Full, InvalidRequest
-from . import naming, rules, topics
+from . import burial, naming, rules, topics
 from .aio_admin import QueueAdmin, QueueHost, QueueSettings
 from .aio_message import AsyncNatsMessage, NatsReserving, not_supported
 from .failures import translate_errors
@@ -308,7 +308,10 @@ class AsyncNatsQueue(QueueAdmin):
 
     async def _deliverable(self, msg: Msg, settings: QueueSettings) -> bool:
         """Whether ``msg`` goes to the caller; if not, what rules.judge says is done
-        with it (deferred, dropped as expired, or moved to the dead letters)."""
+        with it (deferred, dropped as expired, or moved to the dead letters), or
+        its bury finished (a client died between the copy and the ack)."""
+        if await burial.finish_if_buried(self, msg):
+            return False
         verdict = rules.judge(
             msg.headers,
             msg.metadata.num_delivered,
@@ -378,7 +381,43 @@ class AsyncNatsQueue(QueueAdmin):
         await msg.ack_sync(timeout=self.client.timeout)
 
     async def kick(self, n: int = 1) -> int:
-        raise not_supported("kick", "buried messages are not built yet")
+        """Up to ``n`` buried messages back, the earliest buried first, each
+        put anew at the end of the queue (:func:`burial.kick`). On
+        ``<name>:dead``, dead letters back to ``<name>``: the buried ones
+        first, then ready ones, each buried first, so that the move is
+        made of burial's two, each safe from a client dying in it."""
+        burial.check_count(n)
+        if not self.name.endswith(naming.DEAD_SUFFIX):
+            return await burial.kick(self, n, self._put_back)
+        target = AsyncNatsQueue(self.name[: -len(naming.DEAD_SUFFIX)], self.client)
+        kicked = 0
+        while True:
+            try:
+                kicked += await burial.kick(self, n - kicked, target._put_back)
+            except Full:  # (the ones buried for it stay buried here, first to go next time)
+                if not kicked:
+                    raise
+                return kicked
+            if kicked >= n or not await self._bury_ready(n - kicked):
+                return kicked
+
+    async def _put_back(self, data: bytes, headers: dict[str, str]) -> int:
+        """A kicked message's put: under its fixed key, ``Full`` if there is no room."""
+        return await self._put_keyed(data, headers, 0)
+
+    async def _bury_ready(self, n: int) -> int:
+        """Up to ``n`` ready messages buried now; how many were fetched for it
+        (those not due, or expired, are dealt with as a reserve would)."""
+        try:
+            await self.client.js.stream_info(self.stream)
+        except nats.js.errors.NotFoundError:
+            return 0  # (a kick does not make the queue)
+        settings = await self._settings()
+        fetched = await self._pull_batch(n)
+        for msg in fetched:
+            if await self._deliverable(msg, settings):
+                await burial.bury(self, msg)
+        return len(fetched)
 
     async def task_done(self, n: int = 1) -> None:
         raise not_supported("task_done", "JetStream keeps no count of unfinished tasks")

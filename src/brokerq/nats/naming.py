@@ -121,6 +121,38 @@ def dead_letter_id(stream: str, seq: int) -> str:
     return f"dead-{stream}-{seq}"
 
 
+def buried_stream_name(queue: str) -> str:
+    """The stream that holds ``queue``'s buried messages, apart from its queue
+    stream so that no consumer of the queue sees them. ``BB_`` is as long as
+    ``BQ_``: a name :func:`stream_name` accepts fits here too; and it is not
+    ``BQ_``, so ``queues()`` does not list it."""
+    stream_name(queue)  # (the length check)
+    return f"BB_{escape(queue)}"
+
+
+def buried_subject(queue: str, seq: int) -> str:
+    """The subject of the buried copy of ``queue``'s message ``seq`` (its queue
+    stream sequence): a redelivery of ``seq`` finds its copy, if any, by it."""
+    return f"bq.b.{escape(queue)}.{seq}"
+
+
+def buried_subjects(queue: str) -> str:
+    """The buried stream's subjects (every :func:`buried_subject` of ``queue``)."""
+    return f"bq.b.{escape(queue)}.>"
+
+
+def buried_from(subject: str) -> int:
+    """The queue stream sequence a :func:`buried_subject` names."""
+    return int(subject.rsplit(".", 1)[1])
+
+
+def kicked_id(buried_id: str) -> str:
+    """The ``Nats-Msg-Id`` a kick puts a buried copy back under: fixed by the
+    copy's own (unique) id, so two kicks of one copy (two clients at once, or
+    one that died before it deleted the copy) put it once within the window."""
+    return f"kicked-{buried_id}"
+
+
 def parse_url(url: str) -> tuple[list[str], int]:
     """The servers and stream replicas a brokerq NATS URL names.
 
