@@ -7,10 +7,6 @@ in :meth:`Consumer.run` only waits for them and carries out ``stop`` and
 ``kill``, which just set flags and wake it, so they are safe in a signal
 handler. Each command runs in its own process group, so a Ctrl-C at the
 terminal reaches only ``consume``.
-
-Under ``--url`` the queue is on NATS, which has no bury: a message's last
-failed attempt is released instead, and the next reserve moves it to its
-dead letters (``QUEUE:dead``), as every delivery past ``max_deliveries`` is.
 """
 
 from __future__ import annotations
@@ -30,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 import click
 
 from ..client.blocking import Message, Queue
-from ..errors import BrokerqError, Empty, NotSupported
+from ..errors import BrokerqError, Empty
 from .group import State, cli, count, pass_state, seconds
 
 if TYPE_CHECKING:  # (subprocess and tempfile: imported when consume runs)
@@ -111,11 +107,6 @@ class Consumer:
         the first broker error a worker met (which stops the others)."""
         configured = int(self.queue.stats()["max_deliveries"])
         self._limit = min(self.max_attempts or configured, configured)
-        if not isinstance(self.queue, Queue) and self._limit < configured:
-            raise NotSupported(
-                "--max-attempts below the queue's max_deliveries is not supported by the "
-                "NATS backend (it has no bury: configure max_deliveries instead)"
-            )
         workers = [
             threading.Thread(target=self._work, name=f"brokerq-consume-{i}", daemon=True)
             for i in range(self.jobs)
@@ -273,10 +264,6 @@ class Consumer:
         elif self._killing:
             self._log(f"{what}: {_describe(status)} while stopping; released")
             self._verb(msg, "release", msg.release)
-        elif msg.attempt >= self._limit and not isinstance(self.queue, Queue):
-            dead = f"{self.queue.name}:dead"
-            self._log(f"{what}: {_describe(status)}; released, to move to {dead} when next fetched")
-            self._verb(msg, "release", msg.release)
         elif msg.attempt >= self._limit:
             self._log(f"{what}: {_describe(status)}; buried")
             self._verb(msg, "bury", msg.bury)
@@ -366,8 +353,7 @@ def consume(state: State, /, queue: str, command: tuple[str, ...], **options: An
     CMD exiting 0 acks the message. A failure (another exit status, a
     signal, a command that cannot start) releases it for a retry after
     --retry-delay, or buries it if that was its last attempt (`brokerq kick
-    QUEUE` puts it back; on NATS, which has no bury, it is released and
-    moved to QUEUE:dead when next fetched). Messages are reserved, and
+    QUEUE` puts it back). Messages are reserved, and
     their leases renewed while CMD runs, so if consume dies they are
     delivered again, not lost.
 

@@ -88,7 +88,7 @@ class NatsClient:
             if self._closed:
                 raise BrokerqError(f"{self!r} is closed")
             if self._loop is None or self._loop.pid != os.getpid():
-                # (in a forked child the parent's loop thread is gone: start afresh)
+                # (in a forked child the parent's threads are gone: start afresh)
                 self._loop = _Loop(self.url, self.timeout, self.prefetch)
                 self._loop.run(self._loop.client.connect(), self.timeout + 5)
             return self._loop
