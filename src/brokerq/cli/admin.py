@@ -106,10 +106,13 @@ def _table(rows: list[dict[str, Any]], columns: tuple[str, ...]) -> str:
 @pass_state
 def ping(state: State) -> None:
     """Check that a broker answers (starting one if none runs)."""
-    client = state.local_client("ping")
+    client = state.client
     rtt = client.ping()
-    conn = client.connection()
-    click.echo(f"pong from {conn.server} (pid {conn.broker_pid}) in {rtt * 1000:.2f} ms")
+    if isinstance(client, Client):
+        conn = client.connection()
+        click.echo(f"pong from {conn.server} (pid {conn.broker_pid}) in {rtt * 1000:.2f} ms")
+    else:
+        click.echo(f"pong from {client.url} in {rtt * 1000:.2f} ms")
 
 
 @cli.command()

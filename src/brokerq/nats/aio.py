@@ -245,6 +245,12 @@ class AsyncNatsClient:
     def reserve_any(self, queues: Any, timeout: float | None = None, lease: Any = None) -> Any:
         raise NotSupported(f"reserve_any (a wait on several queues) is not supported by {BACKEND}")
 
+    async def ping(self) -> float:
+        """The round trip to the server in seconds (a NATS PING and its PONG)."""
+        started = time.monotonic()
+        await self.nc.flush(timeout=max(1, round(self.timeout)))
+        return time.monotonic() - started
+
     async def queues(self) -> list[str]:
         names = await self.js.streams_info()
         found = (naming.queue_of_stream(info.config.name or "") for info in names)

@@ -180,7 +180,9 @@ class NatsClient:
         raise _lacks("reserve_any (a wait on several queues)")
 
     def ping(self) -> float:
-        raise _lacks("ping")
+        """The round trip to the server in seconds (connecting first is not counted)."""
+        self._current()
+        return self.call(lambda c: c.ping())
 
     def stop(self) -> bool:
         raise _lacks("stop (the server is not brokerq's to stop)")
