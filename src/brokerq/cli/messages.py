@@ -119,12 +119,9 @@ def _reserver(
     state: State, queues: tuple[str, ...]
 ) -> Callable[[float | None], Message | NatsMessage]:
     """How ``get`` takes its next message, within a timeout: a reserve of its
-    one queue, as ever (so it runs against any broker), or of several at once.
-    On NATS a reserve has the queue's lease (one consumer, one ack wait)."""
+    one queue, as ever (so it runs against any broker), or of several at once."""
     if len(queues) == 1:
         q = state.queue(queues[0])
-        if state.nats_url is not None:
-            return lambda timeout: q.reserve(timeout=timeout)
         return lambda timeout: q.reserve(timeout=timeout, lease=GET_LEASE)
     calls.queue_list(queues)  # (a name twice, or too many: refused before connecting)
     client = state.local_client("get from several queues")

@@ -8,6 +8,7 @@ sent (the message may be another consumer's by then).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import Coroutine, Generator
@@ -17,6 +18,7 @@ from nats.aio.client import Client as NatsConnection
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
+from .. import validation
 from ..errors import LeaseLost, NotSupported
 from . import burial
 from .failures import translate_errors
@@ -49,19 +51,53 @@ def not_supported(feature: str, why: str) -> NotSupported:
 
 @translate_errors
 class AsyncNatsMessage:
-    """A reserved message: its lease is the consumer's ack wait."""
+    """A reserved message. Its lease is the consumer's ack wait, or one of its
+    own (``reserve(lease=)``, ``touch(lease=)``), kept by :meth:`_keep_lease`."""
 
     def __init__(
-        self, queue: MessageHome, msg: Msg, attempt: int, lease: float, since: float
+        self,
+        queue: MessageHome,
+        msg: Msg,
+        attempt: int,
+        ack_wait: float,
+        since: float,
+        *,
+        lease: float | None = None,
     ) -> None:
         self.queue = queue
         self._msg = msg
         self.id = int(msg.metadata.sequence.stream)
         self.body = bytes(msg.data)
         self.attempt = attempt
-        self.lease = lease
-        self.lease_expires = since + lease  # (since: see pulling.py)
+        self._ack_wait = ack_wait
+        self.lease = ack_wait if lease is None else lease
+        self.lease_expires = since + self.lease  # (since: see pulling.py)
         self.settled = False
+        self._keeper: asyncio.Task[None] | None = None
+        if self.lease != ack_wait:
+            self._keeper = asyncio.get_running_loop().create_task(self._keep_lease())
+
+    async def _keep_lease(self) -> None:
+        """A lease of its own, longer or shorter than the server's ack wait:
+        kept alive there by an in-progress signal every third of the ack wait,
+        and ended by a release when it runs out unsettled, so the message comes
+        back then, as the local broker's. If this client dies meanwhile the
+        ack wait brings the message back, as it does every message of a dead
+        consumer. (The blocking client's loop runs between calls: driving.py.)"""
+        while not self.settled:
+            left = self.lease_expires - time.monotonic()
+            with contextlib.suppress(Exception):  # (a lost connection: the ack wait decides)
+                if left <= 0:
+                    await self._msg.nak()
+                    return
+                await asyncio.sleep(min(left, self._ack_wait / 3))
+                if not self.settled and time.monotonic() < self.lease_expires:
+                    await self._msg.in_progress()
+
+    def _settle(self) -> None:
+        self.settled = True
+        if self._keeper is not None:
+            self._keeper.cancel()
 
     def __repr__(self) -> str:
         where = f"attempt {self.attempt} of {self.queue.name!r}"
@@ -75,13 +111,13 @@ class AsyncNatsMessage:
     async def ack(self) -> None:
         self._check_lease()
         await self._msg.ack_sync(timeout=self.queue.client.timeout)
-        self.settled = True
+        self._settle()
 
     async def release(self, delay: float = 0) -> None:
         self._check_lease()
         nak = b"-NAK" + (b' {"delay": %d}' % int(delay * 1e9) if delay else b"")
         await self._confirmed(nak)
-        self.settled = True
+        self._settle()
 
     async def _confirmed(self, verb: bytes) -> None:
         """Send an ack verb as a request: the server's reply says it took
@@ -97,17 +133,19 @@ class AsyncNatsMessage:
             raise LeaseLost(f"message {self.id} of {self.queue.name!r} was settled already")
         self._check_lease()
         await burial.bury(self.queue, self._msg)
-        self.settled = True
+        self._settle()
 
     async def touch(self, lease: float | None = None) -> None:
-        if lease is not None and lease != self.lease:
-            raise not_supported(
-                "touch with another lease", f"the lease is the consumer's ack wait, {self.lease} s"
-            )
+        """The lease starts again now, for ``lease`` seconds if given (else as long as before)."""
+        validation.validate_lease(lease)
         self._check_lease()
         sent = time.monotonic()
         await self._confirmed(b"+WPI")
+        if lease is not None:
+            self.lease = lease
         self.lease_expires = sent + self.lease
+        if self.lease != self._ack_wait and (self._keeper is None or self._keeper.done()):
+            self._keeper = asyncio.get_running_loop().create_task(self._keep_lease())
 
     async def __aenter__(self) -> AsyncNatsMessage:
         return self

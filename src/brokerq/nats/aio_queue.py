@@ -284,13 +284,8 @@ class AsyncNatsQueue(QueueAdmin):
     async def reserve_message(
         self, timeout: float | None = None, lease: float | None = None
     ) -> AsyncNatsMessage:
+        validation.validate_lease(lease)
         settings = await self._settings()
-        if lease is not None and lease != settings.lease:
-            raise not_supported(
-                "a per-reserve lease",
-                f"every reserve of a queue shares its consumer's ack wait; "
-                f"set it with configure(lease=...), now {settings.lease} s",
-            )
         deadline = _deadline(timeout)
         while True:
             called = time.monotonic()
@@ -304,7 +299,7 @@ class AsyncNatsQueue(QueueAdmin):
                 await msg.in_progress()
             if await self._deliverable(msg, settings):
                 attempt = rules.attempt(msg.headers, msg.metadata.num_delivered)
-                return AsyncNatsMessage(self, msg, attempt, settings.lease, since)
+                return AsyncNatsMessage(self, msg, attempt, settings.lease, since, lease=lease)
 
     async def _deliverable(self, msg: Msg, settings: QueueSettings) -> bool:
         """Whether ``msg`` goes to the caller; if not, what rules.judge says is done

@@ -16,9 +16,10 @@ all. One thread at a time may run a loop, so the rules are:
   thread) hands its coroutine over, as before, and counts as *foreign*.
 * The thread that stops running the loop while foreign calls are pending
   hands the loop to the service thread, which runs it until none is left.
-* When no call runs, the service thread runs one pass of the loop every
-  ``IDLE_TICK`` seconds, so an idle connection still answers the server's
-  pings, reconnects and flushes what was queued.
+* When no call runs, the service thread runs a pass of the loop every
+  ``IDLE_TICK`` seconds, so an idle connection still answers the
+  server's pings, reconnects, flushes what was queued, and a reserved
+  message's lease of its own is kept (:mod:`.aio_message`).
 
 Ctrl-C in a fast-path call cancels the call's task (as ``asyncio.run``
 does) rather than raising inside nats-py's code, and is raised once the
@@ -40,8 +41,10 @@ from ..errors import BrokerUnavailable
 
 T = TypeVar("T")
 
-#: How often the service thread runs the loop when no call does (seconds).
-IDLE_TICK = 0.25
+#: How often the service thread runs a pass of the loop when no call does
+#: (seconds): what timers and the server's messages need done meanwhile
+#: advances a step a pass.
+IDLE_TICK = 0.1
 #: Who runs the loop: None (nobody), this marker (the service thread), or a caller's thread id.
 _SERVICE = -1
 
@@ -117,11 +120,17 @@ class Driver:
         try:
             return await call
         finally:
-            with self._mutex:
-                self._foreign -= 1
-                last = self._foreign == 0 and self._runner == _SERVICE
-            if last:
-                self.loop.stop()  # (the service thread's run_forever: see _serve)
+            # Counted done a pass later, with the callback that hands the
+            # result to the waiting thread: stopping the loop now would leave
+            # that callback, and the thread, waiting for the next pass.
+            self.loop.call_soon(self._foreign_done)
+
+    def _foreign_done(self) -> None:
+        with self._mutex:
+            self._foreign -= 1
+            last = self._foreign == 0 and self._runner == _SERVICE
+        if last:
+            self.loop.stop()  # (the service thread's run_forever: see _serve)
 
     def _serve(self) -> None:
         """The service thread: run the loop for foreign calls, and a pass every IDLE_TICK."""
