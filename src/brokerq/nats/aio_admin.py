@@ -19,6 +19,7 @@ from .. import validation
 from ..errors import Empty, InvalidRequest
 from . import naming, rules
 from .failures import translate_errors
+from .tasks import TaskCount
 
 
 @dataclass
@@ -45,6 +46,7 @@ class QueueHost(Protocol):
 
     url: str
     timeout: float
+    replicas: int
 
     @property
     def js(self) -> JetStreamContext: ...
@@ -63,6 +65,7 @@ class QueueAdmin:
     name: str
     stream: str
     client: QueueHost
+    tasks: TaskCount
 
     async def _settings(self) -> QueueSettings:
         raise NotImplementedError
@@ -106,6 +109,7 @@ class QueueAdmin:
         settings = await self._settings()
         stream = await self.client.js.stream_info(self.stream)
         consumer = await self.client.js.consumer_info(self.stream, naming.CONSUMER)
+        outstanding = await self.tasks.outstanding()  # (after the stream's count: see tasks.py)
         return {
             "name": self.name,
             "ready": consumer.num_pending or 0,
@@ -115,6 +119,7 @@ class QueueAdmin:
             "messages": stream.state.messages,
             "put_total": stream.state.last_seq,
             "redelivered": consumer.num_redelivered or 0,
+            "unfinished_tasks": stream.state.messages + outstanding,
             "max_deliveries": settings.max_deliveries,
             "lease": settings.lease,
             # 0: no limit, as the local stats say it
@@ -150,6 +155,11 @@ class QueueAdmin:
         return bytes(found.data or b"")
 
     async def delete(self) -> int:
+        """The stream and its count of outstanding gets, the count first: a
+        crash between the two leaves the queue with its messages and no gets
+        owed a task_done, as if they had come (a late one is then refused, as
+        after a local delete), never a stale count a new queue would inherit."""
+        await self.tasks.forget()
         try:
             count = (await self.client.js.stream_info(self.stream)).state.messages
             await self.client.js.delete_stream(self.stream)
