@@ -30,6 +30,7 @@ from nats.js.api import Header, StorageType
 from nats.js.kv import KeyValue
 
 from ..errors import BrokerqError, InvalidRequest, JoinTimeout
+from ..validation import validate_timeout
 from .aio_message import not_supported
 
 #: The key-value bucket of every queue's outstanding gets (its stream is
@@ -151,10 +152,7 @@ class TaskCount:
     async def join(self, timeout: float | None) -> None:
         """Look at the count until it is 0, with a growing pause (JetStream
         cannot wake a waiter when it changes); JoinTimeout after ``timeout``."""
-        if timeout is not None and (
-            isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout < 0
-        ):
-            raise InvalidRequest(f"timeout must be None or a number >= 0, not {timeout!r}")
+        validate_timeout(timeout)
         deadline = None if timeout is None else time.monotonic() + timeout
         pause = JOIN_PAUSE
         while await self.unfinished():
