@@ -173,7 +173,7 @@ def test_a_join_returns_once_consumer_processes_have_done_every_task(
         assert worker.wait(timeout=30) == 0, worker.stderr
 
 
-def test_a_get_whose_ack_fails_gives_its_count_back(
+def test_a_get_whose_ack_fails_or_is_cancelled_gives_its_count_back(
     server: NatsServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The body is not returned, so no task_done will come for it: the
@@ -181,6 +181,9 @@ def test_a_get_whose_ack_fails_gives_its_count_back(
 
     async def lease_lost(self: AsyncNatsMessage) -> None:
         raise brokerq.LeaseLost("the lease ran out")
+
+    async def held_back(self: AsyncNatsMessage) -> None:
+        await asyncio.sleep(3600)
 
     async def main() -> None:
         async with brokerq.nats.AsyncNatsClient(server.url) as c:
@@ -192,6 +195,9 @@ def test_a_get_whose_ack_fails_gives_its_count_back(
                     await q.get(timeout=5)
                 with pytest.raises(brokerq.LeaseLost):
                     await q.get_many(2, timeout=5)
+                patch.setattr(AsyncNatsMessage, "ack", held_back)
+                with pytest.raises(TimeoutError):  # a get given up during its ack
+                    await asyncio.wait_for(q.get(timeout=5), 0.5)
             assert await q.tasks.outstanding() == 0
             assert await q.unfinished_tasks() == 2
             await q.delete()

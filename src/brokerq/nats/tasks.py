@@ -19,6 +19,7 @@ count again, as a local getter killed before its ``task_done`` leaves one.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
@@ -103,19 +104,35 @@ class TaskCount:
         A failed or cancelled ack's count is given back: its body is not
         returned, so no ``task_done`` will come for it (its message is back
         in the stream, counted there, or gone with no one to finish it)."""
-        await self._change(lambda count: count + len(acks))
+        await self._count(len(acks))
         try:
             done = await asyncio.gather(*(ack() for ack in acks), return_exceptions=True)
         except BaseException:
-            await asyncio.shield(self._give_back(len(acks)))
+            await self._give_back(len(acks))
             raise
         failed = sum(isinstance(result, BaseException) for result in done)
         if failed:
-            await asyncio.shield(self._give_back(failed))
+            await self._give_back(failed)
         return [result if isinstance(result, BaseException) else None for result in done]
 
+    async def _count(self, n: int) -> None:
+        """Add ``n`` gets. Cancelled meanwhile (Ctrl-C in a blocking get), the
+        write is let finish and given back, as it may have landed."""
+        counting = asyncio.ensure_future(self._change(lambda count: count + n))
+        try:
+            await asyncio.shield(counting)
+        except asyncio.CancelledError:
+            with contextlib.suppress(Exception):
+                await counting
+                await self._give_back(n)
+            raise
+
     async def _give_back(self, n: int) -> None:
-        await self._change(lambda count: max(0, count - n))
+        """Take back ``n`` gets whose bodies were not returned; shielded from a
+        cancel, and a failure here leaves them counted (as a getter's crash
+        would) rather than hide the get's own error."""
+        with contextlib.suppress(Exception):
+            await asyncio.shield(self._change(lambda count: max(0, count - n)))
 
     async def task_done(self, n: int) -> None:
         """``n`` gets' tasks done. More than the unfinished tasks is refused
