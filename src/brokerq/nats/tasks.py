@@ -37,6 +37,10 @@ from .aio_message import not_supported
 #: The key-value bucket of every queue's outstanding gets (its stream is
 #: ``KV_bq_tasks``: not a queue's, so ``queues()`` does not list it).
 BUCKET = "bq_tasks"
+KV_STREAM = f"KV_{BUCKET}"
+#: The header of a key's deletion or purge, and its values.
+KV_OPERATION = "KV-Operation"
+_FORGOTTEN = frozenset({"DEL", "PURGE"})
 #: JetStream's refusal of a write whose expected last revision is not the key's.
 _WRONG_REVISION = frozenset({10071, 10164})
 #: How long one write waits for its answer before it is sent again (under
@@ -83,6 +87,7 @@ class TaskCount:
         self.queue = queue
         self.stream = stream
         self.key = stream  # (letters, digits, '-' and '_': a valid key)
+        self._subject = f"$KV.{BUCKET}.{self.key}"
         self._kv: KeyValue | None = None
         self._kv_js: JetStreamContext | None = None
         self._known: tuple[int, int] | None = None  # (count, revision)
@@ -219,16 +224,21 @@ class TaskCount:
             known = None
 
     async def _read(self) -> tuple[int, int]:
-        """The count and its revision (0: no key yet; a forgotten key reads 0)."""
-        kv = await self._bucket()
+        """The count and its revision (0: no key yet; a forgotten key reads 0).
+        Asked of the bucket's leader, not by a direct get that any replica may
+        answer: a lagging replica's count could show a join 0 too early."""
+        await self._bucket()
         try:
-            entry = await kv.get(self.key)
-        except nats.js.errors.KeyNotFoundError as gone:
-            revision = gone.entry.revision if gone.entry is not None else 0
-            self._known = (0, int(revision or 0))
+            entry = await self.client.js.get_msg(KV_STREAM, subject=self._subject, direct=False)
+        except nats.js.errors.NotFoundError:
+            self._known = (0, 0)
+            return self._known
+        revision = int(entry.seq or 0)
+        if (entry.headers or {}).get(KV_OPERATION) in _FORGOTTEN:
+            self._known = (0, revision)
             return self._known
         try:
-            self._known = (int(entry.value or b"0"), int(entry.revision or 0))
+            self._known = (int(entry.data or b"0"), revision)
         except ValueError:
             raise BrokerqError(f"the task count of {self.queue!r} is not a number") from None
         return self._known
@@ -241,12 +251,11 @@ class TaskCount:
             Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(revision),
             Header.MSG_ID.value: f"bq-task-{self.client.next_key()}",
         }
-        subject = f"$KV.{BUCKET}.{self.key}"
         give_up = time.monotonic() + self.client.timeout
         while True:
             try:
                 ack = await self.client.js.publish(
-                    subject, str(count).encode(), headers=headers, timeout=WRITE_ATTEMPT
+                    self._subject, str(count).encode(), headers=headers, timeout=WRITE_ATTEMPT
                 )
                 return int(ack.seq)
             except nats.js.errors.APIError as exc:
