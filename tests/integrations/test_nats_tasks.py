@@ -20,11 +20,12 @@ from pathlib import Path
 import pytest
 from conftest import Procs, gone, read_line, wait_until
 from extras import require
+from nats_cluster import Cluster
 from nats_server import NatsServer, require_server, start_server
 
 import brokerq
 
-require("nats", "nats")
+nats = require("nats", "nats")
 import brokerq.nats  # noqa: E402
 from brokerq.nats import tasks  # noqa: E402
 from brokerq.nats.aio_message import AsyncNatsMessage  # noqa: E402
@@ -232,3 +233,29 @@ def test_the_count_lives_outside_the_queues(client: brokerq.nats.NatsClient) -> 
     q.put(b"b")
     assert q.unfinished_tasks == 1
     q.delete()
+
+
+def test_on_a_cluster_the_count_is_replicated_and_outlives_its_leader() -> None:
+    """The bucket has the client's replicas; its leader killed, a task_done
+    waits for the next one and counts right: the count was the quorum's."""
+    with Cluster() as cluster, brokerq.connect(cluster.url + "?replicas=3") as client:
+        q = client.queue("r3tasks")
+        q.put_many([b"a", b"b", b"c"])
+        assert q.get_many(2, timeout=10) == [b"a", b"b"]
+        assert q.unfinished_tasks == 3
+        assert asyncio.run(_replicas(cluster.urls, tasks.KV_STREAM)) == 3
+        cluster.kill_leader(tasks.KV_STREAM)
+        q.task_done(2)
+        assert q.unfinished_tasks == 1
+        with pytest.raises(brokerq.InvalidRequest):
+            q.task_done(2)
+        q.reserve(timeout=10).ack()
+        q.join(timeout=10)
+
+
+async def _replicas(urls: list[str], stream: str) -> int:
+    nc = await nats.connect(urls)
+    try:
+        return int((await nc.jetstream().stream_info(stream)).config.num_replicas or 0)
+    finally:
+        await nc.close()

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol
+from typing import Protocol, TypeVar
 
 import nats.errors
 import nats.js.errors
@@ -43,9 +43,17 @@ KV_OPERATION = "KV-Operation"
 _FORGOTTEN = frozenset({"DEL", "PURGE"})
 #: JetStream's refusal of a write whose expected last revision is not the key's.
 _WRONG_REVISION = frozenset({10071, 10164})
-#: How long one write waits for its answer before it is sent again (under
-#: its id: a write that did land is then answered as a duplicate).
-WRITE_ATTEMPT = 2.0
+#: How long one request waits for its answer before it is sent again (a
+#: write under its id: one that did land is then answered as a duplicate).
+ATTEMPT = 2.0
+#: No answer, or no leader just now (one is being elected): asked again.
+_UNANSWERED = (
+    TimeoutError,
+    nats.errors.TimeoutError,
+    nats.errors.NoRespondersError,
+    nats.js.errors.ServiceUnavailableError,
+    nats.js.errors.NoStreamResponseError,  # (nats-py's name for no responders to a publish)
+)
 #: A join's first and longest pause between two looks at the count.
 JOIN_PAUSE = 0.02
 JOIN_PAUSE_MAX = 0.5
@@ -72,6 +80,20 @@ class _TooFew(Exception):
 
 
 AckStep = Callable[[], Awaitable[object]]
+T = TypeVar("T")
+
+
+async def _patiently(step: Callable[[], Awaitable[T]], within: float) -> T:
+    """``step()``, asked again while no answer comes, for ``within`` seconds:
+    the bucket's leader may be changing (a cluster), as a queue's may."""
+    give_up = time.monotonic() + within
+    while True:
+        try:
+            return await asyncio.wait_for(step(), ATTEMPT)
+        except _UNANSWERED:
+            if time.monotonic() >= give_up:
+                raise
+            await asyncio.sleep(0.05)
 
 
 class TaskCount:
@@ -194,7 +216,9 @@ class TaskCount:
 
     async def _messages(self) -> int:
         try:
-            info = await self.client.js.stream_info(self.stream)
+            info = await _patiently(
+                lambda: self.client.js.stream_info(self.stream), self.client.timeout
+            )
         except nats.js.errors.NotFoundError:
             return 0  # (never used, or deleted: nothing in it)
         return int(info.state.messages)
@@ -229,7 +253,10 @@ class TaskCount:
         answer: a lagging replica's count could show a join 0 too early."""
         await self._bucket()
         try:
-            entry = await self.client.js.get_msg(KV_STREAM, subject=self._subject, direct=False)
+            entry = await _patiently(
+                lambda: self.client.js.get_msg(KV_STREAM, subject=self._subject, direct=False),
+                self.client.timeout,
+            )
         except nats.js.errors.NotFoundError:
             self._known = (0, 0)
             return self._known
@@ -251,21 +278,16 @@ class TaskCount:
             Header.EXPECTED_LAST_SUBJECT_SEQUENCE.value: str(revision),
             Header.MSG_ID.value: f"bq-task-{self.client.next_key()}",
         }
-        give_up = time.monotonic() + self.client.timeout
-        while True:
-            try:
-                ack = await self.client.js.publish(
-                    self._subject, str(count).encode(), headers=headers, timeout=WRITE_ATTEMPT
-                )
-                return int(ack.seq)
-            except nats.js.errors.APIError as exc:
-                if exc.err_code in _WRONG_REVISION:
-                    raise _Conflict from None
-                raise
-            except (TimeoutError, nats.errors.TimeoutError, nats.errors.NoRespondersError):
-                if time.monotonic() >= give_up:
-                    raise
-                await asyncio.sleep(0.05)
+        try:
+            ack = await _patiently(
+                lambda: self.client.js.publish(self._subject, str(count).encode(), headers=headers),
+                self.client.timeout,
+            )
+        except nats.js.errors.APIError as exc:
+            if exc.err_code in _WRONG_REVISION:
+                raise _Conflict from None
+            raise
+        return int(ack.seq)
 
     async def _bucket(self) -> KeyValue:
         """The bucket, made on first use (every client makes it alike, so two
