@@ -13,6 +13,8 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -259,3 +261,22 @@ async def _replicas(urls: list[str], stream: str) -> int:
         return int((await nc.jetstream().stream_info(stream)).config.num_replicas or 0)
     finally:
         await nc.close()
+
+
+def test_a_join_timing_out_in_a_thread_sharing_the_client_raises_join_timeout(
+    q: brokerq.nats.NatsQueue,
+) -> None:
+    """Its call waits for the loop another thread runs: its own JoinTimeout
+    (a TimeoutError) is not taken for the wait on that loop running out."""
+    q.put(b"a")
+
+    def long_join() -> None:
+        with pytest.raises(brokerq.JoinTimeout):
+            q.join(timeout=1.5)
+
+    other = threading.Thread(target=long_join)
+    other.start()
+    time.sleep(0.2)  # (the other thread runs the loop now)
+    with pytest.raises(brokerq.JoinTimeout):
+        q.join(timeout=0.2)
+    other.join(timeout=20)
