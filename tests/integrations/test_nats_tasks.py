@@ -54,6 +54,24 @@ KILLED_GETTER = textwrap.dedent(
     """
 )
 
+#: A delete that says when it has forgotten the queue's count, then waits
+#: to be killed there, before the stream's deletion.
+KILLED_DELETE = textwrap.dedent(
+    """
+    import asyncio, os, sys, brokerq
+    from nats.js.manager import JetStreamManager
+    url, queue = sys.argv[1:3]
+
+    async def held_back(self, name):
+        os.write(1, b"forgotten\\n")
+        await asyncio.sleep(3600)
+
+    JetStreamManager.delete_stream = held_back
+    with brokerq.connect(url) as client:
+        client.queue(queue).delete()
+    """
+)
+
 #: A consumer that waits for a word on stdin, then takes messages until
 #: none comes for a second, writing each body down before it finishes its
 #: task: by ``get`` and ``task_done``, or by ``reserve`` and ``ack``.
@@ -141,6 +159,28 @@ def test_a_getter_killed_before_its_task_done_leaves_its_task_as_locally(
         q.get(timeout=0.3)  # acked: gone for good
     q.task_done()
     q.join(timeout=0)
+
+
+def test_a_delete_killed_between_its_two_steps_leaves_the_queue_and_no_stale_count(
+    server: NatsServer, q: brokerq.nats.NatsQueue, procs: Procs
+) -> None:
+    """The count forgotten, the stream not yet deleted: the queue keeps its
+    messages, the got one's task is gone as after a delete, and a delete
+    run again finishes the work; nothing counted is left for a new queue."""
+    q.put_many([b"a", b"b"])
+    assert q.get(timeout=5) == b"a"
+    deleting = procs([sys.executable, "-c", KILLED_DELETE, server.url, q.name])
+    assert read_line(deleting, timeout=20) == b"forgotten\n"
+    os.kill(deleting.pid, signal.SIGKILL)
+    wait_until(lambda: gone(deleting.pid), 10, "the killed delete to be gone")
+    assert q.unfinished_tasks == 1  # b, still in its stream
+    assert q.get(timeout=5) == b"b"
+    q.task_done()
+    with pytest.raises(brokerq.InvalidRequest):
+        q.task_done()  # a's count went with the delete's first step
+    assert q.delete() == 0
+    q.put(b"c")
+    assert q.unfinished_tasks == 1
 
 
 def test_a_join_returns_once_consumer_processes_have_done_every_task(
