@@ -1,6 +1,7 @@
 """Unfinished tasks on NATS (brokerq/nats/tasks.py), where they differ from the
-local broker's or could break: getters killed by pid between their steps,
-consumer processes racing on the count, a failed ack, what is refused.
+local broker's or could break: getters and a delete killed by pid between
+their steps, consumer processes racing on the count, a failed or cancelled
+ack, a cluster losing the count's leader, what is refused.
 
 The behaviour both backends share is in test_nats_backends.py.
 """
