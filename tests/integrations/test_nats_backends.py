@@ -8,7 +8,9 @@ NATS backend cannot do is refused with NotSupported (tested at the end).
 
 from __future__ import annotations
 
+import asyncio
 import os
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -387,8 +389,6 @@ REFUSED: list[tuple[str, Callable[[Any, Any], object]]] = [
     ("priority", lambda c, q: q.put(b"urgent", priority=5)),
     ("priority", lambda c, q: q.put_many([b"urgent"], priority=5)),
     ("priority", lambda c, q: c.publish("news", b"urgent", priority=5)),
-    ("task_done", lambda c, q: q.task_done()),
-    ("join", lambda c, q: q.join(timeout=1)),
 ]
 
 
@@ -598,3 +598,141 @@ def test_a_kick_on_dead_letters_sends_them_back_buried_first_attempts_reset(
     msg.ack()
     assert dead.kick() == 0
     assert (dead.qsize(), dead.stats()["buried"]) == (0, 0)
+
+
+# -- unfinished tasks: task_done, join, unfinished_tasks ----------------------------------------
+
+
+def test_a_get_leaves_its_task_for_task_done_and_too_many_are_refused(q: brokerq.Queue) -> None:
+    assert q.unfinished_tasks == 0
+    q.put_many([b"a", b"b", b"c"])
+    assert q.unfinished_tasks == 3
+    assert q.get(timeout=5) == b"a"
+    assert q.get_many(5, timeout=5) == [b"b", b"c"]
+    assert (q.unfinished_tasks, q.stats()["unfinished_tasks"]) == (3, 3)
+    q.task_done()
+    q.task_done(2)
+    assert q.unfinished_tasks == 0
+    with pytest.raises(brokerq.InvalidRequest, match="too many times"):
+        q.task_done()
+    with pytest.raises(brokerq.InvalidRequest, match="n >= 1"):
+        q.task_done(0)
+    assert q.unfinished_tasks == 0
+
+
+def test_an_ack_is_a_reserves_task_done_and_a_release_changes_nothing(q: brokerq.Queue) -> None:
+    q.configure(lease=1)
+    q.put_many([b"a", b"b"])
+    q.reserve(timeout=5).release()
+    assert q.unfinished_tasks == 2
+    q.reserve(timeout=5)  # its lease runs out: back, still a task
+    time.sleep(1.2)
+    assert q.unfinished_tasks == 2
+    for _ in range(2):
+        q.reserve(timeout=5).ack()
+    assert q.unfinished_tasks == 0
+    q.join(timeout=0)
+
+
+def test_purge_finishes_the_tasks_of_what_it_drops(q: brokerq.Queue) -> None:
+    q.put_many([b"a", b"b", b"c"])
+    assert q.get(timeout=5) == b"a"
+    assert q.purge() == 2
+    assert q.unfinished_tasks == 1  # the got one waits for its task_done
+    q.task_done()
+    q.join(timeout=0)
+
+
+def test_a_dead_letter_is_a_task_of_the_dead_queue(
+    client: brokerq.Client, q: brokerq.Queue
+) -> None:
+    q.configure(max_deliveries=1)
+    q.put(b"bad")
+    q.reserve(timeout=5).release()
+    with pytest.raises(brokerq.Empty):
+        q.get(timeout=0.3)  # (on NATS, the fetch past max_deliveries moves it)
+    dead = client.queue(q.name + ":dead")
+    assert (q.unfinished_tasks, dead.unfinished_tasks) == (0, 1)
+    assert dead.get(timeout=5) == b"bad"
+    dead.task_done()
+    dead.join(timeout=0)
+    dead.delete()
+
+
+def test_join_waits_for_the_last_task_done_and_times_out_with_join_timeout(
+    target: str, q: brokerq.Queue
+) -> None:
+    q.put_many([b"a", b"b"])
+    with pytest.raises(brokerq.JoinTimeout) as late:
+        q.join(timeout=0.2)
+    assert isinstance(late.value, TimeoutError)
+    with pytest.raises(brokerq.InvalidRequest, match="timeout"):
+        q.join(timeout=-1)
+
+    def work() -> None:
+        with connect(target) as other:
+            theirs = other.queue(q.name)
+            for _ in range(2):
+                theirs.get(timeout=5)
+                time.sleep(0.1)
+                theirs.task_done()
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    started = time.monotonic()
+    q.join(timeout=20)
+    assert time.monotonic() - started >= 0.15  # not before the last task_done
+    worker.join(timeout=20)
+    assert q.unfinished_tasks == 0
+
+
+def test_delete_forgets_the_tasks(q: brokerq.Queue) -> None:
+    q.put_many([b"a", b"b"])
+    assert q.get(timeout=5) == b"a"
+    assert q.delete() == 1
+    assert q.unfinished_tasks == 0
+    q.join(timeout=0)
+    with pytest.raises(brokerq.InvalidRequest):
+        q.task_done()  # the got one's count went with the queue
+    q.put(b"again")
+    assert q.unfinished_tasks == 1
+
+
+def test_the_async_queue_counts_the_same(target: str) -> None:
+    name = "a" + uuid.uuid4().hex[:12]
+
+    async def main() -> None:
+        async with brokerq.open_async_client(target) as c:
+            q = c.queue(name)
+            await q.put_many([b"a", b"b"])
+            assert await q.unfinished_tasks() == 2
+            assert await q.get(timeout=5) == b"a"
+            async with q.reserve(timeout=5):
+                pass
+            assert await q.unfinished_tasks() == 1
+            with pytest.raises(brokerq.JoinTimeout):
+                await q.join(timeout=0.1)
+            await q.task_done()
+            await q.join(timeout=5)
+            await q.delete()
+
+    asyncio.run(main())
+
+
+def test_brokerq_join_exits_0_when_done_and_3_on_timeout(
+    target: str, backend: str, q: brokerq.Queue
+) -> None:
+    where = ["--url" if backend == "nats" else "--socket", target]
+    assert run_cli(*where, "join", q.name).returncode == 0  # nothing to do
+    q.put(b"a")
+    late = run_cli(*where, "join", q.name, "--timeout", "0.2")
+    assert late.returncode == 3, late.stderr
+    assert late.stderr.decode().strip() == (
+        f"brokerq: the tasks of {q.name!r} were not all done within 0.2 s"
+    )
+    assert q.get(timeout=5) == b"a"
+    waiting = run_cli(*where, "join", q.name, "--timeout", "0")
+    assert waiting.returncode == 3, waiting.stderr
+    q.task_done()
+    done = run_cli(*where, "join", q.name, "--timeout", "5")
+    assert done.returncode == 0, done.stderr

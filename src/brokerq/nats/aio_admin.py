@@ -20,6 +20,7 @@ from .. import validation
 from ..errors import Empty, InvalidRequest
 from . import burial, naming, rules, topics
 from .failures import translate_errors
+from .tasks import TaskCount
 
 
 @dataclass
@@ -72,6 +73,7 @@ class QueueAdmin:
     name: str
     stream: str
     client: QueueHost
+    tasks: TaskCount
 
     async def _settings(self) -> QueueSettings:
         raise NotImplementedError
@@ -115,6 +117,7 @@ class QueueAdmin:
         settings = await self._settings()
         stream = await self.client.js.stream_info(self.stream)
         consumer = await self.client.js.consumer_info(self.stream, naming.CONSUMER)
+        outstanding = await self.tasks.outstanding()  # (after the stream's count: see tasks.py)
         return {
             "name": self.name,
             "ready": consumer.num_pending or 0,
@@ -125,6 +128,7 @@ class QueueAdmin:
             "put_total": stream.state.last_seq,
             "buried": await burial.count(self.client.js, self.name),
             "redelivered": consumer.num_redelivered or 0,
+            "unfinished_tasks": stream.state.messages + outstanding,
             "max_deliveries": settings.max_deliveries,
             "lease": settings.lease,
             # 0: no limit, as the local stats say it
@@ -160,12 +164,16 @@ class QueueAdmin:
         return bytes(found.data or b"")
 
     async def delete(self) -> int:
-        """Its topic subscriptions end (as the local delete's), then the queue's
-        stream goes, then its buried messages' stream: a client dying between
-        the two leaves buried copies no redelivery or kick mistakes for a new
-        message of the same sequence (burial.py checks the key), and the next
-        delete removes them."""
+        """Its topic subscriptions end (as the local delete's), its count of
+        gets owed a task_done is forgotten, then the queue's stream goes, then
+        its buried messages' stream. The count before the stream: a crash
+        between them leaves the queue with its messages and no gets owed a
+        task_done, never a stale count a new queue would inherit. A crash
+        before the buried stream goes leaves copies no redelivery or kick
+        mistakes for a new message of the same sequence (burial.py checks
+        the key), and the next delete removes them."""
         await topics.forget_queue(self.client, self.name)
+        await self.tasks.forget()
         try:
             count = (await self.client.js.stream_info(self.stream)).state.messages
             await self.client.js.delete_stream(self.stream)

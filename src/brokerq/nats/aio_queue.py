@@ -12,6 +12,7 @@ publish is dropped as a duplicate). What cannot hold raises NotSupported.
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from .aio_admin import QueueAdmin, QueueHost, QueueSettings
 from .aio_message import AsyncNatsMessage, NatsReserving, not_supported
 from .failures import translate_errors
 from .pulling import NoLeader, Puller
+from .tasks import AckStep, TaskCount
 
 #: How long one attempt of a put waits for its PubAck before it is sent
 #: again (with its key: a duplicate is dropped): a put sent to a server
@@ -107,6 +109,7 @@ class AsyncNatsQueue(QueueAdmin):
         # One pull at a time per queue and client: a message a timed-out pull
         # brought in late waits in the subscription for the next one.
         self._pulling = asyncio.Lock()
+        self.tasks = TaskCount(client, name, self.stream)
 
     def __repr__(self) -> str:
         return f"<brokerq.nats.AsyncNatsQueue {self.name!r} at {self.client.url!r}>"
@@ -246,8 +249,11 @@ class AsyncNatsQueue(QueueAdmin):
         """Nothing to wait for: every put returned once the stream had it."""
 
     async def get(self, timeout: float | None = None) -> bytes:
+        """A reserve and its ack, counted first as a task owed a task_done (tasks.py)."""
         msg = await self.reserve_message(timeout)
-        await msg.ack()
+        (failed,) = await self.tasks.acked_as_got([msg.ack])
+        if failed is not None:
+            raise failed
         return msg.body
 
     async def get_nowait(self) -> bytes:
@@ -256,25 +262,29 @@ class AsyncNatsQueue(QueueAdmin):
     async def get_many(self, n: int, timeout: float | None = None) -> list[bytes]:
         """Up to ``n`` bodies: waits (up to ``timeout``) for the first, then
         takes what is there now, as the local get_many: the rest in one pull
-        batch, acked together. One whose ack fails is not returned (it comes
-        back after its lease): never a body returned unacked, or acked unreturned."""
-        if not isinstance(n, int) or n < 1:
+        batch, all counted as tasks at once and acked together. One whose ack
+        fails is not returned (it comes back after its lease) and its task is
+        given back: never a body returned unacked, or acked unreturned."""
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise InvalidRequest(f"get_many needs n >= 1, not {n!r}")
-        bodies = [await self.get(timeout)]
+        first = await self.reserve_message(timeout)
         settings = await self._settings()
-        while len(bodies) < n:
-            fetched = await self._pull_batch(n - len(bodies))
+        rest: list[Msg] = []
+        while len(rest) < n - 1:
+            fetched = await self._pull_batch(n - 1 - len(rest))
             if not fetched:
                 break
-            taken = [msg for msg in fetched if await self._deliverable(msg, settings)]
-            acks = [msg.ack_sync(timeout=self.client.timeout) for msg in taken]
-            done = await asyncio.gather(*acks, return_exceptions=True)
-            bodies += [
-                bytes(m.data)
-                for m, d in zip(taken, done, strict=True)
-                if not isinstance(d, BaseException)
-            ]
-        return bodies
+            rest += [msg for msg in fetched if await self._deliverable(msg, settings)]
+        acks: list[AckStep] = [
+            first.ack,
+            *(functools.partial(m.ack_sync, self.client.timeout) for m in rest),
+        ]
+        failed = await self.tasks.acked_as_got(acks)
+        bodies = [first.body, *(bytes(m.data) for m in rest)]
+        got = [body for body, error in zip(bodies, failed, strict=True) if error is None]
+        if not got and failed[0] is not None:
+            raise failed[0]
+        return got
 
     def reserve(self, timeout: float | None = None, lease: float | None = None) -> NatsReserving:
         """A reserve to make, as the local AsyncQueue's: awaited for its
@@ -323,13 +333,17 @@ class AsyncNatsQueue(QueueAdmin):
         return verdict.action is rules.Action.DELIVER
 
     async def _pull_batch(self, n: int) -> list[Msg]:
-        """Up to ``n`` messages there now (none: an empty list), in one pull."""
+        """Up to ``n`` messages there now (none: an empty list), in one pull;
+        leaving out any a prefetch held until its lease was nearly over (the
+        server gives it out again when its lease ends)."""
+        lease = (await self._settings()).lease
         async with self._pulling:
             try:
                 got = await self._puller().pull(n, None, self.client.prefetch)
-                return [msg for msg, _ in got]
             except NoLeader:
                 return []
+        fresh_since = time.monotonic() + HELD_MARGIN - lease
+        return [msg for msg, since in got if since > fresh_since]
 
     async def _pull(self, deadline: float | None) -> tuple[Msg, float]:
         """One message from the consumer, waiting until ``deadline`` (None: for
@@ -415,13 +429,13 @@ class AsyncNatsQueue(QueueAdmin):
         return len(fetched)
 
     async def task_done(self, n: int = 1) -> None:
-        raise not_supported("task_done", "JetStream keeps no count of unfinished tasks")
+        await self.tasks.task_done(n)
 
     async def join(self, timeout: float | None = None) -> None:
-        raise not_supported("join", "JetStream keeps no count of unfinished tasks")
+        await self.tasks.join(timeout)
 
     async def unfinished_tasks(self) -> int:
-        raise not_supported("unfinished_tasks", "JetStream keeps no count of unfinished tasks")
+        return await self.tasks.unfinished()
 
     async def subscribe(self, topic: str) -> None:
         """From now on, a copy of every publish to ``topic`` (see :mod:`.topics`)."""

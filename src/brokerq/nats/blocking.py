@@ -11,6 +11,7 @@ connection.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 from collections.abc import Awaitable, Callable, Iterable, Iterator
@@ -277,7 +278,9 @@ class NatsQueue:
         self._call(lambda q: q.task_done(n))
 
     def join(self, timeout: float | None = None) -> None:
-        self._call(lambda q: q.join(timeout), timeout)
+        validation.validate_timeout(timeout)  # (before it is added to the wait below)
+        wait = None if timeout is None or math.isinf(timeout) else timeout
+        self._call(lambda q: q.join(timeout), wait)
 
     def subscribe(self, topic: str) -> None:
         self._call(lambda q: q.subscribe(topic))

@@ -82,6 +82,8 @@ class Driver:
         try:
             return future.result(wait)
         except concurrent.futures.TimeoutError:
+            if future.done():
+                raise  # the call's own (a JoinTimeout is a TimeoutError too), not our wait's
             future.cancel()
             raise BrokerUnavailable(f"NATS did not answer within {wait} s") from None
         except BaseException:
