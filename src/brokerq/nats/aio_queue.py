@@ -38,7 +38,8 @@ from .tasks import AckStep, TaskCount
 #: that just died, or to a leader being replaced, is soon sent again.
 ATTEMPT_TIMEOUT = 2.0
 #: A message held by a prefetch is handed out only with this much of its
-#: lease left (seconds), so its ack or touch reaches the server in time.
+#: lease left (seconds; a quarter of a shorter lease), so its ack or touch
+#: reaches the server in time.
 HELD_MARGIN = 1.0
 #: Errors after which a put is sent again with the same key (deduplicated):
 #: no answer (a reconnect, a leader election), or no stream leader just now.
@@ -60,6 +61,10 @@ _FULL_CODES = frozenset({10077, 10078})
 def _is_full(exc: Exception) -> bool:
     """JetStream's refusal of a put to a stream at its max_msgs or max_bytes."""
     return getattr(exc, "err_code", None) in _FULL_CODES
+
+
+def _held_margin(lease: float) -> float:
+    return min(HELD_MARGIN, lease / 4)
 
 
 def _deadline(timeout: float | None) -> float | None:
@@ -300,10 +305,11 @@ class AsyncNatsQueue(QueueAdmin):
         while True:
             called = time.monotonic()
             msg, since = await self._pull(deadline)
-            if since < called - HELD_MARGIN:
+            margin = _held_margin(settings.lease)
+            if since < called - margin:
                 # Held since an earlier pull (a prefetch): if its lease still has
                 # time, it begins again now, as the local prefetch's at hand-out.
-                if since + settings.lease - HELD_MARGIN <= time.monotonic():
+                if since + settings.lease - margin <= time.monotonic():
                     continue  # (the server gives it out again when its lease ends)
                 since = time.monotonic()
                 await msg.in_progress()
@@ -342,7 +348,7 @@ class AsyncNatsQueue(QueueAdmin):
                 got = await self._puller().pull(n, None, self.client.prefetch)
             except NoLeader:
                 return []
-        fresh_since = time.monotonic() + HELD_MARGIN - lease
+        fresh_since = time.monotonic() + _held_margin(lease) - lease
         return [msg for msg, since in got if since > fresh_since]
 
     async def _pull(self, deadline: float | None) -> tuple[Msg, float]:
