@@ -31,9 +31,10 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import importlib
 import signal
 import threading
-from collections.abc import Awaitable, Coroutine
+from collections.abc import Awaitable
 from types import FrameType
 from typing import Any, TypeVar
 
@@ -41,6 +42,10 @@ from ..errors import BrokerUnavailable
 
 T = TypeVar("T")
 
+#: The C module under ``signal`` (no stubs): ``signal.signal`` turns every
+#: handler into an enum by raising and catching a ValueError, some 7 us a
+#: call, which the blocking client would pay twice on every call.
+_signal: Any = importlib.import_module("_signal")
 #: How often the service thread runs a pass of the loop when no call does
 #: (seconds): what timers and the server's messages need done meanwhile
 #: advances a step a pass.
@@ -65,7 +70,7 @@ class Driver:
     def run(self, coro: Awaitable[T], wait: float | None) -> T:
         """``coro``'s result; after ``wait`` seconds (None: never) it is
         cancelled and BrokerUnavailable raised, so no pull goes on for nobody."""
-        call = _as_coroutine(coro)
+        call = coro
         nested = asyncio._get_running_loop() is not None  # (a caller inside some loop)
         with self._mutex:
             fast = self._runner is None and not nested and not self._closed
@@ -90,24 +95,36 @@ class Driver:
             future.cancel()
             raise
 
-    def _run_here(self, call: Coroutine[Any, Any, T], wait: float | None) -> T:
-        """The fast path: run the loop in this thread until ``call`` ends."""
-        task = self.loop.create_task(_bounded(call, wait))
+    def _run_here(self, call: Awaitable[T], wait: float | None) -> T:
+        """The fast path: run the loop in this thread until ``call`` ends.
+
+        The call's task stops the loop itself as it ends (``run_until_complete``
+        would take one more pass of the loop to see it done: a poll of the
+        sockets, on every call)."""
+        task = self.loop.create_task(self._stopping_when_done(call, wait))
         interrupted = _CancelOnSigint(task, self.loop)
         try:
             with interrupted:
+                while not task.done():
+                    self.loop.run_forever()
                 try:
-                    return self.loop.run_until_complete(task)
+                    return task.result()
                 except asyncio.CancelledError:
                     if interrupted.count:
                         raise KeyboardInterrupt() from None
                     raise
         finally:
-            if not task.done():  # (a KeyboardInterrupt the handler could not turn into a cancel)
+            if not task.done():
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     self.loop.run_until_complete(task)
             self._release()
+
+    async def _stopping_when_done(self, call: Awaitable[T], wait: float | None) -> T:
+        try:
+            return await _bounded(call, wait)
+        finally:
+            self.loop.stop()
 
     def _release(self) -> None:
         """Stop running the loop: the service thread takes it if foreign calls wait."""
@@ -118,7 +135,7 @@ class Driver:
             else:
                 self._runner = None
 
-    async def _foreign_call(self, call: Coroutine[Any, Any, T]) -> T:
+    async def _foreign_call(self, call: Awaitable[T]) -> T:
         try:
             return await call
         finally:
@@ -168,14 +185,7 @@ class Driver:
             self.loop.close()
 
 
-def _as_coroutine(awaitable: Awaitable[T]) -> Coroutine[Any, Any, T]:
-    async def call() -> T:
-        return await awaitable
-
-    return call()
-
-
-async def _bounded(call: Coroutine[Any, Any, T], wait: float | None) -> T:
+async def _bounded(call: Awaitable[T], wait: float | None) -> T:
     scope = asyncio.timeout(wait)
     try:
         async with scope:
@@ -198,9 +208,9 @@ class _CancelOnSigint:
     def __enter__(self) -> _CancelOnSigint:
         if (
             threading.current_thread() is threading.main_thread()
-            and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+            and _signal.getsignal(signal.SIGINT) is signal.default_int_handler
         ):
-            self._previous = signal.signal(signal.SIGINT, self._on_sigint)
+            self._previous = _signal.signal(signal.SIGINT, self._on_sigint)
         return self
 
     def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
@@ -213,4 +223,4 @@ class _CancelOnSigint:
 
     def __exit__(self, *exc: object) -> None:
         if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
+            _signal.signal(signal.SIGINT, self._previous)
