@@ -245,6 +245,25 @@ def test_async_client_under_asyncio(server: NatsServer) -> None:
     asyncio.run(main())
 
 
+def test_async_prefetch_hands_out_in_order_and_gives_back_on_close(server: NatsServer) -> None:
+    async def main() -> None:
+        async with brokerq.open_async_client(server.url, prefetch=8) as c:
+            q = c.queue("async-pf")
+            await q.put_many([b"%02d" % i for i in range(20)])
+            assert [await q.get(timeout=5) for _ in range(5)] == [b"%02d" % i for i in range(5)]
+            m = await q.reserve(timeout=5, lease=60)  # (a held one: its lease starts now)
+            assert m.body == b"05"
+            assert m.lease_expires - time.monotonic() > 55
+            await m.ack()
+        async with brokerq.open_async_client(server.url) as c:
+            q = c.queue("async-pf")
+            rest = await q.get_many(20, timeout=5)  # what the closed client held came back
+            assert rest == [b"%02d" % i for i in range(6, 20)]
+            await q.delete()
+
+    asyncio.run(main())
+
+
 def test_async_client_under_trio_says_asyncio_only(server: NatsServer) -> None:
     import trio
 
