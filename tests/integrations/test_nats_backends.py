@@ -736,3 +736,15 @@ def test_brokerq_join_exits_0_when_done_and_3_on_timeout(
     q.task_done()
     done = run_cli(*where, "join", q.name, "--timeout", "5")
     assert done.returncode == 0, done.stderr
+
+
+def test_brokerq_get_leaves_its_task_for_a_task_done(client: brokerq.Client, target: str) -> None:
+    name = "cg" + uuid.uuid4().hex[:8]
+    q = client.queue(name)
+    q.put(b"job")
+    where = "--url" if target.startswith("nats://") else "--socket"
+    done = run_cli(where, target, "get", name)
+    assert (done.returncode, done.stdout) == (0, b"job\n"), done.stderr
+    assert q.unfinished_tasks == 1
+    q.task_done()
+    assert q.unfinished_tasks == 0

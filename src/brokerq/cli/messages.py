@@ -107,8 +107,8 @@ def get(
                     if isinstance(message, Message):
                         client = state.local_client("get")
                         client.run(calls.ack(message.id, message.attempt, as_get=True))
-                    else:  # NATS: the queue's lease, as long as a reserve's
-                        message.ack()
+                    else:
+                        message.ack_as_get()
                 except (LeaseLost, BrokerUnavailable) as exc:
                     raise BrokerqError(
                         f"message {message.id} was printed, but may be delivered again: {exc}"

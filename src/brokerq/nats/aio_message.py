@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Coroutine, Generator
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Sequence
 from typing import Any, Protocol
 
 from nats.aio.client import Client as NatsConnection
@@ -36,6 +36,12 @@ class _Client(Protocol):
     def js(self) -> JetStreamContext: ...
 
 
+class _Tasks(Protocol):
+    async def acked_as_got(
+        self, acks: Sequence[Callable[[], Awaitable[None]]]
+    ) -> list[BaseException | None]: ...
+
+
 class MessageHome(Protocol):
     """What a message needs of its queue (:class:`brokerq.nats.AsyncNatsQueue`)."""
 
@@ -43,6 +49,9 @@ class MessageHome(Protocol):
 
     @property
     def client(self) -> _Client: ...
+
+    @property
+    def tasks(self) -> _Tasks: ...
 
 
 def not_supported(feature: str, why: str) -> NotSupported:
@@ -112,6 +121,13 @@ class AsyncNatsMessage:
         self._check_lease()
         await self._msg.ack_sync(timeout=self.queue.client.timeout)
         self._settle()
+
+    async def ack_as_get(self) -> None:
+        """Ack it as a get takes its message: its task is left for a
+        ``task_done`` (tasks.py), as the local ``ack(as_get=True)`` leaves it."""
+        (failed,) = await self.queue.tasks.acked_as_got([self.ack])
+        if failed is not None:
+            raise failed
 
     async def release(self, delay: float = 0) -> None:
         self._check_lease()

@@ -256,9 +256,7 @@ class AsyncNatsQueue(QueueAdmin):
     async def get(self, timeout: float | None = None) -> bytes:
         """A reserve and its ack, counted first as a task owed a task_done (tasks.py)."""
         msg = await self.reserve_message(timeout)
-        (failed,) = await self.tasks.acked_as_got([msg.ack])
-        if failed is not None:
-            raise failed
+        await msg.ack_as_get()
         return msg.body
 
     async def get_nowait(self) -> bytes:

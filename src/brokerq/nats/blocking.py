@@ -321,6 +321,10 @@ class NatsMessage:
     def ack(self) -> None:
         self._do(lambda m: m.ack())
 
+    def ack_as_get(self) -> None:
+        """Ack it as a get takes its message: its task is left for a ``task_done``."""
+        self._do(lambda m: m.ack_as_get())
+
     def release(self, delay: float = 0) -> None:
         self._do(lambda m: m.release(delay))
 
