@@ -8,36 +8,18 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from extras import require
-from nats_server import NatsServer, require_server, start_server
+from nats_fixtures import clean_client, module_server  # noqa: F401
+from nats_server import NatsServer
 
 import brokerq
 
 nats = require("nats", "nats")
 import brokerq.nats  # noqa: E402
 from brokerq.nats import naming  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[NatsServer]:
-    require_server()
-    handle = start_server()
-    try:
-        yield handle
-    finally:
-        handle.stop()
-
-
-@pytest.fixture
-def client(server: NatsServer) -> Iterator[brokerq.nats.NatsClient]:
-    with brokerq.nats.connect(server.url) as c:
-        yield c
-        for name in c.queues():
-            c.queue(name).delete()
 
 
 def test_put_get_in_order_and_empty(client: brokerq.nats.NatsClient) -> None:

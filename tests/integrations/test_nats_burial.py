@@ -16,13 +16,13 @@ import sys
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import Procs, gone, wait_until
 from extras import require
-from nats_server import NatsServer, require_server, start_server
+from nats_fixtures import clean_client, module_server  # noqa: F401
+from nats_server import NatsServer
 
 import brokerq
 
@@ -94,24 +94,6 @@ HELPER = textwrap.dedent(
             q.kick()
     """
 )
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[NatsServer]:
-    require_server()
-    handle = start_server()
-    try:
-        yield handle
-    finally:
-        handle.stop()
-
-
-@pytest.fixture
-def client(server: NatsServer) -> Iterator[brokerq.nats.NatsClient]:
-    with brokerq.nats.connect(server.url) as c:
-        yield c
-        for name in c.queues():
-            c.queue(name).delete()
 
 
 def kill_at(procs: Procs, url: str, queue: str, verb: str, stall_at: str) -> None:

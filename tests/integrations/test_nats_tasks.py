@@ -24,7 +24,8 @@ import pytest
 from conftest import Procs, gone, read_line, wait_until
 from extras import require
 from nats_cluster import Cluster
-from nats_server import NatsServer, require_server, start_server
+from nats_fixtures import clean_client, module_server  # noqa: F401
+from nats_server import NatsServer
 
 import brokerq
 
@@ -97,22 +98,6 @@ WORKER = textwrap.dedent(
                 break
     """
 )
-
-
-@pytest.fixture(scope="module")
-def server() -> Iterator[NatsServer]:
-    require_server()
-    handle = start_server()
-    try:
-        yield handle
-    finally:
-        handle.stop()
-
-
-@pytest.fixture
-def client(server: NatsServer) -> Iterator[brokerq.nats.NatsClient]:
-    with brokerq.nats.connect(server.url) as c:
-        yield c
 
 
 @pytest.fixture

@@ -1,0 +1,39 @@
+"""The NATS tests' shared fixtures: one server per test module, a client per test.
+
+A module imports them by their function names (``from nats_fixtures import
+clean_client, module_server  # noqa: F401``); tests ask for them as
+``server`` and ``client``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+import pytest
+from nats_server import NatsServer, require_server, start_server
+
+if TYPE_CHECKING:
+    import brokerq.nats
+
+
+@pytest.fixture(scope="module", name="server")
+def module_server() -> Iterator[NatsServer]:
+    """A nats-server of the module's own, ended by its pid."""
+    require_server()
+    handle = start_server()
+    try:
+        yield handle
+    finally:
+        handle.stop()
+
+
+@pytest.fixture(name="client")
+def clean_client(server: NatsServer) -> Iterator[brokerq.nats.NatsClient]:
+    """A client of ``server``; the queues it leaves are deleted after the test."""
+    import brokerq.nats
+
+    with brokerq.nats.connect(server.url) as c:
+        yield c
+        for name in c.queues():
+            c.queue(name).delete()
