@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import platform
 import resource
 import shutil
 import socket
@@ -205,3 +206,31 @@ def fill(queue: brokerq.Queue, count: int, batch: int = 1000) -> None:
         chunk = min(batch, count - done)
         queue.put_many(bodies if chunk == batch else bodies[:chunk])
         done += chunk
+
+
+def git_commit() -> str:
+    """The checkout's commit, ``+dirty`` when it has changes: what a run measured."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def git(*args: str) -> str:
+        out = subprocess.run(["git", "-C", root, *args], capture_output=True, check=False)
+        return out.stdout.decode().strip()
+
+    return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain") else "")
+
+
+def run_facts(load_before: tuple[float, float, float], **versions: object) -> dict[str, object]:
+    """What a run's JSON records beside its figures: the versions (Python,
+    brokerq, the commit, and ``versions``), the load average before and
+    after (a loaded machine's figures are not comparable), and the CPUs."""
+    return {
+        "versions": {
+            "python": platform.python_version(),
+            **versions,
+            "brokerq": brokerq.__version__,
+            "git": git_commit(),
+        },
+        "load_before": load_before,
+        "load_after": os.getloadavg(),
+        "cpus": os.cpu_count(),
+    }

@@ -46,7 +46,6 @@ import itertools
 import json
 import math
 import os
-import platform
 import shutil
 import signal
 import statistics
@@ -66,8 +65,6 @@ sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
 
 import celery  # noqa: E402
 import kombu  # noqa: E402
-
-import brokerq  # noqa: E402
 
 ROOT = os.path.dirname(HERE)
 #: Seconds a worker may take to start, a phase to finish, a process to stop.
@@ -322,14 +319,6 @@ FIGURES = [
 BROKERS = {"brokerq": brokerq_server, "redis": redis_server}
 
 
-def git_commit() -> str:
-    def git(*args: str) -> str:
-        out = subprocess.run(["git", "-C", ROOT, *args], capture_output=True, check=False)
-        return out.stdout.decode().strip()
-
-    return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain") else "")
-
-
 def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     rows = ["| pool | figure | brokerq | redis | brokerq / redis |", "|---|---|---:|---:|---:|"]
     for pool, by_broker in results.items():
@@ -376,17 +365,12 @@ def main() -> None:
             for pool, r in results.items()
             if len(r) == len(BROKERS)
         },
-        "versions": {
-            "python": platform.python_version(),
-            "celery": celery.__version__,
-            "kombu": kombu.__version__,
-            "brokerq": brokerq.__version__,
-            "redis-server": redis_version(),
-            "git": git_commit(),
-        },
-        "load_before": load_before,
-        "load_after": os.getloadavg(),
-        "cpus": os.cpu_count(),
+        **benchlib.run_facts(
+            load_before,
+            celery=celery.__version__,
+            kombu=kombu.__version__,
+            **{"redis-server": redis_version()},
+        ),
     }
     with open(out_path, "w") as file:
         json.dump(document, file, indent=2)

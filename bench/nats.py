@@ -50,7 +50,6 @@ import datetime
 import json
 import math
 import os
-import platform
 import shutil
 import signal
 import socket
@@ -304,14 +303,6 @@ def run_workload(backend: str, target: str, workload: str, n: int, batch: int) -
 # -- the run -------------------------------------------------------------------
 
 
-def git_commit() -> str:
-    def git(*args: str) -> str:
-        out = subprocess.run(["git", "-C", ROOT, *args], capture_output=True, check=False)
-        return out.stdout.decode().strip()
-
-    return git("rev-parse", "HEAD") + ("+dirty" if git("status", "--porcelain") else "")
-
-
 def table(results: dict[str, dict[str, dict[str, float]]]) -> str:
     rows = [
         "| workload | brokerq-nats msg/s | brokerq-nats-async msg/s | nats-py msg/s | local msg/s "
@@ -374,16 +365,13 @@ def main() -> None:
             }
             for w, r in results.items()
         },
-        "versions": {
-            "python": platform.python_version(),
-            "nats-py": getattr(nats, "__version__", None) or pkg_version("nats-py"),
-            "nats-server": nats_server_version(),
-            "brokerq": brokerq.__version__,
-            "git": git_commit(),
-        },
-        "load_before": load_before,
-        "load_after": os.getloadavg(),
-        "cpus": os.cpu_count(),
+        **benchlib.run_facts(
+            load_before,
+            **{
+                "nats-py": getattr(nats, "__version__", None) or pkg_version("nats-py"),
+                "nats-server": nats_server_version(),
+            },
+        ),
     }
     with open(out_path, "w") as file:
         json.dump(document, file, indent=2)
