@@ -68,13 +68,8 @@ def _held_margin(lease: float) -> float:
 
 
 def _deadline(timeout: float | None) -> float | None:
-    validation_timeout(timeout)
+    validation.validate_timeout(timeout)
     return None if timeout is None else time.monotonic() + timeout
-
-
-def validation_timeout(timeout: float | None) -> None:
-    if timeout is not None and not (isinstance(timeout, int | float) and timeout >= 0):
-        raise InvalidRequest(f"timeout must be None or a number >= 0, not {timeout!r}")
 
 
 def _left(deadline: float | None) -> float | None:
@@ -95,10 +90,18 @@ class SentPut:
         """Its id once acknowledged. No PubAck in time (a lost connection, a
         leader election), or a refusal: it is put again under its key as
         :meth:`AsyncNatsQueue.put` puts (stored once; a full queue raises Full)."""
+        seq = await self.acknowledged()
+        return seq if seq is not None else await self.put_again()
+
+    async def acknowledged(self) -> int | None:
+        """Its id, if its PubAck came in time; None if not (or it was refused)."""
         try:
             return int((await asyncio.wait_for(self.ack, ATTEMPT_TIMEOUT)).seq)
         except Exception:
-            return await self.queue._put_keyed(self.data, self.headers, self.timeout)
+            return None
+
+    async def put_again(self) -> int:
+        return await self.queue._put_keyed(self.data, self.headers, self.timeout)
 
 
 @translate_errors
@@ -160,9 +163,15 @@ class AsyncNatsQueue(QueueAdmin):
         ttl: float | None = None,
         timeout: float | None = None,
     ) -> int:
-        (data,) = self._checked([body], PutOptions(priority, delay, ttl, timeout))
-        headers = rules.put_headers(self.client.next_key(), time.time(), delay, ttl)
+        data, headers = self._keyed(body, PutOptions(priority, delay, ttl, timeout))
         return await self._put_keyed(data, headers, timeout)
+
+    def _keyed(self, body: Body, options: PutOptions) -> tuple[bytes, dict[str, str]]:
+        """A put's body, checked, and its headers: the key every try of it
+        is sent under, and its delay and ttl."""
+        (data,) = self._checked([body], options)
+        now = time.time()
+        return data, rules.put_headers(self.client.next_key(), now, options.delay, options.ttl)
 
     def _checked(self, bodies: list[Body], options: PutOptions) -> list[bytes]:
         """The local put's argument checks (types, timeout), then the NATS backend's."""
@@ -202,23 +211,14 @@ class AsyncNatsQueue(QueueAdmin):
                     self.client.forget(self.name)  # deleted meanwhile? made again
                 await asyncio.sleep(0.05)
 
-    async def put_sent(
-        self,
-        body: Body,
-        *,
-        priority: int = 0,
-        delay: float = 0,
-        ttl: float | None = None,
-        timeout: float | None = None,
-    ) -> SentPut:
+    async def put_sent(self, body: Body, options: PutOptions) -> SentPut:
         """A put sent and not yet acknowledged (JetStream's async publish),
         for a put window: :meth:`SentPut.settle` awaits its PubAck."""
-        (data,) = self._checked([body], PutOptions(priority, delay, ttl, timeout))
-        headers = rules.put_headers(self.client.next_key(), time.time(), delay, ttl)
+        data, headers = self._keyed(body, options)
         await self._settings()
         subject = naming.subject(self.name)
         ack = await self.client.js.publish_async(subject, data, headers=headers)
-        return SentPut(self, data, headers, timeout, ack)
+        return SentPut(self, data, headers, options.timeout, ack)
 
     async def put_nowait(self, body: Body, **options: Any) -> int:
         return await self.put(body, timeout=0, **options)
@@ -236,18 +236,15 @@ class AsyncNatsQueue(QueueAdmin):
         own key, then their acks awaited; one not acknowledged (full, no
         answer) is put again under its key as :meth:`put` does. Not atomic:
         a failure leaves the ones before it put."""
-        items = self._checked(list(bodies), PutOptions(priority, delay, ttl, timeout))
-        now = time.time()
-        keyed = [(d, rules.put_headers(self.client.next_key(), now, delay, ttl)) for d in items]
-        await self._settings()
-        subject = naming.subject(self.name)
-        js = self.client.js
-        sent = [await js.publish_async(subject, d, headers=h) for d, h in keyed]
-        acks = [asyncio.wait_for(ack, ATTEMPT_TIMEOUT) for ack in sent]
-        done = await asyncio.gather(*acks, return_exceptions=True)
+        options = PutOptions(priority, delay, ttl, timeout)
+        items = list(bodies)
+        self._checked(items, options)  # (every body, before any is sent)
+        sent = [await self.put_sent(body, options) for body in items]
+        # The acks awaited together; those that did not come put again in order.
+        acked = await asyncio.gather(*(put.acknowledged() for put in sent))
         return [
-            await self._put_keyed(d, h, timeout) if isinstance(ack, BaseException) else int(ack.seq)
-            for (d, h), ack in zip(keyed, done, strict=True)
+            seq if seq is not None else await put.put_again()
+            for put, seq in zip(sent, acked, strict=True)
         ]
 
     async def flush(self) -> None:

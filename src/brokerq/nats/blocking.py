@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from .. import validation
 from ..client import window
-from ..client.calls import Body
+from ..client.calls import Body, PutOptions
 from ..errors import BrokerqError, NotSupported
 from .aio import DEFAULT_TIMEOUT, AsyncNatsClient, AsyncNatsSubscription
 from .aio_message import AsyncNatsMessage
@@ -220,11 +220,13 @@ class NatsQueue:
         ttl: float | None = None,
         timeout: float | None = None,
     ) -> int:
-        options: dict[str, Any] = {"priority": priority, "delay": delay, "ttl": ttl}
-        options["timeout"] = timeout
+        options = PutOptions(priority, delay, ttl, timeout)
         if self.client.put_window > 0:
-            return self.client.put_windowed(lambda c: c.queue(self.name).put_sent(body, **options))
-        return self._call(lambda q: q.put(body, **options), timeout or 0)
+            return self.client.put_windowed(lambda c: c.queue(self.name).put_sent(body, options))
+        return self._call(
+            lambda q: q.put(body, priority=priority, delay=delay, ttl=ttl, timeout=timeout),
+            timeout or 0,
+        )
 
     def put_nowait(self, body: Body, **options: Any) -> int:
         return self.put(body, timeout=0, **options)
