@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
+from conftest import wait_until
 from extras import require
 
 require("nats", "nats")
@@ -217,15 +218,16 @@ client.close()
 
 
 def test_ctrl_c_in_a_wait_interrupts_it_and_leaves_the_client_usable(nats_url: str) -> None:
+    name = "cc" + uuid.uuid4().hex[:8]
     proc = subprocess.Popen(
-        [sys.executable, "-c", CTRL_C, nats_url, "cc" + uuid.uuid4().hex[:8]],
-        stdout=subprocess.PIPE,
-        text=True,
+        [sys.executable, "-c", CTRL_C, nats_url, name], stdout=subprocess.PIPE, text=True
     )
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "waiting"
-        time.sleep(0.5)
+        with brokerq.connect(nats_url) as watcher:  # the get's pull request is waiting
+            q = watcher.queue(name)
+            wait_until(lambda: q.stats()["waiters"] >= 1, 10, "the get to wait")
         os.kill(proc.pid, signal.SIGINT)
         out, _ = proc.communicate(timeout=20)
         assert out.split() == ["interrupted", "still", "works"]
