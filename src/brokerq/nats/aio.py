@@ -39,11 +39,10 @@ from . import naming, rules, topics
 from .aio_admin import QueueSettings
 from .aio_message import AsyncNatsMessage
 from .aio_queue import AsyncNatsQueue
-from .failures import translate_errors
+from .failures import lacks, translate_errors
 
 __all__ = ["AsyncNatsClient", "AsyncNatsMessage", "AsyncNatsQueue", "AsyncNatsSubscription"]
 
-BACKEND = "the NATS backend"
 _log = logging.getLogger("brokerq.nats")
 #: JetStream drops a second put with the same key within this window (seconds):
 #: a put retried after a lost connection is long done by then.
@@ -218,7 +217,7 @@ class AsyncNatsClient:
         topics.check_topic(topic)
         PutOptions(priority, 0, ttl, None).fields()  # (the local publish's checks)
         if priority:
-            raise NotSupported(f"priority is not supported by {BACKEND} (publish)")
+            raise lacks("priority", "publish")
         if ttl is not None and ttl <= 0:
             raise InvalidRequest(f"ttl must be > 0, not {ttl!r}")
         data = as_bytes(body)
@@ -240,10 +239,10 @@ class AsyncNatsClient:
         return AsyncNatsSubscription(self, topic)
 
     async def get_any(self, queues: Any, timeout: float | None = None) -> tuple[str, bytes]:
-        raise NotSupported(f"get_any (a wait on several queues) is not supported by {BACKEND}")
+        raise lacks("get_any (a wait on several queues)")
 
     def reserve_any(self, queues: Any, timeout: float | None = None, lease: Any = None) -> Any:
-        raise NotSupported(f"reserve_any (a wait on several queues) is not supported by {BACKEND}")
+        raise lacks("reserve_any (a wait on several queues)")
 
     async def ping(self) -> float:
         """The round trip to the server in seconds (a NATS PING and its PONG)."""

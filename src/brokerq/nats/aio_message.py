@@ -21,9 +21,7 @@ from nats.js import JetStreamContext
 from .. import validation
 from ..errors import LeaseLost, NotSupported
 from . import burial
-from .failures import translate_errors
-
-BACKEND = "the NATS backend"
+from .failures import lacks, translate_errors
 
 
 class _Client(Protocol):
@@ -55,7 +53,7 @@ class MessageHome(Protocol):
 
 
 def not_supported(feature: str, why: str) -> NotSupported:
-    return NotSupported(f"{feature} is not supported by {BACKEND} ({why})")
+    return lacks(feature, why)
 
 
 @translate_errors

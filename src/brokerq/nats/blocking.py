@@ -20,11 +20,12 @@ from typing import Any, TypeVar
 from .. import validation
 from ..client import window
 from ..client.calls import Body, PutOptions
-from ..errors import BrokerqError, NotSupported
+from ..errors import BrokerqError
 from .aio import DEFAULT_TIMEOUT, AsyncNatsClient, AsyncNatsSubscription
 from .aio_message import AsyncNatsMessage
 from .aio_queue import AsyncNatsQueue, SentPut
 from .driving import Driver
+from .failures import lacks
 from .put_window import PutWindow
 
 __all__ = ["NatsClient", "NatsMessage", "NatsQueue", "NatsSubscription", "connect"]
@@ -173,12 +174,12 @@ class NatsClient:
         return self.call(lambda c: c.queues())
 
     def get_any(self, queues: Iterable[str], timeout: float | None = None) -> tuple[str, bytes]:
-        raise _lacks("get_any (a wait on several queues)")
+        raise lacks("get_any (a wait on several queues)")
 
     def reserve_any(
         self, queues: Iterable[str], timeout: float | None = None, lease: float | None = None
     ) -> NatsMessage:
-        raise _lacks("reserve_any (a wait on several queues)")
+        raise lacks("reserve_any (a wait on several queues)")
 
     def ping(self) -> float:
         """The round trip to the server in seconds (connecting first is not counted)."""
@@ -186,15 +187,11 @@ class NatsClient:
         return self.call(lambda c: c.ping())
 
     def stop(self) -> bool:
-        raise _lacks("stop (the server is not brokerq's to stop)")
+        raise lacks("stop (the server is not brokerq's to stop)")
 
     @property
     def broker_pid(self) -> int:
-        raise _lacks("broker_pid (no broker process of brokerq's)")
-
-
-def _lacks(feature: str) -> NotSupported:
-    return NotSupported(f"{feature} is not supported by the NATS backend")
+        raise lacks("broker_pid (no broker process of brokerq's)")
 
 
 class NatsQueue:

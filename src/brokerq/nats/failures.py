@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 import nats.errors
 
-from ..errors import BrokerqError, BrokerUnavailable, ConnectionLost, MessageTooLarge
+from ..errors import BrokerqError, BrokerUnavailable, ConnectionLost, MessageTooLarge, NotSupported
 
 C = TypeVar("C", bound=type)
 
@@ -58,3 +58,9 @@ def translate_errors(cls: C) -> C:
         if not name.startswith("_") and inspect.iscoroutinefunction(member):
             setattr(cls, name, _translating(member))
     return cls
+
+
+def lacks(feature: str, why: str | None = None) -> NotSupported:
+    """The refusal of what the NATS backend does not do, naming the feature and the backend."""
+    because = f" ({why})" if why else ""
+    return NotSupported(f"{feature} is not supported by the NATS backend{because}")
