@@ -20,6 +20,7 @@ spend it): use ``anyio.move_on_after`` / ``fail_after``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import time
 import weakref
@@ -29,13 +30,13 @@ from typing import Any
 import anyio
 
 from .. import validation
-from ..errors import BrokerqError, Empty
-from ..protocol import GetAnyReply, GetManyReply, ReserveAnyReply, ReserveReply, StreamDelivery
+from ..errors import BrokerqError
+from ..protocol import GetManyReply, ReserveAnyReply, ReserveReply, StreamDelivery
 from . import api, calls
 from .api import R, T
 from .async_streams import AsyncStreams, AsyncSubscription
 from .calls import DEFAULT_TIMEOUT, Body, Call
-from .pool import AsyncConnection, _AsyncStreamed, _left
+from .pool import AsyncConnection, _AsyncStreamed
 
 __all__ = ["AsyncClient", "AsyncMessage", "AsyncQueue", "AsyncSubscription", "open_async_client"]
 
@@ -75,21 +76,10 @@ class AsyncClient(AsyncStreams):
         self, queues: Iterable[str], timeout: float | None = None
     ) -> tuple[str, bytes]:
         call = calls.get_any(queues, timeout)
+        reserve = functools.partial(calls.reserve_any, call.fields["queues"])
         with calls.supported("get_any", "multi-queue wait"):
-            return api.named_body(await self._get_any(call))
-
-    async def _get_any(self, call: Call[GetAnyReply]) -> GetAnyReply | ReserveAnyReply:
-        """A get_any as :meth:`AsyncQueue._get` makes a get: without waiting,
-        shielded; then, if it may wait, by reserve_any and a shielded ack."""
-        start = anyio.current_time()
-        try:
-            return await self._run(call.with_timeout(0))
-        except Empty:
-            if call.wait == 0:
-                raise
-        lease = max(self.timeout, 1.0)  # long enough for the ack
-        wait = _left(call.wait, start)
-        return await self._take(calls.reserve_any(call.fields["queues"], wait, lease))
+            reply = await self._take(call, reserve)
+        return api.named_body(reply)
 
     def reserve_any(
         self, queues: Iterable[str], timeout: float | None = None, lease: float | None = None
@@ -201,16 +191,9 @@ class AsyncQueue:
         return [reply.body, *rest]
 
     async def _get(self, call: Call[R]) -> R | ReserveReply:
-        """``call`` (a get or get_many) without waiting, shielded; if nothing
-        is ready and it may wait, the first message by reserve then ack."""
-        start = anyio.current_time()
-        try:
-            return await self._run(call.with_timeout(0))
-        except Empty:
-            if call.wait == 0:
-                raise
-        lease = max(self.client.timeout, 1.0)  # long enough for the ack
-        return await self.client._take(calls.reserve(self.name, _left(call.wait, start), lease))
+        """``call`` (a get or get_many) as :meth:`AsyncClient._take` makes it:
+        without waiting, shielded; then, if it may wait, by reserve and ack."""
+        return await self.client._take(call, functools.partial(calls.reserve, self.name), self._run)
 
     def reserve(self, timeout: float | None = None, lease: float | None = None) -> Reserving:
         return Reserving(self, calls.reserve(self.name, timeout, lease))

@@ -19,7 +19,7 @@ import anyio
 from anyio.abc import UNIXSocketStream
 
 from .. import protocol
-from ..errors import BrokerqError, BrokerUnavailable, Full, LeaseLost, VersionMismatch
+from ..errors import BrokerqError, BrokerUnavailable, Empty, Full, LeaseLost, VersionMismatch
 from ..protocol import HelloReply, ReserveAnyReply, ReserveReply
 from ..spawn import connect_or_spawn, resolve_socket_path
 from . import calls, prefetch
@@ -385,8 +385,23 @@ class Pool:
             finally:
                 await self._release(conn)
 
-    async def _take(self, reserve: Call[Reserved]) -> Reserved:
-        """A get that waits, done as reserve then ack (see :mod:`.asynchronous`)."""
+    async def _take(
+        self,
+        call: Call[R],
+        reserve: Callable[[float | None, float], Call[Reserved]],
+        run: Callable[[Call[R]], Awaitable[R]] | None = None,
+    ) -> R | Reserved:
+        """A get (``call``: a get, get_many or get_any) made without waiting,
+        shielded, by ``run`` (default :meth:`_run`); then, if nothing was ready
+        and it may wait, as ``reserve(wait left, lease)`` and a shielded ack
+        (see :mod:`.asynchronous`)."""
+        start = anyio.current_time()
+        try:
+            return await (run or self._run)(call.with_timeout(0))
+        except Empty:
+            if call.wait == 0:
+                raise
+        lease = max(self.timeout, 1.0)  # long enough for the ack
 
         async def ack(conn: AsyncConnection, reply: Reserved) -> None:
             ack = calls.ack(reply.msg_id, reply.attempt, as_get=True)  # task_done's
@@ -396,7 +411,7 @@ class Pool:
             except LeaseLost as exc:  # it went back to the queue: ask again
                 raise ConnectionLost(f"the lease of a get ran out before its ack: {exc}") from exc
 
-        return await self._run(reserve, ack)
+        return await self._run(reserve(_left(call.wait, start), lease), ack)
 
     async def _reserve(self, call: Call[Reserved]) -> tuple[Reserved, AsyncConnection]:
         """A reserve, and the connection that now holds its lease."""

@@ -67,7 +67,7 @@ class Attempts:
     def __init__(self, call: Call[Any], grace: float, now: float) -> None:
         self.call = call
         self.grace = grace
-        self.fields = dict(call.fields)
+        self.fields = call.fields  # (copied only if a retry changes its timeout)
         self.deadline = None if call.wait is None else now + call.wait + grace
         timeout = call.fields.get("timeout")
         self.request_deadline = None if timeout is None else now + timeout
@@ -104,7 +104,7 @@ class Attempts:
         if not resend or now >= self.retry_until:
             return False
         if self.request_deadline is not None:
-            self.fields["timeout"] = max(0.0, self.request_deadline - now)
+            self.fields = self.fields | {"timeout": max(0.0, self.request_deadline - now)}
         return True
 
 
