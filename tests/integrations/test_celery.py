@@ -121,7 +121,16 @@ class Worker:
 
     def kill(self) -> None:
         """SIGKILL the worker and its pool children (as a crash would end them)."""
-        for pid in [self.pid, *descendants(self.pid)]:
+        self.end(descendants(self.pid))
+
+    def end(self, children: list[int]) -> None:
+        """SIGKILL the worker, then ``children``; wait for it, reap them.
+
+        The worker is killed through ``proc`` (a no-op once it has been
+        waited for: its pid may be another process's by then); its children
+        are ours to reap once it is dead, so their pids stay theirs."""
+        self.proc.kill()
+        for pid in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.proc.wait(timeout=STOP_TIMEOUT)
@@ -135,11 +144,7 @@ class Worker:
         self.proc.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=STOP_TIMEOUT)
-        for pid in [self.pid, *children]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self.proc.wait(timeout=STOP_TIMEOUT)
-        reap_children()
+        self.end(children)
 
 
 class Cluster:
