@@ -181,7 +181,8 @@ def end(proc: subprocess.Popen[bytes], sig: signal.Signals) -> None:
     proc.send_signal(sig)
     with contextlib.suppress(subprocess.TimeoutExpired):
         proc.wait(timeout=STOP_TIMEOUT)
-    for pid in [proc.pid, *children]:
+    proc.kill()  # a no-op once waited for: its pid may be another's by then
+    for pid in children:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     proc.wait()

@@ -81,12 +81,6 @@ def now() -> float:
 
 
 @app.task
-def sleep(seconds: float) -> float:
-    time.sleep(seconds)
-    return seconds
-
-
-@app.task
 def run_log(path: str, tag: str) -> str:
     """Record that the task ran (``tag pid``): the runs are counted across workers."""
     record(path, f"{tag} {os.getpid()}")

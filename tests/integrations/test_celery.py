@@ -68,6 +68,15 @@ def descendants(pid: int) -> list[int]:
     return found
 
 
+def celery_env(socket_path: str) -> dict[str, str]:
+    """The environment of a ``celery -A celery_app`` command on the broker at
+    ``socket_path``: no BROKERQ_* setting of ours, celery_app importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("BROKERQ_")}
+    env["CELERY_BROKERQ_SOCKET"] = socket_path
+    env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
+    return env
+
+
 class Worker:
     """One ``celery worker`` process of ours, its log in the test's directory."""
 
@@ -78,12 +87,14 @@ class Worker:
         command += ["--pool", pool, *(["-c", "2"] if pool == "prefork" else [])]
         # mingle and gossip (the workers' own chatter) only slow the start here.
         command += ["--without-mingle", "--without-gossip", "-l", "info"]
-        env = {k: v for k, v in os.environ.items() if not k.startswith("BROKERQ_")}
-        env["CELERY_BROKERQ_SOCKET"] = socket_path
-        env["PYTHONPATH"] = os.pathsep.join([str(HERE), env.get("PYTHONPATH", "")])
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
-                command, stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=directory, env=env
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                cwd=directory,
+                env=celery_env(socket_path),
             )
         self.pool_pids: list[int] = []
 
@@ -110,7 +121,16 @@ class Worker:
 
     def kill(self) -> None:
         """SIGKILL the worker and its pool children (as a crash would end them)."""
-        for pid in [self.pid, *descendants(self.pid)]:
+        self.end(descendants(self.pid))
+
+    def end(self, children: list[int]) -> None:
+        """SIGKILL the worker, then ``children``; wait for it, reap them.
+
+        The worker is killed through ``proc`` (a no-op once it has been
+        waited for: its pid may be another process's by then); its children
+        are ours to reap once it is dead, so their pids stay theirs."""
+        self.proc.kill()
+        for pid in children:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.proc.wait(timeout=STOP_TIMEOUT)
@@ -124,11 +144,7 @@ class Worker:
         self.proc.send_signal(signal.SIGTERM)
         with contextlib.suppress(subprocess.TimeoutExpired):
             self.proc.wait(timeout=STOP_TIMEOUT)
-        for pid in [self.pid, *children]:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        self.proc.wait(timeout=STOP_TIMEOUT)
-        reap_children()
+        self.end(children)
 
 
 class Cluster:
@@ -149,6 +165,17 @@ class Cluster:
         """A fresh path for a task to record its runs in."""
         self.files += 1
         return os.path.join(self.directory, f"runs{self.files}.txt")
+
+    def celery(self, *args: str) -> subprocess.CompletedProcess[bytes]:
+        """Run ``celery -A celery_app <args>`` on the cluster's broker, to its end."""
+        return subprocess.run(
+            [CELERY, "-A", "celery_app", *args],
+            capture_output=True,
+            cwd=self.directory,
+            env=celery_env(self.socket_path),
+            timeout=60,
+            check=False,
+        )
 
     def show_logs(self) -> None:
         for worker in self.workers:
@@ -246,18 +273,7 @@ def test_inspect_ping_is_answered_by_every_worker(
 ) -> None:
     # A fanout exchange carries the ping to every worker; each answers on
     # the caller's reply queue.
-    answer = subprocess.run(
-        [CELERY, "-A", "celery_app", "inspect", "ping", "--json", "--timeout", "5"],
-        capture_output=True,
-        cwd=cluster.directory,
-        env={
-            **os.environ,
-            "CELERY_BROKERQ_SOCKET": cluster.socket_path,
-            "PYTHONPATH": str(HERE),
-        },
-        timeout=60,
-        check=False,
-    )
+    answer = cluster.celery("inspect", "ping", "--json", "--timeout", "5")
     output = answer.stdout.decode(errors="replace")
     assert answer.returncode == 0, output + answer.stderr.decode(errors="replace")
     replies = json.loads(output.strip().splitlines()[-1])
@@ -273,18 +289,7 @@ def test_purge_empties_a_queue(app: celery.Celery, tasks: ModuleType, cluster: C
             return int(connection.default_channel.queue_declare("nobody").message_count)
 
     assert waiting() == 5
-    purge = subprocess.run(
-        [CELERY, "-A", "celery_app", "purge", "-f", "-Q", "nobody"],
-        capture_output=True,
-        cwd=cluster.directory,
-        env={
-            **os.environ,
-            "CELERY_BROKERQ_SOCKET": cluster.socket_path,
-            "PYTHONPATH": str(HERE),
-        },
-        timeout=60,
-        check=False,
-    )
+    purge = cluster.celery("purge", "-f", "-Q", "nobody")
     output = (purge.stdout + purge.stderr).decode(errors="replace")
     assert purge.returncode == 0, output
     assert "Purged 5 messages" in output, output

@@ -115,7 +115,6 @@ def test_reject_buries_requeue_releases(conn: Any, observer: brokerq.Client) -> 
 
 def test_a_closed_connection_releases_what_it_did_not_ack(url: str) -> None:
     with Connection(url) as first:
-        (m,) = drain(first, [Queue("held")], 0) or [None]
         first.SimpleQueue("held").put("kept")
         held = first.SimpleQueue("held").get(timeout=5)
         assert held.payload == "kept"

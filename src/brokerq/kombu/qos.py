@@ -81,17 +81,14 @@ class QoS(virtual.QoS):
         hands each to the next consumer. Returns no errors: a release that
         cannot reach the broker needs none, its lease ends anyway."""
         self._flush()
-        if os.getpid() != self.pid:
-            self._delivered.clear()
-            self.leases.clear()
-            return []
-        for tag in list(self._delivered):
-            lease = self.leases.pop(tag, None)
-            if lease is not None:
-                try:
-                    settle(lease, "release")
-                except BrokerqError as exc:
-                    logger.debug("release of %r at restore: %s", lease, exc)
+        if os.getpid() == self.pid:  # (a forked child's are its parent's)
+            for tag in list(self._delivered):
+                lease = self.leases.pop(tag, None)
+                if lease is not None:
+                    try:
+                        settle(lease, "release")
+                    except BrokerqError as exc:
+                        logger.debug("release of %r at restore: %s", lease, exc)
         self._delivered.clear()
         self.leases.clear()
         return []
