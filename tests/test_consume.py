@@ -94,6 +94,21 @@ def test_each_body_goes_once_to_the_command(
     assert client.queue("q").stats()["delivered_total"] == len(bodies)
 
 
+def test_the_command_gets_the_socket_consume_used_even_under_brokerq_url(
+    socket_path: str, client: brokerq.Client, out: Path
+) -> None:
+    """BROKERQ_URL wins over BROKERQ_SOCKET: a command that inherited it would
+    put its results on NATS, not on the broker consume took the message from."""
+    client.queue("q").put(b"job")
+    script = 'echo "${BROKERQ_URL-unset} $BROKERQ_SOCKET" > "$D/env"'
+    done = run_cli(
+        "--socket", socket_path, "consume", "q", "--idle-exit", "0", "--", *sh(script),
+        env={"BROKERQ_URL": "nats://127.0.0.1:1"},
+    )  # fmt: skip
+    assert (done.returncode, done.stderr) == (0, b"")
+    assert (out / "env").read_text() == f"unset {socket_path}\n"
+
+
 @pytest.mark.parametrize(
     "case",
     [

@@ -223,6 +223,7 @@ class Consumer:
         env = dict(os.environ)
         if isinstance(self.queue, Queue):
             env["BROKERQ_SOCKET"] = self.queue.client.socket_path
+            env.pop("BROKERQ_URL", None)  # (it would win over the socket: the command's broker)
         else:
             env["BROKERQ_URL"] = self.queue.client.url
         env.update(BROKERQ_QUEUE=self.queue.name, BROKERQ_MESSAGE_ID=str(msg.id))
