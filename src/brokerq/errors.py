@@ -104,9 +104,10 @@ class InternalError(BrokerqError, code="internal"):
 
 
 class NotSupported(BrokerqError):
-    """The broker is older than this client and refused a request it does not
-    know (a ``bad_request`` to ``get_any``, say). Raised by the client, not sent
-    on the wire: restarting the broker (``brokerq stop``) brings this version's."""
+    """What the backend cannot do, named: a broker older than this client that
+    refused a request it does not know (a ``bad_request`` to ``get_any``, say:
+    ``brokerq stop`` makes way for this version's), or a feature the NATS
+    backend lacks (docs/nats.md). Raised by the client, not sent on the wire."""
 
 
 #: The exception a client raises for each wire code. ``bad_frame`` (the broker's
