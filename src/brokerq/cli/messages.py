@@ -104,11 +104,7 @@ def get(
                 _write_all(out, _json_line(message) if as_json else message.body + end)
                 # Taken off its queue as a get does (its task left for a task_done).
                 try:
-                    if isinstance(message, Message):
-                        client = state.local_client("get")
-                        client.run(calls.ack(message.id, message.attempt, as_get=True))
-                    else:
-                        message.ack_as_get()
+                    message.ack_as_get()
                 except (LeaseLost, BrokerUnavailable) as exc:
                     raise BrokerqError(
                         f"message {message.id} was printed, but may be delivered again: {exc}"

@@ -238,9 +238,10 @@ def unfinished_tasks(stats: dict[str, Any]) -> int:
     return count
 
 
-def ack(msg_id: int, attempt: int) -> Op[protocol.AckReply, None]:
-    """Done with it: the message is gone for good. LeaseLost if the lease ran out."""
-    return Op(calls.ack(msg_id, attempt), _nothing)
+def ack(msg_id: int, attempt: int, *, as_get: bool = False) -> Op[protocol.AckReply, None]:
+    """Done with it: the message is gone for good. LeaseLost if the lease ran out.
+    ``as_get``: taken as a get takes it, its task left for a ``task_done``."""
+    return Op(calls.ack(msg_id, attempt, as_get=as_get), _nothing)
 
 
 def release(msg_id: int, attempt: int, delay: float = 0) -> Op[protocol.ReleaseReply, None]:

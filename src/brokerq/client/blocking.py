@@ -290,6 +290,11 @@ class Message:
         self._do(api.ack(self.id, self.attempt))
         self.settled = True
 
+    def ack_as_get(self) -> None:
+        """Ack it as a get takes its message: its task is left for a ``task_done``."""
+        self._do(api.ack(self.id, self.attempt, as_get=True))
+        self.settled = True
+
     def release(self, delay: float = 0) -> None:
         self._do(api.release(self.id, self.attempt, delay))
         self.settled = True
