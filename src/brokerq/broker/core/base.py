@@ -116,9 +116,8 @@ class CoreBase:
             self._prefetched[msg.id] = msg
             q.prefetched += 1
             return
-        if waiter.lease is not None:  # (QUEUE_LEASE, 0.0: the queue's lease, as None)
-            length = waiter.lease or None
-            lease = self._lease(q, msg, now, length, waiter.owner, journaled=journaled)
+        if waiter.lease is not None:  # a reserve's (QUEUE_LEASE: the queue's lease)
+            lease = self._lease(q, msg, now, waiter.lease, waiter.owner, journaled=journaled)
             waiter.leases.append(lease)
         else:
             if not journaled:
@@ -204,7 +203,8 @@ class CoreBase:
         *,
         journaled: bool = False,
     ) -> Lease:
-        length = lease if lease is not None else (q.lease or self.default_lease)
+        """``lease`` None or QUEUE_LEASE (0.0): the queue's (a lease asked for is > 0)."""
+        length = lease or q.lease or self.default_lease
         if not journaled:
             self._write(AttemptsRecord(id=msg.id, attempts=msg.attempts + 1))
         msg.attempts += 1

@@ -263,7 +263,7 @@ class Queues(CoreBase):
             if q is not None and q.ready:
                 if lease is None:
                     return self.get_nowait(name)[0]
-                return self.reserve_nowait(name, now, lease or None, owner)
+                return self.reserve_nowait(name, now, lease, owner)
         return None
 
     def wait_any(

@@ -54,7 +54,8 @@ class Putter:
 
 
 #: A parked reserve_any's ``lease`` when its request named none: the lease of the
-#: queue the message comes from, known only then (a lease asked for is > 0).
+#: queue the message comes from, known only then (a lease asked for is > 0, so
+#: CoreBase._lease takes this as it takes None).
 QUEUE_LEASE: Final = 0.0
 
 
