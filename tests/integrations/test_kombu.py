@@ -442,6 +442,21 @@ def test_urls_and_the_transport_path(socket_path: str, monkeypatch: pytest.Monke
     assert out.stdout == b"x\n", out.stderr.decode()
 
 
+def test_basic_get_gives_a_body_not_put_by_kombu_as_its_bytes(
+    conn: Any, observer: brokerq.Client
+) -> None:
+    """As every other way in: ``brokerq put``'s body, not kombu's JSON, is raw bytes."""
+    channel = conn.default_channel
+    for no_ack in (True, False):
+        observer.queue("rawget").put(b"raw bytes")
+        message = channel.basic_get("rawget", no_ack=no_ack)
+        assert message is not None
+        assert message.body == b"raw bytes"
+        if not no_ack:
+            message.ack()
+    assert observer.queue("rawget").qsize() == 0
+
+
 def test_one_wait_on_all_the_consumed_queues(conn: Any, observer: brokerq.Client) -> None:
     """A consumer of several queues waits on all of them with one request
     parked in the broker (a waiter in each queue's line), not by polling."""

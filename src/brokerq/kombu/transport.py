@@ -233,7 +233,7 @@ class Channel(virtual.Channel):
         q = self.client.queue(queue)
         try:
             if no_ack:
-                return self.Message(loads(q.get(timeout=0)), channel=self)
+                return self.Message(kombu_message(q.get(timeout=0), queue), channel=self)
             lease = q.reserve(timeout=0, lease=self.connection.visibility_timeout)
         except Empty:
             return None
@@ -472,8 +472,7 @@ class Transport(virtual.Transport):
         payload = kombu_message(lease.body, lease.queue.name)
         props = payload["properties"]
         props["delivery_tag"] = uuid.uuid4().hex
-        redelivered = lease.attempt > 1
-        payload["redelivered"] = redelivered
+        payload["redelivered"] = redelivered = lease.attempt > 1
         props.setdefault("delivery_info", {})["redelivered"] = redelivered
         return payload
 
@@ -493,6 +492,7 @@ def kombu_message(body: bytes, queue: str) -> dict[str, Any]:
         "content-encoding": "binary",
         "headers": {},
         "properties": {
+            "delivery_tag": uuid.uuid4().hex,  # (a publisher's would be here)
             "body_encoding": "base64",
             "delivery_info": {"exchange": "", "routing_key": queue},
             "priority": 0,
