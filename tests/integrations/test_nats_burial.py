@@ -15,7 +15,6 @@ import signal
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -157,13 +156,13 @@ def test_a_redelivery_judged_after_a_kick_is_not_delivered_beside_the_kicked_cop
     q = client.queue("race", lease=1.0)
     q.put(b"x")
     kill_at(procs, server.url, "race", "bury", "before-ack")
-    time.sleep(1.2)  # the dead client's lease runs out
     go_on = tmp_path / "go-on"
     consumer = procs(
         [sys.executable, "-c", HELPER, server.url, "race", "reserve"],
         env={**os.environ, "STALL_AT": "before-lookup", "GO_ON_WHEN": str(go_on)},
     )
     assert consumer.stdout is not None
+    # (it stalls on the redelivery, once the dead client's lease has run out)
     assert consumer.stdout.readline() == b"stalled\n"
     assert q.kick() == 1  # the original deleted, the copy put back as message 2
     go_on.touch()
