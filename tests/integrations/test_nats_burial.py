@@ -9,7 +9,6 @@ no library code knows of it); it writes ``stalled`` and the test kills it
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import sys
@@ -349,17 +348,6 @@ def test_on_a_cluster_the_buried_stream_has_the_queues_replicas() -> None:
         q.put(b"x")
         q.reserve(timeout=10).bury()
         buried = naming.buried_stream_name("r3buried")
-        assert asyncio.run(_replicas(cluster.urls, buried)) == 3
+        assert cluster.stream_replicas(buried) == 3
         assert q.kick() == 1
         assert q.get(timeout=10) == b"x"
-
-
-async def _replicas(urls: list[str], stream: str) -> int:
-    import nats
-
-    nc = await nats.connect(urls)
-    try:
-        info = await nc.jetstream().stream_info(stream)
-        return int(info.config.num_replicas or 1)
-    finally:
-        await nc.close()

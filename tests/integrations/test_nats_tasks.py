@@ -273,7 +273,7 @@ def test_on_a_cluster_the_count_is_replicated_and_outlives_its_leader() -> None:
         q.put_many([b"a", b"b", b"c"])
         assert q.get_many(2, timeout=10) == [b"a", b"b"]
         wait_until(lambda: q.unfinished_tasks == 3, 10, "the acked messages to leave")
-        assert asyncio.run(_replicas(cluster.urls, tasks.KV_STREAM)) == 3
+        assert cluster.stream_replicas(tasks.KV_STREAM) == 3
         cluster.kill_leader(tasks.KV_STREAM)
         q.task_done(2)
         wait_until(lambda: q.unfinished_tasks == 1, 10, "the count of one task")
@@ -281,14 +281,6 @@ def test_on_a_cluster_the_count_is_replicated_and_outlives_its_leader() -> None:
             q.task_done(2)
         q.reserve(timeout=10).ack()
         q.join(timeout=10)
-
-
-async def _replicas(urls: list[str], stream: str) -> int:
-    nc = await nats.connect(urls)
-    try:
-        return int((await nc.jetstream().stream_info(stream)).config.num_replicas or 0)
-    finally:
-        await nc.close()
 
 
 def test_a_join_timing_out_in_a_thread_sharing_the_client_raises_join_timeout(
