@@ -2,7 +2,8 @@
 
 A module imports them by their function names (``from nats_fixtures import
 clean_client, module_server  # noqa: F401``); tests ask for them as
-``server`` and ``client``.
+``server`` and ``client``. A module whose tests restart or stop their
+server imports ``own_server`` instead: a server of each test's own.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import pytest
-from nats_server import NatsServer, require_server, start_server
+from nats_server import NatsServer, require_server, running_server
 
 if TYPE_CHECKING:
     import brokerq.nats
@@ -21,11 +22,16 @@ if TYPE_CHECKING:
 def module_server() -> Iterator[NatsServer]:
     """A nats-server of the module's own, ended by its pid."""
     require_server()
-    handle = start_server()
-    try:
+    with running_server() as handle:
         yield handle
-    finally:
-        handle.stop()
+
+
+@pytest.fixture(name="server")
+def own_server() -> Iterator[NatsServer]:
+    """A nats-server of the test's own (some restart it), ended by its pid."""
+    require_server()
+    with running_server() as handle:
+        yield handle
 
 
 @pytest.fixture(name="client")

@@ -37,7 +37,7 @@ import brokerq
 
 require("nats", "nats")
 require_server()
-from nats_server import start_server  # noqa: E402
+from nats_server import running_server  # noqa: E402
 
 PRODUCER = textwrap.dedent(
     """
@@ -232,11 +232,8 @@ def no_message_left(url: str, queue: str) -> None:
 
 @pytest.fixture
 def nats_url() -> Iterator[str]:
-    server = start_server()
-    try:
+    with running_server() as server:
         yield server.url
-    finally:
-        server.stop()
 
 
 def test_10000_messages_exactly_once_with_a_consumer_sigkilled(

@@ -11,13 +11,13 @@ import subprocess
 import sys
 import textwrap
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from conftest import Procs, gone, read_line, run_cli, wait_until
 from extras import require
-from nats_server import NatsServer, require_server, server_binary, start_server
+from nats_fixtures import own_server  # noqa: F401
+from nats_server import NatsServer, require_server, server_binary
 
 import brokerq
 
@@ -25,16 +25,6 @@ require("nats", "nats")
 require_server()
 import brokerq.nats  # noqa: E402
 from brokerq.nats import naming, topics  # noqa: E402
-
-
-@pytest.fixture
-def server() -> Iterator[NatsServer]:
-    """A server of each test's own: some restart it."""
-    handle = start_server()
-    try:
-        yield handle
-    finally:
-        handle.stop()
 
 
 def restart(server: NatsServer) -> NatsServer:
