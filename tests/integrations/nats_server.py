@@ -72,15 +72,19 @@ def require_server() -> str:
 
 
 def start_server(
-    port: int | None = None, timeout: float = 20.0, config: str | None = None
+    port: int | None = None,
+    timeout: float = 20.0,
+    config: str | None = None,
+    store_dir: str | None = None,
 ) -> NatsServer:
     """A JetStream-enabled nats-server on 127.0.0.1:``port`` (None: a free one);
-    ``config``: the text of a configuration file to start it with."""
+    ``config``: the text of a configuration file to start it with;
+    ``store_dir``: a stopped server's storage to start on (None: a new one)."""
     binary = server_binary()
     if binary is None:
         raise FileNotFoundError(INSTALL_HINT)
     port = port or free_port()
-    store_dir = tempfile.mkdtemp(dir="/tmp", prefix="bq-nats-")
+    store_dir = store_dir or tempfile.mkdtemp(dir="/tmp", prefix="bq-nats-")
     args = [binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", store_dir]
     if config is not None:
         config_file = os.path.join(store_dir, "server.conf")

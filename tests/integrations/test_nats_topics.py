@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-import subprocess
 import sys
 import textwrap
 import uuid
@@ -17,7 +16,7 @@ import pytest
 from conftest import Procs, gone, read_line, run_cli, wait_until
 from extras import require
 from nats_fixtures import own_server  # noqa: F401
-from nats_server import NatsServer, require_server, server_binary
+from nats_server import NatsServer, require_server, start_server
 
 import brokerq
 
@@ -32,11 +31,7 @@ def restart(server: NatsServer) -> NatsServer:
     port and storage, as an operator's restart; ``stop()`` the new one."""
     server.process.send_signal(signal.SIGTERM)
     server.process.wait(10)
-    binary = server_binary()
-    assert binary is not None
-    args = [binary, "-a", "127.0.0.1", "-p", str(server.port), "-js", "-sd", server.store_dir]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    again = NatsServer(server.url, server.port, process.pid, server.store_dir, process)
+    again = start_server(port=server.port, store_dir=server.store_dir)
     try:
         wait_until(lambda: _answers(again.url), 20, "the restarted server's JetStream")
     except BaseException:
