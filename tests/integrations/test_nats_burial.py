@@ -112,6 +112,13 @@ def counts(q: brokerq.nats.NatsQueue) -> tuple[int, int, int]:
     return stats["ready"], stats["reserved"], stats["buried"]
 
 
+def got_once(q: brokerq.nats.NatsQueue, quiet: float) -> None:
+    """``q`` gives ``x``, then nothing more for ``quiet`` seconds."""
+    assert q.get(timeout=5) == b"x"
+    with pytest.raises(brokerq.Empty):
+        q.get(timeout=quiet)
+
+
 def test_a_client_dying_between_copy_and_ack_buries_it_once(
     client: brokerq.nats.NatsClient, server: NatsServer, procs: Procs
 ) -> None:
@@ -125,9 +132,7 @@ def test_a_client_dying_between_copy_and_ack_buries_it_once(
         q.get(timeout=2.5)  # the redelivery (after 1 s) finishes the bury
     assert counts(q) == (0, 0, 1)
     assert q.kick(5) == 1
-    assert q.get(timeout=5) == b"x"
-    with pytest.raises(brokerq.Empty):
-        q.get(timeout=1.5)
+    got_once(q, quiet=1.5)
 
 
 def test_a_kick_before_the_redelivery_takes_the_original_out(
@@ -139,9 +144,7 @@ def test_a_kick_before_the_redelivery_takes_the_original_out(
     q.put(b"x")
     kill_at(procs, server.url, "kicked-early", "bury", "before-ack")
     assert q.kick() == 1
-    assert q.get(timeout=5) == b"x"
-    with pytest.raises(brokerq.Empty):
-        q.get(timeout=3)  # past the dead client's lease: nothing comes back
+    got_once(q, quiet=3)  # past the dead client's lease: nothing comes back
     assert counts(q) == (0, 0, 0)
 
 
@@ -183,9 +186,7 @@ def test_a_kicker_dying_before_deleting_the_copy_puts_it_back_once(
     assert counts(q) == (1, 0, 1)
     assert q.kick() == 1
     assert counts(q) == (1, 0, 0)
-    assert q.get(timeout=5) == b"x"
-    with pytest.raises(brokerq.Empty):
-        q.get(timeout=0.5)
+    got_once(q, quiet=0.5)
 
 
 def test_a_kicker_dying_after_deleting_the_original_leaves_it_buried(
@@ -201,9 +202,7 @@ def test_a_kicker_dying_after_deleting_the_original_leaves_it_buried(
     with pytest.raises(brokerq.Empty):
         q.get(timeout=2.5)  # past the lease: the original is gone
     assert q.kick() == 1
-    assert q.get(timeout=5) == b"x"
-    with pytest.raises(brokerq.Empty):
-        q.get(timeout=0.5)
+    got_once(q, quiet=0.5)
 
 
 def test_a_kicker_of_dead_letters_dying_mid_bury_moves_each_once(
