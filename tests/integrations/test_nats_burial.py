@@ -10,16 +10,15 @@ no library code knows of it); it writes ``stalled`` and the test kills it
 from __future__ import annotations
 
 import os
-import signal
 import sys
 import textwrap
 import threading
 from pathlib import Path
 
 import pytest
-from conftest import Procs, gone, wait_until
+from conftest import Procs
 from extras import require
-from nats_fixtures import clean_client, module_server  # noqa: F401
+from nats_fixtures import clean_client, kill_once_it_says, module_server  # noqa: F401
 from nats_server import NatsServer
 
 import brokerq
@@ -97,14 +96,8 @@ HELPER = textwrap.dedent(
 def kill_at(procs: Procs, url: str, queue: str, verb: str, stall_at: str) -> None:
     """Run ``verb`` (bury, kick or delete) on ``queue`` in a process of its own, and
     SIGKILL it by pid once it stalls at ``stall_at``."""
-    proc = procs(
-        [sys.executable, "-c", HELPER, url, queue, verb], env={**os.environ, "STALL_AT": stall_at}
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()  # (the helper's timeouts are 10 s: bounded)
-    assert line == b"stalled\n", (line, proc.stderr.read() if proc.stderr else b"")
-    os.kill(proc.pid, signal.SIGKILL)
-    wait_until(lambda: gone(proc.pid), 10, "the killed client to be gone")
+    args = [sys.executable, "-c", HELPER, url, queue, verb]
+    kill_once_it_says(procs, args, b"stalled\n", env={**os.environ, "STALL_AT": stall_at})
 
 
 def counts(q: brokerq.nats.NatsQueue) -> tuple[int, int, int]:

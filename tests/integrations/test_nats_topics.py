@@ -5,7 +5,6 @@ a client SIGKILLed between two steps leaves a safe state, and the commands."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import sys
 import textwrap
@@ -13,9 +12,9 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import Procs, gone, read_line, run_cli, wait_until
+from conftest import Procs, run_cli, wait_until
 from extras import require
-from nats_fixtures import own_server  # noqa: F401
+from nats_fixtures import kill_once_it_says, own_server  # noqa: F401
 from nats_server import NatsServer, require_server, start_server
 
 import brokerq
@@ -190,10 +189,7 @@ PAUSED = textwrap.dedent(
 
 
 def _kill_when_paused(procs: Procs, url: str, *args: str) -> None:
-    proc = procs([sys.executable, "-c", PAUSED, url, *args])
-    assert read_line(proc, timeout=20) == b"paused\n"
-    os.kill(proc.pid, signal.SIGKILL)
-    wait_until(lambda: gone(proc.pid), 10, "the killed client to be gone")
+    kill_once_it_says(procs, [sys.executable, "-c", PAUSED, url, *args], b"paused\n")
 
 
 def test_a_publisher_killed_between_two_copies_doubles_none_and_keeps_the_subscriptions(
