@@ -16,7 +16,7 @@ import threading
 from pathlib import Path
 
 import pytest
-from conftest import Procs
+from conftest import Procs, read_line
 from extras import require
 from nats_fixtures import clean_client, kill_once_it_says, module_server  # noqa: F401
 from nats_server import NatsServer
@@ -156,12 +156,11 @@ def test_a_redelivery_judged_after_a_kick_is_not_delivered_beside_the_kicked_cop
         [sys.executable, "-c", HELPER, server.url, "race", "reserve"],
         env={**os.environ, "STALL_AT": "before-lookup", "GO_ON_WHEN": str(go_on)},
     )
-    assert consumer.stdout is not None
     # (it stalls on the redelivery, once the dead client's lease has run out)
-    assert consumer.stdout.readline() == b"stalled\n"
+    assert read_line(consumer, timeout=20) == b"stalled\n"
     assert q.kick() == 1  # the original deleted, the copy put back as message 2
     go_on.touch()
-    assert consumer.stdout.readline() == b"got 2 1\n"  # the kicked copy, not the original
+    assert read_line(consumer, timeout=20) == b"got 2 1\n"  # the kicked copy, not the original
     assert consumer.wait(10) == 0
     with pytest.raises(brokerq.Empty):
         q.get(timeout=1.5)
