@@ -133,6 +133,11 @@ class Cluster:
         assert leader, f"stream {stream} has no leader"
         return leader
 
+    def stream_replicas(self, stream: str) -> int:
+        """How many replicas ``stream`` was made with."""
+        replicas: int = run(_stream_replicas(self.urls, stream))
+        return replicas
+
     def kill(self, name: str) -> None:
         """SIGKILL node ``name`` by its pid and wait for it."""
         proc = self.node(name).proc
@@ -212,5 +217,16 @@ async def _stream_leader(urls: list[str], stream: str) -> str | None:
     try:
         info = await nc.jetstream().stream_info(stream)
         return info.cluster.leader if info.cluster else None
+    finally:
+        await nc.close()
+
+
+async def _stream_replicas(urls: list[str], stream: str) -> int:
+    import nats
+
+    nc = await nats.connect(urls, connect_timeout=2, error_cb=_quiet)
+    try:
+        info = await nc.jetstream().stream_info(stream)
+        return int(info.config.num_replicas or 1)
     finally:
         await nc.close()

@@ -2,13 +2,15 @@
 
 ``start_server()`` returns a :class:`NatsServer` (``.url``, ``.pid``,
 ``.stop()``) once the server answers on its port; ``stop()`` ends it by
-pid and removes its storage directory (a three-node cluster:
+pid and removes its storage directory (``with running_server() as s``
+stops it at the block's end) (a three-node cluster:
 :mod:`nats_cluster`). Where nats-server is missing, :func:`require_server`
 skips the calling test module (or, under CI, fails it) with :data:`INSTALL_HINT`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -16,6 +18,7 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 INSTALL_HINT = (
@@ -69,15 +72,19 @@ def require_server() -> str:
 
 
 def start_server(
-    port: int | None = None, timeout: float = 20.0, config: str | None = None
+    port: int | None = None,
+    timeout: float = 20.0,
+    config: str | None = None,
+    store_dir: str | None = None,
 ) -> NatsServer:
     """A JetStream-enabled nats-server on 127.0.0.1:``port`` (None: a free one);
-    ``config``: the text of a configuration file to start it with."""
+    ``config``: the text of a configuration file to start it with;
+    ``store_dir``: a stopped server's storage to start on (None: a new one)."""
     binary = server_binary()
     if binary is None:
         raise FileNotFoundError(INSTALL_HINT)
     port = port or free_port()
-    store_dir = tempfile.mkdtemp(dir="/tmp", prefix="bq-nats-")
+    store_dir = store_dir or tempfile.mkdtemp(dir="/tmp", prefix="bq-nats-")
     args = [binary, "-a", "127.0.0.1", "-p", str(port), "-js", "-sd", store_dir]
     if config is not None:
         config_file = os.path.join(store_dir, "server.conf")
@@ -102,3 +109,13 @@ def start_server(
             time.sleep(0.05)
     server.stop()
     raise TimeoutError(f"nats-server did not listen on port {port} within {timeout} s")
+
+
+@contextlib.contextmanager
+def running_server(config: str | None = None) -> Iterator[NatsServer]:
+    """``start_server(config=config)``, stopped by its pid when the block ends."""
+    handle = start_server(config=config)
+    try:
+        yield handle
+    finally:
+        handle.stop()

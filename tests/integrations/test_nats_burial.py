@@ -9,19 +9,16 @@ no library code knows of it); it writes ``stalled`` and the test kills it
 
 from __future__ import annotations
 
-import asyncio
 import os
-import signal
 import sys
 import textwrap
 import threading
-import time
 from pathlib import Path
 
 import pytest
-from conftest import Procs, gone, wait_until
+from conftest import Procs, read_line
 from extras import require
-from nats_fixtures import clean_client, module_server  # noqa: F401
+from nats_fixtures import clean_client, kill_once_it_says, module_server  # noqa: F401
 from nats_server import NatsServer
 
 import brokerq
@@ -99,19 +96,20 @@ HELPER = textwrap.dedent(
 def kill_at(procs: Procs, url: str, queue: str, verb: str, stall_at: str) -> None:
     """Run ``verb`` (bury, kick or delete) on ``queue`` in a process of its own, and
     SIGKILL it by pid once it stalls at ``stall_at``."""
-    proc = procs(
-        [sys.executable, "-c", HELPER, url, queue, verb], env={**os.environ, "STALL_AT": stall_at}
-    )
-    assert proc.stdout is not None
-    line = proc.stdout.readline()  # (the helper's timeouts are 10 s: bounded)
-    assert line == b"stalled\n", (line, proc.stderr.read() if proc.stderr else b"")
-    os.kill(proc.pid, signal.SIGKILL)
-    wait_until(lambda: gone(proc.pid), 10, "the killed client to be gone")
+    args = [sys.executable, "-c", HELPER, url, queue, verb]
+    kill_once_it_says(procs, args, b"stalled\n", env={**os.environ, "STALL_AT": stall_at})
 
 
 def counts(q: brokerq.nats.NatsQueue) -> tuple[int, int, int]:
     stats = q.stats()
     return stats["ready"], stats["reserved"], stats["buried"]
+
+
+def got_once(q: brokerq.nats.NatsQueue, quiet: float) -> None:
+    """``q`` gives ``x``, then nothing more for ``quiet`` seconds."""
+    assert q.get(timeout=5) == b"x"
+    with pytest.raises(brokerq.Empty):
+        q.get(timeout=quiet)
 
 
 def test_a_client_dying_between_copy_and_ack_buries_it_once(
@@ -127,9 +125,7 @@ def test_a_client_dying_between_copy_and_ack_buries_it_once(
         q.get(timeout=2.5)  # the redelivery (after 1 s) finishes the bury
     assert counts(q) == (0, 0, 1)
     assert q.kick(5) == 1
-    assert q.get(timeout=5) == b"x"
-    with pytest.raises(brokerq.Empty):
-        q.get(timeout=1.5)
+    got_once(q, quiet=1.5)
 
 
 def test_a_kick_before_the_redelivery_takes_the_original_out(
@@ -141,9 +137,7 @@ def test_a_kick_before_the_redelivery_takes_the_original_out(
     q.put(b"x")
     kill_at(procs, server.url, "kicked-early", "bury", "before-ack")
     assert q.kick() == 1
-    assert q.get(timeout=5) == b"x"
-    with pytest.raises(brokerq.Empty):
-        q.get(timeout=3)  # past the dead client's lease: nothing comes back
+    got_once(q, quiet=3)  # past the dead client's lease: nothing comes back
     assert counts(q) == (0, 0, 0)
 
 
@@ -157,17 +151,16 @@ def test_a_redelivery_judged_after_a_kick_is_not_delivered_beside_the_kicked_cop
     q = client.queue("race", lease=1.0)
     q.put(b"x")
     kill_at(procs, server.url, "race", "bury", "before-ack")
-    time.sleep(1.2)  # the dead client's lease runs out
     go_on = tmp_path / "go-on"
     consumer = procs(
         [sys.executable, "-c", HELPER, server.url, "race", "reserve"],
         env={**os.environ, "STALL_AT": "before-lookup", "GO_ON_WHEN": str(go_on)},
     )
-    assert consumer.stdout is not None
-    assert consumer.stdout.readline() == b"stalled\n"
+    # (it stalls on the redelivery, once the dead client's lease has run out)
+    assert read_line(consumer, timeout=20) == b"stalled\n"
     assert q.kick() == 1  # the original deleted, the copy put back as message 2
     go_on.touch()
-    assert consumer.stdout.readline() == b"got 2 1\n"  # the kicked copy, not the original
+    assert read_line(consumer, timeout=20) == b"got 2 1\n"  # the kicked copy, not the original
     assert consumer.wait(10) == 0
     with pytest.raises(brokerq.Empty):
         q.get(timeout=1.5)
@@ -185,9 +178,7 @@ def test_a_kicker_dying_before_deleting_the_copy_puts_it_back_once(
     assert counts(q) == (1, 0, 1)
     assert q.kick() == 1
     assert counts(q) == (1, 0, 0)
-    assert q.get(timeout=5) == b"x"
-    with pytest.raises(brokerq.Empty):
-        q.get(timeout=0.5)
+    got_once(q, quiet=0.5)
 
 
 def test_a_kicker_dying_after_deleting_the_original_leaves_it_buried(
@@ -203,9 +194,7 @@ def test_a_kicker_dying_after_deleting_the_original_leaves_it_buried(
     with pytest.raises(brokerq.Empty):
         q.get(timeout=2.5)  # past the lease: the original is gone
     assert q.kick() == 1
-    assert q.get(timeout=5) == b"x"
-    with pytest.raises(brokerq.Empty):
-        q.get(timeout=0.5)
+    got_once(q, quiet=0.5)
 
 
 def test_a_kicker_of_dead_letters_dying_mid_bury_moves_each_once(
@@ -350,17 +339,6 @@ def test_on_a_cluster_the_buried_stream_has_the_queues_replicas() -> None:
         q.put(b"x")
         q.reserve(timeout=10).bury()
         buried = naming.buried_stream_name("r3buried")
-        assert asyncio.run(_replicas(cluster.urls, buried)) == 3
+        assert cluster.stream_replicas(buried) == 3
         assert q.kick() == 1
         assert q.get(timeout=10) == b"x"
-
-
-async def _replicas(urls: list[str], stream: str) -> int:
-    import nats
-
-    nc = await nats.connect(urls)
-    try:
-        info = await nc.jetstream().stream_info(stream)
-        return int(info.config.num_replicas or 1)
-    finally:
-        await nc.close()

@@ -16,7 +16,6 @@ at-least-once and no more:
 
 from __future__ import annotations
 
-import asyncio
 import collections
 import os
 import signal
@@ -38,7 +37,7 @@ import brokerq
 
 require("nats", "nats")
 require_server()
-from nats_server import start_server  # noqa: E402
+from nats_server import running_server  # noqa: E402
 
 PRODUCER = textwrap.dedent(
     """
@@ -233,11 +232,8 @@ def no_message_left(url: str, queue: str) -> None:
 
 @pytest.fixture
 def nats_url() -> Iterator[str]:
-    server = start_server()
-    try:
+    with running_server() as server:
         yield server.url
-    finally:
-        server.stop()
 
 
 def test_10000_messages_exactly_once_with_a_consumer_sigkilled(
@@ -265,17 +261,6 @@ def test_10000_messages_exactly_once_with_a_consumer_sigkilled(
     no_message_left(nats_url, queue)
 
 
-async def _replicas(urls: list[str], stream: str) -> int:
-    import nats
-
-    nc = await nats.connect(urls)
-    try:
-        info = await nc.jetstream().stream_info(stream)
-        return int(info.config.num_replicas or 1)
-    finally:
-        await nc.close()
-
-
 def test_r3_cluster_loses_no_acknowledged_put_when_the_stream_leader_dies(
     procs: Procs, sock_dir: str
 ) -> None:
@@ -288,7 +273,7 @@ def test_r3_cluster_loses_no_acknowledged_put_when_the_stream_leader_dies(
         with brokerq.connect(url) as client:
             client.queue(queue).configure(lease=LEASE)  # its stream made
         stream = naming.stream_name(queue)
-        assert asyncio.run(_replicas(cluster.urls, stream)) == 3
+        assert cluster.stream_replicas(stream) == 3
         run = Run(procs, Path(sock_dir), url, queue)
         for _ in range(2):
             run.start_consumer()

@@ -9,8 +9,6 @@ The behaviour both backends share is in test_nats_backends.py.
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
 import subprocess
 import sys
 import textwrap
@@ -21,10 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Procs, gone, read_line, wait_until
+from conftest import Procs, wait_until
 from extras import require
 from nats_cluster import Cluster
-from nats_fixtures import clean_client, module_server  # noqa: F401
+from nats_fixtures import clean_client, kill_once_it_says, module_server  # noqa: F401
 from nats_server import NatsServer
 
 import brokerq
@@ -109,10 +107,7 @@ def q(client: brokerq.nats.NatsClient) -> Iterator[brokerq.nats.NatsQueue]:
 
 def _kill_at(procs: Procs, server: NatsServer, queue: str, where: str, line: bytes) -> None:
     """Start a KILLED_GETTER, wait until it says ``line``, SIGKILL it by pid."""
-    getter = procs([sys.executable, "-c", KILLED_GETTER, server.url, queue, where])
-    assert read_line(getter, timeout=20) == line
-    os.kill(getter.pid, signal.SIGKILL)
-    wait_until(lambda: gone(getter.pid), 10, "the killed getter to be gone")
+    kill_once_it_says(procs, [sys.executable, "-c", KILLED_GETTER, server.url, queue, where], line)
 
 
 def test_a_getter_killed_between_its_count_and_its_ack_loses_nothing(
@@ -155,10 +150,8 @@ def test_a_delete_killed_between_its_two_steps_leaves_the_queue_and_no_stale_cou
     run again finishes the work; nothing counted is left for a new queue."""
     q.put_many([b"a", b"b"])
     assert q.get(timeout=5) == b"a"
-    deleting = procs([sys.executable, "-c", KILLED_DELETE, server.url, q.name])
-    assert read_line(deleting, timeout=20) == b"forgotten\n"
-    os.kill(deleting.pid, signal.SIGKILL)
-    wait_until(lambda: gone(deleting.pid), 10, "the killed delete to be gone")
+    args = [sys.executable, "-c", KILLED_DELETE, server.url, q.name]
+    kill_once_it_says(procs, args, b"forgotten\n")
     assert q.unfinished_tasks == 1  # b, still in its stream
     assert q.get(timeout=5) == b"b"
     q.task_done()
@@ -273,7 +266,7 @@ def test_on_a_cluster_the_count_is_replicated_and_outlives_its_leader() -> None:
         q.put_many([b"a", b"b", b"c"])
         assert q.get_many(2, timeout=10) == [b"a", b"b"]
         wait_until(lambda: q.unfinished_tasks == 3, 10, "the acked messages to leave")
-        assert asyncio.run(_replicas(cluster.urls, tasks.KV_STREAM)) == 3
+        assert cluster.stream_replicas(tasks.KV_STREAM) == 3
         cluster.kill_leader(tasks.KV_STREAM)
         q.task_done(2)
         wait_until(lambda: q.unfinished_tasks == 1, 10, "the count of one task")
@@ -281,14 +274,6 @@ def test_on_a_cluster_the_count_is_replicated_and_outlives_its_leader() -> None:
             q.task_done(2)
         q.reserve(timeout=10).ack()
         q.join(timeout=10)
-
-
-async def _replicas(urls: list[str], stream: str) -> int:
-    nc = await nats.connect(urls)
-    try:
-        return int((await nc.jetstream().stream_info(stream)).config.num_replicas or 0)
-    finally:
-        await nc.close()
 
 
 def test_a_join_timing_out_in_a_thread_sharing_the_client_raises_join_timeout(

@@ -5,19 +5,17 @@ a client SIGKILLed between two steps leaves a safe state, and the commands."""
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
-import subprocess
 import sys
 import textwrap
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from conftest import Procs, gone, read_line, run_cli, wait_until
+from conftest import Procs, run_cli, wait_until
 from extras import require
-from nats_server import NatsServer, require_server, server_binary, start_server
+from nats_fixtures import kill_once_it_says, own_server  # noqa: F401
+from nats_server import NatsServer, require_server, start_server
 
 import brokerq
 
@@ -27,26 +25,12 @@ import brokerq.nats  # noqa: E402
 from brokerq.nats import naming, topics  # noqa: E402
 
 
-@pytest.fixture
-def server() -> Iterator[NatsServer]:
-    """A server of each test's own: some restart it."""
-    handle = start_server()
-    try:
-        yield handle
-    finally:
-        handle.stop()
-
-
 def restart(server: NatsServer) -> NatsServer:
     """Stop ``server`` by its pid (SIGTERM) and start it again on the same
     port and storage, as an operator's restart; ``stop()`` the new one."""
     server.process.send_signal(signal.SIGTERM)
     server.process.wait(10)
-    binary = server_binary()
-    assert binary is not None
-    args = [binary, "-a", "127.0.0.1", "-p", str(server.port), "-js", "-sd", server.store_dir]
-    process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    again = NatsServer(server.url, server.port, process.pid, server.store_dir, process)
+    again = start_server(port=server.port, store_dir=server.store_dir)
     try:
         wait_until(lambda: _answers(again.url), 20, "the restarted server's JetStream")
     except BaseException:
@@ -205,10 +189,7 @@ PAUSED = textwrap.dedent(
 
 
 def _kill_when_paused(procs: Procs, url: str, *args: str) -> None:
-    proc = procs([sys.executable, "-c", PAUSED, url, *args])
-    assert read_line(proc, timeout=20) == b"paused\n"
-    os.kill(proc.pid, signal.SIGKILL)
-    wait_until(lambda: gone(proc.pid), 10, "the killed client to be gone")
+    kill_once_it_says(procs, [sys.executable, "-c", PAUSED, url, *args], b"paused\n")
 
 
 def test_a_publisher_killed_between_two_copies_doubles_none_and_keeps_the_subscriptions(

@@ -29,7 +29,6 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol
 
-import nats.errors
 import nats.js.errors
 from nats.aio.msg import Msg
 from nats.js import JetStreamContext
@@ -37,6 +36,7 @@ from nats.js.api import RawStreamMsg, StorageType, StreamConfig
 
 from ..errors import Full, InvalidRequest
 from . import naming, rules
+from .failures import NO_STREAM
 
 #: The buried copy's header with its original's put key: with the body, it
 #: tells the original from another message under the same sequence (a
@@ -48,7 +48,6 @@ DUPLICATE_WINDOW = 120.0
 #: for a stream that is not there.
 _NO_MESSAGE = 10057
 _NO_STREAM_CODE = 10059
-_NO_STREAM = (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError)
 
 #: A put to the queue under the given headers (its key among them), as
 #: ``AsyncNatsQueue`` puts: sent again under that key while no answer comes.
@@ -80,7 +79,7 @@ async def bury(home: Home, msg: Msg) -> None:
     headers = _copy_headers(msg.headers)
     try:
         await js.publish(subject, msg.data, headers=headers, timeout=timeout)
-    except _NO_STREAM:  # the queue's first bury (or its buried stream deleted)
+    except NO_STREAM:  # the queue's first bury (or its buried stream deleted)
         await _make_stream(js, home.name)
         await js.publish(subject, msg.data, headers=headers, timeout=timeout)
     await msg.ack_sync(timeout=timeout)

@@ -10,16 +10,20 @@ effect, as on the local broker: a put is then retried with its key by
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import nats.errors
+import nats.js.errors
 
 from ..errors import BrokerqError, BrokerUnavailable, ConnectionLost, MessageTooLarge, NotSupported
 
 C = TypeVar("C", bound=type)
+T = TypeVar("T")
 
 _LOST = (
     nats.errors.ConnectionClosedError,
@@ -28,6 +32,35 @@ _LOST = (
     nats.errors.ConnectionReconnectingError,
     nats.errors.ConnectionDrainingError,
 )
+
+
+#: No stream answered: it does not exist, or it has no leader just now.
+NO_STREAM = (
+    nats.errors.NoRespondersError,
+    nats.js.errors.NoStreamResponseError,  # (nats-py's name for no responders to a publish)
+)
+#: No answer (a reconnect, a leader being elected) or no responder just now.
+UNANSWERED = (
+    TimeoutError,
+    nats.errors.TimeoutError,
+    nats.js.errors.ServiceUnavailableError,
+    *NO_STREAM,
+)
+
+
+async def asked_again(request: Callable[[], Awaitable[T]], within: float, attempt: float) -> T:
+    """``request()``, each attempt given ``attempt`` seconds, made again while
+    no answer comes (UNANSWERED), for ``within`` seconds; then the last
+    attempt's error. For a read, or a write whose second time changes nothing
+    more (sent under one id, or the same record again)."""
+    give_up = time.monotonic() + within
+    while True:
+        try:
+            return await asyncio.wait_for(request(), attempt)
+        except UNANSWERED:
+            if time.monotonic() >= give_up:
+                raise
+        await asyncio.sleep(0.05)
 
 
 def brokerq_error(exc: nats.errors.Error) -> BrokerqError:

@@ -24,7 +24,6 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol, TypeVar
 
-import nats.errors
 import nats.js.errors
 from nats.js import JetStreamContext
 from nats.js.api import Header, StorageType
@@ -33,6 +32,7 @@ from nats.js.kv import KeyValue
 from ..errors import BrokerqError, InvalidRequest, JoinTimeout
 from ..validation import validate_timeout
 from .aio_message import not_supported
+from .failures import asked_again
 
 #: The key-value bucket of every queue's outstanding gets (its stream is
 #: ``KV_bq_tasks``: not a queue's, so ``queues()`` does not list it).
@@ -46,14 +46,6 @@ _WRONG_REVISION = frozenset({10071, 10164})
 #: How long one request waits for its answer before it is sent again (a
 #: write under its id: one that did land is then answered as a duplicate).
 ATTEMPT = 2.0
-#: No answer, or no leader just now (one is being elected): asked again.
-_UNANSWERED = (
-    TimeoutError,
-    nats.errors.TimeoutError,
-    nats.errors.NoRespondersError,
-    nats.js.errors.ServiceUnavailableError,
-    nats.js.errors.NoStreamResponseError,  # (nats-py's name for no responders to a publish)
-)
 #: A join's first and longest pause between two looks at the count.
 JOIN_PAUSE = 0.02
 JOIN_PAUSE_MAX = 0.5
@@ -86,14 +78,7 @@ T = TypeVar("T")
 async def _patiently(step: Callable[[], Awaitable[T]], within: float) -> T:
     """``step()``, asked again while no answer comes, for ``within`` seconds:
     the bucket's leader may be changing (a cluster), as a queue's may."""
-    give_up = time.monotonic() + within
-    while True:
-        try:
-            return await asyncio.wait_for(step(), ATTEMPT)
-        except _UNANSWERED:
-            if time.monotonic() >= give_up:
-                raise
-            await asyncio.sleep(0.05)
+    return await asked_again(step, within, ATTEMPT)
 
 
 class TaskCount:

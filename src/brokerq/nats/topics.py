@@ -25,7 +25,6 @@ import time
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Protocol, TypeVar
 
-import nats.errors
 import nats.js.errors
 from nats.aio.client import Client as NatsConnection
 from nats.js import JetStreamContext
@@ -34,6 +33,7 @@ from nats.js.api import DEFAULT_PREFIX, DiscardPolicy, RetentionPolicy, StorageT
 from .. import validation
 from ..errors import BrokerqError, BrokerUnavailable
 from . import naming
+from .failures import NO_STREAM, UNANSWERED, asked_again
 
 T = TypeVar("T")
 
@@ -42,10 +42,6 @@ T = TypeVar("T")
 ATTEMPT_TIMEOUT = 2.0
 #: JetStream's error codes for a stream at its limits (messages, bytes).
 _FULL_CODES = frozenset({10077, 10078})
-#: No answer to an attempt: sent again under the same key.
-_NO_ANSWER = (TimeoutError, nats.errors.TimeoutError, nats.js.errors.ServiceUnavailableError)
-#: No stream answered: the queue was deleted, or its stream has no leader just now.
-_NO_STREAM = (nats.errors.NoRespondersError, nats.js.errors.NoStreamResponseError)
 
 
 class TopicHost(Protocol):
@@ -141,13 +137,13 @@ async def copy(host: TopicHost, queue: str, data: bytes, headers: Mapping[str, s
                 timeout=min(host.timeout, ATTEMPT_TIMEOUT),
             )
             return True
-        except (*_NO_ANSWER, *_NO_STREAM, nats.js.errors.APIError) as exc:
+        except (*UNANSWERED, nats.js.errors.APIError) as exc:
             if getattr(exc, "err_code", None) in _FULL_CODES:
                 return False
-            if isinstance(exc, _NO_STREAM) and await _deleted(host, queue):
+            if isinstance(exc, NO_STREAM) and await _deleted(host, queue):
                 await _purge(host, naming.queue_subscriptions(queue))
                 return False
-            if not isinstance(exc, _NO_ANSWER + _NO_STREAM):
+            if not isinstance(exc, UNANSWERED):
                 raise
             if time.monotonic() >= give_up:
                 raise BrokerUnavailable(f"queue {queue!r} took no copy in time: {exc!r}") from exc
@@ -161,7 +157,7 @@ async def _deleted(host: TopicHost, queue: str) -> bool:
         await host.js.stream_info(naming.stream_name(queue))
     except nats.js.errors.NotFoundError:
         return True
-    except (*_NO_ANSWER, *_NO_STREAM):
+    except UNANSWERED:
         pass
     return False
 
@@ -217,11 +213,7 @@ async def _answered(host: TopicHost, request: Callable[[], Awaitable[T]]) -> T:
     """``request``, made again while no answer comes (a stream's leader being
     elected, a reconnect), for the client's timeout, as a put is: each is a
     read, or a write whose second time changes nothing more."""
-    give_up = time.monotonic() + host.timeout
-    while True:
-        try:
-            return await asyncio.wait_for(request(), ATTEMPT_TIMEOUT + 1)
-        except (*_NO_ANSWER, *_NO_STREAM) as exc:
-            if time.monotonic() >= give_up:
-                raise BrokerUnavailable(f"NATS did not answer in time: {exc!r}") from exc
-        await asyncio.sleep(0.05)
+    try:
+        return await asked_again(request, host.timeout, ATTEMPT_TIMEOUT + 1)
+    except UNANSWERED as exc:
+        raise BrokerUnavailable(f"NATS did not answer in time: {exc!r}") from exc
