@@ -25,17 +25,14 @@ import brokerq
 
 require("nats", "nats")
 require_server()
-from nats_server import start_server  # noqa: E402
+from nats_server import running_server  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def nats_url() -> Iterator[str]:
     """One nats-server for the module; each test uses queues of its own."""
-    server = start_server()
-    try:
+    with running_server() as server:
         yield server.url
-    finally:
-        server.stop()
 
 
 @pytest.fixture(params=["local", "nats"])

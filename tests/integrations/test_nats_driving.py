@@ -23,7 +23,7 @@ from conftest import wait_until
 from extras import require
 
 require("nats", "nats")
-from nats_server import require_server, start_server  # noqa: E402
+from nats_server import require_server, running_server  # noqa: E402
 
 import brokerq  # noqa: E402
 from brokerq.nats.driving import IDLE_TICK, Driver  # noqa: E402
@@ -151,11 +151,8 @@ def test_the_loop_runs_while_no_call_does(driver: Driver) -> None:
 def nats_url() -> Iterator[str]:
     require_server()
     # A server that drops a client missing two pings a second apart.
-    server = start_server(config='ping_interval: "1s"\nping_max: 2\n')
-    try:
+    with running_server(config='ping_interval: "1s"\nping_max: 2\n') as server:
         yield server.url
-    finally:
-        server.stop()
 
 
 def test_threads_sharing_a_client_each_get_every_message_once(nats_url: str) -> None:

@@ -13,14 +13,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 import nats.js.errors
-from nats.aio.client import Client as NatsConnection
-from nats.js import JetStreamContext
 
 from .. import validation
 from ..errors import Empty, InvalidRequest
 from . import burial, naming, rules, topics
 from .failures import translate_errors
 from .tasks import TaskCount
+from .topics import TopicHost
 
 
 @dataclass
@@ -41,21 +40,13 @@ class QueueSettings:
             return cls()
 
 
-class QueueHost(Protocol):
+class QueueHost(TopicHost, Protocol):
     """What a queue needs of its client (:class:`brokerq.nats.AsyncNatsClient`),
-    named here so this module does not import the client's."""
+    named here so this module does not import the client's: what its topic
+    subscriptions need (url, timeout, replicas, js, nc), and these."""
 
-    url: str
-    timeout: float
     #: Messages a queue takes ahead of its gets and reserves (0: none).
     prefetch: int
-    replicas: int
-
-    @property
-    def js(self) -> JetStreamContext: ...
-
-    @property
-    def nc(self) -> NatsConnection: ...
 
     def next_key(self) -> str: ...
 
