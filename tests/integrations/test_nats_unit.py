@@ -9,6 +9,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 require("nats", "nats")  # (brokerq.nats's package imports nats-py; these modules do not)
+import brokerq.nats  # noqa: E402
 from brokerq.errors import InvalidRequest  # noqa: E402
 from brokerq.nats import naming, rules  # noqa: E402
 from brokerq.nats.aio_admin import QueueSettings  # noqa: E402
@@ -168,3 +169,19 @@ def test_the_url_names_servers_and_replicas() -> None:
         naming.parse_url("nats://h:4222?replicas=7")
     with pytest.raises(ValueError, match="unknown option"):
         naming.parse_url("nats://h:4222?replica=3")
+
+
+def test_a_url_is_shown_without_its_password_or_token() -> None:
+    assert naming.redacted("nats://alice:s3cret@host:4222") == "nats://alice:***@host:4222"
+    assert naming.redacted("nats://t0ken@host:4222") == "nats://***@host:4222"
+    cluster = "nats://a:x@h1:4222,nats://b:y@h2:4222?replicas=3"
+    assert naming.redacted(cluster) == "nats://a:***@h1:4222,nats://b:***@h2:4222?replicas=3"
+    assert naming.redacted("tls://host:4222") == "tls://host:4222"
+
+
+def test_a_clients_repr_hides_the_password() -> None:
+    client = brokerq.nats.NatsClient("nats://alice:s3cret@127.0.0.1:1")
+    queue = client.queue("jobs")
+    assert "s3cret" not in repr(client) + repr(queue)
+    assert client.url == "nats://alice:s3cret@127.0.0.1:1"  # (still the one to connect to)
+    client.close()

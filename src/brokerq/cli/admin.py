@@ -112,7 +112,9 @@ def ping(state: State) -> None:
         conn = client.connection()
         click.echo(f"pong from {conn.server} (pid {conn.broker_pid}) in {rtt * 1000:.2f} ms")
     else:
-        click.echo(f"pong from {client.url} in {rtt * 1000:.2f} ms")
+        from ..nats.naming import redacted
+
+        click.echo(f"pong from {redacted(client.url)} in {rtt * 1000:.2f} ms")
 
 
 @cli.command()

@@ -96,7 +96,7 @@ class AsyncNatsClient:
         self._counter = itertools.count(1)
 
     def __repr__(self) -> str:
-        return f"<brokerq.nats.AsyncNatsClient {self.url!r}>"
+        return f"<brokerq.nats.AsyncNatsClient {naming.redacted(self.url)!r}>"
 
     async def connect(self) -> AsyncNatsClient:
         _refuse_trio()
@@ -110,7 +110,8 @@ class AsyncNatsClient:
                     error_cb=_log_error,
                 )
             except (OSError, nats.errors.Error) as exc:
-                raise BrokerUnavailable(f"cannot reach NATS at {self.url}: {exc}") from exc
+                where = naming.redacted(self.url)
+                raise BrokerUnavailable(f"cannot reach NATS at {where}: {exc}") from exc
             self._js = self._nc.jetstream(timeout=self.timeout)
         return self
 
@@ -131,13 +132,17 @@ class AsyncNatsClient:
     @property
     def js(self) -> JetStreamContext:
         if self._js is None:
-            raise BrokerUnavailable(f"not connected to {self.url}: use `async with` or connect()")
+            raise BrokerUnavailable(
+                f"not connected to {naming.redacted(self.url)}: use `async with` or connect()"
+            )
         return self._js
 
     @property
     def nc(self) -> NatsConnection:
         if self._nc is None:
-            raise BrokerUnavailable(f"not connected to {self.url}: use `async with` or connect()")
+            raise BrokerUnavailable(
+                f"not connected to {naming.redacted(self.url)}: use `async with` or connect()"
+            )
         return self._nc
 
     def next_key(self) -> str:
@@ -260,7 +265,7 @@ class AsyncNatsClient:
         version = self.nc.connected_server_version
         return {
             "backend": "nats",
-            "url": self.url,
+            "url": naming.redacted(self.url),
             "queues": len(await self.queues()),
             "bytes": account.storage,
             "server_version": f"{version.major}.{version.minor}.{version.patch}",

@@ -29,7 +29,7 @@ from ..errors import BrokerUnavailable, Empty, Full, InvalidRequest
 from . import burial, naming, rules, topics
 from .aio_admin import QueueAdmin, QueueHost, QueueSettings
 from .aio_message import AsyncNatsMessage, NatsReserving, not_supported
-from .failures import translate_errors
+from .failures import NO_STREAM, translate_errors
 from .pulling import NoLeader, Puller
 from .tasks import AckStep, TaskCount
 
@@ -43,15 +43,11 @@ ATTEMPT_TIMEOUT = 2.0
 HELD_MARGIN = 1.0
 #: Errors after which a put is sent again with the same key (deduplicated):
 #: no answer (a reconnect, a leader election), or no stream leader just now.
-_NO_STREAM = (
-    nats.errors.NoRespondersError,
-    nats.js.errors.NoStreamResponseError,  # (nats-py's name for no responders to a publish)
-)
 _RETRY = (
     TimeoutError,  # (nats-py's too)
     BrokerUnavailable,  # (no answer, as the client's methods raise it)
     nats.js.errors.ServiceUnavailableError,
-    *_NO_STREAM,
+    *NO_STREAM,
 )
 
 #: JetStream's error codes for a stream at its limits (messages, bytes).
@@ -120,7 +116,8 @@ class AsyncNatsQueue(QueueAdmin):
         self.tasks = TaskCount(client, name, self.stream)
 
     def __repr__(self) -> str:
-        return f"<brokerq.nats.AsyncNatsQueue {self.name!r} at {self.client.url!r}>"
+        where = naming.redacted(self.client.url)
+        return f"<brokerq.nats.AsyncNatsQueue {self.name!r} at {where!r}>"
 
     async def _settings(self) -> QueueSettings:
         """The queue's settings, its stream and consumer made first if need be
@@ -207,7 +204,7 @@ class AsyncNatsQueue(QueueAdmin):
                         raise Full(f"queue {self.name!r} stayed full until the timeout") from exc
                 elif not isinstance(exc, _RETRY) or time.monotonic() >= answer_by:
                     raise
-                if isinstance(exc, _NO_STREAM):
+                if isinstance(exc, NO_STREAM):
                     self.client.forget(self.name)  # deleted meanwhile? made again
                 await asyncio.sleep(0.05)
 

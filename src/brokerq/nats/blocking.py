@@ -21,6 +21,7 @@ from .. import validation
 from ..client import window
 from ..client.calls import Body, PutOptions
 from ..errors import BrokerqError
+from . import naming
 from .aio import DEFAULT_TIMEOUT, AsyncNatsClient, AsyncNatsSubscription
 from .aio_message import AsyncNatsMessage
 from .aio_queue import AsyncNatsQueue, SentPut
@@ -83,7 +84,7 @@ class NatsClient:
         self._closed = False
 
     def __repr__(self) -> str:
-        return f"<brokerq.nats.NatsClient {self.url!r}>"
+        return f"<brokerq.nats.NatsClient {naming.redacted(self.url)!r}>"
 
     def _current(self) -> _Loop:
         with self._lock:
@@ -203,7 +204,8 @@ class NatsQueue:
         self.client = client
 
     def __repr__(self) -> str:
-        return f"<brokerq.nats.NatsQueue {self.name!r} at {self.client.url!r}>"
+        where = naming.redacted(self.client.url)
+        return f"<brokerq.nats.NatsQueue {self.name!r} at {where!r}>"
 
     def _call(self, step: Callable[[AsyncNatsQueue], Awaitable[T]], timeout: float | None = 0) -> T:
         return self.client.call(lambda c: step(c.queue(self.name)), timeout)

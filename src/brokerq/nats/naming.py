@@ -10,6 +10,7 @@ reversible, so two queue names never share a stream.
 
 from __future__ import annotations
 
+import re
 import string
 
 from ..errors import InvalidRequest
@@ -172,3 +173,14 @@ def parse_url(url: str) -> tuple[list[str], int]:
     if not 1 <= replicas <= 5:
         raise ValueError(f"replicas must be 1 to 5 (JetStream's limit), not {replicas}")
     return [s.strip() for s in servers.split(",") if s.strip()], replicas
+
+
+def redacted(url: str) -> str:
+    """``url`` as it may be shown (a repr, a stat, an error): the password or
+    token of each server in it replaced by ``***``, the user name kept."""
+
+    def hide(found: re.Match[str]) -> str:
+        user, colon, _secret = found.group(1).partition(":")
+        return f"//{user}:***@" if colon else "//***@"
+
+    return re.sub(r"//([^/@,]*)@", hide, url)
