@@ -19,7 +19,6 @@ spend it): use ``anyio.move_on_after`` / ``fail_after``.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import time
@@ -340,15 +339,7 @@ class AsyncMessage:
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
-        if self.settled:
-            return
-        if exc_type is None:
-            await self.ack()
-            return
-        # Do not let a failed release hide the block's own exception: an
-        # unreleased message comes back anyway when its lease runs out.
-        with contextlib.suppress(BrokerqError):
-            await self.release()
+        await calls.settle_on_async_exit(self, failed=exc_type is not None)
 
     async def _verb(self, call: Call[R], *, settles: bool) -> R:
         """A lease verb, on the connection that holds the lease if it is free."""

@@ -6,7 +6,6 @@ Timeouts follow the stdlib :mod:`queue` contract (None: for ever, 0: the
 
 from __future__ import annotations
 
-import contextlib
 import os
 import threading
 import time
@@ -14,7 +13,6 @@ from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from .. import protocol, validation
-from ..errors import BrokerqError
 from ..spawn import resolve_socket_path
 from . import api, calls
 from .calls import Body, ConnectionLost
@@ -273,15 +271,7 @@ class Message:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
-        if self.settled:
-            return
-        if exc_type is None:
-            self.ack()
-            return
-        # Do not let a failed release hide the block's own exception: an
-        # unreleased message comes back anyway when its lease runs out.
-        with contextlib.suppress(BrokerqError):
-            self.release()
+        calls.settle_on_exit(self, failed=exc_type is not None)
 
     def _do(self, op: api.Op[R, T]) -> T:
         return self.queue.client.do(op)

@@ -11,7 +11,7 @@ import contextlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from .. import protocol, validation
 from ..errors import (
@@ -329,3 +329,49 @@ def retirement(version: int) -> bytes:
     protocol.append_frame(out, protocol.Hello(id=1, version=version, client="brokerq upgrade"))
     protocol.append_frame(out, protocol.Stop(id=2))
     return bytes(out)
+
+
+# -- the end of a reserved message's ``with`` block, on every client ---------
+
+
+class Settles(Protocol):
+    @property
+    def settled(self) -> bool: ...
+
+    def ack(self) -> None: ...
+
+    def release(self, delay: float = 0) -> None: ...
+
+
+class AsyncSettles(Protocol):
+    @property
+    def settled(self) -> bool: ...
+
+    async def ack(self) -> None: ...
+
+    async def release(self, delay: float = 0) -> None: ...
+
+
+def settle_on_exit(message: Settles, failed: bool) -> None:
+    """A ``with`` block's message, unless settled in it: acked on a clean
+    exit, released on an exception. A failed release does not hide the
+    block's own exception: an unreleased message comes back anyway when its
+    lease runs out."""
+    if message.settled:
+        return
+    if not failed:
+        message.ack()
+        return
+    with contextlib.suppress(BrokerqError):
+        message.release()
+
+
+async def settle_on_async_exit(message: AsyncSettles, failed: bool) -> None:
+    """:func:`settle_on_exit` for an ``async with`` block's message."""
+    if message.settled:
+        return
+    if not failed:
+        await message.ack()
+        return
+    with contextlib.suppress(BrokerqError):
+        await message.release()

@@ -19,6 +19,7 @@ from nats.aio.msg import Msg
 from nats.js import JetStreamContext
 
 from .. import validation
+from ..client.calls import settle_on_async_exit
 from ..errors import LeaseLost, NotSupported
 from . import burial
 from .failures import lacks, translate_errors
@@ -165,14 +166,7 @@ class AsyncNatsMessage:
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
-        if self.settled:
-            return
-        if exc_type is None:
-            await self.ack()
-            return
-        # An unreleased message comes back anyway when its lease runs out.
-        with contextlib.suppress(Exception):
-            await self.release()
+        await settle_on_async_exit(self, failed=exc_type is not None)
 
 
 class NatsReserving:

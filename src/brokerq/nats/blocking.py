@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 from .. import validation
 from ..client import window
-from ..client.calls import Body, PutOptions
+from ..client.calls import Body, PutOptions, settle_on_exit
 from ..errors import BrokerqError
 from . import naming
 from .aio import DEFAULT_TIMEOUT, AsyncNatsClient, AsyncNatsSubscription
@@ -339,14 +339,7 @@ class NatsMessage:
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, *rest: object) -> None:
-        if self.settled:
-            return
-        if exc_type is None:
-            self.ack()
-            return
-        # An unreleased message comes back anyway when its lease runs out.
-        with contextlib.suppress(BrokerqError):
-            self.release()
+        settle_on_exit(self, failed=exc_type is not None)
 
 
 class NatsSubscription:
