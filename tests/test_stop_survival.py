@@ -34,6 +34,7 @@ from brokerq import protocol
 from brokerq.protocol import Ack, Error, Put, TaskDone, TaskDoneReply
 
 BROKERQ = str(BIN / "brokerq")
+BROKER = str(BIN / "local-queue-broker")
 BACKENDS = ["asyncio", "trio"]
 
 
@@ -416,3 +417,43 @@ def test_sigterm_is_a_stop_too(socket_path: str) -> None:
         wait_until(lambda: gone(first), what=f"broker {first} to exit")
         other.queue("jobs").put(b"after the stop")
         assert thread.result() == b"after the stop"
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_stop_signal_while_the_broker_starts_waits_until_it_serves(
+    socket_path: str, sock_dir: str, procs: Procs, signum: signal.Signals
+) -> None:
+    """A signal sent between the lock and the broker's receiver (here while it
+    is held with its socket published, a client may already be in its backlog)
+    stops it in order once it serves: exit 0 and the queue readable by the next
+    broker, rather than death by the default action."""
+    ready = Pause(sock_dir, "broker.before_ready")
+    broker = procs(
+        [BROKER, socket_path, "--idle-exit", "0"],
+        env={**os.environ, "BROKERQ_TEST_PAUSE": ready.spec},
+    )
+    assert ready.wait() == broker.pid
+    broker.send_signal(signum)
+    ready.release()
+    _, err = broker.communicate(timeout=10)
+    assert broker.returncode == 0, err.decode()
+    assert f"stopping: signal {signum.name}" in err.decode()
+
+
+def test_a_broker_spawned_with_stop_signals_blocked_still_stops_on_them(
+    socket_path: str, procs: Procs
+) -> None:
+    """A blocked signal mask is inherited through fork and exec: a broker
+    started by a process that blocks SIGTERM (a shell's trap, a supervisor)
+    must not ignore SIGTERM for the rest of its life."""
+    blocked = {signal.SIGTERM, signal.SIGINT}
+    broker = procs(
+        [BROKER, socket_path, "--idle-exit", "0"],
+        preexec_fn=lambda: signal.pthread_sigmask(signal.SIG_BLOCK, blocked),
+    )
+    wait_until(lambda: os.path.exists(socket_path), what="the broker to publish its socket")
+    with brokerq.connect(socket_path) as client:
+        assert client.broker_pid == broker.pid
+    broker.send_signal(signal.SIGTERM)
+    _, err = broker.communicate(timeout=10)
+    assert broker.returncode == 0, err.decode()

@@ -4,10 +4,18 @@ reads them before it imports trio."""
 from __future__ import annotations
 
 import math
+import signal
 from dataclasses import dataclass
+from typing import Final
 
 from .. import protocol
 from .core import BrokerCore, limits
+
+#: The signals that stop a broker in order (exit status 0). The daemon blocks
+#: them once it holds the lock; the broker's receiver unblocks them once it is
+#: listening, so one sent in between is taken late, never fatal to a broker
+#: that may already have answered clients.
+STOP_SIGNALS: Final = frozenset({signal.SIGTERM, signal.SIGINT})
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import re
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -35,7 +36,7 @@ from ..spawn import (
     try_lock,
 )
 from .activation import inherited_listener
-from .config import BrokerConfig
+from .config import STOP_SIGNALS, BrokerConfig
 from .core import BrokerCore, limits
 from .journal import Journal, journal_path
 
@@ -192,6 +193,9 @@ def run(
             _tell_ready_fd(ready_fd, f"BUSY {holder or 0}\n")
         who = f"pid {holder}" if holder else "starting up"
         return _fail(f"another broker ({who}) already serves {path}")
+    # From the lock on, SIGTERM and SIGINT wait for the broker's receiver: a
+    # client may be answered before that receiver runs (docs/usage.md).
+    signal.pthread_sigmask(signal.SIG_BLOCK, STOP_SIGNALS)
     pause("broker.locked")
     _setup_logging(path, daemon, log_level)
     core = config.new_core()

@@ -21,7 +21,7 @@ from ..pause import pause
 from ..protocol import Error
 from ..spawn import check_peer, file_identity, lock_path, publish_socket
 from .broker_base import COMPACT_AT_ONCE_MAX_BYTES, COMPACT_MIN_BYTES, BrokerBase, SyncWhenIdle, log
-from .config import BrokerConfig
+from .config import STOP_SIGNALS, BrokerConfig
 from .connection import Connection
 from .core import limits
 from .unixstream import UnixStream
@@ -76,13 +76,13 @@ class Broker(BrokerBase):
             self._nursery = nursery
             if self._should_compact() and not self._compact_at_once("at start"):
                 nursery.start_soon(self._compact)
+            await nursery.start(self._watch_signals)  # before any client is answered
             if listener is not None:
                 limits.ensure_fd_limit(self.config.max_connections)
                 self._socket_identity = file_identity(self.config.socket_path)
                 self._lock_identity = file_identity(lock_path(self.config.socket_path))
                 self._listener_scope = await nursery.start(self._accept_loop, listener)
                 nursery.start_soon(self._housekeeping)
-            nursery.start_soon(self._watch_signals)
             nursery.start_soon(self._run_timers)
             task_status.started()
             await self._stop_requested.wait()
@@ -110,8 +110,14 @@ class Broker(BrokerBase):
             conn.scope.cancel()
         nursery.cancel_scope.cancel()
 
-    async def _watch_signals(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+    async def _watch_signals(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        with trio.open_signal_receiver(*STOP_SIGNALS) as signals:
+            # Blocked by the daemon since it took the lock (or by whoever spawned
+            # us): one that came meanwhile is delivered now, to this receiver.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+            task_status.started()
             async for signum in signals:
                 self.request_stop(f"signal {signal.Signals(signum).name}")
 
