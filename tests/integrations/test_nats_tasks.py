@@ -268,6 +268,9 @@ def test_on_a_cluster_the_count_is_replicated_and_outlives_its_leader() -> None:
         wait_until(lambda: q.unfinished_tasks == 3, 10, "the acked messages to leave")
         assert cluster.stream_replicas(tasks.KV_STREAM) == 3
         cluster.kill_leader(tasks.KV_STREAM)
+        # A client new to the bucket looks it up in the election, and waits it out.
+        with brokerq.connect(cluster.url + "?replicas=3") as fresh:
+            assert fresh.queue("r3tasks").unfinished_tasks == 3
         q.task_done(2)
         wait_until(lambda: q.unfinished_tasks == 1, 10, "the count of one task")
         with pytest.raises(brokerq.InvalidRequest):

@@ -276,17 +276,21 @@ class TaskCount:
 
     async def _bucket(self) -> KeyValue:
         """The bucket, made on first use (every client makes it alike, so two
-        making it at once both succeed)."""
+        making it at once both succeed). Looked up patiently: a client's first
+        look may fall in an election of the bucket's leader."""
         js = self.client.js
         if self._kv is None or self._kv_js is not js:
             try:
-                self._kv = await js.key_value(BUCKET)
+                self._kv = await _patiently(lambda: js.key_value(BUCKET), self.client.timeout)
             except nats.js.errors.BucketNotFoundError:
-                self._kv = await js.create_key_value(
-                    bucket=BUCKET,
-                    history=1,
-                    replicas=self.client.replicas,
-                    storage=StorageType.FILE,
+                self._kv = await _patiently(
+                    lambda: js.create_key_value(
+                        bucket=BUCKET,
+                        history=1,
+                        replicas=self.client.replicas,
+                        storage=StorageType.FILE,
+                    ),
+                    self.client.timeout,
                 )
             self._kv_js = js
         return self._kv
