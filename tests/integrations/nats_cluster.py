@@ -25,6 +25,10 @@ from typing import Any
 
 import nats_server
 
+#: A cluster client's timeout, how long its calls wait out a leader's election:
+#: one took 4 to 9 s here on an idle machine (docs/nats.md), longer on a busy one.
+ELECTION = 30.0
+
 
 def free_ports(n: int) -> list[int]:
     """``n`` distinct loopback ports free at this moment (held together while

@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 from conftest import Procs, wait_until
 from extras import require
-from nats_cluster import Cluster
+from nats_cluster import ELECTION, Cluster
 from nats_fixtures import clean_client, kill_once_it_says, module_server  # noqa: F401
 from nats_server import NatsServer
 
@@ -261,7 +261,7 @@ def test_on_a_cluster_the_count_is_replicated_and_outlives_its_leader() -> None:
     waits for the next one and counts right: the count was the quorum's.
     (An acked message may count a moment longer: its stream drops it once
     the ack went through the consumer's replicas, so the counts are awaited.)"""
-    with Cluster() as cluster, brokerq.connect(cluster.url + "?replicas=3") as client:
+    with Cluster() as cluster, brokerq.connect(cluster.url + "?replicas=3", ELECTION) as client:
         q = client.queue("r3tasks")
         q.put_many([b"a", b"b", b"c"])
         assert q.get_many(2, timeout=10) == [b"a", b"b"]
@@ -269,7 +269,7 @@ def test_on_a_cluster_the_count_is_replicated_and_outlives_its_leader() -> None:
         assert cluster.stream_replicas(tasks.KV_STREAM) == 3
         cluster.kill_leader(tasks.KV_STREAM)
         # A client new to the bucket looks it up in the election, and waits it out.
-        with brokerq.connect(cluster.url + "?replicas=3") as fresh:
+        with brokerq.connect(cluster.url + "?replicas=3", ELECTION) as fresh:
             assert fresh.queue("r3tasks").unfinished_tasks == 3
         q.task_done(2)
         wait_until(lambda: q.unfinished_tasks == 1, 10, "the count of one task")

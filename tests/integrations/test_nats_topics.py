@@ -281,9 +281,9 @@ def test_on_a_cluster_a_leader_s_loss_loses_no_acknowledged_copy_and_doubles_non
     """Three nodes, every stream with three replicas: the node leading the
     subscriptions' stream is SIGKILLed mid-run; publishes wait for a new
     leader and go on, and every one acknowledged is in each queue once."""
-    from nats_cluster import Cluster
+    from nats_cluster import ELECTION, Cluster
 
-    with Cluster() as cluster, brokerq.connect(cluster.url + "?replicas=3") as client:
+    with Cluster() as cluster, brokerq.connect(cluster.url + "?replicas=3", ELECTION) as client:
         queues = [client.queue("c1"), client.queue("c2")]
         for q in queues:
             q.subscribe("t")

@@ -161,6 +161,33 @@ def test_nats_errors_become_brokerq_errors() -> None:
     assert type(brokerq_error(nats.errors.BadSubjectError())) is brokerq.BrokerqError
 
 
+@pytest.mark.parametrize("silence", ["no answer", "no responders"])
+def test_a_request_asked_again_until_its_time_is_up_raises_broker_unavailable(
+    silence: str,
+) -> None:
+    """The last attempt's own error (asyncio's TimeoutError of its wait, say)
+    would escape a caller's ``except brokerq.BrokerqError``."""
+    import asyncio
+
+    import nats.errors
+
+    import brokerq
+    from brokerq.nats.failures import asked_again
+
+    attempts = 0
+
+    async def request() -> None:
+        nonlocal attempts
+        attempts += 1
+        if silence == "no responders":
+            raise nats.errors.NoRespondersError
+        await asyncio.sleep(3600)
+
+    with pytest.raises(brokerq.BrokerUnavailable, match="did not answer"):
+        asyncio.run(asked_again(request, within=0.3, attempt=0.1))
+    assert attempts >= 2
+
+
 def test_the_url_names_servers_and_replicas() -> None:
     assert naming.parse_url("nats://h:4222") == (["nats://h:4222"], 1)
     cluster = "nats://a:1,nats://b:2, nats://c:3?replicas=3"

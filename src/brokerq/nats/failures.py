@@ -50,16 +50,17 @@ UNANSWERED = (
 
 async def asked_again(request: Callable[[], Awaitable[T]], within: float, attempt: float) -> T:
     """``request()``, each attempt given ``attempt`` seconds, made again while
-    no answer comes (UNANSWERED), for ``within`` seconds; then the last
-    attempt's error. For a read, or a write whose second time changes nothing
-    more (sent under one id, or the same record again)."""
+    no answer comes (UNANSWERED), for ``within`` seconds; then
+    BrokerUnavailable, from the last attempt's error (asyncio's TimeoutError
+    is no brokerq error). For a read, or a write whose second time changes
+    nothing more (sent under one id, or the same record again)."""
     give_up = time.monotonic() + within
     while True:
         try:
             return await asyncio.wait_for(request(), attempt)
-        except UNANSWERED:
+        except UNANSWERED as exc:
             if time.monotonic() >= give_up:
-                raise
+                raise BrokerUnavailable(f"NATS did not answer in time: {exc!r}") from exc
         await asyncio.sleep(0.05)
 
 
