@@ -332,9 +332,9 @@ def test_buried_streams_are_not_queues(client: brokerq.nats.NatsClient) -> None:
 
 def test_on_a_cluster_the_buried_stream_has_the_queues_replicas() -> None:
     """A buried message survives a node's loss as its queue's messages do."""
-    from nats_cluster import Cluster
+    from nats_cluster import ELECTION, Cluster
 
-    with Cluster() as cluster, brokerq.connect(cluster.url + "?replicas=3") as client:
+    with Cluster() as cluster, brokerq.connect(cluster.url + "?replicas=3", ELECTION) as client:
         q = client.queue("r3buried")
         q.put(b"x")
         q.reserve(timeout=10).bury()
@@ -342,3 +342,10 @@ def test_on_a_cluster_the_buried_stream_has_the_queues_replicas() -> None:
         assert cluster.stream_replicas(buried) == 3
         assert q.kick() == 1
         assert q.get(timeout=10) == b"x"
+        # A redelivery is looked up among the buried copies (was it buried by a
+        # client that died before its ack?), asked again through their stream's election.
+        q.configure(lease=3)  # (a release lost in the election comes back after this)
+        q.put(b"y")
+        q.reserve(timeout=10, lease=1)  # not acked: released when its lease runs out
+        cluster.kill_leader(buried)
+        assert q.get(timeout=ELECTION) == b"y"

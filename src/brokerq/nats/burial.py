@@ -36,7 +36,7 @@ from nats.js.api import RawStreamMsg, StorageType, StreamConfig
 
 from ..errors import Full, InvalidRequest
 from . import naming, rules
-from .failures import NO_STREAM
+from .failures import NO_STREAM, asked_again
 
 #: The buried copy's header with its original's put key: with the body, it
 #: tells the original from another message under the same sequence (a
@@ -123,26 +123,27 @@ async def finish_if_buried(home: Home, msg: Msg) -> bool:
     original either: it is dropped too, not delivered beside the kicked copy."""
     if msg.metadata.num_delivered <= 1:
         return False
-    js = home.client.js
+    js, within = home.client.js, home.client.timeout
     seq = msg.metadata.sequence.stream
+    stream, subject = naming.buried_stream_name(home.name), naming.buried_subject(home.name, seq)
     try:
-        copy = await js.get_msg(
-            naming.buried_stream_name(home.name), subject=naming.buried_subject(home.name, seq)
-        )
+        # (Asked again while unanswered: a redelivery is what a cluster that
+        # lost a node gives out, while it may still be electing leaders.)
+        copy = await asked_again(lambda: js.get_msg(stream, subject=subject), within)
         buried = _same_message(copy, msg.headers, msg.data)
     except nats.js.errors.NotFoundError as exc:
         if exc.err_code == _NO_STREAM_CODE:
             return False  # nothing buried, so nothing kicked: no more to ask
-        buried = not await _in_stream(js, naming.stream_name(home.name), seq)
+        buried = not await _in_stream(js, naming.stream_name(home.name), seq, within)
     if buried:
         await msg.ack_sync(timeout=home.client.timeout)
     return buried
 
 
-async def _in_stream(js: JetStreamContext, stream: str, seq: int) -> bool:
+async def _in_stream(js: JetStreamContext, stream: str, seq: int, within: float) -> bool:
     """Whether ``stream`` holds message ``seq`` (a work queue's: not acked yet)."""
     try:
-        await js.get_msg(stream, seq=seq)
+        await asked_again(lambda: js.get_msg(stream, seq=seq), within)
     except nats.js.errors.NotFoundError:
         return False
     return True

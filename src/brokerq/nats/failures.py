@@ -47,8 +47,13 @@ UNANSWERED = (
     *NO_STREAM,
 )
 
+#: How long one request waits for its answer before it is sent again.
+ATTEMPT = 2.0
 
-async def asked_again(request: Callable[[], Awaitable[T]], within: float, attempt: float) -> T:
+
+async def asked_again(
+    request: Callable[[], Awaitable[T]], within: float, attempt: float = ATTEMPT
+) -> T:
     """``request()``, each attempt given ``attempt`` seconds, made again while
     no answer comes (UNANSWERED), for ``within`` seconds; then
     BrokerUnavailable, from the last attempt's error (asyncio's TimeoutError

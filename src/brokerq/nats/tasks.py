@@ -43,9 +43,6 @@ KV_OPERATION = "KV-Operation"
 _FORGOTTEN = frozenset({"DEL", "PURGE"})
 #: JetStream's refusal of a write whose expected last revision is not the key's.
 _WRONG_REVISION = frozenset({10071, 10164})
-#: How long one request waits for its answer before it is sent again (a
-#: write under its id: one that did land is then answered as a duplicate).
-ATTEMPT = 2.0
 #: A join's first and longest pause between two looks at the count.
 JOIN_PAUSE = 0.02
 JOIN_PAUSE_MAX = 0.5
@@ -77,8 +74,9 @@ T = TypeVar("T")
 
 async def _patiently(step: Callable[[], Awaitable[T]], within: float) -> T:
     """``step()``, asked again while no answer comes, for ``within`` seconds:
-    the bucket's leader may be changing (a cluster), as a queue's may."""
-    return await asked_again(step, within, ATTEMPT)
+    the bucket's leader may be changing (a cluster), as a queue's may. (A
+    write goes under its id: one that did land is answered as a duplicate.)"""
+    return await asked_again(step, within)
 
 
 class TaskCount:
