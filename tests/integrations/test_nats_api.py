@@ -66,14 +66,15 @@ def test_a_lease_that_runs_out_redelivers(client: brokerq.nats.NatsClient) -> No
         q.get(timeout=1.5)
 
 
-@pytest.mark.parametrize("verb", ["get", "get_many"])
-def test_a_get_whose_message_was_judged_past_its_lease_takes_it_when_it_comes_back(
+@pytest.mark.parametrize("verb", ["get", "get_many", "reserve"])
+def test_a_message_judged_past_its_lease_is_taken_when_it_comes_back(
     client: brokerq.nats.NatsClient, monkeypatch: pytest.MonkeyPatch, verb: str
 ) -> None:
     """A redelivery's look among the buried copies may outlast its lease (a
     cluster electing the buried stream's leader): the message may be another
-    consumer's by then, so this get does not take it (no LeaseLost to a get's
-    caller, who holds no lease), and takes it when it comes back."""
+    consumer's by then, so it is not handed out (a get would raise LeaseLost
+    at its ack, a reserve give out a lease already gone), and is taken when
+    it comes back."""
     from brokerq.nats import burial
 
     q = client.queue(f"judged-{verb}", lease=1.0)
@@ -89,8 +90,12 @@ def test_a_get_whose_message_was_judged_past_its_lease_takes_it_when_it_comes_ba
         return await real(home, msg)  # type: ignore[arg-type]
 
     monkeypatch.setattr(burial, "finish_if_buried", slow_the_first_time)
-    got = q.get(timeout=10) if verb == "get" else q.get_many(5, timeout=10)
-    assert got == (b"x" if verb == "get" else [b"x"])
+    if verb == "reserve":
+        with q.reserve(timeout=10) as msg:
+            assert msg.body == b"x"
+    else:
+        got = q.get(timeout=10) if verb == "get" else q.get_many(5, timeout=10)
+        assert got == (b"x" if verb == "get" else [b"x"])
     assert len(looked) == 2
     with pytest.raises(brokerq.Empty):
         q.get(timeout=1.5)

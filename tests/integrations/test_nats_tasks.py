@@ -201,9 +201,8 @@ def test_a_get_whose_ack_fails_or_is_cancelled_gives_its_count_back(
     """The body is not returned, so no task_done will come for it: the
     message (back in the stream after its lease) is its only task."""
 
-    async def connection_lost(self: AsyncNatsMessage) -> None:
-        # (Not LeaseLost: a get takes the next message after that one, test_nats_api.py.)
-        raise brokerq.ConnectionLost("the connection was lost during the ack")
+    async def lease_lost(self: AsyncNatsMessage) -> None:
+        raise brokerq.LeaseLost("the lease ran out")
 
     async def held_back(self: AsyncNatsMessage) -> None:
         await asyncio.sleep(3600)
@@ -213,10 +212,10 @@ def test_a_get_whose_ack_fails_or_is_cancelled_gives_its_count_back(
             q = c.queue("ackfails")
             await q.put_many([b"a", b"b"])
             with monkeypatch.context() as patch:
-                patch.setattr(AsyncNatsMessage, "ack", connection_lost)
-                with pytest.raises(brokerq.ConnectionLost):
+                patch.setattr(AsyncNatsMessage, "ack", lease_lost)
+                with pytest.raises(brokerq.LeaseLost):
                     await q.get(timeout=5)
-                with pytest.raises(brokerq.ConnectionLost):
+                with pytest.raises(brokerq.LeaseLost):
                     await q.get_many(2, timeout=5)
                 patch.setattr(AsyncNatsMessage, "ack", held_back)
                 with pytest.raises(TimeoutError):  # a get given up during its ack

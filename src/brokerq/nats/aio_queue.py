@@ -25,7 +25,7 @@ from nats.js.api import PubAck
 
 from .. import validation
 from ..client.calls import Body, PutOptions, as_bytes
-from ..errors import BrokerUnavailable, Empty, Full, InvalidRequest, LeaseLost
+from ..errors import BrokerUnavailable, Empty, Full, InvalidRequest
 from . import burial, naming, rules, topics
 from .aio_admin import QueueAdmin, QueueHost, QueueSettings
 from .aio_message import AsyncNatsMessage, NatsReserving, not_supported
@@ -69,7 +69,7 @@ def _deadline(timeout: float | None) -> float | None:
 
 
 def _left(deadline: float | None) -> float | None:
-    return None if deadline is None else max(0.0, deadline - time.monotonic())
+    return None if deadline is None else deadline - time.monotonic()
 
 
 @dataclass
@@ -248,18 +248,10 @@ class AsyncNatsQueue(QueueAdmin):
         """Nothing to wait for: every put returned once the stream had it."""
 
     async def get(self, timeout: float | None = None) -> bytes:
-        """A reserve and its ack, counted first as a task owed a task_done (tasks.py).
-        A message judged past its lease (its look among the buried outlasting
-        it, in an election) may be another consumer's now: not taken, and no
-        LeaseLost to a caller who holds no lease; the get takes the next."""
-        deadline = _deadline(timeout)
-        while True:
-            msg = await self.reserve_message(_left(deadline))
-            try:
-                await msg.ack_as_get()
-            except LeaseLost:
-                continue
-            return msg.body
+        """A reserve and its ack, counted first as a task owed a task_done (tasks.py)."""
+        msg = await self.reserve_message(timeout)
+        await msg.ack_as_get()
+        return msg.body
 
     async def get_nowait(self) -> bytes:
         return await self.get(timeout=0)
@@ -272,28 +264,24 @@ class AsyncNatsQueue(QueueAdmin):
         given back: never a body returned unacked, or acked unreturned."""
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise InvalidRequest(f"get_many needs n >= 1, not {n!r}")
-        deadline = _deadline(timeout)
-        while True:
-            first = await self.reserve_message(_left(deadline))
-            settings = await self._settings()
-            rest: list[Msg] = []
-            while len(rest) < n - 1:
-                fetched = await self._pull_batch(n - 1 - len(rest))
-                if not fetched:
-                    break
-                rest += [msg for msg in fetched if await self._deliverable(msg, settings)]
-            acks: list[AckStep] = [
-                first.ack,
-                *(functools.partial(m.ack_sync, self.client.timeout) for m in rest),
-            ]
-            failed = await self.tasks.acked_as_got(acks)
-            bodies = [first.body, *(bytes(m.data) for m in rest)]
-            got = [body for body, error in zip(bodies, failed, strict=True) if error is None]
-            if got:
-                return got
-            error = failed[0]
-            if error is not None and not isinstance(error, LeaseLost):  # (as get: the next)
-                raise error
+        first = await self.reserve_message(timeout)
+        settings = await self._settings()
+        rest: list[Msg] = []
+        while len(rest) < n - 1:
+            fetched = await self._pull_batch(n - 1 - len(rest))
+            if not fetched:
+                break
+            rest += [msg for msg in fetched if await self._deliverable(msg, settings)]
+        acks: list[AckStep] = [
+            first.ack,
+            *(functools.partial(m.ack_sync, self.client.timeout) for m in rest),
+        ]
+        failed = await self.tasks.acked_as_got(acks)
+        bodies = [first.body, *(bytes(m.data) for m in rest)]
+        got = [body for body, error in zip(bodies, failed, strict=True) if error is None]
+        if not got and failed[0] is not None:
+            raise failed[0]
+        return got
 
     def reserve(self, timeout: float | None = None, lease: float | None = None) -> NatsReserving:
         """A reserve to make, as the local AsyncQueue's: awaited for its
@@ -317,9 +305,14 @@ class AsyncNatsQueue(QueueAdmin):
                     continue  # (the server gives it out again when its lease ends)
                 since = time.monotonic()
                 await msg.in_progress()
-            if await self._deliverable(msg, settings):
-                attempt = rules.attempt(msg.headers, msg.metadata.num_delivered)
-                return AsyncNatsMessage(self, msg, attempt, settings.lease, since, lease=lease)
+            if not await self._deliverable(msg, settings):
+                continue
+            if since + settings.lease - margin <= time.monotonic():
+                # Judged past its lease (a look among the buried copies waiting out
+                # an election): it may be another consumer's now, and comes back.
+                continue
+            attempt = rules.attempt(msg.headers, msg.metadata.num_delivered)
+            return AsyncNatsMessage(self, msg, attempt, settings.lease, since, lease=lease)
 
     async def _deliverable(self, msg: Msg, settings: QueueSettings) -> bool:
         """Whether ``msg`` goes to the caller; if not, what rules.judge says is done

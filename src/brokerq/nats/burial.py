@@ -125,11 +125,11 @@ async def finish_if_buried(home: Home, msg: Msg) -> bool:
         return False
     js, within = home.client.js, home.client.timeout
     seq = msg.metadata.sequence.stream
-    stream, subject = naming.buried_stream_name(home.name), naming.buried_subject(home.name, seq)
+    buried_in, subject = naming.buried_stream_name(home.name), naming.buried_subject(home.name, seq)
     try:
         # (Asked again while unanswered: a redelivery is what a cluster that
         # lost a node gives out, while it may still be electing leaders.)
-        copy = await asked_again(lambda: js.get_msg(stream, subject=subject), within)
+        copy = await asked_again(lambda: js.get_msg(buried_in, subject=subject), within)
         buried = _same_message(copy, msg.headers, msg.data)
     except nats.js.errors.NotFoundError as exc:
         if exc.err_code == _NO_STREAM_CODE:

@@ -22,7 +22,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol, TypeVar
+from typing import Protocol
 
 import nats.js.errors
 from nats.js import JetStreamContext
@@ -69,14 +69,6 @@ class _TooFew(Exception):
 
 
 AckStep = Callable[[], Awaitable[object]]
-T = TypeVar("T")
-
-
-async def _patiently(step: Callable[[], Awaitable[T]], within: float) -> T:
-    """``step()``, asked again while no answer comes, for ``within`` seconds:
-    the bucket's leader may be changing (a cluster), as a queue's may. (A
-    write goes under its id: one that did land is answered as a duplicate.)"""
-    return await asked_again(step, within)
 
 
 class TaskCount:
@@ -199,7 +191,7 @@ class TaskCount:
 
     async def _messages(self) -> int:
         try:
-            info = await _patiently(
+            info = await asked_again(
                 lambda: self.client.js.stream_info(self.stream), self.client.timeout
             )
         except nats.js.errors.NotFoundError:
@@ -236,7 +228,7 @@ class TaskCount:
         answer: a lagging replica's count could show a join 0 too early."""
         await self._bucket()
         try:
-            entry = await _patiently(
+            entry = await asked_again(
                 lambda: self.client.js.get_msg(KV_STREAM, subject=self._subject, direct=False),
                 self.client.timeout,
             )
@@ -262,7 +254,7 @@ class TaskCount:
             Header.MSG_ID.value: f"bq-task-{self.client.next_key()}",
         }
         try:
-            ack = await _patiently(
+            ack = await asked_again(
                 lambda: self.client.js.publish(self._subject, str(count).encode(), headers=headers),
                 self.client.timeout,
             )
@@ -279,9 +271,9 @@ class TaskCount:
         js = self.client.js
         if self._kv is None or self._kv_js is not js:
             try:
-                self._kv = await _patiently(lambda: js.key_value(BUCKET), self.client.timeout)
+                self._kv = await asked_again(lambda: js.key_value(BUCKET), self.client.timeout)
             except nats.js.errors.BucketNotFoundError:
-                self._kv = await _patiently(
+                self._kv = await asked_again(
                     lambda: js.create_key_value(
                         bucket=BUCKET,
                         history=1,
